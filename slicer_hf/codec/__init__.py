@@ -1,0 +1,59 @@
+"""Codecs for hidden states: `build_codec(name_or_config, **params) -> Codec`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CodecError
+from .base import REGISTRY, Codec, CodecStats
+from .baselines import Bf16Codec, Fp16Codec, IdentityCodec, Int8Codec, TopKCodec
+from .slicer import SlicerCodec
+
+__all__ = [
+    "Codec",
+    "CodecStats",
+    "build_codec",
+    "available_codecs",
+    "codec_from_spec",
+    "IdentityCodec",
+    "Fp16Codec",
+    "Bf16Codec",
+    "Int8Codec",
+    "TopKCodec",
+    "SlicerCodec",
+]
+
+
+def available_codecs() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def build_codec(config_or_name: Any, **params: Any) -> Codec:
+    """Build a codec from a `SlicerConfig` (its `codec` and knobs) or a registered name plus parameters.
+
+    Args:
+        config_or_name: a `SlicerConfig`, or one of `available_codecs()`.
+        params: codec parameters; with a config they override the config's.
+    """
+    from ..config import SlicerConfig
+
+    if isinstance(config_or_name, SlicerConfig):
+        name, params = config_or_name.codec, {**config_or_name.codec_params(), **params}
+    else:
+        name = str(config_or_name)
+    if name not in REGISTRY:
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
+    try:
+        return REGISTRY[name](**params)
+    except TypeError as exc:
+        raise CodecError(f"bad parameters for codec {name!r}: {exc}") from exc
+
+
+def codec_from_spec(spec: dict[str, Any]) -> Codec:
+    """Rebuild a codec from `Codec.spec()` (what a client announces when it opens a session)."""
+    spec = dict(spec)
+    name, version = spec.pop("name", None), spec.pop("version", None)
+    codec = build_codec(name, **spec)
+    if version != codec.version:
+        raise CodecError(f"codec {name!r} version {version} is not supported (this side speaks {codec.version})")
+    return codec

@@ -1,0 +1,148 @@
+"""The `Codec` interface, the codec registry, and the self-describing envelope every packet starts with.
+
+Envelope: ``[codec_id u8][version u8][dtype u8][ndim u8][dims varint...][codec payload]``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import CodecError
+from .bits import Reader, write_varint
+
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
+MAX_NDIM = 8
+DEFAULT_MAX_ELEMENTS = 1 << 26
+
+REGISTRY: dict[str, type[Codec]] = {}
+
+
+@dataclass(frozen=True)
+class CodecStats:
+    """What one encode cost: bytes on the wire (envelope included), per token and per element."""
+
+    nbytes: int
+    tokens: int
+    elements: int
+
+    @property
+    def bits_per_token(self) -> float:
+        return 8.0 * self.nbytes / max(self.tokens, 1)
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.nbytes / max(self.elements, 1)
+
+
+class Codec(ABC):
+    """Turns a hidden-state tensor `[..., d]` into bytes and back. Rows (the last dim) are coded independently.
+
+    Subclasses implement `_encode_rows` / `_decode_rows` on a `[N, d]` view; the envelope, input validation and
+    the promise that malformed bytes raise `CodecError` (and nothing else) live here.
+    """
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    version: ClassVar[int] = 1
+    lossless: ClassVar[bool] = False
+
+    def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+        self.max_elements = max_elements
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
+
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters that change the bytes (the codec spec peers must agree on)."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, **self.params()}
+
+    def encode(self, x: torch.Tensor) -> bytes:
+        """Encode a float tensor `[..., d]`; raises `CodecError` for non-float, empty-row or non-finite input."""
+        if not isinstance(x, torch.Tensor) or x.dtype not in DTYPE_CODES:
+            raise CodecError(
+                f"codec {self.name!r} takes a float tensor (float16/bfloat16/float32/float64), got "
+                f"{getattr(x, 'dtype', type(x).__name__)}"
+            )
+        if x.ndim < 1 or x.ndim > MAX_NDIM or x.shape[-1] == 0:
+            raise CodecError(
+                f"codec {self.name!r} takes a tensor [..., d] with 1..{MAX_NDIM} dims and d >= 1, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.numel() > self.max_elements:
+            raise CodecError(f"tensor of {x.numel()} elements exceeds max_elements={self.max_elements}")
+        if not torch.isfinite(x).all():
+            raise CodecError(f"codec {self.name!r} cannot encode NaN or Inf values")
+        header = bytes([self.codec_id, self.version, DTYPE_CODES[x.dtype], x.ndim])
+        header += b"".join(write_varint(int(s)) for s in x.shape)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        return header + self._encode_rows(rows.cpu() if rows.device.type != "cpu" else rows)
+
+    def decode(self, data: bytes, device: torch.device | str | None = None) -> torch.Tensor:
+        """Decode bytes from `encode`; any malformed input raises `CodecError`."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise CodecError(f"decode takes bytes, got {type(data).__name__}")
+        try:
+            out = self._decode(Reader(bytes(data)))
+        except CodecError:
+            raise
+        except Exception as exc:  # any other failure on hostile bytes is still malformed input
+            raise CodecError(f"malformed {self.name!r} packet: {type(exc).__name__}: {exc}") from exc
+        return out.to(device) if device is not None else out
+
+    def measure(self, x: torch.Tensor) -> CodecStats:
+        """Bytes one encode of `x` puts on the wire (`len(encode(x))`), per token (row) and element."""
+        return CodecStats(len(self.encode(x)), x.numel() // max(x.shape[-1], 1), x.numel())
+
+    def _decode(self, reader: Reader) -> torch.Tensor:
+        codec_id, version, dtype_code, ndim = reader.take(4)
+        if codec_id != self.codec_id:
+            raise CodecError(f"packet is for codec id {codec_id}, this decoder is {self.name!r} ({self.codec_id})")
+        if version != self.version:
+            raise CodecError(f"{self.name!r} packet version {version}, this decoder reads version {self.version}")
+        if dtype_code not in DTYPES_BY_CODE:
+            raise CodecError(f"unknown dtype code {dtype_code}")
+        if not 1 <= ndim <= MAX_NDIM:
+            raise CodecError(f"ndim must be in [1, {MAX_NDIM}], got {ndim}")
+        shape = [reader.varint(limit=self.max_elements) for _ in range(ndim)]
+        if math.prod(shape) > self.max_elements:
+            raise CodecError(f"shape {shape} exceeds max_elements={self.max_elements}")
+        if shape[-1] == 0:
+            raise CodecError(f"last dim must be >= 1, got shape {shape}")
+        dtype = DTYPES_BY_CODE[dtype_code]
+        n_rows = math.prod(shape[:-1])
+        rows = self._decode_rows(reader, n_rows, shape[-1], dtype)
+        reader.finish()
+        return rows.reshape(shape)
+
+    @abstractmethod
+    def _encode_rows(self, rows: torch.Tensor) -> bytes:
+        """Payload for `rows` `[N, d]` (any supported float dtype, on the CPU)."""
+
+    @abstractmethod
+    def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+        """Read the payload and return `[n_rows, d]` in `dtype`."""
+
+
+def raw_bytes(x: torch.Tensor) -> bytes:
+    """The tensor's memory as bytes (bfloat16 included, which numpy cannot hold)."""
+    x = x.contiguous()
+    if x.dtype == torch.bfloat16:
+        x = x.view(torch.int16)
+    return x.numpy().tobytes()
+
+
+def from_raw_bytes(data: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
+    view = torch.int16 if dtype == torch.bfloat16 else dtype
+    out = torch.frombuffer(bytearray(data), dtype=view, count=count) if count else torch.empty(0, dtype=view)
+    return out.view(dtype) if dtype == torch.bfloat16 else out

@@ -1,0 +1,131 @@
+"""Varints, bounds-checked byte reading, and vectorized LSB-first bit packing for the codec bitstreams."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CodecError
+
+
+def write_varint(value: int) -> bytes:
+    if value < 0:
+        raise CodecError(f"varint must be non-negative, got {value}")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class Reader:
+    """Reads a byte string front to back; every overrun is a `CodecError`."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CodecError(f"truncated input: need {n} bytes at offset {self.pos}, have {self.remaining()}")
+        out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self, limit: int = 1 << 40) -> int:
+        value, shift = 0, 0
+        while True:
+            byte = self.u8()
+            value |= (byte & 0x7F) << shift
+            if value > limit:
+                raise CodecError(f"varint {value} exceeds the limit {limit}")
+            if not byte & 0x80:
+                return value
+            shift += 7
+
+    def array(self, dtype: np.dtype | str, count: int) -> np.ndarray:
+        dt = np.dtype(dtype)
+        return np.frombuffer(self.take(dt.itemsize * count), dtype=dt).copy()
+
+    def finish(self) -> None:
+        if self.remaining():
+            raise CodecError(f"{self.remaining()} unexpected trailing bytes")
+
+
+class BitWriter:
+    """Collects sections of fixed-width fields and packs them into one LSB-first bitstream."""
+
+    def __init__(self) -> None:
+        self._codes: list[np.ndarray] = []
+        self._widths: list[np.ndarray] = []
+
+    def write(self, codes: np.ndarray, width: int | np.ndarray) -> None:
+        codes = np.asarray(codes, dtype=np.uint64).ravel()
+        widths = np.broadcast_to(np.asarray(width, dtype=np.int64).ravel() if np.ndim(width) else width, codes.shape)
+        self._codes.append(codes)
+        self._widths.append(widths)
+
+    def write_unary(self, values: np.ndarray) -> None:
+        """Each value v as v zeros closed by a one."""
+        values = np.asarray(values, dtype=np.int64).ravel()
+        bits = np.zeros(int(values.sum()) + values.size, dtype=np.uint64)
+        bits[np.cumsum(values + 1) - 1] = 1
+        self.write(bits, 1)
+
+    def getvalue(self) -> bytes:
+        if not self._codes:
+            return b""
+        codes = np.concatenate(self._codes)
+        widths = np.concatenate(self._widths)
+        if widths.sum() == 0:
+            return b""
+        max_w = int(widths.max())
+        shifts = np.arange(max_w, dtype=np.uint64)
+        bits = ((codes[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
+        keep = np.arange(max_w)[None, :] < widths[:, None]
+        return np.packbits(bits[keep], bitorder="little").tobytes()
+
+
+class BitReader:
+    """Reads fields back from a `BitWriter` stream; every overrun is a `CodecError`."""
+
+    def __init__(self, data: bytes) -> None:
+        self.bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        self.pos = 0
+
+    def read(self, count: int, width: int | np.ndarray) -> np.ndarray:
+        widths = np.broadcast_to(np.asarray(width, dtype=np.int64), (int(count),))
+        total = int(widths.sum())
+        if self.pos + total > self.bits.size:
+            raise CodecError(
+                f"bitstream truncated: need {total} bits at bit {self.pos}, have {self.bits.size - self.pos}"
+            )
+        if count == 0 or total == 0:
+            self.pos += total
+            return np.zeros(int(count), dtype=np.uint64)
+        max_w = int(widths.max())
+        starts = self.pos + np.cumsum(widths) - widths
+        shifts = np.arange(max_w)
+        idx = np.minimum(starts[:, None] + shifts[None, :], self.bits.size - 1)
+        vals = np.where(shifts[None, :] < widths[:, None], self.bits[idx], 0).astype(np.uint64)
+        self.pos += total
+        return (vals << shifts[None, :].astype(np.uint64)).sum(axis=1, dtype=np.uint64)
+
+    def read_unary(self, count: int) -> np.ndarray:
+        ones = np.flatnonzero(self.bits[self.pos :])[: int(count)]
+        if ones.size < count:
+            raise CodecError(f"unary section truncated: {ones.size} of {count} values")
+        values = np.diff(np.concatenate(([-1], ones))) - 1
+        self.pos += int(ones[-1]) + 1 if count else 0
+        return values.astype(np.int64)
+
+    def check_end(self) -> None:
+        if self.bits.size - self.pos >= 8:
+            raise CodecError(f"{(self.bits.size - self.pos) // 8} unexpected trailing bytes")

@@ -1,0 +1,251 @@
+"""`SlicerConfig`: what a split deployment agrees on, saved as sorted, version-stamped JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "slicer_config.json"
+CODECS = ("identity", "fp16", "bf16", "int8", "topk", "slicer")
+DOWNLINKS = ("hidden", "topk_logits", "logits")
+INDEX_CODINGS = ("auto", "bitmap", "rice")
+ROTATIONS = ("none", "orthogonal")
+ENTROPY_CODINGS = ("none", "zstd")
+
+
+@dataclass
+class SlicerConfig:
+    """Settings shared by the edge and the server of a split deployment.
+
+    Runtime-only settings (server addresses, timeouts, devices) are not part of it: they are arguments of
+    `SlicerModelForCausalLM.from_pretrained` and of the server, and are never saved.
+    """
+
+    split_layer: int | None = field(
+        default=None, metadata={"help": "Number of decoder layers run on the edge (k). None: 3/4 of the model."}
+    )
+    codec: str = field(default="slicer", metadata={"help": f"Uplink codec, one of {CODECS}."})
+    sparsity: float = field(default=0.0, metadata={"help": "ATKF: share of each row's entries dropped, in [0, 1)."})
+    asymmetry: float | str = field(
+        default="auto",
+        metadata={"help": "ATKF: share of positives among the kept entries, in [0, 1], or 'auto' (magnitude top-K)."},
+    )
+    num_blocks: int = field(default=1, metadata={"help": "MS: equal-cardinality magnitude blocks per row."})
+    distortion: float = field(
+        default=0.08, metadata={"help": "ABQ: relative L2 error budget of each block, in (0, 1)."}
+    )
+    bit_candidates: tuple[int, ...] = field(
+        default=(1, 2, 3, 4, 5, 6, 8), metadata={"help": "ABQ: magnitude bitwidths a block may use (0..16)."}
+    )
+    index_coding: str = field(
+        default="auto", metadata={"help": f"How kept positions are coded, one of {INDEX_CODINGS}."}
+    )
+    outliers: int = field(
+        default=2, metadata={"help": "Largest-magnitude entries per row sent exactly before filtering."}
+    )
+    rotation: str = field(
+        default="orthogonal",
+        metadata={"help": f"Fixed seeded transform applied after outlier removal, one of {ROTATIONS}."},
+    )
+    entropy_coding: str = field(
+        default="zstd", metadata={"help": f"Entropy stage over the packed codes, one of {ENTROPY_CODINGS}."}
+    )
+    downlink: str = field(default="hidden", metadata={"help": f"What the server sends back, one of {DOWNLINKS}."})
+    downlink_topk: int = field(default=64, metadata={"help": "Logits kept per token when downlink='topk_logits'."})
+    prefill_chunk_tokens: int = field(
+        default=256, metadata={"help": "Prompt tokens per uplink message during prefill."}
+    )
+    model_id: str | None = field(default=None, metadata={"help": "The model this config was made for."})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "Decoder layers of that model."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Hidden size of that model."})
+
+    def __post_init__(self) -> None:
+        self.bit_candidates = tuple(sorted(set(int(b) for b in self.bit_candidates)))
+        if isinstance(self.asymmetry, str) and self.asymmetry != "auto":
+            self.asymmetry = float(self.asymmetry)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the field, the rule and the value for the first violation."""
+        _check(
+            self.split_layer is None or (isinstance(self.split_layer, int) and self.split_layer >= 1),
+            "split_layer",
+            "must be an integer >= 1 or None",
+            self.split_layer,
+        )
+        _check(self.codec in CODECS, "codec", f"must be one of {CODECS}", self.codec)
+        _check(0.0 <= self.sparsity < 1.0, "sparsity", "must be in [0, 1)", self.sparsity)
+        _check(
+            self.asymmetry == "auto" or 0.0 <= float(self.asymmetry) <= 1.0,
+            "asymmetry",
+            "must be 'auto' or in [0, 1]",
+            self.asymmetry,
+        )
+        _check(1 <= self.num_blocks <= 64, "num_blocks", "must be in [1, 64]", self.num_blocks)
+        _check(0.0 < self.distortion < 1.0, "distortion", "must be in (0, 1)", self.distortion)
+        _check(
+            len(self.bit_candidates) > 0 and all(0 <= b <= 16 for b in self.bit_candidates),
+            "bit_candidates",
+            "must be a non-empty set of bitwidths in [0, 16]",
+            self.bit_candidates,
+        )
+        _check(self.index_coding in INDEX_CODINGS, "index_coding", f"must be one of {INDEX_CODINGS}", self.index_coding)
+        _check(0 <= self.outliers <= 64, "outliers", "must be in [0, 64]", self.outliers)
+        _check(self.rotation in ROTATIONS, "rotation", f"must be one of {ROTATIONS}", self.rotation)
+        _check(
+            self.entropy_coding in ENTROPY_CODINGS,
+            "entropy_coding",
+            f"must be one of {ENTROPY_CODINGS}",
+            self.entropy_coding,
+        )
+        _check(self.downlink in DOWNLINKS, "downlink", f"must be one of {DOWNLINKS}", self.downlink)
+        _check(self.downlink_topk >= 1, "downlink_topk", "must be >= 1", self.downlink_topk)
+        _check(self.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", "must be >= 1", self.prefill_chunk_tokens)
+        if self.split_layer is not None and self.num_hidden_layers is not None:
+            _check(
+                self.split_layer < self.num_hidden_layers,
+                "split_layer",
+                f"must be < num_hidden_layers ({self.num_hidden_layers})",
+                self.split_layer,
+            )
+
+    def codec_params(self) -> dict[str, Any]:
+        """The parameters `build_codec` takes for `self.codec`."""
+        if self.codec == "topk":
+            return {"sparsity": self.sparsity}
+        if self.codec != "slicer":
+            return {}
+        return {
+            "sparsity": self.sparsity,
+            "asymmetry": self.asymmetry,
+            "num_blocks": self.num_blocks,
+            "distortion": self.distortion,
+            "bit_candidates": self.bit_candidates,
+            "index_coding": self.index_coding,
+            "outliers": self.outliers,
+            "rotation": self.rotation,
+            "entropy_coding": self.entropy_coding,
+        }
+
+    def replace(self, **changes: Any) -> SlicerConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["bit_candidates"] = list(self.bit_candidates)
+        data["slicer_hf_version"] = __version__
+        return data
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SlicerConfig:
+        data = dict(data)
+        data.pop("slicer_hf_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown SlicerConfig keys (from a newer slicer_hf?): %s", ", ".join(unknown))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
+        """Write `slicer_config.json` into `save_directory` (created if needed) and return its path."""
+        path = Path(save_directory)
+        if path.is_file():
+            raise ConfigError(f"save_directory must be a folder, got the file {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        target = path / CONFIG_NAME
+        target.write_text(self.to_json_string(), encoding="utf-8")
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None, **overrides: Any
+    ) -> SlicerConfig:
+        """Load from a folder, a `slicer_config.json` file, or a Hub repo id, then apply `overrides`.
+
+        Args:
+            name_or_path: local folder or file, or a Hugging Face Hub repo id.
+            revision: Hub revision (branch, tag or commit) when loading from the Hub.
+            overrides: fields to change after loading.
+        """
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            if Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~")):
+                raise ConfigError(f"no {CONFIG_NAME} found at {name_or_path}")
+            from huggingface_hub import hf_hub_download
+
+            try:
+                path = Path(hf_hub_download(str(name_or_path), CONFIG_NAME, revision=revision))
+            except Exception as exc:  # the Hub client raises many types; the user needs one clear message
+                raise ConfigError(f"could not load {CONFIG_NAME} from {name_or_path!r}: {exc}") from exc
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        config = cls.from_dict(data)
+        return config.replace(**overrides) if overrides else config
+
+    def model_card(self, repo_id: str) -> str:
+        """A short README for the Hub repo holding this config."""
+        return (
+            f"---\nlibrary_name: slicer_hf\ntags:\n- slicer_hf\n- split-inference\n---\n\n"
+            f"# {repo_id}\n\nA [slicer_hf](https://pypi.org/project/slicer-hf/) split-inference config"
+            f"{' for `' + self.model_id + '`' if self.model_id else ''}.\n\n"
+            f"```python\nfrom slicer_hf import SlicerConfig, SlicerModelForCausalLM\n\n"
+            f"config = SlicerConfig.from_pretrained({repo_id!r})\n"
+            f"model = SlicerModelForCausalLM.from_pretrained({(self.model_id or 'MODEL_ID')!r}, slicer_config=config)\n"
+            f"```\n\n```json\n{self.to_json_string()}```\n"
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload SlicerConfig",
+        create_pr: bool = False,
+    ) -> str:
+        """Upload `slicer_config.json` and a model card to `repo_id`; returns the commit URL.
+
+        Args:
+            repo_id: target Hub repository (created if it does not exist).
+            private: visibility of a newly created repository.
+            token: Hub token; defaults to the logged-in user's.
+            commit_message: message of the upload commit.
+            create_pr: open a pull request instead of committing to the main branch.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            Path(tmp, "README.md").write_text(self.model_card(repo_id), encoding="utf-8")
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, create_pr=create_pr
+            )
+        return str(info)
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"`{name}` {rule}, got {value!r}")

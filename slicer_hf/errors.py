@@ -1,0 +1,27 @@
+"""Exception hierarchy: every user mistake or bad input raises one of these, never a bare assert."""
+
+from __future__ import annotations
+
+
+class SlicerError(Exception):
+    """Base class for all slicer_hf errors."""
+
+
+class ConfigError(SlicerError, ValueError):
+    """An invalid `SlicerConfig` field or an unusable combination of settings."""
+
+
+class CodecError(SlicerError, ValueError):
+    """A tensor the codec cannot encode, or a byte string it cannot decode."""
+
+
+class TransportError(SlicerError, ConnectionError):
+    """The link to the server failed: unreachable, vanished peer, timeout."""
+
+
+class ProtocolError(SlicerError):
+    """A message that breaks the protocol: wrong version, model mismatch, unknown session, limits."""
+
+    def __init__(self, message: str, code: str = "protocol") -> None:
+        super().__init__(message)
+        self.code = code

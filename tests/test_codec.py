@@ -1,0 +1,224 @@
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slicer_hf import CodecError, SlicerConfig, build_codec
+from slicer_hf.codec import available_codecs, codec_from_spec
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(1, 1, 576), (1, 1, 1), (7, 100), (2, 3, 63), (513,), (1, 4, 4096)]
+# Lossy codecs with the relative L2 error each must stay under on Gaussian rows with outlier channels.
+LOSSY_BOUNDS = {
+    "fp16": ("fp16", {}, 1e-3),
+    "bf16": ("bf16", {}, 8e-3),
+    "int8": ("int8", {}, 0.08),
+    "topk": ("topk", {"sparsity": 0.5}, 0.5),
+    "slicer-default": ("slicer", {}, 0.1),
+    "slicer-sparse-blocks": ("slicer", {"sparsity": 0.5, "num_blocks": 4, "rotation": "none"}, 0.6),
+    "slicer-asymmetric": ("slicer", {"sparsity": 0.3, "asymmetry": 0.7, "rotation": "none", "outliers": 0}, 0.7),
+    "slicer-tight": ("slicer", {"distortion": 0.01, "bit_candidates": (2, 4, 8, 12)}, 0.015),
+}
+
+
+def hidden_states(*shape, seed=0, dtype=torch.float32):
+    """Gaussian rows with two massive outlier channels and an attention-sink row, like real residual streams."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * 2
+    if shape[-1] > 8:
+        x[..., 5] *= 40
+        x[..., shape[-1] // 2] *= -30
+    x.reshape(-1, shape[-1])[0] *= 100  # sink row: ~24,000 at the outliers
+    return x.to(dtype)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_identity_round_trip_is_exact(dtype, shape):
+    codec = build_codec("identity")
+    x = hidden_states(*shape, dtype=dtype)
+    y = codec.decode(codec.encode(x))
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("case", list(LOSSY_BOUNDS))
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 100), (513, 64)])
+def test_lossy_codecs_stay_inside_their_error_bound(case, shape):
+    name, params, bound = LOSSY_BOUNDS[case]
+    codec = build_codec(name, **params)
+    x = hidden_states(*shape)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert rel_err(y, x) < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_lossy_codecs_restore_dtype(dtype):
+    for name in ["fp16", "bf16", "int8", "topk", "slicer"]:
+        codec = build_codec(name)
+        assert codec.decode(codec.encode(hidden_states(2, 64, dtype=dtype))).dtype == dtype
+
+
+def test_attention_sink_magnitudes_do_not_overflow():
+    x = hidden_states(1, 2, 576)
+    x[0, 0, 507] = 24_000.0
+    x[0, 1, 247] = 1e6  # beyond float16: the slicer codec switches to float32 parameters
+    for name in ["bf16", "int8", "topk", "slicer"]:
+        codec = build_codec(name)
+        y = codec.decode(codec.encode(x))
+        assert torch.isfinite(y).all(), name
+        assert abs(y[0, 0, 507].item() - 24_000.0) < 0.02 * 24_000.0, name
+
+
+def test_fp16_refuses_values_it_cannot_hold():
+    with pytest.raises(CodecError, match="overflow float16"):
+        build_codec("fp16").encode(torch.tensor([[1e6, 1.0]]))
+
+
+@pytest.mark.parametrize("name", ["identity", "fp16", "bf16", "int8", "topk", "slicer"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_a_clear_error(name, bad):
+    x = hidden_states(1, 16)
+    x[0, 3] = bad
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        build_codec(name).encode(x)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 0), torch.tensor(1.0)])
+def test_bad_tensors_are_refused(bad):
+    with pytest.raises(CodecError):
+        build_codec("slicer").encode(bad)
+
+
+@pytest.mark.parametrize("name", available_codecs())
+def test_same_input_gives_same_bytes(name):
+    x = hidden_states(3, 576, seed=4)
+    assert build_codec(name).encode(x) == build_codec(name).encode(x.clone())
+
+
+def test_ties_are_broken_by_lowest_index():
+    x = torch.ones(1, 10)
+    codec = build_codec("topk", sparsity=0.7)
+    assert torch.equal(codec.decode(codec.encode(x))[0, :3], torch.ones(3))
+    assert codec.decode(codec.encode(x))[0, 3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.6, 0.9])
+def test_slicer_keeps_exactly_k_entries(sparsity):
+    codec = build_codec("slicer", sparsity=sparsity, rotation="none", outliers=0, num_blocks=3)
+    x = hidden_states(4, 100, seed=1)
+    y = codec.decode(codec.encode(x))
+    k = round((1 - sparsity) * 100)
+    assert ((y != 0).sum(dim=1) <= k).all()
+    kept = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :k]
+    assert (y.gather(1, kept) != 0).float().mean() > 0.95  # the largest entries survive (0-bit mids aside)
+
+
+def test_asymmetry_controls_the_sign_mix():
+    x = hidden_states(1, 200, seed=2)
+    codec = build_codec("slicer", sparsity=0.8, asymmetry=1.0, rotation="none", outliers=0)
+    y = codec.decode(codec.encode(x))
+    assert (y < 0).sum() == 0 and (y > 0).sum() == 40
+
+
+def test_tighter_budget_costs_more_bits_and_less_error():
+    x = hidden_states(8, 576, seed=3)
+    loose, tight = build_codec("slicer", distortion=0.2), build_codec("slicer", distortion=0.02)
+    assert len(loose.encode(x)) < len(tight.encode(x))
+    assert rel_err(tight.decode(tight.encode(x)), x) < rel_err(loose.decode(loose.encode(x)), x)
+
+
+def test_measure_reports_the_bytes_encode_returns():
+    x = hidden_states(1, 5, 576)
+    for name in available_codecs():
+        codec = build_codec(name)
+        stats = codec.measure(x)
+        assert stats.nbytes == len(codec.encode(x))
+        assert stats.tokens == 5 and stats.bits_per_token == 8 * stats.nbytes / 5
+
+
+def test_build_codec_from_config_and_spec():
+    codec = build_codec(SlicerConfig(split_layer=3, sparsity=0.5, num_blocks=2))
+    assert codec.name == "slicer" and codec.sparsity == 0.5 and codec.num_blocks == 2
+    again = codec_from_spec(codec.spec())
+    x = hidden_states(2, 64)
+    assert again.encode(x) == codec.encode(x)
+    with pytest.raises(CodecError, match="unknown codec"):
+        build_codec("zip")
+    with pytest.raises(CodecError, match="version"):
+        codec_from_spec({**codec.spec(), "version": 99})
+
+
+def test_decoder_refuses_other_codecs_packets():
+    data = build_codec("fp16").encode(hidden_states(1, 8))
+    with pytest.raises(CodecError, match="codec id"):
+        build_codec("slicer").decode(data)
+
+
+def test_shape_claims_cannot_force_huge_allocations():
+    data = bytearray(build_codec("identity").encode(torch.zeros(1, 4)))
+    data[4:] = bytes([0xFF, 0xFF, 0xFF, 0x7F, 0x04])  # a 268-million-row claim
+    with pytest.raises(CodecError, match="max_elements|exceeds the limit|truncated"):
+        build_codec("identity").decode(bytes(data))
+
+
+FUZZ_CODECS = {name: build_codec(name) for name in available_codecs()}
+FUZZ_CODECS["slicer-sparse"] = build_codec("slicer", sparsity=0.6, num_blocks=4, rotation="none")
+FUZZ_PACKETS = {
+    name: [codec.encode(hidden_states(*shape, seed=i)) for i, shape in enumerate([(1, 1, 576), (3, 100), (2, 7)])]
+    for name, codec in FUZZ_CODECS.items()
+}
+
+
+def _decode_only_raises_codec_error(codec, data):
+    start = time.perf_counter()
+    try:
+        out = codec.decode(data)
+    except CodecError:
+        pass
+    else:
+        assert isinstance(out, torch.Tensor)
+    assert time.perf_counter() - start < 2.0
+
+
+fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@fuzz
+@given(name=st.sampled_from(sorted(FUZZ_CODECS)), which=st.integers(0, 2), cut=st.integers(0, 10_000))
+def test_truncated_packets_raise_codec_error(name, which, cut):
+    data = FUZZ_PACKETS[name][which]
+    _decode_only_raises_codec_error(FUZZ_CODECS[name], data[: cut % max(len(data), 1)])
+
+
+@fuzz
+@given(
+    name=st.sampled_from(sorted(FUZZ_CODECS)),
+    which=st.integers(0, 2),
+    flips=st.lists(st.integers(0, 1 << 20), max_size=8),
+)
+def test_bit_flipped_packets_raise_codec_error_or_decode(name, which, flips):
+    data = bytearray(FUZZ_PACKETS[name][which])
+    for flip in flips:
+        data[(flip >> 3) % len(data)] ^= 1 << (flip & 7)
+    _decode_only_raises_codec_error(FUZZ_CODECS[name], bytes(data))
+
+
+@fuzz
+@given(name=st.sampled_from(sorted(FUZZ_CODECS)), data=st.binary(max_size=600))
+def test_random_bytes_raise_codec_error(name, data):
+    _decode_only_raises_codec_error(FUZZ_CODECS[name], data)
+
+
+@fuzz
+@given(name=st.sampled_from(sorted(FUZZ_CODECS)), tail=st.binary(max_size=64))
+def test_valid_header_with_garbage_body_raises_codec_error(name, tail):
+    data = FUZZ_PACKETS[name][1]
+    _decode_only_raises_codec_error(FUZZ_CODECS[name], data[:8] + tail)

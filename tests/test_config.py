@@ -1,0 +1,114 @@
+import json
+import logging
+
+import pytest
+
+from slicer_hf import ConfigError, SlicerConfig
+from slicer_hf.config import CONFIG_NAME
+
+
+def test_round_trip_is_sorted_and_version_stamped(tmp_path):
+    config = SlicerConfig(split_layer=24, sparsity=0.5, num_blocks=4, bit_candidates=(8, 2, 4, 2))
+    path = config.save_pretrained(tmp_path)
+    assert path == tmp_path / CONFIG_NAME
+    data = json.loads(path.read_text())
+    assert list(data) == sorted(data)
+    assert data["slicer_hf_version"]
+    assert data["bit_candidates"] == [2, 4, 8]
+    assert SlicerConfig.from_pretrained(tmp_path) == config
+
+
+def test_from_pretrained_applies_overrides(tmp_path):
+    SlicerConfig(split_layer=3).save_pretrained(tmp_path)
+    assert SlicerConfig.from_pretrained(tmp_path, split_layer=5).split_layer == 5
+
+
+def test_unknown_keys_from_newer_versions_warn_not_crash(tmp_path, caplog):
+    data = SlicerConfig(split_layer=2).to_dict() | {"quantum_entanglement": True}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        config = SlicerConfig.from_pretrained(tmp_path)
+    assert config.split_layer == 2
+    assert "quantum_entanglement" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sparsity", 1.2, "`sparsity` must be in [0, 1), got 1.2"),
+        ("split_layer", 0, "`split_layer` must be an integer >= 1"),
+        ("codec", "gzip", "`codec` must be one of"),
+        ("asymmetry", 1.5, "`asymmetry` must be 'auto' or in [0, 1]"),
+        ("num_blocks", 0, "`num_blocks` must be in [1, 64]"),
+        ("distortion", 0.0, "`distortion` must be in (0, 1)"),
+        ("bit_candidates", (3, 17), "`bit_candidates`"),
+        ("downlink", "carrier-pigeon", "`downlink` must be one of"),
+    ],
+)
+def test_validation_names_field_rule_and_value(field, value, message):
+    with pytest.raises(ConfigError) as info:
+        SlicerConfig(**{field: value})
+    assert message in str(info.value)
+
+
+def test_split_layer_must_leave_server_layers():
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        SlicerConfig(split_layer=30, num_hidden_layers=30)
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no slicer_config.json"):
+        SlicerConfig.from_pretrained(tmp_path)
+
+
+def test_bad_json_is_a_clear_error(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        SlicerConfig.from_pretrained(tmp_path)
+
+
+def test_hub_repo_ids_go_through_hf_hub_download(tmp_path, monkeypatch):
+    SlicerConfig(split_layer=7).save_pretrained(tmp_path)
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None):
+        calls.append((repo_id, filename, revision))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    assert SlicerConfig.from_pretrained("someone/slicer-preset", revision="v1").split_layer == 7
+    assert calls == [("someone/slicer-preset", CONFIG_NAME, "v1")]
+
+
+def test_push_to_hub_uploads_config_and_model_card(monkeypatch):
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploaded["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
+            from pathlib import Path
+
+            uploaded["files"] = {p.name: p.read_text() for p in Path(folder_path).iterdir()}
+            return "https://huggingface.co/someone/preset/commit/abc"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    config = SlicerConfig(split_layer=24, model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
+    url = config.push_to_hub("someone/preset", private=True, token="hf_x")
+    assert url.endswith("/commit/abc")
+    assert uploaded["repo"] == ("someone/preset", True, True)
+    assert json.loads(uploaded["files"][CONFIG_NAME])["split_layer"] == 24
+    assert "SmolLM2-135M-Instruct" in uploaded["files"]["README.md"]
+
+
+def test_presets_in_configs_folder_load():
+    from pathlib import Path
+
+    presets = sorted(p for p in (Path(__file__).parents[1] / "configs").iterdir() if p.is_dir())
+    assert presets, "configs/ holds at least one preset folder"
+    for preset in presets:
+        assert isinstance(SlicerConfig.from_pretrained(preset), SlicerConfig)
