@@ -3,6 +3,8 @@
 from .codec import Codec, build_codec
 from .config import SlicerConfig
 from .errors import CodecError, ConfigError, ProtocolError, SlicerError, TransportError
+from .link import WireStats
+from .modeling import SlicerGenerationMixin, SlicerModelForCausalLM
 from .version import __version__
 
 __all__ = [
@@ -12,7 +14,10 @@ __all__ = [
     "ProtocolError",
     "SlicerConfig",
     "SlicerError",
+    "SlicerGenerationMixin",
+    "SlicerModelForCausalLM",
     "TransportError",
+    "WireStats",
     "__version__",
     "build_codec",
 ]

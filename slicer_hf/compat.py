@@ -1,0 +1,115 @@
+"""The one module that touches transformers internals: decoder-layer discovery, the cache keyword and API,
+and the GGUF-quantizer quirk. A new transformers release should mean edits here and nowhere else.
+
+Tested against transformers 5.x, where decoder layers return a plain tensor and take the KV cache as
+`cache=` (`past_key_values=` before 5.40's rename).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def num_layers(config: Any) -> int:
+    """Decoder layer count of a causal-LM config (GPT-2's `n_layer` maps onto `num_hidden_layers`)."""
+    return int(config.num_hidden_layers)
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of decoder layers, found generically: the shallowest `ModuleList` of the layer count."""
+    n = num_layers(model.config)
+    candidates = [
+        (name.count("."), name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n and n > 0
+    ]
+    if not candidates:
+        raise NotImplementedError(f"{type(model).__name__}: no ModuleList of {n} decoder layers found")
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def layers_path(model: PreTrainedModel) -> str:
+    """Dotted name of the decoder-layer list inside the model (e.g. `model.layers`, `transformer.h`)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The keyword under which `module.forward` takes the KV cache."""
+    params = inspect.signature(module.forward).parameters
+    return next((name for name in CACHE_KWARGS if name in params), CACHE_KWARGS[0])
+
+
+def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
+    return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
+
+
+def new_cache(model: PreTrainedModel) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions beyond `length` (5.x takes the negative count to remove)."""
+    extra = cache_length(cache) - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def phantom_cache_update(cache: Any, layer_idx: int, hidden_states: torch.Tensor) -> None:
+    """Record T positions for a layer this side does not run, with a `[B, 1, T, 1]` dummy K/V.
+
+    Masks and positions are sized from the cache of the first (or first sliding) layer; keeping every layer's
+    length right lets either side skip any prefix or suffix of the stack. The dummy costs B*T*2 scalars.
+    """
+    if cache is None:
+        return
+    b, t = hidden_states.shape[:2]
+    dummy = hidden_states.new_zeros(b, 1, t, 1)
+    cache.update(dummy, dummy, layer_idx)
+
+
+def layer_signature(forward: Any) -> inspect.Signature:
+    return inspect.signature(forward)
+
+
+def layer_call(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """(hidden states, KV cache) of a decoder-layer call, wherever the family passes them (GPT-2 passes the
+    cache positionally)."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    first = next(iter(signature.parameters))
+    hidden = bound.get(first, args[0] if args else None)
+    if hidden is None:
+        raise NotImplementedError(f"decoder layer called without hidden states: {sorted(bound)}")
+    extra = bound.get("kwargs", {})
+    cache = next(
+        (c for c in (bound.get(n, extra.get(n)) for n in (*CACHE_KWARGS, "layer_past")) if c is not None), None
+    )
+    return hidden, cache
+
+
+def base_model(model: PreTrainedModel) -> nn.Module:
+    """The model without its LM head (runs embeddings, layers and final norm)."""
+    return model.base_model
+
+
+def lm_head(model: PreTrainedModel) -> nn.Module:
+    return model.get_output_embeddings()
+
+
+def clear_gguf_quantizer(model: PreTrainedModel) -> None:
+    """GGUF-loaded models hold a dequantizing quantizer that makes `save_pretrained` refuse; the weights are float."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False

@@ -1,0 +1,154 @@
+"""The edge's handle on the server part of the model: one session, its uplink/downlink accounting, and the
+log of what was sent, replayed to another server when the current one dies."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import protocol
+from .codec import Codec, build_codec
+from .errors import ProtocolError, TransportError
+from .transport import Transport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WireStats:
+    """Bytes and messages that crossed the link since the last reset."""
+
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    uplink_messages: int = 0
+    downlink_messages: int = 0
+    tokens: int = 0  # positions whose hidden states went up (batch rows included)
+    uplink_payload_bytes: int = 0  # the codec packets alone
+    failovers: int = 0
+
+    @property
+    def uplink_bits_per_token(self) -> float:
+        return 8.0 * self.uplink_bytes / max(self.tokens, 1)
+
+    @property
+    def downlink_bits_per_token(self) -> float:
+        return 8.0 * self.downlink_bytes / max(self.tokens, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.__dict__,
+            "uplink_bits_per_token": self.uplink_bits_per_token,
+            "downlink_bits_per_token": self.downlink_bits_per_token,
+        }
+
+
+@dataclass
+class SuffixLink:
+    """A session with a server running layers `split_layer..L-1`.
+
+    Args:
+        transport: how messages travel.
+        open_request: the OPEN body (model fingerprint, split layer, codec spec, downlink).
+        codec: the uplink codec (must match `open_request["codec"]`).
+    """
+
+    transport: Transport
+    open_request: dict[str, Any]
+    codec: Codec
+    stats: WireStats = field(default_factory=WireStats)
+    session: int | None = None
+    _seq: int = 0
+    _sent: list[protocol.Step] = field(default_factory=list)  # steps of the current sequence, for replay
+    _downlink_codec: Codec = field(default_factory=lambda: build_codec("identity"))
+
+    def _request(self, data: bytes) -> bytes:
+        self.stats.uplink_bytes += len(data)
+        self.stats.uplink_messages += 1
+        reply = self.transport.request(data)
+        self.stats.downlink_bytes += len(reply)
+        self.stats.downlink_messages += 1
+        return reply
+
+    def open(self) -> None:
+        reply = self._request(protocol.encode_json(protocol.OPEN, self.open_request))
+        protocol.raise_if_error(reply)
+        self.session = int(protocol.decode_json(reply)["session"])
+
+    def close(self) -> None:
+        if self.session is None:
+            return
+        try:
+            self._request(protocol.encode_json(protocol.CLOSE, {"session": self.session}))
+        except (TransportError, ProtocolError) as exc:
+            logger.debug("close of session %s failed: %s", self.session, exc)
+        finally:
+            self.session = None
+            self._sent.clear()
+            self.transport.close()
+
+    def step(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        need_from: int,
+    ) -> tuple[int, torch.Tensor]:
+        """Send `hidden` `[B, T, d]` for positions `start..start+T-1`; returns (reply kind, tensor)."""
+        payload = self.codec.encode(hidden)
+        self._seq += 1
+        step = protocol.Step(
+            0,
+            self._seq,
+            start,
+            hidden.shape[0],
+            hidden.shape[1],
+            need_from,
+            payload,
+            None if mask is None else mask.bool().cpu(),
+            None if positions is None else positions.cpu(),
+        )
+        self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
+        self.stats.tokens += hidden.shape[0] * hidden.shape[1]
+        self.stats.uplink_payload_bytes += len(payload)
+        reply = self._send_with_failover(step)
+        _, kind, body = protocol.decode_reply(reply)
+        if kind == protocol.REPLY_TOPK:
+            return kind, protocol.decode_topk_logits(body)
+        return kind, self._downlink_codec.decode(body)
+
+    def _send_with_failover(self, step: protocol.Step, max_attempts: int = 8) -> bytes:
+        for _ in range(max_attempts):
+            try:
+                if self.session is None:
+                    self.open()
+                    for earlier in self._sent[:-1]:  # rebuild the suffix cache on a fresh server, no outputs
+                        replay = dataclasses.replace(earlier, need_from=earlier.tokens)
+                        protocol.raise_if_error(self._request(self._encode(replay)))
+                return self._checked(self._request(self._encode(step)))
+            except (TransportError, ProtocolError) as exc:
+                recoverable = isinstance(exc, TransportError) or getattr(exc, "code", "") in (
+                    "unknown_session",
+                    "state_lost",
+                )
+                if not recoverable:
+                    raise
+                self.session = None
+                if isinstance(exc, TransportError) and not self.transport.reset():
+                    raise
+                self.stats.failovers += 1
+                logger.warning("server lost (%s); replaying %d steps on %r", exc, len(self._sent), self.transport)
+        raise TransportError(f"gave up after {max_attempts} attempts to reach a server that keeps its session")
+
+    def _encode(self, step: protocol.Step) -> bytes:
+        step.session = self.session or 0
+        return protocol.encode_step(step)
+
+    @staticmethod
+    def _checked(reply: bytes) -> bytes:
+        protocol.raise_if_error(reply)
+        return reply

@@ -1,0 +1,290 @@
+"""`SlicerModelForCausalLM`: any transformers causal LM whose `generate()` and `forward()` run split.
+
+`from_pretrained` loads the model with transformers as usual, then swaps its class for a subclass that mixes in
+`SlicerGenerationMixin` (the model object, weights, generation config and accelerate hooks stay as they are)
+and hooks its decoder layers (see `hooks.py`). Layers `0..k-1` run here; the hidden states at the split go
+through the codec's bytes to the server part, whose answer lets transformers' own `generate()` carry on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from . import compat, protocol
+from .codec import build_codec
+from .config import CONFIG_NAME, SlicerConfig
+from .errors import ConfigError
+from .hooks import SplitPlan, attach_hooks, split_plan
+from .link import SuffixLink, WireStats
+from .server.engine import SplitServer, model_fingerprint
+from .transport import LocalTransport, Transport, make_transport
+
+logger = logging.getLogger(__name__)
+
+_GENERATE_SPLIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("slicer_generate_split", default=None)
+UNSUPPORTED_GENERATION = {
+    "num_beams": (1, "beam search"),
+    "penalty_alpha": (None, "contrastive search"),
+    "assistant_model": (None, "assisted (speculative) decoding"),
+    "prompt_lookup_num_tokens": (None, "prompt-lookup decoding"),
+}
+
+
+class SlicerGenerationMixin:
+    """Split `generate()` / `forward()` for a transformers causal LM. Mixed in by `SlicerModelForCausalLM`."""
+
+    slicer_config: SlicerConfig
+    _slicer_link: SuffixLink | None
+    _slicer_transport: Transport
+    _slicer_local: bool
+
+    # ---------------------------------------------------------------- public API
+    def generate(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
+        """`transformers` `generate()`, with decoder layers `0..split_layer-1` here and the rest on the server.
+
+        Args:
+            split_layer: layers run on the edge; defaults to `slicer_config.split_layer`.
+            args, kwargs: every ordinary `generate()` argument (sampling, logits processors, stopping criteria,
+                streamers, batches with left padding). Beam search and assisted decoding raise
+                `NotImplementedError`.
+        """
+        k = self._resolve_split(split_layer)
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        for name, (plain, what) in UNSUPPORTED_GENERATION.items():
+            value = kwargs.get(name, getattr(gen_config, name, plain))
+            if value not in (plain, None) and not (name == "num_beams" and value == 1):
+                raise NotImplementedError(f"{what} ({name}={value!r}) is not supported by split generation")
+        token = _GENERATE_SPLIT.set(k)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            _GENERATE_SPLIT.reset(token)
+
+    def wire_stats(self) -> WireStats:
+        """Uplink/downlink bytes, messages and tokens since the last `reset_wire_stats()`."""
+        return self._slicer_link.stats if self._slicer_link else WireStats()
+
+    def reset_wire_stats(self) -> None:
+        if self._slicer_link:
+            self._slicer_link.stats = WireStats()
+
+    def close_session(self) -> None:
+        """Close the server session (its KV cache is freed); the next call opens a new one."""
+        if self._slicer_link is not None:
+            self._slicer_link.close()
+            self._slicer_link = None
+
+    @property
+    def split_server(self) -> SplitServer | None:
+        """The in-process server, with the default `transport="local"`."""
+        return self._slicer_transport.server if isinstance(self._slicer_transport, LocalTransport) else None
+
+    # ---------------------------------------------------------------- the split forward
+    def _slicer_forward(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
+        k = self._resolve_split(split_layer if split_layer is not None else _GENERATE_SPLIT.get())
+        link = self._link_for(k)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        b, t = ref.shape[:2]
+        cache = compat.cache_from_kwargs(kwargs)
+        start = compat.cache_length(cache)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise NotImplementedError("split forward takes a 2D attention_mask [batch, length]")
+        positions = kwargs.get("position_ids")
+        if positions is not None and torch.equal(positions.cpu(), (start + torch.arange(t)).expand_as(positions)):
+            positions = None  # the server derives the plain ones
+        elif positions is not None:
+            positions = positions.expand(b, t)
+        keep = kwargs.get("logits_to_keep", 0)
+        keep = t if isinstance(keep, torch.Tensor) or not keep else min(int(keep), t)
+        replies: dict[str, torch.Tensor] = {}
+
+        def exchange(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, d] at the split -> [B, T, d] final
+            outputs = []
+            chunk = self.slicer_config.prefill_chunk_tokens
+            for a in range(0, t, chunk):
+                z = min(a + chunk, t)
+                need_from = min(max(t - keep, a), z) - a
+                kind, out = link.step(
+                    hidden[:, a:z],
+                    start + a,
+                    None if mask is None else mask[:, -t:][:, a:z],
+                    None if positions is None else positions[:, a:z],
+                    need_from,
+                )
+                if out.shape[1]:
+                    outputs.append(out)
+            final = torch.cat(outputs, dim=1).to(hidden.device)
+            if kind == protocol.REPLY_HIDDEN:
+                full = hidden.new_zeros(hidden.shape)
+                full[:, t - keep :] = final.to(hidden.dtype)
+                return full
+            replies["logits"] = final.float()
+            return hidden.new_zeros(hidden.shape)
+
+        with split_plan(SplitPlan("edge", k, exchange=exchange)):
+            if self.slicer_config.downlink == "hidden":
+                return super().forward(*args, **kwargs)
+            # The server ran the head: skip it here (an empty index set) and return its logits instead.
+            kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=ref.device)
+            out = super().forward(*args, **kwargs)
+        out.logits = replies["logits"].to(ref.device)
+        return out
+
+    def _resolve_split(self, split_layer: int | None) -> int:
+        k = self.slicer_config.split_layer if split_layer is None else split_layer
+        n = compat.num_layers(self.config)
+        if not isinstance(k, int) or not 1 <= k < n:
+            raise ConfigError(f"`split_layer` must be an integer in [1, {n - 1}] for this {n}-layer model, got {k!r}")
+        if not self._slicer_local and k != self.slicer_config.split_layer:
+            raise ConfigError(
+                f"`split_layer` is fixed at {self.slicer_config.split_layer} with a remote server "
+                f"(the edge holds only those layers), got {k}"
+            )
+        return k
+
+    def _link_for(self, k: int) -> SuffixLink:
+        link = self._slicer_link
+        if link is not None and link.open_request["split_layer"] == k:
+            return link
+        self.close_session()
+        cfg = self.slicer_config
+        codec = build_codec(cfg)
+        request = {
+            "model": cfg.model_id or getattr(self.config, "_name_or_path", ""),
+            "fingerprint": model_fingerprint(self.config),
+            "split_layer": k,
+            "codec": codec.spec(),
+            "downlink": cfg.downlink,
+            "downlink_topk": cfg.downlink_topk,
+        }
+        self._slicer_link = SuffixLink(self._slicer_transport, request, codec)
+        weakref.finalize(self, self._slicer_link.close)
+        return self._slicer_link
+
+
+class SlicerModelForCausalLM:
+    """Factory for split-inference models, in the spirit of `AutoModelForCausalLM`.
+
+    ```python
+    model = SlicerModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                   slicer_config=SlicerConfig(split_layer=24))
+    out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)
+    ```
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("use SlicerModelForCausalLM.from_pretrained(...) or .from_model(...)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        slicer_config: SlicerConfig | str | os.PathLike[str] | None = None,
+        transport: str | Sequence[str] | Transport = "local",
+        **hf_kwargs: Any,
+    ) -> PreTrainedModel:
+        """Load a causal LM with transformers and make it split.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or local folder (as for `AutoModelForCausalLM`).
+            slicer_config: a `SlicerConfig`, a folder/repo holding one, or None (the model folder's
+                `slicer_config.json` if present, else defaults).
+            transport: `"local"` (server part in this process, shared weights) or `"grpc://host:port"`
+                (a list of URLs is tried in order for failover). With a remote server, weights of layers
+                `split_layer..L-1` are released after loading.
+            hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
+        """
+        config = _resolve_config(slicer_config, pretrained_model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
+        if "gguf_file" in hf_kwargs:
+            compat.clear_gguf_quantizer(model)
+        if config.model_id is None:
+            config = config.replace(model_id=str(pretrained_model_name_or_path))
+        return cls.from_model(model, config, transport=transport)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        slicer_config: SlicerConfig | None = None,
+        transport: str | Sequence[str] | Transport = "local",
+    ) -> PreTrainedModel:
+        """Make an already loaded model split (in place; the same object is returned)."""
+        n = compat.num_layers(model.config)
+        config = slicer_config or SlicerConfig()
+        config = config.replace(
+            split_layer=config.split_layer if config.split_layer is not None else max(1, min(n - 1, round(0.75 * n))),
+            num_hidden_layers=n,
+            hidden_size=model.config.hidden_size,
+        )
+        local = isinstance(transport, str) and transport == "local"
+        attach_hooks(model)
+        if not isinstance(model, SlicerGenerationMixin):
+            model.__class__ = _split_class(type(model))
+        model.slicer_config = config
+        model._slicer_link = None
+        model._slicer_local = local
+        model._slicer_transport = LocalTransport(SplitServer(model)) if local else make_transport(transport)
+        if not local:
+            release_layers(model, range(config.split_layer, n))
+        return model
+
+
+def release_layers(model: PreTrainedModel, indices: Sequence[int] | range) -> None:
+    """Free the weights of decoder layers this side never runs (they move to the meta device)."""
+    layers = compat.decoder_layers(model)
+    for i in indices:
+        layers[i].to("meta")
+
+
+@functools.cache
+def _split_class(base: type) -> type:
+    """`Slicer<Base>`: the model class with `SlicerGenerationMixin`, its forward keeping the base signature
+    (transformers inspects it for `logits_to_keep` and `position_ids`) plus `split_layer`."""
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return SlicerGenerationMixin._slicer_forward(self, *args, **kwargs)
+
+    sig = inspect.signature(base.forward)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    extra = inspect.Parameter("split_layer", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=int | None)
+    var_kw = [p for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
+    forward.__signature__ = sig.replace(parameters=[*params, extra, *var_kw])
+    forward.__doc__ = base.forward.__doc__
+    return type(f"Slicer{base.__name__}", (SlicerGenerationMixin, base), {"forward": forward, "_slicer_base": base})
+
+
+def _resolve_config(slicer_config: Any, model_path: Any) -> SlicerConfig:
+    if isinstance(slicer_config, SlicerConfig):
+        return slicer_config
+    if slicer_config is not None:
+        return SlicerConfig.from_pretrained(slicer_config)
+    if os.path.isfile(os.path.join(str(model_path), CONFIG_NAME)):
+        return SlicerConfig.from_pretrained(model_path)
+    return SlicerConfig()
+
+
+@contextlib.contextmanager
+def unsplit(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """Run `model` as the plain, whole transformers model inside this block (local transport only)."""
+    if not getattr(model, "_slicer_local", True):
+        raise ConfigError("the unsplit model needs every layer: not available with a remote server")
+    original = model.__class__
+    model.__class__ = getattr(original, "_slicer_base", original)
+    try:
+        yield model
+    finally:
+        model.__class__ = original

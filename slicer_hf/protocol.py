@@ -1,0 +1,187 @@
+"""The wire protocol between edge and server: versioned, compact, the same bytes in-process and on a network.
+
+Every message starts with ``[PROTOCOL_VERSION u8][type u8]``. Control messages (open, opened, close, error,
+stats) carry a JSON body; the hot path (step, reply) is binary::
+
+    STEP   [session varint][seq varint][start varint][B varint][T varint][flags u8][need_from varint]
+           [mask bits B*T, if flags & MASK_BITS][positions int32 B*T, if flags & POSITIONS][uplink codec packet]
+    REPLY  [seq varint][kind u8][downlink payload]
+
+`start` is how many positions the edge had cached before this step: the server crops its cache back to it
+(a new `generate()` call starts again at 0), and refuses a step that would leave a gap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec.bits import Reader, write_varint
+from .errors import CodecError, ProtocolError
+
+PROTOCOL_VERSION = 1
+OPEN, OPENED, STEP, REPLY, CLOSE, CLOSED, ERROR, STATS, STATS_REPLY = range(1, 10)
+MESSAGE_NAMES = {
+    OPEN: "open",
+    OPENED: "opened",
+    STEP: "step",
+    REPLY: "reply",
+    CLOSE: "close",
+    CLOSED: "closed",
+    ERROR: "error",
+    STATS: "stats",
+    STATS_REPLY: "stats_reply",
+}
+MASK_NONE, MASK_ONES, MASK_BITS = 0, 1, 2  # flags bits 0-1
+POSITIONS = 4  # flags bit 2: explicit position ids follow
+REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
+MAX_BATCH = 4096
+
+
+@dataclass
+class Step:
+    """One uplink message: hidden states of T new positions for B sequences."""
+
+    session: int
+    seq: int
+    start: int
+    batch: int
+    tokens: int
+    need_from: int  # final outputs are wanted for positions need_from..T-1 of this step
+    payload: bytes
+    mask: torch.Tensor | None = None  # [B, T] bool: the new columns of the 2D attention mask; None: no mask
+    positions: torch.Tensor | None = None  # [B, T] int64, when they are not start + arange(T)
+
+
+def header(kind: int) -> bytes:
+    return bytes([PROTOCOL_VERSION, kind])
+
+
+def message_type(data: bytes) -> int:
+    if len(data) < 2:
+        raise ProtocolError(f"message of {len(data)} bytes is too short", code="malformed")
+    if data[0] != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {data[0]} is not supported (this side speaks {PROTOCOL_VERSION})", code="version"
+        )
+    if data[1] not in MESSAGE_NAMES:
+        raise ProtocolError(f"unknown message type {data[1]}", code="malformed")
+    return data[1]
+
+
+def encode_json(kind: int, body: dict[str, Any]) -> bytes:
+    return header(kind) + json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(data[2:].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"malformed {MESSAGE_NAMES.get(data[1], '?')} message: {exc}", code="malformed") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("control message body must be a JSON object", code="malformed")
+    return body
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return encode_json(ERROR, {"code": code, "message": message})
+
+
+def raise_if_error(data: bytes) -> None:
+    if message_type(data) == ERROR:
+        body = decode_json(data)
+        raise ProtocolError(f"server refused: {body.get('message')}", code=str(body.get("code", "error")))
+
+
+def encode_step(step: Step) -> bytes:
+    flags = MASK_NONE
+    extra = b""
+    if step.mask is not None:
+        if bool(step.mask.all()):
+            flags = MASK_ONES
+        else:
+            flags = MASK_BITS
+            extra += np.packbits(step.mask.cpu().numpy().astype(np.uint8).ravel(), bitorder="little").tobytes()
+    if step.positions is not None:
+        flags |= POSITIONS
+        extra += step.positions.cpu().to(torch.int32).numpy().tobytes()
+    fields = (step.session, step.seq, step.start, step.batch, step.tokens)
+    return (
+        header(STEP)
+        + b"".join(write_varint(v) for v in fields)
+        + bytes([flags])
+        + write_varint(step.need_from)
+        + extra
+        + step.payload
+    )
+
+
+def decode_step(data: bytes, max_tokens: int) -> Step:
+    try:
+        r = Reader(data)
+        r.take(2)
+        session, seq = r.varint(), r.varint()
+        start, batch, tokens = r.varint(limit=1 << 31), r.varint(limit=MAX_BATCH), r.varint(limit=max_tokens)
+        flags = r.u8()
+        need_from = r.varint(limit=tokens)
+        if flags & ~(3 | POSITIONS) or flags & 3 == 3:
+            raise ProtocolError(f"unknown step flags {flags:#x}", code="malformed")
+        if batch == 0 or tokens == 0:
+            raise ProtocolError(f"step with batch={batch}, tokens={tokens}", code="malformed")
+        mask = None
+        if flags & 3 == MASK_ONES:
+            mask = torch.ones(batch, tokens, dtype=torch.bool)
+        elif flags & 3 == MASK_BITS:
+            bits = np.unpackbits(np.frombuffer(r.take((batch * tokens + 7) // 8), np.uint8), bitorder="little")
+            mask = torch.from_numpy(bits[: batch * tokens].astype(bool)).reshape(batch, tokens)
+        positions = None
+        if flags & POSITIONS:
+            positions = torch.from_numpy(r.array(np.int32, batch * tokens).astype(np.int64)).reshape(batch, tokens)
+        return Step(session, seq, start, batch, tokens, need_from, r.take(r.remaining()), mask, positions)
+    except CodecError as exc:
+        raise ProtocolError(f"malformed step message: {exc}", code="malformed") from exc
+
+
+def encode_reply(seq: int, kind: int, payload: bytes) -> bytes:
+    return header(REPLY) + write_varint(seq) + bytes([kind]) + payload
+
+
+def decode_reply(data: bytes) -> tuple[int, int, bytes]:
+    raise_if_error(data)
+    try:
+        r = Reader(data)
+        r.take(2)
+        seq, kind = r.varint(), r.u8()
+        return seq, kind, r.take(r.remaining())
+    except CodecError as exc:
+        raise ProtocolError(f"malformed reply: {exc}", code="malformed") from exc
+
+
+def encode_topk_logits(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> bytes:
+    """Top-k logits `[B, n, k]`: float32 values and uint16/uint32 token ids."""
+    b, n, k = values.shape
+    index_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    head = b"".join(write_varint(v) for v in (b, n, k, vocab))
+    return head + values.float().cpu().numpy().tobytes() + indices.cpu().numpy().astype(index_dtype).tobytes()
+
+
+def decode_topk_logits(data: bytes, fill: float = float("-inf")) -> torch.Tensor:
+    """Full `[B, n, vocab]` logits with everything outside the top-k at `fill`."""
+    try:
+        r = Reader(data)
+        b, n, k, vocab = r.varint(MAX_BATCH), r.varint(1 << 20), r.varint(1 << 20), r.varint(1 << 24)
+        if b * n * vocab > 1 << 28 or k > vocab:
+            raise ProtocolError(f"top-k reply too large or inconsistent: B={b} n={n} k={k} vocab={vocab}")
+        values = torch.from_numpy(r.array(np.float32, b * n * k)).reshape(b, n, k)
+        idx_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+        indices = torch.from_numpy(r.array(idx_dtype, b * n * k).astype(np.int64)).reshape(b, n, k)
+        r.finish()
+    except CodecError as exc:
+        raise ProtocolError(f"malformed top-k reply: {exc}", code="malformed") from exc
+    if (indices >= vocab).any():
+        raise ProtocolError("top-k token id out of range", code="malformed")
+    return torch.full((b, n, vocab), fill).scatter(2, indices, values)

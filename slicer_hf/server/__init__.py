@@ -1,0 +1,5 @@
+"""The server side: sessions with their own KV caches, running decoder layers `k..L-1`."""
+
+from .engine import ServerLimits, SplitServer
+
+__all__ = ["ServerLimits", "SplitServer"]

@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random models of every claimed architecture, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PhiConfig,
+    Qwen2Config,
+)
+
+VOCAB = 128
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        sliding_window=16,
+        max_position_embeddings=256,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+    ),
+    "gemma": lambda: GemmaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+    ),
+    "phi": lambda: PhiConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+    ),
+    "gpt2": lambda: GPT2Config(
+        n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=1, eos_token_id=2
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+    ),
+    "opt": lambda: OPTConfig(
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        word_embed_proj_dim=64,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+}
+ARCHITECTURES = sorted(TINY_CONFIGS)
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random init leaves some biases/norms trivial; perturb so every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference_models() -> dict[str, torch.nn.Module]:
+    return {arch: tiny_model(arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture
+def model_pair(reference_models):
+    """(plain model, an independent deep copy to make split) for an architecture."""
+
+    def make(arch: str):
+        ref = reference_models[arch]
+        return ref, copy.deepcopy(ref)
+
+    return make

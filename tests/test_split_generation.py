@@ -1,0 +1,210 @@
+"""The exactness anchor and generate() behaviour: with a lossless codec, split generation is plain
+transformers generation, token for token."""
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, VOCAB
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from slicer_hf import ConfigError, SlicerConfig, SlicerModelForCausalLM
+
+LOSSLESS = SlicerConfig(codec="identity")
+
+
+def split(model, **overrides):
+    return SlicerModelForCausalLM.from_model(model, LOSSLESS.replace(**overrides))
+
+
+def prompt(batch=1, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def left_padded(pad_id=0):
+    ids = prompt(3, 9, seed=1)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 3, 5]):
+        ids[row, :pad], mask[row, :pad] = pad_id, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_split_equals_plain_generate(model_pair, arch, k):
+    ref, model = model_pair(arch)
+    ids = prompt()
+    expected = ref.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(split(model).generate(ids, max_new_tokens=12, do_sample=False, split_layer=k), expected)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_left_padded_batch_equals_plain_generate(model_pair, arch):
+    ref, model = model_pair(arch)
+    ids, mask = left_padded(ref.config.pad_token_id)
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got = split(model).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, split_layer=2)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_seeded_sampling_equals_plain_generate(model_pair, arch):
+    ref, model = model_pair(arch)
+    ids, mask = left_padded(ref.config.pad_token_id)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    torch.manual_seed(7)
+    expected = ref.generate(ids, **kwargs)
+    model = split(model)
+    torch.manual_seed(7)
+    assert torch.equal(model.generate(ids, split_layer=3, **kwargs), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_split_forward_returns_the_same_logits(model_pair, arch):
+    ref, model = model_pair(arch)
+    ids = prompt(2, 11)
+    expected = ref(ids).logits
+    got = split(model)(ids, split_layer=2).logits
+    assert torch.equal(got, expected)
+
+
+def test_long_prompts_go_up_in_chunks(model_pair):
+    ref, model = model_pair("llama")
+    ids = prompt(1, 40)
+    model = split(model, prefill_chunk_tokens=16)
+    got = model.generate(ids, max_new_tokens=5, do_sample=False, split_layer=2)
+    expected = ref.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, expected)
+    # 40 prompt tokens in 3 chunks, then 4 single-token decode steps
+    assert model.wire_stats().uplink_messages == 1 + 3 + 4  # open + steps
+
+
+def test_generate_arguments_behave_as_in_transformers(model_pair):
+    ref, model = model_pair("qwen2")
+    model = split(model)
+    ids = prompt()
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= ids.shape[1] + 4, dtype=torch.bool)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append(None)
+
+    def ban_token_5(input_ids, scores):
+        scores[:, 5] = -float("inf")
+        return scores
+
+    kwargs = dict(
+        max_new_tokens=10,
+        do_sample=False,
+        repetition_penalty=1.3,
+        logits_processor=LogitsProcessorList([ban_token_5]),
+        stopping_criteria=StoppingCriteriaList([StopAfter()]),
+    )
+    expected = ref.generate(ids, **kwargs)
+    streamer = Collect()
+    got = model.generate(ids, streamer=streamer, **kwargs)
+    assert torch.equal(got, expected)
+    assert got.shape[1] == ids.shape[1] + 4 and 5 not in got[0, ids.shape[1] :].tolist()
+    assert torch.equal(torch.cat([c.reshape(1, -1) for c in streamer.chunks[:-1]], dim=1), got)
+
+
+def test_eos_stops_generation_like_transformers(model_pair):
+    ref, model = model_pair("llama")
+    ids = prompt()
+    first = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    eos = int(first[0, ids.shape[1] + 2])
+    expected = ref.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got = split(model).generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected) and got.shape[1] < first.shape[1]
+
+
+@pytest.mark.parametrize("downlink", ["topk_logits", "logits"])
+def test_logit_downlinks_keep_greedy_output(model_pair, downlink):
+    ref, model = model_pair("mistral")
+    ids, mask = left_padded()
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    model = split(model, downlink=downlink, downlink_topk=8)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_topk_logits_downlink_is_smaller_than_hidden(model_pair):
+    _, model = model_pair("llama")
+    sizes = {}
+    for downlink in ["hidden", "topk_logits"]:
+        m = split(model, downlink=downlink, downlink_topk=4)
+        m.generate(prompt(), max_new_tokens=8, do_sample=False)
+        sizes[downlink] = m.wire_stats().downlink_bytes
+        m.close_session()
+    assert sizes["topk_logits"] < sizes["hidden"]
+
+
+def test_one_session_spans_several_generate_calls(model_pair):
+    ref, model = model_pair("gpt_neox")
+    model = split(model)
+    for seed in range(3):
+        ids = prompt(seed=seed)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=5, do_sample=False), ref.generate(ids, max_new_tokens=5, do_sample=False)
+        )
+    server = model.split_server
+    assert len(server.sessions) == 1
+    model.close_session()
+    assert len(server.sessions) == 0
+
+
+def test_changing_split_layer_reopens_the_session(model_pair):
+    ref, model = model_pair("phi")
+    model = split(model)
+    ids = prompt()
+    expected = ref.generate(ids, max_new_tokens=5, do_sample=False)
+    for k in (1, 3, 2):
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, split_layer=k), expected)
+    assert len(model.split_server.sessions) == 1
+
+
+def test_wire_stats_count_what_crossed(model_pair):
+    _, model = model_pair("llama")
+    model = split(model)
+    model.generate(prompt(length=7), max_new_tokens=4, do_sample=False)
+    stats = model.wire_stats()
+    assert stats.tokens == 7 + 3  # prompt, then one row per decode step (the last token is not sent)
+    assert stats.uplink_messages == stats.downlink_messages == 1 + 4
+    assert stats.uplink_payload_bytes < stats.uplink_bytes
+    server = model.split_server.stats
+    assert server.bytes_in == stats.uplink_bytes and server.bytes_out == stats.downlink_bytes
+    model.reset_wire_stats()
+    assert model.wire_stats().uplink_bytes == 0
+
+
+def test_bad_split_layer_is_a_clear_error(model_pair):
+    _, model = model_pair("llama")
+    model = split(model)
+    for bad in (0, 4, -1):
+        with pytest.raises(ConfigError, match="`split_layer` must be an integer in \\[1, 3\\]"):
+            model.generate(prompt(), max_new_tokens=2, split_layer=bad)
+
+
+def test_beam_search_is_refused_not_wrong(model_pair):
+    _, model = model_pair("llama")
+    with pytest.raises(NotImplementedError, match="beam search"):
+        split(model).generate(prompt(), max_new_tokens=2, num_beams=2)
+
+
+def test_slicer_codec_runs_and_compresses(model_pair):
+    ref, model = model_pair("llama")
+    model = split(model, codec="slicer")
+    ids = prompt(1, 16)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 24)
+    stats = model.wire_stats()
+    fp16_payload = 16 * 64 * 2 * stats.tokens / 16
+    assert stats.uplink_payload_bytes < fp16_payload
