@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 CACHE_KWARGS = ("cache", "past_key_values")
 
@@ -113,3 +114,34 @@ def clear_gguf_quantizer(model: PreTrainedModel) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
+
+
+def cache_is_plain_dynamic(cache: Any) -> bool:
+    """True for a `DynamicCache` of full-attention `DynamicLayer`s only (what batching can merge)."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def merge_caches(caches: list[DynamicCache], lengths: list[int], model: PreTrainedModel) -> DynamicCache:
+    """One cache holding every session's rows, each left-padded with zeros to the longest length."""
+    longest = max(lengths)
+    merged = new_cache(model)
+    for idx in range(len(caches[0].layers)):
+        keys, values = [], []
+        for cache, length in zip(caches, lengths):
+            layer = cache.layers[idx]
+            pad = longest - length
+            keys.append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
+        merged.update(torch.cat(keys), torch.cat(values), idx)
+    return merged
+
+
+def split_cache(merged: DynamicCache, caches: list[DynamicCache], rows: list[int], pads: list[int]) -> None:
+    """Give each session back its rows of `merged`, without the left padding."""
+    for idx, layer in enumerate(merged.layers):
+        r0 = 0
+        for cache, b, pad in zip(caches, rows, pads):
+            target = cache.layers[idx]
+            target.keys = layer.keys[r0 : r0 + b, :, pad:].clone()
+            target.values = layer.values[r0 : r0 + b, :, pad:].clone()
+            r0 += b

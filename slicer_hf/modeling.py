@@ -194,6 +194,7 @@ class SlicerModelForCausalLM:
         pretrained_model_name_or_path: str | os.PathLike[str],
         slicer_config: SlicerConfig | str | os.PathLike[str] | None = None,
         transport: str | Sequence[str] | Transport = "local",
+        transport_options: dict[str, Any] | None = None,
         **hf_kwargs: Any,
     ) -> PreTrainedModel:
         """Load a causal LM with transformers and make it split.
@@ -205,6 +206,7 @@ class SlicerModelForCausalLM:
             transport: `"local"` (server part in this process, shared weights) or `"grpc://host:port"`
                 (a list of URLs is tried in order for failover). With a remote server, weights of layers
                 `split_layer..L-1` are released after loading.
+            transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
         """
         config = _resolve_config(slicer_config, pretrained_model_name_or_path)
@@ -213,7 +215,7 @@ class SlicerModelForCausalLM:
             compat.clear_gguf_quantizer(model)
         if config.model_id is None:
             config = config.replace(model_id=str(pretrained_model_name_or_path))
-        return cls.from_model(model, config, transport=transport)
+        return cls.from_model(model, config, transport=transport, transport_options=transport_options)
 
     @classmethod
     def from_model(
@@ -221,6 +223,7 @@ class SlicerModelForCausalLM:
         model: PreTrainedModel,
         slicer_config: SlicerConfig | None = None,
         transport: str | Sequence[str] | Transport = "local",
+        transport_options: dict[str, Any] | None = None,
     ) -> PreTrainedModel:
         """Make an already loaded model split (in place; the same object is returned)."""
         n = compat.num_layers(model.config)
@@ -237,7 +240,10 @@ class SlicerModelForCausalLM:
         model.slicer_config = config
         model._slicer_link = None
         model._slicer_local = local
-        model._slicer_transport = LocalTransport(SplitServer(model)) if local else make_transport(transport)
+        if local:
+            model._slicer_transport = LocalTransport(SplitServer(model))
+        else:
+            model._slicer_transport = make_transport(transport, **(transport_options or {}))
         if not local:
             release_layers(model, range(config.split_layer, n))
         return model

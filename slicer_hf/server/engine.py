@@ -23,6 +23,7 @@ from ..codec import Codec, build_codec, codec_from_spec
 from ..config import DOWNLINKS
 from ..errors import CodecError, ProtocolError
 from ..hooks import SplitPlan, attach_hooks, split_plan
+from .batching import StepBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ServerLimits:
     max_batch: int = 64
     idle_timeout_s: float = 600.0
     max_message_bytes: int = 64 << 20
+    max_batch_rows: int = 64  # rows of concurrent decode steps run in one forward
 
 
 @dataclass
@@ -78,7 +80,9 @@ class ServerStats:
     steps: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
+    batches: int = 0
+    batched_rows: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -90,10 +94,16 @@ class SplitServer:
         model_name: a name reported to clients.
         limits: session and request limits.
         min_split_layer: the shallowest split this server accepts (layers below it may be absent).
+        batching: run the decode steps of concurrent sessions together (one compute thread).
     """
 
     def __init__(
-        self, model: PreTrainedModel, model_name: str = "", limits: ServerLimits | None = None, min_split_layer: int = 1
+        self,
+        model: PreTrainedModel,
+        model_name: str = "",
+        limits: ServerLimits | None = None,
+        min_split_layer: int = 1,
+        batching: bool = False,
     ) -> None:
         self.model = model.eval()
         self.model_name = model_name or getattr(model.config, "_name_or_path", "")
@@ -109,10 +119,25 @@ class SplitServer:
         self._lock = threading.RLock()
         self._downlink_codec = build_codec("identity")
         attach_hooks(model)
+        self.batcher = StepBatcher(self) if batching else None
+        self._stopped = threading.Event()
+        if self.limits.idle_timeout_s < float("inf"):
+            threading.Thread(target=self._reap_idle, name="slicer-reaper", daemon=True).start()
+
+    def _reap_idle(self) -> None:
+        while not self._stopped.wait(min(max(self.limits.idle_timeout_s / 4, 0.05), 5.0)):
+            with self._lock:
+                self._expire_idle()
 
     # ---------------------------------------------------------------- entry point
-    def handle(self, data: bytes, client: str = "") -> bytes:
-        """Answer one request; never raises for bad input."""
+    def handle(self, data: bytes, client: str = "", owned: set[int] | None = None) -> bytes:
+        """Answer one request; never raises for bad input.
+
+        Args:
+            data: one protocol message.
+            client: the peer, for logs.
+            owned: when given, the sessions this caller opened: steps for any other session are refused.
+        """
         self.stats.bytes_in += len(data)
         session_id = None
         try:
@@ -125,10 +150,14 @@ class SplitServer:
                 reply = self._open(protocol.decode_json(data), client)
             elif kind == protocol.STEP:
                 step = protocol.decode_step(data, self.limits.max_step_tokens)
+                if owned is not None and step.session not in owned:
+                    raise ProtocolError(f"unknown session {step.session} on this stream", code="unknown_session")
                 session_id = step.session
                 reply = self._step(step)
             elif kind == protocol.CLOSE:
-                self.close_session(int(protocol.decode_json(data).get("session", -1)))
+                target = protocol.decode_json(data).get("session", -1)
+                if isinstance(target, int) and (owned is None or target in owned):
+                    self.close_session(target)
                 reply = protocol.encode_json(protocol.CLOSED, {})
             elif kind == protocol.STATS:
                 reply = protocol.encode_json(protocol.STATS_REPLY, self.stats_dict())
@@ -231,17 +260,25 @@ class SplitServer:
                 f"hidden states of shape {tuple(hidden.shape)}, expected {(step.batch, step.tokens, d)}",
                 code="bad_shape",
             )
+        payload, kind = self._compute(session, step, hidden.to(self.device, self.dtype))
         with self._lock:
-            start_time = time.process_time()
-            payload, kind = self._forward(session, step, hidden.to(self.device, self.dtype))
-            self.stats.compute_s += time.process_time() - start_time
             self.stats.tokens += step.batch * step.tokens
             self.stats.steps += 1
         session.tokens += step.batch * step.tokens
         return protocol.encode_reply(step.seq, kind, payload)
 
-    @torch.inference_mode()
-    def _forward(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
+    def _compute(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
+        if self.batcher is not None:
+            return self.batcher.submit(session, step, hidden)
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                return self.run_one(session, step, hidden)
+            finally:
+                self.stats.compute_s += time.perf_counter() - started
+
+    def prepare(self, session: Session, step: protocol.Step) -> None:
+        """Bring the session's cache and mask to `step.start` and append the step's mask columns."""
         if step.start == 0:
             session.cache, session.mask, session.batch = compat.new_cache(self.model), None, step.batch
         else:
@@ -255,37 +292,72 @@ class SplitServer:
                 else torch.ones(step.batch, step.start, dtype=torch.bool)
             )
             session.mask = torch.cat([prefix, step.mask], dim=1)
-        positions = (
-            step.positions if step.positions is not None else (step.start + torch.arange(step.tokens)).unsqueeze(0)
+
+    def positions(self, step: protocol.Step) -> torch.Tensor:
+        if step.positions is not None:
+            return step.positions
+        return (step.start + torch.arange(step.tokens)).unsqueeze(0).expand(step.batch, -1)
+
+    @torch.inference_mode()
+    def run_one(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
+        self.prepare(session, step)
+        final = self.run_model(
+            session.split_layer,
+            session.downlink,
+            hidden,
+            session.mask,
+            self.positions(step),
+            session.cache,
+            step.tokens - step.need_from,
         )
+        session.length = step.start + step.tokens
+        return self.encode_output(session, final)
+
+    @torch.inference_mode()
+    def run_model(
+        self,
+        split_layer: int,
+        downlink: str,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        cache: Any,
+        keep: int,
+    ) -> torch.Tensor:
+        """Layers `split_layer..L-1` on `hidden` [B, T, d]; returns the last `keep` positions' final hidden states
+        (downlink 'hidden') or float32 logits."""
         kwargs = {
             "inputs_embeds": torch.zeros_like(hidden),
-            "attention_mask": session.mask.to(self.device) if session.mask is not None else None,
+            "attention_mask": mask.to(self.device) if mask is not None else None,
             "position_ids": positions.to(self.device),
-            compat.cache_kwarg(self.model): session.cache,
+            compat.cache_kwarg(self.model): cache,
             "use_cache": True,
         }
-        keep = step.tokens - step.need_from
-        with split_plan(SplitPlan("server", session.split_layer, inject=hidden)) as plan:
-            if session.downlink == "hidden":
+        b, t = hidden.shape[:2]
+        with split_plan(SplitPlan("server", split_layer, inject=hidden)) as plan:
+            if downlink == "hidden":
                 compat.base_model(self.model)(**kwargs)
-                out = self._downlink_codec.encode(plan.final[:, step.need_from :])
-                kind = protocol.REPLY_HIDDEN
-            else:
-                whole = getattr(type(self.model), "_slicer_base", type(self.model)).forward  # not the split forward
-                logits = (
-                    whole(self.model, **kwargs, logits_to_keep=keep).logits[:, -keep:].float()
-                    if keep
-                    else torch.zeros(step.batch, 0, self.model.config.vocab_size)
-                )
-                if session.downlink == "logits":
-                    out, kind = self._downlink_codec.encode(logits), protocol.REPLY_LOGITS
-                else:
-                    top = logits.topk(min(session.downlink_topk, logits.shape[-1]), dim=-1)
-                    out = protocol.encode_topk_logits(top.values, top.indices, logits.shape[-1])
-                    kind = protocol.REPLY_TOPK
-        session.length = step.start + step.tokens
-        return out, kind
+                return plan.final[:, t - keep :]
+            if not keep:
+                return torch.zeros(b, 0, self.model.config.vocab_size)
+            whole = getattr(type(self.model), "_slicer_base", type(self.model)).forward  # not the split forward
+            return whole(self.model, **kwargs, logits_to_keep=keep).logits[:, -keep:].float()
+
+    def encode_output(self, session: Session, final: torch.Tensor) -> tuple[bytes, int]:
+        if session.downlink == "hidden":
+            return self._downlink_codec.encode(final), protocol.REPLY_HIDDEN
+        if session.downlink == "logits":
+            return self._downlink_codec.encode(final), protocol.REPLY_LOGITS
+        top = final.topk(min(session.downlink_topk, final.shape[-1]), dim=-1)
+        return protocol.encode_topk_logits(top.values, top.indices, final.shape[-1]), protocol.REPLY_TOPK
+
+    def shutdown(self) -> None:
+        """Stop the batching and reaper threads and drop every session."""
+        self._stopped.set()
+        if self.batcher is not None:
+            self.batcher.stop()
+        for session_id in list(self.sessions):
+            self.close_session(session_id)
 
     def stats_dict(self) -> dict[str, Any]:
         s = self.stats
@@ -300,4 +372,7 @@ class SplitServer:
             "compute_s": round(s.compute_s, 6),
             "compute_ms_per_token": round(1000 * s.compute_s / max(s.tokens, 1), 4),
             "errors": dict(s.errors),
+            "batches": s.batches,
+            "batched_rows": s.batched_rows,
+            "process_cpu_s": round(time.process_time(), 6),
         }

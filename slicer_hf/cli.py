@@ -1,0 +1,117 @@
+"""`slicer-hf`: serve the suffix of a model, run the end-to-end demo, query a server, evaluate and benchmark."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="SLICER split inference for Hugging Face LMs.")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or 'smollm2' (embedded).")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "smollm2",
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
+    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="Require this auth token.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve TLS (grpcs://).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    min_split_layer: Annotated[int, typer.Option(help="Shallowest split accepted; layers below are not kept.")] = 1,
+    max_sessions: Annotated[int, typer.Option(help="Concurrent sessions allowed.")] = 64,
+    max_step_tokens: Annotated[int, typer.Option(help="Tokens one step message may carry.")] = 4096,
+    max_context_tokens: Annotated[int, typer.Option(help="Positions one session may hold.")] = 16384,
+    idle_timeout_s: Annotated[float, typer.Option(help="Close sessions idle this long.")] = 600.0,
+    batching: Annotated[bool, typer.Option(help="Batch decode steps of concurrent sessions.")] = True,
+    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
+    """Serve decoder layers `k..L-1` of MODEL to split clients over gRPC."""
+    _setup_logging(log_level)
+    from .data import resolve_model
+    from .modeling import release_layers
+    from .server import ServerLimits, SplitServer
+    from .server.grpc_server import serve as grpc_serve
+
+    path = resolve_model(model)
+    lm = _load_model(path, dtype)
+    release_layers(lm, range(min_split_layer))
+    limits = ServerLimits(
+        max_sessions=max_sessions,
+        max_step_tokens=max_step_tokens,
+        max_context_tokens=max_context_tokens,
+        idle_timeout_s=idle_timeout_s,
+    )
+    server = SplitServer(lm, model_name=model, limits=limits, min_split_layer=min_split_layer, batching=batching)
+    cert = tls_cert.read_bytes() if tls_cert else None
+    key = tls_key.read_bytes() if tls_key else None
+    grpc_server, bound = grpc_serve(server, host, port, token=token, tls_cert=cert, tls_key=key)
+    scheme = "grpcs" if cert else "grpc"
+    print(f"slicer-hf serving {model} on {scheme}://{host}:{bound}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    grpc_server.stop(grace=2).wait()
+    server.shutdown()
+
+
+@app.command()
+def stats(
+    url: Annotated[str, typer.Argument(help="Server URL, grpc://host:port.")],
+    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN")] = None,
+    prometheus: Annotated[bool, typer.Option(help="Prometheus text instead of JSON.")] = False,
+) -> None:
+    """Print a server's counters."""
+    from . import protocol
+    from .transport.grpc import METRICS_METHOD, STATS_METHOD, GrpcTransport
+
+    transport = GrpcTransport([url], token=token, timeout_s=10)
+    if prometheus:
+        print(transport.unary(METRICS_METHOD).decode(), end="")
+    else:
+        print(json.dumps(protocol.decode_json(transport.unary(STATS_METHOD)), indent=2))
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "smollm2",
+    prompt: Annotated[str, typer.Option(help="What to ask the model.")] = "What is the capital of France?",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    config: Annotated[str | None, typer.Option(help="SlicerConfig folder; default: the SmolLM2 preset.")] = None,
+    split_layer: Annotated[int | None, typer.Option(help="Override the config's split layer.")] = None,
+) -> None:
+    """Start a server process, split-generate against it from this process, and show what crossed the wire."""
+    from .demo import run_demo
+
+    run_demo(model=model, prompt=prompt, max_new_tokens=max_new_tokens, config=config, split_layer=split_layer)
+
+
+def _load_model(path: str, dtype: str):  # noqa: ANN202 - a transformers model
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The README's main job: a real split generation between a server process and this process, on the embedded
+SmolLM2 model, printing the text and what crossed the wire."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import SlicerConfig
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def default_config_dir() -> Path | None:
+    found = (
+        sorted(p for p in PRESETS.glob("smollm2*") if (p / "slicer_config.json").is_file()) if PRESETS.is_dir() else []
+    )
+    return found[0] if found else None
+
+
+def start_server(model: str, args: list[str] | None = None, timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
+    """Start `slicer-hf serve` on a free loopback port; returns the process and its URL once it listens."""
+    cmd = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model, "--port", "0", *(args or [])]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            continue
+        if " on grpc" in line:
+            return proc, line.rsplit(" on ", 1)[1].strip()
+    proc.kill()
+    raise TimeoutError(f"server did not start within {timeout_s} s")
+
+
+def run_demo(
+    model: str = "smollm2",
+    prompt: str = "What is the capital of France?",
+    max_new_tokens: int = 32,
+    config: str | None = None,
+    split_layer: int | None = None,
+) -> dict:
+    from transformers import AutoTokenizer
+
+    from .data import resolve_model
+    from .modeling import SlicerModelForCausalLM
+
+    path = resolve_model(model)
+    config_dir = config or default_config_dir()
+    cfg = SlicerConfig.from_pretrained(config_dir) if config_dir else SlicerConfig()
+    if split_layer is not None:
+        cfg = cfg.replace(split_layer=split_layer)
+    print(
+        f"model: {model} ({path})\nconfig: {config_dir or 'defaults'}: split_layer={cfg.split_layer}, "
+        f"codec={cfg.codec}, downlink={cfg.downlink}",
+        flush=True,
+    )
+    server, url = start_server(path, ["--min-split-layer", str(cfg.split_layer or 1), "--log-level", "warning"])
+    try:
+        print(f"server process {server.pid} listening on {url}", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        edge = SlicerModelForCausalLM.from_pretrained(path, slicer_config=cfg, transport=url)
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        started = time.perf_counter()
+        out = edge.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        elapsed = time.perf_counter() - started
+        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        stats = edge.wire_stats()
+        d = edge.config.hidden_size
+        fp16_bits = 16 * d
+        new = out.shape[1] - inputs["input_ids"].shape[1]
+        print(f"\nprompt: {prompt}\nreply:  {text.strip()}\n")
+        print(
+            f"generated {new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s), split at layer "
+            f"{cfg.split_layer} of {edge.config.num_hidden_layers}"
+        )
+        print("what crossed the wire (all protocol bytes, headers included):")
+        print(
+            f"  uplink   {stats.uplink_bytes:>9,d} B in {stats.uplink_messages} messages, {stats.tokens} token "
+            f"positions: {stats.uplink_bits_per_token:,.0f} bits/token "
+            f"({fp16_bits / stats.uplink_bits_per_token:.2f}x smaller than fp16 hidden states, {fp16_bits} bits)"
+        )
+        print(
+            f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages: "
+            f"{stats.downlink_bits_per_token:,.0f} bits/token"
+        )
+        edge.close_session()
+        return {"text": text, "wire": stats.as_dict(), "elapsed_s": elapsed}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    run_demo()
