@@ -16,7 +16,14 @@ class CodecError(SlicerError, ValueError):
 
 
 class TransportError(SlicerError, ConnectionError):
-    """The link to the server failed: unreachable, vanished peer, timeout."""
+    """The link to the server failed: unreachable, vanished peer, timeout.
+
+    `retryable` is False for failures another attempt cannot fix (a refused auth token, say).
+    """
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class ProtocolError(SlicerError):

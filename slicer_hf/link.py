@@ -131,11 +131,12 @@ class SuffixLink:
                         protocol.raise_if_error(self._request(self._encode(replay)))
                 return self._checked(self._request(self._encode(step)))
             except (TransportError, ProtocolError) as exc:
-                recoverable = isinstance(exc, TransportError) or getattr(exc, "code", "") in (
-                    "unknown_session",
-                    "state_lost",
-                )
+                if isinstance(exc, TransportError):
+                    recoverable = exc.retryable
+                else:
+                    recoverable = exc.code in ("unknown_session", "state_lost")
                 if not recoverable:
+                    self.session = None  # the server closes a session whose request it refused
                     raise
                 self.session = None
                 if isinstance(exc, TransportError) and not self.transport.reset():

@@ -120,7 +120,7 @@ def encode_step(step: Step) -> bytes:
     )
 
 
-def decode_step(data: bytes, max_tokens: int) -> Step:
+def decode_step(data: bytes, max_tokens: int = 1 << 24) -> Step:
     try:
         r = Reader(data)
         r.take(2)

@@ -149,7 +149,7 @@ class SplitServer:
             if kind == protocol.OPEN:
                 reply = self._open(protocol.decode_json(data), client)
             elif kind == protocol.STEP:
-                step = protocol.decode_step(data, self.limits.max_step_tokens)
+                step = protocol.decode_step(data)
                 if owned is not None and step.session not in owned:
                     raise ProtocolError(f"unknown session {step.session} on this stream", code="unknown_session")
                 session_id = step.session
@@ -238,6 +238,10 @@ class SplitServer:
                 f"unknown session {step.session} (closed, expired, or from another server)", code="unknown_session"
             )
         session.last_used = time.monotonic()
+        if step.tokens > self.limits.max_step_tokens:
+            raise ProtocolError(
+                f"step of {step.tokens} tokens exceeds the limit {self.limits.max_step_tokens}", code="too_large"
+            )
         if step.batch > self.limits.max_batch:
             raise ProtocolError(f"batch {step.batch} exceeds max_batch={self.limits.max_batch}", code="too_large")
         if step.start + step.tokens > self.limits.max_context_tokens:

@@ -54,8 +54,8 @@ def make_transport(spec: str | Sequence[str] | Transport, **options: Any) -> Tra
     if isinstance(spec, Transport):
         return spec
     urls = [spec] if isinstance(spec, str) else list(spec)
-    if not urls or not all(isinstance(u, str) and u.startswith("grpc://") for u in urls):
-        raise TransportError(f"transport must be 'local', a 'grpc://host:port' URL or a list of them, got {spec!r}")
+    if not urls or not all(isinstance(u, str) and u.startswith(("grpc://", "grpcs://")) for u in urls):
+        raise TransportError(f"transport must be 'local', a grpc:// or grpcs:// URL, or a list of them, got {spec!r}")
     from .grpc import GrpcTransport
 
     return GrpcTransport(urls, **options)

@@ -140,6 +140,10 @@ class GrpcTransport(Transport):
 def _as_transport_error(exc: grpc.RpcError, name: str) -> TransportError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    error = TransportError(f"{name}: {code.name if code else 'error'}: {details}")
-    error.grpc_code = code
-    return error
+    permanent = {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+    return TransportError(f"{name}: {code.name if code else 'error'}: {details}", retryable=code not in permanent)

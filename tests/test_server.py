@@ -1,0 +1,326 @@
+"""slicer-hf serve with real processes on loopback: concurrency, failover, bad input, limits, auth, cleanup."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, TransportError, protocol
+from slicer_hf.demo import start_server
+from slicer_hf.transport.grpc import METRICS_METHOD, STATS_METHOD, GrpcTransport
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+LOSSLESS = SlicerConfig(codec="identity", split_layer=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+class Server:
+    def __init__(self, model_dir, *args, port=0):
+        self.model_dir, self.args = model_dir, list(args)
+        self.proc, self.url = start_server(model_dir, ["--log-level", "warning", *self.args, "--port", str(port)])
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def stats(self, token=None):
+        return protocol.decode_json(GrpcTransport([self.url], token=token, timeout_s=10).unary(STATS_METHOD))
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(model_dir):
+    running = []
+
+    def start(*args, port=0):
+        running.append(Server(model_dir, *args, port=port))
+        return running[-1]
+
+    yield start
+    for s in running:
+        s.stop()
+
+
+def client(model_dir, url, config=LOSSLESS, **options):
+    return SlicerModelForCausalLM.from_pretrained(
+        model_dir, slicer_config=config, transport=url, transport_options=options or None
+    )
+
+
+def prompt(seed, length=6):
+    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def wait_for(condition, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+class CallbackStreamer(BaseStreamer):
+    """Runs `action` once, after `after` generated tokens."""
+
+    def __init__(self, after, action):
+        self.after, self.action, self.seen = after, action, -1
+
+    def put(self, value):
+        self.seen += 1
+        if self.seen == self.after:
+            self.action()
+
+    def end(self):
+        pass
+
+
+def test_concurrent_clients_are_exact_and_batched(server, model_dir, reference):
+    srv = server("--batching")
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            model = client(model_dir, srv.url)
+            ids = prompt(i, 4 + i % 5)
+            results[i] = (model.generate(ids, max_new_tokens=16, do_sample=False), ids)
+            model.close_session()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for out, ids in results.values():
+        assert torch.equal(out, reference.generate(ids, max_new_tokens=16, do_sample=False))
+    stats = srv.stats()
+    assert stats["sessions_opened"] == 8 and stats["tokens"] > 8 * 16
+    assert stats["batches"] > 0 and stats["batched_rows"] > stats["batches"]
+    assert wait_for(lambda: srv.stats()["sessions_active"] == 0)
+
+
+def test_kill_9_fails_over_to_the_next_server_exactly(server, model_dir, reference):
+    first, second = server(), server()
+    model = client(model_dir, [first.url, second.url])
+    ids = prompt(11)
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, streamer=CallbackStreamer(8, first.kill))
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=20, do_sample=False))
+    assert model.wire_stats().failovers >= 1
+    assert second.stats()["sessions_opened"] == 1
+
+
+def test_reconnects_to_a_restarted_server(server, model_dir, reference):
+    srv = server()
+    holder = {"srv": srv}
+    model = client(model_dir, srv.url)
+
+    def restart():
+        holder["srv"].kill()
+        holder["srv"] = server(port=srv.port)
+
+    ids = prompt(12)
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, streamer=CallbackStreamer(5, restart))
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=16, do_sample=False))
+    assert holder["srv"].stats()["sessions_opened"] == 1
+
+
+def test_garbage_on_the_port_and_in_the_stream_is_survived(server, model_dir, reference):
+    srv = server()
+    good = client(model_dir, srv.url)
+    ids = prompt(3)
+    good.generate(ids, max_new_tokens=4, do_sample=False)  # a session that must survive what follows
+    for junk in (b"\x00" * 64, os.urandom(4096), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.sendall(junk)
+    raw = GrpcTransport([srv.url], timeout_s=10)
+    for bad in (b"", b"\x01", os.urandom(200), protocol.header(protocol.STEP) + b"\xff\xff\xff"):
+        reply = raw.request(bad)
+        assert protocol.message_type(reply) == protocol.ERROR
+    with pytest.raises(ProtocolError, match="protocol version 9"):
+        protocol.raise_if_error(raw.request(bytes([9, protocol.OPEN]) + b"{}"))
+    raw.close()
+    assert torch.equal(
+        good.generate(ids, max_new_tokens=6, do_sample=False),
+        reference.generate(ids, max_new_tokens=6, do_sample=False),
+    )
+    assert srv.proc.poll() is None
+    assert srv.stats()["errors"]["malformed"] >= 3
+
+
+def test_truncated_and_corrupted_packets_get_clear_errors_and_close_only_their_session(server, model_dir):
+    srv = server()
+    other = client(model_dir, srv.url)
+    other.generate(prompt(5), max_new_tokens=2, do_sample=False)
+    model = client(model_dir, srv.url)
+    model.generate(prompt(4), max_new_tokens=2, do_sample=False)
+    link = model._slicer_link
+    packets = {
+        "truncated": lambda s: protocol.encode_step(
+            protocol.Step(s, 9, 0, 1, 3, 0, link.codec.encode(torch.randn(1, 3, 64)))
+        )[:-10],
+        "bit-flipped header": lambda s: protocol.encode_step(
+            protocol.Step(s, 9, 0, 1, 3, 0, b"\x01\x01\x09" + bytes(40))
+        ),
+        "wrong shape": lambda s: protocol.encode_step(
+            protocol.Step(s, 9, 0, 1, 3, 0, link.codec.encode(torch.randn(1, 3, 32)))
+        ),
+    }
+    for name, make in packets.items():
+        link.open()  # each bad packet closes the session it came on: start from a fresh one
+        with pytest.raises(ProtocolError) as info:
+            protocol.raise_if_error(link.transport.request(make(link.session)))
+        assert info.value.code in ("codec", "bad_shape"), name
+        with pytest.raises(ProtocolError, match="unknown session"):
+            protocol.raise_if_error(link.transport.request(make(link.session)))
+    assert srv.proc.poll() is None
+    stats = srv.stats()
+    # `other` and the first session of `model` live on; the three broken ones were freed
+    assert stats["sessions_active"] == 2 and stats["errors"]["codec"] >= 1 and stats["errors"]["bad_shape"] == 1
+    ids = prompt(5)
+    assert other.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
+def test_wrong_model_and_unknown_session_are_refused(server, model_dir, tmp_path):
+    srv = server()
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(tiny_model("qwen2").config).save_pretrained(other)
+    with pytest.raises(ProtocolError, match="model mismatch"):
+        client(str(other), srv.url).generate(prompt(1), max_new_tokens=2)
+    raw = GrpcTransport([srv.url], timeout_s=10)
+    step = protocol.encode_step(protocol.Step(12345, 1, 0, 1, 1, 0, b""))
+    with pytest.raises(ProtocolError, match="unknown session") as info:
+        protocol.raise_if_error(raw.request(step))
+    assert info.value.code == "unknown_session"
+    raw.close()
+
+
+def test_limits_refuse_oversized_prefills_and_extra_sessions(server, model_dir):
+    srv = server("--max-step-tokens", "8", "--max-sessions", "2")
+    with pytest.raises(ProtocolError, match="exceeds the limit 8"):
+        client(model_dir, srv.url, LOSSLESS.replace(prefill_chunk_tokens=64)).generate(prompt(1, 20), max_new_tokens=1)
+    assert wait_for(lambda: srv.stats()["sessions_active"] == 0)
+    held = [client(model_dir, srv.url) for _ in range(2)]
+    for model in held:
+        model.generate(prompt(2), max_new_tokens=2, do_sample=False)
+    with pytest.raises(ProtocolError, match="server full: 2 sessions"):
+        client(model_dir, srv.url).generate(prompt(2), max_new_tokens=2)
+    held[0].close_session()
+    assert wait_for(lambda: srv.stats()["sessions_active"] == 1)
+    client(model_dir, srv.url).generate(prompt(2), max_new_tokens=2)
+
+
+def test_idle_sessions_expire_and_clients_recover(server, model_dir, reference):
+    srv = server("--idle-timeout-s", "0.5")
+    model = client(model_dir, srv.url)
+    ids = prompt(5)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert wait_for(lambda: srv.stats()["sessions_active"] == 0)
+    # the next generate() finds its session gone, opens a new one and carries on
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=5, do_sample=False),
+        reference.generate(ids, max_new_tokens=5, do_sample=False),
+    )
+
+
+def test_auth_token_is_required_when_configured(server, model_dir):
+    srv = server("--token", "s3cret")
+    with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+        client(model_dir, srv.url, timeout_s=10).generate(prompt(1), max_new_tokens=2)
+    with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+        client(model_dir, srv.url, token="wrong", timeout_s=10).generate(prompt(1), max_new_tokens=2)
+    out = client(model_dir, srv.url, token="s3cret").generate(prompt(1), max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 8)
+    assert srv.stats(token="s3cret")["errors"]["unauthenticated"] == 2
+
+
+def test_vanished_client_frees_its_session(server, model_dir):
+    srv = server()
+    script = (
+        "import sys, torch, time\n"
+        "from slicer_hf import SlicerConfig, SlicerModelForCausalLM\n"
+        f"m = SlicerModelForCausalLM.from_pretrained({model_dir!r}, slicer_config=SlicerConfig(codec='identity', "
+        f"split_layer=2), transport={srv.url!r})\n"
+        "m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert srv.stats()["sessions_active"] == 1
+    proc.kill()
+    proc.wait()
+    assert wait_for(lambda: srv.stats()["sessions_active"] == 0)
+    assert srv.stats()["sessions_closed"] == 1
+
+
+def test_tls(server, model_dir, tmp_path, reference):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    srv = server(
+        "--host", "localhost", "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")
+    )
+    assert srv.url.startswith("grpcs://localhost:")
+    ids = prompt(8)
+    out = client(model_dir, srv.url, root_certificates=cert_pem).generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_metrics_are_prometheus_text(server, model_dir):
+    srv = server()
+    client(model_dir, srv.url).generate(prompt(1), max_new_tokens=3, do_sample=False)
+    text = GrpcTransport([srv.url], timeout_s=10).unary(METRICS_METHOD).decode()
+    assert "# TYPE slicer_tokens counter" in text
+    assert "slicer_sessions_opened 1" in text
