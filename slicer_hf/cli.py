@@ -38,10 +38,15 @@ def serve(
     idle_timeout_s: Annotated[float, typer.Option(help="Close sessions idle this long.")] = 600.0,
     batching: Annotated[bool, typer.Option(help="Batch decode steps of concurrent sessions.")] = True,
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
     """Serve decoder layers `k..L-1` of MODEL to split clients over gRPC."""
     _setup_logging(log_level)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from .data import resolve_model
     from .modeling import release_layers
     from .server import ServerLimits, SplitServer
@@ -99,6 +104,61 @@ def demo(
     from .demo import run_demo
 
     run_demo(model=model, prompt=prompt, max_new_tokens=max_new_tokens, config=config, split_layer=split_layer)
+
+
+@app.command("eval")
+def eval_(
+    model: ModelOpt = "smollm2",
+    text: Annotated[str | None, typer.Option(help="A text file to score.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="wikitext-2-raw-v1[:split] (local copy first).")] = None,
+    split_layer: Annotated[int | None, typer.Option(help="Split layer (default: the config's).")] = None,
+    codec: Annotated[str | None, typer.Option(help="Codec name (overrides the config's).")] = None,
+    config: Annotated[str | None, typer.Option(help="SlicerConfig folder or Hub repo.")] = None,
+    window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 512,
+    max_tokens: Annotated[int | None, typer.Option(help="Score at most this many tokens.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the result here.")] = None,
+) -> None:
+    """Perplexity, KL to the unsplit model, top-1 agreement and uplink bits per token of a split."""
+    from .evaluate import evaluate, format_result
+
+    if (text is None) == (dataset is None):
+        raise typer.BadParameter("give exactly one of --text FILE or --dataset wikitext-2-raw-v1[:split]")
+    source = text or (dataset if ":" in dataset else f"{dataset}:test")
+    result = evaluate(model, source, split_layer, codec, config, window, max_tokens, json_out)
+    print(format_result(result))
+
+
+BENCH_SUITES = {
+    "rate-distortion": "rate_distortion",
+    "server-compute": "server_compute",
+    "codec-speed": "codec_speed",
+    "drift": "drift",
+    "link": "link",
+    "concurrency": "concurrency",
+}
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    suite: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCH_SUITES)}, or 'all'.")],
+    threads: Annotated[int, typer.Option(help="torch threads for this process.")] = 1,
+) -> None:
+    """Run a benchmark suite; it prints a table and writes JSON (and plots) under docs/benchmarks/.
+
+    Extra options go to the suite (see `python -m slicer_hf.bench.<suite> --help`).
+    """
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    names = list(BENCH_SUITES) if suite == "all" else [suite]
+    for name in names:
+        if name not in BENCH_SUITES:
+            raise typer.BadParameter(f"unknown suite {name!r}; choose from {', '.join(BENCH_SUITES)} or 'all'")
+        print(f"== {name}", flush=True)
+        importlib.import_module(f"slicer_hf.bench.{BENCH_SUITES[name]}").main(ctx.args if suite != "all" else [])
 
 
 def _load_model(path: str, dtype: str):  # noqa: ANN202 - a transformers model

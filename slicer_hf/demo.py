@@ -47,6 +47,7 @@ def run_demo(
     config: str | None = None,
     split_layer: int | None = None,
 ) -> dict:
+    import torch
     from transformers import AutoTokenizer
 
     from .data import resolve_model
@@ -62,7 +63,11 @@ def run_demo(
         f"codec={cfg.codec}, downlink={cfg.downlink}",
         flush=True,
     )
-    server, url = start_server(path, ["--min-split-layer", str(cfg.split_layer or 1), "--log-level", "warning"])
+    # Server and edge share this machine's cores: one torch thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    server, url = start_server(
+        path, ["--min-split-layer", str(cfg.split_layer or 1), "--log-level", "warning", "--threads", "1"]
+    )
     try:
         print(f"server process {server.pid} listening on {url}", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -40,7 +40,9 @@ def reference(model_dir):
 class Server:
     def __init__(self, model_dir, *args, port=0):
         self.model_dir, self.args = model_dir, list(args)
-        self.proc, self.url = start_server(model_dir, ["--log-level", "warning", *self.args, "--port", str(port)])
+        self.proc, self.url = start_server(
+            model_dir, ["--log-level", "warning", "--threads", "1", *self.args, "--port", str(port)]
+        )
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def stats(self, token=None):

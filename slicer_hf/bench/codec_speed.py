@@ -1,0 +1,109 @@
+"""Codec cost on the edge and the server: encode/decode time per token against the edge's own per-token compute.
+
+Single-token packets (decoding) and 256-token packets (prefill), on real hidden states of the model at the split.
+
+    python -m slicer_hf.bench.codec_speed --out-json docs/benchmarks/codec_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..codec import build_codec
+from ..config import SlicerConfig
+from ..data import load_text, resolve_model
+from ..demo import default_config_dir
+from ..hooks import SplitPlan, attach_hooks, split_plan
+from .common import markdown_table, median_time, write_json
+
+CODECS: list[tuple[str, dict[str, Any]]] = [("fp16", {}), ("int8", {}), ("topk", {"sparsity": 0.75})]
+
+
+@torch.inference_mode()
+def run(model: str = "smollm2", config_dir: str | None = None, out_json: str | None = None) -> dict[str, Any]:
+    path = resolve_model(model)
+    cfg = SlicerConfig.from_pretrained(config_dir or default_config_dir())
+    k = cfg.split_layer
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    attach_hooks(lm)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(path)(load_text("wikitext-2-raw-v1:validation")[:20000], return_tensors="pt")[
+        "input_ids"
+    ][:, :257]
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(hidden: torch.Tensor) -> torch.Tensor:
+        captured["h"] = hidden.clone()
+        return hidden
+
+    # The edge's own compute for one decode token: layers 0..k-1 with a 256-token cache, no transport.
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.config)
+    with split_plan(SplitPlan("edge", k, exchange=grab)):
+        lm(ids[:, :256], cache=cache, use_cache=True)
+        prefill = captured["h"][0]  # [256, d]
+
+        def edge_step() -> None:
+            lm(ids[:, 256:257], cache=cache, use_cache=True)
+            cache.crop(-1)
+
+        edge_ms = 1000 * median_time(edge_step, repeats=15)
+    rows = []
+    codecs = [*CODECS, ("slicer", cfg.codec_params() if cfg.codec == "slicer" else {})]
+    for name, params in codecs:
+        codec = build_codec(name, **params)
+        one = prefill[-1].reshape(1, 1, -1)
+        many = prefill.reshape(1, 256, -1)
+        one_packet, many_packet = codec.encode(one), codec.encode(many)
+        enc1 = 1000 * median_time(lambda: codec.encode(one), repeats=31)  # noqa: B023
+        dec1 = 1000 * median_time(lambda: codec.decode(one_packet), repeats=31)  # noqa: B023
+        enc256 = 1000 * median_time(lambda: codec.encode(many), repeats=5) / 256  # noqa: B023
+        dec256 = 1000 * median_time(lambda: codec.decode(many_packet), repeats=5) / 256  # noqa: B023
+        rows.append(
+            {
+                "codec": name,
+                "bits_per_token": 8 * len(one_packet),
+                "encode_ms": enc1,
+                "decode_ms": dec1,
+                "encode_ms_prefill": enc256,
+                "decode_ms_prefill": dec256,
+                "encode_vs_edge": enc1 / edge_ms,
+            }
+        )
+    result = {"model": model, "split_layer": k, "edge_ms_per_token": edge_ms, "rows": rows}
+    write_json(result, out_json)
+    print(f"edge compute per decode token (layers 0..{k - 1}, 256-token context): {edge_ms:.2f} ms\n")
+    print(
+        markdown_table(
+            rows,
+            [
+                ("codec", "codec", ""),
+                ("bits/token", "bits_per_token", ".0f"),
+                ("encode ms/token", "encode_ms", ".3f"),
+                ("decode ms/token", "decode_ms", ".3f"),
+                ("encode ms/token (prefill 256)", "encode_ms_prefill", ".3f"),
+                ("decode ms/token (prefill 256)", "decode_ms_prefill", ".3f"),
+                ("encode / edge compute", "encode_vs_edge", ".2f"),
+            ],
+        )
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--out-json", default="docs/benchmarks/codec_speed.json")
+    args = parser.parse_args(argv)
+    run(args.model, args.config, args.out_json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Helpers shared by the benchmark suites: output files, markdown tables, the machine they ran on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OUT_DIR = Path("docs/benchmarks")
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_json(result: dict[str, Any], path: str | Path | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({**result, "environment": environment()}, indent=2) + "\n")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """`columns`: (header, key, format spec)."""
+    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
+    rule = "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|"
+    body = ["| " + " | ".join(format(r[k], f) if f else str(r[k]) for _, k, f in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of `fn()` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,151 @@
+"""Quality of a split on real text: perplexity, KL to the unsplit model, top-1 agreement, uplink bits per token.
+
+Perplexity uses non-overlapping windows (512 tokens by default), each scored on its own. The split logits come
+from `model(ids, split_layer=k)`, i.e. through the codec's bytes and the server path. Bits per token are those of
+single-token packets, as decoding sends them: the codec packet (its header included) and the full STEP message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import protocol
+from .config import SlicerConfig
+from .data import load_text, resolve_model, token_windows
+from .modeling import SlicerModelForCausalLM, unsplit
+
+
+@torch.inference_mode()
+def evaluate(
+    model: str = "smollm2",
+    text: str = "wikitext-2-raw-v1:test",
+    split_layer: int | None = None,
+    codec: str | None = None,
+    config: str | SlicerConfig | None = None,
+    window: int = 512,
+    max_tokens: int | None = None,
+    json_out: str | None = None,
+    progress: bool = True,
+    codec_params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score a split configuration against the unsplit model.
+
+    Args:
+        model: Hub id, local folder, or "smollm2".
+        text: a text file, or "wikitext-2-raw-v1[:split]".
+        split_layer: the split (default: the config's).
+        codec: a codec name (overrides the config's codec).
+        config: a `SlicerConfig` or a folder/repo holding one.
+        window: tokens per scored window.
+        max_tokens: score at most this many tokens (whole windows).
+        json_out: where to write the result as JSON.
+        codec_params: codec knobs that override the config's.
+    """
+    path = resolve_model(model)
+    cfg = (
+        config
+        if isinstance(config, SlicerConfig)
+        else SlicerConfig.from_pretrained(config)
+        if config
+        else SlicerConfig()
+    )
+    changes: dict[str, Any] = dict(codec_params or {})
+    if codec:
+        changes["codec"] = codec
+    if split_layer is not None:
+        changes["split_layer"] = split_layer
+    cfg = cfg.replace(**changes) if changes else cfg
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    split = SlicerModelForCausalLM.from_model(base, cfg)
+    windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)
+    link_codec = split._link_for(split.slicer_config.split_layer).codec
+
+    nll_ref = nll_split = kl = agree = 0.0
+    n_scored = 0
+    packet_bits: list[int] = []
+    step_bits: list[int] = []
+    started = time.perf_counter()
+    hidden_at_split: list[torch.Tensor] = []
+    capture = _capture_split_input(split, split.slicer_config.split_layer, hidden_at_split)
+    for ids in tqdm(windows, desc=f"eval {cfg.codec} @ {cfg.split_layer}", disable=not progress, unit="window"):
+        ids = ids.unsqueeze(0)
+        with unsplit(split):
+            ref = split(ids).logits[0, :-1].float()
+        out = split(ids).logits[0, :-1].float()
+        target = ids[0, 1:]
+        ref_lp, out_lp = F.log_softmax(ref, -1), F.log_softmax(out, -1)
+        nll_ref += -ref_lp.gather(1, target[:, None]).sum().item()
+        nll_split += -out_lp.gather(1, target[:, None]).sum().item()
+        kl += (ref_lp.exp() * (ref_lp - out_lp)).sum().item()
+        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+        n_scored += target.numel()
+        for row in hidden_at_split.pop():  # single-token packets, as decoding sends them
+            packet = link_codec.encode(row.reshape(1, 1, -1))
+            packet_bits.append(8 * len(packet))
+            step = protocol.Step(1, 1, 1000, 1, 1, 0, packet, torch.ones(1, 1, dtype=torch.bool))
+            step_bits.append(8 * len(protocol.encode_step(step)))
+    capture.remove()
+    split.close_session()
+    d = split.config.hidden_size
+    result = {
+        "model": model,
+        "text": text,
+        "split_layer": cfg.split_layer,
+        "num_layers": split.config.num_hidden_layers,
+        "config": cfg.to_dict(),
+        "window": window,
+        "tokens_scored": n_scored,
+        "windows": len(windows),
+        "ppl_ref": math.exp(nll_ref / n_scored),
+        "ppl": math.exp(nll_split / n_scored),
+        "kl_mean": kl / n_scored,
+        "top1_agreement": agree / n_scored,
+        "bits_per_token": sum(packet_bits) / len(packet_bits),
+        "bits_per_token_with_step_header": sum(step_bits) / len(step_bits),
+        "fp16_bits_per_token": 16 * d,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    result["ppl_change_pct"] = 100 * (result["ppl"] / result["ppl_ref"] - 1)
+    result["compression_vs_fp16"] = result["fp16_bits_per_token"] / result["bits_per_token"]
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _capture_split_input(model: Any, k: int, sink: list[torch.Tensor]) -> Any:
+    """Record the hidden states entering layer k on the edge (what the codec encodes)."""
+    from .compat import decoder_layers
+
+    def hook(module: Any, args: Any, kwargs: Any) -> None:
+        from .hooks import _ACTIVE
+
+        plan = _ACTIVE.get()
+        if plan is not None and plan.role == "edge":
+            hidden = args[0] if args else kwargs["hidden_states"]
+            sink.append(hidden[0].detach().clone())
+
+    return decoder_layers(model)[k].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def format_result(r: dict[str, Any]) -> str:
+    return (
+        f"{r['config']['codec']} @ layer {r['split_layer']}/{r['num_layers']}: ppl {r['ppl']:.3f} (ref "
+        f"{r['ppl_ref']:.3f}, {r['ppl_change_pct']:+.2f}%), KL {r['kl_mean']:.4f} nats, top-1 agreement "
+        f"{100 * r['top1_agreement']:.2f}%, {r['bits_per_token']:.0f} bits/token "
+        f"({r['compression_vs_fp16']:.2f}x vs fp16; {r['bits_per_token_with_step_header']:.0f} with the step "
+        f"header), {r['tokens_scored']} tokens"
+    )
+
+
+__all__ = ["evaluate", "format_result"]
