@@ -1,0 +1,158 @@
+"""`slicer-hf eval` and the benchmark suites, on a tiny model with the real tokenizer and real text."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from typer.testing import CliRunner
+
+from slicer_hf import SlicerConfig
+from slicer_hf.cli import app
+from slicer_hf.data import default_model_path
+from slicer_hf.evaluate import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 4-layer random Llama with SmolLM2's tokenizer, and a preset folder for it."""
+    path = tmp_path_factory.mktemp("tiny-smol")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    SlicerConfig(split_layer=3, codec="slicer").save_pretrained(path / "preset")
+    return path
+
+
+def test_lossless_eval_matches_the_unsplit_model_exactly(tiny_dir):
+    r = evaluate(
+        str(tiny_dir),
+        "wikitext-2-raw-v1:validation",
+        split_layer=2,
+        codec="identity",
+        window=64,
+        max_tokens=128,
+        progress=False,
+    )
+    assert r["tokens_scored"] == 2 * 63
+    assert r["ppl"] == r["ppl_ref"] and r["kl_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert r["top1_agreement"] == 1.0
+    assert r["bits_per_token"] == 8 * (4 + 3 + 64 * 4)  # envelope (4 bytes + 3 dims) + float32 row
+
+
+def test_lossy_eval_reports_the_damage_and_the_savings(tiny_dir):
+    r = evaluate(
+        str(tiny_dir),
+        "wikitext-2-raw-v1:validation",
+        config=str(tiny_dir / "preset"),
+        codec="int8",
+        window=64,
+        max_tokens=128,
+        progress=False,
+    )
+    assert r["kl_mean"] > 0 and r["bits_per_token"] < 64 * 16
+    assert r["bits_per_token_with_step_header"] > r["bits_per_token"]
+
+
+def test_eval_cli_writes_json(tiny_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--dataset",
+            "wikitext-2-raw-v1:validation",
+            "--split-layer",
+            "2",
+            "--codec",
+            "fp16",
+            "--window",
+            "64",
+            "--max-tokens",
+            "64",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "fp16 @ layer 2/4" in result.output
+    assert json.loads(out.read_text())["tokens_scored"] == 63
+
+
+def test_eval_cli_needs_exactly_one_text_source(tiny_dir):
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir)])
+    assert result.exit_code != 0 and "exactly one of --text" in result.output
+
+
+def test_drift_suite_runs_from_the_cli(tiny_dir, tmp_path):
+    out = tmp_path / "drift.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "drift",
+            "--model",
+            str(tiny_dir),
+            "--config",
+            str(tiny_dir / "preset"),
+            "--prompts",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "8",
+            "--bucket",
+            "4",
+            "--out-json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["positions"] for r in rows] == ["1-4", "5-8"]
+    assert all(0.0 <= r["top1_agreement"] <= 1.0 and r["kl_mean"] >= 0 for r in rows)
+
+
+def test_server_compute_suite_measures_a_real_server(tiny_dir, tmp_path):
+    out = tmp_path / "server.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "server-compute",
+            "--model",
+            str(tiny_dir),
+            "--config",
+            str(tiny_dir / "preset"),
+            "--prompt-tokens",
+            "8",
+            "--decode-steps",
+            "4",
+            "--repeats",
+            "1",
+            "--out-json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["downlink"] for r in rows] == ["hidden", "topk_logits", "logits"]
+    assert rows[-1]["split_layer"] == 1 and rows[-1]["saving_vs_whole"] == 1.0
+    assert all(math.isfinite(r["server_cpu_ms_per_decode_token"]) for r in rows)  # tiny model: noise-level CPU
