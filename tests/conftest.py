@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import logging
 
 import pytest
@@ -121,3 +122,21 @@ def model_pair(reference_models):
         return ref, copy.deepcopy(ref)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Kernel parity on CPU tensors runs only under the Triton interpreter, which must be switched on before
+    triton is first imported: `test_kernels.py::test_interpreter_suite` runs those cases in a child process with
+    it on. In this process they are deselected (not skipped: nothing is missing, they run there)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    keep, child_only = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        in_child = item.module.__name__.endswith("test_kernels") and (
+            str(params.get("device")) == "cpu" or params.get("path") == "kernels"
+        )
+        (child_only if in_child else keep).append(item)
+    if child_only:
+        config.hook.pytest_deselected(items=child_only)
+        items[:] = keep

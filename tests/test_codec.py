@@ -222,3 +222,29 @@ def test_random_bytes_raise_codec_error(name, data):
 def test_valid_header_with_garbage_body_raises_codec_error(name, tail):
     data = FUZZ_PACKETS[name][1]
     _decode_only_raises_codec_error(FUZZ_CODECS[name], data[:8] + tail)
+
+
+def test_bulk_values_beyond_float16_use_float32_parameters_not_clipping():
+    x = hidden_states(2, 64)
+    x[0, 10:20] = 2e5  # ten entries beyond float16, more than the exact outliers can hold
+    codec = build_codec("slicer", outliers=2, rotation="none")
+    y = codec.decode(codec.encode(x))
+    assert torch.isfinite(y).all()
+    assert (y[0, 10:20] - 2e5).abs().max() < 0.01 * 2e5
+
+
+@pytest.mark.parametrize("params", [{"outliers": 8, "rotation": "none"}, {"outliers": 8}])
+def test_rows_made_only_of_outliers_round_trip(params):
+    codec = build_codec("slicer", **params)
+    x = hidden_states(3, 5)
+    y = codec.decode(codec.encode(x))
+    if params.get("rotation") == "none":
+        assert torch.allclose(y, x, rtol=1e-3)
+    assert y.shape == x.shape
+
+
+def test_empty_batches_round_trip():
+    for name in available_codecs():
+        codec = build_codec(name)
+        y = codec.decode(codec.encode(torch.zeros(0, 3, 16)))
+        assert y.shape == (0, 3, 16)

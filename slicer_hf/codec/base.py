@@ -86,7 +86,9 @@ class Codec(ABC):
         header = bytes([self.codec_id, self.version, DTYPE_CODES[x.dtype], x.ndim])
         header += b"".join(write_varint(int(s)) for s in x.shape)
         rows = x.detach().reshape(-1, x.shape[-1])
-        return header + self._encode_rows(rows.cpu() if rows.device.type != "cpu" else rows)
+        if rows.device.type != "cpu" and not self._codes_on(rows.device):
+            rows = rows.cpu()
+        return header + self._encode_rows(rows)
 
     def decode(self, data: bytes, device: torch.device | str | None = None) -> torch.Tensor:
         """Decode bytes from `encode`; any malformed input raises `CodecError`."""
@@ -125,9 +127,13 @@ class Codec(ABC):
         reader.finish()
         return rows.reshape(shape)
 
+    def _codes_on(self, device: torch.device) -> bool:
+        """Whether `_encode_rows` takes rows on this (non-CPU) device; otherwise they are copied to the host."""
+        return False
+
     @abstractmethod
     def _encode_rows(self, rows: torch.Tensor) -> bytes:
-        """Payload for `rows` `[N, d]` (any supported float dtype, on the CPU)."""
+        """Payload for `rows` `[N, d]` (any supported float dtype; on the CPU unless `_codes_on` says otherwise)."""
 
     @abstractmethod
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:

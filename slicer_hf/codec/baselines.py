@@ -34,7 +34,7 @@ class _CastCodec(Codec):
     wire_dtype: torch.dtype
 
     def _encode_rows(self, rows: torch.Tensor) -> bytes:
-        if self.wire_dtype == torch.float16 and rows.abs().max() > FP16_MAX:
+        if self.wire_dtype == torch.float16 and rows.numel() and rows.abs().max() > FP16_MAX:
             raise CodecError(
                 f"values up to {rows.abs().max().item():.4g} overflow float16 (max {FP16_MAX:g}); "
                 "use the 'bf16' or 'slicer' codec"
@@ -103,7 +103,7 @@ class TopKCodec(Codec):
         order = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :k]
         pos = torch.sort(order, dim=1).values
         vals = x.gather(1, pos)
-        wide = bool(vals.abs().max() > FP16_MAX)
+        wide = bool(vals.numel() and vals.abs().max() > FP16_MAX)
         w = BitWriter()
         write_positions(w, pos.numpy(), d)
         return (

@@ -11,12 +11,16 @@ Payload after the envelope::
       block labels       N*K x ceil(log2 M) bits, in position order
       block bitwidths    N*M x 5 bits                     block lo, hi    N*M*2 x 16|32 bits
       signs              N*K bits                          magnitude codes N*K x bitwidth(block)
+
+Selection, quantization, packing and dequantization run through `ops` (one dispatch point: the pure-torch
+reference, or Triton kernels on CUDA); the outlier and kept-position sections and zstd stay on the host.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -24,14 +28,17 @@ import torch
 import zstandard
 
 from ..errors import CodecError
+from . import ops
 from .base import Codec
 from .bits import BitReader, BitWriter, Reader, write_varint
 from .indices import read_positions, write_positions
+from .ops import FP16_MAX
 
 F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS = 1, 2, 4, 8
-FP16_MAX = float(torch.finfo(torch.float16).max)
 ROTATION_BLOCK = 1024
 ROTATION_SEED = 0x51C3
+# Where `_decode_rows` builds its rows: set by `SlicerCodec.decode` when the kernels run on the target device.
+_DECODE_DEVICE: ContextVar[torch.device | None] = ContextVar("slicer_decode_device", default=None)
 
 
 @functools.lru_cache(maxsize=16)
@@ -49,30 +56,17 @@ def rotation_blocks(d: int) -> tuple[tuple[int, torch.Tensor], ...]:
     return tuple(blocks)
 
 
+@functools.lru_cache(maxsize=16)
+def _rotation_on(d: int, device: torch.device) -> tuple[tuple[int, torch.Tensor], ...]:
+    return tuple((start, q.to(device)) for start, q in rotation_blocks(d))
+
+
 def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     out = torch.empty_like(x)
-    for start, q in rotation_blocks(x.shape[-1]):
+    for start, q in _rotation_on(x.shape[-1], x.device):
         stop = start + q.shape[0]
         out[:, start:stop] = x[:, start:stop] @ (q.T if inverse else q)
     return out
-
-
-def block_sizes(k: int, m: int) -> list[int]:
-    return [k // m + (1 if j < k % m else 0) for j in range(m)]
-
-
-def dequantize(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Magnitudes from codes; 0-bit blocks decode to the middle of [lo, hi]. Shapes broadcast."""
-    levels = (2.0 ** bits.float()) - 1.0
-    step = torch.where(levels > 0, (hi - lo) / levels.clamp_min(1.0), torch.zeros_like(lo))
-    mid = (lo + hi) / 2
-    return torch.where(levels > 0, lo + codes.float() * step, mid)
-
-
-def quantize(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    levels = (2.0 ** bits.float()) - 1.0
-    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.round((mag - lo) / span * levels).clamp(min=torch.zeros_like(levels), max=levels)
 
 
 class SlicerCodec(Codec):
@@ -119,52 +113,41 @@ class SlicerCodec(Codec):
         return {**self._params, "bit_candidates": list(self.bit_candidates)}
 
     # ---------------------------------------------------------------- encode
+    def _codes_on(self, device: torch.device) -> bool:
+        return ops.use_kernels(device)  # rows stay where the codec kernels run
+
     def _encode_rows(self, rows: torch.Tensor) -> bytes:
-        x = rows.float()  # [N, d]
+        x = rows.float()  # [N, d], on the rows' device
         n, d = x.shape
         n_out = min(self.outliers, d)
         rotated = self.rotation == "orthogonal"
-        w = BitWriter()
+        w = _CountingWriter()
 
-        residual = x
-        out_pos = torch.zeros(n, 0, dtype=torch.long)
+        residual, out_pos, wide_out = x, None, False
         if n_out:
-            out_pos = torch.sort(torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :n_out]).values
+            out_pos = ops.top_positions(x, n_out)  # [N, n_out], ascending
             out_val = x.gather(1, out_pos)
-            wide_out = bool(out_val.abs().max() > FP16_MAX)
+            wide_out = bool(out_val.numel() and out_val.abs().max() > FP16_MAX)
             residual = x.scatter(1, out_pos, 0.0)
-            w.write(out_pos.numpy(), max(1, math.ceil(math.log2(d))))
-            w.write(_float_bits(out_val, wide_out), 32 if wide_out else 16)
+            w.write(out_pos.cpu().numpy(), max(1, math.ceil(math.log2(d))))
+            w.write(_float_bits(out_val.cpu(), wide_out), 32 if wide_out else 16)
         y = rotate(residual) if rotated else residual  # [N, d]
 
         avail = d if rotated else d - n_out
-        k = min(avail, max(1, round((1.0 - self.sparsity) * avail))) if avail else 0
-        order = self._select(y, out_pos if not rotated else None, k)  # [N, K] in magnitude order
-        implicit = k == avail
+        k = min(avail, max(1, round((1.0 - self.sparsity) * avail))) if avail and n else 0
+        if k == 0:  # no rows, or every entry is an exact outlier: nothing left to filter (M = 0)
+            flags = F_WIDE_OUTLIERS if n_out and wide_out else 0
+            return bytes([flags]) + write_varint(0) + bytes([0, n_out]) + w.getvalue()
         m = max(1, min(self.num_blocks, k))
+        k_pos = None if self.asymmetry == "auto" else round(float(self.asymmetry) * k)
+        q = ops.quantize_rows(y, k, m, k_pos, None if rotated else out_pos, self.bit_candidates, self.distortion)
+        if k != avail:
+            write_positions(w, q.positions.cpu().numpy(), d, self.index_coding)
+        # labels, bitwidths, lo/hi, signs and codes are packed where the rows live, after the host-written bits
+        codes, widths = _tail_fields(q, m)
+        body = _join_bits(w.getvalue(), w.nbits, ops.pack_bits(codes, widths, w.nbits % 8))
 
-        vals = y.gather(1, order)  # [N, K]
-        mags, signs = vals.abs(), vals < 0
-        sizes = block_sizes(k, m)
-        block_of_rank = torch.repeat_interleave(torch.arange(m), torch.tensor(sizes, dtype=torch.long))
-        lo, hi, bits = self._choose_bits(mags, sizes)  # each [N, M]
-        wide = bool(hi.abs().max() > FP16_MAX) if hi.numel() else False
-        lo, hi = _round_params(lo, wide), _round_params(hi, wide)
-        codes = quantize(mags, lo[:, block_of_rank], hi[:, block_of_rank], bits[:, block_of_rank])
-
-        pos, perm = torch.sort(order, dim=1)  # position order
-        labels = block_of_rank[perm]
-        if not implicit:
-            write_positions(w, pos.numpy(), d, self.index_coding)
-        if m > 1:
-            w.write(labels.numpy(), math.ceil(math.log2(m)))
-        w.write(bits.numpy(), 5)
-        w.write(_float_bits(torch.stack([lo, hi], dim=2), wide), 32 if wide else 16)
-        w.write(signs.gather(1, perm).numpy(), 1)
-        w.write(codes.gather(1, perm).to(torch.int64).numpy(), bits.gather(1, labels).numpy())
-
-        body = w.getvalue()
-        flags = (F_ROTATION if rotated else 0) | (F_WIDE_PARAMS if wide else 0)
+        flags = (F_ROTATION if rotated else 0) | (F_WIDE_PARAMS if q.wide else 0)
         if n_out and wide_out:
             flags |= F_WIDE_OUTLIERS
         if self.entropy_coding == "zstd":
@@ -175,44 +158,21 @@ class SlicerCodec(Codec):
                 body, flags = packed, flags | F_ZSTD
         return bytes([flags]) + write_varint(k) + bytes([m, n_out]) + body
 
-    def _select(self, y: torch.Tensor, excluded: torch.Tensor | None, k: int) -> torch.Tensor:
-        """ATKF: K positions per row in magnitude order; exact K, ties to the lowest index."""
-        group = torch.zeros_like(y, dtype=torch.long)
-        if self.asymmetry != "auto":
-            k_pos = round(float(self.asymmetry) * k)
-            pos_rank = _rank(torch.where(y > 0, y, -math.inf))
-            neg_rank = _rank(torch.where(y < 0, -y, -math.inf))
-            n_p = torch.minimum(torch.tensor(k_pos), (y > 0).sum(1, keepdim=True))
-            n_n = torch.minimum(k - n_p, (y < 0).sum(1, keepdim=True))
-            chosen = ((y > 0) & (pos_rank < n_p)) | ((y < 0) & (neg_rank < n_n))
-            group = torch.where(chosen, 0, 1)
-        if excluded is not None and excluded.numel():
-            group = group.scatter(1, excluded, 2)
-        by_mag = torch.sort(y.abs(), dim=1, descending=True, stable=True).indices
-        by_group = torch.sort(group.gather(1, by_mag), dim=1, stable=True).indices
-        return by_mag.gather(1, by_group)[:, :k]
-
-    def _choose_bits(self, mags: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-        """ABQ: per block, the smallest candidate bitwidth whose error share stays under the budget."""
-        n, k = mags.shape
-        cands = torch.tensor(self.bit_candidates, dtype=torch.float32)
-        budget = (self.distortion**2) * mags.pow(2).sum(1, keepdim=True) / max(k, 1)  # per entry, [N, 1]
-        lo, hi, bits = [], [], []
-        start = 0
-        for size in sizes:
-            blk = mags[:, start : start + size]  # [N, n_j]
-            start += size
-            b_lo, b_hi = blk.min(1).values, blk.max(1).values
-            b_lo, b_hi = _round_params(b_lo, False), _round_params(b_hi, False)
-            c = cands[None, None, :]
-            codes = quantize(blk[:, :, None], b_lo[:, None, None], b_hi[:, None, None], c)
-            err = (dequantize(b_lo[:, None, None], b_hi[:, None, None], c, codes) - blk[:, :, None]).pow(2).sum(1)
-            ok = err <= budget * size  # [N, C]
-            first_ok = torch.where(ok.any(1), ok.float().argmax(1), torch.tensor(len(cands) - 1))
-            lo.append(b_lo), hi.append(b_hi), bits.append(cands[first_ok].to(torch.long))
-        return torch.stack(lo, 1), torch.stack(hi, 1), torch.stack(bits, 1)
-
     # ---------------------------------------------------------------- decode
+    def decode(self, data: bytes, device: torch.device | str | None = None) -> torch.Tensor:
+        """Decode bytes from `encode`; any malformed input raises `CodecError`.
+
+        With a `device` where the codec kernels run, unpacking and dequantization happen there (only the
+        compressed body crosses to it); elsewhere rows are built on the host and moved, as in `Codec.decode`.
+        """
+        target = torch.device(device) if device is not None else None
+        on_device = target is not None and target.type != "cpu" and ops.use_kernels(target)
+        token = _DECODE_DEVICE.set(target if on_device else None)
+        try:
+            return super().decode(data, device)
+        finally:
+            _DECODE_DEVICE.reset(token)
+
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         flags = reader.u8()
         if flags & ~(F_ROTATION | F_ZSTD | F_WIDE_PARAMS | F_WIDE_OUTLIERS):
@@ -221,7 +181,7 @@ class SlicerCodec(Codec):
         m, n_out = reader.u8(), reader.u8()
         rotated = bool(flags & F_ROTATION)
         avail = d if rotated else d - n_out
-        if n_out > d or k > avail or not 1 <= m <= 64 or (k and m > k):
+        if n_out > d or k > avail or not (1 <= m <= min(k, 64) if k else m == 0):
             raise CodecError(f"inconsistent slicer header: d={d}, K={k}, M={m}, outliers={n_out}")
         body = reader.take(reader.remaining())
         if flags & F_ZSTD:
@@ -232,7 +192,13 @@ class SlicerCodec(Codec):
                 raise CodecError(f"corrupt zstd body: {exc}") from exc
         if len(body) * 8 < n_rows * (k + m * 37):
             raise CodecError(f"slicer body of {len(body)} bytes is too short for {n_rows} rows of K={k}")
-        r = BitReader(body)
+        device = _DECODE_DEVICE.get() or torch.device("cpu")
+        r = BitReader(body)  # host sections; the per-entry sections are unpacked from `data` on `device`
+        data = (
+            torch.frombuffer(bytearray(body), dtype=torch.uint8).to(device)
+            if body
+            else torch.zeros(0, dtype=torch.uint8, device=device)
+        )
 
         residual_pos = torch.zeros(n_rows, 0, dtype=torch.long)
         if n_out:
@@ -244,6 +210,10 @@ class SlicerCodec(Codec):
             out_val = _bits_float(
                 r.read(n_rows * n_out, 32 if flags & F_WIDE_OUTLIERS else 16), bool(flags & F_WIDE_OUTLIERS)
             ).reshape(n_rows, n_out)
+        if k == 0:
+            r.check_end()
+            x = torch.zeros(n_rows, d, device=device)
+            return (x.scatter(1, residual_pos.to(device), out_val.to(device)) if n_out else x).to(dtype)
         if k == avail:
             pos = torch.arange(d).expand(n_rows, d)
             if not rotated and n_out:
@@ -253,39 +223,85 @@ class SlicerCodec(Codec):
                 pos = pos[keep].reshape(n_rows, k)
         else:
             pos = torch.from_numpy(read_positions(r, n_rows, k, d))
-        labels = torch.zeros(n_rows, k, dtype=torch.long)
+        labels = torch.zeros(n_rows, k, dtype=torch.long, device=device)
         if m > 1:
-            labels = torch.from_numpy(r.read(n_rows * k, math.ceil(math.log2(m))).astype(np.int64)).reshape(n_rows, k)
+            labels = _read_fields(r, data, torch.full((n_rows * k,), math.ceil(math.log2(m)), device=device))
+            labels = labels.reshape(n_rows, k)
             if (labels >= m).any():
                 raise CodecError("block label out of range")
         bits = torch.from_numpy(r.read(n_rows * m, 5).astype(np.int64)).reshape(n_rows, m)
         if (bits > 16).any():
             raise CodecError("block bitwidth above 16")
         wide = bool(flags & F_WIDE_PARAMS)
-        params = _bits_float(r.read(n_rows * m * 2, 32 if wide else 16), wide).reshape(n_rows, m, 2)
-        signs = torch.from_numpy(r.read(n_rows * k, 1).astype(bool)).reshape(n_rows, k)
-        widths = bits.gather(1, labels)
-        codes = torch.from_numpy(r.read(n_rows * k, widths.numpy().ravel()).astype(np.int64)).reshape(n_rows, k)
+        params = _bits_float(r.read(n_rows * m * 2, 32 if wide else 16), wide).reshape(n_rows, m, 2).to(device)
+        bits = bits.to(device)
+        widths = torch.cat(
+            [torch.ones(n_rows * k, dtype=torch.long, device=device), bits.gather(1, labels).reshape(-1)]
+        )
+        signs, codes = _read_fields(r, data, widths).split(n_rows * k)  # one sign bit per entry, then the codes
         r.check_end()
 
-        lo, hi = params[..., 0].gather(1, labels), params[..., 1].gather(1, labels)
-        vals = dequantize(lo, hi, widths, codes)
-        vals = torch.where(signs, -vals, vals)
-        y = torch.zeros(n_rows, d).scatter(1, pos, vals)
+        y = ops.dequantize_rows(
+            pos.to(device),
+            labels,
+            signs.bool().reshape(n_rows, k),
+            codes.reshape(n_rows, k),
+            params[..., 0],
+            params[..., 1],
+            bits,
+            d,
+        )
         x = rotate(y, inverse=True) if rotated else y
         if n_out:
-            x = x.scatter(1, residual_pos, out_val)
+            x = x.scatter(1, residual_pos.to(device), out_val.to(device))
         return x.to(dtype)
 
 
-def _rank(key: torch.Tensor) -> torch.Tensor:
-    """Descending rank of each entry in its row (stable)."""
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(1, order, torch.arange(key.shape[1]).expand_as(order))
+class _CountingWriter(BitWriter):
+    """A `BitWriter` that counts the bits written, so that fields packed elsewhere can follow them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbits = 0
+
+    def write(self, codes: np.ndarray, width: int | np.ndarray) -> None:
+        super().write(codes, width)
+        size = np.asarray(codes).size
+        self.nbits += int(np.sum(width)) if np.ndim(width) else size * int(width)
 
 
-def _round_params(t: torch.Tensor, wide: bool) -> torch.Tensor:
-    return t if wide else t.clamp(max=FP16_MAX).to(torch.float16).float()
+def _tail_fields(q: ops.QuantizedRows, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels, bitwidths, lo/hi, signs and codes as one run of (code, width) fields, in bitstream order."""
+    fields = [(q.bits.reshape(-1), 5), (_float_codes(torch.stack([q.lo, q.hi], dim=2), q.wide), 32 if q.wide else 16)]
+    if m > 1:
+        fields.insert(0, (q.labels.reshape(-1), math.ceil(math.log2(m))))
+    fields.append((q.signs.reshape(-1).to(torch.int64), 1))
+    codes = torch.cat([c for c, _ in fields] + [q.codes.reshape(-1)])
+    widths = torch.cat([torch.full_like(c, w) for c, w in fields] + [q.bits.gather(1, q.labels).reshape(-1)])
+    return codes, widths
+
+
+def _join_bits(head: bytes, head_bits: int, tail: torch.Tensor) -> bytes:
+    """`head` (its first `head_bits` bits) followed by `tail`, packed from bit `head_bits % 8` of its first byte."""
+    out = bytearray(head[: head_bits // 8])
+    tail_bytes = bytearray(tail.cpu().numpy().tobytes())
+    if head_bits % 8:
+        tail_bytes[0] |= head[head_bits // 8]
+    return bytes(out + tail_bytes)
+
+
+def _read_fields(r: BitReader, data: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Fields of `widths` bits from the reader's position, unpacked where `data` lives; advances the reader."""
+    codes = ops.unpack_bits(data, widths, r.pos)
+    r.pos += int(widths.sum())
+    return codes
+
+
+def _float_codes(t: torch.Tensor, wide: bool) -> torch.Tensor:
+    """float32 (wide) or float16 bit patterns of `t`, flattened, as int64 fields."""
+    if wide:
+        return t.float().contiguous().view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    return t.to(torch.float16).contiguous().view(torch.int16).reshape(-1).to(torch.int64) & 0xFFFF
 
 
 def _float_bits(t: torch.Tensor, wide: bool) -> np.ndarray:
