@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import os
 import logging
+import os
 
 import pytest
 import torch
