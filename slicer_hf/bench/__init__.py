@@ -1,0 +1,1 @@
+"""Benchmarks on the real model and real text (`python -m slicer_hf.bench.<name> --help`)."""
