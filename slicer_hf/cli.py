@@ -43,18 +43,20 @@ def serve(
 ) -> None:
     """Serve decoder layers `k..L-1` of MODEL to split clients over gRPC."""
     _setup_logging(log_level)
-    if threads:
-        import torch
+    import torch
 
+    if threads:
         torch.set_num_threads(threads)
+    from transformers import AutoConfig
+
     from .data import resolve_model
-    from .modeling import release_layers
+    from .loading import load_layers
     from .server import ServerLimits, SplitServer
     from .server.grpc_server import serve as grpc_serve
 
     path = resolve_model(model)
-    lm = _load_model(path, dtype)
-    release_layers(lm, range(min_split_layer))
+    n = AutoConfig.from_pretrained(path).num_hidden_layers
+    lm = load_layers(path, range(min_split_layer, n), dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     limits = ServerLimits(
         max_sessions=max_sessions,
         max_step_tokens=max_step_tokens,
@@ -159,14 +161,6 @@ def bench(
             raise typer.BadParameter(f"unknown suite {name!r}; choose from {', '.join(BENCH_SUITES)} or 'all'")
         print(f"== {name}", flush=True)
         importlib.import_module(f"slicer_hf.bench.{BENCH_SUITES[name]}").main(ctx.args if suite != "all" else [])
-
-
-def _load_model(path: str, dtype: str):  # noqa: ANN202 - a transformers model
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
 
 
 def main() -> None:

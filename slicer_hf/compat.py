@@ -108,6 +108,12 @@ def lm_head(model: PreTrainedModel) -> nn.Module:
     return model.get_output_embeddings()
 
 
+def output_embedding_name(model: PreTrainedModel) -> str:
+    """Parameter name of the LM head weight (tied to the input embeddings in many models)."""
+    head = model.get_output_embeddings()
+    return next(f"{name}.weight" for name, module in model.named_modules() if module is head)
+
+
 def clear_gguf_quantizer(model: PreTrainedModel) -> None:
     """GGUF-loaded models hold a dequantizing quantizer that makes `save_pretrained` refuse; the weights are float."""
     model.hf_quantizer = None

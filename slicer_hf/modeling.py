@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from . import compat, protocol
 from .codec import build_codec
@@ -27,6 +27,7 @@ from .config import CONFIG_NAME, SlicerConfig
 from .errors import ConfigError
 from .hooks import SplitPlan, attach_hooks, split_plan
 from .link import SuffixLink, WireStats
+from .loading import load_layers, release_layers
 from .server.engine import SplitServer, model_fingerprint
 from .transport import LocalTransport, Transport, make_transport
 
@@ -210,7 +211,14 @@ class SlicerModelForCausalLM:
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
         """
         config = _resolve_config(slicer_config, pretrained_model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
+        if transport == "local" or isinstance(transport, LocalTransport):
+            model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
+        else:  # the server runs the suffix: read only the layers this edge runs
+            n = compat.num_layers(
+                AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
+            )
+            k = config.split_layer if config.split_layer is not None else default_split_layer(n)
+            model = load_layers(pretrained_model_name_or_path, range(k), **hf_kwargs)
         if "gguf_file" in hf_kwargs:
             compat.clear_gguf_quantizer(model)
         if config.model_id is None:
@@ -229,7 +237,7 @@ class SlicerModelForCausalLM:
         n = compat.num_layers(model.config)
         config = slicer_config or SlicerConfig()
         config = config.replace(
-            split_layer=config.split_layer if config.split_layer is not None else max(1, min(n - 1, round(0.75 * n))),
+            split_layer=config.split_layer if config.split_layer is not None else default_split_layer(n),
             num_hidden_layers=n,
             hidden_size=model.config.hidden_size,
         )
@@ -245,15 +253,21 @@ class SlicerModelForCausalLM:
         else:
             model._slicer_transport = make_transport(transport, **(transport_options or {}))
         if not local:
-            release_layers(model, range(config.split_layer, n))
+            release_layers(model, range(config.split_layer, n))  # no-op for layers never loaded
         return model
 
 
-def release_layers(model: PreTrainedModel, indices: Sequence[int] | range) -> None:
-    """Free the weights of decoder layers this side never runs (they move to the meta device)."""
-    layers = compat.decoder_layers(model)
-    for i in indices:
-        layers[i].to("meta")
+def default_split_layer(num_layers: int) -> int:
+    """Three quarters of the depth: the server runs the last quarter."""
+    return max(1, min(num_layers - 1, round(0.75 * num_layers)))
+
+
+def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in hf_kwargs.items()
+        if k in ("revision", "token", "cache_dir", "local_files_only", "gguf_file", "trust_remote_code")
+    }
 
 
 @functools.cache

@@ -1,0 +1,103 @@
+"""Load only the decoder layers one side runs, from safetensors checkpoints.
+
+A remote-split edge needs layers `0..k-1` (plus embeddings, final norm and head); a server with
+`--min-split-layer K` needs layers `K..L-1`. The model is built on the meta device, and only the tensors it needs
+are read from the checkpoint's safetensors shards; the rest never leave the disk. Checkpoints that are not plain
+safetensors (GGUF, pickles, quantized) load whole, and the unused layers are released afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from . import compat
+
+logger = logging.getLogger(__name__)
+PARTIAL_OK_KWARGS = {"dtype", "torch_dtype", "revision", "token", "cache_dir", "local_files_only"}
+
+
+def load_layers(name_or_path: str | os.PathLike[str], layers: Iterable[int], **hf_kwargs: Any) -> PreTrainedModel:
+    """A causal LM with real weights for `layers` only (the other decoder layers stay on the meta device).
+
+    Args:
+        name_or_path: Hub id or local folder.
+        layers: indices of the decoder layers to load.
+        hf_kwargs: `from_pretrained` arguments; anything beyond dtype/revision/token/cache_dir makes this fall back
+            to a whole load followed by releasing the unused layers.
+    """
+    keep = set(layers)
+    folder = _safetensors_folder(name_or_path, hf_kwargs) if set(hf_kwargs) <= PARTIAL_OK_KWARGS else None
+    if folder is None:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
+        return model
+    dtype = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype", "auto"))
+    config = AutoConfig.from_pretrained(folder)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    prefix = compat.layers_path(model) + "."
+    expected = {name for name, _ in model.named_parameters()}
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                if key.startswith(prefix) and int(key[len(prefix) :].split(".", 1)[0]) not in keep:
+                    continue
+                state[key] = f.get_tensor(key).to(dtype)
+    wanted = {n for n in expected if not (n.startswith(prefix) and int(n[len(prefix) :].split(".", 1)[0]) not in keep)}
+    missing = wanted - set(state)
+    if model.config.tie_word_embeddings:
+        missing -= {n for n in missing if n.endswith(compat.output_embedding_name(model))}
+    if missing:
+        logger.info("checkpoint keys do not match the model (%s...): loading whole", sorted(missing)[:3])
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
+        return model
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.config._name_or_path = str(name_or_path)
+    return model.eval()
+
+
+def release_layers(model: PreTrainedModel, indices: Iterable[int]) -> None:
+    """Free the weights of decoder layers this side never runs (they move to the meta device)."""
+    layers = compat.decoder_layers(model)
+    for i in indices:
+        layers[i].to("meta")
+
+
+def _safetensors_folder(name_or_path: str | os.PathLike[str], hf_kwargs: dict[str, Any]) -> Path | None:
+    path = Path(name_or_path)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(
+                snapshot_download(
+                    str(name_or_path),
+                    allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+                    revision=hf_kwargs.get("revision"),
+                    token=hf_kwargs.get("token"),
+                    cache_dir=hf_kwargs.get("cache_dir"),
+                    local_files_only=hf_kwargs.get("local_files_only", False),
+                )
+            )
+        except Exception as exc:  # offline, gated, not a repo: the whole-load path reports it properly
+            logger.debug("no safetensors snapshot for %s: %s", name_or_path, exc)
+            return None
+    return path if any(path.glob("*.safetensors")) else None
