@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from . import compat
 
 logger = logging.getLogger(__name__)
+# accelerate's empty init patches `nn.Module.register_parameter` process-wide while it is active: parameters that
+# another thread registers meanwhile (a load_state_dict(assign=True), say) land on the meta device, and two threads
+# inside it at once can leave the patch in place for good. Loads through this module take turns.
+_EMPTY_INIT_LOCK = threading.Lock()
 PARTIAL_OK_KWARGS = {"dtype", "torch_dtype", "revision", "token", "cache_dir", "local_files_only"}
 
 
@@ -35,7 +40,11 @@ def load_layers(name_or_path: str | os.PathLike[str], layers: Iterable[int], **h
         hf_kwargs: `from_pretrained` arguments; anything beyond dtype/revision/token/cache_dir makes this fall back
             to a whole load followed by releasing the unused layers.
     """
-    keep = set(layers)
+    with _EMPTY_INIT_LOCK:
+        return _load_layers(name_or_path, set(layers), hf_kwargs)
+
+
+def _load_layers(name_or_path: str | os.PathLike[str], keep: set[int], hf_kwargs: dict[str, Any]) -> PreTrainedModel:
     folder = _safetensors_folder(name_or_path, hf_kwargs) if set(hf_kwargs) <= PARTIAL_OK_KWARGS else None
     if folder is None:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)

@@ -1,0 +1,804 @@
+"""End-to-end tokens/s of split generation over a bandwidth-shaped link: fp16 hidden states against SLICER.
+
+The benchmark builds its own link: a network namespace `slicer-bench-<pid>` joined to this (root) namespace by a
+veth pair with a private /30 (10.231.x.y), both ends shaped with `tc qdisc ... tbf` so uplink and downlink are each
+limited to the same rate. A real `slicer-hf serve` process runs the suffix of the model inside the namespace; the
+edge (`SlicerModelForCausalLM` over `grpc://<namespace address>:<port>`) runs here. For each rate, each variant
+(uplink codec, downlink) greedily generates from a fixed WikiText prompt; repeats are interleaved across variants
+and medians reported. A TCP bulk transfer first measures what the shaped link actually carries each way.
+The namespace and the veth pair are removed on the way out, also after an error, Ctrl-C or SIGTERM. Needs root
+and iproute2 (`ip`, `tc`). A run killed with SIGKILL leaves them behind: `ip netns del slicer-bench-<pid>`.
+
+    python -m slicer_hf.bench.link --rates unshaped 10 1 --variants fp16 slicer slicer+topk_logits \\
+        --repeats 3 --out-json docs/benchmarks/link.json --plot docs/benchmarks/link.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import queue
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .. import protocol
+from ..config import SlicerConfig
+from ..data import load_text, resolve_model, token_windows
+from ..demo import default_config_dir
+from ..transport.grpc import STATS_METHOD, GrpcTransport
+
+NETNS_PREFIX = "slicer-bench-"
+TBF_BURST = "32kbit"
+TBF_LATENCY = "400ms"
+DEFAULT_VARIANTS = ("fp16", "slicer", "slicer+topk_logits")
+# Medians over repeats of these per-generation numbers make a row.
+METRICS = (
+    "ttft_s",
+    "decode_tokens_per_s",
+    "e2e_tokens_per_s",
+    "total_s",
+    "prefill_link_s",
+    "decode_link_ms_per_token",
+    "decode_server_ms_per_token",
+    "decode_edge_ms_per_token",
+    "decode_encode_ms_per_token",
+    "prefill_uplink_bytes",
+    "prefill_downlink_bytes",
+    "decode_uplink_bytes_per_token",
+    "decode_downlink_bytes_per_token",
+    "uplink_bits_per_position",
+    "downlink_bits_per_position",
+    "link_uplink_bytes",
+    "link_downlink_bytes",
+)
+
+
+class LinkSetupError(RuntimeError):
+    """A command that builds or shapes the benchmark's link failed."""
+
+
+# ------------------------------------------------------------------------------------------- the shaped link
+def netns_unavailable_reason() -> str | None:
+    """Why this machine cannot build the link (None when it can): needs root and `ip`/`tc` from iproute2."""
+    if not sys.platform.startswith("linux"):
+        return f"network namespaces need Linux, this is {sys.platform}"
+    if os.geteuid() != 0:
+        return "creating a network namespace and shaping a veth pair needs root"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not found: install iproute2 (apt-get install iproute2)"
+    return None
+
+
+def rate_label(rate_mbit: float | None) -> str:
+    """'1 Mbit/s', '0.5 Mbit/s' or 'unshaped'."""
+    return "unshaped" if rate_mbit is None else f"{rate_mbit:g} Mbit/s"
+
+
+def parse_rate(text: str) -> float | None:
+    """A CLI rate in Mbit/s: a positive number, or 'unshaped' / 'none' / '0' for no shaping."""
+    if text.lower() in ("unshaped", "none", "0"):
+        return None
+    rate = float(text)
+    if not rate > 0:
+        raise ValueError(f"a rate must be a positive number of Mbit/s or 'unshaped', got {text!r}")
+    return rate
+
+
+def tbf_command(dev: str, rate_mbit: float | None, netns: str | None = None, burst: str = TBF_BURST) -> list[str]:
+    """The `tc` command that limits egress of `dev` to `rate_mbit` (None: removes the limit).
+
+    `replace` rather than `add`, so one link can move from rate to rate; the first call adds the qdisc. tbf lets
+    `burst` through at line rate after an idle gap: a message smaller than that (a decode step's packet) is not
+    slowed down when compute separates the steps, unlike on a physical line of that rate.
+
+    Args:
+        dev: the network device whose egress to shape.
+        rate_mbit: Mbit/s, or None for no shaping.
+        netns: run `tc` inside this network namespace (None: this one).
+        burst: the token bucket's size, tc syntax ("32kbit" = 4 KB).
+    """
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    if rate_mbit is None:
+        return [*prefix, "tc", "qdisc", "del", "dev", dev, "root"]
+    tbf = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", burst, "latency", TBF_LATENCY]
+    return [*prefix, "tc", "qdisc", "replace", "dev", dev, "root", *tbf]
+
+
+def _run(cmd: Sequence[str], check: bool = True, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s)
+    if check and done.returncode != 0:
+        raise LinkSetupError(f"`{shlex.join(cmd)}` failed with {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+@dataclasses.dataclass
+class ShapedLink:
+    """A veth pair between this namespace and a namespace of its own, both directions rate-limited with tbf.
+
+    Use as a context manager: entering builds it, leaving removes the namespace and the veth pair.
+
+    Args:
+        name: network namespace name.
+        host_dev, ns_dev: veth ends in this namespace and in `name`.
+        host_addr, ns_addr: their addresses in one private /30.
+        burst: tbf bucket size (tc syntax).
+    """
+
+    name: str
+    host_dev: str
+    ns_dev: str
+    host_addr: str
+    ns_addr: str
+    burst: str = TBF_BURST
+    rate_mbit: float | None = None
+
+    @classmethod
+    def for_pid(cls, pid: int | None = None, burst: str = TBF_BURST) -> ShapedLink:
+        """Names and a /30 in 10.231.0.0/16 derived from a process id, so concurrent runs do not collide."""
+        pid = os.getpid() if pid is None else pid
+        third, base = (pid >> 6) & 0xFF, (pid & 63) * 4
+        return cls(
+            name=f"{NETNS_PREFIX}{pid}",
+            host_dev=f"slb{pid}h",  # interface names have at most 15 characters
+            ns_dev=f"slb{pid}n",
+            host_addr=f"10.231.{third}.{base + 1}",
+            ns_addr=f"10.231.{third}.{base + 2}",
+            burst=burst,
+        )
+
+    def exec_prefix(self) -> list[str]:
+        """Prefix that runs a command inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def setup_commands(self) -> list[list[str]]:
+        ns = self.exec_prefix()
+        return [
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", self.host_dev, "type", "veth", "peer", "name", self.ns_dev],
+            ["ip", "link", "set", self.ns_dev, "netns", self.name],
+            ["ip", "addr", "add", f"{self.host_addr}/30", "dev", self.host_dev],
+            ["ip", "link", "set", self.host_dev, "up"],
+            [*ns, "ip", "addr", "add", f"{self.ns_addr}/30", "dev", self.ns_dev],
+            [*ns, "ip", "link", "set", self.ns_dev, "up"],
+            [*ns, "ip", "link", "set", "lo", "up"],
+        ]
+
+    def shape_commands(self, rate_mbit: float | None) -> list[list[str]]:
+        """Uplink (this side's egress) and downlink (the namespace side's egress), each at `rate_mbit`."""
+        return [
+            tbf_command(self.host_dev, rate_mbit, burst=self.burst),
+            tbf_command(self.ns_dev, rate_mbit, self.name, burst=self.burst),
+        ]
+
+    def teardown_commands(self) -> list[list[str]]:
+        # Deleting one veth end deletes both; deleting the namespace alone would not if a process still held it.
+        return [["ip", "link", "del", self.host_dev], ["ip", "netns", "del", self.name]]
+
+    def exists(self) -> bool:
+        """Whether the namespace or this side's veth end is still there."""
+        return Path(f"/run/netns/{self.name}").exists() or Path(f"/sys/class/net/{self.host_dev}").exists()
+
+    def __enter__(self) -> ShapedLink:
+        if Path(f"/sys/class/net/{self.host_dev}").exists() or Path(f"/run/netns/{self.name}").exists():
+            raise LinkSetupError(f"{self.host_dev} or netns {self.name} already exists; remove it or use another pid")
+        taken = _run(["ip", "-o", "-4", "addr", "show"]).stdout
+        if f" {self.host_addr}/" in taken or f" {self.ns_addr}/" in taken:
+            raise LinkSetupError(f"{self.host_addr}/30 is already in use on this machine")
+        try:
+            for cmd in self.setup_commands():
+                _run(cmd)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the veth pair and the namespace (errors for parts already gone are ignored)."""
+        for cmd in self.teardown_commands():
+            _run(cmd, check=False)
+        if self.exists():
+            print(f"warning: could not remove netns {self.name} / {self.host_dev}", file=sys.stderr, flush=True)
+
+    def set_rate(self, rate_mbit: float | None) -> None:
+        """Shape both directions to `rate_mbit` Mbit/s (None: no shaping)."""
+        for cmd in self.shape_commands(rate_mbit):
+            _run(cmd, check=rate_mbit is not None)  # deleting an absent qdisc fails harmlessly
+        self.rate_mbit = rate_mbit
+
+    def byte_counters(self) -> tuple[int, int]:
+        """Bytes sent and received by this side's veth end (uplink, downlink), all headers included."""
+        stats = Path(f"/sys/class/net/{self.host_dev}/statistics")
+        return int((stats / "tx_bytes").read_text()), int((stats / "rx_bytes").read_text())
+
+
+# A bulk-transfer peer run inside the namespace: receives N bytes, acknowledges, sends N bytes back.
+_GOODPUT_PEER = r"""
+import socket, sys
+n = int(sys.argv[2])
+srv = socket.create_server((sys.argv[1], 0))
+srv.settimeout(float(sys.argv[3]))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.settimeout(float(sys.argv[3]))
+got = 0
+while got < n:
+    chunk = conn.recv(1 << 16)
+    if not chunk:
+        sys.exit(1)
+    got += len(chunk)
+conn.sendall(b"k")
+conn.sendall(bytes(n))
+conn.close()
+"""
+
+
+def goodput_bytes(rate_mbit: float | None) -> int:
+    """Bulk-transfer size for measuring a rate: about one second's worth, 64 KiB .. 16 MiB."""
+    if rate_mbit is None:
+        return 16 << 20
+    return int(min(max(rate_mbit * 1e6 / 8, 64 << 10), 16 << 20))
+
+
+def measure_goodput(link: ShapedLink, nbytes: int, timeout_s: float = 120.0) -> dict[str, float]:
+    """TCP goodput each way over `link`, in Mbit/s, from one bulk transfer of `nbytes` per direction."""
+    cmd = [*link.exec_prefix(), sys.executable, "-c", _GOODPUT_PEER, link.ns_addr, str(nbytes), str(timeout_s)]
+    peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        line = peer.stdout.readline().strip()
+        if not line.isdigit():
+            raise LinkSetupError(f"goodput peer in {link.name} did not start (exit code {peer.wait()})")
+        port = int(line)
+        with socket.create_connection((link.ns_addr, port), timeout=timeout_s) as sock:
+            t0 = time.perf_counter()
+            sock.sendall(bytes(nbytes))
+            if sock.recv(1) != b"k":
+                raise LinkSetupError("goodput peer did not acknowledge")
+            t1 = time.perf_counter()
+            got = 0
+            while got < nbytes:
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise LinkSetupError(f"goodput peer closed after {got} of {nbytes} bytes")
+                got += len(chunk)
+            t2 = time.perf_counter()
+        peer.wait(timeout=timeout_s)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
+    return {"bytes": nbytes, "uplink_mbit_s": 8e-6 * nbytes / (t1 - t0), "downlink_mbit_s": 8e-6 * nbytes / (t2 - t1)}
+
+
+# ------------------------------------------------------------------------------------------- the server
+def server_command(
+    link: ShapedLink, model_path: str, min_split_layer: int, extra_args: Sequence[str] = ()
+) -> list[str]:
+    """`slicer-hf serve` inside the link's namespace, on its address, a free port, dying with this process."""
+    # setpriv: the server gets SIGTERM if this process dies without cleaning up (it survives `ip netns exec`).
+    guard = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+    serve = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model_path, "--host", link.ns_addr]
+    options = ["--port", "0", "--min-split-layer", str(min_split_layer), "--log-level", "warning", *extra_args]
+    return [*guard, *link.exec_prefix(), *serve, *options]
+
+
+def parse_server_url(line: str) -> str | None:
+    """The URL in `slicer-hf serve`'s ready line ('slicer-hf serving M on grpc://host:port'), else None."""
+    return line.rsplit(" on ", 1)[1].strip() if line.startswith("slicer-hf serving ") and " on " in line else None
+
+
+def start_server(
+    cmd: Sequence[str], timeout_s: float = 300.0, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a server command (with `env` added to this environment) and wait for its ready line; returns the
+    process and its URL.
+
+    Unlike `demo.start_server`, the wait is bounded even if the process prints nothing, and stderr goes to a
+    file (the server's log cannot fill a pipe and stall it).
+    """
+    with tempfile.TemporaryFile(mode="w+") as log:  # the child keeps its own descriptor after this closes
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:  # keeps draining stdout for the server's whole life
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, name="slicer-bench-server-stdout", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    line = lines.get(timeout=left)
+                except queue.Empty:
+                    break
+                if line is None:
+                    proc.wait(timeout=30)
+                    log.seek(0)
+                    raise LinkSetupError(f"server exited with {proc.returncode}: {log.read()[-2000:]}")
+                if (url := parse_server_url(line)) is not None:
+                    return proc, url
+            raise TimeoutError(f"server did not start within {timeout_s} s")
+        except BaseException:
+            stop_server(proc)
+            raise
+
+
+def stop_server(proc: subprocess.Popen[str], timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------------- generation
+def variant_config(base: SlicerConfig, variant: str) -> SlicerConfig:
+    """`base` with the variant's uplink codec and downlink: 'codec' or 'codec+downlink' (e.g. 'slicer+topk_logits').
+
+    Args:
+        base: the preset (split layer, SLICER knobs, downlink when the variant names none).
+        variant: e.g. "fp16", "slicer", "slicer+topk_logits".
+    """
+    codec, _, downlink = variant.partition("+")
+    return base.replace(codec=codec, downlink=downlink or base.downlink)
+
+
+class _TokenClock(BaseStreamer):
+    """Timestamps each `put` (the prompt, then every new token). When the first new token arrives (the prefill
+    exchange is over) it calls `at_first_token` and records how long that took, to be left out of the timings."""
+
+    def __init__(self, at_first_token: Callable[[], None]) -> None:
+        self.at_first_token = at_first_token
+        self.times: list[float] = []
+        self.paused_s = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) == 2:
+            self.at_first_token()
+            self.paused_s = time.perf_counter() - self.times[1]
+
+    def end(self) -> None:
+        pass
+
+
+def measure_generation(
+    model: Any, input_ids: torch.Tensor, new_tokens: int, link: ShapedLink, server_compute_s: Callable[[], float]
+) -> dict[str, Any]:
+    """One greedy generation of exactly `new_tokens` tokens: timings, protocol and link bytes, and where the time went.
+
+    Every request's round trip is timed on the edge; the server's compute time (model and downlink encoding, from
+    its STATS read before, after the prefill and at the end) is subtracted from it, so `*_link_*` is what the
+    link, gRPC, the protocol and the server's uplink decoding added. The rest of the wall time is the edge's own
+    compute, of which the uplink codec's encoding is timed too. The STATS read after the prefill goes over the link
+    and is left out of every timing.
+
+    Args:
+        model: a `SlicerModelForCausalLM` with a remote transport (its session already open).
+        input_ids: the prompt `[1, P]`.
+        new_tokens: tokens to generate (also the minimum, so EOS cannot cut it short).
+        link: the link whose byte counters to read.
+        server_compute_s: reads the server's cumulative compute time.
+    """
+    transport, waits = model._slicer_transport, []
+    codec, encodes = model._link_for(model.slicer_config.split_layer).codec, []
+    request, encode = transport.request, codec.encode
+
+    def timed_request(data: bytes) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            return request(data)
+        finally:
+            waits.append(time.perf_counter() - t0)
+
+    def timed_encode(hidden: torch.Tensor) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            return encode(hidden)
+        finally:
+            encodes.append(time.perf_counter() - t0)
+
+    at_prefill: dict[str, Any] = {}
+
+    def snapshot() -> None:
+        at_prefill.update(wire=dataclasses.replace(model.wire_stats()), waits=len(waits), encodes=len(encodes))
+        at_prefill["server"] = server_compute_s()
+
+    model.reset_wire_stats()
+    clock = _TokenClock(snapshot)
+    server0, (tx0, rx0) = server_compute_s(), link.byte_counters()
+    transport.request, codec.encode = timed_request, timed_encode  # instance attributes, removed below
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=model.generation_config.pad_token_id,
+            )
+        total_s = time.perf_counter() - started - clock.paused_s
+    finally:
+        del transport.request, codec.encode
+    server1, (tx1, rx1) = server_compute_s(), link.byte_counters()
+    stats, prefill, n = model.wire_stats(), at_prefill["wire"], at_prefill["waits"]
+    prompt, new = input_ids.shape[1], out.shape[1] - input_ids.shape[1]
+    steps = new - 1  # decode steps: every new token after the first
+    decode_s = clock.times[-1] - clock.times[1] - clock.paused_s
+    decode_link_s = sum(waits[n:]) - (server1 - at_prefill["server"])
+    return {
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+        "ttft_s": clock.times[1] - started,
+        "decode_tokens_per_s": steps / decode_s,
+        "e2e_tokens_per_s": new / total_s,
+        "total_s": total_s,
+        "prefill_link_s": sum(waits[:n]) - (at_prefill["server"] - server0),
+        "decode_link_ms_per_token": 1e3 * decode_link_s / steps,
+        "decode_server_ms_per_token": 1e3 * (server1 - at_prefill["server"]) / steps,
+        "decode_edge_ms_per_token": 1e3 * (decode_s - sum(waits[n:])) / steps,
+        "decode_encode_ms_per_token": 1e3 * sum(encodes[at_prefill["encodes"] :]) / steps,
+        "prefill_uplink_bytes": prefill.uplink_bytes,
+        "prefill_downlink_bytes": prefill.downlink_bytes,
+        "decode_uplink_bytes_per_token": (stats.uplink_bytes - prefill.uplink_bytes) / steps,
+        "decode_downlink_bytes_per_token": (stats.downlink_bytes - prefill.downlink_bytes) / steps,
+        "uplink_bits_per_position": stats.uplink_bits_per_token,
+        "downlink_bits_per_position": stats.downlink_bits_per_token,
+        "link_uplink_bytes": tx1 - tx0,
+        "link_downlink_bytes": rx1 - rx0,
+        "failovers": stats.failovers,
+        "ids": out[0, prompt:].tolist(),
+    }
+
+
+def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of `METRICS` over the repeats of one (rate, variant)."""
+    first = samples[0]
+    row = {key: first[key] for key in ("rate_mbit", "variant", "codec", "downlink", "prompt_tokens", "new_tokens")}
+    row.update({key: statistics.median(s[key] for s in samples) for key in METRICS})
+    row["repeats"] = len(samples)
+    return row
+
+
+def wikitext_prompt(tokenizer: Any, text_source: str, prompt_tokens: int) -> torch.Tensor:
+    """The first `prompt_tokens` tokens of a text (no special tokens), as `[1, prompt_tokens]`."""
+    text = load_text(text_source)[: 50 * prompt_tokens]  # plenty of characters for that many tokens
+    return token_windows(tokenizer, text, window=prompt_tokens, max_tokens=prompt_tokens)[:1]  # [1, P]
+
+
+def run(
+    model: str | None = None,
+    config: SlicerConfig | str | None = None,
+    rates_mbit: Sequence[float | None] = (None, 10.0, 1.0),
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    prompt_tokens: int = 64,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    text: str = "wikitext-2-raw-v1:validation",
+    prompt_ids: torch.Tensor | None = None,
+    out_json: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    request_timeout_s: float = 120.0,
+    threads: int | None = 1,
+    burst: str = TBF_BURST,
+) -> dict[str, Any]:
+    """Build the shaped link, serve the model inside it and measure every (rate, variant); optionally write JSON/plot.
+
+    Args:
+        model: model folder or Hub id; None or "smollm2" for the converted default model.
+        config: the base `SlicerConfig` (or its folder); None for the SmolLM2 preset in `configs/`.
+        rates_mbit: link rates in Mbit/s, each direction; None is an unshaped row.
+        variants: "codec" or "codec+downlink" names (see `variant_config`).
+        prompt_tokens: prompt length, taken from the start of `text`.
+        new_tokens: tokens generated per run (greedy, exactly this many).
+        repeats: runs per (rate, variant); rows hold medians.
+        text: text source for the prompt (see `data.load_text`).
+        prompt_ids: use this prompt `[1, P]` instead (e.g. for a model without a tokenizer).
+        out_json: where to write the result (None: do not write).
+        plot_path: where to write the tokens/s plot (None: no plot).
+        request_timeout_s: how long one request may wait for its reply before the run fails.
+        threads: torch threads for the edge (this process, for the run) and for the server; None leaves the
+            defaults. One each keeps the two processes from competing for cores as two machines would not.
+        burst: tbf bucket size, tc syntax (the issue's setting is 32kbit, 4 KB).
+
+    Returns:
+        `{"meta": {...}, "goodput": [...], "rows": [medians per (rate, variant)], "samples": [...],
+        "generations": {...}}`.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    from ..modeling import SlicerModelForCausalLM
+
+    if (reason := netns_unavailable_reason()) is not None:
+        raise LinkSetupError(f"cannot build the shaped link: {reason}")
+    if repeats < 1 or new_tokens < 2:
+        raise ValueError(f"need repeats >= 1 and new_tokens >= 2, got {repeats} and {new_tokens}")
+    started = time.perf_counter()
+    variants = list(variants)
+    path = resolve_model(model)
+    if isinstance(config, SlicerConfig):
+        base = config
+    else:
+        config_dir = config or default_config_dir()
+        base = SlicerConfig.from_pretrained(config_dir) if config_dir else SlicerConfig()
+    tokenizer = None
+    if prompt_ids is None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        prompt_ids = wikitext_prompt(tokenizer, text, prompt_tokens)
+    configs = {v: variant_config(base, v) for v in variants}
+    samples: list[dict[str, Any]] = []
+    goodput: list[dict[str, Any]] = []
+    link = ShapedLink.for_pid(burst=burst)
+    threads_before = torch.get_num_threads()
+    with link:
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        server, url = start_server(server_command(link, path, base.split_layer), env=env)
+        stats = GrpcTransport([url], timeout_s=request_timeout_s)
+        server_compute_s = lambda: float(protocol.decode_json(stats.unary(STATS_METHOD))["compute_s"])  # noqa: E731
+        edges: dict[str, Any] = {}
+        try:
+            torch.set_num_threads(threads or threads_before)
+            print(f"server {server.pid} in netns {link.name} on {url}; edge in the root namespace", flush=True)
+            for v, cfg in configs.items():
+                edges[v] = SlicerModelForCausalLM.from_pretrained(
+                    path, slicer_config=cfg, transport=url, transport_options={"timeout_s": request_timeout_s}
+                ).eval()
+            for rate in rates_mbit:
+                link.set_rate(rate)
+                goodput.append({"rate_mbit": rate, **measure_goodput(link, goodput_bytes(rate))})
+                print(f"{rate_label(rate)}: TCP goodput {_goodput_text(goodput[-1])} Mbit/s up/down", flush=True)
+                for v in variants:  # opens the session, connects, settles TCP at this rate; not measured
+                    measure_generation(edges[v], prompt_ids, 2, link, server_compute_s)
+                for r in range(repeats):
+                    for v in variants[r % len(variants) :] + variants[: r % len(variants)]:  # rotate the order
+                        cfg = configs[v]
+                        sample = {"rate_mbit": rate, "variant": v, "codec": cfg.codec, "downlink": cfg.downlink}
+                        measured = measure_generation(edges[v], prompt_ids, new_tokens, link, server_compute_s)
+                        samples.append({**sample, "repeat": r, **measured})
+                        print(_progress(samples[-1]), flush=True)
+        finally:
+            torch.set_num_threads(threads_before)
+            for edge in edges.values():
+                edge.close_session()
+            stop_server(server)
+    rows = [
+        summarize([s for s in samples if s["rate_mbit"] == rate and s["variant"] == v])
+        for rate in rates_mbit
+        for v in variants
+    ]
+    reference = next(iter(variants)) if "fp16" not in variants else "fp16"
+    ref_ids = next(s["ids"] for s in samples if s["variant"] == reference)
+    generations = {}
+    for v in variants:
+        ids = next(s["ids"] for s in samples if s["variant"] == v)
+        same = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+        generations[v] = {
+            "ids": ids,
+            "text": tokenizer.decode(ids) if tokenizer is not None else None,
+            f"leading_tokens_equal_to_{reference}": same,
+        }
+    d = edges[variants[0]].config.hidden_size if edges else base.hidden_size
+    result = {
+        "meta": {
+            "model": path if model is None else model,
+            "split_layer": base.split_layer,
+            "num_hidden_layers": base.num_hidden_layers,
+            "hidden_size": d,
+            "variants": {
+                v: {"codec": c.codec, "downlink": c.downlink, "downlink_topk": c.downlink_topk}
+                for v, c in configs.items()
+            },
+            "prompt": text if tokenizer is not None else "given token ids",
+            "prompt_tokens": int(prompt_ids.shape[1]),
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "fp16_prefill_uplink_payload_bytes": int(prompt_ids.shape[1]) * d * 2,
+            "tbf": {"burst": burst, "latency": TBF_LATENCY, "directions": "both (each veth end's egress)"},
+            "netns": link.name,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "threads_per_process": threads or threads_before,
+            "cpus": os.cpu_count(),
+            "elapsed_s": time.perf_counter() - started,
+        },
+        "goodput": goodput,
+        "rows": rows,
+        "samples": [{k: v for k, v in s.items() if k != "ids"} for s in samples],
+        "generations": generations,
+    }
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if plot_path is not None:
+        plot(result, plot_path)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- reporting
+def _goodput_text(g: dict[str, Any]) -> str:
+    up, down = g["uplink_mbit_s"], g["downlink_mbit_s"]
+    return " / ".join(f"{x:,.0f}" if x >= 100 else f"{x:.2f}" for x in (up, down))
+
+
+def _progress(s: dict[str, Any]) -> str:
+    return (
+        f"  {rate_label(s['rate_mbit']):>10} {s['variant']:<20} repeat {s['repeat']}: TTFT {s['ttft_s']:.3f} s "
+        f"(link {s['prefill_link_s']:.3f}), decode {s['decode_tokens_per_s']:.2f} tok/s "
+        f"(link {s['decode_link_ms_per_token']:.1f} ms/token), end-to-end {s['e2e_tokens_per_s']:.2f} tok/s, "
+        f"up {s['decode_uplink_bytes_per_token']:.0f} B/token, down {s['decode_downlink_bytes_per_token']:.0f} B/token"
+    )
+
+
+def wire_ms_per_token(row: dict[str, Any]) -> float | None:
+    """Serialization time of one decode step's protocol bytes at the row's rate (uplink + downlink), in ms.
+
+    What a physical line of that rate would add per token at least (no TCP/IP/HTTP2 headers, no propagation).
+    Through tbf the measured time can be lower: a message under the burst size passes at once after a pause.
+    """
+    if row["rate_mbit"] is None:
+        return None
+    step_bytes = row["decode_uplink_bytes_per_token"] + row["decode_downlink_bytes_per_token"]
+    return 1e3 * 8 * step_bytes / (row["rate_mbit"] * 1e6)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The rows (medians) as a markdown table; the link column carries the measured TCP goodput.
+
+    Args:
+        result: what `run` returns.
+    """
+    goodput = {g["rate_mbit"]: g for g in result["goodput"]}
+    lines = [
+        "| link (TCP goodput up / down, Mbit/s) | variant | prompt | new | TTFT (s) | of which link (s) "
+        "| decode tok/s | end-to-end tok/s | prefill up (B) | decode up B/token | decode down B/token "
+        "| link ms/token | serialization ms/token | compute ms/token: edge (its encoding) + server |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        bound = wire_ms_per_token(r)
+        lines.append(
+            f"| {rate_label(r['rate_mbit'])} ({_goodput_text(goodput[r['rate_mbit']])}) | {r['variant']} "
+            f"| {r['prompt_tokens']} | {r['new_tokens']} | {r['ttft_s']:.2f} | {r['prefill_link_s']:.2f} "
+            f"| {r['decode_tokens_per_s']:.2f} | {r['e2e_tokens_per_s']:.2f} | {r['prefill_uplink_bytes']:,.0f} "
+            f"| {r['decode_uplink_bytes_per_token']:,.0f} | {r['decode_downlink_bytes_per_token']:,.0f} "
+            f"| {r['decode_link_ms_per_token']:.1f} | {'-' if bound is None else f'{bound:.1f}'} "
+            f"| {r['decode_edge_ms_per_token']:.0f} ({r['decode_encode_ms_per_token']:.1f}) "
+            f"+ {r['decode_server_ms_per_token']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str | Path) -> None:
+    """Three panels by link rate, one bar per variant: end-to-end tokens/s, time to first token (dark: the link's
+    part) and the link's time per decode token.
+
+    Args:
+        result: what `run` returns.
+        path: image file to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    rates = sorted(dict.fromkeys(r["rate_mbit"] for r in rows), key=lambda x: float("inf") if x is None else x)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["rate_mbit"], r["variant"]): r for r in rows}
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = [
+        ("e2e_tokens_per_s", None, "end-to-end tokens/s (higher is better)", "%.2f"),
+        ("ttft_s", "prefill_link_s", "time to first token, s (dark: link)", "%.2f"),
+        (
+            "decode_link_ms_per_token",
+            None,
+            "per decode token outside compute, ms\n(link, gRPC, uplink decoding)",
+            "%.1f",
+        ),
+    ]
+    for ax, (key, part, title, fmt) in zip(axes, panels):
+        for i, v in enumerate(variants):
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(rates))]
+            bars = ax.bar(xs, [by[(rate, v)][key] for rate in rates], width, label=v, color=f"C{i}", alpha=0.55)
+            ax.bar_label(bars, fmt=fmt, fontsize=7)
+            if part:
+                ax.bar(xs, [by[(rate, v)][part] for rate in rates], width, color=f"C{i}")
+        ax.set_xticks(range(len(rates)), [rate_label(rate) for rate in rates])
+        ax.set(title=title, xlabel="link rate, each direction (tc tbf)")
+        ax.grid(True, axis="y", lw=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(variants), fontsize=8, frameon=False)
+    meta = result["meta"]
+    fig.suptitle(
+        f"{Path(str(meta['model'])).name}, split at layer {meta['split_layer']}, {meta['prompt_tokens']}-token prompt, "
+        f"{meta['new_tokens']} new tokens greedy, median of {meta['repeats']}; edge and server share a 2-core CPU",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # room for the legend below
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m slicer_hf.bench.link", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
+    parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
+    parser.add_argument(
+        "--rates", nargs="+", type=parse_rate, default=[None, 10.0, 1.0], help="Mbit/s each way, or 'unshaped'"
+    )
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="codec or codec+downlink")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--text", default="wikitext-2-raw-v1:validation", help="prompt source (file or wikitext split)")
+    parser.add_argument("--out-json", default="docs/benchmarks/link.json")
+    parser.add_argument("--plot", default=None, help="also write the tokens/s plot to this image file")
+    parser.add_argument("--request-timeout-s", type=float, default=120.0)
+    parser.add_argument("--burst", default=TBF_BURST, help="tbf burst, tc syntax (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the server is stopped and the namespace removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    result = run(
+        args.model,
+        args.config,
+        args.rates,
+        args.variants,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.repeats,
+        args.text,
+        out_json=None,
+        plot_path=args.plot,
+        request_timeout_s=args.request_timeout_s,
+        threads=args.threads or None,
+        burst=args.burst,
+    )
+    result["meta"]["command"] = "python -m slicer_hf.bench.link " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.out_json:
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print("\n" + markdown_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

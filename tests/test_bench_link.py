@@ -1,0 +1,166 @@
+"""The bandwidth-shaped link benchmark: pure helpers without networking, then one tiny real run as root."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+from slicer_hf import SlicerConfig
+from slicer_hf.bench import link as bench
+
+NO_NETNS = bench.netns_unavailable_reason()
+needs_netns = pytest.mark.skipif(NO_NETNS is not None, reason=f"no network namespaces here: {NO_NETNS}")
+
+
+def test_tbf_command_shapes_or_unshapes_one_device():
+    shaped = " ".join(bench.tbf_command("eth9", 1.0))
+    assert shaped == "tc qdisc replace dev eth9 root tbf rate 1mbit burst 32kbit latency 400ms"
+    assert bench.tbf_command("v0", 0.5, netns="ns")[:4] == ["ip", "netns", "exec", "ns"]
+    assert "0.5mbit" in bench.tbf_command("v0", 0.5, netns="ns")
+    assert " ".join(bench.tbf_command("v0", None)) == "tc qdisc del dev v0 root"
+    assert "64kbit" in bench.tbf_command("v0", 10, burst="64kbit")
+
+
+def test_link_names_addresses_and_commands():
+    link = bench.ShapedLink.for_pid(4194303)  # the largest Linux pid: names must still fit in 15 characters
+    assert link.name == "slicer-bench-4194303"
+    assert max(len(link.host_dev), len(link.ns_dev)) <= 15 and link.host_dev != link.ns_dev
+    net = ipaddress.ip_network(f"{link.host_addr}/30", strict=False)
+    assert ipaddress.ip_address(link.ns_addr) in net and net.subnet_of(ipaddress.ip_network("10.231.0.0/16"))
+    assert {link.host_addr, link.ns_addr}.isdisjoint({str(net.network_address), str(net.broadcast_address)})
+    other = bench.ShapedLink.for_pid(4194302)
+    assert other.host_addr not in (link.host_addr, link.ns_addr) and other.name != link.name
+
+    setup = [" ".join(c) for c in link.setup_commands()]
+    assert setup[0] == f"ip netns add {link.name}"
+    assert f"ip link add {link.host_dev} type veth peer name {link.ns_dev}" in setup
+    assert f"ip netns exec {link.name} ip addr add {link.ns_addr}/30 dev {link.ns_dev}" in setup
+    uplink, downlink = link.shape_commands(10)  # one tbf on each end: each direction is limited
+    assert uplink == bench.tbf_command(link.host_dev, 10) and downlink == bench.tbf_command(link.ns_dev, 10, link.name)
+    assert [c[:3] for c in link.teardown_commands()] == [["ip", "link", "del"], ["ip", "netns", "del"]]
+
+
+def test_server_command_runs_inside_the_namespace_on_its_address():
+    link = bench.ShapedLink.for_pid(1234)
+    cmd = bench.server_command(link, "/models/m", 24, ["--no-batching"])
+    at = cmd.index("ip")
+    assert cmd[at : at + 4] == link.exec_prefix()
+    serve = cmd[at + 4 :]
+    assert serve[1:4] == ["-m", "slicer_hf.cli", "serve"]
+    for flag, value in [
+        ("--host", link.ns_addr),
+        ("--port", "0"),
+        ("--min-split-layer", "24"),
+        ("--model", "/models/m"),
+    ]:
+        assert serve[serve.index(flag) + 1] == value
+    assert serve[-1] == "--no-batching"
+
+
+def test_parsers_and_labels():
+    assert bench.parse_server_url("slicer-hf serving /m on grpc://10.231.0.2:4567\n") == "grpc://10.231.0.2:4567"
+    assert bench.parse_server_url("WARNING something on fire") is None
+    assert [bench.parse_rate(t) for t in ("unshaped", "none", "0", "10", "0.5")] == [None, None, None, 10.0, 0.5]
+    with pytest.raises(ValueError, match="positive"):
+        bench.parse_rate("-1")
+    assert [bench.rate_label(r) for r in (None, 1.0, 0.5)] == ["unshaped", "1 Mbit/s", "0.5 Mbit/s"]
+    assert bench.goodput_bytes(1.0) == 125_000 and bench.goodput_bytes(0.01) == 64 << 10
+    assert bench.goodput_bytes(None) == bench.goodput_bytes(1e9) == 16 << 20
+
+
+def test_variant_config_changes_only_codec_and_downlink():
+    base = SlicerConfig(split_layer=24, codec="slicer", distortion=0.05)
+    fp16 = bench.variant_config(base, "fp16")
+    assert (fp16.codec, fp16.downlink, fp16.split_layer) == ("fp16", "hidden", 24)
+    topk = bench.variant_config(base, "slicer+topk_logits")
+    assert (topk.codec, topk.downlink, topk.distortion) == ("slicer", "topk_logits", 0.05)
+
+
+def test_not_root_is_a_clear_reason(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "root" in bench.netns_unavailable_reason()
+
+
+def _sample(rate, variant, scale):
+    return {
+        "rate_mbit": rate,
+        "variant": variant,
+        "codec": variant,
+        "downlink": "hidden",
+        "prompt_tokens": 64,
+        "new_tokens": 32,
+        **{key: scale * (i + 1) for i, key in enumerate(bench.METRICS)},
+    }
+
+
+def test_summary_table_and_plot(tmp_path):
+    samples = [_sample(1.0, "fp16", s) for s in (1.0, 3.0, 2.0)]
+    row = bench.summarize(samples)
+    assert row["repeats"] == 3 and row["ttft_s"] == 2.0 and row["variant"] == "fp16" and row["rate_mbit"] == 1.0
+    # one decode step of 1,000 B up and 250 B down at 1 Mbit/s takes 10 ms on a line
+    assert bench.wire_ms_per_token(
+        {**row, "decode_uplink_bytes_per_token": 1000, "decode_downlink_bytes_per_token": 250}
+    ) == (pytest.approx(10.0))
+    assert bench.wire_ms_per_token({**row, "rate_mbit": None}) is None
+    rows = [row, bench.summarize([_sample(1.0, "slicer", 1.0)]), bench.summarize([_sample(None, "fp16", 1.0)])]
+    rows.append(bench.summarize([_sample(None, "slicer", 1.0)]))
+    goodput = [{"rate_mbit": r, "uplink_mbit_s": 0.96, "downlink_mbit_s": 0.95} for r in (1.0, None)]
+    meta = {"model": "m", "split_layer": 2, "prompt_tokens": 64, "new_tokens": 32, "repeats": 3}
+    result = {"rows": rows, "goodput": goodput, "meta": meta}
+    table = bench.markdown_table(result).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert table[2].startswith("| 1 Mbit/s (0.96 / 0.95) | fp16 | 64 | 32 |")
+    assert table[-1].startswith("| unshaped (0.96 / 0.95) | slicer |")
+    bench.plot(result, tmp_path / "link.png")
+    assert (tmp_path / "link.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@needs_netns
+def test_link_is_removed_when_the_body_fails():
+    link = bench.ShapedLink.for_pid(os.getpid() + 7)  # not the pid a real run in this process would use
+    with pytest.raises(RuntimeError, match="boom"), link:
+        link.set_rate(1.0)
+        shown = subprocess.run(["tc", "qdisc", "show", "dev", link.host_dev], capture_output=True, text=True).stdout
+        assert "tbf" in shown and "rate 1Mbit" in shown
+        raise RuntimeError("boom")
+    assert not link.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+@needs_netns
+def test_tiny_run_over_a_1_mbit_link(tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    prompt = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    result = bench.run(
+        str(model_dir),
+        SlicerConfig(split_layer=2),
+        rates_mbit=[1.0],
+        variants=["fp16", "slicer"],
+        new_tokens=4,
+        repeats=1,
+        prompt_ids=prompt,
+        out_json=tmp_path / "link.json",
+    )
+    assert not os.path.exists(f"/run/netns/{result['meta']['netns']}")  # cleaned up
+    (goodput,) = result["goodput"]
+    assert 0.7 < goodput["uplink_mbit_s"] < 1.1 and 0.7 < goodput["downlink_mbit_s"] < 1.1  # the shaping works
+    fp16, slicer = result["rows"]
+    assert (fp16["variant"], slicer["variant"]) == ("fp16", "slicer")
+    for row in (fp16, slicer):
+        assert (row["prompt_tokens"], row["new_tokens"], row["rate_mbit"]) == (16, 4, 1.0)
+        assert row["e2e_tokens_per_s"] > 0 and 0 < row["ttft_s"] < row["total_s"]
+        assert row["link_uplink_bytes"] > row["prefill_uplink_bytes"]  # TCP/IP and HTTP/2 headers on top
+    assert fp16["prefill_uplink_bytes"] > 16 * 64 * 2 > slicer["prefill_uplink_bytes"]  # fp16: 2 B per element
+    assert fp16["decode_uplink_bytes_per_token"] > slicer["decode_uplink_bytes_per_token"]
+    assert fp16["decode_downlink_bytes_per_token"] == slicer["decode_downlink_bytes_per_token"]  # same downlink
+    assert len(result["generations"]["slicer"]["ids"]) == 4
+    assert (tmp_path / "link.json").is_file()
