@@ -1,0 +1,401 @@
+"""Rate-distortion table of the uplink codecs on the real model: bits per token against output quality.
+
+For each split layer k and codec setting, a forward hook on decoder layer k-1 replaces its output by what the
+server would decode: every token row is encoded as its own single-token packet `[1, 1, d]` (headers included in
+the bits) and decoded back. The rest of the model runs unchanged and is compared with the unsplit model.
+
+    python -m slicer_hf.bench.rate_distortion --text wikitext-2-raw-v1:validation --split-layers 24 8 \\
+        --n-tokens 2048 --out-json docs/benchmarks/rate_distortion.json \\
+        --markdown docs/rate_distortion.md --plot docs/benchmarks/rate_distortion.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..codec import Codec, build_codec
+from ..compat import decoder_layers
+from ..data import GGUF_NAME, load_text, resolve_model, token_windows
+
+FP16_BITS_PER_ELEMENT = 16
+SLICER_BASE: dict[str, Any] = {
+    "sparsity": 0.0,
+    "num_blocks": 1,
+    "distortion": 0.08,
+    "outliers": 2,
+    "rotation": "orthogonal",
+    "entropy_coding": "zstd",
+}
+
+
+def default_grid() -> list[dict[str, Any]]:
+    """Baselines plus a sweep of SLICER knobs, each as `{"codec": name, **params}` (SLICER knobs all explicit)."""
+    grid: list[dict[str, Any]] = [
+        {"codec": "identity"},
+        {"codec": "fp16"},
+        {"codec": "bf16"},
+        {"codec": "int8"},
+        {"codec": "topk", "sparsity": 0.5},
+        {"codec": "topk", "sparsity": 0.75},
+    ]
+    changes: list[dict[str, Any]] = [{"distortion": d} for d in (0.03, 0.05, 0.08, 0.12, 0.14, 0.16, 0.2)]
+    changes += [{"rotation": "none", "distortion": d} for d in (0.05, 0.08, 0.12)]
+    changes += [{"entropy_coding": "none", "distortion": 0.12}]  # zstd on one-token packets
+    changes += [{"outliers": n} for n in (0, 4)]
+    changes += [{"num_blocks": m, "distortion": d} for m, d in ((2, 0.12), (2, 0.18), (4, 0.08), (4, 0.15))]
+    changes += [
+        {"sparsity": 0.5, "num_blocks": m, "rotation": r} for m, r in ((1, "orthogonal"), (1, "none"), (4, "none"))
+    ]
+    return grid + [{"codec": "slicer", **SLICER_BASE, **c} for c in changes]
+
+
+def label(setting: dict[str, Any]) -> str:
+    """Short name of a setting: the codec; for SLICER its distortion and the knobs that differ from `SLICER_BASE`."""
+    params = {k: v for k, v in setting.items() if k != "codec"}
+    if setting["codec"] == "slicer":  # the distortion always, other knobs where they differ from SLICER_BASE
+        params = {k: v for k, v in params.items() if k == "distortion" or SLICER_BASE.get(k) != v}
+    return setting["codec"] + ("(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
+
+
+def parse_setting(text: str) -> dict[str, Any]:
+    """Parse a CLI codec setting, `name` or `name:key=value,key=value` (values parsed as JSON when they can be).
+
+    Args:
+        text: e.g. "int8" or "slicer:distortion=0.05,rotation=none".
+    """
+    name, _, rest = text.partition(":")
+    setting: dict[str, Any] = {"codec": name, **(SLICER_BASE if name == "slicer" else {})}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            setting[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            setting[key.strip()] = value.strip()
+    return setting
+
+
+class _RoundTrip:
+    """Forward-hook body: each token row through its own single-token packet; keeps the counts."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.bits: list[int] = []
+        self.rel_l2: list[float] = []
+        self.sq_err = self.sq_norm = self.encode_s = self.decode_s = 0.0
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
+        rows = hidden.detach().reshape(-1, 1, 1, hidden.shape[-1])  # [B*T, 1, 1, d]: one packet per token
+        decoded = torch.empty_like(rows)
+        for i, row in enumerate(rows):
+            start = time.perf_counter()
+            packet = self.codec.encode(row)
+            mid = time.perf_counter()
+            decoded[i] = self.codec.decode(packet).to(row.dtype)
+            self.decode_s += time.perf_counter() - mid
+            self.encode_s += mid - start
+            self.bits.append(8 * len(packet))
+        err = (decoded - rows).flatten(1).double()  # [B*T, d]
+        norm = rows.flatten(1).double()
+        self.rel_l2 += (err.norm(dim=1) / norm.norm(dim=1).clamp_min(1e-30)).tolist()
+        self.sq_err += float(err.pow(2).sum())
+        self.sq_norm += float(norm.pow(2).sum())
+        decoded = decoded.reshape(hidden.shape)
+        return (decoded, *output[1:]) if isinstance(output, tuple) else decoded
+
+
+def _forward_logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)  # [1, T, V]
+
+
+def _quality(logprobs: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
+    """Sums over one window: KL(ref || split) per position, top-1 agreement, next-token NLL."""
+    kl = (ref.exp() * (ref - logprobs)).sum(-1)  # [1, T]
+    agree = (logprobs.argmax(-1) == ref.argmax(-1)).float()
+    nll = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [1, T-1]
+    return {"kl": float(kl.sum()), "agree": float(agree.sum()), "nll": float(nll.sum()), "nll_n": nll.numel()}
+
+
+def run(
+    model_path: str | None,
+    text: str,
+    split_layers: list[int],
+    codecs: list[dict[str, Any]] | None,
+    n_tokens: int,
+    out_json: str | Path | None,
+    window: int = 512,
+) -> dict[str, Any]:
+    """Measure each codec setting at each split layer against the unsplit model; optionally write the JSON.
+
+    Args:
+        model_path: model folder or Hub id; None or "smollm2" for the converted default model.
+        text: text source for `load_text` (use "wikitext-2-raw-v1:validation" to choose defaults).
+        split_layers: split layers k (the edge runs decoder layers 0..k-1).
+        codecs: settings `{"codec": name, **params}`; None for `default_grid()`.
+        n_tokens: tokens scored, cut into non-overlapping windows of `window` tokens.
+        out_json: where to write the result (None: do not write).
+        window: tokens per window.
+
+    Returns:
+        `{"meta": {...}, "results": [one dict per (split layer, setting)]}`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    path = resolve_model(model_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=n_tokens)  # [W, window]
+    layers = decoder_layers(model)
+    d = model.config.hidden_size
+    bad = [k for k in split_layers if not 1 <= k < len(layers)]
+    if bad:
+        raise ValueError(f"split layers must be in [1, {len(layers) - 1}], got {bad}")
+
+    refs = [_forward_logprobs(model, ids[None]) for ids in windows]
+    base = [_quality(r, r, ids[None]) for r, ids in zip(refs, windows)]
+    base_ppl = math.exp(sum(q["nll"] for q in base) / sum(q["nll_n"] for q in base))
+    results = []
+    for k in split_layers:
+        for setting in codecs if codecs is not None else default_grid():
+            codec = build_codec(setting["codec"], **{key: v for key, v in setting.items() if key != "codec"})
+            trip = _RoundTrip(codec)
+            handle = layers[k - 1].register_forward_hook(trip)
+            t0 = time.perf_counter()
+            try:
+                sums = [_quality(_forward_logprobs(model, ids[None]), r, ids[None]) for r, ids in zip(refs, windows)]
+            finally:
+                handle.remove()
+            n = windows.numel()
+            ppl = math.exp(sum(q["nll"] for q in sums) / sum(q["nll_n"] for q in sums))
+            bits = sum(trip.bits) / n
+            results.append(
+                {
+                    "split_layer": k,
+                    "label": label(setting),
+                    "spec": codec.spec(),
+                    "bits_per_token": bits,
+                    "bits_per_element": bits / d,
+                    "compression_vs_fp16": FP16_BITS_PER_ELEMENT * d / bits,
+                    "rel_l2": sum(trip.rel_l2) / n,
+                    "rel_l2_global": math.sqrt(trip.sq_err / trip.sq_norm),
+                    "kl_nats": sum(q["kl"] for q in sums) / n,
+                    "top1_agreement": sum(q["agree"] for q in sums) / n,
+                    "perplexity": ppl,
+                    "perplexity_change_pct": 100.0 * (ppl / base_ppl - 1.0),
+                    "encode_us_per_token": 1e6 * trip.encode_s / n,
+                    "decode_us_per_token": 1e6 * trip.decode_s / n,
+                    "wall_s": time.perf_counter() - t0,
+                }
+            )
+            print(_row(results[-1]), file=sys.stderr, flush=True)
+
+    import transformers
+
+    result = {
+        "meta": {
+            "model": model_path or f"smollm2 ({GGUF_NAME}, dequantized to float32)",
+            "text": text,
+            "n_tokens": windows.numel(),
+            "window": window,
+            "n_windows": windows.shape[0],
+            "hidden_size": d,
+            "num_hidden_layers": len(layers),
+            "fp16_bits_per_token": FP16_BITS_PER_ELEMENT * d,
+            "packets": "one per token, shape [1, 1, d], envelope included",
+            "base_perplexity": base_ppl,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "elapsed_s": time.perf_counter() - started,
+        },
+        "results": results,
+    }
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _row(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['split_layer']} | {r['label']} | {r['bits_per_token']:.0f} | {r['compression_vs_fp16']:.2f} | "
+        f"{r['rel_l2']:.4f} | {r['kl_nats']:.4f} | {100 * r['top1_agreement']:.2f} | "
+        f"{r['perplexity_change_pct']:+.2f} | {r['encode_us_per_token']:.0f} / {r['decode_us_per_token']:.0f} |"
+    )
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The results as a markdown table, one block per split layer, cheapest setting first.
+
+    Args:
+        result: what `run` returns.
+    """
+    head = (
+        "| k | setting | bits/token | x vs fp16 | rel. L2 | KL (nats) | top-1 agree % | ppl change % | "
+        "enc / dec us |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for k in dict.fromkeys(r["split_layer"] for r in result["results"]):
+        rows = sorted((r for r in result["results"] if r["split_layer"] == k), key=lambda r: r["bits_per_token"])
+        lines += [_row(r) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """A self-contained markdown page: how it was made, the picks under the usual budgets, the full table.
+
+    Args:
+        result: what `run` returns (with `meta["command"]` set by `main`).
+    """
+    meta = result["meta"]
+    lines = [
+        "# Rate-distortion of the uplink codecs",
+        "",
+        f"Model: {meta['model']}. Text: `{meta['text']}`, the first {meta['n_tokens']} tokens "
+        f"({meta['n_windows']} non-overlapping windows of {meta['window']}); unsplit perplexity on them "
+        f"{meta['base_perplexity']:.3f}. Every token row is sent as its own packet `[1, 1, {meta['hidden_size']}]`, "
+        f"envelope included; fp16 is {meta['fp16_bits_per_token']} bits per token. torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, {meta['threads']} threads, {meta['elapsed_s'] / 60:.1f} min.",
+        "",
+        "```",
+        meta.get("command", "python -m slicer_hf.bench.rate_distortion"),
+        "```",
+        "",
+        "## Cheapest SLICER setting per budget",
+        "",
+        "| k | budget | setting | bits/token | x vs fp16 | KL (nats) | ppl change % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in dict.fromkeys(r["split_layer"] for r in result["results"]):
+        for name, kwargs in [("ppl <= +1%", {"max_ppl_pct": 1.0}), ("KL <= 0.01", {"max_kl": 0.01})]:
+            r = cheapest(result, k, **kwargs)
+            if r is not None:
+                lines.append(
+                    f"| {k} | {name} | {r['label']} | {r['bits_per_token']:.0f} | {r['compression_vs_fp16']:.2f} | "
+                    f"{r['kl_nats']:.4f} | {r['perplexity_change_pct']:+.2f} |"
+                )
+    lines += ["", "## All settings", "", markdown_table(result)]
+    return "\n".join(lines)
+
+
+def cheapest(result: dict[str, Any], k: int, max_ppl_pct: float | None = None, max_kl: float | None = None) -> Any:
+    """The SLICER setting with the fewest bits per token at split layer k within the given budgets (or None).
+
+    Args:
+        result: what `run` returns.
+        k: split layer.
+        max_ppl_pct: largest allowed perplexity increase in percent.
+        max_kl: largest allowed mean KL divergence in nats per token.
+    """
+    ok = [
+        r
+        for r in result["results"]
+        if r["split_layer"] == k
+        and r["spec"]["name"] == "slicer"
+        and (max_ppl_pct is None or r["perplexity_change_pct"] <= max_ppl_pct)
+        and (max_kl is None or r["kl_nats"] <= max_kl)
+    ]
+    return min(ok, key=lambda r: r["bits_per_token"], default=None)
+
+
+def plot(result: dict[str, Any], path: str | Path) -> None:
+    """Bits per token (log x) against KL to the unsplit model, one panel per split layer.
+
+    Args:
+        result: what `run` returns.
+        path: image file to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    ks = list(dict.fromkeys(r["split_layer"] for r in result["results"]))
+    fig, axes = plt.subplots(1, len(ks), figsize=(6.5 * len(ks), 5), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        rows = [r for r in result["results"] if r["split_layer"] == k and r["kl_nats"] > 0]
+        for r in rows:
+            slicer = r["spec"]["name"] == "slicer"
+            marker = ("o" if r["spec"].get("rotation") == "orthogonal" else "s") if slicer else "^"
+            color = "tab:blue" if slicer else "tab:red"
+            ax.scatter(r["bits_per_token"], r["kl_nats"], marker=marker, color=color, s=28)
+            ax.annotate(_short(r["label"]), (r["bits_per_token"], r["kl_nats"]), fontsize=5.5)
+        ax.axhline(0.01, color="grey", lw=0.8, ls="--")
+        ax.set(xscale="log", yscale="log", xlabel="uplink bits per token (single-token packets)")
+        ax.set(ylabel="KL(unsplit || split), nats per token", title=f"split layer {k}")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%d"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.grid(True, which="both", lw=0.3)
+    meta = result["meta"]
+    fig.suptitle(
+        f"{str(meta['model']).split(' (')[0]}, {meta['text']}, {meta['n_tokens']} tokens\n"
+        "blue: slicer (o rotated, s not), red: baselines; dashed: 0.01 nats",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _short(name: str) -> str:
+    for long, short in [("slicer", "S"), ("distortion=", "d="), ("rotation=none", "norot"), ("num_blocks=", "M=")]:
+        name = name.replace(long, short)
+    for long, short in [("entropy_coding=none", "nozstd"), ("sparsity=", "s="), ("outliers=", "out="), (" ", "")]:
+        name = name.replace(long, short)
+    return name
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m slicer_hf.bench.rate_distortion", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
+    parser.add_argument("--text", default="wikitext-2-raw-v1:validation", help="text source (file or wikitext split)")
+    parser.add_argument("--split-layers", type=int, nargs="+", default=[24, 8])
+    parser.add_argument("--codec", action="append", help="setting like 'slicer:distortion=0.05' (repeat; default grid)")
+    parser.add_argument("--n-tokens", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--out-json", default="docs/benchmarks/rate_distortion.json")
+    parser.add_argument("--markdown", default=None, help="also write the table to this markdown file")
+    parser.add_argument("--plot", default=None, help="also write the bits-vs-KL plot to this image file")
+    parser.add_argument("--from-json", default=None, help="only redraw --markdown/--plot from this earlier result")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    else:
+        codecs = [parse_setting(c) for c in args.codec] if args.codec else None
+        result = run(args.model, args.text, args.split_layers, codecs, args.n_tokens, None, window=args.window)
+        argv = sys.argv[1:] if argv is None else argv
+        result["meta"]["command"] = "python -m slicer_hf.bench.rate_distortion " + shlex.join(argv)
+        if args.out_json:
+            Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_report(result), encoding="utf-8")
+    if args.plot:
+        plot(result, args.plot)
+    print(markdown_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
