@@ -135,6 +135,8 @@ def run(
                 "warning",
                 "--max-sessions",
                 str(max(clients or [32]) + 4),
+                "--threads",
+                "1",  # one compute thread; the clients and gRPC get the other core
             ],
         )
         try:
