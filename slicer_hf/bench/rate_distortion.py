@@ -48,6 +48,11 @@ def default_grid() -> list[dict[str, Any]]:
         {"codec": "int8"},
         {"codec": "topk", "sparsity": 0.5},
         {"codec": "topk", "sparsity": 0.75},
+        {"codec": "grouped", "bits": 8, "group_size": 4096, "outliers": 2},  # int8 per token, 2 outliers exact
+        {"codec": "grouped", "bits": 6, "group_size": 32, "outliers": 2},  # grouped int6
+        {"codec": "grouped", "bits": 4, "group_size": 32, "outliers": 2},  # grouped int4
+        {"codec": "grouped", "bits": 8, "group_size": 64},  # blockwise 8-bit
+        {"codec": "grouped", "bits": 4, "group_size": 64},  # blockwise 4-bit
     ]
     changes: list[dict[str, Any]] = [{"distortion": d} for d in (0.03, 0.05, 0.08, 0.12, 0.14, 0.16, 0.2)]
     changes += [{"rotation": "none", "distortion": d} for d in (0.05, 0.08, 0.12)]

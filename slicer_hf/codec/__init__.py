@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import CodecError
 from .base import REGISTRY, Codec, CodecStats
-from .baselines import Bf16Codec, Fp16Codec, IdentityCodec, Int8Codec, TopKCodec
+from .baselines import Bf16Codec, Fp16Codec, GroupedIntCodec, IdentityCodec, Int8Codec, TopKCodec
 from .slicer import SlicerCodec
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "available_codecs",
     "codec_from_spec",
     "IdentityCodec",
+    "GroupedIntCodec",
     "Fp16Codec",
     "Bf16Codec",
     "Int8Codec",

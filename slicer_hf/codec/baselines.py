@@ -1,4 +1,5 @@
-"""Plain codecs to compare SLICER against: identity (lossless), fp16, bf16, int8 per token, top-K only."""
+"""Plain codecs to compare SLICER against: identity (lossless), fp16, bf16, int8 per token, top-K only, and
+group-wise integer quantization with optional exact outliers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ..errors import CodecError
 from .base import Codec, from_raw_bytes, raw_bytes
-from .bits import BitReader, BitWriter, Reader, write_varint
+from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -126,3 +127,88 @@ class TopKCodec(Codec):
         out = torch.zeros(n_rows, d, dtype=torch.float32)
         out.scatter_(1, pos, vals.reshape(n_rows, k).float())
         return out.to(dtype)
+
+
+class GroupedIntCodec(Codec):
+    """Group-wise absmax integer quantization (blockwise int8/int4, grouped int6...), optionally with the
+    largest-magnitude entries of each row sent exactly first.
+
+    Per row: `outliers` positions and float16 values, then per group of `group_size` entries a float16 scale and
+    `bits`-bit signed codes (offset binary). Float32 scales and outlier values when float16 cannot hold them.
+    """
+
+    name = "grouped"
+    codec_id = 7
+
+    def __init__(self, bits: int = 4, group_size: int = 32, outliers: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 2 <= bits <= 16:
+            raise CodecError(f"`bits` must be in [2, 16], got {bits!r}")
+        if not 1 <= group_size <= 1 << 16:
+            raise CodecError(f"`group_size` must be in [1, 65536], got {group_size!r}")
+        if not 0 <= outliers <= 64:
+            raise CodecError(f"`outliers` must be in [0, 64], got {outliers!r}")
+        self.bits, self.group_size, self.outliers = int(bits), int(group_size), int(outliers)
+
+    def params(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "outliers": self.outliers}
+
+    def _encode_rows(self, rows: torch.Tensor) -> bytes:
+        x = rows.float()
+        n, d = x.shape
+        n_out = min(self.outliers, d)
+        w = BitWriter()
+        wide = bool(x.numel() and x.abs().max() > FP16_MAX)
+        if n_out:
+            pos = torch.sort(torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :n_out]).values
+            w.write(pos.numpy(), _position_bits(d))
+            w.write(float_fields(x.gather(1, pos), wide), 32 if wide else 16)
+            x = x.scatter(1, pos, 0.0)
+        groups = _groups(x, min(self.group_size, d))  # [N, G, g]; a group no wider than the row
+        qmax = (1 << (self.bits - 1)) - 1
+        scale = groups.abs().amax(dim=2) / qmax  # [N, G]
+        scale = scale if wide else scale.half().float()
+        codes = torch.round(groups / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp(-qmax, qmax)
+        w.write(float_fields(scale, wide), 32 if wide else 16)
+        w.write((codes.reshape(n, -1)[:, :d] + qmax).to(torch.int64).numpy(), self.bits)
+        return bytes([int(wide), self.bits, n_out]) + write_varint(self.group_size) + w.getvalue()
+
+    def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+        wide, bits, n_out = reader.take(3)
+        group_size = reader.varint(limit=1 << 16)
+        if wide > 1 or not 2 <= bits <= 16 or n_out > d or group_size == 0:
+            raise CodecError(f"inconsistent grouped header: wide={wide} bits={bits} outliers={n_out} g={group_size}")
+        group_size = min(group_size, d)
+        n_groups = -(-d // group_size)
+        need = n_rows * (n_out * (_position_bits(d) + 16) + n_groups * 16 + d * bits)
+        if reader.remaining() * 8 < need:
+            raise CodecError(f"grouped body of {reader.remaining()} bytes is too short for {n_rows} rows")
+        r = BitReader(reader.take(reader.remaining()))
+        width = 32 if wide else 16
+        if n_out:
+            pos = torch.from_numpy(r.read(n_rows * n_out, _position_bits(d)).astype(np.int64)).reshape(n_rows, n_out)
+            if (pos >= d).any():
+                raise CodecError("outlier position out of range")
+            values = torch.from_numpy(fields_float(r.read(n_rows * n_out, width), bool(wide))).reshape(n_rows, n_out)
+        scale = torch.from_numpy(fields_float(r.read(n_rows * n_groups, width), bool(wide))).reshape(n_rows, n_groups)
+        qmax = (1 << (bits - 1)) - 1
+        codes = torch.from_numpy(r.read(n_rows * d, bits).astype(np.int64)).reshape(n_rows, d) - qmax
+        r.check_end()
+        if (codes.abs() > qmax).any():
+            raise CodecError("grouped code out of range")
+        padded = torch.zeros(n_rows, n_groups * group_size)
+        padded[:, :d] = codes.float()
+        x = (padded.reshape(n_rows, n_groups, group_size) * scale[..., None]).reshape(n_rows, -1)[:, :d]
+        if n_out:
+            x = x.scatter(1, pos, values)
+        return x.to(dtype)
+
+
+def _position_bits(d: int) -> int:
+    return max(1, (d - 1).bit_length())
+
+
+def _groups(x: torch.Tensor, size: int) -> torch.Tensor:
+    n, d = x.shape
+    pad = -d % size
+    return torch.nn.functional.pad(x, (0, pad)).reshape(n, -1, size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..errors import CodecError
@@ -129,3 +131,20 @@ class BitReader:
     def check_end(self) -> None:
         if self.bits.size - self.pos >= 8:
             raise CodecError(f"{(self.bits.size - self.pos) // 8} unexpected trailing bytes")
+
+
+def float_fields(t: Any, wide: bool) -> np.ndarray:
+    """A float tensor as unsigned bit patterns for a `BitWriter`: float16 (16 bits), or float32 when `wide`."""
+    if wide:
+        return t.float().contiguous().numpy().view(np.uint32).ravel()
+    return t.half().contiguous().numpy().view(np.uint16).ravel()
+
+
+def fields_float(codes: np.ndarray, wide: bool) -> np.ndarray:
+    """Inverse of `float_fields`, as float32; non-finite values (corrupt input) are a `CodecError`."""
+    out = (codes.astype(np.uint32).view(np.float32) if wide else codes.astype(np.uint16).view(np.float16)).astype(
+        np.float32
+    )
+    if not np.isfinite(out).all():
+        raise CodecError("non-finite codec parameter")
+    return out
