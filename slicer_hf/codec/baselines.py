@@ -198,7 +198,7 @@ class GroupedIntCodec(Codec):
             raise CodecError("grouped code out of range")
         padded = torch.zeros(n_rows, n_groups * group_size)
         padded[:, :d] = codes.float()
-        x = (padded.reshape(n_rows, n_groups, group_size) * scale[..., None]).reshape(n_rows, -1)[:, :d]
+        x = (padded.reshape(n_rows, n_groups, group_size) * scale[..., None]).reshape(n_rows, -1)[:, :d]  # [N, d]
         if n_out:
             x = x.scatter(1, pos, values)
         return x.to(dtype)
@@ -210,5 +210,5 @@ def _position_bits(d: int) -> int:
 
 def _groups(x: torch.Tensor, size: int) -> torch.Tensor:
     n, d = x.shape
-    pad = -d % size
-    return torch.nn.functional.pad(x, (0, pad)).reshape(n, -1, size)
+    padded = torch.nn.functional.pad(x, (0, -d % size))
+    return padded.reshape(n, padded.shape[1] // size, size)
