@@ -170,7 +170,7 @@ class GroupedIntCodec(Codec):
         scale = scale if wide else scale.half().float()
         codes = torch.round(groups / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp(-qmax, qmax)
         w.write(float_fields(scale, wide), 32 if wide else 16)
-        w.write((codes.reshape(n, -1)[:, :d] + qmax).to(torch.int64).numpy(), self.bits)
+        w.write((codes.reshape(n, codes.shape[1] * codes.shape[2])[:, :d] + qmax).to(torch.int64).numpy(), self.bits)
         return bytes([int(wide), self.bits, n_out]) + write_varint(self.group_size) + w.getvalue()
 
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
@@ -198,7 +198,9 @@ class GroupedIntCodec(Codec):
             raise CodecError("grouped code out of range")
         padded = torch.zeros(n_rows, n_groups * group_size)
         padded[:, :d] = codes.float()
-        x = (padded.reshape(n_rows, n_groups, group_size) * scale[..., None]).reshape(n_rows, -1)[:, :d]  # [N, d]
+        x = (padded.reshape(n_rows, n_groups, group_size) * scale[..., None]).reshape(n_rows, n_groups * group_size)[
+            :, :d
+        ]  # [N, d]
         if n_out:
             x = x.scatter(1, pos, values)
         return x.to(dtype)
