@@ -17,11 +17,12 @@ from .version import __version__
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "slicer_config.json"
-CODECS = ("identity", "fp16", "bf16", "int8", "topk", "slicer")
+CODECS = ("identity", "fp16", "bf16", "int8", "topk", "grouped", "slicer")
 DOWNLINKS = ("hidden", "topk_logits", "logits")
 INDEX_CODINGS = ("auto", "bitmap", "rice")
 ROTATIONS = ("none", "orthogonal")
 ENTROPY_CODINGS = ("none", "zstd")
+QUANTIZERS = ("blocks", "ecsq")
 
 
 @dataclass
@@ -60,6 +61,16 @@ class SlicerConfig:
     )
     entropy_coding: str = field(
         default="zstd", metadata={"help": f"Entropy stage over the packed codes, one of {ENTROPY_CODINGS}."}
+    )
+    quantizer: str = field(
+        default="blocks",
+        metadata={
+            "help": f"How the residual is quantized, one of {QUANTIZERS}: 'blocks' (ATKF + MS + ABQ, fixed-rate "
+            "codes) or 'ecsq' (uniform steps of `step` x the row RMS, rANS-coded; needs sparsity 0)."
+        },
+    )
+    step: float = field(
+        default=0.3, metadata={"help": "ECSQ: quantization step relative to each row's RMS, in (0, 4]."}
     )
     downlink: str = field(default="hidden", metadata={"help": f"What the server sends back, one of {DOWNLINKS}."})
     downlink_topk: int = field(default=64, metadata={"help": "Logits kept per token when downlink='topk_logits'."})
@@ -109,6 +120,14 @@ class SlicerConfig:
             f"must be one of {ENTROPY_CODINGS}",
             self.entropy_coding,
         )
+        _check(self.quantizer in QUANTIZERS, "quantizer", f"must be one of {QUANTIZERS}", self.quantizer)
+        _check(0.0 < self.step <= 4.0, "step", "must be in (0, 4]", self.step)
+        _check(
+            self.codec != "slicer" or self.quantizer != "ecsq" or self.sparsity == 0.0,
+            "sparsity",
+            "must be 0 with quantizer='ecsq' (ECSQ codes every entry)",
+            self.sparsity,
+        )
         _check(self.downlink in DOWNLINKS, "downlink", f"must be one of {DOWNLINKS}", self.downlink)
         _check(self.downlink_topk >= 1, "downlink_topk", "must be >= 1", self.downlink_topk)
         _check(self.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", "must be >= 1", self.prefill_chunk_tokens)
@@ -136,6 +155,8 @@ class SlicerConfig:
             "outliers": self.outliers,
             "rotation": self.rotation,
             "entropy_coding": self.entropy_coding,
+            "quantizer": self.quantizer,
+            "step": self.step,
         }
 
     def replace(self, **changes: Any) -> SlicerConfig:

@@ -1,3 +1,4 @@
+import importlib.util
 import time
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slicer_hf import CodecError, SlicerConfig, build_codec
+from slicer_hf import CodecError, ConfigError, SlicerConfig, build_codec
 from slicer_hf.codec import available_codecs, codec_from_spec
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -21,6 +22,11 @@ LOSSY_BOUNDS = {
     "slicer-asymmetric": ("slicer", {"sparsity": 0.3, "asymmetry": 0.7, "rotation": "none", "outliers": 0}, 0.7),
     "slicer-tight": ("slicer", {"distortion": 0.01, "bit_candidates": (2, 4, 8, 12)}, 0.015),
 }
+HAS_CONSTRICTION = importlib.util.find_spec("constriction") is not None
+needs_constriction = pytest.mark.skipif(not HAS_CONSTRICTION, reason="quantizer='ecsq' needs constriction")
+if HAS_CONSTRICTION:
+    LOSSY_BOUNDS["slicer-ecsq"] = ("slicer", {"quantizer": "ecsq"}, 0.1)
+    LOSSY_BOUNDS["slicer-ecsq-unrotated"] = ("slicer", {"quantizer": "ecsq", "rotation": "none", "step": 0.1}, 0.03)
 
 
 def hidden_states(*shape, seed=0, dtype=torch.float32):
@@ -171,6 +177,8 @@ def test_shape_claims_cannot_force_huge_allocations():
 
 FUZZ_CODECS = {name: build_codec(name) for name in available_codecs()}
 FUZZ_CODECS["slicer-sparse"] = build_codec("slicer", sparsity=0.6, num_blocks=4, rotation="none")
+if HAS_CONSTRICTION:
+    FUZZ_CODECS["slicer-ecsq"] = build_codec("slicer", quantizer="ecsq")
 FUZZ_PACKETS = {
     name: [codec.encode(hidden_states(*shape, seed=i)) for i, shape in enumerate([(1, 1, 576), (3, 100), (2, 7)])]
     for name, codec in FUZZ_CODECS.items()
@@ -248,3 +256,127 @@ def test_empty_batches_round_trip():
         codec = build_codec(name)
         y = codec.decode(codec.encode(torch.zeros(0, 3, 16)))
         assert y.shape == (0, 3, 16)
+
+
+# ------------------------------------------------------------------------------------------------ ECSQ
+def _residual_rel_err(y, x, n_out=2):
+    """Relative L2 error of each row's non-outlier part (what ECSQ quantizes), averaged over rows."""
+    out = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :n_out]
+    residual = x.scatter(1, out, 0.0)
+    return ((y - x).double().norm(dim=1) / residual.double().norm(dim=1)).mean().item()
+
+
+@needs_constriction
+@pytest.mark.parametrize("rotation", ["orthogonal", "none"])
+@pytest.mark.parametrize("step", [0.05, 0.1, 0.3, 0.6])
+def test_ecsq_error_scales_with_the_step(step, rotation):
+    # uniform steps of step x rms: error RMS step / sqrt(12) of the residual's RMS, while step << 1
+    codec = build_codec("slicer", quantizer="ecsq", step=step, rotation=rotation)
+    x = hidden_states(64, 576, seed=5)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert _residual_rel_err(y, x) == pytest.approx(step / 12**0.5, rel=0.1)
+    out = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :2]
+    assert torch.equal(y.gather(1, out), x.gather(1, out).half().float())  # exact outliers
+
+
+@needs_constriction
+def test_ecsq_coarser_steps_cost_fewer_bits():
+    x = hidden_states(16, 576, seed=6)
+    sizes = [len(build_codec("slicer", quantizer="ecsq", step=s).encode(x)) for s in (0.1, 0.2, 0.3, 0.4)]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+
+
+@needs_constriction
+def test_ecsq_beats_the_blocks_at_a_similar_error():
+    x = hidden_states(64, 576, seed=7)
+    blocks = build_codec("slicer", num_blocks=2, distortion=0.15)
+    ecsq = build_codec("slicer", quantizer="ecsq", step=0.25)
+    err_blocks, err_ecsq = (rel_err(c.decode(c.encode(x)), x) for c in (blocks, ecsq))
+    assert err_ecsq <= 1.1 * err_blocks
+    assert len(ecsq.encode(x)) < 0.9 * len(blocks.encode(x))
+
+
+@needs_constriction
+@pytest.mark.parametrize("params", [{}, {"rotation": "none"}, {"outliers": 0}, {"step": 0.05}])
+def test_ecsq_is_deterministic_and_self_describing(params):
+    x = hidden_states(3, 576, seed=8)
+    codec = build_codec("slicer", quantizer="ecsq", **params)
+    data = codec.encode(x)
+    assert data == build_codec("slicer", quantizer="ecsq", **params).encode(x.clone())
+    # the packet says ECSQ and carries the step: a decoder built with other knobs reads it
+    assert torch.equal(build_codec("slicer").decode(data), codec.decode(data))
+    assert codec_from_spec(codec.spec()).encode(x) == data
+
+
+@needs_constriction
+@pytest.mark.parametrize("shape", [(1, 1, 576), (7, 100), (513, 64), (1, 1, 1), (2, 2), (0, 3, 16)])
+@pytest.mark.parametrize("params", [{}, {"rotation": "none"}, {"outliers": 0}, {"outliers": 8, "rotation": "none"}])
+def test_ecsq_odd_shapes_round_trip(shape, params):
+    codec = build_codec("slicer", quantizer="ecsq", **params)
+    x = hidden_states(*shape) if shape[0] else torch.zeros(shape)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    if x.numel():
+        assert rel_err(y, x) < 0.1
+
+
+@needs_constriction
+def test_ecsq_zero_rows_cost_no_codes():
+    codec = build_codec("slicer", quantizer="ecsq")
+    x = hidden_states(4, 100, seed=9)
+    x[1] = 0.0
+    y = codec.decode(codec.encode(x))
+    assert torch.equal(y[1], torch.zeros(100))
+    zeros = torch.zeros(3, 100)
+    assert torch.equal(codec.decode(codec.encode(zeros)), zeros)
+    # envelope (6 bytes), ECSQ header (4), per row 2 outliers (7 + 16 bits each) and a 16-bit RMS; no codes
+    assert len(codec.encode(zeros)) == 6 + 4 + (3 * (2 * 23 + 16) + 7) // 8
+
+
+@needs_constriction
+def test_ecsq_extreme_magnitudes():
+    codec = build_codec("slicer", quantizer="ecsq")
+    x = hidden_states(1, 2, 576)
+    x[0, 0, 507] = 24_000.0
+    x[0, 1, 247] = 1e6  # beyond float16: float32 outliers
+    y = codec.decode(codec.encode(x))
+    assert torch.isfinite(y).all() and y[0, 1, 247] == 1e6
+    bulk = torch.randn(2, 64) * 1e5  # row RMS beyond float16: float32 RMS
+    assert rel_err(codec.decode(codec.encode(bulk)), bulk) < 0.1
+    small = torch.randn(2, 64) * 1e-7  # row RMS below float16's normal range: float32 RMS
+    assert rel_err(codec.decode(codec.encode(small)), small) < 0.1
+
+
+@needs_constriction
+@pytest.mark.parametrize("step", [4.0, 1e-6])
+def test_ecsq_extreme_steps_round_trip(step):
+    codec = build_codec("slicer", quantizer="ecsq", step=step, rotation="none", outliers=0)
+    onehot = torch.zeros(8, 4096)
+    onehot[:, 7] = 3.0  # all codes 0 but one: the cheapest a valid stream gets
+    flat = -torch.ones(4, 64)
+    for x in (onehot, flat):
+        y = codec.decode(codec.encode(x))
+        assert y.shape == x.shape
+
+
+def test_ecsq_settings_are_validated():
+    with pytest.raises(ConfigError, match="`quantizer` must be one of"):
+        build_codec("slicer", quantizer="vq")
+    with pytest.raises(ConfigError, match=r"`step` must be in \(0, 4\], got 0"):
+        build_codec("slicer", quantizer="ecsq", step=0)
+    with pytest.raises(ConfigError, match="`sparsity` must be 0 with quantizer='ecsq'"):
+        build_codec("slicer", quantizer="ecsq", sparsity=0.5)
+
+
+@needs_constriction
+def test_ecsq_stream_must_hold_exactly_the_codes():
+    codec = build_codec("slicer", quantizer="ecsq")
+    data = codec.encode(hidden_states(2, 576, seed=10))
+    for bad in (data + b"\x01", data[:-1], data + b"\x00", data[:-40]):
+        with pytest.raises(CodecError):
+            codec.decode(bad)
+    claim = bytearray(build_codec("slicer", quantizer="ecsq", step=4.0).encode(torch.ones(1, 4)))
+    claim[4] = 0x7F  # d = 127 instead of 4 from the same few bytes
+    with pytest.raises(CodecError):
+        codec.decode(bytes(claim))

@@ -1,8 +1,9 @@
 """The SLICER codec: exact outliers, optional fixed rotation, asymmetric top-K filtering (ATKF), magnitude
 splitting into equal-cardinality blocks (MS), adaptive per-block bitwidths under a distortion budget (ABQ),
-the cheaper index coding per row, and an optional entropy stage.
+the cheaper index coding per row, and an optional entropy stage. Or, with `quantizer="ecsq"`, entropy-coded
+scalar quantization (ECSQ) of the (rotated) residual in place of ATKF + MS + ABQ + indices + zstd.
 
-Payload after the envelope::
+Payload after the envelope (`quantizer="blocks"`)::
 
     [flags u8][K varint][M u8][n_out u8][body]         body zstd-compressed when flags says so
     body, one LSB-first bitstream:
@@ -12,8 +13,20 @@ Payload after the envelope::
       block bitwidths    N*M x 5 bits                     block lo, hi    N*M*2 x 16|32 bits
       signs              N*K bits                          magnitude codes N*K x bitwidth(block)
 
+ECSQ payload (flags holds F_ECSQ; F_ZSTD never)::
+
+    [flags u8][n_out u8][step float16][head][ans]
+    head, one LSB-first bitstream padded to a byte:
+      outlier positions  N*n_out x ceil(log2 d) bits      outlier values  N*n_out x 16|32 bits
+      row RMS            N x 16|32 bits (F_WIDE_PARAMS: float32), absent when no entry is left to code
+    ans: one rANS stream (`constriction`, little-endian uint32 words, the last word's zero high bytes dropped) of
+      the codes round(y / (step * rms)) of every coded entry of every row with rms > 0, row-major, clipped to
+      [-B, B], B = min(ceil(1.002 sqrt(d') / step) + 1, 32767) (d' = d rotated, else d - n_out), under a quantized
+      Gaussian of mean 0 and std 1/step on [-B-1, B] (-B-1 is never sent)
+
 Selection, quantization, packing and dequantization run through `ops` (one dispatch point: the pure-torch
-reference, or Triton kernels on CUDA); the outlier and kept-position sections and zstd stay on the host.
+reference, or Triton kernels on CUDA); the outlier and kept-position sections, zstd and the rANS coder stay on
+the host.
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ from .bits import BitReader, BitWriter, Reader, write_varint
 from .indices import read_positions, write_positions
 from .ops import FP16_MAX
 
-F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS = 1, 2, 4, 8
+F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS, F_ECSQ = 1, 2, 4, 8, 16
+ECSQ_MAX_CODE = (1 << 15) - 1  # |code| bound: steps below ~sqrt(d)/32767 clip the largest values
+FP16_TINY = float(torch.finfo(torch.float16).tiny)  # a row RMS below float16's normal range goes as float32
 ROTATION_BLOCK = 1024
 ROTATION_SEED = 0x51C3
 # Where `_decode_rows` builds its rows: set by `SlicerCodec.decode` when the kernels run on the target device.
@@ -86,6 +101,8 @@ class SlicerCodec(Codec):
         outliers: int = 2,
         rotation: str = "orthogonal",
         entropy_coding: str = "zstd",
+        quantizer: str = "blocks",
+        step: float = 0.3,
         zstd_level: int = 3,
         **kwargs: Any,
     ) -> None:
@@ -103,11 +120,15 @@ class SlicerCodec(Codec):
             outliers=outliers,
             rotation=rotation,
             entropy_coding=entropy_coding,
+            quantizer=quantizer,
+            step=step,
         )
         self._params = cfg.codec_params()
         for key, value in self._params.items():
             setattr(self, key, value)
         self.zstd_level = zstd_level
+        if self.quantizer == "ecsq":
+            _constriction()  # fail at construction, not at the first packet
 
     def params(self) -> dict[str, Any]:
         return {**self._params, "bit_candidates": list(self.bit_candidates)}
@@ -117,20 +138,15 @@ class SlicerCodec(Codec):
         return ops.use_kernels(device)  # rows stay where the codec kernels run
 
     def _encode_rows(self, rows: torch.Tensor) -> bytes:
+        if self.quantizer == "ecsq":
+            return self._encode_ecsq(rows)
         x = rows.float()  # [N, d], on the rows' device
         n, d = x.shape
         n_out = min(self.outliers, d)
         rotated = self.rotation == "orthogonal"
         w = _CountingWriter()
 
-        residual, out_pos, wide_out = x, None, False
-        if n_out:
-            out_pos = ops.top_positions(x, n_out)  # [N, n_out], ascending
-            out_val = x.gather(1, out_pos)
-            wide_out = bool(out_val.numel() and out_val.abs().max() > FP16_MAX)
-            residual = x.scatter(1, out_pos, 0.0)
-            w.write(out_pos.cpu().numpy(), max(1, math.ceil(math.log2(d))))
-            w.write(_float_bits(out_val.cpu(), wide_out), 32 if wide_out else 16)
+        residual, out_pos, wide_out = _write_outliers(w, x, n_out)
         y = rotate(residual) if rotated else residual  # [N, d]
 
         avail = d if rotated else d - n_out
@@ -175,6 +191,8 @@ class SlicerCodec(Codec):
 
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         flags = reader.u8()
+        if flags & F_ECSQ:
+            return _decode_ecsq(reader, flags, n_rows, d, dtype)
         if flags & ~(F_ROTATION | F_ZSTD | F_WIDE_PARAMS | F_WIDE_OUTLIERS):
             raise CodecError(f"unknown slicer flags {flags:#x}")
         k = reader.varint(limit=d)
@@ -200,16 +218,7 @@ class SlicerCodec(Codec):
             else torch.zeros(0, dtype=torch.uint8, device=device)
         )
 
-        residual_pos = torch.zeros(n_rows, 0, dtype=torch.long)
-        if n_out:
-            residual_pos = torch.from_numpy(
-                r.read(n_rows * n_out, max(1, math.ceil(math.log2(d)))).astype(np.int64)
-            ).reshape(n_rows, n_out)
-            if (residual_pos >= d).any():
-                raise CodecError("outlier position out of range")
-            out_val = _bits_float(
-                r.read(n_rows * n_out, 32 if flags & F_WIDE_OUTLIERS else 16), bool(flags & F_WIDE_OUTLIERS)
-            ).reshape(n_rows, n_out)
+        residual_pos, out_val = _read_outliers(r, n_rows, n_out, d, bool(flags & F_WIDE_OUTLIERS))
         if k == 0:
             r.check_end()
             x = torch.zeros(n_rows, d, device=device)
@@ -255,6 +264,169 @@ class SlicerCodec(Codec):
         if n_out:
             x = x.scatter(1, residual_pos.to(device), out_val.to(device))
         return x.to(dtype)
+
+    # ---------------------------------------------------------------- ECSQ
+    def _encode_ecsq(self, rows: torch.Tensor) -> bytes:
+        """Exact outliers, rotation, then every entry as round(y / (step * rms)), one rANS stream for all rows."""
+        x = rows.float()  # [N, d], on the rows' device
+        n, d = x.shape
+        n_out = min(self.outliers, d)
+        rotated = self.rotation == "orthogonal"
+        step = _ecsq_step(self.step)
+        w = BitWriter()
+        residual, out_pos, wide_out = _write_outliers(w, x, n_out)
+        y = rotate(residual) if rotated else residual  # [N, d]
+        avail = d if rotated else d - n_out
+        flags = F_ECSQ | (F_ROTATION if rotated else 0) | (F_WIDE_OUTLIERS if wide_out else 0)
+        ans = b""
+        if avail and n:
+            rms = (y.double().pow(2).sum(1) / avail).sqrt()  # [N]; exact outliers are zeros here
+            wide = bool(((rms > FP16_MAX) | ((rms > 0) & (rms < FP16_TINY))).any())
+            rms = rms.float() if wide else rms.to(torch.float16)  # as the wire holds it
+            w.write(_float_bits(rms.cpu(), wide), 32 if wide else 16)
+            flags |= F_WIDE_PARAMS if wide else 0
+            scale = step * rms.double()[:, None]  # [N, 1]
+            bound = _ecsq_bound(avail, step)
+            codes = torch.where(scale > 0, y.double() / scale.clamp_min(1e-300), 0.0).round().clamp(-bound, bound)
+            coded = _ecsq_coded(rms, None if rotated else out_pos, d)  # [N, d] bool
+            symbols = codes[coded].to(torch.int32).cpu().numpy()
+            if symbols.size:
+                coder = _constriction().stream.stack.AnsCoder()
+                coder.encode_reverse(symbols, _ecsq_model(bound, step))
+                ans = coder.get_compressed().astype("<u4").tobytes()
+                ans = ans[: len(ans) - min(3, len(ans) - len(ans.rstrip(b"\0")))]  # ANS never ends in a zero word
+        return bytes([flags, n_out]) + np.float16(step).tobytes() + w.getvalue() + ans
+
+
+def _decode_ecsq(reader: Reader, flags: int, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    if flags & ~(F_ECSQ | F_ROTATION | F_WIDE_PARAMS | F_WIDE_OUTLIERS):
+        raise CodecError(f"unknown slicer ECSQ flags {flags:#x}")
+    n_out = reader.u8()
+    step = float(np.frombuffer(reader.take(2), dtype="<f2")[0])
+    if n_out > d or not 0.0 < step <= 4.0:  # NaN fails too
+        raise CodecError(f"inconsistent slicer ECSQ header: d={d}, outliers={n_out}, step={step}")
+    rotated, wide = bool(flags & F_ROTATION), bool(flags & F_WIDE_PARAMS)
+    avail = d if rotated else d - n_out
+    wide_out = bool(flags & F_WIDE_OUTLIERS)
+    head_bits = n_rows * (n_out * (max(1, math.ceil(math.log2(d))) + (32 if wide_out else 16)))
+    head_bits += n_rows * (32 if wide else 16) if avail else 0
+    if reader.remaining() * 8 < head_bits:
+        raise CodecError(f"slicer ECSQ payload of {reader.remaining()} bytes is too short for {n_rows} rows")
+    r = BitReader(reader.take(math.ceil(head_bits / 8)))
+    out_pos, out_val = _read_outliers(r, n_rows, n_out, d, wide_out)
+    device = _DECODE_DEVICE.get() or torch.device("cpu")
+    rms = _bits_float(r.read(n_rows, 32 if wide else 16), wide) if avail else torch.zeros(n_rows)  # [N]
+    if (rms < 0).any():
+        raise CodecError("negative row RMS")
+    n_sym = int((rms > 0).sum()) * avail
+    ans = reader.take(reader.remaining())
+    if not n_sym:
+        if ans:
+            raise CodecError(f"{len(ans)} unexpected bytes after the slicer ECSQ head")
+        x = torch.zeros(n_rows, d, device=device)
+    else:  # the stream is checked against the codes it must hold before the rows are built
+        symbols = _ans_decode(ans, n_sym, _ecsq_bound(avail, step), step)
+        coded = _ecsq_coded(rms, None if rotated else out_pos, d)  # [N, d] bool
+        if int(coded.sum()) != n_sym:
+            raise CodecError("duplicate outlier positions")
+        y = torch.zeros(n_rows, d)
+        y[coded] = torch.from_numpy(symbols).float()
+        y = y.to(device) * (step * rms.to(device))[:, None]
+        x = rotate(y, inverse=True) if rotated else y
+    if n_out:
+        x = x.scatter(1, out_pos.to(device), out_val.to(device))
+    return x.to(dtype)
+
+
+def _ans_decode(ans: bytes, n_sym: int, bound: int, step: float) -> np.ndarray:
+    """`n_sym` codes from the rANS section; a stream too short for them, or not used up exactly, is a `CodecError`."""
+    if ans.endswith(b"\0"):
+        raise CodecError("the slicer ECSQ stream ends in a zero byte (the encoder drops those)")
+    # a code costs at least -log2 of the largest probability a code can have (code 0, or +B holding the upper tail),
+    # so a claim of many codes needs a long enough stream (-B-1, free on an empty coder, is never a valid code)
+    p_max = max(math.erf(step / (2 * math.sqrt(2))), 0.5 * math.erfc((bound - 0.5) * step / math.sqrt(2)))
+    min_bits = n_sym * -math.log2(min(1.0, p_max + 2.0**-12))
+    if 8 * len(ans) + 64 < 0.9 * min_bits:
+        raise CodecError(f"slicer ECSQ stream of {len(ans)} bytes is too short for {n_sym} codes")
+    words = np.frombuffer(ans + b"\0" * (-len(ans) % 4), dtype="<u4").astype(np.uint32)
+    try:
+        coder = _constriction().stream.stack.AnsCoder(words)
+        symbols = coder.decode(_ecsq_model(bound, step), n_sym)
+        exact = coder.is_empty()
+    except CodecError:
+        raise
+    except Exception as exc:  # constriction raises ValueError and friends on corrupt streams
+        raise CodecError(f"corrupt slicer ECSQ stream: {type(exc).__name__}: {exc}") from exc
+    symbols = np.asarray(symbols, dtype=np.int32)
+    # an exhausted coder keeps decoding the model's lowest symbol, which no valid stream holds
+    if not exact or symbols.size != n_sym or (symbols.size and symbols.min() < -bound):
+        raise CodecError(f"slicer ECSQ stream does not hold exactly {n_sym} codes")
+    return symbols
+
+
+def _ecsq_step(step: float) -> float:
+    """The step as the wire holds it (float16), never rounded to zero."""
+    return max(float(np.float16(step)), float(np.finfo(np.float16).smallest_subnormal))
+
+
+def _ecsq_bound(avail: int, step: float) -> int:
+    """|code| bound: |y| <= sqrt(d') * rms, so codes stay within it (the RMS's float16 rounding included)."""
+    return min(math.ceil(1.002 * math.sqrt(avail) / step) + 1, ECSQ_MAX_CODE)
+
+
+def _ecsq_coded(rms: torch.Tensor, out_pos: torch.Tensor | None, d: int) -> torch.Tensor:
+    """`[N, d]` bool: the entries that carry a code (rows with rms > 0, exact-outlier positions excluded)."""
+    coded = (rms > 0)[:, None].expand(rms.shape[0], d)
+    if out_pos is not None and out_pos.numel():
+        coded = coded.clone().scatter(1, out_pos.to(coded.device), False)
+    return coded
+
+
+@functools.lru_cache(maxsize=64)
+def _ecsq_model(bound: int, step: float) -> Any:
+    """Quantized Gaussian, mean 0, std 1/step: a row's values over its rms, in code units.
+
+    Codes lie in [-bound, bound]; the model's support starts one lower because rANS codes its lowest symbol onto an
+    empty coder for free, which would let a few bytes claim any number of codes.
+    """
+    return _constriction().stream.model.QuantizedGaussian(-bound - 1, bound, 0.0, 1.0 / step)
+
+
+def _constriction() -> Any:
+    try:
+        import constriction
+    except ImportError as exc:
+        raise CodecError("quantizer='ecsq' needs the `constriction` package (pip install constriction)") from exc
+    return constriction
+
+
+def _write_outliers(w: BitWriter, x: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Exact outliers of rows `x` `[N, d]` into `w` (positions, then float16|32 values).
+
+    Returns the residual (outliers zeroed), the `[N, n_out]` positions (None without outliers) and whether the values
+    need float32.
+    """
+    if not n_out:
+        return x, None, False
+    out_pos = ops.top_positions(x, n_out)  # [N, n_out], ascending
+    out_val = x.gather(1, out_pos)
+    wide_out = bool(out_val.numel() and out_val.abs().max() > FP16_MAX)
+    w.write(out_pos.cpu().numpy(), max(1, math.ceil(math.log2(x.shape[1]))))
+    w.write(_float_bits(out_val.cpu(), wide_out), 32 if wide_out else 16)
+    return x.scatter(1, out_pos, 0.0), out_pos, wide_out
+
+
+def _read_outliers(
+    r: BitReader, n_rows: int, n_out: int, d: int, wide: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `_write_outliers` wrote: positions `[N, n_out]` (int64, on the host) and values (None without outliers)."""
+    if not n_out:
+        return torch.zeros(n_rows, 0, dtype=torch.long), None
+    pos = torch.from_numpy(r.read(n_rows * n_out, max(1, math.ceil(math.log2(d)))).astype(np.int64))
+    if (pos >= d).any():
+        raise CodecError("outlier position out of range")
+    val = _bits_float(r.read(n_rows * n_out, 32 if wide else 16), wide)
+    return pos.reshape(n_rows, n_out), val.reshape(n_rows, n_out)
 
 
 class _CountingWriter(BitWriter):
