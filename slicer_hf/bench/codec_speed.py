@@ -7,7 +7,6 @@ Single-token packets (decoding) and 256-token packets (prefill), on real hidden 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from ..config import SlicerConfig
 from ..data import load_text, resolve_model
 from ..demo import default_config_dir
 from ..hooks import SplitPlan, attach_hooks, split_plan
-from .common import markdown_table, median_time, write_json
+from .common import markdown_table, median_time, suite_parser, write_json
 
 CODECS: list[tuple[str, dict[str, Any]]] = [("fp16", {}), ("int8", {}), ("topk", {"sparsity": 0.75})]
 
@@ -97,10 +96,7 @@ def run(model: str = "smollm2", config_dir: str | None = None, out_json: str | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--out-json", default="docs/benchmarks/codec_speed.json")
+    parser = suite_parser(__doc__, "docs/benchmarks/codec_speed.json")
     args = parser.parse_args(argv)
     run(args.model, args.config, args.out_json)
 

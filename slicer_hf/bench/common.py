@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -51,3 +52,12 @@ def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> flo
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:
+    """The options every real-model suite takes: --model, --config, --out-json."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--model", default="smollm2", help="Hub id, local folder, or 'smollm2' (embedded)")
+    parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
+    parser.add_argument("--out-json", default=out_json)
+    return parser

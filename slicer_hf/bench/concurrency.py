@@ -9,7 +9,6 @@ them over its own gRPC session, as fast as the server answers. The server's own 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import threading
@@ -28,6 +27,7 @@ from ..demo import default_config_dir, start_server
 from ..modeling import SlicerModelForCausalLM
 from ..server.engine import model_fingerprint
 from ..transport.grpc import STATS_METHOD, GrpcTransport
+from .common import suite_parser
 
 
 def record_packets(model_path: str, config: SlicerConfig, prompt_tokens: int, decode_steps: int) -> list[bytes]:
@@ -189,13 +189,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
+    parser = suite_parser(__doc__, "docs/benchmarks/concurrency.json")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--out-json", default="docs/benchmarks/concurrency.json")
     args = parser.parse_args(argv)
     run(args.model, args.config, args.clients, args.prompt_tokens, args.decode_steps, args.out_json)
 

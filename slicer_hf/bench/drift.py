@@ -10,7 +10,6 @@ agreement, in buckets of generation length.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from ..config import SlicerConfig
 from ..data import load_text, resolve_model
 from ..demo import default_config_dir
 from ..modeling import SlicerModelForCausalLM, unsplit
-from .common import markdown_table, write_json
+from .common import markdown_table, suite_parser, write_json
 
 
 @torch.inference_mode()
@@ -91,14 +90,11 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--config", default=None)
+    parser = suite_parser(__doc__, "docs/benchmarks/drift.json")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--bucket", type=int, default=64)
-    parser.add_argument("--out-json", default="docs/benchmarks/drift.json")
     args = parser.parse_args(argv)
     run(args.model, args.config, args.prompts, args.prompt_tokens, args.new_tokens, args.bucket, args.out_json)
 

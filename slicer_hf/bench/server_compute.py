@@ -13,7 +13,6 @@ decode steps); the server's process CPU time per decode token comes from its own
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from transformers import AutoConfig
@@ -25,7 +24,7 @@ from ..data import resolve_model
 from ..demo import default_config_dir, start_server
 from ..server.engine import model_fingerprint
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import markdown_table, write_json
+from .common import markdown_table, suite_parser, write_json
 from .concurrency import record_packets, run_client
 
 
@@ -123,13 +122,10 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--config", default=None)
+    parser = suite_parser(__doc__, "docs/benchmarks/server_compute.json")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out-json", default="docs/benchmarks/server_compute.json")
     args = parser.parse_args(argv)
     run(args.model, args.config, args.prompt_tokens, args.decode_steps, args.repeats, args.out_json)
 
