@@ -6,8 +6,11 @@ current server dies the link replays its session onto the next one (see `link.Su
 
 from __future__ import annotations
 
+import atexit
+import gc
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,6 +24,15 @@ SESSION_METHOD = f"/{SERVICE}/Session"
 STATS_METHOD = f"/{SERVICE}/Stats"
 METRICS_METHOD = f"/{SERVICE}/Metrics"
 _END = object()
+_OPEN: weakref.WeakSet[GrpcTransport] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Cancel streams still open at exit: a reader thread blocked in gRPC's core at shutdown aborts the process."""
+    for transport in list(_OPEN):
+        transport.close()
+    gc.collect()  # destroy closed channels now, while the gRPC runtime is still up
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -89,6 +101,7 @@ class GrpcTransport(Transport):
 
         self._call = stream(requests(), metadata=self._metadata())
         call = self._call
+        _OPEN.add(self)
 
         def pump() -> None:  # replies -> inbox; errors end the stream
             try:
@@ -98,7 +111,8 @@ class GrpcTransport(Transport):
             except grpc.RpcError as exc:
                 inbox.put(_as_transport_error(exc, self.name))
 
-        threading.Thread(target=pump, name="slicer-grpc-reader", daemon=True).start()
+        self._reader = threading.Thread(target=pump, name="slicer-grpc-reader", daemon=True)
+        self._reader.start()
 
     def request(self, data: bytes) -> bytes:
         if self._call is None:
@@ -124,6 +138,8 @@ class GrpcTransport(Transport):
             self._outbox.put(_END)
             self._call.cancel()
             self._call = None
+            self._reader.join(timeout=5)
+            _OPEN.discard(self)
         if self._channel is not None:
             self._channel.close()
             self._channel = None
