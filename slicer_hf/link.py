@@ -12,10 +12,25 @@ import torch
 
 from . import protocol
 from .codec import Codec, build_codec
+from .config import SlicerConfig
 from .errors import ProtocolError, TransportError
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
+
+
+def open_request(config: SlicerConfig, model_config: Any, model_name: str, split_layer: int, codec: Codec) -> dict:
+    """The OPEN message body: the client's model fingerprint, split layer, codec spec and downlink."""
+    from .server.engine import model_fingerprint
+
+    return {
+        "model": model_name,
+        "fingerprint": model_fingerprint(model_config),
+        "split_layer": split_layer,
+        "codec": codec.spec(),
+        "downlink": config.downlink,
+        "downlink_topk": config.downlink_topk,
+    }
 
 
 @dataclass

@@ -26,9 +26,9 @@ from .codec import build_codec
 from .config import CONFIG_NAME, SlicerConfig
 from .errors import ConfigError
 from .hooks import SplitPlan, attach_hooks, split_plan
-from .link import SuffixLink, WireStats
+from .link import SuffixLink, WireStats, open_request
 from .loading import load_layers, release_layers
-from .server.engine import SplitServer, model_fingerprint
+from .server.engine import SplitServer
 from .transport import LocalTransport, Transport, make_transport
 
 logger = logging.getLogger(__name__)
@@ -163,14 +163,8 @@ class SlicerGenerationMixin:
         self.close_session()
         cfg = self.slicer_config
         codec = build_codec(cfg)
-        request = {
-            "model": cfg.model_id or getattr(self.config, "_name_or_path", ""),
-            "fingerprint": model_fingerprint(self.config),
-            "split_layer": k,
-            "codec": codec.spec(),
-            "downlink": cfg.downlink,
-            "downlink_topk": cfg.downlink_topk,
-        }
+        name = cfg.model_id or getattr(self.config, "_name_or_path", "")
+        request = open_request(cfg, self.config, name, k, codec)
         self._slicer_link = SuffixLink(self._slicer_transport, request, codec)
         weakref.finalize(self, self._slicer_link.close)
         return self._slicer_link

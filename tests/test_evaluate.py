@@ -156,3 +156,32 @@ def test_server_compute_suite_measures_a_real_server(tiny_dir, tmp_path):
     assert [r["downlink"] for r in rows] == ["hidden", "topk_logits", "logits"]
     assert rows[-1]["split_layer"] == 1 and rows[-1]["saving_vs_whole"] == 1.0
     assert all(math.isfinite(r["server_cpu_ms_per_decode_token"]) for r in rows)  # tiny model: noise-level CPU
+
+
+def test_concurrency_suite_measures_batched_and_one_by_one(tiny_dir, tmp_path):
+    out = tmp_path / "concurrency.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "concurrency",
+            "--model",
+            str(tiny_dir),
+            "--config",
+            str(tiny_dir / "preset"),
+            "--clients",
+            "1",
+            "3",
+            "--prompt-tokens",
+            "4",
+            "--decode-steps",
+            "3",
+            "--out-json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batching"], r["clients"]) for r in rows] == [(False, 1), (False, 3), (True, 1), (True, 3)]
+    assert all(r["decode_tokens"] == r["clients"] * 3 for r in rows)
+    assert all(r["batches"] == 0 for r in rows if not r["batching"])

@@ -24,8 +24,8 @@ from ..codec import build_codec
 from ..config import SlicerConfig
 from ..data import resolve_model
 from ..demo import default_config_dir, start_server
+from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
-from ..server.engine import model_fingerprint
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from .common import suite_parser
 
@@ -48,10 +48,10 @@ def record_packets(model_path: str, config: SlicerConfig, prompt_tokens: int, de
 
 
 def run_client(
-    url: str, open_request: dict[str, Any], packets: list[bytes], prompt_tokens: int, latencies: list[float]
+    url: str, request: dict[str, Any], packets: list[bytes], prompt_tokens: int, latencies: list[float]
 ) -> None:
     transport = GrpcTransport([url], timeout_s=600)
-    reply = transport.request(protocol.encode_json(protocol.OPEN, open_request))
+    reply = transport.request(protocol.encode_json(protocol.OPEN, request))
     protocol.raise_if_error(reply)
     session = protocol.decode_json(reply)["session"]
     start = 0
@@ -70,13 +70,13 @@ def run_client(
 
 
 def measure(
-    url: str, clients: int, open_request: dict[str, Any], packets: list[bytes], prompt_tokens: int
+    url: str, clients: int, request: dict[str, Any], packets: list[bytes], prompt_tokens: int
 ) -> dict[str, Any]:
     stats = lambda: protocol.decode_json(GrpcTransport([url], timeout_s=30).unary(STATS_METHOD))  # noqa: E731
     before = stats()
     latencies: list[float] = []
     threads = [
-        threading.Thread(target=run_client, args=(url, open_request, packets, prompt_tokens, latencies))
+        threading.Thread(target=run_client, args=(url, request, packets, prompt_tokens, latencies))
         for _ in range(clients)
     ]
     t0 = time.perf_counter()
@@ -114,14 +114,7 @@ def run(
     path = resolve_model(model)
     config = SlicerConfig.from_pretrained(config_dir or default_config_dir())
     packets = record_packets(path, config, prompt_tokens, decode_steps)
-    open_request = {
-        "model": model,
-        "fingerprint": model_fingerprint(AutoConfig.from_pretrained(path)),
-        "split_layer": config.split_layer,
-        "codec": build_codec(config).spec(),
-        "downlink": config.downlink,
-        "downlink_topk": config.downlink_topk,
-    }
+    request = open_request(config, AutoConfig.from_pretrained(path), model, config.split_layer, build_codec(config))
     rows = []
     for batching in (False, True):
         flag = "--batching" if batching else "--no-batching"
@@ -140,9 +133,9 @@ def run(
             ],
         )
         try:
-            measure(url, 2, open_request, packets, prompt_tokens)  # warm-up: threads, allocator, first batches
+            measure(url, 2, request, packets, prompt_tokens)  # warm-up: threads, allocator, first batches
             for n in clients or [1, 8, 32]:
-                row = {"batching": batching, **measure(url, n, open_request, packets, prompt_tokens)}
+                row = {"batching": batching, **measure(url, n, request, packets, prompt_tokens)}
                 rows.append(row)
                 print(_fmt(row), flush=True)
         finally:

@@ -22,7 +22,7 @@ from ..codec import build_codec
 from ..config import SlicerConfig
 from ..data import resolve_model
 from ..demo import default_config_dir, start_server
-from ..server.engine import model_fingerprint
+from ..link import open_request
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from .common import markdown_table, suite_parser, write_json
 from .concurrency import record_packets, run_client
@@ -32,14 +32,7 @@ def measure_variant(
     path: str, model: str, config: SlicerConfig, prompt_tokens: int, decode_steps: int, repeats: int
 ) -> dict[str, Any]:
     packets = record_packets(path, config, prompt_tokens, decode_steps)
-    request = {
-        "model": model,
-        "fingerprint": model_fingerprint(AutoConfig.from_pretrained(path)),
-        "split_layer": config.split_layer,
-        "codec": build_codec(config).spec(),
-        "downlink": config.downlink,
-        "downlink_topk": config.downlink_topk,
-    }
+    request = open_request(config, AutoConfig.from_pretrained(path), model, config.split_layer, build_codec(config))
     proc, url = start_server(
         path,
         ["--min-split-layer", str(config.split_layer), "--threads", "1", "--no-batching", "--log-level", "warning"],
