@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "slicer_config.json"
 CODECS = ("identity", "fp16", "bf16", "int8", "topk", "grouped", "slicer")
 DOWNLINKS = ("hidden", "topk_logits", "logits")
+DOWNLINK_DTYPES = ("auto", "float32", "float16", "bfloat16")
 INDEX_CODINGS = ("auto", "bitmap", "rice")
 ROTATIONS = ("none", "orthogonal")
 ENTROPY_CODINGS = ("none", "zstd")
@@ -74,6 +75,10 @@ class SlicerConfig:
     )
     downlink: str = field(default="hidden", metadata={"help": f"What the server sends back, one of {DOWNLINKS}."})
     downlink_topk: int = field(default=64, metadata={"help": "Logits kept per token when downlink='topk_logits'."})
+    downlink_dtype: str = field(
+        default="auto",
+        metadata={"help": f"dtype of hidden states / logits sent back, one of {DOWNLINK_DTYPES} ('auto': exact)."},
+    )
     prefill_chunk_tokens: int = field(
         default=256, metadata={"help": "Prompt tokens per uplink message during prefill."}
     )
@@ -130,6 +135,12 @@ class SlicerConfig:
         )
         _check(self.downlink in DOWNLINKS, "downlink", f"must be one of {DOWNLINKS}", self.downlink)
         _check(self.downlink_topk >= 1, "downlink_topk", "must be >= 1", self.downlink_topk)
+        _check(
+            self.downlink_dtype in DOWNLINK_DTYPES,
+            "downlink_dtype",
+            f"must be one of {DOWNLINK_DTYPES}",
+            self.downlink_dtype,
+        )
         _check(self.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", "must be >= 1", self.prefill_chunk_tokens)
         if self.split_layer is not None and self.num_hidden_layers is not None:
             _check(

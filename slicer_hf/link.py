@@ -30,6 +30,7 @@ def open_request(config: SlicerConfig, model_config: Any, model_name: str, split
         "codec": codec.spec(),
         "downlink": config.downlink,
         "downlink_topk": config.downlink_topk,
+        "downlink_dtype": config.downlink_dtype,
     }
 
 

@@ -208,3 +208,18 @@ def test_slicer_codec_runs_and_compresses(model_pair):
     stats = model.wire_stats()
     fp16_payload = 16 * 64 * 2 * stats.tokens / 16
     assert stats.uplink_payload_bytes < fp16_payload
+
+
+def test_a_narrower_downlink_dtype_halves_the_downlink(model_pair):
+    ref, model = model_pair("llama")
+    ids = prompt(1, 9)
+    sizes, logits = {}, {}
+    for dtype in ("auto", "bfloat16"):
+        m = split(model, downlink_dtype=dtype)
+        m.generate(ids, max_new_tokens=6, do_sample=False)
+        sizes[dtype] = m.wire_stats().downlink_bytes
+        logits[dtype] = m(ids, split_layer=2).logits
+        m.close_session()
+    assert sizes["bfloat16"] < 0.6 * sizes["auto"]
+    assert torch.equal(logits["auto"], ref(ids).logits)  # "auto" sends the model dtype: exact
+    assert (logits["bfloat16"] - logits["auto"]).abs().max() < 0.05 * logits["auto"].abs().max()

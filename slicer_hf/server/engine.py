@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from .. import compat, protocol
 from ..codec import Codec, build_codec, codec_from_spec
-from ..config import DOWNLINKS
+from ..config import DOWNLINK_DTYPES, DOWNLINKS
 from ..errors import CodecError, ProtocolError
 from ..hooks import SplitPlan, attach_hooks, split_plan
 from .batching import StepBatcher
@@ -63,6 +63,7 @@ class Session:
     codec: Codec
     downlink: str
     downlink_topk: int
+    downlink_dtype: torch.dtype | None = None  # None: as computed (exact)
     client: str = ""
     cache: Any = None
     mask: torch.Tensor | None = None  # [B, length] bool, the 2D attention mask so far
@@ -197,11 +198,24 @@ class SplitServer:
         if downlink not in DOWNLINKS:
             raise ProtocolError(f"downlink must be one of {DOWNLINKS}, got {downlink!r}", code="bad_request")
         codec = codec_from_spec(dict(req.get("codec") or {}))
+        downlink_dtype = req.get("downlink_dtype", "auto")
+        if downlink_dtype not in DOWNLINK_DTYPES:
+            raise ProtocolError(
+                f"downlink_dtype must be one of {DOWNLINK_DTYPES}, got {downlink_dtype!r}", code="bad_request"
+            )
         with self._lock:
             self._expire_idle()
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ProtocolError(f"server full: {self.limits.max_sessions} sessions open", code="too_many_sessions")
-            session = Session(next(self._ids), k, codec, downlink, int(req.get("downlink_topk", 64)), client)
+            session = Session(
+                next(self._ids),
+                k,
+                codec,
+                downlink,
+                int(req.get("downlink_topk", 64)),
+                None if downlink_dtype == "auto" else getattr(torch, downlink_dtype),
+                client,
+            )
             self.sessions[session.id] = session
             self.stats.sessions_opened += 1
         logger.info(
@@ -348,6 +362,8 @@ class SplitServer:
             return whole(self.model, **kwargs, logits_to_keep=keep).logits[:, -keep:].float()
 
     def encode_output(self, session: Session, final: torch.Tensor) -> tuple[bytes, int]:
+        if session.downlink_dtype is not None and session.downlink != "topk_logits":
+            final = final.to(session.downlink_dtype)
         if session.downlink == "hidden":
             return self._downlink_codec.encode(final), protocol.REPLY_HIDDEN
         if session.downlink == "logits":
