@@ -43,7 +43,7 @@ import zstandard
 from ..errors import CodecError
 from . import ops
 from .base import Codec
-from .bits import BitReader, BitWriter, Reader, write_varint
+from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
 from .ops import FP16_MAX
 
@@ -283,7 +283,7 @@ class SlicerCodec(Codec):
             rms = (y.double().pow(2).sum(1) / avail).sqrt()  # [N]; exact outliers are zeros here
             wide = bool(((rms > FP16_MAX) | ((rms > 0) & (rms < FP16_TINY))).any())
             rms = rms.float() if wide else rms.to(torch.float16)  # as the wire holds it
-            w.write(_float_bits(rms.cpu(), wide), 32 if wide else 16)
+            w.write(float_fields(rms.cpu(), wide), 32 if wide else 16)
             flags |= F_WIDE_PARAMS if wide else 0
             scale = step * rms.double()[:, None]  # [N, 1]
             bound = _ecsq_bound(avail, step)
@@ -412,7 +412,7 @@ def _write_outliers(w: BitWriter, x: torch.Tensor, n_out: int) -> tuple[torch.Te
     out_val = x.gather(1, out_pos)
     wide_out = bool(out_val.numel() and out_val.abs().max() > FP16_MAX)
     w.write(out_pos.cpu().numpy(), max(1, math.ceil(math.log2(x.shape[1]))))
-    w.write(_float_bits(out_val.cpu(), wide_out), 32 if wide_out else 16)
+    w.write(float_fields(out_val.cpu(), wide_out), 32 if wide_out else 16)
     return x.scatter(1, out_pos, 0.0), out_pos, wide_out
 
 
@@ -476,15 +476,5 @@ def _float_codes(t: torch.Tensor, wide: bool) -> torch.Tensor:
     return t.to(torch.float16).contiguous().view(torch.int16).reshape(-1).to(torch.int64) & 0xFFFF
 
 
-def _float_bits(t: torch.Tensor, wide: bool) -> np.ndarray:
-    if wide:
-        return t.float().contiguous().numpy().view(np.uint32).ravel()
-    return t.to(torch.float16).contiguous().numpy().view(np.uint16).ravel()
-
-
 def _bits_float(codes: np.ndarray, wide: bool) -> torch.Tensor:
-    arr = codes.astype(np.uint32).view(np.float32) if wide else codes.astype(np.uint16).view(np.float16)
-    t = torch.from_numpy(arr.astype(np.float32))
-    if not torch.isfinite(t).all():
-        raise CodecError("non-finite codec parameter")
-    return t
+    return torch.from_numpy(fields_float(codes, wide))
