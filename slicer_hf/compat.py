@@ -104,10 +104,6 @@ def base_model(model: PreTrainedModel) -> nn.Module:
     return model.base_model
 
 
-def lm_head(model: PreTrainedModel) -> nn.Module:
-    return model.get_output_embeddings()
-
-
 def output_embedding_name(model: PreTrainedModel) -> str:
     """Parameter name of the LM head weight (tied to the input embeddings in many models)."""
     head = model.get_output_embeddings()

@@ -223,3 +223,20 @@ def test_a_narrower_downlink_dtype_halves_the_downlink(model_pair):
     assert sizes["bfloat16"] < 0.6 * sizes["auto"]
     assert torch.equal(logits["auto"], ref(ids).logits)  # "auto" sends the model dtype: exact
     assert (logits["bfloat16"] - logits["auto"]).abs().max() < 0.05 * logits["auto"].abs().max()
+
+
+def test_hooks_detach_and_restore_each_layer_exactly(reference_models):
+    import copy
+
+    from slicer_hf.compat import decoder_layers
+    from slicer_hf.hooks import attach_hooks, detach_hooks
+
+    model = copy.deepcopy(reference_models["gpt2"])
+    layers = decoder_layers(model)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    attach_hooks(model)
+    assert all("forward" in layer.__dict__ for layer in layers)
+    detach_hooks(model)
+    assert all("forward" not in layer.__dict__ and not hasattr(layer, "_slicer_hook") for layer in layers)
+    ids = prompt()
+    assert torch.equal(model(ids).logits, reference_models["gpt2"](ids).logits)
