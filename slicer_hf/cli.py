@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -23,6 +24,17 @@ def _setup_logging(level: str) -> None:
     )
 
 
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MB', '4GB', '1.5GiB', '1000000' -> bytes."""
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", text.strip().lower())
+    if match is None or match.group(2) not in SIZE_UNITS:
+        raise typer.BadParameter(f"expected a size like 512MB, 4GB or 2GiB, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
 @app.command()
 def serve(
     model: ModelOpt = "smollm2",
@@ -35,13 +47,27 @@ def serve(
     max_sessions: Annotated[int, typer.Option(help="Concurrent sessions allowed.")] = 64,
     max_step_tokens: Annotated[int, typer.Option(help="Tokens one step message may carry.")] = 4096,
     max_context_tokens: Annotated[int, typer.Option(help="Positions one session may hold.")] = 16384,
-    idle_timeout_s: Annotated[float, typer.Option(help="Close sessions idle this long.")] = 600.0,
+    max_session_batch: Annotated[int, typer.Option(help="Sequences one session may run side by side.")] = 64,
+    kv_memory: Annotated[
+        str | None, typer.Option(help="KV-cache budget of all sessions, e.g. 4GB (default: half the free memory).")
+    ] = None,
+    max_session_kv: Annotated[str, typer.Option(help="KV-cache cap of one session, e.g. 1GiB.")] = "1GiB",
+    max_message_bytes: Annotated[str, typer.Option(help="Largest protocol message, e.g. 64MiB.")] = "64MiB",
+    max_streams: Annotated[int, typer.Option(help="Streams open at once (more get RESOURCE_EXHAUSTED).")] = 1024,
+    idle_timeout_s: Annotated[float, typer.Option(help="Close sessions and their streams idle this long.")] = 600.0,
+    open_timeout_s: Annotated[float, typer.Option(help="Close a stream with no session idle this long.")] = 30.0,
     batching: Annotated[bool, typer.Option(help="Batch decode steps of concurrent sessions.")] = True,
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus GET /metrics over HTTP on this port (0 picks one).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
-    """Serve decoder layers `k..L-1` of MODEL to split clients over gRPC."""
+    """Serve decoder layers `k..L-1` of MODEL to split clients over gRPC.
+
+    SIGTERM or Ctrl-C drains (no new sessions), gives open calls 2 s, then stops.
+    """
     _setup_logging(log_level)
     import torch
 
@@ -61,19 +87,28 @@ def serve(
         max_sessions=max_sessions,
         max_step_tokens=max_step_tokens,
         max_context_tokens=max_context_tokens,
+        max_session_batch=max_session_batch,
+        kv_budget_bytes=parse_bytes(kv_memory) if kv_memory else None,
+        max_session_kv_bytes=parse_bytes(max_session_kv),
+        max_message_bytes=parse_bytes(max_message_bytes),
         idle_timeout_s=idle_timeout_s,
+        open_timeout_s=open_timeout_s,
     )
     server = SplitServer(lm, model_name=model, limits=limits, min_split_layer=min_split_layer, batching=batching)
     cert = tls_cert.read_bytes() if tls_cert else None
     key = tls_key.read_bytes() if tls_key else None
-    grpc_server, bound = grpc_serve(server, host, port, token=token, tls_cert=cert, tls_key=key)
+    running = grpc_serve(
+        server, host, port, token=token, tls_cert=cert, tls_key=key, max_streams=max_streams, metrics_port=metrics_port
+    )
     scheme = "grpcs" if cert else "grpc"
-    print(f"slicer-hf serving {model} on {scheme}://{host}:{bound}", flush=True)
+    if running.metrics_port is not None:
+        print(f"metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
+    print(f"slicer-hf serving {model} on {scheme}://{host}:{running.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    grpc_server.stop(grace=2).wait()
+    running.stop(grace_s=2.0)
     server.shutdown()
 
 
@@ -92,6 +127,21 @@ def stats(
         print(transport.unary(METRICS_METHOD).decode(), end="")
     else:
         print(json.dumps(protocol.decode_json(transport.unary(STATS_METHOD)), indent=2))
+
+
+@app.command()
+def drain(
+    url: Annotated[str, typer.Argument(help="Server URL, grpc://host:port.")],
+    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Take new sessions again.")] = False,
+) -> None:
+    """Put a server in drain mode: open sessions carry on, new ones are refused, health turns NOT_SERVING."""
+    from . import protocol
+    from .transport.grpc import DRAIN_METHOD, GrpcTransport
+
+    reply = GrpcTransport([url], token=token, timeout_s=10).unary(DRAIN_METHOD, json.dumps({"on": not resume}).encode())
+    stats = protocol.decode_json(reply)
+    print(f"{url}: draining={bool(stats['draining'])}, sessions_active={stats['sessions_active']}")
 
 
 @app.command()

@@ -99,6 +99,22 @@ def layer_call(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict
     return hidden, cache
 
 
+def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype) -> int:
+    """Upper bound on the cache bytes one sequence position costs a server running layers `split_layer..L-1`:
+    keys and values of every layer it runs (sliding-window layers counted in full), plus the `[B, 1, T, 1]`
+    placeholders of the layers below the split (see `phantom_cache_update`)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = torch.empty(0, dtype=dtype).element_size()
+    n = num_layers(config)
+    return (n - split_layer) * 2 * heads * head_dim * size + split_layer * 2 * size
+
+
+def causal_lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss the model's own forward computes from `logits` and `labels` (shifted inside)."""
+    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+
+
 def base_model(model: PreTrainedModel) -> nn.Module:
     """The model without its LM head (runs embeddings, layers and final norm)."""
     return model.base_model

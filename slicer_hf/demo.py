@@ -3,13 +3,11 @@ SmolLM2 model, printing the text and what crossed the wire."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from .config import SlicerConfig
+from .launch import start_server, stop_server
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -19,25 +17,6 @@ def default_config_dir() -> Path | None:
         sorted(p for p in PRESETS.glob("smollm2*") if (p / "slicer_config.json").is_file()) if PRESETS.is_dir() else []
     )
     return found[0] if found else None
-
-
-def start_server(model: str, args: list[str] | None = None, timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
-    """Start `slicer-hf serve` on a free loopback port; returns the process and its URL once it listens."""
-    cmd = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model, "--port", "0", *(args or [])]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            continue
-        if " on grpc" in line:
-            return proc, line.rsplit(" on ", 1)[1].strip()
-    proc.kill()
-    raise TimeoutError(f"server did not start within {timeout_s} s")
 
 
 def run_demo(
@@ -102,8 +81,7 @@ def run_demo(
         edge.close_session()
         return {"text": text, "wire": stats.as_dict(), "elapsed_s": elapsed}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 if __name__ == "__main__":

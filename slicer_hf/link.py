@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,25 +15,34 @@ import torch
 from . import protocol
 from .codec import Codec, build_codec
 from .config import SlicerConfig
-from .errors import ProtocolError, TransportError
+from .errors import CodecError, ProtocolError, TransportError
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
 
-def open_request(config: SlicerConfig, model_config: Any, model_name: str, split_layer: int, codec: Codec) -> dict:
-    """The OPEN message body: the client's model fingerprint, split layer, codec spec and downlink."""
-    from .server.engine import model_fingerprint
-
-    return {
+def open_request(
+    config: SlicerConfig,
+    model_config: Any,
+    model_name: str,
+    split_layer: int,
+    codec: Codec,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    """The OPEN message body: the client's model fingerprint, split layer, codec spec, the dtype its hidden states
+    travel in, and the downlink."""
+    request = {
         "model": model_name,
-        "fingerprint": model_fingerprint(model_config),
+        "fingerprint": protocol.model_fingerprint(model_config),
         "split_layer": split_layer,
         "codec": codec.spec(),
         "downlink": config.downlink,
         "downlink_topk": config.downlink_topk,
         "downlink_dtype": config.downlink_dtype,
     }
+    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+        request["dtype"] = str(dtype).removeprefix("torch.")
+    return request
 
 
 @dataclass
@@ -70,11 +81,18 @@ class SuffixLink:
         transport: how messages travel.
         open_request: the OPEN body (model fingerprint, split layer, codec spec, downlink).
         codec: the uplink codec (must match `open_request["codec"]`).
+        vocab_size: the model's vocabulary (the size of a logits reply).
+        max_attempts: tries of one step through failures that a new connection may fix.
+        backoff_s, max_backoff_s: the first and the largest pause between tries (exponential, full jitter).
     """
 
     transport: Transport
     open_request: dict[str, Any]
     codec: Codec
+    vocab_size: int = 0
+    max_attempts: int = 8
+    backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
     stats: WireStats = field(default_factory=WireStats)
     session: int | None = None
     _seq: int = 0
@@ -131,41 +149,58 @@ class SuffixLink:
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
-        reply = self._send_with_failover(step)
-        _, kind, body = protocol.decode_reply(reply)
+        seq, kind, body = protocol.decode_reply(self._send_with_failover(step))
+        b, keep = step.batch, step.tokens - step.need_from
         if kind == protocol.REPLY_TOPK:
-            return kind, protocol.decode_topk_logits(body)
-        return kind, self._downlink_codec.decode(body)
+            return kind, protocol.decode_topk_logits(
+                body, (b, keep, self.vocab_size), self.open_request["downlink_topk"]
+            )
+        if kind not in (protocol.REPLY_HIDDEN, protocol.REPLY_LOGITS):
+            raise ProtocolError(f"unknown reply kind {kind}", code="malformed")
+        width = hidden.shape[-1] if kind == protocol.REPLY_HIDDEN else self.vocab_size
+        try:
+            return kind, self._downlink_codec.decode(body, expect_shape=(b, keep, width))
+        except CodecError as exc:
+            raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
 
-    def _send_with_failover(self, step: protocol.Step, max_attempts: int = 8) -> bytes:
-        for _ in range(max_attempts):
+    def _send_with_failover(self, step: protocol.Step) -> bytes:
+        last: Exception | None = None
+        for attempt in range(self.max_attempts):
+            if attempt > 1:  # the first retry goes at once (to the next server); then back off, with jitter
+                time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 2))))
             try:
                 if self.session is None:
                     self.open()
                     for earlier in self._sent[:-1]:  # rebuild the suffix cache on a fresh server, no outputs
                         replay = dataclasses.replace(earlier, need_from=earlier.tokens)
                         protocol.raise_if_error(self._request(self._encode(replay)))
-                return self._checked(self._request(self._encode(step)))
+                return self._checked(self._request(self._encode(step)), step.seq)
             except (TransportError, ProtocolError) as exc:
                 if isinstance(exc, TransportError):
                     recoverable = exc.retryable
                 else:
-                    recoverable = exc.code in ("unknown_session", "state_lost")
+                    recoverable = exc.code in ("unknown_session", "state_lost", "draining")
                 if not recoverable:
                     self.session = None  # the server closes a session whose request it refused
                     raise
                 self.session = None
-                if isinstance(exc, TransportError) and not self.transport.reset():
+                last = exc
+                moves = isinstance(exc, TransportError) or exc.code == "draining"  # else: reopen on this server
+                if moves and not self.transport.reset():
                     raise
                 self.stats.failovers += 1
                 logger.warning("server lost (%s); replaying %d steps on %r", exc, len(self._sent), self.transport)
-        raise TransportError(f"gave up after {max_attempts} attempts to reach a server that keeps its session")
+        raise TransportError(f"gave up after {self.max_attempts} attempts; the last failure: {last}", retryable=False)
 
     def _encode(self, step: protocol.Step) -> bytes:
         step.session = self.session or 0
         return protocol.encode_step(step)
 
     @staticmethod
-    def _checked(reply: bytes) -> bytes:
-        protocol.raise_if_error(reply)
+    def _checked(reply: bytes, seq: int) -> bytes:
+        """The reply to step `seq`, or a clear error: a reply to any other step means the two sides disagree on
+        what was sent, and going on would mix up sequences silently."""
+        got, _, _ = protocol.decode_reply(reply)
+        if got != seq:
+            raise ProtocolError(f"reply for step {got} arrived while waiting for step {seq}", code="bad_seq")
         return reply

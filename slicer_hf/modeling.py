@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from . import compat, protocol
 from .codec import build_codec
 from .config import CONFIG_NAME, SlicerConfig
-from .errors import ConfigError
+from .errors import ConfigError, SlicerError
 from .hooks import SplitPlan, attach_hooks, split_plan
 from .link import SuffixLink, WireStats, open_request
 from .loading import load_layers, release_layers
@@ -42,13 +43,34 @@ UNSUPPORTED_GENERATION = {
 }
 
 
+class ConcurrentUseError(SlicerError, RuntimeError):
+    """Two threads ran one split model at once: a model holds one server session, so calls must take turns."""
+
+
 class SlicerGenerationMixin:
-    """Split `generate()` / `forward()` for a transformers causal LM. Mixed in by `SlicerModelForCausalLM`."""
+    """Split `generate()` / `forward()` for a transformers causal LM. Mixed in by `SlicerModelForCausalLM`.
+
+    One model holds one server session: calls from several threads at once are refused with
+    `ConcurrentUseError` (load one model per thread, or take turns).
+    """
 
     slicer_config: SlicerConfig
     _slicer_link: SuffixLink | None
     _slicer_transport: Transport
     _slicer_local: bool
+    _slicer_busy: threading.RLock
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if not self._slicer_busy.acquire(blocking=False):
+            raise ConcurrentUseError(
+                f"{type(self).__name__} is already running generate()/forward() in another thread; one split model "
+                "holds one server session, so load one model per thread or take turns"
+            )
+        try:
+            yield
+        finally:
+            self._slicer_busy.release()
 
     # ---------------------------------------------------------------- public API
     def generate(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
@@ -68,7 +90,8 @@ class SlicerGenerationMixin:
                 raise NotImplementedError(f"{what} ({name}={value!r}) is not supported by split generation")
         token = _GENERATE_SPLIT.set(k)
         try:
-            return super().generate(*args, **kwargs)
+            with self._exclusive():
+                return super().generate(*args, **kwargs)
         finally:
             _GENERATE_SPLIT.reset(token)
 
@@ -93,7 +116,18 @@ class SlicerGenerationMixin:
 
     # ---------------------------------------------------------------- the split forward
     def _slicer_forward(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
+        with self._exclusive():
+            return self._split_forward(split_layer, args, kwargs)
+
+    def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self._resolve_split(split_layer if split_layer is not None else _GENERATE_SPLIT.get())
+        if kwargs.get("output_hidden_states") or (
+            kwargs.get("output_hidden_states") is None and self.config.output_hidden_states
+        ):
+            raise NotImplementedError(
+                "output_hidden_states is not available from a split model: the edge runs only layers "
+                f"0..{k - 1} and the server keeps the rest; use `unsplit(model)` locally for every layer"
+            )
         link = self._link_for(k)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
@@ -135,13 +169,20 @@ class SlicerGenerationMixin:
             replies["logits"] = final.float()
             return hidden.new_zeros(hidden.shape)
 
+        base_forward = super().forward
         with split_plan(SplitPlan("edge", k, exchange=exchange)):
             if self.slicer_config.downlink == "hidden":
-                return super().forward(*args, **kwargs)
-            # The server ran the head: skip it here (an empty index set) and return its logits instead.
+                return base_forward(*args, **kwargs)
+            # The server ran the head: skip it here (an empty index set) and return its logits instead, with the
+            # loss computed from them (the forward here saw no logits).
+            labels = kwargs.pop("labels", None)
             kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=ref.device)
-            out = super().forward(*args, **kwargs)
+            out = base_forward(*args, **kwargs)
         out.logits = replies["logits"].to(ref.device)
+        if labels is not None:
+            if out.logits.shape[1] != t:
+                raise NotImplementedError("labels need logits at every position: call without logits_to_keep")
+            out.loss = compat.causal_lm_loss(self, out.logits, labels)
         return out
 
     def _resolve_split(self, split_layer: int | None) -> int:
@@ -164,9 +205,10 @@ class SlicerGenerationMixin:
         cfg = self.slicer_config
         codec = build_codec(cfg)
         name = cfg.model_id or getattr(self.config, "_name_or_path", "")
-        request = open_request(cfg, self.config, name, k, codec)
-        self._slicer_link = SuffixLink(self._slicer_transport, request, codec)
-        weakref.finalize(self, self._slicer_link.close)
+        request = open_request(cfg, self.config, name, k, codec, self.dtype)
+        self._slicer_link = SuffixLink(self._slicer_transport, request, codec, vocab_size=self.config.vocab_size)
+        if not self._slicer_local:  # a remote session is closed when the model goes (a local one dies with it)
+            weakref.finalize(self, self._slicer_link.close)
         return self._slicer_link
 
 
@@ -241,6 +283,7 @@ class SlicerModelForCausalLM:
             model.__class__ = _split_class(type(model))
         model.slicer_config = config
         model._slicer_link = None
+        model._slicer_busy = threading.RLock()
         model._slicer_local = local
         if local:
             model._slicer_transport = LocalTransport(SplitServer(model))

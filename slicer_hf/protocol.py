@@ -8,12 +8,19 @@ stats) carry a JSON body; the hot path (step, reply) is binary::
     REPLY  [seq varint][kind u8][downlink payload]
 
 `start` is how many positions the edge had cached before this step: the server crops its cache back to it
-(a new `generate()` call starts again at 0), and refuses a step that would leave a gap.
+(a new `generate()` call starts again at 0), and refuses a step that would leave a gap. `seq` counts the steps of
+a session; the reply echoes it and the edge refuses a reply for any other step.
+
+Nothing sized by a message is allocated before the receiver has checked the claimed sizes: `decode_step` hands
+the header to a `check` callback first, and the top-k reply is checked against the shape the edge expects.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +47,57 @@ MASK_NONE, MASK_ONES, MASK_BITS = 0, 1, 2  # flags bits 0-1
 POSITIONS = 4  # flags bit 2: explicit position ids follow
 REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
 MAX_BATCH = 4096
+
+# gRPC names and settings both sides share (the transport and the server import them from here)
+SERVICE = "slicer_hf.v1.Split"
+SESSION_METHOD = f"/{SERVICE}/Session"
+STATS_METHOD = f"/{SERVICE}/Stats"
+METRICS_METHOD = f"/{SERVICE}/Metrics"
+DRAIN_METHOD = f"/{SERVICE}/Drain"
+KEEPALIVE_TIME_MS = 20_000  # clients and servers ping an idle connection this often
+KEEPALIVE_TIMEOUT_MS = 10_000  # and drop it when the ping is not answered in this time
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 in brackets or not) stays on this machine."""
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def channel_options(max_message_bytes: int, server: bool = False) -> list[tuple[str, Any]]:
+    """gRPC options of both ends. The server accepts pings down to half the clients' interval, so idle streams
+    and long prefills never draw a too_many_pings GOAWAY."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if server:
+        options.append(("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2))
+    return options
+
+
+FINGERPRINT_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+
+
+def model_fingerprint(config: Any) -> str:
+    """Identity of an architecture and its sizes: edge and server must agree on it."""
+    ident = {key: getattr(config, key, None) for key in FINGERPRINT_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -120,7 +178,15 @@ def encode_step(step: Step) -> bytes:
     )
 
 
-def decode_step(data: bytes, max_tokens: int = 1 << 24) -> Step:
+def decode_step(data: bytes, check: Callable[[Step], None] | None = None, max_tokens: int = 1 << 24) -> Step:
+    """Parse a STEP message.
+
+    Args:
+        data: the message.
+        check: called with the header (session, seq, start, batch, tokens, need_from; no mask, positions or
+            payload yet) before anything sized by the claimed batch and tokens is allocated; it raises to refuse.
+        max_tokens: an absolute bound on the claimed tokens.
+    """
     try:
         r = Reader(data)
         r.take(2)
@@ -132,16 +198,19 @@ def decode_step(data: bytes, max_tokens: int = 1 << 24) -> Step:
             raise ProtocolError(f"unknown step flags {flags:#x}", code="malformed")
         if batch == 0 or tokens == 0:
             raise ProtocolError(f"step with batch={batch}, tokens={tokens}", code="malformed")
-        mask = None
+        step = Step(session, seq, start, batch, tokens, need_from, b"")
+        if check is not None:
+            check(step)
         if flags & 3 == MASK_ONES:
-            mask = torch.ones(batch, tokens, dtype=torch.bool)
+            step.mask = torch.ones(batch, tokens, dtype=torch.bool)
         elif flags & 3 == MASK_BITS:
             bits = np.unpackbits(np.frombuffer(r.take((batch * tokens + 7) // 8), np.uint8), bitorder="little")
-            mask = torch.from_numpy(bits[: batch * tokens].astype(bool)).reshape(batch, tokens)
-        positions = None
+            step.mask = torch.from_numpy(bits[: batch * tokens].astype(bool)).reshape(batch, tokens)
         if flags & POSITIONS:
-            positions = torch.from_numpy(r.array(np.int32, batch * tokens).astype(np.int64)).reshape(batch, tokens)
-        return Step(session, seq, start, batch, tokens, need_from, r.take(r.remaining()), mask, positions)
+            positions = r.array(np.int32, batch * tokens).astype(np.int64)
+            step.positions = torch.from_numpy(positions).reshape(batch, tokens)
+        step.payload = r.take(r.remaining())
+        return step
     except CodecError as exc:
         raise ProtocolError(f"malformed step message: {exc}", code="malformed") from exc
 
@@ -169,13 +238,24 @@ def encode_topk_logits(values: torch.Tensor, indices: torch.Tensor, vocab: int) 
     return head + values.float().cpu().numpy().tobytes() + indices.cpu().numpy().astype(index_dtype).tobytes()
 
 
-def decode_topk_logits(data: bytes, fill: float = float("-inf")) -> torch.Tensor:
-    """Full `[B, n, vocab]` logits with everything outside the top-k at `fill`."""
+def decode_topk_logits(
+    data: bytes, expect: tuple[int, int, int], max_k: int, fill: float = float("-inf")
+) -> torch.Tensor:
+    """Full `[B, n, vocab]` logits with everything outside the top-k at `fill`.
+
+    Args:
+        data: the reply body.
+        expect: the `(B, n, vocab)` this edge asked for; any other shape is refused before allocating.
+        max_k: the `downlink_topk` this edge asked for.
+    """
     try:
         r = Reader(data)
         b, n, k, vocab = r.varint(MAX_BATCH), r.varint(1 << 20), r.varint(1 << 20), r.varint(1 << 24)
-        if b * n * vocab > 1 << 28 or k > vocab:
-            raise ProtocolError(f"top-k reply too large or inconsistent: B={b} n={n} k={k} vocab={vocab}")
+        if (b, n, vocab) != tuple(expect) or k > min(max_k, vocab):
+            raise ProtocolError(
+                f"top-k reply of B={b} n={n} k={k} vocab={vocab}, expected {tuple(expect)} with k <= {max_k}",
+                code="bad_shape",
+            )
         values = torch.from_numpy(r.array(np.float32, b * n * k)).reshape(b, n, k)
         idx_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
         indices = torch.from_numpy(r.array(idx_dtype, b * n * k).astype(np.int64)).reshape(b, n, k)

@@ -20,15 +20,11 @@ import dataclasses
 import json
 import os
 import platform
-import queue
 import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +37,7 @@ from .. import protocol
 from ..config import SlicerConfig
 from ..data import load_text, resolve_model, token_windows
 from ..demo import default_config_dir
+from ..launch import parse_server_url, start_server, stop_server  # noqa: F401 (parse_server_url: re-exported)
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from .netns import (  # noqa: F401 - re-exported: the link benchmark's public helpers
     NETNS_PREFIX,
@@ -88,66 +85,6 @@ def server_command(
     serve = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model_path, "--host", link.ns_addr]
     options = ["--port", "0", "--min-split-layer", str(min_split_layer), "--log-level", "warning", *extra_args]
     return [*guard, *link.exec_prefix(), *serve, *options]
-
-
-def parse_server_url(line: str) -> str | None:
-    """The URL in `slicer-hf serve`'s ready line ('slicer-hf serving M on grpc://host:port'), else None."""
-    return line.rsplit(" on ", 1)[1].strip() if line.startswith("slicer-hf serving ") and " on " in line else None
-
-
-def start_server(
-    cmd: Sequence[str], timeout_s: float = 300.0, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], str]:
-    """Start a server command (with `env` added to this environment) and wait for its ready line; returns the
-    process and its URL.
-
-    Unlike `demo.start_server`, the wait is bounded even if the process prints nothing, and stderr goes to a
-    file (the server's log cannot fill a pipe and stall it).
-    """
-    with tempfile.TemporaryFile(mode="w+") as log:  # the child keeps its own descriptor after this closes
-        proc = subprocess.Popen(
-            list(cmd),
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:  # keeps draining stdout for the server's whole life
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, name="slicer-bench-server-stdout", daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    line = lines.get(timeout=left)
-                except queue.Empty:
-                    break
-                if line is None:
-                    proc.wait(timeout=30)
-                    log.seek(0)
-                    raise LinkSetupError(f"server exited with {proc.returncode}: {log.read()[-2000:]}")
-                if (url := parse_server_url(line)) is not None:
-                    return proc, url
-            raise TimeoutError(f"server did not start within {timeout_s} s")
-        except BaseException:
-            stop_server(proc)
-            raise
-
-
-def stop_server(proc: subprocess.Popen[str], timeout_s: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------------------------------------- generation

@@ -21,7 +21,8 @@ from .. import protocol
 from ..codec import build_codec
 from ..config import SlicerConfig
 from ..data import resolve_model
-from ..demo import default_config_dir, start_server
+from ..demo import default_config_dir
+from ..launch import start_server
 from ..link import open_request
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from .common import markdown_table, suite_parser, write_json

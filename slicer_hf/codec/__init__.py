@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CodecError
-from .base import REGISTRY, Codec, CodecStats
+from .base import REGISTRY, SAFETY_PARAMS, Codec, CodecStats
 from .baselines import Bf16Codec, Fp16Codec, GroupedIntCodec, IdentityCodec, Int8Codec, TopKCodec
 from .slicer import SlicerCodec
 
@@ -50,11 +50,17 @@ def build_codec(config_or_name: Any, **params: Any) -> Codec:
         raise CodecError(f"bad parameters for codec {name!r}: {exc}") from exc
 
 
-def codec_from_spec(spec: dict[str, Any]) -> Codec:
-    """Rebuild a codec from `Codec.spec()` (what a client announces when it opens a session)."""
+def codec_from_spec(spec: dict[str, Any], **bounds: Any) -> Codec:
+    """Rebuild a codec from `Codec.spec()` (what a client announces when it opens a session).
+
+    The peer chooses the codec's knobs, never its safety bounds: a spec that names one (`max_elements`) is refused,
+    and the receiver sets them through `bounds`.
+    """
     spec = dict(spec)
     name, version = spec.pop("name", None), spec.pop("version", None)
-    codec = build_codec(name, **spec)
+    if forbidden := sorted(SAFETY_PARAMS & set(spec)):
+        raise CodecError(f"a codec spec may not set {', '.join(forbidden)}: the receiver sets its safety bounds")
+    codec = build_codec(name, **spec, **bounds)
     if version != codec.version:
         raise CodecError(f"codec {name!r} version {version} is not supported (this side speaks {codec.version})")
     return codec

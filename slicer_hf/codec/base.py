@@ -19,6 +19,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch
 DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 MAX_NDIM = 8
 DEFAULT_MAX_ELEMENTS = 1 << 26
+SAFETY_PARAMS = frozenset({"max_elements"})  # set by whoever decodes, never by the peer that sends
 
 REGISTRY: dict[str, type[Codec]] = {}
 
@@ -90,12 +91,26 @@ class Codec(ABC):
             rows = rows.cpu()
         return header + self._encode_rows(rows)
 
-    def decode(self, data: bytes, device: torch.device | str | None = None) -> torch.Tensor:
-        """Decode bytes from `encode`; any malformed input raises `CodecError`."""
+    def decode(
+        self,
+        data: bytes,
+        device: torch.device | str | None = None,
+        expect_shape: tuple[int, ...] | None = None,
+        expect_dtypes: frozenset[torch.dtype] | None = None,
+    ) -> torch.Tensor:
+        """Decode bytes from `encode`; any malformed input raises `CodecError`.
+
+        Args:
+            data: a packet.
+            device: where the tensor should end up.
+            expect_shape: the shape the receiver expects; a packet that claims another is refused from its
+                envelope, before any row is decoded or allocated.
+            expect_dtypes: the dtypes the receiver accepts, checked the same way.
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CodecError(f"decode takes bytes, got {type(data).__name__}")
         try:
-            out = self._decode(Reader(bytes(data)))
+            out = self._decode(Reader(bytes(data)), expect_shape, expect_dtypes)
         except CodecError:
             raise
         except Exception as exc:  # any other failure on hostile bytes is still malformed input
@@ -106,7 +121,12 @@ class Codec(ABC):
         """Bytes one encode of `x` puts on the wire (`len(encode(x))`), per token (row) and element."""
         return CodecStats(len(self.encode(x)), x.numel() // max(x.shape[-1], 1), x.numel())
 
-    def _decode(self, reader: Reader) -> torch.Tensor:
+    def _decode(
+        self,
+        reader: Reader,
+        expect_shape: tuple[int, ...] | None = None,
+        expect_dtypes: frozenset[torch.dtype] | None = None,
+    ) -> torch.Tensor:
         codec_id, version, dtype_code, ndim = reader.take(4)
         if codec_id != self.codec_id:
             raise CodecError(f"packet is for codec id {codec_id}, this decoder is {self.name!r} ({self.codec_id})")
@@ -122,6 +142,10 @@ class Codec(ABC):
         if shape[-1] == 0:
             raise CodecError(f"last dim must be >= 1, got shape {shape}")
         dtype = DTYPES_BY_CODE[dtype_code]
+        if expect_shape is not None and tuple(shape) != tuple(expect_shape):
+            raise CodecError(f"packet claims shape {tuple(shape)}, expected {tuple(expect_shape)}")
+        if expect_dtypes is not None and dtype not in expect_dtypes:
+            raise CodecError(f"packet claims dtype {dtype}, expected one of {sorted(map(str, expect_dtypes))}")
         n_rows = math.prod(shape[:-1])
         rows = self._decode_rows(reader, n_rows, shape[-1], dtype)
         reader.finish()

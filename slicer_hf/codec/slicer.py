@@ -175,8 +175,8 @@ class SlicerCodec(Codec):
         return bytes([flags]) + write_varint(k) + bytes([m, n_out]) + body
 
     # ---------------------------------------------------------------- decode
-    def decode(self, data: bytes, device: torch.device | str | None = None) -> torch.Tensor:
-        """Decode bytes from `encode`; any malformed input raises `CodecError`.
+    def decode(self, data: bytes, device: torch.device | str | None = None, **expect: Any) -> torch.Tensor:
+        """Decode bytes from `encode`; any malformed input raises `CodecError` (`expect_*`: see `Codec.decode`).
 
         With a `device` where the codec kernels run, unpacking and dequantization happen there (only the
         compressed body crosses to it); elsewhere rows are built on the host and moved, as in `Codec.decode`.
@@ -185,7 +185,7 @@ class SlicerCodec(Codec):
         on_device = target is not None and target.type != "cpu" and ops.use_kernels(target)
         token = _DECODE_DEVICE.set(target if on_device else None)
         try:
-            return super().decode(data, device)
+            return super().decode(data, device, **expect)
         finally:
             _DECODE_DEVICE.reset(token)
 

@@ -12,13 +12,16 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import defaultdict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import compat
+from ..errors import ProtocolError
 
 if TYPE_CHECKING:
     from .. import protocol
@@ -32,19 +35,28 @@ class StepBatcher:
     """The compute thread of a `SplitServer` with batching on."""
 
     def __init__(self, server: SplitServer) -> None:
-        self.server = server
+        self.server = weakref.proxy(server)  # the thread must not keep its server alive (`SplitServer` stops it)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="slicer-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
+    def submit(
+        self, session: Session, step: protocol.Step, hidden: torch.Tensor, timeout_s: float | None = None
+    ) -> tuple[bytes, int]:
+        """Queue a step and wait for its result; a step not started within `timeout_s` is withdrawn."""
         future: Future[tuple[bytes, int]] = Future()
         self._queue.put((session, step, hidden, future))
-        return future.result()
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            if future.cancel():  # not started: it never will be
+                raise ProtocolError(f"no compute slot within {timeout_s} s", code="timeout") from None
+            return future.result()  # already running: it finishes soon
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         self._queue.put(_STOP)
-        self._thread.join(timeout=10)
+        if wait:
+            self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while True:
@@ -56,12 +68,13 @@ class StepBatcher:
                     break
             if any(item is _STOP for item in items):
                 for item in items:
-                    if item is not _STOP:
-                        item[3].set_exception(RuntimeError("server shutting down"))
+                    if item is not _STOP and not item[3].cancelled():
+                        item[3].set_exception(ProtocolError("server shutting down", code="shutdown"))
                 return
+            items = [item for item in items if item[3].set_running_or_notify_cancel()]  # drop withdrawn steps
             started = time.perf_counter()
             self._run_round(items)
-            self.server.stats.compute_s += time.perf_counter() - started
+            self.server.stats.add(compute_s=time.perf_counter() - started)
 
     def _run_round(self, items: list[Any]) -> None:
         groups: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
@@ -73,7 +86,7 @@ class StepBatcher:
             else:
                 singles.append(item)
         for group in groups.values():
-            for chunk in _chunks(group, self.server.limits.max_batch_rows):
+            for chunk in _chunks(group, self.server.limits.max_batched_rows):
                 if len(chunk) == 1:
                     singles.extend(chunk)
                 else:
@@ -114,8 +127,7 @@ class StepBatcher:
         session0 = items[0][0]
         final = server.run_model(session0.split_layer, session0.downlink, hidden, mask, positions, merged, 1)
         compat.split_cache(merged, [it[0].cache for it in items], rows, [longest - n for n in lengths])
-        server.stats.batches += 1
-        server.stats.batched_rows += sum(rows)
+        server.stats.add(batches=1, batched_rows=sum(rows))
         results, r0 = [], 0
         for (session, step, _, _), b in zip(items, rows):
             session.length = step.start + 1

@@ -6,12 +6,12 @@ becomes an ERROR reply for that request only; a failing session is closed and it
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,37 +26,51 @@ from ..hooks import SplitPlan, attach_hooks, split_plan
 from .batching import StepBatcher
 
 logger = logging.getLogger(__name__)
+model_fingerprint = protocol.model_fingerprint  # kept importable from here
+WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_DOWNLINK_TOPK = 1 << 16
 
 
-def model_fingerprint(config: Any) -> str:
-    """Identity of an architecture and its sizes: edge and server must agree on it."""
-    keys = (
-        "model_type",
-        "num_hidden_layers",
-        "hidden_size",
-        "vocab_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-    )
-    ident = {key: getattr(config, key, None) for key in keys}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+def default_kv_budget_bytes(device: torch.device) -> int:
+    """Half of the memory free on `device` when the server starts."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 @dataclass
 class ServerLimits:
-    """Per-server limits; requests beyond them are refused with a clear error."""
+    """Per-server limits, in bytes where memory is at stake; requests beyond them are refused with a clear error.
+
+    Args:
+        max_sessions: sessions open at once.
+        max_step_tokens: positions one STEP may carry.
+        max_context_tokens: positions one session may hold.
+        max_session_batch: sequences one session may run side by side.
+        kv_budget_bytes: KV-cache memory of all sessions together (None: half of the free memory at start).
+        max_session_kv_bytes: KV-cache memory of one session.
+        max_message_bytes: size of one protocol message.
+        max_batched_rows: rows of concurrent decode steps run in one forward.
+        idle_timeout_s: sessions (and their streams) idle this long are closed.
+        open_timeout_s: a stream that holds no session is closed after this long without a message.
+        step_timeout_s: a step that waits this long for the compute thread is refused.
+    """
 
     max_sessions: int = 64
     max_step_tokens: int = 4096
     max_context_tokens: int = 16384
-    max_batch: int = 64
-    idle_timeout_s: float = 600.0
+    max_session_batch: int = 64
+    kv_budget_bytes: int | None = None
+    max_session_kv_bytes: int = 1 << 30
     max_message_bytes: int = 64 << 20
-    max_batch_rows: int = 64  # rows of concurrent decode steps run in one forward
+    max_batched_rows: int = 64
+    idle_timeout_s: float = 600.0
+    open_timeout_s: float = 30.0
+    step_timeout_s: float = 300.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     id: int
     split_layer: int
@@ -65,16 +79,23 @@ class Session:
     downlink_topk: int
     downlink_dtype: torch.dtype | None = None  # None: as computed (exact)
     client: str = ""
+    wire_dtypes: frozenset[torch.dtype] = frozenset(WIRE_DTYPES.values())  # what its packets may claim
+    kv_bytes_per_position: int = 0
     cache: Any = None
     mask: torch.Tensor | None = None  # [B, length] bool, the 2D attention mask so far
     batch: int = 0
     length: int = 0
     tokens: int = 0
+    seq: int = 0  # the last step's sequence number
+    kv_bytes: int = 0  # reserved for its cache
     last_used: float = field(default_factory=time.monotonic)
+    busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
 
 
 @dataclass
 class ServerStats:
+    """Counters, updated from every request thread under one lock."""
+
     sessions_opened: int = 0
     sessions_closed: int = 0
     tokens: int = 0
@@ -85,6 +106,30 @@ class ServerStats:
     batches: int = 0
     batched_rows: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                setattr(self, key, getattr(self, key) + value)
+
+    def error(self, code: str) -> None:
+        with self._lock:
+            self.errors[code] = self.errors.get(code, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {k: (dict(v) if k == "errors" else v) for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def _reap_idle(server_ref: weakref.ref[SplitServer], stopped: threading.Event, period_s: float) -> None:
+    """The reaper thread holds its server weakly, so a server nobody uses any more is collected."""
+    while not stopped.wait(period_s):
+        server = server_ref()
+        if server is None:
+            return
+        server.expire_idle()
+        del server
 
 
 class SplitServer:
@@ -111,24 +156,31 @@ class SplitServer:
         self.limits = limits or ServerLimits()
         self.min_split_layer = min_split_layer
         self.num_layers = compat.num_layers(model.config)
-        self.fingerprint = model_fingerprint(model.config)
+        self.hidden_size = int(model.config.hidden_size)
+        self.fingerprint = protocol.model_fingerprint(model.config)
         self.dtype = next(model.parameters()).dtype
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
+        self.kv_budget_bytes = self.limits.kv_budget_bytes or default_kv_budget_bytes(self.device)
+        self.kv_bytes_used = 0
+        self.draining = False  # takes no new sessions
         self.sessions: dict[int, Session] = {}
         self.stats = ServerStats()
         self._ids = itertools.count(1)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the session table and the KV reservations
+        self._compute_lock = threading.Lock()  # the model, when steps are not batched
         self._downlink_codec = build_codec("identity")
         attach_hooks(model)
         self.batcher = StepBatcher(self) if batching else None
         self._stopped = threading.Event()
+        weakref.finalize(self, self._stopped.set)
+        if self.batcher is not None:
+            weakref.finalize(self, self.batcher.stop, False)
         if self.limits.idle_timeout_s < float("inf"):
-            threading.Thread(target=self._reap_idle, name="slicer-reaper", daemon=True).start()
-
-    def _reap_idle(self) -> None:
-        while not self._stopped.wait(min(max(self.limits.idle_timeout_s / 4, 0.05), 5.0)):
-            with self._lock:
-                self._expire_idle()
+            period = min(max(self.limits.idle_timeout_s / 4, 0.05), 5.0)
+            reaper = threading.Thread(
+                target=_reap_idle, args=(weakref.ref(self), self._stopped, period), name="slicer-reaper", daemon=True
+            )
+            reaper.start()
 
     # ---------------------------------------------------------------- entry point
     def handle(self, data: bytes, client: str = "", owned: set[int] | None = None) -> bytes:
@@ -137,9 +189,10 @@ class SplitServer:
         Args:
             data: one protocol message.
             client: the peer, for logs.
-            owned: when given, the sessions this caller opened: steps for any other session are refused.
+            owned: when given, the sessions this caller opened: steps for any other session are refused, and
+                sessions it opens are added.
         """
-        self.stats.bytes_in += len(data)
+        self.stats.add(bytes_in=len(data))
         session_id = None
         try:
             if len(data) > self.limits.max_message_bytes:
@@ -148,13 +201,20 @@ class SplitServer:
                 )
             kind = protocol.message_type(data)
             if kind == protocol.OPEN:
-                reply = self._open(protocol.decode_json(data), client)
+                session = self._open(protocol.decode_json(data), client)
+                if owned is not None:
+                    owned.add(session.id)
+                reply = protocol.encode_json(
+                    protocol.OPENED,
+                    {"session": session.id, "server": self.model_name, "num_layers": self.num_layers},
+                )
             elif kind == protocol.STEP:
-                step = protocol.decode_step(data)
-                if owned is not None and step.session not in owned:
-                    raise ProtocolError(f"unknown session {step.session} on this stream", code="unknown_session")
-                session_id = step.session
-                reply = self._step(step)
+                found: list[Session] = []
+                try:
+                    step = protocol.decode_step(data, check=lambda header: self._admit(header, owned, found))
+                finally:
+                    session_id = found[0].id if found else None
+                reply = self._step(found[0], step)
             elif kind == protocol.CLOSE:
                 target = protocol.decode_json(data).get("session", -1)
                 if isinstance(target, int) and (owned is None or target in owned):
@@ -170,18 +230,18 @@ class SplitServer:
         except Exception as exc:  # a bug or an unforeseen input must not take the server down
             logger.exception("internal error while handling a request")
             reply = self._refuse("internal", f"{type(exc).__name__}: {exc}", session_id)
-        self.stats.bytes_out += len(reply)
+        self.stats.add(bytes_out=len(reply))
         return reply
 
     def _refuse(self, code: str, message: str, session_id: int | None) -> bytes:
-        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
-        if session_id is not None and code not in ("unknown_session",):
+        self.stats.error(code)
+        if session_id is not None and code != "busy":
             self.close_session(session_id)  # a broken stream cannot be trusted to continue
         logger.warning("refused request (session %s): %s: %s", session_id, code, message)
         return protocol.encode_error(code, message)
 
     # ---------------------------------------------------------------- sessions
-    def _open(self, req: dict[str, Any], client: str) -> bytes:
+    def _open(self, req: dict[str, Any], client: str) -> Session:
         if req.get("fingerprint") != self.fingerprint:
             raise ProtocolError(
                 f"model mismatch: client runs {req.get('model')!r} ({req.get('fingerprint')}), "
@@ -189,7 +249,7 @@ class SplitServer:
                 code="model_mismatch",
             )
         k = req.get("split_layer")
-        if not isinstance(k, int) or not self.min_split_layer <= k < self.num_layers:
+        if type(k) is not int or not self.min_split_layer <= k < self.num_layers:
             raise ProtocolError(
                 f"split_layer must be in [{self.min_split_layer}, {self.num_layers - 1}] on this server, got {k!r}",
                 code="bad_split",
@@ -197,27 +257,50 @@ class SplitServer:
         downlink = req.get("downlink", "hidden")
         if downlink not in DOWNLINKS:
             raise ProtocolError(f"downlink must be one of {DOWNLINKS}, got {downlink!r}", code="bad_request")
-        codec = codec_from_spec(dict(req.get("codec") or {}))
+        topk = req.get("downlink_topk", 64)
+        if type(topk) is not int or not 1 <= topk <= MAX_DOWNLINK_TOPK:
+            raise ProtocolError(
+                f"downlink_topk must be an integer in [1, {MAX_DOWNLINK_TOPK}], got {topk!r}", code="bad_request"
+            )
         downlink_dtype = req.get("downlink_dtype", "auto")
         if downlink_dtype not in DOWNLINK_DTYPES:
             raise ProtocolError(
                 f"downlink_dtype must be one of {DOWNLINK_DTYPES}, got {downlink_dtype!r}", code="bad_request"
             )
+        wire_dtype = req.get("dtype")
+        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+            raise ProtocolError(f"dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}", code="bad_request")
+        spec = req.get("codec") or {}
+        if not isinstance(spec, dict):
+            raise ProtocolError(f"codec must be a JSON object, got {type(spec).__name__}", code="bad_request")
+        max_elements = self.limits.max_session_batch * self.limits.max_step_tokens * self.hidden_size
+        codec = codec_from_spec(spec, max_elements=max_elements)
         with self._lock:
             self._expire_idle()
+            if self.draining:
+                raise ProtocolError("server is draining: it takes no new sessions", code="draining")
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ProtocolError(f"server full: {self.limits.max_sessions} sessions open", code="too_many_sessions")
+            per_position = compat.kv_bytes_per_position(self.model.config, k, self.dtype)
+            if self.kv_bytes_used + per_position > self.kv_budget_bytes:
+                raise ProtocolError(
+                    f"KV memory budget full: {self.kv_bytes_used:,} of {self.kv_budget_bytes:,} bytes in use, "
+                    f"a position at split {k} needs {per_position:,}",
+                    code="kv_budget",
+                )
             session = Session(
                 next(self._ids),
                 k,
                 codec,
                 downlink,
-                int(req.get("downlink_topk", 64)),
+                topk,
                 None if downlink_dtype == "auto" else getattr(torch, downlink_dtype),
                 client,
+                frozenset({WIRE_DTYPES[wire_dtype]}) if wire_dtype else frozenset(WIRE_DTYPES.values()),
+                per_position,
             )
             self.sessions[session.id] = session
-            self.stats.sessions_opened += 1
+        self.stats.add(sessions_opened=1)
         logger.info(
             "opened session %d for %s: split %d, codec %s, downlink %s",
             session.id,
@@ -226,42 +309,32 @@ class SplitServer:
             codec.name,
             downlink,
         )
-        return protocol.encode_json(
-            protocol.OPENED, {"session": session.id, "server": self.model_name, "num_layers": self.num_layers}
-        )
+        return session
 
-    def close_session(self, session_id: int) -> bool:
-        with self._lock:
-            session = self.sessions.pop(session_id, None)
-        if session is not None:
-            self.stats.sessions_closed += 1
-            logger.info("closed session %d after %d tokens", session_id, session.tokens)
-        return session is not None
-
-    def _expire_idle(self) -> None:
-        now = time.monotonic()
-        for sid in [s.id for s in self.sessions.values() if now - s.last_used > self.limits.idle_timeout_s]:
-            logger.info("session %d idle for over %.0f s", sid, self.limits.idle_timeout_s)
-            self.close_session(sid)
-
-    # ---------------------------------------------------------------- compute
-    def _step(self, step: protocol.Step) -> bytes:
+    def _admit(self, step: protocol.Step, owned: set[int] | None, found: list[Session]) -> None:
+        """Check a step's header against its session and the limits, and reserve its KV memory; nothing sized by
+        the message has been allocated yet. The session goes into `found` as soon as it is known."""
+        if owned is not None and step.session not in owned:
+            raise ProtocolError(f"unknown session {step.session} on this stream", code="unknown_session")
         session = self.sessions.get(step.session)
         if session is None:
             raise ProtocolError(
                 f"unknown session {step.session} (closed, expired, or from another server)", code="unknown_session"
             )
+        found.append(session)
         session.last_used = time.monotonic()
-        if step.tokens > self.limits.max_step_tokens:
+        limits = self.limits
+        if step.tokens > limits.max_step_tokens:
             raise ProtocolError(
-                f"step of {step.tokens} tokens exceeds the limit {self.limits.max_step_tokens}", code="too_large"
+                f"step of {step.tokens} tokens exceeds the limit {limits.max_step_tokens}", code="too_large"
             )
-        if step.batch > self.limits.max_batch:
-            raise ProtocolError(f"batch {step.batch} exceeds max_batch={self.limits.max_batch}", code="too_large")
-        if step.start + step.tokens > self.limits.max_context_tokens:
+        if step.batch > limits.max_session_batch:
             raise ProtocolError(
-                f"context of {step.start + step.tokens} tokens exceeds {self.limits.max_context_tokens}",
-                code="too_large",
+                f"batch {step.batch} exceeds max_session_batch={limits.max_session_batch}", code="too_large"
+            )
+        if step.start + step.tokens > limits.max_context_tokens:
+            raise ProtocolError(
+                f"context of {step.start + step.tokens} tokens exceeds {limits.max_context_tokens}", code="too_large"
             )
         if step.start > session.length:
             raise ProtocolError(
@@ -271,29 +344,84 @@ class SplitServer:
             )
         if step.start > 0 and step.batch != session.batch:
             raise ProtocolError(f"batch changed from {session.batch} to {step.batch} mid-sequence", code="bad_request")
-        hidden = session.codec.decode(step.payload)
-        d = self.model.config.hidden_size
-        if tuple(hidden.shape) != (step.batch, step.tokens, d):
+        if step.seq <= session.seq:
             raise ProtocolError(
-                f"hidden states of shape {tuple(hidden.shape)}, expected {(step.batch, step.tokens, d)}",
-                code="bad_shape",
+                f"step {step.seq} arrived after step {session.seq}: replayed or reordered", code="bad_seq"
             )
-        payload, kind = self._compute(session, step, hidden.to(self.device, self.dtype))
+        needed = session.kv_bytes_per_position * step.batch * (step.start + step.tokens)
+        if needed > limits.max_session_kv_bytes:
+            raise ProtocolError(
+                f"session KV cap: {step.batch} x {step.start + step.tokens} positions need {needed:,} bytes, "
+                f"over the cap of {limits.max_session_kv_bytes:,} by {needed - limits.max_session_kv_bytes:,}",
+                code="kv_session_cap",
+            )
         with self._lock:
-            self.stats.tokens += step.batch * step.tokens
-            self.stats.steps += 1
+            others = self.kv_bytes_used - session.kv_bytes
+            if others + needed > self.kv_budget_bytes:
+                raise ProtocolError(
+                    f"KV memory budget: this step needs {needed:,} bytes for its session, "
+                    f"{self.kv_budget_bytes - others:,} of {self.kv_budget_bytes:,} are free "
+                    f"(short by {others + needed - self.kv_budget_bytes:,})",
+                    code="kv_budget",
+                )
+            self.kv_bytes_used = others + needed
+            session.kv_bytes = needed
+        session.seq = step.seq
+
+    def close_session(self, session_id: int) -> bool:
+        with self._lock:
+            session = self.sessions.pop(session_id, None)
+            if session is not None:
+                self.kv_bytes_used -= session.kv_bytes
+                session.cache = session.mask = None
+        if session is not None:
+            self.stats.add(sessions_closed=1)
+            logger.info("closed session %d after %d tokens", session_id, session.tokens)
+        return session is not None
+
+    def expire_idle(self) -> None:
+        with self._lock:
+            self._expire_idle()
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        for sid in [s.id for s in self.sessions.values() if now - s.last_used > self.limits.idle_timeout_s]:
+            logger.info("session %d idle for over %.0f s", sid, self.limits.idle_timeout_s)
+            self.close_session(sid)
+
+    def drain(self, on: bool = True) -> None:
+        """Stop (or resume) taking new sessions; open sessions carry on."""
+        self.draining = on
+        logger.info("draining: %s", on)
+
+    # ---------------------------------------------------------------- compute
+    def _step(self, session: Session, step: protocol.Step) -> bytes:
+        if not session.busy.acquire(blocking=False):
+            raise ProtocolError(f"session {session.id} already has a step in flight", code="busy")
+        try:
+            hidden = session.codec.decode(
+                step.payload,
+                expect_shape=(step.batch, step.tokens, self.hidden_size),
+                expect_dtypes=session.wire_dtypes,
+            )
+            payload, kind = self._compute(session, step, hidden.to(self.device, self.dtype))
+        finally:
+            session.busy.release()
+        self.stats.add(tokens=step.batch * step.tokens, steps=1)
         session.tokens += step.batch * step.tokens
         return protocol.encode_reply(step.seq, kind, payload)
 
     def _compute(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
         if self.batcher is not None:
-            return self.batcher.submit(session, step, hidden)
-        with self._lock:
+            return self.batcher.submit(session, step, hidden, timeout_s=self.limits.step_timeout_s)
+        if not self._compute_lock.acquire(timeout=self.limits.step_timeout_s):
+            raise ProtocolError(f"no compute slot within {self.limits.step_timeout_s} s", code="timeout")
+        try:
             started = time.perf_counter()
-            try:
-                return self.run_one(session, step, hidden)
-            finally:
-                self.stats.compute_s += time.perf_counter() - started
+            return self.run_one(session, step, hidden)
+        finally:
+            self.stats.add(compute_s=time.perf_counter() - started)
+            self._compute_lock.release()
 
     def prepare(self, session: Session, step: protocol.Step) -> None:
         """Bring the session's cache and mask to `step.start` and append the step's mask columns."""
@@ -380,19 +508,14 @@ class SplitServer:
             self.close_session(session_id)
 
     def stats_dict(self) -> dict[str, Any]:
-        s = self.stats
+        s = self.stats.snapshot()
         return {
+            **s,
             "sessions_active": len(self.sessions),
-            "sessions_opened": s.sessions_opened,
-            "sessions_closed": s.sessions_closed,
-            "tokens": s.tokens,
-            "steps": s.steps,
-            "bytes_in": s.bytes_in,
-            "bytes_out": s.bytes_out,
-            "compute_s": round(s.compute_s, 6),
-            "compute_ms_per_token": round(1000 * s.compute_s / max(s.tokens, 1), 4),
-            "errors": dict(s.errors),
-            "batches": s.batches,
-            "batched_rows": s.batched_rows,
+            "compute_s": round(s["compute_s"], 6),
+            "compute_ms_per_token": round(1000 * s["compute_s"] / max(s["tokens"], 1), 4),
+            "kv_bytes_used": self.kv_bytes_used,
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "draining": int(self.draining),
             "process_cpu_s": round(time.process_time(), 6),
         }

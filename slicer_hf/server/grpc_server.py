@@ -1,82 +1,209 @@
-"""The network face of `SplitServer`: a gRPC server with one bidirectional stream per session.
+"""The network face of `SplitServer`: a `grpc.aio` server with one bidirectional stream per session, the standard
+gRPC health service (with a drain mode), and Prometheus metrics over HTTP.
 
-A session lives as long as its stream: when the client closes it, cancels it or vanishes (keepalive), the
-session is closed and its KV cache freed.
+Streams are coroutines, not threads, so idle clients hold no worker; requests run on a small thread pool (the
+engine's compute blocks) and queue there when it is busy. A stream ends when its client closes it, cancels it or
+vanishes (keepalive), or when it idles: `open_timeout_s` without a message while it holds no session,
+`idle_timeout_s` while it holds one. Whatever ends it, the sessions it opened are closed and their memory freed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
+import threading
 from collections.abc import Iterator
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import protocol
-from ..transport.grpc import SERVICE, channel_options
 from .engine import SplitServer
 
 logger = logging.getLogger(__name__)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class _Handler(grpc.GenericRpcHandler):
-    def __init__(self, server: SplitServer, token: str | None) -> None:
-        self.server, self.token = server, token
+class _SplitService(grpc.GenericRpcHandler):
+    def __init__(self, engine: SplitServer, token: str | None, pool: ThreadPoolExecutor, health: Any) -> None:
+        self.engine, self.token, self.pool, self.health = engine, token, pool, health
         self.methods = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
             "Stats": grpc.unary_unary_rpc_method_handler(self.stats),
             "Metrics": grpc.unary_unary_rpc_method_handler(self.metrics),
+            "Drain": grpc.unary_unary_rpc_method_handler(self.drain),
         }
 
     def service(self, details: grpc.HandlerCallDetails) -> Any:
         service, _, method = details.method.lstrip("/").partition("/")
-        return self.methods.get(method) if service == SERVICE else None
+        return self.methods.get(method) if service == protocol.SERVICE else None
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self.token is None:
             return
-        sent = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
-            self.server.stats.errors["unauthenticated"] = self.server.stats.errors.get("unauthenticated", 0) + 1
+        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not hmac.compare_digest(str(sent).encode(), f"Bearer {self.token}".encode()):
+            self.engine.stats.error("unauthenticated")
             logger.warning("refused %s: missing or wrong auth token", context.peer())
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
 
-    def session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._authorize(context)
+    async def session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._authorize(context)
         peer, opened = context.peer(), set()
+        loop, limits = asyncio.get_running_loop(), self.engine.limits
         try:
-            for data in requests:
-                reply = self.server.handle(data, client=peer, owned=opened)
-                if len(data) > 1 and data[1] == protocol.OPEN and reply[1:2] == bytes([protocol.OPENED]):
-                    opened.add(int(protocol.decode_json(reply)["session"]))
-                yield reply
+            while True:
+                timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s
+                try:
+                    data = await asyncio.wait_for(context.read(), timeout_s)
+                except asyncio.TimeoutError:
+                    self.engine.stats.error("stream_idle")
+                    logger.info("stream from %s idle for %.1f s: closed", peer, timeout_s)
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {timeout_s} s")
+                if data is grpc.aio.EOF:
+                    return
+                reply = await loop.run_in_executor(self.pool, self.engine.handle, data, peer, opened)
+                await context.write(reply)
         finally:  # the stream is gone: nothing it opened may outlive it
             for session_id in opened:
-                if self.server.close_session(session_id):
+                if self.engine.close_session(session_id):
                     logger.info("stream from %s ended: freed session %d", peer, session_id)
 
-    def stats(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._authorize(context)
-        return protocol.encode_json(protocol.STATS_REPLY, self.server.stats_dict())
+    async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await self._authorize(context)
+        return protocol.encode_json(protocol.STATS_REPLY, self.engine.stats_dict())
 
-    def metrics(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._authorize(context)
-        return prometheus_text(self.server.stats_dict()).encode()
+    async def metrics(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await self._authorize(context)
+        return prometheus_text(self.engine)
+
+    async def drain(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Body `{"on": bool}` (default true): stop or resume taking new sessions; health follows."""
+        await self._authorize(context)
+        try:
+            on = bool(json.loads(request.decode() or "{}").get("on", True))
+        except (ValueError, AttributeError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'drain takes {"on": true|false}')
+        await set_draining(self.engine, self.health, on)
+        return protocol.encode_json(protocol.STATS_REPLY, self.engine.stats_dict())
 
 
-def prometheus_text(stats: dict[str, Any]) -> str:
-    """Server counters in the Prometheus text exposition format."""
-    lines = []
-    for key, value in sorted(stats.items()):
-        if key == "errors":
-            lines.append("# TYPE slicer_errors_total counter")
-            lines += [f'slicer_errors_total{{code="{code}"}} {n}' for code, n in sorted(value.items())]
+async def set_draining(engine: SplitServer, health_servicer: Any, on: bool) -> None:
+    engine.drain(on)
+    for name in ("", protocol.SERVICE):
+        await health_servicer.set(name, NOT_SERVING if on else SERVING)
+
+
+class _StatsCollector:
+    """Reads the engine's counters for prometheus_client at each scrape."""
+
+    GAUGES = ("sessions_active", "compute_ms_per_token", "kv_bytes_used", "kv_budget_bytes", "draining")
+
+    def __init__(self, engine: SplitServer) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for key, value in sorted(self.engine.stats_dict().items()):
+            if key == "errors":
+                family = CounterMetricFamily("slicer_errors", "Refused requests by error code", labels=["code"])
+                for code, count in sorted(value.items()):
+                    family.add_metric([code], count)
+                yield family
+            elif key in self.GAUGES:
+                yield GaugeMetricFamily(f"slicer_{key}", key.replace("_", " "), value=value)
+            else:
+                yield CounterMetricFamily(f"slicer_{key}", key.replace("_", " "), value=value)
+
+
+def metrics_registry(engine: SplitServer) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(engine))
+    return registry
+
+
+def prometheus_text(engine: SplitServer) -> bytes:
+    """The engine's counters in the Prometheus text format (what GET /metrics serves)."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics_registry(engine))
+
+
+class RunningServer:
+    """A started server: its gRPC port, its metrics port, and `stop()`. The aio server runs on its own event-loop
+    thread, so callers stay synchronous."""
+
+    def __init__(
+        self,
+        engine: SplitServer,
+        host: str,
+        port: int,
+        token: str | None,
+        tls_cert: bytes | None,
+        tls_key: bytes | None,
+        max_streams: int,
+        workers: int,
+        metrics_port: int | None,
+    ) -> None:
+        self.engine = engine
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slicer-rpc")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="slicer-grpc-loop", daemon=True)
+        self._thread.start()
+        self.port = self._run(self._start(host, port, token, tls_cert, tls_key, max_streams))
+        self.metrics_port = None
+        self._metrics: Any = None
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics, _ = start_http_server(metrics_port, addr=host, registry=metrics_registry(engine))
+            self.metrics_port = self._metrics.server_port
+        if token is not None and tls_cert is None and not protocol.is_loopback(host):
+            logger.warning("an auth token is required on %s without TLS: tokens cross the network in clear", host)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _start(
+        self, host: str, port: int, token: str | None, cert: bytes | None, key: bytes | None, max_streams: int
+    ) -> int:
+        self.server = grpc.aio.server(
+            options=protocol.channel_options(self.engine.limits.max_message_bytes, server=True),
+            maximum_concurrent_rpcs=max_streams,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_generic_rpc_handlers((_SplitService(self.engine, token, self.pool, self.health),))
+        address = f"{host}:{port}"
+        if cert is not None:
+            bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
-            kind = "gauge" if key in ("sessions_active", "compute_ms_per_token") else "counter"
-            lines += [f"# TYPE slicer_{key} {kind}", f"slicer_{key} {value}"]
-    return "\n".join(lines) + "\n"
+            bound = self.server.add_insecure_port(address)
+        await self.server.start()
+        await set_draining(self.engine, self.health, False)
+        return bound
+
+    def drain(self, on: bool = True) -> None:
+        self._run(set_draining(self.engine, self.health, on))
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Refuse new work, give open calls `grace_s` to finish, then close everything."""
+        if not self._thread.is_alive():
+            return
+        self._run(self.health.enter_graceful_shutdown())
+        self._run(self.server.stop(grace_s))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._metrics is not None:
+            self._metrics.shutdown()
 
 
 def serve(
@@ -86,20 +213,16 @@ def serve(
     token: str | None = None,
     tls_cert: bytes | None = None,
     tls_key: bytes | None = None,
-    max_workers: int | None = None,
-) -> tuple[grpc.Server, int]:
-    """Start serving `server` on host:port (port 0 picks a free one); returns the gRPC server and its port."""
-    workers = max_workers or server.limits.max_sessions + 8
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slicer-rpc"),
-        options=channel_options(server.limits.max_message_bytes),
-        maximum_concurrent_rpcs=workers,
-    )
-    grpc_server.add_generic_rpc_handlers((_Handler(server, token),))
-    address = f"{host}:{port}"
-    if tls_cert is not None:
-        bound = grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
-    else:
-        bound = grpc_server.add_insecure_port(address)
-    grpc_server.start()
-    return grpc_server, bound
+    max_streams: int = 1024,
+    workers: int | None = None,
+    metrics_port: int | None = None,
+) -> RunningServer:
+    """Start serving `server` on host:port (port 0 picks a free one).
+
+    Args:
+        max_streams: streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and retry).
+        workers: request threads (default: enough for a full batch of decode steps plus a few).
+        metrics_port: serve GET /metrics over HTTP on this port (0 picks one); None: no HTTP endpoint.
+    """
+    workers = workers or server.limits.max_batched_rows + 8
+    return RunningServer(server, host, port, token, tls_cert, tls_key, max_streams, workers, metrics_port)

@@ -26,7 +26,9 @@ class Transport(ABC):
         """Send one message and wait for its reply; raises `TransportError` when the peer is unreachable."""
 
     def reset(self) -> bool:
-        """Move to the next endpoint after a failure; False when there is none left."""
+        """Drop the connection after a failure and move to the next endpoint. False when this transport cannot
+        reconnect at all (the in-process one); a network transport returns True and the caller decides, with
+        backoff, how often to try."""
         return False
 
     def close(self) -> None:

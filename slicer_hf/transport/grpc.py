@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,12 +19,18 @@ from typing import Any
 import grpc
 
 from ..errors import TransportError
+from ..protocol import (  # noqa: F401 (re-exported for callers of this module)
+    DRAIN_METHOD,
+    METRICS_METHOD,
+    SERVICE,
+    SESSION_METHOD,
+    STATS_METHOD,
+    channel_options,
+    is_loopback,
+)
 from .base import Transport
 
-SERVICE = "slicer_hf.v1.Split"
-SESSION_METHOD = f"/{SERVICE}/Session"
-STATS_METHOD = f"/{SERVICE}/Stats"
-METRICS_METHOD = f"/{SERVICE}/Metrics"
+logger = logging.getLogger(__name__)
 _END = object()
 _OPEN: weakref.WeakSet[GrpcTransport] = weakref.WeakSet()
 
@@ -33,17 +41,6 @@ def _close_open_streams() -> None:
     for transport in list(_OPEN):
         transport.close()
     gc.collect()  # destroy closed channels now, while the gRPC runtime is still up
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
 
 
 def open_channel(url: str, root_certificates: bytes | None = None, max_message_bytes: int = 64 << 20) -> grpc.Channel:
@@ -76,6 +73,12 @@ class GrpcTransport(Transport):
         if not urls:
             raise TransportError("no server URL given")
         self.urls, self.token, self.timeout_s, self.root_certificates = list(urls), token, timeout_s, root_certificates
+        for url in self.urls:
+            host = url.partition("://")[2].rpartition(":")[0]
+            if token and url.startswith("grpc://") and not is_loopback(host):
+                message = f"an auth token is sent to {url} without TLS: use grpcs:// so it does not cross in clear"
+                warnings.warn(message, stacklevel=2)
+                logger.warning(message)
         self.index = 0
         self._channel: grpc.Channel | None = None
         self._call: Any = None
@@ -120,15 +123,19 @@ class GrpcTransport(Transport):
         self._outbox.put(bytes(data))
         try:
             reply = self._inbox.get(timeout=self.timeout_s)
-        except queue.Empty:
+        except queue.Empty:  # a slow server is not a dead one: no failover, whose replay would only add load
             self.close()
-            raise TransportError(f"no reply from {self.name} within {self.timeout_s} s") from None
+            raise TransportError(
+                f"no reply from {self.name} within {self.timeout_s} s (busy or stalled: raise timeout_s to wait)",
+                retryable=False,
+            ) from None
         if isinstance(reply, Exception):
             self.close()
             raise reply
         return reply
 
     def reset(self) -> bool:
+        """Drop the stream and move to the next URL (back to the first after the last); always possible."""
         self.close()
         self.index = (self.index + 1) % len(self.urls)
         return True
