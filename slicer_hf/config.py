@@ -134,7 +134,12 @@ class SlicerConfig:
             self.sparsity,
         )
         _check(self.downlink in DOWNLINKS, "downlink", f"must be one of {DOWNLINKS}", self.downlink)
-        _check(self.downlink_topk >= 1, "downlink_topk", "must be >= 1", self.downlink_topk)
+        _check(
+            type(self.downlink_topk) is int and 1 <= self.downlink_topk <= 1 << 16,
+            "downlink_topk",
+            "must be an integer in [1, 65536]",
+            self.downlink_topk,
+        )
         _check(
             self.downlink_dtype in DOWNLINK_DTYPES,
             "downlink_dtype",

@@ -72,6 +72,8 @@ class StepBatcher:
                         item[3].set_exception(ProtocolError("server shutting down", code="shutdown"))
                 return
             items = [item for item in items if item[3].set_running_or_notify_cancel()]  # drop withdrawn steps
+            if not items:
+                continue
             started = time.perf_counter()
             self._run_round(items)
             self.server.stats.add(compute_s=time.perf_counter() - started)

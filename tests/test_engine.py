@@ -1,0 +1,148 @@
+"""The engine in-process: sizes are checked before allocation, locks never block session bookkeeping, waits are
+bounded, counters are exact under threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from slicer_hf import CodecError, ProtocolError, build_codec, protocol
+from slicer_hf.codec import codec_from_spec
+from slicer_hf.config import SlicerConfig
+from slicer_hf.link import open_request
+from slicer_hf.server import ServerLimits, SplitServer
+from slicer_hf.server.engine import ServerStats
+
+
+@pytest.fixture
+def engine():
+    def make(batching=False, **limits):
+        return SplitServer(tiny_model("llama"), limits=ServerLimits(**limits), batching=batching)
+
+    return make
+
+
+def open_session(server: SplitServer) -> int:
+    body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+    reply = server.handle(protocol.encode_json(protocol.OPEN, body))
+    protocol.raise_if_error(reply)
+    return protocol.decode_json(reply)["session"]
+
+
+def step(server: SplitServer, session: int, seq: int, start: int = 0, tokens: int = 3) -> bytes:
+    hidden = torch.randn(1, tokens, server.hidden_size)
+    payload = build_codec("identity").encode(hidden)
+    return server.handle(protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, 0, payload)))
+
+
+def test_the_step_header_is_checked_before_the_mask_is_built():
+    message = protocol.encode_step(
+        protocol.Step(1, 1, 0, 4096, (1 << 24) - 1, 0, b"", mask=torch.ones(1, 1, dtype=torch.bool))
+    )
+    seen = []
+
+    def refuse(header):
+        seen.append((header.batch, header.tokens, header.mask))
+        raise ProtocolError("refused", code="too_large")
+
+    # the encoder sized the message from the mask it had; rewrite the claim the way an attacker would
+    with pytest.raises(ProtocolError, match="refused"):
+        protocol.decode_step(message, check=refuse)
+    assert seen == [(4096, (1 << 24) - 1, None)]
+
+
+def test_codec_packets_are_checked_against_the_expected_shape_and_dtype_first():
+    codec = build_codec("slicer")
+    packet = codec.encode(torch.randn(2, 3, 64))
+    assert codec.decode(packet, expect_shape=(2, 3, 64)).shape == (2, 3, 64)
+    with pytest.raises(CodecError, match="claims shape"):
+        codec.decode(packet, expect_shape=(1, 3, 64))
+    with pytest.raises(CodecError, match="claims dtype"):
+        codec.decode(packet, expect_dtypes=frozenset({torch.bfloat16}))
+    with pytest.raises(CodecError, match="may not set max_elements"):
+        codec_from_spec({**codec.spec(), "max_elements": 10**13})
+    assert codec_from_spec(codec.spec(), max_elements=99).max_elements == 99
+
+
+def test_top_k_replies_are_checked_against_the_asked_shape():
+    values, indices = torch.randn(1, 2, 4), torch.randint(0, 100, (1, 2, 4))
+    body = protocol.encode_topk_logits(values, indices, 100)
+    assert protocol.decode_topk_logits(body, (1, 2, 100), max_k=4).shape == (1, 2, 100)
+    for expect, k in (((1, 3, 100), 4), ((1, 2, 101), 4), ((1, 2, 100), 3)):
+        with pytest.raises(ProtocolError, match="expected"):
+            protocol.decode_topk_logits(body, expect, max_k=k)
+
+
+def test_a_busy_model_never_blocks_open_and_close(engine):
+    server = engine(step_timeout_s=0.3)
+    session = open_session(server)
+    server._compute_lock.acquire()  # a long forward in another thread
+    try:
+        started = time.monotonic()
+        other = open_session(server)
+        assert server.close_session(other)
+        assert time.monotonic() - started < 0.25
+        reply = step(server, session, 1)
+        with pytest.raises(ProtocolError, match="no compute slot") as info:
+            protocol.raise_if_error(reply)
+        assert info.value.code == "timeout"
+    finally:
+        server._compute_lock.release()
+    session = open_session(server)
+    protocol.raise_if_error(step(server, session, 1))
+
+
+def test_a_batched_step_that_waits_too_long_is_withdrawn(engine):
+    server = engine(step_timeout_s=0.3, batching=True)
+    stuck, release = threading.Event(), threading.Event()
+    plain = server.batcher._run_round
+    ran = []
+
+    def slow_round(items):
+        ran.append(len(items))
+        stuck.set()
+        release.wait(10)
+        plain(items)
+
+    server.batcher._run_round = slow_round
+    first, second = open_session(server), open_session(server)
+    waiting = threading.Thread(target=lambda: step(server, first, 1))
+    waiting.start()
+    assert stuck.wait(10)
+    reply = step(server, second, 1)  # queued behind a round that does not end in time
+    with pytest.raises(ProtocolError, match="no compute slot"):
+        protocol.raise_if_error(reply)
+    release.set()
+    waiting.join()
+    server.shutdown()
+    assert ran == [1]  # the withdrawn step never ran
+
+
+def test_steps_of_one_session_do_not_overlap_and_seq_only_grows(engine):
+    server = engine()
+    session = open_session(server)
+    protocol.raise_if_error(step(server, session, 5))
+    with pytest.raises(ProtocolError, match="replayed or reordered"):
+        protocol.raise_if_error(step(server, session, 5, start=3, tokens=1))
+    assert session not in server.sessions  # a refused step closes its session
+
+
+def test_counters_are_exact_under_threads():
+    stats = ServerStats()
+
+    def hammer():
+        for _ in range(5000):
+            stats.add(tokens=1, bytes_in=2)
+            stats.error("x")
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = stats.snapshot()
+    assert snap["tokens"] == 40000 and snap["bytes_in"] == 80000 and snap["errors"] == {"x": 40000}

@@ -1,0 +1,365 @@
+"""Cheap messages cannot exhaust a live server, and clients stay correct: every attack goes over the wire to a real
+`slicer-hf serve` process, which must stay up, grow its RSS by less than 100 MB, and keep other sessions exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_server import LOSSLESS, CallbackStreamer, client, prompt, wait_for
+
+from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, TransportError, build_codec, protocol
+from slicer_hf.codec.bits import write_varint
+from slicer_hf.transport.grpc import DRAIN_METHOD, GrpcTransport
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+RSS_LIMIT = 100 << 20
+HIDDEN = 64  # the tiny llama's width
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama-hardening")
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def raw_open(transport: GrpcTransport, model_dir: str, **fields) -> int:
+    """OPEN on a raw stream with the tiny model's fingerprint; returns the session id."""
+    from transformers import AutoConfig
+
+    body = {
+        "fingerprint": protocol.model_fingerprint(AutoConfig.from_pretrained(model_dir)),
+        "split_layer": 2,
+        "codec": build_codec("identity").spec(),
+        **fields,
+    }
+    reply = transport.request(protocol.encode_json(protocol.OPEN, body))
+    protocol.raise_if_error(reply)
+    return int(protocol.decode_json(reply)["session"])
+
+
+def step_header(session: int, seq: int, start: int, batch: int, tokens: int, flags: int = 0) -> bytes:
+    fields = (session, seq, start, batch, tokens)
+    return protocol.header(protocol.STEP) + b"".join(map(write_varint, fields)) + bytes([flags]) + write_varint(0)
+
+
+def envelope(codec_id: int, dtype_code: int, shape: tuple[int, ...]) -> bytes:
+    return bytes([codec_id, 1, dtype_code, len(shape)]) + b"".join(map(write_varint, shape))
+
+
+HUGE = (1 << 6, 1 << 20)  # 2^26 elements: the codec's old ceiling
+ATTACKS = {
+    # 13 bytes that used to allocate torch.ones(4096, 2^24) before any check
+    "mask all ones, huge claim": lambda s: step_header(s, 1, 0, 4096, (1 << 24) - 1, protocol.MASK_ONES),
+    "mask all ones, unknown session": lambda s: step_header(s + 999, 1, 0, 4096, (1 << 24) - 1, protocol.MASK_ONES),
+    # codec packets whose rows decode to zeros of the claimed shape without reading a byte per row
+    "topk K=0, float64": lambda s: step_header(s, 1, 0, 1, 1) + envelope(5, 4, HUGE) + b"\x00\x00",
+    "slicer K=0": lambda s: step_header(s, 1, 0, 1, 1) + envelope(6, 1, HUGE) + b"\x00\x00\x00\x00",
+    "slicer ECSQ zero rows": lambda s: (
+        step_header(s, 1, 0, 1, 1) + envelope(6, 1, HUGE) + bytes([16 | 1, 0]) + np.float16(0.3).tobytes() + bytes(128)
+    ),
+    # d = 2^20 used to run about 1,024 QR factorizations and cache gigabytes of rotations
+    "slicer rotation d=2^20": lambda s: (
+        step_header(s, 1, 0, 1, 1)
+        + envelope(6, 1, (1, 1 << 20))
+        + bytes([16 | 1, 0])
+        + np.float16(0.3).tobytes()
+        + np.float16(1.0).tobytes()
+        + b"\x01"
+    ),
+    "right shape, float64": lambda s: step_header(s, 1, 0, 1, 1) + envelope(0, 4, (1, 1, HIDDEN)) + bytes(8 * HIDDEN),
+}
+
+
+def test_cheap_messages_are_refused_before_they_cost_memory(server, model_dir, reference):
+    srv = server("--max-step-tokens", "64", "--max-session-batch", "4")
+    good = client(model_dir, srv.url)
+    ids = prompt(21)
+    outcomes = {}
+
+    def attack():
+        for name, make in ATTACKS.items():
+            raw = GrpcTransport([srv.url], timeout_s=30)
+            session = raw_open(raw, model_dir)
+            before = rss_bytes(srv.proc.pid)
+            started = time.monotonic()
+            for _ in range(5):
+                reply = raw.request(make(session))
+                assert protocol.message_type(reply) == protocol.ERROR, name
+                session = raw_open(raw, model_dir)  # the refused step closed its session
+            outcomes[name] = (
+                protocol.decode_json(reply)["code"],
+                rss_bytes(srv.proc.pid) - before,
+                time.monotonic() - started,
+            )
+            raw.close()
+
+    # the attacks land in the middle of another client's generation, which must come out exact
+    out = good.generate(ids, max_new_tokens=12, do_sample=False, streamer=CallbackStreamer(4, attack))
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=12, do_sample=False))
+    assert set(outcomes) == set(ATTACKS)
+    for name, (code, growth, _) in outcomes.items():
+        assert growth < RSS_LIMIT, (name, growth)
+        expected = "unknown_session" if "unknown" in name else ("too_large" if "mask" in name else "codec")
+        assert code == expected, (name, code)
+    assert srv.proc.poll() is None
+
+
+def test_clients_choose_codec_knobs_never_safety_bounds(server, model_dir):
+    srv = server()
+    raw = GrpcTransport([srv.url], timeout_s=30)
+    spec = {**build_codec("identity").spec(), "max_elements": 10**13}
+    with pytest.raises(ProtocolError, match="may not set max_elements"):
+        raw_open(raw, model_dir, codec=spec)
+    for bad in ({"downlink_topk": "many"}, {"downlink_topk": 0}, {"downlink_topk": 1 << 20}, {"dtype": "float64"}):
+        with pytest.raises(ProtocolError) as info:
+            raw_open(raw, model_dir, **bad)
+        assert info.value.code == "bad_request", bad
+    assert srv.stats()["sessions_active"] == 0
+    raw.close()
+
+
+def test_kv_memory_is_budgeted_in_bytes(server, model_dir, reference):
+    # the tiny llama at split 2: 2 layers x K,V x 2 heads x 16 dims x 4 bytes + 2 placeholders x 2 x 4 = 528 B
+    per_position = 528
+    srv = server("--kv-memory", str(40 * per_position), "--max-session-kv", str(30 * per_position))
+    stats = srv.stats()
+    assert stats["kv_budget_bytes"] == 40 * per_position
+    small = client(model_dir, srv.url)
+    ids = prompt(22, 6)
+    out = small.generate(ids, max_new_tokens=10, do_sample=False)  # 16 positions: inside both limits
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=10, do_sample=False))
+    assert srv.stats()["kv_bytes_used"] == 15 * per_position  # the last token's K/V is never computed
+    with pytest.raises(ProtocolError, match="session KV cap") as info:
+        client(model_dir, srv.url).generate(prompt(23, 40), max_new_tokens=2)
+    assert info.value.code == "kv_session_cap" and "over the cap" in str(info.value)
+    with pytest.raises(ProtocolError, match="KV memory budget") as info:
+        client(model_dir, srv.url).generate(prompt(24, 28), max_new_tokens=2)
+    assert "short by" in str(info.value)
+    # the refused sessions were freed, the first one is untouched
+    assert srv.stats()["kv_bytes_used"] == 15 * per_position
+    out = small.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=10, do_sample=False))
+
+
+def test_idle_streams_hold_no_worker_and_are_closed(server, model_dir, reference):
+    srv = server("--max-sessions", "4", "--open-timeout-s", "1")
+    idle = [GrpcTransport([srv.url], timeout_s=30) for _ in range(100)]  # 100 streams, many more than workers
+    for transport in idle:
+        transport.request(protocol.encode_json(protocol.CLOSE, {"session": 0}))
+    ids = prompt(25)
+    out = client(model_dir, srv.url).generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=6, do_sample=False))
+    assert wait_for(lambda: srv.stats()["errors"].get("stream_idle", 0) >= 100)
+    with pytest.raises(TransportError, match="DEADLINE_EXCEEDED"):
+        idle[0].request(protocol.encode_json(protocol.CLOSE, {"session": 0}))
+    for transport in idle:
+        transport.close()
+
+
+def test_a_full_server_is_retried_with_backoff(server, model_dir, reference):
+    srv = server("--max-streams", "2", "--open-timeout-s", "1")
+    held = [GrpcTransport([srv.url], timeout_s=30) for _ in range(2)]
+    for transport in held:
+        transport.request(protocol.encode_json(protocol.CLOSE, {"session": 0}))
+    model = client(model_dir, srv.url)
+    ids = prompt(26)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)  # RESOURCE_EXHAUSTED until the idle ones go
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=4, do_sample=False))
+    assert model.wire_stats().failovers >= 1
+    for transport in held:
+        transport.close()
+
+
+def test_a_timeout_is_not_a_dead_server(server, model_dir):
+    srv = server("--threads", "1")
+    model = client(model_dir, srv.url, timeout_s=0.001)
+    with pytest.raises(TransportError, match="no reply") as info:
+        model.generate(prompt(27, 60), max_new_tokens=2)
+    assert not info.value.retryable and model.wire_stats().failovers == 0
+    assert srv.stats()["sessions_opened"] <= 1  # no replay piled onto the busy server
+
+
+def test_health_service_and_drain_mode(server, model_dir, reference):
+    srv = server()
+    with grpc.insecure_channel(srv.url.removeprefix("grpc://")) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        assert check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+        staying = client(model_dir, srv.url)
+        ids = prompt(28)
+        staying.generate(ids, max_new_tokens=3, do_sample=False)
+        GrpcTransport([srv.url], timeout_s=10).unary(DRAIN_METHOD, json.dumps({"on": True}).encode())
+        status = check(health_pb2.HealthCheckRequest(service=protocol.SERVICE)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(TransportError, match="draining"):
+            client(model_dir, srv.url).generate(prompt(29), max_new_tokens=2)
+        # open sessions carry on
+        out = staying.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, reference.generate(ids, max_new_tokens=6, do_sample=False))
+        GrpcTransport([srv.url], timeout_s=10).unary(DRAIN_METHOD, json.dumps({"on": False}).encode())
+        assert check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    client(model_dir, srv.url).generate(prompt(29), max_new_tokens=2)
+
+
+def test_a_server_that_logs_a_lot_never_stalls(server, model_dir):
+    srv = server("--log-level", "debug")
+    raw = GrpcTransport([srv.url], timeout_s=30)
+    for i in range(3000):  # each refusal logs a warning line: far more than a pipe holds
+        assert protocol.message_type(raw.request(os.urandom(16) + bytes([i % 256]))) == protocol.ERROR
+    assert sum(srv.stats()["errors"].values()) >= 3000
+    raw.close()
+
+
+def test_a_token_without_tls_warns_off_loopback():
+    with pytest.warns(UserWarning, match="without TLS"):
+        GrpcTransport(["grpc://192.0.2.1:50051"], token="s3cret")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GrpcTransport(["grpc://127.0.0.1:50051"], token="s3cret")
+        GrpcTransport(["grpcs://192.0.2.1:50051"], token="s3cret")
+
+
+@pytest.mark.skipif(os.environ.get("SLICER_SKIP_LONG_IDLE") == "1", reason="opted out of the 65 s idle test")
+def test_an_idle_session_survives_past_60_s(server, model_dir, reference):
+    """Clients ping every 20 s; a server that allowed one ping per 5 minutes sent too_many_pings after ~60 s."""
+    srv = server()
+    model = client(model_dir, srv.url)
+    ids = prompt(30)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    time.sleep(65)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=5, do_sample=False))
+    assert model.wire_stats().failovers == 0
+    assert srv.stats()["sessions_opened"] == 1
+
+
+def test_concurrent_generate_on_one_model_is_refused_clearly(model_dir):
+    model = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS)
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def hold():
+        inside.set()
+        release.wait(30)
+
+    first = threading.Thread(
+        target=lambda: model.generate(prompt(31), max_new_tokens=3, streamer=CallbackStreamer(1, hold))
+    )
+    first.start()
+    assert inside.wait(30)
+    try:
+        model.generate(prompt(32), max_new_tokens=3)
+    except Exception as exc:  # checked below
+        errors.append(exc)
+    release.set()
+    first.join()
+    assert len(errors) == 1 and "another thread" in str(errors[0])
+    model.generate(prompt(32), max_new_tokens=3)  # turns taken: fine
+
+
+def test_a_reply_for_another_step_is_refused(model_dir):
+    model = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS)
+    model.generate(prompt(33), max_new_tokens=2)
+    transport = model._slicer_transport
+    stale: list[bytes] = []
+    plain = transport.request
+
+    def replay_stale(data):
+        reply = plain(data)
+        if data[1] == protocol.STEP:
+            stale.append(reply)
+            return stale[0]  # always the first step's reply
+        return reply
+
+    transport.request = replay_stale
+    with pytest.raises(ProtocolError, match="reply for step") as info:
+        model.generate(prompt(34), max_new_tokens=3)
+    assert info.value.code == "bad_seq"
+
+
+def test_server_replies_are_checked_against_the_asked_shape(model_dir):
+    config = LOSSLESS.replace(downlink="topk_logits", downlink_topk=8)
+    model = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=config)
+    transport = model._slicer_transport
+    plain = transport.request
+
+    def hostile(data):
+        reply = plain(data)
+        if data[1] != protocol.STEP:
+            return reply
+        seq = protocol.decode_reply(reply)[0]
+        body = b"".join(map(write_varint, (4096, 1, 8, 1 << 16)))  # would fill 4096 x 65536 logits: 1 GiB
+        return protocol.encode_reply(seq, protocol.REPLY_TOPK, body)
+
+    transport.request = hostile
+    with pytest.raises(ProtocolError, match="expected") as info:
+        model.generate(prompt(35), max_new_tokens=2)
+    assert info.value.code == "bad_shape"
+
+
+def test_an_in_process_split_model_is_garbage_collected(model_dir):
+    import gc
+    import weakref
+
+    model = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS)
+    model.generate(prompt(36), max_new_tokens=2)
+    model_ref, server_ref = weakref.ref(model), weakref.ref(model.split_server)
+    reaper = next(t for t in threading.enumerate() if t.name == "slicer-reaper" and t.is_alive())
+    del model
+    gc.collect()
+    assert model_ref() is None and server_ref() is None
+    reaper.join(timeout=10)
+    assert not reaper.is_alive()
+
+
+def test_silently_wrong_options_are_refused_or_right(model_dir, reference):
+    from slicer_hf import ConfigError
+
+    model = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS)
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):
+        model(prompt(37), output_hidden_states=True)
+    for bad in (0, 1 << 17, 2.5, "64"):
+        with pytest.raises(ConfigError, match="downlink_topk"):
+            SlicerConfig(downlink_topk=bad)
+    ids = prompt(38, 10)
+    expected = reference(ids, labels=ids).loss
+    for downlink in ("logits", "hidden"):
+        split = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS.replace(downlink=downlink))
+        assert torch.allclose(split(ids, labels=ids).loss, expected, atol=1e-6), downlink
+
+
+@pytest.fixture
+def server(model_dir):
+    from test_server import Server
+
+    running = []
+
+    def start(*args, port=0):
+        running.append(Server(model_dir, *args, port=port))
+        return running[-1]
+
+    yield start
+    for s in running:
+        s.stop()
