@@ -187,6 +187,7 @@ BENCH_SUITES = {
     "drift": "drift",
     "link": "link",
     "concurrency": "concurrency",
+    "soak": "soak",
 }
 
 

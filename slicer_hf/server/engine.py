@@ -86,7 +86,7 @@ class Session:
     batch: int = 0
     length: int = 0
     tokens: int = 0
-    seq: int = 0  # the last step's sequence number
+    seq: int = -1  # the last step's sequence number
     kv_bytes: int = 0  # reserved for its cache
     last_used: float = field(default_factory=time.monotonic)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
@@ -399,6 +399,9 @@ class SplitServer:
         if not session.busy.acquire(blocking=False):
             raise ProtocolError(f"session {session.id} already has a step in flight", code="busy")
         try:
+            end = self.limits.max_context_tokens
+            if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
+                raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
             hidden = session.codec.decode(
                 step.payload,
                 expect_shape=(step.batch, step.tokens, self.hidden_size),
