@@ -115,6 +115,14 @@ def causal_lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.T
     return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
 
 
+def register_causal_lm_class(cls: type) -> None:
+    """Make a split class known to transformers' text-generation pipeline, whose check of the model class
+    compares class names with the causal-LM mapping (a name-only entry: the Auto classes are not touched)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(f"slicer-{cls.__name__}", cls.__name__)
+
+
 def base_model(model: PreTrainedModel) -> nn.Module:
     """The model without its LM head (runs embeddings, layers and final norm)."""
     return model.base_model

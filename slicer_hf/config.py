@@ -17,6 +17,7 @@ from .version import __version__
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "slicer_config.json"
+PRESETS_DIR = Path(__file__).parent / "presets"  # shipped in the wheel; the repository's configs/ points here
 CODECS = ("identity", "fp16", "bf16", "int8", "topk", "grouped", "slicer")
 DOWNLINKS = ("hidden", "topk_logits", "logits")
 DOWNLINK_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -212,14 +213,18 @@ class SlicerConfig:
     def from_pretrained(
         cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None, **overrides: Any
     ) -> SlicerConfig:
-        """Load from a folder, a `slicer_config.json` file, or a Hub repo id, then apply `overrides`.
+        """Load from a folder, a `slicer_config.json` file, a preset shipped with slicer_hf (`available_presets()`),
+        or a Hub repo id, in that order, then apply `overrides`.
 
         Args:
-            name_or_path: local folder or file, or a Hugging Face Hub repo id.
+            name_or_path: local folder or file, a preset name such as `"smollm2-135m-split24"`, or a Hugging Face
+                Hub repo id.
             revision: Hub revision (branch, tag or commit) when loading from the Hub.
             overrides: fields to change after loading.
         """
         path = Path(name_or_path)
+        if not path.exists() and str(name_or_path) in available_presets():
+            path = PRESETS_DIR / str(name_or_path)
         if path.is_dir():
             path = path / CONFIG_NAME
         if not path.is_file():
@@ -286,3 +291,8 @@ class SlicerConfig:
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"`{name}` {rule}, got {value!r}")
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped with slicer_hf, each loadable with `SlicerConfig.from_pretrained(name)`."""
+    return sorted(p.name for p in PRESETS_DIR.iterdir() if (p / CONFIG_NAME).is_file()) if PRESETS_DIR.is_dir() else []

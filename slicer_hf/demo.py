@@ -6,17 +6,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import SlicerConfig
+from .config import PRESETS_DIR, SlicerConfig
 from .launch import start_server, stop_server
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_PRESET = "smollm2-135m-split24"
 
 
-def default_config_dir() -> Path | None:
-    found = (
-        sorted(p for p in PRESETS.glob("smollm2*") if (p / "slicer_config.json").is_file()) if PRESETS.is_dir() else []
-    )
-    return found[0] if found else None
+def default_config_dir() -> Path:
+    """The SmolLM2 preset shipped inside the package (so an installed wheel has it too)."""
+    return PRESETS_DIR / DEFAULT_PRESET
 
 
 def run_demo(
@@ -34,7 +32,7 @@ def run_demo(
 
     path = resolve_model(model)
     config_dir = config or default_config_dir()
-    cfg = SlicerConfig.from_pretrained(config_dir) if config_dir else SlicerConfig()
+    cfg = SlicerConfig.from_pretrained(config_dir)
     if split_layer is not None:
         cfg = cfg.replace(split_layer=split_layer)
     print(

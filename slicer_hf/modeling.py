@@ -109,6 +109,26 @@ class SlicerGenerationMixin:
             self._slicer_link.close()
             self._slicer_link = None
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        """Save as the plain transformers model (`config.json` names the original class, so plain transformers
+        loads the folder back) plus `slicer_config.json` with the split settings, which
+        `SlicerModelForCausalLM.from_pretrained(folder)` picks up. Needs every layer: a local model.
+
+        Args:
+            save_directory, args, kwargs: as for `PreTrainedModel.save_pretrained`.
+        """
+        if not self._slicer_local:
+            raise ConfigError(
+                "this edge holds only layers "
+                f"0..{self.slicer_config.split_layer - 1} (the server runs the rest): save from a model loaded "
+                'with transport="local"'
+            )
+        base = type(self)._slicer_base
+        with unsplit(self):
+            base.save_pretrained(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.slicer_config.save_pretrained(save_directory)
+
     @property
     def split_server(self) -> SplitServer | None:
         """The in-process server, with the default `transport="local"`."""
@@ -213,7 +233,11 @@ class SlicerGenerationMixin:
 
 
 class SlicerModelForCausalLM:
-    """Factory for split-inference models, in the spirit of `AutoModelForCausalLM`.
+    """Factory for split-inference models, used like `AutoModelForCausalLM` and, like it, never instantiated.
+
+    `from_pretrained` / `from_model` return the transformers model itself (same object, weights and generation
+    config), its class swapped in place for `Slicer<Class>`, a subclass that mixes in `SlicerGenerationMixin`.
+    `isinstance(model, LlamaForCausalLM)` stays true; `unsplit(model)` runs it as the plain model.
 
     ```python
     model = SlicerModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -223,7 +247,11 @@ class SlicerModelForCausalLM:
     """
 
     def __init__(self) -> None:
-        raise TypeError("use SlicerModelForCausalLM.from_pretrained(...) or .from_model(...)")
+        raise TypeError(
+            "SlicerModelForCausalLM is a factory, like AutoModelForCausalLM: use "
+            "SlicerModelForCausalLM.from_pretrained(model_id, slicer_config=...) or .from_model(model, ...), which "
+            "return the transformers model made split"
+        )
 
     @classmethod
     def from_pretrained(
@@ -321,7 +349,9 @@ def _split_class(base: type) -> type:
     var_kw = [p for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
     forward.__signature__ = sig.replace(parameters=[*params, extra, *var_kw])
     forward.__doc__ = base.forward.__doc__
-    return type(f"Slicer{base.__name__}", (SlicerGenerationMixin, base), {"forward": forward, "_slicer_base": base})
+    cls = type(f"Slicer{base.__name__}", (SlicerGenerationMixin, base), {"forward": forward, "_slicer_base": base})
+    compat.register_causal_lm_class(cls)
+    return cls
 
 
 def _resolve_config(slicer_config: Any, model_path: Any) -> SlicerConfig:

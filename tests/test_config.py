@@ -105,10 +105,44 @@ def test_push_to_hub_uploads_config_and_model_card(monkeypatch):
     assert "SmolLM2-135M-Instruct" in uploaded["files"]["README.md"]
 
 
-def test_presets_in_configs_folder_load():
+def test_presets_ship_in_the_package_and_load_by_name_and_from_configs():
     from pathlib import Path
 
-    presets = sorted(p for p in (Path(__file__).parents[1] / "configs").iterdir() if p.is_dir())
-    assert presets, "configs/ holds at least one preset folder"
-    for preset in presets:
-        assert isinstance(SlicerConfig.from_pretrained(preset), SlicerConfig)
+    from slicer_hf.config import available_presets
+
+    assert "smollm2-135m-split24" in available_presets()
+    for name in available_presets():
+        by_name = SlicerConfig.from_pretrained(name)
+        assert by_name == SlicerConfig.from_pretrained(Path(__file__).parents[1] / "configs" / name)
+    assert SlicerConfig.from_pretrained("smollm2-135m-split24", split_layer=20).split_layer == 20
+
+
+def test_a_pushed_preset_reads_back_from_a_hub_like_folder(tmp_path, monkeypatch):
+    """push_to_hub writes the Hub layout (repo/slicer_config.json + README.md) that from_pretrained reads."""
+    import shutil
+
+    hub = tmp_path / "hub"
+
+    class LocalHubApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            (hub / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
+            shutil.copytree(folder_path, hub / repo_id, dirs_exist_ok=True)
+            return f"local://{repo_id}"
+
+    def download(repo_id, filename, revision=None):
+        path = hub / repo_id / filename
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        return str(path)
+
+    monkeypatch.setattr("huggingface_hub.HfApi", LocalHubApi)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    preset = SlicerConfig.from_pretrained("smollm2-135m-split24")
+    preset.push_to_hub("someone/smollm2-split24")
+    assert sorted(p.name for p in (hub / "someone/smollm2-split24").iterdir()) == ["README.md", CONFIG_NAME]
+    assert SlicerConfig.from_pretrained("someone/smollm2-split24") == preset
