@@ -158,6 +158,80 @@ def demo(
     run_demo(model=model, prompt=prompt, max_new_tokens=max_new_tokens, config=config, split_layer=split_layer)
 
 
+ServerOpt = Annotated[
+    list[str], typer.Option("--server", "-s", help="Server URL (grpc://host:port); repeat for failover.")
+]
+ConfigOpt = Annotated[
+    str | None, typer.Option(help="SlicerConfig: preset name, folder or Hub repo (default: the model's preset).")
+]
+
+
+def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None):
+    from .client import Sampling
+
+    return Sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+
+
+@app.command()
+def generate(
+    server: ServerOpt,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask.")],
+    model: ModelOpt = "smollm2",
+    config: ConfigOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The servers' auth token.")] = None,
+) -> None:
+    """Split-generate against a running server: the reply streams as it comes, wire stats at the end."""
+    from .client import Client
+
+    client = Client(server, model, config, token)
+    _, elapsed, new = client.reply(
+        [{"role": "user", "content": prompt}], _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+    )
+    print("\n" + client.summary(elapsed, new))
+    client.close()
+
+
+@app.command()
+def chat(
+    server: ServerOpt,
+    model: ModelOpt = "smollm2",
+    config: ConfigOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.")] = 256,
+    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The servers' auth token.")] = None,
+) -> None:
+    """Chat with a split model on a running server (one line per turn; /exit or end of input to leave)."""
+    from .client import Client
+
+    client = Client(server, model, config, token)
+    sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+    messages: list[dict[str, str]] = []
+    total_s, total_new = 0.0, 0
+    print("chat with the split model (/exit to leave)", flush=True)
+    for line in sys.stdin:
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        reply, elapsed, new = client.reply(messages, sampling)
+        messages.append({"role": "assistant", "content": reply})
+        total_s, total_new = total_s + elapsed, total_new + new
+    print("\n" + client.summary(total_s, total_new))
+    client.close()
+
+
 @app.command("eval")
 def eval_(
     model: ModelOpt = "smollm2",

@@ -27,6 +27,7 @@ def run_demo(
     import torch
     from transformers import AutoTokenizer
 
+    from .client import wire_report
     from .data import resolve_model
     from .modeling import SlicerModelForCausalLM
 
@@ -58,24 +59,13 @@ def run_demo(
         elapsed = time.perf_counter() - started
         text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         stats = edge.wire_stats()
-        d = edge.config.hidden_size
-        fp16_bits = 16 * d
         new = out.shape[1] - inputs["input_ids"].shape[1]
         print(f"\nprompt: {prompt}\nreply:  {text.strip()}\n")
         print(
             f"generated {new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s), split at layer "
             f"{cfg.split_layer} of {edge.config.num_hidden_layers}"
         )
-        print("what crossed the wire (all protocol bytes, headers included):")
-        print(
-            f"  uplink   {stats.uplink_bytes:>9,d} B in {stats.uplink_messages} messages, {stats.tokens} token "
-            f"positions: {stats.uplink_bits_per_token:,.0f} bits/token "
-            f"({fp16_bits / stats.uplink_bits_per_token:.2f}x smaller than fp16 hidden states, {fp16_bits} bits)"
-        )
-        print(
-            f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages: "
-            f"{stats.downlink_bits_per_token:,.0f} bits/token"
-        )
+        print(wire_report(stats, edge.config.hidden_size))
         edge.close_session()
         return {"text": text, "wire": stats.as_dict(), "elapsed_s": elapsed}
     finally:

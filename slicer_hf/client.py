@@ -1,0 +1,126 @@
+"""A command-line client of a running server: load the edge, stream a reply, report what crossed the wire.
+`slicer-hf generate` and `slicer-hf chat` use it, and the demo prints its wire report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from transformers import AutoTokenizer, TextStreamer
+
+from .config import SlicerConfig
+from .link import WireStats
+
+
+def wire_report(stats: WireStats, hidden_size: int) -> str:
+    """What crossed the wire, all protocol bytes (headers included), against fp16 hidden states."""
+    fp16_bits = 16 * hidden_size
+    ratio = fp16_bits / stats.uplink_bits_per_token if stats.tokens else float("nan")
+    return (
+        "what crossed the wire (all protocol bytes, headers included):\n"
+        f"  uplink   {stats.uplink_bytes:>9,d} B in {stats.uplink_messages} messages, {stats.tokens} token "
+        f"positions: {stats.uplink_bits_per_token:,.0f} bits/token "
+        f"({ratio:.2f}x smaller than fp16 hidden states, {fp16_bits} bits)\n"
+        f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages: "
+        f"{stats.downlink_bits_per_token:,.0f} bits/token"
+        + (f"\n  failovers {stats.failovers}" if stats.failovers else "")
+    )
+
+
+@dataclass
+class Sampling:
+    """Sampling flags of the client commands; greedy unless `do_sample`."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+
+class Client:
+    """The edge of a split model talking to running servers (tried in order).
+
+    Args:
+        servers: server URLs (`grpc://host:port`, `grpcs://...`).
+        model: the model the servers serve (Hub id, folder, or 'smollm2').
+        config: a `SlicerConfig`, a preset name or folder (default: the SmolLM2 preset for 'smollm2', else defaults).
+        token: the servers' auth token.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        model: str = "smollm2",
+        config: str | SlicerConfig | None = None,
+        token: str | None = None,
+    ) -> None:
+        from .data import DEFAULT_MODEL_ALIASES, resolve_model
+        from .demo import DEFAULT_PRESET
+        from .modeling import SlicerModelForCausalLM
+
+        path = resolve_model(model)
+        if config is None:
+            config = DEFAULT_PRESET if model.lower() in DEFAULT_MODEL_ALIASES else SlicerConfig()
+        self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        options = {"token": token} if token else None
+        self.model = SlicerModelForCausalLM.from_pretrained(
+            path, slicer_config=self.config, transport=list(servers), transport_options=options
+        )
+
+    def encode(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        text = "\n".join(m["content"] for m in messages)
+        return dict(self.tokenizer(text, return_tensors="pt"))
+
+    def reply(
+        self, messages: list[dict[str, str]], sampling: Sampling, out: TextIO | None = None
+    ) -> tuple[str, float, int]:
+        """Generate the next reply, streaming its text to `out`; returns (text, seconds, new tokens)."""
+        import torch
+
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        inputs = self.encode(messages)
+        streamer = _Printer(self.tokenizer, out or sys.stdout)
+        started = time.perf_counter()
+        ids = self.model.generate(**inputs, streamer=streamer, **sampling.generate_kwargs())
+        elapsed = time.perf_counter() - started
+        new = ids[0, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new, skip_special_tokens=True), elapsed, int(new.numel())
+
+    def summary(self, elapsed_s: float, new_tokens: int) -> str:
+        rate = new_tokens / elapsed_s if elapsed_s else 0.0
+        head = (
+            f"{new_tokens} tokens in {elapsed_s:.2f} s ({rate:.1f} tokens/s), split at layer "
+            f"{self.config.split_layer} of {self.model.config.num_hidden_layers}, codec {self.config.codec}"
+        )
+        return head + "\n" + wire_report(self.model.wire_stats(), self.model.config.hidden_size)
+
+    def close(self) -> None:
+        self.model.close_session()
+
+
+class _Printer(TextStreamer):
+    """Streams the reply's text to a file as it is generated."""
+
+    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        print(text, end="\n" if stream_end else "", file=self.out, flush=True)
