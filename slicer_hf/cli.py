@@ -262,6 +262,7 @@ BENCH_SUITES = {
     "link": "link",
     "concurrency": "concurrency",
     "soak": "soak",
+    "summary": "summary",
 }
 
 

@@ -55,7 +55,8 @@ class SlicerConfig:
         default="auto", metadata={"help": f"How kept positions are coded, one of {INDEX_CODINGS}."}
     )
     outliers: int = field(
-        default=2, metadata={"help": "Largest-magnitude entries per row sent exactly before filtering."}
+        default=2,
+        metadata={"help": "slicer, grouped: largest-magnitude entries per row sent exactly before quantizing."},
     )
     rotation: str = field(
         default="orthogonal",
@@ -73,6 +74,10 @@ class SlicerConfig:
     )
     step: float = field(
         default=0.3, metadata={"help": "ECSQ: quantization step relative to each row's RMS, in (0, 4]."}
+    )
+    bits: int = field(default=4, metadata={"help": "grouped: bits of each integer code, in [2, 16]."})
+    group_size: int = field(
+        default=32, metadata={"help": "grouped: entries sharing one absmax scale, in [1, 65536] (>= d: per token)."}
     )
     downlink: str = field(default="hidden", metadata={"help": f"What the server sends back, one of {DOWNLINKS}."})
     downlink_topk: int = field(default=64, metadata={"help": "Logits kept per token when downlink='topk_logits'."})
@@ -128,6 +133,13 @@ class SlicerConfig:
         )
         _check(self.quantizer in QUANTIZERS, "quantizer", f"must be one of {QUANTIZERS}", self.quantizer)
         _check(0.0 < self.step <= 4.0, "step", "must be in (0, 4]", self.step)
+        _check(type(self.bits) is int and 2 <= self.bits <= 16, "bits", "must be an integer in [2, 16]", self.bits)
+        _check(
+            type(self.group_size) is int and 1 <= self.group_size <= 1 << 16,
+            "group_size",
+            "must be an integer in [1, 65536]",
+            self.group_size,
+        )
         _check(
             self.codec != "slicer" or self.quantizer != "ecsq" or self.sparsity == 0.0,
             "sparsity",
@@ -160,6 +172,8 @@ class SlicerConfig:
         """The parameters `build_codec` takes for `self.codec`."""
         if self.codec == "topk":
             return {"sparsity": self.sparsity}
+        if self.codec == "grouped":
+            return {"bits": self.bits, "group_size": self.group_size, "outliers": self.outliers}
         if self.codec != "slicer":
             return {}
         return {

@@ -146,3 +146,16 @@ def test_a_pushed_preset_reads_back_from_a_hub_like_folder(tmp_path, monkeypatch
     preset.push_to_hub("someone/smollm2-split24")
     assert sorted(p.name for p in (hub / "someone/smollm2-split24").iterdir()) == ["README.md", CONFIG_NAME]
     assert SlicerConfig.from_pretrained("someone/smollm2-split24") == preset
+
+
+def test_grouped_codec_settings_live_in_the_config(tmp_path):
+    from slicer_hf import build_codec
+
+    config = SlicerConfig(codec="grouped", bits=6, group_size=16, outliers=1)
+    assert build_codec(config).params() == {"bits": 6, "group_size": 16, "outliers": 1}
+    config.save_pretrained(tmp_path)
+    assert SlicerConfig.from_pretrained(tmp_path) == config
+    with pytest.raises(ConfigError, match="`bits` must be an integer in \\[2, 16\\], got 1"):
+        SlicerConfig(codec="grouped", bits=1)
+    with pytest.raises(ConfigError, match="`group_size`"):
+        SlicerConfig(codec="grouped", group_size=0)
