@@ -263,6 +263,7 @@ BENCH_SUITES = {
     "concurrency": "concurrency",
     "soak": "soak",
     "summary": "summary",
+    "architectures": "architectures",
 }
 
 

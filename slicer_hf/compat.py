@@ -7,7 +7,10 @@ Tested against transformers 5.x, where decoder layers return a plain tensor and 
 
 from __future__ import annotations
 
+import ast
+import functools
 import inspect
+import textwrap
 from typing import Any
 
 import torch
@@ -16,6 +19,62 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 CACHE_KWARGS = ("cache", "past_key_values")
+
+
+# Families that cannot split, with the reason, from the architecture sweep (slicer_hf.bench.architectures):
+# `SlicerModelForCausalLM` refuses them at load time rather than failing mid-generation.
+_NEEDS_TOKEN_IDS = "its layers read the token ids (the server only ever sees hidden states)"
+UNSUPPORTED: dict[str, str] = {
+    "cpmant": "its forward takes token ids only, no inputs_embeds (the server only ever sees hidden states)",
+    "deepseek_v4": "the residual stream between layers has parallel streams [B, T, n, d]; the codec carries [B, T, d]",
+    "gemma4_text": f"per-layer token embeddings: {_NEEDS_TOKEN_IDS}",
+    "gemma4_unified_text": f"per-layer token embeddings: {_NEEDS_TOKEN_IDS}",
+    "hy_v4": "the residual stream between layers has parallel streams [B, T, n, d]; the codec carries [B, T, d]",
+    "minimax": "keeps a cache class of its own (lightning-attention state) that the split caches cannot hold",
+    "recurrent_gemma": "RG-LRU recurrent state outside the cache: split logits drift from the unsplit model's",
+    "rwkv": "recurrent state passed between blocks as arguments, not in a cache",
+}
+
+
+# encoder models that transformers also maps to a causal-LM head (`is_decoder=True`): not decoder-only LMs
+ENCODER_FAMILIES = frozenset(
+    {
+        "bert",
+        "bert-generation",
+        "big_bird",
+        "camembert",
+        "data2vec-text",
+        "electra",
+        "ernie",
+        "megatron-bert",
+        "rembert",
+        "roberta",
+        "roberta-prelayernorm",
+        "roc_bert",
+        "roformer",
+        "xlm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "xmod",
+    }
+)
+
+
+def check_supported(config: Any) -> None:
+    """Refuse, at load time, a model that cannot split: a family listed in `UNSUPPORTED`, an encoder-decoder or
+    encoder family, or a composite (multimodal) model, whose text model is the one to split."""
+    from transformers import PretrainedConfig
+
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type in UNSUPPORTED:
+        raise NotImplementedError(f"{model_type}: {UNSUPPORTED[model_type]}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{model_type}: encoder-decoder models do not split (decoder-only LMs do)")
+    if model_type in ENCODER_FAMILIES:
+        raise NotImplementedError(f"{model_type}: an encoder family (bidirectional layers), not a decoder-only LM")
+    for name in ("text_config", "decoder"):
+        if isinstance(getattr(config, name, None), PretrainedConfig):
+            raise NotImplementedError(f"{model_type}: a composite model (with a {name}); split its text model")
 
 
 def num_layers(config: Any) -> int:
@@ -75,9 +134,61 @@ def phantom_cache_update(cache: Any, layer_idx: int, hidden_states: torch.Tensor
     """
     if cache is None:
         return
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and not isinstance(layers[layer_idx], DynamicLayer):
+        return  # recurrent state (or none): only the side that runs the layer keeps it
     b, t = hidden_states.shape[:2]
     dummy = hidden_states.new_zeros(b, 1, t, 1)
     cache.update(dummy, dummy, layer_idx)
+
+
+@functools.cache
+def layer_output_arity(layer_class: type) -> int:
+    """How a decoder-layer class returns: 0 for a plain tensor (most of transformers 5), else the length of the tuple
+    whose first item is the hidden states (older families such as BLOOM return `(hidden, attn_weights)`).
+
+    Read from the forward's source, so a layer that never runs on one side of a split still answers in the form
+    its model's forward unpacks."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(layer_class.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return 0
+    tuples: dict[str, int] = {}
+    arity = 0
+
+    def length(value: ast.expr) -> int:  # `(h, a)`, `[h]`, `[h] + rest`: at least the literal part
+        if isinstance(value, (ast.Tuple, ast.List)):
+            return len(value.elts)
+        if isinstance(value, ast.BinOp) and isinstance(value.op, ast.Add):
+            return max(length(value.left), 1 if length(value.left) else 0)
+        return 0
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and length(node.value):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    tuples[target.id] = max(tuples.get(target.id, 0), length(node.value))
+        elif (
+            isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name) and isinstance(node.value, ast.Tuple)
+        ):
+            tuples[node.target.id] = tuples.get(node.target.id, 0) + len(node.value.elts)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Return) and node.value is not None:
+            if isinstance(node.value, (ast.Tuple, ast.List)):
+                arity = max(arity, len(node.value.elts))
+            elif isinstance(node.value, ast.Name) and node.value.id in tuples:
+                arity = max(arity, tuples[node.value.id])
+    return arity
+
+
+def layer_output(arity: int, hidden: torch.Tensor) -> Any:
+    """What a layer of that arity returns when it only passes `hidden` on."""
+    return (hidden, *([None] * (arity - 1))) if arity else hidden
+
+
+def layer_hidden(output: Any) -> torch.Tensor:
+    """The hidden states in a layer's output (a tensor, or the first item of a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def layer_signature(forward: Any) -> inspect.Signature:
@@ -103,11 +214,26 @@ def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype) -> 
     """Upper bound on the cache bytes one sequence position costs a server running layers `split_layer..L-1`:
     keys and values of every layer it runs (sliding-window layers counted in full), plus the `[B, 1, T, 1]`
     placeholders of the layers below the split (see `phantom_cache_update`)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = _config_int(config, "num_key_value_heads") or _config_int(config, "num_attention_heads") or 1
+    # the largest head size any layer may use (some families size global and sliding layers differently)
+    head_dim = max(
+        _config_int(config, "head_dim"),
+        _config_int(config, "global_head_dim"),
+        _config_int(config, "v_head_dim") + _config_int(config, "qk_head_dim"),
+        int(config.hidden_size) // max(_config_int(config, "num_attention_heads"), 1),
+    )
     size = torch.empty(0, dtype=dtype).element_size()
     n = num_layers(config)
     return (n - split_layer) * 2 * heads * head_dim * size + split_layer * 2 * size
+
+
+def _config_int(config: Any, name: str) -> int:
+    """An integer config attribute, or 0 where the family has none (or defines it per layer only)."""
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # per-layer attributes raise when read globally
+        return 0
+    return int(value) if isinstance(value, int) else 0
 
 
 def causal_lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,8 +250,13 @@ def register_causal_lm_class(cls: type) -> None:
 
 
 def base_model(model: PreTrainedModel) -> nn.Module:
-    """The model without its LM head (runs embeddings, layers and final norm)."""
-    return model.base_model
+    """The model without its LM head (runs embeddings, layers and final norm): `model.base_model`, or, where a
+    family's `base_model_prefix` names no submodule, the module that holds the decoder layers."""
+    base = model.base_model
+    if base is not model:
+        return base
+    parent = layers_path(model).rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model
 
 
 def output_embedding_name(model: PreTrainedModel) -> str:

@@ -58,6 +58,7 @@ class LayerHook:
         self._had_instance_forward = "forward" in module.__dict__
         self._inner = module.forward  # bound method, or a hook chain (accelerate) already installed
         self._signature = compat.layer_signature(type(module).forward.__get__(module))
+        self._arity = compat.layer_output_arity(type(module))
         module.forward = self
         module._slicer_hook = self
 
@@ -77,15 +78,15 @@ class LayerHook:
         if runs_here:
             out = self._inner(*args, **kwargs)
             if plan.role == "server" and i == self.num_layers - 1:
-                plan.final = out
+                plan.final = compat.layer_hidden(out)
             return out
         hidden, cache = compat.layer_call(self._signature, args, kwargs)
         compat.phantom_cache_update(cache, i, hidden)
         if plan.role == "edge" and i == k:
-            return plan.exchange(hidden)
-        if plan.role == "server" and i == 0:
-            return plan.inject
-        return hidden
+            hidden = plan.exchange(hidden)
+        elif plan.role == "server" and i == 0:
+            hidden = plan.inject
+        return compat.layer_output(self._arity, hidden)
 
 
 def attach_hooks(model: nn.Module) -> list[LayerHook]:

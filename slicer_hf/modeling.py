@@ -275,12 +275,12 @@ class SlicerModelForCausalLM:
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
         """
         config = _resolve_config(slicer_config, pretrained_model_name_or_path)
+        model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
+        compat.check_supported(model_config)  # refuse a family that cannot split before loading any weight
         if transport == "local" or isinstance(transport, LocalTransport):
             model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
         else:  # the server runs the suffix: read only the layers this edge runs
-            n = compat.num_layers(
-                AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
-            )
+            n = compat.num_layers(model_config)
             k = config.split_layer if config.split_layer is not None else default_split_layer(n)
             model = load_layers(pretrained_model_name_or_path, range(k), **hf_kwargs)
         if "gguf_file" in hf_kwargs:
@@ -297,7 +297,12 @@ class SlicerModelForCausalLM:
         transport: str | Sequence[str] | Transport = "local",
         transport_options: dict[str, Any] | None = None,
     ) -> PreTrainedModel:
-        """Make an already loaded model split (in place; the same object is returned)."""
+        """Make an already loaded model split (in place; the same object is returned).
+
+        Raises:
+            NotImplementedError: for a family that cannot split (`compat.UNSUPPORTED`, encoder-decoder models).
+        """
+        compat.check_supported(model.config)
         n = compat.num_layers(model.config)
         config = slicer_config or SlicerConfig()
         config = config.replace(

@@ -1,0 +1,37 @@
+"""Every decoder-only architecture in transformers' auto mapping: the exactness anchor where it splits, a clear
+`NotImplementedError` at load time where it cannot, and the support table in docs kept in step with this run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+
+from slicer_hf import SlicerConfig, SlicerModelForCausalLM
+from slicer_hf.bench import architectures as sweep
+
+pytestmark = pytest.mark.slow
+TABLE = json.loads((Path(__file__).parents[1] / "docs/benchmarks/architectures.json").read_text())
+DOCUMENTED = {row["model_type"]: row["status"] for row in TABLE["rows"]}
+
+
+@pytest.mark.parametrize("model_type", sweep.architectures())
+def test_each_architecture_splits_exactly_or_is_refused_up_front(model_type):
+    row = sweep.check(model_type)
+    assert row["status"] != "fails", row["reason"]
+    if TABLE["transformers"] == transformers.__version__:  # the table documents this very version
+        assert row["status"] == DOCUMENTED.get(model_type), "rerun: slicer-hf bench architectures --doc ..."
+
+
+def test_at_least_30_architectures_split_exactly():
+    assert sum(status == "exact" for status in DOCUMENTED.values()) >= 30
+
+
+@pytest.mark.parametrize("model_type", ["rwkv", "bert", "bart", "gemma3"])
+def test_an_unsupported_family_is_refused_before_any_weight_is_read(model_type, tmp_path):
+    config = transformers.AutoConfig.for_model(model_type)
+    config.save_pretrained(tmp_path)  # a config and no weights: loading any would fail differently
+    with pytest.raises(NotImplementedError, match=model_type):
+        SlicerModelForCausalLM.from_pretrained(str(tmp_path), slicer_config=SlicerConfig(codec="identity"))
