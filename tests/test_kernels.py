@@ -322,6 +322,9 @@ def test_wheel_installs_the_kernels_under_a_private_name(tmp_path):
     assert {f"slicer_hf/_triton_kernels/{m}.py" for m in _kernel_modules()} <= names, "pyproject's py-modules list"
     assert not [n for n in names if n.startswith("triton_kernels")]
     assert top_level.split() == ["slicer_hf"]
+    from slicer_hf.config import available_presets
+
+    assert {f"slicer_hf/presets/{p}/slicer_config.json" for p in available_presets()} <= names, "presets ship"
 
 
 def test_installed_package_maps_the_private_name(tmp_path):
