@@ -164,6 +164,12 @@ ServerOpt = Annotated[
 ConfigOpt = Annotated[
     str | None, typer.Option(help="SlicerConfig: preset name, folder or Hub repo (default: the model's preset).")
 ]
+DoSampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")]
+TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int, typer.Option(help="Sample from the k most likely tokens.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for sampling.")]
+ServerTokenOpt = Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The servers' auth token.")]
 
 
 def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None):
@@ -179,12 +185,12 @@ def generate(
     model: ModelOpt = "smollm2",
     config: ConfigOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
-    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
-    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The servers' auth token.")] = None,
+    do_sample: DoSampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 50,
+    seed: SeedOpt = None,
+    token: ServerTokenOpt = None,
 ) -> None:
     """Split-generate against a running server: the reply streams as it comes, wire stats at the end."""
     from .client import Client
@@ -203,12 +209,12 @@ def chat(
     model: ModelOpt = "smollm2",
     config: ConfigOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.")] = 256,
-    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 50,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
-    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The servers' auth token.")] = None,
+    do_sample: DoSampleOpt = False,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 50,
+    seed: SeedOpt = None,
+    token: ServerTokenOpt = None,
 ) -> None:
     """Chat with a split model on a running server (one line per turn; /exit or end of input to leave)."""
     from .client import Client

@@ -79,7 +79,7 @@ def channel_options(max_message_bytes: int, server: bool = False) -> list[tuple[
         ("grpc.http2.max_pings_without_data", 0),
     ]
     if server:
-        options.append(("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2))
+        options.append(("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2))
     return options
 
 

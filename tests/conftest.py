@@ -140,3 +140,33 @@ def pytest_collection_modifyitems(config, items):
     if child_only:
         config.hook.pytest_deselected(items=child_only)
         items[:] = keep
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama saved to a folder, for the tests that start server processes."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The plain transformers model of `model_dir`, for the exactness checks."""
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture
+def server(model_dir):
+    """Start `slicer-hf serve` processes for the module's `model_dir` fixture; all are stopped afterwards."""
+    from live import Server
+
+    running = []
+
+    def start(*args, port=0):
+        running.append(Server(model_dir, *args, port=port))
+        return running[-1]
+
+    yield start
+    for s in running:
+        s.stop()

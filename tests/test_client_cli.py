@@ -4,13 +4,12 @@ replies, wire stats at the end."""
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from live import tiny_smol_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from slicer_hf import SlicerConfig
 from slicer_hf.cli import app
-from slicer_hf.data import default_model_path
 from slicer_hf.launch import start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
@@ -18,23 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A 4-layer random Llama with SmolLM2's tokenizer (and chat template), and a lossless preset for it."""
-    path = tmp_path_factory.mktemp("tiny-chat")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    SlicerConfig(split_layer=2, codec="identity").save_pretrained(path / "preset")
-    return path
+    return tiny_smol_dir(tmp_path_factory.mktemp("tiny-chat"), SlicerConfig(split_layer=2, codec="identity"))
 
 
 @pytest.fixture(scope="module")

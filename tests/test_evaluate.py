@@ -6,13 +6,11 @@ import json
 import math
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from live import tiny_smol_dir
 from typer.testing import CliRunner
 
 from slicer_hf import SlicerConfig
 from slicer_hf.cli import app
-from slicer_hf.data import default_model_path
 from slicer_hf.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
@@ -21,22 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A 4-layer random Llama with SmolLM2's tokenizer, and a preset folder for it."""
-    path = tmp_path_factory.mktemp("tiny-smol")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    SlicerConfig(split_layer=3, codec="slicer").save_pretrained(path / "preset")
-    return path
+    return tiny_smol_dir(tmp_path_factory.mktemp("tiny-smol"), SlicerConfig(split_layer=3, codec="slicer"))
 
 
 def test_lossless_eval_matches_the_unsplit_model_exactly(tiny_dir):

@@ -12,9 +12,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_server import LOSSLESS, CallbackStreamer, client, prompt, wait_for
+from live import LOSSLESS, CallbackStreamer, client, prompt, wait_for
 
 from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, TransportError, build_codec, protocol
 from slicer_hf.codec.bits import write_varint
@@ -23,20 +22,6 @@ from slicer_hf.transport.grpc import DRAIN_METHOD, GrpcTransport
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 RSS_LIMIT = 100 << 20
 HIDDEN = 64  # the tiny llama's width
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-hardening")
-    tiny_model("llama").save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
 
 def rss_bytes(pid: int) -> int:
@@ -348,18 +333,3 @@ def test_silently_wrong_options_are_refused_or_right(model_dir, reference):
     for downlink in ("logits", "hidden"):
         split = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS.replace(downlink=downlink))
         assert torch.allclose(split(ids, labels=ids).loss, expected, atol=1e-6), downlink
-
-
-@pytest.fixture
-def server(model_dir):
-    from test_server import Server
-
-    running = []
-
-    def start(*args, port=0):
-        running.append(Server(model_dir, *args, port=port))
-        return running[-1]
-
-    yield start
-    for s in running:
-        s.stop()

@@ -4,106 +4,22 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import tiny_model
+from live import LOSSLESS, CallbackStreamer, client, prompt, wait_for
 from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
-from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, TransportError, protocol
-from slicer_hf.launch import start_server
-from slicer_hf.transport.grpc import METRICS_METHOD, STATS_METHOD, GrpcTransport
+from slicer_hf import ProtocolError, TransportError, protocol
+from slicer_hf.transport.grpc import METRICS_METHOD, GrpcTransport
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-LOSSLESS = SlicerConfig(codec="identity", split_layer=2)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
-
-
-class Server:
-    def __init__(self, model_dir, *args, port=0):
-        self.model_dir, self.args = model_dir, list(args)
-        self.proc, self.url = start_server(
-            model_dir, ["--log-level", "warning", "--threads", "1", *self.args, "--port", str(port)]
-        )
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def stats(self, token=None):
-        return protocol.decode_json(GrpcTransport([self.url], token=token, timeout_s=10).unary(STATS_METHOD))
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def server(model_dir):
-    running = []
-
-    def start(*args, port=0):
-        running.append(Server(model_dir, *args, port=port))
-        return running[-1]
-
-    yield start
-    for s in running:
-        s.stop()
-
-
-def client(model_dir, url, config=LOSSLESS, **options):
-    return SlicerModelForCausalLM.from_pretrained(
-        model_dir, slicer_config=config, transport=url, transport_options=options or None
-    )
-
-
-def prompt(seed, length=6):
-    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def wait_for(condition, timeout_s=15.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-class CallbackStreamer(BaseStreamer):
-    """Runs `action` once, after `after` generated tokens."""
-
-    def __init__(self, after, action):
-        self.after, self.action, self.seen = after, action, -1
-
-    def put(self, value):
-        self.seen += 1
-        if self.seen == self.after:
-            self.action()
-
-    def end(self):
-        pass
 
 
 def test_concurrent_clients_are_exact_and_batched(server, model_dir, reference):
