@@ -160,7 +160,7 @@ def layer_output_arity(layer_class: type) -> int:
         if isinstance(value, (ast.Tuple, ast.List)):
             return len(value.elts)
         if isinstance(value, ast.BinOp) and isinstance(value.op, ast.Add):
-            return max(length(value.left), 1 if length(value.left) else 0)
+            return length(value.left)
         return 0
 
     for node in ast.walk(tree):

@@ -90,7 +90,7 @@ class SuffixLink:
     open_request: dict[str, Any]
     codec: Codec
     vocab_size: int = 0
-    max_attempts: int = 8
+    max_attempts: int = 10
     backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     stats: WireStats = field(default_factory=WireStats)
@@ -149,7 +149,7 @@ class SuffixLink:
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
-        seq, kind, body = protocol.decode_reply(self._send_with_failover(step))
+        _, kind, body = protocol.decode_reply(self._send_with_failover(step))
         b, keep = step.batch, step.tokens - step.need_from
         if kind == protocol.REPLY_TOPK:
             return kind, protocol.decode_topk_logits(
@@ -180,8 +180,8 @@ class SuffixLink:
                     recoverable = exc.retryable
                 else:
                     recoverable = exc.code in ("unknown_session", "state_lost", "draining")
-                if not recoverable:
-                    self.session = None  # the server closes a session whose request it refused
+                if not recoverable:  # the server closes a session whose request it refused; end the stream too
+                    self._abandon()
                     raise
                 self.session = None
                 last = exc
@@ -191,6 +191,18 @@ class SuffixLink:
                 self.stats.failovers += 1
                 logger.warning("server lost (%s); replaying %d steps on %r", exc, len(self._sent), self.transport)
         raise TransportError(f"gave up after {self.max_attempts} attempts; the last failure: {last}", retryable=False)
+
+    def _abandon(self) -> None:
+        """Drop the session after an error no retry fixes: ask the server to close it (if it still can) and end the
+        stream, so nothing is held until the idle timeout."""
+        try:
+            if self.session is not None:
+                self.transport.request(protocol.encode_json(protocol.CLOSE, {"session": self.session}))
+        except (TransportError, ProtocolError):
+            pass
+        finally:
+            self.session = None
+            self.transport.close()
 
     def _encode(self, step: protocol.Step) -> bytes:
         step.session = self.session or 0

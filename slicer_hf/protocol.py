@@ -178,7 +178,7 @@ def encode_step(step: Step) -> bytes:
     )
 
 
-def decode_step(data: bytes, check: Callable[[Step], None] | None = None, max_tokens: int = 1 << 24) -> Step:
+def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 << 24) -> Step:
     """Parse a STEP message.
 
     Args:
@@ -199,8 +199,7 @@ def decode_step(data: bytes, check: Callable[[Step], None] | None = None, max_to
         if batch == 0 or tokens == 0:
             raise ProtocolError(f"step with batch={batch}, tokens={tokens}", code="malformed")
         step = Step(session, seq, start, batch, tokens, need_from, b"")
-        if check is not None:
-            check(step)
+        check(step)
         if flags & 3 == MASK_ONES:
             step.mask = torch.ones(batch, tokens, dtype=torch.bool)
         elif flags & 3 == MASK_BITS:

@@ -146,3 +146,58 @@ def test_counters_are_exact_under_threads():
         t.join()
     snap = stats.snapshot()
     assert snap["tokens"] == 40000 and snap["bytes_in"] == 80000 and snap["errors"] == {"x": 40000}
+
+
+def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
+    server = engine(batching=True)
+    stuck, release = threading.Event(), threading.Event()
+    plain = server.batcher._run_round
+
+    def gated_round(items):
+        stuck.set()
+        release.wait(10)
+        plain(items)
+
+    first, second, third = open_session(server), open_session(server), open_session(server)
+    for session in (first, second, third):  # prefill each
+        protocol.raise_if_error(step(server, session, 1))
+    server.batcher._run_round = gated_round
+    blocker = threading.Thread(target=lambda: step(server, third, 2, start=3, tokens=1))
+    blocker.start()
+    assert stuck.wait(10)
+    replies = {}
+    waiting = [
+        threading.Thread(target=lambda s=s: replies.__setitem__(s, step(server, s, 2, start=3, tokens=1)))
+        for s in (first, second)
+    ]
+    for t in waiting:
+        t.start()
+    time.sleep(0.2)  # both queued behind the gated round
+    server.close_session(first)  # its stream ended while its step waits
+    release.set()
+    for t in [blocker, *waiting]:
+        t.join(10)
+    protocol.raise_if_error(replies[second])  # the other session's step is unharmed
+    assert server.kv_bytes_used == server.sessions[second].kv_bytes + server.sessions[third].kv_bytes
+    server.shutdown()
+
+
+def test_kv_reservations_return_to_zero(engine):
+    server = engine()
+    for seq in range(3):
+        session = open_session(server)
+        protocol.raise_if_error(step(server, session, seq))
+        assert server.kv_bytes_used > 0
+        server.close_session(session)
+        assert server.kv_bytes_used == 0
+
+
+def test_a_reply_over_the_message_limit_is_refused_clearly(engine):
+    server = engine(max_message_bytes=3000)
+    body = open_request(
+        SlicerConfig(codec="identity", downlink="logits"), server.model.config, "tiny", 2, build_codec("identity")
+    )
+    session = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
+    with pytest.raises(ProtocolError, match="would exceed max_message_bytes") as info:
+        protocol.raise_if_error(step(server, session, 1, tokens=8))  # 8 x 128 float32 logits: 4 KB back
+    assert info.value.code == "too_large"

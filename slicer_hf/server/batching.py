@@ -68,7 +68,7 @@ class StepBatcher:
                     break
             if any(item is _STOP for item in items):
                 for item in items:
-                    if item is not _STOP and not item[3].cancelled():
+                    if item is not _STOP and item[3].set_running_or_notify_cancel():
                         item[3].set_exception(ProtocolError("server shutting down", code="shutdown"))
                 return
             items = [item for item in items if item[3].set_running_or_notify_cancel()]  # drop withdrawn steps
@@ -91,20 +91,24 @@ class StepBatcher:
             for chunk in _chunks(group, self.server.limits.max_batched_rows):
                 if len(chunk) == 1:
                     singles.extend(chunk)
-                else:
-                    self._guard(chunk, lambda c=chunk: self._run_batch(c))
+                elif not self._guard(chunk, lambda c=chunk: self._run_batch(c), report=False):
+                    singles.extend(chunk)  # a failed batch is retried one by one: one bad session fails alone
         for item in singles:
             self._guard([item], lambda it=item: [self.server.run_one(*it[:3])])
 
-    def _guard(self, items: list[Any], fn: Any) -> None:
+    def _guard(self, items: list[Any], fn: Any, report: bool = True) -> bool:
+        """Run `fn` for `items` and hand each its result; on failure report it to each (or, with `report=False`,
+        leave them waiting for the caller's retry). The thread keeps serving either way."""
         try:
             results = fn()
-        except Exception as exc:  # reported to each waiting request; the thread keeps serving
-            for item in items:
-                item[3].set_exception(exc)
-            return
+        except Exception as exc:
+            if report:
+                for item in items:
+                    item[3].set_exception(exc)
+            return False
         for item, result in zip(items, results):
             item[3].set_result(result)
+        return True
 
     @torch.inference_mode()
     def _run_batch(self, items: list[Any]) -> list[tuple[bytes, int]]:

@@ -26,7 +26,6 @@ from ..hooks import SplitPlan, attach_hooks, split_plan
 from .batching import StepBatcher
 
 logger = logging.getLogger(__name__)
-model_fingerprint = protocol.model_fingerprint  # kept importable from here
 WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_DOWNLINK_TOPK = 1 << 16
 
@@ -209,12 +208,14 @@ class SplitServer:
                     {"session": session.id, "server": self.model_name, "num_layers": self.num_layers},
                 )
             elif kind == protocol.STEP:
-                found: list[Session] = []
+                found: list[Session] = []  # the session, once admitted: its `busy` lock is then held here
                 try:
                     step = protocol.decode_step(data, check=lambda header: self._admit(header, owned, found))
+                    reply = self._step(found[0], step)
                 finally:
-                    session_id = found[0].id if found else None
-                reply = self._step(found[0], step)
+                    if found:
+                        session_id = found[0].id
+                        found[0].busy.release()
             elif kind == protocol.CLOSE:
                 target = protocol.decode_json(data).get("session", -1)
                 if isinstance(target, int) and (owned is None or target in owned):
@@ -235,7 +236,7 @@ class SplitServer:
 
     def _refuse(self, code: str, message: str, session_id: int | None) -> bytes:
         self.stats.error(code)
-        if session_id is not None and code != "busy":
+        if session_id is not None:
             self.close_session(session_id)  # a broken stream cannot be trusted to continue
         logger.warning("refused request (session %s): %s: %s", session_id, code, message)
         return protocol.encode_error(code, message)
@@ -313,7 +314,8 @@ class SplitServer:
 
     def _admit(self, step: protocol.Step, owned: set[int] | None, found: list[Session]) -> None:
         """Check a step's header against its session and the limits, and reserve its KV memory; nothing sized by
-        the message has been allocated yet. The session goes into `found` as soon as it is known."""
+        the message has been allocated yet. The session goes into `found` once its `busy` lock is taken (one step
+        at a time per session); a step refused after that closes the session."""
         if owned is not None and step.session not in owned:
             raise ProtocolError(f"unknown session {step.session} on this stream", code="unknown_session")
         session = self.sessions.get(step.session)
@@ -321,6 +323,8 @@ class SplitServer:
             raise ProtocolError(
                 f"unknown session {step.session} (closed, expired, or from another server)", code="unknown_session"
             )
+        if not session.busy.acquire(blocking=False):
+            raise ProtocolError(f"session {session.id} already has a step in flight", code="busy")
         found.append(session)
         session.last_used = time.monotonic()
         limits = self.limits
@@ -356,6 +360,8 @@ class SplitServer:
                 code="kv_session_cap",
             )
         with self._lock:
+            if self.sessions.get(session.id) is not session:  # closed meanwhile (its stream ended, say)
+                raise ProtocolError(f"session {session.id} was closed", code="unknown_session")
             others = self.kv_bytes_used - session.kv_bytes
             if others + needed > self.kv_budget_bytes:
                 raise ProtocolError(
@@ -371,9 +377,9 @@ class SplitServer:
     def close_session(self, session_id: int) -> bool:
         with self._lock:
             session = self.sessions.pop(session_id, None)
-            if session is not None:
+            if session is not None:  # a step still running keeps its cache until it ends; the memory is released
                 self.kv_bytes_used -= session.kv_bytes
-                session.cache = session.mask = None
+                session.kv_bytes = 0
         if session is not None:
             self.stats.add(sessions_closed=1)
             logger.info("closed session %d after %d tokens", session_id, session.tokens)
@@ -396,23 +402,26 @@ class SplitServer:
 
     # ---------------------------------------------------------------- compute
     def _step(self, session: Session, step: protocol.Step) -> bytes:
-        if not session.busy.acquire(blocking=False):
-            raise ProtocolError(f"session {session.id} already has a step in flight", code="busy")
-        try:
-            end = self.limits.max_context_tokens
-            if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
-                raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
-            hidden = session.codec.decode(
-                step.payload,
-                expect_shape=(step.batch, step.tokens, self.hidden_size),
-                expect_dtypes=session.wire_dtypes,
+        """Run an admitted step (the caller holds `session.busy`)."""
+        end = self.limits.max_context_tokens
+        if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
+            raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
+        hidden = session.codec.decode(
+            step.payload,
+            expect_shape=(step.batch, step.tokens, self.hidden_size),
+            expect_dtypes=session.wire_dtypes,
+        )
+        payload, kind = self._compute(session, step, hidden.to(self.device, self.dtype))
+        reply = protocol.encode_reply(step.seq, kind, payload)
+        if len(reply) > self.limits.max_message_bytes:
+            raise ProtocolError(
+                f"the reply of {len(reply):,} bytes would exceed max_message_bytes={self.limits.max_message_bytes:,}: "
+                "send fewer positions per step (prefill_chunk_tokens) or a smaller downlink",
+                code="too_large",
             )
-            payload, kind = self._compute(session, step, hidden.to(self.device, self.dtype))
-        finally:
-            session.busy.release()
         self.stats.add(tokens=step.batch * step.tokens, steps=1)
         session.tokens += step.batch * step.tokens
-        return protocol.encode_reply(step.seq, kind, payload)
+        return reply
 
     def _compute(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
         if self.batcher is not None:

@@ -10,12 +10,13 @@ vanishes (keepalive), or when it idles: `open_timeout_s` without a message while
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -54,7 +55,8 @@ class _SplitService(grpc.GenericRpcHandler):
     async def session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
         peer, opened = context.peer(), set()
-        loop, limits = asyncio.get_running_loop(), self.engine.limits
+        limits = self.engine.limits
+        pending: Future[bytes] | None = None
         try:
             while True:
                 timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s
@@ -66,10 +68,14 @@ class _SplitService(grpc.GenericRpcHandler):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {timeout_s} s")
                 if data is grpc.aio.EOF:
                     return
-                reply = await loop.run_in_executor(self.pool, self.engine.handle, data, peer, opened)
+                pending = self.pool.submit(self.engine.handle, data, peer, opened)
+                reply = await asyncio.wrap_future(pending)
                 await context.write(reply)
-        finally:  # the stream is gone: nothing it opened may outlive it
-            for session_id in opened:
+        finally:  # the stream is gone: nothing it opened may outlive it, a session its last request opens included
+            if pending is not None and not pending.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wrap_future(pending)
+            for session_id in list(opened):
                 if self.engine.close_session(session_id):
                     logger.info("stream from %s ended: freed session %d", peer, session_id)
 
@@ -157,7 +163,11 @@ class RunningServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="slicer-grpc-loop", daemon=True)
         self._thread.start()
-        self.port = self._run(self._start(host, port, token, tls_cert, tls_key, max_streams))
+        try:
+            self.port = self._run(self._start(host, port, token, tls_cert, tls_key, max_streams))
+        except BaseException:  # a port that cannot be bound, say: leave no thread or loop behind
+            self._close_loop()
+            raise
         self.metrics_port = None
         self._metrics: Any = None
         if metrics_port is not None:
@@ -199,11 +209,16 @@ class RunningServer:
             return
         self._run(self.health.enter_graceful_shutdown())
         self._run(self.server.stop(grace_s))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._close_loop()
         if self._metrics is not None:
             self._metrics.shutdown()
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def serve(
