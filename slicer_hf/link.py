@@ -176,16 +176,19 @@ class SuffixLink:
                         protocol.raise_if_error(self._request(self._encode(replay)))
                 return self._checked(self._request(self._encode(step)), step.seq)
             except (TransportError, ProtocolError) as exc:
+                elsewhere = len(getattr(self.transport, "urls", ())) > 1  # another server may have room
                 if isinstance(exc, TransportError):
                     recoverable = exc.retryable
                 else:
-                    recoverable = exc.code in ("unknown_session", "state_lost", "draining")
+                    recoverable = exc.code in ("unknown_session", "state_lost", "draining") or (
+                        elsewhere and exc.code in ("too_many_sessions", "kv_budget")
+                    )
                 if not recoverable:  # the server closes a session whose request it refused; end the stream too
                     self._abandon()
                     raise
                 self.session = None
                 last = exc
-                moves = isinstance(exc, TransportError) or exc.code == "draining"  # else: reopen on this server
+                moves = isinstance(exc, TransportError) or exc.code not in ("unknown_session", "state_lost")
                 if moves and not self.transport.reset():
                     raise
                 self.stats.failovers += 1

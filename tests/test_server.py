@@ -250,3 +250,14 @@ def test_metrics_are_prometheus_text_over_http_and_grpc(server, model_dir):
         assert "# TYPE slicer_tokens_total counter" in text
         assert "slicer_sessions_opened_total 1.0" in text
         assert "# TYPE slicer_kv_bytes_used gauge" in text
+
+
+def test_a_full_server_sends_the_client_to_the_next_one(server, model_dir, reference):
+    full, spare = server("--max-sessions", "1"), server()
+    holder = client(model_dir, full.url)
+    holder.generate(prompt(13), max_new_tokens=2, do_sample=False)  # takes the only session
+    model = client(model_dir, [full.url, spare.url])
+    ids = prompt(14)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=6, do_sample=False))
+    assert spare.stats()["sessions_opened"] == 1 and full.stats()["errors"]["too_many_sessions"] == 1

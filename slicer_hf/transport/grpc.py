@@ -11,6 +11,7 @@ import gc
 import logging
 import queue
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -38,9 +39,18 @@ _OPEN: weakref.WeakSet[GrpcTransport] = weakref.WeakSet()
 @atexit.register
 def _close_open_streams() -> None:
     """Cancel streams still open at exit: a reader thread blocked in gRPC's core at shutdown aborts the process."""
+    if not _OPEN:
+        return
     for transport in list(_OPEN):
         transport.close()
     gc.collect()  # destroy closed channels now, while the gRPC runtime is still up
+    # gRPC's per-channel spin threads (daemon threads running `_run`) leave once their cancelled calls complete; one
+    # still inside the core when the interpreter tears down aborts it ("terminate called without an active
+    # exception"), so give them a moment.
+    deadline = time.monotonic() + 2.0
+    for thread in threading.enumerate():
+        if thread.daemon and thread.name.endswith("(_run)") and thread is not threading.current_thread():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def open_channel(url: str, root_certificates: bytes | None = None, max_message_bytes: int = 64 << 20) -> grpc.Channel:
