@@ -149,7 +149,7 @@ class SuffixLink:
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
-        _, kind, body = protocol.decode_reply(self._send_with_failover(step))
+        kind, body = self._send_with_failover(step)
         b, keep = step.batch, step.tokens - step.need_from
         if kind == protocol.REPLY_TOPK:
             return kind, protocol.decode_topk_logits(
@@ -163,7 +163,8 @@ class SuffixLink:
         except CodecError as exc:
             raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
 
-    def _send_with_failover(self, step: protocol.Step) -> bytes:
+    def _send_with_failover(self, step: protocol.Step) -> tuple[int, bytes]:
+        """(reply kind, body) of the reply to `step`, replaying the sequence onto a fresh session where needed."""
         last: Exception | None = None
         for attempt in range(self.max_attempts):
             if attempt > 1:  # the first retry goes at once (to the next server); then back off, with jitter
@@ -212,10 +213,10 @@ class SuffixLink:
         return protocol.encode_step(step)
 
     @staticmethod
-    def _checked(reply: bytes, seq: int) -> bytes:
-        """The reply to step `seq`, or a clear error: a reply to any other step means the two sides disagree on
-        what was sent, and going on would mix up sequences silently."""
-        got, _, _ = protocol.decode_reply(reply)
+    def _checked(reply: bytes, seq: int) -> tuple[int, bytes]:
+        """(kind, body) of the reply to step `seq`, or a clear error: a reply to any other step means the two sides
+        disagree on what was sent, and going on would mix up sequences silently."""
+        got, kind, body = protocol.decode_reply(reply)
         if got != seq:
             raise ProtocolError(f"reply for step {got} arrived while waiting for step {seq}", code="bad_seq")
-        return reply
+        return kind, body
