@@ -273,32 +273,46 @@ def clear_gguf_quantizer(model: PreTrainedModel) -> None:
     model.is_quantized = False
 
 
-def cache_is_plain_dynamic(cache: Any) -> bool:
-    """True for a `DynamicCache` of full-attention `DynamicLayer`s only (what batching can merge)."""
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+def take_rows(args: tuple[Any, ...], kwargs: dict[str, Any], rows: int, batch: int) -> tuple[tuple, dict]:
+    """A decoder-layer call's arguments for its first `rows` batch rows: every tensor whose first dimension is the
+    batch (hidden states, position embeddings, position ids, masks) is cut; everything else passes as is."""
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+            return value[:rows]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        return value
+
+    return tuple(cut(a) for a in args), {name: cut(v) for name, v in kwargs.items()}
 
 
-def merge_caches(caches: list[DynamicCache], lengths: list[int], model: PreTrainedModel) -> DynamicCache:
-    """One cache holding every session's rows, each left-padded with zeros to the longest length."""
-    longest = max(lengths)
-    merged = new_cache(model)
-    for idx in range(len(caches[0].layers)):
-        keys, values = [], []
-        for cache, length in zip(caches, lengths):
-            layer = cache.layers[idx]
-            pad = longest - length
-            keys.append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
-            values.append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
-        merged.update(torch.cat(keys), torch.cat(values), idx)
-    return merged
+STORE_ATTENTION = "slicer_store"
 
 
-def split_cache(merged: DynamicCache, caches: list[DynamicCache], rows: list[int], pads: list[int]) -> None:
-    """Give each session back its rows of `merged`, without the left padding."""
-    for idx, layer in enumerate(merged.layers):
-        r0 = 0
-        for cache, b, pad in zip(caches, rows, pads):
-            target = cache.layers[idx]
-            target.keys = layer.keys[r0 : r0 + b, :, pad:].clone()
-            target.values = layer.values[r0 : r0 + b, :, pad:].clone()
-            r0 += b
+def route_attention(model: PreTrainedModel, attention: Any) -> bool:
+    """Send the model's attention through `attention` (registered with transformers as `STORE_ATTENTION`, with
+    SDPA's mask), which answers like SDPA outside a KV-store forward. Only for models that run SDPA attention:
+    returns False, and changes nothing, for any other."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation not in ("sdpa", STORE_ATTENTION):
+        return False
+    AttentionInterface.register(STORE_ATTENTION, attention)
+    AttentionMaskInterface.register(STORE_ATTENTION, sdpa_mask)
+    model.config._attn_implementation = STORE_ATTENTION
+    return True
+
+
+def sdpa_attention(*args: Any, **kwargs: Any) -> Any:
+    """transformers' SDPA attention function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+def forward_mask_placeholder(device: torch.device) -> torch.Tensor:
+    """A 4D attention mask, which the model's forward passes to its layers as is instead of building masks (the
+    KV store's attention builds its own)."""
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)

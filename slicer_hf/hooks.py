@@ -8,7 +8,9 @@ the active `SplitPlan` (a context variable, so nested and concurrent forwards do
     edge   (k): layers < k run; layer k hands the hidden states to `plan.exchange` and returns what the server
                 sent back (the final hidden states); layers > k pass that through untouched.
     server (k): layer 0 returns `plan.inject` (the decoded hidden states); layers < k pass it on; layers >= k run;
-                the last layer's output is kept in `plan.final`.
+                the last layer's output is kept in `plan.final`. A batch of rows split at different layers
+                (sorted by split) sets `plan.store`: layer j runs for its first `store.rows_at(j)` rows only, the
+                others pass through; k is then the shallowest split in the batch.
 
 A layer that does not run on this side still records its positions in the cache (see
 `compat.phantom_cache_update`), so masks and positions are computed exactly as in the unsplit model.
@@ -39,6 +41,12 @@ class SplitPlan:
     exchange: Callable[[torch.Tensor], torch.Tensor] | None = None  # edge: hidden at the split -> final hidden
     inject: torch.Tensor | None = None  # server: decoded hidden states entering layer k, [B, T, d]
     final: torch.Tensor | None = field(default=None, repr=False)  # server: last layer output, [B, T, d]
+    store: Any = None  # server: the `StoreBatch` standing in for the cache (rows, masks, mixed split layers)
+
+
+def active_plan() -> SplitPlan | None:
+    """The plan of the forward pass running in this context, if any."""
+    return _ACTIVE.get()
 
 
 @contextlib.contextmanager
@@ -76,17 +84,30 @@ class LayerHook:
         i, k = self.layer_idx, plan.split_layer
         runs_here = i < k if plan.role == "edge" else i >= k
         if runs_here:
-            out = self._inner(*args, **kwargs)
+            out = self._run_rows(plan, args, kwargs)
             if plan.role == "server" and i == self.num_layers - 1:
                 plan.final = compat.layer_hidden(out)
             return out
         hidden, cache = compat.layer_call(self._signature, args, kwargs)
-        compat.phantom_cache_update(cache, i, hidden)
+        if plan.store is None:
+            compat.phantom_cache_update(cache, i, hidden)
         if plan.role == "edge" and i == k:
             hidden = plan.exchange(hidden)
         elif plan.role == "server" and i == 0:
             hidden = plan.inject
         return compat.layer_output(self._arity, hidden)
+
+    def _run_rows(self, plan: SplitPlan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the layer, on the leading rows split at or below it when the batch mixes split layers."""
+        if plan.store is None:
+            return self._inner(*args, **kwargs)
+        hidden, _ = compat.layer_call(self._signature, args, kwargs)
+        rows = plan.store.rows_at(self.layer_idx)
+        if rows == hidden.shape[0]:
+            return self._inner(*args, **kwargs)
+        args, kwargs = compat.take_rows(args, kwargs, rows, hidden.shape[0])
+        ran = compat.layer_hidden(self._inner(*args, **kwargs))
+        return compat.layer_output(self._arity, torch.cat([ran, hidden[rows:]]))
 
 
 def attach_hooks(model: nn.Module) -> list[LayerHook]:

@@ -77,11 +77,29 @@ def test_top_k_replies_are_checked_against_the_asked_shape():
             protocol.decode_topk_logits(body, expect, max_k=k)
 
 
+def gate_rounds(server: SplitServer) -> tuple[threading.Event, threading.Event, list[int]]:
+    """Make the scheduler's rounds wait for `release` (a long forward); `stuck` is set once one is waiting."""
+    stuck, release, ran = threading.Event(), threading.Event(), []
+    plain = server.scheduler._round
+
+    def gated(pending):
+        ran.append(len(pending))
+        stuck.set()
+        release.wait(10)
+        return plain(pending)
+
+    server.scheduler._round = gated
+    return stuck, release, ran
+
+
 def test_a_busy_model_never_blocks_open_and_close(engine):
     server = engine(step_timeout_s=0.3)
-    session = open_session(server)
-    server._compute_lock.acquire()  # a long forward in another thread
+    session, busy = open_session(server), open_session(server)
+    stuck, release, _ = gate_rounds(server)
+    running = threading.Thread(target=lambda: step(server, busy, 1))  # a long forward
+    running.start()
     try:
+        assert stuck.wait(10)
         started = time.monotonic()
         other = open_session(server)
         assert server.close_session(other)
@@ -91,24 +109,15 @@ def test_a_busy_model_never_blocks_open_and_close(engine):
             protocol.raise_if_error(reply)
         assert info.value.code == "timeout"
     finally:
-        server._compute_lock.release()
+        release.set()
+        running.join()
     session = open_session(server)
     protocol.raise_if_error(step(server, session, 1))
 
 
-def test_a_batched_step_that_waits_too_long_is_withdrawn(engine):
+def test_a_step_that_waits_too_long_is_withdrawn(engine):
     server = engine(step_timeout_s=0.3, batching=True)
-    stuck, release = threading.Event(), threading.Event()
-    plain = server.batcher._run_round
-    ran = []
-
-    def slow_round(items):
-        ran.append(len(items))
-        stuck.set()
-        release.wait(10)
-        plain(items)
-
-    server.batcher._run_round = slow_round
+    stuck, release, ran = gate_rounds(server)
     first, second = open_session(server), open_session(server)
     waiting = threading.Thread(target=lambda: step(server, first, 1))
     waiting.start()
@@ -150,18 +159,10 @@ def test_counters_are_exact_under_threads():
 
 def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
     server = engine(batching=True)
-    stuck, release = threading.Event(), threading.Event()
-    plain = server.batcher._run_round
-
-    def gated_round(items):
-        stuck.set()
-        release.wait(10)
-        plain(items)
-
     first, second, third = open_session(server), open_session(server), open_session(server)
     for session in (first, second, third):  # prefill each
         protocol.raise_if_error(step(server, session, 1))
-    server.batcher._run_round = gated_round
+    stuck, release, _ = gate_rounds(server)
     blocker = threading.Thread(target=lambda: step(server, third, 2, start=3, tokens=1))
     blocker.start()
     assert stuck.wait(10)

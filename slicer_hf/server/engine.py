@@ -23,7 +23,8 @@ from ..codec import Codec, build_codec, codec_from_spec
 from ..config import DOWNLINK_DTYPES, DOWNLINKS
 from ..errors import CodecError, ProtocolError
 from ..hooks import SplitPlan, attach_hooks, split_plan
-from .batching import StepBatcher
+from .kvstore import KVStore, Row, StoreBatch, store_attention
+from .scheduler import Chunk, Scheduler
 
 logger = logging.getLogger(__name__)
 WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -51,6 +52,8 @@ class ServerLimits:
         max_session_kv_bytes: KV-cache memory of one session.
         max_message_bytes: size of one protocol message.
         max_batched_rows: rows of concurrent decode steps run in one forward.
+        max_batch_tokens: positions one scheduler round runs (decode rows plus prefill chunks; at least one chunk).
+        prefill_chunk_tokens: the most positions of one prefill run in one forward.
         idle_timeout_s: sessions (and their streams) idle this long are closed.
         open_timeout_s: a stream that holds no session is closed after this long without a message.
         step_timeout_s: a step that waits this long for the compute thread is refused.
@@ -63,7 +66,9 @@ class ServerLimits:
     kv_budget_bytes: int | None = None
     max_session_kv_bytes: int = 1 << 30
     max_message_bytes: int = 64 << 20
-    max_batched_rows: int = 64
+    max_batched_rows: int = 128
+    max_batch_tokens: int = 512
+    prefill_chunk_tokens: int = 256
     idle_timeout_s: float = 600.0
     open_timeout_s: float = 30.0
     step_timeout_s: float = 300.0
@@ -80,7 +85,9 @@ class Session:
     client: str = ""
     wire_dtypes: frozenset[torch.dtype] = frozenset(WIRE_DTYPES.values())  # what its packets may claim
     kv_bytes_per_position: int = 0
-    cache: Any = None
+    cache: Any = None  # without a KV store: the session's own transformers cache
+    rows: list[Row] = field(default_factory=list)  # with a KV store: one per sequence
+    closed: bool = False
     mask: torch.Tensor | None = None  # [B, length] bool, the 2D attention mask so far
     batch: int = 0
     length: int = 0
@@ -102,8 +109,10 @@ class ServerStats:
     bytes_in: int = 0
     bytes_out: int = 0
     compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
-    batches: int = 0
-    batched_rows: int = 0
+    decode_compute_s: float = 0.0
+    prefill_compute_s: float = 0.0
+    batches: int = 0  # decode forwards
+    batched_rows: int = 0  # rows in them
     errors: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -139,7 +148,9 @@ class SplitServer:
         model_name: a name reported to clients.
         limits: session and request limits.
         min_split_layer: the shallowest split this server accepts (layers below it may be absent).
-        batching: run the decode steps of concurrent sessions together (one compute thread).
+        batching: run the decode steps of concurrent sessions together.
+        kv_store: keep K/V in the server's block store (`kvstore.py`), where the architecture allows; off, or
+            where it does not, each session keeps a transformers cache and steps run one at a time.
     """
 
     def __init__(
@@ -149,6 +160,7 @@ class SplitServer:
         limits: ServerLimits | None = None,
         min_split_layer: int = 1,
         batching: bool = False,
+        kv_store: bool = True,
     ) -> None:
         self.model = model.eval()
         self.model_name = model_name or getattr(model.config, "_name_or_path", "")
@@ -166,14 +178,17 @@ class SplitServer:
         self.stats = ServerStats()
         self._ids = itertools.count(1)
         self._lock = threading.RLock()  # the session table and the KV reservations
-        self._compute_lock = threading.Lock()  # the model, when steps are not batched
         self._downlink_codec = build_codec("identity")
         attach_hooks(model)
-        self.batcher = StepBatcher(self) if batching else None
+        self.store: KVStore | None = None
+        if kv_store and compat.route_attention(model, store_attention):
+            self.store = KVStore(self.num_layers, self.device, self.dtype)
+            if not self._store_matches_cache():
+                self.store = None
+        self.scheduler = Scheduler(self, batching)
         self._stopped = threading.Event()
         weakref.finalize(self, self._stopped.set)
-        if self.batcher is not None:
-            weakref.finalize(self, self.batcher.stop, False)
+        weakref.finalize(self, self.scheduler.stop, False)
         if self.limits.idle_timeout_s < float("inf"):
             period = min(max(self.limits.idle_timeout_s / 4, 0.05), 5.0)
             reaper = threading.Thread(
@@ -352,7 +367,10 @@ class SplitServer:
             raise ProtocolError(
                 f"step {step.seq} arrived after step {session.seq}: replayed or reordered", code="bad_seq"
             )
-        needed = session.kv_bytes_per_position * step.batch * (step.start + step.tokens)
+        positions = step.start + step.tokens
+        if self.store is not None:  # whole blocks
+            positions = -(-positions // self.store.block_size) * self.store.block_size
+        needed = session.kv_bytes_per_position * step.batch * positions
         if needed > limits.max_session_kv_bytes:
             raise ProtocolError(
                 f"session KV cap: {step.batch} x {step.start + step.tokens} positions need {needed:,} bytes, "
@@ -380,7 +398,9 @@ class SplitServer:
             if session is not None:  # a step still running keeps its cache until it ends; the memory is released
                 self.kv_bytes_used -= session.kv_bytes
                 session.kv_bytes = 0
+                session.closed = True
         if session is not None:
+            self.scheduler.release(session)
             self.stats.add(sessions_closed=1)
             logger.info("closed session %d after %d tokens", session_id, session.tokens)
         return session is not None
@@ -424,23 +444,122 @@ class SplitServer:
         return reply
 
     def _compute(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
-        if self.batcher is not None:
-            return self.batcher.submit(session, step, hidden, timeout_s=self.limits.step_timeout_s)
-        if not self._compute_lock.acquire(timeout=self.limits.step_timeout_s):
-            raise ProtocolError(f"no compute slot within {self.limits.step_timeout_s} s", code="timeout")
+        return self.scheduler.submit(session, step, hidden, timeout_s=self.limits.step_timeout_s)
+
+    # ---------------------------------------------------------------- compute, on the scheduler's thread
+    def begin_step(self, session: Session, step: protocol.Step) -> None:
+        """Bring the session's rows and mask to `step.start` and append the step's mask columns."""
+        assert self.store is not None
+        if step.start == 0 or not session.rows:
+            self.release_session(session)
+            session.rows = [self.store.new_row(session.split_layer) for _ in range(step.batch)]
+            session.mask, session.batch = None, step.batch
+        for row in session.rows:
+            self.store.truncate(row, step.start)
+        self._extend_mask(session, step)
+
+    def forward_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """One forward over the chunks of several sessions (any split layers, one downlink kind, equal chunk
+        lengths): for each chunk, the outputs of its last `keep` positions."""
+        ordered = sorted(chunks, key=lambda c: c.session.split_layer)
+        rows = [row for chunk in ordered for row in chunk.session.rows]
+        tokens = ordered[0].hidden.shape[1]
+        longest = max(row.length for row in rows) + tokens
+        valid = None
+        if any(c.session.mask is not None for c in ordered):
+            valid = torch.cat([_widen(c.session.mask, c.work.rows, longest) for c in ordered])
+        keep = max(c.keep for c in ordered) if self.wants_logits(ordered[0].session) else None
+        final = self.store_forward(
+            rows, torch.cat([c.hidden for c in ordered]), torch.cat([c.positions for c in ordered]), valid, keep
+        )
+        out, r0 = {}, 0
+        for chunk in ordered:
+            b = chunk.work.rows
+            out[id(chunk)] = final[r0 : r0 + b, final.shape[1] - chunk.keep :]
+            r0 += b
+        return [out[id(c)] for c in chunks]
+
+    @torch.inference_mode()
+    def store_forward(
+        self,
+        rows: list[Row],
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        logits_to_keep: int | None = None,
+    ) -> torch.Tensor:
+        """Layers from each row's split on, for `hidden` [R, t, d] (rows sorted by split layer), K/V in the store.
+        Returns the last layer's output [R, t, d], or with `logits_to_keep` the last positions' float32 logits."""
+        batch = StoreBatch(self.store, rows, hidden.shape[1], valid)
+        kwargs = {
+            "inputs_embeds": torch.zeros_like(hidden),
+            "attention_mask": compat.forward_mask_placeholder(self.device),
+            "position_ids": positions.to(self.device),
+            compat.cache_kwarg(self.model): batch,
+            "use_cache": True,
+        }
+        with split_plan(SplitPlan("server", rows[0].split_layer, inject=hidden, store=batch)) as plan:
+            if logits_to_keep is None:
+                compat.base_model(self.model)(**kwargs)
+                final = plan.final
+            elif logits_to_keep == 0:
+                final = torch.zeros(hidden.shape[0], 0, self.model.config.vocab_size)
+            else:
+                whole = getattr(type(self.model), "_slicer_base", type(self.model)).forward  # not the split forward
+                final = whole(self.model, **kwargs, logits_to_keep=logits_to_keep).logits[:, -logits_to_keep:].float()
+        batch.commit()
+        return final
+
+    def finish_step(self, session: Session, step: protocol.Step, final: torch.Tensor) -> tuple[bytes, int]:
+        session.length = step.start + step.tokens
+        return self.encode_output(session, final)
+
+    def wants_logits(self, session: Session) -> bool:
+        return session.downlink != "hidden"
+
+    def release_session(self, session: Session) -> None:
+        """Free what a session holds (the scheduler calls this on its own thread)."""
+        if self.store is not None:
+            for row in session.rows:
+                self.store.release(row)
+        session.rows, session.cache = [], None
+
+    def _store_matches_cache(self) -> bool:
+        """Check, once, that the KV store reproduces the model's own cache on this architecture: two sequences
+        at the shallowest and deepest split, prefilled to different lengths, then one decode step together."""
+        splits = sorted({self.min_split_layer, self.num_layers - 1})
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(len(splits), 4, self.hidden_size, generator=gen).to(self.device, self.dtype)
+        tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
         try:
-            started = time.perf_counter()
-            return self.run_one(session, step, hidden)
-        finally:
-            self.stats.add(compute_s=time.perf_counter() - started)
-            self._compute_lock.release()
+            rows = [self.store.new_row(k) for k in splits]
+            for i, row in enumerate(rows):  # prefill 3 and 2 positions
+                n = 3 - i
+                self.store_forward([row], x[i : i + 1, :n], torch.arange(n).unsqueeze(0))
+            lengths = torch.tensor([[row.length] for row in rows])
+            got = self.store_forward(rows, torch.stack([x[i, row.length] for i, row in enumerate(rows)])[:, None], lengths)
+            for i, (k, row) in enumerate(zip(splits, rows)):
+                cache, n = compat.new_cache(self.model), row.length - 1
+                self.run_model(k, "hidden", x[i : i + 1, :n], None, torch.arange(n)[None], cache, n)
+                want = self.run_model(k, "hidden", x[i : i + 1, n : n + 1], None, torch.tensor([[n]]), cache, 1)
+                error = (got[i : i + 1] - want).abs().max().item()
+                if error > tolerance * (1 + want.abs().max().item()):
+                    raise ValueError(f"store output differs from the transformers cache by {error:.3g}")
+                self.store.release(row)
+        except Exception as exc:
+            logger.warning("KV store off for %s (%s); sessions keep their own caches", type(self.model).__name__, exc)
+            return False
+        return True
 
     def prepare(self, session: Session, step: protocol.Step) -> None:
-        """Bring the session's cache and mask to `step.start` and append the step's mask columns."""
+        """Without a store: bring the session's cache and mask to `step.start`, append the step's mask columns."""
         if step.start == 0:
             session.cache, session.mask, session.batch = compat.new_cache(self.model), None, step.batch
         else:
             compat.crop_cache(session.cache, step.start)
+        self._extend_mask(session, step)
+
+    def _extend_mask(self, session: Session, step: protocol.Step) -> None:
         if step.mask is None:
             session.mask = None
         else:
@@ -512,12 +631,11 @@ class SplitServer:
         return protocol.encode_topk_logits(top.values, top.indices, final.shape[-1]), protocol.REPLY_TOPK
 
     def shutdown(self) -> None:
-        """Stop the batching and reaper threads and drop every session."""
+        """Stop the scheduler and reaper threads and drop every session."""
         self._stopped.set()
-        if self.batcher is not None:
-            self.batcher.stop()
         for session_id in list(self.sessions):
             self.close_session(session_id)
+        self.scheduler.stop()
 
     def stats_dict(self) -> dict[str, Any]:
         s = self.stats.snapshot()
@@ -526,8 +644,19 @@ class SplitServer:
             "sessions_active": len(self.sessions),
             "compute_s": round(s["compute_s"], 6),
             "compute_ms_per_token": round(1000 * s["compute_s"] / max(s["tokens"], 1), 4),
+            "kv_store": int(self.store is not None),
+            "kv_store_bytes": self.store.bytes_allocated() if self.store is not None else 0,
             "kv_bytes_used": self.kv_bytes_used,
             "kv_budget_bytes": self.kv_budget_bytes,
             "draining": int(self.draining),
             "process_cpu_s": round(time.process_time(), 6),
         }
+
+
+def _widen(mask: torch.Tensor | None, rows: int, width: int) -> torch.Tensor:
+    """A session's key mask [rows, width]: its 2D mask cut or extended (with True) to `width` columns."""
+    out = torch.ones(rows, width, dtype=torch.bool)
+    if mask is not None:
+        n = min(width, mask.shape[1])
+        out[:, :n] = mask[:, :n]
+    return out

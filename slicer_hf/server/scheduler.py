@@ -1,0 +1,229 @@
+"""The compute thread of a `SplitServer`: one scheduler for prefill and decode (continuous batching).
+
+Request threads queue their steps and wait. Each round the scheduler takes what has arrived, then runs:
+
+- every decode step that is ready (one position per row), as one forward per downlink kind, at most
+  `max_batched_rows` rows each; sessions join and leave between any two rounds, at any split layer;
+- prefill in chunks of at most `prefill_chunk_tokens` positions, from the oldest waiting prefill on, while the
+  round's `max_batch_tokens` allow (at least one chunk per round), so a long prompt cannot stall decoding.
+
+A forward over several sessions that fails is retried one session at a time, so one bad session fails alone.
+Without a KV store (a model the store does not cover) each step runs whole, one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import defaultdict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .. import protocol
+    from .engine import Session, SplitServer
+
+logger = logging.getLogger(__name__)
+_STOP = object()
+
+
+@dataclass(eq=False)
+class Work:
+    """One admitted step, in the scheduler's hands until its last position has run."""
+
+    session: Session
+    step: protocol.Step
+    hidden: torch.Tensor  # [b, t, d], decoded
+    future: Future[tuple[bytes, int]]
+    done: int = 0  # positions run so far
+    outputs: list[torch.Tensor] = field(default_factory=list)  # the kept positions' outputs, chunk by chunk
+
+    @property
+    def rows(self) -> int:
+        return self.step.batch
+
+    def chunk(self, tokens: int) -> Chunk:
+        """The next `tokens` positions of this step."""
+        a, b = self.done, self.done + tokens
+        keep = max(0, b - max(self.step.need_from, a))
+        step = self.step
+        positions = step.positions[:, a:b] if step.positions is not None else step.start + torch.arange(a, b)
+        return Chunk(self, self.hidden[:, a:b], positions.expand(self.rows, -1), keep)
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Positions of one work item that run in one forward."""
+
+    work: Work
+    hidden: torch.Tensor  # [b, c, d]
+    positions: torch.Tensor  # [b, c]
+    keep: int  # outputs wanted for the last `keep` positions
+
+    @property
+    def session(self) -> Session:
+        return self.work.session
+
+
+class Scheduler:
+    """Runs every model forward of a `SplitServer` on one thread.
+
+    Args:
+        server: the server (held weakly: the thread must not keep it alive).
+        batching: run the decode steps of concurrent sessions together (off: one session per forward).
+    """
+
+    def __init__(self, server: SplitServer, batching: bool = True) -> None:
+        self.server = weakref.proxy(server)
+        self.batching = batching
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="slicer-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, session: Session, step: protocol.Step, hidden: torch.Tensor, timeout_s: float | None = None
+    ) -> tuple[bytes, int]:
+        """Queue a step and wait for its reply; a step not started within `timeout_s` is withdrawn."""
+        future: Future[tuple[bytes, int]] = Future()
+        self._queue.put(Work(session, step, hidden, future))
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            if future.cancel():  # not started: it never will be
+                raise ProtocolError(f"no compute slot within {timeout_s} s", code="timeout") from None
+            return future.result()  # already running: it finishes soon
+
+    def release(self, session: Session) -> None:
+        """Give back what a closed session holds in the KV store (on this thread: no forward is using it then)."""
+        self._queue.put(("release", session))
+
+    def stop(self, wait: bool = True) -> None:
+        self._queue.put(_STOP)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    # ---------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        pending: list[Work] = []
+        try:
+            while pending is not None:
+                pending = self._cycle(pending)
+        except ReferenceError:  # the server is gone
+            return
+
+    def _cycle(self, pending: list[Work]) -> list[Work] | None:
+        """Take what has arrived (waiting for it when idle), then run one round; None once stopped."""
+        items = [self._queue.get()] if not pending else []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for index, item in enumerate(items):
+            if item is _STOP:
+                queued = [i for i in items[index + 1 :] if isinstance(i, Work)]
+                for work in pending + [w for w in queued if w.future.set_running_or_notify_cancel()]:
+                    if not work.future.done():
+                        work.future.set_exception(ProtocolError("server shutting down", code="shutdown"))
+                return None
+            if isinstance(item, Work):
+                if item.future.set_running_or_notify_cancel():  # withdrawn steps are dropped
+                    pending.append(item)
+            else:
+                self.server.release_session(item[1])
+        for work in [w for w in pending if w.session.closed]:
+            work.future.set_exception(ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
+        pending = [w for w in pending if not w.session.closed]
+        return self._round(pending) if pending else pending
+
+    def _round(self, pending: list[Work]) -> list[Work]:
+        server = self.server
+        if server.store is None:  # whole steps, one at a time
+            work, started = pending[0], time.perf_counter()
+            self._guard([work], lambda: [server.run_one(work.session, work.step, work.hidden)])
+            server.stats.add(compute_s=time.perf_counter() - started)
+            return pending[1:]
+        limits = server.limits
+        decode = [w for w in pending if w.step.tokens == 1]
+        prefill = [w for w in pending if w.step.tokens > 1]
+        by_kind: dict[bool, list[Work]] = defaultdict(list)
+        for work in decode:
+            by_kind[server.wants_logits(work.session)].append(work)
+        max_rows = limits.max_batched_rows if self.batching else 1
+        for group in by_kind.values():
+            for works in _by_rows(group, max_rows):
+                self._run([w.chunk(1) for w in works], prefill=False)
+        budget = limits.max_batch_tokens - sum(w.rows for w in decode)
+        for work in prefill:
+            tokens = min(work.step.tokens - work.done, limits.prefill_chunk_tokens, max(budget // work.rows, 1))
+            if budget <= 0 and work is not prefill[0]:
+                break
+            self._run([work.chunk(tokens)], prefill=True)
+            budget -= tokens * work.rows
+        return [w for w in pending if not w.future.done()]
+
+    def _run(self, chunks: list[Chunk], prefill: bool) -> None:
+        """One forward over `chunks`; a failure is retried chunk by chunk, and then fails that step only."""
+        started = time.perf_counter()
+        ok = self._guard([c.work for c in chunks], lambda: self._forward(chunks), report=len(chunks) == 1)
+        if not ok and len(chunks) > 1:
+            for chunk in chunks:
+                self._guard([chunk.work], lambda c=chunk: self._forward([c]))
+        elapsed = time.perf_counter() - started
+        rows = sum(c.work.rows for c in chunks)
+        if prefill:
+            self.server.stats.add(compute_s=elapsed, prefill_compute_s=elapsed)
+        else:
+            self.server.stats.add(compute_s=elapsed, decode_compute_s=elapsed, batches=1, batched_rows=rows)
+
+    def _forward(self, chunks: list[Chunk]) -> list[tuple[bytes, int] | None]:
+        server = self.server
+        for chunk in chunks:
+            if chunk.work.done == 0:
+                server.begin_step(chunk.session, chunk.work.step)
+        outputs = server.forward_rows(chunks)
+        results: list[tuple[bytes, int] | None] = []
+        for chunk, output in zip(chunks, outputs):
+            work = chunk.work
+            work.done += chunk.hidden.shape[1]
+            work.outputs.append(output)
+            finished = work.done == work.step.tokens
+            results.append(server.finish_step(work.session, work.step, torch.cat(work.outputs, 1)) if finished else None)
+        return results
+
+    def _guard(self, works: list[Work], fn: Any, report: bool = True) -> bool:
+        """Run `fn` and hand each finished step its reply; on failure report it to each (or, with `report=False`,
+        leave them for a retry). The thread keeps serving either way."""
+        try:
+            results = fn()
+        except Exception as exc:
+            if report:
+                for work in works:
+                    work.future.set_exception(exc)
+            return False
+        for work, result in zip(works, results):
+            if result is not None:
+                work.future.set_result(result)
+        return True
+
+
+def _by_rows(works: list[Work], max_rows: int) -> list[list[Work]]:
+    """Consecutive groups of at most `max_rows` rows (a step wider than that runs alone)."""
+    out: list[list[Work]] = [[]]
+    rows = 0
+    for work in works:
+        if out[-1] and rows + work.rows > max_rows:
+            out.append([])
+            rows = 0
+        out[-1].append(work)
+        rows += work.rows
+    return out

@@ -1,0 +1,188 @@
+"""The server engine's KV store and scheduler: blocks come and go, many sessions at mixed split layers batch
+together and each still generates exactly what plain transformers `generate()` does, long prefills are chunked
+between decode rounds."""
+
+from __future__ import annotations
+
+import copy
+import random
+import threading
+import time
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, tiny_model
+
+from slicer_hf import SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
+from slicer_hf.link import open_request
+from slicer_hf.server import ServerLimits, SplitServer
+from slicer_hf.server.kvstore import KVStore
+from slicer_hf.transport import LocalTransport
+
+
+def test_rows_take_blocks_per_layer_they_run_and_give_them_back():
+    store = KVStore(num_layers=6, device=torch.device("cpu"), dtype=torch.float32, block_size=4)
+    deep, shallow = store.new_row(split_layer=4), store.new_row(split_layer=1)
+    store.reserve(deep, 9)  # 3 blocks in layers 4 and 5
+    store.reserve(shallow, 4)  # 1 block in layers 1..5
+    assert deep.num_blocks == 3 and shallow.num_blocks == 1
+    assert store.blocks_in_use() == 3 * 2 + 1 * 5
+    store.truncate(deep, 5)  # keeps 2 blocks
+    assert deep.num_blocks == 2 and store.blocks_in_use() == 2 * 2 + 5
+    store.release(shallow)
+    store.release(deep)
+    assert store.blocks_in_use() == 0
+    again = store.new_row(split_layer=4)
+    store.reserve(again, 12)
+    assert set(again.blocks[4, :3].tolist()) < {0, 1, 2, 3}  # freed ids are reused: the pools need not grow
+
+
+def test_pools_grow_when_blocks_run_out_and_keep_what_they_held():
+    store = KVStore(num_layers=2, device=torch.device("cpu"), dtype=torch.float32, block_size=2)
+    row = store.new_row(split_layer=0)
+    store.reserve(row, 2)
+    pool = store.pool(0, "k", torch.zeros(1, 3, 1, 5))
+    pool[:, :2] = 7.0
+    store.reserve(store.new_row(split_layer=0), 40)
+    grown = store.pool(0, "k", torch.zeros(1, 3, 1, 5))
+    assert grown.shape == (3, 42, 5) and bool((grown[:, :2] == 7.0).all())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_tested_architecture_runs_on_the_store(arch):
+    assert SplitServer(tiny_model(arch)).store is not None
+
+
+def test_a_model_without_sdpa_attention_keeps_transformers_caches_and_stays_exact(model_pair):
+    ref, split = model_pair("llama")
+    split.config._attn_implementation = "eager"
+    model = SlicerModelForCausalLM.from_model(split, SlicerConfig(codec="identity", split_layer=2))
+    assert model.split_server.store is None
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_32_sessions_at_mixed_splits_joining_and_leaving_generate_exactly(arch):
+    """32 clients on one batching server, at split layers 1..3, with prompts of 1..40 tokens (mistral's sliding
+    window is 16) and 4..20 new tokens, starting at staggered times: every one equals plain `generate()`."""
+    ref = tiny_model(arch)
+    server = SplitServer(copy.deepcopy(ref), batching=True, min_split_layer=1, limits=ServerLimits(prefill_chunk_tokens=8))
+    rng = random.Random(0)
+    jobs = []
+    for i in range(32):
+        ids = torch.randint(3, 120, (1, rng.randint(1, 40)), generator=torch.Generator().manual_seed(i))
+        new = rng.randint(4, 20)
+        want = ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        jobs.append((ids, new, 1 + i % 3, want))
+    got: dict[int, torch.Tensor] = {}
+
+    def client(i: int) -> None:
+        ids, new, split, _ = jobs[i]
+        time.sleep(0.01 * (i % 8))  # staggered: sessions join while others decode
+        model = SlicerModelForCausalLM.from_model(
+            copy.deepcopy(ref), SlicerConfig(codec="identity", split_layer=split), transport=LocalTransport(server)
+        )
+        got[i] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stats = server.stats_dict()
+    server.shutdown()
+    assert stats["kv_store"] == 1
+    assert stats["batched_rows"] > stats["batches"]  # decode steps did run together
+    for i, (_, _, _, want) in enumerate(jobs):
+        assert torch.equal(got[i], want), f"session {i} (split {jobs[i][2]}) differs"
+
+
+def test_a_left_padded_batch_session_is_exact_beside_single_sessions(model_pair):
+    ref, _ = model_pair("qwen2")
+    server = SplitServer(copy.deepcopy(ref), batching=True, min_split_layer=1)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = {}
+
+    def padded():
+        model = SlicerModelForCausalLM.from_model(
+            copy.deepcopy(ref), SlicerConfig(codec="identity", split_layer=2), transport=LocalTransport(server)
+        )
+        out["padded"] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    def single():
+        model = SlicerModelForCausalLM.from_model(
+            copy.deepcopy(ref), SlicerConfig(codec="identity", split_layer=1), transport=LocalTransport(server)
+        )
+        out["single"] = model.generate(ids[1:], max_new_tokens=6, do_sample=False)
+
+    threads = [threading.Thread(target=padded), threading.Thread(target=single)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    server.shutdown()
+    assert torch.equal(out["padded"], want)
+    assert torch.equal(out["single"], ref.generate(ids[1:], max_new_tokens=6, do_sample=False))
+
+
+def _open(server: SplitServer, split_layer: int) -> int:
+    body = open_request(
+        SlicerConfig(codec="identity"), server.model.config, "tiny", split_layer, build_codec("identity")
+    )
+    reply = server.handle(protocol.encode_json(protocol.OPEN, body))
+    protocol.raise_if_error(reply)
+    return protocol.decode_json(reply)["session"]
+
+
+def _step(server: SplitServer, session: int, seq: int, start: int, tokens: int) -> bytes:
+    payload = build_codec("identity").encode(torch.randn(1, tokens, server.hidden_size))
+    return server.handle(protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, tokens - 1, payload)))
+
+
+def test_a_long_prefill_is_chunked_between_decode_rounds():
+    server = SplitServer(
+        tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=16, max_batch_tokens=24)
+    )
+    decoder, prompt = _open(server, 2), _open(server, 2)
+    protocol.raise_if_error(_step(server, decoder, 0, 0, 4))
+    finished: dict[str, float] = {}
+    rounds = []
+    plain = server.scheduler._round
+    server.scheduler._round = lambda pending: rounds.append(len(pending)) or plain(pending)
+
+    def long_prefill():
+        protocol.raise_if_error(_step(server, prompt, 0, 0, 200))
+        finished["prefill"] = time.monotonic()
+
+    def decode():
+        for seq in range(1, 6):
+            protocol.raise_if_error(_step(server, decoder, seq, 3 + seq, 1))
+        finished["decode"] = time.monotonic()
+
+    threads = [threading.Thread(target=long_prefill), threading.Thread(target=decode)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    server.shutdown()
+    assert len(rounds) >= 200 // 16  # the prompt ran in chunks, a round each
+    assert finished["decode"] < finished["prefill"]  # five decode steps went through while the prompt was running
+
+
+def test_closing_sessions_returns_their_blocks():
+    server = SplitServer(tiny_model("llama"), batching=True)
+    sessions = [_open(server, 1 + i % 3) for i in range(5)]
+    for session in sessions:
+        protocol.raise_if_error(_step(server, session, 0, 0, 20))
+    assert server.store.blocks_in_use() > 0
+    for session in sessions:
+        server.close_session(session)
+    deadline = time.monotonic() + 5
+    while server.store.blocks_in_use() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.store.blocks_in_use() == 0 and server.kv_bytes_used == 0
+    server.shutdown()
