@@ -57,6 +57,13 @@ def serve(
     idle_timeout_s: Annotated[float, typer.Option(help="Close sessions and their streams idle this long.")] = 600.0,
     open_timeout_s: Annotated[float, typer.Option(help="Close a stream with no session idle this long.")] = 30.0,
     batching: Annotated[bool, typer.Option(help="Batch decode steps of concurrent sessions.")] = True,
+    kv_store: Annotated[
+        bool, typer.Option(help="Keep K/V in the server's block store (else per-session caches).")
+    ] = True,
+    max_batch_rows: Annotated[int, typer.Option(help="Decode rows one forward may run.")] = 128,
+    max_batch_tokens: Annotated[int, typer.Option(help="Positions one scheduler round may run.")] = 512,
+    prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill positions run in one forward.")] = 256,
+    device: Annotated[str, typer.Option(help="Where the layers and the KV store live: cpu, cuda, cuda:1.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
     metrics_port: Annotated[
@@ -76,13 +83,14 @@ def serve(
     from transformers import AutoConfig
 
     from .data import resolve_model
-    from .loading import load_layers
+    from .loading import load_layers, move_loaded
     from .server import ServerLimits, SplitServer
     from .server.grpc_server import serve as grpc_serve
 
     path = resolve_model(model)
     n = AutoConfig.from_pretrained(path).num_hidden_layers
     lm = load_layers(path, range(min_split_layer, n), dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    move_loaded(lm, torch.device(device))
     limits = ServerLimits(
         max_sessions=max_sessions,
         max_step_tokens=max_step_tokens,
@@ -91,10 +99,15 @@ def serve(
         kv_budget_bytes=parse_bytes(kv_memory) if kv_memory else None,
         max_session_kv_bytes=parse_bytes(max_session_kv),
         max_message_bytes=parse_bytes(max_message_bytes),
+        max_batched_rows=max_batch_rows,
+        max_batch_tokens=max_batch_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
         idle_timeout_s=idle_timeout_s,
         open_timeout_s=open_timeout_s,
     )
-    server = SplitServer(lm, model_name=model, limits=limits, min_split_layer=min_split_layer, batching=batching)
+    server = SplitServer(
+        lm, model_name=model, limits=limits, min_split_layer=min_split_layer, batching=batching, kv_store=kv_store
+    )
     cert = tls_cert.read_bytes() if tls_cert else None
     key = tls_key.read_bytes() if tls_key else None
     running = grpc_serve(

@@ -119,6 +119,12 @@ def cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
+def sliding_windows(model: PreTrainedModel) -> list[int | None]:
+    """Per decoder layer, the sliding window its attention keeps (None: full attention), as transformers' own
+    cache for the config lays its layers out."""
+    return [getattr(layer, "sliding_window", None) or None for layer in new_cache(model).layers]
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Drop cached positions beyond `length` (5.x takes the negative count to remove)."""
     extra = cache_length(cache) - length
@@ -210,10 +216,10 @@ def layer_call(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict
     return hidden, cache
 
 
-def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype, placeholders: bool = True) -> int:
     """Upper bound on the cache bytes one sequence position costs a server running layers `split_layer..L-1`:
-    keys and values of every layer it runs (sliding-window layers counted in full), plus the `[B, 1, T, 1]`
-    placeholders of the layers below the split (see `phantom_cache_update`)."""
+    keys and values of every layer it runs (sliding-window layers counted in full), plus, in a transformers cache,
+    the `[B, 1, T, 1]` placeholders of the layers below the split (see `phantom_cache_update`)."""
     heads = _config_int(config, "num_key_value_heads") or _config_int(config, "num_attention_heads") or 1
     # the largest head size any layer may use (some families size global and sliding layers differently)
     head_dim = max(
@@ -224,7 +230,7 @@ def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype) -> 
     )
     size = torch.empty(0, dtype=dtype).element_size()
     n = num_layers(config)
-    return (n - split_layer) * 2 * heads * head_dim * size + split_layer * 2 * size
+    return (n - split_layer) * 2 * heads * head_dim * size + (split_layer * 2 * size if placeholders else 0)
 
 
 def _config_int(config: Any, name: str) -> int:

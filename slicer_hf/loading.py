@@ -110,3 +110,21 @@ def _safetensors_folder(name_or_path: str | os.PathLike[str], hf_kwargs: dict[st
             logger.debug("no safetensors snapshot for %s: %s", name_or_path, exc)
             return None
     return path if any(path.glob("*.safetensors")) else None
+
+
+def move_loaded(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """Move the loaded weights and buffers of `model` to `device`; those left on the meta device stay there
+    (`Module.to` cannot copy them). Tied weights stay tied."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or tensor.device.type == "meta" or tensor.device == device:
+                    continue
+                if id(tensor) not in moved:
+                    data = tensor.data.to(device)
+                    moved[id(tensor)] = (
+                        torch.nn.Parameter(data, requires_grad=False) if store is module._parameters else data
+                    )
+                store[name] = moved[id(tensor)]
+    return model

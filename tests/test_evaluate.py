@@ -165,6 +165,13 @@ def test_concurrency_suite_measures_batched_and_one_by_one(tiny_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["batching"], r["clients"]) for r in rows] == [(False, 1), (False, 3), (True, 1), (True, 3)]
-    assert all(r["decode_tokens"] == r["clients"] * 3 for r in rows)
-    assert all(r["batches"] == 0 for r in rows if not r["batching"])
+    assert [(r["scenario"], r["batching"], r["clients"]) for r in rows] == [
+        (scenario, batching, n)
+        for scenario in ("one split", "mixed splits")
+        for batching in (False, True)
+        for n in (1, 3)
+    ]
+    assert all(r["decode_tokens"] == r["clients"] * 3 and r["refused"] == 0 for r in rows)
+    assert all(r["rows_per_forward"] == 1 for r in rows if not r["batching"])
+    assert all(r["floor_ms_per_token"] > 0 and r["p99_step_ms"] >= r["p50_step_ms"] for r in rows)
+    assert len({tuple(r["splits"]) for r in rows}) == 2

@@ -126,16 +126,17 @@ def test_clients_choose_codec_knobs_never_safety_bounds(server, model_dir):
 
 
 def test_kv_memory_is_budgeted_in_bytes(server, model_dir, reference):
-    # the tiny llama at split 2: 2 layers x K,V x 2 heads x 16 dims x 4 bytes + 2 placeholders x 2 x 4 = 528 B
-    per_position = 528
-    srv = server("--kv-memory", str(40 * per_position), "--max-session-kv", str(30 * per_position))
+    # the tiny llama at split 2, in the server's KV store: 2 layers x K,V x 2 heads x 16 dims x 4 bytes = 512 B a
+    # position, reserved in whole blocks of 16 positions
+    per_position = 512
+    srv = server("--kv-memory", str(40 * per_position), "--max-session-kv", str(32 * per_position))
     stats = srv.stats()
-    assert stats["kv_budget_bytes"] == 40 * per_position
+    assert stats["kv_budget_bytes"] == 40 * per_position and stats["kv_store"] == 1
     small = client(model_dir, srv.url)
     ids = prompt(22, 6)
     out = small.generate(ids, max_new_tokens=10, do_sample=False)  # 16 positions: inside both limits
     assert torch.equal(out, reference.generate(ids, max_new_tokens=10, do_sample=False))
-    assert srv.stats()["kv_bytes_used"] == 15 * per_position  # the last token's K/V is never computed
+    assert srv.stats()["kv_bytes_used"] == 16 * per_position  # 15 positions (the last token's K/V is never computed)
     with pytest.raises(ProtocolError, match="session KV cap") as info:
         client(model_dir, srv.url).generate(prompt(23, 40), max_new_tokens=2)
     assert info.value.code == "kv_session_cap" and "over the cap" in str(info.value)
@@ -143,7 +144,7 @@ def test_kv_memory_is_budgeted_in_bytes(server, model_dir, reference):
         client(model_dir, srv.url).generate(prompt(24, 28), max_new_tokens=2)
     assert "short by" in str(info.value)
     # the refused sessions were freed, the first one is untouched
-    assert srv.stats()["kv_bytes_used"] == 15 * per_position
+    assert srv.stats()["kv_bytes_used"] == 16 * per_position
     out = small.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(out, reference.generate(ids, max_new_tokens=10, do_sample=False))
 

@@ -68,7 +68,9 @@ def test_32_sessions_at_mixed_splits_joining_and_leaving_generate_exactly(arch):
     """32 clients on one batching server, at split layers 1..3, with prompts of 1..40 tokens (mistral's sliding
     window is 16) and 4..20 new tokens, starting at staggered times: every one equals plain `generate()`."""
     ref = tiny_model(arch)
-    server = SplitServer(copy.deepcopy(ref), batching=True, min_split_layer=1, limits=ServerLimits(prefill_chunk_tokens=8))
+    server = SplitServer(
+        copy.deepcopy(ref), batching=True, min_split_layer=1, limits=ServerLimits(prefill_chunk_tokens=8)
+    )
     rng = random.Random(0)
     jobs = []
     for i in range(32):

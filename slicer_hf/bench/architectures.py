@@ -125,8 +125,9 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def anchor(model_type: str) -> None:
-    """Raise unless split generation equals plain `generate()` token for token at split layers 1 and L-1."""
+def anchor(model_type: str) -> bool:
+    """Raise unless split generation equals plain `generate()` token for token at split layers 1 and L-1; return
+    whether the server ran it on its KV store (else on per-session transformers caches, one step at a time)."""
     from ..modeling import SlicerModelForCausalLM
 
     try:
@@ -159,18 +160,19 @@ def anchor(model_type: str) -> None:
             got = split.generate(**kwargs, max_new_tokens=8, pad_token_id=0)
             if not torch.equal(got, expected):
                 raise AssertionError(f"split at {k}, {label}: {got.tolist()} != {expected.tolist()}")
+    return split.split_server.store is not None
 
 
 def check(model_type: str) -> dict[str, Any]:
     """One row of the support table."""
-    started = time.perf_counter()
+    started, store = time.perf_counter(), False
     try:
         try:
             default = CONFIG_MAPPING[model_type]()
         except Exception as exc:
             raise Untested(f"its config class does not build with defaults: {type(exc).__name__}: {exc}") from exc
         compat.check_supported(default)  # what from_pretrained refuses, before any weight is read
-        anchor(model_type)
+        store = anchor(model_type)
         status, reason = "exact", ""
     except NotImplementedError as exc:
         status, reason = "not supported", str(exc).split("\n")[0]
@@ -178,7 +180,8 @@ def check(model_type: str) -> dict[str, Any]:
         status, reason = "untested", str(exc).split("\n")[0][:300]
     except Exception as exc:  # a failure of the anchor: recorded as such, then fixed or listed in compat
         status, reason = "fails", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    return {"model_type": model_type, "status": status, "reason": reason, "seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    return {"model_type": model_type, "status": status, "reason": reason, "kv_store": store, "seconds": seconds}
 
 
 def architectures() -> list[str]:
@@ -189,6 +192,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     import transformers
 
     counts = {status: sum(r["status"] == status for r in rows) for status in ("exact", "not supported", "untested")}
+    stored = sum(bool(r.get("kv_store")) for r in rows)
     lines = [
         "# Supported architectures",
         "",
@@ -199,17 +203,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "where the family allows) and runs the exactness anchor with the lossless codec: greedy, a left-padded batch "
         "and seeded sampling, at split layers 1 and L-1, each equal to plain `generate()` token for token.",
         "",
-        f"- **exact**: {counts['exact']} architectures split exactly.",
+        f"- **exact**: {counts['exact']} architectures split exactly; {stored} of them run on the server's KV store "
+        "(batched with other sessions; `docs/serving.md`), the others on per-session transformers caches, one step "
+        "at a time (the store's start-up check found their attention or cache differs from what it reproduces).",
         f"- **not supported**: {counts['not supported']}, with the reason; `SlicerModelForCausalLM.from_pretrained` "
         "refuses them with `NotImplementedError` before loading any weight.",
         f"- **untested**: {counts['untested']} whose generic tiny config does not build or run even unsplit; "
         "nothing is claimed for them.",
         "",
-        "| architecture | split generation | why not |",
-        "|---|---|---|",
+        "| architecture | split generation | server KV store | why not |",
+        "|---|---|---|---|",
     ]
     clean = lambda text: text.replace("|", "/").replace("\n", " ")  # noqa: E731
-    lines += [f"| `{r['model_type']}` | {r['status']} | {clean(r['reason'])} |" for r in rows]
+    engine = lambda r: ("yes" if r.get("kv_store") else "no") if r["status"] == "exact" else ""  # noqa: E731
+    lines += [f"| `{r['model_type']}` | {r['status']} | {engine(r)} | {clean(r['reason'])} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -1,25 +1,30 @@
-"""Server throughput and CPU time per token with 1..N concurrent clients, batched vs one by one.
+"""The server engine under load, beside its compute floor measured in the same run.
 
-A real `slicer-hf serve` process runs the suffix of the model. The clients are load generators: the edge part
-runs once to produce real uplink packets (a prompt, then one packet per decode step), and every client replays
-them over its own gRPC session, as fast as the server answers. The server's own counters give its CPU time.
+A real `slicer-hf serve` process (one torch thread) runs the suffix of the model. The clients are threads here
+that replay real uplink packets, recorded from one greedy generation at each split layer (the prefill packet, then
+one per decode step), over their own gRPC sessions as fast as the server answers. Every client opens and prefills,
+waits at a barrier, then decodes: the server's process CPU time over the decode phase, divided by its tokens, is the
+CPU per decode token (the prefill phase gives the CPU per prefill token). Scenarios: one split layer, and mixed
+split layers (clients take the splits in turn); batched and one by one; 1, 8, 32 and 128 clients.
 
-    python -m slicer_hf.bench.concurrency --clients 1 8 32 --out-json docs/benchmarks/concurrency.json
+The floor: every `Linear` of the layers a client's split leaves to the server, timed here on its own shape with one
+torch thread at the mean rows per decode forward the scheduler achieved, summed, per token (averaged over the
+clients' splits). It is what the matmuls alone cost on this machine at that batch size.
+
+    slicer-hf bench concurrency --clients 1 8 32 128 --out-json docs/benchmarks/concurrency.json
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig
 
-from .. import protocol
+from .. import compat, protocol
 from ..codec import build_codec
 from ..config import SlicerConfig
 from ..data import resolve_model
@@ -28,80 +33,145 @@ from ..launch import start_server
 from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import suite_parser
+from .common import markdown_table, median_time, suite_parser, write_json
 
 
-def record_packets(model_path: str, config: SlicerConfig, prompt_tokens: int, decode_steps: int) -> list[bytes]:
-    """Uplink payloads of one real greedy generation: the prefill packet, then one packet per decode step."""
+def mixed_splits(split_layer: int, num_layers: int) -> tuple[int, ...]:
+    """The mixed-split scenario: the config's split, four layers shallower and three deeper (20, 24, 27 for
+    SmolLM2's split 24), within the model."""
+    return tuple(sorted({max(1, split_layer - 4), split_layer, min(num_layers - 1, split_layer + 3)}))
+
+
+def record_packets(
+    model_path: str, config: SlicerConfig, prompt_tokens: int, decode_steps: int, splits: tuple[int, ...] = ()
+) -> dict[int, list[bytes]]:
+    """Uplink payloads of one real greedy generation per split layer: the prefill packet, then one per decode
+    step (default: the config's split layer)."""
     model = SlicerModelForCausalLM.from_pretrained(model_path, slicer_config=config)
-    packets: list[bytes] = []
-    encode = model._link_for(config.split_layer).codec.encode
-
-    def spy(x: torch.Tensor) -> bytes:
-        data = encode(x)
-        packets.append(data)
-        return data
-
-    model._slicer_link.codec.encode = spy
     ids = torch.randint(100, 5000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    model.generate(ids, max_new_tokens=decode_steps + 1, do_sample=False, min_new_tokens=decode_steps + 1)
-    return packets
+    out = {}
+    for k in splits or (config.split_layer,):
+        codec = model._link_for(k).codec
+        packets: list[bytes] = []
+        encode = codec.encode
+        codec.encode = lambda x, _encode=encode, _packets=packets: _packets.append(_encode(x)) or _packets[-1]
+        new = decode_steps + 1
+        model.generate(ids, split_layer=k, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        out[k] = packets
+    return out
+
+
+class Client:
+    """One load-generating client: a gRPC session replaying recorded packets."""
+
+    def __init__(self, url: str, request: dict[str, Any], packets: list[bytes], prompt_tokens: int) -> None:
+        self.transport = GrpcTransport([url], timeout_s=600)
+        self.request, self.packets, self.prompt_tokens = request, packets, prompt_tokens
+        self.latencies: list[float] = []
+
+    def run(self, barrier: threading.Barrier | None = None) -> None:
+        reply = self.transport.request(protocol.encode_json(protocol.OPEN, self.request))
+        protocol.raise_if_error(reply)
+        session = protocol.decode_json(reply)["session"]
+        start = 0
+        for seq, payload in enumerate(self.packets):
+            if seq == 1 and barrier is not None:
+                barrier.wait()
+            tokens = self.prompt_tokens if seq == 0 else 1
+            step = protocol.Step(
+                session, seq, start, 1, tokens, tokens - 1, payload, torch.ones(1, tokens, dtype=torch.bool)
+            )
+            t0 = time.perf_counter()
+            protocol.decode_reply(self.transport.request(protocol.encode_step(step)))
+            if seq:
+                self.latencies.append(time.perf_counter() - t0)
+            start += tokens
+        self.transport.request(protocol.encode_json(protocol.CLOSE, {"session": session}))
+        self.transport.close()
 
 
 def run_client(
     url: str, request: dict[str, Any], packets: list[bytes], prompt_tokens: int, latencies: list[float]
 ) -> None:
-    transport = GrpcTransport([url], timeout_s=600)
-    reply = transport.request(protocol.encode_json(protocol.OPEN, request))
-    protocol.raise_if_error(reply)
-    session = protocol.decode_json(reply)["session"]
-    start = 0
-    for seq, payload in enumerate(packets):
-        tokens = prompt_tokens if seq == 0 else 1
-        step = protocol.Step(
-            session, seq, start, 1, tokens, tokens - 1, payload, torch.ones(1, tokens, dtype=torch.bool)
-        )
-        t0 = time.perf_counter()
-        protocol.decode_reply(transport.request(protocol.encode_step(step)))
-        if seq:
-            latencies.append(time.perf_counter() - t0)
-        start += tokens
-    transport.request(protocol.encode_json(protocol.CLOSE, {"session": session}))
-    transport.close()
+    """One client's whole generation (prefill, then decode), its decode step latencies appended to `latencies`."""
+    client = Client(url, request, packets, prompt_tokens)
+    client.run()
+    latencies.extend(client.latencies)
 
 
-def measure(
-    url: str, clients: int, request: dict[str, Any], packets: list[bytes], prompt_tokens: int
-) -> dict[str, Any]:
-    stats = lambda: protocol.decode_json(GrpcTransport([url], timeout_s=30).unary(STATS_METHOD))  # noqa: E731
-    before = stats()
-    latencies: list[float] = []
-    threads = [
-        threading.Thread(target=run_client, args=(url, request, packets, prompt_tokens, latencies))
-        for _ in range(clients)
-    ]
-    t0 = time.perf_counter()
+def server_stats(url: str) -> dict[str, Any]:
+    transport = GrpcTransport([url], timeout_s=30)
+    try:
+        return protocol.decode_json(transport.unary(STATS_METHOD))
+    finally:
+        transport.close()
+
+
+def measure(url: str, requests: list[dict[str, Any]], packets: list[list[bytes]], prompt_tokens: int) -> dict[str, Any]:
+    """Run one client per request, all prefilling first, then all decoding; the two phases' server counters."""
+    clients = [Client(url, r, p, prompt_tokens) for r, p in zip(requests, packets)]
+    marks: dict[str, Any] = {"before": server_stats(url)}
+
+    def decode_starts() -> None:
+        marks["mid"], marks["t_mid"] = server_stats(url), time.perf_counter()
+
+    barrier = threading.Barrier(len(clients), action=decode_starts)
+    threads = [threading.Thread(target=c.run, args=(barrier,)) for c in clients]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    after = stats()
-    tokens = after["tokens"] - before["tokens"]
-    decode_tokens = clients * (len(packets) - 1)
+    wall = time.perf_counter() - marks["t_mid"]
+    before, mid, after = marks["before"], marks["mid"], server_stats(url)
+    prefill_tokens = len(clients) * prompt_tokens
+    decode_tokens = sum(len(c.latencies) for c in clients)
+    latencies = sorted(x for c in clients for x in c.latencies)
+    batches, rows = after["batches"] - mid["batches"], after["batched_rows"] - mid["batched_rows"]
     return {
-        "clients": clients,
-        "tokens": tokens,
+        "clients": len(clients),
         "decode_tokens": decode_tokens,
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall,
+        "decode_wall_s": wall,
         "decode_tokens_per_s": decode_tokens / wall,
-        "server_cpu_ms_per_token": 1000 * (after["process_cpu_s"] - before["process_cpu_s"]) / tokens,
-        "server_compute_ms_per_token": 1000 * (after["compute_s"] - before["compute_s"]) / tokens,
-        "median_step_latency_ms": 1000 * statistics.median(latencies),
-        "batches": after["batches"] - before["batches"],
-        "batched_rows": after["batched_rows"] - before["batched_rows"],
+        "server_cpu_ms_per_decode_token": 1000 * (after["process_cpu_s"] - mid["process_cpu_s"]) / decode_tokens,
+        "server_cpu_ms_per_prefill_token": 1000 * (mid["process_cpu_s"] - before["process_cpu_s"]) / prefill_tokens,
+        "compute_ms_per_decode_token": 1000 * (after["decode_compute_s"] - mid["decode_compute_s"]) / decode_tokens,
+        "p50_step_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_step_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "rows_per_forward": rows / batches if batches else 1.0,
+        "refused": sum(after["errors"].values()) - sum(before["errors"].values()),
     }
+
+
+def linear_shapes(model: torch.nn.Module, first_layer: int) -> list[torch.Tensor]:
+    """The weights of every `Linear` in decoder layers `first_layer..L-1`."""
+    layers = compat.decoder_layers(model)
+    return [m.weight for layer in layers[first_layer:] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def floor_ms_per_token(weights: list[torch.Tensor], rows: float) -> float:
+    """Matmul time per token of these weights at `rows` rows per forward, one torch thread, measured now."""
+    b = max(1, round(rows))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        total = 0.0
+        for w in weights:
+            x = torch.randn(b, w.shape[1])
+            total += median_time(lambda x=x, w=w: torch.nn.functional.linear(x, w), repeats=15, warmup=3)
+    finally:
+        torch.set_num_threads(threads)
+    return 1000 * total / b
+
+
+def matmul_gflops(rows: int, d: int = 576, f: int = 1536) -> float:
+    """Throughput of a [rows x d] @ [d x f] float32 matmul with one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(rows, d), torch.randn(d, f)
+        return 2 * rows * d * f / median_time(lambda: a @ b, repeats=25, warmup=5) / 1e9
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(
@@ -114,77 +184,103 @@ def run(
 ) -> dict[str, Any]:
     path = resolve_model(model)
     config = SlicerConfig.from_pretrained(config_dir or default_config_dir())
-    packets = record_packets(path, config, prompt_tokens, decode_steps)
-    request = open_request(config, AutoConfig.from_pretrained(path), model, config.split_layer, build_codec(config))
+    hf_config = AutoConfig.from_pretrained(path)
+    scenarios = {
+        "one split": (config.split_layer,),
+        "mixed splits": mixed_splits(config.split_layer, compat.num_layers(hf_config)),
+    }
+    splits = sorted({k for ks in scenarios.values() for k in ks})
+    recorded = record_packets(path, config, prompt_tokens, decode_steps, tuple(splits))
+    request = {k: open_request(config, hf_config, model, k, build_codec(config)) for k in splits}
+    counts = clients or [1, 8, 32, 128]
     rows = []
-    for batching in (False, True):
-        flag = "--batching" if batching else "--no-batching"
-        proc, url = start_server(
-            path,
-            [
-                flag,
-                "--min-split-layer",
-                str(config.split_layer),
-                "--log-level",
-                "warning",
-                "--max-sessions",
-                str(max(clients or [32]) + 4),
-                "--threads",
-                "1",  # one compute thread; the clients and gRPC get the other core
-            ],
+    for scenario, ks in scenarios.items():
+        for batching in (False, True):
+            proc, url = start_server(
+                path,
+                [
+                    "--batching" if batching else "--no-batching",
+                    "--min-split-layer",
+                    str(min(ks)),
+                    "--log-level",
+                    "warning",
+                    "--max-sessions",
+                    str(max(counts) + 4),
+                    "--threads",
+                    "1",  # one compute thread; the clients and gRPC get the other core
+                ],
+            )
+            try:
+                warm = [ks[i % len(ks)] for i in range(4)]
+                measure(url, [request[k] for k in warm], [recorded[k] for k in warm], prompt_tokens)
+                for n in counts:
+                    mine = [ks[i % len(ks)] for i in range(n)]
+                    row = measure(url, [request[k] for k in mine], [recorded[k] for k in mine], prompt_tokens)
+                    row.update(scenario=scenario, splits=list(ks), batching=batching)
+                    rows.append(row)
+                    print(_fmt(row), flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    lm = SlicerModelForCausalLM.from_pretrained(path, slicer_config=config)  # the floor: the same weights
+    weights = {k: linear_shapes(lm, k) for k in splits}
+    for row in rows:
+        ks = [row["splits"][i % len(row["splits"])] for i in range(row["clients"])]
+        row["floor_ms_per_token"] = statistics.fmean(
+            floor_ms_per_token(weights[k], row["rows_per_forward"]) for k in ks
         )
-        try:
-            measure(url, 2, request, packets, prompt_tokens)  # warm-up: threads, allocator, first batches
-            for n in clients or [1, 8, 32]:
-                row = {"batching": batching, **measure(url, n, request, packets, prompt_tokens)}
-                rows.append(row)
-                print(_fmt(row), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        row["cpu_over_floor"] = row["server_cpu_ms_per_decode_token"] / row["floor_ms_per_token"]
+    for row in rows:
+        alone = next(
+            r for r in rows if r["scenario"] == row["scenario"] and r["clients"] == row["clients"] and not r["batching"]
+        )
+        row["speedup_vs_one_by_one"] = row["decode_tokens_per_s"] / alone["decode_tokens_per_s"]
     result = {
         "model": model,
-        "split_layer": config.split_layer,
         "codec": config.codec,
         "prompt_tokens": prompt_tokens,
         "decode_steps": decode_steps,
-        "torch_threads": torch.get_num_threads(),
+        "server_threads": 1,
+        "matmul_gflops_1_thread": {b: matmul_gflops(b) for b in (1, 8, 32, 128)},
         "rows": rows,
     }
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n" + markdown_table(rows))
+    write_json(result, out_json)
+    print("\n" + table(rows))
     return result
+
+
+COLUMNS = [
+    ("scenario", "scenario", ""),
+    ("clients", "clients", "d"),
+    ("service", "service", ""),
+    ("decode tokens/s", "decode_tokens_per_s", ".0f"),
+    ("x one by one", "speedup_vs_one_by_one", ".2f"),
+    ("CPU ms / decode token", "server_cpu_ms_per_decode_token", ".3f"),
+    ("floor ms / token", "floor_ms_per_token", ".3f"),
+    ("CPU / floor", "cpu_over_floor", ".2f"),
+    ("CPU ms / prefill token", "server_cpu_ms_per_prefill_token", ".3f"),
+    ("p50 step ms", "p50_step_ms", ".1f"),
+    ("p99 step ms", "p99_step_ms", ".1f"),
+    ("rows / forward", "rows_per_forward", ".1f"),
+    ("refused", "refused", "d"),
+]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    return markdown_table([{**r, "service": "batched" if r["batching"] else "one by one"} for r in rows], COLUMNS)
 
 
 def _fmt(row: dict[str, Any]) -> str:
     return (
-        f"batching={row['batching']!s:5} clients={row['clients']:3d} tokens/s={row['tokens_per_s']:8.1f} "
-        f"decode tokens/s={row['decode_tokens_per_s']:7.1f} cpu ms/token={row['server_cpu_ms_per_token']:6.2f} "
-        f"median step latency={row['median_step_latency_ms']:7.1f} ms batches={row['batches']}"
+        f"{row['scenario']:12} batching={row['batching']!s:5} clients={row['clients']:3d} "
+        f"decode tokens/s={row['decode_tokens_per_s']:7.1f} cpu ms/decode token={row['server_cpu_ms_per_decode_token']:6.3f} "
+        f"p50={row['p50_step_ms']:6.1f} ms p99={row['p99_step_ms']:6.1f} ms rows/forward={row['rows_per_forward']:.1f}"
     )
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| clients | batching | server tokens/s | decode tokens/s | server CPU ms/token | "
-        "median decode step latency (ms) | mean rows per batch |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        per_batch = r["batched_rows"] / r["batches"] if r["batches"] else 1.0
-        lines.append(
-            f"| {r['clients']} | {'batched' if r['batching'] else 'one by one'} | {r['tokens_per_s']:.1f} | "
-            f"{r['decode_tokens_per_s']:.1f} | {r['server_cpu_ms_per_token']:.2f} | "
-            f"{r['median_step_latency_ms']:.1f} | {per_batch:.1f} |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/concurrency.json")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-steps", type=int, default=32)
     args = parser.parse_args(argv)

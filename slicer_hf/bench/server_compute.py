@@ -32,7 +32,7 @@ from .concurrency import record_packets, run_client
 def measure_variant(
     path: str, model: str, config: SlicerConfig, prompt_tokens: int, decode_steps: int, repeats: int
 ) -> dict[str, Any]:
-    packets = record_packets(path, config, prompt_tokens, decode_steps)
+    packets = record_packets(path, config, prompt_tokens, decode_steps)[config.split_layer]
     request = open_request(config, AutoConfig.from_pretrained(path), model, config.split_layer, build_codec(config))
     proc, url = start_server(
         path,

@@ -182,7 +182,9 @@ class SplitServer:
         attach_hooks(model)
         self.store: KVStore | None = None
         if kv_store and compat.route_attention(model, store_attention):
-            self.store = KVStore(self.num_layers, self.device, self.dtype)
+            self.store = KVStore(
+                self.num_layers, self.device, self.dtype, sliding_windows=compat.sliding_windows(model)
+            )
             if not self._store_matches_cache():
                 self.store = None
         self.scheduler = Scheduler(self, batching)
@@ -297,7 +299,7 @@ class SplitServer:
                 raise ProtocolError("server is draining: it takes no new sessions", code="draining")
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ProtocolError(f"server full: {self.limits.max_sessions} sessions open", code="too_many_sessions")
-            per_position = compat.kv_bytes_per_position(self.model.config, k, self.dtype)
+            per_position = compat.kv_bytes_per_position(self.model.config, k, self.dtype, self.store is None)
             if self.kv_bytes_used + per_position > self.kv_budget_bytes:
                 raise ProtocolError(
                     f"KV memory budget full: {self.kv_bytes_used:,} of {self.kv_budget_bytes:,} bytes in use, "
@@ -426,12 +428,13 @@ class SplitServer:
         end = self.limits.max_context_tokens
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
             raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
-        hidden = session.codec.decode(
+        hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
             step.payload,
+            device=self.device,
             expect_shape=(step.batch, step.tokens, self.hidden_size),
             expect_dtypes=session.wire_dtypes,
         )
-        payload, kind = self._compute(session, step, hidden.to(self.device, self.dtype))
+        payload, kind = self._compute(session, step, hidden.to(self.dtype))
         reply = protocol.encode_reply(step.seq, kind, payload)
         if len(reply) > self.limits.max_message_bytes:
             raise ProtocolError(
@@ -526,18 +529,23 @@ class SplitServer:
 
     def _store_matches_cache(self) -> bool:
         """Check, once, that the KV store reproduces the model's own cache on this architecture: two sequences
-        at the shallowest and deepest split, prefilled to different lengths, then one decode step together."""
+        at the shallowest and deepest split, prefilled to different lengths (past the shortest sliding window, up
+        to 512 positions), then one decode step together."""
         splits = sorted({self.min_split_layer, self.num_layers - 1})
+        windows = [w for w in self.store.sliding_windows if w]
+        length = min(min(windows) + 2, 512) if windows else 3  # past a sliding window, if one is short enough
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(len(splits), 4, self.hidden_size, generator=gen).to(self.device, self.dtype)
+        x = torch.randn(len(splits), length + 1, self.hidden_size, generator=gen).to(self.device, self.dtype)
         tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
         try:
             rows = [self.store.new_row(k) for k in splits]
-            for i, row in enumerate(rows):  # prefill 3 and 2 positions
-                n = 3 - i
+            for i, row in enumerate(rows):  # prefill `length` and `length - 1` positions
+                n = length - i
                 self.store_forward([row], x[i : i + 1, :n], torch.arange(n).unsqueeze(0))
             lengths = torch.tensor([[row.length] for row in rows])
-            got = self.store_forward(rows, torch.stack([x[i, row.length] for i, row in enumerate(rows)])[:, None], lengths)
+            got = self.store_forward(
+                rows, torch.stack([x[i, row.length] for i, row in enumerate(rows)])[:, None], lengths
+            )
             for i, (k, row) in enumerate(zip(splits, rows)):
                 cache, n = compat.new_cache(self.model), row.length - 1
                 self.run_model(k, "hidden", x[i : i + 1, :n], None, torch.arange(n)[None], cache, n)
@@ -624,11 +632,11 @@ class SplitServer:
         if session.downlink_dtype is not None and session.downlink != "topk_logits":
             final = final.to(session.downlink_dtype)
         if session.downlink == "hidden":
-            return self._downlink_codec.encode(final), protocol.REPLY_HIDDEN
+            return self._downlink_codec.encode(final.cpu()), protocol.REPLY_HIDDEN
         if session.downlink == "logits":
-            return self._downlink_codec.encode(final), protocol.REPLY_LOGITS
+            return self._downlink_codec.encode(final.cpu()), protocol.REPLY_LOGITS
         top = final.topk(min(session.downlink_topk, final.shape[-1]), dim=-1)
-        return protocol.encode_topk_logits(top.values, top.indices, final.shape[-1]), protocol.REPLY_TOPK
+        return protocol.encode_topk_logits(top.values.cpu(), top.indices.cpu(), final.shape[-1]), protocol.REPLY_TOPK
 
     def shutdown(self) -> None:
         """Stop the scheduler and reaper threads and drop every session."""

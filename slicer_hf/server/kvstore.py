@@ -43,12 +43,19 @@ class KVStore:
         device: where the pools live.
         dtype: the K/V dtype (the model's).
         block_size: positions per block.
+        sliding_windows: per layer, the window of a sliding-window attention layer (`compat.sliding_windows`).
     """
 
     def __init__(
-        self, num_layers: int, device: torch.device, dtype: torch.dtype, block_size: int = BLOCK_SIZE
+        self,
+        num_layers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int = BLOCK_SIZE,
+        sliding_windows: list[int | None] | None = None,
     ) -> None:
         self.num_layers, self.device, self.dtype, self.block_size = num_layers, device, dtype, block_size
+        self.sliding_windows = sliding_windows or [None] * num_layers  # per layer (None: full attention)
         self.pools: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "k"|"v") -> [heads, blocks * block_size, dim]
         self._free: list[list[int]] = [[] for _ in range(num_layers)]
         self._next: list[int] = [0] * num_layers  # block ids handed out so far, per layer
@@ -204,12 +211,17 @@ def store_attention(
     plan = hooks.active_plan()
     batch = plan.store if plan is not None else None
     if batch is None:
-        return compat.sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return compat.sdpa_attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks are not supported by the KV store")
+    if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.numel() == 1):
+        raise NotImplementedError("the layer computes an attention mask of its own; the KV store builds its masks")
     n, heads, t, dim = query.shape
     groups = heads // key.shape[1]
-    mask = batch.mask(n, kwargs.get("sliding_window"))  # [n, 1, t, longest]
+    window = kwargs.get("sliding_window") or batch.store.sliding_windows[module.layer_idx]
+    mask = batch.mask(n, window)  # [n, 1, t, longest]
     softcap = kwargs.get("softcap")
     if softcap is not None:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)

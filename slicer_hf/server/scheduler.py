@@ -197,7 +197,9 @@ class Scheduler:
             work.done += chunk.hidden.shape[1]
             work.outputs.append(output)
             finished = work.done == work.step.tokens
-            results.append(server.finish_step(work.session, work.step, torch.cat(work.outputs, 1)) if finished else None)
+            results.append(
+                server.finish_step(work.session, work.step, torch.cat(work.outputs, 1)) if finished else None
+            )
         return results
 
     def _guard(self, works: list[Work], fn: Any, report: bool = True) -> bool:
