@@ -226,9 +226,8 @@ def run(
     weights = {k: linear_shapes(lm, k) for k in splits}
     for row in rows:
         ks = [row["splits"][i % len(row["splits"])] for i in range(row["clients"])]
-        row["floor_ms_per_token"] = statistics.fmean(
-            floor_ms_per_token(weights[k], row["rows_per_forward"]) for k in ks
-        )
+        per_split = {k: floor_ms_per_token(weights[k], row["rows_per_forward"]) for k in row["splits"]}
+        row["floor_ms_per_token"] = statistics.fmean(per_split[k] for k in ks)
         row["cpu_over_floor"] = row["server_cpu_ms_per_decode_token"] / row["floor_ms_per_token"]
     for row in rows:
         alone = next(
@@ -273,7 +272,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def _fmt(row: dict[str, Any]) -> str:
     return (
         f"{row['scenario']:12} batching={row['batching']!s:5} clients={row['clients']:3d} "
-        f"decode tokens/s={row['decode_tokens_per_s']:7.1f} cpu ms/decode token={row['server_cpu_ms_per_decode_token']:6.3f} "
+        f"decode tokens/s={row['decode_tokens_per_s']:7.1f} "
+        f"cpu ms/decode token={row['server_cpu_ms_per_decode_token']:6.3f} "
         f"p50={row['p50_step_ms']:6.1f} ms p99={row['p99_step_ms']:6.1f} ms rows/forward={row['rows_per_forward']:.1f}"
     )
 
