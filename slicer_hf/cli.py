@@ -63,6 +63,9 @@ def serve(
     max_batch_rows: Annotated[int, typer.Option(help="Decode rows one forward may run.")] = 128,
     max_batch_tokens: Annotated[int, typer.Option(help="Positions one scheduler round may run.")] = 512,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill positions run in one forward.")] = 256,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="How long a decode round waits for the sessions of the last one.")
+    ] = 10.0,
     device: Annotated[str, typer.Option(help="Where the layers and the KV store live: cpu, cuda, cuda:1.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
@@ -102,6 +105,7 @@ def serve(
         max_batched_rows=max_batch_rows,
         max_batch_tokens=max_batch_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
+        batch_wait_s=batch_wait_ms / 1000,
         idle_timeout_s=idle_timeout_s,
         open_timeout_s=open_timeout_s,
     )

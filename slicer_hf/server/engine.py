@@ -54,6 +54,7 @@ class ServerLimits:
         max_batched_rows: rows of concurrent decode steps run in one forward.
         max_batch_tokens: positions one scheduler round runs (decode rows plus prefill chunks; at least one chunk).
         prefill_chunk_tokens: the most positions of one prefill run in one forward.
+        batch_wait_s: how long a round waits for the sessions that decoded in the last one (batching only).
         idle_timeout_s: sessions (and their streams) idle this long are closed.
         open_timeout_s: a stream that holds no session is closed after this long without a message.
         step_timeout_s: a step that waits this long for the compute thread is refused.
@@ -69,6 +70,7 @@ class ServerLimits:
     max_batched_rows: int = 128
     max_batch_tokens: int = 512
     prefill_chunk_tokens: int = 256
+    batch_wait_s: float = 0.01
     idle_timeout_s: float = 600.0
     open_timeout_s: float = 30.0
     step_timeout_s: float = 300.0
@@ -179,6 +181,7 @@ class SplitServer:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()  # the session table and the KV reservations
         self._downlink_codec = build_codec("identity")
+        self._decode_lock = threading.Lock()
         attach_hooks(model)
         self.store: KVStore | None = None
         if kv_store and compat.route_attention(model, store_attention):
@@ -428,12 +431,13 @@ class SplitServer:
         end = self.limits.max_context_tokens
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
             raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
-        hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
-            step.payload,
-            device=self.device,
-            expect_shape=(step.batch, step.tokens, self.hidden_size),
-            expect_dtypes=session.wire_dtypes,
-        )
+        with self._decode_lock:  # one decode at a time: concurrent ones only fight over the GIL and the caches
+            hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
+                step.payload,
+                device=self.device,
+                expect_shape=(step.batch, step.tokens, self.hidden_size),
+                expect_dtypes=session.wire_dtypes,
+            )
         payload, kind = self._compute(session, step, hidden.to(self.dtype))
         reply = protocol.encode_reply(step.seq, kind, payload)
         if len(reply) > self.limits.max_message_bytes:

@@ -3,7 +3,9 @@
 Request threads queue their steps and wait. Each round the scheduler takes what has arrived, then runs:
 
 - every decode step that is ready (one position per row), as one forward per downlink kind, at most
-  `max_batched_rows` rows each; sessions join and leave between any two rounds, at any split layer;
+  `max_batched_rows` rows each; sessions join and leave between any two rounds, at any split layer. Before a
+  round it waits up to `batch_wait_s` for the sessions that decoded in the last one, so that clients answered
+  together stay together rather than splitting into two alternating half batches;
 - prefill in chunks of at most `prefill_chunk_tokens` positions, from the oldest waiting prefill on, while the
   round's `max_batch_tokens` allow (at least one chunk per round), so a long prompt cannot stall decoding.
 
@@ -86,6 +88,7 @@ class Scheduler:
         self.server = weakref.proxy(server)
         self.batching = batching
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._decoded_last: set[Session] = set()  # sessions of the last round's decode forwards
         self._thread = threading.Thread(target=self._loop, name="slicer-scheduler", daemon=True)
         self._thread.start()
 
@@ -128,6 +131,7 @@ class Scheduler:
                 items.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        items += self._gather(items, pending)
         for index, item in enumerate(items):
             if item is _STOP:
                 queued = [i for i in items[index + 1 :] if isinstance(i, Work)]
@@ -145,6 +149,27 @@ class Scheduler:
         pending = [w for w in pending if not w.session.closed]
         return self._round(pending) if pending else pending
 
+    def _gather(self, items: list[Any], pending: list[Work]) -> list[Any]:
+        """Wait a moment (`batch_wait_s` at most) for the next steps of the sessions that decoded last round, so
+        they run in one forward rather than in alternating halves; whatever else arrives meanwhile is taken too."""
+        if not self.batching:
+            return []
+        present = {w.session for w in pending} | {i.session for i in items if isinstance(i, Work)}
+        missing = {s for s in self._decoded_last if not s.closed} - present
+        more: list[Any] = []
+        deadline = time.monotonic() + self.server.limits.batch_wait_s
+        while missing and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            more.append(item)
+            if item is _STOP:
+                break
+            if isinstance(item, Work):
+                missing.discard(item.session)
+        return more
+
     def _round(self, pending: list[Work]) -> list[Work]:
         server = self.server
         if server.store is None:  # whole steps, one at a time
@@ -158,6 +183,7 @@ class Scheduler:
         by_kind: dict[bool, list[Work]] = defaultdict(list)
         for work in decode:
             by_kind[server.wants_logits(work.session)].append(work)
+        self._decoded_last = {w.session for w in decode}
         max_rows = limits.max_batched_rows if self.batching else 1
         for group in by_kind.values():
             for works in _by_rows(group, max_rows):
