@@ -257,6 +257,7 @@ COLUMNS = [
     ("CPU ms / decode token", "server_cpu_ms_per_decode_token", ".3f"),
     ("floor ms / token", "floor_ms_per_token", ".3f"),
     ("CPU / floor", "cpu_over_floor", ".2f"),
+    ("compute ms / decode token", "compute_ms_per_decode_token", ".3f"),
     ("CPU ms / prefill token", "server_cpu_ms_per_prefill_token", ".3f"),
     ("p50 step ms", "p50_step_ms", ".1f"),
     ("p99 step ms", "p99_step_ms", ".1f"),
