@@ -94,7 +94,7 @@ def throughput(device: torch.device, dtype: torch.dtype, rows: list[int], iters:
             batch, torch.randn(r, 256, 576, device=device, dtype=dtype), torch.arange(256).expand(r, -1)
         )
 
-        def step():
+        def step(batch=batch, r=r):
             positions = torch.tensor([[row.length] for row in batch])
             server.store_forward(batch, torch.randn(r, 1, 576, device=device, dtype=dtype), positions)
             for row in batch:  # stay at 256 positions
