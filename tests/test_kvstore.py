@@ -20,6 +20,21 @@ from slicer_hf.server.kvstore import KVStore
 from slicer_hf.transport import LocalTransport
 
 
+def run_together(*fns, timeout_s: float = 120) -> None:
+    """Run the functions in threads at once and wait for all."""
+    threads = [threading.Thread(target=fn) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+
+
+def split_client(ref: torch.nn.Module, server: SplitServer, split_layer: int) -> SlicerModelForCausalLM:
+    """A lossless split copy of `ref` whose server part is `server`."""
+    config = SlicerConfig(codec="identity", split_layer=split_layer)
+    return SlicerModelForCausalLM.from_model(copy.deepcopy(ref), config, transport=LocalTransport(server))
+
+
 def test_rows_take_blocks_per_layer_they_run_and_give_them_back():
     store = KVStore(num_layers=6, device=torch.device("cpu"), dtype=torch.float32, block_size=4)
     deep, shallow = store.new_row(split_layer=4), store.new_row(split_layer=1)
@@ -83,16 +98,9 @@ def test_32_sessions_at_mixed_splits_joining_and_leaving_generate_exactly(arch):
     def client(i: int) -> None:
         ids, new, split, _ = jobs[i]
         time.sleep(0.01 * (i % 8))  # staggered: sessions join while others decode
-        model = SlicerModelForCausalLM.from_model(
-            copy.deepcopy(ref), SlicerConfig(codec="identity", split_layer=split), transport=LocalTransport(server)
-        )
-        got[i] = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        got[i] = split_client(ref, server, split).generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_together(*(lambda i=i: client(i) for i in range(32)))
     stats = server.stats_dict()
     server.shutdown()
     assert stats["kv_store"] == 1
@@ -110,22 +118,13 @@ def test_a_left_padded_batch_session_is_exact_beside_single_sessions(model_pair)
     out = {}
 
     def padded():
-        model = SlicerModelForCausalLM.from_model(
-            copy.deepcopy(ref), SlicerConfig(codec="identity", split_layer=2), transport=LocalTransport(server)
-        )
+        model = split_client(ref, server, 2)
         out["padded"] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
 
     def single():
-        model = SlicerModelForCausalLM.from_model(
-            copy.deepcopy(ref), SlicerConfig(codec="identity", split_layer=1), transport=LocalTransport(server)
-        )
-        out["single"] = model.generate(ids[1:], max_new_tokens=6, do_sample=False)
+        out["single"] = split_client(ref, server, 1).generate(ids[1:], max_new_tokens=6, do_sample=False)
 
-    threads = [threading.Thread(target=padded), threading.Thread(target=single)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_together(padded, single)
     server.shutdown()
     assert torch.equal(out["padded"], want)
     assert torch.equal(out["single"], ref.generate(ids[1:], max_new_tokens=6, do_sample=False))
@@ -165,11 +164,7 @@ def test_a_long_prefill_is_chunked_between_decode_rounds():
             protocol.raise_if_error(_step(server, decoder, seq, 3 + seq, 1))
         finished["decode"] = time.monotonic()
 
-    threads = [threading.Thread(target=long_prefill), threading.Thread(target=decode)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_together(long_prefill, decode)
     server.shutdown()
     assert len(rounds) >= 200 // 16  # the prompt ran in chunks, a round each
     assert finished["decode"] < finished["prefill"]  # five decode steps went through while the prompt was running
