@@ -322,3 +322,8 @@ def forward_mask_placeholder(device: torch.device) -> torch.Tensor:
     """A 4D attention mask, which the model's forward passes to its layers as is instead of building masks (the
     KV store's attention builds its own)."""
     return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+
+
+def is_mask_placeholder(mask: torch.Tensor | None) -> bool:
+    """Whether a layer passed on `forward_mask_placeholder` as it came (not a mask a layer built of its own)."""
+    return mask is None or (mask.dtype == torch.bool and mask.numel() == 1)

@@ -374,7 +374,7 @@ class SplitServer:
             )
         positions = step.start + step.tokens
         if self.store is not None:  # whole blocks
-            positions = -(-positions // self.store.block_size) * self.store.block_size
+            positions = self.store.blocks_for(positions) * self.store.block_size
         needed = session.kv_bytes_per_position * step.batch * positions
         if needed > limits.max_session_kv_bytes:
             raise ProtocolError(
@@ -498,22 +498,9 @@ class SplitServer:
         """Layers from each row's split on, for `hidden` [R, t, d] (rows sorted by split layer), K/V in the store.
         Returns the last layer's output [R, t, d], or with `logits_to_keep` the last positions' float32 logits."""
         batch = StoreBatch(self.store, rows, hidden.shape[1], valid)
-        kwargs = {
-            "inputs_embeds": torch.zeros_like(hidden),
-            "attention_mask": compat.forward_mask_placeholder(self.device),
-            "position_ids": positions.to(self.device),
-            compat.cache_kwarg(self.model): batch,
-            "use_cache": True,
-        }
-        with split_plan(SplitPlan("server", rows[0].split_layer, inject=hidden, store=batch)) as plan:
-            if logits_to_keep is None:
-                compat.base_model(self.model)(**kwargs)
-                final = plan.final
-            elif logits_to_keep == 0:
-                final = torch.zeros(hidden.shape[0], 0, self.model.config.vocab_size)
-            else:
-                whole = getattr(type(self.model), "_slicer_base", type(self.model)).forward  # not the split forward
-                final = whole(self.model, **kwargs, logits_to_keep=logits_to_keep).logits[:, -logits_to_keep:].float()
+        plan = SplitPlan("server", rows[0].split_layer, inject=hidden, store=batch)
+        mask = compat.forward_mask_placeholder(self.device)
+        final = self._suffix(plan, mask, positions, batch, logits_to_keep)
         batch.commit()
         return final
 
@@ -615,22 +602,38 @@ class SplitServer:
     ) -> torch.Tensor:
         """Layers `split_layer..L-1` on `hidden` [B, T, d]; returns the last `keep` positions' final hidden states
         (downlink 'hidden') or float32 logits."""
+        plan = SplitPlan("server", split_layer, inject=hidden)
+        mask = mask.to(self.device) if mask is not None else None
+        if downlink == "hidden":
+            return self._suffix(plan, mask, positions, cache, None)[:, hidden.shape[1] - keep :]
+        return self._suffix(plan, mask, positions, cache, keep)
+
+    def _suffix(
+        self,
+        plan: SplitPlan,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        cache: Any,
+        logits_to_keep: int | None,
+    ) -> torch.Tensor:
+        """One forward of the model under `plan` (its `inject` is the input): the last layer's output [B, T, d], or
+        with `logits_to_keep` the last positions' float32 logits."""
+        hidden = plan.inject
         kwargs = {
             "inputs_embeds": torch.zeros_like(hidden),
-            "attention_mask": mask.to(self.device) if mask is not None else None,
+            "attention_mask": mask,
             "position_ids": positions.to(self.device),
             compat.cache_kwarg(self.model): cache,
             "use_cache": True,
         }
-        b, t = hidden.shape[:2]
-        with split_plan(SplitPlan("server", split_layer, inject=hidden)) as plan:
-            if downlink == "hidden":
+        with split_plan(plan):
+            if logits_to_keep is None:
                 compat.base_model(self.model)(**kwargs)
-                return plan.final[:, t - keep :]
-            if not keep:
-                return torch.zeros(b, 0, self.model.config.vocab_size)
+                return plan.final
+            if logits_to_keep == 0:
+                return torch.zeros(hidden.shape[0], 0, self.model.config.vocab_size)
             whole = getattr(type(self.model), "_slicer_base", type(self.model)).forward  # not the split forward
-            return whole(self.model, **kwargs, logits_to_keep=keep).logits[:, -keep:].float()
+            return whole(self.model, **kwargs, logits_to_keep=logits_to_keep).logits[:, -logits_to_keep:].float()
 
     def encode_output(self, session: Session, final: torch.Tensor) -> tuple[bytes, int]:
         if session.downlink_dtype is not None and session.downlink != "topk_logits":

@@ -60,13 +60,17 @@ class KVStore:
         self._free: list[list[int]] = [[] for _ in range(num_layers)]
         self._next: list[int] = [0] * num_layers  # block ids handed out so far, per layer
 
+    def blocks_for(self, positions: int) -> int:
+        """Blocks that hold `positions` positions."""
+        return -(-positions // self.block_size)
+
     # ---------------------------------------------------------------- rows
     def new_row(self, split_layer: int) -> Row:
         return Row(split_layer, blocks=torch.zeros(self.num_layers, 4, dtype=torch.long))
 
     def reserve(self, row: Row, length: int) -> None:
         """Give `row` blocks for `length` positions in every layer it runs."""
-        needed = -(-length // self.block_size)
+        needed = self.blocks_for(length)
         if needed <= row.num_blocks:
             return
         if needed > row.blocks.shape[1]:
@@ -85,8 +89,7 @@ class KVStore:
 
     def truncate(self, row: Row, length: int) -> None:
         """Keep the first `length` positions of `row` and give back the blocks beyond them."""
-        keep = -(-length // self.block_size)
-        self._give_back(row, keep)
+        self._give_back(row, self.blocks_for(length))
         row.length = min(row.length, length)
 
     def release(self, row: Row) -> None:
@@ -116,7 +119,8 @@ class KVStore:
         return pool
 
     def bytes_allocated(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.pools.values())
+        """Bytes of all pools (read from other threads while the scheduler may add one: iterate a snapshot)."""
+        return sum(p.numel() * p.element_size() for p in list(self.pools.values()))
 
     def blocks_in_use(self) -> int:
         return sum(n - len(free) for n, free in zip(self._next, self._free))
@@ -142,7 +146,7 @@ class StoreBatch:
         self.longest = int(starts.max()) + tokens
         for row in rows:
             store.reserve(row, row.length + tokens)
-        width = -(-self.longest // bs)
+        width = store.blocks_for(self.longest)
         blocks = torch.stack([row.blocks[:, :width] for row in rows])  # [R, layers, width]
         slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs)).flatten(2)[:, :, : self.longest]  # [R, layers, longest]
         query_pos = starts.unsqueeze(1) + torch.arange(tokens)  # [R, t] cache index of each new position
@@ -216,7 +220,7 @@ def store_attention(
         )
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks are not supported by the KV store")
-    if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.numel() == 1):
+    if not compat.is_mask_placeholder(attention_mask):
         raise NotImplementedError("the layer computes an attention mask of its own; the KV store builds its masks")
     n, heads, t, dim = query.shape
     groups = heads // key.shape[1]
