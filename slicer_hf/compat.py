@@ -78,12 +78,15 @@ def check_supported(config: Any) -> None:
 
 
 def num_layers(config: Any) -> int:
-    """Decoder layer count of a causal-LM config (GPT-2's `n_layer` maps onto `num_hidden_layers`)."""
-    return int(config.num_hidden_layers)
+    """Block count of a config: decoder or encoder layers (GPT-2's `n_layer` maps onto `num_hidden_layers`), or the
+    stages of a CNN (`depths`)."""
+    n = getattr(config, "num_hidden_layers", None)
+    return int(n) if n is not None else len(config.depths)
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The model's stack of decoder layers, found generically: the shallowest `ModuleList` of the layer count."""
+    """The model's stack of blocks (decoder or encoder layers, CNN or Swin stages), found generically: the
+    shallowest `ModuleList` of the block count."""
     n = num_layers(model.config)
     candidates = [
         (name.count("."), name, module)
@@ -327,3 +330,95 @@ def forward_mask_placeholder(device: torch.device) -> torch.Tensor:
 def is_mask_placeholder(mask: torch.Tensor | None) -> bool:
     """Whether a layer passed on `forward_mask_placeholder` as it came (not a mask a layer built of its own)."""
     return mask is None or (mask.dtype == torch.bool and mask.numel() == 1)
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
+# Encoder and vision families that split (`SlicerModel`), each tested for exactness on a tiny config. Their blocks
+# are the layers of `num_hidden_layers` (text encoders, ViT, DeiT) or the stages of `depths` (Swin, ResNet,
+# ConvNeXt); nothing runs between two blocks, so any block boundary is a split point.
+ENCODER_SPLIT_FAMILIES: dict[str, str] = {
+    # "text": token rows and an attention mask; "patches": patch-token rows; "grid": patch-token rows whose blocks
+    # take the patch grid as an argument; "map": CNN feature maps [B, C, H, W]
+    "bert": "text",
+    "roberta": "text",
+    "xlm-roberta": "text",
+    "distilbert": "text",
+    "electra": "text",
+    "vit": "patches",
+    "deit": "patches",
+    "swin": "grid",
+    "resnet": "map",
+    "convnext": "map",
+    "convnextv2": "map",
+}
+
+
+def encoder_kind(config: Any) -> str | None:
+    """How an encoder family's hidden states look at a block boundary (see `ENCODER_SPLIT_FAMILIES`); None for a
+    model that is not one of them."""
+    return ENCODER_SPLIT_FAMILIES.get(str(getattr(config, "model_type", "")))
+
+
+def is_encoder(config: Any) -> bool:
+    """Whether `config` is one of the encoder or vision families that split (`ENCODER_SPLIT_FAMILIES`)."""
+    return str(getattr(config, "model_type", "")) in ENCODER_SPLIT_FAMILIES
+
+
+def check_encoder_supported(config: Any) -> None:
+    """Refuse, at load time, an encoder or vision model whose family is not known to split exactly."""
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type not in ENCODER_SPLIT_FAMILIES:
+        families = ", ".join(sorted(ENCODER_SPLIT_FAMILIES))
+        hint = " (a causal LM: use SlicerModelForCausalLM)" if model_type not in ENCODER_FAMILIES else ""
+        raise NotImplementedError(f"{model_type!r} is not an encoder family that splits{hint}; these do: {families}")
+
+
+def split_width(config: Any, split_layer: int) -> int:
+    """Features per row entering block `split_layer`: the hidden size, or a stage's channels (Swin doubles them at
+    every stage; ResNet and ConvNeXt list them in `hidden_sizes`)."""
+    if getattr(config, "model_type", "") == "swin":
+        return int(config.embed_dim) * 2**split_layer
+    sizes = getattr(config, "hidden_sizes", None)
+    if sizes and getattr(config, "depths", None):
+        return int(sizes[split_layer - 1]) if split_layer > 0 else int(getattr(config, "embedding_size", sizes[0]))
+    return int(config.hidden_size)
+
+
+def final_width(config: Any) -> int:
+    """Features per row leaving the last block."""
+    sizes = getattr(config, "hidden_sizes", None)
+    return int(sizes[-1]) if sizes and getattr(config, "depths", None) else int(config.hidden_size)
+
+
+def layer_grid(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """The (height, width) patch grid a block takes as an argument (Swin's `input_dimensions`), if it takes one."""
+    if "input_dimensions" not in signature.parameters:
+        return None
+    grid = signature.bind_partial(*args, **kwargs).arguments.get("input_dimensions")
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def encoder_inputs(
+    model: PreTrainedModel, batch: int, tokens: int, split_layer: int, grid: tuple[int, int] | None, mask: Any
+) -> dict[str, Any]:
+    """Stand-in inputs for the server's forward of an encoder: the blocks below the split pass the injected hidden
+    states on, so only sizes matter. Text: zero embeddings `[B, T, d]` and the attention mask. Vision: a zero image
+    whose patch grid at the split is `grid` where a block reads it (Swin halves it per stage), at the configured
+    size for ViT-style position embeddings, and a small one for CNNs."""
+    config = model.config
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    kind = encoder_kind(config)
+    if kind == "text":
+        embeds = torch.zeros(batch, tokens, int(config.hidden_size), device=device, dtype=dtype)
+        return {"inputs_embeds": embeds, "attention_mask": None if mask is None else mask.to(device)}
+    if kind == "grid":
+        if grid is None:
+            raise ValueError("a Swin split needs the patch grid of the split")
+        scale = int(config.patch_size) * 2**split_layer
+        size = (grid[0] * scale, grid[1] * scale)
+    elif kind == "patches":  # position embeddings sized for the configured image
+        size = (int(config.image_size),) * 2
+    else:
+        size = (32, 32)
+    return {"pixel_values": torch.zeros(batch, int(config.num_channels), *size, device=device, dtype=dtype)}

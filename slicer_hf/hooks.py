@@ -9,7 +9,7 @@ the active `SplitPlan` (a context variable, so nested and concurrent forwards do
                 sent back (the final hidden states); layers > k pass that through untouched.
     server (k): layer 0 returns `plan.inject` (the decoded hidden states); layers < k pass it on; layers >= k run;
                 the last layer's output is kept in `plan.final`. A batch of rows split at different layers
-                (sorted by split) sets `plan.store`: layer j runs for its first `store.rows_at(j)` rows only, the
+                (sorted by split) sets `plan.rows_at`: layer j runs for its first `rows_at(j)` rows only, the
                 others pass through; k is then the shallowest split in the batch.
 
 A layer that does not run on this side still records its positions in the cache (see
@@ -38,10 +38,12 @@ class SplitPlan:
 
     role: str  # "edge" or "server"
     split_layer: int
-    exchange: Callable[[torch.Tensor], torch.Tensor] | None = None  # edge: hidden at the split -> final hidden
-    inject: torch.Tensor | None = None  # server: decoded hidden states entering layer k, [B, T, d]
-    final: torch.Tensor | None = field(default=None, repr=False)  # server: last layer output, [B, T, d]
-    store: Any = None  # server: the `StoreBatch` standing in for the cache (rows, masks, mixed split layers)
+    # edge: (hidden at the split, the patch grid where the block takes one) -> the last block's output
+    exchange: Callable[[torch.Tensor, tuple[int, int] | None], torch.Tensor] | None = None
+    inject: torch.Tensor | None = None  # server: decoded hidden states entering layer k, [B, T, d] (or [B, C, H, W])
+    final: torch.Tensor | None = field(default=None, repr=False)  # server: last layer output
+    store: Any = None  # server: the `StoreBatch` standing in for the cache
+    rows_at: Callable[[int], int] | None = None  # server, mixed split layers: rows that run layer j
 
 
 def active_plan() -> SplitPlan | None:
@@ -92,17 +94,17 @@ class LayerHook:
         if plan.store is None:
             compat.phantom_cache_update(cache, i, hidden)
         if plan.role == "edge" and i == k:
-            hidden = plan.exchange(hidden)
+            hidden = plan.exchange(hidden, compat.layer_grid(self._signature, args, kwargs))
         elif plan.role == "server" and i == 0:
             hidden = plan.inject
         return compat.layer_output(self._arity, hidden)
 
     def _run_rows(self, plan: SplitPlan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the layer, on the leading rows split at or below it when the batch mixes split layers."""
-        if plan.store is None:
+        if plan.rows_at is None:
             return self._inner(*args, **kwargs)
         hidden, _ = compat.layer_call(self._signature, args, kwargs)
-        rows = plan.store.rows_at(self.layer_idx)
+        rows = plan.rows_at(self.layer_idx)
         if rows == hidden.shape[0]:
             return self._inner(*args, **kwargs)
         args, kwargs = compat.take_rows(args, kwargs, rows, hidden.shape[0])
@@ -111,7 +113,7 @@ class LayerHook:
 
 
 def attach_hooks(model: nn.Module) -> list[LayerHook]:
-    """Hook every decoder layer of `model` (idempotent)."""
+    """Hook every block of `model` (idempotent)."""
     layers = compat.decoder_layers(model)
     if all(hasattr(layer, "_slicer_hook") for layer in layers):
         return [layer._slicer_hook for layer in layers]

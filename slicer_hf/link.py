@@ -131,8 +131,16 @@ class SuffixLink:
         mask: torch.Tensor | None,
         positions: torch.Tensor | None,
         need_from: int,
+        grid: tuple[int, int] | None = None,
+        reply_shape: tuple[int | None, ...] | None = None,
     ) -> tuple[int, torch.Tensor]:
-        """Send `hidden` `[B, T, d]` for positions `start..start+T-1`; returns (reply kind, tensor)."""
+        """Send `hidden` `[B, T, d]` for positions `start..start+T-1`; returns (reply kind, tensor).
+
+        Args:
+            grid: (H, W) when the T rows are a feature map.
+            reply_shape: the hidden-state reply's shape (None for a dimension not known in advance), where it is
+                not `[B, T - need_from, d]`.
+        """
         payload = self.codec.encode(hidden)
         self._seq += 1
         step = protocol.Step(
@@ -145,6 +153,7 @@ class SuffixLink:
             payload,
             None if mask is None else mask.bool().cpu(),
             None if positions is None else positions.cpu(),
+            grid,
         )
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
@@ -158,8 +167,9 @@ class SuffixLink:
         if kind not in (protocol.REPLY_HIDDEN, protocol.REPLY_LOGITS):
             raise ProtocolError(f"unknown reply kind {kind}", code="malformed")
         width = hidden.shape[-1] if kind == protocol.REPLY_HIDDEN else self.vocab_size
+        expect = reply_shape if reply_shape is not None and kind == protocol.REPLY_HIDDEN else (b, keep, width)
         try:
-            return kind, self._downlink_codec.decode(body, expect_shape=(b, keep, width))
+            return kind, self._downlink_codec.decode(body, expect_shape=expect)
         except CodecError as exc:
             raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
 

@@ -47,8 +47,8 @@ class ConcurrentUseError(SlicerError, RuntimeError):
     """Two threads ran one split model at once: a model holds one server session, so calls must take turns."""
 
 
-class SlicerGenerationMixin:
-    """Split `generate()` / `forward()` for a transformers causal LM. Mixed in by `SlicerModelForCausalLM`.
+class SplitModelMixin:
+    """What every split model has: one server session (opened on first use), wire accounting, the split layer.
 
     One model holds one server session: calls from several threads at once are refused with
     `ConcurrentUseError` (load one model per thread, or take turns).
@@ -73,28 +73,6 @@ class SlicerGenerationMixin:
             self._slicer_busy.release()
 
     # ---------------------------------------------------------------- public API
-    def generate(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
-        """`transformers` `generate()`, with decoder layers `0..split_layer-1` here and the rest on the server.
-
-        Args:
-            split_layer: layers run on the edge; defaults to `slicer_config.split_layer`.
-            args, kwargs: every ordinary `generate()` argument (sampling, logits processors, stopping criteria,
-                streamers, batches with left padding). Beam search and assisted decoding raise
-                `NotImplementedError`.
-        """
-        k = self._resolve_split(split_layer)
-        gen_config = kwargs.get("generation_config") or self.generation_config
-        for name, (plain, what) in UNSUPPORTED_GENERATION.items():
-            value = kwargs.get(name, getattr(gen_config, name, plain))
-            if value not in (plain, None) and not (name == "num_beams" and value == 1):
-                raise NotImplementedError(f"{what} ({name}={value!r}) is not supported by split generation")
-        token = _GENERATE_SPLIT.set(k)
-        try:
-            with self._exclusive():
-                return super().generate(*args, **kwargs)
-        finally:
-            _GENERATE_SPLIT.reset(token)
-
     def wire_stats(self) -> WireStats:
         """Uplink/downlink bytes, messages and tokens since the last `reset_wire_stats()`."""
         return self._slicer_link.stats if self._slicer_link else WireStats()
@@ -134,6 +112,59 @@ class SlicerGenerationMixin:
         """The in-process server, with the default `transport="local"`."""
         return self._slicer_transport.server if isinstance(self._slicer_transport, LocalTransport) else None
 
+    def _resolve_split(self, split_layer: int | None) -> int:
+        k = self.slicer_config.split_layer if split_layer is None else split_layer
+        n = compat.num_layers(self.config)
+        if not isinstance(k, int) or not 1 <= k < n:
+            raise ConfigError(f"`split_layer` must be an integer in [1, {n - 1}] for this {n}-layer model, got {k!r}")
+        if not self._slicer_local and k != self.slicer_config.split_layer:
+            raise ConfigError(
+                f"`split_layer` is fixed at {self.slicer_config.split_layer} with a remote server "
+                f"(the edge holds only those layers), got {k}"
+            )
+        return k
+
+    def _link_for(self, k: int) -> SuffixLink:
+        link = self._slicer_link
+        if link is not None and link.open_request["split_layer"] == k:
+            return link
+        self.close_session()
+        cfg = self.slicer_config
+        codec = build_codec(cfg)
+        name = cfg.model_id or getattr(self.config, "_name_or_path", "")
+        request = open_request(cfg, self.config, name, k, codec, self.dtype)
+        vocab = getattr(self.config, "vocab_size", 0) or 0
+        self._slicer_link = SuffixLink(self._slicer_transport, request, codec, vocab_size=vocab)
+        if not self._slicer_local:  # a remote session is closed when the model goes (a local one dies with it)
+            weakref.finalize(self, self._slicer_link.close)
+        return self._slicer_link
+
+
+class SlicerGenerationMixin(SplitModelMixin):
+    """Split `generate()` / `forward()` for a transformers causal LM. Mixed in by `SlicerModelForCausalLM`."""
+
+    def generate(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
+        """`transformers` `generate()`, with decoder layers `0..split_layer-1` here and the rest on the server.
+
+        Args:
+            split_layer: layers run on the edge; defaults to `slicer_config.split_layer`.
+            args, kwargs: every ordinary `generate()` argument (sampling, logits processors, stopping criteria,
+                streamers, batches with left padding). Beam search and assisted decoding raise
+                `NotImplementedError`.
+        """
+        k = self._resolve_split(split_layer)
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        for name, (plain, what) in UNSUPPORTED_GENERATION.items():
+            value = kwargs.get(name, getattr(gen_config, name, plain))
+            if value not in (plain, None) and not (name == "num_beams" and value == 1):
+                raise NotImplementedError(f"{what} ({name}={value!r}) is not supported by split generation")
+        token = _GENERATE_SPLIT.set(k)
+        try:
+            with self._exclusive():
+                return super().generate(*args, **kwargs)
+        finally:
+            _GENERATE_SPLIT.reset(token)
+
     # ---------------------------------------------------------------- the split forward
     def _slicer_forward(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
         with self._exclusive():
@@ -166,7 +197,7 @@ class SlicerGenerationMixin:
         keep = t if isinstance(keep, torch.Tensor) or not keep else min(int(keep), t)
         replies: dict[str, torch.Tensor] = {}
 
-        def exchange(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, d] at the split -> [B, T, d] final
+        def exchange(hidden: torch.Tensor, grid: Any = None) -> torch.Tensor:  # [B, T, d] at the split -> final
             outputs = []
             chunk = self.slicer_config.prefill_chunk_tokens
             for a in range(0, t, chunk):
@@ -204,32 +235,6 @@ class SlicerGenerationMixin:
                 raise NotImplementedError("labels need logits at every position: call without logits_to_keep")
             out.loss = compat.causal_lm_loss(self, out.logits, labels)
         return out
-
-    def _resolve_split(self, split_layer: int | None) -> int:
-        k = self.slicer_config.split_layer if split_layer is None else split_layer
-        n = compat.num_layers(self.config)
-        if not isinstance(k, int) or not 1 <= k < n:
-            raise ConfigError(f"`split_layer` must be an integer in [1, {n - 1}] for this {n}-layer model, got {k!r}")
-        if not self._slicer_local and k != self.slicer_config.split_layer:
-            raise ConfigError(
-                f"`split_layer` is fixed at {self.slicer_config.split_layer} with a remote server "
-                f"(the edge holds only those layers), got {k}"
-            )
-        return k
-
-    def _link_for(self, k: int) -> SuffixLink:
-        link = self._slicer_link
-        if link is not None and link.open_request["split_layer"] == k:
-            return link
-        self.close_session()
-        cfg = self.slicer_config
-        codec = build_codec(cfg)
-        name = cfg.model_id or getattr(self.config, "_name_or_path", "")
-        request = open_request(cfg, self.config, name, k, codec, self.dtype)
-        self._slicer_link = SuffixLink(self._slicer_transport, request, codec, vocab_size=self.config.vocab_size)
-        if not self._slicer_local:  # a remote session is closed when the model goes (a local one dies with it)
-            weakref.finalize(self, self._slicer_link.close)
-        return self._slicer_link
 
 
 class SlicerModelForCausalLM:
@@ -303,28 +308,39 @@ class SlicerModelForCausalLM:
             NotImplementedError: for a family that cannot split (`compat.UNSUPPORTED`, encoder-decoder models).
         """
         compat.check_supported(model.config)
-        n = compat.num_layers(model.config)
-        config = slicer_config or SlicerConfig()
-        config = config.replace(
-            split_layer=config.split_layer if config.split_layer is not None else default_split_layer(n),
-            num_hidden_layers=n,
-            hidden_size=model.config.hidden_size,
-        )
-        local = isinstance(transport, str) and transport == "local"
-        attach_hooks(model)
-        if not isinstance(model, SlicerGenerationMixin):
-            model.__class__ = _split_class(type(model))
-        model.slicer_config = config
-        model._slicer_link = None
-        model._slicer_busy = threading.RLock()
-        model._slicer_local = local
-        if local:
-            model._slicer_transport = LocalTransport(SplitServer(model))
-        else:
-            model._slicer_transport = make_transport(transport, **(transport_options or {}))
-        if not local:
-            release_layers(model, range(config.split_layer, n))  # no-op for layers never loaded
-        return model
+        return make_split(model, slicer_config, SlicerGenerationMixin, transport, transport_options)
+
+
+def make_split(
+    model: PreTrainedModel,
+    slicer_config: SlicerConfig | None,
+    mixin: type[SplitModelMixin],
+    transport: str | Sequence[str] | Transport = "local",
+    transport_options: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """Hook `model`'s blocks and swap its class for `Slicer<Class>` with `mixin` (in place); with a remote
+    transport the blocks from the split on are released."""
+    n = compat.num_layers(model.config)
+    config = slicer_config or SlicerConfig()
+    config = config.replace(
+        split_layer=config.split_layer if config.split_layer is not None else default_split_layer(n),
+        num_hidden_layers=n,
+        hidden_size=getattr(model.config, "hidden_size", None),
+    )
+    local = isinstance(transport, str) and transport == "local"
+    attach_hooks(model)
+    if not isinstance(model, mixin):
+        model.__class__ = _split_class(type(model), mixin)
+    model.slicer_config = config
+    model._slicer_link = None
+    model._slicer_busy = threading.RLock()
+    model._slicer_local = local
+    if local:
+        model._slicer_transport = LocalTransport(SplitServer(model))
+    else:
+        model._slicer_transport = make_transport(transport, **(transport_options or {}))
+        release_layers(model, range(config.split_layer, n))  # no-op for layers never loaded
+    return model
 
 
 def default_split_layer(num_layers: int) -> int:
@@ -341,12 +357,12 @@ def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def _split_class(base: type) -> type:
-    """`Slicer<Base>`: the model class with `SlicerGenerationMixin`, its forward keeping the base signature
-    (transformers inspects it for `logits_to_keep` and `position_ids`) plus `split_layer`."""
+def _split_class(base: type, mixin: type[SplitModelMixin]) -> type:
+    """`Slicer<Base>`: the model class with `mixin`, its forward keeping the base signature (transformers inspects
+    it for `logits_to_keep` and `position_ids`) plus `split_layer`."""
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return SlicerGenerationMixin._slicer_forward(self, *args, **kwargs)
+        return mixin._slicer_forward(self, *args, **kwargs)
 
     sig = inspect.signature(base.forward)
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
@@ -354,8 +370,9 @@ def _split_class(base: type) -> type:
     var_kw = [p for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
     forward.__signature__ = sig.replace(parameters=[*params, extra, *var_kw])
     forward.__doc__ = base.forward.__doc__
-    cls = type(f"Slicer{base.__name__}", (SlicerGenerationMixin, base), {"forward": forward, "_slicer_base": base})
-    compat.register_causal_lm_class(cls)
+    cls = type(f"Slicer{base.__name__}", (mixin, base), {"forward": forward, "_slicer_base": base})
+    if issubclass(mixin, SlicerGenerationMixin):
+        compat.register_causal_lm_class(cls)
     return cls
 
 

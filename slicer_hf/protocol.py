@@ -4,8 +4,12 @@ Every message starts with ``[PROTOCOL_VERSION u8][type u8]``. Control messages (
 stats) carry a JSON body; the hot path (step, reply) is binary::
 
     STEP   [session varint][seq varint][start varint][B varint][T varint][flags u8][need_from varint]
+           [grid H varint, W varint, if flags & GRID]
            [mask bits B*T, if flags & MASK_BITS][positions int32 B*T, if flags & POSITIONS][uplink codec packet]
     REPLY  [seq varint][kind u8][downlink payload]
+
+An encoder request is one step at `start` 0. A feature map (a CNN's, or a Swin stage's tokens) travels as
+T = H*W rows of its channels, row-major over the grid `(H, W)` that the GRID flag carries.
 
 `start` is how many positions the edge had cached before this step: the server crops its cache back to it
 (a new `generate()` call starts again at 0), and refuses a step that would leave a gap. `seq` counts the steps of
@@ -45,6 +49,7 @@ MESSAGE_NAMES = {
 }
 MASK_NONE, MASK_ONES, MASK_BITS = 0, 1, 2  # flags bits 0-1
 POSITIONS = 4  # flags bit 2: explicit position ids follow
+GRID = 8  # flags bit 3: the rows are a feature map of H x W positions
 REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
 MAX_BATCH = 4096
 
@@ -113,6 +118,7 @@ class Step:
     payload: bytes
     mask: torch.Tensor | None = None  # [B, T] bool: the new columns of the 2D attention mask; None: no mask
     positions: torch.Tensor | None = None  # [B, T] int64, when they are not start + arange(T)
+    grid: tuple[int, int] | None = None  # (H, W) with H * W = T: the rows are a feature map
 
 
 def header(kind: int) -> bytes:
@@ -167,12 +173,17 @@ def encode_step(step: Step) -> bytes:
     if step.positions is not None:
         flags |= POSITIONS
         extra += step.positions.cpu().to(torch.int32).numpy().tobytes()
+    grid = b""
+    if step.grid is not None:
+        flags |= GRID
+        grid = write_varint(step.grid[0]) + write_varint(step.grid[1])
     fields = (step.session, step.seq, step.start, step.batch, step.tokens)
     return (
         header(STEP)
         + b"".join(write_varint(v) for v in fields)
         + bytes([flags])
         + write_varint(step.need_from)
+        + grid
         + extra
         + step.payload
     )
@@ -183,8 +194,8 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
 
     Args:
         data: the message.
-        check: called with the header (session, seq, start, batch, tokens, need_from; no mask, positions or
-            payload yet) before anything sized by the claimed batch and tokens is allocated; it raises to refuse.
+        check: called with the header (session, seq, start, batch, tokens, need_from, grid; no mask, positions
+            or payload yet) before anything sized by the claimed batch and tokens is allocated; it raises to refuse.
         max_tokens: an absolute bound on the claimed tokens.
     """
     try:
@@ -194,11 +205,14 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
         start, batch, tokens = r.varint(limit=1 << 31), r.varint(limit=MAX_BATCH), r.varint(limit=max_tokens)
         flags = r.u8()
         need_from = r.varint(limit=tokens)
-        if flags & ~(3 | POSITIONS) or flags & 3 == 3:
+        if flags & ~(3 | POSITIONS | GRID) or flags & 3 == 3:
             raise ProtocolError(f"unknown step flags {flags:#x}", code="malformed")
         if batch == 0 or tokens == 0:
             raise ProtocolError(f"step with batch={batch}, tokens={tokens}", code="malformed")
-        step = Step(session, seq, start, batch, tokens, need_from, b"")
+        grid = (r.varint(limit=tokens), r.varint(limit=tokens)) if flags & GRID else None
+        if grid is not None and grid[0] * grid[1] != tokens:
+            raise ProtocolError(f"grid {grid[0]}x{grid[1]} does not hold the step's {tokens} rows", code="malformed")
+        step = Step(session, seq, start, batch, tokens, need_from, b"", grid=grid)
         check(step)
         if flags & 3 == MASK_ONES:
             step.mask = torch.ones(batch, tokens, dtype=torch.bool)

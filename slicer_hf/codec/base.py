@@ -95,7 +95,7 @@ class Codec(ABC):
         self,
         data: bytes,
         device: torch.device | str | None = None,
-        expect_shape: tuple[int, ...] | None = None,
+        expect_shape: tuple[int | None, ...] | None = None,
         expect_dtypes: frozenset[torch.dtype] | None = None,
     ) -> torch.Tensor:
         """Decode bytes from `encode`; any malformed input raises `CodecError`.
@@ -103,8 +103,8 @@ class Codec(ABC):
         Args:
             data: a packet.
             device: where the tensor should end up.
-            expect_shape: the shape the receiver expects; a packet that claims another is refused from its
-                envelope, before any row is decoded or allocated.
+            expect_shape: the shape the receiver expects (None for a dimension it cannot know); a packet that claims
+                another is refused from its envelope, before any row is decoded or allocated.
             expect_dtypes: the dtypes the receiver accepts, checked the same way.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -124,7 +124,7 @@ class Codec(ABC):
     def _decode(
         self,
         reader: Reader,
-        expect_shape: tuple[int, ...] | None = None,
+        expect_shape: tuple[int | None, ...] | None = None,
         expect_dtypes: frozenset[torch.dtype] | None = None,
     ) -> torch.Tensor:
         codec_id, version, dtype_code, ndim = reader.take(4)
@@ -142,7 +142,9 @@ class Codec(ABC):
         if shape[-1] == 0:
             raise CodecError(f"last dim must be >= 1, got shape {shape}")
         dtype = DTYPES_BY_CODE[dtype_code]
-        if expect_shape is not None and tuple(shape) != tuple(expect_shape):
+        if expect_shape is not None and (
+            len(shape) != len(expect_shape) or any(e is not None and e != n for e, n in zip(expect_shape, shape))
+        ):
             raise CodecError(f"packet claims shape {tuple(shape)}, expected {tuple(expect_shape)}")
         if expect_dtypes is not None and dtype not in expect_dtypes:
             raise CodecError(f"packet claims dtype {dtype}, expected one of {sorted(map(str, expect_dtypes))}")

@@ -1,5 +1,8 @@
 """`SplitServer`: turns protocol messages into suffix forward passes, one KV cache per session.
 
+It serves a causal LM's decoder layers (sessions of many steps, K/V in the store) or an encoder's blocks (text
+encoders, ViT, Swin, CNNs: each step a one-shot request at position 0, batched across clients, no cache).
+
 Transport-agnostic: `handle(bytes) -> bytes` is all a transport calls, in-process or behind gRPC. Every failure
 becomes an ERROR reply for that request only; a failing session is closed and its memory freed, the others go on.
 """
@@ -146,7 +149,8 @@ class SplitServer:
     """Runs the suffix of a split model for many sessions.
 
     Args:
-        model: the causal LM (all layers from `min_split_layer` on must hold real weights).
+        model: the causal LM, or an encoder of `compat.ENCODER_SPLIT_FAMILIES` (all blocks from `min_split_layer`
+            on must hold real weights).
         model_name: a name reported to clients.
         limits: session and request limits.
         min_split_layer: the shallowest split this server accepts (layers below it may be absent).
@@ -169,7 +173,9 @@ class SplitServer:
         self.limits = limits or ServerLimits()
         self.min_split_layer = min_split_layer
         self.num_layers = compat.num_layers(model.config)
-        self.hidden_size = int(model.config.hidden_size)
+        self.encoder_kind = compat.encoder_kind(model.config)  # None for a causal LM
+        widths = [compat.split_width(model.config, k) for k in range(min_split_layer, self.num_layers)]
+        self.hidden_size = max(widths) if self.encoder_kind else int(model.config.hidden_size)
         self.fingerprint = protocol.model_fingerprint(model.config)
         self.dtype = next(model.parameters()).dtype
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
@@ -184,7 +190,7 @@ class SplitServer:
         self._decode_lock = threading.Lock()
         attach_hooks(model)
         self.store: KVStore | None = None
-        if kv_store and compat.route_attention(model, store_attention):
+        if kv_store and not self.encoder_kind and compat.route_attention(model, store_attention):
             self.store = KVStore(
                 self.num_layers, self.device, self.dtype, sliding_windows=compat.sliding_windows(model)
             )
@@ -278,6 +284,10 @@ class SplitServer:
         downlink = req.get("downlink", "hidden")
         if downlink not in DOWNLINKS:
             raise ProtocolError(f"downlink must be one of {DOWNLINKS}, got {downlink!r}", code="bad_request")
+        if self.encoder_kind and downlink != "hidden":
+            raise ProtocolError(
+                f"an encoder answers with hidden states only, got downlink {downlink!r}", code="bad_request"
+            )
         topk = req.get("downlink_topk", 64)
         if type(topk) is not int or not 1 <= topk <= MAX_DOWNLINK_TOPK:
             raise ProtocolError(
@@ -302,7 +312,11 @@ class SplitServer:
                 raise ProtocolError("server is draining: it takes no new sessions", code="draining")
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ProtocolError(f"server full: {self.limits.max_sessions} sessions open", code="too_many_sessions")
-            per_position = compat.kv_bytes_per_position(self.model.config, k, self.dtype, self.store is None)
+            per_position = (
+                0
+                if self.encoder_kind  # an encoder keeps nothing between requests
+                else compat.kv_bytes_per_position(self.model.config, k, self.dtype, self.store is None)
+            )
             if self.kv_bytes_used + per_position > self.kv_budget_bytes:
                 raise ProtocolError(
                     f"KV memory budget full: {self.kv_bytes_used:,} of {self.kv_budget_bytes:,} bytes in use, "
@@ -360,6 +374,8 @@ class SplitServer:
             raise ProtocolError(
                 f"context of {step.start + step.tokens} tokens exceeds {limits.max_context_tokens}", code="too_large"
             )
+        if self.encoder_kind:
+            self._check_encoder_step(session, step)
         if step.start > session.length:
             raise ProtocolError(
                 f"step starts at position {step.start} but the session holds {session.length}: "
@@ -397,6 +413,16 @@ class SplitServer:
             session.kv_bytes = needed
         session.seq = step.seq
 
+    def _check_encoder_step(self, session: Session, step: protocol.Step) -> None:
+        if step.start != 0:
+            raise ProtocolError(f"an encoder request starts at position 0, got {step.start}", code="bad_request")
+        feature_map = self.encoder_kind in ("grid", "map")
+        if feature_map != (step.grid is not None):
+            raise ProtocolError(
+                f"this {self.model.config.model_type} split {'needs' if feature_map else 'takes no'} a feature grid",
+                code="bad_request",
+            )
+
     def close_session(self, session_id: int) -> bool:
         with self._lock:
             session = self.sessions.pop(session_id, None)
@@ -428,6 +454,9 @@ class SplitServer:
     # ---------------------------------------------------------------- compute
     def _step(self, session: Session, step: protocol.Step) -> bytes:
         """Run an admitted step (the caller holds `session.busy`)."""
+        needless = step.positions is not None or (step.mask is not None and self.encoder_kind != "text")
+        if self.encoder_kind and needless:
+            raise ProtocolError("encoder requests take no position ids, and masks only for text", code="bad_request")
         end = self.limits.max_context_tokens
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
             raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
@@ -435,7 +464,7 @@ class SplitServer:
             hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
                 step.payload,
                 device=self.device,
-                expect_shape=(step.batch, step.tokens, self.hidden_size),
+                expect_shape=(step.batch, step.tokens, self.width(session)),
                 expect_dtypes=session.wire_dtypes,
             )
         payload, kind = self._compute(session, step, hidden.to(self.dtype))
@@ -449,6 +478,10 @@ class SplitServer:
         self.stats.add(tokens=step.batch * step.tokens, steps=1)
         session.tokens += step.batch * step.tokens
         return reply
+
+    def width(self, session: Session) -> int:
+        """Features per row entering the session's split layer."""
+        return compat.split_width(self.model.config, session.split_layer) if self.encoder_kind else self.hidden_size
 
     def _compute(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
         return self.scheduler.submit(session, step, hidden, timeout_s=self.limits.step_timeout_s)
@@ -498,7 +531,7 @@ class SplitServer:
         """Layers from each row's split on, for `hidden` [R, t, d] (rows sorted by split layer), K/V in the store.
         Returns the last layer's output [R, t, d], or with `logits_to_keep` the last positions' float32 logits."""
         batch = StoreBatch(self.store, rows, hidden.shape[1], valid)
-        plan = SplitPlan("server", rows[0].split_layer, inject=hidden, store=batch)
+        plan = SplitPlan("server", rows[0].split_layer, inject=hidden, store=batch, rows_at=batch.rows_at)
         mask = compat.forward_mask_placeholder(self.device)
         final = self._suffix(plan, mask, positions, batch, logits_to_keep)
         batch.commit()

@@ -9,6 +9,9 @@ Request threads queue their steps and wait. Each round the scheduler takes what 
 - prefill in chunks of at most `prefill_chunk_tokens` positions, from the oldest waiting prefill on, while the
   round's `max_batch_tokens` allow (at least one chunk per round), so a long prompt cannot stall decoding.
 
+Encoder requests (one step each, no cache) run together when they share a split layer and a shape
+(`encoder_batch.py`), at most `max_batched_rows` rows per forward.
+
 A forward over several sessions that fails is retried one session at a time, so one bad session fails alone.
 Without a KV store (a model the store does not cover) each step runs whole, one at a time.
 """
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ProtocolError
+from .encoder_batch import batch_key, run_encoder_batch
 
 if TYPE_CHECKING:
     from .. import protocol
@@ -172,6 +176,15 @@ class Scheduler:
 
     def _round(self, pending: list[Work]) -> list[Work]:
         server = self.server
+        if server.encoder_kind:
+            groups: dict[tuple, list[Work]] = defaultdict(list)
+            for work in pending:
+                groups[batch_key(server, work)].append(work)
+            max_rows = server.limits.max_batched_rows if self.batching else 1
+            for group in groups.values():
+                for works in _by_rows(group, max_rows):
+                    self._run_batch(works, lambda ws: run_encoder_batch(server, ws))
+            return []
         if server.store is None:  # whole steps, one at a time
             work, started = pending[0], time.perf_counter()
             self._guard([work], lambda: [server.run_one(work.session, work.step, work.hidden)])
@@ -204,8 +217,17 @@ class Scheduler:
         if not ok and len(chunks) > 1:
             for chunk in chunks:
                 self._guard([chunk.work], lambda c=chunk: self._forward([c]))
-        elapsed = time.perf_counter() - started
-        rows = sum(c.work.rows for c in chunks)
+        self._account(time.perf_counter() - started, sum(c.work.rows for c in chunks), prefill)
+
+    def _run_batch(self, works: list[Work], forward: Any) -> None:
+        """`forward(works)` (replies in order), retried one work at a time if it fails for several."""
+        started = time.perf_counter()
+        if not self._guard(works, lambda: forward(works), report=len(works) == 1) and len(works) > 1:
+            for work in works:
+                self._guard([work], lambda w=work: forward([w]))
+        self._account(time.perf_counter() - started, sum(w.rows for w in works), prefill=False)
+
+    def _account(self, elapsed: float, rows: int, prefill: bool) -> None:
         if prefill:
             self.server.stats.add(compute_s=elapsed, prefill_compute_s=elapsed)
         else:

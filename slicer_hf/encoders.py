@@ -1,0 +1,182 @@
+"""`SlicerModel` and its task classes: encoder and vision models whose `forward()` runs split.
+
+Text encoders (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, MiniLM-style BERTs), vision transformers (ViT, DeiT,
+Swin) and CNN backbones (ResNet, ConvNeXt, ConvNeXt V2), with their heads: the edge runs the embeddings and blocks
+`0..k-1`, the codec carries one row per token, patch or feature-map position, the server runs blocks `k..L-1`
+and answers with the last block's output, and the edge runs whatever follows (final norm, pooler, head). The
+same hooks as the causal LMs (`hooks.py`), no per-family forward.
+
+A CNN's feature map `[B, C, H, W]` travels as H*W rows of C channels (row-major over the grid, the grid in the
+step header), so the codec's per-row statistics are per spatial position.
+
+```python
+model = SlicerModel.from_pretrained("sentence-transformers/all-MiniLM-L6-v2",
+                                    slicer_config=SlicerConfig(split_layer=4), transport="grpc://host:50051")
+hidden = model(**tok(sentences, padding=True, return_tensors="pt")).last_hidden_state
+```
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+
+from . import compat
+from .config import SlicerConfig
+from .errors import ConfigError
+from .hooks import SplitPlan, split_plan
+from .modeling import SplitModelMixin, _config_kwargs, _resolve_config, make_split
+from .transport import Transport
+
+
+class SlicerEncoderMixin(SplitModelMixin):
+    """Split `forward()` for an encoder or vision model. Mixed in by `SlicerModel` and its task classes."""
+
+    def _slicer_forward(self, *args: Any, split_layer: int | None = None, **kwargs: Any) -> Any:
+        with self._exclusive():
+            return self._split_forward(split_layer, args, kwargs)
+
+    def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        k = self._resolve_split(split_layer)
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            raise NotImplementedError(
+                "output_hidden_states / output_attentions are not available from a split model: the server keeps "
+                "the blocks from the split on; use `unsplit(model)` locally for every layer"
+            )
+        link = self._link_for(k)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise NotImplementedError("split forward takes a 2D attention_mask [batch, length]")
+        out_width = compat.final_width(self.config)
+
+        def exchange(hidden: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+            b = hidden.shape[0]
+            reply: tuple[int | None, ...] | None = None
+            if hidden.ndim == 4:  # a feature map [B, C, H, W] -> rows [B, H*W, C]
+                _, c, h, w = hidden.shape
+                hidden, grid = hidden.permute(0, 2, 3, 1).reshape(b, h * w, c), (h, w)
+                reply = (b, None, None, out_width)  # channels-last map [B, H', W', C']
+            elif grid is not None:  # Swin: the patch grid shrinks stage by stage
+                reply = (b, None, out_width)
+            _, final = link.step(hidden, 0, mask, None, 0, grid=grid, reply_shape=reply)
+            if final.ndim == 4:
+                final = final.permute(0, 3, 1, 2).contiguous()
+            return final.to(hidden.device, hidden.dtype)
+
+        base_forward = super().forward  # the model's own forward (this mixin sits before its class)
+        with split_plan(SplitPlan("edge", k, exchange=exchange)):
+            return base_forward(*args, **kwargs)
+
+
+class _SplitAutoFactory:
+    """Loads with a transformers Auto class, then makes the model split; never instantiated."""
+
+    auto_class: ClassVar[Any]
+
+    def __init__(self) -> None:
+        raise TypeError(
+            f"{type(self).__name__} is a factory, like {self.auto_class.__name__}: use "
+            f"{type(self).__name__}.from_pretrained(model_id, slicer_config=...) or .from_model(model, ...)"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        slicer_config: SlicerConfig | str | os.PathLike[str] | None = None,
+        transport: str | Sequence[str] | Transport = "local",
+        transport_options: dict[str, Any] | None = None,
+        **hf_kwargs: Any,
+    ) -> PreTrainedModel:
+        """Load an encoder or vision model with transformers and make its `forward()` split.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or local folder.
+            slicer_config: a `SlicerConfig`, a folder/repo holding one, or None (the model folder's
+                `slicer_config.json` if present, else defaults).
+            transport: `"local"` (the server part in this process) or `"grpc://host:port"` (a list is tried in
+                order). With a remote server the weights of blocks `split_layer..L-1` are released after loading.
+            transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
+            hf_kwargs: passed to the Auto class's `from_pretrained` (dtype, revision, ...).
+
+        Raises:
+            NotImplementedError: a family outside `compat.ENCODER_SPLIT_FAMILIES`.
+            ConfigError: a split layer outside `[1, L-1]`, or a downlink other than hidden states.
+        """
+        config = _resolve_config(slicer_config, pretrained_model_name_or_path)
+        model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
+        _check(model_config, config)  # before any weight is read
+        model = cls.auto_class.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
+        if config.model_id is None:
+            config = config.replace(model_id=str(pretrained_model_name_or_path))
+        return cls.from_model(model, config, transport=transport, transport_options=transport_options)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        slicer_config: SlicerConfig | None = None,
+        transport: str | Sequence[str] | Transport = "local",
+        transport_options: dict[str, Any] | None = None,
+    ) -> PreTrainedModel:
+        """Make an already loaded encoder or vision model split (in place; the same object is returned)."""
+        _check(model.config, slicer_config or SlicerConfig())
+        return make_split(model, slicer_config, SlicerEncoderMixin, transport, transport_options)
+
+
+def _check(model_config: Any, config: SlicerConfig) -> None:
+    compat.check_encoder_supported(model_config)
+    n = compat.num_layers(model_config)
+    k = config.split_layer
+    if k is not None and not 1 <= k < n:
+        raise ConfigError(f"`split_layer` must be an integer in [1, {n - 1}] for this {n}-block model, got {k!r}")
+    if config.downlink != "hidden":
+        raise ConfigError(
+            f"`downlink` must be 'hidden' for an encoder (its server sends hidden states), got {config.downlink!r}"
+        )
+
+
+class SlicerModel(_SplitAutoFactory):
+    """Split base model (feature extraction), used like `AutoModel`: `model(**inputs).last_hidden_state`."""
+
+    auto_class = AutoModel
+
+
+class SlicerModelForSequenceClassification(_SplitAutoFactory):
+    """Split text classifier, used like `AutoModelForSequenceClassification` (the head runs on the edge)."""
+
+    auto_class = AutoModelForSequenceClassification
+
+
+class SlicerModelForTokenClassification(_SplitAutoFactory):
+    """Split token classifier, used like `AutoModelForTokenClassification` (the head runs on the edge)."""
+
+    auto_class = AutoModelForTokenClassification
+
+
+class SlicerModelForImageClassification(_SplitAutoFactory):
+    """Split image classifier (ViT, DeiT, Swin, ResNet, ConvNeXt), used like `AutoModelForImageClassification`."""
+
+    auto_class = AutoModelForImageClassification
+
+
+def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers' mean pooling makes them: the mean over unmasked tokens,
+    L2-normalized. `[B, T, d]` -> `[B, d]`."""
+    if attention_mask is None:
+        pooled = last_hidden_state.mean(1)
+    else:
+        weights = attention_mask.to(last_hidden_state.dtype).unsqueeze(-1)
+        pooled = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)

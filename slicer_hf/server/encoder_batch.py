@@ -1,0 +1,69 @@
+"""One-shot encoder requests (text encoders, ViT, Swin, CNNs) on the server: requests of several clients that
+share a split layer and a shape run as one forward.
+
+Text requests of different lengths share a forward too: each is padded to the longest with masked positions,
+which no valid position attends to. Vision requests batch when their grids match.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import compat
+from ..hooks import SplitPlan, split_plan
+
+if TYPE_CHECKING:
+    from .engine import SplitServer
+    from .scheduler import Work
+
+
+def batch_key(server: SplitServer, work: Work) -> tuple[Any, ...]:
+    """Requests with equal keys run in one forward."""
+    step = work.step
+    tokens = None if server.encoder_kind == "text" else step.tokens
+    return work.session.split_layer, tokens, step.grid, work.hidden.dtype
+
+
+@torch.inference_mode()
+def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[bytes, int]]:
+    """Blocks `k..L-1` for every request in `works` (one split layer, one key), in one forward; each request's
+    reply is the last block's output: `[b, t, d]` rows, or a CNN's map channels-last `[b, H', W', C']`."""
+    model, kind = server.model, server.encoder_kind
+    split_layer, grid = works[0].session.split_layer, works[0].step.grid
+    longest = max(w.step.tokens for w in works)
+    hidden = torch.cat([_pad(w.hidden, longest) for w in works])  # [B, T, d]
+    mask = None
+    if kind == "text" and any(w.step.mask is not None or w.step.tokens < longest for w in works):
+        mask = torch.cat([_pad_mask(w, longest) for w in works])
+    if kind == "map":  # rows of a feature map -> [B, C, H, W]
+        hidden = hidden.reshape(hidden.shape[0], *grid, hidden.shape[-1]).permute(0, 3, 1, 2).contiguous()
+    inputs = compat.encoder_inputs(model, hidden.shape[0], longest, split_layer, grid, mask)
+    plan = SplitPlan("server", split_layer, inject=hidden.to(server.device, server.dtype))
+    base = model.base_model
+    with split_plan(plan):  # the base model's own forward (not the split one, where the model is split itself)
+        getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)
+    final = plan.final
+    if final.ndim == 4:  # [B, C, H, W] -> channels-last, the rows the edge reads back
+        final = final.permute(0, 2, 3, 1).contiguous()
+    replies, r0 = [], 0
+    for work in works:
+        out = final[r0 : r0 + work.rows]
+        if kind == "text":
+            out = out[:, : work.step.tokens]
+        r0 += work.rows
+        replies.append(server.encode_output(work.session, out))
+    return replies
+
+
+def _pad(hidden: torch.Tensor, tokens: int) -> torch.Tensor:
+    if hidden.shape[1] == tokens:
+        return hidden
+    return torch.cat([hidden, hidden.new_zeros(hidden.shape[0], tokens - hidden.shape[1], hidden.shape[2])], 1)
+
+
+def _pad_mask(work: Work, tokens: int) -> torch.Tensor:
+    mask = torch.zeros(work.rows, tokens, dtype=torch.bool)
+    mask[:, : work.step.tokens] = True if work.step.mask is None else work.step.mask
+    return mask
