@@ -15,7 +15,10 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SLICER split inference for Hugging Face LMs.")
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or 'smollm2' (embedded).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Hub id, local folder, 'smollm2' (embedded) or 'minilm' (all-MiniLM-L6-v2)."),
+]
 
 
 def _setup_logging(level: str) -> None:
@@ -74,7 +77,7 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
-    """Serve decoder layers `k..L-1` of MODEL to split clients over gRPC.
+    """Serve blocks `k..L-1` of MODEL (a causal LM, or an encoder or vision model) to split clients over gRPC.
 
     SIGTERM or Ctrl-C drains (no new sessions), gives open calls 2 s, then stops.
     """
@@ -90,9 +93,16 @@ def serve(
     from .server import ServerLimits, SplitServer
     from .server.grpc_server import serve as grpc_serve
 
+    from transformers import AutoModel
+
+    from . import compat
+
     path = resolve_model(model)
-    n = AutoConfig.from_pretrained(path).num_hidden_layers
-    lm = load_layers(path, range(min_split_layer, n), dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    config = AutoConfig.from_pretrained(path)
+    n = compat.num_layers(config)
+    auto = AutoModel if compat.is_encoder(config) else None  # an encoder's server needs no head
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    lm = load_layers(path, range(min_split_layer, n), auto_class=auto, dtype=torch_dtype)
     move_loaded(lm, torch.device(device))
     limits = ServerLimits(
         max_sessions=max_sessions,
@@ -287,6 +297,7 @@ BENCH_SUITES = {
     "soak": "soak",
     "summary": "summary",
     "architectures": "architectures",
+    "encoders": "encoders",
 }
 
 

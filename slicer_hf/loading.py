@@ -31,23 +31,29 @@ _EMPTY_INIT_LOCK = threading.Lock()
 PARTIAL_OK_KWARGS = {"dtype", "torch_dtype", "revision", "token", "cache_dir", "local_files_only"}
 
 
-def load_layers(name_or_path: str | os.PathLike[str], layers: Iterable[int], **hf_kwargs: Any) -> PreTrainedModel:
-    """A causal LM with real weights for `layers` only (the other decoder layers stay on the meta device).
+def load_layers(
+    name_or_path: str | os.PathLike[str], layers: Iterable[int], auto_class: Any = None, **hf_kwargs: Any
+) -> PreTrainedModel:
+    """A model with real weights for `layers` only (the other blocks stay on the meta device).
 
     Args:
         name_or_path: Hub id or local folder.
-        layers: indices of the decoder layers to load.
+        layers: indices of the blocks to load.
+        auto_class: the transformers Auto class to build it with (default: `AutoModelForCausalLM`; `AutoModel`
+            for an encoder's server).
         hf_kwargs: `from_pretrained` arguments; anything beyond dtype/revision/token/cache_dir makes this fall back
             to a whole load followed by releasing the unused layers.
     """
     with _EMPTY_INIT_LOCK:
-        return _load_layers(name_or_path, set(layers), hf_kwargs)
+        return _load_layers(name_or_path, set(layers), auto_class or AutoModelForCausalLM, hf_kwargs)
 
 
-def _load_layers(name_or_path: str | os.PathLike[str], keep: set[int], hf_kwargs: dict[str, Any]) -> PreTrainedModel:
+def _load_layers(
+    name_or_path: str | os.PathLike[str], keep: set[int], auto_class: Any, hf_kwargs: dict[str, Any]
+) -> PreTrainedModel:
     folder = _safetensors_folder(name_or_path, hf_kwargs) if set(hf_kwargs) <= PARTIAL_OK_KWARGS else None
     if folder is None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
         release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
         return model
     dtype = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype", "auto"))
@@ -56,7 +62,7 @@ def _load_layers(name_or_path: str | os.PathLike[str], keep: set[int], hf_kwargs
         dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_class.from_config(config, dtype=dtype)
     prefix = compat.layers_path(model) + "."
     expected = {name for name, _ in model.named_parameters()}
     state = {}
@@ -68,11 +74,11 @@ def _load_layers(name_or_path: str | os.PathLike[str], keep: set[int], hf_kwargs
                 state[key] = f.get_tensor(key).to(dtype)
     wanted = {n for n in expected if not (n.startswith(prefix) and int(n[len(prefix) :].split(".", 1)[0]) not in keep)}
     missing = wanted - set(state)
-    if model.config.tie_word_embeddings:
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         missing -= {n for n in missing if n.endswith(compat.output_embedding_name(model))}
     if missing:
         logger.info("checkpoint keys do not match the model (%s...): loading whole", sorted(missing)[:3])
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
         release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
         return model
     model.load_state_dict(state, strict=False, assign=True)

