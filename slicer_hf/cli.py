@@ -86,16 +86,13 @@ def serve(
 
     if threads:
         torch.set_num_threads(threads)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModel
 
+    from . import compat
     from .data import resolve_model
     from .loading import load_layers, move_loaded
     from .server import ServerLimits, SplitServer
     from .server.grpc_server import serve as grpc_serve
-
-    from transformers import AutoModel
-
-    from . import compat
 
     path = resolve_model(model)
     config = AutoConfig.from_pretrained(path)

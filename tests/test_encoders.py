@@ -338,3 +338,39 @@ def test_minilm_sentence_embeddings_through_a_real_server():
             edge.close_session()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_the_vision_accuracy_script_reads_an_image_folder_and_reports_every_setting(tmp_path):
+    """benchmarks/vision_accuracy.py on a tiny ViT and a two-class ImageFolder of PNGs (mechanics, not quality)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    model = build("vit", AutoModelForImageClassification)
+    model.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    gen = torch.Generator().manual_seed(0)
+    for label in ("n01", "n02"):
+        (tmp_path / "val" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 255, (40, 48, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "val" / label / f"{i}.png")
+    script = Path(__file__).parents[1] / "benchmarks" / "vision_accuracy.py"
+    args = ["--model", str(tmp_path / "vit"), "--images", str(tmp_path / "val"), "--splits", "1,3"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--batch-size", "4", "--json", str(tmp_path / "rows.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["setting"], r["split_layer"]) for r in rows][:2] == [("fp16", 1), ("fp16", 3)] and len(rows) == 10
+    assert {r["top1_unsplit"] for r in rows} == {rows[0]["top1_unsplit"]}  # one reference for every setting
+    assert all(r["bits_per_position"] > 0 and 0 <= r["agreement"] <= 1 for r in rows)
+    assert "| setting | split |" in done.stdout
