@@ -1,7 +1,13 @@
-"""slicer_hf: SLICER split inference for Hugging Face causal LMs."""
+"""slicer_hf: SLICER split inference for Hugging Face models: causal LMs, text encoders, vision models."""
 
 from .codec import Codec, build_codec
 from .config import SlicerConfig
+from .encoders import (
+    SlicerModel,
+    SlicerModelForImageClassification,
+    SlicerModelForSequenceClassification,
+    SlicerModelForTokenClassification,
+)
 from .errors import CodecError, ConfigError, ProtocolError, SlicerError, TransportError
 from .link import WireStats
 from .modeling import SlicerGenerationMixin, SlicerModelForCausalLM
@@ -15,7 +21,11 @@ __all__ = [
     "SlicerConfig",
     "SlicerError",
     "SlicerGenerationMixin",
+    "SlicerModel",
     "SlicerModelForCausalLM",
+    "SlicerModelForImageClassification",
+    "SlicerModelForSequenceClassification",
+    "SlicerModelForTokenClassification",
     "TransportError",
     "WireStats",
     "__version__",

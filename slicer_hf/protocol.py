@@ -99,9 +99,13 @@ FINGERPRINT_KEYS = (
 )
 
 
+STAGE_KEYS = ("hidden_sizes", "depths", "embed_dim", "embedding_size")  # vision models sized per stage
+
+
 def model_fingerprint(config: Any) -> str:
     """Identity of an architecture and its sizes: edge and server must agree on it."""
     ident = {key: getattr(config, key, None) for key in FINGERPRINT_KEYS}
+    ident |= {key: value for key in STAGE_KEYS if (value := getattr(config, key, None)) is not None}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

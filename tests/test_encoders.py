@@ -374,3 +374,35 @@ def test_the_vision_accuracy_script_reads_an_image_folder_and_reports_every_sett
     assert {r["top1_unsplit"] for r in rows} == {rows[0]["top1_unsplit"]}  # one reference for every setting
     assert all(r["bits_per_position"] > 0 and 0 <= r["agreement"] <= 1 for r in rows)
     assert "| setting | split |" in done.stdout
+
+
+def test_stage_sizes_are_part_of_the_model_fingerprint():
+    a, b = ResNetConfig(hidden_sizes=[8, 16]), ResNetConfig(hidden_sizes=[8, 24])
+    assert protocol.model_fingerprint(a) != protocol.model_fingerprint(b)
+    assert protocol.model_fingerprint(a) == protocol.model_fingerprint(ResNetConfig(hidden_sizes=[8, 16]))
+
+
+def test_truncated_and_corrupted_encoder_requests_get_errors_and_the_server_keeps_serving():
+    server = SplitServer(build("swin"))
+    width = compat.split_width(server.model.config, 2)
+    good = protocol.Step(0, 1, 0, 1, 16, 0, build_codec("identity").encode(torch.randn(1, 16, width)), grid=(4, 4))
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        session = open_encoder_session(server)
+        good.session = session
+        data = bytearray(protocol.encode_step(good))
+        if trial % 2:
+            data = data[: int(torch.randint(2, len(data), (1,), generator=gen))]
+        else:
+            at = int(torch.randint(2, 40, (1,), generator=gen))
+            data[at] = int(torch.randint(0, 256, (1,), generator=gen))
+        reply = server.handle(bytes(data))  # never raises
+        assert protocol.message_type(reply) in (protocol.ERROR, protocol.REPLY)
+    session = open_encoder_session(server)
+    good.session, good.seq = session, 1
+    seq, kind, body = protocol.decode_reply(server.handle(protocol.encode_step(good)))
+    assert (
+        kind == protocol.REPLY_HIDDEN
+        and build_codec("identity").decode(body).shape[-1] == server.model.config.hidden_size
+    )
+    server.shutdown()
