@@ -86,21 +86,10 @@ def serve(
 
     if threads:
         torch.set_num_threads(threads)
-    from transformers import AutoConfig, AutoModel
-
-    from . import compat
-    from .data import resolve_model
-    from .loading import load_layers, move_loaded
-    from .server import ServerLimits, SplitServer
+    from .server import ServerLimits
+    from .server.build import load_server
     from .server.grpc_server import serve as grpc_serve
 
-    path = resolve_model(model)
-    config = AutoConfig.from_pretrained(path)
-    n = compat.num_layers(config)
-    auto = AutoModel if compat.is_encoder(config) else None  # an encoder's server needs no head
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    lm = load_layers(path, range(min_split_layer, n), auto_class=auto, dtype=torch_dtype)
-    move_loaded(lm, torch.device(device))
     limits = ServerLimits(
         max_sessions=max_sessions,
         max_step_tokens=max_step_tokens,
@@ -116,9 +105,7 @@ def serve(
         idle_timeout_s=idle_timeout_s,
         open_timeout_s=open_timeout_s,
     )
-    server = SplitServer(
-        lm, model_name=model, limits=limits, min_split_layer=min_split_layer, batching=batching, kv_store=kv_store
-    )
+    server = load_server(model, min_split_layer, dtype, device, limits, batching, kv_store)
     cert = tls_cert.read_bytes() if tls_cert else None
     key = tls_key.read_bytes() if tls_key else None
     running = grpc_serve(

@@ -187,7 +187,7 @@ class SuffixLink:
                         protocol.raise_if_error(self._request(self._encode(replay)))
                 return self._checked(self._request(self._encode(step)), step.seq)
             except (TransportError, ProtocolError) as exc:
-                elsewhere = len(getattr(self.transport, "urls", ())) > 1  # another server may have room
+                elsewhere = self.transport.has_alternatives()  # another server may have room
                 if isinstance(exc, TransportError):
                     recoverable = exc.retryable
                 else:

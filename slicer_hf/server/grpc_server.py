@@ -203,6 +203,10 @@ class RunningServer:
     def drain(self, on: bool = True) -> None:
         self._run(set_draining(self.engine, self.health, on))
 
+    @property
+    def stopped(self) -> bool:
+        return not self._thread.is_alive()
+
     def stop(self, grace_s: float = 2.0) -> None:
         """Refuse new work, give open calls `grace_s` to finish, then close everything."""
         if not self._thread.is_alive():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,10 @@ class Transport(ABC):
         """Release the connection (nothing to release by default)."""
         return None
 
+    def has_alternatives(self) -> bool:
+        """Whether `reset()` may reach another server, which may have room where this one refused a session."""
+        return False
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
@@ -51,13 +56,28 @@ class LocalTransport(Transport):
         return self.server.handle(bytes(data), client="local")
 
 
+# URL scheme -> (module under slicer_hf.transport, class): transports are found here, imported on first use
+SCHEMES: dict[str, tuple[str, str]] = {
+    "grpc": ("grpc", "GrpcTransport"),
+    "grpcs": ("grpc", "GrpcTransport"),
+    "slicer+http": ("fleet", "FleetTransport"),
+    "slicer+https": ("fleet", "FleetTransport"),
+}
+
+
 def make_transport(spec: str | Sequence[str] | Transport, **options: Any) -> Transport:
-    """A transport from a URL (`grpc://host:port`), a list of URLs tried in order, or an instance."""
+    """A transport from a URL (`grpc://host:port`, `slicer+http://router:port` for a fleet), a list of gRPC URLs
+    tried in order, or an instance."""
     if isinstance(spec, Transport):
         return spec
     urls = [spec] if isinstance(spec, str) else list(spec)
-    if not urls or not all(isinstance(u, str) and u.startswith(("grpc://", "grpcs://")) for u in urls):
-        raise TransportError(f"transport must be 'local', a grpc:// or grpcs:// URL, or a list of them, got {spec!r}")
-    from .grpc import GrpcTransport
-
-    return GrpcTransport(urls, **options)
+    schemes = {u.partition("://")[0] if isinstance(u, str) and "://" in u else None for u in urls}
+    scheme = schemes.pop() if len(schemes) == 1 else None
+    if not urls or scheme not in SCHEMES or (SCHEMES[scheme][0] == "fleet" and len(urls) > 1):
+        raise TransportError(
+            "transport must be 'local', a grpc:// or grpcs:// URL (or a list of them), or one slicer+http:// or "
+            f"slicer+https:// fleet router URL, got {spec!r}"
+        )
+    module, name = SCHEMES[scheme]
+    cls = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    return cls(urls[0], **options) if module == "fleet" else cls(urls, **options)

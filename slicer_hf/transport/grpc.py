@@ -150,6 +150,9 @@ class GrpcTransport(Transport):
         self.index = (self.index + 1) % len(self.urls)
         return True
 
+    def has_alternatives(self) -> bool:
+        return len(self.urls) > 1
+
     def close(self) -> None:
         if self._call is not None:
             self._outbox.put(_END)

@@ -1,0 +1,40 @@
+"""Build a `SplitServer` for a model name or folder: what `slicer-hf serve` and each fleet replica run."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from .. import compat
+from ..data import resolve_model
+from ..loading import load_layers, move_loaded
+from .engine import ServerLimits, SplitServer
+
+
+def load_server(
+    model: str,
+    min_split_layer: int = 1,
+    dtype: str = "float32",
+    device: str = "cpu",
+    limits: ServerLimits | None = None,
+    batching: bool = True,
+    kv_store: bool = True,
+) -> SplitServer:
+    """Load blocks `min_split_layer..L-1` of `model` (a causal LM, or an encoder's base model) and serve them.
+
+    Args:
+        model: Hub id, local folder, or an alias of `data.resolve_model` ('smollm2', 'minilm').
+        dtype: weights dtype: float32, bfloat16, float16 or auto.
+        device: where the layers and the KV store live: cpu, cuda, cuda:1.
+        limits, batching, kv_store: as for `SplitServer`.
+    """
+    path = resolve_model(model)
+    config = AutoConfig.from_pretrained(path)
+    n = compat.num_layers(config)
+    auto = AutoModel if compat.is_encoder(config) else None  # an encoder's server needs no head
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    loaded = load_layers(path, range(min_split_layer, n), auto_class=auto, dtype=torch_dtype)
+    move_loaded(loaded, torch.device(device))
+    return SplitServer(
+        loaded, model_name=model, limits=limits, min_split_layer=min_split_layer, batching=batching, kv_store=kv_store
+    )

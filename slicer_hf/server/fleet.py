@@ -1,0 +1,342 @@
+"""A fleet of split servers on Ray Serve: replicas that each run the gRPC stream server, and a router.
+
+Ray Serve places the replicas, restarts them, health-checks and autoscales them. Tokens never go through Ray (a
+handle call costs milliseconds, a stream message a fraction of one): each `SplitReplica` loads the model's suffix
+and runs the ordinary gRPC server (`grpc_server.py`) on a port of its own, and clients stream to it directly. The
+`Router` (the HTTP ingress, `POST /session`) only says where a new session should go: the fresh, not draining
+replica with the fewest active sessions (then the most free KV memory). Replicas report to it every
+`heartbeat_s`; a router that restarts relearns the fleet within one heartbeat, a replica that stops reporting is
+left out after three.
+
+Autoscaling follows active sessions per replica (`SessionsPolicy` on the replicas' `record_autoscaling_stats`).
+A replica that Serve stops drains first: it takes no new sessions and waits up to `drain_timeout_s` for its
+sessions to end; sessions still open then move to another replica by replay (the client asks the router again).
+
+This module needs the `ray` extra (`pip install "slicer-hf[ray]"`); nothing else in slicer_hf imports it.
+
+    slicer-hf serve --model smollm2 --ray --replicas 2 --router-port 8000      # CLI
+    deploy(FleetOptions(model="smollm2", replicas=2))                          # Python
+    serve run fleet.yaml                                                       # Serve config (docs/serving.md)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .engine import ServerLimits
+
+logger = logging.getLogger(__name__)
+ROUTER, REPLICA = "SlicerRouter", "SlicerReplica"
+
+
+@dataclass
+class FleetOptions:
+    """How to deploy a fleet; every field travels to the replicas as JSON.
+
+    Args:
+        model: Hub id, folder or alias ('smollm2', 'minilm') every replica loads.
+        min_split_layer, dtype, device, batching, kv_store, threads: as for `slicer-hf serve`.
+        limits: `ServerLimits` fields for every replica.
+        replicas: fixed replica count (ignored with `autoscale`).
+        autoscale: (min, max) replicas, scaled on active sessions per replica.
+        sessions_per_replica: the autoscaling target.
+        token: auth token the router and every replica require.
+        tls_cert, tls_key: PEM text; replicas then serve grpcs://.
+        host: address replicas bind; advertise_host: the address clients reach them at (default: this node's).
+        router_host, router_port: the HTTP ingress.
+        replica_cpus, replica_gpus: Ray resources per replica.
+        heartbeat_s: how often replicas report to the router.
+        drain_timeout_s: how long a replica that is being stopped waits for its sessions.
+        app_name: the Serve application name.
+    """
+
+    model: str = "smollm2"
+    min_split_layer: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    batching: bool = True
+    kv_store: bool = True
+    threads: int | None = None
+    limits: dict[str, Any] = field(default_factory=dict)
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    sessions_per_replica: int = 16
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    host: str = "0.0.0.0"
+    advertise_host: str | None = None
+    router_host: str = "127.0.0.1"
+    router_port: int = 8000
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    heartbeat_s: float = 1.0
+    drain_timeout_s: float = 30.0
+    app_name: str = "slicer"
+
+    def __post_init__(self) -> None:
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            if not 0 < low <= high:
+                raise ValueError(f"autoscale must be MIN,MAX with 0 < MIN <= MAX, got {self.autoscale}")
+            self.autoscale = (int(low), int(high))
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        ServerLimits(**self.limits)  # unknown limit names fail here, not in a replica
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SessionsPolicy:
+    """Serve autoscaling policy: enough replicas for `sessions_per_replica` active sessions each."""
+
+    def __init__(self, sessions_per_replica: int = 16) -> None:
+        self.sessions_per_replica = max(1, int(sessions_per_replica))
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        per_replica = (ctx.aggregated_metrics or {}).get("active_sessions", {})
+        sessions = sum(per_replica.values())
+        wanted = math.ceil(sessions / self.sessions_per_replica) if sessions else 0
+        low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+        return max(low, min(high, wanted)), {"active_sessions": sessions}
+
+
+class SplitReplica:
+    """One split server: loads the suffix, serves gRPC on its own port, reports to the router."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        import torch
+
+        from .build import load_server
+        from .grpc_server import serve as grpc_serve
+
+        self.options = FleetOptions(**options)
+        opts = self.options
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        self.server = load_server(
+            opts.model, opts.min_split_layer, opts.dtype, opts.device, ServerLimits(**opts.limits), opts.batching,
+            opts.kv_store,
+        )  # fmt: skip
+        cert = opts.tls_cert.encode() if opts.tls_cert else None
+        key = opts.tls_key.encode() if opts.tls_key else None
+        self.running = grpc_serve(self.server, opts.host, 0, token=opts.token, tls_cert=cert, tls_key=key)
+        host = opts.advertise_host or _node_address(opts.host)
+        self.endpoint = f"{'grpcs' if cert else 'grpc'}://{host}:{self.running.port}"
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self._router = serve.get_deployment_handle(ROUTER, app_name=context.app_name)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._heartbeat, name="slicer-fleet-heartbeat", daemon=True).start()
+        logger.info("replica %s serving %s on %s", self.replica_id, opts.model, self.endpoint)
+
+    def info(self) -> dict[str, Any]:
+        """What the router needs: where this replica is, how loaded, whether it takes sessions."""
+        stats = self.server.stats_dict()
+        return {
+            "replica": self.replica_id,
+            "endpoint": self.endpoint,
+            "pid": os.getpid(),
+            "sessions_active": stats["sessions_active"],
+            "max_sessions": self.server.limits.max_sessions,
+            "kv_free_bytes": stats["kv_budget_bytes"] - stats["kv_bytes_used"],
+            "draining": bool(stats["draining"]),
+            "tokens": stats["tokens"],
+        }
+
+    def _heartbeat(self) -> None:
+        while not self._stopped.wait(self.options.heartbeat_s):
+            self._report()
+
+    def _report(self) -> None:
+        try:
+            self._router.register.remote(self.info()).result(timeout_s=5)
+        except Exception as exc:  # the router is restarting: the next beat tries again
+            logger.debug("heartbeat to the router failed: %s", exc)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"active_sessions": float(len(self.server.sessions))}
+
+    def check_health(self) -> None:
+        if self.running.stopped:
+            raise RuntimeError("the gRPC server of this replica has stopped")
+
+    def drain(self, on: bool = True) -> dict[str, Any]:
+        """Stop (or resume) taking new sessions."""
+        self.running.drain(on)
+        self._report()
+        return self.info()
+
+    def __del__(self) -> None:
+        """Serve is stopping this replica (scale-down, redeploy): drain, let sessions finish, then stop."""
+        if not hasattr(self, "running") or self.running.stopped:
+            return
+        self.running.drain(True)
+        self._report()
+        deadline = time.monotonic() + self.options.drain_timeout_s
+        while self.server.sessions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._stopped.set()
+        self.running.stop(grace_s=1.0)
+        self.server.shutdown()
+
+
+class Router:
+    """HTTP ingress: `POST /session` picks a replica for a new session; `GET /replicas` lists the fleet."""
+
+    def __init__(self, replicas: Any = None, token: str | None = None, heartbeat_s: float = 1.0) -> None:
+        self.token = token  # `replicas` (their handle) ties the two deployments into one application
+        self.stale_s = 3 * heartbeat_s
+        self.replicas: dict[str, dict[str, Any]] = {}
+        self.admitted = 0
+
+    def register(self, info: dict[str, Any]) -> None:
+        self.replicas[info["replica"]] = {**info, "seen": time.monotonic()}
+
+    def fresh(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [r for r in self.replicas.values() if now - r["seen"] < self.stale_s]
+
+    def pick(self, exclude: set[str]) -> dict[str, Any] | None:
+        open_ = [
+            r
+            for r in self.fresh()
+            if not r["draining"] and r["endpoint"] not in exclude and r["sessions_active"] < r["max_sessions"]
+        ]
+        if not open_:
+            return None
+        best = min(open_, key=lambda r: (r["sessions_active"], -r["kv_free_bytes"]))
+        best["sessions_active"] += 1  # counted until its next heartbeat, so a burst spreads out
+        return best
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if self.token is not None:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+                return JSONResponse({"error": "missing or wrong auth token"}, status_code=401)
+        path = request.url.path.rstrip("/")
+        if request.method == "GET" and path.endswith("/replicas"):
+            return JSONResponse({"replicas": self.fresh(), "admitted": self.admitted, "pid": os.getpid()})
+        if request.method != "POST" or not path.endswith("/session"):
+            return JSONResponse({"error": "POST /session or GET /replicas"}, status_code=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        exclude = body.get("exclude", []) if isinstance(body, dict) else []
+        chosen = self.pick({e for e in exclude if isinstance(e, str)} if isinstance(exclude, list) else set())
+        if chosen is None:
+            known = len(self.fresh())
+            reason = "no replica has registered yet" if not known else f"none of {known} replicas takes a session now"
+            return JSONResponse({"error": reason}, status_code=503, headers={"Retry-After": "1"})
+        self.admitted += 1
+        ticket = uuid.uuid4().hex
+        return JSONResponse({"endpoint": chosen["endpoint"], "replica": chosen["replica"], "ticket": ticket})
+
+
+def build_app(options: FleetOptions) -> Any:
+    """The Serve application: the router (ingress) and the replicas."""
+    replica_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": options.drain_timeout_s + 5,
+    }
+    if options.autoscale is not None:
+        low, high = options.autoscale
+        replica_options["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": low,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+            "upscale_delay_s": 2.0,
+            "downscale_delay_s": 30.0,
+            "policy": {
+                "policy_function": f"{__name__}:SessionsPolicy",
+                "policy_kwargs": {"sessions_per_replica": options.sessions_per_replica},
+            },
+        }
+    else:
+        replica_options["num_replicas"] = options.replicas
+    replica = serve.deployment(SplitReplica, name=REPLICA, **replica_options)
+    router = serve.deployment(Router, name=ROUTER, num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+    # the replicas are bound into the router's arguments, so that one `serve.run` deploys both
+    return router.bind(replica.bind(options.as_dict()), options.token, options.heartbeat_s)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Entry point for a Serve config file (`import_path: slicer_hf.server.fleet:app_builder`, `args:` the
+    `FleetOptions` fields)."""
+    if "autoscale" in args and args["autoscale"] is not None:
+        args = {**args, "autoscale": tuple(args["autoscale"])}
+    return build_app(FleetOptions(**args))
+
+
+def deploy(options: FleetOptions, address: str | None = None, blocking: bool = False) -> str:
+    """Start (or join) Ray, deploy the fleet, wait until a replica has registered; returns the router's
+    `slicer+http://` URL for clients.
+
+    Args:
+        address: a Ray cluster to join (default: `ray.init()`'s choice, a local one if none runs).
+        blocking: serve until interrupted.
+    """
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    serve.start(http_options={"host": options.router_host, "port": options.router_port})
+    serve.run(build_app(options), name=options.app_name, route_prefix="/", blocking=False)
+    url = f"slicer+http://{_client_host(options.router_host)}:{options.router_port}"
+    wait_for_replicas(url, 1, options.token)
+    if blocking:
+        threading.Event().wait()
+    return url
+
+
+def wait_for_replicas(url: str, count: int, token: str | None = None, timeout_s: float = 300.0) -> list[dict]:
+    """Wait until `count` replicas report to the router at `url`; returns them."""
+    import json
+    import urllib.request
+
+    router = "http://" + url.partition("://")[2]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{router}/replicas", headers=headers), timeout=5) as r:
+                replicas = json.loads(r.read())["replicas"]
+            if len(replicas) >= count:
+                return replicas
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} replicas registered with {url} within {timeout_s} s")
+        time.sleep(0.5)
+
+
+def _node_address(bind_host: str) -> str:
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _client_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host

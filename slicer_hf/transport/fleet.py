@@ -1,0 +1,120 @@
+"""`slicer+http://router:port`: split servers in a fleet behind a router (`slicer_hf.server.fleet`, on Ray Serve).
+
+Before a session opens, the router picks a replica (`POST /session`) and answers with its gRPC endpoint; the
+per-token stream then goes straight to that replica, never through Ray. When the replica is lost, refuses the
+session or drains, `reset()` drops the stream and the next request asks the router again, leaving out the
+endpoints that failed since the last good reply; the link replays the session on the new replica.
+
+The client's auth token goes to the router (`Authorization: Bearer`) and to the replica; `slicer+https://` reaches
+the router over TLS, and the replicas' endpoints say themselves whether they use TLS (`grpcs://`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from typing import Any
+
+from ..errors import TransportError
+from .base import Transport
+from .grpc import GrpcTransport
+
+logger = logging.getLogger(__name__)
+
+
+class FleetTransport(Transport):
+    """Client side of a fleet: asks the router where to go, then streams to that replica over gRPC.
+
+    Args:
+        url: the router, `slicer+http://host:port` (or `slicer+https://`).
+        token: auth token for the router and the replicas.
+        timeout_s: how long one request to a replica may wait for its reply.
+        root_certificates: PEM CA bundle for replicas (and a router) with a private CA.
+        router_timeout_s: how long one admission request to the router may take.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        root_certificates: bytes | None = None,
+        router_timeout_s: float = 10.0,
+    ) -> None:
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("slicer+http", "slicer+https") or not rest:
+            raise TransportError(f"a fleet URL looks like slicer+http://host:port, got {url!r}")
+        self.url, self.router = url, f"{scheme.removeprefix('slicer+')}://{rest.rstrip('/')}"
+        self.token, self.timeout_s, self.root_certificates = token, timeout_s, root_certificates
+        self.router_timeout_s = router_timeout_s
+        self.admission: dict[str, Any] | None = None  # the router's last answer
+        self._replica: GrpcTransport | None = None
+        self._failed: list[str] = []  # endpoints that failed since the last good reply
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self._replica.name if self._replica is not None else self.url
+
+    def admit(self) -> dict[str, Any]:
+        """Ask the router for a replica: `{"endpoint", "replica", "ticket"}`; raises `TransportError` when the
+        router is unreachable or has no replica to offer (retryable) or refuses the token (not retryable)."""
+        body = json.dumps({"exclude": self._failed}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(f"{self.router}/session", data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.router_timeout_s) as reply:
+                answer = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            message = f"router {self.router} refused a session: HTTP {exc.code}: {_error_detail(exc)}"
+            raise TransportError(message, retryable=exc.code not in (401, 403)) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise TransportError(f"router {self.router} unreachable: {exc}") from None
+        endpoint = answer.get("endpoint") if isinstance(answer, dict) else None
+        if not isinstance(endpoint, str) or not endpoint.startswith(("grpc://", "grpcs://")):
+            raise TransportError(f"router {self.router} answered without a gRPC endpoint: {answer!r}")
+        self.admission = answer
+        logger.info("router %s sent this session to %s", self.router, endpoint)
+        return answer
+
+    def request(self, data: bytes) -> bytes:
+        if self._replica is None:
+            endpoint = self.admit()["endpoint"]
+            self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, self.root_certificates)
+        reply = self._replica.request(data)
+        self._failed.clear()
+        return reply
+
+    def reset(self) -> bool:
+        """Drop the replica's stream and leave its endpoint out of the next admission; always possible."""
+        if self._replica is not None:
+            self._failed.append(self._replica.name)
+            self._replica.close()
+            self._replica = None
+        return True
+
+    def has_alternatives(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._replica is not None:
+            self._replica.close()
+            self._replica = None
+        self._failed.clear()
+
+    def unary(self, method: str, data: bytes = b"") -> bytes:
+        """One unary call (stats, metrics) on the current replica."""
+        if self._replica is None:
+            raise TransportError("no replica yet: the router is asked when the first request goes out")
+        return self._replica.unary(method, data)
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read())
+        return str(body.get("error", body)) if isinstance(body, dict) else str(body)
+    except (ValueError, OSError):
+        return exc.reason
