@@ -18,12 +18,14 @@ token length (no padding, so every row on the wire is a real token). Reported pe
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..config import SlicerConfig
 from ..data import load_text, resolve_model
@@ -142,6 +144,39 @@ def measure(
     return rows
 
 
+def choose(rows: list[dict[str, Any]], min_cosine: float) -> dict[str, Any] | None:
+    """The row with the fewest bits whose mean cosine is at least `min_cosine`; among those within 1% of its bits,
+    the deepest split (the least server compute: the codec's bits hardly depend on the split)."""
+    ok = [r for r in rows if r["cosine_mean"] >= min_cosine]
+    if not ok:
+        return None
+    fewest = min(r["uplink_bits_per_token"] for r in ok)
+    near = [r for r in ok if r["uplink_bits_per_token"] <= 1.01 * fewest]
+    return max(near, key=lambda r: (r["split_layer"], -r["uplink_bits_per_token"]))
+
+
+def choose_preset(results: dict[str, Any], model_config: Any, write_preset: str | None) -> None:
+    """Pick on validation rows, report the same setting on test rows, and write the preset folder."""
+    chosen = choose(results["validation"]["rows"], results["min_cosine"])
+    if chosen is None:
+        print(f"\nno setting keeps a mean cosine of {results['min_cosine']} on validation sentences")
+        return
+    key = (chosen["setting"], chosen["split_layer"])
+    test = next(r for r in results["test"]["rows"] if (r["setting"], r["split_layer"]) == key)
+    results["chosen"] = {"validation": chosen, "test": test}
+    print(f"\nchosen on validation: {chosen['setting']} at split {chosen['split_layer']}")
+    if write_preset:
+        preset = SlicerConfig(
+            split_layer=chosen["split_layer"],
+            model_id="sentence-transformers/all-MiniLM-L6-v2",
+            num_hidden_layers=model_config.num_hidden_layers,
+            hidden_size=model_config.hidden_size,
+            **SETTINGS[chosen["setting"]],
+        )
+        preset.save_pretrained(write_preset)
+        print(f"preset written to {write_preset}")
+
+
 def run(
     model: str = "minilm",
     sentences: int = 1000,
@@ -163,26 +198,7 @@ def run(
             reference = embed(split_model, groups, len(texts))
         print(f"{split}: {len(texts)} sentences, {tokens} tokens, {len(groups)} batches", flush=True)
         results[split] = {"tokens": tokens, "rows": measure(split_model, groups, reference, splits, SETTINGS)}
-    ok = [r for r in results["validation"]["rows"] if r["cosine_mean"] >= min_cosine]
-    chosen = min(ok, key=lambda r: r["uplink_bits_per_token"]) if ok else None
-    if chosen is not None:
-        test = next(
-            r
-            for r in results["test"]["rows"]
-            if (r["setting"], r["split_layer"]) == (chosen["setting"], chosen["split_layer"])
-        )
-        results["chosen"] = {"validation": chosen, "test": test}
-        print(f"\nchosen on validation: {chosen['setting']} at split {chosen['split_layer']}")
-        if write_preset:
-            preset = SlicerConfig(
-                split_layer=chosen["split_layer"],
-                model_id="sentence-transformers/all-MiniLM-L6-v2",
-                num_hidden_layers=split_model.config.num_hidden_layers,
-                hidden_size=split_model.config.hidden_size,
-                **SETTINGS[chosen["setting"]],
-            )
-            preset.save_pretrained(write_preset)
-            print(f"preset written to {write_preset}")
+    choose_preset(results, split_model.config, write_preset)
     columns = [
         ("setting", "setting", ""),
         ("split", "split_layer", "d"),
@@ -206,7 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-cosine", type=float, default=0.99)
     parser.add_argument("--out-json", default="docs/benchmarks/encoders.json")
     parser.add_argument("--write-preset", default=None, help="folder for the chosen SlicerConfig")
+    parser.add_argument("--choose-only", action="store_true", help="choose again from --out-json's rows, no run")
     args = parser.parse_args(argv)
+    if args.choose_only:
+        results = json.loads(Path(args.out_json).read_text())
+        results.pop("environment", None)
+        config = AutoConfig.from_pretrained(resolve_model(args.model))
+        choose_preset(results, config, args.write_preset)
+        write_json(results, args.out_json)
+        return
     splits = [int(s) for s in args.splits.split(",")] if args.splits else None
     run(args.model, args.sentences, splits, args.min_cosine, args.out_json, args.write_preset)
 

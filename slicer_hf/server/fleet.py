@@ -6,7 +6,7 @@ and runs the ordinary gRPC server (`grpc_server.py`) on a port of its own, and c
 `Router` (the HTTP ingress, `POST /session`) only says where a new session should go: the fresh, not draining
 replica with the fewest active sessions (then the most free KV memory). Replicas report to it every
 `heartbeat_s`; a router that restarts relearns the fleet within one heartbeat, a replica that stops reporting is
-left out after three.
+left out after five (and a client that cannot reach a replica asks again without it at once).
 
 Autoscaling follows active sessions per replica (`SessionsPolicy` on the replicas' `record_autoscaling_stats`).
 A replica that Serve stops drains first: it takes no new sessions and waits up to `drain_timeout_s` for its
@@ -202,7 +202,7 @@ class Router:
 
     def __init__(self, replicas: Any = None, token: str | None = None, heartbeat_s: float = 1.0) -> None:
         self.token = token  # `replicas` (their handle) ties the two deployments into one application
-        self.stale_s = 3 * heartbeat_s
+        self.stale_s = 5 * heartbeat_s
         self.replicas: dict[str, dict[str, Any]] = {}
         self.admitted = 0
 

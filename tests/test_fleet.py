@@ -1,0 +1,265 @@
+"""A fleet on Ray Serve (local Ray, 2 CPUs, a tiny Llama): sessions spread over replicas, a killed replica, a
+restarting router, stale endpoints and refusals end in exact output or a clear error, never a hang. The fleet
+client (`slicer+http://`) against a stand-in router is tested without Ray first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from live import CallbackStreamer, client, prompt, wait_for
+
+from slicer_hf import TransportError, protocol
+from slicer_hf.transport import make_transport
+from slicer_hf.transport.fleet import FleetTransport
+from slicer_hf.transport.grpc import DRAIN_METHOD, GrpcTransport
+
+TOKEN = "fleet-secret"
+
+
+# ---------------------------------------------------------------------------------------------------- without Ray
+class StandInRouter:
+    """An HTTP router that answers `POST /session` from a script of (status, body) replies."""
+
+    def __init__(self, replies):
+        self.replies, self.requests = list(replies), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, self.headers.get("Authorization"), body))
+                status, answer = outer.replies.pop(0) if outer.replies else (503, {"error": "script ended"})
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.url = f"slicer+http://127.0.0.1:{self.http.server_address[1]}"
+
+    def close(self):
+        self.http.shutdown()
+
+
+def test_fleet_urls_make_a_fleet_transport_and_bad_ones_are_refused():
+    assert isinstance(make_transport("slicer+http://router:8000", token="t"), FleetTransport)
+    for bad in (["slicer+http://a:1", "slicer+http://b:1"], "http://router:8000", ["grpc://a:1", "slicer+http://b:1"]):
+        with pytest.raises(TransportError, match="fleet router URL"):
+            make_transport(bad)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_the_client_leaves_out_failed_endpoints_and_surfaces_router_errors(server, model_dir, reference):
+    live = server()
+    router = StandInRouter(
+        [
+            (200, {"endpoint": "grpc://127.0.0.1:9", "replica": "dead"}),  # a stale endpoint
+            (200, {"endpoint": live.url, "replica": "live"}),
+        ]
+    )
+    try:
+        model = client(model_dir, router.url)
+        ids = prompt(3)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, reference.generate(ids, max_new_tokens=6, do_sample=False))
+        assert [r[2]["exclude"] for r in router.requests] == [[], ["grpc://127.0.0.1:9"]]
+        assert model.wire_stats().failovers == 1
+    finally:
+        router.close()
+    for status, retryable in ((401, False), (503, True)):
+        refusing = StandInRouter([(status, {"error": "nope"})])
+        try:
+            with pytest.raises(TransportError, match=f"HTTP {status}: nope") as info:
+                FleetTransport(refusing.url, token="t").request(b"x")
+            assert info.value.retryable is retryable
+            assert refusing.requests[0][1] == "Bearer t"
+        finally:
+            refusing.close()
+    with pytest.raises(TransportError, match="without a gRPC endpoint"):
+        odd = StandInRouter([(200, {"endpoint": "http://nope"})])
+        try:
+            FleetTransport(odd.url).request(b"x")
+        finally:
+            odd.close()
+
+
+def test_the_autoscaling_policy_asks_for_replicas_by_active_sessions():
+    pytest.importorskip("ray")
+    from slicer_hf.server.fleet import SessionsPolicy
+
+    class Context:
+        capacity_adjusted_min_replicas, capacity_adjusted_max_replicas = 1, 4
+
+        def __init__(self, sessions):
+            self.aggregated_metrics = {"active_sessions": dict(enumerate(sessions))}
+
+    policy = SessionsPolicy(sessions_per_replica=8)
+    assert [policy(Context(s))[0] for s in ([], [3], [8, 1], [8, 8, 8], [40, 40])] == [1, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------- on Ray
+@pytest.fixture(scope="module")
+def fleet(model_dir):
+    """Two replicas of the tiny Llama and a router on a local Ray (2 CPUs), with an auth token."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from slicer_hf.server.fleet import FleetOptions, deploy, wait_for_replicas
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    options = FleetOptions(
+        model=model_dir,
+        replicas=2,
+        replica_cpus=0.5,
+        threads=1,
+        token=TOKEN,
+        host="127.0.0.1",
+        router_port=_free_port(),
+        drain_timeout_s=2.0,
+    )
+    url = deploy(options)
+    wait_for_replicas(url, 2, TOKEN)
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replicas(url, count=1):
+    from slicer_hf.server.fleet import wait_for_replicas
+
+    return {r["replica"]: r for r in wait_for_replicas(url, count, TOKEN)}
+
+
+def router_handle():
+    from ray import serve
+
+    from slicer_hf.server.fleet import ROUTER
+
+    return serve.get_deployment_handle(ROUTER, app_name="slicer")
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_sessions_spread_over_two_replicas_and_stay_exact(fleet, model_dir, reference):
+    models = [client(model_dir, fleet, token=TOKEN) for _ in range(4)]
+    for i, model in enumerate(models):
+        ids = prompt(20 + i)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=5, do_sample=False),
+            reference.generate(ids, max_new_tokens=5, do_sample=False),
+        )
+    places = [m._slicer_transport.admission["replica"] for m in models]
+    assert len(set(places)) == 2 and places.count(places[0]) == 2
+    assert wait_for(lambda: sorted(r["sessions_active"] for r in replicas(fleet).values()) == [2, 2])
+    for model in models:
+        model.close_session()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_the_token_guards_the_router_and_the_replicas(fleet, model_dir):
+    with pytest.raises(TransportError, match="HTTP 401"):
+        client(model_dir, fleet).generate(prompt(1), max_new_tokens=2)
+    endpoint = next(iter(replicas(fleet).values()))["endpoint"]
+    with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+        GrpcTransport([endpoint], token="wrong").request(protocol.encode_json(protocol.STATS, {}))
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_killed_replica_mid_generation_moves_its_sessions_by_replay(fleet, model_dir, reference):
+    model = client(model_dir, fleet, token=TOKEN)
+    ids = prompt(31)
+    model.generate(ids, max_new_tokens=1, do_sample=False)  # admitted: the session has a replica
+    victim = replicas(fleet)[model._slicer_transport.admission["replica"]]
+    kill = CallbackStreamer(4, lambda: os.kill(victim["pid"], signal.SIGKILL))
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, streamer=kill)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=16, do_sample=False))
+    assert model.wire_stats().failovers >= 1
+    assert model._slicer_transport.admission["endpoint"] != victim["endpoint"]
+    # Serve replaces the dead replica; it registers with the router again
+    assert wait_for(lambda: len(replicas(fleet)) == 2 and victim["replica"] not in replicas(fleet), timeout_s=120)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_stale_endpoints_and_refusing_replicas_send_the_client_elsewhere(fleet, model_dir, reference):
+    fleet_now = list(replicas(fleet, 2).values())
+    refusing, other = fleet_now[0], fleet_now[1]
+    drain = GrpcTransport([refusing["endpoint"]], token=TOKEN)
+    drain.unary(DRAIN_METHOD, json.dumps({"on": True}).encode())
+    try:
+        for ghost in ("grpc://127.0.0.1:9", refusing["endpoint"]):  # dead, then alive but draining
+            fake = {**refusing, "replica": f"ghost-{ghost}", "endpoint": ghost, "sessions_active": -100}
+            fake["draining"] = False
+            router_handle().register.remote(fake).result(timeout_s=10)
+            model = client(model_dir, fleet, token=TOKEN)
+            ids = prompt(41)
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+            assert torch.equal(out, reference.generate(ids, max_new_tokens=4, do_sample=False))
+            assert model._slicer_transport.admission["endpoint"] == other["endpoint"], ghost
+            assert model.wire_stats().failovers >= 1
+            model.close_session()
+    finally:
+        drain.unary(DRAIN_METHOD, json.dumps({"on": False}).encode())
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_restarting_router_gives_a_clear_error_or_a_retry_and_open_sessions_go_on(fleet, model_dir, reference):
+    busy = client(model_dir, fleet, token=TOKEN)
+    ids = prompt(51)
+    busy.generate(ids, max_new_tokens=1, do_sample=False)
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            "http://" + fleet.partition("://")[2] + "/replicas", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+    ) as reply:
+        router_pid = json.loads(reply.read())["pid"]
+    os.kill(router_pid, signal.SIGKILL)
+    # a session already admitted streams straight to its replica: the router's death does not touch it
+    out = busy.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=6, do_sample=False))
+    newcomer, outcome = client(model_dir, fleet, token=TOKEN), []
+
+    def admit():
+        try:
+            outcome.append(newcomer.generate(prompt(52), max_new_tokens=2, do_sample=False))
+        except TransportError as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=admit)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "a client hung on a restarting router"
+    assert isinstance(outcome[0], torch.Tensor) or "router" in str(outcome[0]), outcome
+    assert time.monotonic() - started < 120
+    assert wait_for(lambda: len(replicas(fleet)) == 2, timeout_s=120)  # the new router relearns the fleet
+    late = client(model_dir, fleet, token=TOKEN)
+    assert torch.equal(
+        late.generate(ids, max_new_tokens=3, do_sample=False),
+        reference.generate(ids, max_new_tokens=3, do_sample=False),
+    )
