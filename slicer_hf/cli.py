@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -75,11 +75,23 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus GET /metrics over HTTP on this port (0 picks one).")
     ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve a fleet of replicas on Ray Serve behind a router.")] = False,
+    replicas: Annotated[int, typer.Option(help="--ray: replicas (fixed count).")] = 1,
+    autoscale: Annotated[
+        str | None, typer.Option(help="--ray: MIN,MAX replicas, scaled on active sessions per replica.")
+    ] = None,
+    sessions_per_replica: Annotated[int, typer.Option(help="--ray: the autoscaling target.")] = 16,
+    router_port: Annotated[int, typer.Option(help="--ray: the router's HTTP port (clients: slicer+http://).")] = 8000,
+    replica_cpus: Annotated[float, typer.Option(help="--ray: CPUs Ray reserves per replica.")] = 1.0,
+    replica_gpus: Annotated[float, typer.Option(help="--ray: GPUs Ray reserves per replica.")] = 0.0,
+    ray_address: Annotated[str | None, typer.Option(help="--ray: a Ray cluster to join (default: local).")] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
     """Serve blocks `k..L-1` of MODEL (a causal LM, or an encoder or vision model) to split clients over gRPC.
 
-    SIGTERM or Ctrl-C drains (no new sessions), gives open calls 2 s, then stops.
+    With --ray, a fleet: replicas on Ray Serve, each with its own gRPC server, and a router at
+    slicer+http://HOST:ROUTER_PORT that sends each new session to a replica. SIGTERM or Ctrl-C drains (no new
+    sessions), gives open calls 2 s, then stops.
     """
     _setup_logging(log_level)
     import torch
@@ -105,6 +117,9 @@ def serve(
         idle_timeout_s=idle_timeout_s,
         open_timeout_s=open_timeout_s,
     )
+    if ray:
+        _serve_fleet(locals(), limits)
+        return
     server = load_server(model, min_split_layer, dtype, device, limits, batching, kv_store)
     cert = tls_cert.read_bytes() if tls_cert else None
     key = tls_key.read_bytes() if tls_key else None
@@ -121,6 +136,49 @@ def serve(
     stop.wait()
     running.stop(grace_s=2.0)
     server.shutdown()
+
+
+def _serve_fleet(options: dict[str, Any], limits: Any) -> None:
+    """`serve --ray`: deploy the fleet, print the router URL, serve until interrupted."""
+    import dataclasses
+
+    try:
+        from ray import serve as ray_serve
+
+        from .server.fleet import FleetOptions, deploy
+    except ImportError as exc:
+        raise typer.BadParameter(f"--ray needs the ray extra: pip install 'slicer-hf[ray]' ({exc})") from None
+    scale = tuple(int(v) for v in options["autoscale"].split(",")) if options["autoscale"] else None
+    if scale is not None and len(scale) != 2:
+        raise typer.BadParameter(f"--autoscale takes MIN,MAX, got {options['autoscale']!r}")
+    fleet = FleetOptions(
+        model=options["model"],
+        min_split_layer=options["min_split_layer"],
+        dtype=options["dtype"],
+        device=options["device"],
+        batching=options["batching"],
+        kv_store=options["kv_store"],
+        threads=options["threads"],
+        limits=dataclasses.asdict(limits),
+        replicas=options["replicas"],
+        autoscale=scale,
+        sessions_per_replica=options["sessions_per_replica"],
+        token=options["token"],
+        tls_cert=options["tls_cert"].read_text() if options["tls_cert"] else None,
+        tls_key=options["tls_key"].read_text() if options["tls_key"] else None,
+        host=options["host"],
+        router_host=options["host"],
+        router_port=options["router_port"],
+        replica_cpus=options["replica_cpus"],
+        replica_gpus=options["replica_gpus"],
+    )
+    url = deploy(fleet, address=options["ray_address"])
+    print(f"slicer-hf serving {options['model']} (a Ray Serve fleet, its router) on {url}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    ray_serve.shutdown()
 
 
 @app.command()

@@ -112,6 +112,48 @@ def test_the_autoscaling_policy_asks_for_replicas_by_active_sessions():
 
 
 # ---------------------------------------------------------------------------------------------------- on Ray
+def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
+    pytest.importorskip("ray")
+    from slicer_hf.server.fleet import FleetOptions, app_builder
+
+    for bad, match in (
+        ({"replicas": 0}, "replicas"),
+        ({"autoscale": (3, 2)}, "autoscale"),
+        ({"limits": {"nope": 1}}, "nope"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            FleetOptions(**bad)
+    app = app_builder({"model": "smollm2", "autoscale": [1, 3], "token": "t"})  # what `serve run fleet.yaml` calls
+    assert type(app).__name__ == "Application"
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_slicer_hf_serve_ray_runs_a_fleet_clients_reach_through_its_router(model_dir, reference):
+    """`slicer-hf serve --ray --replicas 2` (its own local Ray), then a client through the printed router URL."""
+    pytest.importorskip("ray")
+    import sys
+
+    from slicer_hf.launch import start_server, stop_server
+    from slicer_hf.server.fleet import wait_for_replicas
+
+    port = _free_port()
+    command = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model_dir, "--ray", "--replicas", "2"]
+    command += ["--router-port", str(port), "--replica-cpus", "0.5", "--threads", "1", "--log-level", "warning"]
+    proc, url = start_server(command, timeout_s=300)
+    try:
+        assert url == f"slicer+http://127.0.0.1:{port}"
+        assert len(wait_for_replicas(url, 2)) == 2
+        ids = prompt(61)
+        model = client(model_dir, url)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=4, do_sample=False),
+            reference.generate(ids, max_new_tokens=4, do_sample=False),
+        )
+    finally:
+        stop_server(proc, timeout_s=60)
+
+
 @pytest.fixture(scope="module")
 def fleet(model_dir):
     """Two replicas of the tiny Llama and a router on a local Ray (2 CPUs), with an auth token."""
