@@ -340,6 +340,7 @@ BENCH_SUITES = {
     "summary": "summary",
     "architectures": "architectures",
     "encoders": "encoders",
+    "fleet": "fleet",
 }
 
 

@@ -305,3 +305,49 @@ def test_a_restarting_router_gives_a_clear_error_or_a_retry_and_open_sessions_go
         late.generate(ids, max_new_tokens=3, do_sample=False),
         reference.generate(ids, max_new_tokens=3, do_sample=False),
     )
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_autoscaling_follows_active_sessions_and_scale_down_drains(fleet, model_dir, reference):
+    """A second fleet (1..2 replicas, one session each) beside the first: two sessions bring a second replica;
+    when they close, one replica drains and goes."""
+    from ray import serve
+
+    from slicer_hf.server.fleet import FleetOptions, deploy
+
+    options = FleetOptions(
+        model=model_dir,
+        autoscale=(1, 2),
+        sessions_per_replica=1,
+        replica_cpus=0.2,
+        threads=1,
+        host="127.0.0.1",
+        router_port=int(fleet.rsplit(":", 1)[1]),
+        route_prefix="/scale",
+        app_name="slicer-scale",
+        upscale_delay_s=1.0,
+        downscale_delay_s=3.0,
+        drain_timeout_s=1.0,
+    )
+    url = deploy(options)
+    try:
+        assert url.endswith("/scale")
+        models = [client(model_dir, url) for _ in range(2)]
+        for i, model in enumerate(models):
+            ids = prompt(70 + i)
+            out = model.generate(ids, max_new_tokens=3, do_sample=False)
+            assert torch.equal(out, reference.generate(ids, max_new_tokens=3, do_sample=False))
+        listed = lambda: wait_for_replicas_of(url)  # noqa: E731
+        assert wait_for(lambda: len(listed()) == 2, timeout_s=180), listed()
+        for model in models:
+            model.close_session()
+        assert wait_for(lambda: len(listed()) == 1, timeout_s=180), listed()
+    finally:
+        serve.delete(options.app_name)
+
+
+def wait_for_replicas_of(url):
+    from slicer_hf.server.fleet import wait_for_replicas
+
+    return wait_for_replicas(url, 1)

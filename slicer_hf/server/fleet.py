@@ -58,10 +58,11 @@ class FleetOptions:
         token: auth token the router and every replica require.
         tls_cert, tls_key: PEM text; replicas then serve grpcs://.
         host: address replicas bind; advertise_host: the address clients reach them at (default: this node's).
-        router_host, router_port: the HTTP ingress.
+        router_host, router_port, route_prefix: the HTTP ingress (clients: `slicer+http://host:port/prefix`).
         replica_cpus, replica_gpus: Ray resources per replica.
         heartbeat_s: how often replicas report to the router.
         drain_timeout_s: how long a replica that is being stopped waits for its sessions.
+        upscale_delay_s, downscale_delay_s: how long autoscaling waits before adding or removing a replica.
         app_name: the Serve application name.
     """
 
@@ -83,10 +84,13 @@ class FleetOptions:
     advertise_host: str | None = None
     router_host: str = "127.0.0.1"
     router_port: int = 8000
+    route_prefix: str = "/"
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     heartbeat_s: float = 1.0
     drain_timeout_s: float = 30.0
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 60.0
     app_name: str = "slicer"
 
     def __post_init__(self) -> None:
@@ -266,8 +270,8 @@ def build_app(options: FleetOptions) -> Any:
             "initial_replicas": low,
             "metrics_interval_s": 1.0,
             "look_back_period_s": 5.0,
-            "upscale_delay_s": 2.0,
-            "downscale_delay_s": 30.0,
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
             "policy": {
                 "policy_function": f"{__name__}:SessionsPolicy",
                 "policy_kwargs": {"sessions_per_replica": options.sessions_per_replica},
@@ -300,8 +304,8 @@ def deploy(options: FleetOptions, address: str | None = None, blocking: bool = F
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     serve.start(http_options={"host": options.router_host, "port": options.router_port})
-    serve.run(build_app(options), name=options.app_name, route_prefix="/", blocking=False)
-    url = f"slicer+http://{_client_host(options.router_host)}:{options.router_port}"
+    serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
+    url = f"slicer+http://{_client_host(options.router_host)}:{options.router_port}{options.route_prefix.rstrip('/')}"
     wait_for_replicas(url, 1, options.token)
     if blocking:
         threading.Event().wait()
