@@ -30,6 +30,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetConfig, ViTConfig
 
 from slicer_hf import SlicerConfig, compat
+from slicer_hf.bench.common import codec_sweep
 from slicer_hf.encoders import SlicerModelForImageClassification
 from slicer_hf.modeling import unsplit
 
@@ -74,30 +75,25 @@ def evaluate(model: Any, data: list, splits: list[int], settings: dict[str, dict
     with unsplit(model):
         reference = predictions(model, data)
     rows = []
-    base = model.slicer_config
-    for name, setting in settings.items():
-        model.slicer_config = base.replace(**setting)
-        for k in splits:
-            model.close_session()
-            got = predictions(model, data, split_layer=k)
-            stats = model.wire_stats()
-            rows.append(
-                {
-                    "setting": name,
-                    "split_layer": k,
-                    "bits_per_position": stats.uplink_bits_per_token,
-                    "top1": (got == labels).float().mean().item(),
-                    "top1_unsplit": (reference == labels).float().mean().item(),
-                    "agreement": (got == reference).float().mean().item(),
-                }
-            )
-            r = rows[-1]
-            print(
-                f"{name:>16} split {k}: {r['bits_per_position']:8.0f} bits/position, top-1 {r['top1']:.4f} "
-                f"(unsplit {r['top1_unsplit']:.4f}), agreement {r['agreement']:.4f}",
-                flush=True,
-            )
-    model.slicer_config = base
+    for name, k in codec_sweep(model, settings, splits):
+        got = predictions(model, data, split_layer=k)
+        stats = model.wire_stats()
+        rows.append(
+            {
+                "setting": name,
+                "split_layer": k,
+                "bits_per_position": stats.uplink_bits_per_token,
+                "top1": (got == labels).float().mean().item(),
+                "top1_unsplit": (reference == labels).float().mean().item(),
+                "agreement": (got == reference).float().mean().item(),
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{name:>16} split {k}: {r['bits_per_position']:8.0f} bits/position, top-1 {r['top1']:.4f} "
+            f"(unsplit {r['top1_unsplit']:.4f}), agreement {r['agreement']:.4f}",
+            flush=True,
+        )
     return rows
 
 

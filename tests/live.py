@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import torch
@@ -92,3 +93,18 @@ def tiny_smol_dir(path, preset: SlicerConfig):
     tokenizer.save_pretrained(path)
     preset.save_pretrained(path / "preset")
     return path
+
+
+def gate_rounds(server) -> tuple[threading.Event, threading.Event, list[int]]:
+    """Make the scheduler's rounds wait for `release` (a long forward); `stuck` is set once one is waiting."""
+    stuck, release, ran = threading.Event(), threading.Event(), []
+    plain = server.scheduler._round
+
+    def gated(pending):
+        ran.append(len(pending))
+        stuck.set()
+        release.wait(10)
+        return plain(pending)
+
+    server.scheduler._round = gated
+    return stuck, release, ran

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from live import gate_rounds
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -216,26 +217,11 @@ def test_an_encoder_server_refuses_malformed_requests_and_keeps_serving():
 
 
 # ---------------------------------------------------------------------------------------------------- batching
-def gate_first_round(server):
-    """Hold the scheduler's first round until `release` is set, so the requests behind it queue up together."""
-    stuck, release, rounds = threading.Event(), threading.Event(), []
-    plain = server.scheduler._round
-
-    def gated(pending):
-        rounds.append(len(pending))
-        stuck.set()
-        release.wait(10)
-        return plain(pending)
-
-    server.scheduler._round = gated
-    return stuck, release, rounds
-
-
 @pytest.mark.parametrize("family", ["bert", "vit"])
 def test_requests_of_several_clients_share_one_forward_and_stay_exact(family):
     model = build(family)
     server = SplitServer(copy.deepcopy(model), batching=True)
-    stuck, release, rounds = gate_first_round(server)
+    stuck, release, rounds = gate_rounds(server)
     clients = [
         SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), LocalTransport(server))
         for _ in range(4)
@@ -406,3 +392,18 @@ def test_truncated_and_corrupted_encoder_requests_get_errors_and_the_server_keep
         and build_codec("identity").decode(body).shape[-1] == server.model.config.hidden_size
     )
     server.shutdown()
+
+
+def test_the_minilm_bench_picks_the_fewest_bits_above_the_cosine_floor_and_scores_retrieval():
+    from slicer_hf.bench.encoders import choose, retrieval
+
+    def row(setting, k, bits, cosine):
+        return {"setting": setting, "split_layer": k, "uplink_bits_per_token": bits, "cosine_mean": cosine}
+
+    rows = [row("a", 1, 1000, 0.995), row("a", 4, 1005, 0.993), row("b", 4, 800, 0.98), row("c", 2, 1500, 0.999)]
+    assert choose(rows, 0.99) == rows[1]  # within 1% of the fewest bits: the deepest split
+    assert choose(rows, 0.9999) is None
+    embeddings = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert retrieval(embeddings, embeddings) == (1.0, 1.0)
+    top1, top10 = retrieval(embeddings, embeddings.flip(0))
+    assert top1 < 1.0 and top10 < 1.0

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from conftest import tiny_model
+from live import gate_rounds
 
 from slicer_hf import CodecError, ProtocolError, build_codec, protocol
 from slicer_hf.codec import codec_from_spec
@@ -75,21 +76,6 @@ def test_top_k_replies_are_checked_against_the_asked_shape():
     for expect, k in (((1, 3, 100), 4), ((1, 2, 101), 4), ((1, 2, 100), 3)):
         with pytest.raises(ProtocolError, match="expected"):
             protocol.decode_topk_logits(body, expect, max_k=k)
-
-
-def gate_rounds(server: SplitServer) -> tuple[threading.Event, threading.Event, list[int]]:
-    """Make the scheduler's rounds wait for `release` (a long forward); `stuck` is set once one is waiting."""
-    stuck, release, ran = threading.Event(), threading.Event(), []
-    plain = server.scheduler._round
-
-    def gated(pending):
-        ran.append(len(pending))
-        stuck.set()
-        release.wait(10)
-        return plain(pending)
-
-    server.scheduler._round = gated
-    return stuck, release, ran
 
 
 def test_a_busy_model_never_blocks_open_and_close(engine):

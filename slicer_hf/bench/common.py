@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +61,17 @@ def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
     parser.add_argument("--out-json", default=out_json)
     return parser
+
+
+def codec_sweep(model: Any, settings: dict[str, dict[str, Any]], splits: Sequence[int]) -> Iterator[tuple[str, int]]:
+    """Each (setting name, split layer) in turn, with `model` (a split model) set to that codec setting on a fresh
+    session, so that `wire_stats()` counts that pair alone; the model's own config comes back afterwards."""
+    base = model.slicer_config
+    try:
+        for name, setting in settings.items():
+            model.slicer_config = base.replace(**setting)
+            for k in splits:
+                model.close_session()
+                yield name, k
+    finally:
+        model.slicer_config = base

@@ -31,7 +31,7 @@ from ..config import SlicerConfig
 from ..data import load_text, resolve_model
 from ..encoders import SlicerModel, mean_pool
 from ..modeling import unsplit
-from .common import markdown_table, write_json
+from .common import codec_sweep, markdown_table, write_json
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "fp16": {"codec": "fp16"},
@@ -111,36 +111,31 @@ def measure(
     model: Any, groups: list, reference: torch.Tensor, splits: list[int], settings: dict[str, dict]
 ) -> list[dict[str, Any]]:
     rows = []
-    base = model.slicer_config
-    for name, setting in settings.items():
-        model.slicer_config = base.replace(**setting)
-        for k in splits:
-            model.close_session()
-            started = time.perf_counter()
-            got = embed(model, groups, len(reference), split_layer=k)
-            stats = model.wire_stats()
-            cosine = (got * reference).sum(-1)
-            top1, top10 = retrieval(reference, got)
-            rows.append(
-                {
-                    "setting": name,
-                    "split_layer": k,
-                    "uplink_bits_per_token": stats.uplink_bits_per_token,
-                    "payload_bits_per_token": 8 * stats.uplink_payload_bytes / max(stats.tokens, 1),
-                    "vs_fp16": 16 * model.config.hidden_size / stats.uplink_bits_per_token,
-                    "cosine_mean": cosine.mean().item(),
-                    "cosine_p1": cosine.quantile(0.01).item(),
-                    "top1_agreement": top1,
-                    "top10_overlap": top10,
-                    "seconds": time.perf_counter() - started,
-                }
-            )
-            print(
-                f"  {name:>18} split {k}: {stats.uplink_bits_per_token:7.0f} bits/token, cos {cosine.mean():.5f} "
-                f"(p1 {rows[-1]['cosine_p1']:.5f}), top1 {top1:.3f}, top10 {top10:.3f}",
-                flush=True,
-            )
-    model.slicer_config = base
+    for name, k in codec_sweep(model, settings, splits):
+        started = time.perf_counter()
+        got = embed(model, groups, len(reference), split_layer=k)
+        stats = model.wire_stats()
+        cosine = (got * reference).sum(-1)
+        top1, top10 = retrieval(reference, got)
+        rows.append(
+            {
+                "setting": name,
+                "split_layer": k,
+                "uplink_bits_per_token": stats.uplink_bits_per_token,
+                "payload_bits_per_token": 8 * stats.uplink_payload_bytes / max(stats.tokens, 1),
+                "vs_fp16": 16 * model.config.hidden_size / stats.uplink_bits_per_token,
+                "cosine_mean": cosine.mean().item(),
+                "cosine_p1": cosine.quantile(0.01).item(),
+                "top1_agreement": top1,
+                "top10_overlap": top10,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        print(
+            f"  {name:>18} split {k}: {stats.uplink_bits_per_token:7.0f} bits/token, cos {cosine.mean():.5f} "
+            f"(p1 {rows[-1]['cosine_p1']:.5f}), top1 {top1:.3f}, top10 {top10:.3f}",
+            flush=True,
+        )
     return rows
 
 
