@@ -54,6 +54,17 @@ class StandInRouter:
         self.http.shutdown()
 
 
+def test_the_core_package_and_the_fleet_client_never_import_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, slicer_hf, slicer_hf.transport.fleet, slicer_hf.server, slicer_hf.cli; print('ray' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
+
+
 def test_fleet_urls_make_a_fleet_transport_and_bad_ones_are_refused():
     assert isinstance(make_transport("slicer+http://router:8000", token="t"), FleetTransport)
     for bad in (["slicer+http://a:1", "slicer+http://b:1"], "http://router:8000", ["grpc://a:1", "slicer+http://b:1"]):
@@ -129,27 +140,36 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
 
 @pytest.mark.network
 @pytest.mark.slow
-def test_slicer_hf_serve_ray_runs_a_fleet_clients_reach_through_its_router(model_dir, reference):
-    """`slicer-hf serve --ray --replicas 2` (its own local Ray), then a client through the printed router URL."""
+def test_slicer_hf_serve_ray_runs_a_fleet_with_tls_and_a_token(model_dir, reference, tmp_path):
+    """`slicer-hf serve --ray --replicas 2` with a certificate and a token (its own local Ray): the router answers
+    over HTTPS, the replicas over grpcs://, and a client reaches them through the printed router URL."""
     pytest.importorskip("ray")
     import sys
+
+    from live import self_signed_localhost
 
     from slicer_hf.launch import start_server, stop_server
     from slicer_hf.server.fleet import wait_for_replicas
 
+    cert = self_signed_localhost(tmp_path)
     port = _free_port()
     command = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model_dir, "--ray", "--replicas", "2"]
     command += ["--router-port", str(port), "--replica-cpus", "0.5", "--threads", "1", "--log-level", "warning"]
+    command += ["--host", "localhost", "--token", TOKEN]
+    command += ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
     proc, url = start_server(command, timeout_s=300)
     try:
-        assert url == f"slicer+http://127.0.0.1:{port}"
-        assert len(wait_for_replicas(url, 2)) == 2
+        assert url == f"slicer+https://localhost:{port}"
+        fleet = wait_for_replicas(url, 2, TOKEN, cert.decode())
+        assert all(r["endpoint"].startswith("grpcs://localhost:") for r in fleet)
         ids = prompt(61)
-        model = client(model_dir, url)
+        model = client(model_dir, url, token=TOKEN, root_certificates=cert)
         assert torch.equal(
             model.generate(ids, max_new_tokens=4, do_sample=False),
             reference.generate(ids, max_new_tokens=4, do_sample=False),
         )
+        with pytest.raises(TransportError, match="router .* unreachable"):  # HTTPS without the CA: refused
+            FleetTransport(url, token=TOKEN).request(b"x")
     finally:
         stop_server(proc, timeout_s=60)
 

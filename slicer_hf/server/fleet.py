@@ -27,10 +27,12 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -56,7 +58,7 @@ class FleetOptions:
         autoscale: (min, max) replicas, scaled on active sessions per replica.
         sessions_per_replica: the autoscaling target.
         token: auth token the router and every replica require.
-        tls_cert, tls_key: PEM text; replicas then serve grpcs://.
+        tls_cert, tls_key: PEM text; replicas then serve grpcs:// and the router HTTPS (slicer+https://).
         host: address replicas bind; advertise_host: the address clients reach them at (default: this node's).
         router_host, router_port, route_prefix: the HTTP ingress (clients: `slicer+http://host:port/prefix`).
         replica_cpus, replica_gpus: Ray resources per replica.
@@ -303,26 +305,45 @@ def deploy(options: FleetOptions, address: str | None = None, blocking: bool = F
     """
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": options.router_host, "port": options.router_port})
+    http: dict[str, Any] = {"host": options.router_host, "port": options.router_port}
+    if options.tls_cert and options.tls_key:  # the router speaks HTTPS with the fleet's certificate
+        folder = Path(tempfile.mkdtemp(prefix="slicer-fleet-tls-"))
+        (folder / "cert.pem").write_text(options.tls_cert)
+        (folder / "key.pem").write_text(options.tls_key)
+        (folder / "key.pem").chmod(0o600)
+        http |= {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
+    serve.start(http_options=http)
     serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
-    url = f"slicer+http://{_client_host(options.router_host)}:{options.router_port}{options.route_prefix.rstrip('/')}"
-    wait_for_replicas(url, 1, options.token)
+    scheme = "slicer+https" if options.tls_cert else "slicer+http"
+    host = _client_host(options.router_host)
+    url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
+    wait_for_replicas(url, 1, options.token, options.tls_cert)
     if blocking:
         threading.Event().wait()
     return url
 
 
-def wait_for_replicas(url: str, count: int, token: str | None = None, timeout_s: float = 300.0) -> list[dict]:
-    """Wait until `count` replicas report to the router at `url`; returns them."""
+def wait_for_replicas(
+    url: str, count: int, token: str | None = None, ca_pem: str | None = None, timeout_s: float = 300.0
+) -> list[dict]:
+    """Wait until `count` replicas report to the router at `url`; returns them.
+
+    Args:
+        ca_pem: the certificate that signed an HTTPS router's (a private CA or a self-signed one).
+    """
     import json
+    import ssl
     import urllib.request
 
-    router = "http://" + url.partition("://")[2]
+    scheme, _, rest = url.partition("://")
+    router = f"{scheme.removeprefix('slicer+')}://{rest}"
+    context = ssl.create_default_context(cadata=ca_pem) if ca_pem else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(urllib.request.Request(f"{router}/replicas", headers=headers), timeout=5) as r:
+            request = urllib.request.Request(f"{router}/replicas", headers=headers)
+            with urllib.request.urlopen(request, timeout=5, context=context) as r:
                 replicas = json.loads(r.read())["replicas"]
             if len(replicas) >= count:
                 return replicas

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import urllib.error
 import urllib.request
+import warnings
 from typing import Any
 
 from ..errors import TransportError
+from ..protocol import is_loopback
 from .base import Transport
 from .grpc import GrpcTransport
 
@@ -49,6 +52,12 @@ class FleetTransport(Transport):
         self.url, self.router = url, f"{scheme.removeprefix('slicer+')}://{rest.rstrip('/')}"
         self.token, self.timeout_s, self.root_certificates = token, timeout_s, root_certificates
         self.router_timeout_s = router_timeout_s
+        self._tls = ssl.create_default_context(cadata=root_certificates.decode()) if root_certificates else None
+        host = rest.partition("/")[0].rpartition(":")[0] or rest.partition("/")[0]
+        if token and scheme == "slicer+http" and not is_loopback(host):
+            message = f"an auth token is sent to the router {url} without TLS: use slicer+https://"
+            warnings.warn(message, stacklevel=2)
+            logger.warning(message)
         self.admission: dict[str, Any] | None = None  # the router's last answer
         self._replica: GrpcTransport | None = None
         self._failed: list[str] = []  # endpoints that failed since the last good reply
@@ -66,7 +75,7 @@ class FleetTransport(Transport):
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(f"{self.router}/session", data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.router_timeout_s) as reply:
+            with urllib.request.urlopen(request, timeout=self.router_timeout_s, context=self._tls) as reply:
                 answer = json.loads(reply.read())
         except urllib.error.HTTPError as exc:
             message = f"router {self.router} refused a session: HTTP {exc.code}: {_error_detail(exc)}"
