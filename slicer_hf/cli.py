@@ -317,15 +317,19 @@ def eval_(
     config: Annotated[str | None, typer.Option(help="SlicerConfig folder or Hub repo.")] = None,
     window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="Score at most this many tokens.")] = None,
+    downlink_step: Annotated[
+        float | None, typer.Option(help="Send the final hidden states back through SLICER ECSQ at this step.")
+    ] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="Write the result here.")] = None,
 ) -> None:
-    """Perplexity, KL to the unsplit model, top-1 agreement and uplink bits per token of a split."""
+    """Perplexity, KL to the unsplit model, top-1 agreement and bits per token (both ways) of a split."""
     from .evaluate import evaluate, format_result
 
     if (text is None) == (dataset is None):
         raise typer.BadParameter("give exactly one of --text FILE or --dataset wikitext-2-raw-v1[:split]")
     source = text or (dataset if ":" in dataset else f"{dataset}:test")
-    result = evaluate(model, source, split_layer, codec, config, window, max_tokens, json_out)
+    knobs = {"downlink_step": downlink_step} if downlink_step is not None else None
+    result = evaluate(model, source, split_layer, codec, config, window, max_tokens, json_out, codec_params=knobs)
     print(format_result(result))
 
 

@@ -85,6 +85,13 @@ class SlicerConfig:
         default="auto",
         metadata={"help": f"dtype of hidden states / logits sent back, one of {DOWNLINK_DTYPES} ('auto': exact)."},
     )
+    downlink_step: float | None = field(
+        default=None,
+        metadata={
+            "help": "None: the final hidden states come back exactly (downlink 'hidden'); a step in (0, 4]: they "
+            "come back through the SLICER ECSQ codec at that step (lossy), the edge applying the final norm and head."
+        },
+    )
     prefill_chunk_tokens: int = field(
         default=256, metadata={"help": "Prompt tokens per uplink message during prefill."}
     )
@@ -159,6 +166,14 @@ class SlicerConfig:
             f"must be one of {DOWNLINK_DTYPES}",
             self.downlink_dtype,
         )
+        if self.downlink_step is not None:
+            _check(
+                isinstance(self.downlink_step, (int, float)) and 0.0 < self.downlink_step <= 4.0,
+                "downlink_step",
+                "must be None or in (0, 4]",
+                self.downlink_step,
+            )
+            _check(self.downlink == "hidden", "downlink", "must be 'hidden' with a downlink_step", self.downlink)
         _check(self.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", "must be >= 1", self.prefill_chunk_tokens)
         if self.split_layer is not None and self.num_hidden_layers is not None:
             _check(
@@ -167,6 +182,15 @@ class SlicerConfig:
                 f"must be < num_hidden_layers ({self.num_hidden_layers})",
                 self.split_layer,
             )
+
+    def downlink_codec(self) -> Any:
+        """The codec of the hidden-state replies: None for exact replies, else SLICER ECSQ at `downlink_step` with
+        this config's other SLICER knobs."""
+        from .codec import build_codec
+
+        if self.downlink_step is None:
+            return None
+        return build_codec(self.replace(codec="slicer", quantizer="ecsq", sparsity=0.0, step=self.downlink_step))
 
     def codec_params(self) -> dict[str, Any]:
         """The parameters `build_codec` takes for `self.codec`."""

@@ -1,4 +1,4 @@
-"""Quality of a split on real text: perplexity, KL to the unsplit model, top-1 agreement, uplink bits per token.
+"""Quality of a split on real text: perplexity, KL to the unsplit model, top-1 agreement, bits per token up and down.
 
 Perplexity uses non-overlapping windows (512 tokens by default), each scored on its own. The split logits come
 from `model(ids, split_layer=k)`, i.e. through the codec's bytes and the server path. Bits per token are those of
@@ -68,15 +68,19 @@ def evaluate(
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     split = SlicerModelForCausalLM.from_model(base, cfg)
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)
-    link_codec = split._link_for(split.slicer_config.split_layer).codec
+    link = split._link_for(split.slicer_config.split_layer)
+    link_codec, downlink_codec = link.codec, link.downlink_codec
 
     nll_ref = nll_split = kl = agree = 0.0
     n_scored = 0
     packet_bits: list[int] = []
     step_bits: list[int] = []
+    reply_bits: list[int] = []
     started = time.perf_counter()
     hidden_at_split: list[torch.Tensor] = []
     capture = _capture_split_input(split, split.slicer_config.split_layer, hidden_at_split)
+    final_rows: list[torch.Tensor] = []
+    capture_final = _capture_server_output(split, final_rows)
     for ids in tqdm(windows, desc=f"eval {cfg.codec} @ {cfg.split_layer}", disable=not progress, unit="window"):
         ids = ids.unsqueeze(0)
         with unsplit(split):
@@ -94,7 +98,11 @@ def evaluate(
             packet_bits.append(8 * len(packet))
             step = protocol.Step(1, 1, 1000, 1, 1, 0, packet, torch.ones(1, 1, dtype=torch.bool))
             step_bits.append(8 * len(protocol.encode_step(step)))
+        for row in final_rows.pop():  # the replies to single-token steps, as decoding gets them
+            reply = protocol.encode_reply(1000, protocol.REPLY_HIDDEN, downlink_codec.encode(row.reshape(1, 1, -1)))
+            reply_bits.append(8 * len(reply))
     capture.remove()
+    capture_final.remove()
     split.close_session()
     d = split.config.hidden_size
     result = {
@@ -112,11 +120,14 @@ def evaluate(
         "top1_agreement": agree / n_scored,
         "bits_per_token": sum(packet_bits) / len(packet_bits),
         "bits_per_token_with_step_header": sum(step_bits) / len(step_bits),
+        "downlink_bits_per_token": sum(reply_bits) / len(reply_bits),
         "fp16_bits_per_token": 16 * d,
         "elapsed_s": time.perf_counter() - started,
     }
     result["ppl_change_pct"] = 100 * (result["ppl"] / result["ppl_ref"] - 1)
     result["compression_vs_fp16"] = result["fp16_bits_per_token"] / result["bits_per_token"]
+    both = result["bits_per_token_with_step_header"] + result["downlink_bits_per_token"]
+    result["both_ways_vs_fp16"] = 2 * result["fp16_bits_per_token"] / both
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
@@ -138,13 +149,28 @@ def _capture_split_input(model: Any, k: int, sink: list[torch.Tensor]) -> Any:
     return decoder_layers(model)[k].register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _capture_server_output(model: Any, sink: list[torch.Tensor]) -> Any:
+    """Record the last layer's output on the server side (what a hidden-state reply carries)."""
+    from .compat import decoder_layers, layer_hidden
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        from .hooks import _ACTIVE
+
+        plan = _ACTIVE.get()
+        if plan is not None and plan.role == "server":
+            sink.append(layer_hidden(output)[0].detach().clone())
+
+    return decoder_layers(model)[-1].register_forward_hook(hook)
+
+
 def format_result(r: dict[str, Any]) -> str:
     return (
         f"{r['config']['codec']} @ layer {r['split_layer']}/{r['num_layers']}: ppl {r['ppl']:.3f} (ref "
         f"{r['ppl_ref']:.3f}, {r['ppl_change_pct']:+.2f}%), KL {r['kl_mean']:.4f} nats, top-1 agreement "
         f"{100 * r['top1_agreement']:.2f}%, {r['bits_per_token']:.0f} bits/token "
         f"({r['compression_vs_fp16']:.2f}x vs fp16; {r['bits_per_token_with_step_header']:.0f} with the step "
-        f"header), {r['tokens_scored']} tokens"
+        f"header) up, {r['downlink_bits_per_token']:.0f} down ({r['both_ways_vs_fp16']:.2f}x vs fp16 both ways), "
+        f"{r['tokens_scored']} tokens"
     )
 
 

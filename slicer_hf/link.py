@@ -42,6 +42,9 @@ def open_request(
     }
     if dtype in (torch.float16, torch.bfloat16, torch.float32):
         request["dtype"] = str(dtype).removeprefix("torch.")
+    downlink_codec = config.downlink_codec()
+    if downlink_codec is not None:
+        request["downlink_codec"] = downlink_codec.spec()
     return request
 
 
@@ -97,7 +100,7 @@ class SuffixLink:
     session: int | None = None
     _seq: int = 0
     _sent: list[protocol.Step] = field(default_factory=list)  # steps of the current sequence, for replay
-    _downlink_codec: Codec = field(default_factory=lambda: build_codec("identity"))
+    downlink_codec: Codec = field(default_factory=lambda: build_codec("identity"))  # of hidden-state replies
 
     def _request(self, data: bytes) -> bytes:
         self.stats.uplink_bytes += len(data)
@@ -169,7 +172,8 @@ class SuffixLink:
         width = hidden.shape[-1] if kind == protocol.REPLY_HIDDEN else self.vocab_size
         expect = reply_shape if reply_shape is not None and kind == protocol.REPLY_HIDDEN else (b, keep, width)
         try:
-            return kind, self._downlink_codec.decode(body, expect_shape=expect)
+            codec = self.downlink_codec if kind == protocol.REPLY_HIDDEN else build_codec("identity")
+            return kind, codec.decode(body, expect_shape=expect)
         except CodecError as exc:
             raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
 

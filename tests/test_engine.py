@@ -188,3 +188,35 @@ def test_a_reply_over_the_message_limit_is_refused_clearly(engine):
     with pytest.raises(ProtocolError, match="would exceed max_message_bytes") as info:
         protocol.raise_if_error(step(server, session, 1, tokens=8))  # 8 x 128 float32 logits: 4 KB back
     assert info.value.code == "too_large"
+
+
+def test_a_lossy_downlink_sends_fewer_bytes_and_decodes_close_to_the_exact_reply():
+    from slicer_hf import ConfigError, SlicerModelForCausalLM
+
+    with pytest.raises(ConfigError, match="downlink_step"):
+        SlicerConfig(downlink_step=0.0)
+    with pytest.raises(ConfigError, match="downlink"):
+        SlicerConfig(downlink="logits", downlink_step=0.3)
+    hidden = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(1))
+    finals = {}
+    for step in (None, 0.1):
+        model = SlicerModelForCausalLM.from_model(tiny_model("llama"), SlicerConfig(split_layer=2, downlink_step=step))
+        link = model._link_for(2)
+        assert ("downlink_codec" in link.open_request) is (step is not None)
+        _, finals[step] = link.step(hidden, 0, None, None, 0)
+        finals[(step, "bytes")] = model.wire_stats().downlink_bytes
+    error = (finals[0.1] - finals[None]).norm() / finals[None].norm()
+    assert 0 < error < 0.05
+    assert finals[(0.1, "bytes")] < finals[(None, "bytes")] / 3
+
+
+def test_the_server_refuses_a_downlink_codec_it_cannot_use(engine):
+    server = engine()
+    request = open_request(SlicerConfig(), server.model.config, "tiny", 2, build_codec("identity"))
+    for bad in (
+        {**request, "downlink_codec": "slicer"},
+        {**request, "downlink": "logits", "downlink_codec": {"name": "identity", "version": 1}},
+    ):
+        with pytest.raises(ProtocolError, match="downlink_codec") as info:
+            protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, bad)))
+        assert info.value.code == "bad_request"

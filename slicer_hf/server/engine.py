@@ -101,6 +101,7 @@ class Session:
     kv_bytes: int = 0  # reserved for its cache
     last_used: float = field(default_factory=time.monotonic)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
+    downlink_codec: Codec | None = None  # a lossy codec for hidden-state replies (None: exact)
 
 
 @dataclass
@@ -306,6 +307,10 @@ class SplitServer:
             raise ProtocolError(f"codec must be a JSON object, got {type(spec).__name__}", code="bad_request")
         max_elements = self.limits.max_session_batch * self.limits.max_step_tokens * self.hidden_size
         codec = codec_from_spec(spec, max_elements=max_elements)
+        downlink_spec = req.get("downlink_codec")
+        if downlink_spec is not None and (not isinstance(downlink_spec, dict) or downlink != "hidden"):
+            raise ProtocolError("downlink_codec takes a codec spec, with downlink 'hidden' only", code="bad_request")
+        downlink_codec = codec_from_spec(downlink_spec, max_elements=max_elements) if downlink_spec else None
         with self._lock:
             self._expire_idle()
             if self.draining:
@@ -334,6 +339,7 @@ class SplitServer:
                 frozenset({WIRE_DTYPES[wire_dtype]}) if wire_dtype else frozenset(WIRE_DTYPES.values()),
                 per_position,
             )
+            session.downlink_codec = downlink_codec
             self.sessions[session.id] = session
         self.stats.add(sessions_opened=1)
         logger.info(
@@ -672,7 +678,7 @@ class SplitServer:
         if session.downlink_dtype is not None and session.downlink != "topk_logits":
             final = final.to(session.downlink_dtype)
         if session.downlink == "hidden":
-            return self._downlink_codec.encode(final.cpu()), protocol.REPLY_HIDDEN
+            return (session.downlink_codec or self._downlink_codec).encode(final.cpu()), protocol.REPLY_HIDDEN
         if session.downlink == "logits":
             return self._downlink_codec.encode(final.cpu()), protocol.REPLY_LOGITS
         top = final.topk(min(session.downlink_topk, final.shape[-1]), dim=-1)
