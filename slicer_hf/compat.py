@@ -361,7 +361,7 @@ def encoder_kind(config: Any) -> str | None:
 
 def is_encoder(config: Any) -> bool:
     """Whether `config` is one of the encoder or vision families that split (`ENCODER_SPLIT_FAMILIES`)."""
-    return str(getattr(config, "model_type", "")) in ENCODER_SPLIT_FAMILIES
+    return encoder_kind(config) is not None
 
 
 def check_encoder_supported(config: Any) -> None:
@@ -380,7 +380,7 @@ def split_width(config: Any, split_layer: int) -> int:
         return int(config.embed_dim) * 2**split_layer
     sizes = getattr(config, "hidden_sizes", None)
     if sizes and getattr(config, "depths", None):
-        return int(sizes[split_layer - 1]) if split_layer > 0 else int(getattr(config, "embedding_size", sizes[0]))
+        return int(sizes[split_layer - 1])  # stage k takes what stage k-1 made (splits start at 1)
     return int(config.hidden_size)
 
 

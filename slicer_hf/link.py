@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import protocol
-from .codec import Codec, build_codec
+from .codec import Codec, build_codec, codec_from_spec
 from .config import SlicerConfig
 from .errors import CodecError, ProtocolError, TransportError
 from .transport import Transport
@@ -100,7 +100,11 @@ class SuffixLink:
     session: int | None = None
     _seq: int = 0
     _sent: list[protocol.Step] = field(default_factory=list)  # steps of the current sequence, for replay
-    downlink_codec: Codec = field(default_factory=lambda: build_codec("identity"))  # of hidden-state replies
+    downlink_codec: Codec = field(init=False)  # of hidden-state replies: the one `open_request` announced
+
+    def __post_init__(self) -> None:
+        spec = self.open_request.get("downlink_codec")
+        self.downlink_codec = codec_from_spec(spec) if spec else build_codec("identity")
 
     def _request(self, data: bytes) -> bytes:
         self.stats.uplink_bytes += len(data)

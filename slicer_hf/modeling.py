@@ -135,8 +135,6 @@ class SplitModelMixin:
         request = open_request(cfg, self.config, name, k, codec, self.dtype)
         vocab = getattr(self.config, "vocab_size", 0) or 0
         self._slicer_link = SuffixLink(self._slicer_transport, request, codec, vocab_size=vocab)
-        if (downlink := cfg.downlink_codec()) is not None:
-            self._slicer_link.downlink_codec = downlink
         if not self._slicer_local:  # a remote session is closed when the model goes (a local one dies with it)
             weakref.finalize(self, self._slicer_link.close)
         return self._slicer_link

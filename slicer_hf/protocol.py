@@ -72,6 +72,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def fleet_router_url(url: str) -> str:
+    """The HTTP(S) address of a fleet's router from its client URL: `slicer+http://h:p/prefix` -> `http://h:p/prefix`
+    (the client asks it for sessions, operators and tests list its replicas)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.removeprefix('slicer+')}://{rest.rstrip('/')}"
+
+
 def channel_options(max_message_bytes: int, server: bool = False) -> list[tuple[str, Any]]:
     """gRPC options of both ends. The server accepts pings down to half the clients' interval, so idle streams
     and long prefills never draw a too_many_pings GOAWAY."""

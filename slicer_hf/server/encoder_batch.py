@@ -40,7 +40,7 @@ def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[byte
     if kind == "map":  # rows of a feature map -> [B, C, H, W]
         hidden = hidden.reshape(hidden.shape[0], *grid, hidden.shape[-1]).permute(0, 3, 1, 2).contiguous()
     inputs = compat.encoder_inputs(model, hidden.shape[0], longest, split_layer, grid, mask)
-    plan = SplitPlan("server", split_layer, inject=hidden.to(server.device, server.dtype))
+    plan = SplitPlan("server", split_layer, inject=hidden)  # decoded on the server's device, in its dtype
     base = model.base_model
     with split_plan(plan):  # the base model's own forward (not the split one, where the model is split itself)
         getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)

@@ -175,8 +175,11 @@ class SplitServer:
         self.min_split_layer = min_split_layer
         self.num_layers = compat.num_layers(model.config)
         self.encoder_kind = compat.encoder_kind(model.config)  # None for a causal LM
-        widths = [compat.split_width(model.config, k) for k in range(min_split_layer, self.num_layers)]
-        self.hidden_size = max(widths) if self.encoder_kind else int(model.config.hidden_size)
+        self.hidden_size = (  # the widest row a packet may carry
+            max(compat.split_width(model.config, k) for k in range(min_split_layer, self.num_layers))
+            if self.encoder_kind
+            else int(model.config.hidden_size)
+        )
         self.fingerprint = protocol.model_fingerprint(model.config)
         self.dtype = next(model.parameters()).dtype
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
@@ -460,8 +463,9 @@ class SplitServer:
     # ---------------------------------------------------------------- compute
     def _step(self, session: Session, step: protocol.Step) -> bytes:
         """Run an admitted step (the caller holds `session.busy`)."""
-        needless = step.positions is not None or (step.mask is not None and self.encoder_kind != "text")
-        if self.encoder_kind and needless:
+        if self.encoder_kind and (
+            step.positions is not None or (step.mask is not None and self.encoder_kind != "text")
+        ):
             raise ProtocolError("encoder requests take no position ids, and masks only for text", code="bad_request")
         end = self.limits.max_context_tokens
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):

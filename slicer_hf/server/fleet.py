@@ -40,6 +40,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from ..protocol import fleet_router_url
 from .engine import ServerLimits
 
 logger = logging.getLogger(__name__)
@@ -136,10 +137,10 @@ class SplitReplica:
         opts = self.options
         if opts.threads:
             torch.set_num_threads(opts.threads)
+        limits = ServerLimits(**opts.limits)
         self.server = load_server(
-            opts.model, opts.min_split_layer, opts.dtype, opts.device, ServerLimits(**opts.limits), opts.batching,
-            opts.kv_store,
-        )  # fmt: skip
+            opts.model, opts.min_split_layer, opts.dtype, opts.device, limits, opts.batching, opts.kv_store
+        )
         cert = opts.tls_cert.encode() if opts.tls_cert else None
         key = opts.tls_key.encode() if opts.tls_key else None
         self.running = grpc_serve(self.server, opts.host, 0, token=opts.token, tls_cert=cert, tls_key=key)
@@ -182,12 +183,6 @@ class SplitReplica:
     def check_health(self) -> None:
         if self.running.stopped:
             raise RuntimeError("the gRPC server of this replica has stopped")
-
-    def drain(self, on: bool = True) -> dict[str, Any]:
-        """Stop (or resume) taking new sessions."""
-        self.running.drain(on)
-        self._report()
-        return self.info()
 
     def __del__(self) -> None:
         """Serve is stopping this replica (scale-down, redeploy): drain, let sessions finish, then stop."""
@@ -295,13 +290,12 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(FleetOptions(**args))
 
 
-def deploy(options: FleetOptions, address: str | None = None, blocking: bool = False) -> str:
+def deploy(options: FleetOptions, address: str | None = None) -> str:
     """Start (or join) Ray, deploy the fleet, wait until a replica has registered; returns the router's
-    `slicer+http://` URL for clients.
+    `slicer+http://` URL for clients (the fleet runs until `serve.shutdown()`).
 
     Args:
         address: a Ray cluster to join (default: `ray.init()`'s choice, a local one if none runs).
-        blocking: serve until interrupted.
     """
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -318,8 +312,6 @@ def deploy(options: FleetOptions, address: str | None = None, blocking: bool = F
     host = _client_host(options.router_host)
     url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
     wait_for_replicas(url, 1, options.token, options.tls_cert)
-    if blocking:
-        threading.Event().wait()
     return url
 
 
@@ -335,8 +327,7 @@ def wait_for_replicas(
     import ssl
     import urllib.request
 
-    scheme, _, rest = url.partition("://")
-    router = f"{scheme.removeprefix('slicer+')}://{rest}"
+    router = fleet_router_url(url)
     context = ssl.create_default_context(cadata=ca_pem) if ca_pem else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout_s

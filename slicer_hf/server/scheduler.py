@@ -183,7 +183,7 @@ class Scheduler:
             max_rows = server.limits.max_batched_rows if self.batching else 1
             for group in groups.values():
                 for works in _by_rows(group, max_rows):
-                    self._run_batch(works, lambda ws: run_encoder_batch(server, ws))
+                    self._run_batch(works, lambda w: w, lambda ws: run_encoder_batch(server, ws), prefill=False)
             return []
         if server.store is None:  # whole steps, one at a time
             work, started = pending[0], time.perf_counter()
@@ -212,22 +212,17 @@ class Scheduler:
 
     def _run(self, chunks: list[Chunk], prefill: bool) -> None:
         """One forward over `chunks`; a failure is retried chunk by chunk, and then fails that step only."""
-        started = time.perf_counter()
-        ok = self._guard([c.work for c in chunks], lambda: self._forward(chunks), report=len(chunks) == 1)
-        if not ok and len(chunks) > 1:
-            for chunk in chunks:
-                self._guard([chunk.work], lambda c=chunk: self._forward([c]))
-        self._account(time.perf_counter() - started, sum(c.work.rows for c in chunks), prefill)
+        self._run_batch(chunks, lambda c: c.work, self._forward, prefill)
 
-    def _run_batch(self, works: list[Work], forward: Any) -> None:
-        """`forward(works)` (replies in order), retried one work at a time if it fails for several."""
+    def _run_batch(self, items: list[Any], work_of: Any, forward: Any, prefill: bool) -> None:
+        """`forward(items)` (one reply or None per item, in order), retried one item at a time if it fails for
+        several, so a bad item fails alone; then the time and rows go into the server's stats."""
         started = time.perf_counter()
-        if not self._guard(works, lambda: forward(works), report=len(works) == 1) and len(works) > 1:
-            for work in works:
-                self._guard([work], lambda w=work: forward([w]))
-        self._account(time.perf_counter() - started, sum(w.rows for w in works), prefill=False)
-
-    def _account(self, elapsed: float, rows: int, prefill: bool) -> None:
+        works = [work_of(item) for item in items]
+        if not self._guard(works, lambda: forward(items), report=len(items) == 1) and len(items) > 1:
+            for item in items:
+                self._guard([work_of(item)], lambda i=item: forward([i]))
+        elapsed, rows = time.perf_counter() - started, sum(w.rows for w in works)
         if prefill:
             self.server.stats.add(compute_s=elapsed, prefill_compute_s=elapsed)
         else:

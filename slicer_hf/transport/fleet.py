@@ -20,7 +20,7 @@ import warnings
 from typing import Any
 
 from ..errors import TransportError
-from ..protocol import is_loopback
+from ..protocol import fleet_router_url, is_loopback
 from .base import Transport
 from .grpc import GrpcTransport
 
@@ -49,7 +49,7 @@ class FleetTransport(Transport):
         scheme, _, rest = url.partition("://")
         if scheme not in ("slicer+http", "slicer+https") or not rest:
             raise TransportError(f"a fleet URL looks like slicer+http://host:port, got {url!r}")
-        self.url, self.router = url, f"{scheme.removeprefix('slicer+')}://{rest.rstrip('/')}"
+        self.url, self.router = url, fleet_router_url(url)
         self.token, self.timeout_s, self.root_certificates = token, timeout_s, root_certificates
         self.router_timeout_s = router_timeout_s
         self._tls = ssl.create_default_context(cadata=root_certificates.decode()) if root_certificates else None
