@@ -92,6 +92,17 @@ class SlicerConfig:
             "come back through the SLICER ECSQ codec at that step (lossy), the edge applying the final norm and head."
         },
     )
+    bitrate_ladder: tuple[tuple[float, float], ...] = field(
+        default=(),
+        metadata={
+            "help": "Adaptive bitrate: (ECSQ step, profiled bits/token) rungs the edge may move `step` along between "
+            "decode steps, finest first, the last one the quality floor (written by `slicer-hf search --adaptive`). "
+            "Empty: the step stays fixed."
+        },
+    )
+    target_token_latency_ms: float | None = field(
+        default=None, metadata={"help": "Adaptive bitrate: the per-token latency the edge holds by moving the step."}
+    )
     prefill_chunk_tokens: int = field(
         default=256, metadata={"help": "Prompt tokens per uplink message during prefill."}
     )
@@ -101,6 +112,7 @@ class SlicerConfig:
 
     def __post_init__(self) -> None:
         self.bit_candidates = tuple(sorted(set(int(b) for b in self.bit_candidates)))
+        self.bitrate_ladder = tuple((float(s), float(b)) for s, b in self.bitrate_ladder)
         if isinstance(self.asymmetry, str) and self.asymmetry != "auto":
             self.asymmetry = float(self.asymmetry)
         self.validate()
@@ -174,6 +186,8 @@ class SlicerConfig:
                 self.downlink_step,
             )
             _check(self.downlink == "hidden", "downlink", "must be 'hidden' with a downlink_step", self.downlink)
+        if self.bitrate_ladder or self.target_token_latency_ms is not None:
+            self._validate_bitrate()
         _check(self.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", "must be >= 1", self.prefill_chunk_tokens)
         if self.split_layer is not None and self.num_hidden_layers is not None:
             _check(
@@ -182,6 +196,44 @@ class SlicerConfig:
                 f"must be < num_hidden_layers ({self.num_hidden_layers})",
                 self.split_layer,
             )
+
+    def _validate_bitrate(self) -> None:
+        ladder = self.bitrate_ladder
+        _check(
+            bool(ladder) and self.target_token_latency_ms is not None,
+            "bitrate_ladder",
+            "and target_token_latency_ms go together (adaptive bitrate needs both)",
+            ladder,
+        )
+        _check(
+            self.codec == "slicer" and self.quantizer == "ecsq",
+            "bitrate_ladder",
+            "needs codec='slicer' with quantizer='ecsq' (it moves the ECSQ step)",
+            (self.codec, self.quantizer),
+        )
+        steps, bits = [s for s, _ in ladder], [b for _, b in ladder]
+        _check(
+            all(0.0 < s <= 4.0 for s in steps) and all(b > 0 for b in bits),
+            "bitrate_ladder",
+            "rungs must be (step in (0, 4], bits > 0)",
+            ladder,
+        )
+        _check(
+            all(a < b for a, b in zip(steps, steps[1:])) and all(a > b for a, b in zip(bits, bits[1:])),
+            "bitrate_ladder",
+            "must go from fine to coarse: steps rising, bits falling",
+            ladder,
+        )
+        _check(self.target_token_latency_ms > 0, "target_token_latency_ms", "must be > 0", self.target_token_latency_ms)
+
+    def bitrate_controller(self) -> Any:
+        """The edge's adaptive-bitrate controller (None when the step is fixed), starting at the rung nearest `step`."""
+        from .bitrate import BitrateController
+
+        if not self.bitrate_ladder:
+            return None
+        start = min(range(len(self.bitrate_ladder)), key=lambda i: abs(self.bitrate_ladder[i][0] - self.step))
+        return BitrateController(self.bitrate_ladder, float(self.target_token_latency_ms), start=start)
 
     def downlink_codec(self) -> Any:
         """The codec of the hidden-state replies: None for exact replies, else SLICER ECSQ at `downlink_step` with
@@ -221,6 +273,7 @@ class SlicerConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["bit_candidates"] = list(self.bit_candidates)
+        data["bitrate_ladder"] = [list(rung) for rung in self.bitrate_ladder]
         data["slicer_hf_version"] = __version__
         return data
 

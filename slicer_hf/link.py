@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import protocol
+from .bitrate import BitrateController
 from .codec import Codec, build_codec, codec_from_spec
 from .config import SlicerConfig
 from .errors import CodecError, ProtocolError, TransportError
@@ -59,6 +60,7 @@ class WireStats:
     tokens: int = 0  # positions whose hidden states went up (batch rows included)
     uplink_payload_bytes: int = 0  # the codec packets alone
     failovers: int = 0
+    bitrate_changes: list[dict[str, float]] = field(default_factory=list)  # adaptive bitrate: {token, step, ...}
 
     @property
     def uplink_bits_per_token(self) -> float:
@@ -100,6 +102,8 @@ class SuffixLink:
     session: int | None = None
     _seq: int = 0
     _sent: list[protocol.Step] = field(default_factory=list)  # steps of the current sequence, for replay
+    bitrate: BitrateController | None = None  # moves the uplink ECSQ step between decode steps
+    _last_reply: float | None = None  # when the latest step's reply came (adaptive bitrate's token clock)
     downlink_codec: Codec = field(init=False)  # of hidden-state replies: the one `open_request` announced
 
     def __post_init__(self) -> None:
@@ -148,6 +152,9 @@ class SuffixLink:
             reply_shape: the hidden-state reply's shape (None for a dimension not known in advance), where it is
                 not `[B, T - need_from, d]`.
         """
+        decoding = hidden.shape[1] == 1 and start > 0
+        if self.bitrate is not None:
+            self.codec.step = self.bitrate.step  # ECSQ packets carry their step: the server needs no notice
         payload = self.codec.encode(hidden)
         self._seq += 1
         step = protocol.Step(
@@ -166,6 +173,8 @@ class SuffixLink:
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
         kind, body = self._send_with_failover(step)
+        if self.bitrate is not None:
+            self._pace(decoding, 8 * len(payload) / hidden.shape[0])
         b, keep = step.batch, step.tokens - step.need_from
         if kind == protocol.REPLY_TOPK:
             return kind, protocol.decode_topk_logits(
@@ -180,6 +189,18 @@ class SuffixLink:
             return kind, codec.decode(body, expect_shape=expect)
         except CodecError as exc:
             raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
+
+    def _pace(self, decoding: bool, bits: float) -> None:
+        """Feed the bitrate controller a decode token's latency (reply to reply: the edge's compute, the link and
+        the server) and record its moves; any other step starts a new generation's clock."""
+        now = time.perf_counter()
+        if decoding and self._last_reply is not None:
+            moves = len(self.bitrate.changes)
+            self.bitrate.observe(1e3 * (now - self._last_reply), bits)
+            self.stats.bitrate_changes += self.bitrate.changes[moves:]
+        else:
+            self.bitrate.restart()
+        self._last_reply = now
 
     def _send_with_failover(self, step: protocol.Step) -> tuple[int, bytes]:
         """(reply kind, body) of the reply to `step`, replaying the sequence onto a fresh session where needed."""

@@ -134,7 +134,9 @@ class SplitModelMixin:
         name = cfg.model_id or getattr(self.config, "_name_or_path", "")
         request = open_request(cfg, self.config, name, k, codec, self.dtype)
         vocab = getattr(self.config, "vocab_size", 0) or 0
-        self._slicer_link = SuffixLink(self._slicer_transport, request, codec, vocab_size=vocab)
+        self._slicer_link = SuffixLink(
+            self._slicer_transport, request, codec, vocab_size=vocab, bitrate=cfg.bitrate_controller()
+        )
         if not self._slicer_local:  # a remote session is closed when the model goes (a local one dies with it)
             weakref.finalize(self, self._slicer_link.close)
         return self._slicer_link

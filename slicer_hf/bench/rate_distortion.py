@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
@@ -22,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..codec import Codec, build_codec
 from ..compat import decoder_layers
 from ..data import GGUF_NAME, load_text, resolve_model, token_windows
+from ..tuning.distortion import measure
 
 FP16_BITS_PER_ELEMENT = 16
 SLICER_BASE: dict[str, Any] = {
@@ -90,49 +88,6 @@ def parse_setting(text: str) -> dict[str, Any]:
     return setting
 
 
-class _RoundTrip:
-    """Forward-hook body: each token row through its own single-token packet; keeps the counts."""
-
-    def __init__(self, codec: Codec) -> None:
-        self.codec = codec
-        self.bits: list[int] = []
-        self.rel_l2: list[float] = []
-        self.sq_err = self.sq_norm = self.encode_s = self.decode_s = 0.0
-
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
-        rows = hidden.detach().reshape(-1, 1, 1, hidden.shape[-1])  # [B*T, 1, 1, d]: one packet per token
-        decoded = torch.empty_like(rows)
-        for i, row in enumerate(rows):
-            start = time.perf_counter()
-            packet = self.codec.encode(row)
-            mid = time.perf_counter()
-            decoded[i] = self.codec.decode(packet).to(row.dtype)
-            self.decode_s += time.perf_counter() - mid
-            self.encode_s += mid - start
-            self.bits.append(8 * len(packet))
-        err = (decoded - rows).flatten(1).double()  # [B*T, d]
-        norm = rows.flatten(1).double()
-        self.rel_l2 += (err.norm(dim=1) / norm.norm(dim=1).clamp_min(1e-30)).tolist()
-        self.sq_err += float(err.pow(2).sum())
-        self.sq_norm += float(norm.pow(2).sum())
-        decoded = decoded.reshape(hidden.shape)
-        return (decoded, *output[1:]) if isinstance(output, tuple) else decoded
-
-
-def _forward_logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)  # [1, T, V]
-
-
-def _quality(logprobs: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
-    """Sums over one window: KL(ref || split) per position, top-1 agreement, next-token NLL."""
-    kl = (ref.exp() * (ref - logprobs)).sum(-1)  # [1, T]
-    agree = (logprobs.argmax(-1) == ref.argmax(-1)).float()
-    nll = -logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [1, T-1]
-    return {"kl": float(kl.sum()), "agree": float(agree.sum()), "nll": float(nll.sum()), "nll_n": nll.numel()}
-
-
 def run(
     model_path: str | None,
     text: str,
@@ -166,47 +121,11 @@ def run(
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=n_tokens)  # [W, window]
     layers = decoder_layers(model)
     d = model.config.hidden_size
-    bad = [k for k in split_layers if not 1 <= k < len(layers)]
-    if bad:
-        raise ValueError(f"split layers must be in [1, {len(layers) - 1}], got {bad}")
 
-    refs = [_forward_logprobs(model, ids[None]) for ids in windows]
-    base = [_quality(r, r, ids[None]) for r, ids in zip(refs, windows)]
-    base_ppl = math.exp(sum(q["nll"] for q in base) / sum(q["nll_n"] for q in base))
-    results = []
-    for k in split_layers:
-        for setting in codecs if codecs is not None else default_grid():
-            codec = build_codec(setting["codec"], **{key: v for key, v in setting.items() if key != "codec"})
-            trip = _RoundTrip(codec)
-            handle = layers[k - 1].register_forward_hook(trip)
-            t0 = time.perf_counter()
-            try:
-                sums = [_quality(_forward_logprobs(model, ids[None]), r, ids[None]) for r, ids in zip(refs, windows)]
-            finally:
-                handle.remove()
-            n = windows.numel()
-            ppl = math.exp(sum(q["nll"] for q in sums) / sum(q["nll_n"] for q in sums))
-            bits = sum(trip.bits) / n
-            results.append(
-                {
-                    "split_layer": k,
-                    "label": label(setting),
-                    "spec": codec.spec(),
-                    "bits_per_token": bits,
-                    "bits_per_element": bits / d,
-                    "compression_vs_fp16": FP16_BITS_PER_ELEMENT * d / bits,
-                    "rel_l2": sum(trip.rel_l2) / n,
-                    "rel_l2_global": math.sqrt(trip.sq_err / trip.sq_norm),
-                    "kl_nats": sum(q["kl"] for q in sums) / n,
-                    "top1_agreement": sum(q["agree"] for q in sums) / n,
-                    "perplexity": ppl,
-                    "perplexity_change_pct": 100.0 * (ppl / base_ppl - 1.0),
-                    "encode_us_per_token": 1e6 * trip.encode_s / n,
-                    "decode_us_per_token": 1e6 * trip.decode_s / n,
-                    "wall_s": time.perf_counter() - t0,
-                }
-            )
-            print(_row(results[-1]), file=sys.stderr, flush=True)
+    base_ppl, results = measure(model, windows, split_layers, codecs if codecs is not None else default_grid())
+    for r in results:
+        r["label"] = label(r.pop("setting"))
+        print(_row(r), file=sys.stderr, flush=True)
 
     import transformers
 

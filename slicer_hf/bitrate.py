@@ -1,0 +1,132 @@
+"""Adaptive bitrate within a session: move the uplink codec's ECSQ step between decode steps to hold a per-token
+latency target, along a profiled ladder of (step, bits/token) whose coarsest rung is the quality floor.
+
+The edge alone decides; every ECSQ packet carries its step, so the server decodes each one as it comes and nothing
+is renegotiated. The controller models a decode token's latency as `base + bits / goodput`: `base` (compute, round
+trip, downlink) is the lowest recent latency with the uplink's share taken out, and the goodput follows from how
+far the latest tokens sit above it. A rung is taken coarser as soon as the recent median crosses `high` x target;
+finer only after `patience` tokens in a row predict room below `low` x target, and a finer move that misses at once
+doubles that patience (hysteresis, so the knob does not flap on a link at the edge of two rungs).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BitrateController:
+    """Chooses the ECSQ step of each decode step.
+
+    Args:
+        ladder: (step, bits per token) rungs, finest (most bits) first; the last rung is the quality floor.
+        target_ms: per-token latency to hold.
+        start: the rung to begin with (index into `ladder`).
+        window: latest tokens whose median drives a move.
+        high: move coarser when the median exceeds `high` x target.
+        low: move finer only when the finer rung is predicted under `low` x target.
+        patience: tokens of predicted room before a finer move (doubles after a failed one, up to 64).
+        history: tokens over which the latency floor (`base`) is the minimum.
+    """
+
+    ladder: Sequence[tuple[float, float]]
+    target_ms: float
+    start: int = 0
+    window: int = 3
+    high: float = 0.95
+    low: float = 0.8
+    patience: int = 4
+    history: int = 256
+    level: int = field(init=False)
+    changes: list[dict[str, float]] = field(init=False, default_factory=list)
+    _recent: deque[tuple[float, float]] = field(init=False)  # (latency ms, bits) of the latest tokens
+    _floor: deque[float] = field(init=False)  # latencies with the uplink share taken out, for `base`
+    _room: int = field(init=False, default=0)
+    _wait: int = field(init=False)
+    _probe: int | None = field(init=False, default=None)  # tokens since a finer move, while it is on trial
+    _tokens: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.ladder = [(float(s), float(b)) for s, b in self.ladder]
+        if not self.ladder:
+            raise ValueError("the bitrate ladder needs at least one (step, bits) rung")
+        steps, bits = [s for s, _ in self.ladder], [b for _, b in self.ladder]
+        if any(a >= b for a, b in zip(steps, steps[1:])) or any(a <= b for a, b in zip(bits, bits[1:])):
+            raise ValueError(f"ladder rungs must go from fine to coarse: steps rising, bits falling; got {self.ladder}")
+        if not self.target_ms > 0:
+            raise ValueError(f"target_ms must be > 0, got {self.target_ms}")
+        if not 0 <= self.start < len(self.ladder):
+            raise ValueError(f"start must index the ladder (0..{len(self.ladder) - 1}), got {self.start}")
+        self.level = self.start
+        self._recent = deque(maxlen=self.window)
+        self._floor = deque(maxlen=self.history)
+        self._wait = self.patience
+
+    @property
+    def step(self) -> float:
+        """The ECSQ step to encode the next decode step with."""
+        return self.ladder[self.level][0]
+
+    def restart(self) -> None:
+        """A new generation begins: the gap since the last token is not a token's latency."""
+        self._recent.clear()
+
+    def observe(self, latency_ms: float, bits: float) -> None:
+        """One decode token took `latency_ms` (edge compute to reply) and sent `bits` up; maybe move a rung."""
+        self._tokens += 1
+        self._recent.append((latency_ms, bits))
+        median = statistics.median(lat for lat, _ in self._recent)
+        base, per_bit = self._model()
+        self._floor.append(latency_ms - bits * per_bit)
+        if self._probe is not None:
+            self._probe += 1
+            if latency_ms > self.high * self.target_ms and self._probe <= self.window:
+                self._wait = min(2 * self._wait, 64)  # the finer rung did not fit: wait longer before the next try
+                self._move(self.level + 1, median)
+                return
+            if self._probe > self.window:
+                self._probe = None
+                self._wait = max(self.patience, self._wait // 2)
+        over = median > self.high * self.target_ms and (len(self._recent) > 1 or latency_ms > self.target_ms)
+        if over and self.level < len(self.ladder) - 1:
+            fits = [i for i in range(self.level + 1, len(self.ladder)) if self._predict(i, base, per_bit) <= 0.9]
+            self._move(fits[0] if fits else len(self.ladder) - 1, median)
+            return
+        if self.level > 0 and self._predict(self.level - 1, base, per_bit) <= self.low:
+            self._room += 1
+            if self._room >= self._wait:
+                self._move(self.level - 1, median)
+                self._probe = 0
+        else:
+            self._room = 0
+
+    def _model(self) -> tuple[float, float]:
+        """(base ms, ms per uplink bit) from the recent tokens: base is the lowest latency seen with the uplink
+        share taken out; the rest of the recent median above it is put down to the uplink's bits."""
+        median = statistics.median(lat for lat, _ in self._recent)
+        bits = statistics.median(b for _, b in self._recent)
+        floor = sorted(self._floor)
+        base = min(floor[len(floor) // 10], median) if floor else median  # a low quantile: robust to one fast token
+        return base, max(median - base, 0.0) / max(bits, 1.0)
+
+    def _predict(self, level: int, base: float, per_bit: float) -> float:
+        """Predicted latency at `level` as a share of the target."""
+        return (base + self.ladder[level][1] * per_bit) / self.target_ms
+
+    def _move(self, level: int, median: float) -> None:
+        self._room = 0
+        self._recent.clear()
+        if level != self.level:
+            self.level = level
+            self.changes.append({"token": self._tokens, "step": self.step, "median_ms": round(median, 3)})
+
+
+def ladder_from(pairs: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
+    """A ladder from JSON-ish pairs, sorted fine to coarse."""
+    return sorted(((float(s), float(b)) for s, b in pairs), key=lambda r: r[0])
+
+
+__all__ = ["BitrateController", "ladder_from"]

@@ -1,0 +1,483 @@
+"""SLICER-Search: from an edge profile, a server profile, the link and the client's budgets, predict every
+(split layer, uplink codec setting, downlink) and choose one.
+
+Per decode token, with k the split layer, `up` the uplink point and `down` the downlink (exact, or ECSQ):
+
+    edge    = embed + sum(edge layers < k) + head + step overhead + up.encode [+ down.decode]
+    server  = sum(server layers >= k) + up.decode [+ down.encode]
+    link    = (up bits + framing) / uplink rate + (down bits + framing) / downlink rate + RTT + per-step overhead
+    latency = edge + server + link
+    KL      = up.kl + down.kl (the two errors are small and independent: their KLs add to first order)
+
+The memory of the edge is its weights (embedding, head, layers < k) and the KV cache of layers < k for the context.
+A candidate is feasible when it meets every given constraint; the Pareto set is over (latency, server compute,
+uplink bits, KL), ranked by the objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import protocol
+from ..codec import build_codec
+from ..config import SlicerConfig
+from ..errors import ConfigError
+from .profile import Profile, RatePoint
+
+OBJECTIVES = ("latency", "server-compute", "uplink")
+SEARCH_NAME = "search.json"
+# gRPC over HTTP/2 over TCP/IPv4 per decode step, beyond the protocol message (measured over the veth link of
+# `slicer_hf.bench.search`: DATA frame and gRPC prefix, TCP/IP headers, the ACKs of the other direction's segments).
+FRAMING_BYTES_UP = 140
+FRAMING_BYTES_DOWN = 140
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkSpec:
+    """The client's network path to the server.
+
+    Args:
+        uplink_mbps, downlink_mbps: rates each way, Mbit/s.
+        rtt_ms: round-trip propagation time.
+        overhead_ms: per-step time neither side's model spends (gRPC, the protocol, the server's scheduling).
+        framing_bytes_up, framing_bytes_down: bytes per step each way beyond the protocol message.
+    """
+
+    uplink_mbps: float
+    downlink_mbps: float
+    rtt_ms: float = 0.0
+    overhead_ms: float = 2.0
+    framing_bytes_up: int = FRAMING_BYTES_UP
+    framing_bytes_down: int = FRAMING_BYTES_DOWN
+
+    def __post_init__(self) -> None:
+        for name in ("uplink_mbps", "downlink_mbps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number of Mbit/s, got {value!r}")
+        for name in ("rtt_ms", "overhead_ms", "framing_bytes_up", "framing_bytes_down"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+    """The client's budgets; None leaves one open.
+
+    Args:
+        max_kl: mean KL to the unsplit model, nats per token.
+        max_ppl_increase_pct: perplexity increase, percent.
+        edge_memory_gb: the edge's weights and KV cache, GB (1e9 bytes).
+        max_token_latency_ms: per decode token.
+        context_tokens: positions the edge's KV cache must hold (for the memory figure).
+        prompt_tokens: prompt length for the time-to-first-token figure.
+    """
+
+    max_kl: float | None = None
+    max_ppl_increase_pct: float | None = None
+    edge_memory_gb: float | None = None
+    max_token_latency_ms: float | None = None
+    context_tokens: int = 2048
+    prompt_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_kl", "max_ppl_increase_pct", "edge_memory_gb", "max_token_latency_ms"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
+        for name in ("context_tokens", "prompt_tokens"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+
+    def limits(self) -> dict[str, float]:
+        """The constraints that are set, as {prediction field: limit}."""
+        limits = {
+            "kl": self.max_kl,
+            "ppl_change_pct": self.max_ppl_increase_pct,
+            "edge_memory_gb": self.edge_memory_gb,
+            "token_latency_ms": self.max_token_latency_ms,
+        }
+        return {k: float(v) for k, v in limits.items() if v is not None}
+
+
+CONSTRAINT_NAMES = {
+    "kl": "max_kl",
+    "ppl_change_pct": "max_ppl_increase_pct",
+    "edge_memory_gb": "edge_memory_gb",
+    "token_latency_ms": "max_token_latency_ms",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What a candidate is predicted to cost, per decode token unless named otherwise."""
+
+    token_latency_ms: float
+    edge_ms: float
+    server_ms: float
+    link_ms: float
+    ttft_ms: float
+    uplink_bits: float  # the STEP message of one decode token
+    downlink_bits: float  # its REPLY message
+    edge_memory_gb: float
+    kl: float
+    ppl_change_pct: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One (split layer, uplink setting, downlink) with its prediction."""
+
+    split_layer: int
+    codec: str
+    step: float | None
+    downlink_step: float | None
+    prediction: Prediction
+
+    def label(self) -> str:
+        up = f"ecsq {self.step:g}" if self.codec == "slicer" else self.codec
+        down = "exact" if self.downlink_step is None else f"ecsq {self.downlink_step:g}"
+        return f"split {self.split_layer}, up {up}, down {down}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "label": self.label()}
+
+
+class InfeasibleError(ConfigError):
+    """No candidate meets every constraint. `binding` names the constraint the nearest candidate misses most,
+    `nearest` is that candidate."""
+
+    def __init__(self, message: str, binding: str, nearest: Candidate) -> None:
+        super().__init__(message)
+        self.binding, self.nearest = binding, nearest
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Feasible candidates ranked by the objective (the first is the choice), and the Pareto set among them."""
+
+    objective: str
+    constraints: Constraints
+    link: LinkSpec
+    ranked: list[Candidate]
+    pareto: list[Candidate]
+    config: SlicerConfig  # the chosen candidate as a config
+    profiles: dict[str, Any]
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.ranked[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "objective": self.objective,
+            "constraints": dataclasses.asdict(self.constraints),
+            "link": dataclasses.asdict(self.link),
+            "chosen": self.chosen.to_dict(),
+            "pareto": [c.to_dict() for c in self.pareto],
+            "feasible": len(self.ranked),
+            "profiles": self.profiles,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write the chosen `slicer_config.json` and `search.json` (the predictions) into `folder`."""
+        path = Path(folder)
+        self.config.save_pretrained(path)
+        (path / SEARCH_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+        """Upload the config (with its model card) and `search.json` to a Hub repo; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        self.config.push_to_hub(repo_id, token=token, private=private)
+        info = HfApi(token=token).upload_file(
+            path_or_fileobj=json.dumps(self.to_dict(), indent=2).encode(),
+            path_in_repo=SEARCH_NAME,
+            repo_id=repo_id,
+            commit_message="SLICER-Search predictions",
+        )
+        return str(getattr(info, "commit_url", info))
+
+    def table(self, limit: int = 12) -> str:
+        """The Pareto candidates (best first by the objective) as a markdown table; the choice is marked."""
+        rows = [
+            "| | candidate | ms/token | edge ms | server ms | link ms | TTFT ms | up bits | down bits | edge GB | KL "
+            "| ppl % |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in self.pareto[:limit]:
+            p = c.prediction
+            rows.append(
+                f"| {'*' if c == self.chosen else ''} | {c.label()} | {p.token_latency_ms:.1f} | {p.edge_ms:.1f} "
+                f"| {p.server_ms:.1f} | {p.link_ms:.1f} | {p.ttft_ms:.0f} | {p.uplink_bits:,.0f} "
+                f"| {p.downlink_bits:,.0f} | {p.edge_memory_gb:.3f} | {p.kl:.4f} | {p.ppl_change_pct:+.2f} |"
+            )
+        return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------- predicting
+def _step_header_bits() -> int:
+    """A decode STEP message's bytes beyond its codec packet, in bits (large ids: a long-running session)."""
+    step = protocol.Step(1 << 20, 1 << 20, 1 << 14, 1, 1, 0, b"", torch.ones(1, 1, dtype=torch.bool))
+    return 8 * len(protocol.encode_step(step))
+
+
+def _reply_bits(payload_bits: float) -> float:
+    return 8 * len(protocol.encode_reply(1 << 20, protocol.REPLY_HIDDEN, b"")) + payload_bits
+
+
+def _exact_downlink_bits(profile: Profile) -> float:
+    """An exact hidden-state reply's codec packet, in the model's dtype."""
+    dtype = getattr(torch, profile.model.get("dtype", "float32"))
+    return 8 * len(build_codec("identity").encode(torch.zeros(1, 1, profile.model["hidden_size"], dtype=dtype)))
+
+
+def predict(
+    edge: Profile,
+    server: Profile,
+    k: int,
+    up: RatePoint,
+    down: RatePoint | None,
+    link: LinkSpec,
+    constraints: Constraints,
+) -> Prediction:
+    """The figures of split `k` with uplink point `up` and downlink `down` (None: exact)."""
+    header = _step_header_bits()
+    up_bits = up.bits_per_token + header
+    down_bits = _reply_bits(_exact_downlink_bits(edge) if down is None else down.bits_per_token)
+    e = edge.edge
+    edge_layers = edge.layers[:k]
+    edge_ms = e["embed_decode_ms"] + sum(layer.decode_ms for layer in edge_layers) + e["head_decode_ms"]
+    edge_ms += e["step_overhead_ms"] + up.encode_ms + (down.decode_ms if down else 0.0)
+    server_ms = sum(layer.decode_ms for layer in server.layers[k:]) + up.decode_ms + (down.encode_ms if down else 0.0)
+    up_ms = (up_bits + 8 * link.framing_bytes_up) / (1e3 * link.uplink_mbps)
+    down_ms = (down_bits + 8 * link.framing_bytes_down) / (1e3 * link.downlink_mbps)
+    link_ms = up_ms + down_ms + link.rtt_ms + link.overhead_ms
+    p = constraints.prompt_tokens
+    prefill_ms = p * (
+        sum(layer.prefill_ms_per_token for layer in edge_layers)
+        + sum(layer.prefill_ms_per_token for layer in server.layers[k:])
+        + up.encode_ms
+        + up.decode_ms
+    )
+    prefill_link_ms = (p * up.bits_per_token + header) / (1e3 * link.uplink_mbps) + down_ms + link.rtt_ms
+    ttft_ms = prefill_ms + prefill_link_ms + link.overhead_ms + e["head_decode_ms"] + e["step_overhead_ms"]
+    weights = e["embed_bytes"] + e["head_bytes"] + e.get("other_bytes", 0.0)
+    weights += sum(layer.weight_bytes for layer in edge_layers)
+    kv = constraints.context_tokens * sum(layer.kv_bytes_per_token for layer in edge_layers)
+    return Prediction(
+        token_latency_ms=edge_ms + server_ms + link_ms,
+        edge_ms=edge_ms,
+        server_ms=server_ms,
+        link_ms=link_ms,
+        ttft_ms=ttft_ms,
+        uplink_bits=up_bits,
+        downlink_bits=down_bits,
+        edge_memory_gb=(weights + kv) / 1e9,
+        kl=up.kl + (down.kl if down else 0.0),
+        ppl_change_pct=up.ppl_change_pct + (down.ppl_change_pct if down else 0.0),
+    )
+
+
+def candidates(
+    edge: Profile,
+    server: Profile,
+    link: LinkSpec,
+    constraints: Constraints,
+    splits: Sequence[int] | None = None,
+    compress_downlink: bool = True,
+) -> list[Candidate]:
+    """Every (split, uplink point, downlink) the profiles measured, predicted."""
+    rd = edge if edge.rate_distortion else server
+    if not rd.rate_distortion:
+        raise ConfigError("neither profile holds rate-distortion points: profile one with calibration text")
+    n = edge.num_layers
+    downs: list[RatePoint | None] = [None]
+    if compress_downlink:
+        downs += [p for p in rd.points(n) if p.codec == "slicer"]
+    chosen_splits = rd.split_layers() if splits is None else [k for k in rd.split_layers() if k in set(splits)]
+    if not chosen_splits:
+        raise ConfigError(f"no rate-distortion points at the split layers asked for ({list(splits or [])})")
+    out = []
+    for k in chosen_splits:
+        for up in rd.points(k):
+            for down in downs:
+                out.append(
+                    Candidate(
+                        k,
+                        up.codec,
+                        up.step,
+                        None if down is None else down.step,
+                        predict(edge, server, k, up, down, link, constraints),
+                    )
+                )
+    return out
+
+
+# ------------------------------------------------------------------------------------------- choosing
+def _objective_key(objective: str) -> Any:
+    keys = {
+        "latency": lambda c: (c.prediction.token_latency_ms, c.prediction.server_ms, c.prediction.kl),
+        "server-compute": lambda c: (c.prediction.server_ms, c.prediction.token_latency_ms, c.prediction.kl),
+        "uplink": lambda c: (c.prediction.uplink_bits, c.prediction.token_latency_ms, c.prediction.kl),
+    }
+    return keys[objective]
+
+
+def _pareto(cands: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other one beats on every one of (latency, server compute, uplink bits, KL)."""
+
+    def point(c: Candidate) -> tuple[float, ...]:
+        p = c.prediction
+        return (p.token_latency_ms, p.server_ms, p.uplink_bits, p.kl)
+
+    pts = [point(c) for c in cands]
+    return [
+        c
+        for c, a in zip(cands, pts)
+        if not any(all(x <= y for x, y in zip(b, a)) and any(x < y for x, y in zip(b, a)) for b in pts)
+    ]
+
+
+def _violations(c: Candidate, limits: dict[str, float]) -> dict[str, float]:
+    """value / limit for each set constraint (above 1: violated)."""
+    return {name: getattr(c.prediction, name) / limit for name, limit in limits.items()}
+
+
+def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> InfeasibleError:
+    nearest = min(cands, key=lambda c: (max(_violations(c, limits).values()), c.prediction.token_latency_ms))
+    ratios = _violations(nearest, limits)
+    binding = max(ratios, key=ratios.get)
+    unit = {"kl": " nats", "ppl_change_pct": "%", "edge_memory_gb": " GB", "token_latency_ms": " ms"}
+    missed = [
+        f"{CONSTRAINT_NAMES[n]}={limits[n]:g}{unit[n]} (it predicts {getattr(nearest.prediction, n):.4g}{unit[n]})"
+        for n, r in sorted(ratios.items(), key=lambda kv: -kv[1])
+        if r > 1
+    ]
+    alone = [n for n in limits if not any(_violations(c, {n: limits[n]})[n] <= 1 for c in cands)]
+    relax = [f"{CONSTRAINT_NAMES[n]} to {getattr(nearest.prediction, n):.4g}" for n, r in ratios.items() if r > 1]
+    message = (
+        f"no split and codec setting meets every constraint; the binding one is {CONSTRAINT_NAMES[binding]}="
+        f"{limits[binding]:g}{unit[binding]}. The nearest feasible point: {nearest.label()} misses "
+        + ", ".join(missed)
+        + "; relax "
+        + " and ".join(relax)
+        + " to take it."
+    )
+    if alone:
+        message += " Even alone, no candidate meets " + ", ".join(CONSTRAINT_NAMES[n] for n in alone) + "."
+    return InfeasibleError(message, CONSTRAINT_NAMES[binding], nearest)
+
+
+def search(
+    edge: Profile | str | os.PathLike[str],
+    server: Profile | str | os.PathLike[str],
+    link: LinkSpec,
+    constraints: Constraints | None = None,
+    objective: str = "latency",
+    base: SlicerConfig | None = None,
+    splits: Sequence[int] | None = None,
+    compress_downlink: bool = True,
+    adaptive: bool = False,
+) -> SearchResult:
+    """Choose the split layer and codec knobs for one client.
+
+    Args:
+        edge, server: profiles (or their paths) of the client's device and of the server machine.
+        link: the client's network path.
+        constraints: its budgets.
+        objective: "latency" (per decode token), "server-compute" (server ms per token) or "uplink" (bits per token).
+        base: the config whose other fields the choice keeps (default: SlicerConfig()).
+        splits: consider only these split layers (default: every one profiled).
+        compress_downlink: also consider ECSQ on the downlink (the profiled downlink steps).
+        adaptive: write an adaptive-bitrate ladder (the ECSQ steps at the chosen split within the quality budget)
+            and `max_token_latency_ms` as its target into the config.
+
+    Raises:
+        InfeasibleError: no candidate meets every constraint (it names the binding one and the nearest point).
+        ConfigError: bad arguments, profiles of different models, no rate-distortion points.
+    """
+    edge = edge if isinstance(edge, Profile) else Profile.load(edge)
+    server = server if isinstance(server, Profile) else Profile.load(server)
+    constraints = constraints or Constraints()
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if edge.model.get("fingerprint") != server.model.get("fingerprint"):
+        raise ConfigError(
+            f"the profiles are of different models: edge {edge.model.get('id')!r}, server {server.model.get('id')!r}"
+        )
+    if adaptive and constraints.max_token_latency_ms is None:
+        raise ConfigError("adaptive bitrate needs max_token_latency_ms: it is the latency target the edge holds")
+    every = candidates(edge, server, link, constraints, splits, compress_downlink)
+    limits = constraints.limits()
+    feasible = [c for c in every if all(v <= 1.0 for v in _violations(c, limits).values())]
+    if not feasible:
+        raise _infeasible(every, limits)
+    ranked = sorted(feasible, key=_objective_key(objective))
+    pareto = sorted(_pareto(feasible), key=_objective_key(objective))
+    config = _config_of(ranked[0], edge, base or SlicerConfig())
+    if adaptive:  # every ECSQ step at the chosen split and downlink within the quality budget
+        quality = {n: v for n, v in limits.items() if n in ("kl", "ppl_change_pct")}
+        first = ranked[0]
+        ladder = sorted(
+            (c.step, c.prediction.uplink_bits - _step_header_bits())
+            for c in every
+            if (c.split_layer, c.codec, c.downlink_step) == (first.split_layer, "slicer", first.downlink_step)
+            and all(v <= 1.0 for v in _violations(c, quality).values())
+        )
+        if first.codec != "slicer":
+            raise ConfigError("adaptive bitrate moves the ECSQ step, but the choice sends fp16: pass a looser budget")
+        config = config.replace(bitrate_ladder=tuple(ladder), target_token_latency_ms=constraints.max_token_latency_ms)
+    profiles = {
+        role: {"machine": p.machine, "versions": p.versions, "model": p.model, "calibration": p.calibration}
+        for role, p in (("edge", edge), ("server", server))
+    }
+    return SearchResult(objective, constraints, link, ranked, pareto, config, profiles)
+
+
+def _config_of(c: Candidate, profile: Profile, base: SlicerConfig) -> SlicerConfig:
+    """`base` set to the candidate: split, codec (SLICER ECSQ with the profiled knobs, or fp16), downlink."""
+    from .profile import ECSQ_BASE
+
+    model = profile.model
+    changes: dict[str, Any] = {
+        "split_layer": c.split_layer,
+        "codec": c.codec,
+        "downlink": "hidden",
+        "downlink_step": c.downlink_step,
+        "model_id": base.model_id or model.get("id"),
+        "num_hidden_layers": model["num_hidden_layers"],
+        "hidden_size": model["hidden_size"],
+        "bitrate_ladder": (),
+        "target_token_latency_ms": None,
+    }
+    if c.codec == "slicer" or c.downlink_step is not None:
+        changes.update({k: v for k, v in ECSQ_BASE.items() if k != "codec"})
+    if c.codec == "slicer":
+        changes["step"] = c.step
+    return base.replace(**changes)
+
+
+__all__ = [
+    "OBJECTIVES",
+    "Candidate",
+    "Constraints",
+    "InfeasibleError",
+    "LinkSpec",
+    "Prediction",
+    "SearchResult",
+    "candidates",
+    "predict",
+    "search",
+]

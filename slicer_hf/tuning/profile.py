@@ -1,0 +1,437 @@
+"""`slicer-hf profile`: what a split costs on the machine where it runs, as a JSON profile that `search` reads.
+
+A profile holds, for one model on one machine (its CPU or GPU, torch threads and library versions):
+
+- per decoder layer: forward time per token in prefill and per decode step, weight bytes and KV bytes per token;
+- what runs on the edge around the layers: embedding and head times and weights, and the rest of a `generate()`
+  step (sampling, masks, rotary tables) as `step_overhead_ms`;
+- the codec's rate-distortion on calibration text: for each candidate split layer and ECSQ step, bits per token
+  against KL and perplexity change, with encode and decode times; and the same for a compressed downlink.
+
+Run it on the edge device and on the server machine; the search takes one of each (here both may be one machine
+with different thread counts). The timings do not depend on the text; the rate-distortion points do not depend on
+the machine, so a server profile may skip them (`--no-rate-distortion`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..compat import decoder_layers, kv_bytes_per_position
+from ..errors import ConfigError
+from ..version import __version__
+
+PROFILE_FORMAT = "slicer_hf.profile/1"
+PROFILE_NAME = "profile.json"
+DEFAULT_STEPS = (0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)
+DEFAULT_DOWNLINK_STEPS = (0.05, 0.1, 0.2)
+# The SLICER knobs every profiled ECSQ point shares (the preset's); only the step moves.
+ECSQ_BASE: dict[str, Any] = {
+    "codec": "slicer",
+    "quantizer": "ecsq",
+    "sparsity": 0.0,
+    "outliers": 2,
+    "rotation": "orthogonal",
+}
+
+
+@dataclasses.dataclass
+class LayerCost:
+    """One decoder layer on this machine."""
+
+    prefill_ms_per_token: float
+    decode_ms: float
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+
+@dataclasses.dataclass
+class RatePoint:
+    """One codec setting at one split: `codec` 'slicer' (ECSQ at `step`) or 'fp16'; `split_layer` L is the
+    downlink (the last layer's output)."""
+
+    split_layer: int
+    codec: str
+    step: float | None
+    bits_per_token: float
+    kl: float
+    ppl_change_pct: float
+    top1_agreement: float
+    encode_ms: float
+    decode_ms: float
+
+
+@dataclasses.dataclass
+class Profile:
+    """What `slicer-hf profile` measured; `save` / `load` as JSON.
+
+    Args:
+        machine: platform, CPU or GPU, torch threads.
+        versions: python, torch, transformers, slicer_hf.
+        model: id, layers, hidden size, vocabulary, dtype, fingerprint.
+        layers: per decoder layer costs.
+        edge: embedding / head time and weights, the rest of a decode step (`step_overhead_ms`), prefill and decode
+            token counts measured.
+        rate_distortion: the codec's points (empty when skipped), with `calibration` saying on which text.
+        calibration: text source, tokens scored, unsplit perplexity.
+    """
+
+    machine: dict[str, Any]
+    versions: dict[str, Any]
+    model: dict[str, Any]
+    layers: list[LayerCost]
+    edge: dict[str, float]
+    rate_distortion: list[RatePoint] = dataclasses.field(default_factory=list)
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format: str = PROFILE_FORMAT
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def points(self, split_layer: int) -> list[RatePoint]:
+        """The rate-distortion points measured at `split_layer`, most bits first."""
+        points = [p for p in self.rate_distortion if p.split_layer == split_layer]
+        return sorted(points, key=lambda p: -p.bits_per_token)
+
+    def split_layers(self) -> list[int]:
+        """Split layers with rate-distortion points (the downlink, k = L, not included)."""
+        return sorted({p.split_layer for p in self.rate_distortion if p.split_layer < self.num_layers})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Profile:
+        """Rebuild from `to_dict`; anything else raises `ConfigError` naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a profile is a JSON object, got {type(data).__name__}")
+        if data.get("format") != PROFILE_FORMAT:
+            raise ConfigError(f"not a slicer_hf profile of format {PROFILE_FORMAT!r}: format={data.get('format')!r}")
+        try:
+            layers = [LayerCost(**layer) for layer in data["layers"]]
+            points = [RatePoint(**point) for point in data.get("rate_distortion", [])]
+            profile = cls(
+                machine=dict(data["machine"]),
+                versions=dict(data["versions"]),
+                model=dict(data["model"]),
+                layers=layers,
+                edge={k: float(v) for k, v in data["edge"].items()},
+                rate_distortion=points,
+                calibration=dict(data.get("calibration", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed profile: {type(exc).__name__}: {exc}") from exc
+        if not layers or int(profile.model.get("num_hidden_layers", -1)) != len(layers):
+            claimed = profile.model.get("num_hidden_layers")
+            raise ConfigError(f"profile lists {len(layers)} layers for a model of {claimed}")
+        bad = [p.split_layer for p in points if not 1 <= p.split_layer <= len(layers)]
+        if bad:
+            raise ConfigError(f"profile has rate-distortion points at split layers outside [1, {len(layers)}]: {bad}")
+        return profile
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the profile to `path` (a folder gets `profile.json`)."""
+        target = Path(path)
+        if target.suffix != ".json":
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / PROFILE_NAME
+        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Profile:
+        """Read a profile from a `.json` file or a folder holding `profile.json`."""
+        source = Path(path)
+        if source.is_dir():
+            source = source / PROFILE_NAME
+        if not source.is_file():
+            raise ConfigError(f"no profile at {path}")
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source} is not JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the profile was measured."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "slicer_hf": __version__,
+    }
+
+
+def _module_bytes(module: torch.nn.Module, seen: set[int]) -> int:
+    """Bytes of the module's parameters and buffers not already counted (tied weights count once)."""
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.data_ptr() in seen or tensor.device.type == "meta":
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class _Stopwatch:
+    """Forward pre/post hooks that time each watched module per call, keyed by the call's token count."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], sync: bool) -> None:
+        self.sync = sync
+        self.times: dict[tuple[str, int], list[float]] = defaultdict(list)
+        self._t0: dict[str, tuple[float, int]] = {}
+        self._handles = []
+        for name, module in modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _pre(self, name: str) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            self._t0[name] = (self._now(), int(x.shape[1]) if x.ndim > 1 else 1)
+
+        return hook
+
+    def _post(self, name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            t0, tokens = self._t0.pop(name)
+            self.times[(name, tokens)].append(self._now() - t0)
+
+        return hook
+
+    def median_ms(self, name: str, tokens: int) -> float:
+        return 1e3 * statistics.median(self.times[(name, tokens)])
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def measure_timing(
+    model: Any, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Per-layer prefill and decode times of `model` (a plain causal LM), and the edge's parts around the layers.
+
+    A greedy `generate()` of `decode_tokens` tokens after a `prompt_tokens` random prompt runs `repeats` times
+    (after one warm-up); hooks time each decoder layer, the input embedding and the head; medians are kept. What a
+    decode step costs beyond them (norm, sampling, masks, `generate()`'s own work) is `step_overhead_ms`.
+    """
+    device = next(model.parameters()).device
+    layers = decoder_layers(model)
+    watched = {f"layer{i}": layer for i, layer in enumerate(layers)}
+    watched["embed"] = model.get_input_embeddings()
+    watched["head"] = model.get_output_embeddings()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=gen).to(device)
+    kwargs = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+    pad = model.generation_config.pad_token_id
+    kwargs["pad_token_id"] = pad if pad is not None else model.generation_config.eos_token_id
+    model.generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+    watch = _Stopwatch(watched, sync=device.type == "cuda")
+    step_ms: list[float] = []
+    try:
+        for _ in range(repeats):
+            stamps: list[float] = []
+            streamer = _Stamps(stamps, device.type == "cuda")
+            model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
+            step_ms += [1e3 * (b - a) for a, b in zip(stamps[1:], stamps[2:])]  # decode steps: new tokens 2..
+    finally:
+        watch.remove()
+    per_layer = [
+        {
+            "prefill_ms_per_token": watch.median_ms(f"layer{i}", prompt_tokens) / prompt_tokens,
+            "decode_ms": watch.median_ms(f"layer{i}", 1),
+        }
+        for i in range(len(layers))
+    ]
+    embed, head = watch.median_ms("embed", 1), watch.median_ms("head", 1)
+    step = statistics.median(step_ms)
+    edge = {
+        "prompt_tokens": float(prompt_tokens),
+        "decode_tokens": float(decode_tokens),
+        "decode_step_ms": step,
+        "embed_decode_ms": embed,
+        "head_decode_ms": head,
+        "step_overhead_ms": max(step - embed - head - sum(layer["decode_ms"] for layer in per_layer), 0.0),
+    }
+    return per_layer, edge
+
+
+class _Stamps:
+    """A streamer that notes when the prompt and each new token arrive."""
+
+    def __init__(self, stamps: list[float], sync: bool) -> None:
+        self.stamps, self.sync = stamps, sync
+
+    def put(self, value: Any) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def measure_memory(model: Any) -> tuple[list[tuple[int, int]], dict[str, float]]:
+    """(weight bytes, KV bytes per token) per decoder layer, and the embedding's and the head's weight bytes."""
+    seen: set[int] = set()
+    embed = _module_bytes(model.get_input_embeddings(), seen)
+    head = _module_bytes(model.get_output_embeddings(), seen)  # 0 when tied to the embedding
+    dtype = next(model.parameters()).dtype
+    layers = decoder_layers(model)
+    n = len(layers)
+    kv_one = kv_bytes_per_position(model.config, n - 1, dtype, placeholders=False)  # one layer's K and V
+    costs = [(_module_bytes(layer, seen), kv_one) for layer in layers]
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if p.data_ptr() not in seen)
+    return costs, {"embed_bytes": float(embed), "head_bytes": float(head), "other_bytes": float(rest)}
+
+
+def measure_rate_distortion(
+    model: Any,
+    windows: torch.Tensor,
+    split_layers: Sequence[int],
+    steps: Sequence[float] = DEFAULT_STEPS,
+    downlink_steps: Sequence[float] = DEFAULT_DOWNLINK_STEPS,
+) -> tuple[float, list[RatePoint]]:
+    """ECSQ at each step (and fp16) at each split layer, and ECSQ at each downlink step on the last layer's output.
+
+    Returns (the unsplit perplexity on `windows`, the points).
+    """
+    from .distortion import measure
+
+    n = len(decoder_layers(model))
+    uplink = [{**ECSQ_BASE, "step": s} for s in steps] + [{"codec": "fp16"}]
+    base_ppl, rows = measure(model, windows, list(split_layers), uplink)
+    if downlink_steps:
+        rows += measure(model, windows, [n], [{**ECSQ_BASE, "step": s} for s in downlink_steps])[1]
+    points = [
+        RatePoint(
+            split_layer=r["split_layer"],
+            codec=r["setting"]["codec"],
+            step=r["setting"].get("step"),
+            bits_per_token=r["bits_per_token"],
+            kl=r["kl_nats"],
+            ppl_change_pct=r["perplexity_change_pct"],
+            top1_agreement=r["top1_agreement"],
+            encode_ms=r["encode_us_per_token"] / 1e3,
+            decode_ms=r["decode_us_per_token"] / 1e3,
+        )
+        for r in rows
+    ]
+    return base_ppl, points
+
+
+def default_splits(num_layers: int) -> list[int]:
+    """About ten split layers spread over [1, L-1], always including 3/4 of the model (the default split)."""
+    stride = max(1, round(num_layers / 10))
+    splits = set(range(stride, num_layers, stride)) | {max(1, round(0.75 * num_layers))}
+    return sorted(k for k in splits if 1 <= k < num_layers)
+
+
+def profile_model(
+    model: Any,
+    model_id: str,
+    windows: torch.Tensor | None,
+    text: str | None = None,
+    split_layers: Sequence[int] | None = None,
+    steps: Sequence[float] = DEFAULT_STEPS,
+    downlink_steps: Sequence[float] = DEFAULT_DOWNLINK_STEPS,
+    prompt_tokens: int = 128,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+) -> Profile:
+    """Profile a loaded causal LM on this machine.
+
+    Args:
+        model: a plain transformers causal LM, every layer local, in eval mode.
+        model_id: the id or folder it came from (recorded).
+        windows: calibration token windows `[W, T]`; None skips the rate-distortion points.
+        text: where the windows came from (recorded).
+        split_layers: candidate splits for the rate-distortion points (default: `default_splits`).
+        steps: ECSQ steps of the uplink points.
+        downlink_steps: ECSQ steps of the downlink points.
+        prompt_tokens, decode_tokens, repeats: the timing run.
+    """
+    from .. import protocol
+
+    n = len(decoder_layers(model))
+    device = next(model.parameters()).device
+    timing, edge = measure_timing(model, prompt_tokens, decode_tokens, repeats)
+    memory, weights = measure_memory(model)
+    layers = [LayerCost(t["prefill_ms_per_token"], t["decode_ms"], w, kv) for t, (w, kv) in zip(timing, memory)]
+    edge.update(weights)
+    points: list[RatePoint] = []
+    calibration: dict[str, Any] = {}
+    if windows is not None:
+        splits = list(split_layers) if split_layers is not None else default_splits(n)
+        base_ppl, points = measure_rate_distortion(model, windows.to(device), splits, steps, downlink_steps)
+        calibration = {"text": text, "tokens": int(windows.numel()), "window": int(windows.shape[1]), "ppl": base_ppl}
+    return Profile(
+        machine=machine_info(device),
+        versions=versions(),
+        model={
+            "id": model_id,
+            "num_hidden_layers": n,
+            "hidden_size": int(model.config.hidden_size),
+            "vocab_size": int(model.config.vocab_size),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "fingerprint": protocol.model_fingerprint(model.config),
+        },
+        layers=layers,
+        edge=edge,
+        rate_distortion=points,
+        calibration=calibration,
+    )
+
+
+__all__ = [
+    "DEFAULT_DOWNLINK_STEPS",
+    "DEFAULT_STEPS",
+    "LayerCost",
+    "Profile",
+    "RatePoint",
+    "default_splits",
+    "profile_model",
+]
