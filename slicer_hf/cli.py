@@ -333,6 +333,135 @@ def eval_(
     print(format_result(result))
 
 
+@app.command()
+def profile(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder (gets profile.json) or a .json file.")],
+    model: ModelOpt = "smollm2",
+    text: Annotated[
+        str, typer.Option(help="Calibration text: a file, or wikitext-2-raw-v1[:split] (local copy, else datasets).")
+    ] = "wikitext-2-raw-v1:validation",
+    tokens: Annotated[int, typer.Option(help="Calibration tokens scored per point.")] = 1024,
+    window: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    splits: Annotated[
+        str | None, typer.Option(help="Candidate split layers, e.g. 8,16,24 (default: about ten spread out).")
+    ] = None,
+    steps: Annotated[str | None, typer.Option(help="ECSQ steps of the uplink points, e.g. 0.2,0.3,0.6.")] = None,
+    downlink_steps: Annotated[str | None, typer.Option(help="ECSQ steps of the downlink points ('' for none).")] = None,
+    rate_distortion: Annotated[
+        bool, typer.Option(help="Measure the codec's rate-distortion (a server profile may skip it).")
+    ] = True,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads, as the device will run (default: torch's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16.")] = "float32",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt of the timing run.")] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="Decode steps of the timing run.")] = 32,
+) -> None:
+    """Measure what a split of MODEL costs on this machine: per-layer prefill and decode time, weights and KV per
+    token, and the codec's rate-distortion at each candidate split. Run it on the edge and on the server."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_text, resolve_model, token_windows
+    from .tuning.profile import DEFAULT_DOWNLINK_STEPS, DEFAULT_STEPS, profile_model
+
+    path = resolve_model(model)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    windows = None
+    if rate_distortion:
+        windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
+    result = profile_model(
+        lm,
+        model,
+        windows,
+        text,
+        _numbers(splits, int),
+        _numbers(steps, float) or DEFAULT_STEPS,
+        DEFAULT_DOWNLINK_STEPS if downlink_steps is None else _numbers(downlink_steps, float) or (),
+        prompt_tokens,
+        decode_tokens,
+    )
+    written = result.save(out)
+    e, n = result.edge, result.num_layers
+    print(
+        f"{model}: {n} layers, decode step {e['decode_step_ms']:.1f} ms (layers "
+        f"{sum(layer.decode_ms for layer in result.layers):.1f}, overhead {e['step_overhead_ms']:.1f}) with "
+        f"{result.machine['torch_threads']} threads; {len(result.rate_distortion)} rate-distortion points at splits "
+        f"{result.split_layers()}; written to {written}"
+    )
+
+
+def _numbers(text: str | None, kind: type) -> list[Any] | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return [kind(x) for x in text.replace(" ", ",").split(",") if x]
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+@app.command()
+def search(
+    edge_profile: Annotated[Path, typer.Option(help="Profile of the client device (slicer-hf profile).")],
+    server_profile: Annotated[Path, typer.Option(help="Profile of the server machine.")],
+    uplink_mbps: Annotated[float, typer.Option(help="Uplink rate, Mbit/s.")],
+    downlink_mbps: Annotated[float, typer.Option(help="Downlink rate, Mbit/s.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the chosen SlicerConfig folder here.")] = None,
+    rtt_ms: Annotated[float, typer.Option(help="Round-trip time, ms.")] = 0.0,
+    max_kl: Annotated[float | None, typer.Option(help="Mean KL to the unsplit model, nats/token.")] = None,
+    max_ppl_increase: Annotated[float | None, typer.Option(help="Perplexity increase, percent.")] = None,
+    edge_memory_gb: Annotated[float | None, typer.Option(help="The edge's weights + KV cache, GB.")] = None,
+    max_token_latency_ms: Annotated[float | None, typer.Option(help="Per decode token, ms.")] = None,
+    objective: Annotated[str, typer.Option(help="latency, server-compute or uplink.")] = "latency",
+    context_tokens: Annotated[int, typer.Option(help="Positions the edge's KV cache must hold.")] = 2048,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the time-to-first-token figure.")] = 64,
+    overhead_ms: Annotated[float, typer.Option(help="Per-step gRPC/protocol/scheduling time.")] = 2.0,
+    splits: Annotated[str | None, typer.Option(help="Consider only these split layers, e.g. 20,24.")] = None,
+    compress_downlink: Annotated[bool, typer.Option(help="Consider ECSQ on the downlink too.")] = True,
+    adaptive: Annotated[
+        bool, typer.Option(help="Write an adaptive-bitrate ladder holding --max-token-latency-ms.")
+    ] = False,
+    base_config: Annotated[str | None, typer.Option(help="SlicerConfig whose other fields the choice keeps.")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(help="Also upload the choice to this Hub repo.")] = None,
+) -> None:
+    """Choose the split layer and codec knobs for a client's device, link and quality budget: prints the Pareto
+    candidates with their predicted figures and writes the chosen SlicerConfig with the predictions beside it."""
+    from .config import SlicerConfig
+    from .errors import ConfigError
+    from .tuning.planner import Constraints, InfeasibleError, LinkSpec
+    from .tuning.planner import search as run_search
+
+    if max_kl is not None and max_ppl_increase is not None:
+        raise typer.BadParameter("give --max-kl or --max-ppl-increase, not both")
+    try:
+        result = run_search(
+            edge_profile,
+            server_profile,
+            LinkSpec(uplink_mbps, downlink_mbps, rtt_ms, overhead_ms),
+            Constraints(max_kl, max_ppl_increase, edge_memory_gb, max_token_latency_ms, context_tokens, prompt_tokens),
+            objective,
+            SlicerConfig.from_pretrained(base_config) if base_config else None,
+            _numbers(splits, int),
+            compress_downlink,
+            adaptive,
+        )
+    except InfeasibleError as exc:
+        print(f"infeasible: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from exc
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    print(f"{result.chosen.label()} (objective: {objective}; {len(result.ranked)} feasible candidates)\n")
+    print(result.table())
+    if out is not None:
+        print(f"\nwritten to {result.save(out)}")
+    if push_to_hub:
+        print(f"pushed to {result.push_to_hub(push_to_hub)}")
+
+
 BENCH_SUITES = {
     "rate-distortion": "rate_distortion",
     "server-compute": "server_compute",

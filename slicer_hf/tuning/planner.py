@@ -356,9 +356,23 @@ def _violations(c: Candidate, limits: dict[str, float]) -> dict[str, float]:
 
 
 def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> InfeasibleError:
-    nearest = min(cands, key=lambda c: (max(_violations(c, limits).values()), c.prediction.token_latency_ms))
+    """The error for constraints no candidate meets together. The binding constraint is the one that needs the
+    least relaxing: among the candidates that meet every other constraint, the nearest is the one closest to it. When
+    no single relaxation is enough, the nearest is the candidate whose worst violation is smallest."""
+    best: list[tuple[float, str, Candidate]] = []
+    for name in limits:
+        others = {n: v for n, v in limits.items() if n != name}
+        meet = [c for c in cands if all(r <= 1.0 for r in _violations(c, others).values())]
+        if meet:
+            c = min(meet, key=lambda c: _violations(c, {name: limits[name]})[name])
+            best.append((_violations(c, {name: limits[name]})[name], name, c))
+    if best:
+        _, binding, nearest = min(best, key=lambda t: t[0])
+    else:
+        nearest = min(cands, key=lambda c: (max(_violations(c, limits).values()), c.prediction.token_latency_ms))
+        ratios = _violations(nearest, limits)
+        binding = max(ratios, key=ratios.get)
     ratios = _violations(nearest, limits)
-    binding = max(ratios, key=ratios.get)
     unit = {"kl": " nats", "ppl_change_pct": "%", "edge_memory_gb": " GB", "token_latency_ms": " ms"}
     missed = [
         f"{CONSTRAINT_NAMES[n]}={limits[n]:g}{unit[n]} (it predicts {getattr(nearest.prediction, n):.4g}{unit[n]})"

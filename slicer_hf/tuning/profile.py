@@ -147,6 +147,7 @@ class Profile:
         if target.suffix != ".json":
             target.mkdir(parents=True, exist_ok=True)
             target = target / PROFILE_NAME
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return target
 

@@ -1,0 +1,131 @@
+"""Adaptive bitrate: the controller holds a latency target through a link that slows down, never goes below its
+quality floor, comes back when the link recovers, does not flap; and a split generation moves its ECSQ step
+between decode steps with the server decoding every packet from its own header."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from slicer_hf import ConfigError, SlicerConfig, SlicerModelForCausalLM, build_codec
+from slicer_hf.bitrate import BitrateController
+
+STEPS = (0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)
+LADDER = [(s, 2300 + 576 * math.log2(0.3 / s)) for s in STEPS]  # one bit per coordinate per halving of the step
+BITS = dict(LADDER)
+
+
+def simulate(rates_bits_per_ms, controller=None, fixed=None, compute_ms=45.0, jitter_ms=3.0, seed=0):
+    """Per-token latencies over a link whose rate follows `rates_bits_per_ms`, and the step each token used."""
+    rnd = random.Random(seed)
+    latencies, steps = [], []
+    for rate in rates_bits_per_ms:
+        step = controller.step if controller else fixed
+        latency = compute_ms + rnd.gauss(0, jitter_ms) + BITS[step] / rate
+        if controller:
+            controller.observe(latency, BITS[step])
+        latencies.append(latency)
+        steps.append(step)
+    return latencies, steps
+
+
+def p90(values):
+    return sorted(values)[int(0.9 * len(values))]
+
+
+DROP = [2000.0] * 40 + [64.0] * 80 + [2000.0] * 40  # 2 Mbit/s, then 64 kbit/s, then 2 Mbit/s again
+
+
+def test_the_controller_holds_the_target_where_every_fixed_step_of_equal_quality_misses_it():
+    controller = BitrateController(LADDER, target_ms=75.0, start=0)
+    latencies, steps = simulate(DROP, controller)
+    assert p90(latencies[40:120]) < 75.0
+    mean_step = sum(steps) / len(steps)  # coarser steps cost quality: compare fixed steps at least as fine
+    for fixed in (s for s in STEPS if s <= mean_step):
+        fixed_latencies, _ = simulate(DROP, fixed=fixed)
+        assert p90(fixed_latencies[40:120]) > 75.0, fixed
+    assert steps[0] == 0.1 and steps[-1] == 0.1  # fine while the link is fast, fine again once it recovers
+    assert max(steps[60:120]) <= 1.0 and min(steps[60:120]) >= 0.8  # settles on the finest rung that fits
+
+
+def test_the_controller_never_goes_below_the_quality_floor():
+    controller = BitrateController(LADDER[:5], target_ms=50.0)
+    _, steps = simulate([16.0] * 60, controller)  # no rung can make 50 ms here
+    assert max(steps) == LADDER[4][0] and controller.level == 4
+
+
+def test_the_controller_does_not_flap_on_a_steady_link():
+    controller = BitrateController(LADDER, target_ms=75.0, start=3)
+    simulate([64.0] * 300, controller, seed=1)
+    assert len(controller.changes) <= 8
+    assert controller.changes[0]["token"] <= 3  # the first move comes at once
+
+
+def test_moves_are_recorded_with_the_token_and_the_new_step():
+    controller = BitrateController(LADDER, target_ms=60.0)
+    simulate([32.0] * 10, controller)
+    first = controller.changes[0]
+    assert set(first) == {"token", "step", "median_ms"} and first["step"] > LADDER[0][0]
+
+
+@pytest.mark.parametrize(
+    "ladder, target, start",
+    [
+        ([], 50, 0),
+        ([(0.3, 100), (0.2, 200)], 50, 0),
+        ([(0.2, 100), (0.3, 200)], 50, 0),
+        (LADDER, 0, 0),
+        (LADDER, 50, 9),
+    ],
+)
+def test_bad_ladders_and_targets_are_refused(ladder, target, start):
+    with pytest.raises(ValueError):
+        BitrateController(ladder, target, start=start)
+
+
+def test_the_config_checks_its_ladder():
+    with pytest.raises(ConfigError, match="go together"):
+        SlicerConfig(quantizer="ecsq", bitrate_ladder=LADDER)
+    with pytest.raises(ConfigError, match="ecsq"):
+        SlicerConfig(bitrate_ladder=LADDER, target_token_latency_ms=50)
+    with pytest.raises(ConfigError, match="fine to coarse"):
+        SlicerConfig(quantizer="ecsq", bitrate_ladder=LADDER[::-1], target_token_latency_ms=50)
+    config = SlicerConfig(quantizer="ecsq", step=0.3, bitrate_ladder=LADDER, target_token_latency_ms=50)
+    assert SlicerConfig.from_dict(config.to_dict()) == config
+    assert config.bitrate_controller().step == 0.3
+    assert SlicerConfig().bitrate_controller() is None
+
+
+def test_an_ecsq_packet_carries_its_step_so_any_ecsq_decoder_reads_it():
+    x = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(0))
+    coarse = build_codec("slicer", quantizer="ecsq", step=1.0)
+    announced = build_codec("slicer", quantizer="ecsq", step=0.3)
+    packet = coarse.encode(x)
+    assert torch.equal(announced.decode(packet), coarse.decode(packet))
+
+
+def test_split_generation_moves_the_step_and_the_server_decodes_every_packet():
+    base = tiny_model("llama").eval()
+    ladder = ((0.2, 900.0), (0.6, 600.0), (1.5, 300.0))
+    config = SlicerConfig(
+        split_layer=2, quantizer="ecsq", step=0.2, bitrate_ladder=ladder, target_token_latency_ms=1e-3
+    )  # a target no token can meet: every decision moves coarser, down to the floor
+    model = SlicerModelForCausalLM.from_model(base, config)
+    codec = model._link_for(2).codec
+    sent_steps = []
+    encode = codec.encode
+    codec.encode = lambda x: (sent_steps.append(codec.step), encode(x))[1]
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape[1] == 13
+    assert sent_steps[0] == 0.2 and sent_steps[-1] == 1.5  # the prompt at the start rung, the last steps at the floor
+    changes = model.wire_stats().bitrate_changes
+    assert [c["step"] for c in changes] == [s for s in (0.6, 1.5) if s in [c["step"] for c in changes]]
+    assert changes[-1]["step"] == 1.5
+    assert model.split_server.stats_dict()["sessions_active"] == 1  # no error closed the session
+    again = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert again.shape[1] == 8 and sent_steps[-1] == 1.5  # a new generation keeps the rung; its first gap is no token

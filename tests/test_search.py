@@ -1,0 +1,300 @@
+"""SLICER-Search: profiles round-trip and refuse bad input; the planner predicts, ranks by the objective, respects
+every constraint, names the binding one when none can be met, and writes a config that loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from slicer_hf import ConfigError, SlicerConfig
+from slicer_hf.cli import app
+from slicer_hf.tuning import (
+    Constraints,
+    InfeasibleError,
+    LayerCost,
+    LinkSpec,
+    Profile,
+    RatePoint,
+    profile_model,
+    search,
+)
+from slicer_hf.tuning.planner import _pareto, _step_header_bits, candidates, predict
+from slicer_hf.tuning.profile import PROFILE_FORMAT, default_splits
+
+L, D = 8, 64
+STEPS = (0.2, 0.4, 0.8, 1.6)
+
+
+def synthetic_profile(layer_ms: float = 2.0, fingerprint: str = "f" * 16) -> Profile:
+    """An 8-layer model: each layer `layer_ms` per decode token and 1 MB of weights; ECSQ bits fall by one bit per
+    coordinate each time the step doubles; KL grows as step^2 and is larger at deeper splits."""
+    points = []
+    for k in range(2, L, 2):
+        for s in STEPS:
+            bits = D * (4 - math.log2(s / 0.2)) + 40
+            kl = 0.002 * (s / 0.2) ** 2 * (1 + k / L)
+            points.append(RatePoint(k, "slicer", s, bits, kl, 10 * kl, 0.99, 0.2, 0.1))
+        points.append(RatePoint(k, "fp16", None, 16 * D + 32, 1e-6, 0.0, 1.0, 0.01, 0.01))
+    points += [RatePoint(L, "slicer", s, D * 3.0, 0.001 * s / 0.1, 0.01 * s / 0.1, 0.99, 0.1, 0.1) for s in (0.1, 0.2)]
+    return Profile(
+        machine={"cpu": "test", "torch_threads": 1},
+        versions={"torch": torch.__version__},
+        model={
+            "id": "synthetic",
+            "num_hidden_layers": L,
+            "hidden_size": D,
+            "vocab_size": 100,
+            "fingerprint": fingerprint,
+        },
+        layers=[LayerCost(layer_ms / 4, layer_ms, 1_000_000, 1024) for _ in range(L)],
+        edge={
+            "embed_decode_ms": 0.1,
+            "head_decode_ms": 0.5,
+            "step_overhead_ms": 1.0,
+            "decode_step_ms": L * layer_ms + 1.6,
+            "embed_bytes": 2e6,
+            "head_bytes": 0.0,
+            "other_bytes": 0.0,
+        },
+        rate_distortion=points,
+        calibration={"text": "synthetic"},
+    )
+
+
+EDGE, SERVER = synthetic_profile(layer_ms=4.0), synthetic_profile(layer_ms=1.0)
+FAST, SLOW = LinkSpec(100.0, 100.0), LinkSpec(0.05, 100.0)
+
+
+# ------------------------------------------------------------------------------------------- profiles
+def test_a_profile_of_a_real_model_round_trips_through_json(tmp_path):
+    model = tiny_model("llama").eval()
+    windows = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    profile = profile_model(
+        model, "tiny", windows, "random", split_layers=[1, 3], steps=(0.3, 1.0), downlink_steps=(0.1,), repeats=1
+    )
+    assert profile.num_layers == 4 and profile.split_layers() == [1, 3]
+    assert {(p.split_layer, p.codec, p.step) for p in profile.rate_distortion} == {
+        (1, "slicer", 0.3), (1, "slicer", 1.0), (1, "fp16", None), (3, "slicer", 0.3), (3, "slicer", 1.0),
+        (3, "fp16", None), (4, "slicer", 0.1),
+    }  # fmt: skip
+    assert all(
+        layer.decode_ms > 0 and layer.weight_bytes > 0 and layer.kv_bytes_per_token > 0 for layer in profile.layers
+    )
+    coarse, fine = (next(p for p in profile.points(1) if p.step == s) for s in (1.0, 0.3))
+    assert coarse.bits_per_token < fine.bits_per_token
+    assert profile.machine["torch_threads"] == torch.get_num_threads() and "transformers" in profile.versions
+    assert Profile.load(profile.save(tmp_path)) == profile
+    assert Profile.load(profile.save(tmp_path / "p.json")) == profile
+
+
+def test_default_splits_spread_over_the_model_and_hold_three_quarters():
+    assert default_splits(30) == [3, 6, 9, 12, 15, 18, 21, 22, 24, 27]
+    assert default_splits(4) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(format="other/1"), "format"),
+        (lambda d: d.pop("layers"), "malformed"),
+        (lambda d: d["layers"].pop(), "layers for a model of"),
+        (lambda d: d["rate_distortion"][0].update(split_layer=99), "outside"),
+        (lambda d: d["layers"][0].update(bogus=1), "malformed"),
+    ],
+)
+def test_a_broken_profile_is_refused_with_what_is_wrong(tmp_path, change, message):
+    data = json.loads(json.dumps(EDGE.to_dict()))
+    change(data)
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message):
+        Profile.load(tmp_path / "p.json")
+
+
+def test_missing_or_non_json_profiles_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no profile"):
+        Profile.load(tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not JSON"):
+        Profile.load(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="JSON object"):
+        Profile.from_dict([1, 2])
+
+
+# ------------------------------------------------------------------------------------------- predictions
+def test_a_prediction_adds_edge_server_and_link_time():
+    up = next(p for p in EDGE.points(4) if p.step == 0.4)
+    p = predict(EDGE, SERVER, 4, up, None, FAST, Constraints())
+    assert p.edge_ms == pytest.approx(0.1 + 4 * 4.0 + 0.5 + 1.0 + up.encode_ms)
+    assert p.server_ms == pytest.approx(4 * 1.0 + up.decode_ms)
+    assert p.token_latency_ms == pytest.approx(p.edge_ms + p.server_ms + p.link_ms)
+    assert p.uplink_bits == pytest.approx(up.bits_per_token + _step_header_bits())
+    assert p.downlink_bits > 32 * D  # the exact float32 reply
+    slow = predict(EDGE, SERVER, 4, up, None, SLOW, Constraints())
+    extra = (p.uplink_bits + 8 * SLOW.framing_bytes_up) * (1 / 50 - 1 / 100_000)  # ms at 0.05 vs 100 Mbit/s
+    assert slow.link_ms - p.link_ms == pytest.approx(extra)
+    assert p.edge_memory_gb == pytest.approx((2e6 + 4e6 + 2048 * 4 * 1024) / 1e9)
+
+
+def test_a_compressed_downlink_adds_its_kl_and_shrinks_the_reply():
+    up = next(p for p in EDGE.points(4) if p.step == 0.4)
+    down = EDGE.points(L)[0]
+    exact, lossy = (predict(EDGE, SERVER, 4, up, d, FAST, Constraints()) for d in (None, down))
+    assert lossy.kl == pytest.approx(exact.kl + down.kl) and lossy.downlink_bits < exact.downlink_bits / 5
+
+
+def test_the_pareto_set_holds_no_dominated_candidate():
+    cands = candidates(EDGE, SERVER, SLOW, Constraints())
+    front = _pareto(cands)
+    key = lambda c: (c.prediction.token_latency_ms, c.prediction.server_ms, c.prediction.uplink_bits, c.prediction.kl)
+    for c in front:
+        assert not any(all(a <= b for a, b in zip(key(o), key(c))) and key(o) != key(c) for o in cands)
+    assert len(front) < len(cands)
+
+
+# ------------------------------------------------------------------------------------------- choosing
+def test_each_objective_picks_its_own_best_feasible_candidate():
+    budget = Constraints(max_kl=0.02)
+    by = {obj: search(EDGE, SERVER, SLOW, budget, obj) for obj in ("latency", "server-compute", "uplink")}
+    for result in by.values():
+        assert all(c.prediction.kl <= 0.02 for c in result.ranked)
+        assert result.chosen == result.ranked[0]
+    feasible = by["latency"].ranked
+    assert by["latency"].chosen.prediction.token_latency_ms == min(c.prediction.token_latency_ms for c in feasible)
+    assert by["server-compute"].chosen.split_layer == 6  # the deepest profiled split: the server runs least
+    assert by["uplink"].chosen.prediction.uplink_bits == min(c.prediction.uplink_bits for c in feasible)
+    assert by["uplink"].chosen.step > 0.2
+
+
+def test_tighter_budgets_move_the_choice():
+    loose = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.05), "uplink").chosen
+    strict = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.004), "uplink").chosen
+    assert strict.step < loose.step and strict.prediction.kl <= 0.004
+    roomy = search(EDGE, SERVER, FAST, Constraints(max_kl=0.05), "server-compute").chosen
+    small = search(EDGE, SERVER, FAST, Constraints(max_kl=0.05, edge_memory_gb=0.015), "server-compute").chosen
+    assert small.split_layer < roomy.split_layer and small.prediction.edge_memory_gb <= 0.015
+
+
+def test_a_slow_uplink_makes_the_latency_objective_spend_fewer_bits():
+    fast = search(EDGE, SERVER, FAST, Constraints(max_kl=0.05), "latency").chosen
+    slow = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.05), "latency").chosen
+    assert slow.prediction.uplink_bits < fast.prediction.uplink_bits
+
+
+def test_infeasible_constraints_name_the_binding_one_and_the_nearest_point():
+    with pytest.raises(InfeasibleError) as caught:
+        search(EDGE, SERVER, SLOW, Constraints(max_kl=0.02, max_token_latency_ms=5.0))
+    err = caught.value
+    assert err.binding == "max_token_latency_ms"
+    assert err.nearest.prediction.kl <= 0.02  # it meets the other budget
+    assert "max_token_latency_ms=5 ms" in str(err) and "relax max_token_latency_ms to" in str(err)
+    assert "Even alone, no candidate meets max_token_latency_ms" in str(err)
+    with pytest.raises(InfeasibleError, match="binding one is max_kl") as caught:
+        search(EDGE, SERVER, FAST, Constraints(max_kl=1e-9))
+    assert caught.value.nearest.codec == "fp16"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"objective": "speed"}, "objective must be one of"),
+        ({"server": synthetic_profile(fingerprint="0" * 16)}, "different models"),
+        ({"splits": [3]}, "no rate-distortion points at the split layers"),
+        ({"adaptive": True}, "needs max_token_latency_ms"),
+    ],
+)
+def test_bad_search_arguments_are_refused(kwargs, message):
+    args = {"edge": EDGE, "server": SERVER, "link": FAST, "constraints": Constraints(), **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        search(**args)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LinkSpec(0, 1),
+        lambda: LinkSpec(1, float("nan")),
+        lambda: LinkSpec(1, 1, rtt_ms=-1),
+        lambda: Constraints(max_kl=-0.1),
+        lambda: Constraints(context_tokens=0),
+    ],
+)
+def test_bad_links_and_budgets_are_refused(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_profiles_without_rate_distortion_points_cannot_be_searched():
+    bare = dataclasses.replace(EDGE, rate_distortion=[])
+    with pytest.raises(ConfigError, match="rate-distortion"):
+        search(bare, bare, FAST)
+    assert search(bare, SERVER, FAST).chosen  # the server's points serve when the edge skipped them
+
+
+def test_the_choice_saves_as_a_config_with_its_predictions(tmp_path):
+    result = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.02), "uplink")
+    result.save(tmp_path)
+    config = SlicerConfig.from_pretrained(tmp_path)
+    chosen = result.chosen
+    assert (config.split_layer, config.codec, config.quantizer, config.step) == (
+        chosen.split_layer,
+        "slicer",
+        "ecsq",
+        chosen.step,
+    )
+    assert config.num_hidden_layers == L and config.model_id == "synthetic"
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["chosen"]["label"] == chosen.label() and saved["feasible"] == len(result.ranked)
+    assert saved["profiles"]["edge"]["machine"]["cpu"] == "test"
+
+
+def test_adaptive_writes_a_ladder_within_the_quality_floor():
+    result = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.01, max_token_latency_ms=200), adaptive=True)
+    config = result.config
+    assert config.target_token_latency_ms == 200 and config.step in [s for s, _ in config.bitrate_ladder]
+    k = config.split_layer
+    allowed = {p.step for p in EDGE.points(k) if p.codec == "slicer" and p.kl + _down_kl(result) <= 0.01}
+    assert {s for s, _ in config.bitrate_ladder} == allowed
+    assert config.bitrate_controller().step == config.step
+
+
+def _down_kl(result) -> float:
+    step = result.chosen.downlink_step
+    return 0.0 if step is None else next(p.kl for p in EDGE.points(L) if p.step == step)
+
+
+# ------------------------------------------------------------------------------------------- the commands
+def test_the_search_command_prints_the_pareto_set_and_writes_the_choice(tmp_path):
+    EDGE.save(tmp_path / "edge.json")
+    SERVER.save(tmp_path / "server.json")
+    args = ["search", "--edge-profile", str(tmp_path / "edge.json"), "--server-profile", str(tmp_path / "server.json")]
+    args += ["--uplink-mbps", "0.05", "--downlink-mbps", "100", "--max-kl", "0.02", "--objective", "uplink"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "choice")])
+    assert result.exit_code == 0, result.output
+    assert "| * |" in result.output and "written to" in result.output
+    assert SlicerConfig.from_pretrained(tmp_path / "choice").split_layer in (2, 4, 6)
+    tight = CliRunner().invoke(app, [*args, "--max-token-latency-ms", "1"])
+    assert tight.exit_code == 2 and "binding one is max_token_latency_ms" in tight.output
+    both = CliRunner().invoke(app, [*args, "--max-ppl-increase", "1"])
+    assert both.exit_code != 0 and "not both" in both.output
+
+
+def test_the_profile_command_measures_a_model_folder(tmp_path):
+    from live import tiny_smol_dir
+
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["profile", "--model", str(folder), "--out", str(tmp_path / "prof"), "--text", str(text)]
+    args += ["--tokens", "64", "--window", "32", "--splits", "2", "--steps", "0.5", "--downlink-steps", ""]
+    result = CliRunner().invoke(app, [*args, "--threads", "1", "--decode-tokens", "4", "--prompt-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    profile = Profile.load(tmp_path / "prof")
+    assert profile.format == PROFILE_FORMAT and profile.machine["torch_threads"] == 1
+    assert [(p.split_layer, p.codec) for p in profile.rate_distortion] == [(2, "slicer"), (2, "fp16")]
+    assert profile.calibration["tokens"] == 64
