@@ -11,12 +11,17 @@ from .encoders import (
 from .errors import CodecError, ConfigError, ProtocolError, SlicerError, TransportError
 from .link import WireStats
 from .modeling import SlicerGenerationMixin, SlicerModelForCausalLM
+from .tuning import Constraints, InfeasibleError, LinkSpec, Profile, search
 from .version import __version__
 
 __all__ = [
     "Codec",
     "CodecError",
     "ConfigError",
+    "Constraints",
+    "InfeasibleError",
+    "LinkSpec",
+    "Profile",
     "ProtocolError",
     "SlicerConfig",
     "SlicerError",
@@ -30,4 +35,5 @@ __all__ = [
     "WireStats",
     "__version__",
     "build_codec",
+    "search",
 ]

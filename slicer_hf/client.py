@@ -27,7 +27,13 @@ def wire_report(stats: WireStats, hidden_size: int) -> str:
         f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages: "
         f"{stats.downlink_bits_per_token:,.0f} bits/token"
         + (f"\n  failovers {stats.failovers}" if stats.failovers else "")
+        + (_bitrate_line(stats.bitrate_changes) if stats.bitrate_changes else "")
     )
+
+
+def _bitrate_line(changes: list[dict[str, float]]) -> str:
+    steps = " -> ".join(f"{c['step']:g} (token {c['token']:.0f})" for c in changes[-6:])
+    return f"\n  adaptive bitrate: {len(changes)} step changes{' (the last 6)' if len(changes) > 6 else ''}: {steps}"
 
 
 @dataclass

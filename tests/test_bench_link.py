@@ -40,7 +40,7 @@ def test_link_names_addresses_and_commands():
     assert setup[0] == f"ip netns add {link.name}"
     assert f"ip link add {link.host_dev} type veth peer name {link.ns_dev}" in setup
     assert f"ip netns exec {link.name} ip addr add {link.ns_addr}/30 dev {link.ns_dev}" in setup
-    uplink, downlink = link.shape_commands(10)  # one tbf on each end: each direction is limited
+    uplink, downlink = link.shape_commands(10, 10)  # one tbf on each end: each direction is limited
     assert uplink == bench.tbf_command(link.host_dev, 10) and downlink == bench.tbf_command(link.ns_dev, 10, link.name)
     assert [c[:3] for c in link.teardown_commands()] == [["ip", "link", "del"], ["ip", "netns", "del"]]
 

@@ -133,11 +133,11 @@ class ShapedLink:
             [*ns, "ip", "link", "set", "lo", "up"],
         ]
 
-    def shape_commands(self, rate_mbit: float | None) -> list[list[str]]:
-        """Uplink (this side's egress) and downlink (the namespace side's egress), each at `rate_mbit`."""
+    def shape_commands(self, uplink_mbit: float | None, downlink_mbit: float | None) -> list[list[str]]:
+        """Uplink (this side's egress) at `uplink_mbit`, downlink (the namespace side's egress) at `downlink_mbit`."""
         return [
-            tbf_command(self.host_dev, rate_mbit, burst=self.burst),
-            tbf_command(self.ns_dev, rate_mbit, self.name, burst=self.burst),
+            tbf_command(self.host_dev, uplink_mbit, burst=self.burst),
+            tbf_command(self.ns_dev, downlink_mbit, self.name, burst=self.burst),
         ]
 
     def teardown_commands(self) -> list[list[str]]:
@@ -174,9 +174,13 @@ class ShapedLink:
 
     def set_rate(self, rate_mbit: float | None) -> None:
         """Shape both directions to `rate_mbit` Mbit/s (None: no shaping)."""
-        for cmd in self.shape_commands(rate_mbit):
-            _run(cmd, check=rate_mbit is not None)  # deleting an absent qdisc fails harmlessly
-        self.rate_mbit = rate_mbit
+        self.set_rates(rate_mbit, rate_mbit)
+
+    def set_rates(self, uplink_mbit: float | None, downlink_mbit: float | None) -> None:
+        """Shape each direction on its own (None: no shaping that way)."""
+        for cmd, rate in zip(self.shape_commands(uplink_mbit, downlink_mbit), (uplink_mbit, downlink_mbit)):
+            _run(cmd, check=rate is not None)  # deleting an absent qdisc fails harmlessly
+        self.rate_mbit = uplink_mbit if uplink_mbit == downlink_mbit else None
 
     def byte_counters(self) -> tuple[int, int]:
         """Bytes sent and received by this side's veth end (uplink, downlink), all headers included."""

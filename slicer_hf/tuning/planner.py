@@ -326,13 +326,23 @@ def candidates(
 
 
 # ------------------------------------------------------------------------------------------- choosing
-def _objective_key(objective: str) -> Any:
-    keys = {
-        "latency": lambda c: (c.prediction.token_latency_ms, c.prediction.server_ms, c.prediction.kl),
-        "server-compute": lambda c: (c.prediction.server_ms, c.prediction.token_latency_ms, c.prediction.kl),
-        "uplink": lambda c: (c.prediction.uplink_bits, c.prediction.token_latency_ms, c.prediction.kl),
-    }
-    return keys[objective]
+OBJECTIVE_FIELDS = {  # the objective, then what breaks near-ties
+    "latency": ("token_latency_ms", "server_ms"),
+    "server-compute": ("server_ms", "token_latency_ms"),
+    "uplink": ("uplink_bits", "token_latency_ms"),
+}
+TIE = 0.01  # candidates within 1% of each other on the objective are a tie: predictions are not finer than that
+
+
+def _rank(cands: Sequence[Candidate], objective: str) -> list[Candidate]:
+    """Best first: by the objective, where values within `TIE` of the best count as equal and the second field
+    (then KL) decides among them."""
+    first, second = OBJECTIVE_FIELDS[objective]
+    ranked = sorted(cands, key=lambda c: (getattr(c.prediction, first), getattr(c.prediction, second), c.prediction.kl))
+    best = getattr(ranked[0].prediction, first)
+    ties = [c for c in ranked if getattr(c.prediction, first) <= best * (1 + TIE)]
+    ties.sort(key=lambda c: (getattr(c.prediction, second), c.prediction.kl))
+    return ties + [c for c in ranked if c not in ties]
 
 
 def _pareto(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -416,7 +426,8 @@ def search(
         splits: consider only these split layers (default: every one profiled).
         compress_downlink: also consider ECSQ on the downlink (the profiled downlink steps).
         adaptive: write an adaptive-bitrate ladder (the ECSQ steps at the chosen split within the quality budget)
-            and `max_token_latency_ms` as its target into the config.
+            and `max_token_latency_ms` as its target into the config; it starts at the finest step predicted to
+            meet the target.
 
     Raises:
         InfeasibleError: no candidate meets every constraint (it names the binding one and the nearest point).
@@ -438,21 +449,27 @@ def search(
     feasible = [c for c in every if all(v <= 1.0 for v in _violations(c, limits).values())]
     if not feasible:
         raise _infeasible(every, limits)
-    ranked = sorted(feasible, key=_objective_key(objective))
-    pareto = sorted(_pareto(feasible), key=_objective_key(objective))
+    ranked = _rank(feasible, objective)
+    pareto = _rank(_pareto(feasible), objective)
     config = _config_of(ranked[0], edge, base or SlicerConfig())
     if adaptive:  # every ECSQ step at the chosen split and downlink within the quality budget
-        quality = {n: v for n, v in limits.items() if n in ("kl", "ppl_change_pct")}
         first = ranked[0]
-        ladder = sorted(
-            (c.step, c.prediction.uplink_bits - _step_header_bits())
-            for c in every
-            if (c.split_layer, c.codec, c.downlink_step) == (first.split_layer, "slicer", first.downlink_step)
-            and all(v <= 1.0 for v in _violations(c, quality).values())
-        )
         if first.codec != "slicer":
             raise ConfigError("adaptive bitrate moves the ECSQ step, but the choice sends fp16: pass a looser budget")
-        config = config.replace(bitrate_ladder=tuple(ladder), target_token_latency_ms=constraints.max_token_latency_ms)
+        quality = {n: v for n, v in limits.items() if n in ("kl", "ppl_change_pct")}
+        rungs = sorted(
+            (
+                c
+                for c in every
+                if (c.split_layer, c.codec, c.downlink_step) == (first.split_layer, "slicer", first.downlink_step)
+                and all(v <= 1.0 for v in _violations(c, quality).values())
+            ),
+            key=lambda c: c.step,
+        )
+        target = constraints.max_token_latency_ms
+        start = next((c for c in rungs if c.prediction.token_latency_ms <= target), rungs[-1])  # finest that fits
+        ladder = tuple((c.step, c.prediction.uplink_bits - _step_header_bits()) for c in rungs)
+        config = config.replace(step=start.step, bitrate_ladder=ladder, target_token_latency_ms=target)
     profiles = {
         role: {"machine": p.machine, "versions": p.versions, "model": p.model, "calibration": p.calibration}
         for role, p in (("edge", edge), ("server", server))
