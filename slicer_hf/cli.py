@@ -420,6 +420,9 @@ def search(
     context_tokens: Annotated[int, typer.Option(help="Positions the edge's KV cache must hold.")] = 2048,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the time-to-first-token figure.")] = 64,
     overhead_ms: Annotated[float, typer.Option(help="Per-step gRPC/protocol/scheduling time.")] = 2.0,
+    burst_bytes: Annotated[
+        int, typer.Option(help="Token bucket of a shaped link, bytes (0: a physical line, every byte is serialized).")
+    ] = 0,
     splits: Annotated[str | None, typer.Option(help="Consider only these split layers, e.g. 20,24.")] = None,
     compress_downlink: Annotated[bool, typer.Option(help="Consider ECSQ on the downlink too.")] = True,
     adaptive: Annotated[
@@ -441,7 +444,7 @@ def search(
         result = run_search(
             edge_profile,
             server_profile,
-            LinkSpec(uplink_mbps, downlink_mbps, rtt_ms, overhead_ms),
+            LinkSpec(uplink_mbps, downlink_mbps, rtt_ms, overhead_ms, burst_bytes=burst_bytes),
             Constraints(max_kl, max_ppl_increase, edge_memory_gb, max_token_latency_ms, context_tokens, prompt_tokens),
             objective,
             SlicerConfig.from_pretrained(base_config) if base_config else None,

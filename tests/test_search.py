@@ -298,3 +298,15 @@ def test_the_profile_command_measures_a_model_folder(tmp_path):
     assert profile.format == PROFILE_FORMAT and profile.machine["torch_threads"] == 1
     assert [(p.split_layer, p.codec) for p in profile.rate_distortion] == [(2, "slicer"), (2, "fp16")]
     assert profile.calibration["tokens"] == 64
+
+
+def test_a_token_bucket_link_costs_nothing_until_a_token_outgrows_its_refill():
+    up = next(p for p in EDGE.points(4) if p.step == 0.4)
+    line = predict(EDGE, SERVER, 4, up, None, LinkSpec(1.0, 1.0), Constraints())
+    shaped = predict(EDGE, SERVER, 4, up, None, LinkSpec(1.0, 1.0, burst_bytes=1 << 20), Constraints())
+    compute = shaped.edge_ms + shaped.server_ms + 2.0  # + the per-step overhead
+    assert shaped.token_latency_ms == pytest.approx(compute)  # the bucket refills between tokens
+    serialized = (line.uplink_bits + line.downlink_bits) / 8 + 2 * 140
+    assert line.token_latency_ms == pytest.approx(compute + serialized / 125.0)  # 1 Mbit/s = 125 bytes/ms
+    crawl = predict(EDGE, SERVER, 4, up, None, LinkSpec(1.0, 0.01, burst_bytes=1 << 20), Constraints())
+    assert crawl.token_latency_ms == pytest.approx((crawl.downlink_bits / 8 + 140) / 1.25)  # the link sets the pace

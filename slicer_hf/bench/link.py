@@ -159,6 +159,7 @@ def measure_generation(
     def snapshot() -> None:
         at_prefill.update(wire=dataclasses.replace(model.wire_stats()), waits=len(waits), encodes=len(encodes))
         at_prefill["server"] = server_compute_s()
+        at_prefill["link"] = link.byte_counters()
 
     model.reset_wire_stats()
     clock = _TokenClock(snapshot)
@@ -204,6 +205,8 @@ def measure_generation(
         "uplink_bits_per_position": stats.uplink_bits_per_token,
         "downlink_bits_per_position": stats.downlink_bits_per_token,
         "link_uplink_bytes": tx1 - tx0,
+        "decode_link_uplink_bytes_per_token": (tx1 - at_prefill["link"][0]) / steps,
+        "decode_link_downlink_bytes_per_token": (rx1 - at_prefill["link"][1]) / steps,
         "link_downlink_bytes": rx1 - rx0,
         "failovers": stats.failovers,
         "ids": out[0, prompt:].tolist(),

@@ -5,11 +5,18 @@ Per decode token, with k the split layer, `up` the uplink point and `down` the d
 
     edge    = embed + sum(edge layers < k) + head + step overhead + up.encode [+ down.decode]
     server  = sum(server layers >= k) + up.decode [+ down.encode]
-    link    = (up bits + framing) / uplink rate + (down bits + framing) / downlink rate + RTT + per-step overhead
-    latency = edge + server + link
+    bytes   = the STEP (or REPLY) message + TCP/IP/HTTP2 framing, each way
+    latency = max(edge + server + RTT + overhead + sum((bytes - burst)+ / rate),  up bytes / up rate,
+                  down bytes / down rate)
     KL      = up.kl + down.kl (the two errors are small and independent: their KLs add to first order)
 
 The memory of the edge is its weights (embedding, head, layers < k) and the KV cache of layers < k for the context.
+The link is a token bucket of `burst` bytes filling at the rate, each way. With no burst (a physical line) every
+byte pays its serialization time, and the latency is compute + RTT + overhead + bytes / rate each way. With a
+burst (a shaper: `tc tbf`, a carrier's policer), a message waits only for what the bucket lacks when it is sent;
+between tokens the bucket refills, so the link costs nothing until a token's bytes outgrow what one token period
+refills, where the link sets the pace (bytes / rate).
+
 A candidate is feasible when it meets every given constraint; the Pareto set is over (latency, server compute,
 uplink bits, KL), ranked by the objective.
 """
@@ -34,10 +41,12 @@ from .profile import Profile, RatePoint
 
 OBJECTIVES = ("latency", "server-compute", "uplink")
 SEARCH_NAME = "search.json"
-# gRPC over HTTP/2 over TCP/IPv4 per decode step, beyond the protocol message (measured over the veth link of
-# `slicer_hf.bench.search`: DATA frame and gRPC prefix, TCP/IP headers, the ACKs of the other direction's segments).
-FRAMING_BYTES_UP = 140
-FRAMING_BYTES_DOWN = 140
+# gRPC over HTTP/2 over TCP/IPv4 per decode step, beyond the protocol message, measured over the veth link of
+# `slicer_hf.bench.search` (Linux byte counters): the DATA frame and gRPC prefix, TCP/IP headers, and the ACKs of the
+# other direction; each further MSS-sized segment of a long message adds its own headers and ACK.
+FRAMING_BYTES_UP = 210
+FRAMING_BYTES_DOWN = 116
+SEGMENT_BYTES, MSS = 100, 1448
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +58,7 @@ class LinkSpec:
         rtt_ms: round-trip propagation time.
         overhead_ms: per-step time neither side's model spends (gRPC, the protocol, the server's scheduling).
         framing_bytes_up, framing_bytes_down: bytes per step each way beyond the protocol message.
+        burst_bytes: the token bucket each way (0: a physical line, every byte pays its serialization time).
     """
 
     uplink_mbps: float
@@ -57,13 +67,14 @@ class LinkSpec:
     overhead_ms: float = 2.0
     framing_bytes_up: int = FRAMING_BYTES_UP
     framing_bytes_down: int = FRAMING_BYTES_DOWN
+    burst_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("uplink_mbps", "downlink_mbps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number of Mbit/s, got {value!r}")
-        for name in ("rtt_ms", "overhead_ms", "framing_bytes_up", "framing_bytes_down"):
+        for name in ("rtt_ms", "overhead_ms", "framing_bytes_up", "framing_bytes_down", "burst_bytes"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")
@@ -243,6 +254,11 @@ def _exact_downlink_bits(profile: Profile) -> float:
     return 8 * len(build_codec("identity").encode(torch.zeros(1, 1, profile.model["hidden_size"], dtype=dtype)))
 
 
+def _on_wire(message_bytes: float, framing: float) -> float:
+    """A message's bytes on the link: itself, its framing, and the headers of each further TCP segment."""
+    return message_bytes + framing + SEGMENT_BYTES * max(math.ceil(message_bytes / MSS) - 1, 0)
+
+
 def predict(
     edge: Profile,
     server: Profile,
@@ -261,9 +277,15 @@ def predict(
     edge_ms = e["embed_decode_ms"] + sum(layer.decode_ms for layer in edge_layers) + e["head_decode_ms"]
     edge_ms += e["step_overhead_ms"] + up.encode_ms + (down.decode_ms if down else 0.0)
     server_ms = sum(layer.decode_ms for layer in server.layers[k:]) + up.decode_ms + (down.encode_ms if down else 0.0)
-    up_ms = (up_bits + 8 * link.framing_bytes_up) / (1e3 * link.uplink_mbps)
-    down_ms = (down_bits + 8 * link.framing_bytes_down) / (1e3 * link.downlink_mbps)
-    link_ms = up_ms + down_ms + link.rtt_ms + link.overhead_ms
+    up_rate, down_rate = link.uplink_mbps * 125.0, link.downlink_mbps * 125.0  # bytes per ms
+    up_bytes, down_bytes = (
+        _on_wire(up_bits / 8, link.framing_bytes_up),
+        _on_wire(down_bits / 8, link.framing_bytes_down),
+    )
+    fixed_ms = edge_ms + server_ms + link.rtt_ms + link.overhead_ms
+    burst = link.burst_bytes
+    short = max(up_bytes - burst, 0) / up_rate + max(down_bytes - burst, 0) / down_rate  # what the buckets lack
+    latency_ms = max(fixed_ms + short, up_bytes / up_rate, down_bytes / down_rate)
     p = constraints.prompt_tokens
     prefill_ms = p * (
         sum(layer.prefill_ms_per_token for layer in edge_layers)
@@ -271,16 +293,21 @@ def predict(
         + up.encode_ms
         + up.decode_ms
     )
-    prefill_link_ms = (p * up.bits_per_token + header) / (1e3 * link.uplink_mbps) + down_ms + link.rtt_ms
-    ttft_ms = prefill_ms + prefill_link_ms + link.overhead_ms + e["head_decode_ms"] + e["step_overhead_ms"]
+    prompt_bytes = _on_wire((p * up.bits_per_token + header) / 8, link.framing_bytes_up)
+    prefill_link_ms = (
+        max(prompt_bytes - link.burst_bytes, 0) / up_rate + max(down_bytes - link.burst_bytes, 0) / down_rate
+    )
+    ttft_ms = (
+        prefill_ms + prefill_link_ms + link.rtt_ms + link.overhead_ms + e["head_decode_ms"] + e["step_overhead_ms"]
+    )
     weights = e["embed_bytes"] + e["head_bytes"] + e.get("other_bytes", 0.0)
     weights += sum(layer.weight_bytes for layer in edge_layers)
     kv = constraints.context_tokens * sum(layer.kv_bytes_per_token for layer in edge_layers)
     return Prediction(
-        token_latency_ms=edge_ms + server_ms + link_ms,
+        token_latency_ms=latency_ms,
         edge_ms=edge_ms,
         server_ms=server_ms,
-        link_ms=link_ms,
+        link_ms=latency_ms - edge_ms - server_ms,
         ttft_ms=ttft_ms,
         uplink_bits=up_bits,
         downlink_bits=down_bits,
