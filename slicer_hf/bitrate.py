@@ -4,7 +4,8 @@ latency target, along a profiled ladder of (step, bits/token) whose coarsest run
 The edge alone decides; every ECSQ packet carries its step, so the server decodes each one as it comes and nothing
 is renegotiated. The controller models a decode token's latency as `base + bits / goodput`: `base` (compute, round
 trip, downlink) is the lowest recent latency with the uplink's share taken out, and the goodput follows from how
-far the latest tokens sit above it. A rung is taken coarser as soon as the recent median crosses `high` x target;
+far the latest tokens sit above it. A rung is taken coarser as soon as one token misses the target or the recent
+median crosses `high` x target;
 finer only after `patience` tokens in a row predict room below `low` x target, and a finer move that misses at once
 doubles that patience (hysteresis, so the knob does not flap on a link at the edge of two rungs).
 """
@@ -85,12 +86,12 @@ class BitrateController:
             self._probe += 1
             if latency_ms > self.high * self.target_ms and self._probe <= self.window:
                 self._wait = min(2 * self._wait, 64)  # the finer rung did not fit: wait longer before the next try
-                self._move(self.level + 1, median)
+                self._move(min(self.level + 1, len(self.ladder) - 1), median)
                 return
             if self._probe > self.window:
                 self._probe = None
                 self._wait = max(self.patience, self._wait // 2)
-        over = median > self.high * self.target_ms and (len(self._recent) > 1 or latency_ms > self.target_ms)
+        over = median > self.high * self.target_ms or latency_ms > self.target_ms  # one miss is enough to act
         if over and self.level < len(self.ladder) - 1:
             fits = [i for i in range(self.level + 1, len(self.ladder)) if self._predict(i, base, per_bit) <= 0.9]
             self._move(fits[0] if fits else len(self.ladder) - 1, median)
@@ -119,6 +120,8 @@ class BitrateController:
     def _move(self, level: int, median: float) -> None:
         self._room = 0
         self._recent.clear()
+        if level > self.level:
+            self._probe = None  # a coarser move ends any trial of a finer rung
         if level != self.level:
             self.level = level
             self.changes.append({"token": self._tokens, "step": self.step, "median_ms": round(median, 3)})

@@ -129,3 +129,10 @@ def test_split_generation_moves_the_step_and_the_server_decodes_every_packet():
     assert model.split_server.stats_dict()["sessions_active"] == 1  # no error closed the session
     again = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert again.shape[1] == 8 and sent_steps[-1] == 1.5  # a new generation keeps the rung; its first gap is no token
+
+
+def test_a_link_that_flips_between_fast_and_slow_keeps_the_controller_on_its_ladder():
+    controller = BitrateController(LADDER, target_ms=75.0)
+    rates = ([2000.0] * 6 + [40.0] * 3) * 40  # up-probes, misses and drops interleaved
+    _, steps = simulate(rates, controller, seed=3)
+    assert set(steps) <= set(STEPS) and 0 <= controller.level < len(LADDER)
