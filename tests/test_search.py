@@ -24,7 +24,15 @@ from slicer_hf.tuning import (
     profile_model,
     search,
 )
-from slicer_hf.tuning.planner import _pareto, _step_header_bits, candidates, predict
+from slicer_hf.tuning.planner import (
+    FRAMING_BYTES_DOWN,
+    FRAMING_BYTES_UP,
+    SEGMENT_BYTES,
+    _pareto,
+    _step_header_bits,
+    candidates,
+    predict,
+)
 from slicer_hf.tuning.profile import PROFILE_FORMAT, default_splits
 
 L, D = 8, 64
@@ -136,7 +144,7 @@ def test_a_prediction_adds_edge_server_and_link_time():
     assert p.uplink_bits == pytest.approx(up.bits_per_token + _step_header_bits())
     assert p.downlink_bits > 32 * D  # the exact float32 reply
     slow = predict(EDGE, SERVER, 4, up, None, SLOW, Constraints())
-    extra = (p.uplink_bits + 8 * SLOW.framing_bytes_up) * (1 / 50 - 1 / 100_000)  # ms at 0.05 vs 100 Mbit/s
+    extra = (p.uplink_bits / 8 + SLOW.framing_bytes_up) * (1 / 6.25 - 1 / 12_500)  # ms at 0.05 vs 100 Mbit/s
     assert slow.link_ms - p.link_ms == pytest.approx(extra)
     assert p.edge_memory_gb == pytest.approx((2e6 + 4e6 + 2048 * 4 * 1024) / 1e9)
 
@@ -306,7 +314,22 @@ def test_a_token_bucket_link_costs_nothing_until_a_token_outgrows_its_refill():
     shaped = predict(EDGE, SERVER, 4, up, None, LinkSpec(1.0, 1.0, burst_bytes=1 << 20), Constraints())
     compute = shaped.edge_ms + shaped.server_ms + 2.0  # + the per-step overhead
     assert shaped.token_latency_ms == pytest.approx(compute)  # the bucket refills between tokens
-    serialized = (line.uplink_bits + line.downlink_bits) / 8 + 2 * 140
-    assert line.token_latency_ms == pytest.approx(compute + serialized / 125.0)  # 1 Mbit/s = 125 bytes/ms
+    up_bytes = line.uplink_bits / 8 + FRAMING_BYTES_UP
+    down_bytes = line.downlink_bits / 8 + FRAMING_BYTES_DOWN  # one segment: d = 64
+    assert line.token_latency_ms == pytest.approx(compute + (up_bytes + down_bytes) / 125.0)  # 1 Mbit/s: 125 B/ms
     crawl = predict(EDGE, SERVER, 4, up, None, LinkSpec(1.0, 0.01, burst_bytes=1 << 20), Constraints())
-    assert crawl.token_latency_ms == pytest.approx((crawl.downlink_bits / 8 + 140) / 1.25)  # the link sets the pace
+    assert crawl.token_latency_ms == pytest.approx(down_bytes / 1.25)  # the link sets the pace
+
+
+def test_a_message_longer_than_one_segment_pays_each_segments_headers():
+    from slicer_hf.tuning.planner import MSS, _on_wire
+
+    assert _on_wire(1000, FRAMING_BYTES_UP) == 1000 + FRAMING_BYTES_UP
+    assert _on_wire(3 * MSS, FRAMING_BYTES_DOWN) == 3 * MSS + FRAMING_BYTES_DOWN + 2 * SEGMENT_BYTES
+
+
+def test_adaptive_search_keeps_to_ecsq_even_where_fp16_would_win():
+    free = LinkSpec(100.0, 100.0, burst_bytes=1 << 20)  # fp16 costs nothing more here, and decodes fastest
+    budget = Constraints(max_kl=0.05, max_token_latency_ms=500)
+    assert search(EDGE, SERVER, free, budget, "server-compute").chosen.codec == "fp16"
+    assert search(EDGE, SERVER, free, budget, "server-compute", adaptive=True).config.codec == "slicer"

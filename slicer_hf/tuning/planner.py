@@ -472,6 +472,8 @@ def search(
     if adaptive and constraints.max_token_latency_ms is None:
         raise ConfigError("adaptive bitrate needs max_token_latency_ms: it is the latency target the edge holds")
     every = candidates(edge, server, link, constraints, splits, compress_downlink)
+    if adaptive:  # the ladder moves the ECSQ step: only ECSQ uplinks qualify
+        every = [c for c in every if c.codec == "slicer"]
     limits = constraints.limits()
     feasible = [c for c in every if all(v <= 1.0 for v in _violations(c, limits).values())]
     if not feasible:
@@ -481,8 +483,6 @@ def search(
     config = _config_of(ranked[0], edge, base or SlicerConfig())
     if adaptive:  # every ECSQ step at the chosen split and downlink within the quality budget
         first = ranked[0]
-        if first.codec != "slicer":
-            raise ConfigError("adaptive bitrate moves the ECSQ step, but the choice sends fp16: pass a looser budget")
         quality = {n: v for n, v in limits.items() if n in ("kl", "ppl_change_pct")}
         rungs = sorted(
             (
