@@ -5,9 +5,9 @@ The edge alone decides; every ECSQ packet carries its step, so the server decode
 is renegotiated. The controller models a decode token's latency as `base + bits / goodput`: `base` (compute, round
 trip, downlink) is the lowest recent latency with the uplink's share taken out, and the goodput follows from how
 far the latest tokens sit above it. A rung is taken coarser as soon as one token misses the target or the recent
-median crosses `high` x target;
-finer only after `patience` tokens in a row predict room below `low` x target, and a finer move that misses at once
-doubles that patience (hysteresis, so the knob does not flap on a link at the edge of two rungs).
+median crosses `high` x target, straight to the finest rung predicted under 90% of it; finer only after `patience`
+tokens in a row predict room below `low` x target, and a finer rung given up within `calm` tokens doubles that
+patience (hysteresis, so the knob does not flap on a link at the edge of two rungs).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ class BitrateController:
         window: latest tokens whose median drives a move.
         high: move coarser when the median exceeds `high` x target.
         low: move finer only when the finer rung is predicted under `low` x target.
-        patience: tokens of predicted room before a finer move (doubles after a failed one, up to 64).
+        patience: tokens of predicted room before a finer move (doubles after one that did not hold, up to 64).
+        calm: tokens a finer rung must hold before `patience` is back to its start.
         history: tokens over which the latency floor (`base`) is the minimum.
     """
 
@@ -40,6 +41,7 @@ class BitrateController:
     high: float = 0.95
     low: float = 0.8
     patience: int = 4
+    calm: int = 32
     history: int = 256
     level: int = field(init=False)
     changes: list[dict[str, float]] = field(init=False, default_factory=list)
@@ -47,7 +49,7 @@ class BitrateController:
     _floor: deque[float] = field(init=False)  # latencies with the uplink share taken out, for `base`
     _room: int = field(init=False, default=0)
     _wait: int = field(init=False)
-    _probe: int | None = field(init=False, default=None)  # tokens since a finer move, while it is on trial
+    _since_finer: int | None = field(init=False, default=None)  # tokens since a finer move, while on trial
     _tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -80,18 +82,13 @@ class BitrateController:
         self._tokens += 1
         self._recent.append((latency_ms, bits))
         median = statistics.median(lat for lat, _ in self._recent)
-        base, per_bit = self._model()
+        over = latency_ms > self.target_ms or median > self.high * self.target_ms  # one miss is enough to act
+        base, per_bit = self._model(max(median, latency_ms) if over else median)
         self._floor.append(latency_ms - bits * per_bit)
-        if self._probe is not None:
-            self._probe += 1
-            if latency_ms > self.high * self.target_ms and self._probe <= self.window:
-                self._wait = min(2 * self._wait, 64)  # the finer rung did not fit: wait longer before the next try
-                self._move(min(self.level + 1, len(self.ladder) - 1), median)
-                return
-            if self._probe > self.window:
-                self._probe = None
-                self._wait = max(self.patience, self._wait // 2)
-        over = median > self.high * self.target_ms or latency_ms > self.target_ms  # one miss is enough to act
+        if self._since_finer is not None:
+            self._since_finer += 1
+            if self._since_finer > self.calm:  # the finer rung held: the next try need not wait so long
+                self._since_finer, self._wait = None, self.patience
         if over and self.level < len(self.ladder) - 1:
             fits = [i for i in range(self.level + 1, len(self.ladder)) if self._predict(i, base, per_bit) <= 0.9]
             self._move(fits[0] if fits else len(self.ladder) - 1, median)
@@ -100,18 +97,17 @@ class BitrateController:
             self._room += 1
             if self._room >= self._wait:
                 self._move(self.level - 1, median)
-                self._probe = 0
         else:
             self._room = 0
 
-    def _model(self) -> tuple[float, float]:
-        """(base ms, ms per uplink bit) from the recent tokens: base is the lowest latency seen with the uplink
-        share taken out; the rest of the recent median above it is put down to the uplink's bits."""
-        median = statistics.median(lat for lat, _ in self._recent)
+    def _model(self, latency: float) -> tuple[float, float]:
+        """(base ms, ms per uplink bit): base is a low quantile of past latencies with the uplink's share taken
+        out; what `latency` (the recent median, or the latest token when it missed) sits above it is put down to
+        the uplink's bits."""
         bits = statistics.median(b for _, b in self._recent)
         floor = sorted(self._floor)
-        base = min(floor[len(floor) // 10], median) if floor else median  # a low quantile: robust to one fast token
-        return base, max(median - base, 0.0) / max(bits, 1.0)
+        base = min(floor[len(floor) // 10], latency) if floor else latency  # a low quantile: robust to one fast token
+        return base, max(latency - base, 0.0) / max(bits, 1.0)
 
     def _predict(self, level: int, base: float, per_bit: float) -> float:
         """Predicted latency at `level` as a share of the target."""
@@ -120,8 +116,10 @@ class BitrateController:
     def _move(self, level: int, median: float) -> None:
         self._room = 0
         self._recent.clear()
-        if level > self.level:
-            self._probe = None  # a coarser move ends any trial of a finer rung
+        if level > self.level and self._since_finer is not None:  # the last finer move did not hold
+            self._since_finer, self._wait = None, min(2 * self._wait, 64)
+        elif level < self.level:
+            self._since_finer = 0
         if level != self.level:
             self.level = level
             self.changes.append({"token": self._tokens, "step": self.step, "median_ms": round(median, 3)})
