@@ -39,7 +39,7 @@ class BitrateController:
     start: int = 0
     window: int = 3
     high: float = 0.95
-    low: float = 0.8
+    low: float = 0.7
     patience: int = 4
     calm: int = 32
     history: int = 256

@@ -305,7 +305,8 @@ def _adaptive_runs(
                 "samples": samples,
             }
         )
-        print(f"  adaptive test / {name}: {out[-1]}", flush=True)
+        brief = {k: v for k, v in out[-1].items() if k != "samples"}
+        print(f"  adaptive test / {name}: {brief}", flush=True)
     return {
         "target_ms": choice.config.target_token_latency_ms,
         "fast_mbps": FAST_MBPS,
