@@ -477,6 +477,7 @@ BENCH_SUITES = {
     "architectures": "architectures",
     "encoders": "encoders",
     "fleet": "fleet",
+    "search": "search",
 }
 
 

@@ -426,8 +426,10 @@ def plot(adaptive: dict[str, Any], path: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m slicer_hf.bench.search", description=__doc__.split("\n")[0])
-    parser.add_argument("--edge-1", required=True, help="profile with 1 torch thread (also the server's)")
-    parser.add_argument("--edge-2", required=True, help="profile with 2 torch threads")
+    parser.add_argument("--edge-1", default="docs/benchmarks/profiles/cpu-1thread.json",
+                        help="profile with 1 torch thread (also the server's)")  # fmt: skip
+    parser.add_argument("--edge-2", default="docs/benchmarks/profiles/cpu-2threads.json",
+                        help="profile with 2 torch threads")  # fmt: skip
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
