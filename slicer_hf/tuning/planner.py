@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,8 @@ class Candidate:
 
 
 class InfeasibleError(ConfigError):
-    """No candidate meets every constraint. `binding` names the constraint the nearest candidate misses most,
-    `nearest` is that candidate."""
+    """No candidate meets every constraint. `binding` names the constraint that needs the least relaxing, `nearest`
+    is the candidate that meets the others and comes closest to it."""
 
     def __init__(self, message: str, binding: str, nearest: Candidate) -> None:
         super().__init__(message)
@@ -208,17 +209,18 @@ class SearchResult:
         return path
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
-        """Upload the config (with its model card) and `search.json` to a Hub repo; returns the commit URL."""
+        """Upload the chosen config, `search.json` and a model card to a Hub repo in one commit; returns its URL."""
         from huggingface_hub import HfApi
 
-        self.config.push_to_hub(repo_id, token=token, private=private)
-        info = HfApi(token=token).upload_file(
-            path_or_fileobj=json.dumps(self.to_dict(), indent=2).encode(),
-            path_in_repo=SEARCH_NAME,
-            repo_id=repo_id,
-            commit_message="SLICER-Search predictions",
-        )
-        return str(getattr(info, "commit_url", info))
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            (Path(tmp) / "README.md").write_text(self.config.model_card(repo_id), encoding="utf-8")
+            url = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message="SLICER-Search choice", create_pr=False
+            )
+        return str(url)
 
     def table(self, limit: int = 12) -> str:
         """The Pareto candidates (best first by the objective) as a markdown table; the choice is marked."""
