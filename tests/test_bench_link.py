@@ -164,3 +164,17 @@ def test_tiny_run_over_a_1_mbit_link(tmp_path):
     assert fp16["decode_downlink_bytes_per_token"] == slicer["decode_downlink_bytes_per_token"]  # same downlink
     assert len(result["generations"]["slicer"]["ids"]) == 4
     assert (tmp_path / "link.json").is_file()
+
+
+@needs_netns
+def test_each_direction_of_the_link_is_shaped_on_its_own():
+    def qdisc(*prefix, dev):
+        return subprocess.run([*prefix, "tc", "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+
+    with bench.ShapedLink.for_pid(os.getpid() + 7) as link:
+        link.set_rates(1.0, None)  # the uplink only
+        assert "tbf" in qdisc(dev=link.host_dev) and "1Mbit" in qdisc(dev=link.host_dev)
+        assert "tbf" not in qdisc(*link.exec_prefix(), dev=link.ns_dev)
+        link.set_rates(None, 0.5)
+        assert "tbf" not in qdisc(dev=link.host_dev)
+        assert "500Kbit" in qdisc(*link.exec_prefix(), dev=link.ns_dev)

@@ -356,3 +356,20 @@ def test_push_to_hub_uploads_the_config_its_predictions_and_a_card_in_one_commit
     assert result.push_to_hub("someone/phone", token="hf_x").endswith("/commit/abc")
     assert set(uploaded["files"]) == {"slicer_config.json", "search.json", "README.md"}
     assert json.loads(uploaded["files"]["search.json"])["chosen"]["label"] == result.chosen.label()
+
+
+def test_the_validation_suite_reports_its_tables_and_plot(tmp_path):
+    from slicer_hf.bench import search as suite
+
+    row = {"client": "c", "objective": "latency", "choice": "split 2", "ms_predicted": 10.0, "ms_measured": 11.0,
+           "ms_error_pct": 10.0, "up_bytes_predicted": 100.0, "up_bytes_measured": 99.0, "up_error_pct": -1.0,
+           "kl_predicted": 0.01, "kl_measured": 0.011, "kl_error_pct": 10.0, "objective_chosen": 11.0,
+           "objective_preset": 20.0}  # fmt: skip
+    runs = [{"fast_ms": [10.0] * 5, "slow_ms": [12.0] * 5, "steps": [0.1] * 11}]
+    adaptive = {"target_ms": 15.0, "fast_mbps": 2.0, "slow_mbps": 0.032, "drop_after": 6, "rows": [
+        {"variant": v, "p90_fast_ms": 10.0, "p90_slow_ms": 12.0, "median_slow_ms": 11.0, "mean_kl": 0.01,
+         "meets_target": True, "samples": runs} for v in ("adaptive", "fixed 0.1", "fixed 0.6")]}  # fmt: skip
+    table = suite.markdown({"clients": [row], "adaptive": adaptive})
+    assert "| c | latency | split 2 | 10.0 | 11.0 | +10.0 |" in table and "| adaptive | 10.0 | 12.0 |" in table
+    suite.plot(adaptive, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 1000
