@@ -2,7 +2,8 @@
 
 Perplexity uses non-overlapping windows (512 tokens by default), each scored on its own. The split logits come
 from `model(ids, split_layer=k)`, i.e. through the codec's bytes and the server path. Bits per token are those of
-single-token packets, as decoding sends them: the codec packet (its header included) and the full STEP message.
+single-token packets, as decoding sends them: the codec packet (its envelope included) and the full STEP message
+(a bare step: the server rebuilds the envelope).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def evaluate(
         for row in hidden_at_split.pop():  # single-token packets, as decoding sends them
             packet = link_codec.encode(row.reshape(1, 1, -1))
             packet_bits.append(8 * len(packet))
-            step = protocol.Step(1, 1, 1000, 1, 1, 0, packet, torch.ones(1, 1, dtype=torch.bool))
+            bare = packet[len(link_codec.envelope((1, 1, row.shape[-1]), row.dtype)) :]  # as a session sends it
+            step = protocol.Step(1, 1, 1000, 1, 1, 0, bare, torch.ones(1, 1, dtype=torch.bool), bare=True)
             step_bits.append(8 * len(protocol.encode_step(step)))
         for row in final_rows.pop():  # the replies to single-token steps, as decoding gets them
             reply = protocol.encode_reply(1000, protocol.REPLY_HIDDEN, downlink_codec.encode(row.reshape(1, 1, -1)))

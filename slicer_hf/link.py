@@ -104,6 +104,8 @@ class SuffixLink:
     _sent: list[protocol.Step] = field(default_factory=list)  # steps of the current sequence, for replay
     bitrate: BitrateController | None = None  # moves the uplink ECSQ step between decode steps
     _last_reply: float | None = None  # when the latest step's reply came (adaptive bitrate's token clock)
+    _bare: bool = False  # the server rebuilds packet envelopes: steps may leave them out
+    _width: int = 0  # of the hidden states this session sends
     downlink_codec: Codec = field(init=False)  # of hidden-state replies: the one `open_request` announced
 
     def __post_init__(self) -> None:
@@ -121,7 +123,9 @@ class SuffixLink:
     def open(self) -> None:
         reply = self._request(protocol.encode_json(protocol.OPEN, self.open_request))
         protocol.raise_if_error(reply)
-        self.session = int(protocol.decode_json(reply)["session"])
+        opened = protocol.decode_json(reply)
+        self.session = int(opened["session"])
+        self._bare = bool(opened.get("bare_steps")) and self.open_request.get("dtype") is not None
 
     def close(self) -> None:
         if self.session is None:
@@ -153,6 +157,7 @@ class SuffixLink:
                 not `[B, T - need_from, d]`.
         """
         decoding = hidden.shape[1] == 1 and start > 0
+        self._width = hidden.shape[-1]
         if self.bitrate is not None:
             self.codec.step = self.bitrate.step  # ECSQ packets carry their step: the server needs no notice
         payload = self.codec.encode(hidden)
@@ -249,7 +254,18 @@ class SuffixLink:
 
     def _encode(self, step: protocol.Step) -> bytes:
         step.session = self.session or 0
-        return protocol.encode_step(step)
+        return protocol.encode_step(self._leaner(step))
+
+    def _leaner(self, step: protocol.Step) -> protocol.Step:
+        """`step` without its packet's envelope where this server rebuilds the very same bytes from what the session
+        already knows (codec, dtype, [B, T, width]); any other step goes whole."""
+        if not self._bare or step.bare:
+            return step
+        shape = (step.batch, step.tokens, self._width)
+        envelope = self.codec.envelope(shape, getattr(torch, self.open_request["dtype"]))
+        if not step.payload.startswith(envelope):
+            return step
+        return dataclasses.replace(step, payload=step.payload[len(envelope) :], bare=True)
 
     @staticmethod
     def _checked(reply: bytes, seq: int) -> tuple[int, bytes]:

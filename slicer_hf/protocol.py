@@ -5,7 +5,8 @@ stats) carry a JSON body; the hot path (step, reply) is binary::
 
     STEP   [session varint][seq varint][start varint][B varint][T varint][flags u8][need_from varint]
            [grid H varint, W varint, if flags & GRID]
-           [mask bits B*T, if flags & MASK_BITS][positions int32 B*T, if flags & POSITIONS][uplink codec packet]
+           [mask bits B*T, if flags & MASK_BITS][positions int32 B*T, if flags & POSITIONS]
+           [uplink codec packet, without its envelope if flags & BARE]
     REPLY  [seq varint][kind u8][downlink payload]
 
 An encoder request is one step at `start` 0. A feature map (a CNN's, or a Swin stage's tokens) travels as
@@ -50,6 +51,8 @@ MESSAGE_NAMES = {
 MASK_NONE, MASK_ONES, MASK_BITS = 0, 1, 2  # flags bits 0-1
 POSITIONS = 4  # flags bit 2: explicit position ids follow
 GRID = 8  # flags bit 3: the rows are a feature map of H x W positions
+BARE = 16  # flags bit 4: the codec packet leaves out its envelope; the session's codec and dtype and the step's
+# [B, T, width] rebuild it (sent only to a server whose OPENED says "bare_steps")
 REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
 MAX_BATCH = 4096
 
@@ -130,6 +133,7 @@ class Step:
     mask: torch.Tensor | None = None  # [B, T] bool: the new columns of the 2D attention mask; None: no mask
     positions: torch.Tensor | None = None  # [B, T] int64, when they are not start + arange(T)
     grid: tuple[int, int] | None = None  # (H, W) with H * W = T: the rows are a feature map
+    bare: bool = False  # the payload is a codec packet without its envelope
 
 
 def header(kind: int) -> bytes:
@@ -188,6 +192,8 @@ def encode_step(step: Step) -> bytes:
     if step.grid is not None:
         flags |= GRID
         grid = write_varint(step.grid[0]) + write_varint(step.grid[1])
+    if step.bare:
+        flags |= BARE
     fields = (step.session, step.seq, step.start, step.batch, step.tokens)
     return (
         header(STEP)
@@ -216,14 +222,14 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
         start, batch, tokens = r.varint(limit=1 << 31), r.varint(limit=MAX_BATCH), r.varint(limit=max_tokens)
         flags = r.u8()
         need_from = r.varint(limit=tokens)
-        if flags & ~(3 | POSITIONS | GRID) or flags & 3 == 3:
+        if flags & ~(3 | POSITIONS | GRID | BARE) or flags & 3 == 3:
             raise ProtocolError(f"unknown step flags {flags:#x}", code="malformed")
         if batch == 0 or tokens == 0:
             raise ProtocolError(f"step with batch={batch}, tokens={tokens}", code="malformed")
         grid = (r.varint(limit=tokens), r.varint(limit=tokens)) if flags & GRID else None
         if grid is not None and grid[0] * grid[1] != tokens:
             raise ProtocolError(f"grid {grid[0]}x{grid[1]} does not hold the step's {tokens} rows", code="malformed")
-        step = Step(session, seq, start, batch, tokens, need_from, b"", grid=grid)
+        step = Step(session, seq, start, batch, tokens, need_from, b"", grid=grid, bare=bool(flags & BARE))
         check(step)
         if flags & 3 == MASK_ONES:
             step.mask = torch.ones(batch, tokens, dtype=torch.bool)

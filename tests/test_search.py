@@ -29,7 +29,7 @@ from slicer_hf.tuning.planner import (
     FRAMING_BYTES_UP,
     SEGMENT_BYTES,
     _pareto,
-    _step_header_bits,
+    _step_overhead_bits,
     candidates,
     predict,
 )
@@ -141,7 +141,7 @@ def test_a_prediction_adds_edge_server_and_link_time():
     assert p.edge_ms == pytest.approx(0.1 + 4 * 4.0 + 0.5 + 1.0 + up.encode_ms)
     assert p.server_ms == pytest.approx(4 * 1.0 + up.decode_ms)
     assert p.token_latency_ms == pytest.approx(p.edge_ms + p.server_ms + p.link_ms)
-    assert p.uplink_bits == pytest.approx(up.bits_per_token + _step_header_bits())
+    assert p.uplink_bits == pytest.approx(up.bits_per_token + _step_overhead_bits(EDGE))
     assert p.downlink_bits > 32 * D  # the exact float32 reply
     slow = predict(EDGE, SERVER, 4, up, None, SLOW, Constraints())
     extra = (p.uplink_bits / 8 + SLOW.framing_bytes_up) * (1 / 6.25 - 1 / 12_500)  # ms at 0.05 vs 100 Mbit/s

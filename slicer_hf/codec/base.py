@@ -84,12 +84,17 @@ class Codec(ABC):
             raise CodecError(f"tensor of {x.numel()} elements exceeds max_elements={self.max_elements}")
         if not torch.isfinite(x).all():
             raise CodecError(f"codec {self.name!r} cannot encode NaN or Inf values")
-        header = bytes([self.codec_id, self.version, DTYPE_CODES[x.dtype], x.ndim])
-        header += b"".join(write_varint(int(s)) for s in x.shape)
+        header = self.envelope(tuple(x.shape), x.dtype)
         rows = x.detach().reshape(-1, x.shape[-1])
         if rows.device.type != "cpu" and not self._codes_on(rows.device):
             rows = rows.cpu()
         return header + self._encode_rows(rows)
+
+    def envelope(self, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
+        """The envelope a packet of a tensor of this shape and dtype starts with."""
+        return bytes([self.codec_id, self.version, DTYPE_CODES[dtype], len(shape)]) + b"".join(
+            write_varint(int(n)) for n in shape
+        )
 
     def decode(
         self,

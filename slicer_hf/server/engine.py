@@ -233,10 +233,9 @@ class SplitServer:
                 session = self._open(protocol.decode_json(data), client)
                 if owned is not None:
                     owned.add(session.id)
-                reply = protocol.encode_json(
-                    protocol.OPENED,
-                    {"session": session.id, "server": self.model_name, "num_layers": self.num_layers},
-                )
+                opened = {"session": session.id, "server": self.model_name, "num_layers": self.num_layers}
+                opened["bare_steps"] = len(session.wire_dtypes) == 1  # it can rebuild a packet's envelope
+                reply = protocol.encode_json(protocol.OPENED, opened)
             elif kind == protocol.STEP:
                 found: list[Session] = []  # the session, once admitted: its `busy` lock is then held here
                 try:
@@ -470,11 +469,17 @@ class SplitServer:
         end = self.limits.max_context_tokens
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
             raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
+        shape = (step.batch, step.tokens, self.width(session))
+        packet = step.payload
+        if step.bare:
+            if len(session.wire_dtypes) != 1:
+                raise ProtocolError("a bare step needs the session's dtype announced at OPEN", code="bad_request")
+            packet = session.codec.envelope(shape, next(iter(session.wire_dtypes))) + packet
         with self._decode_lock:  # one decode at a time: concurrent ones only fight over the GIL and the caches
             hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
-                step.payload,
+                packet,
                 device=self.device,
-                expect_shape=(step.batch, step.tokens, self.width(session)),
+                expect_shape=shape,
                 expect_dtypes=session.wire_dtypes,
             )
         payload, kind = self._compute(session, step, hidden.to(self.dtype))

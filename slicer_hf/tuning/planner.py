@@ -240,10 +240,13 @@ class SearchResult:
 
 
 # ------------------------------------------------------------------------------------------- predicting
-def _step_header_bits() -> int:
-    """A decode STEP message's bytes beyond its codec packet, in bits (large ids: a long-running session)."""
-    step = protocol.Step(1 << 20, 1 << 20, 1 << 14, 1, 1, 0, b"", torch.ones(1, 1, dtype=torch.bool))
-    return 8 * len(protocol.encode_step(step))
+def _step_overhead_bits(profile: Profile) -> int:
+    """What a decode STEP message adds to its codec packet, in bits: the step header (large ids: a long-running
+    session), less the packet's envelope, which a bare step leaves out."""
+    step = protocol.Step(1 << 20, 1 << 20, 1 << 14, 1, 1, 0, b"", torch.ones(1, 1, dtype=torch.bool), bare=True)
+    dtype = getattr(torch, profile.model.get("dtype", "float32"))
+    envelope = build_codec("identity").envelope((1, 1, profile.model["hidden_size"]), dtype)
+    return 8 * (len(protocol.encode_step(step)) - len(envelope))
 
 
 def _reply_bits(payload_bits: float) -> float:
@@ -271,8 +274,8 @@ def predict(
     constraints: Constraints,
 ) -> Prediction:
     """The figures of split `k` with uplink point `up` and downlink `down` (None: exact)."""
-    header = _step_header_bits()
-    up_bits = up.bits_per_token + header
+    overhead = _step_overhead_bits(edge)
+    up_bits = up.bits_per_token + overhead
     down_bits = _reply_bits(_exact_downlink_bits(edge) if down is None else down.bits_per_token)
     e = edge.edge
     edge_layers = edge.layers[:k]
@@ -295,7 +298,7 @@ def predict(
         + up.encode_ms
         + up.decode_ms
     )
-    prompt_bytes = _on_wire((p * up.bits_per_token + header) / 8, link.framing_bytes_up)
+    prompt_bytes = _on_wire((p * up.bits_per_token + overhead) / 8, link.framing_bytes_up)
     prefill_link_ms = (
         max(prompt_bytes - link.burst_bytes, 0) / up_rate + max(down_bytes - link.burst_bytes, 0) / down_rate
     )
@@ -497,7 +500,7 @@ def search(
         )
         target = constraints.max_token_latency_ms
         start = next((c for c in rungs if c.prediction.token_latency_ms <= target), rungs[-1])  # finest that fits
-        ladder = tuple((c.step, c.prediction.uplink_bits - _step_header_bits()) for c in rungs)
+        ladder = tuple((c.step, c.prediction.uplink_bits - _step_overhead_bits(edge)) for c in rungs)
         config = config.replace(step=start.step, bitrate_ladder=ladder, target_token_latency_ms=target)
     profiles = {
         role: {"machine": p.machine, "versions": p.versions, "model": p.model, "calibration": p.calibration}
