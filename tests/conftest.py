@@ -170,3 +170,26 @@ def server(model_dir):
     yield start
     for s in running:
         s.stop()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """`huggingface_hub.HfApi` replaced by a recorder: what `push_to_hub` created and uploaded lands in the dict this
+    fixture returns (`token`, `repo`, `files` by name); the upload answers with a commit URL."""
+    uploaded: dict = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploaded["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
+            from pathlib import Path
+
+            uploaded["files"] = {p.name: p.read_text() for p in Path(folder_path).iterdir()}
+            return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    return uploaded

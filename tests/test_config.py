@@ -80,23 +80,8 @@ def test_hub_repo_ids_go_through_hf_hub_download(tmp_path, monkeypatch):
     assert calls == [("someone/slicer-preset", CONFIG_NAME, "v1")]
 
 
-def test_push_to_hub_uploads_config_and_model_card(monkeypatch):
-    uploaded = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            uploaded["token"] = token
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            uploaded["repo"] = (repo_id, private, exist_ok)
-
-        def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
-            from pathlib import Path
-
-            uploaded["files"] = {p.name: p.read_text() for p in Path(folder_path).iterdir()}
-            return "https://huggingface.co/someone/preset/commit/abc"
-
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+def test_push_to_hub_uploads_config_and_model_card(fake_hub):
+    uploaded = fake_hub
     config = SlicerConfig(split_layer=24, model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
     url = config.push_to_hub("someone/preset", private=True, token="hf_x")
     assert url.endswith("/commit/abc")

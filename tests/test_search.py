@@ -335,23 +335,8 @@ def test_adaptive_search_keeps_to_ecsq_even_where_fp16_would_win():
     assert search(EDGE, SERVER, free, budget, "server-compute", adaptive=True).config.codec == "slicer"
 
 
-def test_push_to_hub_uploads_the_config_its_predictions_and_a_card_in_one_commit(monkeypatch):
-    uploaded = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            uploaded["token"] = token
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            uploaded["repo"] = (repo_id, private, exist_ok)
-
-        def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
-            from pathlib import Path
-
-            uploaded["files"] = {p.name: p.read_text() for p in Path(folder_path).iterdir()}
-            return "https://huggingface.co/someone/phone/commit/abc"
-
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+def test_push_to_hub_uploads_the_config_its_predictions_and_a_card_in_one_commit(fake_hub):
+    uploaded = fake_hub
     result = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.02), "uplink")
     assert result.push_to_hub("someone/phone", token="hf_x").endswith("/commit/abc")
     assert set(uploaded["files"]) == {"slicer_config.json", "search.json", "README.md"}
