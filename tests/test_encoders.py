@@ -134,9 +134,11 @@ def test_feature_maps_travel_as_rows_of_channels_with_their_grid():
     step = protocol.decode_step(next(m for m in sent if m[1] == protocol.STEP), check=lambda s: None)
     h, w = step.grid
     assert step.tokens == h * w and step.batch == 1
-    packet = protocol.decode_step(next(m for m in sent if m[1] == protocol.STEP), check=lambda s: None).payload
-    decoded = build_codec("identity").decode(packet)
-    assert decoded.shape == (1, h * w, model.config.hidden_sizes[1])  # H*W rows of the stage's channels
+    shape = (1, h * w, model.config.hidden_sizes[1])  # H*W rows of the stage's channels
+    codec = build_codec("identity")
+    assert step.bare  # inside the session the packet goes without its envelope; the server rebuilds it
+    decoded = codec.decode(codec.envelope(shape, torch.float32) + step.payload, expect_shape=shape)
+    assert decoded.shape == shape
 
 
 def test_lossy_codec_keeps_embeddings_close():
