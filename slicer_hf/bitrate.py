@@ -31,7 +31,7 @@ class BitrateController:
         low: move finer only when the finer rung is predicted under `low` x target.
         patience: tokens of predicted room before a finer move (doubles after one that did not hold, up to 64).
         calm: tokens a finer rung must hold before `patience` is back to its start.
-        history: tokens over which the latency floor (`base`) is the minimum.
+        history: tokens over whose latencies (the uplink's share taken out) `base` is a low quantile.
     """
 
     ladder: Sequence[tuple[float, float]]
@@ -125,9 +125,4 @@ class BitrateController:
             self.changes.append({"token": self._tokens, "step": self.step, "median_ms": round(median, 3)})
 
 
-def ladder_from(pairs: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
-    """A ladder from JSON-ish pairs, sorted fine to coarse."""
-    return sorted(((float(s), float(b)) for s, b in pairs), key=lambda r: r[0])
-
-
-__all__ = ["BitrateController", "ladder_from"]
+__all__ = ["BitrateController"]
