@@ -72,6 +72,10 @@ def serve(
     device: Annotated[str, typer.Option(help="Where the layers and the KV store live: cpu, cuda, cuda:1.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
+    basis: Annotated[
+        list[Path] | None,
+        typer.Option(help="Calibrated SLICER basis clients may use (a file, or a config folder); repeatable."),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus GET /metrics over HTTP on this port (0 picks one).")
     ] = None,
@@ -120,7 +124,7 @@ def serve(
     if ray:
         _serve_fleet(locals(), limits)
         return
-    server = load_server(model, min_split_layer, dtype, device, limits, batching, kv_store)
+    server = load_server(model, min_split_layer, dtype, device, limits, batching, kv_store, basis or ())
     cert = tls_cert.read_bytes() if tls_cert else None
     key = tls_key.read_bytes() if tls_key else None
     running = grpc_serve(
@@ -159,6 +163,7 @@ def _serve_fleet(options: dict[str, Any], limits: Any) -> None:
         batching=options["batching"],
         kv_store=options["kv_store"],
         threads=options["threads"],
+        bases=tuple(str(p.resolve()) for p in options["basis"] or ()),
         limits=dataclasses.asdict(limits),
         replicas=options["replicas"],
         autoscale=scale,
@@ -393,6 +398,57 @@ def profile(
         f"{result.machine['torch_threads']} threads; {len(result.rate_distortion)} rate-distortion points at splits "
         f"{result.split_layers()}; written to {written}"
     )
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the config and its basis files.")],
+    model: ModelOpt = "smollm2",
+    config: Annotated[
+        str | None, typer.Option(help="Config to start from: a folder, a preset name or a Hub id (default: ECSQ).")
+    ] = None,
+    split_layer: Annotated[int | None, typer.Option(help="Split layer (default: the config's).")] = None,
+    outliers: Annotated[
+        int, typer.Option(help="Exact outliers per row (0: the massive channels stay in the basis, out of the RMS).")
+    ] = 0,
+    downlink: Annotated[
+        bool, typer.Option(help="Also calibrate the compressed downlink (the last layer's output).")
+    ] = False,
+    text: Annotated[
+        str, typer.Option(help="Calibration text: a file, or wikitext-2-raw-v1[:split]. Keep test text for testing.")
+    ] = "wikitext-2-raw-v1:validation",
+    tokens: Annotated[int, typer.Option(help="Calibration tokens (at least 2 x the hidden size).")] = 24576,
+    window: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled tokens whose gradients estimate the metric.")] = 0,
+) -> None:
+    """Fit calibrated SLICER bases for MODEL on calibration text and write a config that uses them
+    (rotation='calibrated'): the uplink at the split layer, and with --downlink the compressed downlink."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import SlicerConfig
+    from .data import load_text, resolve_model, token_windows
+    from .tuning.calibrate import collect, fit_basis
+
+    path = resolve_model(model)
+    base = (SlicerConfig.from_pretrained(config) if config else SlicerConfig()).replace(outliers=outliers)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    n_layers = lm.config.num_hidden_layers
+    k = split_layer or base.split_layer or n_layers * 3 // 4
+    windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
+    found = collect(lm, windows, [k, n_layers] if downlink else [k], seed=seed)
+    provenance = {"model": model, "text": text, "tokens": str(windows.numel()), "seed": str(seed)}
+    up = fit_basis(*found[k], outliers=base.outliers, metadata={**provenance, "split_layer": str(k)})
+    changes: dict[str, Any] = {"split_layer": k, "quantizer": "ecsq", "sparsity": 0.0, "rotation": "calibrated"}
+    changes |= {"basis": up.digest, "model_id": base.model_id or model, "num_hidden_layers": n_layers}
+    if downlink:
+        down = fit_basis(
+            *found[n_layers], outliers=base.outliers, metadata={**provenance, "split_layer": str(n_layers)}
+        )
+        changes |= {"downlink_basis": down.digest, "downlink_step": base.downlink_step or 0.1}
+    written = base.replace(**changes).save_pretrained(out)
+    print(f"calibrated on {windows.numel()} tokens of {text}: uplink basis {up.digest} at split {k}", end="")
+    print(f", downlink basis {changes['downlink_basis']}" if downlink else "", f"; config written to {written}")
 
 
 def _numbers(text: str | None, kind: type) -> list[Any] | None:

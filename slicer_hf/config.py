@@ -22,7 +22,7 @@ CODECS = ("identity", "fp16", "bf16", "int8", "topk", "grouped", "slicer")
 DOWNLINKS = ("hidden", "topk_logits", "logits")
 DOWNLINK_DTYPES = ("auto", "float32", "float16", "bfloat16")
 INDEX_CODINGS = ("auto", "bitmap", "rice")
-ROTATIONS = ("none", "orthogonal")
+ROTATIONS = ("none", "orthogonal", "calibrated")
 ENTROPY_CODINGS = ("none", "zstd")
 QUANTIZERS = ("blocks", "ecsq")
 
@@ -60,7 +60,14 @@ class SlicerConfig:
     )
     rotation: str = field(
         default="orthogonal",
-        metadata={"help": f"Fixed seeded transform applied after outlier removal, one of {ROTATIONS}."},
+        metadata={
+            "help": f"Fixed transform applied after outlier removal, one of {ROTATIONS}: 'calibrated' (ECSQ only) "
+            "codes each row in the calibrated basis `basis` (`slicer-hf calibrate`)."
+        },
+    )
+    basis: str | None = field(
+        default=None,
+        metadata={"help": "Digest of the calibrated basis of rotation='calibrated' (its file sits beside the config)."},
     )
     entropy_coding: str = field(
         default="zstd", metadata={"help": f"Entropy stage over the packed codes, one of {ENTROPY_CODINGS}."}
@@ -91,6 +98,10 @@ class SlicerConfig:
             "help": "None: the final hidden states come back exactly (downlink 'hidden'); a step in (0, 4]: they "
             "come back through the SLICER ECSQ codec at that step (lossy), the edge applying the final norm and head."
         },
+    )
+    downlink_basis: str | None = field(
+        default=None,
+        metadata={"help": "Digest of a calibrated basis for the compressed downlink (None: the seeded rotation)."},
     )
     bitrate_ladder: tuple[tuple[float, float], ...] = field(
         default=(),
@@ -151,6 +162,16 @@ class SlicerConfig:
             self.entropy_coding,
         )
         _check(self.quantizer in QUANTIZERS, "quantizer", f"must be one of {QUANTIZERS}", self.quantizer)
+        if self.rotation == "calibrated" or self.basis is not None:
+            _check(
+                self.rotation == "calibrated" and self.quantizer == "ecsq" and _is_digest(self.basis),
+                "rotation",
+                "'calibrated' goes with quantizer='ecsq' and a `basis` digest (16 hex digits)",
+                (self.rotation, self.quantizer, self.basis),
+            )
+        if self.downlink_basis is not None:
+            _check(_is_digest(self.downlink_basis), "downlink_basis", "must be 16 hex digits", self.downlink_basis)
+            _check(self.downlink_step is not None, "downlink_step", "must be set with a downlink_basis", None)
         _check(0.0 < self.step <= 4.0, "step", "must be in (0, 4]", self.step)
         _check(type(self.bits) is int and 2 <= self.bits <= 16, "bits", "must be an integer in [2, 16]", self.bits)
         _check(
@@ -242,7 +263,18 @@ class SlicerConfig:
 
         if self.downlink_step is None:
             return None
-        return build_codec(self.replace(codec="slicer", quantizer="ecsq", sparsity=0.0, step=self.downlink_step))
+        calibrated = self.downlink_basis is not None
+        rotation = "orthogonal" if self.rotation == "calibrated" else self.rotation  # the uplink's basis is not for L
+        return build_codec(
+            self.replace(
+                codec="slicer",
+                quantizer="ecsq",
+                sparsity=0.0,
+                step=self.downlink_step,
+                rotation="calibrated" if calibrated else rotation,
+                basis=self.downlink_basis,
+            )
+        )
 
     def codec_params(self) -> dict[str, Any]:
         """The parameters `build_codec` takes for `self.codec`."""
@@ -264,7 +296,7 @@ class SlicerConfig:
             "entropy_coding": self.entropy_coding,
             "quantizer": self.quantizer,
             "step": self.step,
-        }
+        } | ({"basis": self.basis} if self.basis is not None else {})
 
     def replace(self, **changes: Any) -> SlicerConfig:
         """A validated copy with some fields changed."""
@@ -298,7 +330,15 @@ class SlicerConfig:
         path.mkdir(parents=True, exist_ok=True)
         target = path / CONFIG_NAME
         target.write_text(self.to_json_string(), encoding="utf-8")
+        for digest in self.bases():
+            from .codec.basis import basis_file, lookup
+
+            lookup(digest).save(path / basis_file(digest))
         return target
+
+    def bases(self) -> list[str]:
+        """Digests of the calibrated bases this config names (uplink, then downlink)."""
+        return [d for d in (self.basis, self.downlink_basis) if d is not None]
 
     @classmethod
     def from_pretrained(
@@ -334,7 +374,9 @@ class SlicerConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         config = cls.from_dict(data)
-        return config.replace(**overrides) if overrides else config
+        config = config.replace(**overrides) if overrides else config
+        _load_bases(config, path.parent, str(name_or_path), revision)
+        return config
 
     def model_card(self, repo_id: str) -> str:
         """A short README for the Hub repo holding this config."""
@@ -382,6 +424,29 @@ class SlicerConfig:
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"`{name}` {rule}, got {value!r}")
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 16 and all(c in "0123456789abcdef" for c in value)
+
+
+def _load_bases(config: SlicerConfig, folder: Path, name_or_path: str, revision: str | None) -> None:
+    """Register the bases `config` names: from beside its file, else (a Hub config) downloaded from its repo."""
+    from .codec.basis import Basis, basis_file
+
+    for digest in config.bases():
+        path = folder / basis_file(digest)
+        if not path.is_file() and not Path(name_or_path).exists():
+            from huggingface_hub import hf_hub_download
+
+            try:
+                path = Path(hf_hub_download(name_or_path, basis_file(digest), revision=revision))
+            except Exception as exc:  # as for the config: one clear message
+                raise ConfigError(f"could not load {basis_file(digest)} from {name_or_path!r}: {exc}") from exc
+        if not path.is_file():
+            raise ConfigError(f"the config names the calibrated basis {digest}, but {path} is missing")
+        if Basis.load(path).digest != digest:
+            raise ConfigError(f"{path} does not hold the basis {digest} (its tensors hash differently)")
 
 
 def available_presets() -> list[str]:

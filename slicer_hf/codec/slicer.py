@@ -24,6 +24,12 @@ ECSQ payload (flags holds F_ECSQ; F_ZSTD never)::
       [-B, B], B = min(ceil(1.002 sqrt(d') / step) + 1, 32767) (d' = d rotated, else d - n_out), under a quantized
       Gaussian of mean 0 and std 1/step on [-B-1, B] (-B-1 is never sent)
 
+With a calibrated basis (F_CALIBRATED, `rotation="calibrated"`, see `basis.py`) every row's d coordinates
+z = (residual / rms - mean) @ forward are coded instead (rms over the channels the basis counts), as round(z / step)
+clipped to [-B, B] (B from the basis's `code_bound`, at most 32767), coordinate i under a quantized Laplace of mean 0
+and scale scale[i] / step on [-B-1, B]; the decoder returns (codes * step @ inverse + mean) * rms. Which basis is
+the session's agreement (the codec spec names its digest); the packet only says that one was used.
+
 Selection, quantization, packing and dequantization run through `ops` (one dispatch point: the pure-torch
 reference, or Triton kernels on CUDA); the outlier and kept-position sections, zstd and the rANS coder stay on
 the host.
@@ -43,11 +49,12 @@ import zstandard
 from ..errors import CodecError
 from . import ops
 from .base import Codec
+from .basis import Basis, lookup
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
 from .ops import FP16_MAX
 
-F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS, F_ECSQ = 1, 2, 4, 8, 16
+F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS, F_ECSQ, F_CALIBRATED = 1, 2, 4, 8, 16, 32
 ECSQ_MAX_CODE = (1 << 15) - 1  # |code| bound: steps below ~sqrt(d)/32767 clip the largest values
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # a row RMS below float16's normal range goes as float32
 ROTATION_BLOCK = 1024
@@ -103,6 +110,7 @@ class SlicerCodec(Codec):
         entropy_coding: str = "zstd",
         quantizer: str = "blocks",
         step: float = 0.3,
+        basis: str | None = None,
         zstd_level: int = 3,
         **kwargs: Any,
     ) -> None:
@@ -122,11 +130,13 @@ class SlicerCodec(Codec):
             entropy_coding=entropy_coding,
             quantizer=quantizer,
             step=step,
+            basis=basis,
         )
         self._params = cfg.codec_params()
         for key, value in self._params.items():
             setattr(self, key, value)
         self.zstd_level = zstd_level
+        self._basis: Basis | None = lookup(basis) if basis else None
         if self.quantizer == "ecsq":
             _constriction()  # fail at construction, not at the first packet
 
@@ -192,7 +202,7 @@ class SlicerCodec(Codec):
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         flags = reader.u8()
         if flags & F_ECSQ:
-            return _decode_ecsq(reader, flags, n_rows, d, dtype)
+            return _decode_ecsq(reader, flags, n_rows, d, dtype, self._basis)
         if flags & ~(F_ROTATION | F_ZSTD | F_WIDE_PARAMS | F_WIDE_OUTLIERS):
             raise CodecError(f"unknown slicer flags {flags:#x}")
         k = reader.varint(limit=d)
@@ -267,46 +277,63 @@ class SlicerCodec(Codec):
 
     # ---------------------------------------------------------------- ECSQ
     def _encode_ecsq(self, rows: torch.Tensor) -> bytes:
-        """Exact outliers, rotation, then every entry as round(y / (step * rms)), one rANS stream for all rows."""
+        """Exact outliers, rotation (or a calibrated basis), then every entry as round(y / (step * rms)), one rANS
+        stream for all rows."""
         x = rows.float()  # [N, d], on the rows' device
         n, d = x.shape
         n_out = min(self.outliers, d)
+        basis = self._basis
+        if basis is not None and basis.width != d:
+            raise CodecError(f"the calibrated basis is for rows of width {basis.width}, got {d}")
         rotated = self.rotation == "orthogonal"
         step = _ecsq_step(self.step)
         w = BitWriter()
         residual, out_pos, wide_out = _write_outliers(w, x, n_out)
         y = rotate(residual) if rotated else residual  # [N, d]
-        avail = d if rotated else d - n_out
+        avail = d if rotated or basis is not None else d - n_out
         flags = F_ECSQ | (F_ROTATION if rotated else 0) | (F_WIDE_OUTLIERS if wide_out else 0)
+        flags |= F_CALIBRATED if basis is not None else 0
         ans = b""
         if avail and n:
-            rms = (y.double().pow(2).sum(1) / avail).sqrt()  # [N]; exact outliers are zeros here
+            rms = basis.row_rms(y) if basis is not None else (y.double().pow(2).sum(1) / avail).sqrt()  # [N]
             wide = bool(((rms > FP16_MAX) | ((rms > 0) & (rms < FP16_TINY))).any())
             rms = rms.float() if wide else rms.to(torch.float16)  # as the wire holds it
             w.write(float_fields(rms.cpu(), wide), 32 if wide else 16)
             flags |= F_WIDE_PARAMS if wide else 0
-            scale = step * rms.double()[:, None]  # [N, 1]
-            bound = _ecsq_bound(avail, step)
-            codes = torch.where(scale > 0, y.double() / scale.clamp_min(1e-300), 0.0).round().clamp(-bound, bound)
-            coded = _ecsq_coded(rms, None if rotated else out_pos, d)  # [N, d] bool
+            rms = rms.double()[:, None]  # [N, 1]
+            if basis is not None:
+                z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.mean.double()) @ basis.forward.double()
+                bound = _calibrated_bound(basis, step)
+                codes = torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
+            else:
+                bound = _ecsq_bound(avail, step)
+                codes = torch.where(rms > 0, y.double() / (step * rms).clamp_min(1e-300), 0.0)
+                codes = codes.round().clamp(-bound, bound)
+            coded = _ecsq_coded(rms[:, 0], None if rotated or basis is not None else out_pos, d)  # [N, d] bool
             symbols = codes[coded].to(torch.int32).cpu().numpy()
             if symbols.size:
                 coder = _constriction().stream.stack.AnsCoder()
-                coder.encode_reverse(symbols, _ecsq_model(bound, step))
+                coder.encode_reverse(symbols, *_ecsq_models(bound, step, basis, symbols.size))
                 ans = coder.get_compressed().astype("<u4").tobytes()
                 ans = ans[: len(ans) - min(3, len(ans) - len(ans.rstrip(b"\0")))]  # ANS never ends in a zero word
         return bytes([flags, n_out]) + np.float16(step).tobytes() + w.getvalue() + ans
 
 
-def _decode_ecsq(reader: Reader, flags: int, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    if flags & ~(F_ECSQ | F_ROTATION | F_WIDE_PARAMS | F_WIDE_OUTLIERS):
+def _decode_ecsq(
+    reader: Reader, flags: int, n_rows: int, d: int, dtype: torch.dtype, basis: Basis | None = None
+) -> torch.Tensor:
+    if flags & ~(F_ECSQ | F_ROTATION | F_WIDE_PARAMS | F_WIDE_OUTLIERS | F_CALIBRATED):
         raise CodecError(f"unknown slicer ECSQ flags {flags:#x}")
+    calibrated = bool(flags & F_CALIBRATED)
+    if calibrated and (basis is None or basis.width != d or flags & F_ROTATION):
+        held = "none" if basis is None else f"one for width {basis.width}"
+        raise CodecError(f"packet coded in a calibrated basis for width {d}; this decoder holds {held}")
     n_out = reader.u8()
     step = float(np.frombuffer(reader.take(2), dtype="<f2")[0])
     if n_out > d or not 0.0 < step <= 4.0:  # NaN fails too
         raise CodecError(f"inconsistent slicer ECSQ header: d={d}, outliers={n_out}, step={step}")
     rotated, wide = bool(flags & F_ROTATION), bool(flags & F_WIDE_PARAMS)
-    avail = d if rotated else d - n_out
+    avail = d if rotated or calibrated else d - n_out
     wide_out = bool(flags & F_WIDE_OUTLIERS)
     head_bits = n_rows * (n_out * (max(1, math.ceil(math.log2(d))) + (32 if wide_out else 16)))
     head_bits += n_rows * (32 if wide else 16) if avail else 0
@@ -325,33 +352,45 @@ def _decode_ecsq(reader: Reader, flags: int, n_rows: int, d: int, dtype: torch.d
             raise CodecError(f"{len(ans)} unexpected bytes after the slicer ECSQ head")
         x = torch.zeros(n_rows, d, device=device)
     else:  # the stream is checked against the codes it must hold before the rows are built
-        symbols = _ans_decode(ans, n_sym, _ecsq_bound(avail, step), step)
-        coded = _ecsq_coded(rms, None if rotated else out_pos, d)  # [N, d] bool
+        basis = basis if calibrated else None
+        bound = _calibrated_bound(basis, step) if basis is not None else _ecsq_bound(avail, step)
+        symbols = _ans_decode(ans, n_sym, bound, step, basis)
+        coded = _ecsq_coded(rms, None if rotated or calibrated else out_pos, d)  # [N, d] bool
         if int(coded.sum()) != n_sym:
             raise CodecError("duplicate outlier positions")
         y = torch.zeros(n_rows, d)
         y[coded] = torch.from_numpy(symbols).float()
-        y = y.to(device) * (step * rms.to(device))[:, None]
-        x = rotate(y, inverse=True) if rotated else y
+        if basis is not None:
+            u = (y.double() * step) @ basis.inverse.double() + basis.mean.double()
+            x = (u * rms.double()[:, None]).float().to(device)
+        else:
+            y = y.to(device) * (step * rms.to(device))[:, None]
+            x = rotate(y, inverse=True) if rotated else y
     if n_out:
         x = x.scatter(1, out_pos.to(device), out_val.to(device))
     return x.to(dtype)
 
 
-def _ans_decode(ans: bytes, n_sym: int, bound: int, step: float) -> np.ndarray:
+def _ans_decode(ans: bytes, n_sym: int, bound: int, step: float, basis: Basis | None = None) -> np.ndarray:
     """`n_sym` codes from the rANS section; a stream too short for them, or not used up exactly, is a `CodecError`."""
     if ans.endswith(b"\0"):
         raise CodecError("the slicer ECSQ stream ends in a zero byte (the encoder drops those)")
     # a code costs at least -log2 of the largest probability a code can have (code 0, or +B holding the upper tail),
     # so a claim of many codes needs a long enough stream (-B-1, free on an empty coder, is never a valid code)
-    p_max = max(math.erf(step / (2 * math.sqrt(2))), 0.5 * math.erfc((bound - 0.5) * step / math.sqrt(2)))
-    min_bits = n_sym * -math.log2(min(1.0, p_max + 2.0**-12))
+    if basis is None:
+        p_max = max(math.erf(step / (2 * math.sqrt(2))), 0.5 * math.erfc((bound - 0.5) * step / math.sqrt(2)))
+        min_bits = n_sym * -math.log2(min(1.0, p_max + 2.0**-12))
+    else:  # Laplace per coordinate: P(0) = 1 - exp(-step / (2 scale)) is its largest
+        p_zero = -np.expm1(-step / (2.0 * basis.scale.double().numpy()))
+        per_row = -np.log2(np.minimum(1.0, np.maximum(p_zero, 0.5) + 2.0**-12)).sum()
+        min_bits = n_sym // basis.width * per_row
     if 8 * len(ans) + 64 < 0.9 * min_bits:
         raise CodecError(f"slicer ECSQ stream of {len(ans)} bytes is too short for {n_sym} codes")
     words = np.frombuffer(ans + b"\0" * (-len(ans) % 4), dtype="<u4").astype(np.uint32)
     try:
         coder = _constriction().stream.stack.AnsCoder(words)
-        symbols = coder.decode(_ecsq_model(bound, step), n_sym)
+        models = _ecsq_models(bound, step, basis, n_sym)
+        symbols = coder.decode(*models) if basis is not None else coder.decode(*models, n_sym)
         exact = coder.is_empty()
     except CodecError:
         raise
@@ -382,14 +421,34 @@ def _ecsq_coded(rms: torch.Tensor, out_pos: torch.Tensor | None, d: int) -> torc
     return coded
 
 
-@functools.lru_cache(maxsize=64)
-def _ecsq_model(bound: int, step: float) -> Any:
-    """Quantized Gaussian, mean 0, std 1/step: a row's values over its rms, in code units.
+def _calibrated_bound(basis: Basis, step: float) -> int:
+    """|code| bound of a calibrated basis at this step: its largest coordinate bound, in steps."""
+    bound = 1.002 * basis.code_bound() / step + 1
+    return ECSQ_MAX_CODE if bound >= ECSQ_MAX_CODE else math.ceil(bound)
 
-    Codes lie in [-bound, bound]; the model's support starts one lower because rANS codes its lowest symbol onto an
+
+def _ecsq_models(bound: int, step: float, basis: Basis | None, n_sym: int) -> tuple[Any, ...]:
+    """The entropy model of `n_sym` codes (row-major, whole rows with a basis): a quantized Gaussian of std 1/step
+    for them all, or each coordinate's quantized Laplace of scale scale[i] / step.
+
+    Codes lie in [-bound, bound]; the models' support starts one lower because rANS codes its lowest symbol onto an
     empty coder for free, which would let a few bytes claim any number of codes.
     """
+    if basis is None:
+        return (_ecsq_model(bound, step),)
+    scales = np.tile(basis.scale.double().numpy() / step, n_sym // basis.width)
+    return _laplace_family(bound), np.zeros_like(scales), scales
+
+
+@functools.lru_cache(maxsize=64)
+def _ecsq_model(bound: int, step: float) -> Any:
+    """Quantized Gaussian, mean 0, std 1/step: a row's values over its rms, in code units."""
     return _constriction().stream.model.QuantizedGaussian(-bound - 1, bound, 0.0, 1.0 / step)
+
+
+@functools.lru_cache(maxsize=64)
+def _laplace_family(bound: int) -> Any:
+    return _constriction().stream.model.QuantizedLaplace(-bound - 1, bound)
 
 
 def _constriction() -> Any:

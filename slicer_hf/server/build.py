@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModel
 
 from .. import compat
+from ..codec.basis import load_bases
 from ..data import resolve_model
 from ..loading import load_layers, move_loaded
 from .engine import ServerLimits, SplitServer
@@ -19,6 +23,7 @@ def load_server(
     limits: ServerLimits | None = None,
     batching: bool = True,
     kv_store: bool = True,
+    bases: Sequence[str | Path] = (),
 ) -> SplitServer:
     """Load blocks `min_split_layer..L-1` of `model` (a causal LM, or an encoder's base model) and serve them.
 
@@ -27,7 +32,10 @@ def load_server(
         dtype: weights dtype: float32, bfloat16, float16 or auto.
         device: where the layers and the KV store live: cpu, cuda, cuda:1.
         limits, batching, kv_store: as for `SplitServer`.
+        bases: calibrated SLICER bases clients may name (files, or folders whose bases are all loaded), besides the
+            ones shipped with the presets.
     """
+    load_bases(bases)
     path = resolve_model(model)
     config = AutoConfig.from_pretrained(path)
     n = compat.num_layers(config)

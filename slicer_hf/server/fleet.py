@@ -53,7 +53,7 @@ class FleetOptions:
 
     Args:
         model: Hub id, folder or alias ('smollm2', 'minilm') every replica loads.
-        min_split_layer, dtype, device, batching, kv_store, threads: as for `slicer-hf serve`.
+        min_split_layer, dtype, device, batching, kv_store, threads, bases: as for `slicer-hf serve`.
         limits: `ServerLimits` fields for every replica.
         replicas: fixed replica count (ignored with `autoscale`).
         autoscale: (min, max) replicas, scaled on active sessions per replica.
@@ -76,6 +76,7 @@ class FleetOptions:
     batching: bool = True
     kv_store: bool = True
     threads: int | None = None
+    bases: tuple[str, ...] = ()
     limits: dict[str, Any] = field(default_factory=dict)
     replicas: int = 1
     autoscale: tuple[int, int] | None = None
@@ -139,7 +140,7 @@ class SplitReplica:
             torch.set_num_threads(opts.threads)
         limits = ServerLimits(**opts.limits)
         self.server = load_server(
-            opts.model, opts.min_split_layer, opts.dtype, opts.device, limits, opts.batching, opts.kv_store
+            opts.model, opts.min_split_layer, opts.dtype, opts.device, limits, opts.batching, opts.kv_store, opts.bases
         )
         cert = opts.tls_cert.encode() if opts.tls_cert else None
         key = opts.tls_key.encode() if opts.tls_key else None

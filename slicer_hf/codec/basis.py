@@ -1,0 +1,166 @@
+"""Calibrated bases for SLICER ECSQ (`rotation="calibrated"`): a fixed linear transform of each row, fitted once on
+calibration text, in whose coordinates a uniform step costs the fewest bits for the least KL.
+
+A basis holds, for a width d:
+
+- `norm_weight` `[d]`: 1 for the channels a row's RMS is taken over, 0 for the few massive-activation channels
+  left out of it (they would swamp it);
+- `forward` `[d, d]`: the row, over its RMS and less `mean`, times `forward` gives the coordinates that are coded;
+- `inverse` `[d, d]`: the way back (`forward`'s inverse);
+- `mean` `[d]`: the calibration rows' mean (over their RMS);
+- `scale` `[d]`: each coordinate's mean absolute value, the scale of the Laplace model its codes are entropy-coded
+  under.
+
+`fit` builds one from split-layer states and the gradients of the model's sampled log-likelihood at them (see
+`slicer_hf.tuning.calibrate`): a metric in which squared error is twice the expected KL (the Fisher information
+of the server's output), then principal axes of the rows in that metric, so each coordinate is uncorrelated with
+the others and one step gives every coordinate the same share of KL.
+
+Edge and server must hold the same basis: a codec spec names it by `digest` (16 hex digits of SHA-256 over its
+tensors), and `lookup` finds it among the bases registered in this process (`register`, `Basis.load`) and the ones
+that ship with the presets. The file is safetensors (`slicer_basis_<digest>.safetensors`, beside the config that
+names it) with its provenance in the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CodecError
+
+BASIS_PREFIX = "slicer_basis_"
+TENSORS = ("forward", "inverse", "mean", "scale", "norm_weight")
+_REGISTRY: dict[str, Basis] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, eq=False)
+class Basis:
+    """A calibrated transform for rows of width d (see the module docstring)."""
+
+    forward: torch.Tensor  # [d, d] float32
+    inverse: torch.Tensor  # [d, d] float32
+    mean: torch.Tensor  # [d] float32
+    scale: torch.Tensor  # [d] float32, > 0
+    norm_weight: torch.Tensor  # [d] float32, 0 or 1, not all 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = self.mean.shape[0] if self.mean.ndim == 1 else -1
+        shapes = {"forward": (d, d), "inverse": (d, d), "mean": (d,), "scale": (d,), "norm_weight": (d,)}
+        for name, shape in shapes.items():
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or d < 1:
+                raise CodecError(f"basis `{name}` must be a tensor of shape {shape}, got {getattr(t, 'shape', t)}")
+            if not torch.isfinite(t).all():
+                raise CodecError(f"basis `{name}` holds NaN or Inf")
+            object.__setattr__(self, name, t.detach().to("cpu", torch.float32).contiguous())
+        if not (self.scale > 0).all():
+            raise CodecError("basis `scale` must be positive")
+        if not ((self.norm_weight == 0) | (self.norm_weight == 1)).all() or not self.norm_weight.any():
+            raise CodecError("basis `norm_weight` must hold 0s and 1s, not all 0")
+
+    @property
+    def width(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def digest(self) -> str:
+        """What a codec spec names this basis by: 16 hex digits of SHA-256 over the width and the four tensors."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            h = hashlib.sha256(self.width.to_bytes(4, "little"))
+            for name in TENSORS:
+                h.update(getattr(self, name).numpy().tobytes())
+            cached = h.hexdigest()[:16]
+            object.__setattr__(self, "_digest", cached)
+        return cached
+
+    def row_rms(self, rows: torch.Tensor) -> torch.Tensor:
+        """`[N]` float64: each row's RMS over the channels `norm_weight` counts."""
+        w = self.norm_weight.to(rows.device, torch.float64)
+        return (rows.double().pow(2) @ w / w.sum()).sqrt()
+
+    def code_bound(self) -> float:
+        """Bound on |coordinate| for any row when every channel counts in the RMS (row/RMS then has norm sqrt(d)):
+        the largest column norm of `forward` x (sqrt(d) + |mean|); infinite when some channels do not count."""
+        if not self.norm_weight.all():
+            return math.inf
+        return float(self.forward.double().norm(dim=0).max()) * (self.width**0.5 + float(self.mean.double().norm()))
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / basis_file(self.digest)
+        save_file({n: getattr(self, n) for n in TENSORS}, str(path), metadata={**self.metadata, "digest": self.digest})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Basis:
+        """Read a basis file and register it."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                missing = sorted(set(TENSORS) - set(f.keys()))
+                if missing:
+                    raise CodecError(f"{path} is not a SLICER basis: no {', '.join(missing)}")
+                basis = cls(**{n: f.get_tensor(n) for n in TENSORS}, metadata=dict(f.metadata() or {}))
+        except (OSError, SafetensorError) as exc:
+            raise CodecError(f"cannot read a SLICER basis from {path}: {exc}") from exc
+        return register(basis)
+
+
+def load_bases(paths: Iterable[str | Path]) -> list[Basis]:
+    """Load and register bases: files, or folders (every `slicer_basis_*.safetensors` in them)."""
+    loaded = []
+    for path in map(Path, paths):
+        files = sorted(path.glob(f"{BASIS_PREFIX}*.safetensors")) if path.is_dir() else [path]
+        if not files:
+            raise CodecError(f"no {BASIS_PREFIX}*.safetensors in {path}")
+        loaded += [Basis.load(f) for f in files]
+    return loaded
+
+
+def basis_file(digest: str) -> str:
+    """The file name of the basis with this digest."""
+    return f"{BASIS_PREFIX}{digest}.safetensors"
+
+
+def register(basis: Basis) -> Basis:
+    """Make `basis` known to `lookup` in this process (idempotent); returns it."""
+    with _LOCK:
+        return _REGISTRY.setdefault(basis.digest, basis)
+
+
+def lookup(digest: str) -> Basis:
+    """The registered basis with this digest (the presets' bases are found without registering them)."""
+    with _LOCK:
+        found = _REGISTRY.get(digest)
+    if found is None:
+        _register_presets()
+        with _LOCK:
+            found = _REGISTRY.get(digest)
+    if found is None:
+        raise CodecError(
+            f"unknown SLICER basis {digest!r}: load its {basis_file(digest)} on this side too (from the config's "
+            "folder, or `slicer-hf serve --basis FILE`)"
+        )
+    return found
+
+
+def _register_presets() -> None:
+    from ..config import PRESETS_DIR
+
+    for path in sorted(PRESETS_DIR.glob(f"*/{BASIS_PREFIX}*.safetensors")) if PRESETS_DIR.is_dir() else []:
+        Basis.load(path)

@@ -1,0 +1,138 @@
+"""`slicer-hf calibrate`: fit the calibrated basis of SLICER ECSQ (`rotation="calibrated"`) at a split layer.
+
+What the server does with a decoded row is what its coding error costs: to second order, the KL between the
+model's output on the true and on the decoded row is e^T F e / 2, F the Fisher information of the output
+distribution with respect to the row (through every later layer and every later position that attends to it).
+F is estimated from gradients of the log-likelihood of tokens sampled from the model itself, taken at the split.
+
+The basis makes squared error in its coordinates equal that KL (the Fisher metric, whitened), then turns to the
+principal axes of the rows in that metric: coordinates uncorrelated, each with its own Laplace scale, so that one
+uniform step gives every coordinate the same KL per unit of error and costs each only the bits its spread needs.
+Rows are taken as the codec takes them: exact outliers removed, over their RMS, less the mean.
+
+Calibrate on validation text only; measure on test text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..codec import ops
+from ..codec.basis import Basis, register
+from ..compat import decoder_layers
+from ..version import __version__
+
+
+def collect(
+    model: Any, windows: Iterable[torch.Tensor], split_layers: Sequence[int], seed: int = 0
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Rows at each split (the output of decoder layer k-1) and the gradient, with respect to them, of the
+    log-likelihood of one token sampled from the model at every position; one forward and backward per window.
+
+    Args:
+        model: a causal LM with every layer local, in eval mode.
+        windows: token windows `[T]` (or `[1, T]`).
+        split_layers: each k in [1, L]; k = L gives the last layer's output (what a hidden-state downlink carries).
+
+    Returns:
+        `{k: (rows, grads)}`, float64 `[N, d]` each, N the tokens of all windows.
+    """
+    layers = decoder_layers(model)
+    if not split_layers or not all(1 <= k <= len(layers) for k in split_layers):
+        raise ValueError(f"split layers must be in [1, {len(layers)}], got {list(split_layers)}")
+    leaves: dict[int, torch.Tensor] = {}
+    first = min(split_layers)
+
+    def hook_at(k: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if k != first:  # downstream of the first split's leaf: keep the graph whole, keep the gradient
+                hidden.retain_grad()
+                leaves[k] = hidden
+                return output
+            leaves[k] = hidden.detach().clone().requires_grad_(True)
+            return (leaves[k], *output[1:]) if isinstance(output, tuple) else leaves[k]
+
+        return hook
+
+    gen = torch.Generator().manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    handles = [layers[k - 1].register_forward_hook(hook_at(k)) for k in sorted(set(split_layers))]
+    found: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], []) for k in set(split_layers)}
+    try:
+        for ids in windows:
+            with torch.enable_grad():
+                logprobs = F.log_softmax(model(ids.reshape(1, -1), use_cache=False).logits.float(), dim=-1)[0]
+                sampled = torch.multinomial(logprobs.detach().exp(), 1, generator=gen)  # [T, 1]
+                logprobs.gather(-1, sampled).sum().backward()
+            for k, (rows, grads) in found.items():
+                rows.append(leaves[k].detach()[0].double())
+                grads.append(leaves[k].grad[0].double())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return {k: (torch.cat(rows), torch.cat(grads)) for k, (rows, grads) in found.items()}
+
+
+def fit_basis(
+    rows: torch.Tensor,
+    grads: torch.Tensor,
+    outliers: int = 0,
+    massive: float = 25.0,
+    metadata: dict[str, str] | None = None,
+) -> Basis:
+    """The calibrated basis for rows `[N, d]` with log-likelihood gradients `[N, d]` (see the module docstring).
+
+    Args:
+        rows: split-layer rows, as `collect` returns them.
+        grads: their gradients.
+        outliers: exact outliers per row the codec will send (the basis is fitted on what is left).
+        massive: channels whose mean square exceeds this many times the median channel's are left out of the RMS.
+        metadata: provenance to keep in the file (model, layer, text).
+    """
+    if rows.ndim != 2 or rows.shape != grads.shape or rows.shape[0] < 2 * rows.shape[1]:
+        raise ValueError(
+            f"fit_basis needs rows and grads of one shape [N, d] with N >= 2d, got {tuple(rows.shape)} and "
+            f"{tuple(grads.shape)}"
+        )
+    x, g = rows.double(), grads.double()
+    n, d = x.shape
+    if outliers:
+        x = x.scatter(1, ops.top_positions(x.float(), min(outliers, d)), 0.0)
+    power = x.pow(2).mean(0)
+    norm_weight = (power <= massive * power.median()).double()
+    rms = (x.pow(2) @ norm_weight / norm_weight.sum()).sqrt().clamp_min(1e-30)  # [N], as `Basis.row_rms`
+    u = x / rms[:, None]  # what the codec codes, before the mean
+    mean = u.mean(0)
+    # Fisher metric of u: a step e in u is an error rms * e in the row
+    gw = g * rms[:, None]
+    fisher = gw.T @ gw / n
+    lam, vecs = torch.linalg.eigh(fisher)
+    lam = lam.clamp_min(float(lam.max()) * 1e-6)
+    whiten = vecs * lam.sqrt() / math.exp(0.5 * float(lam.log().mean()))  # [d, d], unit geometric-mean gain
+    z = (u - mean) @ whiten
+    _, axes = torch.linalg.eigh(z.T @ z / n)
+    axes = axes.flip(1)  # widest coordinate first
+    forward = whiten @ axes
+    inverse = torch.linalg.inv(forward)
+    scale = ((u - mean) @ forward).abs().mean(0).clamp_min(1e-6)
+    info = {
+        "format": "slicer_hf.basis/1",
+        "rows": str(n),
+        "outliers": str(outliers),
+        "massive_channels": ",".join(str(i) for i in (norm_weight == 0).nonzero().flatten().tolist()),
+        "fisher_spread": f"{float(lam.mean() / lam.log().mean().exp()):.4f}",
+        "slicer_hf_version": __version__,
+        **(metadata or {}),
+    }
+    tensors = (forward, inverse, mean, scale, norm_weight)
+    return register(Basis(*(t.float() for t in tensors), metadata=info))

@@ -1,0 +1,226 @@
+"""Calibrated bases for SLICER ECSQ: fitted from split-layer rows and log-likelihood gradients, named by digest,
+shipped beside the config, held by both sides; a packet coded in one decodes only where the same basis is held."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
+from slicer_hf.cli import app
+from slicer_hf.codec import basis as basis_module
+from slicer_hf.codec.basis import Basis, basis_file, load_bases, lookup
+from slicer_hf.errors import CodecError, ConfigError
+from slicer_hf.link import open_request
+from slicer_hf.server import SplitServer
+from slicer_hf.tuning.calibrate import collect, fit_basis
+
+D = 32
+
+
+def synthetic(n: int = 4000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows on a few strong directions plus noise, one massive channel; gradients from an anisotropic metric."""
+    mix = torch.randn(4, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # one source
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, 4, generator=gen, dtype=torch.float64) @ mix * 3 + 0.3 * torch.randn(
+        n, D, generator=gen, dtype=torch.float64
+    )
+    scale = rows.pow(2).mean(1).sqrt()
+    rows[:, 5] = 20 * scale * (1 + 0.02 * torch.randn(n, generator=gen, dtype=torch.float64))  # a massive channel
+    sens = torch.linspace(0.2, 3.0, D, dtype=torch.float64)
+    grads = torch.randn(n, D, generator=gen, dtype=torch.float64) * sens
+    return rows, grads
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Basis:
+    return fit_basis(*synthetic(), metadata={"model": "synthetic"})
+
+
+def codec(basis: Basis | None, step: float = 0.3):
+    if basis is None:
+        return build_codec("slicer", quantizer="ecsq", step=step, outliers=2)
+    return build_codec("slicer", quantizer="ecsq", step=step, outliers=0, rotation="calibrated", basis=basis.digest)
+
+
+def test_the_basis_whitens_the_metric_and_decorrelates_the_rows(fitted):
+    rows, grads = synthetic()
+    identity = torch.eye(D, dtype=torch.float64)
+    assert torch.allclose(fitted.forward.double() @ fitted.inverse.double(), identity, atol=1e-4)
+    assert fitted.norm_weight[5] == 0 and fitted.norm_weight.sum() == D - 1  # the massive channel leaves the RMS
+    u = rows / fitted.row_rms(rows)[:, None]
+    z = (u - fitted.mean.double()) @ fitted.forward.double()
+    cov = z.T @ z / len(z)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-3 * cov.diagonal().max()  # uncorrelated
+    assert (cov.diagonal()[:-1] >= cov.diagonal()[1:] - 1e-9).all()  # widest first
+    # squared error in the coordinates is proportional to the Fisher metric of u
+    gw = grads * fitted.row_rms(rows)[:, None]
+    fisher = gw.T @ gw / len(gw)
+    metric = fitted.forward.double() @ fitted.forward.double().T
+    assert torch.allclose(metric / metric.trace(), fisher / fisher.trace(), atol=1e-4)
+
+
+def test_calibrated_coding_spends_fewer_bits_for_less_weighted_error(fitted):
+    rows, grads = synthetic(800, seed=1)  # held-out rows of the same source
+    sens = torch.linspace(0.2, 3.0, D, dtype=torch.float64)
+
+    def cost(c) -> tuple[float, float]:
+        packets = [c.encode(r.float().reshape(1, 1, D)) for r in rows]
+        out = torch.cat([c.decode(p).reshape(1, D).double() for p in packets])
+        return sum(map(len, packets)) * 8 / len(rows), float(((out - rows) * sens).pow(2).sum(1).mean())
+
+    bits_rot, err_rot = cost(codec(None, 0.3))
+    calibrated = [cost(codec(fitted, step)) for step in (0.3, 0.6, 1.0, 1.5, 2.0)]
+    # some step of the calibrated basis beats the seeded rotation on both counts, by a margin
+    assert any(bits < 0.8 * bits_rot and err < 0.8 * err_rot for bits, err in calibrated)
+
+
+def test_decoding_is_deterministic_and_the_step_travels_in_the_packet(fitted):
+    x = synthetic(8, seed=2)[0].float().reshape(2, 4, D)
+    packet = codec(fitted, 0.5).encode(x)
+    assert torch.equal(codec(fitted, 0.5).decode(packet), codec(fitted, 0.1).decode(packet))
+    assert codec(fitted, 0.5).encode(x) == packet
+
+
+def test_a_calibrated_packet_needs_the_same_basis_on_the_other_side(fitted):
+    x = synthetic(4, seed=3)[0].float().reshape(1, 4, D)
+    packet = codec(fitted).encode(x)
+    with pytest.raises(CodecError, match="calibrated basis .* holds none"):
+        codec(None).decode(packet)
+    other = fit_basis(*synthetic(seed=9))
+    with pytest.raises(CodecError, match="width"):
+        build_codec("slicer", quantizer="ecsq", rotation="calibrated", basis=other.digest, outliers=0).encode(
+            torch.randn(1, 1, D + 1)
+        )
+    with pytest.raises(CodecError, match="unknown SLICER basis 'deadbeefdeadbeef'"):
+        build_codec("slicer", quantizer="ecsq", rotation="calibrated", basis="deadbeefdeadbeef")
+
+
+def test_malformed_calibrated_packets_raise_codec_errors_only(fitted):
+    c = codec(fitted)
+    packet = c.encode(synthetic(4, seed=4)[0].float().reshape(1, 4, D))
+    gen = torch.Generator().manual_seed(0)
+    for cut in range(len(packet)):
+        with pytest.raises(CodecError):
+            c.decode(packet[:cut])
+    for _ in range(200):
+        bad = bytearray(packet)
+        i = int(torch.randint(0, len(bad), (1,), generator=gen))
+        bad[i] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        try:
+            out = c.decode(bytes(bad))
+        except CodecError:
+            continue
+        assert out.shape == (1, 4, D)  # a flip that still decodes gives rows of the claimed shape
+
+
+def test_config_validation_names_what_goes_with_a_calibrated_basis(fitted):
+    with pytest.raises(ConfigError, match="calibrated"):
+        SlicerConfig(rotation="calibrated")  # no basis
+    with pytest.raises(ConfigError, match="calibrated"):
+        SlicerConfig(rotation="calibrated", basis=fitted.digest)  # the blocks quantizer
+    with pytest.raises(ConfigError, match="downlink_step"):
+        SlicerConfig(downlink_basis=fitted.digest)
+    config = SlicerConfig(quantizer="ecsq", rotation="calibrated", basis=fitted.digest, outliers=0)
+    assert build_codec(config).spec()["basis"] == fitted.digest
+    assert "basis" not in build_codec(SlicerConfig(quantizer="ecsq")).spec()  # other specs are unchanged
+    down = config.replace(downlink_step=0.1).downlink_codec()
+    assert down.spec()["rotation"] == "orthogonal"  # the uplink's basis is not the last layer's
+
+
+def test_the_basis_travels_beside_the_config(fitted, tmp_path, monkeypatch):
+    config = SlicerConfig(
+        quantizer="ecsq",
+        rotation="calibrated",
+        basis=fitted.digest,
+        outliers=0,
+        downlink_step=0.1,
+        downlink_basis=fitted.digest,
+    )
+    config.save_pretrained(tmp_path)
+    assert (tmp_path / basis_file(fitted.digest)).is_file()
+    monkeypatch.setattr(basis_module, "_REGISTRY", {})  # a fresh process: nothing registered
+    with pytest.raises(CodecError, match="unknown SLICER basis"):
+        lookup(fitted.digest)
+    loaded = SlicerConfig.from_pretrained(tmp_path)
+    assert loaded == config and lookup(fitted.digest).digest == fitted.digest
+    assert build_codec(loaded).decode(build_codec(config).encode(torch.ones(1, 1, D))).shape == (1, 1, D)
+
+    monkeypatch.setattr(basis_module, "_REGISTRY", {})
+    other = fit_basis(*synthetic(seed=5))
+    other.save(tmp_path / basis_file(fitted.digest))  # the file no longer holds what the config names
+    with pytest.raises(ConfigError, match="does not hold the basis"):
+        SlicerConfig.from_pretrained(tmp_path)
+    (tmp_path / basis_file(fitted.digest)).unlink()
+    with pytest.raises(ConfigError, match="is missing"):
+        SlicerConfig.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CodecError, match="no slicer_basis_"):
+        load_bases([tmp_path / "empty"])
+
+
+def test_one_pass_collects_every_split_with_its_whole_gradient():
+    model = tiny_model("llama")
+    windows = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    both = collect(model, windows, [1, model.config.num_hidden_layers], seed=3)
+    alone = collect(model, windows, [1], seed=3)
+    assert torch.equal(both[1][0], alone[1][0]) and torch.allclose(both[1][1], alone[1][1])
+    rows, grads = both[model.config.num_hidden_layers]
+    assert rows.shape == grads.shape == (24, model.config.hidden_size) and grads.abs().sum() > 0
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
+
+
+def calibrated_config(model) -> SlicerConfig:
+    d = model.config.hidden_size
+    found = collect(model, torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1)), [2])
+    basis = fit_basis(*found[2])
+    assert basis.width == d
+    return SlicerConfig(split_layer=2, quantizer="ecsq", rotation="calibrated", basis=basis.digest, outliers=0)
+
+
+def test_a_server_refuses_a_session_whose_basis_it_does_not_hold_and_serves_the_rest(monkeypatch):
+    model = tiny_model("llama")
+    config = calibrated_config(model)
+    server = SplitServer(tiny_model("llama"))
+    body = open_request(config, server.model.config, "tiny", 2, build_codec(config), torch.float32)
+    protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))  # held: opened
+    monkeypatch.setattr(basis_module, "_REGISTRY", {})
+    with pytest.raises(ProtocolError, match="unknown SLICER basis"):
+        protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))
+    plain = SlicerConfig(split_layer=2, quantizer="ecsq")
+    body = open_request(plain, server.model.config, "tiny", 2, build_codec(plain), torch.float32)
+    protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))
+
+
+def test_split_generation_with_a_calibrated_basis_stays_close_to_the_unsplit_model():
+    base = tiny_model("llama").eval()
+    config = calibrated_config(base).replace(step=0.05)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    split = SlicerModelForCausalLM.from_model(base, config)
+    with torch.no_grad():
+        ref_logits = base(ids).logits
+        split_logits = split(ids).logits
+    assert torch.allclose(split_logits, ref_logits, atol=0.05 * ref_logits.abs().max())
+    out = split.generate(ids, **kwargs)
+    assert out.shape == (1, 14) and split.wire_stats().uplink_payload_bytes > 0
+
+
+def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch):
+    from live import tiny_smol_dir
+
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 60)
+    out = tmp_path / "calibrated"
+    args = ["calibrate", "--model", str(folder), "--split-layer", "2", "--downlink", "--text", str(text)]
+    result = CliRunner().invoke(app, [*args, "--tokens", "512", "--window", "128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(basis_module, "_REGISTRY", {})
+    config = SlicerConfig.from_pretrained(out)
+    assert config.rotation == "calibrated" and config.split_layer == 2 and config.downlink_step == 0.1
+    assert lookup(config.basis).metadata["split_layer"] == "2"
+    assert lookup(config.downlink_basis).metadata["text"] == str(text)
+    assert config.downlink_codec().spec()["basis"] == config.downlink_basis
