@@ -534,6 +534,7 @@ BENCH_SUITES = {
     "encoders": "encoders",
     "fleet": "fleet",
     "search": "search",
+    "calibrated": "calibrated",
 }
 
 

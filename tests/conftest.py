@@ -188,7 +188,8 @@ def fake_hub(monkeypatch):
         def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
             from pathlib import Path
 
-            uploaded["files"] = {p.name: p.read_text() for p in Path(folder_path).iterdir()}
+            files = Path(folder_path).iterdir()
+            uploaded["files"] = {p.name: p.read_bytes() if p.suffix == ".safetensors" else p.read_text() for p in files}
             return f"https://huggingface.co/{repo_id}/commit/abc"
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)

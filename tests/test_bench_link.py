@@ -81,6 +81,14 @@ def test_variant_config_changes_only_codec_and_downlink():
     assert (topk.codec, topk.downlink, topk.distortion) == ("slicer", "topk_logits", 0.05)
 
 
+def test_fp16_both_ways_and_a_compressed_downlink_only_with_slicer():
+    base = SlicerConfig(split_layer=24, codec="slicer", quantizer="ecsq", downlink_step=0.1)
+    both = bench.variant_config(base, "fp16+fp16")
+    assert (both.codec, both.downlink, both.downlink_dtype, both.downlink_step) == ("fp16", "hidden", "float16", None)
+    assert bench.variant_config(base, "fp16").downlink_step is None  # fp16 up: exact hidden states back
+    assert bench.variant_config(base, "slicer").downlink_step == 0.1
+
+
 def test_not_root_is_a_clear_reason(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "root" in bench.netns_unavailable_reason()
@@ -178,3 +186,20 @@ def test_each_direction_of_the_link_is_shaped_on_its_own():
         link.set_rates(None, 0.5)
         assert "tbf" not in qdisc(dev=link.host_dev)
         assert "500Kbit" in qdisc(*link.exec_prefix(), dev=link.ns_dev)
+
+
+def test_the_lowest_rate_within_ten_percent_is_measured_then_interpolated_in_log_rate():
+    def rows(variant, points):
+        return [{"rate_mbit": rate, "variant": variant, "e2e_tokens_per_s": tps} for rate, tps in points]
+
+    curve = rows("slicer", [(None, 10.0), (1.0, 9.8), (0.5, 9.5), (0.25, 8.5), (0.125, 6.0)])
+    found = bench.lowest_rate_within(curve + rows("fp16", [(None, 10.0), (1.0, 5.0)]), "slicer")
+    assert found["lowest_measured_mbit"] == 0.5 and found["first_slower_measured_mbit"] == 0.25
+    assert found["floor_tokens_per_s"] == pytest.approx(9.0)
+    assert found["estimate_mbit"] == pytest.approx(0.5 * 0.5**0.5)  # 9.0 lies halfway from 9.5 to 8.5
+    fast = bench.lowest_rate_within(rows("x", [(None, 10.0), (1.0, 9.5)]), "x")
+    assert fast["lowest_measured_mbit"] == fast["estimate_mbit"] == 1.0 and fast["first_slower_measured_mbit"] is None
+    slow = bench.lowest_rate_within(rows("y", [(None, 10.0), (1.0, 5.0)]), "y")
+    assert slow["lowest_measured_mbit"] is None and slow["estimate_mbit"] is None
+    with pytest.raises(ValueError, match="unshaped"):
+        bench.lowest_rate_within(rows("z", [(1.0, 5.0)]), "z")

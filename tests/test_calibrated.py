@@ -224,3 +224,24 @@ def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch)
     assert lookup(config.basis).metadata["split_layer"] == "2"
     assert lookup(config.downlink_basis).metadata["text"] == str(text)
     assert config.downlink_codec().spec()["basis"] == config.downlink_basis
+
+
+def test_the_benchmark_chooses_the_cheapest_setting_within_budget_on_text_the_calibration_did_not_see(tmp_path):
+    from live import tiny_smol_dir
+
+    from slicer_hf.bench.calibrated import choose, heldout_text
+
+    rows = [
+        {"bits_per_token": 2000, "downlink_bits_per_token": 100, "kl_mean": 0.012, "ppl_change_pct": 0.8},
+        {"bits_per_token": 2100, "downlink_bits_per_token": 100, "kl_mean": 0.009, "ppl_change_pct": 0.9},
+        {"bits_per_token": 2300, "downlink_bits_per_token": 100, "kl_mean": 0.007, "ppl_change_pct": 0.6},
+    ]
+    assert choose(rows, 0.01, 1.0) is rows[1]
+    assert choose(rows, None, 1.0) is rows[0]
+    with pytest.raises(SystemExit, match="no setting meets"):
+        choose(rows, 0.001, 1.0)
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    text = tmp_path / "t.txt"
+    text.write_text("alpha beta gamma delta epsilon zeta eta theta")
+    rest = heldout_text(str(folder), str(text), 3)
+    assert text.read_text().endswith(rest) and 0 < len(rest) < len(text.read_text())

@@ -129,7 +129,10 @@ def test_a_pushed_preset_reads_back_from_a_hub_like_folder(tmp_path, monkeypatch
     monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
     preset = SlicerConfig.from_pretrained("smollm2-135m-split24")
     preset.push_to_hub("someone/smollm2-split24")
-    assert sorted(p.name for p in (hub / "someone/smollm2-split24").iterdir()) == ["README.md", CONFIG_NAME]
+    from slicer_hf.codec.basis import basis_file
+
+    names = sorted(p.name for p in (hub / "someone/smollm2-split24").iterdir())
+    assert names == sorted(["README.md", CONFIG_NAME, basis_file(preset.basis)])  # the calibrated basis travels too
     assert SlicerConfig.from_pretrained("someone/smollm2-split24") == preset
 
 

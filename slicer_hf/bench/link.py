@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -92,11 +93,17 @@ def variant_config(base: SlicerConfig, variant: str) -> SlicerConfig:
     """`base` with the variant's uplink codec and downlink: 'codec' or 'codec+downlink' (e.g. 'slicer+topk_logits').
 
     Args:
-        base: the preset (split layer, SLICER knobs, downlink when the variant names none).
-        variant: e.g. "fp16", "slicer", "slicer+topk_logits".
+        base: the preset (split layer, SLICER knobs, downlink when the variant names none; a compressed downlink
+            only for the 'slicer' codec, other codecs get exact hidden states back).
+        variant: e.g. "fp16", "slicer", "slicer+topk_logits", "fp16+fp16" (hidden states in float16 both ways).
     """
     codec, _, downlink = variant.partition("+")
-    return base.replace(codec=codec, downlink=downlink or base.downlink)
+    config = base if codec == "slicer" else base.replace(downlink_step=None, downlink_basis=None)
+    if downlink == "fp16":
+        return config.replace(
+            codec=codec, downlink="hidden", downlink_dtype="float16", downlink_step=None, downlink_basis=None
+        )
+    return config.replace(codec=codec, downlink=downlink or base.downlink)
 
 
 class _TokenClock(BaseStreamer):
@@ -405,6 +412,38 @@ def wire_ms_per_token(row: dict[str, Any]) -> float | None:
     return 1e3 * 8 * step_bytes / (row["rate_mbit"] * 1e6)
 
 
+def lowest_rate_within(rows: Sequence[dict[str, Any]], variant: str, tolerance: float = 0.1) -> dict[str, Any]:
+    """The lowest symmetric rate at which `variant`'s end-to-end tokens/s stays within `tolerance` of its unshaped
+    rate: the lowest measured rate that does (every faster one doing so too), and between it and the next slower
+    measured rate an estimate, tokens/s interpolated linearly in log(rate).
+
+    Args:
+        rows: `run`'s rows (medians); the variant needs an unshaped row.
+        variant: one of the run's variants.
+        tolerance: the share of the unshaped rate that may be lost.
+    """
+    mine = {r["rate_mbit"]: r["e2e_tokens_per_s"] for r in rows if r["variant"] == variant}
+    if None not in mine:
+        raise ValueError(f"{variant!r} has no unshaped row to compare with")
+    floor = (1.0 - tolerance) * mine.pop(None)
+    rates = sorted(mine, reverse=True)
+    keep = next((i for i, rate in enumerate(rates) if mine[rate] < floor), len(rates))
+    lowest = rates[keep - 1] if keep else None
+    slower = rates[keep] if keep < len(rates) else None
+    estimate = lowest
+    if lowest is not None and slower is not None:
+        a, b = mine[lowest], mine[slower]  # a >= floor > b
+        t = (a - floor) / (a - b)
+        estimate = math.exp(math.log(lowest) + t * (math.log(slower) - math.log(lowest)))
+    return {
+        "variant": variant,
+        "floor_tokens_per_s": floor,
+        "lowest_measured_mbit": lowest,
+        "first_slower_measured_mbit": slower,
+        "estimate_mbit": estimate,
+    }
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The rows (medians) as a markdown table; the link column carries the measured TCP goodput.
 
@@ -521,10 +560,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         burst=args.burst,
     )
     result["meta"]["command"] = "python -m slicer_hf.bench.link " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if None in args.rates:
+        result["within_10pct"] = [lowest_rate_within(result["rows"], v) for v in args.variants]
     if args.out_json:
         Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("\n" + markdown_table(result))
+    for found in result.get("within_10pct", []):
+        print(
+            f"{found['variant']}: within 10% of unshaped down to {found['lowest_measured_mbit']} Mbit/s measured "
+            f"(next slower {found['first_slower_measured_mbit']}), about {found['estimate_mbit'] or 0:.3g} Mbit/s"
+        )
     return result
 
 

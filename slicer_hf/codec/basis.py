@@ -102,6 +102,7 @@ class Basis:
         if path.is_dir():
             path = path / basis_file(self.digest)
         save_file({n: getattr(self, n) for n in TENSORS}, str(path), metadata={**self.metadata, "digest": self.digest})
+        path.chmod(0o644)  # as any other file of a config folder (safetensors writes 0600)
         return path
 
     @classmethod

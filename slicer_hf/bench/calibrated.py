@@ -1,0 +1,145 @@
+"""Calibrated bases against the seeded rotation: uplink and both-ways bits per token at equal quality, SmolLM2.
+
+1. Calibrate (`slicer-hf calibrate`): uplink basis at the split, downlink basis at the last layer, on the first
+   `--calib-tokens` tokens of WikiText-2 validation.
+2. Choose on the rest of validation (held out from the calibration), with a `--margin` (0.8: validation text is
+   easier than test text for this model, the preset's KL is 0.0068 there and 0.0089 on test): the uplink alone, the
+   coarsest step whose KL and perplexity change stay within margin x `--max-kl` and `--max-ppl` (exact downlink);
+   both directions, the (uplink, downlink) steps with the fewest bits both ways whose total perplexity change stays
+   within margin x `--max-ppl`.
+3. Report on WikiText-2 test: the preset (seeded rotation), the calibrated uplink, and both directions calibrated,
+   with every message as decoding sends it (`slicer-hf eval`).
+
+    python -m slicer_hf.bench.calibrated --out-json docs/benchmarks/calibrated.json --write-preset DIR
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import SlicerConfig
+from ..data import load_text, resolve_model
+from ..evaluate import evaluate
+from .common import markdown_table, suite_parser, write_json
+
+UP_STEPS = (0.3, 0.35, 0.4, 0.45)
+PAIRS = tuple((up, down) for up in (0.3, 0.35) for down in (0.1, 0.15, 0.2))
+COLUMNS = (
+    ("setting", "name", ""),
+    ("uplink step", "step", ".2f"),
+    ("downlink", "downlink", ""),
+    ("bits up", "bits_per_token", ".0f"),
+    ("x fp16 up", "compression_vs_fp16", ".2f"),
+    ("bits down", "downlink_bits_per_token", ".0f"),
+    ("x fp16 both ways", "both_ways_vs_fp16", ".2f"),
+    ("KL", "kl_mean", ".4f"),
+    ("ppl change %", "ppl_change_pct", "+.2f"),
+    ("top-1", "top1_agreement", ".4f"),
+)
+
+
+def heldout_text(model: str, source: str, skip_tokens: int) -> str:
+    """`source`'s text after its first `skip_tokens` tokens (those the calibration saw)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    text = load_text(source)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    return text[offsets[skip_tokens][0] :]
+
+
+def row(name: str, config: SlicerConfig, result: dict[str, Any]) -> dict[str, Any]:
+    down = "exact" if config.downlink_step is None else f"{config.downlink_step:g}"
+    down += " calibrated" if config.downlink_basis else (" rotation" if config.downlink_step else "")
+    keys = [key for _, key, _ in COLUMNS if key in result]
+    return {"name": name, "step": config.step, "downlink": down, **{k: result[k] for k in keys}, "config": config}
+
+
+def sweep(model: str, text: str, configs: Sequence[tuple[str, SlicerConfig]], tokens: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, config in configs:
+        result = evaluate(model, text, config=config, max_tokens=tokens, progress=False)
+        rows.append(row(name, config, result))
+        print(markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+    return rows
+
+
+def choose(rows: list[dict[str, Any]], max_kl: float | None, max_ppl: float) -> dict[str, Any]:
+    ok = [r for r in rows if (max_kl is None or r["kl_mean"] <= max_kl) and r["ppl_change_pct"] <= max_ppl]
+    if not ok:
+        raise SystemExit(f"no setting meets KL <= {max_kl} and ppl change <= {max_ppl}%: {rows}")
+    return min(ok, key=lambda r: r["bits_per_token"] + r["downlink_bits_per_token"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = suite_parser(__doc__, "docs/benchmarks/calibrated.json")
+    parser.add_argument("--calibrated", default=None, help="a config folder from `slicer-hf calibrate` (skip step 1)")
+    parser.add_argument("--calib-tokens", type=int, default=24576)
+    parser.add_argument("--choose-tokens", type=int, default=8192)
+    parser.add_argument("--test-tokens", type=int, default=16384)
+    parser.add_argument("--max-kl", type=float, default=0.01)
+    parser.add_argument("--max-ppl", type=float, default=1.0)
+    parser.add_argument("--margin", type=float, default=0.8, help="share of the budgets a choice may use")
+    parser.add_argument("--write-preset", default=None, help="folder for the chosen config and its bases")
+    args = parser.parse_args(argv)
+    preset = SlicerConfig.from_pretrained(args.config or "smollm2-135m-split24")
+    work = Path(tempfile.mkdtemp(prefix="slicer-calibrated-"))
+    if args.calibrated is None:
+        from typer.testing import CliRunner
+
+        from ..cli import app
+
+        args.calibrated = str(work / "calibrated")
+        cli = ["calibrate", "--model", args.model, "--split-layer", str(preset.split_layer), "--downlink"]
+        cli += ["--tokens", str(args.calib_tokens), "--out", args.calibrated]
+        done = CliRunner().invoke(app, cli)
+        print(done.output.splitlines()[-1] if done.output else "", flush=True)
+        if done.exit_code:
+            raise SystemExit(f"calibration failed: {done.output}")
+    calibrated = SlicerConfig.from_pretrained(args.calibrated)
+    (work / "heldout.txt").write_text(heldout_text(args.model, "wikitext-2-raw-v1:validation", args.calib_tokens))
+    heldout = str(work / "heldout.txt")
+
+    print("\n== choose the uplink step on held-out validation (exact downlink)\n" + markdown_table([], COLUMNS))
+    exact = calibrated.replace(downlink_step=None, downlink_basis=None)
+    up_rows = sweep(args.model, heldout, [(f"up {s}", exact.replace(step=s)) for s in UP_STEPS], args.choose_tokens)
+    up = choose(up_rows, args.margin * args.max_kl, args.margin * args.max_ppl)["config"]
+    print("\n== choose both steps on held-out validation (both ways)\n" + markdown_table([], COLUMNS))
+    pairs = [(f"up {u} down {d}", calibrated.replace(step=u, downlink_step=d)) for u, d in PAIRS]
+    down_rows = sweep(args.model, heldout, pairs, args.choose_tokens)
+    chosen = choose(down_rows, None, args.margin * args.max_ppl)["config"]
+
+    print("\n== WikiText-2 test\n" + markdown_table([], COLUMNS))
+    rotation_down = preset.replace(downlink_step=chosen.downlink_step)
+    final = [
+        ("preset (rotation)", preset),
+        ("preset, downlink rotation", rotation_down),
+        ("calibrated uplink", up),
+        ("calibrated both ways", chosen),
+    ]
+    test_rows = sweep(args.model, "wikitext-2-raw-v1:test", final, args.test_tokens)
+    if args.write_preset:
+        chosen.save_pretrained(args.write_preset)
+        print(f"chosen config written to {args.write_preset}")
+
+    def plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**r, "config": r["config"].to_dict()} for r in rows]
+
+    write_json(
+        {
+            "calibration": {"text": "wikitext-2-raw-v1:validation", "tokens": args.calib_tokens},
+            "choose": {"text": "validation after the calibration tokens", "tokens": args.choose_tokens},
+            "budget": {"max_kl": args.max_kl, "max_ppl_change_pct": args.max_ppl, "margin": args.margin},
+            "uplink_sweep": plain(up_rows),
+            "downlink_sweep": plain(down_rows),
+            "test": plain(test_rows),
+        },
+        args.out_json,
+    )
+
+
+if __name__ == "__main__":
+    main()
