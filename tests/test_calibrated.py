@@ -141,14 +141,15 @@ def test_the_basis_travels_beside_the_config(fitted, tmp_path, monkeypatch):
     )
     config.save_pretrained(tmp_path)
     assert (tmp_path / basis_file(fitted.digest)).is_file()
-    monkeypatch.setattr(basis_module, "_REGISTRY", {})  # a fresh process: nothing registered
+    monkeypatch.setattr(basis_module, "_REGISTRY", basis_module._Registry())  # a fresh process: nothing registered
     with pytest.raises(CodecError, match="unknown SLICER basis"):
         lookup(fitted.digest)
+    assert basis_module._REGISTRY.presets_scanned  # once: the next miss does not read the preset files again
     loaded = SlicerConfig.from_pretrained(tmp_path)
     assert loaded == config and lookup(fitted.digest).digest == fitted.digest
     assert build_codec(loaded).decode(build_codec(config).encode(torch.ones(1, 1, D))).shape == (1, 1, D)
 
-    monkeypatch.setattr(basis_module, "_REGISTRY", {})
+    monkeypatch.setattr(basis_module, "_REGISTRY", basis_module._Registry())
     other = fit_basis(*synthetic(seed=5))
     other.save(tmp_path / basis_file(fitted.digest))  # the file no longer holds what the config names
     with pytest.raises(ConfigError, match="does not hold the basis"):
@@ -186,7 +187,7 @@ def test_a_server_refuses_a_session_whose_basis_it_does_not_hold_and_serves_the_
     server = SplitServer(tiny_model("llama"))
     body = open_request(config, server.model.config, "tiny", 2, build_codec(config), torch.float32)
     protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))  # held: opened
-    monkeypatch.setattr(basis_module, "_REGISTRY", {})
+    monkeypatch.setattr(basis_module, "_REGISTRY", basis_module._Registry())
     with pytest.raises(ProtocolError, match="unknown SLICER basis"):
         protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))
     plain = SlicerConfig(split_layer=2, quantizer="ecsq")
@@ -218,7 +219,7 @@ def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch)
     args = ["calibrate", "--model", str(folder), "--split-layer", "2", "--downlink", "--text", str(text)]
     result = CliRunner().invoke(app, [*args, "--tokens", "512", "--window", "128", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    monkeypatch.setattr(basis_module, "_REGISTRY", {})
+    monkeypatch.setattr(basis_module, "_REGISTRY", basis_module._Registry())
     config = SlicerConfig.from_pretrained(out)
     assert config.rotation == "calibrated" and config.split_layer == 2 and config.downlink_step == 0.1
     assert lookup(config.basis).metadata["split_layer"] == "2"
@@ -245,3 +246,15 @@ def test_the_benchmark_chooses_the_cheapest_setting_within_budget_on_text_the_ca
     text.write_text("alpha beta gamma delta epsilon zeta eta theta")
     rest = heldout_text(str(folder), str(text), 3)
     assert text.read_text().endswith(rest) and 0 < len(rest) < len(text.read_text())
+
+
+def test_a_malformed_basis_in_a_peers_spec_is_a_codec_error_at_open():
+    server = SplitServer(tiny_model("llama"))
+    plain = SlicerConfig(split_layer=2, quantizer="ecsq")
+    body = open_request(plain, server.model.config, "tiny", 2, build_codec(plain), torch.float32)
+    for bad in (123, "zz", ["a"], None):
+        spec = {**body["codec"], "rotation": "calibrated", "basis": bad}
+        with pytest.raises(ProtocolError, match="bad parameters") as caught:
+            protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, {**body, "codec": spec})))
+        assert caught.value.code == "codec"
+    protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))  # still serving

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import CodecError
+from ..errors import CodecError, ConfigError
 from .base import REGISTRY, SAFETY_PARAMS, Codec, CodecStats
 from .baselines import Bf16Codec, Fp16Codec, GroupedIntCodec, IdentityCodec, Int8Codec, TopKCodec
 from .slicer import SlicerCodec
@@ -60,7 +60,10 @@ def codec_from_spec(spec: dict[str, Any], **bounds: Any) -> Codec:
     name, version = spec.pop("name", None), spec.pop("version", None)
     if forbidden := sorted(SAFETY_PARAMS & set(spec)):
         raise CodecError(f"a codec spec may not set {', '.join(forbidden)}: the receiver sets its safety bounds")
-    codec = build_codec(name, **spec, **bounds)
+    try:
+        codec = build_codec(name, **spec, **bounds)
+    except ConfigError as exc:  # a peer's knobs out of range: its request is bad, nothing failed here
+        raise CodecError(f"bad parameters for codec {name!r}: {exc}") from exc
     if version != codec.version:
         raise CodecError(f"codec {name!r} version {version} is not supported (this side speaks {codec.version})")
     return codec

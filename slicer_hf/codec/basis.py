@@ -37,7 +37,6 @@ from ..errors import CodecError
 
 BASIS_PREFIX = "slicer_basis_"
 TENSORS = ("forward", "inverse", "mean", "scale", "norm_weight")
-_REGISTRY: dict[str, Basis] = {}
 _LOCK = threading.Lock()
 
 
@@ -122,6 +121,17 @@ class Basis:
         return register(basis)
 
 
+@dataclass
+class _Registry:
+    """The bases this process holds, by digest, and whether the presets' bases were looked for."""
+
+    bases: dict[str, Basis] = field(default_factory=dict)
+    presets_scanned: bool = False
+
+
+_REGISTRY = _Registry()
+
+
 def load_bases(paths: Iterable[str | Path]) -> list[Basis]:
     """Load and register bases: files, or folders (every `slicer_basis_*.safetensors` in them)."""
     loaded = []
@@ -141,17 +151,17 @@ def basis_file(digest: str) -> str:
 def register(basis: Basis) -> Basis:
     """Make `basis` known to `lookup` in this process (idempotent); returns it."""
     with _LOCK:
-        return _REGISTRY.setdefault(basis.digest, basis)
+        return _REGISTRY.bases.setdefault(basis.digest, basis)
 
 
 def lookup(digest: str) -> Basis:
     """The registered basis with this digest (the presets' bases are found without registering them)."""
     with _LOCK:
-        found = _REGISTRY.get(digest)
+        found = _REGISTRY.bases.get(digest)
     if found is None:
         _register_presets()
         with _LOCK:
-            found = _REGISTRY.get(digest)
+            found = _REGISTRY.bases.get(digest)
     if found is None:
         raise CodecError(
             f"unknown SLICER basis {digest!r}: load its {basis_file(digest)} on this side too (from the config's "
@@ -161,7 +171,13 @@ def lookup(digest: str) -> Basis:
 
 
 def _register_presets() -> None:
+    """Once per registry: a peer naming unknown digests over and over must not make this side reread the files."""
     from ..config import PRESETS_DIR
+
+    with _LOCK:
+        if _REGISTRY.presets_scanned:
+            return
+        _REGISTRY.presets_scanned = True
 
     for path in sorted(PRESETS_DIR.glob(f"*/{BASIS_PREFIX}*.safetensors")) if PRESETS_DIR.is_dir() else []:
         Basis.load(path)
