@@ -11,10 +11,10 @@ A basis holds, for a width d:
 - `scale` `[d]`: each coordinate's mean absolute value, the scale of the Laplace model its codes are entropy-coded
   under.
 
-`fit` builds one from split-layer states and the gradients of the model's sampled log-likelihood at them (see
-`slicer_hf.tuning.calibrate`): a metric in which squared error is twice the expected KL (the Fisher information
-of the server's output), then principal axes of the rows in that metric, so each coordinate is uncorrelated with
-the others and one step gives every coordinate the same share of KL.
+`slicer_hf.tuning.calibrate.fit_basis` builds one from split-layer states and the gradients of the model's sampled
+log-likelihood at them: a metric in which squared error is twice the expected KL (the Fisher information of the
+server's output), then principal axes of the rows in that metric, so each coordinate is uncorrelated with the others
+and one step gives every coordinate the same share of KL.
 
 Edge and server must hold the same basis: a codec spec names it by `digest` (16 hex digits of SHA-256 over its
 tensors), and `lookup` finds it among the bases registered in this process (`register`, `Basis.load`) and the ones
@@ -24,6 +24,7 @@ names it) with its provenance in the metadata.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -70,29 +71,30 @@ class Basis:
     def width(self) -> int:
         return int(self.mean.shape[0])
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """What a codec spec names this basis by: 16 hex digits of SHA-256 over the width and the four tensors."""
-        cached = self.__dict__.get("_digest")
-        if cached is None:
-            h = hashlib.sha256(self.width.to_bytes(4, "little"))
-            for name in TENSORS:
-                h.update(getattr(self, name).numpy().tobytes())
-            cached = h.hexdigest()[:16]
-            object.__setattr__(self, "_digest", cached)
-        return cached
+        """What a codec spec names this basis by: 16 hex digits of SHA-256 over the width and the five tensors."""
+        h = hashlib.sha256(self.width.to_bytes(4, "little"))
+        for name in TENSORS:
+            h.update(getattr(self, name).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @functools.cached_property
+    def f64(self) -> dict[str, torch.Tensor]:
+        """The tensors in float64, as coding uses them: converted once, not at every packet."""
+        return {name: getattr(self, name).double() for name in TENSORS}
 
     def row_rms(self, rows: torch.Tensor) -> torch.Tensor:
         """`[N]` float64: each row's RMS over the channels `norm_weight` counts."""
-        w = self.norm_weight.to(rows.device, torch.float64)
-        return (rows.double().pow(2) @ w / w.sum()).sqrt()
+        return weighted_rms(rows, self.f64["norm_weight"].to(rows.device))
 
+    @functools.cached_property
     def code_bound(self) -> float:
         """Bound on |coordinate| for any row when every channel counts in the RMS (row/RMS then has norm sqrt(d)):
         the largest column norm of `forward` x (sqrt(d) + |mean|); infinite when some channels do not count."""
         if not self.norm_weight.all():
             return math.inf
-        return float(self.forward.double().norm(dim=0).max()) * (self.width**0.5 + float(self.mean.double().norm()))
+        return float(self.f64["forward"].norm(dim=0).max()) * (self.width**0.5 + float(self.f64["mean"].norm()))
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -119,6 +121,12 @@ class Basis:
         except (OSError, SafetensorError) as exc:
             raise CodecError(f"cannot read a SLICER basis from {path}: {exc}") from exc
         return register(basis)
+
+
+def weighted_rms(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`[N]` float64: each row's RMS over the channels `weight` (0 or 1 each) counts."""
+    weight = weight.double()
+    return (rows.double().pow(2) @ weight / weight.sum()).sqrt()
 
 
 @dataclass

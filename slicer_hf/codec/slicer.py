@@ -302,7 +302,7 @@ class SlicerCodec(Codec):
             flags |= F_WIDE_PARAMS if wide else 0
             rms = rms.double()[:, None]  # [N, 1]
             if basis is not None:
-                z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.mean.double()) @ basis.forward.double()
+                z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
                 bound = _calibrated_bound(basis, step)
                 codes = torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
             else:
@@ -361,7 +361,7 @@ def _decode_ecsq(
         y = torch.zeros(n_rows, d)
         y[coded] = torch.from_numpy(symbols).float()
         if basis is not None:
-            u = (y.double() * step) @ basis.inverse.double() + basis.mean.double()
+            u = (y.double() * step) @ basis.f64["inverse"] + basis.f64["mean"]
             x = (u * rms.double()[:, None]).float().to(device)
         else:
             y = y.to(device) * (step * rms.to(device))[:, None]
@@ -381,7 +381,7 @@ def _ans_decode(ans: bytes, n_sym: int, bound: int, step: float, basis: Basis | 
         p_max = max(math.erf(step / (2 * math.sqrt(2))), 0.5 * math.erfc((bound - 0.5) * step / math.sqrt(2)))
         min_bits = n_sym * -math.log2(min(1.0, p_max + 2.0**-12))
     else:  # Laplace per coordinate: P(0) = 1 - exp(-step / (2 scale)) is its largest
-        p_zero = -np.expm1(-step / (2.0 * basis.scale.double().numpy()))
+        p_zero = -np.expm1(-step / (2.0 * basis.f64["scale"].numpy()))
         per_row = -np.log2(np.minimum(1.0, np.maximum(p_zero, 0.5) + 2.0**-12)).sum()
         min_bits = n_sym // basis.width * per_row
     if 8 * len(ans) + 64 < 0.9 * min_bits:
@@ -423,7 +423,7 @@ def _ecsq_coded(rms: torch.Tensor, out_pos: torch.Tensor | None, d: int) -> torc
 
 def _calibrated_bound(basis: Basis, step: float) -> int:
     """|code| bound of a calibrated basis at this step: its largest coordinate bound, in steps."""
-    bound = 1.002 * basis.code_bound() / step + 1
+    bound = 1.002 * basis.code_bound / step + 1
     return ECSQ_MAX_CODE if bound >= ECSQ_MAX_CODE else math.ceil(bound)
 
 
@@ -436,7 +436,7 @@ def _ecsq_models(bound: int, step: float, basis: Basis | None, n_sym: int) -> tu
     """
     if basis is None:
         return (_ecsq_model(bound, step),)
-    scales = np.tile(basis.scale.double().numpy() / step, n_sym // basis.width)
+    scales = np.tile(basis.f64["scale"].numpy() / step, n_sym // basis.width)
     return _laplace_family(bound), np.zeros_like(scales), scales
 
 
