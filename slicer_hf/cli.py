@@ -423,32 +423,14 @@ def calibrate(
 ) -> None:
     """Fit calibrated SLICER bases for MODEL on calibration text and write a config that uses them
     (rotation='calibrated'): the uplink at the split layer, and with --downlink the compressed downlink."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .config import SlicerConfig
-    from .data import load_text, resolve_model, token_windows
-    from .tuning.calibrate import collect, fit_basis
+    from .tuning.calibrate import calibrate as fit
 
-    path = resolve_model(model)
     base = (SlicerConfig.from_pretrained(config) if config else SlicerConfig()).replace(outliers=outliers)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    n_layers = lm.config.num_hidden_layers
-    k = split_layer or base.split_layer or n_layers * 3 // 4
-    windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
-    found = collect(lm, windows, [k, n_layers] if downlink else [k], seed=seed)
-    provenance = {"model": model, "text": text, "tokens": str(windows.numel()), "seed": str(seed)}
-    up = fit_basis(*found[k], outliers=base.outliers, metadata={**provenance, "split_layer": str(k)})
-    changes: dict[str, Any] = {"split_layer": k, "quantizer": "ecsq", "sparsity": 0.0, "rotation": "calibrated"}
-    changes |= {"basis": up.digest, "model_id": base.model_id or model, "num_hidden_layers": n_layers}
-    if downlink:
-        down = fit_basis(
-            *found[n_layers], outliers=base.outliers, metadata={**provenance, "split_layer": str(n_layers)}
-        )
-        changes |= {"downlink_basis": down.digest, "downlink_step": base.downlink_step or 0.1}
-    written = base.replace(**changes).save_pretrained(out)
-    print(f"calibrated on {windows.numel()} tokens of {text}: uplink basis {up.digest} at split {k}", end="")
-    print(f", downlink basis {changes['downlink_basis']}" if downlink else "", f"; config written to {written}")
+    fitted = fit(model, base, split_layer, downlink, text, tokens, window, seed)
+    written = fitted.save_pretrained(out)
+    print(f"calibrated on {text}: uplink basis {fitted.basis} at split {fitted.split_layer}", end="")
+    print(f", downlink basis {fitted.downlink_basis}" if downlink else "", f"; config written to {written}")
 
 
 def _numbers(text: str | None, kind: type) -> list[Any] | None:

@@ -330,9 +330,9 @@ class SlicerConfig:
         path.mkdir(parents=True, exist_ok=True)
         target = path / CONFIG_NAME
         target.write_text(self.to_json_string(), encoding="utf-8")
-        for digest in self.bases():
-            from .codec.basis import basis_file, lookup
+        from .codec.basis import basis_file, lookup
 
+        for digest in self.bases():
             lookup(digest).save(path / basis_file(digest))
         return target
 

@@ -88,17 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     preset = SlicerConfig.from_pretrained(args.config or "smollm2-135m-split24")
     work = Path(tempfile.mkdtemp(prefix="slicer-calibrated-"))
     if args.calibrated is None:
-        from typer.testing import CliRunner
+        from ..tuning.calibrate import calibrate
 
-        from ..cli import app
-
+        fitted = calibrate(args.model, preset.replace(outliers=0), downlink=True, tokens=args.calib_tokens)
         args.calibrated = str(work / "calibrated")
-        cli = ["calibrate", "--model", args.model, "--split-layer", str(preset.split_layer), "--downlink"]
-        cli += ["--tokens", str(args.calib_tokens), "--out", args.calibrated]
-        done = CliRunner().invoke(app, cli)
-        print(done.output.splitlines()[-1] if done.output else "", flush=True)
-        if done.exit_code:
-            raise SystemExit(f"calibration failed: {done.output}")
+        fitted.save_pretrained(args.calibrated)
+        print(f"calibrated: uplink basis {fitted.basis}, downlink basis {fitted.downlink_basis}", flush=True)
     calibrated = SlicerConfig.from_pretrained(args.calibrated)
     (work / "heldout.txt").write_text(heldout_text(args.model, "wikitext-2-raw-v1:validation", args.calib_tokens))
     heldout = str(work / "heldout.txt")

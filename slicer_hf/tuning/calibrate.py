@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..codec import ops
-from ..codec.basis import Basis, register
+from ..codec.basis import Basis, register, weighted_rms
 from ..compat import decoder_layers
+from ..config import SlicerConfig
 from ..version import __version__
 
 
@@ -110,7 +111,7 @@ def fit_basis(
         x = x.scatter(1, ops.top_positions(x.float(), min(outliers, d)), 0.0)
     power = x.pow(2).mean(0)
     norm_weight = (power <= massive * power.median()).double()
-    rms = (x.pow(2) @ norm_weight / norm_weight.sum()).sqrt().clamp_min(1e-30)  # [N], as `Basis.row_rms`
+    rms = weighted_rms(x, norm_weight).clamp_min(1e-30)  # [N], as the codec takes it
     u = x / rms[:, None]  # what the codec codes, before the mean
     mean = u.mean(0)
     # Fisher metric of u: a step e in u is an error rms * e in the row
@@ -124,7 +125,7 @@ def fit_basis(
     axes = axes.flip(1)  # widest coordinate first
     forward = whiten @ axes
     inverse = torch.linalg.inv(forward)
-    scale = ((u - mean) @ forward).abs().mean(0).clamp_min(1e-6)
+    scale = (z @ axes).abs().mean(0).clamp_min(1e-6)  # the coded coordinates, (u - mean) @ forward
     info = {
         "format": "slicer_hf.basis/1",
         "rows": str(n),
@@ -136,3 +137,49 @@ def fit_basis(
     }
     tensors = (forward, inverse, mean, scale, norm_weight)
     return register(Basis(*(t.float() for t in tensors), metadata=info))
+
+
+def calibrate(
+    model: str,
+    base: SlicerConfig,
+    split_layer: int | None = None,
+    downlink: bool = False,
+    text: str = "wikitext-2-raw-v1:validation",
+    tokens: int = 24576,
+    window: int = 512,
+    seed: int = 0,
+) -> SlicerConfig:
+    """`base` coded in bases fitted for `model` on `text` (what `slicer-hf calibrate` writes): the uplink's at the
+    split layer and, with `downlink`, the compressed downlink's at the last layer. The bases are registered; the
+    returned config's `save_pretrained` writes them beside it.
+
+    Args:
+        model: Hub id, local folder or alias (`data.resolve_model`).
+        base: the config to start from (its outliers, split layer, downlink step, model id).
+        split_layer: the split (default: the config's, else 3/4 of the layers).
+        downlink: also fit the downlink's basis (the downlink step defaults to 0.1).
+        text: calibration text, a file or `wikitext-2-raw-v1[:split]`; keep test text for testing.
+        tokens, window: calibration tokens, cut in windows of this many.
+        seed: of the sampled tokens whose gradients estimate the metric.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data import load_text, resolve_model, token_windows
+
+    path = resolve_model(model)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    n_layers = lm.config.num_hidden_layers
+    k = split_layer or base.split_layer or n_layers * 3 // 4
+    windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
+    found = collect(lm, windows, [k, n_layers] if downlink else [k], seed=seed)
+    provenance = {"model": model, "text": text, "tokens": str(windows.numel()), "seed": str(seed)}
+
+    def fit(layer: int) -> str:
+        info = {**provenance, "split_layer": str(layer)}
+        return fit_basis(*found[layer], outliers=base.outliers, metadata=info).digest
+
+    changes: dict[str, Any] = {"split_layer": k, "quantizer": "ecsq", "sparsity": 0.0, "rotation": "calibrated"}
+    changes |= {"basis": fit(k), "model_id": base.model_id or model, "num_hidden_layers": n_layers}
+    if downlink:
+        changes |= {"downlink_basis": fit(n_layers), "downlink_step": base.downlink_step or 0.1}
+    return base.replace(**changes)
