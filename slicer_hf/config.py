@@ -69,6 +69,14 @@ class SlicerConfig:
         default=None,
         metadata={"help": "Digest of the calibrated basis of rotation='calibrated' (its file sits beside the config)."},
     )
+    trellis: bool = field(
+        default=False,
+        metadata={
+            "help": "With a calibrated basis: trellis-coded quantization (8 states, the encoder searching each row's "
+            "best path) instead of rounding each coordinate; about 5% fewer bits at equal KL for about 1 ms more "
+            "encoding per row. Applies to the compressed downlink too when it has a basis."
+        },
+    )
     entropy_coding: str = field(
         default="zstd", metadata={"help": f"Entropy stage over the packed codes, one of {ENTROPY_CODINGS}."}
     )
@@ -168,6 +176,13 @@ class SlicerConfig:
                 "rotation",
                 "'calibrated' goes with quantizer='ecsq' and a `basis` digest (16 hex digits)",
                 (self.rotation, self.quantizer, self.basis),
+            )
+        if self.trellis:
+            _check(
+                self.trellis is True and (self.rotation == "calibrated" or self.downlink_basis is not None),
+                "trellis",
+                "goes with a calibrated basis (rotation='calibrated', or a downlink_basis)",
+                self.trellis,
             )
         if self.downlink_basis is not None:
             _check(_is_digest(self.downlink_basis), "downlink_basis", "must be 16 hex digits", self.downlink_basis)
@@ -273,6 +288,7 @@ class SlicerConfig:
                 step=self.downlink_step,
                 rotation="calibrated" if calibrated else rotation,
                 basis=self.downlink_basis,
+                trellis=self.trellis and calibrated,
             )
         )
 
@@ -284,19 +300,27 @@ class SlicerConfig:
             return {"bits": self.bits, "group_size": self.group_size, "outliers": self.outliers}
         if self.codec != "slicer":
             return {}
-        return {
-            "sparsity": self.sparsity,
-            "asymmetry": self.asymmetry,
-            "num_blocks": self.num_blocks,
-            "distortion": self.distortion,
-            "bit_candidates": self.bit_candidates,
-            "index_coding": self.index_coding,
-            "outliers": self.outliers,
-            "rotation": self.rotation,
-            "entropy_coding": self.entropy_coding,
-            "quantizer": self.quantizer,
-            "step": self.step,
-        } | ({"basis": self.basis} if self.basis is not None else {})
+        return (
+            {
+                "sparsity": self.sparsity,
+                "asymmetry": self.asymmetry,
+                "num_blocks": self.num_blocks,
+                "distortion": self.distortion,
+                "bit_candidates": self.bit_candidates,
+                "index_coding": self.index_coding,
+                "outliers": self.outliers,
+                "rotation": self.rotation,
+                "entropy_coding": self.entropy_coding,
+                "quantizer": self.quantizer,
+                "step": self.step,
+            }
+            | ({"basis": self.basis} if self.basis is not None else {})
+            | self._trellis_param()
+        )
+
+    def _trellis_param(self) -> dict[str, Any]:
+        """The trellis knob where it applies (only then: other specs stay as older peers know them)."""
+        return {"trellis": True} if self.trellis and self.rotation == "calibrated" else {}
 
     def replace(self, **changes: Any) -> SlicerConfig:
         """A validated copy with some fields changed."""

@@ -2,8 +2,9 @@
 
 Perplexity uses non-overlapping windows (512 tokens by default), each scored on its own. The split logits come
 from `model(ids, split_layer=k)`, i.e. through the codec's bytes and the server path. Bits per token are those of
-single-token packets, as decoding sends them: the codec packet (its envelope included) and the full STEP message
-(a bare step: the server rebuilds the envelope).
+single-token packets, as decoding sends them: the codec packet (its envelope included), and the whole message a
+session sends for it in steady state (a NEXT step with a bare packet: the server rebuilds the envelope and the agreed
+step, and takes start and batch from the session).
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ def evaluate(
         for row in hidden_at_split.pop():  # single-token packets, as decoding sends them
             packet = link_codec.encode(row.reshape(1, 1, -1))
             packet_bits.append(8 * len(packet))
-            bare = packet[len(link_codec.envelope((1, 1, row.shape[-1]), row.dtype)) :]  # as a session sends it
-            step = protocol.Step(1, 1, 1000, 1, 1, 0, bare, torch.ones(1, 1, dtype=torch.bool), bare=True)
+            bare = link_codec.bare(packet, (1, 1, row.shape[-1]), row.dtype)  # as a session sends it
+            ones = torch.ones(1, 1, dtype=torch.bool)
+            step = protocol.Step(1, 1000, 1000, 1, 1, 0, bare, ones, bare=True, next=True)
             step_bits.append(8 * len(protocol.encode_step(step)))
         for row in final_rows.pop():  # the replies to single-token steps, as decoding gets them
             reply = protocol.encode_reply(1000, protocol.REPLY_HIDDEN, downlink_codec.encode(row.reshape(1, 1, -1)))

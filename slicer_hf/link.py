@@ -106,6 +106,8 @@ class SuffixLink:
     _last_reply: float | None = None  # when the latest step's reply came (adaptive bitrate's token clock)
     _bare: bool = False  # the server rebuilds packet envelopes: steps may leave them out
     _width: int = 0  # of the hidden states this session sends
+    _next: bool = False  # the server takes steady-state decode steps as NEXT messages
+    _acked: tuple[int, int, int] | None = None  # (seq, end, batch) of the last step this session's server answered
     downlink_codec: Codec = field(init=False)  # of hidden-state replies: the one `open_request` announced
 
     def __post_init__(self) -> None:
@@ -126,6 +128,7 @@ class SuffixLink:
         opened = protocol.decode_json(reply)
         self.session = int(opened["session"])
         self._bare = bool(opened.get("bare_steps")) and self.open_request.get("dtype") is not None
+        self._next, self._acked = bool(opened.get("next_steps")), None
 
     def close(self) -> None:
         if self.session is None:
@@ -217,9 +220,8 @@ class SuffixLink:
                 if self.session is None:
                     self.open()
                     for earlier in self._sent[:-1]:  # rebuild the suffix cache on a fresh server, no outputs
-                        replay = dataclasses.replace(earlier, need_from=earlier.tokens)
-                        protocol.raise_if_error(self._request(self._encode(replay)))
-                return self._checked(self._request(self._encode(step)), step.seq)
+                        self._exchange(dataclasses.replace(earlier, need_from=earlier.tokens))
+                return self._checked(self._exchange(step), step.seq)
             except (TransportError, ProtocolError) as exc:
                 elsewhere = self.transport.has_alternatives()  # another server may have room
                 if isinstance(exc, TransportError):
@@ -252,20 +254,28 @@ class SuffixLink:
             self.session = None
             self.transport.close()
 
-    def _encode(self, step: protocol.Step) -> bytes:
+    def _exchange(self, step: protocol.Step) -> bytes:
+        """Send `step` on this session; its reply, once the server has taken it."""
         step.session = self.session or 0
-        return protocol.encode_step(self._leaner(step))
+        reply = self._request(protocol.encode_step(self._leaner(step)))
+        protocol.raise_if_error(reply)
+        self._acked = (step.seq, step.start + step.tokens, step.batch)
+        return reply
 
     def _leaner(self, step: protocol.Step) -> protocol.Step:
-        """`step` without its packet's envelope where this server rebuilds the very same bytes from what the session
-        already knows (codec, dtype, [B, T, width]); any other step goes whole."""
-        if not self._bare or step.bare:
-            return step
-        shape = (step.batch, step.tokens, self._width)
-        envelope = self.codec.envelope(shape, getattr(torch, self.open_request["dtype"]))
-        if not step.payload.startswith(envelope):
-            return step
-        return dataclasses.replace(step, payload=step.payload[len(envelope) :], bare=True)
+        """`step` as this server takes it with the fewest bytes: its packet without what the session already says
+        (`Codec.bare`: the envelope, the agreed ECSQ step), and a decode step that follows the last answered one as
+        NEXT (start and batch implied); anything else goes whole."""
+        leaner = step
+        if self._bare and not step.bare:
+            shape = (step.batch, step.tokens, self._width)
+            body = self.codec.bare(step.payload, shape, getattr(torch, self.open_request["dtype"]))
+            if body is not None:
+                leaner = dataclasses.replace(step, payload=body, bare=True)
+        follows = self._acked == (step.seq - 1, step.start, step.batch)
+        if self._next and follows and step.tokens == 1 and step.need_from == 0 and step.grid is None:
+            leaner = dataclasses.replace(leaner, next=True)
+        return leaner
 
     @staticmethod
     def _checked(reply: bytes, seq: int) -> tuple[int, bytes]:

@@ -7,6 +7,9 @@ stats) carry a JSON body; the hot path (step, reply) is binary::
            [grid H varint, W varint, if flags & GRID]
            [mask bits B*T, if flags & MASK_BITS][positions int32 B*T, if flags & POSITIONS]
            [uplink codec packet, without its envelope if flags & BARE]
+    NEXT   [session varint][seq varint][flags u8][mask bits B][positions int32 B][packet]: a decode step in steady
+           state (T = 1 new position for each of the session's B sequences, right after the last step, every output
+           wanted); the server takes start and B from the session and accepts it only as the step after the last one
     REPLY  [seq varint][kind u8][downlink payload]
 
 An encoder request is one step at `start` 0. A feature map (a CNN's, or a Swin stage's tokens) travels as
@@ -14,7 +17,8 @@ T = H*W rows of its channels, row-major over the grid `(H, W)` that the GRID fla
 
 `start` is how many positions the edge had cached before this step: the server crops its cache back to it
 (a new `generate()` call starts again at 0), and refuses a step that would leave a gap. `seq` counts the steps of
-a session; the reply echoes it and the edge refuses a reply for any other step.
+a session; the reply echoes it and the edge refuses a reply for any other step. A replayed or reordered step is
+refused; so is a NEXT step that does not follow the server's last one (a step was lost), since its start is implied.
 
 Nothing sized by a message is allocated before the receiver has checked the claimed sizes: `decode_step` hands
 the header to a `check` callback first, and the top-k reply is checked against the shape the edge expects.
@@ -36,7 +40,7 @@ from .codec.bits import Reader, write_varint
 from .errors import CodecError, ProtocolError
 
 PROTOCOL_VERSION = 1
-OPEN, OPENED, STEP, REPLY, CLOSE, CLOSED, ERROR, STATS, STATS_REPLY = range(1, 10)
+OPEN, OPENED, STEP, REPLY, CLOSE, CLOSED, ERROR, STATS, STATS_REPLY, NEXT = range(1, 11)
 MESSAGE_NAMES = {
     OPEN: "open",
     OPENED: "opened",
@@ -47,6 +51,7 @@ MESSAGE_NAMES = {
     ERROR: "error",
     STATS: "stats",
     STATS_REPLY: "stats_reply",
+    NEXT: "next",
 }
 MASK_NONE, MASK_ONES, MASK_BITS = 0, 1, 2  # flags bits 0-1
 POSITIONS = 4  # flags bit 2: explicit position ids follow
@@ -134,6 +139,7 @@ class Step:
     positions: torch.Tensor | None = None  # [B, T] int64, when they are not start + arange(T)
     grid: tuple[int, int] | None = None  # (H, W) with H * W = T: the rows are a feature map
     bare: bool = False  # the payload is a codec packet without its envelope
+    next: bool = False  # sent as NEXT: start and batch come from the session (`decode_step`'s check fills them)
 
 
 def header(kind: int) -> bytes:
@@ -194,6 +200,11 @@ def encode_step(step: Step) -> bytes:
         grid = write_varint(step.grid[0]) + write_varint(step.grid[1])
     if step.bare:
         flags |= BARE
+    if step.next:
+        if step.tokens != 1 or step.need_from != 0 or step.grid is not None:
+            raise ValueError("a NEXT step carries one position per sequence, every output wanted, no grid")
+        ids = write_varint(step.session) + write_varint(step.seq)
+        return header(NEXT) + ids + bytes([flags]) + extra + step.payload
     fields = (step.session, step.seq, step.start, step.batch, step.tokens)
     return (
         header(STEP)
@@ -207,18 +218,21 @@ def encode_step(step: Step) -> bytes:
 
 
 def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 << 24) -> Step:
-    """Parse a STEP message.
+    """Parse a STEP or NEXT message.
 
     Args:
         data: the message.
         check: called with the header (session, seq, start, batch, tokens, need_from, grid; no mask, positions
             or payload yet) before anything sized by the claimed batch and tokens is allocated; it raises to refuse.
+            For a NEXT step (`step.next`) it must set `start` and `batch` from the session.
         max_tokens: an absolute bound on the claimed tokens.
     """
     try:
         r = Reader(data)
         r.take(2)
         session, seq = r.varint(), r.varint()
+        if data[1] == NEXT:
+            return _decode_next(r, session, seq, check)
         start, batch, tokens = r.varint(limit=1 << 31), r.varint(limit=MAX_BATCH), r.varint(limit=max_tokens)
         flags = r.u8()
         need_from = r.varint(limit=tokens)
@@ -231,18 +245,36 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
             raise ProtocolError(f"grid {grid[0]}x{grid[1]} does not hold the step's {tokens} rows", code="malformed")
         step = Step(session, seq, start, batch, tokens, need_from, b"", grid=grid, bare=bool(flags & BARE))
         check(step)
-        if flags & 3 == MASK_ONES:
-            step.mask = torch.ones(batch, tokens, dtype=torch.bool)
-        elif flags & 3 == MASK_BITS:
-            bits = np.unpackbits(np.frombuffer(r.take((batch * tokens + 7) // 8), np.uint8), bitorder="little")
-            step.mask = torch.from_numpy(bits[: batch * tokens].astype(bool)).reshape(batch, tokens)
-        if flags & POSITIONS:
-            positions = r.array(np.int32, batch * tokens).astype(np.int64)
-            step.positions = torch.from_numpy(positions).reshape(batch, tokens)
-        step.payload = r.take(r.remaining())
+        _read_columns(r, step, flags)
         return step
     except CodecError as exc:
         raise ProtocolError(f"malformed step message: {exc}", code="malformed") from exc
+
+
+def _decode_next(r: Reader, session: int, seq: int, check: Callable[[Step], None]) -> Step:
+    flags = r.u8()
+    if flags & ~(3 | POSITIONS | BARE) or flags & 3 == 3:
+        raise ProtocolError(f"unknown next-step flags {flags:#x}", code="malformed")
+    step = Step(session, seq, -1, 0, 1, 0, b"", bare=bool(flags & BARE), next=True)
+    check(step)
+    if step.start < 0 or not 1 <= step.batch <= MAX_BATCH:
+        raise RuntimeError(f"the check left a NEXT step at start={step.start}, batch={step.batch}")
+    _read_columns(r, step, flags)
+    return step
+
+
+def _read_columns(r: Reader, step: Step, flags: int) -> None:
+    """The step's mask, positions and payload, after its header."""
+    batch, tokens = step.batch, step.tokens
+    if flags & 3 == MASK_ONES:
+        step.mask = torch.ones(batch, tokens, dtype=torch.bool)
+    elif flags & 3 == MASK_BITS:
+        bits = np.unpackbits(np.frombuffer(r.take((batch * tokens + 7) // 8), np.uint8), bitorder="little")
+        step.mask = torch.from_numpy(bits[: batch * tokens].astype(bool)).reshape(batch, tokens)
+    if flags & POSITIONS:
+        positions = r.array(np.int32, batch * tokens).astype(np.int64)
+        step.positions = torch.from_numpy(positions).reshape(batch, tokens)
+    step.payload = r.take(r.remaining())
 
 
 def encode_reply(seq: int, kind: int, payload: bytes) -> bytes:

@@ -1,5 +1,7 @@
-"""Leaner steady-state steps: inside a session whose codec, dtype and width are known, a STEP may leave out its
-codec packet's envelope; the server rebuilds the same bytes, so decoding is unchanged and nothing is guessed."""
+"""Leaner steady-state steps: inside a session whose codec, dtype and width are known, a step may leave out its
+codec packet's envelope and an ECSQ packet the agreed step; the server rebuilds the same bytes, so decoding is
+unchanged and nothing is guessed. A decode step right after the last answered one goes as NEXT, its start and batch
+implied, and the server takes it only as exactly that step: a lost or replayed step is a clean error."""
 
 from __future__ import annotations
 
@@ -59,20 +61,85 @@ def test_a_server_that_cannot_rebuild_the_envelope_refuses_bare_steps_and_keeps_
     protocol.decode_reply(send(server, other["session"], packet, bare=False))  # others are served as before
 
 
-def test_split_generation_leaves_the_envelope_out_and_generates_the_same_tokens():
+def test_a_bare_ecsq_packet_leaves_the_agreed_step_out_and_comes_back_byte_for_byte():
+    codec = build_codec(CONFIG)
+    hidden = torch.randn(1, 1, 64)
+    shape = (1, 1, 64)
+    packet = codec.encode(hidden)
+    envelope = codec.envelope(shape, torch.float32)
+    body = codec.bare(packet, shape, torch.float32)
+    assert len(body) == len(packet) - len(envelope) - 3  # outlier count (1 byte) and step (2) are the spec's
+    assert codec.unbare(body, shape, torch.float32) == packet
+    codec.step = 0.5  # adaptive bitrate moved the step: the packet says so, the peer's codec still has the spec's
+    moved = codec.encode(hidden)
+    assert len(codec.bare(moved, shape, torch.float32)) == len(moved) - len(envelope)
+    assert build_codec(CONFIG).unbare(codec.bare(moved, shape, torch.float32), shape, torch.float32) == moved
+    assert codec.bare(packet, (1, 2, 64), torch.float32) is None  # another shape: not this session's packet
+
+
+def test_a_next_step_round_trips_with_start_and_batch_from_the_session():
+    mask = torch.tensor([[True], [False]])
+    message = protocol.encode_step(protocol.Step(7, 9, 40, 2, 1, 0, b"xy", mask, bare=True, next=True))
+    assert message[1] == protocol.NEXT and len(message) == 2 + 1 + 1 + 1 + 1 + 2
+
+    def from_session(step: protocol.Step) -> None:
+        assert step.next and (step.session, step.seq, step.tokens) == (7, 9, 1)
+        step.start, step.batch = 40, 2
+
+    step = protocol.decode_step(message, check=from_session)
+    assert (step.start, step.batch, step.payload, step.bare) == (40, 2, b"xy", True)
+    assert torch.equal(step.mask, mask)
+    with pytest.raises(ValueError, match="one position"):
+        protocol.encode_step(protocol.Step(7, 9, 40, 2, 3, 0, b"xy", next=True))
+
+
+def decode_step_message(session: int, seq: int, start: int, packet: bytes, next_: bool) -> bytes:
+    ones = torch.ones(1, 1, dtype=torch.bool)
+    return protocol.encode_step(protocol.Step(session, seq, start, 1, 1, 0, packet, ones, next=next_))
+
+
+def test_the_server_takes_a_next_step_only_right_after_the_last_one():
+    server = SplitServer(tiny_model("llama"))
+    codec = build_codec(CONFIG)
+    d = server.hidden_size
+    prompt, token = codec.encode(torch.randn(1, 3, d)), codec.encode(torch.randn(1, 1, d))
+    a, b = opened(server, torch.float32), opened(server, torch.float32)
+    assert a["next_steps"]
+    replies = {}
+    for name, session in (("whole", a["session"]), ("next", b["session"])):
+        protocol.decode_reply(server.handle(protocol.encode_step(protocol.Step(session, 1, 0, 1, 3, 0, prompt))))
+        replies[name] = server.handle(decode_step_message(session, 2, 3, token, next_=name == "next"))
+    assert replies["next"] == replies["whole"]  # the same step: start 3, batch 1
+    # a lost step (seq 3 never arrived) or a replayed one: refused, the session closed, the other one untouched
+    for seq in (4, 2):
+        victim = opened(server, torch.float32)["session"]
+        server.handle(protocol.encode_step(protocol.Step(victim, 1, 0, 1, 3, 0, prompt)))
+        server.handle(decode_step_message(victim, 2, 3, token, next_=True))
+        with pytest.raises(ProtocolError, match="lost or replayed") as caught:
+            protocol.raise_if_error(server.handle(decode_step_message(victim, seq, 0, token, next_=True)))
+        assert caught.value.code == "bad_seq" and victim not in server.sessions
+    fresh = opened(server, torch.float32)["session"]
+    with pytest.raises(ProtocolError, match="lost or replayed"):  # no step yet: nothing to follow
+        protocol.raise_if_error(server.handle(decode_step_message(fresh, 1, 0, token, next_=True)))
+    protocol.decode_reply(server.handle(decode_step_message(a["session"], 3, 4, token, next_=True)))
+
+
+def test_split_generation_sends_lean_steps_and_generates_the_same_tokens():
     base = tiny_model("llama").eval()
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     runs = {}
-    for bare in (True, False):
+    for lean in (True, False):
         model = SlicerModelForCausalLM.from_model(base, CONFIG)
         link = model._link_for(2)
         link.open()
-        link._bare = bare and link._bare  # a server that does not offer bare steps gets whole packets
-        runs[bare] = (model.generate(ids, **kwargs), model.wire_stats())
+        link._bare &= lean  # a server that does not offer bare or next steps gets whole ones
+        link._next &= lean
+        runs[lean] = (model.generate(ids, **kwargs), model.wire_stats())
     (lean_ids, lean), (whole_ids, whole) = runs[True], runs[False]
     assert torch.equal(lean_ids, whole_ids)
     envelope = len(build_codec(CONFIG).envelope((1, 1, base.config.hidden_size), torch.float32))
-    steps = lean.uplink_messages - 1  # the OPEN is a message too
-    assert whole.uplink_bytes - lean.uplink_bytes == envelope * steps
+    steps = lean.uplink_messages - 1  # the OPEN is a message too; the prompt's step, then 7 decode steps
+    # every packet: the envelope and the agreed step (3 bytes); every decode step: start, B, T and need_from
+    assert whole.uplink_bytes - lean.uplink_bytes == (envelope + 3) * steps + 4 * (steps - 1)
     assert lean.uplink_payload_bytes == whole.uplink_payload_bytes  # the codec's own bytes are unchanged

@@ -10,7 +10,13 @@
 3. Report on WikiText-2 test: the preset (seeded rotation), the calibrated uplink, and both directions calibrated,
    with every message as decoding sends it (`slicer-hf eval`).
 
+With `--trellis` the calibrated settings are trellis-coded (`SlicerConfig.trellis`), over steps of their own (a
+trellis step is its union's: a trellis-coded row at step s costs about what a rounded row at 0.9 s costs, with less
+error), and the test rows are the rotation preset and the two trellis-coded choices.
+
     python -m slicer_hf.bench.calibrated --out-json docs/benchmarks/calibrated.json --write-preset DIR
+    python -m slicer_hf.bench.calibrated --trellis --calibrated slicer_hf/presets/smollm2-135m-split24-both \
+        --out-json docs/benchmarks/calibrated_trellis.json
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from .common import markdown_table, suite_parser, write_json
 
 UP_STEPS = (0.3, 0.35, 0.4, 0.45)
 PAIRS = tuple((up, down) for up in (0.3, 0.35) for down in (0.1, 0.15, 0.2))
+TRELLIS_UP_STEPS = (0.36, 0.4, 0.44, 0.48)
+TRELLIS_PAIRS = tuple((up, down) for up in (0.4, 0.44) for down in (0.11, 0.16, 0.22))
 COLUMNS = (
     ("setting", "name", ""),
     ("uplink step", "step", ".2f"),
@@ -84,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-ppl", type=float, default=1.0)
     parser.add_argument("--margin", type=float, default=0.8, help="share of the budgets a choice may use")
     parser.add_argument("--write-preset", default=None, help="folder for the chosen config and its bases")
+    parser.add_argument("--trellis", action="store_true", help="trellis-code the calibrated settings")
     args = parser.parse_args(argv)
+    up_steps, pair_steps = (TRELLIS_UP_STEPS, TRELLIS_PAIRS) if args.trellis else (UP_STEPS, PAIRS)
     preset = SlicerConfig.from_pretrained(args.config or "smollm2-135m-split24")
     work = Path(tempfile.mkdtemp(prefix="slicer-calibrated-"))
     if args.calibrated is None:
@@ -94,16 +104,16 @@ def main(argv: list[str] | None = None) -> None:
         args.calibrated = str(work / "calibrated")
         fitted.save_pretrained(args.calibrated)
         print(f"calibrated: uplink basis {fitted.basis}, downlink basis {fitted.downlink_basis}", flush=True)
-    calibrated = SlicerConfig.from_pretrained(args.calibrated)
+    calibrated = SlicerConfig.from_pretrained(args.calibrated).replace(trellis=args.trellis)
     (work / "heldout.txt").write_text(heldout_text(args.model, "wikitext-2-raw-v1:validation", args.calib_tokens))
     heldout = str(work / "heldout.txt")
 
     print("\n== choose the uplink step on held-out validation (exact downlink)\n" + markdown_table([], COLUMNS))
     exact = calibrated.replace(downlink_step=None, downlink_basis=None)
-    up_rows = sweep(args.model, heldout, [(f"up {s}", exact.replace(step=s)) for s in UP_STEPS], args.choose_tokens)
+    up_rows = sweep(args.model, heldout, [(f"up {s}", exact.replace(step=s)) for s in up_steps], args.choose_tokens)
     up = choose(up_rows, args.margin * args.max_kl, args.margin * args.max_ppl)["config"]
     print("\n== choose both steps on held-out validation (both ways)\n" + markdown_table([], COLUMNS))
-    pairs = [(f"up {u} down {d}", calibrated.replace(step=u, downlink_step=d)) for u, d in PAIRS]
+    pairs = [(f"up {u} down {d}", calibrated.replace(step=u, downlink_step=d)) for u, d in pair_steps]
     down_rows = sweep(args.model, heldout, pairs, args.choose_tokens)
     chosen = choose(down_rows, None, args.margin * args.max_ppl)["config"]
 
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         ("calibrated uplink", up),
         ("calibrated both ways", chosen),
     ]
+    if args.trellis:  # the untrellised rows are calibrated.json's
+        final = [final[0], ("trellis uplink", up), ("trellis both ways", chosen)]
     test_rows = sweep(args.model, "wikitext-2-raw-v1:test", final, args.test_tokens)
     if args.write_preset:
         chosen.save_pretrained(args.write_preset)
@@ -128,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             "calibration": {"text": "wikitext-2-raw-v1:validation", "tokens": args.calib_tokens},
             "choose": {"text": "validation after the calibration tokens", "tokens": args.choose_tokens},
             "budget": {"max_kl": args.max_kl, "max_ppl_change_pct": args.max_ppl, "margin": args.margin},
+            "trellis": args.trellis,
             "uplink_sweep": plain(up_rows),
             "downlink_sweep": plain(down_rows),
             "test": plain(test_rows),

@@ -112,7 +112,7 @@ def client_loop(i: int, fleet: Fleet, config: SlicerConfig, reference: Any, lock
         def timed(data: bytes) -> bytes:
             started = time.monotonic()
             reply = plain(data)
-            if data[1] == protocol.STEP:
+            if data[1] in (protocol.STEP, protocol.NEXT):
                 run.steps.append((run.now(), time.monotonic() - started))
             return reply
 

@@ -96,6 +96,17 @@ class Codec(ABC):
             write_varint(int(n)) for n in shape
         )
 
+    def bare(self, packet: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> bytes | None:
+        """`packet` as a session sends it to a peer that holds this codec's spec and knows the tensor's shape and
+        dtype: without what those say (at least the envelope); None when the packet is not of that shape and dtype.
+        `unbare` gives the packet back byte for byte."""
+        envelope = self.envelope(shape, dtype)
+        return packet[len(envelope) :] if packet.startswith(envelope) else None
+
+    def unbare(self, body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
+        """The packet `bare` made `body` from."""
+        return self.envelope(shape, dtype) + body
+
     def decode(
         self,
         data: bytes,

@@ -16,6 +16,7 @@ Payload after the envelope (`quantizer="blocks"`)::
 ECSQ payload (flags holds F_ECSQ; F_ZSTD never)::
 
     [flags u8][n_out u8][step float16][head][ans]
+    (a bare packet in a session, `bare`: [flags | F_AGREED][head][ans] when n_out and step are the agreed spec's)
     head, one LSB-first bitstream padded to a byte:
       outlier positions  N*n_out x ceil(log2 d) bits      outlier values  N*n_out x 16|32 bits
       row RMS            N x 16|32 bits (F_WIDE_PARAMS: float32), absent when no entry is left to code
@@ -29,6 +30,11 @@ z = (residual / rms - mean) @ forward are coded instead (rms over the channels t
 clipped to [-B, B] (B from the basis's `code_bound`, at most 32767), coordinate i under a quantized Laplace of mean 0
 and scale scale[i] / step on [-B-1, B]; the decoder returns (codes * step @ inverse + mean) * rms. Which basis is
 the session's agreement (the codec spec names its digest); the packet only says that one was used.
+
+With `trellis=True` (F_TRELLIS, calibrated bases only) the coordinates are trellis-coded instead of rounded (see
+`trellis.py`): code k stands for k x step or (k + 1/2) x step as the coordinate's union says, coordinate i's codes go
+under its quantized Laplace of scale scale[i] / step, shifted by -1/2 in the second union, in the order `trellis.py`
+gives (runs of 32 coordinates, each row-major).
 
 Selection, quantization, packing and dequantization run through `ops` (one dispatch point: the pure-torch
 reference, or Triton kernels on CUDA); the outlier and kept-position sections, zstd and the rANS coder stay on
@@ -47,14 +53,15 @@ import torch
 import zstandard
 
 from ..errors import CodecError
-from . import ops
+from . import ops, trellis
 from .base import Codec
 from .basis import Basis, lookup
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
 from .ops import FP16_MAX
 
-F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS, F_ECSQ, F_CALIBRATED = 1, 2, 4, 8, 16, 32
+F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS, F_ECSQ, F_CALIBRATED, F_TRELLIS = 1, 2, 4, 8, 16, 32, 64
+F_AGREED = 128  # bare ECSQ packets only: the outlier count and step are the agreed spec's, and left out
 ECSQ_MAX_CODE = (1 << 15) - 1  # |code| bound: steps below ~sqrt(d)/32767 clip the largest values
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # a row RMS below float16's normal range goes as float32
 ROTATION_BLOCK = 1024
@@ -111,6 +118,7 @@ class SlicerCodec(Codec):
         quantizer: str = "blocks",
         step: float = 0.3,
         basis: str | None = None,
+        trellis: bool = False,
         zstd_level: int = 3,
         **kwargs: Any,
     ) -> None:
@@ -131,10 +139,12 @@ class SlicerCodec(Codec):
             quantizer=quantizer,
             step=step,
             basis=basis,
+            trellis=trellis,
         )
         self._params = cfg.codec_params()
         for key, value in self._params.items():
             setattr(self, key, value)
+        self.trellis = bool(self._params.get("trellis"))
         self.zstd_level = zstd_level
         self._basis: Basis | None = lookup(basis) if basis else None
         if self.quantizer == "ecsq":
@@ -142,6 +152,24 @@ class SlicerCodec(Codec):
 
     def params(self) -> dict[str, Any]:
         return {**self._params, "bit_candidates": list(self.bit_candidates)}
+
+    def _agreed_header(self, d: int) -> bytes:
+        """An ECSQ packet's [n_out u8][step f16] at the spec's outliers and step (adaptive bitrate may move
+        `self.step`; the spec, and so the peer's codec, keeps the one it was built with)."""
+        return bytes([min(self._params["outliers"], d)]) + np.float16(_ecsq_step(self._params["step"])).tobytes()
+
+    def bare(self, packet: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> bytes | None:
+        """Without its envelope and, for an ECSQ packet at the agreed outliers and step, without those (flag
+        F_AGREED): 4 bytes of a steady-state decode step's packet."""
+        body = super().bare(packet, shape, dtype)
+        if body and body[0] & F_ECSQ and body[1:4] == self._agreed_header(shape[-1]):
+            return bytes([body[0] | F_AGREED]) + body[4:]
+        return body
+
+    def unbare(self, body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
+        if body and body[0] & F_ECSQ and body[0] & F_AGREED:
+            body = bytes([body[0] & ~F_AGREED]) + self._agreed_header(shape[-1]) + body[1:]
+        return super().unbare(body, shape, dtype)
 
     # ---------------------------------------------------------------- encode
     def _codes_on(self, device: torch.device) -> bool:
@@ -293,6 +321,7 @@ class SlicerCodec(Codec):
         avail = d if rotated or basis is not None else d - n_out
         flags = F_ECSQ | (F_ROTATION if rotated else 0) | (F_WIDE_OUTLIERS if wide_out else 0)
         flags |= F_CALIBRATED if basis is not None else 0
+        flags |= F_TRELLIS if basis is not None and self.trellis else 0
         ans = b""
         if avail and n:
             rms = basis.row_rms(y) if basis is not None else (y.double().pow(2).sum(1) / avail).sqrt()  # [N]
@@ -304,7 +333,11 @@ class SlicerCodec(Codec):
             if basis is not None:
                 z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
                 bound = _calibrated_bound(basis, step)
-                codes = torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
+                if self.trellis:
+                    scale = basis.f64["scale"].numpy() / step
+                    codes = torch.from_numpy(trellis.quantize(z.numpy() / step, scale, bound))
+                else:
+                    codes = torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
             else:
                 bound = _ecsq_bound(avail, step)
                 codes = torch.where(rms > 0, y.double() / (step * rms).clamp_min(1e-300), 0.0)
@@ -312,8 +345,15 @@ class SlicerCodec(Codec):
             coded = _ecsq_coded(rms[:, 0], None if rotated or basis is not None else out_pos, d)  # [N, d] bool
             symbols = codes[coded].to(torch.int32).cpu().numpy()
             if symbols.size:
+                models = _ecsq_models(bound, step, basis, symbols.size)
+                if flags & F_TRELLIS:  # whole rows: codes [n, d], sent run by run with their unions' means
+                    rows_codes = symbols.reshape(-1, d)
+                    means = -0.5 * trellis.unions(rows_codes)
+                    symbols = np.concatenate([rows_codes[:, run].ravel() for run in trellis.wire_order(d)])
+                    means = np.concatenate([means[:, run].ravel() for run in trellis.wire_order(d)])
+                    models = (models[0], means, _wire_scales(basis, step, rows_codes.shape[0]))
                 coder = _constriction().stream.stack.AnsCoder()
-                coder.encode_reverse(symbols, *_ecsq_models(bound, step, basis, symbols.size))
+                coder.encode_reverse(symbols, *models)
                 ans = coder.get_compressed().astype("<u4").tobytes()
                 ans = ans[: len(ans) - min(3, len(ans) - len(ans.rstrip(b"\0")))]  # ANS never ends in a zero word
         return bytes([flags, n_out]) + np.float16(step).tobytes() + w.getvalue() + ans
@@ -322,9 +362,11 @@ class SlicerCodec(Codec):
 def _decode_ecsq(
     reader: Reader, flags: int, n_rows: int, d: int, dtype: torch.dtype, basis: Basis | None = None
 ) -> torch.Tensor:
-    if flags & ~(F_ECSQ | F_ROTATION | F_WIDE_PARAMS | F_WIDE_OUTLIERS | F_CALIBRATED):
+    if flags & ~(F_ECSQ | F_ROTATION | F_WIDE_PARAMS | F_WIDE_OUTLIERS | F_CALIBRATED | F_TRELLIS):
         raise CodecError(f"unknown slicer ECSQ flags {flags:#x}")
     calibrated = bool(flags & F_CALIBRATED)
+    if flags & F_TRELLIS and not calibrated:
+        raise CodecError("a trellis-coded slicer ECSQ packet must be coded in a calibrated basis")
     if calibrated and (basis is None or basis.width != d or flags & F_ROTATION):
         held = "none" if basis is None else f"one for width {basis.width}"
         raise CodecError(f"packet coded in a calibrated basis for width {d}; this decoder holds {held}")
@@ -354,12 +396,14 @@ def _decode_ecsq(
     else:  # the stream is checked against the codes it must hold before the rows are built
         basis = basis if calibrated else None
         bound = _calibrated_bound(basis, step) if basis is not None else _ecsq_bound(avail, step)
-        symbols = _ans_decode(ans, n_sym, bound, step, basis)
+        symbols = _ans_decode(ans, n_sym, bound, step, basis, bool(flags & F_TRELLIS))
         coded = _ecsq_coded(rms, None if rotated or calibrated else out_pos, d)  # [N, d] bool
         if int(coded.sum()) != n_sym:
             raise CodecError("duplicate outlier positions")
         y = torch.zeros(n_rows, d)
         y[coded] = torch.from_numpy(symbols).float()
+        if flags & F_TRELLIS:  # the second union's points lie half a step off the codes
+            y[coded] += torch.from_numpy(0.5 * trellis.unions(symbols.reshape(-1, d)).ravel()).float()
         if basis is not None:
             u = (y.double() * step) @ basis.f64["inverse"] + basis.f64["mean"]
             x = (u * rms.double()[:, None]).float().to(device)
@@ -371,8 +415,11 @@ def _decode_ecsq(
     return x.to(dtype)
 
 
-def _ans_decode(ans: bytes, n_sym: int, bound: int, step: float, basis: Basis | None = None) -> np.ndarray:
-    """`n_sym` codes from the rANS section; a stream too short for them, or not used up exactly, is a `CodecError`."""
+def _ans_decode(
+    ans: bytes, n_sym: int, bound: int, step: float, basis: Basis | None = None, trellised: bool = False
+) -> np.ndarray:
+    """`n_sym` codes from the rANS section, row-major; a stream too short for them, or not used up exactly, is a
+    `CodecError`."""
     if ans.endswith(b"\0"):
         raise CodecError("the slicer ECSQ stream ends in a zero byte (the encoder drops those)")
     # a code costs at least -log2 of the largest probability a code can have (code 0, or +B holding the upper tail),
@@ -390,7 +437,16 @@ def _ans_decode(ans: bytes, n_sym: int, bound: int, step: float, basis: Basis | 
     try:
         coder = _constriction().stream.stack.AnsCoder(words)
         models = _ecsq_models(bound, step, basis, n_sym)
-        symbols = coder.decode(*models) if basis is not None else coder.decode(*models, n_sym)
+        if trellised:
+            assert basis is not None
+            symbols = trellis.decode(
+                lambda means, scales: coder.decode(models[0], means, scales),
+                n_sym // basis.width,
+                basis.width,
+                basis.f64["scale"].numpy() / step,
+            ).ravel()
+        else:
+            symbols = coder.decode(*models) if basis is not None else coder.decode(*models, n_sym)
         exact = coder.is_empty()
     except CodecError:
         raise
@@ -438,6 +494,12 @@ def _ecsq_models(bound: int, step: float, basis: Basis | None, n_sym: int) -> tu
         return (_ecsq_model(bound, step),)
     scales = np.tile(basis.f64["scale"].numpy() / step, n_sym // basis.width)
     return _laplace_family(bound), np.zeros_like(scales), scales
+
+
+def _wire_scales(basis: Basis, step: float, n: int) -> np.ndarray:
+    """The Laplace scales (in steps) of n trellis-coded rows' codes, in wire order."""
+    scale = np.broadcast_to(basis.f64["scale"].numpy() / step, (n, basis.width))
+    return np.concatenate([scale[:, run].ravel() for run in trellis.wire_order(basis.width)])
 
 
 @functools.lru_cache(maxsize=64)

@@ -235,8 +235,9 @@ class SplitServer:
                     owned.add(session.id)
                 opened = {"session": session.id, "server": self.model_name, "num_layers": self.num_layers}
                 opened["bare_steps"] = len(session.wire_dtypes) == 1  # it can rebuild a packet's envelope
+                opened["next_steps"] = not self.encoder_kind  # it takes steady-state decode steps as NEXT
                 reply = protocol.encode_json(protocol.OPENED, opened)
-            elif kind == protocol.STEP:
+            elif kind in (protocol.STEP, protocol.NEXT):
                 found: list[Session] = []  # the session, once admitted: its `busy` lock is then held here
                 try:
                     step = protocol.decode_step(data, check=lambda header: self._admit(header, owned, found))
@@ -369,6 +370,13 @@ class SplitServer:
             raise ProtocolError(f"session {session.id} already has a step in flight", code="busy")
         found.append(session)
         session.last_used = time.monotonic()
+        if step.next:  # its start is implied: it must be the very next step, or the two sides would drift apart
+            if self.encoder_kind or session.seq < 0 or step.seq != session.seq + 1:
+                raise ProtocolError(
+                    f"next step {step.seq} does not follow step {session.seq}: a step was lost or replayed",
+                    code="bad_seq",
+                )
+            step.start, step.batch = session.length, session.batch
         limits = self.limits
         if step.tokens > limits.max_step_tokens:
             raise ProtocolError(
@@ -474,7 +482,7 @@ class SplitServer:
         if step.bare:
             if len(session.wire_dtypes) != 1:
                 raise ProtocolError("a bare step needs the session's dtype announced at OPEN", code="bad_request")
-            packet = session.codec.envelope(shape, next(iter(session.wire_dtypes))) + packet
+            packet = session.codec.unbare(packet, shape, next(iter(session.wire_dtypes)))
         with self._decode_lock:  # one decode at a time: concurrent ones only fight over the GIL and the caches
             hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
                 packet,

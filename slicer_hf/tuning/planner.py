@@ -241,9 +241,10 @@ class SearchResult:
 
 # ------------------------------------------------------------------------------------------- predicting
 def _step_overhead_bits(profile: Profile) -> int:
-    """What a decode STEP message adds to its codec packet, in bits: the step header (large ids: a long-running
+    """What a decode step's message adds to its codec packet, in bits: the NEXT header (large ids: a long-running
     session), less the packet's envelope, which a bare step leaves out."""
-    step = protocol.Step(1 << 20, 1 << 20, 1 << 14, 1, 1, 0, b"", torch.ones(1, 1, dtype=torch.bool), bare=True)
+    ones = torch.ones(1, 1, dtype=torch.bool)
+    step = protocol.Step(1 << 20, 1 << 20, 1 << 14, 1, 1, 0, b"", ones, bare=True, next=True)
     dtype = getattr(torch, profile.model.get("dtype", "float32"))
     envelope = build_codec("identity").envelope((1, 1, profile.model["hidden_size"]), dtype)
     return 8 * (len(protocol.encode_step(step)) - len(envelope))
