@@ -517,6 +517,7 @@ BENCH_SUITES = {
     "fleet": "fleet",
     "search": "search",
     "calibrated": "calibrated",
+    "prediction": "prediction",
 }
 
 

@@ -72,6 +72,7 @@ def evaluate(
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)
     link = split._link_for(split.slicer_config.split_layer)
     link_codec, downlink_codec = link.codec, link.downlink_codec
+    lossy_downlink = "downlink_codec" in link.open_request  # its replies go bare, as a session gets them
 
     nll_ref = nll_split = kl = agree = 0.0
     n_scored = 0
@@ -103,7 +104,10 @@ def evaluate(
             step = protocol.Step(1, 1000, 1000, 1, 1, 0, bare, ones, bare=True, next=True)
             step_bits.append(8 * len(protocol.encode_step(step)))
         for row in final_rows.pop():  # the replies to single-token steps, as decoding gets them
-            reply = protocol.encode_reply(1000, protocol.REPLY_HIDDEN, downlink_codec.encode(row.reshape(1, 1, -1)))
+            packet = downlink_codec.encode(row.reshape(1, 1, -1))
+            bare = downlink_codec.bare(packet, (1, 1, row.shape[-1]), row.dtype) if lossy_downlink else None
+            kind = protocol.REPLY_HIDDEN if bare is None else protocol.REPLY_HIDDEN_BARE
+            reply = protocol.encode_reply(1000, kind, packet if bare is None else bare)
             reply_bits.append(8 * len(reply))
     capture.remove()
     capture_final.remove()

@@ -46,6 +46,7 @@ def open_request(
     downlink_codec = config.downlink_codec()
     if downlink_codec is not None:
         request["downlink_codec"] = downlink_codec.spec()
+        request["bare_replies"] = True  # this edge rebuilds its replies' envelopes (`Codec.unbare`)
     return request
 
 
@@ -188,6 +189,9 @@ class SuffixLink:
             return kind, protocol.decode_topk_logits(
                 body, (b, keep, self.vocab_size), self.open_request["downlink_topk"]
             )
+        if kind == protocol.REPLY_HIDDEN_BARE and reply_shape is None:  # [B, T - need_from, width], float32
+            body = self.downlink_codec.unbare(body, (b, keep, hidden.shape[-1]), torch.float32)
+            kind = protocol.REPLY_HIDDEN
         if kind not in (protocol.REPLY_HIDDEN, protocol.REPLY_LOGITS):
             raise ProtocolError(f"unknown reply kind {kind}", code="malformed")
         width = hidden.shape[-1] if kind == protocol.REPLY_HIDDEN else self.vocab_size

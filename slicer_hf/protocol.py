@@ -10,7 +10,7 @@ stats) carry a JSON body; the hot path (step, reply) is binary::
     NEXT   [session varint][seq varint][flags u8][mask bits B][positions int32 B][packet]: a decode step in steady
            state (T = 1 new position for each of the session's B sequences, right after the last step, every output
            wanted); the server takes start and B from the session and accepts it only as the step after the last one
-    REPLY  [seq varint][kind u8][downlink payload]
+    REPLY  [seq varint][kind u8][downlink payload]  (kind REPLY_HIDDEN_BARE: a compressed downlink's bare packet)
 
 An encoder request is one step at `start` 0. A feature map (a CNN's, or a Swin stage's tokens) travels as
 T = H*W rows of its channels, row-major over the grid `(H, W)` that the GRID flag carries.
@@ -59,6 +59,8 @@ GRID = 8  # flags bit 3: the rows are a feature map of H x W positions
 BARE = 16  # flags bit 4: the codec packet leaves out its envelope; the session's codec and dtype and the step's
 # [B, T, width] rebuild it (sent only to a server whose OPENED says "bare_steps")
 REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
+REPLY_HIDDEN_BARE = 4  # hidden states through the session's downlink codec, the packet bare (`Codec.bare`): float32
+# rows of the step's [B, T - need_from, width] (sent only to an edge whose OPEN asked for "bare_replies")
 MAX_BATCH = 4096
 
 # gRPC names and settings both sides share (the transport and the server import them from here)

@@ -143,3 +143,31 @@ def test_split_generation_sends_lean_steps_and_generates_the_same_tokens():
     # every packet: the envelope and the agreed step (3 bytes); every decode step: start, B, T and need_from
     assert whole.uplink_bytes - lean.uplink_bytes == (envelope + 3) * steps + 4 * (steps - 1)
     assert lean.uplink_payload_bytes == whole.uplink_payload_bytes  # the codec's own bytes are unchanged
+
+
+def test_compressed_replies_go_bare_to_an_edge_that_asks_and_decode_the_same():
+    base = tiny_model("llama").eval()
+    config = CONFIG.replace(downlink_step=0.1)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    runs = {}
+    for bare in (True, False):
+        model = SlicerModelForCausalLM.from_model(base, config)
+        link = model._link_for(2)
+        assert link.open_request["bare_replies"] is True
+        if not bare:  # as an older edge asks: whole packets back
+            del link.open_request["bare_replies"]
+        runs[bare] = (model.generate(ids, **kwargs), model.wire_stats())
+    (lean_ids, lean), (whole_ids, whole) = runs[True], runs[False]
+    assert torch.equal(lean_ids, whole_ids)  # the same decoded rows: the same tokens
+    envelope = len(build_codec(CONFIG).envelope((1, 1, base.config.hidden_size), torch.float32))
+    replies = lean.downlink_messages - 1  # the OPENED is a message too
+    assert whole.downlink_bytes - lean.downlink_bytes == (envelope + 3) * replies
+
+
+def test_an_exact_downlink_session_gets_whole_replies_even_when_asked_for_bare_ones():
+    server = SplitServer(tiny_model("llama"))
+    body = open_request(CONFIG, server.model.config, "tiny", 2, build_codec(CONFIG), torch.float32)
+    session = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, {**body, "bare_replies": True})))
+    reply = send(server, session["session"], build_codec(CONFIG).encode(torch.randn(1, 3, server.hidden_size)), False)
+    assert protocol.decode_reply(reply)[1] == protocol.REPLY_HIDDEN  # no downlink codec: exact, whole

@@ -131,3 +131,21 @@ def test_the_trellis_goes_with_a_calibrated_basis_and_into_the_spec_only_when_on
     assert both.downlink_codec().spec()["trellis"] is True
     assert "trellis" not in config.replace(trellis=True, downlink_step=0.1).downlink_codec().spec()
     assert "trellis" not in SlicerConfig(downlink_step=0.1, downlink_basis=wide.digest, trellis=True).codec_params()
+
+
+def test_the_prediction_bench_credits_a_predictor_only_with_what_it_predicts():
+    from slicer_hf.bench.prediction import laplace_bits, predict, ridge
+
+    gen = np.random.default_rng(1)
+    x = gen.normal(size=(4000, 8))
+    z = x @ gen.normal(size=(8, 16)) * 0.5 + gen.laplace(size=(4000, 16))
+    w = ridge(x[:3000], z[:3000], 1e-4)
+    residual = z[3000:] - predict(w, x[3000:])
+    plain_scale, scale = np.abs(z[:3000] - z[:3000].mean(0)).mean(0), np.abs(z[:3000] - predict(w, x[:3000])).mean(0)
+    bits, err = laplace_bits(residual, scale, 0.3)
+    plain_bits, plain_err = laplace_bits(z[3000:] - z[:3000].mean(0), plain_scale, 0.3)
+    assert bits < 0.9 * plain_bits and abs(err / plain_err - 1) < 0.05  # fewer bits for the same error
+    noise = gen.normal(size=(4000, 8))  # a feature that predicts nothing buys nothing
+    w = ridge(noise[:3000], z[:3000], 1e-4)
+    bits, _ = laplace_bits(z[3000:] - predict(w, noise[3000:]), plain_scale, 0.3)
+    assert bits > 0.99 * plain_bits

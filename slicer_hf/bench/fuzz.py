@@ -92,7 +92,8 @@ def open_messages(draw: Any, fingerprint: str, splits: tuple[int, int]) -> bytes
 
 @st.composite
 def step_messages(draw: Any, hidden_size: int) -> tuple[int, bytes]:
-    """(the session index to use: -1 a random id, else the nth opened on this stream; the message without it)."""
+    """(the session index to use: -1 a random id, else the nth opened on this stream; the message without its
+    header and session; its type: STEP, or NEXT with start, batch, tokens and need_from left out)."""
     batch, tokens = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 5]))
     codec = build_codec(draw(st.sampled_from(CODECS)))
     width = draw(st.sampled_from([hidden_size] * 4 + [1, hidden_size + 1]))
@@ -120,9 +121,12 @@ def step_messages(draw: Any, hidden_size: int) -> tuple[int, bytes]:
         extra += draw(st.binary(min_size=0, max_size=4))
     if flags & protocol.POSITIONS and flags != 255:
         extra += draw(st.binary(min_size=0, max_size=4 * batch * tokens + 4))
+    index = draw(st.sampled_from([0, 0, 0, 1, -1]))
+    if draw(st.booleans()):
+        return index, write_varint(seq) + bytes([flags]) + extra + payload, protocol.NEXT
     fields = (seq, start, claimed_batch, claimed_tokens)
     body = b"".join(map(write_varint, fields)) + bytes([flags]) + write_varint(draw(st.integers(0, tokens)))
-    return draw(st.sampled_from([0, 0, 0, 1, -1])), body + extra + payload
+    return index, body + extra + payload, protocol.STEP
 
 
 @st.composite
@@ -172,9 +176,9 @@ def run_case(url: str, conversation: list[tuple[str, Any]], report: FuzzReport, 
                 target = opened[item] if isinstance(item, int) and 0 <= item < len(opened) else item
                 _send(transport, protocol.encode_json(protocol.CLOSE, {"session": target}), report)
             else:
-                index, body = item
+                index, body, message = item
                 session = opened[index] if 0 <= index < len(opened) else 1 << 30
-                _send(transport, protocol.header(protocol.STEP) + write_varint(session) + body, report)
+                _send(transport, protocol.header(message) + write_varint(session) + body, report)
     except TransportError as exc:  # the server may end a stream it refuses to trust; it must still be up
         if "UNAVAILABLE" in str(exc):
             raise AssertionError(f"server unreachable: {exc}") from exc

@@ -102,6 +102,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
     downlink_codec: Codec | None = None  # a lossy codec for hidden-state replies (None: exact)
+    bare_replies: bool = False  # its replies through `downlink_codec` leave out what the edge already knows
 
 
 @dataclass
@@ -343,6 +344,8 @@ class SplitServer:
                 per_position,
             )
             session.downlink_codec = downlink_codec
+            session.bare_replies = req.get("bare_replies") is True and downlink_codec is not None
+            session.bare_replies &= not self.encoder_kind  # an encoder's reply shape is its own
             self.sessions[session.id] = session
         self.stats.add(sessions_opened=1)
         logger.info(
@@ -694,6 +697,11 @@ class SplitServer:
     def encode_output(self, session: Session, final: torch.Tensor) -> tuple[bytes, int]:
         if session.downlink_dtype is not None and session.downlink != "topk_logits":
             final = final.to(session.downlink_dtype)
+        if session.bare_replies:  # float32 rows of the step's shape: the edge rebuilds the envelope and the step
+            packet = session.downlink_codec.encode(final.float().cpu())
+            body = session.downlink_codec.bare(packet, tuple(final.shape), torch.float32)
+            if body is not None:
+                return body, protocol.REPLY_HIDDEN_BARE
         if session.downlink == "hidden":
             return (session.downlink_codec or self._downlink_codec).encode(final.cpu()), protocol.REPLY_HIDDEN
         if session.downlink == "logits":
