@@ -6,8 +6,9 @@ each row's coordinates is fitted by ridge regression on the calibration text (th
 WikiText-2 validation); the residual would be coded in its place, each coordinate under a Laplace of the residual's
 own scale. Reported, on the rest of validation and on test: ideal code lengths (the entropy coder lands within about
 1% of them) and the error, with each predictor's bits compared with plain coding at the same error (interpolated in
-log error over a sweep of steps). The previous row is taken exactly (the decoded one is noisier): an upper bound on
-what it buys. A token id costs ceil(log2 vocab) bits more per token on the wire.
+log error over a sweep of steps). The previous row is taken exactly (an upper bound on what it buys), and in closed
+loop: predicted from the previous row as the server decodes it (rounding at step 0.35), which is what a codec could
+use. A token id costs ceil(log2 vocab) bits more per token on the wire.
 
     python -m slicer_hf.bench.prediction --out-json docs/benchmarks/prediction.json
 """
@@ -77,6 +78,19 @@ def predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.hstack([x, np.ones((len(x), 1))]) @ w
 
 
+def closed_loop(z: np.ndarray, w: np.ndarray, first: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """(residuals coded, previous rows as decoded), `[N, d]` each, when each row is predicted from the previous row
+    as the server decodes it (rounding at `step`), row after row (a window's first row from zeros)."""
+    residual, previous = np.empty_like(z), np.zeros_like(z)
+    decoded = np.zeros(z.shape[1])
+    for t in range(len(z)):
+        previous[t] = 0.0 if first[t] else decoded
+        guess = predict(w, previous[t][None])[0]
+        residual[t] = z[t] - guess
+        decoded = guess + np.round(residual[t] / step) * step
+    return residual, previous
+
+
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         first[:: windows.shape[1]] = True  # a window's first row has no previous row: it predicts from zeros
         previous = np.vstack([np.zeros((1, z.shape[1])), z[:-1]])
         previous[first] = 0.0
-        data[name] = {"z": z, "embedding": embedding[windows.reshape(-1)].numpy(), "previous": previous}
+        data[name] = {"z": z, "embedding": embedding[windows.reshape(-1)].numpy(), "previous": previous, "first": first}
     features = {
         "none": lambda part: np.zeros((len(part["z"]), 0)),
         "token embedding": lambda part: part["embedding"],
         "previous row (exact)": lambda part: part["previous"],
         "both": lambda part: np.hstack([part["embedding"], part["previous"]]),
+        "previous row (decoded)": lambda part: part["previous"],
     }
     id_bits = math.ceil(math.log2(embedding.shape[0]))
     calib = data["calibration"]
@@ -123,9 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     for predictor, feature in features.items():
         w = ridge(feature(calib), calib["z"], args.alpha)
         scale = np.abs(calib["z"] - predict(w, feature(calib))).mean(0)
+        if predictor == "previous row (decoded)":  # refit on the rows as decoded, then the scales of what is coded
+            w = ridge(closed_loop(calib["z"], w, calib["first"], 0.35)[1], calib["z"], args.alpha)
+            scale = np.abs(closed_loop(calib["z"], w, calib["first"], 0.35)[0]).mean(0)
         for text in ("held-out validation", "test"):
             part = data[text]
-            residual = part["z"] - predict(w, feature(part))
+            if predictor == "previous row (decoded)":
+                residual = closed_loop(part["z"], w, part["first"], 0.35)[0]
+            else:
+                residual = part["z"] - predict(w, feature(part))
             plain_scale = np.abs(calib["z"] - calib["z"].mean(0)).mean(0)
             curve = [laplace_bits(part["z"] - calib["z"].mean(0), plain_scale, s) for s in STEPS]
             bits, error = laplace_bits(residual, scale, 0.35)
