@@ -124,20 +124,29 @@ def test_the_server_takes_a_next_step_only_right_after_the_last_one():
     protocol.decode_reply(server.handle(decode_step_message(a["session"], 3, 4, token, next_=True)))
 
 
+def generate_lean_and_whole(base, config: SlicerConfig, new_tokens: int, whole) -> tuple:
+    """(lean wire stats, whole wire stats) of the same greedy generation, `whole(link)` making the second run's link
+    send or ask for whole messages; the two runs must give the same tokens."""
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    runs = []
+    for lean in (True, False):
+        model = SlicerModelForCausalLM.from_model(base, config)
+        if not lean:
+            whole(model._link_for(2))
+        runs.append((model.generate(ids, do_sample=False, **kwargs), model.wire_stats()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    return runs[0][1], runs[1][1]
+
+
 def test_split_generation_sends_lean_steps_and_generates_the_same_tokens():
     base = tiny_model("llama").eval()
-    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    runs = {}
-    for lean in (True, False):
-        model = SlicerModelForCausalLM.from_model(base, CONFIG)
-        link = model._link_for(2)
+
+    def make_whole(link) -> None:  # a server that does not offer bare or next steps gets whole ones
         link.open()
-        link._bare &= lean  # a server that does not offer bare or next steps gets whole ones
-        link._next &= lean
-        runs[lean] = (model.generate(ids, **kwargs), model.wire_stats())
-    (lean_ids, lean), (whole_ids, whole) = runs[True], runs[False]
-    assert torch.equal(lean_ids, whole_ids)
+        link._bare = link._next = False
+
+    lean, whole = generate_lean_and_whole(base, CONFIG, 8, make_whole)
     envelope = len(build_codec(CONFIG).envelope((1, 1, base.config.hidden_size), torch.float32))
     steps = lean.uplink_messages - 1  # the OPEN is a message too; the prompt's step, then 7 decode steps
     # every packet: the envelope and the agreed step (3 bytes); every decode step: start, B, T and need_from
@@ -147,19 +156,11 @@ def test_split_generation_sends_lean_steps_and_generates_the_same_tokens():
 
 def test_compressed_replies_go_bare_to_an_edge_that_asks_and_decode_the_same():
     base = tiny_model("llama").eval()
-    config = CONFIG.replace(downlink_step=0.1)
-    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    runs = {}
-    for bare in (True, False):
-        model = SlicerModelForCausalLM.from_model(base, config)
-        link = model._link_for(2)
-        assert link.open_request["bare_replies"] is True
-        if not bare:  # as an older edge asks: whole packets back
-            del link.open_request["bare_replies"]
-        runs[bare] = (model.generate(ids, **kwargs), model.wire_stats())
-    (lean_ids, lean), (whole_ids, whole) = runs[True], runs[False]
-    assert torch.equal(lean_ids, whole_ids)  # the same decoded rows: the same tokens
+
+    def make_whole(link) -> None:  # as an older edge asks: whole packets back
+        assert link.open_request.pop("bare_replies") is True
+
+    lean, whole = generate_lean_and_whole(base, CONFIG.replace(downlink_step=0.1), 6, make_whole)
     envelope = len(build_codec(CONFIG).envelope((1, 1, base.config.hidden_size), torch.float32))
     replies = lean.downlink_messages - 1  # the OPENED is a message too
     assert whole.downlink_bytes - lean.downlink_bytes == (envelope + 3) * replies

@@ -201,5 +201,7 @@ def test_the_lowest_rate_within_ten_percent_is_measured_then_interpolated_in_log
     assert fast["lowest_measured_mbit"] == fast["estimate_mbit"] == 1.0 and fast["first_slower_measured_mbit"] is None
     slow = bench.lowest_rate_within(rows("y", [(None, 10.0), (1.0, 5.0)]), "y")
     assert slow["lowest_measured_mbit"] is None and slow["estimate_mbit"] is None
+    assert "already at 1.0 Mbit/s, the fastest rate measured" in bench.describe_within(slow)
+    assert "down to 0.5 Mbit/s measured (next slower 0.25), about 0.354 Mbit/s" in bench.describe_within(found)
     with pytest.raises(ValueError, match="unshaped"):
         bench.lowest_rate_within(rows("z", [(1.0, 5.0)]), "z")

@@ -98,9 +98,8 @@ def test_a_calibrated_packet_needs_the_same_basis_on_the_other_side(fitted):
         build_codec("slicer", quantizer="ecsq", rotation="calibrated", basis="deadbeefdeadbeef")
 
 
-def test_malformed_calibrated_packets_raise_codec_errors_only(fitted):
-    c = codec(fitted)
-    packet = c.encode(synthetic(4, seed=4)[0].float().reshape(1, 4, D))
+def assert_malformed_packets_raise_codec_errors_only(c, packet: bytes, shape: tuple[int, ...]) -> None:
+    """Every truncation of `packet` and 200 single bit flips: a `CodecError`, or rows of the claimed shape."""
     gen = torch.Generator().manual_seed(0)
     for cut in range(len(packet)):
         with pytest.raises(CodecError):
@@ -113,7 +112,13 @@ def test_malformed_calibrated_packets_raise_codec_errors_only(fitted):
             out = c.decode(bytes(bad))
         except CodecError:
             continue
-        assert out.shape == (1, 4, D)  # a flip that still decodes gives rows of the claimed shape
+        assert out.shape == shape  # a flip that still decodes gives rows of the claimed shape
+
+
+def test_malformed_calibrated_packets_raise_codec_errors_only(fitted):
+    c = codec(fitted)
+    packet = c.encode(synthetic(4, seed=4)[0].float().reshape(1, 4, D))
+    assert_malformed_packets_raise_codec_errors_only(c, packet, (1, 4, D))
 
 
 def test_config_validation_names_what_goes_with_a_calibrated_basis(fitted):

@@ -444,6 +444,17 @@ def lowest_rate_within(rows: Sequence[dict[str, Any]], variant: str, tolerance: 
     }
 
 
+def describe_within(found: dict[str, Any]) -> str:
+    """One line for a `lowest_rate_within` result."""
+    name, lowest, slower = found["variant"], found["lowest_measured_mbit"], found["first_slower_measured_mbit"]
+    if lowest is None:
+        return f"{name}: more than 10% below unshaped already at {slower} Mbit/s, the fastest rate measured"
+    return (
+        f"{name}: within 10% of unshaped down to {lowest} Mbit/s measured (next slower {slower}), "
+        f"about {found['estimate_mbit']:.3g} Mbit/s"
+    )
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The rows (medians) as a markdown table; the link column carries the measured TCP goodput.
 
@@ -567,10 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("\n" + markdown_table(result))
     for found in result.get("within_10pct", []):
-        print(
-            f"{found['variant']}: within 10% of unshaped down to {found['lowest_measured_mbit']} Mbit/s measured "
-            f"(next slower {found['first_slower_measured_mbit']}), about {found['estimate_mbit'] or 0:.3g} Mbit/s"
-        )
+        print(describe_within(found))
     return result
 
 
