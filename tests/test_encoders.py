@@ -206,6 +206,12 @@ def test_an_encoder_server_refuses_malformed_requests_and_keeps_serving():
             protocol.raise_if_error(send(server, session, **kwargs))
         assert info.value.code in ("bad_request", "codec"), what
         assert session not in server.sessions  # refused sessions are closed
+    session = open_encoder_session(server)  # an encoder request is always a whole STEP at position 0
+    protocol.decode_reply(send(server, session, torch.randn(1, 16, width), grid=(4, 4)))
+    step = protocol.Step(session, 2, 0, 1, 1, 0, build_codec("identity").encode(torch.randn(1, 1, width)), next=True)
+    with pytest.raises(ProtocolError, match="not NEXT steps") as info:
+        protocol.raise_if_error(server.handle(protocol.encode_step(step)))
+    assert info.value.code == "bad_request" and session not in server.sessions
     grid_mismatch = protocol.Step(1, 1, 0, 1, 16, 0, b"", grid=(3, 5))
     with pytest.raises(ProtocolError, match="grid 3x5"):
         protocol.decode_step(protocol.encode_step(grid_mismatch), check=lambda s: None)

@@ -374,7 +374,9 @@ class SplitServer:
         found.append(session)
         session.last_used = time.monotonic()
         if step.next:  # its start is implied: it must be the very next step, or the two sides would drift apart
-            if self.encoder_kind or session.seq < 0 or step.seq != session.seq + 1:
+            if self.encoder_kind:
+                raise ProtocolError("an encoder takes whole STEP requests, not NEXT steps", code="bad_request")
+            if session.seq < 0 or step.seq != session.seq + 1:
                 raise ProtocolError(
                     f"next step {step.seq} does not follow step {session.seq}: a step was lost or replayed",
                     code="bad_seq",
