@@ -345,13 +345,14 @@ class SlicerCodec(Codec):
             coded = _ecsq_coded(rms[:, 0], None if rotated or basis is not None else out_pos, d)  # [N, d] bool
             symbols = codes[coded].to(torch.int32).cpu().numpy()
             if symbols.size:
-                models = _ecsq_models(bound, step, basis, symbols.size)
                 if flags & F_TRELLIS:  # whole rows: codes [n, d], sent run by run with their unions' means
                     rows_codes = symbols.reshape(-1, d)
+                    scales = np.broadcast_to(basis.f64["scale"].numpy() / step, rows_codes.shape)
                     means = -0.5 * trellis.unions(rows_codes)
-                    symbols = np.concatenate([rows_codes[:, run].ravel() for run in trellis.wire_order(d)])
-                    means = np.concatenate([means[:, run].ravel() for run in trellis.wire_order(d)])
-                    models = (models[0], means, _wire_scales(basis, step, rows_codes.shape[0]))
+                    symbols = trellis.to_wire(rows_codes)
+                    models = (_laplace_family(bound), trellis.to_wire(means), trellis.to_wire(scales))
+                else:
+                    models = _ecsq_models(bound, step, basis, symbols.size)
                 coder = _constriction().stream.stack.AnsCoder()
                 coder.encode_reverse(symbols, *models)
                 ans = coder.get_compressed().astype("<u4").tobytes()
@@ -494,12 +495,6 @@ def _ecsq_models(bound: int, step: float, basis: Basis | None, n_sym: int) -> tu
         return (_ecsq_model(bound, step),)
     scales = np.tile(basis.f64["scale"].numpy() / step, n_sym // basis.width)
     return _laplace_family(bound), np.zeros_like(scales), scales
-
-
-def _wire_scales(basis: Basis, step: float, n: int) -> np.ndarray:
-    """The Laplace scales (in steps) of n trellis-coded rows' codes, in wire order."""
-    scale = np.broadcast_to(basis.f64["scale"].numpy() / step, (n, basis.width))
-    return np.concatenate([scale[:, run].ravel() for run in trellis.wire_order(basis.width)])
 
 
 @functools.lru_cache(maxsize=64)

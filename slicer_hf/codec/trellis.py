@@ -25,17 +25,13 @@ from collections.abc import Callable
 import numpy as np
 
 TRELLISES = 16  # G: interleaved trellises; 16 costs about 0.4% of the gain of one trellis over all d coordinates
+RUN = 2 * TRELLISES  # coordinates the decoder takes per call: each depends only on earlier runs
 STATES = 8
 LAMBDA = 0.11  # squared error (in steps^2) one bit is worth to the encoder's path search
 # state s holds the last three branch bits (bit 0 the newest); its union is bit 1 xor bit 2
 _UNION = np.array([((s >> 1) ^ (s >> 2)) & 1 for s in range(STATES)])
 _PRED = np.array([[nx >> 1, (nx >> 1) | 4] for nx in range(STATES)])  # [8, 2]: the two states leading to nx
 _SUBSET = _UNION[_PRED] + 2 * (np.arange(STATES) & 1)[:, None]  # [8, 2]: the subset of that branch
-
-
-def run_width() -> int:
-    """Coordinates the decoder takes per call (all of them known to depend only on earlier runs)."""
-    return 2 * TRELLISES
 
 
 def unions(codes: np.ndarray) -> np.ndarray:
@@ -51,8 +47,12 @@ def unions(codes: np.ndarray) -> np.ndarray:
 
 def wire_order(d: int) -> list[slice]:
     """The runs of coordinates, in the order their codes are sent."""
-    w = run_width()
-    return [slice(c, min(c + w, d)) for c in range(0, d, w)]
+    return [slice(c, min(c + RUN, d)) for c in range(0, d, RUN)]
+
+
+def to_wire(a: np.ndarray) -> np.ndarray:
+    """`[N, d]` per-coordinate values (codes, their means or scales), flat in the order the codes are sent."""
+    return np.concatenate([a[:, run].ravel() for run in wire_order(a.shape[1])])
 
 
 def _laplace_bits(v: np.ndarray, b: np.ndarray) -> np.ndarray:
