@@ -414,6 +414,12 @@ def calibrate(
     downlink: Annotated[
         bool, typer.Option(help="Also calibrate the compressed downlink (the last layer's output).")
     ] = False,
+    predict: Annotated[
+        bool,
+        typer.Option(
+            help="The downlink's basis predicts each reply from the rows the edge sent (both sides hold them)."
+        ),
+    ] = True,
     text: Annotated[
         str, typer.Option(help="Calibration text: a file, or wikitext-2-raw-v1[:split]. Keep test text for testing.")
     ] = "wikitext-2-raw-v1:validation",
@@ -427,7 +433,7 @@ def calibrate(
     from .tuning.calibrate import calibrate as fit
 
     base = (SlicerConfig.from_pretrained(config) if config else SlicerConfig()).replace(outliers=outliers)
-    fitted = fit(model, base, split_layer, downlink, text, tokens, window, seed)
+    fitted = fit(model, base, split_layer, downlink, predict, text, tokens, window, seed)
     written = fitted.save_pretrained(out)
     print(f"calibrated on {text}: uplink basis {fitted.basis} at split {fitted.split_layer}", end="")
     print(f", downlink basis {fitted.downlink_basis}" if downlink else "", f"; config written to {written}")

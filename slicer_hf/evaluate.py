@@ -96,15 +96,21 @@ def evaluate(
         kl += (ref_lp.exp() * (ref_lp - out_lp)).sum().item()
         agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
         n_scored += target.numel()
-        for row in hidden_at_split.pop():  # single-token packets, as decoding sends them
+        given: list[torch.Tensor | None] = []  # what a predicting downlink codes each reply against
+        sent = torch.cat(hidden_at_split)  # this window's rows at the split
+        hidden_at_split.clear()
+        for row in sent:  # single-token packets, as decoding sends them
             packet = link_codec.encode(row.reshape(1, 1, -1))
             packet_bits.append(8 * len(packet))
+            given.append(link_codec.decode(packet) if downlink_codec.given_width is not None else None)
             bare = link_codec.bare(packet, (1, 1, row.shape[-1]), row.dtype)  # as a session sends it
             ones = torch.ones(1, 1, dtype=torch.bool)
             step = protocol.Step(1, 1000, 1000, 1, 1, 0, bare, ones, bare=True, next=True)
             step_bits.append(8 * len(protocol.encode_step(step)))
-        for row in final_rows.pop():  # the replies to single-token steps, as decoding gets them
-            packet = downlink_codec.encode(row.reshape(1, 1, -1))
+        replies = torch.cat(final_rows)  # the server's forwards of this window (prefill runs in chunks)
+        final_rows.clear()
+        for row, given_row in zip(replies, given, strict=True):  # the replies to single-token steps
+            packet = downlink_codec.encode(row.reshape(1, 1, -1), given=given_row)
             bare = downlink_codec.bare(packet, (1, 1, row.shape[-1]), row.dtype) if lossy_downlink else None
             kind = protocol.REPLY_HIDDEN if bare is None else protocol.REPLY_HIDDEN_BARE
             reply = protocol.encode_reply(1000, kind, packet if bare is None else bare)

@@ -197,8 +197,12 @@ class SuffixLink:
         width = hidden.shape[-1] if kind == protocol.REPLY_HIDDEN else self.vocab_size
         expect = reply_shape if reply_shape is not None and kind == protocol.REPLY_HIDDEN else (b, keep, width)
         try:
-            codec = self.downlink_codec if kind == protocol.REPLY_HIDDEN else build_codec("identity")
-            return kind, codec.decode(body, expect_shape=expect)
+            if kind != protocol.REPLY_HIDDEN:
+                return kind, build_codec("identity").decode(body, expect_shape=expect)
+            given = None
+            if self.downlink_codec.given_width is not None and reply_shape is None:  # as the server decoded them
+                given = self.codec.decode(payload)[:, step.need_from :]
+            return kind, self.downlink_codec.decode(body, expect_shape=expect, given=given)
         except CodecError as exc:
             raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
 

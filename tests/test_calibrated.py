@@ -230,6 +230,7 @@ def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch)
     assert lookup(config.basis).metadata["split_layer"] == "2"
     assert lookup(config.downlink_basis).metadata["text"] == str(text)
     assert config.downlink_codec().spec()["basis"] == config.downlink_basis
+    assert config.downlink_codec().given_width == lookup(config.basis).width  # predicts from the split rows
 
 
 def test_the_benchmark_chooses_the_cheapest_setting_within_budget_on_text_the_calibration_did_not_see(tmp_path):

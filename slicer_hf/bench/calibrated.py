@@ -35,7 +35,7 @@ from .common import markdown_table, suite_parser, write_json
 UP_STEPS = (0.3, 0.35, 0.4, 0.45)
 PAIRS = tuple((up, down) for up in (0.3, 0.35) for down in (0.1, 0.15, 0.2))
 TRELLIS_UP_STEPS = (0.36, 0.4, 0.44, 0.48)
-TRELLIS_PAIRS = tuple((up, down) for up in (0.32, 0.36, 0.4) for down in (0.11, 0.16))
+TRELLIS_PAIRS = tuple((up, down) for up in (0.32, 0.36, 0.4) for down in (0.11, 0.13, 0.16))
 COLUMNS = (
     ("setting", "name", ""),
     ("uplink step", "step", ".2f"),

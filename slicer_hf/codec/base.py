@@ -68,8 +68,17 @@ class Codec(ABC):
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, **self.params()}
 
-    def encode(self, x: torch.Tensor) -> bytes:
-        """Encode a float tensor `[..., d]`; raises `CodecError` for non-float, empty-row or non-finite input."""
+    @property
+    def given_width(self) -> int | None:
+        """Width of the given rows this codec codes against, None for none. Given rows are rows both sides hold,
+        one per coded row (a compressed downlink's: the decoded uplink rows at the same positions); `encode` and
+        `decode` then both take them (`given=`), and a packet decodes right only against the rows it was coded
+        against."""
+        return None
+
+    def encode(self, x: torch.Tensor, given: torch.Tensor | None = None) -> bytes:
+        """Encode a float tensor `[..., d]` (with `given` `[..., d_in]` when `given_width` says so); raises
+        `CodecError` for non-float, empty-row or non-finite input."""
         if not isinstance(x, torch.Tensor) or x.dtype not in DTYPE_CODES:
             raise CodecError(
                 f"codec {self.name!r} takes a float tensor (float16/bfloat16/float32/float64), got "
@@ -84,11 +93,28 @@ class Codec(ABC):
             raise CodecError(f"tensor of {x.numel()} elements exceeds max_elements={self.max_elements}")
         if not torch.isfinite(x).all():
             raise CodecError(f"codec {self.name!r} cannot encode NaN or Inf values")
+        given_rows = self._given_rows(given, tuple(x.shape[:-1]))
         header = self.envelope(tuple(x.shape), x.dtype)
         rows = x.detach().reshape(-1, x.shape[-1])
         if rows.device.type != "cpu" and not self._codes_on(rows.device):
             rows = rows.cpu()
-        return header + self._encode_rows(rows)
+        return header + (self._encode_rows(rows) if given_rows is None else self._encode_rows(rows, given=given_rows))
+
+    def _given_rows(self, given: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
+        """`given` as `[N, d_in]` rows for tensors of leading shape `lead`, checked against `given_width`."""
+        width = self.given_width
+        if width is None:
+            if given is not None:
+                raise CodecError(f"codec {self.name!r} codes against no given rows")
+            return None
+        want = (*lead, width)
+        if given is None:
+            raise CodecError(f"codec {self.name!r} codes against given rows {want} that both sides hold: pass given=")
+        if not isinstance(given, torch.Tensor) or not given.is_floating_point() or tuple(given.shape) != want:
+            raise CodecError(f"given rows must be a float tensor of shape {want}, got {getattr(given, 'shape', given)}")
+        if not torch.isfinite(given).all():
+            raise CodecError("given rows hold NaN or Inf")
+        return given.detach().reshape(-1, width)
 
     def envelope(self, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
         """The envelope a packet of a tensor of this shape and dtype starts with."""
@@ -113,6 +139,7 @@ class Codec(ABC):
         device: torch.device | str | None = None,
         expect_shape: tuple[int | None, ...] | None = None,
         expect_dtypes: frozenset[torch.dtype] | None = None,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode bytes from `encode`; any malformed input raises `CodecError`.
 
@@ -122,11 +149,12 @@ class Codec(ABC):
             expect_shape: the shape the receiver expects (None for a dimension it cannot know); a packet that claims
                 another is refused from its envelope, before any row is decoded or allocated.
             expect_dtypes: the dtypes the receiver accepts, checked the same way.
+            given: the rows the packet was coded against (`given_width`), one per row of the packet's tensor.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CodecError(f"decode takes bytes, got {type(data).__name__}")
         try:
-            out = self._decode(Reader(bytes(data)), expect_shape, expect_dtypes)
+            out = self._decode(Reader(bytes(data)), expect_shape, expect_dtypes, given)
         except CodecError:
             raise
         except Exception as exc:  # any other failure on hostile bytes is still malformed input
@@ -142,6 +170,7 @@ class Codec(ABC):
         reader: Reader,
         expect_shape: tuple[int | None, ...] | None = None,
         expect_dtypes: frozenset[torch.dtype] | None = None,
+        given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         codec_id, version, dtype_code, ndim = reader.take(4)
         if codec_id != self.codec_id:
@@ -165,7 +194,11 @@ class Codec(ABC):
         if expect_dtypes is not None and dtype not in expect_dtypes:
             raise CodecError(f"packet claims dtype {dtype}, expected one of {sorted(map(str, expect_dtypes))}")
         n_rows = math.prod(shape[:-1])
-        rows = self._decode_rows(reader, n_rows, shape[-1], dtype)
+        given_rows = self._given_rows(given, tuple(shape[:-1]))
+        if given_rows is None:
+            rows = self._decode_rows(reader, n_rows, shape[-1], dtype)
+        else:
+            rows = self._decode_rows(reader, n_rows, shape[-1], dtype, given=given_rows)
         reader.finish()
         return rows.reshape(shape)
 

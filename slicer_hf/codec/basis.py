@@ -9,7 +9,16 @@ A basis holds, for a width d:
 - `inverse` `[d, d]`: the way back (`forward`'s inverse);
 - `mean` `[d]`: the calibration rows' mean (over their RMS);
 - `scale` `[d]`: each coordinate's mean absolute value, the scale of the Laplace model its codes are entropy-coded
-  under.
+  under;
+
+and, for a *predicting* basis (the compressed downlink's: the server answers rows the edge has just sent it),
+a linear predictor of the coordinates from rows both sides hold, the "given" rows of width d_in (the decoded uplink
+rows at the same positions):
+
+- `given_norm` `[d_in]`: the channels of a given row its RMS is taken over (as `norm_weight`);
+- `given_weight` `[d_in, d]`, `given_bias` `[d]`: the prediction, (given / its RMS) @ `given_weight` + `given_bias`.
+
+Only the coordinates less their prediction are then coded, and `scale` is the scale of that residual.
 
 `slicer_hf.tuning.calibrate.fit_basis` builds one from split-layer states and the gradients of the model's sampled
 log-likelihood at them: a metric in which squared error is twice the expected KL (the Fisher information of the
@@ -38,6 +47,7 @@ from ..errors import CodecError
 
 BASIS_PREFIX = "slicer_basis_"
 TENSORS = ("forward", "inverse", "mean", "scale", "norm_weight")
+PREDICTOR = ("given_weight", "given_bias", "given_norm")  # a predicting basis's, all three or none
 _LOCK = threading.Lock()
 
 
@@ -51,10 +61,20 @@ class Basis:
     scale: torch.Tensor  # [d] float32, > 0
     norm_weight: torch.Tensor  # [d] float32, 0 or 1, not all 0
     metadata: dict[str, str] = field(default_factory=dict)
+    given_weight: torch.Tensor | None = None  # [d_in, d] float32: a predicting basis's (see the module docstring)
+    given_bias: torch.Tensor | None = None  # [d] float32
+    given_norm: torch.Tensor | None = None  # [d_in] float32, 0 or 1, not all 0
 
     def __post_init__(self) -> None:
         d = self.mean.shape[0] if self.mean.ndim == 1 else -1
         shapes = {"forward": (d, d), "inverse": (d, d), "mean": (d,), "scale": (d,), "norm_weight": (d,)}
+        present = [getattr(self, name) is not None for name in PREDICTOR]
+        if any(present) and not all(present):
+            raise CodecError(f"a predicting basis needs all of {', '.join(PREDICTOR)}")
+        if all(present):
+            w = self.given_weight
+            d_in = w.shape[0] if isinstance(w, torch.Tensor) and w.ndim == 2 else -1
+            shapes |= {"given_weight": (d_in, d), "given_bias": (d,), "given_norm": (d_in,)}
         for name, shape in shapes.items():
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or d < 1:
@@ -64,8 +84,25 @@ class Basis:
             object.__setattr__(self, name, t.detach().to("cpu", torch.float32).contiguous())
         if not (self.scale > 0).all():
             raise CodecError("basis `scale` must be positive")
-        if not ((self.norm_weight == 0) | (self.norm_weight == 1)).all() or not self.norm_weight.any():
-            raise CodecError("basis `norm_weight` must hold 0s and 1s, not all 0")
+        for name in ("norm_weight", "given_norm") if self.predicts else ("norm_weight",):
+            weight = getattr(self, name)
+            if not ((weight == 0) | (weight == 1)).all() or not weight.any():
+                raise CodecError(f"basis `{name}` must hold 0s and 1s, not all 0")
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The names of the tensors this basis holds (a predicting basis's predictor too)."""
+        return TENSORS + PREDICTOR if self.predicts else TENSORS
+
+    @property
+    def predicts(self) -> bool:
+        """Whether the coordinates are coded less a prediction from given rows (see the module docstring)."""
+        return self.given_weight is not None
+
+    @property
+    def given_width(self) -> int | None:
+        """Width of the given rows a predicting basis predicts from (None: it predicts nothing)."""
+        return None if self.given_weight is None else int(self.given_weight.shape[0])
 
     @property
     def width(self) -> int:
@@ -73,26 +110,35 @@ class Basis:
 
     @functools.cached_property
     def digest(self) -> str:
-        """What a codec spec names this basis by: 16 hex digits of SHA-256 over the width and the five tensors."""
+        """What a codec spec names this basis by: 16 hex digits of SHA-256 over the width and the tensors."""
         h = hashlib.sha256(self.width.to_bytes(4, "little"))
-        for name in TENSORS:
+        for name in self.tensors:
             h.update(getattr(self, name).numpy().tobytes())
         return h.hexdigest()[:16]
 
     @functools.cached_property
     def f64(self) -> dict[str, torch.Tensor]:
         """The tensors in float64, as coding uses them: converted once, not at every packet."""
-        return {name: getattr(self, name).double() for name in TENSORS}
+        return {name: getattr(self, name).double() for name in self.tensors}
 
     def row_rms(self, rows: torch.Tensor) -> torch.Tensor:
         """`[N]` float64: each row's RMS over the channels `norm_weight` counts."""
         return weighted_rms(rows, self.f64["norm_weight"].to(rows.device))
 
+    def predict(self, given: torch.Tensor) -> torch.Tensor:
+        """`[N, d]` float64, on the CPU: a predicting basis's prediction of the coordinates of the rows whose
+        given rows are `given` `[N, d_in]` (a given row of zeros predicts the bias)."""
+        f = self.f64
+        g = given.detach().cpu().double()
+        rms = weighted_rms(g, f["given_norm"]).clamp_min(1e-300)
+        return (g / rms[:, None]) @ f["given_weight"] + f["given_bias"]
+
     @functools.cached_property
     def code_bound(self) -> float:
         """Bound on |coordinate| for any row when every channel counts in the RMS (row/RMS then has norm sqrt(d)):
-        the largest column norm of `forward` x (sqrt(d) + |mean|); infinite when some channels do not count."""
-        if not self.norm_weight.all():
+        the largest column norm of `forward` x (sqrt(d) + |mean|); infinite when some channels do not count, or
+        when what is coded is a residual (a predicting basis)."""
+        if not self.norm_weight.all() or self.predicts:
             return math.inf
         return float(self.f64["forward"].norm(dim=0).max()) * (self.width**0.5 + float(self.f64["mean"].norm()))
 
@@ -102,7 +148,8 @@ class Basis:
         path = Path(path)
         if path.is_dir():
             path = path / basis_file(self.digest)
-        save_file({n: getattr(self, n) for n in TENSORS}, str(path), metadata={**self.metadata, "digest": self.digest})
+        tensors = {n: getattr(self, n) for n in self.tensors}
+        save_file(tensors, str(path), metadata={**self.metadata, "digest": self.digest})
         path.chmod(0o644)  # as any other file of a config folder (safetensors writes 0600)
         return path
 
@@ -114,10 +161,12 @@ class Basis:
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
-                missing = sorted(set(TENSORS) - set(f.keys()))
+                names = set(f.keys())
+                missing = sorted(set(TENSORS) - names)
                 if missing:
                     raise CodecError(f"{path} is not a SLICER basis: no {', '.join(missing)}")
-                basis = cls(**{n: f.get_tensor(n) for n in TENSORS}, metadata=dict(f.metadata() or {}))
+                held = [n for n in TENSORS + PREDICTOR if n in names]
+                basis = cls(**{n: f.get_tensor(n) for n in held}, metadata=dict(f.metadata() or {}))
         except (OSError, SafetensorError) as exc:
             raise CodecError(f"cannot read a SLICER basis from {path}: {exc}") from exc
         return register(basis)

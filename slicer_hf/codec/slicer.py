@@ -29,7 +29,9 @@ With a calibrated basis (F_CALIBRATED, `rotation="calibrated"`, see `basis.py`) 
 z = (residual / rms - mean) @ forward are coded instead (rms over the channels the basis counts), as round(z / step)
 clipped to [-B, B] (B from the basis's `code_bound`, at most 32767), coordinate i under a quantized Laplace of mean 0
 and scale scale[i] / step on [-B-1, B]; the decoder returns (codes * step @ inverse + mean) * rms. Which basis is
-the session's agreement (the codec spec names its digest); the packet only says that one was used.
+the session's agreement (the codec spec names its digest); the packet only says that one was used. A predicting
+basis (`Basis.predicts`) codes z less its prediction from the given rows (`Codec.given_width`), and the decoder adds
+the prediction back before the inverse.
 
 With `trellis=True` (F_TRELLIS, calibrated bases only) the coordinates are trellis-coded instead of rounded (see
 `trellis.py`): code k stands for k x step or (k + 1/2) x step as the coordinate's union says, coordinate i's codes go
@@ -153,6 +155,11 @@ class SlicerCodec(Codec):
     def params(self) -> dict[str, Any]:
         return {**self._params, "bit_candidates": list(self.bit_candidates)}
 
+    @property
+    def given_width(self) -> int | None:
+        """A predicting basis's given width (ECSQ packets code z less the prediction from the given rows)."""
+        return self._basis.given_width if self._basis is not None and self.quantizer == "ecsq" else None
+
     def _agreed_header(self, d: int) -> bytes:
         """An ECSQ packet's [n_out u8][step f16] at the spec's outliers and step (adaptive bitrate may move
         `self.step`; the spec, and so the peer's codec, keeps the one it was built with)."""
@@ -175,9 +182,9 @@ class SlicerCodec(Codec):
     def _codes_on(self, device: torch.device) -> bool:
         return ops.use_kernels(device)  # rows stay where the codec kernels run
 
-    def _encode_rows(self, rows: torch.Tensor) -> bytes:
+    def _encode_rows(self, rows: torch.Tensor, given: torch.Tensor | None = None) -> bytes:
         if self.quantizer == "ecsq":
-            return self._encode_ecsq(rows)
+            return self._encode_ecsq(rows, given)
         x = rows.float()  # [N, d], on the rows' device
         n, d = x.shape
         n_out = min(self.outliers, d)
@@ -227,10 +234,12 @@ class SlicerCodec(Codec):
         finally:
             _DECODE_DEVICE.reset(token)
 
-    def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    def _decode_rows(
+        self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype, given: torch.Tensor | None = None
+    ) -> torch.Tensor:
         flags = reader.u8()
         if flags & F_ECSQ:
-            return _decode_ecsq(reader, flags, n_rows, d, dtype, self._basis)
+            return _decode_ecsq(reader, flags, n_rows, d, dtype, self._basis, given)
         if flags & ~(F_ROTATION | F_ZSTD | F_WIDE_PARAMS | F_WIDE_OUTLIERS):
             raise CodecError(f"unknown slicer flags {flags:#x}")
         k = reader.varint(limit=d)
@@ -304,9 +313,9 @@ class SlicerCodec(Codec):
         return x.to(dtype)
 
     # ---------------------------------------------------------------- ECSQ
-    def _encode_ecsq(self, rows: torch.Tensor) -> bytes:
-        """Exact outliers, rotation (or a calibrated basis), then every entry as round(y / (step * rms)), one rANS
-        stream for all rows."""
+    def _encode_ecsq(self, rows: torch.Tensor, given: torch.Tensor | None = None) -> bytes:
+        """Exact outliers, rotation (or a calibrated basis, less its prediction from `given`), then every entry as
+        round(y / (step * rms)), one rANS stream for all rows."""
         x = rows.float()  # [N, d], on the rows' device
         n, d = x.shape
         n_out = min(self.outliers, d)
@@ -332,6 +341,8 @@ class SlicerCodec(Codec):
             rms = rms.double()[:, None]  # [N, 1]
             if basis is not None:
                 z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
+                if given is not None:
+                    z = z - basis.predict(given)
                 bound = _calibrated_bound(basis, step)
                 if self.trellis:
                     scale = basis.f64["scale"].numpy() / step
@@ -361,7 +372,13 @@ class SlicerCodec(Codec):
 
 
 def _decode_ecsq(
-    reader: Reader, flags: int, n_rows: int, d: int, dtype: torch.dtype, basis: Basis | None = None
+    reader: Reader,
+    flags: int,
+    n_rows: int,
+    d: int,
+    dtype: torch.dtype,
+    basis: Basis | None = None,
+    given: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if flags & ~(F_ECSQ | F_ROTATION | F_WIDE_PARAMS | F_WIDE_OUTLIERS | F_CALIBRATED | F_TRELLIS):
         raise CodecError(f"unknown slicer ECSQ flags {flags:#x}")
@@ -406,7 +423,8 @@ def _decode_ecsq(
         if flags & F_TRELLIS:  # the second union's points lie half a step off the codes
             y[coded] += torch.from_numpy(0.5 * trellis.unions(symbols.reshape(-1, d)).ravel()).float()
         if basis is not None:
-            u = (y.double() * step) @ basis.f64["inverse"] + basis.f64["mean"]
+            z = y.double() * step + (basis.predict(given) if given is not None else 0.0)
+            u = z @ basis.f64["inverse"] + basis.f64["mean"]
             x = (u * rms.double()[:, None]).float().to(device)
         else:
             y = y.to(device) * (step * rms.to(device))[:, None]

@@ -103,6 +103,7 @@ class Session:
     busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
     downlink_codec: Codec | None = None  # a lossy codec for hidden-state replies (None: exact)
     bare_replies: bool = False  # its replies through `downlink_codec` leave out what the edge already knows
+    given: torch.Tensor | None = None  # the step's decoded rows a predicting `downlink_codec` codes its reply against
 
 
 @dataclass
@@ -315,6 +316,13 @@ class SplitServer:
         if downlink_spec is not None and (not isinstance(downlink_spec, dict) or downlink != "hidden"):
             raise ProtocolError("downlink_codec takes a codec spec, with downlink 'hidden' only", code="bad_request")
         downlink_codec = codec_from_spec(downlink_spec, max_elements=max_elements) if downlink_spec else None
+        predicts_from = downlink_codec.given_width if downlink_codec is not None else None
+        if predicts_from is not None and (self.encoder_kind or predicts_from != self.hidden_size):
+            raise ProtocolError(
+                f"a downlink codec that predicts from the step's rows (width {predicts_from}) needs a decoder "
+                f"server with rows of that width (this one: {self.encoder_kind or 'decoder'}, {self.hidden_size})",
+                code="bad_request",
+            )
         with self._lock:
             self._expire_idle()
             if self.draining:
@@ -495,6 +503,8 @@ class SplitServer:
                 expect_shape=shape,
                 expect_dtypes=session.wire_dtypes,
             )
+        if session.downlink_codec is not None and session.downlink_codec.given_width is not None:
+            session.given = hidden[:, step.need_from :].cpu()  # as the edge decodes them, before the model's dtype
         payload, kind = self._compute(session, step, hidden.to(self.dtype))
         reply = protocol.encode_reply(step.seq, kind, payload)
         if len(reply) > self.limits.max_message_bytes:
@@ -700,12 +710,14 @@ class SplitServer:
         if session.downlink_dtype is not None and session.downlink != "topk_logits":
             final = final.to(session.downlink_dtype)
         if session.bare_replies:  # float32 rows of the step's shape: the edge rebuilds the envelope and the step
-            packet = session.downlink_codec.encode(final.float().cpu())
+            packet = session.downlink_codec.encode(final.float().cpu(), given=session.given)
             body = session.downlink_codec.bare(packet, tuple(final.shape), torch.float32)
             if body is not None:
                 return body, protocol.REPLY_HIDDEN_BARE
+        if session.downlink_codec is not None:
+            return session.downlink_codec.encode(final.cpu(), given=session.given), protocol.REPLY_HIDDEN
         if session.downlink == "hidden":
-            return (session.downlink_codec or self._downlink_codec).encode(final.cpu()), protocol.REPLY_HIDDEN
+            return self._downlink_codec.encode(final.cpu()), protocol.REPLY_HIDDEN
         if session.downlink == "logits":
             return self._downlink_codec.encode(final.cpu()), protocol.REPLY_LOGITS
         top = final.topk(min(session.downlink_topk, final.shape[-1]), dim=-1)

@@ -10,6 +10,11 @@ principal axes of the rows in that metric: coordinates uncorrelated, each with i
 uniform step gives every coordinate the same KL per unit of error and costs each only the bits its spread needs.
 Rows are taken as the codec takes them: exact outliers removed, over their RMS, less the mean.
 
+The compressed downlink's basis also predicts (`Basis.predicts`): the server answers rows the edge has just sent, and
+the last layer's output still carries much of the split layer's row (the residual stream), so a linear predictor of
+the whitened coordinates from the split rows, fitted by ridge regression, is taken out before coding, and the
+principal axes and scales are those of what is left.
+
 Calibrate on validation text only; measure on test text.
 """
 
@@ -84,12 +89,27 @@ def collect(
     return {k: (torch.cat(rows), torch.cat(grads)) for k, (rows, grads) in found.items()}
 
 
+def ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 1e-4) -> torch.Tensor:
+    """Weights `[k + 1, d]` (the last row the intercept) of y `[N, d]` ~ x `[N, k]` by ridge regression in
+    float64, the penalty `alpha` per row."""
+    xa = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    eye = torch.eye(xa.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(xa.T @ xa + alpha * len(x) * eye, xa.T @ y.double())
+
+
+def _massive_free(x: torch.Tensor, massive: float) -> torch.Tensor:
+    """`[d]` 0/1: the channels of rows `x` whose mean square is at most `massive` times the median channel's."""
+    power = x.pow(2).mean(0)
+    return (power <= massive * power.median()).double()
+
+
 def fit_basis(
     rows: torch.Tensor,
     grads: torch.Tensor,
     outliers: int = 0,
     massive: float = 25.0,
     metadata: dict[str, str] | None = None,
+    given: torch.Tensor | None = None,
 ) -> Basis:
     """The calibrated basis for rows `[N, d]` with log-likelihood gradients `[N, d]` (see the module docstring).
 
@@ -99,18 +119,20 @@ def fit_basis(
         outliers: exact outliers per row the codec will send (the basis is fitted on what is left).
         massive: channels whose mean square exceeds this many times the median channel's are left out of the RMS.
         metadata: provenance to keep in the file (model, layer, text).
+        given: `[N, d_in]` rows the coordinates are predicted from (a predicting basis); None for none.
     """
     if rows.ndim != 2 or rows.shape != grads.shape or rows.shape[0] < 2 * rows.shape[1]:
         raise ValueError(
             f"fit_basis needs rows and grads of one shape [N, d] with N >= 2d, got {tuple(rows.shape)} and "
             f"{tuple(grads.shape)}"
         )
+    if given is not None and (given.ndim != 2 or len(given) != len(rows) or len(given) < 2 * given.shape[1]):
+        raise ValueError(f"given rows must be [N, d_in] with N = {len(rows)} >= 2 d_in, got {tuple(given.shape)}")
     x, g = rows.double(), grads.double()
     n, d = x.shape
     if outliers:
         x = x.scatter(1, ops.top_positions(x.float(), min(outliers, d)), 0.0)
-    power = x.pow(2).mean(0)
-    norm_weight = (power <= massive * power.median()).double()
+    norm_weight = _massive_free(x, massive)
     rms = weighted_rms(x, norm_weight).clamp_min(1e-30)  # [N], as the codec takes it
     u = x / rms[:, None]  # what the codec codes, before the mean
     mean = u.mean(0)
@@ -121,11 +143,21 @@ def fit_basis(
     lam = lam.clamp_min(float(lam.max()) * 1e-6)
     whiten = vecs * lam.sqrt() / math.exp(0.5 * float(lam.log().mean()))  # [d, d], unit geometric-mean gain
     z = (u - mean) @ whiten
+    predictor: dict[str, torch.Tensor] = {}
+    if given is not None:  # code what the given rows do not predict: z less (given / rms) @ w
+        given_norm = _massive_free(given.double(), massive)
+        features = given.double() / weighted_rms(given, given_norm).clamp_min(1e-30)[:, None]
+        w = ridge(features, z)
+        z = z - features @ w[:-1] - w[-1]
+        predictor = {"given_weight": w[:-1], "given_bias": w[-1], "given_norm": given_norm}
     _, axes = torch.linalg.eigh(z.T @ z / n)
     axes = axes.flip(1)  # widest coordinate first
     forward = whiten @ axes
     inverse = torch.linalg.inv(forward)
-    scale = (z @ axes).abs().mean(0).clamp_min(1e-6)  # the coded coordinates, (u - mean) @ forward
+    scale = (z @ axes).abs().mean(0).clamp_min(1e-6)  # the coded coordinates, (u - mean) @ forward (less prediction)
+    if predictor:
+        predictor["given_weight"] = predictor["given_weight"] @ axes
+        predictor["given_bias"] = predictor["given_bias"] @ axes
     info = {
         "format": "slicer_hf.basis/1",
         "rows": str(n),
@@ -135,8 +167,11 @@ def fit_basis(
         "slicer_hf_version": __version__,
         **(metadata or {}),
     }
+    if predictor:
+        info["given_massive_channels"] = ",".join(map(str, (predictor["given_norm"] == 0).nonzero().flatten().tolist()))
     tensors = (forward, inverse, mean, scale, norm_weight)
-    return register(Basis(*(t.float() for t in tensors), metadata=info))
+    predictor = {name: t.float() for name, t in predictor.items()}
+    return register(Basis(*(t.float() for t in tensors), metadata=info, **predictor))
 
 
 def calibrate(
@@ -144,6 +179,7 @@ def calibrate(
     base: SlicerConfig,
     split_layer: int | None = None,
     downlink: bool = False,
+    predict: bool = True,
     text: str = "wikitext-2-raw-v1:validation",
     tokens: int = 24576,
     window: int = 512,
@@ -158,6 +194,7 @@ def calibrate(
         base: the config to start from (its outliers, split layer, downlink step, model id).
         split_layer: the split (default: the config's, else 3/4 of the layers).
         downlink: also fit the downlink's basis (the downlink step defaults to 0.1).
+        predict: the downlink's basis predicts from the split rows (see the module docstring).
         text: calibration text, a file or `wikitext-2-raw-v1[:split]`; keep test text for testing.
         tokens, window: calibration tokens, cut in windows of this many.
         seed: of the sampled tokens whose gradients estimate the metric.
@@ -174,12 +211,13 @@ def calibrate(
     found = collect(lm, windows, [k, n_layers] if downlink else [k], seed=seed)
     provenance = {"model": model, "text": text, "tokens": str(windows.numel()), "seed": str(seed)}
 
-    def fit(layer: int) -> str:
+    def fit(layer: int, given: torch.Tensor | None = None) -> str:
         info = {**provenance, "split_layer": str(layer)}
-        return fit_basis(*found[layer], outliers=base.outliers, metadata=info).digest
+        return fit_basis(*found[layer], outliers=base.outliers, metadata=info, given=given).digest
 
     changes: dict[str, Any] = {"split_layer": k, "quantizer": "ecsq", "sparsity": 0.0, "rotation": "calibrated"}
     changes |= {"basis": fit(k), "model_id": base.model_id or model, "num_hidden_layers": n_layers}
     if downlink:
-        changes |= {"downlink_basis": fit(n_layers), "downlink_step": base.downlink_step or 0.1}
+        given = found[k][0] if predict else None
+        changes |= {"downlink_basis": fit(n_layers, given), "downlink_step": base.downlink_step or 0.1}
     return base.replace(**changes)
