@@ -420,6 +420,10 @@ def calibrate(
             help="The downlink's basis predicts each reply from the rows the edge sent (both sides hold them)."
         ),
     ] = True,
+    predict_previous: Annotated[
+        bool,
+        typer.Option(help="The uplink basis predicts each row from the decoded row before it (closed loop)."),
+    ] = False,
     text: Annotated[
         str, typer.Option(help="Calibration text: a file, or wikitext-2-raw-v1[:split]. Keep test text for testing.")
     ] = "wikitext-2-raw-v1:validation",
@@ -433,7 +437,7 @@ def calibrate(
     from .tuning.calibrate import calibrate as fit
 
     base = (SlicerConfig.from_pretrained(config) if config else SlicerConfig()).replace(outliers=outliers)
-    fitted = fit(model, base, split_layer, downlink, predict, text, tokens, window, seed)
+    fitted = fit(model, base, split_layer, downlink, predict, predict_previous, text, tokens, window, seed)
     written = fitted.save_pretrained(out)
     print(f"calibrated on {text}: uplink basis {fitted.basis} at split {fitted.split_layer}", end="")
     print(f", downlink basis {fitted.downlink_basis}" if downlink else "", f"; config written to {written}")

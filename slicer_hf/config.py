@@ -77,6 +77,14 @@ class SlicerConfig:
             "encoding per row. Applies to the compressed downlink too when it has a basis."
         },
     )
+    predict_previous: bool = field(
+        default=False,
+        metadata={
+            "help": "With a calibrated basis that predicts (`slicer-hf calibrate --predict-previous`): each row is "
+            "coded less a prediction from the decoded row before it in its sequence, which the server holds too "
+            "(closed loop); a step that does not follow the last one starts its sequence afresh."
+        },
+    )
     entropy_coding: str = field(
         default="zstd", metadata={"help": f"Entropy stage over the packed codes, one of {ENTROPY_CODINGS}."}
     )
@@ -184,6 +192,13 @@ class SlicerConfig:
                 "goes with a calibrated basis (rotation='calibrated', or a downlink_basis)",
                 self.trellis,
             )
+        if self.predict_previous:
+            _check(
+                self.predict_previous is True and self.rotation == "calibrated" and self.outliers == 0,
+                "predict_previous",
+                "goes with a calibrated basis (rotation='calibrated') and outliers=0",
+                (self.predict_previous, self.rotation, self.outliers),
+            )
         if self.downlink_basis is not None:
             _check(_is_digest(self.downlink_basis), "downlink_basis", "must be 16 hex digits", self.downlink_basis)
             _check(self.downlink_step is not None, "downlink_step", "must be set with a downlink_basis", None)
@@ -289,6 +304,7 @@ class SlicerConfig:
                 rotation="calibrated" if calibrated else rotation,
                 basis=self.downlink_basis,
                 trellis=self.trellis and calibrated,
+                predict_previous=False,
             )
         )
 
@@ -315,12 +331,16 @@ class SlicerConfig:
                 "step": self.step,
             }
             | ({"basis": self.basis} if self.basis is not None else {})
-            | self._trellis_param()
+            | self._basis_params()
         )
 
-    def _trellis_param(self) -> dict[str, Any]:
-        """The trellis knob where it applies (only then: other specs stay as older peers know them)."""
-        return {"trellis": True} if self.trellis and self.rotation == "calibrated" else {}
+    def _basis_params(self) -> dict[str, Any]:
+        """The trellis and prediction knobs where they apply (only then: other specs stay as older peers know
+        them)."""
+        calibrated = self.rotation == "calibrated"
+        return ({"trellis": True} if self.trellis and calibrated else {}) | (
+            {"predict_previous": True} if self.predict_previous and calibrated else {}
+        )
 
     def replace(self, **changes: Any) -> SlicerConfig:
         """A validated copy with some fields changed."""

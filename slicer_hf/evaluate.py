@@ -99,10 +99,15 @@ def evaluate(
         given: list[torch.Tensor | None] = []  # what a predicting downlink codes each reply against
         sent = torch.cat(hidden_at_split)  # this window's rows at the split
         hidden_at_split.clear()
+        previous = None  # a chained codec's last decoded row (None: the window starts afresh, as a session does)
         for row in sent:  # single-token packets, as decoding sends them
-            packet = link_codec.encode(row.reshape(1, 1, -1))
+            packet = link_codec.encode(row.reshape(1, 1, -1), given=previous)
             packet_bits.append(8 * len(packet))
-            given.append(link_codec.decode(packet) if downlink_codec.given_width is not None else None)
+            decoded = None
+            if link_codec.chains or downlink_codec.given_width is not None:
+                decoded = link_codec.decode(packet, given=previous)
+            previous = decoded[:, -1] if link_codec.chains else None
+            given.append(decoded if downlink_codec.given_width is not None else None)
             bare = link_codec.bare(packet, (1, 1, row.shape[-1]), row.dtype)  # as a session sends it
             ones = torch.ones(1, 1, dtype=torch.bool)
             step = protocol.Step(1, 1000, 1000, 1, 1, 0, bare, ones, bare=True, next=True)

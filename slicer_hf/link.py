@@ -109,6 +109,7 @@ class SuffixLink:
     _width: int = 0  # of the hidden states this session sends
     _next: bool = False  # the server takes steady-state decode steps as NEXT messages
     _acked: tuple[int, int, int] | None = None  # (seq, end, batch) of the last step this session's server answered
+    _chain: tuple[int, torch.Tensor] | None = None  # a chained codec's (end, decoded rows at end - 1) of the last step
     downlink_codec: Codec = field(init=False)  # of hidden-state replies: the one `open_request` announced
 
     def __post_init__(self) -> None:
@@ -141,6 +142,7 @@ class SuffixLink:
         finally:
             self.session = None
             self._sent.clear()
+            self._chain = None
             self.transport.close()
 
     def step(
@@ -164,7 +166,15 @@ class SuffixLink:
         self._width = hidden.shape[-1]
         if self.bitrate is not None:
             self.codec.step = self.bitrate.step  # ECSQ packets carry their step: the server needs no notice
-        payload = self.codec.encode(hidden)
+        chain = self._chain  # a chained codec continues the sequences from the last step when this one follows it
+        chained = chain is not None and chain[0] == start and len(chain[1]) == hidden.shape[0]
+        given = chain[1] if chained else None
+        payload = self.codec.encode(hidden, given=given)
+        decoded = None  # the rows as the server decodes them, where this side needs them too
+        if self.codec.chains or (self.downlink_codec.given_width is not None and reply_shape is None):
+            decoded = self.codec.decode(payload, given=given)
+        if self.codec.chains:
+            self._chain = (start + hidden.shape[1], decoded[:, -1])
         self._seq += 1
         step = protocol.Step(
             0,
@@ -177,6 +187,7 @@ class SuffixLink:
             None if mask is None else mask.bool().cpu(),
             None if positions is None else positions.cpu(),
             grid,
+            chained=chained,
         )
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
@@ -199,10 +210,9 @@ class SuffixLink:
         try:
             if kind != protocol.REPLY_HIDDEN:
                 return kind, build_codec("identity").decode(body, expect_shape=expect)
-            given = None
-            if self.downlink_codec.given_width is not None and reply_shape is None:  # as the server decoded them
-                given = self.codec.decode(payload)[:, step.need_from :]
-            return kind, self.downlink_codec.decode(body, expect_shape=expect, given=given)
+            predicted = self.downlink_codec.given_width is not None and reply_shape is None
+            sent = decoded[:, step.need_from :] if predicted else None
+            return kind, self.downlink_codec.decode(body, expect_shape=expect, given=sent)
         except CodecError as exc:
             raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
 

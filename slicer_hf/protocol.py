@@ -6,7 +6,7 @@ stats) carry a JSON body; the hot path (step, reply) is binary::
     STEP   [session varint][seq varint][start varint][B varint][T varint][flags u8][need_from varint]
            [grid H varint, W varint, if flags & GRID]
            [mask bits B*T, if flags & MASK_BITS][positions int32 B*T, if flags & POSITIONS]
-           [uplink codec packet, without its envelope if flags & BARE]
+           [uplink codec packet: without its envelope if BARE, continuing the last step's rows if CHAINED]
     NEXT   [session varint][seq varint][flags u8][mask bits B][positions int32 B][packet]: a decode step in steady
            state (T = 1 new position for each of the session's B sequences, right after the last step, every output
            wanted); the server takes start and B from the session and accepts it only as the step after the last one
@@ -58,6 +58,8 @@ POSITIONS = 4  # flags bit 2: explicit position ids follow
 GRID = 8  # flags bit 3: the rows are a feature map of H x W positions
 BARE = 16  # flags bit 4: the codec packet leaves out its envelope; the session's codec and dtype and the step's
 # [B, T, width] rebuild it (sent only to a server whose OPENED says "bare_steps")
+CHAINED = 32  # flags bit 5: a chained codec's packet (`Codec.chains`) continues the sequences from the decoded rows at
+# start - 1 that the server holds from the last step; without it each sequence starts afresh in this step
 REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
 REPLY_HIDDEN_BARE = 4  # hidden states through the session's downlink codec, the packet bare (`Codec.bare`): float32
 # rows of the step's [B, T - need_from, width] (sent only to an edge whose OPEN asked for "bare_replies")
@@ -142,6 +144,7 @@ class Step:
     grid: tuple[int, int] | None = None  # (H, W) with H * W = T: the rows are a feature map
     bare: bool = False  # the payload is a codec packet without its envelope
     next: bool = False  # sent as NEXT: start and batch come from the session (`decode_step`'s check fills them)
+    chained: bool = False  # the packet continues from the last step's decoded rows (flag CHAINED)
 
 
 def header(kind: int) -> bytes:
@@ -202,6 +205,8 @@ def encode_step(step: Step) -> bytes:
         grid = write_varint(step.grid[0]) + write_varint(step.grid[1])
     if step.bare:
         flags |= BARE
+    if step.chained:
+        flags |= CHAINED
     if step.next:
         if step.tokens != 1 or step.need_from != 0 or step.grid is not None:
             raise ValueError("a NEXT step carries one position per sequence, every output wanted, no grid")
@@ -238,7 +243,7 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
         start, batch, tokens = r.varint(limit=1 << 31), r.varint(limit=MAX_BATCH), r.varint(limit=max_tokens)
         flags = r.u8()
         need_from = r.varint(limit=tokens)
-        if flags & ~(3 | POSITIONS | GRID | BARE) or flags & 3 == 3:
+        if flags & ~(3 | POSITIONS | GRID | BARE | CHAINED) or flags & 3 == 3:
             raise ProtocolError(f"unknown step flags {flags:#x}", code="malformed")
         if batch == 0 or tokens == 0:
             raise ProtocolError(f"step with batch={batch}, tokens={tokens}", code="malformed")
@@ -246,6 +251,7 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
         if grid is not None and grid[0] * grid[1] != tokens:
             raise ProtocolError(f"grid {grid[0]}x{grid[1]} does not hold the step's {tokens} rows", code="malformed")
         step = Step(session, seq, start, batch, tokens, need_from, b"", grid=grid, bare=bool(flags & BARE))
+        step.chained = bool(flags & CHAINED)
         check(step)
         _read_columns(r, step, flags)
         return step
@@ -255,9 +261,9 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
 
 def _decode_next(r: Reader, session: int, seq: int, check: Callable[[Step], None]) -> Step:
     flags = r.u8()
-    if flags & ~(3 | POSITIONS | BARE) or flags & 3 == 3:
+    if flags & ~(3 | POSITIONS | BARE | CHAINED) or flags & 3 == 3:
         raise ProtocolError(f"unknown next-step flags {flags:#x}", code="malformed")
-    step = Step(session, seq, -1, 0, 1, 0, b"", bare=bool(flags & BARE), next=True)
+    step = Step(session, seq, -1, 0, 1, 0, b"", bare=bool(flags & BARE), next=True, chained=bool(flags & CHAINED))
     check(step)
     if step.start < 0 or not 1 <= step.batch <= MAX_BATCH:
         raise RuntimeError(f"the check left a NEXT step at start={step.start}, batch={step.batch}")

@@ -118,7 +118,7 @@ def test_split_generation_moves_the_step_and_the_server_decodes_every_packet():
     codec = model._link_for(2).codec
     sent_steps = []
     encode = codec.encode
-    codec.encode = lambda x: (sent_steps.append(codec.step), encode(x))[1]
+    codec.encode = lambda x, given=None: (sent_steps.append(codec.step), encode(x, given=given))[1]
     ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape[1] == 13

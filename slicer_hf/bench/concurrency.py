@@ -54,7 +54,9 @@ def record_packets(
         codec = model._link_for(k).codec
         packets: list[bytes] = []
         encode = codec.encode
-        codec.encode = lambda x, _encode=encode, _packets=packets: _packets.append(_encode(x)) or _packets[-1]
+        codec.encode = lambda x, given=None, _encode=encode, _packets=packets: (
+            _packets.append(_encode(x, given=given)) or _packets[-1]
+        )
         new = decode_steps + 1
         model.generate(ids, split_layer=k, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         out[k] = packets

@@ -154,10 +154,10 @@ def measure_generation(
         finally:
             waits.append(time.perf_counter() - t0)
 
-    def timed_encode(hidden: torch.Tensor) -> bytes:
+    def timed_encode(hidden: torch.Tensor, given: torch.Tensor | None = None) -> bytes:
         t0 = time.perf_counter()
         try:
-            return encode(hidden)
+            return encode(hidden, given=given)
         finally:
             encodes.append(time.perf_counter() - t0)
 

@@ -25,6 +25,7 @@ from ..codec.basis import lookup
 from ..compat import decoder_layers
 from ..config import SlicerConfig
 from ..data import load_text, resolve_model, token_windows
+from ..tuning.calibrate import ridge as fit_ridge
 from .common import markdown_table, suite_parser, write_json
 
 STEPS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
@@ -69,9 +70,8 @@ def laplace_bits(residual: np.ndarray, scale: np.ndarray, step: float) -> tuple[
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    """Weights `[k + 1, d]` (the last row the intercept) of y ~ x by ridge regression."""
-    xa = np.hstack([x, np.ones((len(x), 1))])
-    return np.linalg.solve(xa.T @ xa + alpha * len(x) * np.eye(xa.shape[1]), xa.T @ y)
+    """Weights `[k + 1, d]` (the last row the intercept) of y ~ x by ridge regression (`calibrate.ridge`)."""
+    return fit_ridge(torch.from_numpy(x), torch.from_numpy(y), alpha).numpy()
 
 
 def predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -323,9 +323,9 @@ def _record_steps(codec: Any) -> list[float]:
     steps: list[float] = []
     encode = codec.encode
 
-    def noting(x: torch.Tensor) -> bytes:
+    def noting(x: torch.Tensor, given: torch.Tensor | None = None) -> bytes:
         steps.append(codec.step)
-        return encode(x)
+        return encode(x, given=given)
 
     codec.encode = noting
     return steps

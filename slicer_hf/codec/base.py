@@ -76,9 +76,14 @@ class Codec(ABC):
         against."""
         return None
 
+    chains: bool = False  # each row coded against the decoded row before it in its sequence (see `encode`)
+
     def encode(self, x: torch.Tensor, given: torch.Tensor | None = None) -> bytes:
-        """Encode a float tensor `[..., d]` (with `given` `[..., d_in]` when `given_width` says so); raises
-        `CodecError` for non-float, empty-row or non-finite input."""
+        """Encode a float tensor `[..., d]`; raises `CodecError` for non-float, empty-row or non-finite input.
+
+        `given`: for a codec with a `given_width`, the rows `[..., d_in]` the packet is coded against; for one that
+        `chains` (sequences `[..., T, d]`, each row predicted from the decoded row before it), the decoded row
+        `[..., d]` before each sequence's first, or None for sequences that start here."""
         if not isinstance(x, torch.Tensor) or x.dtype not in DTYPE_CODES:
             raise CodecError(
                 f"codec {self.name!r} takes a float tensor (float16/bfloat16/float32/float64), got "
@@ -93,28 +98,35 @@ class Codec(ABC):
             raise CodecError(f"tensor of {x.numel()} elements exceeds max_elements={self.max_elements}")
         if not torch.isfinite(x).all():
             raise CodecError(f"codec {self.name!r} cannot encode NaN or Inf values")
-        given_rows = self._given_rows(given, tuple(x.shape[:-1]))
+        given_rows = self._given_rows(given, tuple(x.shape))
         header = self.envelope(tuple(x.shape), x.dtype)
         rows = x.detach().reshape(-1, x.shape[-1])
         if rows.device.type != "cpu" and not self._codes_on(rows.device):
             rows = rows.cpu()
         return header + (self._encode_rows(rows) if given_rows is None else self._encode_rows(rows, given=given_rows))
 
-    def _given_rows(self, given: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
-        """`given` as `[N, d_in]` rows for tensors of leading shape `lead`, checked against `given_width`."""
-        width = self.given_width
-        if width is None:
-            if given is not None:
-                raise CodecError(f"codec {self.name!r} codes against no given rows")
-            return None
-        want = (*lead, width)
-        if given is None:
-            raise CodecError(f"codec {self.name!r} codes against given rows {want} that both sides hold: pass given=")
+    def _given_rows(self, given: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """`given` as `[N, width]` rows for a tensor of this shape (see `encode`), checked."""
+        if self.chains:
+            if len(shape) < 2:
+                raise CodecError(f"codec {self.name!r} codes sequences [..., T, d], got shape {shape}")
+            want = (*shape[:-2], shape[-1])
+            if given is None:
+                return torch.zeros(math.prod(want[:-1]), shape[-1])
+        else:
+            width = self.given_width
+            if width is None:
+                if given is not None:
+                    raise CodecError(f"codec {self.name!r} codes against no given rows")
+                return None
+            want = (*shape[:-1], width)
+            if given is None:
+                raise CodecError(f"codec {self.name!r} codes against given rows {want} both sides hold: pass given=")
         if not isinstance(given, torch.Tensor) or not given.is_floating_point() or tuple(given.shape) != want:
             raise CodecError(f"given rows must be a float tensor of shape {want}, got {getattr(given, 'shape', given)}")
         if not torch.isfinite(given).all():
             raise CodecError("given rows hold NaN or Inf")
-        return given.detach().reshape(-1, width)
+        return given.detach().reshape(-1, want[-1])
 
     def envelope(self, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
         """The envelope a packet of a tensor of this shape and dtype starts with."""
@@ -194,7 +206,7 @@ class Codec(ABC):
         if expect_dtypes is not None and dtype not in expect_dtypes:
             raise CodecError(f"packet claims dtype {dtype}, expected one of {sorted(map(str, expect_dtypes))}")
         n_rows = math.prod(shape[:-1])
-        given_rows = self._given_rows(given, tuple(shape[:-1]))
+        given_rows = self._given_rows(given, tuple(shape))
         if given_rows is None:
             rows = self._decode_rows(reader, n_rows, shape[-1], dtype)
         else:

@@ -121,6 +121,7 @@ class SlicerCodec(Codec):
         step: float = 0.3,
         basis: str | None = None,
         trellis: bool = False,
+        predict_previous: bool = False,
         zstd_level: int = 3,
         **kwargs: Any,
     ) -> None:
@@ -142,6 +143,7 @@ class SlicerCodec(Codec):
             step=step,
             basis=basis,
             trellis=trellis,
+            predict_previous=predict_previous,
         )
         self._params = cfg.codec_params()
         for key, value in self._params.items():
@@ -149,6 +151,12 @@ class SlicerCodec(Codec):
         self.trellis = bool(self._params.get("trellis"))
         self.zstd_level = zstd_level
         self._basis: Basis | None = lookup(basis) if basis else None
+        self.chains = bool(self._params.get("predict_previous"))
+        if self.chains and (self._basis is None or self._basis.given_width != self._basis.width):
+            raise CodecError(
+                f"predict_previous needs a basis that predicts rows from rows of its own width (basis {basis} "
+                f"predicts from {None if self._basis is None else self._basis.given_width})"
+            )
         if self.quantizer == "ecsq":
             _constriction()  # fail at construction, not at the first packet
 
@@ -157,8 +165,11 @@ class SlicerCodec(Codec):
 
     @property
     def given_width(self) -> int | None:
-        """A predicting basis's given width (ECSQ packets code z less the prediction from the given rows)."""
-        return self._basis.given_width if self._basis is not None and self.quantizer == "ecsq" else None
+        """A predicting basis's given width (ECSQ packets code z less the prediction from the given rows); None when
+        the basis predicts from the previous row instead (`chains`)."""
+        if self._basis is None or self.quantizer != "ecsq" or self.chains:
+            return None
+        return self._basis.given_width
 
     def _agreed_header(self, d: int) -> bytes:
         """An ECSQ packet's [n_out u8][step f16] at the spec's outliers and step (adaptive bitrate may move
@@ -239,7 +250,7 @@ class SlicerCodec(Codec):
     ) -> torch.Tensor:
         flags = reader.u8()
         if flags & F_ECSQ:
-            return _decode_ecsq(reader, flags, n_rows, d, dtype, self._basis, given)
+            return _decode_ecsq(reader, flags, n_rows, d, dtype, self._basis, given, self.chains)
         if flags & ~(F_ROTATION | F_ZSTD | F_WIDE_PARAMS | F_WIDE_OUTLIERS):
             raise CodecError(f"unknown slicer flags {flags:#x}")
         k = reader.varint(limit=d)
@@ -340,15 +351,12 @@ class SlicerCodec(Codec):
             flags |= F_WIDE_PARAMS if wide else 0
             rms = rms.double()[:, None]  # [N, 1]
             if basis is not None:
-                z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
-                if given is not None:
-                    z = z - basis.predict(given)
                 bound = _calibrated_bound(basis, step)
-                if self.trellis:
-                    scale = basis.f64["scale"].numpy() / step
-                    codes = torch.from_numpy(trellis.quantize(z.numpy() / step, scale, bound))
+                z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
+                if self.chains:
+                    codes = self._chained_codes(z, rms, given, step)
                 else:
-                    codes = torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
+                    codes = self._calibrated_codes(z - basis.predict(given) if given is not None else z, rms, step)
             else:
                 bound = _ecsq_bound(avail, step)
                 codes = torch.where(rms > 0, y.double() / (step * rms).clamp_min(1e-300), 0.0)
@@ -370,6 +378,41 @@ class SlicerCodec(Codec):
                 ans = ans[: len(ans) - min(3, len(ans) - len(ans.rstrip(b"\0")))]  # ANS never ends in a zero word
         return bytes([flags, n_out]) + np.float16(step).tobytes() + w.getvalue() + ans
 
+    def _calibrated_codes(self, z: torch.Tensor, rms: torch.Tensor, step: float) -> torch.Tensor:
+        """Codes `[m, d]` (float64) of coordinates `z` `[m, d]` of rows of RMS `rms` `[m, 1]`: trellis-coded or
+        rounded, within the basis's bound."""
+        bound = _calibrated_bound(self._basis, step)
+        if self.trellis:
+            scale = self._basis.f64["scale"].numpy() / step
+            return torch.from_numpy(trellis.quantize(z.numpy() / step, scale, bound)).double()
+        return torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
+
+    def _chained_codes(self, z: torch.Tensor, rms: torch.Tensor, given: torch.Tensor, step: float) -> torch.Tensor:
+        """Codes of coordinates `z` `[S * T, d]` of S sequences of T rows, each row coded less the prediction from
+        the row before it as the decoder rebuilds it (`given` `[S, d]`: the one before each sequence's first)."""
+        s, d = len(given), z.shape[1]
+        z, rms = z.reshape(s, -1, d), rms.reshape(s, -1)
+        codes = torch.empty_like(z)
+        previous = given
+        for t in range(z.shape[1]):
+            guess = self._basis.predict(previous)
+            codes[:, t] = self._calibrated_codes(z[:, t] - guess, rms[:, t, None], step)
+            y = torch.where(rms[:, t, None] > 0, codes[:, t], 0.0).float()  # as the decoder holds the codes
+            if self.trellis:
+                y += torch.from_numpy(0.5 * trellis.unions(y.numpy().astype(np.int64))).float()
+            previous = _calibrated_rows(y, rms[:, t], step, self._basis, guess)
+        return codes.reshape(-1, d)
+
+
+def _calibrated_rows(
+    y: torch.Tensor, rms: torch.Tensor, step: float, basis: Basis, guess: torch.Tensor | float
+) -> torch.Tensor:
+    """Decoded rows `[m, d]` float32 from codes `y` `[m, d]` (float32, the second union's half step added), row RMS
+    `rms` `[m]` and the prediction `guess` of the coordinates: the one formula encoder and decoder share, so that a
+    chained codec's two sides hold the very same rows."""
+    u = (y.double() * step + guess) @ basis.f64["inverse"] + basis.f64["mean"]
+    return (u * rms.double()[:, None]).float()
+
 
 def _decode_ecsq(
     reader: Reader,
@@ -379,6 +422,7 @@ def _decode_ecsq(
     dtype: torch.dtype,
     basis: Basis | None = None,
     given: torch.Tensor | None = None,
+    chained: bool = False,
 ) -> torch.Tensor:
     if flags & ~(F_ECSQ | F_ROTATION | F_WIDE_PARAMS | F_WIDE_OUTLIERS | F_CALIBRATED | F_TRELLIS):
         raise CodecError(f"unknown slicer ECSQ flags {flags:#x}")
@@ -422,16 +466,28 @@ def _decode_ecsq(
         y[coded] = torch.from_numpy(symbols).float()
         if flags & F_TRELLIS:  # the second union's points lie half a step off the codes
             y[coded] += torch.from_numpy(0.5 * trellis.unions(symbols.reshape(-1, d)).ravel()).float()
-        if basis is not None:
-            z = y.double() * step + (basis.predict(given) if given is not None else 0.0)
-            u = z @ basis.f64["inverse"] + basis.f64["mean"]
-            x = (u * rms.double()[:, None]).float().to(device)
+        if basis is not None and chained:
+            x = _chained_rows(y, rms, step, basis, given).to(device)
+        elif basis is not None:
+            x = _calibrated_rows(y, rms, step, basis, basis.predict(given) if given is not None else 0.0).to(device)
         else:
             y = y.to(device) * (step * rms.to(device))[:, None]
             x = rotate(y, inverse=True) if rotated else y
     if n_out:
         x = x.scatter(1, out_pos.to(device), out_val.to(device))
     return x.to(dtype)
+
+
+def _chained_rows(y: torch.Tensor, rms: torch.Tensor, step: float, basis: Basis, given: torch.Tensor) -> torch.Tensor:
+    """Decoded rows `[S * T, d]` of S sequences of T rows, each predicted from the row before it (`given` `[S, d]`:
+    the one before each sequence's first)."""
+    s, d = len(given), y.shape[1]
+    y, rms = y.reshape(s, -1, d), rms.reshape(s, -1)
+    rows, previous = [], given
+    for t in range(y.shape[1]):
+        previous = _calibrated_rows(y[:, t], rms[:, t], step, basis, basis.predict(previous))
+        rows.append(previous)
+    return torch.stack(rows, 1).reshape(-1, d)
 
 
 def _ans_decode(

@@ -104,6 +104,7 @@ class Session:
     downlink_codec: Codec | None = None  # a lossy codec for hidden-state replies (None: exact)
     bare_replies: bool = False  # its replies through `downlink_codec` leave out what the edge already knows
     given: torch.Tensor | None = None  # the step's decoded rows a predicting `downlink_codec` codes its reply against
+    last_rows: torch.Tensor | None = None  # [B, d]: a chained codec's decoded rows at position length - 1
 
 
 @dataclass
@@ -312,6 +313,10 @@ class SplitServer:
             raise ProtocolError(f"codec must be a JSON object, got {type(spec).__name__}", code="bad_request")
         max_elements = self.limits.max_session_batch * self.limits.max_step_tokens * self.hidden_size
         codec = codec_from_spec(spec, max_elements=max_elements)
+        if codec.chains and self.encoder_kind:
+            raise ProtocolError(
+                "an encoder takes no chained codec (its requests are not sequences)", code="bad_request"
+            )
         downlink_spec = req.get("downlink_codec")
         if downlink_spec is not None and (not isinstance(downlink_spec, dict) or downlink != "hidden"):
             raise ProtocolError("downlink_codec takes a codec spec, with downlink 'hidden' only", code="bad_request")
@@ -496,13 +501,17 @@ class SplitServer:
             if len(session.wire_dtypes) != 1:
                 raise ProtocolError("a bare step needs the session's dtype announced at OPEN", code="bad_request")
             packet = session.codec.unbare(packet, shape, next(iter(session.wire_dtypes)))
+        given = self._chain_start(session, step)
         with self._decode_lock:  # one decode at a time: concurrent ones only fight over the GIL and the caches
             hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
                 packet,
                 device=self.device,
                 expect_shape=shape,
                 expect_dtypes=session.wire_dtypes,
+                given=given,
             )
+        if session.codec.chains:
+            session.last_rows = hidden[:, -1].cpu()
         if session.downlink_codec is not None and session.downlink_codec.given_width is not None:
             session.given = hidden[:, step.need_from :].cpu()  # as the edge decodes them, before the model's dtype
         payload, kind = self._compute(session, step, hidden.to(self.dtype))
@@ -516,6 +525,25 @@ class SplitServer:
         self.stats.add(tokens=step.batch * step.tokens, steps=1)
         session.tokens += step.batch * step.tokens
         return reply
+
+    @staticmethod
+    def _chain_start(session: Session, step: protocol.Step) -> torch.Tensor | None:
+        """The decoded rows a CHAINED step continues from (those at `start - 1`, held since the last step), or None
+        for a step whose sequences start afresh; a CHAINED step this session cannot continue is refused, never
+        decoded against other rows."""
+        if not step.chained:
+            return None
+        if not session.codec.chains:
+            raise ProtocolError("a CHAINED step needs a chained codec (predict_previous)", code="bad_request")
+        held = session.last_rows
+        if held is None or session.length != step.start or len(held) != step.batch:
+            holds = "none" if held is None else f"{len(held)} at position {session.length - 1}"
+            raise ProtocolError(
+                f"step {step.seq} continues from the decoded rows of {step.batch} sequences at position "
+                f"{step.start - 1}; this session holds {holds}",
+                code="bad_seq",
+            )
+        return held
 
     def width(self, session: Session) -> int:
         """Features per row entering the session's split layer."""

@@ -180,6 +180,7 @@ def calibrate(
     split_layer: int | None = None,
     downlink: bool = False,
     predict: bool = True,
+    predict_previous: bool = False,
     text: str = "wikitext-2-raw-v1:validation",
     tokens: int = 24576,
     window: int = 512,
@@ -195,6 +196,7 @@ def calibrate(
         split_layer: the split (default: the config's, else 3/4 of the layers).
         downlink: also fit the downlink's basis (the downlink step defaults to 0.1).
         predict: the downlink's basis predicts from the split rows (see the module docstring).
+        predict_previous: the uplink's basis predicts each row from the one before it (`predict_previous`).
         text: calibration text, a file or `wikitext-2-raw-v1[:split]`; keep test text for testing.
         tokens, window: calibration tokens, cut in windows of this many.
         seed: of the sampled tokens whose gradients estimate the metric.
@@ -211,12 +213,20 @@ def calibrate(
     found = collect(lm, windows, [k, n_layers] if downlink else [k], seed=seed)
     provenance = {"model": model, "text": text, "tokens": str(windows.numel()), "seed": str(seed)}
 
+    def previous_rows(rows: torch.Tensor) -> torch.Tensor:
+        """Each row's predecessor in its window (zeros before a window's first: a sequence starting afresh)."""
+        before = rows.reshape(len(windows), -1, rows.shape[-1]).roll(1, dims=1)
+        before[:, 0] = 0.0
+        return before.reshape(rows.shape)
+
     def fit(layer: int, given: torch.Tensor | None = None) -> str:
         info = {**provenance, "split_layer": str(layer)}
         return fit_basis(*found[layer], outliers=base.outliers, metadata=info, given=given).digest
 
     changes: dict[str, Any] = {"split_layer": k, "quantizer": "ecsq", "sparsity": 0.0, "rotation": "calibrated"}
-    changes |= {"basis": fit(k), "model_id": base.model_id or model, "num_hidden_layers": n_layers}
+    uplink = fit(k, previous_rows(found[k][0]) if predict_previous else None)
+    changes |= {"basis": uplink, "model_id": base.model_id or model, "num_hidden_layers": n_layers}
+    changes["predict_previous"] = predict_previous
     if downlink:
         given = found[k][0] if predict else None
         changes |= {"downlink_basis": fit(n_layers, given), "downlink_step": base.downlink_step or 0.1}
