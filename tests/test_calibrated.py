@@ -3,6 +3,8 @@ shipped beside the config, held by both sides; a packet coded in one decodes onl
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -231,6 +233,26 @@ def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch)
     assert lookup(config.downlink_basis).metadata["text"] == str(text)
     assert config.downlink_codec().spec()["basis"] == config.downlink_basis
     assert config.downlink_codec().given_width == lookup(config.basis).width  # predicts from the split rows
+    assert not config.predict_previous and not lookup(config.basis).predicts
+
+
+def test_the_calibrate_command_fits_a_chained_uplink_that_eval_measures_in_closed_loop(tmp_path):
+    from live import tiny_smol_dir
+
+    from slicer_hf.evaluate import evaluate
+
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 60)
+    out = tmp_path / "chained"
+    args = ["calibrate", "--model", str(folder), "--split-layer", "2", "--predict-previous", "--text", str(text)]
+    result = CliRunner().invoke(app, [*args, "--tokens", "512", "--window", "128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = SlicerConfig.from_pretrained(out)
+    assert config.predict_previous and lookup(config.basis).given_width == lookup(config.basis).width
+    assert build_codec(config).chains
+    r = evaluate(str(folder), str(text), config=str(out), window=64, max_tokens=128, progress=False)
+    assert r["tokens_scored"] == 2 * 63 and math.isfinite(r["kl_mean"]) and r["bits_per_token"] > 0
 
 
 def test_the_benchmark_chooses_the_cheapest_setting_within_budget_on_text_the_calibration_did_not_see(tmp_path):

@@ -35,7 +35,7 @@ from .common import markdown_table, suite_parser, write_json
 UP_STEPS = (0.3, 0.35, 0.4, 0.45)
 PAIRS = tuple((up, down) for up in (0.3, 0.35) for down in (0.1, 0.15, 0.2))
 TRELLIS_UP_STEPS = (0.36, 0.4, 0.44, 0.48)
-TRELLIS_PAIRS = tuple((up, down) for up in (0.32, 0.36, 0.4) for down in (0.11, 0.13, 0.16))
+TRELLIS_PAIRS = tuple((up, down) for up in (0.32, 0.36) for down in (0.11, 0.12, 0.13))
 COLUMNS = (
     ("setting", "name", ""),
     ("uplink step", "step", ".2f"),
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         ("calibrated both ways", chosen),
     ]
     if args.trellis:  # the untrellised rows are calibrated.json's
-        final = [("preset (rounding)", preset), ("trellis uplink", up), ("trellis both ways", chosen)]
+        final = [("uplink preset", preset), ("trellis uplink", up), ("trellis both ways", chosen)]
     test_rows = sweep(args.model, "wikitext-2-raw-v1:test", final, args.test_tokens)
     if args.write_preset:
         chosen.save_pretrained(args.write_preset)

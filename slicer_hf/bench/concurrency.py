@@ -46,7 +46,8 @@ def record_packets(
     model_path: str, config: SlicerConfig, prompt_tokens: int, decode_steps: int, splits: tuple[int, ...] = ()
 ) -> dict[int, list[bytes]]:
     """Uplink payloads of one real greedy generation per split layer: the prefill packet, then one per decode
-    step (default: the config's split layer)."""
+    step (default: the config's split layer). A chained codec's packets replay as sequences that start afresh: the
+    decoded rows differ from the generation's, the server's work does not."""
     model = SlicerModelForCausalLM.from_pretrained(model_path, slicer_config=config)
     ids = torch.randint(100, 5000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     out = {}

@@ -31,7 +31,11 @@ clipped to [-B, B] (B from the basis's `code_bound`, at most 32767), coordinate 
 and scale scale[i] / step on [-B-1, B]; the decoder returns (codes * step @ inverse + mean) * rms. Which basis is
 the session's agreement (the codec spec names its digest); the packet only says that one was used. A predicting
 basis (`Basis.predicts`) codes z less its prediction from the given rows (`Codec.given_width`), and the decoder adds
-the prediction back before the inverse.
+the prediction back before the inverse. With `predict_previous=True` (`Codec.chains`) the given row of each row is the
+decoded row before it in its sequence (`[..., T, d]`; the caller gives the one before each sequence's first, or
+zeros): the encoder codes a packet's rows position by position, rebuilding each as the decoder will
+(`_calibrated_rows`, the one formula both sides run), and the decoder rebuilds them in the same order. The wire
+format is unchanged: which rows a packet continues from is the session's business (the protocol's CHAINED flag).
 
 With `trellis=True` (F_TRELLIS, calibrated bases only) the coordinates are trellis-coded instead of rounded (see
 `trellis.py`): code k stands for k x step or (k + 1/2) x step as the coordinate's union says, coordinate i's codes go
