@@ -216,16 +216,22 @@ def test_split_generation_with_a_calibrated_basis_stays_close_to_the_unsplit_mod
     assert out.shape == (1, 14) and split.wire_stats().uplink_payload_bytes > 0
 
 
-def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch):
+def calibrate_tiny(tmp_path, *flags: str) -> tuple:
+    """(model folder, calibration text, output folder) of `slicer-hf calibrate` on a tiny model at split 2."""
     from live import tiny_smol_dir
 
     folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 60)
     out = tmp_path / "calibrated"
-    args = ["calibrate", "--model", str(folder), "--split-layer", "2", "--downlink", "--text", str(text)]
+    args = ["calibrate", "--model", str(folder), "--split-layer", "2", *flags, "--text", str(text)]
     result = CliRunner().invoke(app, [*args, "--tokens", "512", "--window", "128", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    return folder, text, out
+
+
+def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch):
+    _, text, out = calibrate_tiny(tmp_path, "--downlink")
     monkeypatch.setattr(basis_module, "_REGISTRY", basis_module._Registry())
     config = SlicerConfig.from_pretrained(out)
     assert config.rotation == "calibrated" and config.split_layer == 2 and config.downlink_step == 0.1
@@ -237,17 +243,9 @@ def test_the_calibrate_command_writes_a_config_that_loads(tmp_path, monkeypatch)
 
 
 def test_the_calibrate_command_fits_a_chained_uplink_that_eval_measures_in_closed_loop(tmp_path):
-    from live import tiny_smol_dir
-
     from slicer_hf.evaluate import evaluate
 
-    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
-    text = tmp_path / "calib.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 60)
-    out = tmp_path / "chained"
-    args = ["calibrate", "--model", str(folder), "--split-layer", "2", "--predict-previous", "--text", str(text)]
-    result = CliRunner().invoke(app, [*args, "--tokens", "512", "--window", "128", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    folder, text, out = calibrate_tiny(tmp_path, "--predict-previous")
     config = SlicerConfig.from_pretrained(out)
     assert config.predict_previous and lookup(config.basis).given_width == lookup(config.basis).width
     assert build_codec(config).chains
