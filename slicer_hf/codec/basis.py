@@ -129,9 +129,7 @@ class Basis:
         """`[N, d]` float64, on the CPU: a predicting basis's prediction of the coordinates of the rows whose
         given rows are `given` `[N, d_in]` (a given row of zeros predicts the bias)."""
         f = self.f64
-        g = given.detach().cpu().double()
-        rms = weighted_rms(g, f["given_norm"]).clamp_min(1e-300)
-        return (g / rms[:, None]) @ f["given_weight"] + f["given_bias"]
+        return given_features(given.detach().cpu(), f["given_norm"]) @ f["given_weight"] + f["given_bias"]
 
     @functools.cached_property
     def code_bound(self) -> float:
@@ -170,6 +168,12 @@ class Basis:
         except (OSError, SafetensorError) as exc:
             raise CodecError(f"cannot read a SLICER basis from {path}: {exc}") from exc
         return register(basis)
+
+
+def given_features(given: torch.Tensor, given_norm: torch.Tensor) -> torch.Tensor:
+    """`[N, d_in]` float64: given rows over their RMS (the channels `given_norm` counts), what a predicting basis's
+    weights multiply; a row of zeros stays zeros."""
+    return given.double() / weighted_rms(given, given_norm).clamp_min(1e-300)[:, None]
 
 
 def weighted_rms(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

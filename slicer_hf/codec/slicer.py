@@ -358,9 +358,10 @@ class SlicerCodec(Codec):
                 bound = _calibrated_bound(basis, step)
                 z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
                 if self.chains:
-                    codes = self._chained_codes(z, rms, given, step)
+                    codes = self._chained_codes(z, rms, given, step, bound)
                 else:
-                    codes = self._calibrated_codes(z - basis.predict(given) if given is not None else z, rms, step)
+                    z = z - basis.predict(given) if given is not None else z
+                    codes = self._calibrated_codes(z, rms, step, bound)
             else:
                 bound = _ecsq_bound(avail, step)
                 codes = torch.where(rms > 0, y.double() / (step * rms).clamp_min(1e-300), 0.0)
@@ -382,16 +383,17 @@ class SlicerCodec(Codec):
                 ans = ans[: len(ans) - min(3, len(ans) - len(ans.rstrip(b"\0")))]  # ANS never ends in a zero word
         return bytes([flags, n_out]) + np.float16(step).tobytes() + w.getvalue() + ans
 
-    def _calibrated_codes(self, z: torch.Tensor, rms: torch.Tensor, step: float) -> torch.Tensor:
+    def _calibrated_codes(self, z: torch.Tensor, rms: torch.Tensor, step: float, bound: int) -> torch.Tensor:
         """Codes `[m, d]` (float64) of coordinates `z` `[m, d]` of rows of RMS `rms` `[m, 1]`: trellis-coded or
-        rounded, within the basis's bound."""
-        bound = _calibrated_bound(self._basis, step)
+        rounded, within `bound`."""
         if self.trellis:
             scale = self._basis.f64["scale"].numpy() / step
             return torch.from_numpy(trellis.quantize(z.numpy() / step, scale, bound)).double()
         return torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
 
-    def _chained_codes(self, z: torch.Tensor, rms: torch.Tensor, given: torch.Tensor, step: float) -> torch.Tensor:
+    def _chained_codes(
+        self, z: torch.Tensor, rms: torch.Tensor, given: torch.Tensor, step: float, bound: int
+    ) -> torch.Tensor:
         """Codes of coordinates `z` `[S * T, d]` of S sequences of T rows, each row coded less the prediction from
         the row before it as the decoder rebuilds it (`given` `[S, d]`: the one before each sequence's first)."""
         s, d = len(given), z.shape[1]
@@ -400,12 +402,16 @@ class SlicerCodec(Codec):
         previous = given
         for t in range(z.shape[1]):
             guess = self._basis.predict(previous)
-            codes[:, t] = self._calibrated_codes(z[:, t] - guess, rms[:, t, None], step)
-            y = torch.where(rms[:, t, None] > 0, codes[:, t], 0.0).float()  # as the decoder holds the codes
-            if self.trellis:
-                y += torch.from_numpy(0.5 * trellis.unions(y.numpy().astype(np.int64))).float()
-            previous = _calibrated_rows(y, rms[:, t], step, self._basis, guess)
+            codes[:, t] = self._calibrated_codes(z[:, t] - guess, rms[:, t, None], step, bound)
+            held = torch.where(rms[:, t, None] > 0, codes[:, t], 0.0).numpy().astype(np.int64)  # as the decoder
+            previous = _calibrated_rows(_points(held, self.trellis), rms[:, t], step, self._basis, guess)
         return codes.reshape(-1, d)
+
+
+def _points(codes: np.ndarray, trellised: bool) -> torch.Tensor:
+    """`[m, d]` float32: the points codes `[m, d]` stand for, in steps (the second union's lie half a step off)."""
+    points = torch.from_numpy(codes).float()
+    return points + torch.from_numpy(0.5 * trellis.unions(codes)).float() if trellised else points
 
 
 def _calibrated_rows(
@@ -467,9 +473,10 @@ def _decode_ecsq(
         if int(coded.sum()) != n_sym:
             raise CodecError("duplicate outlier positions")
         y = torch.zeros(n_rows, d)
-        y[coded] = torch.from_numpy(symbols).float()
-        if flags & F_TRELLIS:  # the second union's points lie half a step off the codes
-            y[coded] += torch.from_numpy(0.5 * trellis.unions(symbols.reshape(-1, d)).ravel()).float()
+        if flags & F_TRELLIS:  # whole rows
+            y[coded] = _points(symbols.reshape(-1, d), True).ravel()
+        else:
+            y[coded] = torch.from_numpy(symbols).float()
         if basis is not None and chained:
             x = _chained_rows(y, rms, step, basis, given).to(device)
         elif basis is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..codec import ops
-from ..codec.basis import Basis, register, weighted_rms
+from ..codec.basis import Basis, given_features, register, weighted_rms
 from ..compat import decoder_layers
 from ..config import SlicerConfig
 from ..version import __version__
@@ -146,7 +146,7 @@ def fit_basis(
     predictor: dict[str, torch.Tensor] = {}
     if given is not None:  # code what the given rows do not predict: z less (given / rms) @ w
         given_norm = _massive_free(given.double(), massive)
-        features = given.double() / weighted_rms(given, given_norm).clamp_min(1e-30)[:, None]
+        features = given_features(given, given_norm)
         w = ridge(features, z)
         z = z - features @ w[:-1] - w[-1]
         predictor = {"given_weight": w[:-1], "given_bias": w[-1], "given_norm": given_norm}
