@@ -4,6 +4,7 @@ shipped beside the config, held by both sides; a packet coded in one decodes onl
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, build
 from slicer_hf.cli import app
 from slicer_hf.codec import basis as basis_module
 from slicer_hf.codec.basis import Basis, basis_file, load_bases, lookup
+from slicer_hf.config import PRESETS_DIR
 from slicer_hf.errors import CodecError, ConfigError
 from slicer_hf.link import open_request
 from slicer_hf.server import SplitServer
@@ -167,6 +169,15 @@ def test_the_basis_travels_beside_the_config(fitted, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CodecError, match="no slicer_basis_"):
         load_bases([tmp_path / "empty"])
+
+
+def test_concurrent_lookups_in_a_fresh_process_all_find_the_presets_bases(monkeypatch):
+    """Many sessions opening at once (the first lookups of a server) must not see the scan half done."""
+    digest = SlicerConfig.from_pretrained(PRESETS_DIR / "smollm2-135m-split24").basis
+    monkeypatch.setattr(basis_module, "_REGISTRY", basis_module._Registry())
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda _: lookup(digest).digest, range(16)))
+    assert found == [digest] * 16
 
 
 def test_one_pass_collects_every_split_with_its_whole_gradient():

@@ -49,6 +49,7 @@ BASIS_PREFIX = "slicer_basis_"
 TENSORS = ("forward", "inverse", "mean", "scale", "norm_weight")
 PREDICTOR = ("given_weight", "given_bias", "given_norm")  # a predicting basis's, all three or none
 _LOCK = threading.Lock()
+_SCAN_LOCK = threading.Lock()  # held while the presets' bases load
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,13 +233,15 @@ def lookup(digest: str) -> Basis:
 
 
 def _register_presets() -> None:
-    """Once per registry: a peer naming unknown digests over and over must not make this side reread the files."""
+    """Once per registry: a peer naming unknown digests over and over must not make this side reread the files.
+    Lookups that arrive while the files load wait for them (concurrent OPENs must all find the presets' bases)."""
     from ..config import PRESETS_DIR
 
-    with _LOCK:
+    with _SCAN_LOCK:
         if _REGISTRY.presets_scanned:
             return
-        _REGISTRY.presets_scanned = True
-
-    for path in sorted(PRESETS_DIR.glob(f"*/{BASIS_PREFIX}*.safetensors")) if PRESETS_DIR.is_dir() else []:
-        Basis.load(path)
+        try:
+            for path in sorted(PRESETS_DIR.glob(f"*/{BASIS_PREFIX}*.safetensors")) if PRESETS_DIR.is_dir() else []:
+                Basis.load(path)
+        finally:
+            _REGISTRY.presets_scanned = True
