@@ -3,8 +3,10 @@
 It serves a causal LM's decoder layers (sessions of many steps, K/V in the store) or an encoder's blocks (text
 encoders, ViT, Swin, CNNs: each step a one-shot request at position 0, batched across clients, no cache).
 
-Transport-agnostic: `handle(bytes) -> bytes` is all a transport calls, in-process or behind gRPC. Every failure
-becomes an ERROR reply for that request only; a failing session is closed and its memory freed, the others go on.
+Transport-agnostic: `handle(bytes) -> bytes` (or `submit`, its reply to await) is all a transport calls, in-process or
+behind gRPC. A request thread only admits a step; the compute thread decodes its packet, runs it with the other
+sessions' steps and answers. Every failure becomes an ERROR reply for that request only; a failing session is closed
+and its memory freed, the others go on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +31,7 @@ from ..config import DOWNLINK_DTYPES, DOWNLINKS
 from ..errors import CodecError, ProtocolError
 from ..hooks import SplitPlan, attach_hooks, split_plan
 from .kvstore import KVStore, Row, StoreBatch, store_attention
-from .scheduler import Chunk, Scheduler
+from .scheduler import Chunk, Scheduler, Work
 
 logger = logging.getLogger(__name__)
 WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -119,6 +123,7 @@ class ServerStats:
     bytes_out: int = 0
     compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
     decode_compute_s: float = 0.0
+    decode_s: float = 0.0  # the compute thread's time decoding packets
     prefill_compute_s: float = 0.0
     batches: int = 0  # decode forwards
     batched_rows: int = 0  # rows in them
@@ -137,6 +142,19 @@ class ServerStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {k: (dict(v) if k == "errors" else v) for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+class Reply(Future[bytes]):
+    """A request's reply-to-be (`SplitServer.submit`): done once the compute thread has answered its step."""
+
+    def __init__(self, work: Future[tuple[bytes, int]] | None = None) -> None:
+        super().__init__()
+        self._work = work
+
+    def withdraw(self) -> bool:
+        """Withdraw a step the compute thread has not started: it is refused as timed out (True), or it has started
+        and is answered soon (False)."""
+        return self._work is not None and self._work.cancel()
 
 
 def _reap_idle(server_ref: weakref.ref[SplitServer], stopped: threading.Event, period_s: float) -> None:
@@ -194,7 +212,6 @@ class SplitServer:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()  # the session table and the KV reservations
         self._downlink_codec = build_codec("identity")
-        self._decode_lock = threading.Lock()
         attach_hooks(model)
         self.store: KVStore | None = None
         if kv_store and not self.encoder_kind and compat.route_attention(model, store_attention):
@@ -216,7 +233,19 @@ class SplitServer:
 
     # ---------------------------------------------------------------- entry point
     def handle(self, data: bytes, client: str = "", owned: set[int] | None = None) -> bytes:
-        """Answer one request; never raises for bad input.
+        """Answer one request, waiting for it; never raises for bad input (see `submit`). A step the compute thread
+        has not started within `step_timeout_s` is withdrawn and refused."""
+        reply = self.submit(data, client, owned)
+        try:
+            return reply.result(timeout=self.limits.step_timeout_s)
+        except FutureTimeout:
+            reply.withdraw()
+            return reply.result()
+
+    def submit(self, data: bytes, client: str = "", owned: set[int] | None = None) -> Reply:
+        """Take one request and return its reply-to-be: a step is admitted here and answered by the compute
+        thread (which decodes its packet, runs it with the other sessions' steps, and encodes the reply); any
+        other message is answered at once. The reply never fails: a refusal is an ERROR reply.
 
         Args:
             data: one protocol message.
@@ -225,54 +254,96 @@ class SplitServer:
                 sessions it opens are added.
         """
         self.stats.add(bytes_in=len(data))
-        session_id = None
+        found: list[Session] = []  # the session, once admitted: its `busy` lock is then held until the reply
         try:
             if len(data) > self.limits.max_message_bytes:
                 raise ProtocolError(
                     f"message of {len(data)} bytes exceeds {self.limits.max_message_bytes}", code="too_large"
                 )
             kind = protocol.message_type(data)
-            if kind == protocol.OPEN:
-                session = self._open(protocol.decode_json(data), client)
-                if owned is not None:
-                    owned.add(session.id)
-                opened = {"session": session.id, "server": self.model_name, "num_layers": self.num_layers}
-                opened["bare_steps"] = len(session.wire_dtypes) == 1  # it can rebuild a packet's envelope
-                opened["next_steps"] = not self.encoder_kind  # it takes steady-state decode steps as NEXT
-                reply = protocol.encode_json(protocol.OPENED, opened)
-            elif kind in (protocol.STEP, protocol.NEXT):
-                found: list[Session] = []  # the session, once admitted: its `busy` lock is then held here
-                try:
-                    step = protocol.decode_step(data, check=lambda header: self._admit(header, owned, found))
-                    reply = self._step(found[0], step)
-                finally:
-                    if found:
-                        session_id = found[0].id
-                        found[0].busy.release()
-            elif kind == protocol.CLOSE:
-                target = protocol.decode_json(data).get("session", -1)
-                if isinstance(target, int) and (owned is None or target in owned):
-                    self.close_session(target)
-                reply = protocol.encode_json(protocol.CLOSED, {})
-            elif kind == protocol.STATS:
-                reply = protocol.encode_json(protocol.STATS_REPLY, self.stats_dict())
-            else:
-                raise ProtocolError(f"a client may not send {protocol.MESSAGE_NAMES[kind]!r}", code="malformed")
-        except (ProtocolError, CodecError) as exc:
-            code = exc.code if isinstance(exc, ProtocolError) else "codec"
-            reply = self._refuse(code, str(exc), session_id)
-        except Exception as exc:  # a bug or an unforeseen input must not take the server down
-            logger.exception("internal error while handling a request")
-            reply = self._refuse("internal", f"{type(exc).__name__}: {exc}", session_id)
-        self.stats.add(bytes_out=len(reply))
+            if kind in (protocol.STEP, protocol.NEXT):
+                step = protocol.decode_step(data, check=lambda header: self._admit(header, owned, found))
+                work = self._work(found[0], step)
+                reply = Reply(work.future)
+                work.future.add_done_callback(lambda done: reply.set_result(self._answer(work)))
+                self.scheduler.submit(work)
+                return reply
+            answer = self._answer_control(kind, data, client, owned)
+        except Exception as exc:  # a bug or an unforeseen input must not take the server down either
+            if not isinstance(exc, (ProtocolError, CodecError)):
+                logger.exception("internal error while handling a request")
+            answer = self._refuse(exc, found[0] if found else None)
+            if found:
+                found[0].busy.release()
+        reply = Reply()
+        reply.set_result(answer)
         return reply
 
-    def _refuse(self, code: str, message: str, session_id: int | None) -> bytes:
+    def _answer_control(self, kind: int, data: bytes, client: str, owned: set[int] | None) -> bytes:
+        """The answer to OPEN, CLOSE or STATS."""
+        if kind == protocol.OPEN:
+            session = self._open(protocol.decode_json(data), client)
+            if owned is not None:
+                owned.add(session.id)
+            opened = {"session": session.id, "server": self.model_name, "num_layers": self.num_layers}
+            opened["bare_steps"] = len(session.wire_dtypes) == 1  # it can rebuild a packet's envelope
+            opened["next_steps"] = not self.encoder_kind  # it takes steady-state decode steps as NEXT
+            answer = protocol.encode_json(protocol.OPENED, opened)
+        elif kind == protocol.CLOSE:
+            target = protocol.decode_json(data).get("session", -1)
+            if isinstance(target, int) and (owned is None or target in owned):
+                self.close_session(target)
+            answer = protocol.encode_json(protocol.CLOSED, {})
+        elif kind == protocol.STATS:
+            answer = protocol.encode_json(protocol.STATS_REPLY, self.stats_dict())
+        else:
+            raise ProtocolError(f"a client may not send {protocol.MESSAGE_NAMES[kind]!r}", code="malformed")
+        self.stats.add(bytes_out=len(answer))
+        return answer
+
+    def _answer(self, work: Work) -> bytes:
+        """The reply to a step the compute thread has finished, failed or withdrawn; frees its session for the
+        next step (before the reply goes out, so the client's next step finds it free)."""
+        session, step = work.session, work.step
+        try:
+            if work.future.cancelled():
+                timeout_s = self.limits.step_timeout_s
+                raise ProtocolError(f"no compute slot within {timeout_s} s", code="timeout")
+            payload, kind = work.future.result()
+            answer = protocol.encode_reply(step.seq, kind, payload)
+            if len(answer) > self.limits.max_message_bytes:
+                raise ProtocolError(
+                    f"the reply of {len(answer):,} bytes would exceed max_message_bytes="
+                    f"{self.limits.max_message_bytes:,}: send fewer positions per step (prefill_chunk_tokens) or a "
+                    "smaller downlink",
+                    code="too_large",
+                )
+            self.stats.add(tokens=step.batch * step.tokens, steps=1, bytes_out=len(answer))
+            session.tokens += step.batch * step.tokens
+        except Exception as exc:
+            if not isinstance(exc, (ProtocolError, CodecError)):
+                logger.error("internal error in a step", exc_info=exc)
+            answer = self._refuse(exc, session)
+        finally:
+            session.busy.release()
+        return answer
+
+    def _refuse(self, exc: Exception, session: Session | None) -> bytes:
+        """The ERROR reply for `exc`; the session it broke, if any, is closed (a broken stream cannot be trusted to
+        continue)."""
+        if isinstance(exc, ProtocolError):
+            code, message = exc.code, str(exc)
+        elif isinstance(exc, CodecError):
+            code, message = "codec", str(exc)
+        else:
+            code, message = "internal", f"{type(exc).__name__}: {exc}"
         self.stats.error(code)
-        if session_id is not None:
-            self.close_session(session_id)  # a broken stream cannot be trusted to continue
-        logger.warning("refused request (session %s): %s: %s", session_id, code, message)
-        return protocol.encode_error(code, message)
+        if session is not None:
+            self.close_session(session.id)
+        logger.warning("refused request (session %s): %s: %s", session and session.id, code, message)
+        answer = protocol.encode_error(code, message)
+        self.stats.add(bytes_out=len(answer))
+        return answer
 
     # ---------------------------------------------------------------- sessions
     def _open(self, req: dict[str, Any], client: str) -> Session:
@@ -486,8 +557,9 @@ class SplitServer:
         logger.info("draining: %s", on)
 
     # ---------------------------------------------------------------- compute
-    def _step(self, session: Session, step: protocol.Step) -> bytes:
-        """Run an admitted step (the caller holds `session.busy`)."""
+    def _work(self, session: Session, step: protocol.Step) -> Work:
+        """The compute thread's work for an admitted step (the caller holds `session.busy`): checked, its packet
+        whole again, and the rows a chained packet continues from."""
         if self.encoder_kind and (
             step.positions is not None or (step.mask is not None and self.encoder_kind != "text")
         ):
@@ -495,36 +567,39 @@ class SplitServer:
         end = self.limits.max_context_tokens
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
             raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
-        shape = (step.batch, step.tokens, self.width(session))
         packet = step.payload
         if step.bare:
             if len(session.wire_dtypes) != 1:
                 raise ProtocolError("a bare step needs the session's dtype announced at OPEN", code="bad_request")
-            packet = session.codec.unbare(packet, shape, next(iter(session.wire_dtypes)))
-        given = self._chain_start(session, step)
-        with self._decode_lock:  # one decode at a time: concurrent ones only fight over the GIL and the caches
-            hidden = session.codec.decode(  # on the server's device (the Triton kernels decode there on CUDA)
-                packet,
-                device=self.device,
-                expect_shape=shape,
-                expect_dtypes=session.wire_dtypes,
-                given=given,
-            )
-        if session.codec.chains:
-            session.last_rows = hidden[:, -1].cpu()
-        if session.downlink_codec is not None and session.downlink_codec.given_width is not None:
-            session.given = hidden[:, step.need_from :].cpu()  # as the edge decodes them, before the model's dtype
-        payload, kind = self._compute(session, step, hidden.to(self.dtype))
-        reply = protocol.encode_reply(step.seq, kind, payload)
-        if len(reply) > self.limits.max_message_bytes:
-            raise ProtocolError(
-                f"the reply of {len(reply):,} bytes would exceed max_message_bytes={self.limits.max_message_bytes:,}: "
-                "send fewer positions per step (prefill_chunk_tokens) or a smaller downlink",
-                code="too_large",
-            )
-        self.stats.add(tokens=step.batch * step.tokens, steps=1)
-        session.tokens += step.batch * step.tokens
-        return reply
+            packet = session.codec.unbare(packet, self._shape(session, step), next(iter(session.wire_dtypes)))
+        return Work(session, step, packet, self._chain_start(session, step))
+
+    def decode(self, works: list[Work]) -> None:
+        """Decode the packets of `works` (on the compute thread, onto the server's device): each gets its `hidden`,
+        or its step fails alone with the codec's error."""
+        started = time.perf_counter()
+        for work in works:
+            session, step = work.session, work.step
+            try:
+                hidden = session.codec.decode(  # the Triton kernels decode there on CUDA
+                    work.packet,
+                    device=self.device,
+                    expect_shape=self._shape(session, step),
+                    expect_dtypes=session.wire_dtypes,
+                    given=work.given,
+                )
+            except Exception as exc:
+                work.future.set_exception(exc)
+                continue
+            if session.codec.chains:
+                session.last_rows = hidden[:, -1].cpu()
+            if session.downlink_codec is not None and session.downlink_codec.given_width is not None:
+                session.given = hidden[:, step.need_from :].cpu()  # as the edge decodes them, before the model's dtype
+            work.hidden = hidden.to(self.dtype)
+        self.stats.add(decode_s=time.perf_counter() - started)
+
+    def _shape(self, session: Session, step: protocol.Step) -> tuple[int, int, int]:
+        return step.batch, step.tokens, self.width(session)
 
     @staticmethod
     def _chain_start(session: Session, step: protocol.Step) -> torch.Tensor | None:
@@ -548,9 +623,6 @@ class SplitServer:
     def width(self, session: Session) -> int:
         """Features per row entering the session's split layer."""
         return compat.split_width(self.model.config, session.split_layer) if self.encoder_kind else self.hidden_size
-
-    def _compute(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
-        return self.scheduler.submit(session, step, hidden, timeout_s=self.limits.step_timeout_s)
 
     # ---------------------------------------------------------------- compute, on the scheduler's thread
     def begin_step(self, session: Session, step: protocol.Step) -> None:

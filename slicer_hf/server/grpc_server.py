@@ -1,8 +1,8 @@
 """The network face of `SplitServer`: a `grpc.aio` server with one bidirectional stream per session, the standard
 gRPC health service (with a drain mode), and Prometheus metrics over HTTP.
 
-Streams are coroutines, not threads, so idle clients hold no worker; requests run on a small thread pool (the
-engine's compute blocks) and queue there when it is busy. A stream ends when its client closes it, cancels it or
+Streams are coroutines, not threads, so idle clients hold no worker; a step goes from the event loop straight to the
+engine's compute thread and is awaited there, other requests (OPEN may read files) run on a small thread pool. A stream ends when its client closes it, cancels it or
 vanishes (keepalive), or when it idles: `open_timeout_s` without a message while it holds no session,
 `idle_timeout_s` while it holds one. Whatever ends it, the sessions it opened are closed and their memory freed.
 """
@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -56,7 +56,7 @@ class _SplitService(grpc.GenericRpcHandler):
         await self._authorize(context)
         peer, opened = context.peer(), set()
         limits = self.engine.limits
-        pending: Future[bytes] | None = None
+        pending: asyncio.Future[bytes] | None = None
         try:
             while True:
                 timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s
@@ -68,16 +68,26 @@ class _SplitService(grpc.GenericRpcHandler):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {timeout_s} s")
                 if data is grpc.aio.EOF:
                     return
-                pending = self.pool.submit(self.engine.handle, data, peer, opened)
-                reply = await asyncio.wrap_future(pending)
-                await context.write(reply)
+                pending = self._answer(data, peer, opened)
+                await context.write(await pending)
         finally:  # the stream is gone: nothing it opened may outlive it, a session its last request opens included
             if pending is not None and not pending.done():
                 with contextlib.suppress(BaseException):
-                    await asyncio.wrap_future(pending)
+                    await pending
             for session_id in list(opened):
                 if self.engine.close_session(session_id):
                     logger.info("stream from %s ended: freed session %d", peer, session_id)
+
+    def _answer(self, data: bytes, peer: str, opened: set[int]) -> asyncio.Future[bytes]:
+        """A step goes straight to the engine's compute thread (admitting it is cheap), to be withdrawn if it has not
+        started within `step_timeout_s`; any other request runs on the pool (an OPEN may read files)."""
+        if data[1:2] not in (bytes([protocol.STEP]), bytes([protocol.NEXT])):
+            return asyncio.wrap_future(self.pool.submit(self.engine.handle, data, peer, opened))
+        reply = self.engine.submit(data, peer, opened)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.engine.limits.step_timeout_s, reply.withdraw)
+        reply.add_done_callback(lambda _: loop.call_soon_threadsafe(timer.cancel))
+        return asyncio.wrap_future(reply)
 
     async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await self._authorize(context)

@@ -1,6 +1,8 @@
 """The compute thread of a `SplitServer`: one scheduler for prefill and decode (continuous batching).
 
-Request threads queue their steps and wait. Each round the scheduler takes what has arrived, then runs:
+Request threads (or the gRPC event loop) queue admitted steps, packets still encoded, and are answered through each
+step's future. Each round the scheduler takes what has arrived, decodes the new packets (here rather than on request
+threads, which would only fight this one over the GIL), then runs:
 
 - every decode step that is ready (one position per row), as one forward per downlink kind, at most
   `max_batched_rows` rows each; sessions join and leave between any two rounds, at any split layer. Before a
@@ -25,7 +27,6 @@ import time
 import weakref
 from collections import defaultdict
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,10 @@ class Work:
 
     session: Session
     step: protocol.Step
-    hidden: torch.Tensor  # [b, t, d], decoded
-    future: Future[tuple[bytes, int]]
+    packet: bytes  # as the codec decodes it
+    given: torch.Tensor | None = None  # the rows a chained packet continues from
+    future: Future[tuple[bytes, int]] = field(default_factory=Future)  # its reply payload and kind
+    hidden: torch.Tensor | None = None  # [b, t, d], once decoded
     done: int = 0  # positions run so far
     outputs: list[torch.Tensor] = field(default_factory=list)  # the kept positions' outputs, chunk by chunk
 
@@ -96,18 +99,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="slicer-scheduler", daemon=True)
         self._thread.start()
 
-    def submit(
-        self, session: Session, step: protocol.Step, hidden: torch.Tensor, timeout_s: float | None = None
-    ) -> tuple[bytes, int]:
-        """Queue a step and wait for its reply; a step not started within `timeout_s` is withdrawn."""
-        future: Future[tuple[bytes, int]] = Future()
-        self._queue.put(Work(session, step, hidden, future))
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout:
-            if future.cancel():  # not started: it never will be
-                raise ProtocolError(f"no compute slot within {timeout_s} s", code="timeout") from None
-            return future.result()  # already running: it finishes soon
+    def submit(self, work: Work) -> None:
+        """Queue a step; its future is answered once it has run (a step still queued may be withdrawn by cancelling
+        its future)."""
+        self._queue.put(work)
 
     def release(self, session: Session) -> None:
         """Give back what a closed session holds in the KV store (on this thread: no forward is using it then)."""
@@ -151,6 +146,10 @@ class Scheduler:
         for work in [w for w in pending if w.session.closed]:
             work.future.set_exception(ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
         pending = [w for w in pending if not w.session.closed]
+        fresh = [w for w in pending if w.hidden is None]
+        if fresh:
+            self.server.decode(fresh)
+            pending = [w for w in pending if not w.future.done()]
         return self._round(pending) if pending else pending
 
     def _gather(self, items: list[Any], pending: list[Work]) -> list[Any]:
