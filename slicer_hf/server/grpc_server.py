@@ -4,7 +4,8 @@ gRPC health service (with a drain mode), and Prometheus metrics over HTTP.
 Streams are coroutines, not threads, so idle clients hold no worker; a step goes from the event loop straight to the
 engine's compute thread and is awaited there, other requests (OPEN may read files) run on a small thread pool. A
 stream ends when its client closes it, cancels it or vanishes (keepalive), or when it idles: `open_timeout_s` without
-a message while it holds no session, `idle_timeout_s` while it holds one. Whatever ends it, the sessions it opened are closed and their memory freed.
+a message while it holds no session, `idle_timeout_s` while it holds one. Whatever ends it, the sessions it opened are
+closed and their memory freed.
 """
 
 from __future__ import annotations
