@@ -69,6 +69,26 @@ def test_one_packet_or_one_row_at_a_time_decode_to_the_very_same_rows(bases):
     assert torch.equal(c.decode(c.encode(x), given=torch.zeros(3, D)), whole)  # None: the sequences start here
 
 
+@pytest.mark.parametrize("chained", [True, False])
+def test_packets_decoded_together_give_what_each_decodes_alone_and_a_bad_one_fails_alone(bases, chained):
+    c = codec(bases[0] if chained else bases[1], chained=chained)
+    x = sequences(5, seed=4).float()
+    givens = [x[:2, 2], x[2:3, 5], None, x[3:, 0]] if chained else [None] * 4
+    packets = [
+        c.encode(x[:2, 3:4], given=givens[0]),  # a decode step of two sequences
+        c.encode(x[2:3, 6:7], given=givens[1]),  # one of one
+        c.encode(x[4:, :4]),  # a prefill
+        c.encode(x[3:, 1:2], given=givens[3]),
+    ]
+    shapes = [(2, 1, D), (1, 1, D), (1, 4, D), (2, 1, D)]
+    alone = [c.decode(p, expect_shape=s, given=g) for p, s, g in zip(packets, shapes, givens)]
+    together = c.decode_batch(
+        packets + [packets[0][:-3]], expect_shapes=shapes + [shapes[0]], givens=givens + [givens[0]]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert isinstance(together[-1], CodecError)  # a truncated packet fails alone
+
+
 def test_the_chain_spends_fewer_bits_at_the_same_error(bases):
     x = sequences(40, seed=2).float()  # held out
     chained, plain = codec(bases[0], chained=True), codec(bases[1], chained=False)

@@ -169,6 +169,18 @@ def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
     server.shutdown()
 
 
+def test_a_bug_while_decoding_fails_those_steps_and_the_compute_thread_serves_on(engine, monkeypatch):
+    server = engine(batching=True)
+    session = open_session(server)
+    codec = server.sessions[session].codec
+    monkeypatch.setattr(codec, "decode_batch", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ProtocolError, match="ZeroDivisionError") as info:
+        protocol.raise_if_error(step(server, session, 1))
+    assert info.value.code == "internal" and session not in server.sessions
+    protocol.raise_if_error(step(server, open_session(server), 1))  # a new session (a fresh codec) is served
+    server.shutdown()
+
+
 def test_kv_reservations_return_to_zero(engine):
     server = engine()
     for seq in range(3):

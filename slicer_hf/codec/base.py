@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -172,6 +173,33 @@ class Codec(ABC):
         except Exception as exc:  # any other failure on hostile bytes is still malformed input
             raise CodecError(f"malformed {self.name!r} packet: {type(exc).__name__}: {exc}") from exc
         return out.to(device) if device is not None else out
+
+    def decode_batch(
+        self,
+        packets: Sequence[bytes],
+        device: torch.device | str | None = None,
+        expect_shapes: Sequence[tuple[int | None, ...] | None] | None = None,
+        expect_dtypes: frozenset[torch.dtype] | None = None,
+        givens: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor | CodecError]:
+        """Decode several packets at once: for each, the tensor `decode` gives, or the `CodecError` it raises (one
+        bad packet fails alone). A codec may share work between the packets (`SlicerCodec` rebuilds calibrated rows
+        in one product); the results are those of one `decode` each.
+
+        Args:
+            packets: the packets.
+            device, expect_dtypes: as for `decode`.
+            expect_shapes, givens: per packet, as `decode`'s `expect_shape` and `given` (None: none for any).
+        """
+        n = len(packets)
+        shapes, givens = expect_shapes or [None] * n, givens or [None] * n
+        out: list[torch.Tensor | CodecError] = []
+        for data, shape, given in zip(packets, shapes, givens):
+            try:
+                out.append(self.decode(data, device, expect_shape=shape, expect_dtypes=expect_dtypes, given=given))
+            except CodecError as exc:
+                out.append(exc)
+        return out
 
     def measure(self, x: torch.Tensor) -> CodecStats:
         """Bytes one encode of `x` puts on the wire (`len(encode(x))`), per token (row) and element."""

@@ -51,7 +51,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,6 +77,8 @@ ROTATION_BLOCK = 1024
 ROTATION_SEED = 0x51C3
 # Where `_decode_rows` builds its rows: set by `SlicerCodec.decode` when the kernels run on the target device.
 _DECODE_DEVICE: ContextVar[torch.device | None] = ContextVar("slicer_decode_device", default=None)
+# within `decode_batch`: calibrated packets read to their codes, and the rows to fill from them
+_REBUILD_LATER: ContextVar[list[tuple[_Codes, torch.Tensor]] | None] = ContextVar("slicer_rebuild_later", default=None)
 
 
 @functools.lru_cache(maxsize=16)
@@ -249,6 +254,29 @@ class SlicerCodec(Codec):
         finally:
             _DECODE_DEVICE.reset(token)
 
+    def decode_batch(
+        self,
+        packets: Sequence[bytes],
+        device: torch.device | str | None = None,
+        expect_shapes: Sequence[tuple[int | None, ...] | None] | None = None,
+        expect_dtypes: frozenset[torch.dtype] | None = None,
+        givens: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor | CodecError]:
+        """`Codec.decode_batch`: the rows of calibrated ECSQ packets are rebuilt for all packets together (two
+        matrix products for every single-row decode step, rather than two per packet). Each packet is read to its
+        codes on the host; its rows are filled in once all are read."""
+        later: list[tuple[_Codes, torch.Tensor]] = []
+        token = _REBUILD_LATER.set(later)
+        try:
+            out = super().decode_batch(packets, None, expect_shapes, expect_dtypes, givens)
+        finally:
+            _REBUILD_LATER.reset(token)
+        if later:
+            assert self._basis is not None
+            for (_, rows), rebuilt in zip(later, _rebuild([codes for codes, _ in later], self._basis, self.chains)):
+                rows.copy_(rebuilt)
+        return [x.to(device) if device is not None and isinstance(x, torch.Tensor) else x for x in out]
+
     def _decode_rows(
         self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype, given: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -415,11 +443,11 @@ def _points(codes: np.ndarray, trellised: bool) -> torch.Tensor:
 
 
 def _calibrated_rows(
-    y: torch.Tensor, rms: torch.Tensor, step: float, basis: Basis, guess: torch.Tensor | float
+    y: torch.Tensor, rms: torch.Tensor, step: float | torch.Tensor, basis: Basis, guess: torch.Tensor | float
 ) -> torch.Tensor:
     """Decoded rows `[m, d]` float32 from codes `y` `[m, d]` (float32, the second union's half step added), row RMS
-    `rms` `[m]` and the prediction `guess` of the coordinates: the one formula encoder and decoder share, so that a
-    chained codec's two sides hold the very same rows."""
+    `rms` `[m]`, the step (or `[m, 1]` float64 steps) and the prediction `guess` of the coordinates: the one formula
+    encoder and decoder share, so that a chained codec's two sides hold the very same rows."""
     u = (y.double() * step + guess) @ basis.f64["inverse"] + basis.f64["mean"]
     return (u * rms.double()[:, None]).float()
 
@@ -477,26 +505,72 @@ def _decode_ecsq(
             y[coded] = _points(symbols.reshape(-1, d), True).ravel()
         else:
             y[coded] = torch.from_numpy(symbols).float()
-        if basis is not None and chained:
-            x = _chained_rows(y, rms, step, basis, given).to(device)
-        elif basis is not None:
-            x = _calibrated_rows(y, rms, step, basis, basis.predict(given) if given is not None else 0.0).to(device)
-        else:
-            y = y.to(device) * (step * rms.to(device))[:, None]
-            x = rotate(y, inverse=True) if rotated else y
+        if basis is not None:
+            codes = _Codes(y, rms, step, given, out_pos if n_out else None, out_val)
+            later = _REBUILD_LATER.get()
+            if later is None:
+                return _rebuild([codes], basis, chained)[0].to(device, dtype)
+            x = torch.empty(n_rows, d, dtype=dtype)  # filled by `decode_batch` once every packet is read
+            later.append((codes, x))
+            return x
+        y = y.to(device) * (step * rms.to(device))[:, None]
+        x = rotate(y, inverse=True) if rotated else y
     if n_out:
         x = x.scatter(1, out_pos.to(device), out_val.to(device))
     return x.to(dtype)
 
 
-def _chained_rows(y: torch.Tensor, rms: torch.Tensor, step: float, basis: Basis, given: torch.Tensor) -> torch.Tensor:
+@dataclass(eq=False)
+class _Codes:
+    """A calibrated ECSQ packet read to its codes: what its rows are rebuilt from."""
+
+    y: torch.Tensor  # [N, d] float32: the points the codes stand for, in steps
+    rms: torch.Tensor  # [N]
+    step: float
+    given: torch.Tensor | None  # [N, d_in] rows a predicting basis predicts from; [S, d] a chained packet's first
+    out_pos: torch.Tensor | None = None  # [N, n_out] exact outliers, if any
+    out_val: torch.Tensor | None = None
+
+
+def _rebuild(packets: list[_Codes], basis: Basis, chained: bool) -> list[torch.Tensor]:
+    """The rows `[N, d]` float32 of calibrated packets, rebuilt together: their rows in one product each (chained
+    packets with as many rows per sequence together), the same numbers as one packet at a time."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(packets):
+        groups[len(p.y) // len(p.given) if chained else 0].append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(packets)
+    for members in groups.values():
+        group = [packets[i] for i in members]
+        y, rms = torch.cat([p.y for p in group]), torch.cat([p.rms for p in group])
+        step = torch.cat([torch.full((len(p.y), 1), p.step, dtype=torch.float64) for p in group])
+        if chained:
+            x = _chained_rows(y, rms, step, basis, torch.cat([p.given for p in group]))
+        else:
+            guess = torch.cat(
+                [
+                    basis.predict(p.given)
+                    if p.given is not None
+                    else torch.zeros(len(p.y), y.shape[1], dtype=torch.float64)
+                    for p in group
+                ]
+            )
+            x = _calibrated_rows(y, rms, step, basis, guess)
+        for i, rows in zip(members, x.split([len(p.y) for p in group])):
+            p = packets[i]
+            out[i] = rows if p.out_pos is None else rows.scatter(1, p.out_pos, p.out_val)
+    return out
+
+
+def _chained_rows(
+    y: torch.Tensor, rms: torch.Tensor, step: torch.Tensor, basis: Basis, given: torch.Tensor
+) -> torch.Tensor:
     """Decoded rows `[S * T, d]` of S sequences of T rows, each predicted from the row before it (`given` `[S, d]`:
-    the one before each sequence's first)."""
+    the one before each sequence's first; `step` `[S * T, 1]`)."""
     s, d = len(given), y.shape[1]
-    y, rms = y.reshape(s, -1, d), rms.reshape(s, -1)
+    y, rms, step = y.reshape(s, -1, d), rms.reshape(s, -1), step.reshape(s, -1, 1)
     rows, previous = [], given
     for t in range(y.shape[1]):
-        previous = _calibrated_rows(y[:, t], rms[:, t], step, basis, basis.predict(previous))
+        previous = _calibrated_rows(y[:, t], rms[:, t], step[:, t], basis, basis.predict(previous))
         rows.append(previous)
     return torch.stack(rows, 1).reshape(-1, d)
 

@@ -12,11 +12,13 @@ and its memory freed, the others go on.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
 import time
 import weakref
+from collections import defaultdict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -109,6 +111,7 @@ class Session:
     bare_replies: bool = False  # its replies through `downlink_codec` leave out what the edge already knows
     given: torch.Tensor | None = None  # the step's decoded rows a predicting `downlink_codec` codes its reply against
     last_rows: torch.Tensor | None = None  # [B, d]: a chained codec's decoded rows at position length - 1
+    codec_key: str = ""  # sessions with equal keys decode their packets together
 
 
 @dataclass
@@ -428,6 +431,7 @@ class SplitServer:
                 per_position,
             )
             session.downlink_codec = downlink_codec
+            session.codec_key = json.dumps(codec.spec(), sort_keys=True)
             session.bare_replies = req.get("bare_replies") is True and downlink_codec is not None
             session.bare_replies &= not self.encoder_kind  # an encoder's reply shape is its own
             self.sessions[session.id] = session
@@ -575,27 +579,32 @@ class SplitServer:
         return Work(session, step, packet, self._chain_start(session, step))
 
     def decode(self, works: list[Work]) -> None:
-        """Decode the packets of `works` (on the compute thread, onto the server's device): each gets its `hidden`,
-        or its step fails alone with the codec's error."""
+        """Decode the packets of `works` (on the compute thread, onto the server's device), those of sessions with
+        the same codec together (`Codec.decode_batch`): each work gets its `hidden`, or its step fails alone with
+        the codec's error."""
         started = time.perf_counter()
+        groups: dict[tuple[str, frozenset[torch.dtype]], list[Work]] = defaultdict(list)
         for work in works:
-            session, step = work.session, work.step
-            try:
-                hidden = session.codec.decode(  # the Triton kernels decode there on CUDA
-                    work.packet,
-                    device=self.device,
-                    expect_shape=self._shape(session, step),
-                    expect_dtypes=session.wire_dtypes,
-                    given=work.given,
-                )
-            except Exception as exc:
-                work.future.set_exception(exc)
-                continue
-            if session.codec.chains:
-                session.last_rows = hidden[:, -1].cpu()
-            if session.downlink_codec is not None and session.downlink_codec.given_width is not None:
-                session.given = hidden[:, step.need_from :].cpu()  # as the edge decodes them, before the model's dtype
-            work.hidden = hidden.to(self.dtype)
+            groups[work.session.codec_key, work.session.wire_dtypes].append(work)
+        for group in groups.values():
+            decoded = group[0].session.codec.decode_batch(  # the Triton kernels decode there on CUDA
+                [w.packet for w in group],
+                device=self.device,
+                expect_shapes=[self._shape(w.session, w.step) for w in group],
+                expect_dtypes=group[0].session.wire_dtypes,
+                givens=[w.given for w in group],
+            )
+            for work, hidden in zip(group, decoded):
+                if isinstance(hidden, CodecError):
+                    work.future.set_exception(hidden)
+                    continue
+                session, step = work.session, work.step
+                if session.codec.chains:
+                    session.last_rows = hidden[:, -1].cpu()
+                if session.downlink_codec is not None and session.downlink_codec.given_width is not None:
+                    # the reply is coded against the step's rows as the edge decodes them, before the model's dtype
+                    session.given = hidden[:, step.need_from :].cpu()
+                work.hidden = hidden.to(self.dtype)
         self.stats.add(decode_s=time.perf_counter() - started)
 
     def _shape(self, session: Session, step: protocol.Step) -> tuple[int, int, int]:

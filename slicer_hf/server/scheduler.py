@@ -148,7 +148,13 @@ class Scheduler:
         pending = [w for w in pending if not w.session.closed]
         fresh = [w for w in pending if w.hidden is None]
         if fresh:
-            self.server.decode(fresh)
+            try:
+                self.server.decode(fresh)
+            except Exception as exc:  # a bug (a bad packet fails its own step): not the thread
+                logger.exception("decoding %d packets failed", len(fresh))
+                for work in fresh:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
             pending = [w for w in pending if not w.future.done()]
         return self._round(pending) if pending else pending
 
