@@ -587,25 +587,23 @@ def _ans_decode(
     if basis is None:
         p_max = max(math.erf(step / (2 * math.sqrt(2))), 0.5 * math.erfc((bound - 0.5) * step / math.sqrt(2)))
         min_bits = n_sym * -math.log2(min(1.0, p_max + 2.0**-12))
-    else:  # Laplace per coordinate: P(0) = 1 - exp(-step / (2 scale)) is its largest
-        p_zero = -np.expm1(-step / (2.0 * basis.f64["scale"].numpy()))
-        per_row = -np.log2(np.minimum(1.0, np.maximum(p_zero, 0.5) + 2.0**-12)).sum()
-        min_bits = n_sym // basis.width * per_row
+    else:
+        min_bits = n_sym // basis.width * _min_row_bits(basis, step)
     if 8 * len(ans) + 64 < 0.9 * min_bits:
         raise CodecError(f"slicer ECSQ stream of {len(ans)} bytes is too short for {n_sym} codes")
     words = np.frombuffer(ans + b"\0" * (-len(ans) % 4), dtype="<u4").astype(np.uint32)
     try:
         coder = _constriction().stream.stack.AnsCoder(words)
-        models = _ecsq_models(bound, step, basis, n_sym)
         if trellised:
             assert basis is not None
+            family = _laplace_family(bound)
             symbols = trellis.decode(
-                lambda means, scales: coder.decode(models[0], means, scales),
+                lambda means, scales: coder.decode(family, means, scales),
                 n_sym // basis.width,
-                basis.width,
-                basis.f64["scale"].numpy() / step,
+                _scales_in_steps(basis, step),
             ).ravel()
         else:
+            models = _ecsq_models(bound, step, basis, n_sym)
             symbols = coder.decode(*models) if basis is not None else coder.decode(*models, n_sym)
         exact = coder.is_empty()
     except CodecError:
@@ -654,6 +652,22 @@ def _ecsq_models(bound: int, step: float, basis: Basis | None, n_sym: int) -> tu
         return (_ecsq_model(bound, step),)
     scales = np.tile(basis.f64["scale"].numpy() / step, n_sym // basis.width)
     return _laplace_family(bound), np.zeros_like(scales), scales
+
+
+@functools.lru_cache(maxsize=64)
+def _min_row_bits(basis: Basis, step: float) -> float:
+    """The fewest bits a row of codes can take: each coordinate's Laplace puts at most P(0) = 1 - exp(-step / (2
+    scale)) on one code."""
+    p_zero = -np.expm1(-step / (2.0 * basis.f64["scale"].numpy()))
+    return float(-np.log2(np.minimum(1.0, np.maximum(p_zero, 0.5) + 2.0**-12)).sum())
+
+
+@functools.lru_cache(maxsize=64)
+def _scales_in_steps(basis: Basis, step: float) -> np.ndarray:
+    """Each coordinate's Laplace scale in steps `[d]` float64 (read-only: shared by every packet at this step)."""
+    scales = basis.f64["scale"].numpy() / step
+    scales.flags.writeable = False
+    return scales
 
 
 @functools.lru_cache(maxsize=64)

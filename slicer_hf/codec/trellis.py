@@ -106,19 +106,22 @@ def quantize(w: np.ndarray, scale: np.ndarray, bound: int) -> np.ndarray:
     return ((p - (p & 1)) // 2).astype(np.int32)  # the index in its union: p = 2k + union
 
 
-def decode(decode_run: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, d: int, scale: np.ndarray) -> np.ndarray:
+def decode(decode_run: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, scale: np.ndarray) -> np.ndarray:
     """The codes `[n, d]` from an entropy decoder, one run of coordinates at a time.
 
     Args:
         decode_run: takes the means and scales (in steps) of the run's codes, row-major, and returns the codes.
-        n, d: rows and coordinates.
-        scale: each coordinate's Laplace scale, in steps.
+        n: rows.
+        scale: each coordinate's Laplace scale `[d]`, in steps.
     """
-    g = TRELLISES
+    g, d = TRELLISES, len(scale)
     held = np.zeros((n, 3 * g + d), np.int32)  # 3G zero codes in front: the parities before a trellis starts
+    scales = to_wire(np.broadcast_to(scale, (n, d)))  # every run's scales, in wire order
+    done = 0
     for run in wire_order(d):
         lo, hi = run.start + 3 * g, run.stop + 3 * g
         union = (held[:, lo - 2 * g : hi - 2 * g] ^ held[:, lo - 3 * g : hi - 3 * g]) & 1
-        scales = np.broadcast_to(scale[run], union.shape).ravel()
-        held[:, lo:hi] = decode_run(-0.5 * union.ravel(), scales).reshape(union.shape)
+        count = union.size
+        held[:, lo:hi] = decode_run(-0.5 * union.ravel(), scales[done : done + count]).reshape(union.shape)
+        done += count
     return held[:, 3 * g :]
