@@ -68,7 +68,7 @@ def serve(
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill positions run in one forward.")] = 256,
     batch_wait_ms: Annotated[
         float, typer.Option(help="How long a decode round waits for the sessions of the last one.")
-    ] = 10.0,
+    ] = 25.0,
     device: Annotated[str, typer.Option(help="Where the layers and the KV store live: cpu, cuda, cuda:1.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,

@@ -79,7 +79,7 @@ class ServerLimits:
     max_batched_rows: int = 128
     max_batch_tokens: int = 512
     prefill_chunk_tokens: int = 256
-    batch_wait_s: float = 0.01
+    batch_wait_s: float = 0.025
     idle_timeout_s: float = 600.0
     open_timeout_s: float = 30.0
     step_timeout_s: float = 300.0
