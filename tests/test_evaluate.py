@@ -178,4 +178,5 @@ def test_concurrency_suite_measures_batched_and_one_by_one(tiny_dir, tmp_path):
     assert all(r["decode_tokens"] == r["clients"] * 3 and r["refused"] == 0 for r in rows)
     assert all(r["rows_per_forward"] == 1 for r in rows if not r["batching"])
     assert all(r["floor_ms_per_token"] > 0 and r["p99_step_ms"] >= r["p50_step_ms"] for r in rows)
+    assert all(r["streamed_floor_ms_per_token"] > 0 and r["codec_ms_per_decode_token"] > 0 for r in rows)
     assert len({tuple(r["splits"]) for r in rows}) == 2

@@ -9,7 +9,9 @@ split layers (clients take the splits in turn); batched and one by one; 1, 8, 32
 
 The floor: every `Linear` of the layers a client's split leaves to the server, timed here on its own shape with one
 torch thread at the mean rows per decode forward the scheduler achieved, summed, per token (averaged over the
-clients' splits). It is what the matmuls alone cost on this machine at that batch size.
+clients' splits). It is what the matmuls alone cost on this machine at that batch size, each weight hot in cache.
+The streamed floor runs the same matmuls one after another, as a forward meets them: weights larger than the cache
+then come from memory, which is what a forward at that batch can reach at best.
 
     slicer-hf bench concurrency --clients 1 8 32 128 --out-json docs/benchmarks/concurrency.json
 """
@@ -152,16 +154,22 @@ def linear_shapes(model: torch.nn.Module, first_layer: int) -> list[torch.Tensor
     return [m.weight for layer in layers[first_layer:] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def floor_ms_per_token(weights: list[torch.Tensor], rows: float) -> float:
-    """Matmul time per token of these weights at `rows` rows per forward, one torch thread, measured now."""
+def floor_ms_per_token(weights: list[torch.Tensor], rows: float, streamed: bool = False) -> float:
+    """Matmul time per token of these weights at `rows` rows per forward, one torch thread, measured now: each
+    weight timed on its own, hot in cache (the floor), or all in turn as a forward meets them (`streamed`: weights
+    too large for the cache come from memory)."""
     b = max(1, round(rows))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        total = 0.0
-        for w in weights:
-            x = torch.randn(b, w.shape[1])
-            total += median_time(lambda x=x, w=w: torch.nn.functional.linear(x, w), repeats=15, warmup=3)
+        inputs = [torch.randn(b, w.shape[1]) for w in weights]
+        if streamed:
+            total = median_time(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)], 9, 2)
+        else:
+            total = sum(
+                median_time(lambda x=x, w=w: torch.nn.functional.linear(x, w), repeats=15, warmup=3)
+                for x, w in zip(inputs, weights)
+            )
     finally:
         torch.set_num_threads(threads)
     return 1000 * total / b
@@ -230,8 +238,9 @@ def run(
     weights = {k: linear_shapes(lm, k) for k in splits}
     for row in rows:
         ks = [row["splits"][i % len(row["splits"])] for i in range(row["clients"])]
-        per_split = {k: floor_ms_per_token(weights[k], row["rows_per_forward"]) for k in row["splits"]}
-        row["floor_ms_per_token"] = statistics.fmean(per_split[k] for k in ks)
+        for key, streamed in (("floor_ms_per_token", False), ("streamed_floor_ms_per_token", True)):
+            per_split = {k: floor_ms_per_token(weights[k], row["rows_per_forward"], streamed) for k in row["splits"]}
+            row[key] = statistics.fmean(per_split[k] for k in ks)
         row["cpu_over_floor"] = row["server_cpu_ms_per_decode_token"] / row["floor_ms_per_token"]
     for row in rows:
         alone = next(
@@ -261,6 +270,7 @@ COLUMNS = [
     ("CPU ms / decode token", "server_cpu_ms_per_decode_token", ".3f"),
     ("floor ms / token", "floor_ms_per_token", ".3f"),
     ("CPU / floor", "cpu_over_floor", ".2f"),
+    ("streamed floor ms / token", "streamed_floor_ms_per_token", ".3f"),
     ("compute ms / decode token", "compute_ms_per_decode_token", ".3f"),
     ("codec decode ms / decode token", "codec_ms_per_decode_token", ".3f"),
     ("CPU ms / prefill token", "server_cpu_ms_per_prefill_token", ".3f"),
