@@ -17,6 +17,8 @@ from slicer_hf.config import SlicerConfig
 from slicer_hf.link import open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.server.engine import ServerStats
+from slicer_hf.server.grpc_server import serve
+from slicer_hf.transport.grpc import GrpcTransport
 
 
 @pytest.fixture
@@ -115,6 +117,38 @@ def test_a_step_that_waits_too_long_is_withdrawn(engine):
     waiting.join()
     server.shutdown()
     assert ran == [1]  # the withdrawn step never ran
+
+
+def test_over_grpc_a_step_the_busy_compute_thread_has_not_started_is_withdrawn(engine):
+    server = engine(step_timeout_s=0.3, batching=True)
+    running = serve(server, port=0)
+    url = f"grpc://127.0.0.1:{running.port}"
+    body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+
+    def session_step(transport: GrpcTransport) -> bytes:
+        session = protocol.decode_json(transport.request(protocol.encode_json(protocol.OPEN, body)))["session"]
+        payload = build_codec("identity").encode(torch.randn(1, 3, server.hidden_size))
+        return transport.request(protocol.encode_step(protocol.Step(session, 1, 0, 1, 3, 0, payload)))
+
+    first, second = GrpcTransport([url], timeout_s=30), GrpcTransport([url], timeout_s=30)
+    try:
+        stuck, release, ran = gate_rounds(server)
+        waiting = threading.Thread(target=lambda: protocol.raise_if_error(session_step(first)))
+        waiting.start()
+        assert stuck.wait(10)
+        started = time.monotonic()
+        with pytest.raises(ProtocolError, match="no compute slot") as info:
+            protocol.raise_if_error(session_step(second))  # queued behind a round that does not end in time
+        assert info.value.code == "timeout" and time.monotonic() - started < 5
+        release.set()
+        waiting.join(10)
+        assert ran == [1] and len(server.sessions) == 1  # the withdrawn step never ran; its session is closed
+    finally:
+        release.set()
+        first.close()
+        second.close()
+        running.stop()
+        server.shutdown()
 
 
 def test_steps_of_one_session_do_not_overlap_and_seq_only_grows(engine):
