@@ -251,8 +251,8 @@ def serve(
 
     Args:
         max_streams: streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and retry).
-        workers: request threads (default: enough for a full batch of decode steps plus a few).
+        workers: threads for OPEN, CLOSE and the unary methods (steps hold none: they wait on the event loop).
         metrics_port: serve GET /metrics over HTTP on this port (0 picks one); None: no HTTP endpoint.
     """
-    workers = workers or server.limits.max_batched_rows + 8
+    workers = workers or 8
     return RunningServer(server, host, port, token, tls_cert, tls_key, max_streams, workers, metrics_port)
