@@ -186,12 +186,14 @@ class StoreBatch:
         """Write the new K/V [n, heads, t, dim] of the first n rows; return their K/V up to the longest row."""
         n = key.shape[0]
         write = self.write[:n, layer_idx].reshape(-1)  # [n * t]
-        read = self.read[:n, layer_idx]  # [n, longest]
+        read = self.read[:n, layer_idx].reshape(-1)  # [n * longest]
         out = []
         for which, new in (("k", key), ("v", value)):
             pool = self.store.pool(layer_idx, which, new)
-            pool[:, write] = new.transpose(0, 1).reshape(new.shape[1], -1, new.shape[-1]).to(pool.dtype)
-            out.append(pool[:, read].transpose(0, 1))  # [n, heads, longest, dim]
+            heads, dim = new.shape[1], new.shape[-1]
+            pool.index_copy_(1, write, new.transpose(0, 1).reshape(heads, -1, dim).to(pool.dtype))
+            # index_select, not pool[:, read]: the same gather, several times faster on the CPU
+            out.append(pool.index_select(1, read).view(heads, n, self.longest, dim).transpose(0, 1))
         return out[0], out[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
