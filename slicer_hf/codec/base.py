@@ -5,9 +5,10 @@ Envelope: ``[codec_id u8][version u8][dtype u8][ndim u8][dims varint...][codec p
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -194,12 +195,18 @@ class Codec(ABC):
         n = len(packets)
         shapes, givens = expect_shapes or [None] * n, givens or [None] * n
         out: list[torch.Tensor | CodecError] = []
-        for data, shape, given in zip(packets, shapes, givens):
-            try:
-                out.append(self.decode(data, device, expect_shape=shape, expect_dtypes=expect_dtypes, given=given))
-            except CodecError as exc:
-                out.append(exc)
+        with self._together(device):
+            for data, shape, given in zip(packets, shapes, givens):
+                try:
+                    out.append(self.decode(data, device, expect_shape=shape, expect_dtypes=expect_dtypes, given=given))
+                except CodecError as exc:
+                    out.append(exc)
         return out
+
+    @contextlib.contextmanager
+    def _together(self, device: torch.device | str | None) -> Iterator[None]:
+        """The scope of one `decode_batch`, for a codec that shares work between its packets (by default none)."""
+        yield
 
     def measure(self, x: torch.Tensor) -> CodecStats:
         """Bytes one encode of `x` puts on the wire (`len(encode(x))`), per token (row) and element."""

@@ -49,12 +49,13 @@ the host.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -77,8 +78,7 @@ ROTATION_BLOCK = 1024
 ROTATION_SEED = 0x51C3
 # Where `_decode_rows` builds its rows: set by `SlicerCodec.decode` when the kernels run on the target device.
 _DECODE_DEVICE: ContextVar[torch.device | None] = ContextVar("slicer_decode_device", default=None)
-# within `decode_batch`: calibrated packets read to their codes, and the rows to fill from them
-_REBUILD_LATER: ContextVar[list[tuple[_Codes, torch.Tensor]] | None] = ContextVar("slicer_rebuild_later", default=None)
+_REBUILD_LATER: ContextVar[_Later | None] = ContextVar("slicer_rebuild_later", default=None)  # within decode_batch
 
 
 @functools.lru_cache(maxsize=16)
@@ -254,28 +254,21 @@ class SlicerCodec(Codec):
         finally:
             _DECODE_DEVICE.reset(token)
 
-    def decode_batch(
-        self,
-        packets: Sequence[bytes],
-        device: torch.device | str | None = None,
-        expect_shapes: Sequence[tuple[int | None, ...] | None] | None = None,
-        expect_dtypes: frozenset[torch.dtype] | None = None,
-        givens: Sequence[torch.Tensor | None] | None = None,
-    ) -> list[torch.Tensor | CodecError]:
-        """`Codec.decode_batch`: the rows of calibrated ECSQ packets are rebuilt for all packets together (two
-        matrix products for every single-row decode step, rather than two per packet). Each packet is read to its
-        codes on the host; its rows are filled in once all are read."""
-        later: list[tuple[_Codes, torch.Tensor]] = []
+    @contextlib.contextmanager
+    def _together(self, device: torch.device | str | None) -> Iterator[None]:
+        """`decode_batch` rebuilds the rows of calibrated ECSQ packets for all packets together (two matrix products
+        for every single-row decode step, rather than two per packet): each packet is read to its codes, and its
+        rows are filled in once all are read."""
+        later = _Later(torch.device(device) if device is not None else torch.device("cpu"))
         token = _REBUILD_LATER.set(later)
         try:
-            out = super().decode_batch(packets, None, expect_shapes, expect_dtypes, givens)
+            yield
         finally:
             _REBUILD_LATER.reset(token)
-        if later:
+        if later.rows:
             assert self._basis is not None
-            for (_, rows), rebuilt in zip(later, _rebuild([codes for codes, _ in later], self._basis, self.chains)):
+            for rows, rebuilt in zip(later.rows, _rebuild(later.codes, self._basis, self.chains)):
                 rows.copy_(rebuilt)
-        return [x.to(device) if device is not None and isinstance(x, torch.Tensor) else x for x in out]
 
     def _decode_rows(
         self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype, given: torch.Tensor | None = None
@@ -510,14 +503,25 @@ def _decode_ecsq(
             later = _REBUILD_LATER.get()
             if later is None:
                 return _rebuild([codes], basis, chained)[0].to(device, dtype)
-            x = torch.empty(n_rows, d, dtype=dtype)  # filled by `decode_batch` once every packet is read
-            later.append((codes, x))
+            x = torch.empty(n_rows, d, dtype=dtype, device=later.device)  # filled once every packet is read
+            later.codes.append(codes)
+            later.rows.append(x)
             return x
         y = y.to(device) * (step * rms.to(device))[:, None]
         x = rotate(y, inverse=True) if rotated else y
     if n_out:
         x = x.scatter(1, out_pos.to(device), out_val.to(device))
     return x.to(dtype)
+
+
+@dataclass
+class _Later:
+    """Within `decode_batch`: the calibrated packets read to their codes, and the rows (on the device the batch
+    decodes to) to fill from them."""
+
+    device: torch.device
+    codes: list[_Codes] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(eq=False)
