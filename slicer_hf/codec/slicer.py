@@ -490,14 +490,15 @@ def _decode_ecsq(
         basis = basis if calibrated else None
         bound = _calibrated_bound(basis, step) if basis is not None else _ecsq_bound(avail, step)
         symbols = _ans_decode(ans, n_sym, bound, step, basis, bool(flags & F_TRELLIS))
-        coded = _ecsq_coded(rms, None if rotated or calibrated else out_pos, d)  # [N, d] bool
-        if int(coded.sum()) != n_sym:
-            raise CodecError("duplicate outlier positions")
-        y = torch.zeros(n_rows, d)
-        if flags & F_TRELLIS:  # whole rows
-            y[coded] = _points(symbols.reshape(-1, d), True).ravel()
+        points = _points(symbols.reshape(-1, d), True).ravel() if flags & F_TRELLIS else torch.from_numpy(symbols)
+        if n_sym == n_rows * d:  # every entry carries a code (the common case: no silent row, no exact outlier)
+            y = points.float().reshape(n_rows, d)
         else:
-            y[coded] = torch.from_numpy(symbols).float()
+            coded = _ecsq_coded(rms, None if rotated or calibrated else out_pos, d)  # [N, d] bool
+            if int(coded.sum()) != n_sym:
+                raise CodecError("duplicate outlier positions")
+            y = torch.zeros(n_rows, d)
+            y[coded] = points.float()
         if basis is not None:
             codes = _Codes(y, rms, step, given, out_pos if n_out else None, out_val)
             later = _REBUILD_LATER.get()
