@@ -392,7 +392,7 @@ class SlicerCodec(Codec):
             if symbols.size:
                 if flags & F_TRELLIS:  # whole rows: codes [n, d], sent run by run with their unions' means
                     rows_codes = symbols.reshape(-1, d)
-                    scales = np.broadcast_to(basis.f64["scale"].numpy() / step, rows_codes.shape)
+                    scales = np.broadcast_to(_scales_in_steps(basis, step), rows_codes.shape)
                     means = -0.5 * trellis.unions(rows_codes)
                     symbols = trellis.to_wire(rows_codes)
                     models = (_laplace_family(bound), trellis.to_wire(means), trellis.to_wire(scales))
@@ -408,7 +408,7 @@ class SlicerCodec(Codec):
         """Codes `[m, d]` (float64) of coordinates `z` `[m, d]` of rows of RMS `rms` `[m, 1]`: trellis-coded or
         rounded, within `bound`."""
         if self.trellis:
-            scale = self._basis.f64["scale"].numpy() / step
+            scale = _scales_in_steps(self._basis, step)
             return torch.from_numpy(trellis.quantize(z.numpy() / step, scale, bound)).double()
         return torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
 
@@ -655,7 +655,7 @@ def _ecsq_models(bound: int, step: float, basis: Basis | None, n_sym: int) -> tu
     """
     if basis is None:
         return (_ecsq_model(bound, step),)
-    scales = np.tile(basis.f64["scale"].numpy() / step, n_sym // basis.width)
+    scales = np.tile(_scales_in_steps(basis, step), n_sym // basis.width)
     return _laplace_family(bound), np.zeros_like(scales), scales
 
 
