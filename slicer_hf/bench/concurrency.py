@@ -155,14 +155,14 @@ def linear_shapes(model: torch.nn.Module, first_layer: int) -> list[torch.Tensor
 
 
 def floor_ms_per_token(weights: list[torch.Tensor], rows: float, streamed: bool = False) -> float:
-    """Matmul time per token of these weights at `rows` rows per forward, one torch thread, measured now: each
-    weight timed on its own, hot in cache (the floor), or all in turn as a forward meets them (`streamed`: weights
-    too large for the cache come from memory)."""
+    """Matmul time per token of these weights at `rows` rows per forward (inputs in the weights' dtype), one torch
+    thread, measured now: each weight timed on its own, hot in cache (the floor), or all in turn as a forward meets
+    them (`streamed`: weights too large for the cache come from memory)."""
     b = max(1, round(rows))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        inputs = [torch.randn(b, w.shape[1]) for w in weights]
+        inputs = [torch.randn(b, w.shape[1], dtype=w.dtype) for w in weights]
         if streamed:
             total = median_time(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)], 9, 2)
         else:
@@ -193,7 +193,10 @@ def run(
     prompt_tokens: int = 32,
     decode_steps: int = 32,
     out_json: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
+    """Measure one server process per scenario and service (batched, one by one) at each client count; the floor
+    is measured afterwards in this process, with the server's weights in the server's `dtype`."""
     path = resolve_model(model)
     config = SlicerConfig.from_pretrained(config_dir or default_config_dir())
     hf_config = AutoConfig.from_pretrained(path)
@@ -220,6 +223,8 @@ def run(
                     str(max(counts) + 4),
                     "--threads",
                     "1",  # one compute thread; the clients and gRPC get the other core
+                    "--dtype",
+                    dtype,
                 ],
             )
             try:
@@ -234,7 +239,7 @@ def run(
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    lm = SlicerModelForCausalLM.from_pretrained(path, slicer_config=config)  # the floor: the same weights
+    lm = SlicerModelForCausalLM.from_pretrained(path, slicer_config=config, dtype=getattr(torch, dtype))  # the floor
     weights = {k: linear_shapes(lm, k) for k in splits}
     for row in rows:
         ks = [row["splits"][i % len(row["splits"])] for i in range(row["clients"])]
@@ -253,6 +258,7 @@ def run(
         "prompt_tokens": prompt_tokens,
         "decode_steps": decode_steps,
         "server_threads": 1,
+        "server_dtype": dtype,
         "matmul_gflops_1_thread": {b: matmul_gflops(b) for b in (1, 8, 32, 128)},
         "rows": rows,
     }
@@ -299,8 +305,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the server's weights (the floor is measured in the same dtype)",
+    )
     args = parser.parse_args(argv)
-    run(args.model, args.config, args.clients, args.prompt_tokens, args.decode_steps, args.out_json)
+    run(args.model, args.config, args.clients, args.prompt_tokens, args.decode_steps, args.out_json, args.dtype)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ LAMBDA = 0.11  # squared error (in steps^2) one bit is worth to the encoder's pa
 # state s holds the last three branch bits (bit 0 the newest); its union is bit 1 xor bit 2
 _UNION = np.array([((s >> 1) ^ (s >> 2)) & 1 for s in range(STATES)])
 _PRED = np.array([[nx >> 1, (nx >> 1) | 4] for nx in range(STATES)])  # [8, 2]: the two states leading to nx
+_UNION_MEAN = np.array([0.0, -0.5])  # a code's mean in its union's model: A1's points lie half a step lower
 _SUBSET = _UNION[_PRED] + 2 * (np.arange(STATES) & 1)[:, None]  # [8, 2]: the subset of that branch
 
 
@@ -116,12 +117,12 @@ def decode(decode_run: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, s
     """
     g, d = TRELLISES, len(scale)
     held = np.zeros((n, 3 * g + d), np.int32)  # 3G zero codes in front: the parities before a trellis starts
-    scales = to_wire(np.broadcast_to(scale, (n, d)))  # every run's scales, in wire order
+    scales = scale if n == 1 else to_wire(np.broadcast_to(scale, (n, d)))  # every run's scales, in wire order
     done = 0
     for run in wire_order(d):
         lo, hi = run.start + 3 * g, run.stop + 3 * g
         union = (held[:, lo - 2 * g : hi - 2 * g] ^ held[:, lo - 3 * g : hi - 3 * g]) & 1
-        count = union.size
-        held[:, lo:hi] = decode_run(-0.5 * union.ravel(), scales[done : done + count]).reshape(union.shape)
-        done += count
+        means = _UNION_MEAN[union.ravel()]
+        held[:, lo:hi] = decode_run(means, scales[done : done + len(means)]).reshape(n, -1)
+        done += len(means)
     return held[:, 3 * g :]
