@@ -203,6 +203,74 @@ def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
     server.shutdown()
 
 
+def test_a_failure_encoding_one_reply_of_a_batched_forward_fails_that_step_alone(engine, monkeypatch):
+    server = engine(batching=True)
+    healthy, broken, blocking = open_session(server), open_session(server), open_session(server)
+    for session in (healthy, broken, blocking):
+        protocol.raise_if_error(step(server, session, 1))
+    plain = server.encode_output
+
+    def encode_output(session, final, given=None):
+        if session.id == broken:
+            raise RuntimeError("the reply encoder broke")
+        return plain(session, final, given)
+
+    monkeypatch.setattr(server, "encode_output", encode_output)
+    stuck, release, ran = gate_rounds(server)
+    blocker = threading.Thread(target=lambda: step(server, blocking, 2, start=3, tokens=1))
+    blocker.start()
+    assert stuck.wait(10)
+    replies = {}
+    waiting = [
+        threading.Thread(target=lambda s=s: replies.__setitem__(s, step(server, s, 2, start=3, tokens=1)))
+        for s in (healthy, broken)
+    ]
+    for t in waiting:
+        t.start()
+    time.sleep(0.2)  # both queued behind the gated round: they run in one forward
+    release.set()
+    for t in [blocker, *waiting]:
+        t.join(10)
+    assert 2 in ran
+    with pytest.raises(ProtocolError, match="the reply encoder broke"):
+        protocol.raise_if_error(replies[broken])
+    protocol.raise_if_error(replies[healthy])
+    protocol.raise_if_error(step(server, healthy, 3, start=4, tokens=1))  # its session goes on from position 4
+    assert broken not in server.sessions and healthy in server.sessions
+    server.shutdown()
+
+
+def test_a_packet_of_nan_or_infinite_rows_is_refused_as_a_codec_error(engine):
+    server = engine()
+    for bad in (float("nan"), float("inf")):
+        session = open_session(server)
+        rows = torch.full((1, 3, server.hidden_size), bad)  # as a broken client sends them (ours refuses to)
+        packet = build_codec("identity").envelope(tuple(rows.shape), torch.float32) + rows.numpy().tobytes()
+        reply = server.handle(protocol.encode_step(protocol.Step(session, 1, 0, 1, 3, 0, packet)))
+        with pytest.raises(ProtocolError, match="NaN or infinite") as info:
+            protocol.raise_if_error(reply)
+        assert info.value.code == "codec" and session not in server.sessions
+    server.shutdown()
+
+
+def test_cancelling_a_reply_withdraws_its_step_and_the_reply_still_comes(engine):
+    server = engine()
+    session = open_session(server)
+    stuck, release, _ = gate_rounds(server)
+    blocker = threading.Thread(target=lambda: step(server, open_session(server), 1))
+    blocker.start()
+    assert stuck.wait(10)
+    payload = build_codec("identity").encode(torch.randn(1, 3, server.hidden_size))
+    reply = server.submit(protocol.encode_step(protocol.Step(session, 1, 0, 1, 3, 0, payload)))
+    assert reply.cancel() is False and not reply.cancelled()  # asyncio cancels it when its stream ends
+    release.set()
+    with pytest.raises(ProtocolError, match="no compute slot") as info:
+        protocol.raise_if_error(reply.result(timeout=10))
+    assert info.value.code == "timeout"
+    blocker.join(10)
+    server.shutdown()
+
+
 def test_a_bug_while_decoding_fails_those_steps_and_the_compute_thread_serves_on(engine, monkeypatch):
     server = engine(batching=True)
     session = open_session(server)

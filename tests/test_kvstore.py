@@ -49,7 +49,21 @@ def test_rows_take_blocks_per_layer_they_run_and_give_them_back():
     assert store.blocks_in_use() == 0
     again = store.new_row(split_layer=4)
     store.reserve(again, 12)
-    assert set(again.blocks[4, :3].tolist()) < {0, 1, 2, 3}  # freed ids are reused: the pools need not grow
+    assert set(again.blocks[4, :3].tolist()) < {1, 2, 3, 4}  # freed ids are reused: the pools need not grow
+    assert 0 not in again.blocks[4, :3].tolist()  # block 0 is never handed out: rows read it past their own
+
+
+def test_a_block_given_back_is_zeroed_before_another_row_gets_it():
+    store = KVStore(num_layers=1, device=torch.device("cpu"), dtype=torch.float32, block_size=2)
+    first = store.new_row(split_layer=0)
+    store.reserve(first, 2)
+    block = int(first.blocks[0, 0])
+    store.pool(0, "k", torch.zeros(1, 3, 1, 5))[:, 2 * block : 2 * block + 2] = float("nan")
+    store.release(first)
+    second = store.new_row(split_layer=0)
+    store.reserve(second, 2)
+    assert second.blocks[0, 0] == first.blocks[0, 0]  # the same block, reused
+    assert bool((store.pools[0, "k"] == 0).all())
 
 
 def test_pools_grow_when_blocks_run_out_and_keep_what_they_held():
@@ -57,10 +71,46 @@ def test_pools_grow_when_blocks_run_out_and_keep_what_they_held():
     row = store.new_row(split_layer=0)
     store.reserve(row, 2)
     pool = store.pool(0, "k", torch.zeros(1, 3, 1, 5))
-    pool[:, :2] = 7.0
+    held = slice(2 * int(row.blocks[0, 0]), 2 * int(row.blocks[0, 0]) + 2)
+    pool[:, held] = 7.0
     store.reserve(store.new_row(split_layer=0), 40)
     grown = store.pool(0, "k", torch.zeros(1, 3, 1, 5))
-    assert grown.shape == (3, 42, 5) and bool((grown[:, :2] == 7.0).all())
+    assert grown.shape == (3, 2 * (1 + 1 + 20), 5)  # the null block, the first row's, the second row's 20
+    assert bool((grown[:, held] == 7.0).all())
+
+
+def test_rows_of_very_different_lengths_run_in_one_forward_as_they_run_alone():
+    """A 3-position row beside a 100-position one (more blocks than a fresh row's table holds) in one forward."""
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    d, gen = server.hidden_size, torch.Generator().manual_seed(0)
+    prompts = [torch.randn(1, n, d, generator=gen) for n in (3, 100)]
+    step = torch.randn(2, 1, d, generator=gen)
+    alone = []
+    for prompt, x in zip(prompts, step):
+        row = server.store.new_row(2)
+        server.store_forward([row], prompt, torch.arange(prompt.shape[1])[None])
+        alone.append(server.store_forward([row], x[None], torch.tensor([[row.length]])))
+    rows = [server.store.new_row(2) for _ in prompts]
+    for row, prompt in zip(rows, prompts):
+        server.store_forward([row], prompt, torch.arange(prompt.shape[1])[None])
+    together = server.store_forward(rows, step, torch.tensor([[3], [100]]))
+    server.shutdown()
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_a_nan_left_in_the_store_by_one_session_never_reaches_another():
+    """Masked positions are still read: a NaN there would spread (0 x NaN). A row never reads another's data."""
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    d, store = server.hidden_size, server.store
+    poisoned = store.new_row(2)
+    server.store_forward([poisoned], torch.full((1, 5, d), float("nan")), torch.arange(5)[None])
+    store.release(poisoned)
+    short, long = store.new_row(2), store.new_row(2)  # the short row reuses the poisoned row's block
+    server.store_forward([short], torch.randn(1, 3, d), torch.arange(3)[None])
+    server.store_forward([long], torch.randn(1, 40, d), torch.arange(40)[None])
+    out = server.store_forward([short, long], torch.randn(2, 1, d), torch.tensor([[3], [40]]))
+    server.shutdown()
+    assert bool(torch.isfinite(out).all())
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -168,6 +218,18 @@ def test_a_long_prefill_is_chunked_between_decode_rounds():
     server.shutdown()
     assert len(rounds) >= 200 // 16  # the prompt ran in chunks, a round each
     assert finished["decode"] < finished["prefill"]  # five decode steps went through while the prompt was running
+
+
+def test_decode_rows_filling_the_round_still_leave_the_oldest_prefill_an_eighth_of_a_chunk():
+    server = SplitServer(
+        tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=16, max_batch_tokens=1)
+    )
+    chunks = []
+    plain = server.scheduler._run
+    server.scheduler._run = lambda run, prefill: chunks.append(run[0].hidden.shape[1]) or plain(run, prefill)
+    protocol.raise_if_error(_step(server, _open(server, 2), 0, 0, 40))
+    server.shutdown()
+    assert chunks == [2] * 20  # not 40 rounds of one position
 
 
 def test_closing_sessions_returns_their_blocks():

@@ -140,7 +140,7 @@ def measure(url: str, requests: list[dict[str, Any]], packets: list[list[bytes]]
         "server_cpu_ms_per_decode_token": 1000 * (after["process_cpu_s"] - mid["process_cpu_s"]) / decode_tokens,
         "server_cpu_ms_per_prefill_token": 1000 * (mid["process_cpu_s"] - before["process_cpu_s"]) / prefill_tokens,
         "compute_ms_per_decode_token": 1000 * (after["decode_compute_s"] - mid["decode_compute_s"]) / decode_tokens,
-        "codec_ms_per_decode_token": 1000 * (after["decode_s"] - mid["decode_s"]) / decode_tokens,
+        "codec_ms_per_decode_token": 1000 * (after["packet_decode_s"] - mid["packet_decode_s"]) / decode_tokens,
         "p50_step_ms": 1000 * latencies[len(latencies) // 2],
         "p99_step_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "rows_per_forward": rows / batches if batches else 1.0,

@@ -61,7 +61,9 @@ class ServerLimits:
         max_session_kv_bytes: KV-cache memory of one session.
         max_message_bytes: size of one protocol message.
         max_batched_rows: rows of concurrent decode steps run in one forward.
-        max_batch_tokens: positions one scheduler round runs (decode rows plus prefill chunks; at least one chunk).
+        max_batch_tokens: positions one scheduler round runs: its decode rows (never held back: one position each),
+            then prefill chunks while positions are left (the oldest prefill runs `prefill_chunk_tokens // 8`
+            positions per round even when none are).
         prefill_chunk_tokens: the most positions of one prefill run in one forward.
         batch_wait_s: how long a round waits for the sessions that decoded in the last one (batching only).
         idle_timeout_s: sessions (and their streams) idle this long are closed.
@@ -109,7 +111,6 @@ class Session:
     busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
     downlink_codec: Codec | None = None  # a lossy codec for hidden-state replies (None: exact)
     bare_replies: bool = False  # its replies through `downlink_codec` leave out what the edge already knows
-    given: torch.Tensor | None = None  # the step's decoded rows a predicting `downlink_codec` codes its reply against
     last_rows: torch.Tensor | None = None  # [B, d]: a chained codec's decoded rows at position length - 1
     codec_key: str = ""  # sessions with equal keys decode their packets together
 
@@ -126,7 +127,7 @@ class ServerStats:
     bytes_out: int = 0
     compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
     decode_compute_s: float = 0.0
-    decode_s: float = 0.0  # the compute thread's time decoding packets
+    packet_decode_s: float = 0.0  # the compute thread's time decoding packets (the codec's share of the CPU)
     prefill_compute_s: float = 0.0
     batches: int = 0  # decode forwards
     batched_rows: int = 0  # rows in them
@@ -158,6 +159,12 @@ class Reply(Future[bytes]):
         """Withdraw a step the compute thread has not started: it is refused as timed out (True), or it has started
         and is answered soon (False)."""
         return self._work is not None and self._work.cancel()
+
+    def cancel(self) -> bool:
+        """A reply always comes (an ERROR at worst), so it is never cancelled: cancelling it (asyncio does, for a
+        stream that ends while it waits) withdraws the step if it can."""
+        self.withdraw()
+        return False
 
 
 def _reap_idle(server_ref: weakref.ref[SplitServer], stopped: threading.Event, period_s: float) -> None:
@@ -323,6 +330,7 @@ class SplitServer:
                 )
             self.stats.add(tokens=step.batch * step.tokens, steps=1, bytes_out=len(answer))
             session.tokens += step.batch * step.tokens
+            session.last_used = time.monotonic()
         except Exception as exc:
             if not isinstance(exc, (ProtocolError, CodecError)):
                 logger.error("internal error in a step", exc_info=exc)
@@ -497,13 +505,14 @@ class SplitServer:
             raise ProtocolError(
                 f"step {step.seq} arrived after step {session.seq}: replayed or reordered", code="bad_seq"
             )
-        positions = step.start + step.tokens
+        positions, held = step.start + step.tokens, ""
         if self.store is not None:  # whole blocks
             positions = self.store.blocks_for(positions) * self.store.block_size
+            held = f" (its {step.start + step.tokens} in blocks of {self.store.block_size})"
         needed = session.kv_bytes_per_position * step.batch * positions
         if needed > limits.max_session_kv_bytes:
             raise ProtocolError(
-                f"session KV cap: {step.batch} x {step.start + step.tokens} positions need {needed:,} bytes, "
+                f"session KV cap: {step.batch} x {positions} positions{held} need {needed:,} bytes, "
                 f"over the cap of {limits.max_session_kv_bytes:,} by {needed - limits.max_session_kv_bytes:,}",
                 code="kv_session_cap",
             )
@@ -550,8 +559,10 @@ class SplitServer:
             self._expire_idle()
 
     def _expire_idle(self) -> None:
+        """Close the sessions idle for over `idle_timeout_s` (one with a step in flight is not idle)."""
         now = time.monotonic()
-        for sid in [s.id for s in self.sessions.values() if now - s.last_used > self.limits.idle_timeout_s]:
+        idle = [s.id for s in self.sessions.values() if now - s.last_used > self.limits.idle_timeout_s]
+        for sid in [i for i in idle if not self.sessions[i].busy.locked()]:
             logger.info("session %d idle for over %.0f s", sid, self.limits.idle_timeout_s)
             self.close_session(sid)
 
@@ -578,10 +589,10 @@ class SplitServer:
             packet = session.codec.unbare(packet, self._shape(session, step), next(iter(session.wire_dtypes)))
         return Work(session, step, packet, self._chain_start(session, step))
 
-    def decode(self, works: list[Work]) -> None:
+    def decode_packets(self, works: list[Work]) -> None:
         """Decode the packets of `works` (on the compute thread, onto the server's device), those of sessions with
         the same codec together (`Codec.decode_batch`): each work gets its `hidden`, or its step fails alone with
-        the codec's error."""
+        the codec's error (rows that are not all finite included: they are nobody's hidden states)."""
         started = time.perf_counter()
         groups: dict[tuple[str, frozenset[torch.dtype]], list[Work]] = defaultdict(list)
         for work in works:
@@ -592,20 +603,24 @@ class SplitServer:
                 device=self.device,
                 expect_shapes=[self._shape(w.session, w.step) for w in group],
                 expect_dtypes=group[0].session.wire_dtypes,
-                givens=[w.given for w in group],
+                givens=[w.chain_from for w in group],
             )
+            rows = [(w, h) for w, h in zip(group, decoded) if not isinstance(h, CodecError)]
+            finite = torch.stack([torch.isfinite(h).all() for _, h in rows]).tolist() if rows else []
             for work, hidden in zip(group, decoded):
                 if isinstance(hidden, CodecError):
                     work.future.set_exception(hidden)
+            for (work, hidden), ok in zip(rows, finite):
+                if not ok:
+                    work.future.set_exception(CodecError("the packet decodes to NaN or infinite values"))
                     continue
-                session, step = work.session, work.step
-                if session.codec.chains:
-                    session.last_rows = hidden[:, -1].cpu()
-                if session.downlink_codec is not None and session.downlink_codec.given_width is not None:
+                if work.session.codec.chains:
+                    work.session.last_rows = hidden[:, -1].cpu()
+                if work.session.downlink_codec is not None and work.session.downlink_codec.given_width is not None:
                     # the reply is coded against the step's rows as the edge decodes them, before the model's dtype
-                    session.given = hidden[:, step.need_from :].cpu()
+                    work.reply_given = hidden[:, work.step.need_from :].cpu()
                 work.hidden = hidden.to(self.dtype)
-        self.stats.add(decode_s=time.perf_counter() - started)
+        self.stats.add(packet_decode_s=time.perf_counter() - started)
 
     def _shape(self, session: Session, step: protocol.Step) -> tuple[int, int, int]:
         return step.batch, step.tokens, self.width(session)
@@ -684,9 +699,10 @@ class SplitServer:
         batch.commit()
         return final
 
-    def finish_step(self, session: Session, step: protocol.Step, final: torch.Tensor) -> tuple[bytes, int]:
-        session.length = step.start + step.tokens
-        return self.encode_output(session, final)
+    def finish_step(self, work: Work, final: torch.Tensor) -> tuple[bytes, int]:
+        """The session now holds the step's positions; the reply payload and kind for its outputs `final`."""
+        work.session.length = work.step.start + work.step.tokens
+        return self.encode_output(work.session, final, work.reply_given)
 
     def wants_logits(self, session: Session) -> bool:
         return session.downlink != "hidden"
@@ -755,19 +771,20 @@ class SplitServer:
         return (step.start + torch.arange(step.tokens)).unsqueeze(0).expand(step.batch, -1)
 
     @torch.inference_mode()
-    def run_one(self, session: Session, step: protocol.Step, hidden: torch.Tensor) -> tuple[bytes, int]:
+    def run_one(self, work: Work) -> tuple[bytes, int]:
+        """A whole step on the session's own transformers cache (no KV store)."""
+        session, step = work.session, work.step
         self.prepare(session, step)
         final = self.run_model(
             session.split_layer,
             session.downlink,
-            hidden,
+            work.hidden,
             session.mask,
             self.positions(step),
             session.cache,
             step.tokens - step.need_from,
         )
-        session.length = step.start + step.tokens
-        return self.encode_output(session, final)
+        return self.finish_step(work, final)
 
     @torch.inference_mode()
     def run_model(
@@ -807,24 +824,27 @@ class SplitServer:
             "use_cache": True,
         }
         with split_plan(plan):
-            if logits_to_keep is None:
+            if not logits_to_keep:  # no logits wanted (an early prefill chunk): the cache still takes the positions
                 compat.base_model(self.model)(**kwargs)
-                return plan.final
-            if logits_to_keep == 0:
-                return torch.zeros(hidden.shape[0], 0, self.model.config.vocab_size)
+                if logits_to_keep is None:
+                    return plan.final
+                return torch.zeros(len(hidden), 0, self.model.config.vocab_size, device=hidden.device)
             whole = getattr(type(self.model), "_slicer_base", type(self.model)).forward  # not the split forward
             return whole(self.model, **kwargs, logits_to_keep=logits_to_keep).logits[:, -logits_to_keep:].float()
 
-    def encode_output(self, session: Session, final: torch.Tensor) -> tuple[bytes, int]:
+    def encode_output(
+        self, session: Session, final: torch.Tensor, given: torch.Tensor | None = None
+    ) -> tuple[bytes, int]:
+        """The reply payload and kind for a step's outputs `final` (`given`: the rows a predicting downlink codec
+        codes them against)."""
         if session.downlink_dtype is not None and session.downlink != "topk_logits":
             final = final.to(session.downlink_dtype)
-        if session.bare_replies:  # float32 rows of the step's shape: the edge rebuilds the envelope and the step
-            packet = session.downlink_codec.encode(final.float().cpu(), given=session.given)
-            body = session.downlink_codec.bare(packet, tuple(final.shape), torch.float32)
-            if body is not None:
-                return body, protocol.REPLY_HIDDEN_BARE
         if session.downlink_codec is not None:
-            return session.downlink_codec.encode(final.cpu(), given=session.given), protocol.REPLY_HIDDEN
+            if session.bare_replies:  # float32 rows of the step's shape: the edge rebuilds the envelope
+                packet = session.downlink_codec.encode(final.float().cpu(), given=given)
+                body = session.downlink_codec.bare(packet, tuple(final.shape), torch.float32)
+                return (packet, protocol.REPLY_HIDDEN) if body is None else (body, protocol.REPLY_HIDDEN_BARE)
+            return session.downlink_codec.encode(final.cpu(), given=given), protocol.REPLY_HIDDEN
         if session.downlink == "hidden":
             return self._downlink_codec.encode(final.cpu()), protocol.REPLY_HIDDEN
         if session.downlink == "logits":

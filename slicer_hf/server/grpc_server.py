@@ -11,13 +11,12 @@ closed and their memory freed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -57,7 +56,7 @@ class _SplitService(grpc.GenericRpcHandler):
         await self._authorize(context)
         peer, opened = context.peer(), set()
         limits = self.engine.limits
-        pending: asyncio.Future[bytes] | None = None
+        answer: Future[bytes] | None = None
         try:
             while True:
                 timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s
@@ -69,26 +68,29 @@ class _SplitService(grpc.GenericRpcHandler):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {timeout_s} s")
                 if data is grpc.aio.EOF:
                     return
-                pending = self._answer(data, peer, opened)
-                await context.write(await pending)
+                answer = self._answer(data, peer, opened)
+                await context.write(await asyncio.wrap_future(answer))
         finally:  # the stream is gone: nothing it opened may outlive it, a session its last request opens included
-            if pending is not None and not pending.done():
-                with contextlib.suppress(BaseException):
-                    await pending
-            for session_id in list(opened):
-                if self.engine.close_session(session_id):
-                    logger.info("stream from %s ended: freed session %d", peer, session_id)
 
-    def _answer(self, data: bytes, peer: str, opened: set[int]) -> asyncio.Future[bytes]:
+            def free(_: Any = None) -> None:
+                for session_id in list(opened):
+                    if self.engine.close_session(session_id):
+                        logger.info("stream from %s ended: freed session %d", peer, session_id)
+
+            free()
+            if answer is not None:  # an OPEN still running on the pool frees its session once it is done
+                answer.add_done_callback(free)
+
+    def _answer(self, data: bytes, peer: str, opened: set[int]) -> Future[bytes]:
         """A step goes straight to the engine's compute thread (admitting it is cheap), to be withdrawn if it has not
         started within `step_timeout_s`; any other request runs on the pool (an OPEN may read files)."""
         if data[1:2] not in (bytes([protocol.STEP]), bytes([protocol.NEXT])):
-            return asyncio.wrap_future(self.pool.submit(self.engine.handle, data, peer, opened))
+            return self.pool.submit(self.engine.handle, data, peer, opened)
         reply = self.engine.submit(data, peer, opened)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.engine.limits.step_timeout_s, reply.withdraw)
         reply.add_done_callback(lambda _: loop.call_soon_threadsafe(timer.cancel))
-        return asyncio.wrap_future(reply)
+        return reply
 
     async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await self._authorize(context)

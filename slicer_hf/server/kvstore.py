@@ -10,6 +10,10 @@ then runs one SDPA call per layer for all rows, masked by each row's length, pad
 Pools are created on a layer's first write (their shape is the layer's K/V shape, whatever the family) and grow by
 half when their blocks run out. Nothing is copied or merged per step: a step writes its new positions and reads
 each row's positions once (the read is one gather per layer; a paged-attention kernel could read blocks in place).
+
+What a row reads past its own length is masked, but masking does not stop a NaN (0 x NaN is NaN), so a row never
+reads another row's data: block 0 of every pool is never handed out and stays zero (a row's table points there
+past its own blocks), and a block given back is zeroed before another row gets it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from .. import compat, hooks
 
 BLOCK_SIZE = 16
+NULL_BLOCK = 0  # in every pool, never written: what a row's table points at past its own blocks
 
 
 @dataclass(eq=False)
@@ -58,7 +63,7 @@ class KVStore:
         self.sliding_windows = sliding_windows or [None] * num_layers  # per layer (None: full attention)
         self.pools: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "k"|"v") -> [heads, blocks * block_size, dim]
         self._free: list[list[int]] = [[] for _ in range(num_layers)]
-        self._next: list[int] = [0] * num_layers  # block ids handed out so far, per layer
+        self._next: list[int] = [NULL_BLOCK + 1] * num_layers  # the next fresh block id, per layer
 
     def blocks_for(self, positions: int) -> int:
         """Blocks that hold `positions` positions."""
@@ -81,11 +86,20 @@ class KVStore:
         for layer in range(row.split_layer, self.num_layers):
             free = self._free[layer]
             ids = [free.pop() for _ in range(min(count, len(free)))]
+            if ids:  # another row's data: zeroed before this row may read it
+                self._zero(layer, ids)
             fresh = count - len(ids)
             ids.extend(range(self._next[layer], self._next[layer] + fresh))
             self._next[layer] += fresh
             row.blocks[layer, row.num_blocks : needed] = torch.tensor(ids)
         row.num_blocks = needed
+
+    def _zero(self, layer: int, ids: list[int]) -> None:
+        slots = (torch.tensor(ids).unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()
+        for which in ("k", "v"):
+            pool = self.pools.get((layer, which))
+            if pool is not None:
+                pool.index_fill_(1, slots.to(pool.device), 0)
 
     def truncate(self, row: Row, length: int) -> None:
         """Keep the first `length` positions of `row` and give back the blocks beyond them."""
@@ -123,7 +137,7 @@ class KVStore:
         return sum(p.numel() * p.element_size() for p in list(self.pools.values()))
 
     def blocks_in_use(self) -> int:
-        return sum(n - len(free) for n, free in zip(self._next, self._free))
+        return sum(n - (NULL_BLOCK + 1) - len(free) for n, free in zip(self._next, self._free))
 
 
 class StoreBatch:
@@ -147,7 +161,9 @@ class StoreBatch:
         for row in rows:
             store.reserve(row, row.length + tokens)
         width = store.blocks_for(self.longest)
-        blocks = torch.stack([row.blocks[:, :width] for row in rows])  # [R, layers, width]
+        blocks = torch.full((len(rows), store.num_layers, width), NULL_BLOCK, dtype=torch.long)  # [R, layers, width]
+        for i, row in enumerate(rows):
+            blocks[i, :, : row.num_blocks] = row.blocks[:, : row.num_blocks]
         slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs)).flatten(2)[:, :, : self.longest]  # [R, layers, longest]
         query_pos = starts.unsqueeze(1) + torch.arange(tokens)  # [R, t] cache index of each new position
         self.read = slots.to(device)

@@ -9,12 +9,14 @@ threads, which would only fight this one over the GIL), then runs:
   round it waits up to `batch_wait_s` for the sessions that decoded in the last one, so that clients answered
   together stay together rather than splitting into two alternating half batches;
 - prefill in chunks of at most `prefill_chunk_tokens` positions, from the oldest waiting prefill on, while the
-  round's `max_batch_tokens` allow (at least one chunk per round), so a long prompt cannot stall decoding.
+  round's `max_batch_tokens` allow, so a long prompt cannot stall decoding; however many rows decode, the oldest
+  prefill runs at least `prefill_chunk_tokens // 8` positions per round, so decoding cannot stall it either.
 
 Encoder requests (one step each, no cache) run together when they share a split layer and a shape
 (`encoder_batch.py`), at most `max_batched_rows` rows per forward.
 
-A forward over several sessions that fails is retried one session at a time, so one bad session fails alone.
+A forward over several sessions that fails is retried one session at a time, so one bad session fails alone; once a
+forward has run, a failure finishing one session's step (encoding its reply) fails that step alone.
 Without a KV store (a model the store does not cover) each step runs whole, one at a time.
 """
 
@@ -50,9 +52,10 @@ class Work:
     session: Session
     step: protocol.Step
     packet: bytes  # as the codec decodes it
-    given: torch.Tensor | None = None  # the rows a chained packet continues from
+    chain_from: torch.Tensor | None = None  # the rows a chained packet continues from
     future: Future[tuple[bytes, int]] = field(default_factory=Future)  # its reply payload and kind
     hidden: torch.Tensor | None = None  # [b, t, d], once decoded
+    reply_given: torch.Tensor | None = None  # the decoded rows a predicting downlink codes the reply against
     done: int = 0  # positions run so far
     outputs: list[torch.Tensor] = field(default_factory=list)  # the kept positions' outputs, chunk by chunk
 
@@ -149,7 +152,7 @@ class Scheduler:
         fresh = [w for w in pending if w.hidden is None]
         if fresh:
             try:
-                self.server.decode(fresh)
+                self.server.decode_packets(fresh)
             except Exception as exc:  # a bug (a bad packet fails its own step): not the thread
                 logger.exception("decoding %d packets failed", len(fresh))
                 for work in fresh:
@@ -192,7 +195,7 @@ class Scheduler:
             return []
         if server.store is None:  # whole steps, one at a time
             work, started = pending[0], time.perf_counter()
-            self._guard([work], lambda: [server.run_one(work.session, work.step, work.hidden)])
+            self._guard([work], lambda: [server.run_one(work)])
             server.stats.add(compute_s=time.perf_counter() - started)
             return pending[1:]
         limits = server.limits
@@ -207,10 +210,11 @@ class Scheduler:
             for works in _by_rows(group, max_rows):
                 self._run([w.chunk(1) for w in works], prefill=False)
         budget = limits.max_batch_tokens - sum(w.rows for w in decode)
+        least = max(1, limits.prefill_chunk_tokens // 8)  # the oldest prefill moves on by this much, however busy
         for work in prefill:
-            tokens = min(work.step.tokens - work.done, limits.prefill_chunk_tokens, max(budget // work.rows, 1))
             if budget <= 0 and work is not prefill[0]:
                 break
+            tokens = min(work.step.tokens - work.done, limits.prefill_chunk_tokens, max(budget // work.rows, least))
             self._run([work.chunk(tokens)], prefill=True)
             budget -= tokens * work.rows
         return [w for w in pending if not w.future.done()]
@@ -233,26 +237,31 @@ class Scheduler:
         else:
             self.server.stats.add(compute_s=elapsed, decode_compute_s=elapsed, batches=1, batched_rows=rows)
 
-    def _forward(self, chunks: list[Chunk]) -> list[tuple[bytes, int] | None]:
+    def _forward(self, chunks: list[Chunk]) -> list[tuple[bytes, int] | Exception | None]:
+        """One forward over `chunks`: if it fails, nothing has moved on (it may be retried); once it has run,
+        each chunk is done, and a failure finishing one step (encoding its reply) is that step's alone."""
         server = self.server
         for chunk in chunks:
             if chunk.work.done == 0:
                 server.begin_step(chunk.session, chunk.work.step)
         outputs = server.forward_rows(chunks)
-        results: list[tuple[bytes, int] | None] = []
-        for chunk, output in zip(chunks, outputs):
-            work = chunk.work
-            work.done += chunk.hidden.shape[1]
-            work.outputs.append(output)
-            finished = work.done == work.step.tokens
-            results.append(
-                server.finish_step(work.session, work.step, torch.cat(work.outputs, 1)) if finished else None
-            )
-        return results
+        return [self._advance(chunk, output) for chunk, output in zip(chunks, outputs)]
+
+    def _advance(self, chunk: Chunk, output: torch.Tensor) -> tuple[bytes, int] | Exception | None:
+        """Count a chunk as run: None while its step has positions left, then the step's reply or its error."""
+        work = chunk.work
+        work.done += chunk.hidden.shape[1]
+        work.outputs.append(output)
+        if work.done < work.step.tokens:
+            return None
+        try:
+            return self.server.finish_step(work, torch.cat(work.outputs, 1))
+        except Exception as exc:
+            return exc
 
     def _guard(self, works: list[Work], fn: Any, report: bool = True) -> bool:
-        """Run `fn` and hand each finished step its reply; on failure report it to each (or, with `report=False`,
-        leave them for a retry). The thread keeps serving either way."""
+        """Run `fn` and hand each finished step its reply (or its own error); if `fn` fails, report it to each
+        (or, with `report=False`, leave them for a retry). The thread keeps serving either way."""
         try:
             results = fn()
         except Exception as exc:
@@ -261,7 +270,9 @@ class Scheduler:
                     work.future.set_exception(exc)
             return False
         for work, result in zip(works, results):
-            if result is not None:
+            if isinstance(result, Exception):
+                work.future.set_exception(result)
+            elif result is not None:
                 work.future.set_result(result)
         return True
 
