@@ -114,7 +114,7 @@ def serve(
         kv_budget_bytes=parse_bytes(kv_memory) if kv_memory else None,
         max_session_kv_bytes=parse_bytes(max_session_kv),
         max_message_bytes=parse_bytes(max_message_bytes),
-        max_batched_rows=max_batch_rows,
+        max_batch_rows=max_batch_rows,
         max_batch_tokens=max_batch_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
         batch_wait_s=batch_wait_ms / 1000,

@@ -60,7 +60,7 @@ class ServerLimits:
         kv_budget_bytes: KV-cache memory of all sessions together (None: half of the free memory at start).
         max_session_kv_bytes: KV-cache memory of one session.
         max_message_bytes: size of one protocol message.
-        max_batched_rows: rows of concurrent decode steps run in one forward.
+        max_batch_rows: rows of concurrent decode steps run in one forward.
         max_batch_tokens: positions one scheduler round runs: its decode rows (never held back: one position each),
             then prefill chunks while positions are left (the oldest prefill runs `prefill_chunk_tokens // 8`
             positions per round even when none are).
@@ -78,7 +78,7 @@ class ServerLimits:
     kv_budget_bytes: int | None = None
     max_session_kv_bytes: int = 1 << 30
     max_message_bytes: int = 64 << 20
-    max_batched_rows: int = 128
+    max_batch_rows: int = 128
     max_batch_tokens: int = 512
     prefill_chunk_tokens: int = 256
     batch_wait_s: float = 0.025
@@ -197,7 +197,7 @@ class SplitServer:
         model_name: str = "",
         limits: ServerLimits | None = None,
         min_split_layer: int = 1,
-        batching: bool = False,
+        batching: bool = True,
         kv_store: bool = True,
     ) -> None:
         self.model = model.eval()

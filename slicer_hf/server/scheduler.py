@@ -5,7 +5,7 @@ step's future. Each round the scheduler takes what has arrived, decodes the new 
 threads, which would only fight this one over the GIL), then runs:
 
 - every decode step that is ready (one position per row), as one forward per downlink kind, at most
-  `max_batched_rows` rows each; sessions join and leave between any two rounds, at any split layer. Before a
+  `max_batch_rows` rows each; sessions join and leave between any two rounds, at any split layer. Before a
   round it waits up to `batch_wait_s` for the sessions that decoded in the last one, so that clients answered
   together stay together rather than splitting into two alternating half batches;
 - prefill in chunks of at most `prefill_chunk_tokens` positions, from the oldest waiting prefill on, while the
@@ -13,7 +13,7 @@ threads, which would only fight this one over the GIL), then runs:
   prefill runs at least `prefill_chunk_tokens // 8` positions per round, so decoding cannot stall it either.
 
 Encoder requests (one step each, no cache) run together when they share a split layer and a shape
-(`encoder_batch.py`), at most `max_batched_rows` rows per forward.
+(`encoder_batch.py`), at most `max_batch_rows` rows per forward.
 
 A forward over several sessions that fails is retried one session at a time, so one bad session fails alone; once a
 forward has run, a failure finishing one session's step (encoding its reply) fails that step alone.
@@ -94,7 +94,7 @@ class Scheduler:
         batching: run the decode steps of concurrent sessions together (off: one session per forward).
     """
 
-    def __init__(self, server: SplitServer, batching: bool = True) -> None:
+    def __init__(self, server: SplitServer, batching: bool) -> None:
         self.server = weakref.proxy(server)
         self.batching = batching
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -188,7 +188,7 @@ class Scheduler:
             groups: dict[tuple, list[Work]] = defaultdict(list)
             for work in pending:
                 groups[batch_key(server, work)].append(work)
-            max_rows = server.limits.max_batched_rows if self.batching else 1
+            max_rows = server.limits.max_batch_rows if self.batching else 1
             for group in groups.values():
                 for works in _by_rows(group, max_rows):
                     self._run_batch(works, lambda w: w, lambda ws: run_encoder_batch(server, ws), prefill=False)
@@ -205,7 +205,7 @@ class Scheduler:
         for work in decode:
             by_kind[server.wants_logits(work.session)].append(work)
         self._decoded_last = {w.session for w in decode}
-        max_rows = limits.max_batched_rows if self.batching else 1
+        max_rows = limits.max_batch_rows if self.batching else 1
         for group in by_kind.values():
             for works in _by_rows(group, max_rows):
                 self._run([w.chunk(1) for w in works], prefill=False)
