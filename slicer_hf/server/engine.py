@@ -650,14 +650,20 @@ class SplitServer:
 
     # ---------------------------------------------------------------- compute, on the scheduler's thread
     def begin_step(self, session: Session, step: protocol.Step) -> None:
-        """Bring the session's rows and mask to `step.start` and append the step's mask columns."""
-        assert self.store is not None
-        if step.start == 0 or not session.rows:
+        """Bring the session's K/V (its rows in the store, or its own transformers cache) and mask to `step.start`,
+        and append the step's mask columns."""
+        if step.start == 0 or (self.store is not None and not session.rows):
             self.release_session(session)
-            session.rows = [self.store.new_row(session.split_layer) for _ in range(step.batch)]
             session.mask, session.batch = None, step.batch
-        for row in session.rows:
-            self.store.truncate(row, step.start)
+            if self.store is not None:
+                session.rows = [self.store.new_row(session.split_layer) for _ in range(step.batch)]
+            else:
+                session.cache = compat.new_cache(self.model)
+        elif self.store is not None:
+            for row in session.rows:
+                self.store.truncate(row, step.start)
+        else:
+            compat.crop_cache(session.cache, step.start)
         self._extend_mask(session, step)
 
     def forward_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
@@ -746,14 +752,6 @@ class SplitServer:
             return False
         return True
 
-    def prepare(self, session: Session, step: protocol.Step) -> None:
-        """Without a store: bring the session's cache and mask to `step.start`, append the step's mask columns."""
-        if step.start == 0:
-            session.cache, session.mask, session.batch = compat.new_cache(self.model), None, step.batch
-        else:
-            compat.crop_cache(session.cache, step.start)
-        self._extend_mask(session, step)
-
     def _extend_mask(self, session: Session, step: protocol.Step) -> None:
         if step.mask is None:
             session.mask = None
@@ -765,22 +763,17 @@ class SplitServer:
             )
             session.mask = torch.cat([prefix, step.mask], dim=1)
 
-    def positions(self, step: protocol.Step) -> torch.Tensor:
-        if step.positions is not None:
-            return step.positions
-        return (step.start + torch.arange(step.tokens)).unsqueeze(0).expand(step.batch, -1)
-
     @torch.inference_mode()
     def run_one(self, work: Work) -> tuple[bytes, int]:
         """A whole step on the session's own transformers cache (no KV store)."""
         session, step = work.session, work.step
-        self.prepare(session, step)
+        self.begin_step(session, step)
         final = self.run_model(
             session.split_layer,
             session.downlink,
             work.hidden,
             session.mask,
-            self.positions(step),
+            work.positions(0, step.tokens),
             session.cache,
             step.tokens - step.need_from,
         )

@@ -63,13 +63,17 @@ class Work:
     def rows(self) -> int:
         return self.step.batch
 
+    def positions(self, a: int, b: int) -> torch.Tensor:
+        """`[rows, b - a]` position ids of the step's positions `a..b-1` (sent, or counted from its start)."""
+        step = self.step
+        positions = step.positions[:, a:b] if step.positions is not None else step.start + torch.arange(a, b)
+        return positions.expand(self.rows, -1)
+
     def chunk(self, tokens: int) -> Chunk:
         """The next `tokens` positions of this step."""
         a, b = self.done, self.done + tokens
         keep = max(0, b - max(self.step.need_from, a))
-        step = self.step
-        positions = step.positions[:, a:b] if step.positions is not None else step.start + torch.arange(a, b)
-        return Chunk(self, self.hidden[:, a:b], positions.expand(self.rows, -1), keep)
+        return Chunk(self, self.hidden[:, a:b], self.positions(a, b), keep)
 
 
 @dataclass(eq=False)
