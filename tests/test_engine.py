@@ -177,27 +177,35 @@ def test_counters_are_exact_under_threads():
     assert snap["tokens"] == 40000 and snap["bytes_in"] == 80000 and snap["errors"] == {"x": 40000}
 
 
-def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
-    server = engine(batching=True)
-    first, second, third = open_session(server), open_session(server), open_session(server)
-    for session in (first, second, third):  # prefill each
-        protocol.raise_if_error(step(server, session, 1))
-    stuck, release, _ = gate_rounds(server)
-    blocker = threading.Thread(target=lambda: step(server, third, 2, start=3, tokens=1))
+def decode_together(server, blocking, sessions, meanwhile=lambda: None) -> tuple[dict[int, bytes], list[int]]:
+    """Hold the compute thread on a decode step of `blocking`, queue one of each of `sessions` behind it (they then
+    run in one round), run `meanwhile`, and let it all go: each session's reply, and the sizes of the rounds run.
+    Every session has prefilled 3 positions (step 1)."""
+    stuck, release, rounds = gate_rounds(server)
+    blocker = threading.Thread(target=lambda: step(server, blocking, 2, start=3, tokens=1))
     blocker.start()
     assert stuck.wait(10)
     replies = {}
     waiting = [
         threading.Thread(target=lambda s=s: replies.__setitem__(s, step(server, s, 2, start=3, tokens=1)))
-        for s in (first, second)
+        for s in sessions
     ]
     for t in waiting:
         t.start()
-    time.sleep(0.2)  # both queued behind the gated round
-    server.close_session(first)  # its stream ended while its step waits
+    time.sleep(0.2)  # all queued behind the held round
+    meanwhile()
     release.set()
     for t in [blocker, *waiting]:
         t.join(10)
+    return replies, rounds
+
+
+def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
+    server = engine(batching=True)
+    first, second, third = open_session(server), open_session(server), open_session(server)
+    for session in (first, second, third):  # prefill each
+        protocol.raise_if_error(step(server, session, 1))
+    replies, _ = decode_together(server, third, (first, second), meanwhile=lambda: server.close_session(first))
     protocol.raise_if_error(replies[second])  # the other session's step is unharmed
     assert server.kv_bytes_used == server.sessions[second].kv_bytes + server.sessions[third].kv_bytes
     server.shutdown()
@@ -216,22 +224,8 @@ def test_a_failure_encoding_one_reply_of_a_batched_forward_fails_that_step_alone
         return plain(session, final, given)
 
     monkeypatch.setattr(server, "encode_output", encode_output)
-    stuck, release, ran = gate_rounds(server)
-    blocker = threading.Thread(target=lambda: step(server, blocking, 2, start=3, tokens=1))
-    blocker.start()
-    assert stuck.wait(10)
-    replies = {}
-    waiting = [
-        threading.Thread(target=lambda s=s: replies.__setitem__(s, step(server, s, 2, start=3, tokens=1)))
-        for s in (healthy, broken)
-    ]
-    for t in waiting:
-        t.start()
-    time.sleep(0.2)  # both queued behind the gated round: they run in one forward
-    release.set()
-    for t in [blocker, *waiting]:
-        t.join(10)
-    assert 2 in ran
+    replies, rounds = decode_together(server, blocking, (healthy, broken))
+    assert 2 in rounds  # the two steps ran in one forward
     with pytest.raises(ProtocolError, match="the reply encoder broke"):
         protocol.raise_if_error(replies[broken])
     protocol.raise_if_error(replies[healthy])
