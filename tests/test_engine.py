@@ -211,6 +211,29 @@ def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
     server.shutdown()
 
 
+def test_a_forward_that_fails_for_one_session_runs_again_one_session_at_a_time(engine, monkeypatch):
+    server = engine(batching=True)
+    healthy, broken, blocking = open_session(server), open_session(server), open_session(server)
+    for session in (healthy, broken, blocking):
+        protocol.raise_if_error(step(server, session, 1))
+    plain = server.forward_rows
+
+    def forward_rows(chunks):
+        if any(chunk.session.id == broken for chunk in chunks):
+            raise RuntimeError("this session breaks the forward")
+        return plain(chunks)
+
+    monkeypatch.setattr(server, "forward_rows", forward_rows)
+    replies, rounds = decode_together(server, blocking, (healthy, broken))
+    assert 2 in rounds
+    with pytest.raises(ProtocolError, match="this session breaks the forward"):
+        protocol.raise_if_error(replies[broken])
+    protocol.raise_if_error(replies[healthy])
+    protocol.raise_if_error(step(server, healthy, 3, start=4, tokens=1))  # its session goes on from position 4
+    assert server.stats_dict()["batch_retries"] == 1
+    server.shutdown()
+
+
 def test_a_failure_encoding_one_reply_of_a_batched_forward_fails_that_step_alone(engine, monkeypatch):
     server = engine(batching=True)
     healthy, broken, blocking = open_session(server), open_session(server), open_session(server)

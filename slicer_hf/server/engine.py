@@ -131,6 +131,7 @@ class ServerStats:
     prefill_compute_s: float = 0.0
     batches: int = 0  # decode forwards
     batched_rows: int = 0  # rows in them
+    batch_retries: int = 0  # batched forwards that failed and ran again one step at a time
     errors: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

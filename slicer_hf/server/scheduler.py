@@ -232,14 +232,19 @@ class Scheduler:
         several, so a bad item fails alone; then the time and rows go into the server's stats."""
         started = time.perf_counter()
         works = [work_of(item) for item in items]
-        if not self._guard(works, lambda: forward(items), report=len(items) == 1) and len(items) > 1:
+        forwards = 1
+        failure = self._guard(works, lambda: forward(items), report=len(items) == 1)
+        if failure is not None and len(items) > 1:
+            logger.warning("a forward of %d steps failed (%r); running them one at a time", len(items), failure)
+            self.server.stats.add(batch_retries=1)
             for item in items:
                 self._guard([work_of(item)], lambda i=item: forward([i]))
+            forwards += len(items)
         elapsed, rows = time.perf_counter() - started, sum(w.rows for w in works)
         if prefill:
             self.server.stats.add(compute_s=elapsed, prefill_compute_s=elapsed)
         else:
-            self.server.stats.add(compute_s=elapsed, decode_compute_s=elapsed, batches=1, batched_rows=rows)
+            self.server.stats.add(compute_s=elapsed, decode_compute_s=elapsed, batches=forwards, batched_rows=rows)
 
     def _forward(self, chunks: list[Chunk]) -> list[tuple[bytes, int] | Exception | None]:
         """One forward over `chunks`: if it fails, nothing has moved on (it may be retried); once it has run,
@@ -263,22 +268,22 @@ class Scheduler:
         except Exception as exc:
             return exc
 
-    def _guard(self, works: list[Work], fn: Any, report: bool = True) -> bool:
+    def _guard(self, works: list[Work], fn: Any, report: bool = True) -> Exception | None:
         """Run `fn` and hand each finished step its reply (or its own error); if `fn` fails, report it to each
-        (or, with `report=False`, leave them for a retry). The thread keeps serving either way."""
+        (or, with `report=False`, leave them for a retry) and return the failure. The thread serves on either way."""
         try:
             results = fn()
         except Exception as exc:
             if report:
                 for work in works:
                     work.future.set_exception(exc)
-            return False
+            return exc
         for work, result in zip(works, results):
             if isinstance(result, Exception):
                 work.future.set_exception(result)
             elif result is not None:
                 work.future.set_result(result)
-        return True
+        return None
 
 
 def _by_rows(works: list[Work], max_rows: int) -> list[list[Work]]:
