@@ -211,49 +211,31 @@ def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
     server.shutdown()
 
 
-def test_a_forward_that_fails_for_one_session_runs_again_one_session_at_a_time(engine, monkeypatch):
+@pytest.mark.parametrize(
+    "where, retries",
+    [("forward_rows", 1), ("encode_output", 0)],  # the forward itself: run again one session at a time
+)
+def test_a_session_that_fails_in_a_batched_round_fails_alone(engine, monkeypatch, where, retries):
     server = engine(batching=True)
     healthy, broken, blocking = open_session(server), open_session(server), open_session(server)
     for session in (healthy, broken, blocking):
         protocol.raise_if_error(step(server, session, 1))
-    plain = server.forward_rows
+    plain = getattr(server, where)
 
-    def forward_rows(chunks):
-        if any(chunk.session.id == broken for chunk in chunks):
-            raise RuntimeError("this session breaks the forward")
-        return plain(chunks)
+    def breaks(first, *args):  # forward_rows(chunks) or encode_output(session, final, given)
+        sessions = [c.session.id for c in first] if where == "forward_rows" else [first.id]
+        if broken in sessions:
+            raise RuntimeError(f"{where} broke")
+        return plain(first, *args)
 
-    monkeypatch.setattr(server, "forward_rows", forward_rows)
+    monkeypatch.setattr(server, where, breaks)
     replies, rounds = decode_together(server, blocking, (healthy, broken))
-    assert 2 in rounds
-    with pytest.raises(ProtocolError, match="this session breaks the forward"):
+    assert 2 in rounds  # the two steps were in one round
+    with pytest.raises(ProtocolError, match=f"{where} broke"):
         protocol.raise_if_error(replies[broken])
     protocol.raise_if_error(replies[healthy])
     protocol.raise_if_error(step(server, healthy, 3, start=4, tokens=1))  # its session goes on from position 4
-    assert server.stats_dict()["batch_retries"] == 1
-    server.shutdown()
-
-
-def test_a_failure_encoding_one_reply_of_a_batched_forward_fails_that_step_alone(engine, monkeypatch):
-    server = engine(batching=True)
-    healthy, broken, blocking = open_session(server), open_session(server), open_session(server)
-    for session in (healthy, broken, blocking):
-        protocol.raise_if_error(step(server, session, 1))
-    plain = server.encode_output
-
-    def encode_output(session, final, given=None):
-        if session.id == broken:
-            raise RuntimeError("the reply encoder broke")
-        return plain(session, final, given)
-
-    monkeypatch.setattr(server, "encode_output", encode_output)
-    replies, rounds = decode_together(server, blocking, (healthy, broken))
-    assert 2 in rounds  # the two steps ran in one forward
-    with pytest.raises(ProtocolError, match="the reply encoder broke"):
-        protocol.raise_if_error(replies[broken])
-    protocol.raise_if_error(replies[healthy])
-    protocol.raise_if_error(step(server, healthy, 3, start=4, tokens=1))  # its session goes on from position 4
-    assert broken not in server.sessions and healthy in server.sessions
+    assert broken not in server.sessions and server.stats_dict()["batch_retries"] == retries
     server.shutdown()
 
 
