@@ -562,9 +562,9 @@ class SplitServer:
     def _expire_idle(self) -> None:
         """Close the sessions idle for over `idle_timeout_s` (one with a step in flight is not idle)."""
         now = time.monotonic()
-        idle = [s.id for s in self.sessions.values() if now - s.last_used > self.limits.idle_timeout_s]
-        for sid in [i for i in idle if not self.sessions[i].busy.locked()]:
-            logger.info("session %d idle for over %.0f s", sid, self.limits.idle_timeout_s)
+        timeout_s = self.limits.idle_timeout_s
+        for sid in [s.id for s in self.sessions.values() if now - s.last_used > timeout_s and not s.busy.locked()]:
+            logger.info("session %d idle for over %.0f s", sid, timeout_s)
             self.close_session(sid)
 
     def drain(self, on: bool = True) -> None:

@@ -94,8 +94,12 @@ class KVStore:
             row.blocks[layer, row.num_blocks : needed] = torch.tensor(ids)
         row.num_blocks = needed
 
+    def slots(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The pool positions `[..., n * block_size]` of block ids `[..., n]`, in order."""
+        return (blocks.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).flatten(-2)
+
     def _zero(self, layer: int, ids: list[int]) -> None:
-        slots = (torch.tensor(ids).unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()
+        slots = self.slots(torch.tensor(ids))
         for which in ("k", "v"):
             pool = self.pools.get((layer, which))
             if pool is not None:
@@ -155,7 +159,7 @@ class StoreBatch:
     def __init__(self, store: KVStore, rows: list[Row], tokens: int, valid: torch.Tensor | None = None) -> None:
         assert all(a.split_layer <= b.split_layer for a, b in zip(rows, rows[1:])), "rows must be sorted by split"
         self.store, self.rows, self.tokens = store, rows, tokens
-        bs, device = store.block_size, store.device
+        device = store.device
         starts = torch.tensor([row.length for row in rows])
         self.longest = int(starts.max()) + tokens
         for row in rows:
@@ -164,7 +168,7 @@ class StoreBatch:
         blocks = torch.full((len(rows), store.num_layers, width), NULL_BLOCK, dtype=torch.long)  # [R, layers, width]
         for i, row in enumerate(rows):
             blocks[i, :, : row.num_blocks] = row.blocks[:, : row.num_blocks]
-        slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs)).flatten(2)[:, :, : self.longest]  # [R, layers, longest]
+        slots = store.slots(blocks)[:, :, : self.longest]  # [R, layers, longest]
         query_pos = starts.unsqueeze(1) + torch.arange(tokens)  # [R, t] cache index of each new position
         self.read = slots.to(device)
         self.write = slots.gather(2, query_pos.unsqueeze(1).expand(-1, slots.shape[1], -1)).to(device)  # [R, layers, t]
