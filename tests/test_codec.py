@@ -1,6 +1,7 @@
 import importlib.util
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 
 from slicer_hf import CodecError, ConfigError, SlicerConfig, build_codec
 from slicer_hf.codec import available_codecs, codec_from_spec
+from slicer_hf.codec.bits import BitReader, BitWriter
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1, 1, 576), (1, 1, 1), (7, 100), (2, 3, 63), (513,), (1, 4, 4096)]
@@ -380,3 +382,19 @@ def test_ecsq_stream_must_hold_exactly_the_codes():
     claim[4] = 0x7F  # d = 127 instead of 4 from the same few bytes
     with pytest.raises(CodecError):
         codec.decode(bytes(claim))
+
+
+@pytest.mark.parametrize("lead", [0, 3, 8])  # whole-byte fields read byte-aligned, and shifted off the byte grid
+def test_bit_reader_reads_back_what_the_writer_wrote(lead):
+    g = np.random.default_rng(lead)
+    sections = [(g.integers(0, 1 << w, 5, dtype=np.uint64), w) for w in (16, 5, 8, 32, 64, 1)]
+    w = BitWriter()
+    w.write(np.zeros(lead, dtype=np.uint64), 1)
+    for codes, width in sections:
+        w.write(codes, width)
+    r = BitReader(w.getvalue())
+    r.read(lead, 1)
+    for codes, width in sections:
+        assert (r.read(len(codes), width) == codes).all()
+    with pytest.raises(CodecError, match="truncated"):
+        r.read(1, 16)

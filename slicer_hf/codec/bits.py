@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -95,27 +96,42 @@ class BitWriter:
         return np.packbits(bits[keep], bitorder="little").tobytes()
 
 
+_WHOLE_BYTES = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
+
+
 class BitReader:
     """Reads fields back from a `BitWriter` stream; every overrun is a `CodecError`."""
 
     def __init__(self, data: bytes) -> None:
-        self.bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        self.data = data
+        self.size = 8 * len(data)  # bits
         self.pos = 0
 
+    @functools.cached_property
+    def bits(self) -> np.ndarray:
+        """The stream one bit per entry (unpacked on the first read that needs it)."""
+        return np.unpackbits(np.frombuffer(self.data, dtype=np.uint8), bitorder="little")
+
     def read(self, count: int, width: int | np.ndarray) -> np.ndarray:
-        widths = np.broadcast_to(np.asarray(width, dtype=np.int64), (int(count),))
-        total = int(widths.sum())
-        if self.pos + total > self.bits.size:
-            raise CodecError(
-                f"bitstream truncated: need {total} bits at bit {self.pos}, have {self.bits.size - self.pos}"
-            )
+        count = int(count)
+        scalar = np.ndim(width) == 0
+        widths = None if scalar else np.broadcast_to(np.asarray(width, dtype=np.int64), (count,))
+        total = count * int(width) if widths is None else int(widths.sum())
+        if self.pos + total > self.size:
+            raise CodecError(f"bitstream truncated: need {total} bits at bit {self.pos}, have {self.size - self.pos}")
+        if scalar and int(width) in _WHOLE_BYTES and self.pos % 8 == 0:  # whole bytes: read as integers
+            out = np.frombuffer(self.data, dtype=_WHOLE_BYTES[int(width)], count=count, offset=self.pos // 8)
+            self.pos += total
+            return out.astype(np.uint64)
+        if widths is None:
+            widths = np.full(count, int(width), dtype=np.int64)
         if count == 0 or total == 0:
             self.pos += total
-            return np.zeros(int(count), dtype=np.uint64)
+            return np.zeros(count, dtype=np.uint64)
         max_w = int(widths.max())
         starts = self.pos + np.cumsum(widths) - widths
         shifts = np.arange(max_w)
-        idx = np.minimum(starts[:, None] + shifts[None, :], self.bits.size - 1)
+        idx = np.minimum(starts[:, None] + shifts[None, :], self.size - 1)
         vals = np.where(shifts[None, :] < widths[:, None], self.bits[idx], 0).astype(np.uint64)
         self.pos += total
         return (vals << shifts[None, :].astype(np.uint64)).sum(axis=1, dtype=np.uint64)
@@ -129,8 +145,8 @@ class BitReader:
         return values.astype(np.int64)
 
     def check_end(self) -> None:
-        if self.bits.size - self.pos >= 8:
-            raise CodecError(f"{(self.bits.size - self.pos) // 8} unexpected trailing bytes")
+        if self.size - self.pos >= 8:
+            raise CodecError(f"{(self.size - self.pos) // 8} unexpected trailing bytes")
 
 
 def float_fields(t: Any, wide: bool) -> np.ndarray:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import struct
 from collections import defaultdict
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -431,8 +432,10 @@ class SlicerCodec(Codec):
 
 def _points(codes: np.ndarray, trellised: bool) -> torch.Tensor:
     """`[m, d]` float32: the points codes `[m, d]` stand for, in steps (the second union's lie half a step off)."""
-    points = torch.from_numpy(codes).float()
-    return points + torch.from_numpy(0.5 * trellis.unions(codes)).float() if trellised else points
+    points = codes.astype(np.float32)
+    if trellised:
+        points += 0.5 * trellis.unions(codes)
+    return torch.from_numpy(points)
 
 
 def _calibrated_rows(
@@ -464,7 +467,7 @@ def _decode_ecsq(
         held = "none" if basis is None else f"one for width {basis.width}"
         raise CodecError(f"packet coded in a calibrated basis for width {d}; this decoder holds {held}")
     n_out = reader.u8()
-    step = float(np.frombuffer(reader.take(2), dtype="<f2")[0])
+    (step,) = struct.unpack("<e", reader.take(2))
     if n_out > d or not 0.0 < step <= 4.0:  # NaN fails too
         raise CodecError(f"inconsistent slicer ECSQ header: d={d}, outliers={n_out}, step={step}")
     rotated, wide = bool(flags & F_ROTATION), bool(flags & F_WIDE_PARAMS)
@@ -477,10 +480,11 @@ def _decode_ecsq(
     r = BitReader(reader.take(math.ceil(head_bits / 8)))
     out_pos, out_val = _read_outliers(r, n_rows, n_out, d, wide_out)
     device = _DECODE_DEVICE.get() or torch.device("cpu")
-    rms = _bits_float(r.read(n_rows, 32 if wide else 16), wide) if avail else torch.zeros(n_rows)  # [N]
+    rms = fields_float(r.read(n_rows, 32 if wide else 16), wide) if avail else np.zeros(n_rows, np.float32)  # [N]
     if (rms < 0).any():
         raise CodecError("negative row RMS")
-    n_sym = int((rms > 0).sum()) * avail
+    n_sym = int(np.count_nonzero(rms)) * avail
+    rms = torch.from_numpy(rms)
     ans = reader.take(reader.remaining())
     if not n_sym:
         if ans:
