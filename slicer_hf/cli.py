@@ -63,6 +63,9 @@ def serve(
     kv_store: Annotated[
         bool, typer.Option(help="Keep K/V in the server's block store (else per-session caches).")
     ] = True,
+    prepack: Annotated[
+        bool, typer.Option(help="Causal LMs on the CPU: run the served layers' matmuls on weights packed for oneDNN.")
+    ] = True,
     max_batch_rows: Annotated[int, typer.Option(help="Decode rows one forward may run.")] = 128,
     max_batch_tokens: Annotated[int, typer.Option(help="Positions one scheduler round may run.")] = 512,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill positions run in one forward.")] = 256,
@@ -124,7 +127,7 @@ def serve(
     if ray:
         _serve_fleet(locals(), limits)
         return
-    server = load_server(model, min_split_layer, dtype, device, limits, batching, kv_store, basis or ())
+    server = load_server(model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack)
     cert = tls_cert.read_bytes() if tls_cert else None
     key = tls_key.read_bytes() if tls_key else None
     running = grpc_serve(
@@ -162,6 +165,7 @@ def _serve_fleet(options: dict[str, Any], limits: Any) -> None:
         device=options["device"],
         batching=options["batching"],
         kv_store=options["kv_store"],
+        prepack=options["prepack"],
         threads=options["threads"],
         bases=tuple(str(p.resolve()) for p in options["basis"] or ()),
         limits=dataclasses.asdict(limits),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_model
 
-from slicer_hf import SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
+from slicer_hf import SlicerConfig, SlicerModelForCausalLM, build_codec, compat, protocol
 from slicer_hf.link import open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.server.kvstore import KVStore
@@ -128,14 +128,25 @@ def test_a_model_without_sdpa_attention_keeps_transformers_caches_and_stays_exac
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
-def test_32_sessions_at_mixed_splits_joining_and_leaving_generate_exactly(arch):
+@pytest.mark.parametrize(
+    "arch, prepack",
+    [("llama", False), ("mistral", False), ("gpt2", False), ("llama", True), ("mistral", True)],
+    ids=["llama", "mistral", "gpt2", "llama-prepacked", "mistral-prepacked"],
+)
+def test_32_sessions_at_mixed_splits_joining_and_leaving_generate_exactly(arch, prepack):
     """32 clients on one batching server, at split layers 1..3, with prompts of 1..40 tokens (mistral's sliding
-    window is 16) and 4..20 new tokens, starting at staggered times: every one equals plain `generate()`."""
+    window is 16) and 4..20 new tokens, starting at staggered times: every one equals plain `generate()`, with the
+    served layers' weights as loaded or packed for oneDNN."""
     ref = tiny_model(arch)
     server = SplitServer(
-        copy.deepcopy(ref), batching=True, min_split_layer=1, limits=ServerLimits(prefill_chunk_tokens=8)
+        copy.deepcopy(ref),
+        batching=True,
+        min_split_layer=1,
+        limits=ServerLimits(prefill_chunk_tokens=8),
+        prepack=prepack,
     )
+    linears = sum(type(m) is torch.nn.Linear for layer in compat.decoder_layers(ref)[1:] for m in layer.modules())
+    assert server.stats_dict()["prepacked_linears"] == (linears if prepack else 0)
     rng = random.Random(0)
     jobs = []
     for i in range(32):

@@ -9,15 +9,18 @@ split layers (clients take the splits in turn); batched and one by one; 1, 8, 32
 
 The floor: every `Linear` of the layers a client's split leaves to the server, timed here on its own shape with one
 torch thread at the mean rows per decode forward the scheduler achieved, summed, per token (averaged over the
-clients' splits). It is what the matmuls alone cost on this machine at that batch size, each weight hot in cache.
-The streamed floor runs the same matmuls one after another, as a forward meets them: weights larger than the cache
-then come from memory, which is what a forward at that batch can reach at best.
+clients' splits), with the faster of two kernels for it: torch's `linear`, and oneDNN on the weight packed for it
+(what the server runs with `--prepack`, its default). It is what the matmuls alone cost on this machine at that
+batch size, each weight hot in cache. The streamed floor runs the same matmuls one after another, as a forward meets
+them: weights larger than the cache then come from memory, which is what a forward at that batch can reach at best.
 
     slicer-hf bench concurrency --clients 1 8 32 128 --out-json docs/benchmarks/concurrency.json
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import statistics
 import threading
 import time
@@ -34,6 +37,7 @@ from ..demo import default_config_dir
 from ..launch import start_server
 from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
+from ..server.prepack import PackedLinear, packable
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from .common import markdown_table, median_time, suite_parser, write_json
 
@@ -154,34 +158,51 @@ def linear_shapes(model: torch.nn.Module, first_layer: int) -> list[torch.Tensor
     return [m.weight for layer in layers[first_layer:] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def floor_ms_per_token(weights: list[torch.Tensor], rows: float, streamed: bool = False) -> float:
+def floor_ms_per_token(
+    weights: list[torch.Tensor], rows: float, streamed: bool = False, prepacked: bool = True
+) -> float:
     """Matmul time per token of these weights at `rows` rows per forward (inputs in the weights' dtype), one torch
-    thread, measured now: each weight timed on its own, hot in cache (the floor), or all in turn as a forward meets
-    them (`streamed`: weights too large for the cache come from memory)."""
+    thread, measured now with the faster of two kernels: torch's `linear`, and oneDNN on weights packed for it (what
+    `slicer-hf serve --prepack` runs; `prepacked=False`: torch's alone). Each weight is timed on its own, hot in
+    cache, with the kernel fastest for it (the floor), or all in turn as a forward meets them, with the kernel fastest
+    for them all (`streamed`: weights too large for the cache come from memory)."""
     b = max(1, round(rows))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         inputs = [torch.randn(b, w.shape[1], dtype=w.dtype) for w in weights]
+        kernels = [[functools.partial(torch.nn.functional.linear, weight=w) for w in weights]]
+        if prepacked and packable(weights[0].device, weights[0].dtype):
+            kernels.append([PackedLinear(_as_linear(w)) for w in weights])
         if streamed:
-            total = median_time(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)], 9, 2)
+            total = min(
+                median_time(lambda k=k: [f(x) for f, x in zip(k, inputs)], repeats=9, warmup=2) for k in kernels
+            )
         else:
             total = sum(
-                median_time(lambda x=x, w=w: torch.nn.functional.linear(x, w), repeats=15, warmup=3)
-                for x, w in zip(inputs, weights)
+                min(median_time(lambda f=k[i], x=x: f(x), repeats=15, warmup=3) for k in kernels)
+                for i, x in enumerate(inputs)
             )
     finally:
         torch.set_num_threads(threads)
     return 1000 * total / b
 
 
-def matmul_gflops(rows: int, d: int = 576, f: int = 1536) -> float:
-    """Throughput of a [rows x d] @ [d x f] float32 matmul with one torch thread."""
+def _as_linear(weight: torch.Tensor) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def matmul_gflops(rows: int, d: int = 576, f: int = 1536, packed: bool = False) -> float:
+    """Throughput of a [rows x d] @ [d x f] float32 matmul with one torch thread (`packed`: by oneDNN, the [f x d]
+    weight packed for it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, b = torch.randn(rows, d), torch.randn(d, f)
-        return 2 * rows * d * f / median_time(lambda: a @ b, repeats=25, warmup=5) / 1e9
+        a, w = torch.randn(rows, d), torch.randn(f, d)
+        product = PackedLinear(_as_linear(w)) if packed else functools.partial(torch.nn.functional.linear, weight=w)
+        return 2 * rows * d * f / median_time(lambda: product(a), repeats=25, warmup=5) / 1e9
     finally:
         torch.set_num_threads(threads)
 
@@ -194,6 +215,7 @@ def run(
     decode_steps: int = 32,
     out_json: str | None = None,
     dtype: str = "float32",
+    prepack: bool = True,
 ) -> dict[str, Any]:
     """Measure one server process per scenario and service (batched, one by one) at each client count; the floor
     is measured afterwards in this process, with the server's weights in the server's `dtype`."""
@@ -225,6 +247,7 @@ def run(
                     "1",  # one compute thread; the clients and gRPC get the other core
                     "--dtype",
                     dtype,
+                    "--prepack" if prepack else "--no-prepack",
                 ],
             )
             try:
@@ -246,6 +269,8 @@ def run(
         for key, streamed in (("floor_ms_per_token", False), ("streamed_floor_ms_per_token", True)):
             per_split = {k: floor_ms_per_token(weights[k], row["rows_per_forward"], streamed) for k in row["splits"]}
             row[key] = statistics.fmean(per_split[k] for k in ks)
+        linear = {k: floor_ms_per_token(weights[k], row["rows_per_forward"], prepacked=False) for k in row["splits"]}
+        row["linear_floor_ms_per_token"] = statistics.fmean(linear[k] for k in ks)  # torch's kernel alone
         row["cpu_over_floor"] = row["server_cpu_ms_per_decode_token"] / row["floor_ms_per_token"]
     for row in rows:
         alone = next(
@@ -259,7 +284,9 @@ def run(
         "decode_steps": decode_steps,
         "server_threads": 1,
         "server_dtype": dtype,
+        "server_prepack": prepack,
         "matmul_gflops_1_thread": {b: matmul_gflops(b) for b in (1, 8, 32, 128)},
+        "matmul_gflops_1_thread_prepacked": {b: matmul_gflops(b, packed=True) for b in (1, 8, 32, 128)},
         "rows": rows,
     }
     write_json(result, out_json)
@@ -311,8 +338,23 @@ def main(argv: list[str] | None = None) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="the server's weights (the floor is measured in the same dtype)",
     )
+    parser.add_argument(
+        "--prepack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve with the Linear weights packed for oneDNN (slicer-hf serve --prepack)",
+    )
     args = parser.parse_args(argv)
-    run(args.model, args.config, args.clients, args.prompt_tokens, args.decode_steps, args.out_json, args.dtype)
+    run(
+        args.model,
+        args.config,
+        args.clients,
+        args.prompt_tokens,
+        args.decode_steps,
+        args.out_json,
+        args.dtype,
+        args.prepack,
+    )
 
 
 if __name__ == "__main__":

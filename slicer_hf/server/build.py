@@ -24,6 +24,7 @@ def load_server(
     batching: bool = True,
     kv_store: bool = True,
     bases: Sequence[str | Path] = (),
+    prepack: bool = True,
 ) -> SplitServer:
     """Load blocks `min_split_layer..L-1` of `model` (a causal LM, or an encoder's base model) and serve them.
 
@@ -31,7 +32,7 @@ def load_server(
         model: Hub id, local folder, or an alias of `data.resolve_model` ('smollm2', 'minilm').
         dtype: weights dtype: float32, bfloat16, float16 or auto.
         device: where the layers and the KV store live: cpu, cuda, cuda:1.
-        limits, batching, kv_store: as for `SplitServer`.
+        limits, batching, kv_store, prepack: as for `SplitServer` (prepack: where the device and dtype allow).
         bases: calibrated SLICER bases clients may name (files, or folders whose bases are all loaded), besides the
             ones shipped with the presets.
     """
@@ -44,5 +45,11 @@ def load_server(
     loaded = load_layers(path, range(min_split_layer, n), auto_class=auto, dtype=torch_dtype)
     move_loaded(loaded, torch.device(device))
     return SplitServer(
-        loaded, model_name=model, limits=limits, min_split_layer=min_split_layer, batching=batching, kv_store=kv_store
+        loaded,
+        model_name=model,
+        limits=limits,
+        min_split_layer=min_split_layer,
+        batching=batching,
+        kv_store=kv_store,
+        prepack=prepack,
     )

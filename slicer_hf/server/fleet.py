@@ -53,7 +53,7 @@ class FleetOptions:
 
     Args:
         model: Hub id, folder or alias ('smollm2', 'minilm') every replica loads.
-        min_split_layer, dtype, device, batching, kv_store, threads, bases: as for `slicer-hf serve`.
+        min_split_layer, dtype, device, batching, kv_store, prepack, threads, bases: as for `slicer-hf serve`.
         limits: `ServerLimits` fields for every replica.
         replicas: fixed replica count (ignored with `autoscale`).
         autoscale: (min, max) replicas, scaled on active sessions per replica.
@@ -75,6 +75,7 @@ class FleetOptions:
     device: str = "cpu"
     batching: bool = True
     kv_store: bool = True
+    prepack: bool = True
     threads: int | None = None
     bases: tuple[str, ...] = ()
     limits: dict[str, Any] = field(default_factory=dict)
@@ -140,7 +141,15 @@ class SplitReplica:
             torch.set_num_threads(opts.threads)
         limits = ServerLimits(**opts.limits)
         self.server = load_server(
-            opts.model, opts.min_split_layer, opts.dtype, opts.device, limits, opts.batching, opts.kv_store, opts.bases
+            opts.model,
+            opts.min_split_layer,
+            opts.dtype,
+            opts.device,
+            limits,
+            opts.batching,
+            opts.kv_store,
+            opts.bases,
+            opts.prepack,
         )
         cert = opts.tls_cert.encode() if opts.tls_cert else None
         key = opts.tls_key.encode() if opts.tls_key else None

@@ -120,7 +120,14 @@ async def set_draining(engine: SplitServer, health_servicer: Any, on: bool) -> N
 class _StatsCollector:
     """Reads the engine's counters for prometheus_client at each scrape."""
 
-    GAUGES = ("sessions_active", "compute_ms_per_token", "kv_bytes_used", "kv_budget_bytes", "draining")
+    GAUGES = (
+        "sessions_active",
+        "compute_ms_per_token",
+        "kv_bytes_used",
+        "kv_budget_bytes",
+        "draining",
+        "prepacked_linears",
+    )
 
     def __init__(self, engine: SplitServer) -> None:
         self.engine = engine
