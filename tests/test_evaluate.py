@@ -169,7 +169,9 @@ def test_concurrency_suite_measures_batched_and_one_by_one(tiny_dir, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["server_prepack"] is True  # the server's default
     assert [(r["scenario"], r["batching"], r["clients"]) for r in rows] == [
         (scenario, batching, n)
         for scenario in ("one split", "mixed splits")
@@ -180,6 +182,7 @@ def test_concurrency_suite_measures_batched_and_one_by_one(tiny_dir, tmp_path):
     assert all(r["rows_per_forward"] == 1 for r in rows if not r["batching"])
     assert all(r["floor_ms_per_token"] > 0 and r["p99_step_ms"] >= r["p50_step_ms"] for r in rows)
     assert all(r["streamed_floor_ms_per_token"] > 0 and r["codec_ms_per_decode_token"] > 0 for r in rows)
+    assert all(r["linear_floor_ms_per_token"] > 0 for r in rows)
     assert len({tuple(r["splits"]) for r in rows}) == 2
 
 
@@ -188,3 +191,4 @@ def test_the_floor_is_measured_in_the_dtype_of_the_served_weights(dtype):
     weights = [torch.randn(48, 32, dtype=dtype), torch.randn(32, 48, dtype=dtype)]
     assert floor_ms_per_token(weights, rows=4) > 0
     assert floor_ms_per_token(weights, rows=4, streamed=True) > 0
+    assert floor_ms_per_token(weights, rows=4, prepacked=False) > 0  # torch's kernel alone
