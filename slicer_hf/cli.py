@@ -127,7 +127,9 @@ def serve(
     if ray:
         _serve_fleet(locals(), limits)
         return
-    server = load_server(model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack)
+    server = load_server(
+        model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack=prepack
+    )
     cert = tls_cert.read_bytes() if tls_cert else None
     key = tls_key.read_bytes() if tls_key else None
     running = grpc_serve(

@@ -23,7 +23,7 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if packable(CPU, torch.bfloat16) el
 def test_a_packed_linear_computes_what_the_linear_does(dtype, bias):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=bias).to(dtype)
-    packed = PackedLinear(linear)
+    packed = PackedLinear(linear.weight, linear.bias)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for x in (torch.randn(1, 96), torch.randn(5, 7, 96), torch.randn(96, 6).T):  # rows, [B, T, d], strided
         x = x.to(dtype)

@@ -158,40 +158,31 @@ def linear_shapes(model: torch.nn.Module, first_layer: int) -> list[torch.Tensor
     return [m.weight for layer in layers[first_layer:] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def floor_ms_per_token(
-    weights: list[torch.Tensor], rows: float, streamed: bool = False, prepacked: bool = True
-) -> float:
+def floors_ms_per_token(weights: list[torch.Tensor], rows: float, streamed: bool = False) -> dict[str, float]:
     """Matmul time per token of these weights at `rows` rows per forward (inputs in the weights' dtype), one torch
-    thread, measured now with the faster of two kernels: torch's `linear`, and oneDNN on weights packed for it (what
-    `slicer-hf serve --prepack` runs; `prepacked=False`: torch's alone). Each weight is timed on its own, hot in
-    cache, with the kernel fastest for it (the floor), or all in turn as a forward meets them, with the kernel fastest
-    for them all (`streamed`: weights too large for the cache come from memory)."""
+    thread, measured now with two kernels: torch's `linear`, and oneDNN on weights packed for it (what
+    `slicer-hf serve --prepack` runs). Each weight is timed on its own, hot in cache, or all in turn as a forward
+    meets them (`streamed`: weights too large for the cache come from memory). Returns "linear", torch's kernel
+    alone, and "floor", the faster kernel for each weight (streamed: for them all)."""
     b = max(1, round(rows))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         inputs = [torch.randn(b, w.shape[1], dtype=w.dtype) for w in weights]
-        kernels = [[functools.partial(torch.nn.functional.linear, weight=w) for w in weights]]
-        if prepacked and packable(weights[0].device, weights[0].dtype):
-            kernels.append([PackedLinear(_as_linear(w)) for w in weights])
+        kernels = [[functools.partial(torch.nn.functional.linear, weight=w) for w in weights]]  # torch's first
+        if packable(weights[0].device, weights[0].dtype):
+            kernels.append([PackedLinear(w) for w in weights])
         if streamed:
-            total = min(
-                median_time(lambda k=k: [f(x) for f, x in zip(k, inputs)], repeats=9, warmup=2) for k in kernels
-            )
+            totals = [median_time(lambda k=k: [f(x) for f, x in zip(k, inputs)], repeats=9, warmup=2) for k in kernels]
+            linear, floor = totals[0], min(totals)
         else:
-            total = sum(
-                min(median_time(lambda f=k[i], x=x: f(x), repeats=15, warmup=3) for k in kernels)
-                for i, x in enumerate(inputs)
-            )
+            times = [
+                [median_time(lambda f=f, x=x: f(x), repeats=15, warmup=3) for f, x in zip(k, inputs)] for k in kernels
+            ]
+            linear, floor = sum(times[0]), sum(map(min, zip(*times)))
     finally:
         torch.set_num_threads(threads)
-    return 1000 * total / b
-
-
-def _as_linear(weight: torch.Tensor) -> torch.nn.Linear:
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    return linear
+    return {"linear": 1000 * linear / b, "floor": 1000 * floor / b}
 
 
 def matmul_gflops(rows: int, d: int = 576, f: int = 1536, packed: bool = False) -> float:
@@ -201,7 +192,7 @@ def matmul_gflops(rows: int, d: int = 576, f: int = 1536, packed: bool = False) 
     torch.set_num_threads(1)
     try:
         a, w = torch.randn(rows, d), torch.randn(f, d)
-        product = PackedLinear(_as_linear(w)) if packed else functools.partial(torch.nn.functional.linear, weight=w)
+        product = PackedLinear(w) if packed else functools.partial(torch.nn.functional.linear, weight=w)
         return 2 * rows * d * f / median_time(lambda: product(a), repeats=25, warmup=5) / 1e9
     finally:
         torch.set_num_threads(threads)
@@ -266,11 +257,11 @@ def run(
     weights = {k: linear_shapes(lm, k) for k in splits}
     for row in rows:
         ks = [row["splits"][i % len(row["splits"])] for i in range(row["clients"])]
-        for key, streamed in (("floor_ms_per_token", False), ("streamed_floor_ms_per_token", True)):
-            per_split = {k: floor_ms_per_token(weights[k], row["rows_per_forward"], streamed) for k in row["splits"]}
-            row[key] = statistics.fmean(per_split[k] for k in ks)
-        linear = {k: floor_ms_per_token(weights[k], row["rows_per_forward"], prepacked=False) for k in row["splits"]}
-        row["linear_floor_ms_per_token"] = statistics.fmean(linear[k] for k in ks)  # torch's kernel alone
+        hot = {k: floors_ms_per_token(weights[k], row["rows_per_forward"]) for k in row["splits"]}
+        streamed = {k: floors_ms_per_token(weights[k], row["rows_per_forward"], True) for k in row["splits"]}
+        row["floor_ms_per_token"] = statistics.fmean(hot[k]["floor"] for k in ks)
+        row["streamed_floor_ms_per_token"] = statistics.fmean(streamed[k]["floor"] for k in ks)
+        row["linear_floor_ms_per_token"] = statistics.fmean(hot[k]["linear"] for k in ks)  # torch's kernel alone
         row["cpu_over_floor"] = row["server_cpu_ms_per_decode_token"] / row["floor_ms_per_token"]
     for row in rows:
         alone = next(

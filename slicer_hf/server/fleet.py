@@ -149,7 +149,7 @@ class SplitReplica:
             opts.batching,
             opts.kv_store,
             opts.bases,
-            opts.prepack,
+            prepack=opts.prepack,
         )
         cert = opts.tls_cert.encode() if opts.tls_cert else None
         key = opts.tls_key.encode() if opts.tls_key else None

@@ -26,13 +26,14 @@ def packable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """`nn.Linear` on a weight packed for oneDNN. `weight` unpacks it, for code that inspects a layer's weights."""
+    """`nn.Linear` on a weight `[out, in]` packed for oneDNN. `weight` unpacks it, for code that inspects a layer's
+    weights."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = linear.bias
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self.bias = bias
 
     @property
     def weight(self) -> torch.Tensor:
@@ -53,6 +54,6 @@ def prepack_linears(blocks: Iterable[nn.Module]) -> int:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and packable(child.weight.device, child.weight.dtype):
-                    setattr(parent, name, PackedLinear(child))
+                    setattr(parent, name, PackedLinear(child.weight, child.bias))
                     count += 1
     return count
