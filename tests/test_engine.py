@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from conftest import tiny_model
-from live import gate_rounds
+from live import gate_rounds, wait_for
 
 from slicer_hf import CodecError, ProtocolError, build_codec, protocol
 from slicer_hf.codec import codec_from_spec
@@ -333,3 +333,37 @@ def test_the_server_refuses_a_downlink_codec_it_cannot_use(engine):
         with pytest.raises(ProtocolError, match="downlink_codec") as info:
             protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, bad)))
         assert info.value.code == "bad_request"
+
+
+def test_the_compute_threads_cpu_time_is_counted_and_its_parts_fit_in_it(engine):
+    server = engine(batching=True)
+    session = open_session(server)
+    before = server.stats_dict()
+    protocol.raise_if_error(step(server, session, 1, tokens=3))
+    for seq in range(2, 6):
+        protocol.raise_if_error(step(server, session, seq, start=seq + 1, tokens=1))
+    server.shutdown()  # the compute thread has ended: all it did is counted
+    spent = {key: value - before[key] for key, value in server.stats_dict().items() if key.endswith("cpu_s")}
+    assert spent["decode_compute_cpu_s"] > 0 and spent["packet_decode_cpu_s"] > 0
+    parts = spent["decode_compute_cpu_s"] + spent["packet_decode_cpu_s"]  # prefill forwards are not among them
+    assert parts < spent["scheduler_cpu_s"] <= spent["process_cpu_s"]
+
+
+def test_a_stream_idles_out_on_the_timeout_that_applies_now_and_not_while_it_talks(engine):
+    server = engine(open_timeout_s=60, idle_timeout_s=0.5)  # its first read waits up to 60 s, its later ones 0.5 s
+    running = serve(server, port=0)
+    transport = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], timeout_s=30)
+    try:
+        body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+        session = protocol.decode_json(transport.request(protocol.encode_json(protocol.OPEN, body)))["session"]
+        for seq in range(1, 6):  # a step every 0.25 s, for longer than the idle timeout in all
+            time.sleep(0.25)
+            payload = build_codec("identity").encode(torch.randn(1, 1, server.hidden_size))
+            reply = transport.request(protocol.encode_step(protocol.Step(session, seq, seq - 1, 1, 1, 0, payload)))
+            protocol.raise_if_error(reply)
+        started = time.monotonic()
+        assert wait_for(lambda: server.stats_dict()["errors"].get("stream_idle") == 1, timeout_s=10)
+        assert time.monotonic() - started < 5 and session not in server.sessions  # closed, and its session freed
+    finally:
+        transport.close()
+        running.stop()

@@ -183,6 +183,10 @@ def test_concurrency_suite_measures_batched_and_one_by_one(tiny_dir, tmp_path):
     assert all(r["floor_ms_per_token"] > 0 and r["p99_step_ms"] >= r["p50_step_ms"] for r in rows)
     assert all(r["streamed_floor_ms_per_token"] > 0 and r["codec_ms_per_decode_token"] > 0 for r in rows)
     assert all(r["linear_floor_ms_per_token"] > 0 for r in rows)
+    for r in rows:  # the server's CPU, split by where it went: the compute thread's parts fit in that thread's time
+        assert r["compute_cpu_ms_per_decode_token"] > 0 and r["codec_cpu_ms_per_decode_token"] > 0
+        assert r["scheduling_cpu_ms_per_decode_token"] >= 0 and r["network_cpu_ms_per_decode_token"] > 0
+        assert r["compute_cpu_ms_per_decode_token"] <= 1.05 * r["compute_ms_per_decode_token"] + 0.01  # CPU <= wall
     assert len({tuple(r["splits"]) for r in rows}) == 2
 
 

@@ -136,15 +136,27 @@ def measure(url: str, requests: list[dict[str, Any]], packets: list[list[bytes]]
     decode_tokens = sum(len(c.latencies) for c in clients)
     latencies = sorted(x for c in clients for x in c.latencies)
     batches, rows = after["batches"] - mid["batches"], after["batched_rows"] - mid["batched_rows"]
+
+    def per_token(counter: str) -> float:  # ms of a server counter (seconds) per decode token
+        return 1000 * (after[counter] - mid[counter]) / decode_tokens
+
     return {
         "clients": len(clients),
         "decode_tokens": decode_tokens,
         "decode_wall_s": wall,
         "decode_tokens_per_s": decode_tokens / wall,
-        "server_cpu_ms_per_decode_token": 1000 * (after["process_cpu_s"] - mid["process_cpu_s"]) / decode_tokens,
+        "server_cpu_ms_per_decode_token": per_token("process_cpu_s"),
         "server_cpu_ms_per_prefill_token": 1000 * (mid["process_cpu_s"] - before["process_cpu_s"]) / prefill_tokens,
-        "compute_ms_per_decode_token": 1000 * (after["decode_compute_s"] - mid["decode_compute_s"]) / decode_tokens,
-        "codec_ms_per_decode_token": 1000 * (after["packet_decode_s"] - mid["packet_decode_s"]) / decode_tokens,
+        "compute_ms_per_decode_token": per_token("decode_compute_s"),  # wall time, preemption included
+        "codec_ms_per_decode_token": per_token("packet_decode_s"),
+        # where the server's CPU went (thread CPU time): forwards and replies, packet decoding, the rest of the
+        # compute thread (queues, batching), and every other thread (gRPC, its event loop, control requests)
+        "compute_cpu_ms_per_decode_token": per_token("decode_compute_cpu_s"),
+        "codec_cpu_ms_per_decode_token": per_token("packet_decode_cpu_s"),
+        "scheduling_cpu_ms_per_decode_token": per_token("scheduler_cpu_s")
+        - per_token("decode_compute_cpu_s")
+        - per_token("packet_decode_cpu_s"),
+        "network_cpu_ms_per_decode_token": per_token("process_cpu_s") - per_token("scheduler_cpu_s"),
         "p50_step_ms": 1000 * latencies[len(latencies) // 2],
         "p99_step_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "rows_per_forward": rows / batches if batches else 1.0,
@@ -295,8 +307,10 @@ COLUMNS = [
     ("floor ms / token", "floor_ms_per_token", ".3f"),
     ("CPU / floor", "cpu_over_floor", ".2f"),
     ("streamed floor ms / token", "streamed_floor_ms_per_token", ".3f"),
-    ("compute ms / decode token", "compute_ms_per_decode_token", ".3f"),
-    ("codec decode ms / decode token", "codec_ms_per_decode_token", ".3f"),
+    ("compute CPU ms / decode token", "compute_cpu_ms_per_decode_token", ".3f"),
+    ("codec decode CPU ms / decode token", "codec_cpu_ms_per_decode_token", ".3f"),
+    ("scheduling CPU ms / decode token", "scheduling_cpu_ms_per_decode_token", ".3f"),
+    ("gRPC CPU ms / decode token", "network_cpu_ms_per_decode_token", ".3f"),
     ("CPU ms / prefill token", "server_cpu_ms_per_prefill_token", ".3f"),
     ("p50 step ms", "p50_step_ms", ".1f"),
     ("p99 step ms", "p99_step_ms", ".1f"),

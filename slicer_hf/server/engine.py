@@ -129,6 +129,9 @@ class ServerStats:
     compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
     decode_compute_s: float = 0.0
     packet_decode_s: float = 0.0  # the compute thread's time decoding packets (the codec's share of the CPU)
+    scheduler_cpu_s: float = 0.0  # CPU time of the compute thread: packet decoding, forwards, replies, scheduling
+    decode_compute_cpu_s: float = 0.0  # its CPU time in decode forwards (their wall time less preemption)
+    packet_decode_cpu_s: float = 0.0
     prefill_compute_s: float = 0.0
     batches: int = 0  # decode forwards
     batched_rows: int = 0  # rows in them
@@ -605,7 +608,6 @@ class SplitServer:
         """Decode the packets of `works` (on the compute thread, onto the server's device), those of sessions with
         the same codec together (`Codec.decode_batch`): each work gets its `hidden`, or its step fails alone with
         the codec's error (rows that are not all finite included: they are nobody's hidden states)."""
-        started = time.perf_counter()
         groups: dict[tuple[str, frozenset[torch.dtype]], list[Work]] = defaultdict(list)
         for work in works:
             groups[work.session.codec_key, work.session.wire_dtypes].append(work)
@@ -632,7 +634,6 @@ class SplitServer:
                     # the reply is coded against the step's rows as the edge decodes them, before the model's dtype
                     work.reply_given = hidden[:, work.step.need_from :].cpu()
                 work.hidden = hidden.to(self.dtype)
-        self.stats.add(packet_decode_s=time.perf_counter() - started)
 
     def _shape(self, session: Session, step: protocol.Step) -> tuple[int, int, int]:
         return step.batch, step.tokens, self.width(session)

@@ -56,21 +56,27 @@ class _SplitService(grpc.GenericRpcHandler):
         await self._authorize(context)
         peer, opened = context.peer(), set()
         limits = self.engine.limits
+        idle = _IdleTimer(asyncio.current_task())
         answer: Future[bytes] | None = None
         try:
             while True:
                 timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s
+                idle.reading(timeout_s)
                 try:
-                    data = await asyncio.wait_for(context.read(), timeout_s)
-                except asyncio.TimeoutError:
+                    data = await context.read()
+                except asyncio.CancelledError:
+                    if not idle.expired:
+                        raise
                     self.engine.stats.error("stream_idle")
                     logger.info("stream from %s idle for %.1f s: closed", peer, timeout_s)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {timeout_s} s")
+                idle.reading(None)
                 if data is grpc.aio.EOF:
                     return
-                answer = self._answer(data, peer, opened)
-                await context.write(await asyncio.wrap_future(answer))
+                answer, settled = self._answer(data, peer, opened)
+                await context.write(await settled)
         finally:  # the stream is gone: nothing it opened may outlive it, a session its last request opens included
+            idle.stop()
 
             def free(_: Any = None) -> None:
                 for session_id in list(opened):
@@ -81,16 +87,26 @@ class _SplitService(grpc.GenericRpcHandler):
             if answer is not None:  # an OPEN still running on the pool frees its session once it is done
                 answer.add_done_callback(free)
 
-    def _answer(self, data: bytes, peer: str, opened: set[int]) -> Future[bytes]:
-        """A step goes straight to the engine's compute thread (admitting it is cheap), to be withdrawn if it has not
-        started within `step_timeout_s`; any other request runs on the pool (an OPEN may read files)."""
+    def _answer(self, data: bytes, peer: str, opened: set[int]) -> tuple[Future[bytes], asyncio.Future[bytes]]:
+        """The reply-to-be, and the event loop's future of it. A step goes straight to the engine's compute thread
+        (admitting it is cheap), to be withdrawn if it has not started within `step_timeout_s` or if the stream ends
+        first; any other request runs on the pool (an OPEN may read files)."""
         if data[1:2] not in (bytes([protocol.STEP]), bytes([protocol.NEXT])):
-            return self.pool.submit(self.engine.handle, data, peer, opened)
-        reply = self.engine.submit(data, peer, opened)
+            reply = self.pool.submit(self.engine.handle, data, peer, opened)
+            return reply, asyncio.wrap_future(reply)
+        step = self.engine.submit(data, peer, opened)
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.engine.limits.step_timeout_s, reply.withdraw)
-        reply.add_done_callback(lambda _: loop.call_soon_threadsafe(timer.cancel))
-        return reply
+        timer = loop.call_later(self.engine.limits.step_timeout_s, step.withdraw)
+        settled = loop.create_future()
+
+        def settle() -> None:  # one wake-up of the loop per reply: stop the timer, hand the reply on
+            timer.cancel()
+            if not settled.done():
+                settled.set_result(step.result())
+
+        step.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
+        settled.add_done_callback(lambda f: step.withdraw() if f.cancelled() else None)
+        return step, settled
 
     async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await self._authorize(context)
@@ -109,6 +125,47 @@ class _SplitService(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'drain takes {"on": true|false}')
         await set_draining(self.engine, self.health, on)
         return protocol.encode_json(protocol.STATS_REPLY, self.engine.stats_dict())
+
+
+class _IdleTimer:
+    """Cancels a stream's task once it has waited `timeout_s` for its client's next message. One timer per stream,
+    moved on when it fires, stands in for a timeout per read (`asyncio.wait_for` costs a task per message)."""
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        assert task is not None, "a stream runs as a task"
+        self.task, self.loop = task, task.get_loop()
+        self.since: float | None = None  # when the current read began (None: not reading)
+        self.timeout_s = float("inf")
+        self.expired = False  # the task was cancelled for idling
+        self._timer: asyncio.TimerHandle | None = None
+
+    def reading(self, timeout_s: float | None) -> None:
+        """A read starts, to last at most `timeout_s`; None: the read is over."""
+        if timeout_s is None:
+            self.since = None
+            return
+        self.since, self.timeout_s = self.loop.time(), timeout_s
+        due = self.since + timeout_s
+        if self._timer is not None and self._timer.when() > due:  # a shorter timeout than the one armed
+            self.stop()
+        if self._timer is None and timeout_s < float("inf"):
+            self._timer = self.loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.since is None:  # not reading: the next read arms the timer again
+            return
+        due = self.since + self.timeout_s
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check)
+        else:
+            self.expired = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def set_draining(engine: SplitServer, health_servicer: Any, on: bool) -> None:

@@ -103,6 +103,7 @@ class Scheduler:
         self.batching = batching
         self._queue: queue.Queue[Any] = queue.Queue()
         self._decoded_last: set[Session] = set()  # sessions of the last round's decode forwards
+        self._cpu_mark = 0.0  # this thread's CPU time when it was last added to the stats
         self._thread = threading.Thread(target=self._loop, name="slicer-scheduler", daemon=True)
         self._thread.start()
 
@@ -126,6 +127,7 @@ class Scheduler:
         try:
             while pending is not None:
                 pending = self._cycle(pending)
+                self._account()
         except ReferenceError:  # the server is gone
             return
 
@@ -155,6 +157,7 @@ class Scheduler:
         pending = [w for w in pending if not w.session.closed]
         fresh = [w for w in pending if w.hidden is None]
         if fresh:
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 self.server.decode_packets(fresh)
             except Exception as exc:  # a bug (a bad packet fails its own step): not the thread
@@ -162,6 +165,9 @@ class Scheduler:
                 for work in fresh:
                     if not work.future.done():
                         work.future.set_exception(exc)
+            self._account(
+                packet_decode_s=time.perf_counter() - started, packet_decode_cpu_s=time.thread_time() - cpu_started
+            )
             pending = [w for w in pending if not w.future.done()]
         return self._round(pending) if pending else pending
 
@@ -230,7 +236,7 @@ class Scheduler:
     def _run_batch(self, items: list[Any], work_of: Any, forward: Any, prefill: bool) -> None:
         """`forward(items)` (one reply or None per item, in order), retried one item at a time if it fails for
         several, so a bad item fails alone; then the time and rows go into the server's stats."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         works = [work_of(item) for item in items]
         forwards = 1
         failure = self._guard(works, lambda: forward(items), report=len(items) == 1)
@@ -240,11 +246,12 @@ class Scheduler:
             for item in items:
                 self._guard([work_of(item)], lambda i=item: forward([i]))
             forwards += len(items)
-        elapsed, rows = time.perf_counter() - started, sum(w.rows for w in works)
+        elapsed, cpu, rows = time.perf_counter() - started, time.thread_time() - cpu_started, sum(w.rows for w in works)
         if prefill:
-            self.server.stats.add(compute_s=elapsed, prefill_compute_s=elapsed)
+            self._account(compute_s=elapsed, prefill_compute_s=elapsed)
         else:
-            self.server.stats.add(compute_s=elapsed, decode_compute_s=elapsed, batches=forwards, batched_rows=rows)
+            self._account(compute_s=elapsed, decode_compute_s=elapsed, decode_compute_cpu_s=cpu)
+            self.server.stats.add(batches=forwards, batched_rows=rows)
 
     def _forward(self, chunks: list[Chunk]) -> list[tuple[bytes, int] | Exception | None]:
         """One forward over `chunks`: if it fails, nothing has moved on (it may be retried); once it has run,
@@ -267,6 +274,13 @@ class Scheduler:
             return self.server.finish_step(work, torch.cat(work.outputs, 1))
         except Exception as exc:
             return exc
+
+    def _account(self, **counters: float) -> None:
+        """Add `counters` to the server's stats together with the CPU time this thread has used since it last did:
+        a reader never sees a part of that time (a forward's, a decode's) without the whole."""
+        now = time.thread_time()
+        self.server.stats.add(scheduler_cpu_s=now - self._cpu_mark, **counters)
+        self._cpu_mark = now
 
     def _guard(self, works: list[Work], fn: Any, report: bool = True) -> Exception | None:
         """Run `fn` and hand each finished step its reply (or its own error); if `fn` fails, report it to each
