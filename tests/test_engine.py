@@ -362,8 +362,29 @@ def test_a_stream_idles_out_on_the_timeout_that_applies_now_and_not_while_it_tal
             reply = transport.request(protocol.encode_step(protocol.Step(session, seq, seq - 1, 1, 1, 0, payload)))
             protocol.raise_if_error(reply)
         started = time.monotonic()
-        assert wait_for(lambda: server.stats_dict()["errors"].get("stream_idle") == 1, timeout_s=10)
-        assert time.monotonic() - started < 5 and session not in server.sessions  # closed, and its session freed
+
+        def closed() -> bool:  # the stream idled out, and its session is freed
+            return server.stats_dict()["errors"].get("stream_idle") == 1 and session not in server.sessions
+
+        assert wait_for(closed, timeout_s=10) and time.monotonic() - started < 5
     finally:
         transport.close()
         running.stop()
+
+
+def test_a_session_keeps_a_mask_only_once_one_masks_something(engine):
+    server = engine(batching=True)
+
+    def send(session: int, seq: int, start: int, mask: torch.Tensor) -> None:
+        payload = build_codec("identity").encode(torch.randn(1, mask.shape[1], server.hidden_size))
+        step = protocol.Step(session, seq, start, 1, mask.shape[1], 0, payload, mask)
+        protocol.raise_if_error(server.handle(protocol.encode_step(step)))
+
+    unpadded, padded = open_session(server), open_session(server)
+    send(unpadded, 1, 0, torch.ones(1, 3, dtype=torch.bool))
+    send(padded, 1, 0, torch.tensor([[False, True, True]]))
+    send(unpadded, 2, 3, torch.ones(1, 1, dtype=torch.bool))  # decode steps, each with its all-True column
+    send(padded, 2, 3, torch.ones(1, 1, dtype=torch.bool))
+    assert server.sessions[unpadded].mask is None  # nothing masked: no mask to build at each step
+    assert server.sessions[padded].mask.tolist() == [[False, True, True, True]]  # the padding is remembered
+    server.shutdown()

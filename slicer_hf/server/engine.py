@@ -766,7 +766,9 @@ class SplitServer:
         return True
 
     def _extend_mask(self, session: Session, step: protocol.Step) -> None:
-        if step.mask is None:
+        """The session's 2D mask through the step; None while it masks nothing (what an unpadded edge sends), so a
+        decode step builds no mask of its own."""
+        if step.mask is None or ((session.mask is None or step.start == 0) and bool(step.mask.all())):
             session.mask = None
         else:
             prefix = (
