@@ -99,10 +99,15 @@ class _SplitService(grpc.GenericRpcHandler):
         timer = loop.call_later(self.engine.limits.step_timeout_s, step.withdraw)
         settled = loop.create_future()
 
-        def settle() -> None:  # one wake-up of the loop per reply: stop the timer, hand the reply on
+        def settle() -> None:  # one wake-up of the loop per reply: stop the timer, hand the reply (or a bug) on
             timer.cancel()
-            if not settled.done():
+            if settled.done():
+                return
+            error = step.exception()
+            if error is None:
                 settled.set_result(step.result())
+            else:
+                settled.set_exception(error)
 
         step.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
         settled.add_done_callback(lambda f: step.withdraw() if f.cancelled() else None)
