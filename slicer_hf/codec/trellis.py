@@ -20,6 +20,7 @@ Codes go on the wire in that order: runs of 2G coordinates, each row-major.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -118,11 +119,19 @@ def decode(decode_run: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, s
     g, d = TRELLISES, len(scale)
     held = np.zeros((n, 3 * g + d), np.int32)  # 3G zero codes in front: the parities before a trellis starts
     scales = scale if n == 1 else to_wire(np.broadcast_to(scale, (n, d)))  # every run's scales, in wire order
-    done = 0
-    for run in wire_order(d):
-        lo, hi = run.start + 3 * g, run.stop + 3 * g
+    for lo, hi, wired in _runs(d, n):  # a run's union: the parity of codes 2G and 3G back, one decoder call a run
         union = (held[:, lo - 2 * g : hi - 2 * g] ^ held[:, lo - 3 * g : hi - 3 * g]) & 1
-        means = _UNION_MEAN[union.ravel()]
-        held[:, lo:hi] = decode_run(means, scales[done : done + len(means)]).reshape(n, -1)
-        done += len(means)
+        held[:, lo:hi] = decode_run(_UNION_MEAN[1] * union.ravel(), scales[wired]).reshape(n, -1)
     return held[:, 3 * g :]
+
+
+@functools.lru_cache(maxsize=64)
+def _runs(d: int, n: int) -> tuple[tuple[int, int, slice], ...]:
+    """Per run of `n` rows of `d` coordinates: its columns in `decode`'s held codes, and its codes' place on the wire
+    (worked out once per shape, not at every packet)."""
+    out, done = [], 0
+    for run in wire_order(d):
+        size = n * (run.stop - run.start)
+        out.append((run.start + 3 * TRELLISES, run.stop + 3 * TRELLISES, slice(done, done + size)))
+        done += size
+    return tuple(out)
