@@ -3,6 +3,7 @@ bounded, counters are exact under threads."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -17,7 +18,7 @@ from slicer_hf.config import SlicerConfig
 from slicer_hf.link import open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.server.engine import ServerStats
-from slicer_hf.server.grpc_server import serve
+from slicer_hf.server.grpc_server import _IdleTimer, serve
 from slicer_hf.transport.grpc import GrpcTransport
 
 
@@ -388,3 +389,27 @@ def test_a_session_keeps_a_mask_only_once_one_masks_something(engine):
     assert server.sessions[unpadded].mask is None  # nothing masked: no mask to build at each step
     assert server.sessions[padded].mask.tolist() == [[False, True, True, True]]  # the padding is remembered
     server.shutdown()
+
+
+def test_a_message_that_arrives_as_the_idle_deadline_passes_is_kept_not_dropped():
+    async def run() -> tuple[str, bool]:
+        loop = asyncio.get_running_loop()
+        message = loop.create_future()
+
+        async def stream() -> str:  # as `_SplitService.session` reads
+            idle = _IdleTimer(asyncio.current_task())
+            idle.reading(0.05)
+            timer.append(idle)
+            data = await message
+            idle.reading(None)
+            idle.stop()
+            return data
+
+        timer: list[_IdleTimer] = []
+        task = asyncio.ensure_future(stream())
+        await asyncio.sleep(0)
+        # the message completes in the same pass of the loop as the deadline, just before it
+        loop.call_at(timer[0]._timer.when() - 1e-9, message.set_result, "step")
+        return await task, timer[0].expired
+
+    assert asyncio.run(run()) == ("step", False)

@@ -11,12 +11,14 @@ closed and their memory freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as ResultTimeout  # builtins' TimeoutError from Python 3.11
 from typing import Any
 
 import grpc
@@ -163,7 +165,11 @@ class _IdleTimer:
         due = self.since + self.timeout_s
         if self.loop.time() < due:
             self._timer = self.loop.call_at(due, self._check)
-        else:
+        else:  # a read that completed in this very pass of the loop resumes first, and keeps its message
+            self.loop.call_soon(self._expire)
+
+    def _expire(self) -> None:
+        if self.since is not None:
             self.expired = True
             self.task.cancel()
 
@@ -300,11 +306,24 @@ class RunningServer:
             self._metrics.shutdown()
 
     def _close_loop(self) -> None:
+        if self.loop.is_running():  # let what gRPC leaves running end, rather than destroy it pending
+            finishing = asyncio.run_coroutine_threadsafe(_finish_tasks(timeout_s=2.0), self.loop)
+            with contextlib.suppress(ResultTimeout):
+                finishing.result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self.loop.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _finish_tasks(timeout_s: float) -> None:
+    """Cancel the loop's other tasks and wait (at most `timeout_s`) for them to end."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
 
 
 def serve(
