@@ -394,7 +394,7 @@ class SlicerCodec(Codec):
                 if flags & F_TRELLIS:  # whole rows: codes [n, d], sent run by run with their unions' means
                     rows_codes = symbols.reshape(-1, d)
                     scales = np.broadcast_to(_scales_in_steps(basis, step), rows_codes.shape)
-                    means = -0.5 * trellis.unions(rows_codes)
+                    means = trellis.UNION_MEAN * trellis.unions(rows_codes)
                     symbols = trellis.to_wire(rows_codes)
                     models = (_laplace_family(bound), trellis.to_wire(means), trellis.to_wire(scales))
                 else:

@@ -32,7 +32,7 @@ LAMBDA = 0.11  # squared error (in steps^2) one bit is worth to the encoder's pa
 # state s holds the last three branch bits (bit 0 the newest); its union is bit 1 xor bit 2
 _UNION = np.array([((s >> 1) ^ (s >> 2)) & 1 for s in range(STATES)])
 _PRED = np.array([[nx >> 1, (nx >> 1) | 4] for nx in range(STATES)])  # [8, 2]: the two states leading to nx
-_UNION_MEAN = np.array([0.0, -0.5])  # a code's mean in its union's model: A1's points lie half a step lower
+UNION_MEAN = -0.5  # a code's mean in its union's model, per unit of union: A0's is 0, A1's points lie half a step lower
 _SUBSET = _UNION[_PRED] + 2 * (np.arange(STATES) & 1)[:, None]  # [8, 2]: the subset of that branch
 
 
@@ -121,7 +121,7 @@ def decode(decode_run: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, s
     scales = scale if n == 1 else to_wire(np.broadcast_to(scale, (n, d)))  # every run's scales, in wire order
     for lo, hi, wired in _runs(d, n):  # a run's union: the parity of codes 2G and 3G back, one decoder call a run
         union = (held[:, lo - 2 * g : hi - 2 * g] ^ held[:, lo - 3 * g : hi - 3 * g]) & 1
-        held[:, lo:hi] = decode_run(_UNION_MEAN[1] * union.ravel(), scales[wired]).reshape(n, -1)
+        held[:, lo:hi] = decode_run(UNION_MEAN * union.ravel(), scales[wired]).reshape(n, -1)
     return held[:, 3 * g :]
 
 
