@@ -10,7 +10,7 @@ from .encoders import (
 )
 from .errors import CodecError, ConfigError, ProtocolError, SlicerError, TransportError
 from .link import WireStats
-from .modeling import SlicerGenerationMixin, SlicerModelForCausalLM
+from .modeling import SlicerGenerationMixin, SlicerModelForCausalLM, unsplit
 from .tuning import Constraints, InfeasibleError, LinkSpec, Profile, search
 from .version import __version__
 
@@ -36,4 +36,5 @@ __all__ = [
     "__version__",
     "build_codec",
     "search",
+    "unsplit",
 ]

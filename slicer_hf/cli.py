@@ -8,16 +8,25 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
+T = TypeVar("T")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SLICER split inference for Hugging Face LMs.")
 
-ModelOpt = Annotated[
+ServeModelOpt = Annotated[
     str,
     typer.Option("--model", "-m", help="Hub id, local folder, 'smollm2' (embedded) or 'minilm' (all-MiniLM-L6-v2)."),
+]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Causal LM: Hub id, local folder or 'smollm2' (embedded).")
+]
+RootCertOpt = Annotated[
+    Path | None, typer.Option(help="PEM CA certificate to check a grpcs:// server's certificate against (private CA).")
 ]
 
 
@@ -38,9 +47,23 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None
+
+
+def _checked(make: Callable[..., T], **options: Any) -> T:
+    """`make(**options)`, with a `ConfigError` shown as a bad command-line option (not a traceback)."""
+    from .errors import ConfigError
+
+    try:
+        return make(**options)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command()
 def serve(
-    model: ModelOpt = "smollm2",
+    model: ServeModelOpt = "smollm2",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
     token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="Require this auth token.")] = None,
@@ -109,7 +132,8 @@ def serve(
     from .server.build import load_server
     from .server.grpc_server import serve as grpc_serve
 
-    limits = ServerLimits(
+    limits = _checked(
+        ServerLimits,
         max_sessions=max_sessions,
         max_step_tokens=max_step_tokens,
         max_context_tokens=max_context_tokens,
@@ -197,12 +221,13 @@ def stats(
     url: Annotated[str, typer.Argument(help="Server URL, grpc://host:port.")],
     token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN")] = None,
     prometheus: Annotated[bool, typer.Option(help="Prometheus text instead of JSON.")] = False,
+    root_cert: RootCertOpt = None,
 ) -> None:
     """Print a server's counters."""
     from . import protocol
     from .transport.grpc import METRICS_METHOD, STATS_METHOD, GrpcTransport
 
-    transport = GrpcTransport([url], token=token, timeout_s=10)
+    transport = GrpcTransport([url], token=token, timeout_s=10, root_certificates=_read(root_cert))
     if prometheus:
         print(transport.unary(METRICS_METHOD).decode(), end="")
     else:
@@ -214,12 +239,14 @@ def drain(
     url: Annotated[str, typer.Argument(help="Server URL, grpc://host:port.")],
     token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Take new sessions again.")] = False,
+    root_cert: RootCertOpt = None,
 ) -> None:
     """Put a server in drain mode: open sessions carry on, new ones are refused, health turns NOT_SERVING."""
     from . import protocol
     from .transport.grpc import DRAIN_METHOD, GrpcTransport
 
-    reply = GrpcTransport([url], token=token, timeout_s=10).unary(DRAIN_METHOD, json.dumps({"on": not resume}).encode())
+    transport = GrpcTransport([url], token=token, timeout_s=10, root_certificates=_read(root_cert))
+    reply = transport.unary(DRAIN_METHOD, json.dumps({"on": not resume}).encode())
     stats = protocol.decode_json(reply)
     print(f"{url}: draining={bool(stats['draining'])}, sessions_active={stats['sessions_active']}")
 
@@ -271,11 +298,12 @@ def generate(
     top_k: TopKOpt = 50,
     seed: SeedOpt = None,
     token: ServerTokenOpt = None,
+    root_cert: RootCertOpt = None,
 ) -> None:
     """Split-generate against a running server: the reply streams as it comes, wire stats at the end."""
     from .client import Client
 
-    client = Client(server, model, config, token)
+    client = Client(server, model, config, token, _read(root_cert))
     _, elapsed, new = client.reply(
         [{"role": "user", "content": prompt}], _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     )
@@ -295,11 +323,12 @@ def chat(
     top_k: TopKOpt = 50,
     seed: SeedOpt = None,
     token: ServerTokenOpt = None,
+    root_cert: RootCertOpt = None,
 ) -> None:
     """Chat with a split model on a running server (one line per turn; /exit or end of input to leave)."""
     from .client import Client
 
-    client = Client(server, model, config, token)
+    client = Client(server, model, config, token, _read(root_cert))
     sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     messages: list[dict[str, str]] = []
     total_s, total_new = 0.0, 0
@@ -433,7 +462,9 @@ def calibrate(
     text: Annotated[
         str, typer.Option(help="Calibration text: a file, or wikitext-2-raw-v1[:split]. Keep test text for testing.")
     ] = "wikitext-2-raw-v1:validation",
-    tokens: Annotated[int, typer.Option(help="Calibration tokens (at least 2 x the hidden size).")] = 24576,
+    tokens: Annotated[
+        int, typer.Option(help="Calibration tokens, used in whole windows (at least 2 x the hidden size).")
+    ] = 24576,
     window: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the sampled tokens whose gradients estimate the metric.")] = 0,
 ) -> None:
@@ -537,7 +568,7 @@ BENCH_SUITES = {
 }
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
 def bench(
     ctx: typer.Context,
     suite: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCH_SUITES)}, or 'all'.")],
@@ -545,9 +576,13 @@ def bench(
 ) -> None:
     """Run a benchmark suite; it prints a table and writes JSON (and plots) under docs/benchmarks/.
 
-    Extra options go to the suite (see `python -m slicer_hf.bench.<suite> --help`).
+    Extra options go to the suite: `slicer-hf bench SUITE --help` lists them.
     """
     import importlib
+
+    if suite in ("--help", "-h"):  # --help after a suite goes to the suite
+        print(ctx.get_help())
+        return
 
     import torch
 
@@ -561,7 +596,13 @@ def bench(
 
 
 def main() -> None:
-    app()
+    from .errors import SlicerError
+
+    try:
+        app()
+    except SlicerError as exc:  # a refusal, a dead link, a bad config: the message says it all, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class Client:
         model: the model the servers serve (Hub id, folder, or 'smollm2').
         config: a `SlicerConfig`, a preset name or folder (default: the SmolLM2 preset for 'smollm2', else defaults).
         token: the servers' auth token.
+        root_certificates: PEM CA certificates for `grpcs://` servers with a private CA (None: the system's).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Client:
         model: str = "smollm2",
         config: str | SlicerConfig | None = None,
         token: str | None = None,
+        root_certificates: bytes | None = None,
     ) -> None:
         from .data import DEFAULT_MODEL_ALIASES, resolve_model
         from .demo import DEFAULT_PRESET
@@ -80,7 +82,8 @@ class Client:
             config = DEFAULT_PRESET if model.lower() in DEFAULT_MODEL_ALIASES else SlicerConfig()
         self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        options = {"token": token} if token else None
+        options = {"token": token, "root_certificates": root_certificates}
+        options = {key: value for key, value in options.items() if value is not None} or None
         self.model = SlicerModelForCausalLM.from_pretrained(
             path, slicer_config=self.config, transport=list(servers), transport_options=options
         )

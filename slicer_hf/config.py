@@ -410,7 +410,10 @@ class SlicerConfig:
             try:
                 path = Path(hf_hub_download(str(name_or_path), CONFIG_NAME, revision=revision))
             except Exception as exc:  # the Hub client raises many types; the user needs one clear message
-                raise ConfigError(f"could not load {CONFIG_NAME} from {name_or_path!r}: {exc}") from exc
+                raise ConfigError(
+                    f"could not load {CONFIG_NAME} from {name_or_path!r} (not a folder, not a preset: "
+                    f"{', '.join(available_presets())}; nor on the Hub: {exc})"
+                ) from exc
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

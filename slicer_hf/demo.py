@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .config import PRESETS_DIR, SlicerConfig
+from .errors import ConfigError
 from .launch import start_server, stop_server
 
 DEFAULT_PRESET = "smollm2-135m-split24"
@@ -25,17 +26,22 @@ def run_demo(
     split_layer: int | None = None,
 ) -> dict:
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    from . import compat
     from .client import wire_report
     from .data import resolve_model
     from .modeling import SlicerModelForCausalLM
 
     path = resolve_model(model)
+    if compat.encoder_kind(AutoConfig.from_pretrained(path)):
+        raise ConfigError(f"{model} is an encoder; the demo splits a causal LM (docs/encoders.md splits encoders)")
     config_dir = config or default_config_dir()
     cfg = SlicerConfig.from_pretrained(config_dir)
     if split_layer is not None:
         cfg = cfg.replace(split_layer=split_layer)
+    # a basis of the config's own (one `slicer-hf calibrate` wrote) goes to the server too; preset bases it has
+    bases = ["--basis", str(config_dir)] if Path(config_dir).is_dir() and (cfg.basis or cfg.downlink_basis) else []
     print(
         f"model: {model} ({path})\nconfig: {config_dir or 'defaults'}: split_layer={cfg.split_layer}, "
         f"codec={cfg.codec}, downlink={cfg.downlink}",
@@ -44,7 +50,7 @@ def run_demo(
     # Server and edge share this machine's cores: one torch thread each avoids oversubscription.
     torch.set_num_threads(1)
     server, url = start_server(
-        path, ["--min-split-layer", str(cfg.split_layer or 1), "--log-level", "warning", "--threads", "1"]
+        path, ["--min-split-layer", str(cfg.split_layer or 1), "--log-level", "warning", "--threads", "1", *bases]
     )
     try:
         print(f"server process {server.pid} listening on {url}", flush=True)

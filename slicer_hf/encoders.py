@@ -52,7 +52,7 @@ class SlicerEncoderMixin(SplitModelMixin):
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
             raise NotImplementedError(
                 "output_hidden_states / output_attentions are not available from a split model: the server keeps "
-                "the blocks from the split on; use `unsplit(model)` locally for every layer"
+                "the blocks from the split on; use `with slicer_hf.unsplit(model):` locally for every layer"
             )
         link = self._link_for(k)
         mask = kwargs.get("attention_mask")

@@ -187,8 +187,8 @@ def format_result(r: dict[str, Any]) -> str:
         f"{r['config']['codec']} @ layer {r['split_layer']}/{r['num_layers']}: ppl {r['ppl']:.3f} (ref "
         f"{r['ppl_ref']:.3f}, {r['ppl_change_pct']:+.2f}%), KL {r['kl_mean']:.4f} nats, top-1 agreement "
         f"{100 * r['top1_agreement']:.2f}%, {r['bits_per_token']:.0f} bits/token "
-        f"({r['compression_vs_fp16']:.2f}x vs fp16; {r['bits_per_token_with_step_header']:.0f} with the step "
-        f"header) up, {r['downlink_bits_per_token']:.0f} down ({r['both_ways_vs_fp16']:.2f}x vs fp16 both ways), "
+        f"({r['compression_vs_fp16']:.2f}x vs fp16; {r['bits_per_token_with_step_header']:.0f} as a NEXT step "
+        f"sends it) up, {r['downlink_bits_per_token']:.0f} down ({r['both_ways_vs_fp16']:.2f}x vs fp16 both ways), "
         f"{r['tokens_scored']} tokens"
     )
 

@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from . import compat, protocol
 from .codec import build_codec
+from .codec.basis import lookup
 from .config import CONFIG_NAME, SlicerConfig
 from .errors import ConfigError, SlicerError
 from .hooks import SplitPlan, attach_hooks, split_plan
@@ -131,6 +133,13 @@ class SplitModelMixin:
         self.close_session()
         cfg = self.slicer_config
         codec = build_codec(cfg)
+        fitted_at = lookup(cfg.basis).metadata.get("split_layer") if cfg.basis else None
+        if fitted_at not in (None, str(k)):
+            warnings.warn(
+                f"the uplink basis {cfg.basis} was fitted at split {fitted_at} and now codes split {k}: its bits go "
+                f"where layer {fitted_at}'s output is sensitive (`slicer-hf calibrate` fits one for this split)",
+                stacklevel=3,
+            )
         name = cfg.model_id or getattr(self.config, "_name_or_path", "")
         request = open_request(cfg, self.config, name, k, codec, self.dtype)
         vocab = getattr(self.config, "vocab_size", 0) or 0
@@ -179,7 +188,7 @@ class SlicerGenerationMixin(SplitModelMixin):
         ):
             raise NotImplementedError(
                 "output_hidden_states is not available from a split model: the edge runs only layers "
-                f"0..{k - 1} and the server keeps the rest; use `unsplit(model)` locally for every layer"
+                f"0..{k - 1} and the server keeps the rest; `with slicer_hf.unsplit(model):` runs every layer locally"
             )
         link = self._link_for(k)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -233,6 +242,8 @@ class SlicerGenerationMixin(SplitModelMixin):
             out = base_forward(*args, **kwargs)
         out.logits = replies["logits"].to(ref.device)
         if labels is not None:
+            if self.slicer_config.downlink == "topk_logits":  # the rest of the vocabulary came back as -inf
+                raise NotImplementedError("labels (a loss) need every logit: use downlink 'hidden' or 'logits'")
             if out.logits.shape[1] != t:
                 raise NotImplementedError("labels need logits at every position: call without logits_to_keep")
             out.loss = compat.causal_lm_loss(self, out.logits, labels)

@@ -170,7 +170,7 @@ def encode_json(kind: int, body: dict[str, Any]) -> bytes:
 def decode_json(data: bytes) -> dict[str, Any]:
     try:
         body = json.loads(data[2:].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ProtocolError(f"malformed {MESSAGE_NAMES.get(data[1], '?')} message: {exc}", code="malformed") from exc
     if not isinstance(body, dict):
         raise ProtocolError("control message body must be a JSON object", code="malformed")

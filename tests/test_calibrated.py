@@ -4,6 +4,7 @@ shipped beside the config, held by both sides; a packet coded in one decodes onl
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -199,6 +200,29 @@ def calibrated_config(model) -> SlicerConfig:
     return SlicerConfig(split_layer=2, quantizer="ecsq", rotation="calibrated", basis=basis.digest, outliers=0)
 
 
+def test_a_basis_fitted_at_one_split_warns_when_it_codes_another():
+    base = tiny_model("llama").eval()
+    found = collect(base, torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1)), [2])
+    basis = fit_basis(*found[2], metadata={"split_layer": "2"})
+    config = SlicerConfig(split_layer=2, quantizer="ecsq", rotation="calibrated", basis=basis.digest, outliers=0)
+    model = SlicerModelForCausalLM.from_model(base, config)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids)  # its own split: silent
+    with pytest.warns(UserWarning, match="fitted at split 2 and now codes split 1"):
+        model(ids, split_layer=1)
+
+
+def test_calibrate_refuses_too_few_tokens_before_loading_the_model(tmp_path):
+    from live import tiny_smol_dir
+
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    args = ["calibrate", "--model", str(folder), "--text", "missing.txt", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--tokens", "120", "--window", "64"])  # 64 used, 2 x 64 needed
+    assert result.exit_code != 0 and "2 x the hidden size = 128 tokens" in str(result.exception)
+
+
 def test_a_server_refuses_a_session_whose_basis_it_does_not_hold_and_serves_the_rest(monkeypatch):
     model = tiny_model("llama")
     config = calibrated_config(model)
@@ -295,3 +319,19 @@ def test_a_malformed_basis_in_a_peers_spec_is_a_codec_error_at_open():
             protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, {**body, "codec": spec})))
         assert caught.value.code == "codec"
     protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))  # still serving
+
+
+@pytest.mark.slow
+def test_the_demo_runs_a_config_calibrated_here_and_hands_its_basis_to_its_server(tmp_path):
+    from slicer_hf.demo import run_demo
+
+    folder, _, out = calibrate_tiny(tmp_path)
+    result = run_demo(model=str(folder), prompt="Hi", max_new_tokens=2, config=str(out))
+    assert result["wire"]["uplink_payload_bytes"] > 0
+
+
+def test_the_demo_refuses_an_encoder_before_starting_a_server():
+    from slicer_hf.demo import run_demo
+
+    with pytest.raises(ConfigError, match="is an encoder"):
+        run_demo(model="minilm")

@@ -71,3 +71,18 @@ def test_chat_keeps_the_conversation(tiny_dir, server_url):
     lines = result.output.split("\n")
     assert lines[1] == first and lines[2] == second
     assert "10 tokens in" in result.output and "what crossed the wire" in result.output
+
+
+def test_a_client_error_is_one_line_not_a_traceback():
+    """What a user gets wrong (here a URL without its scheme) reads as the library's message, exit status 1."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "from slicer_hf.cli import main; main()", "stats", "127.0.0.1:50051"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: unsupported URL '127.0.0.1:50051': use grpc://host:port or grpcs://host:port"

@@ -12,8 +12,9 @@ import torch
 from conftest import tiny_model
 from live import gate_rounds, wait_for
 
-from slicer_hf import CodecError, ProtocolError, build_codec, protocol
+from slicer_hf import CodecError, ConfigError, ProtocolError, build_codec, protocol
 from slicer_hf.codec import codec_from_spec
+from slicer_hf.codec.bits import Reader, write_varint
 from slicer_hf.config import SlicerConfig
 from slicer_hf.link import open_request
 from slicer_hf.server import ServerLimits, SplitServer
@@ -371,6 +372,72 @@ def test_a_stream_idles_out_on_the_timeout_that_applies_now_and_not_while_it_tal
     finally:
         transport.close()
         running.stop()
+
+
+def test_a_stream_whose_session_closed_waits_only_the_open_timeout(engine):
+    """A stream that holds no session, because it never opened one or because its session is closed, is a free
+    stream slot's worth of nothing: it gets the open timeout, not a session's idle timeout."""
+    server = engine(open_timeout_s=0.5, idle_timeout_s=60)
+    running = serve(server, port=0)
+    transport = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], timeout_s=30)
+    try:
+        body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+        session = protocol.decode_json(transport.request(protocol.encode_json(protocol.OPEN, body)))["session"]
+        protocol.raise_if_error(transport.request(protocol.encode_json(protocol.CLOSE, {"session": session})))
+        assert wait_for(lambda: server.stats_dict()["errors"].get("stream_idle") == 1, timeout_s=10)
+    finally:
+        transport.close()
+        running.stop()
+
+
+def test_malformed_requests_are_refused_as_malformed_or_bad_requests_not_internal_errors(engine):
+    server = engine()
+    body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+    cases = {
+        "a varint of 2,100 continuation bytes": (
+            protocol.header(protocol.STEP) + b"\x80" * 2100 + b"\x01",
+            "malformed",
+        ),
+        "JSON nested 100,000 deep": (protocol.header(protocol.OPEN) + b"[" * 100_000, "malformed"),
+        "a wire dtype that is a list": (protocol.encode_json(protocol.OPEN, {**body, "dtype": []}), "bad_request"),
+    }
+    for name, (message, code) in cases.items():
+        assert protocol.decode_json(server.handle(message))["code"] == code, name
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [{"prefill_chunk_tokens": 0}, {"max_sessions": -1}, {"max_batch_rows": 2.5}, {"kv_budget_bytes": 0},
+     {"idle_timeout_s": 0}, {"step_timeout_s": float("nan")}, {"batch_wait_s": -0.1}],
+)  # fmt: skip
+def test_limits_that_would_serve_nothing_are_refused_when_the_server_is_configured(limit):
+    with pytest.raises(ConfigError, match=next(iter(limit))):
+        ServerLimits(**limit)
+    ServerLimits(batch_wait_s=0, idle_timeout_s=float("inf"), open_timeout_s=0.5, kv_budget_bytes=None)
+
+
+def test_a_second_server_on_a_taken_port_fails_to_start(engine):
+    first = serve(engine(), port=0)
+    try:
+        with pytest.raises(ConfigError, match="cannot listen"):  # not a silent half of the first one's connections
+            serve(engine(), port=first.port)
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("min_split_layer", [0, 4])
+def test_a_server_runs_at_least_one_layer_and_leaves_the_edge_one(min_split_layer):
+    with pytest.raises(ConfigError, match=r"min_split_layer must be in \[1, 3\]"):
+        SplitServer(tiny_model("llama"), min_split_layer=min_split_layer)
+
+
+def test_a_varint_is_refused_once_it_is_longer_than_its_limit_needs_not_read_to_its_end():
+    reader = Reader(b"\x80" * 1_000_000 + b"\x01")  # zero-valued continuation bytes: the value stays 0
+    with pytest.raises(CodecError, match="exceeds the limit"):
+        reader.varint(limit=1 << 40)
+    assert reader.pos <= 7  # 41 bits fit in 6 bytes
+    assert Reader(write_varint(1 << 40)).varint(limit=1 << 40) == 1 << 40
 
 
 def test_a_session_keeps_a_mask_only_once_one_masks_something(engine):

@@ -203,6 +203,9 @@ def test_health_service_and_drain_mode(server, model_dir, reference):
         # open sessions carry on
         out = staying.generate(ids, max_new_tokens=6, do_sample=False)
         assert torch.equal(out, reference.generate(ids, max_new_tokens=6, do_sample=False))
+        for body in (b'{"on": "false"}', b'{"on": 0}', b"[" * 100_000):  # no bool: refused, not taken as "drain"
+            with pytest.raises(TransportError, match="drain takes"):
+                GrpcTransport([srv.url], timeout_s=10).unary(DRAIN_METHOD, body)
         GrpcTransport([srv.url], timeout_s=10).unary(DRAIN_METHOD, json.dumps({"on": False}).encode())
         assert check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
     client(model_dir, srv.url).generate(prompt(29), max_new_tokens=2)
@@ -212,7 +215,8 @@ def test_a_server_that_logs_a_lot_never_stalls(server, model_dir):
     srv = server("--log-level", "debug")
     raw = GrpcTransport([srv.url], timeout_s=30)
     for i in range(3000):  # each refusal logs a warning line: far more than a pipe holds
-        assert protocol.message_type(raw.request(os.urandom(16) + bytes([i % 256]))) == protocol.ERROR
+        junk = bytes([protocol.PROTOCOL_VERSION + 1 + i % 200]) + os.urandom(16)  # never a valid header (STATS, say)
+        assert protocol.message_type(raw.request(junk)) == protocol.ERROR
     assert sum(srv.stats()["errors"].values()) >= 3000
     raw.close()
 

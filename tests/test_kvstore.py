@@ -14,6 +14,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_model
 
 from slicer_hf import SlicerConfig, SlicerModelForCausalLM, build_codec, compat, protocol
+from slicer_hf.errors import ProtocolError
 from slicer_hf.link import open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.server.kvstore import KVStore
@@ -77,6 +78,113 @@ def test_pools_grow_when_blocks_run_out_and_keep_what_they_held():
     grown = store.pool(0, "k", torch.zeros(1, 3, 1, 5))
     assert grown.shape == (3, 2 * (1 + 1 + 20), 5)  # the null block, the first row's, the second row's 20
     assert bool((grown[:, held] == 7.0).all())
+
+
+def test_a_compaction_moves_the_blocks_in_use_to_the_lowest_ids_and_keeps_every_rows_data():
+    block = 2 * 2 * 3 * 4  # bytes of one block in one layer: K and V, 2 positions, 1 head of size 3, float32
+    store = KVStore(num_layers=3, device=torch.device("cpu"), dtype=torch.float32, block_size=2, max_bytes=40 * block)
+    rows = [store.new_row(split_layer=i % 3) for i in range(6)]
+    for row in rows:
+        store.reserve(row, 6)  # 3 blocks in each layer it runs
+    for layer in range(3):
+        for which in ("k", "v"):
+            store.pool(layer, which, torch.zeros(1, 1, 1, 3))
+    for n, row in enumerate(rows):  # every row's positions hold its number
+        for layer in range(row.split_layer, 3):
+            slots = store.slots(row.blocks[layer, : row.num_blocks])
+            for which in ("k", "v"):
+                store.pools[layer, which][:, slots] = float(n)
+    for row in rows[:3]:  # the lowest ids fall free
+        store.release(row)
+    assert store.bytes_allocated() == (7 + 13 + 19) * block  # layers 0, 1, 2: 2, 4, 6 rows' blocks and block 0
+    wide = store.new_row(split_layer=2)
+    store.reserve(wide, 2 * 20)  # 20 more blocks in layer 2: past the bound, unless the free ones are reclaimed
+
+    assert store.bytes_allocated() <= 40 * block + 3 * block  # the bound, plus each layer's zero block
+    for n, row in enumerate(rows[3:], start=3):
+        for layer in range(row.split_layer, 3):
+            ids = row.blocks[layer, : row.num_blocks]
+            assert int(ids.max()) <= 3 * (1 + (layer >= 1) + (layer == 2))  # the lowest ids now
+            for which in ("k", "v"):
+                assert bool((store.pools[layer, which][:, store.slots(ids)] == n).all())
+    assert store.blocks_in_use() == 3 + 3 * 2 + 3 * 3 + 20
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_under_random_traffic_near_the_bound_every_row_keeps_its_own_data(seed):
+    """Rows at random splits grow, shrink and leave while the pools sit at their bound: compactions move blocks,
+    and every row still reads exactly what it wrote, in blocks no other row holds."""
+    rng = random.Random(seed)
+    block = 2 * 2 * 3 * 4  # K and V of one block in one layer
+    store = KVStore(num_layers=4, device=torch.device("cpu"), dtype=torch.float32, block_size=2, max_bytes=60 * block)
+    for layer in range(4):
+        for which in ("k", "v"):
+            store.pool(layer, which, torch.zeros(1, 1, 1, 3))
+    rows: dict[int, object] = {}  # value written -> row
+    for value in range(1, 300):
+        if rows and rng.random() < 0.4:
+            kept = rng.choice(list(rows))
+            row = rows[kept]
+            if rng.random() < 0.5:
+                store.release(rows.pop(kept))
+            else:
+                store.truncate(row, rng.randrange(row.length + 1))
+        in_use = sum(r.num_blocks * (4 - r.split_layer) for r in rows.values())
+        row = store.new_row(split_layer=rng.randrange(4))
+        length = 2 * rng.randrange(1, 6)
+        if in_use + store.blocks_for(length) * (4 - row.split_layer) > 60:  # what admission would refuse
+            continue
+        store.reserve(row, length)
+        row.length = length
+        rows[value] = row
+        for layer in range(row.split_layer, 4):
+            for which in ("k", "v"):
+                store.pools[layer, which][:, store.slots(row.blocks[layer, : row.num_blocks])] = float(value)
+        assert store.bytes_allocated() <= 60 * block + 4 * block  # the bound, and a zero block per layer
+        for layer in range(4):
+            ids = [i for r in rows.values() if r.split_layer <= layer for i in r.blocks[layer, : r.num_blocks].tolist()]
+            assert len(ids) == len(set(ids)) and 0 not in ids
+        for held, r in rows.items():
+            for layer in range(r.split_layer, 4):
+                written = store.slots(r.blocks[layer, : store.blocks_for(r.length)])[: r.length]
+                assert bool((store.pools[layer, "k"][:, written] == held).all())
+
+
+def test_the_pools_never_hold_more_than_the_kv_budget_as_sessions_at_other_splits_come_and_go():
+    """Each layer hands out its own blocks: a session at split 3 fills layer 3, one at split 1 layers 1 to 3. Without
+    reclaiming what gone sessions left, their pools would hold 1 + 1/2 + 1/3 of the budget."""
+    budget = 64 << 10
+    limits = ServerLimits(kv_budget_bytes=budget, max_session_kv_bytes=budget, idle_timeout_s=float("inf"))
+    server = SplitServer(tiny_model("llama"), limits=limits)
+    layer_block = compat.kv_bytes_per_position(server.model.config, 3, server.dtype, False) * 16
+    for split_layer in (3, 2, 1):
+        session = _open(server, split_layer)
+        positions = budget // (layer_block * (4 - split_layer)) * 16  # the whole budget, in whole blocks
+        protocol.raise_if_error(_step(server, session, 0, 0, positions))
+        assert server.store.bytes_allocated() <= budget + 3 * layer_block  # plus a zero block per layer
+        server.close_session(session)
+    server.shutdown()
+
+
+def test_a_pool_growth_that_fails_fails_that_step_alone(monkeypatch):
+    """An out-of-memory growth of the pools (simulated past 64 positions) refuses the step that asked for it; the
+    sessions that need no more memory carry on, and the server still takes new ones."""
+    server = SplitServer(tiny_model("llama"), batching=False, limits=ServerLimits(idle_timeout_s=float("inf")))
+    plain = KVStore._resize
+
+    def resize(self, layer, which, blocks, pool):
+        if blocks * self.block_size > max(64, pool.shape[1]):
+            raise RuntimeError("out of memory (simulated)")
+        return plain(self, layer, which, blocks, pool)
+
+    monkeypatch.setattr(KVStore, "_resize", resize)
+    small = _open(server, 1)
+    protocol.raise_if_error(_step(server, small, 0, 0, 3))
+    with pytest.raises(ProtocolError, match="out of memory"):
+        protocol.raise_if_error(_step(server, _open(server, 1), 0, 0, 200))
+    protocol.raise_if_error(_step(server, small, 1, 3, 1))  # inside a block it holds
+    protocol.raise_if_error(_step(server, _open(server, 1), 0, 0, 3))
+    server.shutdown()
 
 
 def test_rows_of_very_different_lengths_run_in_one_forward_as_they_run_alone():

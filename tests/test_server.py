@@ -14,8 +14,10 @@ import torch
 from conftest import tiny_model
 from live import LOSSLESS, CallbackStreamer, client, prompt, self_signed_localhost, wait_for
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from slicer_hf import ProtocolError, TransportError, protocol
+from slicer_hf.cli import app
 from slicer_hf.transport.grpc import METRICS_METHOD, GrpcTransport
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -211,6 +213,8 @@ def test_tls(server, model_dir, tmp_path, reference):
     ids = prompt(8)
     out = client(model_dir, srv.url, root_certificates=cert_pem).generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, reference.generate(ids, max_new_tokens=4, do_sample=False))
+    stats = CliRunner().invoke(app, ["stats", srv.url, "--root-cert", str(tmp_path / "cert.pem")])  # a private CA
+    assert stats.exit_code == 0 and '"sessions_opened": 1' in stats.output, stats.output
 
 
 def test_metrics_are_prometheus_text_over_http_and_grpc(server, model_dir):

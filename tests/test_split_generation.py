@@ -138,6 +138,21 @@ def test_logit_downlinks_keep_greedy_output(model_pair, downlink):
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), expected)
 
 
+@pytest.mark.parametrize("downlink", ["hidden", "logits"])
+def test_labels_give_the_unsplit_models_loss(model_pair, downlink):
+    ref, model = model_pair("llama")
+    ids = prompt(length=9)
+    with torch.no_grad():
+        assert torch.allclose(split(model, downlink=downlink)(ids, labels=ids).loss, ref(ids, labels=ids).loss)
+
+
+def test_labels_are_refused_with_a_top_k_downlink_not_scored_against_minus_infinity(model_pair):
+    _, model = model_pair("llama")
+    ids = prompt(length=9)
+    with pytest.raises(NotImplementedError, match="labels"):
+        split(model, downlink="topk_logits")(ids, labels=ids)
+
+
 def test_topk_logits_downlink_is_smaller_than_hidden(model_pair):
     _, model = model_pair("llama")
     sizes = {}

@@ -43,12 +43,14 @@ class Reader:
         return self.take(1)[0]
 
     def varint(self, limit: int = 1 << 40) -> int:
-        value, shift = 0, 0
+        """An unsigned LEB128 integer of at most `limit`; one longer than such a value needs (zero-valued
+        continuation bytes, say) is refused as soon as it is, not read to its end."""
+        value, shift, start = 0, 0, self.pos
         while True:
             byte = self.u8()
             value |= (byte & 0x7F) << shift
-            if value > limit:
-                raise CodecError(f"varint {value} exceeds the limit {limit}")
+            if value > limit or shift > limit.bit_length():
+                raise CodecError(f"varint at offset {start} exceeds the limit {limit}")
             if not byte & 0x80:
                 return value
             shift += 7

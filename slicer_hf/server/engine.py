@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from .. import compat, protocol
 from ..codec import Codec, build_codec, codec_from_spec
 from ..config import DOWNLINK_DTYPES, DOWNLINKS
-from ..errors import CodecError, ProtocolError
+from ..errors import CodecError, ConfigError, ProtocolError
 from ..hooks import SplitPlan, attach_hooks, split_plan
 from .kvstore import KVStore, Row, StoreBatch, store_attention
 from .prepack import prepack_linears
@@ -86,6 +86,18 @@ class ServerLimits:
     idle_timeout_s: float = 600.0
     open_timeout_s: float = 30.0
     step_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:  # a limit of 0 (or a 0 s timeout) would serve nothing, or never end a round
+        for name, value in vars(self).items():
+            if value is None and name == "kv_budget_bytes":
+                continue
+            if name.endswith("_s"):
+                ok = isinstance(value, (int, float)) and (value >= 0 if name == "batch_wait_s" else value > 0)
+                want = "a number of seconds" + (" (0 or more)" if name == "batch_wait_s" else " above 0")
+            else:
+                ok, want = type(value) is int and value >= 1, "an integer of at least 1"
+            if not ok or isinstance(value, bool):
+                raise ConfigError(f"server limit {name} must be {want}, got {value!r}")
 
 
 @dataclass(eq=False)
@@ -215,6 +227,11 @@ class SplitServer:
         self.limits = limits or ServerLimits()
         self.min_split_layer = min_split_layer
         self.num_layers = compat.num_layers(model.config)
+        if not 1 <= min_split_layer < self.num_layers:
+            raise ConfigError(
+                f"min_split_layer must be in [1, {self.num_layers - 1}] for this {self.num_layers}-layer model "
+                f"(the edge runs at least one layer, the server at least one), got {min_split_layer}"
+            )
         self.encoder_kind = compat.encoder_kind(model.config)  # None for a causal LM
         self.hidden_size = (  # the widest row a packet may carry
             max(compat.split_width(model.config, k) for k in range(min_split_layer, self.num_layers))
@@ -243,7 +260,9 @@ class SplitServer:
             self.store = KVStore(
                 self.num_layers, self.device, self.dtype, sliding_windows=compat.sliding_windows(model)
             )
-            if not self._store_matches_cache():
+            if self._store_matches_cache():
+                self.store.max_bytes = self.kv_budget_bytes  # from now on: what admission lets sessions hold
+            else:
                 self.store = None
         self.scheduler = Scheduler(self, batching)
         self._stopped = threading.Event()
@@ -403,7 +422,7 @@ class SplitServer:
                 f"downlink_dtype must be one of {DOWNLINK_DTYPES}, got {downlink_dtype!r}", code="bad_request"
             )
         wire_dtype = req.get("dtype")
-        if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+        if wire_dtype is not None and (type(wire_dtype) is not str or wire_dtype not in WIRE_DTYPES):
             raise ProtocolError(f"dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}", code="bad_request")
         spec = req.get("codec") or {}
         if not isinstance(spec, dict):

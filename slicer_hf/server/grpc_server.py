@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import protocol
+from ..errors import ConfigError
 from .engine import SplitServer
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ class _SplitService(grpc.GenericRpcHandler):
         answer: Future[bytes] | None = None
         try:
             while True:
-                timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s
+                for gone in [s for s in opened if s not in self.engine.sessions]:  # closed: by CLOSE, a refusal...
+                    opened.discard(gone)
+                timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s  # a stream holding no session
                 idle.reading(timeout_s)
                 try:
                     data = await context.read()
@@ -127,8 +130,10 @@ class _SplitService(grpc.GenericRpcHandler):
         """Body `{"on": bool}` (default true): stop or resume taking new sessions; health follows."""
         await self._authorize(context)
         try:
-            on = bool(json.loads(request.decode() or "{}").get("on", True))
-        except (ValueError, AttributeError):
+            on = json.loads(request.decode() or "{}").get("on", True)
+        except (ValueError, AttributeError, RecursionError):
+            on = None
+        if type(on) is not bool:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'drain takes {"on": true|false}')
         await set_draining(self.engine, self.health, on)
         return protocol.encode_json(protocol.STATS_REPLY, self.engine.stats_dict())
@@ -273,17 +278,24 @@ class RunningServer:
         self, host: str, port: int, token: str | None, cert: bytes | None, key: bytes | None, max_streams: int
     ) -> int:
         self.server = grpc.aio.server(
-            options=protocol.channel_options(self.engine.limits.max_message_bytes, server=True),
+            # no SO_REUSEPORT: a second server on a taken port fails to start instead of sharing its connections
+            options=[
+                *protocol.channel_options(self.engine.limits.max_message_bytes, server=True),
+                ("grpc.so_reuseport", 0),
+            ],
             maximum_concurrent_rpcs=max_streams,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.server.add_generic_rpc_handlers((_SplitService(self.engine, token, self.pool, self.health),))
         address = f"{host}:{port}"
-        if cert is not None:
-            bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            bound = self.server.add_insecure_port(address)
+        try:
+            if cert is not None:
+                bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                bound = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # gRPC's word for a port in use (or an address not on this machine)
+            raise ConfigError(f"cannot listen on {address}: is another server there? ({exc})") from None
         await self.server.start()
         await set_draining(self.engine, self.health, False)
         return bound

@@ -8,8 +8,14 @@ and values up to the batch's longest row. `store_attention` (registered with tra
 then runs one SDPA call per layer for all rows, masked by each row's length, padding and sliding window.
 
 Pools are created on a layer's first write (their shape is the layer's K/V shape, whatever the family) and grow by
-half when their blocks run out. Nothing is copied or merged per step: a step writes its new positions and reads
+half when their blocks run out, before any row is given the new blocks (a growth that fails fails the step that
+asked for it, and nothing else). Nothing is copied or merged per step: a step writes its new positions and reads
 each row's positions once (the read is one gather per layer; a paged-attention kernel could read blocks in place).
+
+Each layer hands out its own block ids, so a pool holds only the rows that run its layer, and a layer's pool keeps
+its size when its rows leave. With `max_bytes`, the pools together never hold more than that (plus their zero
+blocks): a growth that would pass it first compacts every layer (moves the blocks in use to the lowest ids and cuts
+the pools to them) and grows to fit what is asked, with what room is left as slack.
 
 What a row reads past its own length is masked, but masking does not stop a NaN (0 x NaN is NaN), so a row never
 reads another row's data: block 0 of every pool is never handed out and stays zero (a row's table points there
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import compat, hooks
+from ..errors import ProtocolError
 
 BLOCK_SIZE = 16
 NULL_BLOCK = 0  # in every pool, never written: what a row's table points at past its own blocks
@@ -49,6 +56,8 @@ class KVStore:
         dtype: the K/V dtype (the model's).
         block_size: positions per block.
         sliding_windows: per layer, the window of a sliding-window attention layer (`compat.sliding_windows`).
+        max_bytes: the most the pools may hold, zero blocks aside (None: no bound); the server's KV budget, which
+            admission keeps the rows' blocks within.
     """
 
     def __init__(
@@ -58,12 +67,15 @@ class KVStore:
         dtype: torch.dtype,
         block_size: int = BLOCK_SIZE,
         sliding_windows: list[int | None] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.num_layers, self.device, self.dtype, self.block_size = num_layers, device, dtype, block_size
+        self.max_bytes = max_bytes
         self.sliding_windows = sliding_windows or [None] * num_layers  # per layer (None: full attention)
         self.pools: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "k"|"v") -> [heads, blocks * block_size, dim]
         self._free: list[list[int]] = [[] for _ in range(num_layers)]
         self._next: list[int] = [NULL_BLOCK + 1] * num_layers  # the next fresh block id, per layer
+        self._holders: set[Row] = set()  # rows holding blocks (what a compaction moves)
 
     def blocks_for(self, positions: int) -> int:
         """Blocks that hold `positions` positions."""
@@ -74,16 +86,19 @@ class KVStore:
         return Row(split_layer, blocks=torch.zeros(self.num_layers, 4, dtype=torch.long))
 
     def reserve(self, row: Row, length: int) -> None:
-        """Give `row` blocks for `length` positions in every layer it runs."""
+        """Give `row` blocks for `length` positions in every layer it runs. The pools grow first: if that fails
+        (out of memory, or past `max_bytes`), the row is left as it was."""
         needed = self.blocks_for(length)
         if needed <= row.num_blocks:
             return
+        count = needed - row.num_blocks
+        layers = range(row.split_layer, self.num_layers)
+        self._make_room(dict.fromkeys(layers, count))
         if needed > row.blocks.shape[1]:
             grown = torch.zeros(self.num_layers, max(needed, 2 * row.blocks.shape[1]), dtype=torch.long)
             grown[:, : row.num_blocks] = row.blocks[:, : row.num_blocks]
             row.blocks = grown
-        count = needed - row.num_blocks
-        for layer in range(row.split_layer, self.num_layers):
+        for layer in layers:
             free = self._free[layer]
             ids = [free.pop() for _ in range(min(count, len(free)))]
             if ids:  # another row's data: zeroed before this row may read it
@@ -93,6 +108,7 @@ class KVStore:
             self._next[layer] += fresh
             row.blocks[layer, row.num_blocks : needed] = torch.tensor(ids)
         row.num_blocks = needed
+        self._holders.add(row)
 
     def slots(self, blocks: torch.Tensor) -> torch.Tensor:
         """The pool positions `[..., n * block_size]` of block ids `[..., n]`, in order."""
@@ -120,21 +136,97 @@ class KVStore:
         for layer in range(row.split_layer, self.num_layers):
             self._free[layer].extend(row.blocks[layer, keep : row.num_blocks].tolist())
         row.num_blocks = keep
+        if keep == 0:
+            self._holders.discard(row)
 
     # ---------------------------------------------------------------- pools
     def pool(self, layer: int, which: str, like: torch.Tensor) -> torch.Tensor:
-        """The pool of `layer` (created from the shape of `like` [B, heads, T, dim]), grown to every block id
-        handed out so far."""
-        needed = self._next[layer] * self.block_size
+        """The pool of `layer`, created on the layer's first write from the shape of `like` [B, heads, T, dim] and
+        holding every block id handed out so far."""
         pool = self.pools.get((layer, which))
-        if pool is None or pool.shape[1] < needed:
-            heads, dim = like.shape[1], like.shape[-1]
-            size = max(needed, (pool.shape[1] * 3 // 2) if pool is not None else 0)
-            grown = torch.zeros(heads, size, dim, dtype=self.dtype, device=self.device)
-            if pool is not None:
-                grown[:, : pool.shape[1]] = pool
-            self.pools[(layer, which)] = pool = grown
+        if pool is None:
+            pool = torch.zeros(like.shape[1], 0, like.shape[-1], dtype=self.dtype, device=self.device)
+        if pool.shape[1] < self._next[layer] * self.block_size:
+            pool = self._resize(layer, which, self._next[layer], pool)
         return pool
+
+    def _make_room(self, count: dict[int, int]) -> None:
+        """Grow the pools of the layers in `count` so that each can hand out that many more blocks."""
+        want = self._blocks_wanted(count)
+        if self.max_bytes is not None and self._bytes_with(want) > self.max_bytes:
+            for layer in range(self.num_layers):  # the pools may hold free blocks of rows gone: reclaim them
+                self._compact(layer)
+            want = self._blocks_wanted(count)
+            if self._bytes_with(want) > self.max_bytes:  # admission keeps rows within the budget: not reached
+                raise ProtocolError(
+                    f"KV store full: {self._bytes_with(want):,} bytes needed, {self.max_bytes:,} allowed",
+                    code="kv_budget",
+                )
+        room = None if self.max_bytes is None else self.max_bytes - self._bytes_with(want)
+        for layer, blocks in want.items():
+            size = max(blocks, self._capacity(layer) * 3 // 2)  # slack: a pool grows by half
+            if room is not None:  # ... within what the bound leaves
+                size = min(size, blocks + room // self._block_bytes(layer))
+                room -= (size - blocks) * self._block_bytes(layer)
+            for which in ("k", "v"):
+                if (layer, which) in self.pools:
+                    self._resize(layer, which, size, self.pools[(layer, which)])
+
+    def _blocks_wanted(self, count: dict[int, int]) -> dict[int, int]:
+        """The pool sizes (in blocks) that `count` more blocks per layer need, where they pass a pool's size (layers
+        without a pool yet are left to their first write)."""
+        want = {}
+        for layer, n in count.items():
+            blocks = self._next[layer] + max(0, n - len(self._free[layer]))
+            if (layer, "k") in self.pools and blocks > self._capacity(layer):
+                want[layer] = blocks
+        return want
+
+    def _capacity(self, layer: int) -> int:
+        return self.pools[(layer, "k")].shape[1] // self.block_size
+
+    def _block_bytes(self, layer: int) -> int:
+        return sum(p.shape[0] * p.shape[2] * p.element_size() for p in self._layer_pools(layer)) * self.block_size
+
+    def _layer_pools(self, layer: int) -> list[torch.Tensor]:
+        return [self.pools[(layer, which)] for which in ("k", "v") if (layer, which) in self.pools]
+
+    def _bytes_with(self, want: dict[int, int]) -> int:
+        """Bytes of the pools, with those of `want` at its sizes, less each pool's zero block."""
+        total = 0
+        for layer in {layer for layer, _ in self.pools}:
+            total += (want.get(layer, self._capacity(layer)) - 1) * self._block_bytes(layer)
+        return total
+
+    def _resize(self, layer: int, which: str, blocks: int, pool: torch.Tensor) -> torch.Tensor:
+        """Make the pool of `layer` hold `blocks` blocks, keeping what fits (new positions are zero)."""
+        size = blocks * self.block_size
+        if size <= pool.shape[1]:
+            resized = pool[:, :size].clone()
+        else:
+            resized = torch.zeros(pool.shape[0], size, pool.shape[2], dtype=pool.dtype, device=pool.device)
+            resized[:, : pool.shape[1]] = pool
+        self.pools[(layer, which)] = resized
+        return resized
+
+    def _compact(self, layer: int) -> None:
+        """Move the blocks in use in `layer` to the lowest ids, and cut its pools to them."""
+        held = [(row, i) for row in self._holders if row.split_layer <= layer for i in range(row.num_blocks)]
+        top = NULL_BLOCK + 1 + len(held)  # ids below `top` are enough for every block in use
+        holes = iter(sorted(b for b in self._free[layer] if b < top))
+        moves = [(row, i, next(holes)) for row, i in held if row.blocks[layer, i] >= top]
+        if moves:
+            old = self.slots(torch.stack([row.blocks[layer, i] for row, i, _ in moves]))
+            new = self.slots(torch.tensor([hole for _, _, hole in moves]))
+            for pool in self._layer_pools(layer):
+                pool.index_copy_(1, new.to(pool.device), pool.index_select(1, old.to(pool.device)))
+            for row, i, hole in moves:
+                row.blocks[layer, i] = hole
+        for which in ("k", "v"):
+            pool = self.pools.get((layer, which))
+            if pool is not None and pool.shape[1] > top * self.block_size:  # free blocks, or growth slack
+                self._resize(layer, which, top, pool)
+        self._next[layer], self._free[layer] = top, []  # every id below `top` is in use
 
     def bytes_allocated(self) -> int:
         """Bytes of all pools (read from other threads while the scheduler may add one: iterate a snapshot)."""

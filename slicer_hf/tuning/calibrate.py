@@ -31,6 +31,7 @@ from ..codec import ops
 from ..codec.basis import Basis, given_features, register, weighted_rms
 from ..compat import decoder_layers
 from ..config import SlicerConfig
+from ..errors import ConfigError
 from ..version import __version__
 
 
@@ -201,11 +202,17 @@ def calibrate(
         tokens, window: calibration tokens, cut in windows of this many.
         seed: of the sampled tokens whose gradients estimate the metric.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..data import load_text, resolve_model, token_windows
 
     path = resolve_model(model)
+    width = int(AutoConfig.from_pretrained(path).hidden_size)
+    if tokens // window * window < 2 * width:  # a basis of width d is fitted on at least 2d rows
+        raise ConfigError(
+            f"calibration needs at least 2 x the hidden size = {2 * width} tokens in whole windows of {window}; "
+            f"{tokens} tokens make {tokens // window * window}"
+        )
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     n_layers = lm.config.num_hidden_layers
     k = split_layer or base.split_layer or n_layers * 3 // 4
