@@ -74,6 +74,9 @@ ATTACKS = {
         + b"\x01"
     ),
     "right shape, float64": lambda s: step_header(s, 1, 0, 1, 1) + envelope(0, 4, (1, 1, HIDDEN)) + bytes(8 * HIDDEN),
+    # a varint of 4 MiB of zero-valued continuation bytes used to be read to its end, a byte at a time (seconds)
+    "varint of continuation bytes": lambda s: protocol.header(protocol.STEP) + b"\x80" * (4 << 20) + b"\x01",
+    "varint in a packet's envelope": lambda s: step_header(s, 1, 0, 1, 1) + bytes([0, 1, 1, 3]) + b"\x80" * (4 << 20),
 }
 
 
@@ -107,6 +110,7 @@ def test_cheap_messages_are_refused_before_they_cost_memory(server, model_dir, r
     for name, (code, growth, _) in outcomes.items():
         assert growth < RSS_LIMIT, (name, growth)
         expected = "unknown_session" if "unknown" in name else ("too_large" if "mask" in name else "codec")
+        expected = "malformed" if name == "varint of continuation bytes" else expected
         assert code == expected, (name, code)
     assert srv.proc.poll() is None
 
