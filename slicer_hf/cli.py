@@ -600,7 +600,7 @@ def main() -> None:
 
     try:
         app()
-    except SlicerError as exc:  # a refusal, a dead link, a bad config: the message says it all, no traceback
+    except (SlicerError, NotImplementedError) as exc:  # a refusal, a dead link, a bad config, a family not split
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
