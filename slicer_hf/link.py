@@ -4,6 +4,7 @@ log of what was sent, replayed to another server when the current one dies."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -20,6 +21,12 @@ from .errors import CodecError, ProtocolError, TransportError
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
+_LINKS = itertools.count(1)
+REPLY_KINDS = {  # what each downlink answers with
+    "hidden": (protocol.REPLY_HIDDEN, protocol.REPLY_HIDDEN_BARE),
+    "logits": (protocol.REPLY_LOGITS,),
+    "topk_logits": (protocol.REPLY_TOPK,),
+}
 
 
 def open_request(
@@ -111,6 +118,10 @@ class SuffixLink:
     _acked: tuple[int, int, int] | None = None  # (seq, end, batch) of the last step this session's server answered
     _chain: tuple[int, torch.Tensor] | None = None  # a chained codec's (end, decoded rows at end - 1) of the last step
     downlink_codec: Codec = field(init=False)  # of hidden-state replies: the one `open_request` announced
+    uid: int = field(default_factory=lambda: next(_LINKS))  # this link, in the marks it hands out
+    _end: int = 0  # positions the server holds (0..end-1)
+    _epoch: int = 0  # seq of the last step from position 0: an earlier mark belongs to another sequence
+    _rewinds: list[tuple[int, int]] = field(default_factory=list)  # (seq, start) of later steps that went back
 
     def __post_init__(self) -> None:
         spec = self.open_request.get("downlink_codec")
@@ -127,8 +138,11 @@ class SuffixLink:
     def open(self) -> None:
         reply = self._request(protocol.encode_json(protocol.OPEN, self.open_request))
         protocol.raise_if_error(reply)
-        opened = protocol.decode_json(reply)
-        self.session = int(opened["session"])
+        opened = protocol.decode_json(reply) if protocol.message_type(reply) == protocol.OPENED else {}
+        session = opened.get("session")
+        if type(session) is not int or not 0 <= session < 1 << 63:
+            raise ProtocolError(f"malformed answer to OPEN: {reply[:80]!r}", code="malformed")
+        self.session = session
         self._bare = bool(opened.get("bare_steps")) and self.open_request.get("dtype") is not None
         self._next, self._acked = bool(opened.get("next_steps")), None
 
@@ -143,7 +157,19 @@ class SuffixLink:
             self.session = None
             self._sent.clear()
             self._chain = None
+            self._epoch = self._seq + 1
             self.transport.close()
+
+    def mark(self) -> tuple[int, int]:
+        """What the server holds now, for `continues` (the edge tags its KV cache with it after each forward)."""
+        return self.uid, self._seq
+
+    def continues(self, mark: tuple[int, int] | None, start: int) -> bool:
+        """Whether the server still holds positions 0..start-1 as they were at `mark`: no step since went back
+        below `start` (another generate() from a fresh prompt, or another branch of the same prefix)."""
+        if mark is None or mark[0] != self.uid or mark[1] < self._epoch:
+            return False
+        return all(at >= start for seq, at in self._rewinds if seq > mark[1])
 
     def step(
         self,
@@ -176,6 +202,11 @@ class SuffixLink:
         if self.codec.chains:
             self._chain = (start + hidden.shape[1], decoded[:, -1])
         self._seq += 1
+        if start == 0:
+            self._epoch, self._rewinds = self._seq, []
+        elif start < self._end:
+            self._rewinds.append((self._seq, start))
+        self._end = start + hidden.shape[1]
         step = protocol.Step(
             0,
             self._seq,
@@ -192,20 +223,47 @@ class SuffixLink:
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
-        kind, body = self._send_with_failover(step)
+        try:
+            kind, body = self._send_with_failover(step)
+        except BaseException as exc:  # whatever the server holds now, no earlier mark may continue it
+            self._epoch = self._seq + 1
+            if not isinstance(exc, (TransportError, ProtocolError)):  # interrupted: the reply may still come
+                self.session = None
+                self.transport.close()
+            raise
+        if kind not in REPLY_KINDS[self.open_request["downlink"]]:
+            raise ProtocolError(
+                f"a {self.open_request['downlink']!r} session got a reply of kind {kind}", code="malformed"
+            )
         if self.bitrate is not None:
             self._pace(decoding, 8 * len(payload) / hidden.shape[0])
+        kind, out = self._reply_tensor(kind, body, step, hidden.shape[-1], reply_shape, decoded)
+        # a NaN or +inf would pass silently into the next tokens (logits may hold -inf: a top-k reply's rest)
+        if out.isnan().any() or out.isposinf().any() or (kind == protocol.REPLY_HIDDEN and out.isneginf().any()):
+            raise ProtocolError(f"the reply to step {step.seq} holds NaN or infinite values", code="bad_values")
+        return kind, out
+
+    def _reply_tensor(
+        self,
+        kind: int,
+        body: bytes,
+        step: protocol.Step,
+        width: int,
+        reply_shape: tuple[int | None, ...] | None,
+        decoded: torch.Tensor | None,
+    ) -> tuple[int, torch.Tensor]:
+        """(kind, tensor) of a reply body, checked against the shape the step asked for."""
         b, keep = step.batch, step.tokens - step.need_from
         if kind == protocol.REPLY_TOPK:
             return kind, protocol.decode_topk_logits(
                 body, (b, keep, self.vocab_size), self.open_request["downlink_topk"]
             )
         if kind == protocol.REPLY_HIDDEN_BARE and reply_shape is None:  # [B, T - need_from, width], float32
-            body = self.downlink_codec.unbare(body, (b, keep, hidden.shape[-1]), torch.float32)
+            body = self.downlink_codec.unbare(body, (b, keep, width), torch.float32)
             kind = protocol.REPLY_HIDDEN
         if kind not in (protocol.REPLY_HIDDEN, protocol.REPLY_LOGITS):
             raise ProtocolError(f"unknown reply kind {kind}", code="malformed")
-        width = hidden.shape[-1] if kind == protocol.REPLY_HIDDEN else self.vocab_size
+        width = width if kind == protocol.REPLY_HIDDEN else self.vocab_size
         expect = reply_shape if reply_shape is not None and kind == protocol.REPLY_HIDDEN else (b, keep, width)
         try:
             if kind != protocol.REPLY_HIDDEN:
@@ -249,7 +307,7 @@ class SuffixLink:
                         elsewhere and exc.code in ("too_many_sessions", "kv_budget")
                     )
                 if not recoverable:  # the server closes a session whose request it refused; end the stream too
-                    self._abandon()
+                    self._abandon(ask_server=not isinstance(exc, TransportError))
                     raise
                 self.session = None
                 last = exc
@@ -260,11 +318,12 @@ class SuffixLink:
                 logger.warning("server lost (%s); replaying %d steps on %r", exc, len(self._sent), self.transport)
         raise TransportError(f"gave up after {self.max_attempts} attempts; the last failure: {last}", retryable=False)
 
-    def _abandon(self) -> None:
+    def _abandon(self, ask_server: bool = True) -> None:
         """Drop the session after an error no retry fixes: ask the server to close it (if it still can) and end the
-        stream, so nothing is held until the idle timeout."""
+        stream, so nothing is held until the idle timeout. After a failed link, ending the stream is enough (the
+        server frees what a stream held when it ends; a CLOSE would open a new stream and wait again)."""
         try:
-            if self.session is not None:
+            if self.session is not None and ask_server:
                 self.transport.request(protocol.encode_json(protocol.CLOSE, {"session": self.session}))
         except (TransportError, ProtocolError):
             pass

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, PreTrainedModel
 
 from . import compat, protocol
 from .codec import build_codec
@@ -183,22 +183,30 @@ class SlicerGenerationMixin(SplitModelMixin):
 
     def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self._resolve_split(split_layer if split_layer is not None else _GENERATE_SPLIT.get())
-        if kwargs.get("output_hidden_states") or (
-            kwargs.get("output_hidden_states") is None and self.config.output_hidden_states
-        ):
-            raise NotImplementedError(
-                "output_hidden_states is not available from a split model: the edge runs only layers "
-                f"0..{k - 1} and the server keeps the rest; `with slicer_hf.unsplit(model):` runs every layer locally"
-            )
+        for name in ("output_hidden_states", "output_attentions"):  # every layer's: the edge has only its own
+            if kwargs.get(name) or (kwargs.get(name) is None and getattr(self.config, name, False)):
+                raise NotImplementedError(
+                    f"{name} is not available from a split model: the edge runs only layers 0..{k - 1} and the "
+                    "server keeps the rest; `with slicer_hf.unsplit(model):` runs every layer locally"
+                )
         link = self._link_for(k)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         b, t = ref.shape[:2]
         cache = compat.cache_from_kwargs(kwargs)
         start = compat.cache_length(cache)
+        if start > 0 and not link.continues(getattr(cache, "_slicer_mark", None), start):
+            raise SlicerError(
+                f"this KV cache holds {start} positions the server no longer holds as they were (another "
+                "generate() or branch ran on this model since, its session closed, or the cache was not made by "
+                "this split model): continue it on no other sequence, or start again from the whole prompt"
+            )
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
-            raise NotImplementedError("split forward takes a 2D attention_mask [batch, length]")
+            raise NotImplementedError(
+                "split forward takes a 2D attention_mask [batch, length] (a static cache makes 4D masks: use the "
+                "default dynamic cache)"
+            )
         positions = kwargs.get("position_ids")
         if positions is not None and torch.equal(positions.cpu(), (start + torch.arange(t)).expand_as(positions)):
             positions = None  # the server derives the plain ones
@@ -234,12 +242,18 @@ class SlicerGenerationMixin(SplitModelMixin):
         base_forward = super().forward
         with split_plan(SplitPlan("edge", k, exchange=exchange)):
             if self.slicer_config.downlink == "hidden":
-                return base_forward(*args, **kwargs)
+                out = base_forward(*args, **kwargs)
+                _mark(link, cache, out)
+                return out
             # The server ran the head: skip it here (an empty index set) and return its logits instead, with the
             # loss computed from them (the forward here saw no logits).
             labels = kwargs.pop("labels", None)
             kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=ref.device)
-            out = base_forward(*args, **kwargs)
+            as_tuple = kwargs.get("return_dict") is False or (
+                kwargs.get("return_dict") is None and not self.config.use_return_dict
+            )
+            out = base_forward(*args, **{**kwargs, "return_dict": True})
+            _mark(link, cache, out)
         out.logits = replies["logits"].to(ref.device)
         if labels is not None:
             if self.slicer_config.downlink == "topk_logits":  # the rest of the vocabulary came back as -inf
@@ -247,7 +261,16 @@ class SlicerGenerationMixin(SplitModelMixin):
             if out.logits.shape[1] != t:
                 raise NotImplementedError("labels need logits at every position: call without logits_to_keep")
             out.loss = compat.causal_lm_loss(self, out.logits, labels)
-        return out
+        return out.to_tuple() if as_tuple else out
+
+
+def _mark(link: SuffixLink, cache: Any, out: Any) -> None:
+    """Tag the edge's KV cache (the one passed in, or the one the forward made) with what the server holds once
+    this forward is done; copies of the cache carry the tag."""
+    made = out.values() if isinstance(out, dict) else out  # a ModelOutput, or its tuple
+    cache = cache if cache is not None else next((v for v in made if isinstance(v, Cache)), None)
+    if cache is not None:
+        cache._slicer_mark = link.mark()
 
 
 class SlicerModelForCausalLM:

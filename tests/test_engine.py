@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import tiny_model
 from live import gate_rounds, wait_for
 
-from slicer_hf import CodecError, ConfigError, ProtocolError, build_codec, protocol
+from slicer_hf import CodecError, ConfigError, ProtocolError, TransportError, build_codec, protocol
 from slicer_hf.codec import codec_from_spec
 from slicer_hf.codec.bits import Reader, write_varint
 from slicer_hf.config import SlicerConfig
-from slicer_hf.link import open_request
+from slicer_hf.link import SuffixLink, open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.server.engine import ServerStats
 from slicer_hf.server.grpc_server import _IdleTimer, serve
@@ -480,3 +481,87 @@ def test_a_message_that_arrives_as_the_idle_deadline_passes_is_kept_not_dropped(
         return await task, timer[0].expired
 
     assert asyncio.run(run()) == ("step", False)
+
+
+# ---------------------------------------------------------------- the edge's gRPC stream against a misbehaving server
+def fake_server(session):
+    """A gRPC server whose Session stream runs `session(requests, context)`; returns (server, url)."""
+    import grpc
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            return grpc.stream_stream_rpc_method_handler(session) if details.method == protocol.SESSION_METHOD else None
+
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((Handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"grpc://127.0.0.1:{port}"
+
+
+def test_a_server_that_pushes_messages_nobody_asked_for_ends_the_stream_and_fills_no_memory():
+    def session(requests, context):
+        next(iter(requests))
+        yield protocol.encode_json(protocol.OPENED, {"session": 1})
+        for _ in range(200):  # unasked: a reader that kept them all would hold 200 MB
+            yield protocol.encode_reply(9, protocol.REPLY_HIDDEN, bytes(1 << 20))
+
+    server, url = fake_server(session)
+    transport = GrpcTransport([url], timeout_s=10)
+    try:
+        transport.request(protocol.encode_json(protocol.OPEN, {}))
+        assert wait_for(lambda: transport._inbox.qsize() == 1, timeout_s=10)
+        time.sleep(0.2)
+        assert transport._inbox.qsize() == 1  # the stream ended at the first unasked message
+        with pytest.raises(TransportError, match="no request asked for"):
+            transport.request(protocol.encode_json(protocol.STATS, {}))
+    finally:
+        transport.close()
+        server.stop(0)
+
+
+def test_a_stalled_server_costs_one_timeout_and_one_stream_not_a_second_for_a_close():
+    seen, streams = [], []
+
+    def session(requests, context):
+        streams.append(context)
+        for data in requests:
+            seen.append(protocol.MESSAGE_NAMES[protocol.message_type(data)])
+            if protocol.message_type(data) == protocol.OPEN:
+                yield protocol.encode_json(protocol.OPENED, {"session": 1})
+            # anything else: no answer, ever
+
+    server, url = fake_server(session)
+    config = SlicerConfig(codec="identity")
+    model = tiny_model("llama")
+    request = open_request(config, model.config, "tiny", 2, build_codec("identity"))
+    link = SuffixLink(GrpcTransport([url], timeout_s=0.5), request, build_codec("identity"))
+    try:
+        with pytest.raises(TransportError, match="no reply"):
+            link.step(torch.randn(1, 3, 64), 0, None, None, 0)
+        assert seen == ["open", "step"] and len(streams) == 1  # the stream's end frees the session: no CLOSE
+    finally:
+        link.transport.close()
+        server.stop(0)
+
+
+def test_an_interrupted_request_leaves_no_stale_reply_for_the_next_one(engine):
+    server = engine()
+    running = serve(server, port=0)
+    transport = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], timeout_s=30)
+    try:
+        transport.request(protocol.encode_json(protocol.STATS, {}))
+
+        class Interrupted:  # Ctrl-C while the edge waits for the reply
+            def get(self, timeout=None):
+                raise KeyboardInterrupt
+
+        transport._inbox = Interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            transport.request(protocol.encode_json(protocol.STATS, {}))
+        body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+        reply = transport.request(protocol.encode_json(protocol.OPEN, body))  # its own answer, not the stats'
+        assert protocol.message_type(reply) == protocol.OPENED
+    finally:
+        transport.close()
+        running.stop()

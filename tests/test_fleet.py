@@ -108,6 +108,15 @@ def test_the_client_leaves_out_failed_endpoints_and_surfaces_router_errors(serve
             odd.close()
 
 
+def test_a_router_answer_past_its_size_cap_is_refused_not_read_whole():
+    router = StandInRouter([(200, {"endpoint": "grpc://127.0.0.1:9", "pad": "A" * (1 << 20)})])
+    try:
+        with pytest.raises(TransportError, match="an answer over 65,536 bytes"):
+            FleetTransport(router.url).admit()
+    finally:
+        router.close()
+
+
 def test_the_autoscaling_policy_asks_for_replicas_by_active_sessions():
     pytest.importorskip("ray")
     from slicer_hf.server.fleet import SessionsPolicy

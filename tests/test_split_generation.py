@@ -1,13 +1,17 @@
 """The exactness anchor and generate() behaviour: with a lossless codec, split generation is plain
 transformers generation, token for token."""
 
+import struct
+
 import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from slicer_hf import ConfigError, SlicerConfig, SlicerModelForCausalLM
+from slicer_hf import ConfigError, ProtocolError, SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
+from slicer_hf.server import SplitServer
+from slicer_hf.transport import LocalTransport
 
 LOSSLESS = SlicerConfig(codec="identity")
 
@@ -257,3 +261,122 @@ def test_hooks_detach_and_restore_each_layer_exactly(reference_models):
     assert all("forward" not in layer.__dict__ and not hasattr(layer, "_slicer_hook") for layer in layers)
     ids = prompt()
     assert torch.equal(model(ids).logits, reference_models["gpt2"](ids).logits)
+
+
+# ---------------------------------------------------------------- a KV cache continues only the sequence it was made on
+def test_a_cache_continues_exactly_when_nothing_ran_in_between_and_is_refused_when_something_did(model_pair):
+    import copy
+
+    from slicer_hf import SlicerError
+
+    ref, model = model_pair("llama")
+    split_model = split(model)
+    a, b = prompt(seed=3), prompt(seed=4)
+    kwargs = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    first = split_model.generate(a, **kwargs)
+    plain = ref.generate(a, **kwargs)
+    more = dict(max_new_tokens=3, do_sample=False)
+    want = ref.generate(plain.sequences, cache=copy.deepcopy(plain.past_key_values), **more)
+    kept = copy.deepcopy(first.past_key_values)  # a copy carries what the server held when it was made
+    assert torch.equal(split_model.generate(first.sequences, cache=first.past_key_values, **more), want)
+    split_model.generate(b, max_new_tokens=2, do_sample=False)  # the server's session now holds b
+    with pytest.raises(SlicerError, match="no longer holds"):  # not b's positions taken for a's
+        split_model.generate(first.sequences, cache=kept, **more)
+
+
+def test_of_two_branches_of_one_prefix_the_older_is_refused_and_the_prefix_still_continues(model_pair):
+    import copy
+
+    from slicer_hf import SlicerError
+
+    _, model = model_pair("llama")
+    split_model = split(model)
+    with torch.no_grad():
+        prefix = split_model(prompt(length=6), use_cache=True).past_key_values
+        x, y = copy.deepcopy(prefix), copy.deepcopy(prefix)
+        split_model(prompt(length=2, seed=5), past_key_values=x)  # branch x: positions 6..7
+        split_model(prompt(length=2, seed=6), past_key_values=y)  # branch y replaces them on the server
+        with pytest.raises(SlicerError, match="no longer holds"):
+            split_model(prompt(length=1, seed=7), past_key_values=x)
+        split_model(prompt(length=1, seed=7), past_key_values=y)  # the latest branch goes on
+        split_model(prompt(length=1, seed=7), past_key_values=copy.deepcopy(prefix))  # positions 0..5 are intact
+
+
+def test_output_attentions_are_refused_like_hidden_states_not_cut_to_the_edges_layers(model_pair):
+    _, model = model_pair("llama")
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        split(model)(prompt(), output_attentions=True)
+
+
+@pytest.mark.parametrize("downlink", ["hidden", "logits", "topk_logits"])
+def test_return_dict_false_gives_a_tuple_with_every_downlink(model_pair, downlink):
+    ref, model = model_pair("llama")
+    ids = prompt()
+    out = split(model, downlink=downlink)(ids, return_dict=False)
+    assert isinstance(out, tuple) and out[0].argmax(-1).equal(ref(ids).logits.argmax(-1))
+
+
+# ---------------------------------------------------------------- a server that answers wrongly
+class Tampering(LocalTransport):
+    """A server whose answers go through `tamper(request, answer)`."""
+
+    def __init__(self, server: SplitServer, tamper) -> None:
+        super().__init__(server)
+        self.tamper = tamper
+
+    def request(self, data: bytes) -> bytes:
+        return self.tamper(data, super().request(data))
+
+
+def tampered(reference_models, tamper, **overrides):
+    import copy
+
+    ref = reference_models["llama"]
+    transport = Tampering(SplitServer(copy.deepcopy(ref)), tamper)
+    return SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(**overrides), transport=transport)
+
+
+def steps_only(rewrite):
+    return lambda data, answer: rewrite(answer) if protocol.message_type(data) == protocol.STEP else answer
+
+
+@pytest.mark.parametrize(
+    "downlink, kind",
+    [("hidden", protocol.REPLY_LOGITS), ("logits", protocol.REPLY_HIDDEN), ("topk_logits", protocol.REPLY_LOGITS)],
+)
+def test_a_reply_of_another_kind_than_the_session_asked_for_is_refused(reference_models, downlink, kind):
+    def swap_kind(answer: bytes) -> bytes:
+        seq, _, body = protocol.decode_reply(answer)
+        return protocol.encode_reply(seq, kind, body)
+
+    model = tampered(reference_models, steps_only(swap_kind), downlink=downlink)
+    with pytest.raises(ProtocolError, match="got a reply of kind"):
+        model(prompt())
+
+
+@pytest.mark.parametrize("downlink", ["hidden", "logits"])
+def test_a_reply_of_nan_is_refused_not_turned_into_tokens(reference_models, downlink):
+    def poison(answer: bytes) -> bytes:  # a well-formed reply of the right shape, one value of it NaN
+        seq, kind, body = protocol.decode_reply(answer)
+        codec = build_codec("identity")
+        values = codec.decode(body)
+        values.view(-1)[0] = 12345.0
+        body = codec.encode(values).replace(struct.pack("<f", 12345.0), struct.pack("<f", float("nan")))
+        return protocol.encode_reply(seq, kind, body)
+
+    model = tampered(reference_models, steps_only(poison), downlink=downlink)
+    with pytest.raises(ProtocolError, match="NaN or infinite"):
+        model.generate(prompt(), max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{}, {"session": "1"}, {"session": [1]}, {"session": -1}, {"session": 1e300}, {"session": True}],
+    ids=["no session", "a string", "a list", "negative", "a float", "a bool"],
+)
+def test_a_malformed_answer_to_open_is_a_protocol_error(reference_models, answer):
+    def fake_opened(data: bytes, real: bytes) -> bytes:
+        return protocol.encode_json(protocol.OPENED, answer) if protocol.message_type(data) == protocol.OPEN else real
+
+    with pytest.raises(ProtocolError, match="malformed answer to OPEN"):
+        tampered(reference_models, fake_opened)(prompt())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -23,6 +24,8 @@ from ..errors import TransportError
 from ..protocol import fleet_router_url, is_loopback
 from .base import Transport
 from .grpc import GrpcTransport
+
+MAX_ANSWER_BYTES = 64 << 10  # an admission answer is a few hundred bytes of JSON
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class FleetTransport(Transport):
         request = urllib.request.Request(f"{self.router}/session", data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.router_timeout_s, context=self._tls) as reply:
-                answer = json.loads(reply.read())
+                answer = json.loads(_read_within(reply, time.monotonic() + self.router_timeout_s))
         except urllib.error.HTTPError as exc:
             message = f"router {self.router} refused a session: HTTP {exc.code}: {_error_detail(exc)}"
             raise TransportError(message, retryable=exc.code not in (401, 403)) from None
@@ -121,9 +124,23 @@ class FleetTransport(Transport):
         return self._replica.unary(method, data)
 
 
+def _read_within(reply: Any, deadline: float) -> bytes:
+    """A router's answer, read by `deadline` and of at most `MAX_ANSWER_BYTES` (a socket timeout alone bounds each
+    read, not a trickle of bytes)."""
+    chunks, size = [], 0
+    while chunk := reply.read1(1 << 16):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise OSError(f"an answer over {MAX_ANSWER_BYTES:,} bytes")
+        if time.monotonic() > deadline:
+            raise OSError("the answer took longer than the router timeout")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _error_detail(exc: urllib.error.HTTPError) -> str:
     try:
-        body = json.loads(exc.read())
+        body = json.loads(exc.read(MAX_ANSWER_BYTES))
         return str(body.get("error", body)) if isinstance(body, dict) else str(body)
     except (ValueError, OSError):
         return exc.reason

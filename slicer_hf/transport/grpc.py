@@ -116,9 +116,16 @@ class GrpcTransport(Transport):
         call = self._call
         _OPEN.add(self)
 
+        asked = threading.Semaphore(0)  # one per request not yet answered: a server answers, it does not push
+        self._asked = asked
+
         def pump() -> None:  # replies -> inbox; errors end the stream
             try:
                 for reply in call:
+                    if not asked.acquire(blocking=False):
+                        call.cancel()
+                        inbox.put(TransportError(f"server {self.name} sent a message no request asked for"))
+                        return
                     inbox.put(reply)
                 inbox.put(TransportError(f"server {self.name} closed the stream"))
             except grpc.RpcError as exc:
@@ -130,6 +137,7 @@ class GrpcTransport(Transport):
     def request(self, data: bytes) -> bytes:
         if self._call is None:
             self._connect()
+        self._asked.release()
         self._outbox.put(bytes(data))
         try:
             reply = self._inbox.get(timeout=self.timeout_s)
@@ -139,6 +147,9 @@ class GrpcTransport(Transport):
                 f"no reply from {self.name} within {self.timeout_s} s (busy or stalled: raise timeout_s to wait)",
                 retryable=False,
             ) from None
+        except BaseException:  # interrupted (Ctrl-C): the reply may still come; a fresh stream will not mix it up
+            self.close()
+            raise
         if isinstance(reply, Exception):
             self.close()
             raise reply
