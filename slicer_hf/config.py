@@ -160,7 +160,12 @@ class SlicerConfig:
             "must be 'auto' or in [0, 1]",
             self.asymmetry,
         )
-        _check(1 <= self.num_blocks <= 64, "num_blocks", "must be in [1, 64]", self.num_blocks)
+        _check(
+            _int(self.num_blocks) and 1 <= self.num_blocks <= 64,
+            "num_blocks",
+            "must be an integer in [1, 64]",
+            self.num_blocks,
+        )
         _check(0.0 < self.distortion < 1.0, "distortion", "must be in (0, 1)", self.distortion)
         _check(
             len(self.bit_candidates) > 0 and all(0 <= b <= 16 for b in self.bit_candidates),
@@ -169,7 +174,9 @@ class SlicerConfig:
             self.bit_candidates,
         )
         _check(self.index_coding in INDEX_CODINGS, "index_coding", f"must be one of {INDEX_CODINGS}", self.index_coding)
-        _check(0 <= self.outliers <= 64, "outliers", "must be in [0, 64]", self.outliers)
+        _check(
+            _int(self.outliers) and 0 <= self.outliers <= 64, "outliers", "must be an integer in [0, 64]", self.outliers
+        )
         _check(self.rotation in ROTATIONS, "rotation", f"must be one of {ROTATIONS}", self.rotation)
         _check(
             self.entropy_coding in ENTROPY_CODINGS,
@@ -239,7 +246,12 @@ class SlicerConfig:
             _check(self.downlink == "hidden", "downlink", "must be 'hidden' with a downlink_step", self.downlink)
         if self.bitrate_ladder or self.target_token_latency_ms is not None:
             self._validate_bitrate()
-        _check(self.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", "must be >= 1", self.prefill_chunk_tokens)
+        _check(
+            _int(self.prefill_chunk_tokens) and self.prefill_chunk_tokens >= 1,
+            "prefill_chunk_tokens",
+            "must be an integer >= 1",
+            self.prefill_chunk_tokens,
+        )
         if self.split_layer is not None and self.num_hidden_layers is not None:
             _check(
                 self.split_layer < self.num_hidden_layers,
@@ -466,6 +478,10 @@ class SlicerConfig:
                 repo_id=repo_id, folder_path=tmp, commit_message=commit_message, create_pr=create_pr
             )
         return str(info)
+
+
+def _int(value: Any) -> bool:
+    return type(value) is int  # not a bool, not a float (JSON's 256.0 included)
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

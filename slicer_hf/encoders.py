@@ -18,6 +18,7 @@ hidden = model(**tok(sentences, padding=True, return_tensors="pt")).last_hidden_
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -49,13 +50,16 @@ class SlicerEncoderMixin(SplitModelMixin):
 
     def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self._resolve_split(split_layer)
-        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
-            raise NotImplementedError(
-                "output_hidden_states / output_attentions are not available from a split model: the server keeps "
-                "the blocks from the split on; use `with slicer_hf.unsplit(model):` locally for every layer"
-            )
+        base_forward = super().forward  # the model's own forward (this mixin sits before its class)
+        given = _by_name(base_forward, args, kwargs)
+        for name in ("output_hidden_states", "output_attentions"):  # every block's: the edge has only its own
+            if given.get(name) or (given.get(name) is None and getattr(self.config, name, False)):
+                raise NotImplementedError(
+                    f"{name} is not available from a split model: the server keeps the blocks from the split on; "
+                    "`with slicer_hf.unsplit(model):` runs every block locally"
+                )
         link = self._link_for(k)
-        mask = kwargs.get("attention_mask")
+        mask = given.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise NotImplementedError("split forward takes a 2D attention_mask [batch, length]")
         out_width = compat.final_width(self.config)
@@ -74,7 +78,6 @@ class SlicerEncoderMixin(SplitModelMixin):
                 final = final.permute(0, 3, 1, 2).contiguous()
             return final.to(hidden.device, hidden.dtype)
 
-        base_forward = super().forward  # the model's own forward (this mixin sits before its class)
         with split_plan(SplitPlan("edge", k, exchange=exchange)):
             return base_forward(*args, **kwargs)
 
@@ -133,6 +136,16 @@ class _SplitAutoFactory:
         """Make an already loaded encoder or vision model split (in place; the same object is returned)."""
         _check(model.config, slicer_config or SlicerConfig())
         return make_split(model, slicer_config, SlicerEncoderMixin, transport, transport_options)
+
+
+def _by_name(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call to `forward` by name, however they were passed (by position, or through **kwargs)."""
+    bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+    given = dict(bound.arguments)
+    for parameter in bound.signature.parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            given.update(given.pop(parameter.name, {}))
+    return given
 
 
 def _check(model_config: Any, config: SlicerConfig) -> None:

@@ -39,7 +39,10 @@ def test_unknown_keys_from_newer_versions_warn_not_crash(tmp_path, caplog):
         ("split_layer", 0, "`split_layer` must be an integer >= 1"),
         ("codec", "gzip", "`codec` must be one of"),
         ("asymmetry", 1.5, "`asymmetry` must be 'auto' or in [0, 1]"),
-        ("num_blocks", 0, "`num_blocks` must be in [1, 64]"),
+        ("num_blocks", 0, "`num_blocks` must be an integer in [1, 64]"),
+        ("num_blocks", 2.5, "`num_blocks` must be an integer in [1, 64]"),
+        ("outliers", 1.5, "`outliers` must be an integer in [0, 64]"),
+        ("prefill_chunk_tokens", 256.0, "`prefill_chunk_tokens` must be an integer >= 1"),  # JSON's 256.0
         ("distortion", 0.0, "`distortion` must be in (0, 1)"),
         ("bit_candidates", (3, 17), "`bit_candidates`"),
         ("downlink", "carrier-pigeon", "`downlink` must be one of"),

@@ -177,6 +177,21 @@ def test_hidden_state_outputs_are_refused_clearly():
     split = SlicerModel.from_model(build("vit"), LOSSLESS.replace(split_layer=2))
     with pytest.raises(NotImplementedError, match="output_hidden_states"):
         split(**inputs_for("vit"), output_hidden_states=True)
+    resnet = SlicerModel.from_model(build("resnet"), LOSSLESS.replace(split_layer=2))
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):  # ResNet takes the flag second
+        resnet(inputs_for("resnet")["pixel_values"], True)
+    split.config.output_hidden_states = True  # asked for through the config, not the call
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):
+        split(**inputs_for("vit"))
+
+
+def test_an_attention_mask_passed_by_position_reaches_the_server():
+    model = build("bert")
+    inputs = inputs_for("bert")  # one padded row
+    with torch.no_grad():
+        want = model(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
+        split = SlicerModel.from_model(model, LOSSLESS.replace(split_layer=2))
+        assert torch.equal(split(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state, want)
 
 
 def open_encoder_session(server, split_layer=2):

@@ -358,3 +358,18 @@ def test_the_validation_suite_reports_its_tables_and_plot(tmp_path):
     assert "| c | latency | split 2 | 10.0 | 11.0 | +10.0 |" in table and "| adaptive | 10.0 | 12.0 |" in table
     suite.plot(adaptive, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m-split24", "smollm2-135m-split24-both"])
+def test_a_calibrated_preset_as_the_base_gives_the_codec_that_was_profiled(preset):
+    base = SlicerConfig.from_pretrained(preset)
+    for objective, link in (("uplink", SLOW), ("server-compute", FAST)):
+        config = search(EDGE, SERVER, link, Constraints(max_kl=0.05), objective, base=base).config
+        assert config.basis is None and config.downlink_basis is None and not config.trellis
+        assert config.rotation != "calibrated" and config.downlink_topk == base.downlink_topk  # the rest is kept
+
+
+def test_an_adaptive_search_without_ecsq_points_is_refused_clearly():
+    fp16_only = dataclasses.replace(EDGE, rate_distortion=[p for p in EDGE.rate_distortion if p.codec == "fp16"])
+    with pytest.raises(ConfigError, match="no ECSQ points"):
+        search(fp16_only, fp16_only, SLOW, Constraints(max_token_latency_ms=500), adaptive=True)

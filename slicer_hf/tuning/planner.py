@@ -480,6 +480,8 @@ def search(
     every = candidates(edge, server, link, constraints, splits, compress_downlink)
     if adaptive:  # the ladder moves the ECSQ step: only ECSQ uplinks qualify
         every = [c for c in every if c.codec == "slicer"]
+        if not every:
+            raise ConfigError("adaptive bitrate moves the ECSQ step, and the profiles hold no ECSQ points")
     limits = constraints.limits()
     feasible = [c for c in every if all(v <= 1.0 for v in _violations(c, limits).values())]
     if not feasible:
@@ -525,8 +527,13 @@ def _config_of(c: Candidate, profile: Profile, base: SlicerConfig) -> SlicerConf
         "hidden_size": model["hidden_size"],
         "bitrate_ladder": (),
         "target_token_latency_ms": None,
+        # the codec as profiled: a base's calibrated bases, trellis and chaining were not what was measured
+        "basis": None,
+        "downlink_basis": None,
+        "trellis": False,
+        "predict_previous": False,
     }
-    if c.codec == "slicer" or c.downlink_step is not None:
+    if c.codec == "slicer" or c.downlink_step is not None or base.rotation == "calibrated":
         changes.update({k: v for k, v in ECSQ_BASE.items() if k != "codec"})
     if c.codec == "slicer":
         changes["step"] = c.step
