@@ -228,8 +228,7 @@ class SuffixLink:
         except BaseException as exc:  # whatever the server holds now, no earlier mark may continue it
             self._epoch = self._seq + 1
             if not isinstance(exc, (TransportError, ProtocolError)):  # interrupted: the reply may still come
-                self.session = None
-                self.transport.close()
+                self._abandon(ask_server=False)
             raise
         if kind not in REPLY_KINDS[self.open_request["downlink"]]:
             raise ProtocolError(
