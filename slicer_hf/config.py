@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -138,24 +141,28 @@ class SlicerConfig:
     hidden_size: int | None = field(default=None, metadata={"help": "Hidden size of that model."})
 
     def __post_init__(self) -> None:
-        self.bit_candidates = tuple(sorted(set(int(b) for b in self.bit_candidates)))
-        self.bitrate_ladder = tuple((float(s), float(b)) for s, b in self.bitrate_ladder)
+        # Normalise what JSON and the CLI hand over (lists, "0.5"); anything malformed is left for validate() to name.
+        if _ints(self.bit_candidates):
+            self.bit_candidates = tuple(sorted(set(self.bit_candidates)))
+        if _rungs(self.bitrate_ladder):
+            self.bitrate_ladder = tuple((float(s), float(b)) for s, b in self.bitrate_ladder)
         if isinstance(self.asymmetry, str) and self.asymmetry != "auto":
-            self.asymmetry = float(self.asymmetry)
+            with contextlib.suppress(ValueError):
+                self.asymmetry = float(self.asymmetry)
         self.validate()
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the field, the rule and the value for the first violation."""
         _check(
-            self.split_layer is None or (isinstance(self.split_layer, int) and self.split_layer >= 1),
+            self.split_layer is None or (_int(self.split_layer) and self.split_layer >= 1),
             "split_layer",
             "must be an integer >= 1 or None",
             self.split_layer,
         )
         _check(self.codec in CODECS, "codec", f"must be one of {CODECS}", self.codec)
-        _check(0.0 <= self.sparsity < 1.0, "sparsity", "must be in [0, 1)", self.sparsity)
+        _check(_real(self.sparsity) and 0.0 <= self.sparsity < 1.0, "sparsity", "must be in [0, 1)", self.sparsity)
         _check(
-            self.asymmetry == "auto" or 0.0 <= float(self.asymmetry) <= 1.0,
+            self.asymmetry == "auto" or (_real(self.asymmetry) and 0.0 <= self.asymmetry <= 1.0),
             "asymmetry",
             "must be 'auto' or in [0, 1]",
             self.asymmetry,
@@ -166,11 +173,15 @@ class SlicerConfig:
             "must be an integer in [1, 64]",
             self.num_blocks,
         )
-        _check(0.0 < self.distortion < 1.0, "distortion", "must be in (0, 1)", self.distortion)
         _check(
-            len(self.bit_candidates) > 0 and all(0 <= b <= 16 for b in self.bit_candidates),
+            _real(self.distortion) and 0.0 < self.distortion < 1.0, "distortion", "must be in (0, 1)", self.distortion
+        )
+        _check(
+            _ints(self.bit_candidates)
+            and len(self.bit_candidates) > 0
+            and all(0 <= b <= 16 for b in self.bit_candidates),
             "bit_candidates",
-            "must be a non-empty set of bitwidths in [0, 16]",
+            "must be a non-empty set of integer bitwidths in [0, 16]",
             self.bit_candidates,
         )
         _check(self.index_coding in INDEX_CODINGS, "index_coding", f"must be one of {INDEX_CODINGS}", self.index_coding)
@@ -209,7 +220,7 @@ class SlicerConfig:
         if self.downlink_basis is not None:
             _check(_is_digest(self.downlink_basis), "downlink_basis", "must be 16 hex digits", self.downlink_basis)
             _check(self.downlink_step is not None, "downlink_step", "must be set with a downlink_basis", None)
-        _check(0.0 < self.step <= 4.0, "step", "must be in (0, 4]", self.step)
+        _check(_real(self.step) and 0.0 < self.step <= 4.0, "step", "must be in (0, 4]", self.step)
         _check(type(self.bits) is int and 2 <= self.bits <= 16, "bits", "must be an integer in [2, 16]", self.bits)
         _check(
             type(self.group_size) is int and 1 <= self.group_size <= 1 << 16,
@@ -238,7 +249,7 @@ class SlicerConfig:
         )
         if self.downlink_step is not None:
             _check(
-                isinstance(self.downlink_step, (int, float)) and 0.0 < self.downlink_step <= 4.0,
+                _real(self.downlink_step) and 0.0 < self.downlink_step <= 4.0,
                 "downlink_step",
                 "must be None or in (0, 4]",
                 self.downlink_step,
@@ -251,6 +262,15 @@ class SlicerConfig:
             "prefill_chunk_tokens",
             "must be an integer >= 1",
             self.prefill_chunk_tokens,
+        )
+        for name in ("num_hidden_layers", "hidden_size"):
+            value = getattr(self, name)
+            _check(value is None or (_int(value) and value >= 1), name, "must be an integer >= 1 or None", value)
+        _check(
+            self.model_id is None or isinstance(self.model_id, str),
+            "model_id",
+            "must be a string or None",
+            self.model_id,
         )
         if self.split_layer is not None and self.num_hidden_layers is not None:
             _check(
@@ -274,6 +294,7 @@ class SlicerConfig:
             "needs codec='slicer' with quantizer='ecsq' (it moves the ECSQ step)",
             (self.codec, self.quantizer),
         )
+        _check(_rungs(ladder), "bitrate_ladder", "must be a list of (step, bits) pairs of numbers", ladder)
         steps, bits = [s for s, _ in ladder], [b for _, b in ladder]
         _check(
             all(0.0 < s <= 4.0 for s in steps) and all(b > 0 for b in bits),
@@ -287,7 +308,12 @@ class SlicerConfig:
             "must go from fine to coarse: steps rising, bits falling",
             ladder,
         )
-        _check(self.target_token_latency_ms > 0, "target_token_latency_ms", "must be > 0", self.target_token_latency_ms)
+        _check(
+            _real(self.target_token_latency_ms) and self.target_token_latency_ms > 0,
+            "target_token_latency_ms",
+            "must be a number > 0",
+            self.target_token_latency_ms,
+        )
 
     def bitrate_controller(self) -> Any:
         """The edge's adaptive-bitrate controller (None when the step is fixed), starting at the rung nearest `step`."""
@@ -482,6 +508,20 @@ class SlicerConfig:
 
 def _int(value: Any) -> bool:
     return type(value) is int  # not a bool, not a float (JSON's 256.0 included)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(_int(v) for v in value)
+
+
+def _rungs(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and all(_real(x) for x in r) for r in value
+    )
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

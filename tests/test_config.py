@@ -46,12 +46,46 @@ def test_unknown_keys_from_newer_versions_warn_not_crash(tmp_path, caplog):
         ("distortion", 0.0, "`distortion` must be in (0, 1)"),
         ("bit_candidates", (3, 17), "`bit_candidates`"),
         ("downlink", "carrier-pigeon", "`downlink` must be one of"),
+        # the wrong type is named too, never a bare TypeError/ValueError from a comparison
+        ("sparsity", "0.5", "`sparsity` must be in [0, 1), got '0.5'"),
+        ("step", "0.3", "`step` must be in (0, 4], got '0.3'"),
+        ("step", float("nan"), "`step` must be in (0, 4], got nan"),
+        ("distortion", None, "`distortion` must be in (0, 1), got None"),
+        ("asymmetry", "most", "`asymmetry` must be 'auto' or in [0, 1], got 'most'"),
+        ("bit_candidates", ("x",), "`bit_candidates` must be a non-empty set of integer bitwidths"),
+        ("bit_candidates", (2.7,), "`bit_candidates` must be a non-empty set of integer bitwidths"),  # not rounded
+        ("bit_candidates", 4, "`bit_candidates` must be a non-empty set of integer bitwidths"),
+        ("split_layer", True, "`split_layer` must be an integer >= 1"),
+        ("num_hidden_layers", "30", "`num_hidden_layers` must be an integer >= 1 or None, got '30'"),
+        ("hidden_size", 0, "`hidden_size` must be an integer >= 1 or None, got 0"),
+        ("model_id", 135, "`model_id` must be a string or None, got 135"),
+        ("downlink_step", True, "`downlink_step` must be None or in (0, 4]"),
     ],
 )
 def test_validation_names_field_rule_and_value(field, value, message):
     with pytest.raises(ConfigError) as info:
         SlicerConfig(**{field: value})
     assert message in str(info.value)
+
+
+def test_a_malformed_bitrate_ladder_or_target_is_named():
+    adaptive = {"quantizer": "ecsq", "target_token_latency_ms": 40.0}
+    with pytest.raises(ConfigError, match="`bitrate_ladder` must be a list of \\(step, bits\\) pairs"):
+        SlicerConfig(**adaptive, bitrate_ladder=[(0.3,)])
+    with pytest.raises(ConfigError, match="`target_token_latency_ms` must be a number > 0, got '40'"):
+        SlicerConfig(**adaptive | {"target_token_latency_ms": "40"}, bitrate_ladder=[(0.3, 2000.0), (0.6, 1000.0)])
+
+
+def test_json_and_cli_values_are_normalised():
+    config = SlicerConfig(
+        asymmetry="0.5",
+        bit_candidates=[8, 2, 2],
+        bitrate_ladder=[[0.3, 2000], [0.6, 1000]],
+        quantizer="ecsq",
+        target_token_latency_ms=40,
+    )
+    assert (config.asymmetry, config.bit_candidates) == (0.5, (2, 8))
+    assert config.bitrate_ladder == ((0.3, 2000.0), (0.6, 1000.0))
 
 
 def test_split_layer_must_leave_server_layers():
