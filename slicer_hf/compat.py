@@ -371,6 +371,11 @@ def check_encoder_supported(config: Any) -> None:
         families = ", ".join(sorted(ENCODER_SPLIT_FAMILIES))
         hint = " (a causal LM: use SlicerModelForCausalLM)" if model_type not in ENCODER_FAMILIES else ""
         raise NotImplementedError(f"{model_type!r} is not an encoder family that splits{hint}; these do: {families}")
+    if getattr(config, "add_cross_attention", False):
+        raise NotImplementedError(
+            f"this {model_type} has cross-attention (add_cross_attention=True): its blocks read encoder_hidden_states, "
+            "which the server is never sent, so it does not split"
+        )
 
 
 def split_width(config: Any, split_layer: int) -> int:

@@ -169,6 +169,15 @@ def test_bad_split_layers_and_unsupported_families_are_refused_at_from_pretraine
     AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path / "llama")
     with pytest.raises(NotImplementedError, match="SlicerModelForCausalLM"):
         SlicerModel.from_pretrained(tmp_path / "llama")
+    AutoModel.from_config(BertConfig(**TEXT, is_decoder=True, add_cross_attention=True)).save_pretrained(
+        tmp_path / "xa"
+    )
+    with pytest.raises(
+        NotImplementedError, match="cross-attention.*encoder_hidden_states"
+    ):  # the server never gets them
+        SlicerModel.from_pretrained(tmp_path / "xa", slicer_config=SlicerConfig(split_layer=2))
+    with pytest.raises(NotImplementedError, match="cross-attention"):  # nor does a server start on it
+        SplitServer(AutoModel.from_pretrained(tmp_path / "xa"))
     with pytest.raises(TypeError, match="factory"):
         SlicerModel()
 

@@ -233,6 +233,8 @@ class SplitServer:
                 f"(the edge runs at least one layer, the server at least one), got {min_split_layer}"
             )
         self.encoder_kind = compat.encoder_kind(model.config)  # None for a causal LM
+        if self.encoder_kind:
+            compat.check_encoder_supported(model.config)  # a family that splits may still have a variant that does not
         self.hidden_size = (  # the widest row a packet may carry
             max(compat.split_width(model.config, k) for k in range(min_split_layer, self.num_layers))
             if self.encoder_kind
