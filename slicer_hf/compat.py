@@ -414,6 +414,7 @@ def encoder_inputs(
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     kind = encoder_kind(config)
+    extra: dict[str, Any] = {}
     if kind == "text":
         width = model.get_input_embeddings().embedding_dim  # ELECTRA embeds narrower, then projects
         embeds = torch.zeros(batch, tokens, width, device=device, dtype=dtype)
@@ -423,8 +424,10 @@ def encoder_inputs(
             raise ValueError("a Swin split needs the patch grid of the split")
         scale = int(config.patch_size) * 2**split_layer
         size = (grid[0] * scale, grid[1] * scale)
+        # absolute position embeddings are sized for the configured image: stretched to this one
+        extra = {"interpolate_pos_encoding": True} if getattr(config, "use_absolute_embeddings", False) else {}
     elif kind == "patches":  # position embeddings sized for the configured image
         size = (int(config.image_size),) * 2
     else:
         size = (32, 32)
-    return {"pixel_values": torch.zeros(batch, int(config.num_channels), *size, device=device, dtype=dtype)}
+    return {"pixel_values": torch.zeros(batch, int(config.num_channels), *size, device=device, dtype=dtype), **extra}

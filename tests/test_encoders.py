@@ -113,6 +113,19 @@ def test_lossless_split_equals_the_unsplit_forward_at_every_block_boundary(famil
         assert split.wire_stats().tokens > 0  # the hidden states crossed the (in-process) wire
 
 
+@pytest.mark.parametrize("family", ["vit", "deit", "swin", "swin-absolute"])
+def test_images_of_other_sizes_split_exactly_with_interpolated_position_embeddings(family):
+    torch.manual_seed(0)
+    config = ENCODERS[family.removesuffix("-absolute")]()
+    config.use_absolute_embeddings = family.endswith("-absolute")  # sized for 32x32: stretched on both sides
+    model = AutoModel.from_config(config).eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        want = model(images, interpolate_pos_encoding=True).last_hidden_state
+        split = SlicerModel.from_model(model, LOSSLESS.replace(split_layer=2))
+        assert torch.equal(split(images, interpolate_pos_encoding=True).last_hidden_state, want)
+
+
 def test_heads_compute_their_loss_on_the_edge():
     model = build("bert", AutoModelForSequenceClassification)
     inputs = {**inputs_for("bert"), "labels": torch.tensor([1, 3])}
