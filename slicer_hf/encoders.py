@@ -18,7 +18,6 @@ hidden = model(**tok(sentences, padding=True, return_tensors="pt")).last_hidden_
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -51,13 +50,7 @@ class SlicerEncoderMixin(SplitModelMixin):
     def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self._resolve_split(split_layer)
         base_forward = super().forward  # the model's own forward (this mixin sits before its class)
-        given = _by_name(base_forward, args, kwargs)
-        for name in ("output_hidden_states", "output_attentions"):  # every block's: the edge has only its own
-            if given.get(name) or (given.get(name) is None and getattr(self.config, name, False)):
-                raise NotImplementedError(
-                    f"{name} is not available from a split model: the server keeps the blocks from the split on; "
-                    "`with slicer_hf.unsplit(model):` runs every block locally"
-                )
+        given = self._arguments(base_forward, args, kwargs, k)
         link = self._link_for(k)
         mask = given.get("attention_mask")
         if mask is not None and mask.ndim != 2:
@@ -136,16 +129,6 @@ class _SplitAutoFactory:
         """Make an already loaded encoder or vision model split (in place; the same object is returned)."""
         _check(model.config, slicer_config or SlicerConfig())
         return make_split(model, slicer_config, SlicerEncoderMixin, transport, transport_options)
-
-
-def _by_name(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The arguments of a call to `forward` by name, however they were passed (by position, or through **kwargs)."""
-    bound = inspect.signature(forward).bind_partial(*args, **kwargs)
-    given = dict(bound.arguments)
-    for parameter in bound.signature.parameters.values():
-        if parameter.kind is parameter.VAR_KEYWORD:
-            given.update(given.pop(parameter.name, {}))
-    return given
 
 
 def _check(model_config: Any, config: SlicerConfig) -> None:

@@ -126,6 +126,23 @@ class SplitModelMixin:
             )
         return k
 
+    def _arguments(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> dict[str, Any]:
+        """The arguments of a call to the model's own `forward`, by name however they were passed (by position, or
+        through **kwargs). Refuses every layer's hidden states or attentions, asked for in the call or the config:
+        the edge has only its own layers'."""
+        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+        given = dict(bound.arguments)
+        for parameter in bound.signature.parameters.values():
+            if parameter.kind is parameter.VAR_KEYWORD:
+                given.update(given.pop(parameter.name, {}))
+        for name in ("output_hidden_states", "output_attentions"):
+            if given.get(name) or (given.get(name) is None and getattr(self.config, name, False)):
+                raise NotImplementedError(
+                    f"{name} is not available from a split model: the edge runs only blocks 0..{k - 1} and the "
+                    "server the rest; `with slicer_hf.unsplit(model):` runs them all locally"
+                )
+        return given
+
     def _link_for(self, k: int) -> SuffixLink:
         link = self._slicer_link
         if link is not None and link.open_request["split_layer"] == k:
@@ -183,17 +200,13 @@ class SlicerGenerationMixin(SplitModelMixin):
 
     def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self._resolve_split(split_layer if split_layer is not None else _GENERATE_SPLIT.get())
-        for name in ("output_hidden_states", "output_attentions"):  # every layer's: the edge has only its own
-            if kwargs.get(name) or (kwargs.get(name) is None and getattr(self.config, name, False)):
-                raise NotImplementedError(
-                    f"{name} is not available from a split model: the edge runs only layers 0..{k - 1} and the "
-                    "server keeps the rest; `with slicer_hf.unsplit(model):` runs every layer locally"
-                )
+        base_forward = super().forward  # the model's own forward (this mixin sits before its class)
+        given = self._arguments(base_forward, args, kwargs, k)
         link = self._link_for(k)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        input_ids = given.get("input_ids")
+        ref = input_ids if input_ids is not None else given["inputs_embeds"]
         b, t = ref.shape[:2]
-        cache = compat.cache_from_kwargs(kwargs)
+        cache = compat.cache_from_kwargs(given)
         start = compat.cache_length(cache)
         if start > 0 and not link.continues(getattr(cache, "_slicer_mark", None), start):
             raise SlicerError(
@@ -201,18 +214,18 @@ class SlicerGenerationMixin(SplitModelMixin):
                 "generate() or branch ran on this model since, its session closed, or the cache was not made by "
                 "this split model): continue it on no other sequence, or start again from the whole prompt"
             )
-        mask = kwargs.get("attention_mask")
+        mask = given.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise NotImplementedError(
                 "split forward takes a 2D attention_mask [batch, length] (a static cache makes 4D masks: use the "
                 "default dynamic cache)"
             )
-        positions = kwargs.get("position_ids")
+        positions = given.get("position_ids")
         if positions is not None and torch.equal(positions.cpu(), (start + torch.arange(t)).expand_as(positions)):
             positions = None  # the server derives the plain ones
         elif positions is not None:
             positions = positions.expand(b, t)
-        keep = kwargs.get("logits_to_keep", 0)
+        keep = given.get("logits_to_keep", 0)
         keep = t if isinstance(keep, torch.Tensor) or not keep else min(int(keep), t)
         replies: dict[str, torch.Tensor] = {}
 
@@ -239,7 +252,6 @@ class SlicerGenerationMixin(SplitModelMixin):
             replies["logits"] = final.float()
             return hidden.new_zeros(hidden.shape)
 
-        base_forward = super().forward
         with split_plan(SplitPlan("edge", k, exchange=exchange)):
             if self.slicer_config.downlink == "hidden":
                 out = base_forward(*args, **kwargs)
@@ -247,12 +259,13 @@ class SlicerGenerationMixin(SplitModelMixin):
                 return out
             # The server ran the head: skip it here (an empty index set) and return its logits instead, with the
             # loss computed from them (the forward here saw no logits).
-            labels = kwargs.pop("labels", None)
-            kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=ref.device)
-            as_tuple = kwargs.get("return_dict") is False or (
-                kwargs.get("return_dict") is None and not self.config.use_return_dict
+            call = dict(given)
+            labels = call.pop("labels", None)
+            as_tuple = call.get("return_dict") is False or (
+                call.get("return_dict") is None and not self.config.use_return_dict
             )
-            out = base_forward(*args, **{**kwargs, "return_dict": True})
+            call |= {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=ref.device), "return_dict": True}
+            out = base_forward(**call)
             _mark(link, cache, out)
         out.logits = replies["logits"].to(ref.device)
         if labels is not None:

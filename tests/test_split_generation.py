@@ -1,6 +1,7 @@
 """The exactness anchor and generate() behaviour: with a lossless codec, split generation is plain
 transformers generation, token for token."""
 
+import inspect
 import struct
 
 import pytest
@@ -306,6 +307,27 @@ def test_output_attentions_are_refused_like_hidden_states_not_cut_to_the_edges_l
     _, model = model_pair("llama")
     with pytest.raises(NotImplementedError, match="output_attentions"):
         split(model)(prompt(), output_attentions=True)
+    model = split(model)
+    model.config.output_hidden_states = True  # asked for through the config, not the call
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):
+        model(prompt())
+
+
+@pytest.mark.parametrize("downlink", ["hidden", "logits"])
+def test_arguments_passed_by_position_reach_the_server(model_pair, downlink):
+    """forward(input_ids, attention_mask, ...) as well as by keyword: the padded row's mask, and labels."""
+    ref, model = model_pair("llama")
+    ids, mask = left_padded(ref.config.pad_token_id)
+    after_padding = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1) == 0
+    labels = ids.masked_fill(after_padding, -100)  # no loss on what padded positions predict
+    want = ref(ids, attention_mask=mask, labels=labels)
+    parameters = list(inspect.signature(ref.forward).parameters)
+    by_position = [{"input_ids": ids, "attention_mask": mask, "labels": labels}.get(p) for p in parameters]
+    by_position = by_position[: parameters.index("labels") + 1]
+    got = split(model, downlink=downlink)(*by_position)
+    real = mask.bool()
+    assert torch.allclose(got.logits[real], want.logits[real], atol=1e-5)
+    assert torch.allclose(got.loss, want.loss, atol=1e-5)
 
 
 @pytest.mark.parametrize("downlink", ["hidden", "logits", "topk_logits"])
