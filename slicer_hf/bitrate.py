@@ -5,7 +5,8 @@ The edge alone decides; every ECSQ packet carries its step, so the server decode
 is renegotiated. The controller models a decode token's latency as `base + bits / goodput`: `base` (compute, round
 trip, downlink) is the lowest recent latency with the uplink's share taken out, and the goodput follows from how
 far the latest tokens sit above it. A rung is taken coarser as soon as one token misses the target or the recent
-median crosses `high` x target, straight to the finest rung predicted under 90% of it; finer only after `patience`
+median crosses `high` x target, straight to the finest rung predicted under 90% of it (one rung only while the
+model can put none of the latency down to the uplink, as at the first token); finer only after `patience`
 tokens in a row predict room below `low` x target, and a finer rung given up within `calm` tokens doubles that
 patience (hysteresis, so the knob does not flap on a link at the edge of two rungs).
 """
@@ -90,6 +91,9 @@ class BitrateController:
             if self._since_finer > self.calm:  # the finer rung held: the next try need not wait so long
                 self._since_finer, self._wait = None, self.patience
         if over and self.level < len(self.ladder) - 1:
+            if per_bit == 0.0:  # nothing to put the miss down to the uplink by (no history yet): one rung at a time
+                self._move(self.level + 1, median)
+                return
             fits = [i for i in range(self.level + 1, len(self.ladder)) if self._predict(i, base, per_bit) <= 0.9]
             self._move(fits[0] if fits else len(self.ladder) - 1, median)
             return

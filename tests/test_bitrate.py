@@ -58,6 +58,14 @@ def test_the_controller_never_goes_below_the_quality_floor():
     assert max(steps) == LADDER[4][0] and controller.level == 4
 
 
+def test_a_slow_first_token_costs_one_rung_not_the_quality_floor():
+    controller = BitrateController(LADDER, target_ms=75.0)
+    controller.observe(400.0, BITS[0.1])  # nothing yet to tell the uplink's share from the rest
+    assert controller.level == 1
+    simulate([64.0] * 30, controller)  # a slow link, then, is learnt and stepped over at once
+    assert controller.step >= 0.8
+
+
 def test_the_controller_does_not_flap_on_a_steady_link():
     controller = BitrateController(LADDER, target_ms=75.0, start=3)
     simulate([64.0] * 300, controller, seed=1)
