@@ -130,11 +130,7 @@ class SplitModelMixin:
         """The arguments of a call to the model's own `forward`, by name however they were passed (by position, or
         through **kwargs). Refuses every layer's hidden states or attentions, asked for in the call or the config:
         the edge has only its own layers'."""
-        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
-        given = dict(bound.arguments)
-        for parameter in bound.signature.parameters.values():
-            if parameter.kind is parameter.VAR_KEYWORD:
-                given.update(given.pop(parameter.name, {}))
+        given = _by_name(forward, args, kwargs)
         for name in ("output_hidden_states", "output_attentions"):
             if given.get(name) or (given.get(name) is None and getattr(self.config, name, False)):
                 raise NotImplementedError(
@@ -181,9 +177,10 @@ class SlicerGenerationMixin(SplitModelMixin):
                 `NotImplementedError`.
         """
         k = self._resolve_split(split_layer)
-        gen_config = kwargs.get("generation_config") or self.generation_config
+        given = _by_name(super().generate, args, kwargs)  # a generation_config may come by position
+        gen_config = given.get("generation_config") or self.generation_config
         for name, (plain, what) in UNSUPPORTED_GENERATION.items():
-            value = kwargs.get(name, getattr(gen_config, name, plain))
+            value = given.get(name, getattr(gen_config, name, plain))
             if value not in (plain, None) and not (name == "num_beams" and value == 1):
                 raise NotImplementedError(f"{what} ({name}={value!r}) is not supported by split generation")
         token = _GENERATE_SPLIT.set(k)
@@ -275,6 +272,16 @@ class SlicerGenerationMixin(SplitModelMixin):
                 raise NotImplementedError("labels need logits at every position: call without logits_to_keep")
             out.loss = compat.causal_lm_loss(self, out.logits, labels)
         return out.to_tuple() if as_tuple else out
+
+
+def _by_name(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call to `function` by name, however they were passed (by position, or through **kwargs)."""
+    bound = inspect.signature(function).bind_partial(*args, **kwargs)
+    given = dict(bound.arguments)
+    for parameter in bound.signature.parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            given.update(given.pop(parameter.name, {}))
+    return given
 
 
 def _mark(link: SuffixLink, cache: Any, out: Any) -> None:

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from slicer_hf import ConfigError, ProtocolError, SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
@@ -219,6 +219,10 @@ def test_beam_search_is_refused_not_wrong(model_pair):
     _, model = model_pair("llama")
     with pytest.raises(NotImplementedError, match="beam search"):
         split(model).generate(prompt(), max_new_tokens=2, num_beams=2)
+    beams = GenerationConfig(num_beams=2, max_new_tokens=2)
+    for how in ({"generation_config": beams}, {}):  # by keyword, and by position (was run, and wrong)
+        with pytest.raises(NotImplementedError, match="beam search"):
+            split(model).generate(prompt(), *([] if how else [beams]), **how)
 
 
 def test_slicer_codec_runs_and_compresses(model_pair):
