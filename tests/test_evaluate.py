@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory):
 def test_lossless_eval_matches_the_unsplit_model_exactly(tiny_dir):
     r = evaluate(
         str(tiny_dir),
-        "wikitext-2-raw-v1:validation",
+        "wikitext-2-v1:validation",
         split_layer=2,
         codec="identity",
         window=64,
@@ -43,7 +43,7 @@ def test_lossless_eval_matches_the_unsplit_model_exactly(tiny_dir):
 def test_lossy_eval_reports_the_damage_and_the_savings(tiny_dir):
     r = evaluate(
         str(tiny_dir),
-        "wikitext-2-raw-v1:validation",
+        "wikitext-2-v1:validation",
         config=str(tiny_dir / "preset"),
         codec="int8",
         window=64,
@@ -66,7 +66,7 @@ def test_eval_cli_writes_json(tiny_dir, tmp_path):
             "--model",
             str(tiny_dir),
             "--dataset",
-            "wikitext-2-raw-v1:validation",
+            "wikitext-2-v1:validation",
             "--split-layer",
             "2",
             "--codec",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SlicerConfig
-from ..data import load_text, resolve_model
+from ..data import CALIBRATION_TEXT, load_text, resolve_model
 from ..evaluate import evaluate
 from .common import markdown_table, suite_parser, write_json
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         fitted.save_pretrained(args.calibrated)
         print(f"calibrated: uplink basis {fitted.basis}, downlink basis {fitted.downlink_basis}", flush=True)
     calibrated = SlicerConfig.from_pretrained(args.calibrated).replace(trellis=args.trellis)
-    (work / "heldout.txt").write_text(heldout_text(args.model, "wikitext-2-raw-v1:validation", args.calib_tokens))
+    (work / "heldout.txt").write_text(heldout_text(args.model, CALIBRATION_TEXT, args.calib_tokens))
     heldout = str(work / "heldout.txt")
 
     print("\n== choose the uplink step on held-out validation (exact downlink)\n" + markdown_table([], COLUMNS))
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     write_json(
         {
-            "calibration": {"text": "wikitext-2-raw-v1:validation", "tokens": args.calib_tokens},
+            "calibration": {"text": CALIBRATION_TEXT, "tokens": args.calib_tokens},
             "choose": {"text": "validation after the calibration tokens", "tokens": args.choose_tokens},
             "budget": {"max_kl": args.max_kl, "max_ppl_change_pct": args.max_ppl, "margin": args.margin},
             "trellis": args.trellis,

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ..codec import build_codec
 from ..config import SlicerConfig
-from ..data import load_text, resolve_model
+from ..data import CALIBRATION_TEXT, load_text, resolve_model
 from ..demo import default_config_dir
 from ..hooks import SplitPlan, attach_hooks, split_plan
 from .common import markdown_table, median_time, suite_parser, write_json
@@ -31,9 +31,9 @@ def run(model: str = "smollm2", config_dir: str | None = None, out_json: str | N
     attach_hooks(lm)
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(path)(load_text("wikitext-2-raw-v1:validation")[:20000], return_tensors="pt")[
-        "input_ids"
-    ][:, :257]
+    ids = AutoTokenizer.from_pretrained(path)(load_text(CALIBRATION_TEXT)[:20000], return_tensors="pt")["input_ids"][
+        :, :257
+    ]
     captured: dict[str, torch.Tensor] = {}
 
     def grab(hidden: torch.Tensor) -> torch.Tensor:

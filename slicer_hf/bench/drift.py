@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ..config import SlicerConfig
-from ..data import load_text, resolve_model
+from ..data import CALIBRATION_TEXT, load_text, resolve_model
 from ..demo import default_config_dir
 from ..modeling import SlicerModelForCausalLM, unsplit
 from .common import markdown_table, suite_parser, write_json
@@ -37,7 +37,7 @@ def run(
     cfg = SlicerConfig.from_pretrained(config_dir or default_config_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = SlicerModelForCausalLM.from_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), cfg)
-    text_ids = tokenizer(load_text("wikitext-2-raw-v1:validation")[:200_000], return_tensors="pt")["input_ids"][0]
+    text_ids = tokenizer(load_text(CALIBRATION_TEXT)[:200_000], return_tensors="pt")["input_ids"][0]
     kl_sum = torch.zeros(new_tokens)
     agree_sum = torch.zeros(new_tokens)
     for p in range(prompts):

@@ -36,7 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .. import protocol
 from ..config import SlicerConfig
-from ..data import load_text, resolve_model, token_windows
+from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
 from ..demo import default_config_dir
 from ..launch import parse_server_url, start_server, stop_server  # noqa: F401 (parse_server_url: re-exported)
 from ..transport.grpc import STATS_METHOD, GrpcTransport
@@ -243,7 +243,7 @@ def run(
     prompt_tokens: int = 64,
     new_tokens: int = 32,
     repeats: int = 3,
-    text: str = "wikitext-2-raw-v1:validation",
+    text: str = CALIBRATION_TEXT,
     prompt_ids: torch.Tensor | None = None,
     out_json: str | Path | None = None,
     plot_path: str | Path | None = None,
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--text", default="wikitext-2-raw-v1:validation", help="prompt source (file or wikitext split)")
+    parser.add_argument("--text", default=CALIBRATION_TEXT, help="prompt source (file or wikitext split)")
     parser.add_argument("--out-json", default="docs/benchmarks/link.json")
     parser.add_argument("--plot", default=None, help="also write the tokens/s plot to this image file")
     parser.add_argument("--request-timeout-s", type=float, default=120.0)

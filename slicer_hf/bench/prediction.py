@@ -24,7 +24,7 @@ import torch
 from ..codec.basis import lookup
 from ..compat import decoder_layers
 from ..config import SlicerConfig
-from ..data import load_text, resolve_model, token_windows
+from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
 from ..tuning.calibrate import ridge as fit_ridge
 from .common import markdown_table, suite_parser, write_json
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     embedding = model.get_input_embeddings().weight.detach().double()
 
     def texts() -> dict[str, torch.Tensor]:
-        val = token_windows(tokenizer, load_text("wikitext-2-raw-v1:validation"), 512, args.calib_tokens + 8192)
+        val = token_windows(tokenizer, load_text(CALIBRATION_TEXT), 512, args.calib_tokens + 8192)
         cut = args.calib_tokens // 512
         test = token_windows(tokenizer, load_text("wikitext-2-raw-v1:test"), 512, args.test_tokens)
         return {"calibration": val[:cut], "held-out validation": val[cut:], "test": test}

@@ -4,7 +4,7 @@ For each split layer k and codec setting, a forward hook on decoder layer k-1 re
 server would decode: every token row is encoded as its own single-token packet `[1, 1, d]` (headers included in
 the bits) and decoded back. The rest of the model runs unchanged and is compared with the unsplit model.
 
-    python -m slicer_hf.bench.rate_distortion --text wikitext-2-raw-v1:validation --split-layers 24 8 \\
+    python -m slicer_hf.bench.rate_distortion --text wikitext-2-v1:validation --split-layers 24 8 \\
         --n-tokens 2048 --out-json docs/benchmarks/rate_distortion.json \\
         --markdown docs/rate_distortion.md --plot docs/benchmarks/rate_distortion.png
 """
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..compat import decoder_layers
-from ..data import GGUF_NAME, load_text, resolve_model, token_windows
+from ..data import CALIBRATION_TEXT, GGUF_NAME, load_text, resolve_model, token_windows
 from ..tuning.distortion import measure
 
 FP16_BITS_PER_ELEMENT = 16
@@ -101,7 +101,7 @@ def run(
 
     Args:
         model_path: model folder or Hub id; None or "smollm2" for the converted default model.
-        text: text source for `load_text` (use "wikitext-2-raw-v1:validation" to choose defaults).
+        text: text source for `load_text` (use "wikitext-2-v1:validation" to choose defaults).
         split_layers: split layers k (the edge runs decoder layers 0..k-1).
         codecs: settings `{"codec": name, **params}`; None for `default_grid()`.
         n_tokens: tokens scored, cut into non-overlapping windows of `window` tokens.
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prog="python -m slicer_hf.bench.rate_distortion", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
-    parser.add_argument("--text", default="wikitext-2-raw-v1:validation", help="text source (file or wikitext split)")
+    parser.add_argument("--text", default=CALIBRATION_TEXT, help="text source (file or wikitext split)")
     parser.add_argument("--split-layers", type=int, nargs="+", default=[24, 8])
     parser.add_argument("--codec", action="append", help="setting like 'slicer:distortion=0.05' (repeat; default grid)")
     parser.add_argument("--n-tokens", type=int, default=2048)

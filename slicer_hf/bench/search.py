@@ -29,7 +29,7 @@ import torch
 
 from .. import protocol
 from ..config import SlicerConfig
-from ..data import resolve_model
+from ..data import CALIBRATION_TEXT, resolve_model
 from ..demo import default_config_dir
 from ..evaluate import evaluate
 from ..launch import start_server, stop_server
@@ -111,7 +111,7 @@ def run(
     preset = SlicerConfig.from_pretrained(default_config_dir())
     path = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt = wikitext_prompt(tokenizer, "wikitext-2-raw-v1:validation", prompt_tokens)
+    prompt = wikitext_prompt(tokenizer, CALIBRATION_TEXT, prompt_tokens)
     profiles = {1: edge1, 2: edge2}
     rows, threads_before = [], torch.get_num_threads()
     link = ShapedLink.for_pid(burst=BURST)

@@ -31,6 +31,7 @@ from ..codec import ops
 from ..codec.basis import Basis, given_features, register, weighted_rms
 from ..compat import decoder_layers
 from ..config import SlicerConfig
+from ..data import CALIBRATION_TEXT
 from ..errors import ConfigError
 from ..version import __version__
 
@@ -182,7 +183,7 @@ def calibrate(
     downlink: bool = False,
     predict: bool = True,
     predict_previous: bool = False,
-    text: str = "wikitext-2-raw-v1:validation",
+    text: str = CALIBRATION_TEXT,
     tokens: int = 24576,
     window: int = 512,
     seed: int = 0,
