@@ -163,8 +163,8 @@ def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int 
     Returns:
         A `torch.long` tensor `[n_windows, window]`.
     """
-    if window < 1:
-        raise ValueError(f"`window` must be >= 1, got {window}")
+    if window < 2:
+        raise ValueError(f"`window` must be >= 2 (a window scores the tokens after its first), got {window}")
     if max_tokens is not None and max_tokens < window:
         raise ValueError(f"`max_tokens` must be >= window ({window}), got {max_tokens}")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from . import protocol
 from .config import SlicerConfig
 from .data import load_text, resolve_model, token_windows
+from .errors import ConfigError
 from .modeling import SlicerModelForCausalLM, unsplit
 
 
@@ -66,13 +67,19 @@ def evaluate(
     if split_layer is not None:
         changes["split_layer"] = split_layer
     cfg = cfg.replace(**changes) if changes else cfg
+    if cfg.downlink == "topk_logits":
+        raise ConfigError(
+            "eval scores whole next-token distributions, and downlink 'topk_logits' sends back only the top k (the "
+            "rest is -inf): score the same uplink with downlink 'logits' and size the top-k replies apart"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     split = SlicerModelForCausalLM.from_model(base, cfg)
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)
     link = split._link_for(split.slicer_config.split_layer)
     link_codec, downlink_codec = link.codec, link.downlink_codec
-    lossy_downlink = "downlink_codec" in link.open_request  # its replies go bare, as a session gets them
+    server = split.split_server  # the in-process server: replies are sized as its session makes them
+    assert server is not None
 
     nll_ref = nll_split = kl = agree = 0.0
     n_scored = 0
@@ -88,7 +95,8 @@ def evaluate(
         ids = ids.unsqueeze(0)
         with unsplit(split):
             ref = split(ids).logits[0, :-1].float()
-        out = split(ids).logits[0, :-1].float()
+        logits = split(ids).logits[0].float()  # a logit downlink's replies, one row per position
+        out = logits[:-1]
         target = ids[0, 1:]
         ref_lp, out_lp = F.log_softmax(ref, -1), F.log_softmax(out, -1)
         nll_ref += -ref_lp.gather(1, target[:, None]).sum().item()
@@ -114,12 +122,12 @@ def evaluate(
             step_bits.append(8 * len(protocol.encode_step(step)))
         replies = torch.cat(final_rows)  # the server's forwards of this window (prefill runs in chunks)
         final_rows.clear()
-        for row, given_row in zip(replies, given, strict=True):  # the replies to single-token steps
-            packet = downlink_codec.encode(row.reshape(1, 1, -1), given=given_row)
-            bare = downlink_codec.bare(packet, (1, 1, row.shape[-1]), row.dtype) if lossy_downlink else None
-            kind = protocol.REPLY_HIDDEN if bare is None else protocol.REPLY_HIDDEN_BARE
-            reply = protocol.encode_reply(1000, kind, packet if bare is None else bare)
-            reply_bits.append(8 * len(reply))
+        if cfg.downlink != "hidden":
+            replies = logits
+        session = server.sessions[link.session]
+        for row, given_row in zip(replies, given, strict=True):  # the replies to single-token steps, as the server
+            payload, kind = server.encode_output(session, row.reshape(1, 1, -1), given=given_row)  # makes them
+            reply_bits.append(8 * len(protocol.encode_reply(1000, kind, payload)))
     capture.remove()
     capture_final.remove()
     split.close_session()

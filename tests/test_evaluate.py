@@ -57,6 +57,46 @@ def test_lossy_eval_reports_the_damage_and_the_savings(tiny_dir):
     assert r["bits_per_token_with_step_header"] == r["bits_per_token"] - 8 * (envelope - 6)
 
 
+@pytest.mark.parametrize(
+    "downlink",
+    [{}, {"downlink_dtype": "bfloat16"}, {"downlink": "logits"}, {"downlink": "logits", "downlink_dtype": "float16"}],
+)
+def test_eval_sizes_replies_as_a_decode_step_gets_them(tiny_dir, downlink):
+    from transformers import AutoModelForCausalLM
+
+    from slicer_hf import SlicerModelForCausalLM
+
+    config = SlicerConfig(split_layer=2, codec="int8", **downlink)
+    r = evaluate(str(tiny_dir), "wikitext-2-v1:validation", config=config, window=64, max_tokens=64, progress=False)
+    model = SlicerModelForCausalLM.from_model(AutoModelForCausalLM.from_pretrained(tiny_dir), config)
+    cache = model(torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
+    for token in range(8, 140):  # single-token steps, as decoding sends them, until eval's 2-byte sequence numbers
+        if token == 137:
+            model.reset_wire_stats()
+        cache = model(torch.tensor([[token]]), cache=cache, use_cache=True).past_key_values
+    stats = model.wire_stats()
+    assert r["downlink_bits_per_token"] == 8 * stats.downlink_bytes / stats.downlink_messages
+
+
+def test_eval_refuses_what_it_cannot_score(tiny_dir):
+    from slicer_hf import ConfigError
+
+    with pytest.raises(ConfigError, match="topk_logits"):  # everything outside the top k comes back as -inf
+        evaluate(str(tiny_dir), "wikitext-2-v1:validation", config=SlicerConfig(split_layer=2, downlink="topk_logits"))
+    with pytest.raises(ValueError, match="window"):  # a one-token window predicts nothing
+        evaluate(str(tiny_dir), "wikitext-2-v1:validation", split_layer=2, window=1, max_tokens=4)
+
+
+def test_codec_speed_suite_runs_from_the_cli(tiny_dir, tmp_path):
+    out = tmp_path / "codec_speed.json"
+    args = ["bench", "codec-speed", "--model", str(tiny_dir), "--config", str(tiny_dir / "preset"), "--out-json"]
+    result = CliRunner().invoke(app, [*args, str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["codec"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fp16", "int8", "topk", "slicer"}
+    assert rows["fp16"]["bits_per_token"] == 8 * (len(build_codec("fp16").envelope((1, 1, 64), torch.float32)) + 128)
+
+
 def test_eval_cli_writes_json(tiny_dir, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(

@@ -36,7 +36,7 @@ def run(model: str = "smollm2", config_dir: str | None = None, out_json: str | N
     ]
     captured: dict[str, torch.Tensor] = {}
 
-    def grab(hidden: torch.Tensor) -> torch.Tensor:
+    def grab(hidden: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         captured["h"] = hidden.clone()
         return hidden
 

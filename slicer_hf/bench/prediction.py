@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     embedding = model.get_input_embeddings().weight.detach().double()
 
     def texts() -> dict[str, torch.Tensor]:
-        val = token_windows(tokenizer, load_text(CALIBRATION_TEXT), 512, args.calib_tokens + 8192)
+        val = token_windows(tokenizer, load_text(CALIBRATION_TEXT), 512, args.calib_tokens + args.heldout_tokens)
         cut = args.calib_tokens // 512
         test = token_windows(tokenizer, load_text("wikitext-2-raw-v1:test"), 512, args.test_tokens)
         return {"calibration": val[:cut], "held-out validation": val[cut:], "test": test}
