@@ -398,3 +398,32 @@ def test_bit_reader_reads_back_what_the_writer_wrote(lead):
         assert (r.read(len(codes), width) == codes).all()
     with pytest.raises(CodecError, match="truncated"):
         r.read(1, 16)
+
+
+def test_unary_sections_read_back_between_other_fields():
+    """Rice-coded positions: unary runs (zeros, then a one) among fixed-width fields, each row's section in turn."""
+    g = np.random.default_rng(0)
+    rows = [(g.integers(0, 9, 40), g.integers(0, 1 << 3, 40, dtype=np.uint64)) for _ in range(6)]
+    w = BitWriter()
+    for unary, tail in rows:
+        w.write_unary(unary)
+        w.write(tail, 3)
+    r = BitReader(w.getvalue())
+    for unary, tail in rows:
+        assert (r.read_unary(len(unary)) == unary).all()
+        assert (r.read(len(tail), 3) == tail).all()
+    with pytest.raises(CodecError, match="unary section truncated"):
+        r.read_unary(1)
+
+
+@pytest.mark.parametrize("index_coding", ["rice", "bitmap", "auto"])
+def test_sparse_packets_of_many_rows_round_trip_their_positions(index_coding):
+    codec = build_codec(
+        "slicer", sparsity=0.9, index_coding=index_coding, entropy_coding="none", rotation="none", outliers=0
+    )
+    x = hidden_states(512, 64)
+    kept = codec.decode(codec.encode(x)) != 0
+    k = int(kept[0].sum())
+    assert k > 0 and (kept.sum(1) == k).all()
+    want = x.abs().topk(k, dim=1).indices.sort(1).values  # every row's own positions, not a neighbour's
+    assert (kept.nonzero()[:, 1].reshape(512, k) == want).all()

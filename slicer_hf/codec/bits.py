@@ -138,8 +138,14 @@ class BitReader:
         self.pos += total
         return (vals << shifts[None, :].astype(np.uint64)).sum(axis=1, dtype=np.uint64)
 
+    @functools.cached_property
+    def _ones(self) -> np.ndarray:
+        """Where the stream's 1 bits are: found once, so that each unary section costs its own length."""
+        return np.flatnonzero(self.bits)
+
     def read_unary(self, count: int) -> np.ndarray:
-        ones = np.flatnonzero(self.bits[self.pos :])[: int(count)]
+        first = int(np.searchsorted(self._ones, self.pos))
+        ones = self._ones[first : first + int(count)] - self.pos
         if ones.size < count:
             raise CodecError(f"unary section truncated: {ones.size} of {count} values")
         values = np.diff(np.concatenate(([-1], ones))) - 1
