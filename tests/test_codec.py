@@ -427,3 +427,15 @@ def test_sparse_packets_of_many_rows_round_trip_their_positions(index_coding):
     assert k > 0 and (kept.sum(1) == k).all()
     want = x.abs().topk(k, dim=1).indices.sort(1).values  # every row's own positions, not a neighbour's
     assert (kept.nonzero()[:, 1].reshape(512, k) == want).all()
+
+
+@pytest.mark.parametrize("params", [{}, {"sparsity": 0.6, "num_blocks": 3}])
+def test_big_packets_decode_a_chunk_at_a_time_to_the_same_rows(monkeypatch, params):
+    """The reference decode bounds its working set by unpacking fields and rebuilding rows in chunks."""
+    from slicer_hf.codec import ops
+
+    codec = build_codec("slicer", **params)
+    packet = codec.encode(hidden_states(37, 64))
+    whole = codec.decode(packet)
+    monkeypatch.setattr(ops, "CHUNK_FIELDS", 7)  # chunk edges inside rows and inside fields' runs
+    assert torch.equal(codec.decode(packet), whole)

@@ -38,6 +38,7 @@ BACKENDS = ("reference", "kernels")
 FP16_MAX = float(torch.finfo(torch.float16).max)
 MAX_KERNEL_D = 16384  # wider rows than this stay on the reference (a row must fit one program's registers)
 FIELD_BYTES = 5  # bytes a bitstream field of <= 32 bits can touch
+CHUNK_FIELDS = 1 << 18  # fields (or kept entries) the reference decode works on at once
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
@@ -309,10 +310,14 @@ def unpack_bits(
         return kernels.unpack_bits(data, widths, bit_offset)
     starts = bit_offset + torch.cumsum(widths, 0) - widths
     padded = torch.cat([data, data.new_zeros(FIELD_BYTES)])
-    index = (starts >> 3)[:, None] + torch.arange(FIELD_BYTES, device=data.device)
     byte_shifts = torch.arange(0, 8 * FIELD_BYTES, 8, device=data.device)
-    joined = (padded[index].to(torch.int64) << byte_shifts).sum(1)  # the 5 bytes from each field's first byte
-    return (joined >> (starts & 7)) & ((1 << widths) - 1)
+    out = torch.empty_like(widths)
+    for a in range(0, len(widths), CHUNK_FIELDS):  # a bounded working set: ~100 bytes a field for a chunk at a time
+        at, width = starts[a : a + CHUNK_FIELDS], widths[a : a + CHUNK_FIELDS]
+        index = (at >> 3)[:, None] + torch.arange(FIELD_BYTES, device=data.device)
+        joined = (padded[index].to(torch.int64) << byte_shifts).sum(1)  # the 5 bytes from each field's first byte
+        out[a : a + CHUNK_FIELDS] = (joined >> (at & 7)) & ((1 << width) - 1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- decode
@@ -339,6 +344,12 @@ def dequantize_rows(
     kernels = _kernels(codes, backend) if codes.numel() else None
     if kernels is not None:
         return kernels.dequantize_rows(positions, labels, signs, codes, lo, hi, bits, d)
-    vals = dequantize(lo.gather(1, labels), hi.gather(1, labels), bits.gather(1, labels), codes)
-    vals = torch.where(signs, -vals, vals)
-    return torch.zeros(n_rows, d, device=codes.device).scatter(1, positions, vals)
+    out = torch.zeros(n_rows, d, device=codes.device)
+    rows = max(1, CHUNK_FIELDS // max(1, positions.shape[1]))
+    for a in range(0, n_rows, rows):  # a chunk of rows at a time: the working set stays bounded
+        part = slice(a, a + rows)
+        block = labels[part]
+        lo_, hi_, bits_ = (t[part].gather(1, block) for t in (lo, hi, bits))
+        vals = dequantize(lo_, hi_, bits_, codes[part])
+        out[part].scatter_(1, positions[part], torch.where(signs[part], -vals, vals))
+    return out
