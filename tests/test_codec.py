@@ -439,3 +439,14 @@ def test_big_packets_decode_a_chunk_at_a_time_to_the_same_rows(monkeypatch, para
     whole = codec.decode(packet)
     monkeypatch.setattr(ops, "CHUNK_FIELDS", 7)  # chunk edges inside rows and inside fields' runs
     assert torch.equal(codec.decode(packet), whole)
+
+
+@pytest.mark.parametrize("flags", [b"\x01\x01\x01\x00", b"\x11\x00\xcd\x34"])  # blocks, ECSQ: rotated, tiny bodies
+def test_a_rotated_packet_cannot_claim_an_unbounded_width(flags):
+    from slicer_hf.codec.slicer import MAX_ROTATED_WIDTH, rotation_blocks
+
+    codec = build_codec("slicer")
+    wide = codec.envelope((1, MAX_ROTATED_WIDTH + 1), torch.float32) + flags + bytes(8)
+    with pytest.raises(CodecError, match="rotated"):  # refused from its header, before any rotation is built
+        codec.decode(wide)
+    assert len({id(q) for _, q in rotation_blocks(8192)}) == 1  # a width's blocks share one seeded matrix

@@ -76,6 +76,7 @@ F_AGREED = 128  # bare ECSQ packets only: the outlier count and step are the agr
 ECSQ_MAX_CODE = (1 << 15) - 1  # |code| bound: steps below ~sqrt(d)/32767 clip the largest values
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # a row RMS below float16's normal range goes as float32
 ROTATION_BLOCK = 1024
+MAX_ROTATED_WIDTH = 1 << 16  # well above any model's hidden size
 ROTATION_SEED = 0x51C3
 # Where `_decode_rows` builds its rows: set by `SlicerCodec.decode` when the kernels run on the target device.
 _DECODE_DEVICE: ContextVar[torch.device | None] = ContextVar("slicer_decode_device", default=None)
@@ -84,17 +85,18 @@ _REBUILD_LATER: ContextVar[_Later | None] = ContextVar("slicer_rebuild_later", d
 
 @functools.lru_cache(maxsize=16)
 def rotation_blocks(d: int) -> tuple[tuple[int, torch.Tensor], ...]:
-    """Block-diagonal seeded random orthogonal transform for width d: ((start, Q[b, b]), ...)."""
+    """Block-diagonal seeded random orthogonal transform for width d: ((start, Q[b, b]), ...). Blocks of one size
+    are one matrix (its seed is the size), and a width has blocks of at most two sizes."""
     n_blocks = math.ceil(d / ROTATION_BLOCK)
     bounds = np.linspace(0, d, n_blocks + 1).round().astype(int)
-    blocks = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        size = int(stop - start)
-        gen = torch.Generator().manual_seed(ROTATION_SEED + size)
-        q, r = torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(r))[None, :]  # unique, deterministic orthogonal factor
-        blocks.append((int(start), q.to(torch.float32)))
-    return tuple(blocks)
+    return tuple((int(start), _rotation_block(int(stop - start))) for start, stop in zip(bounds[:-1], bounds[1:]))
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_block(size: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(ROTATION_SEED + size)
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).to(torch.float32)  # unique, deterministic orthogonal factor
 
 
 @functools.lru_cache(maxsize=16)
@@ -103,6 +105,8 @@ def _rotation_on(d: int, device: torch.device) -> tuple[tuple[int, torch.Tensor]
 
 
 def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    if x.shape[-1] > MAX_ROTATED_WIDTH:  # a packet's claim alone must not buy minutes of matrix products
+        raise CodecError(f"rows of {x.shape[-1]} entries are wider than a rotated codec takes ({MAX_ROTATED_WIDTH})")
     out = torch.empty_like(x)
     for start, q in _rotation_on(x.shape[-1], x.device):
         stop = start + q.shape[0]
@@ -283,8 +287,8 @@ class SlicerCodec(Codec):
         m, n_out = reader.u8(), reader.u8()
         rotated = bool(flags & F_ROTATION)
         avail = d if rotated else d - n_out
-        if n_out > d or k > avail or not (1 <= m <= min(k, 64) if k else m == 0):
-            raise CodecError(f"inconsistent slicer header: d={d}, K={k}, M={m}, outliers={n_out}")
+        if n_out > d or k > avail or not (1 <= m <= min(k, 64) if k else m == 0) or rotated and d > MAX_ROTATED_WIDTH:
+            raise CodecError(f"inconsistent slicer header: d={d}, K={k}, M={m}, outliers={n_out}, rotated={rotated}")
         body = reader.take(reader.remaining())
         if flags & F_ZSTD:
             limit = n_rows * (d * 40 + 64 * 85) // 8 + 64  # the largest body these counts can need
@@ -471,6 +475,8 @@ def _decode_ecsq(
     if n_out > d or not 0.0 < step <= 4.0:  # NaN fails too
         raise CodecError(f"inconsistent slicer ECSQ header: d={d}, outliers={n_out}, step={step}")
     rotated, wide = bool(flags & F_ROTATION), bool(flags & F_WIDE_PARAMS)
+    if rotated and d > MAX_ROTATED_WIDTH:
+        raise CodecError(f"a rotated slicer ECSQ packet of width {d} (at most {MAX_ROTATED_WIDTH})")
     avail = d if rotated or calibrated else d - n_out
     wide_out = bool(flags & F_WIDE_OUTLIERS)
     head_bits = n_rows * (n_out * (max(1, math.ceil(math.log2(d))) + (32 if wide_out else 16)))
