@@ -450,3 +450,35 @@ def test_a_rotated_packet_cannot_claim_an_unbounded_width(flags):
     with pytest.raises(CodecError, match="rotated"):  # refused from its header, before any rotation is built
         codec.decode(wide)
     assert len({id(q) for _, q in rotation_blocks(8192)}) == 1  # a width's blocks share one seeded matrix
+
+
+@pytest.mark.parametrize(
+    "name,params,bound",
+    [
+        ("slicer", {"bit_candidates": (8,)}, 0.02),
+        ("slicer", {"quantizer": "ecsq", "step": 0.05}, 0.03),
+        ("grouped", {"bits": 8, "outliers": 2}, 0.02),
+        ("topk", {"sparsity": 0.0}, 0.01),
+    ],
+)
+def test_rows_below_float16s_normal_range_keep_their_precision(name, params, bound):
+    """Parameters of rows whose largest entry float16 would flush or coarsen go as float32, as large ones do."""
+    codec = build_codec(name, **params)
+    for scale in (1e-9, 1e-6):
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * scale
+        assert rel_err(codec.decode(codec.encode(x)), x) < bound, scale
+
+
+@pytest.mark.parametrize("name", [n for n in available_codecs() if n != "identity"])
+def test_values_beyond_float32_arithmetic_are_refused_at_encode(name):
+    x = torch.full((2, 8), 3e38)  # finite, but a row's squares overflow float32: garbage or an undecodable packet
+    with pytest.raises(CodecError, match="beyond what codec"):
+        build_codec(name).encode(x)
+    assert torch.equal(build_codec("identity").decode(build_codec("identity").encode(x)), x)
+
+
+def test_an_int8_packet_with_a_non_finite_scale_is_refused():
+    packet = bytearray(build_codec("int8").encode(torch.ones(1, 4)))
+    packet[-8:-4] = np.float32(np.inf).tobytes()  # the row's scale, before its 4 codes
+    with pytest.raises(CodecError, match="non-finite int8 scale"):
+        build_codec("int8").decode(bytes(packet))

@@ -21,6 +21,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch
 DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 MAX_NDIM = 8
 DEFAULT_MAX_ELEMENTS = 1 << 26
+LOSSY_MAX_ABS = 2.0**50  # squares of a row's entries still sum within float32 (no real hidden state comes close)
 SAFETY_PARAMS = frozenset({"max_elements"})  # set by whoever decodes, never by the peer that sends
 
 REGISTRY: dict[str, type[Codec]] = {}
@@ -100,6 +101,11 @@ class Codec(ABC):
             raise CodecError(f"tensor of {x.numel()} elements exceeds max_elements={self.max_elements}")
         if not torch.isfinite(x).all():
             raise CodecError(f"codec {self.name!r} cannot encode NaN or Inf values")
+        if not self.lossless and x.numel() and (largest := x.detach().abs().max().item()) > LOSSY_MAX_ABS:
+            raise CodecError(
+                f"values up to {largest:.4g} are beyond what codec {self.name!r} codes in float32 arithmetic "
+                f"(|x| <= {LOSSY_MAX_ABS:.4g}); only 'identity' carries them"
+            )
         given_rows = self._given_rows(given, tuple(x.shape))
         header = self.envelope(tuple(x.shape), x.dtype)
         rows = x.detach().reshape(-1, x.shape[-1])

@@ -12,6 +12,7 @@ from ..errors import CodecError
 from .base import Codec, from_raw_bytes, raw_bytes
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
+from .ops import needs_float32
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -78,6 +79,8 @@ class Int8Codec(Codec):
 
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         scale = torch.from_numpy(reader.array(np.float32, n_rows)).reshape(n_rows, 1)
+        if not torch.isfinite(scale).all():
+            raise CodecError("non-finite int8 scale")
         codes = torch.from_numpy(reader.array(np.int8, n_rows * d)).reshape(n_rows, d)
         return (codes.float() * scale).to(dtype)
 
@@ -104,7 +107,7 @@ class TopKCodec(Codec):
         order = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :k]
         pos = torch.sort(order, dim=1).values
         vals = x.gather(1, pos)
-        wide = bool(vals.numel() and vals.abs().max() > FP16_MAX)
+        wide = bool(vals.numel()) and needs_float32(vals.abs().amax(1))
         w = BitWriter()
         write_positions(w, pos.numpy(), d)
         return (
@@ -158,7 +161,7 @@ class GroupedIntCodec(Codec):
         n, d = x.shape
         n_out = min(self.outliers, d)
         w = BitWriter()
-        wide = bool(x.numel() and x.abs().max() > FP16_MAX)
+        wide = bool(x.numel()) and needs_float32(x.abs().amax(1))
         if n_out:
             pos = torch.sort(torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :n_out]).values
             w.write(pos.numpy(), _position_bits(d))

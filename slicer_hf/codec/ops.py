@@ -36,6 +36,7 @@ ENV_FORCE_REFERENCE = "SLICER_HF_FORCE_REFERENCE"
 ENV_KERNELS = "SLICER_HF_KERNELS"
 BACKENDS = ("reference", "kernels")
 FP16_MAX = float(torch.finfo(torch.float16).max)
+FP16_TINY = float(torch.finfo(torch.float16).tiny)  # the smallest normal float16
 MAX_KERNEL_D = 16384  # wider rows than this stay on the reference (a row must fit one program's registers)
 FIELD_BYTES = 5  # bytes a bitstream field of <= 32 bits can touch
 CHUNK_FIELDS = 1 << 18  # fields (or kept entries) the reference decode works on at once
@@ -155,7 +156,7 @@ def quantize_rows(
         backend: force "reference" or "kernels"; None dispatches.
     """
     kernels = _kernels(y, backend, y.shape[1]) if y.shape[0] and k else None
-    if kernels is None or bool(y.abs().amax() > FP16_MAX):  # float32 block parameters: the reference's job
+    if kernels is None or needs_float32(y.abs().amax(1)):  # float32 block parameters: the reference's job
         return _quantize_rows_reference(y, k, m, k_pos, excluded, candidates, distortion)
     positions, labels, vals = kernels.select_rows(y, k, m, k_pos, excluded, with_values=True)
     codes, signs, lo, hi, bits = kernels.quantize_selected(vals, labels, m, candidates, distortion)
@@ -179,7 +180,7 @@ def _quantize_rows_reference(
     block_of_rank = torch.repeat_interleave(
         torch.arange(m, device=y.device), torch.tensor(sizes, dtype=torch.long, device=y.device)
     )
-    wide = bool(mags.amax() > FP16_MAX) if mags.numel() else False  # decided before any float16 rounding
+    wide = needs_float32(mags.amax(1)) if mags.numel() else False  # decided before any float16 rounding
     lo, hi, bits = choose_bits(mags, sizes, candidates, distortion, wide)  # each [N, M]
     codes = quantize(mags, lo[:, block_of_rank], hi[:, block_of_rank], bits[:, block_of_rank])
     positions, perm = torch.sort(order, dim=1)  # position order
@@ -252,6 +253,12 @@ def dequantize(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor, codes: to
     step = torch.where(levels > 0, (hi - lo) / levels.clamp_min(1.0), torch.zeros_like(lo))
     mid = (lo + hi) / 2
     return torch.where(levels > 0, lo + codes.float() * step, mid)
+
+
+def needs_float32(row_peaks: torch.Tensor) -> bool:
+    """Whether a packet's parameters must go as float32, from each row's largest magnitude: beyond float16's range,
+    or below its normal range (float16 would flush or coarsen every value such a row holds)."""
+    return bool(((row_peaks > FP16_MAX) | ((row_peaks > 0) & (row_peaks < FP16_TINY))).any())
 
 
 def round_params(t: torch.Tensor, wide: bool) -> torch.Tensor:

@@ -69,12 +69,10 @@ from .base import Codec
 from .basis import Basis, lookup
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
-from .ops import FP16_MAX
 
 F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS, F_ECSQ, F_CALIBRATED, F_TRELLIS = 1, 2, 4, 8, 16, 32, 64
 F_AGREED = 128  # bare ECSQ packets only: the outlier count and step are the agreed spec's, and left out
 ECSQ_MAX_CODE = (1 << 15) - 1  # |code| bound: steps below ~sqrt(d)/32767 clip the largest values
-FP16_TINY = float(torch.finfo(torch.float16).tiny)  # a row RMS below float16's normal range goes as float32
 ROTATION_BLOCK = 1024
 MAX_ROTATED_WIDTH = 1 << 16  # well above any model's hidden size
 ROTATION_SEED = 0x51C3
@@ -375,7 +373,7 @@ class SlicerCodec(Codec):
         ans = b""
         if avail and n:
             rms = basis.row_rms(y) if basis is not None else (y.double().pow(2).sum(1) / avail).sqrt()  # [N]
-            wide = bool(((rms > FP16_MAX) | ((rms > 0) & (rms < FP16_TINY))).any())
+            wide = ops.needs_float32(rms)
             rms = rms.float() if wide else rms.to(torch.float16)  # as the wire holds it
             w.write(float_fields(rms.cpu(), wide), 32 if wide else 16)
             flags |= F_WIDE_PARAMS if wide else 0
@@ -714,7 +712,7 @@ def _write_outliers(w: BitWriter, x: torch.Tensor, n_out: int) -> tuple[torch.Te
         return x, None, False
     out_pos = ops.top_positions(x, n_out)  # [N, n_out], ascending
     out_val = x.gather(1, out_pos)
-    wide_out = bool(out_val.numel() and out_val.abs().max() > FP16_MAX)
+    wide_out = bool(out_val.numel()) and ops.needs_float32(out_val.abs().amax(1))
     w.write(out_pos.cpu().numpy(), max(1, math.ceil(math.log2(x.shape[1]))))
     w.write(float_fields(out_val.cpu(), wide_out), 32 if wide_out else 16)
     return x.scatter(1, out_pos, 0.0), out_pos, wide_out
