@@ -30,7 +30,8 @@ class BitrateController:
         window: latest tokens whose median drives a move.
         high: move coarser when the median exceeds `high` x target.
         low: move finer only when the finer rung is predicted under `low` x target.
-        patience: tokens of predicted room before a finer move (doubles after one that did not hold, up to 64).
+        patience: tokens of predicted room before a finer move (doubles after one that did not hold, up to 64 or
+            the patience given, if larger).
         calm: tokens a finer rung must hold before `patience` is back to its start.
         history: tokens over whose latencies (the uplink's share taken out) `base` is a low quantile.
     """
@@ -121,7 +122,7 @@ class BitrateController:
         self._room = 0
         self._recent.clear()
         if level > self.level and self._since_finer is not None:  # the last finer move did not hold
-            self._since_finer, self._wait = None, min(2 * self._wait, 64)
+            self._since_finer, self._wait = None, min(2 * self._wait, max(64, self.patience))
         elif level < self.level:
             self._since_finer = 0
         if level != self.level:

@@ -66,6 +66,16 @@ def test_a_slow_first_token_costs_one_rung_not_the_quality_floor():
     assert controller.step >= 0.8
 
 
+def test_a_finer_rung_that_did_not_hold_never_shortens_the_patience():
+    for patience in (4, 100):
+        controller = BitrateController(LADDER[:3], target_ms=20.0, patience=patience)
+        controller.observe(10.0, BITS[0.1])
+        controller._move(1, 10.0)  # coarser,
+        controller._move(0, 10.0)  # finer again,
+        controller._move(1, 30.0)  # and that did not hold
+        assert controller._wait == {4: 8, 100: 100}[patience]  # doubled up to 64, or the patience given if larger
+
+
 def test_the_controller_does_not_flap_on_a_steady_link():
     controller = BitrateController(LADDER, target_ms=75.0, start=3)
     simulate([64.0] * 300, controller, seed=1)
