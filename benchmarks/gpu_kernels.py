@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from slicer_hf import build_codec
+from slicer_hf import SlicerConfig, build_codec
 from slicer_hf.codec import ops
 from slicer_hf.codec.slicer import _tail_fields  # the packed fields exactly as encode lays them out
+from slicer_hf.config import available_presets
 
 CANDIDATES = (1, 2, 3, 4, 5, 6, 8)
 DISTORTION = 0.08
@@ -82,6 +83,7 @@ def check_parity(device: torch.device, max_rows: int) -> list[dict[str, Any]]:
         results.append(_compare_tensors(f"top_positions [{n}, {d}]", ops.top_positions, (x, 2)))
     results.extend(_compare_bitstreams(device, shapes))
     results.extend(_compare_codec(device, max_rows))
+    results.extend(_compare_presets(device))
     return results
 
 
@@ -159,6 +161,30 @@ def _compare_codec(device: torch.device, max_rows: int) -> list[dict[str, Any]]:
                     "same_decode": same_values,
                 }
             )
+    return out
+
+
+def _compare_presets(device: torch.device) -> list[dict[str, Any]]:
+    """The shipped presets' codecs (calibrated ECSQ, chained, trellis) encode rows that live on the GPU: the same
+    rows decode as from the host, up to the float rounding of the row RMS on the device."""
+    out = []
+    for name in available_presets():
+        config = SlicerConfig.from_pretrained(name)
+        codec = build_codec(config)
+        width = config.hidden_size or 576
+        x = hidden_states(3, width, seed=4)  # one sequence of three rows
+        given = hidden_states(1, width, seed=5)[0] if codec.chains else None  # the row before it
+
+        def encode(rows: torch.Tensor, codec: Any = codec, given: Any = given) -> torch.Tensor:
+            return codec.decode(codec.encode(rows, given=None if given is None else given.to(rows.device)), given=given)
+
+        check = {"check": f"preset {name} encodes GPU rows"}
+        try:
+            on_host, on_device = encode(x), encode(x.to(device))
+            error = ((on_device - on_host).norm() / on_host.norm()).item()
+            out.append({**check, "ok": error < 1e-2, "relative_difference": error})
+        except Exception as exc:  # noqa: BLE001 - a failing check is reported, not raised
+            out.append({**check, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
     return out
 
 

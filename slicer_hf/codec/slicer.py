@@ -378,7 +378,8 @@ class SlicerCodec(Codec):
             w.write(float_fields(rms.cpu(), wide), 32 if wide else 16)
             flags |= F_WIDE_PARAMS if wide else 0
             rms = rms.double()[:, None]  # [N, 1]
-            if basis is not None:
+            if basis is not None:  # coded on the host, where the basis and the trellis live
+                rms, given = rms.cpu(), None if given is None else given.cpu()
                 bound = _calibrated_bound(basis, step)
                 z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
                 if self.chains:
