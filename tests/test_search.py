@@ -114,6 +114,22 @@ def test_default_splits_spread_over_the_model_and_hold_three_quarters():
         (lambda d: d["layers"].pop(), "layers for a model of"),
         (lambda d: d["rate_distortion"][0].update(split_layer=99), "outside"),
         (lambda d: d["layers"][0].update(bogus=1), "malformed"),
+        # every field search reads is checked here, not met later as a bare TypeError or KeyError
+        (lambda d: d["model"].update(num_hidden_layers="four"), r"model: num_hidden_layers must be an integer"),
+        (lambda d: d["model"].pop("hidden_size"), r"model: missing fields \['hidden_size'\]"),
+        (lambda d: d["model"].update(dtype="foo"), "model: dtype must be one of"),
+        (lambda d: d.update(edge=[]), "edge must be an object"),
+        (lambda d: d["edge"].pop("head_decode_ms"), r"edge: missing fields \['head_decode_ms'\]"),
+        (lambda d: d["layers"][1].update(decode_ms=None), r"layers\[1\]: decode_ms must be a number >= 0"),
+        (lambda d: d["layers"][1].update(decode_ms=-2.0), r"layers\[1\]: decode_ms must be a number >= 0"),
+        (lambda d: d["layers"][1].update(decode_ms=True), r"layers\[1\]: decode_ms must be a number >= 0"),
+        (lambda d: d["layers"][0].update(weight_bytes="1"), "weight_bytes must be an integer >= 0"),
+        (lambda d: d["rate_distortion"][0].update(split_layer="1"), "split_layer must be an integer >= 1"),
+        (lambda d: d["rate_distortion"][0].update(split_layer=1.5), "split_layer must be an integer >= 1"),
+        (lambda d: d["rate_distortion"][0].update(kl=float("nan")), "kl must be a finite number"),
+        (lambda d: d["rate_distortion"][0].update(codec="zip"), "codec must be 'slicer' or 'fp16'"),
+        (lambda d: d["rate_distortion"][0].update(step=None), "a 'slicer' point has an ECSQ step"),
+        (lambda d: d.update(rate_distortion={}), "rate_distortion must be a list"),
     ],
 )
 def test_a_broken_profile_is_refused_with_what_is_wrong(tmp_path, change, message):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -72,6 +73,54 @@ class RatePoint:
     decode_ms: float
 
 
+EDGE_COSTS = ("embed_decode_ms", "head_decode_ms", "step_overhead_ms", "embed_bytes", "head_bytes")  # search reads
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(data: Any, fields: dict[str, Any], where: str, exact: bool = False) -> None:
+    """Raise `ConfigError` unless `data` is an object whose `fields` pass their checks ((predicate, rule) each);
+    `exact`: and it holds no other field."""
+    place = f"{where}: " if where else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{place}expected an object, got {type(data).__name__}")
+    missing = [name for name in fields if name not in data]
+    extra = sorted(set(data) - set(fields)) if exact else []
+    if missing or extra:
+        raise ConfigError(f"{place}missing fields {missing}" if missing else f"{place}unknown fields {extra}")
+    for name, check in fields.items():
+        value = data[name]
+        ok, rule = check
+        if not ok(value):
+            raise ConfigError(f"{place}{name} must be {rule}, got {value!r}")
+
+
+_OBJECT = (lambda v: isinstance(v, dict), "an object")
+_LIST = (lambda v: isinstance(v, list), "a list")
+_COST = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
+_COUNT = (lambda v: type(v) is int and v >= 1, "an integer >= 1")
+_DTYPE = (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16")
+_LAYER_FIELDS = {
+    "prefill_ms_per_token": _COST,
+    "decode_ms": _COST,
+    "weight_bytes": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "kv_bytes_per_token": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+}
+_POINT_FIELDS = {
+    "split_layer": _COUNT,
+    "codec": (lambda v: v in ("slicer", "fp16"), "'slicer' or 'fp16'"),
+    "step": (lambda v: v is None or (_is_number(v) and v > 0), "None or a number > 0"),
+    "bits_per_token": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "kl": (_is_number, "a finite number"),  # a measured KL near 0 may round below it
+    "ppl_change_pct": (_is_number, "a finite number"),
+    "top1_agreement": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "encode_ms": _COST,
+    "decode_ms": _COST,
+}
+
+
 @dataclasses.dataclass
 class Profile:
     """What `slicer-hf profile` measured; `save` / `load` as JSON.
@@ -120,23 +169,38 @@ class Profile:
         if data.get("format") != PROFILE_FORMAT:
             raise ConfigError(f"not a slicer_hf profile of format {PROFILE_FORMAT!r}: format={data.get('format')!r}")
         try:
-            layers = [LayerCost(**layer) for layer in data["layers"]]
-            points = [RatePoint(**point) for point in data.get("rate_distortion", [])]
+            _check_fields(
+                data, {"machine": _OBJECT, "versions": _OBJECT, "model": _OBJECT, "layers": _LIST, "edge": _OBJECT}, ""
+            )
+            model = data["model"]
+            _check_fields(model, {"hidden_size": _COUNT, "num_hidden_layers": _COUNT}, "model")
+            _check_fields({"dtype": model.get("dtype", "float32")}, {"dtype": _DTYPE}, "model")  # optional
+            _check_fields(data["edge"], dict.fromkeys(EDGE_COSTS, _COST), "edge")
+            for i, layer in enumerate(data["layers"]):
+                _check_fields(layer, _LAYER_FIELDS, f"layers[{i}]", exact=True)
+            points = data.get("rate_distortion", [])
+            if not isinstance(points, list):
+                raise ConfigError(f"rate_distortion must be a list, got {type(points).__name__}")
+            for i, point in enumerate(points):
+                _check_fields(point, _POINT_FIELDS, f"rate_distortion[{i}]", exact=True)
+                if (point["codec"] == "slicer") != (point["step"] is not None):
+                    raise ConfigError(f"rate_distortion[{i}]: a 'slicer' point has an ECSQ step, an 'fp16' one none")
             profile = cls(
                 machine=dict(data["machine"]),
                 versions=dict(data["versions"]),
                 model=dict(data["model"]),
-                layers=layers,
-                edge={k: float(v) for k, v in data["edge"].items()},
-                rate_distortion=points,
+                layers=[LayerCost(**layer) for layer in data["layers"]],
+                edge={k: float(v) for k, v in data["edge"].items() if _is_number(v)},
+                rate_distortion=[RatePoint(**point) for point in points],
                 calibration=dict(data.get("calibration", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"malformed profile: {type(exc).__name__}: {exc}") from exc
-        if not layers or int(profile.model.get("num_hidden_layers", -1)) != len(layers):
-            claimed = profile.model.get("num_hidden_layers")
+        except ConfigError as exc:
+            raise ConfigError(f"malformed profile: {exc}") from None
+        layers = profile.layers
+        if not layers or profile.model["num_hidden_layers"] != len(layers):
+            claimed = profile.model["num_hidden_layers"]
             raise ConfigError(f"profile lists {len(layers)} layers for a model of {claimed}")
-        bad = [p.split_layer for p in points if not 1 <= p.split_layer <= len(layers)]
+        bad = [p.split_layer for p in profile.rate_distortion if not 1 <= p.split_layer <= len(layers)]
         if bad:
             raise ConfigError(f"profile has rate-distortion points at split layers outside [1, {len(layers)}]: {bad}")
         return profile
