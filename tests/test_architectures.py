@@ -25,6 +25,15 @@ def test_each_architecture_splits_exactly_or_is_refused_up_front(model_type):
         assert row["status"] == DOCUMENTED.get(model_type), "rerun: slicer-hf bench architectures --doc ..."
 
 
+def test_a_failing_architecture_shows_in_the_summary_and_fails_the_sweep(monkeypatch, tmp_path):
+    rows = [{"model_type": t, "status": s, "reason": "", "seconds": 0.0} for t, s in [("a", "exact"), ("b", "fails")]]
+    assert "- **fails**: 1 that ran and did not equal plain `generate()`" in sweep.markdown(rows)
+    assert "**fails**" not in sweep.markdown(rows[:1])
+    monkeypatch.setattr(sweep, "check", lambda model_type: next(r for r in rows if r["model_type"] == model_type))
+    with pytest.raises(SystemExit, match="fails for b"):
+        sweep.main(["--only", "a", "b", "--out-json", str(tmp_path / "a.json")])
+
+
 def test_at_least_30_architectures_split_exactly():
     assert sum(status == "exact" for status in DOCUMENTED.values()) >= 30
 
