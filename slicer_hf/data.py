@@ -45,7 +45,7 @@ def smollm2_gguf() -> Path:
 
 def cache_dir() -> Path:
     """Where converted models live: `$SLICER_HF_CACHE`, default `~/.cache/slicer_hf`."""
-    return Path(os.environ.get("SLICER_HF_CACHE") or Path.home() / ".cache" / "slicer_hf").expanduser()
+    return Path(os.environ.get("SLICER_HF_CACHE") or Path.home() / ".cache" / "slicer_hf").expanduser().resolve()
 
 
 def default_model_path() -> Path:
@@ -59,14 +59,16 @@ def default_model_path() -> Path:
     gguf = smollm2_gguf()
     source = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
     target = cache_dir() / MODEL_DIR_NAME
-    if _conversion_source(target) == source:
+    if _converted(target, source):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.tmp-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
-        (tmp / MARKER_NAME).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if _conversion_source(target) == source:  # a concurrent conversion finished first
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}  # checked at every later use
+        marker = {**source, "files": files}
+        (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if _converted(target, source):  # a concurrent conversion finished first
             return target
         stale = None
         if target.exists():  # an older conversion: move it aside, then swap
@@ -76,7 +78,7 @@ def default_model_path() -> Path:
         try:
             os.rename(tmp, target)
         except OSError:
-            if _conversion_source(target) != source:  # lost a race to a conversion of something else
+            if not _converted(target, source):  # lost a race to a conversion of something else
                 raise
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
@@ -182,12 +184,15 @@ def _wikitext_dirs() -> list[Path]:
     return dirs
 
 
-def _conversion_source(folder: Path) -> dict[str, Any] | None:
-    """What a finished conversion in `folder` was made from (None when there is none)."""
+def _converted(folder: Path, source: dict[str, Any]) -> bool:
+    """Whether `folder` holds a finished conversion of `source`, every file it wrote still whole (a truncated or
+    deleted weight file means converting again)."""
     try:
-        return json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        marker = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
+        files = marker.pop("files")
+        return marker == source and all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return False
 
 
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:

