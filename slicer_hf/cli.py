@@ -25,8 +25,10 @@ ServeModelOpt = Annotated[
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Causal LM: Hub id, local folder or 'smollm2' (embedded).")
 ]
+PEM_FILE = {"exists": True, "dir_okay": False, "readable": True}  # checked before anything loads
 RootCertOpt = Annotated[
-    Path | None, typer.Option(help="PEM CA certificate to check a grpcs:// server's certificate against (private CA).")
+    Path | None,
+    typer.Option(help="PEM CA certificate to check a grpcs:// server's certificate against (private CA).", **PEM_FILE),
 ]
 
 
@@ -47,8 +49,51 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
-def _read(path: Path | None) -> bytes | None:
-    return path.read_bytes() if path is not None else None
+def _root_cert(path: Path | None) -> bytes | None:
+    """--root-cert's PEM bytes, refused here unless they hold a certificate."""
+    import ssl
+
+    if path is None:
+        return None
+    pem = path.read_bytes()
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ValueError, ssl.SSLError) as exc:
+        raise typer.BadParameter(f"{path} is not a PEM certificate ({exc})", param_hint="--root-cert") from None
+    return pem
+
+
+def _tls_pair(cert: Path | None, key: Path | None) -> tuple[bytes, bytes] | None:
+    """--tls-cert and --tls-key's PEM bytes: both or neither, refused here unless the key is the certificate's."""
+    import ssl
+
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise typer.BadParameter("give --tls-cert and --tls-key together", param_hint="--tls-cert/--tls-key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except (ValueError, ssl.SSLError) as exc:  # not PEM, an encrypted key, or a key of another certificate
+        message = f"{cert} and {key} are not a PEM certificate and its unencrypted private key ({exc})"
+        raise typer.BadParameter(message, param_hint="--tls-cert/--tls-key") from None
+    return cert.read_bytes(), key.read_bytes()
+
+
+def _no_empty_token(token: str | None) -> str | None:
+    if token == "":
+        raise typer.BadParameter(
+            "an empty token locks every client out: give one, or leave it out", param_hint="--token"
+        )
+    return token
+
+
+def _parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if match is None or not 0 < int(match.group(1)) <= int(match.group(2)):
+        raise typer.BadParameter(f"expected MIN,MAX with 0 < MIN <= MAX, got {text!r}", param_hint="--autoscale")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _checked(make: Callable[..., T], **options: Any) -> T:
@@ -66,9 +111,11 @@ def serve(
     model: ServeModelOpt = "smollm2",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
-    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="Require this auth token.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve TLS (grpcs://).")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="Require this auth token.", callback=_no_empty_token)
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve TLS (grpcs://).", **PEM_FILE)] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.", **PEM_FILE)] = None,
     min_split_layer: Annotated[int, typer.Option(help="Shallowest split accepted; layers below are not kept.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent sessions allowed.")] = 64,
     max_step_tokens: Annotated[int, typer.Option(help="Tokens one step message may carry.")] = 4096,
@@ -106,9 +153,16 @@ def serve(
         int | None, typer.Option(help="Serve Prometheus GET /metrics over HTTP on this port (0 picks one).")
     ] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Serve a fleet of replicas on Ray Serve behind a router.")] = False,
-    replicas: Annotated[int, typer.Option(help="--ray: replicas (fixed count).")] = 1,
+    replicas: Annotated[int, typer.Option(help="--ray: replicas (fixed count).", min=1)] = 1,
     autoscale: Annotated[
         str | None, typer.Option(help="--ray: MIN,MAX replicas, scaled on active sessions per replica.")
+    ] = None,
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(
+            help="--ray: the host name clients reach the router and the replicas at, the one a TLS certificate "
+            "names (default: --host, or this node's address when --host is 0.0.0.0)."
+        ),
     ] = None,
     sessions_per_replica: Annotated[int, typer.Option(help="--ray: the autoscaling target.")] = 16,
     router_port: Annotated[int, typer.Option(help="--ray: the router's HTTP port (clients: slicer+http://).")] = 8000,
@@ -124,6 +178,8 @@ def serve(
     sessions), gives open calls 2 s, then stops.
     """
     _setup_logging(log_level)
+    tls = _tls_pair(tls_cert, tls_key)
+    scale = _parse_autoscale(autoscale)
     import torch
 
     if threads:
@@ -149,13 +205,17 @@ def serve(
         open_timeout_s=open_timeout_s,
     )
     if ray:
-        _serve_fleet(locals(), limits)
+        _serve_fleet({**locals(), "autoscale": scale}, limits, tls)
         return
-    server = load_server(
-        model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack=prepack
-    )
-    cert = tls_cert.read_bytes() if tls_cert else None
-    key = tls_key.read_bytes() if tls_key else None
+    from .client import model_error
+
+    try:
+        server = load_server(
+            model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack=prepack
+        )
+    except OSError as exc:  # no such folder or Hub repo
+        raise model_error(model, exc) from None
+    cert, key = tls or (None, None)
     running = grpc_serve(
         server, host, port, token=token, tls_cert=cert, tls_key=key, max_streams=max_streams, metrics_port=metrics_port
     )
@@ -171,7 +231,7 @@ def serve(
     server.shutdown()
 
 
-def _serve_fleet(options: dict[str, Any], limits: Any) -> None:
+def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] | None) -> None:
     """`serve --ray`: deploy the fleet, print the router URL, serve until interrupted."""
     import dataclasses
 
@@ -181,9 +241,10 @@ def _serve_fleet(options: dict[str, Any], limits: Any) -> None:
         from .server.fleet import FleetOptions, deploy
     except ImportError as exc:
         raise typer.BadParameter(f"--ray needs the ray extra: pip install 'slicer-hf[ray]' ({exc})") from None
-    scale = tuple(int(v) for v in options["autoscale"].split(",")) if options["autoscale"] else None
-    if scale is not None and len(scale) != 2:
-        raise typer.BadParameter(f"--autoscale takes MIN,MAX, got {options['autoscale']!r}")
+    folder = Path(options["model"]).expanduser()
+    local = options["ray_address"] is None and (folder.is_absolute() or options["model"].startswith("."))
+    if local and not folder.exists():  # every replica would fail to load it, and Serve would keep retrying
+        raise typer.BadParameter(f"{options['model']!r}: no such folder", param_hint="--model")
     fleet = FleetOptions(
         model=options["model"],
         min_split_layer=options["min_split_layer"],
@@ -196,12 +257,13 @@ def _serve_fleet(options: dict[str, Any], limits: Any) -> None:
         bases=tuple(str(p.resolve()) for p in options["basis"] or ()),
         limits=dataclasses.asdict(limits),
         replicas=options["replicas"],
-        autoscale=scale,
+        autoscale=options["autoscale"],
         sessions_per_replica=options["sessions_per_replica"],
         token=options["token"],
-        tls_cert=options["tls_cert"].read_text() if options["tls_cert"] else None,
-        tls_key=options["tls_key"].read_text() if options["tls_key"] else None,
+        tls_cert=tls[0].decode() if tls else None,
+        tls_key=tls[1].decode() if tls else None,
         host=options["host"],
+        advertise_host=options["advertise_host"],
         router_host=options["host"],
         router_port=options["router_port"],
         replica_cpus=options["replica_cpus"],
@@ -227,7 +289,7 @@ def stats(
     from . import protocol
     from .transport.grpc import METRICS_METHOD, STATS_METHOD, GrpcTransport
 
-    transport = GrpcTransport([url], token=token, timeout_s=10, root_certificates=_read(root_cert))
+    transport = GrpcTransport([url], token=token, timeout_s=10, root_certificates=_root_cert(root_cert))
     if prometheus:
         print(transport.unary(METRICS_METHOD).decode(), end="")
     else:
@@ -245,7 +307,7 @@ def drain(
     from . import protocol
     from .transport.grpc import DRAIN_METHOD, GrpcTransport
 
-    transport = GrpcTransport([url], token=token, timeout_s=10, root_certificates=_read(root_cert))
+    transport = GrpcTransport([url], token=token, timeout_s=10, root_certificates=_root_cert(root_cert))
     reply = transport.unary(DRAIN_METHOD, json.dumps({"on": not resume}).encode())
     stats = protocol.decode_json(reply)
     print(f"{url}: draining={bool(stats['draining'])}, sessions_active={stats['sessions_active']}")
@@ -282,7 +344,15 @@ ServerTokenOpt = Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", he
 def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None):
     from .client import Sampling
 
-    return Sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+    return _checked(
+        Sampling,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+    )
 
 
 @app.command()
@@ -291,7 +361,7 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask.")],
     model: ModelOpt = "smollm2",
     config: ConfigOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", min=1)] = 128,
     do_sample: DoSampleOpt = False,
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = 1.0,
@@ -303,10 +373,9 @@ def generate(
     """Split-generate against a running server: the reply streams as it comes, wire stats at the end."""
     from .client import Client
 
-    client = Client(server, model, config, token, _read(root_cert))
-    _, elapsed, new = client.reply(
-        [{"role": "user", "content": prompt}], _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
-    )
+    sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+    client = Client(server, model, config, token, _root_cert(root_cert))
+    _, elapsed, new = client.reply([{"role": "user", "content": prompt}], sampling)
     print("\n" + client.summary(elapsed, new))
     client.close()
 
@@ -316,7 +385,7 @@ def chat(
     server: ServerOpt,
     model: ModelOpt = "smollm2",
     config: ConfigOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.", min=1)] = 256,
     do_sample: DoSampleOpt = False,
     temperature: TemperatureOpt = 1.0,
     top_p: TopPOpt = 1.0,
@@ -328,8 +397,8 @@ def chat(
     """Chat with a split model on a running server (one line per turn; /exit or end of input to leave)."""
     from .client import Client
 
-    client = Client(server, model, config, token, _read(root_cert))
     sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+    client = Client(server, model, config, token, _root_cert(root_cert))
     messages: list[dict[str, str]] = []
     total_s, total_new = 0.0, 0
     print("chat with the split model (/exit to leave)", flush=True)
@@ -572,11 +641,11 @@ BENCH_SUITES = {
 def bench(
     ctx: typer.Context,
     suite: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCH_SUITES)}, or 'all'.")],
-    threads: Annotated[int, typer.Option(help="torch threads for this process.")] = 1,
+    torch_threads: Annotated[int, typer.Option(help="torch threads for this process.")] = 1,
 ) -> None:
     """Run a benchmark suite; it prints a table and writes JSON (and plots) under docs/benchmarks/.
 
-    Extra options go to the suite: `slicer-hf bench SUITE --help` lists them.
+    Extra options go to the suite (`slicer-hf bench SUITE --help` lists them), `--threads` included.
     """
     import importlib
 
@@ -586,7 +655,7 @@ def bench(
 
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
     names = list(BENCH_SUITES) if suite == "all" else [suite]
     for name in names:
         if name not in BENCH_SUITES:

@@ -7,28 +7,41 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from transformers import AutoTokenizer, TextStreamer
 
 from .config import SlicerConfig
+from .errors import ConfigError
 from .link import WireStats
 
 
 def wire_report(stats: WireStats, hidden_size: int) -> str:
     """What crossed the wire, all protocol bytes (headers included), against fp16 hidden states."""
     fp16_bits = 16 * hidden_size
-    ratio = fp16_bits / stats.uplink_bits_per_token if stats.tokens else float("nan")
+    ratio = (  # no token, no ratio
+        f" ({fp16_bits / stats.uplink_bits_per_token:.2f}x smaller than fp16 hidden states, {fp16_bits} bits)"
+        if stats.tokens
+        else ""
+    )
     return (
         "what crossed the wire (all protocol bytes, headers included):\n"
         f"  uplink   {stats.uplink_bytes:>9,d} B in {stats.uplink_messages} messages, {stats.tokens} token "
-        f"positions: {stats.uplink_bits_per_token:,.0f} bits/token "
-        f"({ratio:.2f}x smaller than fp16 hidden states, {fp16_bits} bits)\n"
+        f"positions: {stats.uplink_bits_per_token:,.0f} bits/token{ratio}\n"
         f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages: "
         f"{stats.downlink_bits_per_token:,.0f} bits/token"
         + (f"\n  failovers {stats.failovers}" if stats.failovers else "")
         + (_bitrate_line(stats.bitrate_changes) if stats.bitrate_changes else "")
     )
+
+
+def model_error(model: str, exc: Exception) -> ConfigError:
+    """A model that cannot be loaded, said plainly (transformers reads a missing folder as a malformed Hub id)."""
+    folder = Path(model).expanduser()
+    if (folder.is_absolute() or model.startswith(".")) and not folder.exists():
+        return ConfigError(f"model {model!r}: no such folder")
+    return ConfigError(f"cannot load model {model!r}: {exc}")
 
 
 def _bitrate_line(changes: list[dict[str, float]]) -> str:
@@ -46,6 +59,15 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 50
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ConfigError(
+                "sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0, got "
+                f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+            )
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
@@ -81,7 +103,10 @@ class Client:
         if config is None:
             config = DEFAULT_PRESET if model.lower() in DEFAULT_MODEL_ALIASES else SlicerConfig()
         self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:  # no such folder or Hub repo (transformers' word for it)
+            raise model_error(model, exc) from None
         options = {"token": token, "root_certificates": root_certificates}
         options = {key: value for key, value in options.items() if value is not None} or None
         self.model = SlicerModelForCausalLM.from_pretrained(

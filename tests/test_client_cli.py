@@ -86,3 +86,98 @@ def test_a_client_error_is_one_line_not_a_traceback():
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "error: unsupported URL '127.0.0.1:50051': use grpc://host:port or grpcs://host:port"
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """A command that gets as far as loading a model fails the test: bad arguments are refused before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("slicer_hf.server.build.load_server", refuse)
+    monkeypatch.setattr("slicer_hf.client.Client", refuse)
+
+
+@pytest.fixture
+def pem(tmp_path):
+    from live import self_signed_localhost
+
+    self_signed_localhost(tmp_path)
+    (tmp_path / "not.pem").write_text("not a certificate\n")
+    (tmp_path / "binary.der").write_bytes(b"\x30\x82\xff\x00")
+    return tmp_path
+
+
+BAD_ARGUMENTS = {
+    "a missing certificate file": ["serve", "--tls-cert", "{tmp}/missing.pem", "--tls-key", "{tmp}/key.pem"],
+    "a certificate without its key": ["serve", "--tls-cert", "{tmp}/cert.pem"],
+    "a key without its certificate": ["serve", "--tls-key", "{tmp}/key.pem"],
+    "a certificate that is not PEM": ["serve", "--tls-cert", "{tmp}/not.pem", "--tls-key", "{tmp}/key.pem"],
+    "a key that is not the certificate's": ["serve", "--tls-cert", "{tmp}/cert.pem", "--tls-key", "{tmp}/cert.pem"],
+    "an empty token": ["serve", "--token", ""],
+    "autoscale not numbers": ["serve", "--ray", "--autoscale", "1,x"],
+    "autoscale MIN over MAX": ["serve", "--ray", "--autoscale", "3,1"],
+    "no replicas": ["serve", "--ray", "--replicas", "0"],
+    "no new tokens": ["generate", "-s", "grpc://127.0.0.1:1", "-p", "hi", "--max-new-tokens", "0"],
+    "negative new tokens": ["chat", "-s", "grpc://127.0.0.1:1", "--max-new-tokens", "-1"],
+    "sampling at temperature 0": [
+        "generate",
+        "-s",
+        "grpc://127.0.0.1:1",
+        "-p",
+        "hi",
+        "--do-sample",
+        "--temperature",
+        "0",
+    ],
+    "a root certificate that is not PEM": ["generate", "-s", "grpcs://h:1", "-p", "hi", "--root-cert", "{tmp}/not.pem"],
+    "a binary root certificate": ["stats", "grpcs://h:1", "--root-cert", "{tmp}/binary.der"],
+    "a missing root certificate": ["drain", "grpcs://h:1", "--root-cert", "{tmp}/missing.pem"],
+}
+
+
+@pytest.mark.parametrize("args", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_are_a_usage_error_before_any_model_loads(args, pem, no_model_loads):
+    result = CliRunner().invoke(app, [arg.format(tmp=pem) for arg in args])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Invalid value" in result.output
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["generate", "-s", "grpc://127.0.0.1:1", "-p", "hi"]])
+def test_a_model_folder_that_does_not_exist_is_one_line_not_a_traceback(command):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "from slicer_hf.cli import main; main()", *command, "-m", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: model '/nonexistent': no such folder"
+
+
+def test_the_wire_report_of_no_token_has_no_ratio():
+    from slicer_hf.client import wire_report
+    from slicer_hf.link import WireStats
+
+    report = wire_report(WireStats(), hidden_size=64)
+    assert "nan" not in report and "smaller than fp16" not in report
+    assert "smaller than fp16" in wire_report(WireStats(uplink_bytes=100, tokens=10), hidden_size=64)
+
+
+def test_a_suites_own_threads_option_reaches_the_suite(monkeypatch):
+    """`slicer-hf bench link --threads 2`: the suite's option, not the bench command's (that is --torch-threads)."""
+    from typer.testing import CliRunner
+
+    from slicer_hf.bench import link
+    from slicer_hf.cli import app
+
+    seen = []
+    monkeypatch.setattr(link, "main", lambda argv: seen.append(argv))
+    result = CliRunner().invoke(app, ["bench", "link", "--threads", "2", "--rates", "1", "--torch-threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen == [["--threads", "2", "--rates", "1"]]

@@ -4,6 +4,7 @@ client (`slicer+http://`) against a stand-in router is tested without Ray first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,6 +118,139 @@ def test_a_router_answer_past_its_size_cap_is_refused_not_read_whole():
         router.close()
 
 
+class RawRouter:
+    """A TCP server that answers the first request with `reply(connection)`: broken or trickled HTTP."""
+
+    def __init__(self, reply):
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"slicer+http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+        def answer():
+            connection, _ = self.listener.accept()
+            with connection, contextlib.suppress(OSError):  # OSError: the client gave up
+                connection.recv(1 << 16)
+                reply(connection)
+
+        threading.Thread(target=answer, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+
+def trickled_headers(connection):
+    connection.sendall(b"HTTP/1.1 200 OK\r\n")
+    for i in range(20):
+        connection.sendall(b"X-Slow-%d: a\r\n" % i)
+        time.sleep(0.5)
+    connection.sendall(b"Content-Length: 2\r\n\r\n{}")
+
+
+def trickled_error_body(connection):
+    connection.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(20):
+        connection.sendall(b" ")
+        time.sleep(0.5)
+
+
+def test_a_router_answer_that_is_not_http_is_a_retryable_transport_error():
+    router = RawRouter(lambda connection: connection.sendall(b"garbage\r\n"))
+    try:
+        with pytest.raises(TransportError, match="broken HTTP answer") as caught:
+            FleetTransport(router.url).admit()
+        assert caught.value.retryable
+    finally:
+        router.close()
+
+
+@pytest.mark.parametrize(
+    "reply, match", [(trickled_headers, "before its whole answer came"), (trickled_error_body, "HTTP 503: Busy")]
+)
+def test_a_router_that_trickles_its_answer_is_given_up_on_within_the_router_timeout(reply, match):
+    """router_timeout_s bounds the whole answer, headers and error bodies included, not each read."""
+    router = RawRouter(reply)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransportError, match=match):
+            FleetTransport(router.url, router_timeout_s=1.0).admit()
+        assert time.monotonic() - started < 3.0
+    finally:
+        router.close()
+
+
+def test_an_empty_token_or_a_certificate_that_is_not_pem_is_refused_up_front():
+    from slicer_hf import ConfigError
+
+    with pytest.raises(TransportError, match="token is empty"):
+        FleetTransport("slicer+http://router:8000", token="")
+    with pytest.raises(TransportError, match="token is empty"):
+        GrpcTransport(["grpc://127.0.0.1:1"], token="")
+    for not_pem in (b"not a certificate", b"\x30\x82\xff"):
+        with pytest.raises(ConfigError, match="PEM CA certificates"):
+            FleetTransport("slicer+https://router:8000", root_certificates=not_pem)
+
+
+def test_a_failover_list_may_mix_grpc_and_grpcs():
+    transport = make_transport(["grpc://a:1", "grpcs://b:1"])
+    assert isinstance(transport, GrpcTransport) and transport.urls == ["grpc://a:1", "grpcs://b:1"]
+
+
+class HttpsReplicaList:
+    """An HTTPS `GET /replicas` with a certificate for `localhost`, answering 401 to a wrong token."""
+
+    def __init__(self, folder, token=None):
+        import ssl
+
+        from live import self_signed_localhost
+
+        self.cert = self_signed_localhost(folder).decode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if token and self.headers.get("Authorization") != f"Bearer {token}":
+                    status, answer = 401, {"error": "missing or wrong auth token"}
+                else:
+                    status, answer = 200, {"replicas": [{"endpoint": "grpcs://localhost:1"}]}
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+        self.http.socket = context.wrap_socket(self.http.socket, server_side=True)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.port = self.http.server_address[1]
+
+    def close(self):
+        self.http.shutdown()
+
+
+def test_waiting_for_replicas_stops_at_once_on_a_certificate_for_another_host_or_a_refused_token(tmp_path):
+    """deploy() waits for the router at the advertised host: a certificate that does not name it, or a refused
+    token, is an error at once, not five minutes of silence."""
+    pytest.importorskip("ray")
+    from slicer_hf.server.fleet import wait_for_replicas
+
+    router = HttpsReplicaList(tmp_path, token=TOKEN)
+    try:
+        assert len(wait_for_replicas(f"slicer+https://localhost:{router.port}", 1, TOKEN, router.cert)) == 1
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="TLS with router .* failed.*--advertise-host"):
+            wait_for_replicas(f"slicer+https://127.0.0.1:{router.port}", 1, TOKEN, router.cert, timeout_s=60)
+        with pytest.raises(TransportError, match="refused the token: HTTP 401"):
+            wait_for_replicas(f"slicer+https://localhost:{router.port}", 1, "wrong", router.cert, timeout_s=60)
+        assert time.monotonic() - started < 10
+    finally:
+        router.close()
+
+
 def test_the_autoscaling_policy_asks_for_replicas_by_active_sessions():
     pytest.importorskip("ray")
     from slicer_hf.server.fleet import SessionsPolicy
@@ -140,6 +274,8 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
         ({"replicas": 0}, "replicas"),
         ({"autoscale": (3, 2)}, "autoscale"),
         ({"limits": {"nope": 1}}, "nope"),
+        ({"token": ""}, "token"),
+        ({"tls_cert": "PEM"}, "tls_cert and tls_key"),
     ):
         with pytest.raises((ValueError, TypeError), match=match):
             FleetOptions(**bad)
@@ -164,7 +300,7 @@ def test_slicer_hf_serve_ray_runs_a_fleet_with_tls_and_a_token(model_dir, refere
     port = _free_port()
     command = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model_dir, "--ray", "--replicas", "2"]
     command += ["--router-port", str(port), "--replica-cpus", "0.5", "--threads", "1", "--log-level", "warning"]
-    command += ["--host", "localhost", "--token", TOKEN]
+    command += ["--host", "0.0.0.0", "--advertise-host", "localhost", "--token", TOKEN]  # the name the cert has
     command += ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
     proc, url = start_server(command, timeout_s=300)
     try:

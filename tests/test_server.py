@@ -241,3 +241,21 @@ def test_a_full_server_sends_the_client_to_the_next_one(server, model_dir, refer
     out = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, reference.generate(ids, max_new_tokens=6, do_sample=False))
     assert spare.stats()["sessions_opened"] == 1 and full.stats()["errors"]["too_many_sessions"] == 1
+
+
+def test_serve_refuses_an_empty_token_half_a_tls_pair_and_names_a_bad_certificate():
+    """An empty token would lock every client out; a certificate without its key would serve in clear."""
+    from types import SimpleNamespace
+
+    from slicer_hf import ConfigError
+    from slicer_hf.server import ServerLimits
+    from slicer_hf.server.grpc_server import serve
+
+    engine = SimpleNamespace(limits=ServerLimits())  # enough for a server that never starts
+    with pytest.raises(ConfigError, match="token is empty"):
+        serve(engine, port=0, token="")
+    for half in ({"tls_cert": b"PEM"}, {"tls_key": b"PEM"}):
+        with pytest.raises(ConfigError, match="tls_cert and tls_key together"):
+            serve(engine, port=0, **half)
+    with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:0: .* TLS certificate/key invalid"):
+        serve(engine, port=0, tls_cert=b"not a certificate", tls_key=b"not a key")

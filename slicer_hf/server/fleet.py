@@ -40,6 +40,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from ..errors import TransportError
 from ..protocol import fleet_router_url
 from .engine import ServerLimits
 
@@ -60,7 +61,8 @@ class FleetOptions:
         sessions_per_replica: the autoscaling target.
         token: auth token the router and every replica require.
         tls_cert, tls_key: PEM text; replicas then serve grpcs:// and the router HTTPS (slicer+https://).
-        host: address replicas bind; advertise_host: the address clients reach them at (default: this node's).
+        host: address replicas bind; advertise_host: the host name clients reach the router and the replicas at,
+            the one a TLS certificate names (default: the router's bind address, each replica's node address).
         router_host, router_port, route_prefix: the HTTP ingress (clients: `slicer+http://host:port/prefix`).
         replica_cpus, replica_gpus: Ray resources per replica.
         heartbeat_s: how often replicas report to the router.
@@ -106,6 +108,10 @@ class FleetOptions:
             self.autoscale = (int(low), int(high))
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.token == "":
+            raise ValueError("token must not be empty: give the fleet's token, or None for no token")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give tls_cert and tls_key together, or neither")
         ServerLimits(**self.limits)  # unknown limit names fail here, not in a replica
 
     def as_dict(self) -> dict[str, Any]:
@@ -310,7 +316,7 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     http: dict[str, Any] = {"host": options.router_host, "port": options.router_port}
-    if options.tls_cert and options.tls_key:  # the router speaks HTTPS with the fleet's certificate
+    if options.tls_cert:  # the router speaks HTTPS with the fleet's certificate
         folder = Path(tempfile.mkdtemp(prefix="slicer-fleet-tls-"))
         (folder / "cert.pem").write_text(options.tls_cert)
         (folder / "key.pem").write_text(options.tls_key)
@@ -319,7 +325,7 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     serve.start(http_options=http)
     serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
     scheme = "slicer+https" if options.tls_cert else "slicer+http"
-    host = _client_host(options.router_host)
+    host = options.advertise_host or _client_host(options.router_host)
     url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
     wait_for_replicas(url, 1, options.token, options.tls_cert)
     return url
@@ -330,17 +336,27 @@ def wait_for_replicas(
 ) -> list[dict]:
     """Wait until `count` replicas report to the router at `url`; returns them.
 
+    A router not up yet is waited for; one whose certificate does not verify (for the URL's host name, against
+    `ca_pem`) or that refuses the token raises `TransportError` at once, waiting cannot mend either; so does a
+    router that has fewer than `count` replicas after `timeout_s`.
+
     Args:
-        ca_pem: the certificate that signed an HTTPS router's (a private CA or a self-signed one).
+        ca_pem: PEM certificates to trust besides the system's for an HTTPS router: the private CA that signed its
+            certificate, or the certificate itself.
     """
     import json
     import ssl
+    import urllib.error
     import urllib.request
 
     router = fleet_router_url(url)
-    context = ssl.create_default_context(cadata=ca_pem) if ca_pem else None
+    context = ssl.create_default_context()
+    if ca_pem:  # trusted besides the system's CAs; the fleet's own certificate as it is, not only a CA's
+        context.load_verify_locations(cadata=ca_pem)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout_s
+    last: object = "no answer yet"
     while True:
         try:
             request = urllib.request.Request(f"{router}/replicas", headers=headers)
@@ -348,10 +364,21 @@ def wait_for_replicas(
                 replicas = json.loads(r.read())["replicas"]
             if len(replicas) >= count:
                 return replicas
-        except OSError:
-            pass
+            last = f"{len(replicas)} registered"
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise TransportError(f"router {router} refused the token: HTTP {exc.code}", retryable=False) from None
+            last = exc
+        except OSError as exc:  # not listening yet, or Serve's proxy up before the app
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, ssl.SSLError) and not isinstance(reason, ssl.SSLEOFError):
+                message = f"TLS with router {router} failed: {reason} (if the certificate names another host, "
+                message += "give that name as advertise_host, --advertise-host)"
+                raise TransportError(message, retryable=False) from None
+            last = exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {count} replicas registered with {url} within {timeout_s} s")
+            message = f"fewer than {count} replicas registered with {url} within {timeout_s} s (last: {last})"
+            raise TransportError(message, retryable=False)
         time.sleep(0.5)
 
 

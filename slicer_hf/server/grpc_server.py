@@ -294,8 +294,9 @@ class RunningServer:
                 bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
             else:
                 bound = self.server.add_insecure_port(address)
-        except RuntimeError as exc:  # gRPC's word for a port in use (or an address not on this machine)
-            raise ConfigError(f"cannot listen on {address}: is another server there? ({exc})") from None
+        except RuntimeError as exc:  # gRPC's word for a port in use, an address not on this machine, a bad certificate
+            tls = ", or is the TLS certificate/key invalid" if cert else ""
+            raise ConfigError(f"cannot listen on {address}: is another server there{tls}? ({exc})") from None
         await self.server.start()
         await set_draining(self.engine, self.health, False)
         return bound
@@ -356,5 +357,9 @@ def serve(
         workers: threads for OPEN, CLOSE and the unary methods (steps hold none: they wait on the event loop).
         metrics_port: serve GET /metrics over HTTP on this port (0 picks one); None: no HTTP endpoint.
     """
+    if token == "":
+        raise ConfigError("the auth token is empty: give one, or None to require none")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("give tls_cert and tls_key together (a PEM certificate and its key), or neither")
     workers = workers or 8
     return RunningServer(server, host, port, token, tls_cert, tls_key, max_streams, workers, metrics_port)

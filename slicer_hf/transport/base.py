@@ -71,13 +71,14 @@ def make_transport(spec: str | Sequence[str] | Transport, **options: Any) -> Tra
     if isinstance(spec, Transport):
         return spec
     urls = [spec] if isinstance(spec, str) else list(spec)
-    schemes = {u.partition("://")[0] if isinstance(u, str) and "://" in u else None for u in urls}
-    scheme = schemes.pop() if len(schemes) == 1 else None
-    if not urls or scheme not in SCHEMES or (SCHEMES[scheme][0] == "fleet" and len(urls) > 1):
+    # grpc:// and grpcs:// URLs may share a failover list: the one transport class opens each URL by its scheme
+    targets = {SCHEMES.get(u.partition("://")[0]) if isinstance(u, str) and "://" in u else None for u in urls}
+    target = targets.pop() if len(targets) == 1 else None
+    if not urls or target is None or (target[0] == "fleet" and len(urls) > 1):
         raise TransportError(
             "transport must be 'local', a grpc:// or grpcs:// URL (or a list of them), or one slicer+http:// or "
             f"slicer+https:// fleet router URL, got {spec!r}"
         )
-    module, name = SCHEMES[scheme]
+    module, name = target
     cls = getattr(importlib.import_module(f"{__package__}.{module}"), name)
     return cls(urls[0], **options) if module == "fleet" else cls(urls, **options)

@@ -11,6 +11,9 @@ the router over TLS, and the replicas' endpoints say themselves whether they use
 
 from __future__ import annotations
 
+import functools
+import http.client
+import io
 import json
 import logging
 import ssl
@@ -20,7 +23,7 @@ import urllib.request
 import warnings
 from typing import Any
 
-from ..errors import TransportError
+from ..errors import ConfigError, TransportError
 from ..protocol import fleet_router_url, is_loopback
 from .base import Transport
 from .grpc import GrpcTransport
@@ -52,10 +55,12 @@ class FleetTransport(Transport):
         scheme, _, rest = url.partition("://")
         if scheme not in ("slicer+http", "slicer+https") or not rest:
             raise TransportError(f"a fleet URL looks like slicer+http://host:port, got {url!r}")
+        if token == "":
+            raise TransportError("the auth token is empty: give the fleet's token, or none at all", retryable=False)
         self.url, self.router = url, fleet_router_url(url)
         self.token, self.timeout_s, self.root_certificates = token, timeout_s, root_certificates
         self.router_timeout_s = router_timeout_s
-        self._tls = ssl.create_default_context(cadata=root_certificates.decode()) if root_certificates else None
+        self._tls = _tls_context(root_certificates) if root_certificates else None
         host = rest.partition("/")[0].rpartition(":")[0] or rest.partition("/")[0]
         if token and scheme == "slicer+http" and not is_loopback(host):
             message = f"an auth token is sent to the router {url} without TLS: use slicer+https://"
@@ -77,14 +82,17 @@ class FleetTransport(Transport):
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(f"{self.router}/session", data=body, headers=headers, method="POST")
+        opener = _opener(self._tls, deadline=time.monotonic() + self.router_timeout_s)
         try:
-            with urllib.request.urlopen(request, timeout=self.router_timeout_s, context=self._tls) as reply:
-                answer = json.loads(_read_within(reply, time.monotonic() + self.router_timeout_s))
+            with opener.open(request, timeout=self.router_timeout_s) as reply:
+                answer = json.loads(_read_capped(reply))
         except urllib.error.HTTPError as exc:
             message = f"router {self.router} refused a session: HTTP {exc.code}: {_error_detail(exc)}"
             raise TransportError(message, retryable=exc.code not in (401, 403)) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # URLError is an OSError
             raise TransportError(f"router {self.router} unreachable: {exc}") from None
+        except http.client.HTTPException as exc:  # a status line or headers that are not HTTP
+            raise TransportError(f"router {self.router} sent a broken HTTP answer: {exc!r}") from None
         endpoint = answer.get("endpoint") if isinstance(answer, dict) else None
         if not isinstance(endpoint, str) or not endpoint.startswith(("grpc://", "grpcs://")):
             raise TransportError(f"router {self.router} answered without a gRPC endpoint: {answer!r}")
@@ -124,16 +132,20 @@ class FleetTransport(Transport):
         return self._replica.unary(method, data)
 
 
-def _read_within(reply: Any, deadline: float) -> bytes:
-    """A router's answer, read by `deadline` and of at most `MAX_ANSWER_BYTES` (a socket timeout alone bounds each
-    read, not a trickle of bytes)."""
+def _tls_context(root_certificates: bytes) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cadata=root_certificates.decode("ascii"))
+    except (ValueError, ssl.SSLError) as exc:  # not text, or no PEM certificate in it
+        raise ConfigError(f"root_certificates must be PEM CA certificates (BEGIN CERTIFICATE): {exc}") from None
+
+
+def _read_capped(reply: Any) -> bytes:
+    """A router's answer of at most `MAX_ANSWER_BYTES`."""
     chunks, size = [], 0
     while chunk := reply.read1(1 << 16):
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
             raise OSError(f"an answer over {MAX_ANSWER_BYTES:,} bytes")
-        if time.monotonic() > deadline:
-            raise OSError("the answer took longer than the router timeout")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -142,5 +154,64 @@ def _error_detail(exc: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(exc.read(MAX_ANSWER_BYTES))
         return str(body.get("error", body)) if isinstance(body, dict) else str(body)
-    except (ValueError, OSError):
+    except (ValueError, OSError, http.client.HTTPException):
         return exc.reason
+
+
+def _opener(context: ssl.SSLContext | None, deadline: float) -> urllib.request.OpenerDirector:
+    """urllib, with every connection reading its answer (status line, headers, body) by `deadline`: a socket
+    timeout alone bounds each read, not a router that trickles bytes."""
+    return urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline, context=context))
+
+
+class _DeadlineHandler(urllib.request.AbstractHTTPHandler):
+    def __init__(self, deadline: float, **options: Any) -> None:
+        super().__init__(**options)
+        self.deadline = deadline
+
+    def do_open(self, http_class: Any, req: Any, **options: Any) -> Any:
+        def connection(host: str, **connection_options: Any) -> http.client.HTTPConnection:
+            made = http_class(host, **connection_options)
+            made.response_class = functools.partial(_DeadlineResponse, deadline=self.deadline)
+            return made
+
+        return super().do_open(connection, req, **options)
+
+
+class _HTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
+    pass
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: Any, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes, each read given only the time left before `deadline`."""
+
+    def __init__(self, sock: Any, deadline: float) -> None:
+        self.sock, self.raw, self.deadline = sock, sock.makefile("rb", buffering=0), deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
+            return self.raw.readinto(buffer)
+        except TimeoutError:
+            raise TimeoutError("the router timeout passed before its whole answer came") from None
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()

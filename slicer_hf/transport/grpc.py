@@ -82,6 +82,8 @@ class GrpcTransport(Transport):
     ) -> None:
         if not urls:
             raise TransportError("no server URL given")
+        if token == "":
+            raise TransportError("the auth token is empty: give the server's token, or none at all", retryable=False)
         self.urls, self.token, self.timeout_s, self.root_certificates = list(urls), token, timeout_s, root_certificates
         for url in self.urls:
             host = url.partition("://")[2].rpartition(":")[0]
