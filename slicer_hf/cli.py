@@ -342,17 +342,10 @@ ServerTokenOpt = Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", he
 
 
 def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None):
+    options = locals()
     from .client import Sampling
 
-    return _checked(
-        Sampling,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-    )
+    return _checked(Sampling, **options)  # a bad combination (temperature 0 with sampling) is a usage error
 
 
 @app.command()

@@ -26,6 +26,15 @@ TOKEN = "fleet-secret"
 
 
 # ---------------------------------------------------------------------------------------------------- without Ray
+def answer_json(handler, status, answer):
+    """A stand-in router's HTTP answer: `answer` as JSON with `status`."""
+    data = json.dumps(answer).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class StandInRouter:
     """An HTTP router that answers `POST /session` from a script of (status, body) replies."""
 
@@ -38,11 +47,7 @@ class StandInRouter:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, self.headers.get("Authorization"), body))
                 status, answer = outer.replies.pop(0) if outer.replies else (503, {"error": "script ended"})
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                answer_json(self, status, answer)
 
             def log_message(self, *args):
                 pass
@@ -212,11 +217,7 @@ class HttpsReplicaList:
                     status, answer = 401, {"error": "missing or wrong auth token"}
                 else:
                     status, answer = 200, {"replicas": [{"endpoint": "grpcs://localhost:1"}]}
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                answer_json(self, status, answer)
 
             def log_message(self, *args):
                 pass
