@@ -51,15 +51,16 @@ def parse_bytes(text: str) -> int:
 
 def _root_cert(path: Path | None) -> bytes | None:
     """--root-cert's PEM bytes, refused here unless they hold a certificate."""
-    import ssl
-
     if path is None:
         return None
+    from .errors import ConfigError
+    from .transport.fleet import root_context
+
     pem = path.read_bytes()
     try:
-        ssl.create_default_context(cadata=pem.decode("ascii"))
-    except (ValueError, ssl.SSLError) as exc:
-        raise typer.BadParameter(f"{path} is not a PEM certificate ({exc})", param_hint="--root-cert") from None
+        root_context(pem)
+    except ConfigError as exc:
+        raise typer.BadParameter(f"{path}: {exc}", param_hint="--root-cert") from None
     return pem
 
 
@@ -241,9 +242,9 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
         from .server.fleet import FleetOptions, deploy
     except ImportError as exc:
         raise typer.BadParameter(f"--ray needs the ray extra: pip install 'slicer-hf[ray]' ({exc})") from None
-    folder = Path(options["model"]).expanduser()
-    local = options["ray_address"] is None and (folder.is_absolute() or options["model"].startswith("."))
-    if local and not folder.exists():  # every replica would fail to load it, and Serve would keep retrying
+    from .client import missing_folder
+
+    if options["ray_address"] is None and missing_folder(options["model"]):  # every replica would fail to load it
         raise typer.BadParameter(f"{options['model']!r}: no such folder", param_hint="--model")
     fleet = FleetOptions(
         model=options["model"],

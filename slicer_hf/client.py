@@ -36,10 +36,15 @@ def wire_report(stats: WireStats, hidden_size: int) -> str:
     )
 
 
+def missing_folder(model: str) -> bool:
+    """Whether `model` is a path (absolute, or starting with '.'), not a Hub id, and no folder is there."""
+    folder = Path(model).expanduser()
+    return (folder.is_absolute() or model.startswith(".")) and not folder.exists()
+
+
 def model_error(model: str, exc: Exception) -> ConfigError:
     """A model that cannot be loaded, said plainly (transformers reads a missing folder as a malformed Hub id)."""
-    folder = Path(model).expanduser()
-    if (folder.is_absolute() or model.startswith(".")) and not folder.exists():
+    if missing_folder(model):
         return ConfigError(f"model {model!r}: no such folder")
     return ConfigError(f"cannot load model {model!r}: {exc}")
 

@@ -60,7 +60,7 @@ class FleetTransport(Transport):
         self.url, self.router = url, fleet_router_url(url)
         self.token, self.timeout_s, self.root_certificates = token, timeout_s, root_certificates
         self.router_timeout_s = router_timeout_s
-        self._tls = _tls_context(root_certificates) if root_certificates else None
+        self._tls = root_context(root_certificates) if root_certificates else None
         host = rest.partition("/")[0].rpartition(":")[0] or rest.partition("/")[0]
         if token and scheme == "slicer+http" and not is_loopback(host):
             message = f"an auth token is sent to the router {url} without TLS: use slicer+https://"
@@ -132,7 +132,8 @@ class FleetTransport(Transport):
         return self._replica.unary(method, data)
 
 
-def _tls_context(root_certificates: bytes) -> ssl.SSLContext:
+def root_context(root_certificates: bytes) -> ssl.SSLContext:
+    """A TLS client context trusting `root_certificates` (PEM); anything else is a `ConfigError`."""
     try:
         return ssl.create_default_context(cadata=root_certificates.decode("ascii"))
     except (ValueError, ssl.SSLError) as exc:  # not text, or no PEM certificate in it
