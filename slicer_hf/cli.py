@@ -120,6 +120,9 @@ def serve(
     min_split_layer: Annotated[int, typer.Option(help="Shallowest split accepted; layers below are not kept.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent sessions allowed.")] = 64,
     max_step_tokens: Annotated[int, typer.Option(help="Tokens one step message may carry.")] = 4096,
+    max_step_elements: Annotated[
+        int, typer.Option(help="Values (batch x tokens x width) one step may carry; bounds a packet's decode memory.")
+    ] = 1 << 23,
     max_context_tokens: Annotated[int, typer.Option(help="Positions one session may hold.")] = 16384,
     max_session_batch: Annotated[int, typer.Option(help="Sequences one session may run side by side.")] = 64,
     kv_memory: Annotated[
@@ -193,6 +196,7 @@ def serve(
         ServerLimits,
         max_sessions=max_sessions,
         max_step_tokens=max_step_tokens,
+        max_step_elements=max_step_elements,
         max_context_tokens=max_context_tokens,
         max_session_batch=max_session_batch,
         kv_budget_bytes=parse_bytes(kv_memory) if kv_memory else None,

@@ -59,14 +59,21 @@ class SlicerEncoderMixin(SplitModelMixin):
 
         def exchange(hidden: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
             b = hidden.shape[0]
-            reply: tuple[int | None, ...] | None = None
+            reply: tuple[int | None, ...] | None = None  # the reply's shape, where not that of `hidden`
             if hidden.ndim == 4:  # a feature map [B, C, H, W] -> rows [B, H*W, C]
                 _, c, h, w = hidden.shape
                 hidden, grid = hidden.permute(0, 2, 3, 1).reshape(b, h * w, c), (h, w)
                 reply = (b, None, None, out_width)  # channels-last map [B, H', W', C']
             elif grid is not None:  # Swin: the patch grid shrinks stage by stage
                 reply = (b, None, out_width)
-            _, final = link.step(hidden, 0, mask, None, 0, grid=grid, reply_shape=reply)
+            rows = link.step_limits().rows(hidden.shape[1], hidden.shape[2], b)  # a large batch goes in parts
+            finals = []
+            for a in range(0, b, rows):
+                part = slice(a, min(a + rows, b))
+                shape = None if reply is None else (part.stop - a, *reply[1:])
+                _, final = link.step(hidden[part], 0, mask if mask is None else mask[part], None, 0, grid, shape)
+                finals.append(final)
+            final = torch.cat(finals)
             if final.ndim == 4:
                 final = final.permute(0, 3, 1, 2).contiguous()
             return final.to(hidden.device, hidden.dtype)

@@ -8,8 +8,9 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from .transport import Transport
 
 logger = logging.getLogger(__name__)
 _LINKS = itertools.count(1)
+_T = TypeVar("_T")
 REPLY_KINDS = {  # what each downlink answers with
     "hidden": (protocol.REPLY_HIDDEN, protocol.REPLY_HIDDEN_BARE),
     "logits": (protocol.REPLY_LOGITS,),
@@ -86,6 +88,31 @@ class WireStats:
         }
 
 
+@dataclass(frozen=True)
+class StepLimits:
+    """What one step may carry on a server, as its OPENED names it (None: not named, as by an older server)."""
+
+    tokens: int | None = None  # positions of each sequence
+    elements: int | None = None  # values: batch x positions x width
+
+    @classmethod
+    def from_opened(cls, opened: dict[str, Any]) -> StepLimits:
+        def count(name: str) -> int | None:
+            value = opened.get(name)
+            return value if type(value) is int and value >= 1 else None
+
+        return cls(count("max_step_tokens"), count("max_step_elements"))
+
+    def positions(self, batch: int, width: int, wanted: int) -> int:
+        """The positions (at most `wanted`, at least 1) a step of `batch` rows of `width` values may carry."""
+        bounds = [wanted, self.tokens or wanted, self.elements // (batch * width) if self.elements else wanted]
+        return max(1, min(bounds))
+
+    def rows(self, tokens: int, width: int, wanted: int) -> int:
+        """The rows (at most `wanted`, at least 1) a step of `tokens` positions of `width` values may carry."""
+        return max(1, min(wanted, self.elements // (tokens * width))) if self.elements else wanted
+
+
 @dataclass
 class SuffixLink:
     """A session with a server running layers `split_layer..L-1`.
@@ -122,6 +149,7 @@ class SuffixLink:
     _end: int = 0  # positions the server holds (0..end-1)
     _epoch: int = 0  # seq of the last step from position 0: an earlier mark belongs to another sequence
     _rewinds: list[tuple[int, int]] = field(default_factory=list)  # (seq, start) of later steps that went back
+    _limits: StepLimits = field(default_factory=StepLimits)  # what one step may carry, from the latest OPENED
 
     def __post_init__(self) -> None:
         spec = self.open_request.get("downlink_codec")
@@ -145,6 +173,14 @@ class SuffixLink:
         self.session = session
         self._bare = bool(opened.get("bare_steps")) and self.open_request.get("dtype") is not None
         self._next, self._acked = bool(opened.get("next_steps")), None
+        self._limits = StepLimits.from_opened(opened)
+
+    def step_limits(self) -> StepLimits:
+        """What one step may carry on this session's server (the session opens now where it is not open), so that
+        a caller cuts a long prompt or a large batch into steps the server takes."""
+        if self.session is None:
+            self._with_failover(lambda: None, replay=len(self._sent))
+        return self._limits
 
     def close(self) -> None:
         if self.session is None:
@@ -224,7 +260,7 @@ class SuffixLink:
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
         try:
-            kind, body = self._send_with_failover(step)
+            kind, body = self._with_failover(lambda: self._checked(self._exchange(step), step.seq), len(self._sent) - 1)
         except BaseException as exc:  # whatever the server holds now, no earlier mark may continue it
             self._epoch = self._seq + 1
             if not isinstance(exc, (TransportError, ProtocolError)):  # interrupted: the reply may still come
@@ -285,8 +321,9 @@ class SuffixLink:
             self.bitrate.restart()
         self._last_reply = now
 
-    def _send_with_failover(self, step: protocol.Step) -> tuple[int, bytes]:
-        """(reply kind, body) of the reply to `step`, replaying the sequence onto a fresh session where needed."""
+    def _with_failover(self, send: Callable[[], _T], replay: int) -> _T:
+        """`send()` on this session; where the session is lost, on a fresh one onto which the first `replay` steps
+        of the sequence are replayed first."""
         last: Exception | None = None
         for attempt in range(self.max_attempts):
             if attempt > 1:  # the first retry goes at once (to the next server); then back off, with jitter
@@ -294,9 +331,9 @@ class SuffixLink:
             try:
                 if self.session is None:
                     self.open()
-                    for earlier in self._sent[:-1]:  # rebuild the suffix cache on a fresh server, no outputs
+                    for earlier in self._sent[:replay]:  # rebuild the suffix cache on a fresh server, no outputs
                         self._exchange(dataclasses.replace(earlier, need_from=earlier.tokens))
-                return self._checked(self._exchange(step), step.seq)
+                return send()
             except (TransportError, ProtocolError) as exc:
                 elsewhere = self.transport.has_alternatives()  # another server may have room
                 if isinstance(exc, TransportError):

@@ -228,7 +228,7 @@ class SlicerGenerationMixin(SplitModelMixin):
 
         def exchange(hidden: torch.Tensor, grid: Any = None) -> torch.Tensor:  # [B, T, d] at the split -> final
             outputs = []
-            chunk = self.slicer_config.prefill_chunk_tokens
+            chunk = link.step_limits().positions(b, hidden.shape[-1], self.slicer_config.prefill_chunk_tokens)
             for a in range(0, t, chunk):
                 z = min(a + chunk, t)
                 need_from = min(max(t - keep, a), z) - a

@@ -20,6 +20,9 @@ from transformers import (
     Qwen2Config,
 )
 
+from slicer_hf import protocol
+from slicer_hf.transport import LocalTransport
+
 VOCAB = 128
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(
@@ -106,6 +109,19 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model
+
+
+class RecordingTransport(LocalTransport):
+    """An in-process server's transport that keeps the (batch, tokens) of every STEP header it carries."""
+
+    def __init__(self, server) -> None:
+        super().__init__(server)
+        self.steps: list[tuple[int, int]] = []
+
+    def request(self, data: bytes) -> bytes:
+        if protocol.message_type(data) == protocol.STEP:
+            protocol.decode_step(data, check=lambda step: self.steps.append((step.batch, step.tokens)))
+        return super().request(data)
 
 
 @pytest.fixture(scope="session")

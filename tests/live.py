@@ -11,7 +11,8 @@ from conftest import VOCAB
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.generation.streamers import BaseStreamer
 
-from slicer_hf import SlicerConfig, SlicerModelForCausalLM, protocol
+from slicer_hf import SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
+from slicer_hf.codec.bits import write_varint
 from slicer_hf.data import default_model_path
 from slicer_hf.launch import start_server
 from slicer_hf.transport.grpc import STATS_METHOD, GrpcTransport
@@ -46,6 +47,26 @@ def client(model_dir, url, config=LOSSLESS, **options):
     return SlicerModelForCausalLM.from_pretrained(
         model_dir, slicer_config=config, transport=url, transport_options=options or None
     )
+
+
+def raw_open(transport: GrpcTransport, model_dir: str, **fields) -> int:
+    """OPEN on a raw stream with the tiny model's fingerprint; returns the session id."""
+    from transformers import AutoConfig
+
+    body = {
+        "fingerprint": protocol.model_fingerprint(AutoConfig.from_pretrained(model_dir)),
+        "split_layer": 2,
+        "codec": build_codec("identity").spec(),
+        **fields,
+    }
+    reply = transport.request(protocol.encode_json(protocol.OPEN, body))
+    protocol.raise_if_error(reply)
+    return int(protocol.decode_json(reply)["session"])
+
+
+def step_header(session: int, seq: int, start: int, batch: int, tokens: int, flags: int = 0) -> bytes:
+    fields = (session, seq, start, batch, tokens)
+    return protocol.header(protocol.STEP) + b"".join(map(write_varint, fields)) + bytes([flags]) + write_varint(0)
 
 
 def prompt(seed, length=6):

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from conftest import RecordingTransport
 from live import gate_rounds
 from transformers import (
     AutoModel,
@@ -39,7 +40,7 @@ from slicer_hf.encoders import (
     mean_pool,
 )
 from slicer_hf.link import open_request
-from slicer_hf.server import SplitServer
+from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.transport import LocalTransport
 
 VOCAB = 97
@@ -111,6 +112,24 @@ def test_lossless_split_equals_the_unsplit_forward_at_every_block_boundary(famil
             got = output_of(split(**inputs, split_layer=k))
         assert torch.equal(got, want), f"{family} split at {k}"
         assert split.wire_stats().tokens > 0  # the hidden states crossed the (in-process) wire
+
+
+@pytest.mark.parametrize("family", ["bert", "vit", "swin", "resnet"])
+def test_a_batch_over_the_servers_step_limit_goes_in_parts_and_stays_exact(family):
+    model, inputs = build(family), inputs_for(family, batch=5)
+    with torch.no_grad():
+        want = output_of(model(**inputs))
+    probe = RecordingTransport(SplitServer(copy.deepcopy(model)))
+    with torch.no_grad():
+        SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), probe)(**inputs)
+    [(batch, tokens)] = probe.steps
+    two_rows = ServerLimits(max_step_elements=2 * tokens * compat.split_width(model.config, 2))
+    transport = RecordingTransport(SplitServer(copy.deepcopy(model), limits=two_rows))
+    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), transport)
+    with torch.no_grad():
+        got = output_of(split(**inputs))
+    assert batch == 5 and transport.steps == [(2, tokens), (2, tokens), (1, tokens)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["vit", "deit", "swin", "swin-absolute"])

@@ -17,7 +17,7 @@ from slicer_hf import CodecError, ConfigError, ProtocolError, TransportError, bu
 from slicer_hf.codec import codec_from_spec
 from slicer_hf.codec.bits import Reader, write_varint
 from slicer_hf.config import SlicerConfig
-from slicer_hf.link import SuffixLink, open_request
+from slicer_hf.link import StepLimits, SuffixLink, open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.server.engine import ServerStats
 from slicer_hf.server.grpc_server import _IdleTimer, serve
@@ -283,6 +283,30 @@ def test_a_bug_while_decoding_fails_those_steps_and_the_compute_thread_serves_on
     assert info.value.code == "internal" and session not in server.sessions
     protocol.raise_if_error(step(server, open_session(server), 1))  # a new session (a fresh codec) is served
     server.shutdown()
+
+
+def test_a_step_over_max_step_elements_is_refused_from_its_header_and_opened_names_the_limits(engine):
+    server = engine(max_step_elements=10 * 64)  # ten positions of the tiny llama's width
+    body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+    opened = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))
+    assert (opened["max_step_tokens"], opened["max_step_elements"]) == (4096, 640)
+    protocol.raise_if_error(step(server, opened["session"], 1, tokens=10))
+    claim = protocol.encode_step(protocol.Step(opened["session"], 2, 10, 1, 11, 0, b""))  # no packet: never read
+    with pytest.raises(ProtocolError, match="1 x 11 positions x 64 = 704 values exceeds max_step_elements=640 by 64"):
+        protocol.raise_if_error(server.handle(claim))
+    assert server.stats_dict()["errors"] == {"too_large": 1} and not server.sessions
+    server.shutdown()
+
+
+def test_step_limits_cut_steps_to_what_the_server_named_and_ignore_what_it_did_not():
+    limits = StepLimits.from_opened({"max_step_tokens": 100, "max_step_elements": 3 * 10 * 64})
+    assert limits.positions(3, 64, wanted=256) == 10 and limits.positions(1, 64, wanted=256) == 30
+    assert limits.positions(1, 64, wanted=8) == 8 and limits.positions(1, 1, wanted=256) == 100
+    assert limits.positions(100, 64, wanted=256) == 1  # not even one position fits: the server refuses it clearly
+    assert limits.rows(5, 64, wanted=16) == 6 and limits.rows(5, 64, wanted=4) == 4
+    for older in ({"session": 1}, {"max_step_tokens": "9", "max_step_elements": True}, {"max_step_elements": 0}):
+        assert StepLimits.from_opened(older) == StepLimits()
+    assert StepLimits().positions(64, 4096, wanted=256) == 256 and StepLimits().rows(512, 768, wanted=64) == 64
 
 
 def test_kv_reservations_return_to_zero(engine):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from live import LOSSLESS, CallbackStreamer, client, prompt, wait_for
+from live import LOSSLESS, CallbackStreamer, client, prompt, raw_open, step_header, wait_for
 
 from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, TransportError, build_codec, protocol
 from slicer_hf.codec.bits import write_varint
@@ -27,26 +27,6 @@ HIDDEN = 64  # the tiny llama's width
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-
-
-def raw_open(transport: GrpcTransport, model_dir: str, **fields) -> int:
-    """OPEN on a raw stream with the tiny model's fingerprint; returns the session id."""
-    from transformers import AutoConfig
-
-    body = {
-        "fingerprint": protocol.model_fingerprint(AutoConfig.from_pretrained(model_dir)),
-        "split_layer": 2,
-        "codec": build_codec("identity").spec(),
-        **fields,
-    }
-    reply = transport.request(protocol.encode_json(protocol.OPEN, body))
-    protocol.raise_if_error(reply)
-    return int(protocol.decode_json(reply)["session"])
-
-
-def step_header(session: int, seq: int, start: int, batch: int, tokens: int, flags: int = 0) -> bytes:
-    fields = (session, seq, start, batch, tokens)
-    return protocol.header(protocol.STEP) + b"".join(map(write_varint, fields)) + bytes([flags]) + write_varint(0)
 
 
 def envelope(codec_id: int, dtype_code: int, shape: tuple[int, ...]) -> bytes:
@@ -322,8 +302,12 @@ def test_an_in_process_split_model_is_garbage_collected(model_dir):
     model_ref, server_ref = weakref.ref(model), weakref.ref(model.split_server)
     reaper = next(t for t in threading.enumerate() if t.name == "slicer-reaper" and t.is_alive())
     del model
-    gc.collect()
-    assert model_ref() is None and server_ref() is None
+
+    def collected() -> bool:  # the reaper holds its server for the moment of each sweep: a sweep may be running
+        gc.collect()
+        return model_ref() is None and server_ref() is None
+
+    assert wait_for(collected, timeout_s=10)
     reaper.join(timeout=10)
     assert not reaper.is_alive()
 

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 import torch
 from conftest import tiny_model
-from live import LOSSLESS, CallbackStreamer, client, prompt, self_signed_localhost, wait_for
+from live import LOSSLESS, CallbackStreamer, client, prompt, raw_open, self_signed_localhost, step_header, wait_for
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -145,10 +145,19 @@ def test_wrong_model_and_unknown_session_are_refused(server, model_dir, tmp_path
     raw.close()
 
 
-def test_limits_refuse_oversized_prefills_and_extra_sessions(server, model_dir):
+def test_edges_cut_prefills_to_the_step_limit_and_the_server_refuses_steps_over_it(server, model_dir, reference):
     srv = server("--max-step-tokens", "8", "--max-sessions", "2")
-    with pytest.raises(ProtocolError, match="exceeds the limit 8"):
-        client(model_dir, srv.url, LOSSLESS.replace(prefill_chunk_tokens=64)).generate(prompt(1, 20), max_new_tokens=1)
+    ids = prompt(1, 20)
+    edge = client(model_dir, srv.url, LOSSLESS.replace(prefill_chunk_tokens=64))  # 64 asked, 8 sent: OPENED says so
+    got = edge.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, reference.generate(ids, max_new_tokens=3, do_sample=False))
+    assert edge.wire_stats().uplink_messages == 1 + 3 + 2  # OPEN, the prompt in 8 + 8 + 4, two decode steps
+    edge.close_session()
+    raw = GrpcTransport([srv.url], timeout_s=30)
+    step = step_header(raw_open(raw, model_dir), 1, 0, 1, 9)  # an edge that does not cut: refused from its header
+    with pytest.raises(ProtocolError, match="step of 9 tokens exceeds the limit 8"):
+        protocol.raise_if_error(raw.request(step))
+    raw.close()
     assert wait_for(lambda: srv.stats()["sessions_active"] == 0)
     held = [client(model_dir, srv.url) for _ in range(2)]
     for model in held:

@@ -1,17 +1,18 @@
 """The exactness anchor and generate() behaviour: with a lossless codec, split generation is plain
 transformers generation, token for token."""
 
+import copy
 import inspect
 import struct
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, VOCAB
+from conftest import ARCHITECTURES, VOCAB, RecordingTransport
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from slicer_hf import ConfigError, ProtocolError, SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
-from slicer_hf.server import SplitServer
+from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.transport import LocalTransport
 
 LOSSLESS = SlicerConfig(codec="identity")
@@ -50,6 +51,18 @@ def test_left_padded_batch_equals_plain_generate(model_pair, arch):
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     got = split(model).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, split_layer=2)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("limit", [{"max_step_elements": 3 * 4 * 64}, {"max_step_tokens": 4}])
+def test_a_prompt_goes_up_in_steps_that_fit_the_limits_the_server_named(reference_models, limit):
+    ref = reference_models["llama"]
+    ids, mask = left_padded(ref.config.pad_token_id)  # 3 x 9: four positions of three rows fit a step
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    transport = RecordingTransport(SplitServer(copy.deepcopy(ref), limits=ServerLimits(**limit)))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport=transport)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+    assert transport.steps == [(3, 4), (3, 4)]  # the prompt's last position and the decode steps go as NEXT
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

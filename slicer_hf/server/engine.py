@@ -56,6 +56,8 @@ class ServerLimits:
     Args:
         max_sessions: sessions open at once.
         max_step_tokens: positions one STEP may carry.
+        max_step_elements: values one STEP may carry (batch x positions x width), checked from its header: this
+            bounds the memory that decoding one packet takes (up to 72 bytes a value for the costliest codec).
         max_context_tokens: positions one session may hold.
         max_session_batch: sequences one session may run side by side.
         kv_budget_bytes: KV-cache memory of all sessions together (None: half of the free memory at start).
@@ -74,6 +76,7 @@ class ServerLimits:
 
     max_sessions: int = 64
     max_step_tokens: int = 4096
+    max_step_elements: int = 1 << 23
     max_context_tokens: int = 16384
     max_session_batch: int = 64
     kv_budget_bytes: int | None = None
@@ -334,6 +337,8 @@ class SplitServer:
             opened = {"session": session.id, "server": self.model_name, "num_layers": self.num_layers}
             opened["bare_steps"] = len(session.wire_dtypes) == 1  # it can rebuild a packet's envelope
             opened["next_steps"] = not self.encoder_kind  # it takes steady-state decode steps as NEXT
+            opened["max_step_tokens"] = self.limits.max_step_tokens  # the edge cuts its steps to fit
+            opened["max_step_elements"] = self.limits.max_step_elements
             answer = protocol.encode_json(protocol.OPENED, opened)
         elif kind == protocol.CLOSE:
             target = protocol.decode_json(data).get("session", -1)
@@ -429,8 +434,7 @@ class SplitServer:
         spec = req.get("codec") or {}
         if not isinstance(spec, dict):
             raise ProtocolError(f"codec must be a JSON object, got {type(spec).__name__}", code="bad_request")
-        max_elements = self.limits.max_session_batch * self.limits.max_step_tokens * self.hidden_size
-        codec = codec_from_spec(spec, max_elements=max_elements)
+        codec = codec_from_spec(spec, max_elements=self.limits.max_step_elements)
         if codec.chains and self.encoder_kind:
             raise ProtocolError(
                 "an encoder takes no chained codec (its requests are not sequences)", code="bad_request"
@@ -438,6 +442,7 @@ class SplitServer:
         downlink_spec = req.get("downlink_codec")
         if downlink_spec is not None and (not isinstance(downlink_spec, dict) or downlink != "hidden"):
             raise ProtocolError("downlink_codec takes a codec spec, with downlink 'hidden' only", code="bad_request")
+        max_elements = self.limits.max_session_batch * self.limits.max_step_tokens * self.hidden_size
         downlink_codec = codec_from_spec(downlink_spec, max_elements=max_elements) if downlink_spec else None
         predicts_from = downlink_codec.given_width if downlink_codec is not None else None
         if predicts_from is not None and (self.encoder_kind or predicts_from != self.hidden_size):
@@ -522,6 +527,14 @@ class SplitServer:
         if step.batch > limits.max_session_batch:
             raise ProtocolError(
                 f"batch {step.batch} exceeds max_session_batch={limits.max_session_batch}", code="too_large"
+            )
+        width = self.width(session)
+        if (values := step.batch * step.tokens * width) > limits.max_step_elements:
+            raise ProtocolError(
+                f"step of {step.batch} x {step.tokens} positions x {width} = {values:,} values exceeds "
+                f"max_step_elements={limits.max_step_elements:,} by {values - limits.max_step_elements:,}: send "
+                "fewer positions per step",
+                code="too_large",
             )
         if step.start + step.tokens > limits.max_context_tokens:
             raise ProtocolError(
