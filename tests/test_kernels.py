@@ -90,6 +90,19 @@ def both(fn, *args, **kwargs):
 SHAPES = [(n, d) for d in (100, 576, 4096) for n in (1, 7, 513)]
 
 
+def test_parity_when_only_the_kept_entries_need_float32_parameters(device):
+    """Float32 block parameters follow the entries kept, not the whole row: tiny positives that asymmetric filtering
+    keeps beside ordinary negatives, and tiny entries beside an excluded outlier."""
+    y = torch.tensor([[-1.0, 1e-6, 2e-6, 3e-6, -0.5, 4e-6]], device=device)
+    ref, ker = both(ops.quantize_rows, y, 3, 1, 3, None, CANDIDATES, 0.05)
+    assert ref.wide
+    assert_same_quantized(ref, ker)
+    y, excluded = torch.tensor([[1.0, 1e-6, 2e-6, 3e-6]], device=device), torch.tensor([[0]], device=device)
+    ref, ker = both(ops.quantize_rows, y, 3, 1, None, excluded, CANDIDATES, 0.05)
+    assert ref.wide
+    assert_same_quantized(ref, ker)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{d}" for n, d in SHAPES])
 def test_parity_dense_rows(device, shape):
     """The default selection (every entry, one block): outliers, quantization, decode."""

@@ -156,12 +156,13 @@ def quantize_rows(
         backend: force "reference" or "kernels"; None dispatches.
     """
     kernels = _kernels(y, backend, y.shape[1]) if y.shape[0] and k else None
-    if kernels is None or needs_float32(y.abs().amax(1)):  # float32 block parameters: the reference's job
+    if kernels is None:
         return _quantize_rows_reference(y, k, m, k_pos, excluded, candidates, distortion)
     positions, labels, vals = kernels.select_rows(y, k, m, k_pos, excluded, with_values=True)
+    if needs_float32(vals.abs().amax(1)):  # the kept entries need float32 block parameters: the reference's job
+        return _quantize_rows_reference(y, k, m, k_pos, excluded, candidates, distortion)
     codes, signs, lo, hi, bits = kernels.quantize_selected(vals, labels, m, candidates, distortion)
-    wide = bool(hi.abs().max() > FP16_MAX)  # as the reference decides it; see `round_params`
-    return QuantizedRows(positions, labels, signs, codes, lo, hi, bits, wide)
+    return QuantizedRows(positions, labels, signs, codes, lo, hi, bits, wide=False)
 
 
 def _quantize_rows_reference(
