@@ -462,8 +462,8 @@ def profile(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16.")] = "float32",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt of the timing run.")] = 128,
-    decode_tokens: Annotated[int, typer.Option(help="Decode steps of the timing run.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt of the timing run.", min=2)] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="New tokens of the timing run.", min=2)] = 32,
 ) -> None:
     """Measure what a split of MODEL costs on this machine: per-layer prefill and decode time, weights and KV per
     token, and the codec's rate-distortion at each candidate split. Run it on the edge and on the server."""
@@ -511,8 +511,13 @@ def calibrate(
     ] = None,
     split_layer: Annotated[int | None, typer.Option(help="Split layer (default: the config's).")] = None,
     outliers: Annotated[
-        int, typer.Option(help="Exact outliers per row (0: the massive channels stay in the basis, out of the RMS).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="Exact outliers per row (default: the --config's, else 0: the massive channels stay in the basis, "
+            "out of the RMS).",
+            min=0,
+        ),
+    ] = None,
     downlink: Annotated[
         bool, typer.Option(help="Also calibrate the compressed downlink (the last layer's output).")
     ] = False,
@@ -540,7 +545,9 @@ def calibrate(
     from .config import SlicerConfig
     from .tuning.calibrate import calibrate as fit
 
-    base = (SlicerConfig.from_pretrained(config) if config else SlicerConfig()).replace(outliers=outliers)
+    base = SlicerConfig.from_pretrained(config) if config else SlicerConfig(outliers=0)
+    if outliers is not None:
+        base = base.replace(outliers=outliers)
     fitted = fit(model, base, split_layer, downlink, predict, predict_previous, text, tokens, window, seed)
     written = fitted.save_pretrained(out)
     print(f"calibrated on {text}: uplink basis {fitted.basis} at split {fitted.split_layer}", end="")

@@ -223,6 +223,49 @@ def test_calibrate_refuses_too_few_tokens_before_loading_the_model(tmp_path):
     assert result.exit_code != 0 and "2 x the hidden size = 128 tokens" in str(result.exception)
 
 
+@pytest.mark.parametrize("split", ["0", "-1", "4"])
+def test_calibrate_refuses_a_split_the_model_does_not_have_before_loading_it(tmp_path, split):
+    from live import tiny_smol_dir
+
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    args = ["calibrate", "--model", str(folder), "--text", "missing.txt", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--split-layer", split, "--tokens", "256", "--window", "64"])
+    assert result.exit_code != 0 and f"in [1, 3] for this model, got {split}" in str(result.exception)
+
+
+def test_calibrate_refuses_text_too_short_for_a_basis_before_loading_the_model(tmp_path):
+    from live import tiny_smol_dir
+
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    text = tmp_path / "short.txt"
+    text.write_text("Only a few words here. " * 8)
+    args = ["calibrate", "--model", str(folder), "--text", str(text), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--tokens", "512", "--window", "32"])
+    assert result.exit_code != 0 and "needs at least 128 tokens in whole windows of 32" in str(result.exception)
+
+
+def test_calibrate_keeps_the_outliers_of_the_config_it_starts_from_unless_told(tmp_path):
+    base = tmp_path / "base"
+    SlicerConfig(quantizer="ecsq", outliers=2, split_layer=2).save_pretrained(base)
+    _, _, out = calibrate_tiny(tmp_path, "--config", str(base))
+    assert SlicerConfig.from_pretrained(out).outliers == 2
+    _, _, out = calibrate_tiny(tmp_path / "again", "--config", str(base), "--outliers", "1")
+    assert SlicerConfig.from_pretrained(out).outliers == 1
+    _, _, out = calibrate_tiny(tmp_path / "plain")
+    assert SlicerConfig.from_pretrained(out).outliers == 0  # no config: the massive channels stay in the basis
+
+
+def test_calibrate_refuses_to_move_a_split_under_a_downlink_basis_that_predicts_from_it(tmp_path):
+    folder, text, out = calibrate_tiny(tmp_path, "--downlink")  # its downlink predicts from split 2's rows
+    args = ["calibrate", "--model", str(folder), "--config", str(out), "--text", str(text), "--split-layer", "1"]
+    result = CliRunner().invoke(app, [*args, "--tokens", "512", "--window", "128", "--out", str(tmp_path / "moved")])
+    assert result.exit_code != 0 and "predicts from the rows of split 2, not 1" in str(result.exception)
+    moved = tmp_path / "moved"
+    result = CliRunner().invoke(app, [*args, "--downlink", "--tokens", "512", "--window", "128", "--out", str(moved)])
+    assert result.exit_code == 0, result.output
+    assert lookup(SlicerConfig.from_pretrained(moved).downlink_basis).given_width == 64
+
+
 def test_a_server_refuses_a_session_whose_basis_it_does_not_hold_and_serves_the_rest(monkeypatch):
     model = tiny_model("llama")
     config = calibrated_config(model)

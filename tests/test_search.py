@@ -33,7 +33,7 @@ from slicer_hf.tuning.planner import (
     candidates,
     predict,
 )
-from slicer_hf.tuning.profile import PROFILE_FORMAT, default_splits
+from slicer_hf.tuning.profile import PROFILE_FORMAT, default_splits, measure_timing
 
 L, D = 8, 64
 STEPS = (0.2, 0.4, 0.8, 1.6)
@@ -80,6 +80,16 @@ FAST, SLOW = LinkSpec(100.0, 100.0), LinkSpec(0.05, 100.0)
 
 
 # ------------------------------------------------------------------------------------------- profiles
+@pytest.mark.parametrize("run", [{"decode_tokens": 1}, {"prompt_tokens": 1}, {"repeats": 0}])
+def test_a_timing_run_with_no_decode_step_to_time_is_refused_before_it_runs(run):
+    with pytest.raises(ConfigError, match="a timing run needs prompt_tokens >= 2, decode_tokens >= 2"):
+        measure_timing(tiny_model("llama").eval(), **run)
+    option = "--" + next(iter(run)).replace("_", "-")
+    if option != "--repeats":  # the CLI refuses before loading anything
+        result = CliRunner().invoke(app, ["profile", "--model", "nowhere", "--out", "p.json", option, "1"])
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+
+
 def test_a_profile_of_a_real_model_round_trips_through_json(tmp_path):
     model = tiny_model("llama").eval()
     windows = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..codec import ops
-from ..codec.basis import Basis, given_features, register, weighted_rms
+from ..codec.basis import Basis, given_features, lookup, register, weighted_rms
 from ..compat import decoder_layers
 from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT
@@ -208,16 +208,28 @@ def calibrate(
     from ..data import load_text, resolve_model, token_windows
 
     path = resolve_model(model)
-    width = int(AutoConfig.from_pretrained(path).hidden_size)
+    model_config = AutoConfig.from_pretrained(path)
+    width, n_layers = int(model_config.hidden_size), int(model_config.num_hidden_layers)
     if tokens // window * window < 2 * width:  # a basis of width d is fitted on at least 2d rows
         raise ConfigError(
             f"calibration needs at least 2 x the hidden size = {2 * width} tokens in whole windows of {window}; "
             f"{tokens} tokens make {tokens // window * window}"
         )
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    n_layers = lm.config.num_hidden_layers
-    k = split_layer or base.split_layer or n_layers * 3 // 4
+    k = split_layer if split_layer is not None else base.split_layer or n_layers * 3 // 4
+    if type(k) is not int or not 1 <= k < n_layers:
+        raise ConfigError(f"split_layer must be an integer in [1, {n_layers - 1}] for this model, got {k!r}")
+    if not downlink and base.downlink_basis and k != base.split_layer and lookup(base.downlink_basis).given_width:
+        raise ConfigError(
+            f"the config's downlink basis predicts from the rows of split {base.split_layer}, not {k}: calibrate "
+            "the downlink at this split too (--downlink), or start from a config without a downlink basis"
+        )
     windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
+    if windows.numel() < 2 * width:
+        raise ConfigError(
+            f"calibration needs at least {2 * width} tokens in whole windows of {window}; {text!r} gave "
+            f"{windows.numel()}"
+        )
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     found = collect(lm, windows, [k, n_layers] if downlink else [k], seed=seed)
     provenance = {"model": model, "text": text, "tokens": str(windows.numel()), "seed": str(seed)}
 

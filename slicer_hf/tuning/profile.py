@@ -323,6 +323,11 @@ def measure_timing(
     (after one warm-up); hooks time each decoder layer, the input embedding and the head; medians are kept. What a
     decode step costs beyond them (norm, sampling, masks, `generate()`'s own work) is `step_overhead_ms`.
     """
+    if min(prompt_tokens, decode_tokens) < 2 or repeats < 1:  # one new token has no decode step to time
+        raise ConfigError(
+            "a timing run needs prompt_tokens >= 2, decode_tokens >= 2 and repeats >= 1, got "
+            f"{prompt_tokens}, {decode_tokens} and {repeats}"
+        )
     device = next(model.parameters()).device
     layers = decoder_layers(model)
     watched = {f"layer{i}": layer for i, layer in enumerate(layers)}
