@@ -54,7 +54,7 @@ def _root_cert(path: Path | None) -> bytes | None:
     if path is None:
         return None
     from .errors import ConfigError
-    from .transport.fleet import root_context
+    from .transport.base import root_context
 
     pem = path.read_bytes()
     try:

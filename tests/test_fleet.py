@@ -194,6 +194,8 @@ def test_an_empty_token_or_a_certificate_that_is_not_pem_is_refused_up_front():
     for not_pem in (b"not a certificate", b"\x30\x82\xff"):
         with pytest.raises(ConfigError, match="PEM CA certificates"):
             FleetTransport("slicer+https://router:8000", root_certificates=not_pem)
+        with pytest.raises(ConfigError, match="PEM CA certificates"):  # not a handshake failing on every call
+            GrpcTransport(["grpcs://127.0.0.1:1"], root_certificates=not_pem)
 
 
 def test_a_failover_list_may_mix_grpc_and_grpcs():

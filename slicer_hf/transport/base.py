@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TransportError
+from ..errors import ConfigError, TransportError
 
 if TYPE_CHECKING:
     from ..server.engine import SplitServer
+
+
+def root_context(root_certificates: bytes) -> ssl.SSLContext:
+    """A TLS client context trusting `root_certificates` (PEM); anything else is a `ConfigError`."""
+    try:
+        return ssl.create_default_context(cadata=root_certificates.decode("ascii"))
+    except (ValueError, ssl.SSLError) as exc:  # not text, or no PEM certificate in it
+        raise ConfigError(f"root_certificates must be PEM CA certificates (BEGIN CERTIFICATE): {exc}") from None
 
 
 class Transport(ABC):

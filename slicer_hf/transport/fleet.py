@@ -23,9 +23,9 @@ import urllib.request
 import warnings
 from typing import Any
 
-from ..errors import ConfigError, TransportError
+from ..errors import TransportError
 from ..protocol import fleet_router_url, is_loopback
-from .base import Transport
+from .base import Transport, root_context
 from .grpc import GrpcTransport
 
 MAX_ANSWER_BYTES = 64 << 10  # an admission answer is a few hundred bytes of JSON
@@ -130,14 +130,6 @@ class FleetTransport(Transport):
         if self._replica is None:
             raise TransportError("no replica yet: the router is asked when the first request goes out")
         return self._replica.unary(method, data)
-
-
-def root_context(root_certificates: bytes) -> ssl.SSLContext:
-    """A TLS client context trusting `root_certificates` (PEM); anything else is a `ConfigError`."""
-    try:
-        return ssl.create_default_context(cadata=root_certificates.decode("ascii"))
-    except (ValueError, ssl.SSLError) as exc:  # not text, or no PEM certificate in it
-        raise ConfigError(f"root_certificates must be PEM CA certificates (BEGIN CERTIFICATE): {exc}") from None
 
 
 def _read_capped(reply: Any) -> bytes:

@@ -29,7 +29,7 @@ from ..protocol import (  # noqa: F401 (re-exported for callers of this module)
     channel_options,
     is_loopback,
 )
-from .base import Transport
+from .base import Transport, root_context
 
 logger = logging.getLogger(__name__)
 _END = object()
@@ -84,6 +84,8 @@ class GrpcTransport(Transport):
             raise TransportError("no server URL given")
         if token == "":
             raise TransportError("the auth token is empty: give the server's token, or none at all", retryable=False)
+        if root_certificates is not None:
+            root_context(root_certificates)  # a ConfigError now, rather than a handshake that fails on every call
         self.urls, self.token, self.timeout_s, self.root_certificates = list(urls), token, timeout_s, root_certificates
         for url in self.urls:
             host = url.partition("://")[2].rpartition(":")[0]
