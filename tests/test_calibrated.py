@@ -140,6 +140,14 @@ def test_config_validation_names_what_goes_with_a_calibrated_basis(fitted):
     assert down.spec()["rotation"] == "orthogonal"  # the uplink's basis is not the last layer's
 
 
+def test_a_basis_fitted_again_to_the_same_tensors_carries_its_latest_provenance(tmp_path):
+    first = fit_basis(*synthetic(), metadata={"text": "first.txt"})
+    again = fit_basis(*synthetic(), metadata={"text": "again.txt"})
+    assert again.digest == first.digest and lookup(first.digest).metadata["text"] == "again.txt"
+    SlicerConfig(quantizer="ecsq", rotation="calibrated", basis=again.digest, outliers=0).save_pretrained(tmp_path)
+    assert Basis.load(tmp_path / basis_file(again.digest)).metadata["text"] == "again.txt"  # what the config says
+
+
 def test_the_basis_travels_beside_the_config(fitted, tmp_path, monkeypatch):
     config = SlicerConfig(
         quantizer="ecsq",

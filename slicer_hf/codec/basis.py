@@ -211,9 +211,12 @@ def basis_file(digest: str) -> str:
 
 
 def register(basis: Basis) -> Basis:
-    """Make `basis` known to `lookup` in this process (idempotent); returns it."""
+    """Make `basis` known to `lookup` in this process; returns it. The digest covers the tensors only, so a basis
+    fitted again to the same tensors replaces the one before: its metadata (the latest provenance) is what a saved
+    config writes."""
     with _LOCK:
-        return _REGISTRY.bases.setdefault(basis.digest, basis)
+        _REGISTRY.bases[basis.digest] = basis
+    return basis
 
 
 def lookup(digest: str) -> Basis:
