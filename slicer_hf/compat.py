@@ -75,6 +75,26 @@ def check_supported(config: Any) -> None:
     for name in ("text_config", "decoder"):
         if isinstance(getattr(config, name, None), PretrainedConfig):
             raise NotImplementedError(f"{model_type}: a composite model (with a {name}); split its text model")
+    if length_dependent := LENGTH_DEPENDENT_ROPE & rope_types(config):
+        raise NotImplementedError(
+            f"{model_type}: rope_type {sorted(length_dependent)[0]!r} sets its rotary frequencies from the longest "
+            "position of each forward, and a server runs prompts in chunks and batches sessions of other lengths "
+            "together: its outputs would not be those of generate()"
+        )
+
+
+LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+
+
+def rope_types(config: Any) -> set[str]:
+    """The rotary embedding types a config names (one set of parameters, or one per attention type)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return set()
+    sets = (
+        [params] if "rope_type" in params or "type" in params else [p for p in params.values() if isinstance(p, dict)]
+    )
+    return {str(p.get("rope_type", p.get("type"))) for p in sets}
 
 
 def num_layers(config: Any) -> int:
@@ -128,11 +148,35 @@ def sliding_windows(model: PreTrainedModel) -> list[int | None]:
     return [getattr(layer, "sliding_window", None) or None for layer in new_cache(model).layers]
 
 
-def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Drop cached positions beyond `length` (5.x takes the negative count to remove)."""
+def crop_cache(cache: DynamicCache, length: int) -> bool:
+    """Drop cached positions beyond `length` (5.x takes the negative count to remove); False, with nothing dropped,
+    where the cache cannot go back that far: a sliding-window layer that has filled its window keeps no earlier
+    positions to attend to from `length` on."""
     extra = cache_length(cache) - length
-    if extra > 0:
-        cache.crop(-extra)
+    if extra <= 0:
+        return True
+    for layer in cache.layers:
+        window = getattr(layer, "sliding_window", None)
+        if window and layer.get_seq_length() >= window and not getattr(layer, "record_past", False):
+            return False
+    cache.crop(-extra)
+    return True
+
+
+def stand_in_embeds(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Zeros in the shape of the model's input embeddings for `hidden`'s positions: what a server's forward takes
+    in while the layers below the split pass the injected hidden states on (OPT-350m embeds narrower than its
+    layers, then projects)."""
+    width = getattr(model.get_input_embeddings(), "embedding_dim", hidden.shape[-1])
+    return hidden.new_zeros(*hidden.shape[:-1], width)
+
+
+def packs_sequences(position_ids: torch.Tensor | None) -> bool:
+    """Whether `position_ids` `[B, T]` restart within a row: transformers then keeps the packed sequences apart
+    (given no attention mask and no cache)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    return position_ids is not None and find_packed_sequence_indices(position_ids) is not None
 
 
 def phantom_cache_update(cache: Any, layer_idx: int, hidden_states: torch.Tensor) -> None:

@@ -222,6 +222,14 @@ class SlicerGenerationMixin(SplitModelMixin):
             positions = None  # the server derives the plain ones
         elif positions is not None:
             positions = positions.expand(b, t)
+        use_cache = given.get("use_cache")
+        uncached = cache is None and not (self.config.use_cache if use_cache is None else use_cache)
+        if mask is None and uncached and compat.packs_sequences(positions):
+            raise NotImplementedError(
+                "position_ids that restart within a row, with no attention_mask and no cache, pack several sequences "
+                "that transformers keeps apart; the server's layers run with a cache and would attend across them: "
+                "pass each sequence as its own (padded) row"
+            )
         keep = given.get("logits_to_keep", 0)
         keep = t if isinstance(keep, torch.Tensor) or not keep else min(int(keep), t)
         replies: dict[str, torch.Tensor] = {}

@@ -16,6 +16,8 @@ from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.transport import LocalTransport
 
 LOSSLESS = SlicerConfig(codec="identity")
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+MISTRAL_W4 = {**LLAMA, "sliding_window": 4}  # a window the prompts below fill
 
 
 def split(model, **overrides):
@@ -318,6 +320,66 @@ def test_of_two_branches_of_one_prefix_the_older_is_refused_and_the_prefix_still
             split_model(prompt(length=1, seed=7), past_key_values=x)
         split_model(prompt(length=1, seed=7), past_key_values=y)  # the latest branch goes on
         split_model(prompt(length=1, seed=7), past_key_values=copy.deepcopy(prefix))  # positions 0..5 are intact
+
+
+@pytest.mark.parametrize("kv_store", [True, False])
+def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_store):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(**MISTRAL_W4, vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).eval()
+    server = SplitServer(copy.deepcopy(ref), kv_store=kv_store)
+    model = SlicerModelForCausalLM.from_model(
+        copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), LocalTransport(server)
+    )
+    with torch.no_grad():
+        plain, edge = ref(prompt(length=9), use_cache=True).past_key_values, model(prompt(length=9), use_cache=True)
+        model(prompt(length=3, seed=5), past_key_values=copy.deepcopy(edge.past_key_values))  # a branch: 9..11
+        # back to position 9, past the 4-wide window the server's cache keeps: it replays instead of failing
+        got = model(prompt(length=2, seed=7), past_key_values=copy.deepcopy(edge.past_key_values)).logits
+        want = ref(prompt(length=2, seed=7), past_key_values=plain).logits
+    assert torch.equal(got, want)
+
+
+def test_an_opt_that_embeds_narrower_than_its_layers_splits_exactly():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    opt = dict(hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(OPTConfig(**opt, vocab_size=VOCAB, word_embed_proj_dim=32)).eval()
+    ids = prompt()
+    expected = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    for downlink, kv_store in [("hidden", True), ("logits", True), ("hidden", False)]:
+        server = SplitServer(copy.deepcopy(ref), kv_store=kv_store)
+        assert (server.store is not None) == kv_store
+        config = LOSSLESS.replace(split_layer=2, downlink=downlink)
+        model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), config, LocalTransport(server))
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected), (downlink, kv_store)
+
+
+def test_packed_sequences_with_no_mask_or_cache_are_refused_not_run_across_their_boundary(model_pair):
+    ref, model = model_pair("llama")
+    ids, packed = prompt(length=10), torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    with pytest.raises(NotImplementedError, match="pass each sequence as its own"):
+        split(model)(ids, position_ids=packed, use_cache=False)
+    with torch.no_grad():  # with a cache, transformers reads them as plain positions too
+        assert torch.equal(split(model)(ids, position_ids=packed).logits, ref(ids, position_ids=packed).logits)
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_rotary_frequencies_that_follow_each_forwards_length_are_refused_at_load_and_by_the_server(rope_type):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    rope = {"rope_type": rope_type, "factor": 8.0, "rope_theta": 10000.0}
+    if rope_type == "longrope":
+        rope |= {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}
+    config = LlamaConfig(**LLAMA, vocab_size=VOCAB, max_position_embeddings=256, rope_parameters=rope)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(NotImplementedError, match=f"rope_type '{rope_type}' sets its rotary frequencies"):
+        SlicerModelForCausalLM.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2))
+    with pytest.raises(NotImplementedError, match="would not be those of generate"):
+        SplitServer(model)
 
 
 def test_output_attentions_are_refused_like_hidden_states_not_cut_to_the_edges_layers(model_pair):

@@ -236,8 +236,8 @@ class SplitServer:
                 f"(the edge runs at least one layer, the server at least one), got {min_split_layer}"
             )
         self.encoder_kind = compat.encoder_kind(model.config)  # None for a causal LM
-        if self.encoder_kind:
-            compat.check_encoder_supported(model.config)  # a family that splits may still have a variant that does not
+        # a family that splits may still have a variant that does not
+        (compat.check_encoder_supported if self.encoder_kind else compat.check_supported)(model.config)
         self.hidden_size = (  # the widest row a packet may carry
             max(compat.split_width(model.config, k) for k in range(min_split_layer, self.num_layers))
             if self.encoder_kind
@@ -709,8 +709,12 @@ class SplitServer:
         elif self.store is not None:
             for row in session.rows:
                 self.store.truncate(row, step.start)
-        else:
-            compat.crop_cache(session.cache, step.start)
+        elif not compat.crop_cache(session.cache, step.start):
+            raise ProtocolError(
+                f"this session's sliding-window cache has dropped what going back from {session.length} to "
+                f"{step.start} positions needs: replay from 0",
+                code="state_lost",
+            )
         self._extend_mask(session, step)
 
     def forward_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
@@ -859,7 +863,7 @@ class SplitServer:
         with `logits_to_keep` the last positions' float32 logits."""
         hidden = plan.inject
         kwargs = {
-            "inputs_embeds": torch.zeros_like(hidden),
+            "inputs_embeds": compat.stand_in_embeds(self.model, hidden),
             "attention_mask": mask,
             "position_ids": positions.to(self.device),
             compat.cache_kwarg(self.model): cache,
