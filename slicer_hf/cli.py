@@ -49,6 +49,17 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
+def _size(option: str, text: str) -> int:
+    """A size option's bytes: at least one."""
+    try:
+        size = parse_bytes(text)
+    except typer.BadParameter as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+    if size < 1:
+        raise typer.BadParameter(f"a size of at least 1 byte, got {text!r}", param_hint=option)
+    return size
+
+
 def _root_cert(path: Path | None) -> bytes | None:
     """--root-cert's PEM bytes, refused here unless they hold a certificate."""
     if path is None:
@@ -144,7 +155,7 @@ def serve(
     max_batch_tokens: Annotated[int, typer.Option(help="Positions one scheduler round may run.")] = 512,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prefill positions run in one forward.")] = 256,
     batch_wait_ms: Annotated[
-        float, typer.Option(help="How long a decode round waits for the sessions of the last one.")
+        float, typer.Option(help="How long a decode round waits for the sessions of the last one.", min=0)
     ] = 25.0,
     device: Annotated[str, typer.Option(help="Where the layers and the KV store live: cpu, cuda, cuda:1.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
@@ -165,7 +176,7 @@ def serve(
         str | None,
         typer.Option(
             help="--ray: the host name clients reach the router and the replicas at, the one a TLS certificate "
-            "names (default: --host, or this node's address when --host is 0.0.0.0)."
+            "names (default: --host; for 0.0.0.0, 127.0.0.1 for the router and this node's address for replicas)."
         ),
     ] = None,
     sessions_per_replica: Annotated[int, typer.Option(help="--ray: the autoscaling target.")] = 16,
@@ -199,9 +210,9 @@ def serve(
         max_step_elements=max_step_elements,
         max_context_tokens=max_context_tokens,
         max_session_batch=max_session_batch,
-        kv_budget_bytes=parse_bytes(kv_memory) if kv_memory else None,
-        max_session_kv_bytes=parse_bytes(max_session_kv),
-        max_message_bytes=parse_bytes(max_message_bytes),
+        kv_budget_bytes=_size("--kv-memory", kv_memory) if kv_memory else None,
+        max_session_kv_bytes=_size("--max-session-kv", max_session_kv),
+        max_message_bytes=_size("--max-message-bytes", max_message_bytes),
         max_batch_rows=max_batch_rows,
         max_batch_tokens=max_batch_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
@@ -286,7 +297,7 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
 @app.command()
 def stats(
     url: Annotated[str, typer.Argument(help="Server URL, grpc://host:port.")],
-    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN")] = None,
+    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The server's auth token.")] = None,
     prometheus: Annotated[bool, typer.Option(help="Prometheus text instead of JSON.")] = False,
     root_cert: RootCertOpt = None,
 ) -> None:
@@ -304,7 +315,7 @@ def stats(
 @app.command()
 def drain(
     url: Annotated[str, typer.Argument(help="Server URL, grpc://host:port.")],
-    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN")] = None,
+    token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The server's auth token.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Take new sessions again.")] = False,
     root_cert: RootCertOpt = None,
 ) -> None:
@@ -336,7 +347,11 @@ ServerOpt = Annotated[
     list[str], typer.Option("--server", "-s", help="Server URL (grpc://host:port); repeat for failover.")
 ]
 ConfigOpt = Annotated[
-    str | None, typer.Option(help="SlicerConfig: preset name, folder or Hub repo (default: the model's preset).")
+    str | None,
+    typer.Option(
+        help="SlicerConfig: preset name, folder or Hub repo (default: the SmolLM2 preset for SmolLM2, by alias, Hub "
+        "id or converted folder; else SlicerConfig's defaults)."
+    ),
 ]
 DoSampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")]
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
@@ -421,7 +436,10 @@ def eval_(
     dataset: Annotated[str | None, typer.Option(help="wikitext-2-raw-v1[:split] or wikitext-2-v1[:split].")] = None,
     split_layer: Annotated[int | None, typer.Option(help="Split layer (default: the config's).")] = None,
     codec: Annotated[str | None, typer.Option(help="Codec name (overrides the config's).")] = None,
-    config: Annotated[str | None, typer.Option(help="SlicerConfig folder or Hub repo.")] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help="SlicerConfig: preset name, folder or Hub repo (default: SlicerConfig's defaults)."),
+    ] = None,
     window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="Score at most this many tokens.")] = None,
     downlink_step: Annotated[
@@ -650,7 +668,8 @@ def bench(
 ) -> None:
     """Run a benchmark suite; it prints a table and writes JSON (and plots) under docs/benchmarks/.
 
-    Extra options go to the suite (`slicer-hf bench SUITE --help` lists them), `--threads` included.
+    Extra options go to the suite (`slicer-hf bench SUITE --help` lists them); `--torch-threads` sets torch's threads
+    for any suite (the link suite's own `--threads` sets its processes').
     """
     import importlib
 

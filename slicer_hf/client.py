@@ -49,6 +49,20 @@ def model_error(model: str, exc: Exception) -> ConfigError:
     return ConfigError(f"cannot load model {model!r}: {exc}")
 
 
+def default_config(model: str) -> str | SlicerConfig:
+    """The config of a client given none: the SmolLM2 preset for SmolLM2 (its alias, its Hub id, or the folder the
+    alias converts to), which a server started with the same preset serves; else `SlicerConfig`'s defaults."""
+    from .data import DEFAULT_MODEL_ALIASES, MODEL_DIR_NAME, cache_dir
+    from .demo import DEFAULT_PRESET
+
+    preset = SlicerConfig.from_pretrained(DEFAULT_PRESET)
+    if model.lower() in DEFAULT_MODEL_ALIASES or model == preset.model_id:
+        return preset
+    if Path(model).expanduser().resolve() == (cache_dir() / MODEL_DIR_NAME).resolve():
+        return preset
+    return SlicerConfig()
+
+
 def _bitrate_line(changes: list[dict[str, float]]) -> str:
     steps = " -> ".join(f"{c['step']:g} (token {c['token']:.0f})" for c in changes[-6:])
     return f"\n  adaptive bitrate: {len(changes)} step changes{' (the last 6)' if len(changes) > 6 else ''}: {steps}"
@@ -100,13 +114,11 @@ class Client:
         token: str | None = None,
         root_certificates: bytes | None = None,
     ) -> None:
-        from .data import DEFAULT_MODEL_ALIASES, resolve_model
-        from .demo import DEFAULT_PRESET
+        from .data import resolve_model
         from .modeling import SlicerModelForCausalLM
 
         path = resolve_model(model)
-        if config is None:
-            config = DEFAULT_PRESET if model.lower() in DEFAULT_MODEL_ALIASES else SlicerConfig()
+        config = default_config(model) if config is None else config
         self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -91,7 +91,8 @@ def evaluate(
     capture = _capture_split_input(split, split.slicer_config.split_layer, hidden_at_split)
     final_rows: list[torch.Tensor] = []
     capture_final = _capture_server_output(split, final_rows)
-    for ids in tqdm(windows, desc=f"eval {cfg.codec} @ {cfg.split_layer}", disable=not progress, unit="window"):
+    k = split.slicer_config.split_layer
+    for ids in tqdm(windows, desc=f"eval {cfg.codec} @ {k}", disable=not progress, unit="window"):
         ids = ids.unsqueeze(0)
         with unsplit(split):
             ref = split(ids).logits[0, :-1].float()
@@ -135,9 +136,9 @@ def evaluate(
     result = {
         "model": model,
         "text": text,
-        "split_layer": cfg.split_layer,
+        "split_layer": split.slicer_config.split_layer,  # the config's, or the default the model chose
         "num_layers": split.config.num_hidden_layers,
-        "config": cfg.to_dict(),
+        "config": split.slicer_config.to_dict(),
         "window": window,
         "tokens_scored": n_scored,
         "windows": len(windows),

@@ -145,6 +145,15 @@ def test_bad_arguments_are_a_usage_error_before_any_model_loads(args, pem, no_mo
     assert "Invalid value" in result.output
 
 
+LIMITS = [("--batch-wait-ms", "-1"), ("--kv-memory", "0"), ("--max-session-kv", "0"), ("--max-message-bytes", "0")]
+
+
+@pytest.mark.parametrize("option, value", LIMITS)
+def test_a_bad_server_limit_is_named_as_the_option_the_user_typed(option, value, no_model_loads):
+    result = CliRunner().invoke(app, ["serve", option, value], terminal_width=200)
+    assert result.exit_code == 2 and f"Invalid value for {option}" in result.output.replace("'", ""), result.output
+
+
 @pytest.mark.parametrize("command", [["serve", "--port", "0"], ["generate", "-s", "grpc://127.0.0.1:1", "-p", "hi"]])
 def test_a_model_folder_that_does_not_exist_is_one_line_not_a_traceback(command):
     import subprocess
@@ -181,3 +190,25 @@ def test_a_suites_own_threads_option_reaches_the_suite(monkeypatch):
     result = CliRunner().invoke(app, ["bench", "link", "--threads", "2", "--rates", "1", "--torch-threads", "1"])
     assert result.exit_code == 0, result.output
     assert seen == [["--threads", "2", "--rates", "1"]]
+
+
+def test_a_client_given_no_config_takes_the_smollm2_preset_for_smollm2_however_it_is_named():
+    from slicer_hf.client import default_config
+    from slicer_hf.data import MODEL_DIR_NAME, cache_dir
+
+    preset = SlicerConfig.from_pretrained("smollm2-135m-split24")
+    for name in ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", str(cache_dir() / MODEL_DIR_NAME)):
+        assert default_config(name) == preset, name  # what a server started with the same preset serves
+    assert default_config("HuggingFaceTB/SmolLM2-360M-Instruct") == SlicerConfig()
+
+
+def test_each_bench_suite_describes_itself_in_a_whole_paragraph(capsys):
+    import importlib
+
+    from slicer_hf.cli import BENCH_SUITES
+
+    for name, module in BENCH_SUITES.items():
+        with pytest.raises(SystemExit):
+            importlib.import_module(f"slicer_hf.bench.{module}").main(["--help"])
+        description = capsys.readouterr().out.split("\n\n")[1]
+        assert description.rstrip().endswith((".", "?")), (name, description)  # not cut at its first line

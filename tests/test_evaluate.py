@@ -40,6 +40,11 @@ def test_lossless_eval_matches_the_unsplit_model_exactly(tiny_dir):
     assert r["bits_per_token"] == 8 * (4 + 3 + 64 * 4)  # envelope (4 bytes + 3 dims) + float32 row
 
 
+def test_eval_reports_the_split_it_ran_when_neither_config_nor_option_names_one(tiny_dir):
+    r = evaluate(str(tiny_dir), "wikitext-2-v1:validation", codec="identity", window=32, max_tokens=32, progress=False)
+    assert r["split_layer"] == r["config"]["split_layer"] == 3  # the model's default: 3/4 of its 4 layers
+
+
 def test_lossy_eval_reports_the_damage_and_the_savings(tiny_dir):
     r = evaluate(
         str(tiny_dir),

@@ -239,7 +239,7 @@ def test_infeasible_constraints_name_the_binding_one_and_the_nearest_point():
         ({"objective": "speed"}, "objective must be one of"),
         ({"server": synthetic_profile(fingerprint="0" * 16)}, "different models"),
         ({"splits": [3]}, "no rate-distortion points at the split layers"),
-        ({"adaptive": True}, "needs max_token_latency_ms"),
+        ({"adaptive": True}, "needs a per-token latency target .max_token_latency_ms, --max-token-latency-ms"),
     ],
 )
 def test_bad_search_arguments_are_refused(kwargs, message):

@@ -8,7 +8,6 @@ batch; split layers 1 and L-1), and the result becomes the support table in docs
 
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import json
@@ -24,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .. import compat
 from ..config import SlicerConfig
+from .common import suite_arguments
 
 VOCAB = 128
 MAX_PARAMS = 20_000_000
@@ -227,7 +227,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = suite_arguments(__doc__)
     parser.add_argument("--only", nargs="*", default=None, help="model types to run (default: all)")
     parser.add_argument("--out-json", default="docs/benchmarks/architectures.json")
     parser.add_argument("--doc", default=None, help="write the support table here (docs/architectures.md)")

@@ -54,9 +54,14 @@ def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
+def suite_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A suite's argument parser, described by its docstring's first paragraph."""
+    return argparse.ArgumentParser(description=" ".join((doc or "").split("\n\n")[0].split()))
+
+
 def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:
     """The options every real-model suite takes: --model, --config, --out-json."""
-    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser = suite_arguments(doc)
     parser.add_argument("--model", default="smollm2", help="Hub id, local folder, or 'smollm2' (embedded)")
     parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
     parser.add_argument("--out-json", default=out_json)

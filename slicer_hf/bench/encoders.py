@@ -17,7 +17,6 @@ token length (no padding, so every row on the wire is a real token). Reported pe
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -31,7 +30,7 @@ from ..config import SlicerConfig
 from ..data import load_text, resolve_model
 from ..encoders import SlicerModel, mean_pool
 from ..modeling import unsplit
-from .common import codec_sweep, markdown_table, write_json
+from .common import codec_sweep, markdown_table, suite_arguments, write_json
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "fp16": {"codec": "fp16"},
@@ -210,7 +209,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = suite_arguments(__doc__)
     parser.add_argument("--model", default="minilm", help="Hub id, local folder, or 'minilm' (bundled)")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--splits", default=None, help="comma-separated split layers (default: all)")

@@ -16,7 +16,6 @@ fleet (split layer, replicas):
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import threading
@@ -33,7 +32,7 @@ from ..demo import default_config_dir
 from ..link import open_request
 from ..transport.fleet import FleetTransport
 from ..transport.grpc import GrpcTransport
-from .common import markdown_table, write_json
+from .common import markdown_table, suite_arguments, write_json
 from .concurrency import Client, record_packets
 
 
@@ -207,7 +206,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = suite_arguments(__doc__)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--splits", default="20,24")
     parser.add_argument("--replicas", default="1,2")

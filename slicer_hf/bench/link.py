@@ -15,7 +15,6 @@ and iproute2 (`ip`, `tc`). A run killed with SIGKILL leaves them behind: `ip net
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -40,6 +39,7 @@ from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
 from ..demo import default_config_dir
 from ..launch import parse_server_url, start_server, stop_server  # noqa: F401 (parse_server_url: re-exported)
 from ..transport.grpc import STATS_METHOD, GrpcTransport
+from .common import suite_arguments
 from .netns import (  # noqa: F401 - re-exported: the link benchmark's public helpers
     NETNS_PREFIX,
     TBF_BURST,
@@ -536,7 +536,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m slicer_hf.bench.link", description=__doc__.split("\n")[0])
+    parser = suite_arguments(__doc__)
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
     parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
     parser.add_argument(

@@ -11,7 +11,6 @@ the bits) and decoded back. The rest of the model runs unchanged and is compared
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
@@ -25,6 +24,7 @@ import torch
 from ..compat import decoder_layers
 from ..data import CALIBRATION_TEXT, GGUF_NAME, load_text, resolve_model, token_windows
 from ..tuning.distortion import measure
+from .common import suite_arguments
 
 FP16_BITS_PER_ELEMENT = 16
 SLICER_BASE: dict[str, Any] = {
@@ -288,9 +288,7 @@ def _short(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="python -m slicer_hf.bench.rate_distortion", description=__doc__.split("\n")[0]
-    )
+    parser = suite_arguments(__doc__)
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
     parser.add_argument("--text", default=CALIBRATION_TEXT, help="text source (file or wikitext split)")
     parser.add_argument("--split-layers", type=int, nargs="+", default=[24, 8])

@@ -15,7 +15,6 @@ Needs root and iproute2, as `slicer_hf.bench.link`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import signal
 import statistics
@@ -36,7 +35,7 @@ from ..launch import start_server, stop_server
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from ..tuning import Constraints, LinkSpec, Profile, search
 from ..tuning.planner import predict
-from .common import markdown_table, write_json
+from .common import markdown_table, suite_arguments, write_json
 from .link import measure_generation, server_command, wikitext_prompt
 from .netns import ShapedLink, netns_unavailable_reason, tbf_command
 
@@ -425,7 +424,7 @@ def plot(adaptive: dict[str, Any], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m slicer_hf.bench.search", description=__doc__.split("\n")[0])
+    parser = suite_arguments(__doc__)
     parser.add_argument("--edge-1", default="docs/benchmarks/profiles/cpu-1thread.json",
                         help="profile with 1 torch thread (also the server's)")  # fmt: skip
     parser.add_argument("--edge-2", default="docs/benchmarks/profiles/cpu-2threads.json",

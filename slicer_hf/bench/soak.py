@@ -14,7 +14,6 @@ Every loop is bounded in count and time; every address is on loopback.
 
 from __future__ import annotations
 
-import argparse
 import random
 import signal
 import statistics
@@ -39,7 +38,7 @@ from ..launch import start_server, stop_server
 from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import markdown_table, write_json
+from .common import markdown_table, suite_arguments, write_json
 from .fuzz import run_fuzz
 
 
@@ -398,7 +397,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = suite_arguments(__doc__)
     parser.add_argument("--model", default="tiny", help="'tiny' (a random Llama), 'smollm2', a folder or Hub id")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration-s", type=float, default=600.0)

@@ -476,7 +476,10 @@ def search(
             f"the profiles are of different models: edge {edge.model.get('id')!r}, server {server.model.get('id')!r}"
         )
     if adaptive and constraints.max_token_latency_ms is None:
-        raise ConfigError("adaptive bitrate needs max_token_latency_ms: it is the latency target the edge holds")
+        raise ConfigError(
+            "adaptive bitrate needs a per-token latency target (max_token_latency_ms, --max-token-latency-ms): it is "
+            "the latency the edge holds"
+        )
     every = candidates(edge, server, link, constraints, splits, compress_downlink)
     if adaptive:  # the ladder moves the ECSQ step: only ECSQ uplinks qualify
         every = [c for c in every if c.codec == "slicer"]
