@@ -108,6 +108,11 @@ class StepLimits:
         bounds = [wanted, self.tokens or wanted, self.elements // (batch * width) if self.elements else wanted]
         return max(1, min(bounds))
 
+    def fits(self, step: protocol.Step, width: int) -> bool:
+        """Whether the server takes `step` (of rows `width` wide) as it was cut."""
+        tokens_fit = self.tokens is None or step.tokens <= self.tokens
+        return tokens_fit and (self.elements is None or step.batch * step.tokens * width <= self.elements)
+
     def rows(self, tokens: int, width: int, wanted: int) -> int:
         """The rows (at most `wanted`, at least 1) a step of `tokens` positions of `width` values may carry."""
         return max(1, min(wanted, self.elements // (tokens * width))) if self.elements else wanted
@@ -179,7 +184,7 @@ class SuffixLink:
         """What one step may carry on this session's server (the session opens now where it is not open), so that
         a caller cuts a long prompt or a large batch into steps the server takes."""
         if self.session is None:
-            self._with_failover(lambda: None, replay=len(self._sent))
+            self._with_failover(lambda: None, replay=[])  # a lost session's steps are stale: its marks are void
         return self._limits
 
     def close(self) -> None:
@@ -216,6 +221,7 @@ class SuffixLink:
         need_from: int,
         grid: tuple[int, int] | None = None,
         reply_shape: tuple[int | None, ...] | None = None,
+        decoding: bool | None = None,
     ) -> tuple[int, torch.Tensor]:
         """Send `hidden` `[B, T, d]` for positions `start..start+T-1`; returns (reply kind, tensor).
 
@@ -223,8 +229,10 @@ class SuffixLink:
             grid: (H, W) when the T rows are a feature map.
             reply_shape: the hidden-state reply's shape (None for a dimension not known in advance), where it is
                 not `[B, T - need_from, d]`.
+            decoding: whether this step is a decode step, the tokens adaptive bitrate paces (default: one position
+                after the first); a prompt cut into one-position steps is not.
         """
-        decoding = hidden.shape[1] == 1 and start > 0
+        decoding = hidden.shape[1] == 1 and start > 0 if decoding is None else decoding
         self._width = hidden.shape[-1]
         if self.bitrate is not None:
             self.codec.step = self.bitrate.step  # ECSQ packets carry their step: the server needs no notice
@@ -260,7 +268,7 @@ class SuffixLink:
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
         try:
-            kind, body = self._with_failover(lambda: self._checked(self._exchange(step), step.seq), len(self._sent) - 1)
+            kind, body = self._with_failover(lambda: self._checked(self._exchange(step), step.seq), self._sent)
         except BaseException as exc:  # whatever the server holds now, no earlier mark may continue it
             self._epoch = self._seq + 1
             if not isinstance(exc, (TransportError, ProtocolError)):  # interrupted: the reply may still come
@@ -321,9 +329,9 @@ class SuffixLink:
             self.bitrate.restart()
         self._last_reply = now
 
-    def _with_failover(self, send: Callable[[], _T], replay: int) -> _T:
-        """`send()` on this session; where the session is lost, on a fresh one onto which the first `replay` steps
-        of the sequence are replayed first."""
+    def _with_failover(self, send: Callable[[], _T], replay: list[protocol.Step]) -> _T:
+        """`send()` on this session; where the session is lost, on a fresh one onto which the steps `replay` (the
+        sequence so far, ending with the one `send` sends, if any) are replayed first."""
         last: Exception | None = None
         for attempt in range(self.max_attempts):
             if attempt > 1:  # the first retry goes at once (to the next server); then back off, with jitter
@@ -331,7 +339,14 @@ class SuffixLink:
             try:
                 if self.session is None:
                     self.open()
-                    for earlier in self._sent[:replay]:  # rebuild the suffix cache on a fresh server, no outputs
+                    if cut := next((s for s in replay if not self._limits.fits(s, self._width)), None):
+                        raise ProtocolError(
+                            f"this server takes steps of at most {self._limits.tokens} positions and "
+                            f"{self._limits.elements} values, and this sequence went up in steps cut for other "
+                            f"limits ({cut.batch} x {cut.tokens} positions of {self._width}): start it again",
+                            code="step_limits",
+                        )
+                    for earlier in replay[:-1]:  # rebuild the suffix cache on a fresh server, no outputs
                         self._exchange(dataclasses.replace(earlier, need_from=earlier.tokens))
                 return send()
             except (TransportError, ProtocolError) as exc:
@@ -340,7 +355,7 @@ class SuffixLink:
                     recoverable = exc.retryable
                 else:
                     recoverable = exc.code in ("unknown_session", "state_lost", "draining") or (
-                        elsewhere and exc.code in ("too_many_sessions", "kv_budget")
+                        elsewhere and exc.code in ("too_many_sessions", "kv_budget", "step_limits")
                     )
                 if not recoverable:  # the server closes a session whose request it refused; end the stream too
                     self._abandon(ask_server=not isinstance(exc, TransportError))
@@ -365,6 +380,8 @@ class SuffixLink:
             pass
         finally:
             self.session = None
+            self._sent.clear()  # the sequence is over: marks that continued it are void (see `step`)
+            self._chain = None
             self.transport.close()
 
     def _exchange(self, step: protocol.Step) -> bytes:

@@ -246,6 +246,7 @@ class SlicerGenerationMixin(SplitModelMixin):
                     None if mask is None else mask[:, -t:][:, a:z],
                     None if positions is None else positions[:, a:z],
                     need_from,
+                    decoding=t == 1 and start > 0,  # a prompt cut into one-position steps is not decoding
                 )
                 if out.shape[1]:
                     outputs.append(out)

@@ -149,6 +149,29 @@ def test_split_generation_moves_the_step_and_the_server_decodes_every_packet():
     assert again.shape[1] == 8 and sent_steps[-1] == 1.5  # a new generation keeps the rung; its first gap is no token
 
 
+def test_a_prompt_the_server_makes_go_up_a_position_at_a_time_is_not_paced_as_decoding():
+    from slicer_hf.server import ServerLimits, SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    base = tiny_model("llama").eval()
+    config = SlicerConfig(
+        split_layer=2,
+        quantizer="ecsq",
+        step=0.2,
+        bitrate_ladder=((0.2, 900.0), (1.5, 300.0)),
+        target_token_latency_ms=1e-3,
+    )  # every decode token misses the target; the prompt's positions are no tokens
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(max_step_elements=base.config.hidden_size))
+    model = SlicerModelForCausalLM.from_model(base, config, LocalTransport(server))  # one position per step
+    codec = model._link_for(2).codec
+    sent_steps = []
+    encode = codec.encode
+    codec.encode = lambda x, given=None: (sent_steps.append(codec.step), encode(x, given=given))[1]
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert sent_steps == [0.2] * 7  # six prompt positions and the first decode step, all at the start rung
+
+
 def test_a_link_that_flips_between_fast_and_slow_keeps_the_controller_on_its_ladder():
     controller = BitrateController(LADDER, target_ms=75.0)
     rates = ([2000.0] * 6 + [40.0] * 3) * 40  # up-probes, misses and drops interleaved

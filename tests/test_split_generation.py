@@ -343,6 +343,63 @@ def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_stor
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # sums may differ in the last bits with the threads
 
 
+def test_a_refused_request_leaves_the_model_serving_the_next_one(reference_models):
+    ref = reference_models["llama"]
+    server = SplitServer(copy.deepcopy(ref), limits=ServerLimits(max_session_batch=2))
+    model = SlicerModelForCausalLM.from_model(
+        copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), LocalTransport(server)
+    )
+    with pytest.raises(ProtocolError, match="batch 3 exceeds max_session_batch=2"):
+        model.generate(prompt(3, 5), max_new_tokens=2, do_sample=False)
+    for _ in range(2):  # the refused sequence is over: nothing of it is replayed onto the next session
+        got = model.generate(prompt(1, 5), max_new_tokens=2, do_sample=False)
+        assert torch.equal(got, ref.generate(prompt(1, 5), max_new_tokens=2, do_sample=False))
+    assert model.wire_stats().failovers == 0
+
+
+class Switching(LocalTransport):
+    """Two in-process servers: the first until it is marked dead, then the second."""
+
+    def __init__(self, first: SplitServer, second: SplitServer) -> None:
+        super().__init__(first)
+        self.second, self.dead = second, False
+
+    def request(self, data: bytes) -> bytes:
+        if self.dead and self.server is not self.second:
+            from slicer_hf import TransportError
+
+            raise TransportError("the first server died", retryable=True)
+        return super().request(data)
+
+    def reset(self) -> bool:
+        self.server = self.second if self.dead else self.server
+        return True
+
+    def has_alternatives(self) -> bool:
+        return False
+
+
+def test_a_failover_to_a_server_with_smaller_step_limits_is_a_clear_error_not_a_refused_replay(reference_models):
+    ref = reference_models["llama"]
+    small = SplitServer(copy.deepcopy(ref), limits=ServerLimits(max_step_elements=8 * 64))
+    transport = Switching(SplitServer(copy.deepcopy(ref)), small)
+    model = SlicerModelForCausalLM.from_model(
+        copy.deepcopy(ref), LOSSLESS.replace(split_layer=2, prefill_chunk_tokens=16), transport
+    )
+    steps = []
+    send = transport.request
+
+    def dies_after_the_first_chunk(data: bytes) -> bytes:
+        steps.append(protocol.message_type(data))
+        transport.dead = steps.count(protocol.STEP) > 1
+        return send(data)
+
+    transport.request = dies_after_the_first_chunk
+    with pytest.raises(ProtocolError, match=r"went up in steps cut for other limits \(1 x 16 positions of 64\)"):
+        model.generate(prompt(1, 40), max_new_tokens=2, do_sample=False)
+    assert small.stats_dict()["errors"] == {}  # refused by the edge, before any step of it reached the server
+
+
 def test_an_opt_that_embeds_narrower_than_its_layers_splits_exactly():
     from transformers import AutoModelForCausalLM, OPTConfig
 
