@@ -195,11 +195,15 @@ class SuffixLink:
         except (TransportError, ProtocolError) as exc:
             logger.debug("close of session %s failed: %s", self.session, exc)
         finally:
-            self.session = None
-            self._sent.clear()
-            self._chain = None
-            self._epoch = self._seq + 1
-            self.transport.close()
+            self._drop()
+
+    def _drop(self) -> None:
+        """Forget the session and its sequence and end the stream: no mark from before continues on what follows."""
+        self.session = None
+        self._sent.clear()
+        self._chain = None
+        self._epoch = self._seq + 1
+        self.transport.close()
 
     def mark(self) -> tuple[int, int]:
         """What the server holds now, for `continues` (the edge tags its KV cache with it after each forward)."""
@@ -379,10 +383,7 @@ class SuffixLink:
         except (TransportError, ProtocolError):
             pass
         finally:
-            self.session = None
-            self._sent.clear()  # the sequence is over: marks that continued it are void (see `step`)
-            self._chain = None
-            self.transport.close()
+            self._drop()
 
     def _exchange(self, step: protocol.Step) -> bytes:
         """Send `step` on this session; its reply, once the server has taken it."""
