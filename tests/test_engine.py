@@ -319,6 +319,39 @@ def test_kv_reservations_return_to_zero(engine):
         assert server.kv_bytes_used == 0
 
 
+def test_memory_a_step_going_back_frees_is_not_promised_to_another_step_before_its_cache_is_cut(engine):
+    """A step that goes back (a new `generate()` on the session) frees blocks only once the compute thread cuts its
+    cache. Until then admission keeps them reserved: a step admitted on them would fail in the store, after admission
+    said it fits, and lose its session. Once the cache is cut, the memory is free for others."""
+    block = 16 * 512  # one block of 16 positions at split 2 of the tiny Llama
+    server = engine(batching=True, kv_budget_bytes=6 * block)
+
+    def message(session: int, seq: int, start: int, tokens: int) -> bytes:
+        payload = build_codec("identity").encode(torch.randn(1, tokens, server.hidden_size))
+        return protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, 0, payload))
+
+    a, b, c = (open_session(server) for _ in range(3))
+    for session, tokens in ((a, 64), (b, 16), (c, 1)):  # 4 + 1 + 1 blocks: the whole budget
+        protocol.raise_if_error(server.handle(message(session, 1, 0, tokens)))
+    assert server.kv_bytes_used == 6 * block
+    stuck, release, _ = gate_rounds(server)  # the compute thread is busy with another step
+    busy = server.submit(message(c, 2, 1, 1))
+    assert stuck.wait(10)
+    rewind = server.submit(message(a, 2, 0, 2))  # needs 1 block, but its 4 are still in the store
+    grows = server.submit(message(b, 2, 16, 1))  # needs a 2nd block: there is none yet
+    assert grows.done(), "refused at admission, not by the store later"
+    with pytest.raises(ProtocolError, match="KV memory budget: this step needs 16,384 bytes") as refused:
+        protocol.raise_if_error(grows.result())
+    assert refused.value.code == "kv_budget"
+    release.set()
+    protocol.raise_if_error(busy.result(10))
+    protocol.raise_if_error(rewind.result(10))
+    assert server.kv_bytes_used == server.sessions[a].kv_bytes + server.sessions[c].kv_bytes == 2 * block
+    newcomer = open_session(server)  # what the step going back freed now serves another session
+    protocol.raise_if_error(server.handle(message(newcomer, 1, 0, 64)))
+    assert server.kv_bytes_used == 6 * block == server.store.blocks_in_use() * block // 2
+
+
 def test_a_reply_over_the_message_limit_is_refused_clearly(engine):
     server = engine(max_message_bytes=3000)
     body = open_request(

@@ -122,7 +122,8 @@ class Session:
     length: int = 0
     tokens: int = 0
     seq: int = -1  # the last step's sequence number
-    kv_bytes: int = 0  # reserved for its cache
+    kv_bytes: int = 0  # reserved for its cache: never less than what its cache holds
+    kv_bytes_after: int = 0  # its reservation once the step in flight has cut its cache back (see `_admit`)
     last_used: float = field(default_factory=time.monotonic)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
     downlink_codec: Codec | None = None  # a lossy codec for hidden-state replies (None: exact)
@@ -576,8 +577,11 @@ class SplitServer:
                     f"(short by {others + needed - self.kv_budget_bytes:,})",
                     code="kv_budget",
                 )
-            self.kv_bytes_used = others + needed
-            session.kv_bytes = needed
+            # a step that goes back frees memory only once the compute thread cuts the cache (`begin_step`): until
+            # then the reservation keeps what the cache holds, so no other step is admitted on memory still in use
+            held = max(needed, session.kv_bytes)
+            self.kv_bytes_used = others + held
+            session.kv_bytes, session.kv_bytes_after = held, needed
         session.seq = step.seq
 
     def _check_encoder_step(self, session: Session, step: protocol.Step) -> None:
@@ -597,8 +601,10 @@ class SplitServer:
                 self.kv_bytes_used -= session.kv_bytes
                 session.kv_bytes = 0
                 session.closed = True
+                # queued before a step admitted on the memory given back can be: the scheduler frees the cache
+                # before that step runs
+                self.scheduler.release(session)
         if session is not None:
-            self.scheduler.release(session)
             self.stats.add(sessions_closed=1)
             logger.info("closed session %d after %d tokens", session_id, session.tokens)
         return session is not None
@@ -715,6 +721,11 @@ class SplitServer:
                 f"{step.start} positions needs: replay from 0",
                 code="state_lost",
             )
+        if session.kv_bytes_after < session.kv_bytes:  # the cache is cut back: its reservation may follow
+            with self._lock:
+                if not session.closed:
+                    self.kv_bytes_used -= session.kv_bytes - session.kv_bytes_after
+                    session.kv_bytes = session.kv_bytes_after
         self._extend_mask(session, step)
 
     def forward_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
