@@ -25,6 +25,7 @@ ServeModelOpt = Annotated[
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Causal LM: Hub id, local folder or 'smollm2' (embedded).")
 ]
+SERVER_DTYPES = ("float32", "bfloat16", "float16", "auto")
 PEM_FILE = {"exists": True, "dir_okay": False, "readable": True}  # checked before anything loads
 RootCertOpt = Annotated[
     Path | None,
@@ -99,6 +100,22 @@ def _no_empty_token(token: str | None) -> str | None:
     return token
 
 
+def _weights_dtype(dtype: str) -> str:
+    if dtype not in SERVER_DTYPES:
+        raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(SERVER_DTYPES)}", param_hint="--dtype")
+    return dtype
+
+
+def _torch_device(device: str) -> str:
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"{device!r} is not a device (cpu, cuda, cuda:1)", param_hint="--device") from None
+    return device
+
+
 def _parse_autoscale(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -122,7 +139,7 @@ def _checked(make: Callable[..., T], **options: Any) -> T:
 def serve(
     model: ServeModelOpt = "smollm2",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one; with --ray, see --router-port).")] = 50051,
     token: Annotated[
         str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="Require this auth token.", callback=_no_empty_token)
     ] = None,
@@ -157,8 +174,12 @@ def serve(
     batch_wait_ms: Annotated[
         float, typer.Option(help="How long a decode round waits for the sessions of the last one.", min=0)
     ] = 25.0,
-    device: Annotated[str, typer.Option(help="Where the layers and the KV store live: cpu, cuda, cuda:1.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.")] = "float32",
+    device: Annotated[
+        str, typer.Option(help="Where the layers and the KV store live: cpu, cuda, cuda:1.", callback=_torch_device)
+    ] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.", callback=_weights_dtype)
+    ] = "float32",
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
     basis: Annotated[
         list[Path] | None,
@@ -221,6 +242,14 @@ def serve(
         open_timeout_s=open_timeout_s,
     )
     if ray:
+        if metrics_port is not None:  # each replica's gRPC server is its own; their metrics are per replica
+            raise typer.BadParameter(
+                "a fleet has no one metrics port: ask each replica (slicer-hf stats)", param_hint="--metrics-port"
+            )
+        if port != 50051:
+            raise typer.BadParameter(
+                "a fleet's replicas take free ports and its router --router-port", param_hint="--port"
+            )
         _serve_fleet({**locals(), "autoscale": scale}, limits, tls)
         return
     from .client import model_error
@@ -252,16 +281,15 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
     import dataclasses
 
     try:
-        from ray import serve as ray_serve
-
-        from .server.fleet import FleetOptions, deploy
+        from .server.fleet import FleetOptions, deploy, undeploy
     except ImportError as exc:
         raise typer.BadParameter(f"--ray needs the ray extra: pip install 'slicer-hf[ray]' ({exc})") from None
     from .client import missing_folder
 
     if options["ray_address"] is None and missing_folder(options["model"]):  # every replica would fail to load it
         raise typer.BadParameter(f"{options['model']!r}: no such folder", param_hint="--model")
-    fleet = FleetOptions(
+    fleet = _checked(
+        FleetOptions,
         model=options["model"],
         min_split_layer=options["min_split_layer"],
         dtype=options["dtype"],
@@ -272,6 +300,7 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
         threads=options["threads"],
         bases=tuple(str(p.resolve()) for p in options["basis"] or ()),
         limits=dataclasses.asdict(limits),
+        max_streams=options["max_streams"],
         replicas=options["replicas"],
         autoscale=options["autoscale"],
         sessions_per_replica=options["sessions_per_replica"],
@@ -291,7 +320,7 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    ray_serve.shutdown()
+    undeploy(fleet)
 
 
 @app.command()

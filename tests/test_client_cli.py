@@ -119,6 +119,11 @@ BAD_ARGUMENTS = {
     "autoscale not numbers": ["serve", "--ray", "--autoscale", "1,x"],
     "autoscale MIN over MAX": ["serve", "--ray", "--autoscale", "3,1"],
     "no replicas": ["serve", "--ray", "--replicas", "0"],
+    "a dtype that is none": ["serve", "--dtype", "bogus"],
+    "a device that is none": ["serve", "--device", "gpu0"],
+    "a metrics port for a fleet": ["serve", "--ray", "--metrics-port", "9100"],
+    "a port for a fleet": ["serve", "--ray", "--port", "50052"],
+    "a fleet that can never scale up": ["serve", "--ray", "--autoscale", "1,4", "--max-sessions", "16"],
     "no new tokens": ["generate", "-s", "grpc://127.0.0.1:1", "-p", "hi", "--max-new-tokens", "0"],
     "negative new tokens": ["chat", "-s", "grpc://127.0.0.1:1", "--max-new-tokens", "-1"],
     "sampling at temperature 0": [

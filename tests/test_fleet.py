@@ -26,10 +26,12 @@ TOKEN = "fleet-secret"
 
 
 # ---------------------------------------------------------------------------------------------------- without Ray
-def answer_json(handler, status, answer):
+def answer_json(handler, status, answer, headers=()):
     """A stand-in router's HTTP answer: `answer` as JSON with `status`."""
     data = json.dumps(answer).encode()
     handler.send_response(status)
+    for name, value in headers:
+        handler.send_header(name, value)
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
@@ -38,8 +40,9 @@ def answer_json(handler, status, answer):
 class StandInRouter:
     """An HTTP router that answers `POST /session` from a script of (status, body) replies."""
 
-    def __init__(self, replies):
+    def __init__(self, replies, retry_after=None):
         self.replies, self.requests = list(replies), []
+        headers = () if retry_after is None else (("Retry-After", retry_after),)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,7 +50,7 @@ class StandInRouter:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, self.headers.get("Authorization"), body))
                 status, answer = outer.replies.pop(0) if outer.replies else (503, {"error": "script ended"})
-                answer_json(self, status, answer)
+                answer_json(self, status, answer, headers if status == 503 else ())
 
             def log_message(self, *args):
                 pass
@@ -101,7 +104,7 @@ def test_the_client_leaves_out_failed_endpoints_and_surfaces_router_errors(serve
         refusing = StandInRouter([(status, {"error": "nope"})])
         try:
             with pytest.raises(TransportError, match=f"HTTP {status}: nope") as info:
-                FleetTransport(refusing.url, token="t").request(b"x")
+                FleetTransport(refusing.url, token="t", admission_wait_s=0).request(b"x")
             assert info.value.retryable is retryable
             assert refusing.requests[0][1] == "Bearer t"
         finally:
@@ -112,6 +115,27 @@ def test_the_client_leaves_out_failed_endpoints_and_surfaces_router_errors(serve
             FleetTransport(odd.url).request(b"x")
         finally:
             odd.close()
+
+
+def test_while_the_router_has_no_replica_to_offer_admission_waits_as_told_and_leaves_failed_endpoints_out():
+    """A replica restarting (the only one, say) is gone from the router for a few seconds: admission asks again
+    after each 503's Retry-After for up to `admission_wait_s`, instead of spending the link's failover attempts,
+    and keeps leaving out the endpoint that failed (`EXCLUDE_S`)."""
+    busy = (503, {"error": "none of 1 replicas takes a session now"})
+    router = StandInRouter([busy, busy, (200, {"endpoint": "grpc://127.0.0.1:9", "replica": "new"})], "0.1")
+    try:
+        transport = FleetTransport(router.url, admission_wait_s=10)
+        transport._failed["grpc://127.0.0.1:7"] = time.monotonic()  # what reset() records for a lost replica
+        started = time.monotonic()
+        assert transport.admit()["replica"] == "new"
+        assert 0.2 <= time.monotonic() - started < 5
+        assert [r[2]["exclude"] for r in router.requests] == [["grpc://127.0.0.1:7"]] * 3
+        router.replies = [busy] * 100
+        with pytest.raises(TransportError, match="HTTP 503: none of 1") as info:
+            FleetTransport(router.url, admission_wait_s=0.3).admit()
+        assert info.value.retryable
+    finally:
+        router.close()
 
 
 def test_a_router_answer_past_its_size_cap_is_refused_not_read_whole():
@@ -178,7 +202,7 @@ def test_a_router_that_trickles_its_answer_is_given_up_on_within_the_router_time
     try:
         started = time.monotonic()
         with pytest.raises(TransportError, match=match):
-            FleetTransport(router.url, router_timeout_s=1.0).admit()
+            FleetTransport(router.url, router_timeout_s=1.0, admission_wait_s=0).admit()
         assert time.monotonic() - started < 3.0
     finally:
         router.close()
@@ -279,11 +303,37 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
         ({"limits": {"nope": 1}}, "nope"),
         ({"token": ""}, "token"),
         ({"tls_cert": "PEM"}, "tls_cert and tls_key"),
+        ({"autoscale": (1, 4), "limits": {"max_sessions": 16}}, r"sessions_per_replica \(16\) must be below"),
     ):
         with pytest.raises((ValueError, TypeError), match=match):
             FleetOptions(**bad)
     app = app_builder({"model": "smollm2", "autoscale": [1, 3], "token": "t"})  # what `serve run fleet.yaml` calls
     assert type(app).__name__ == "Application"
+    # replicas that may share a node share its free memory, unless each is given its budget
+    assert FleetOptions(replicas=4).replica_limits(8 << 30).kv_budget_bytes == 2 << 30
+    assert FleetOptions(autoscale=(1, 8)).replica_limits(8 << 30).kv_budget_bytes == 1 << 30
+    given = FleetOptions(replicas=4, limits={"kv_budget_bytes": 3 << 30})
+    assert given.replica_limits(8 << 30).kv_budget_bytes == 3 << 30
+
+
+def test_the_router_forgets_silent_replicas_and_says_why_it_has_none_to_offer():
+    pytest.importorskip("ray")
+    import asyncio
+    import inspect
+
+    from slicer_hf.server.fleet import Router
+
+    router = Router(heartbeat_s=0.1)
+    assert router.unavailable() == "no replica has registered yet"
+    # a report runs on the router's event loop, as `pick` does, never on a thread beside it
+    assert inspect.iscoroutinefunction(Router.register)
+    info = {"endpoint": "grpc://a:1", "sessions_active": 0, "max_sessions": 1, "kv_free_bytes": 1, "draining": False}
+    asyncio.run(router.register({**info, "replica": "a"}))
+    assert router.pick(set())["endpoint"] == "grpc://a:1" and router.pick(set()) is None  # counted until it reports
+    assert router.unavailable() == "none of 1 replicas takes a session now (all full or draining)"
+    time.sleep(0.6)  # five heartbeats without a report
+    assert router.fresh() == [] and router.replicas == {}
+    assert router.unavailable() == "no replica has reported in the last 0.5 s (1 stopped reporting)"
 
 
 @pytest.mark.network
@@ -293,12 +343,15 @@ def test_slicer_hf_serve_ray_runs_a_fleet_with_tls_and_a_token(model_dir, refere
     over HTTPS, the replicas over grpcs://, and a client reaches them through the printed router URL."""
     pytest.importorskip("ray")
     import sys
+    import tempfile
+    from pathlib import Path
 
     from live import self_signed_localhost
 
     from slicer_hf.launch import start_server, stop_server
     from slicer_hf.server.fleet import wait_for_replicas
 
+    copies = set(Path(tempfile.gettempdir()).glob("slicer-fleet-tls-*"))  # where the router reads its TLS files
     cert = self_signed_localhost(tmp_path)
     port = _free_port()
     command = [sys.executable, "-m", "slicer_hf.cli", "serve", "--model", model_dir, "--ray", "--replicas", "2"]
@@ -320,6 +373,7 @@ def test_slicer_hf_serve_ray_runs_a_fleet_with_tls_and_a_token(model_dir, refere
             FleetTransport(url, token=TOKEN).request(b"x")
     finally:
         stop_server(proc, timeout_s=60)
+    assert set(Path(tempfile.gettempdir()).glob("slicer-fleet-tls-*")) == copies, "the key's copy outlived the fleet"
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +449,24 @@ def test_the_token_guards_the_router_and_the_replicas(fleet, model_dir):
     endpoint = next(iter(replicas(fleet).values()))["endpoint"]
     with pytest.raises(TransportError, match="UNAUTHENTICATED"):
         GrpcTransport([endpoint], token="wrong").request(protocol.encode_json(protocol.STATS, {}))
+
+
+@pytest.mark.slow
+def test_a_fleet_whose_replicas_cannot_start_says_why_and_undeploy_leaves_other_applications_running(fleet, tmp_path):
+    from ray import serve
+
+    from slicer_hf import ConfigError
+    from slicer_hf.server.fleet import FleetOptions, deploy, undeploy, wait_for_replicas
+
+    port = int(fleet.rpartition(":")[2])  # the running fleet's router: the one Serve proxy of this cluster
+    broken = FleetOptions(
+        model=str(tmp_path / "gone"), app_name="broken", route_prefix="/broken", router_port=port, replica_cpus=0.5
+    )
+    with pytest.raises(ConfigError, match=r"the fleet did not deploy: .*gone"):
+        deploy(broken)
+    undeploy(broken)
+    assert "broken" not in serve.status().applications
+    assert len(wait_for_replicas(fleet, 2, TOKEN, timeout_s=30)) == 2  # the other fleet serves on
 
 
 @pytest.mark.network

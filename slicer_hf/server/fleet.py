@@ -26,6 +26,7 @@ import hmac
 import logging
 import math
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -40,12 +41,13 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..errors import TransportError
+from ..errors import ConfigError, TransportError
 from ..protocol import fleet_router_url
-from .engine import ServerLimits
+from .engine import ServerLimits, default_kv_budget_bytes
 
 logger = logging.getLogger(__name__)
 ROUTER, REPLICA = "SlicerRouter", "SlicerReplica"
+_TLS_FOLDERS: dict[str, Path] = {}  # per application: the copies of its certificate and key the router reads
 
 
 @dataclass
@@ -55,7 +57,10 @@ class FleetOptions:
     Args:
         model: Hub id, folder or alias ('smollm2', 'minilm') every replica loads.
         min_split_layer, dtype, device, batching, kv_store, prepack, threads, bases: as for `slicer-hf serve`.
-        limits: `ServerLimits` fields for every replica.
+        limits: `ServerLimits` fields for every replica. Without `kv_budget_bytes`, each replica takes half the
+            memory free at its start divided by the most replicas the fleet may run (replicas on one node would
+            otherwise each count the same free memory): give it to size each replica's budget yourself.
+        max_streams: streams each replica holds open at once.
         replicas: fixed replica count (ignored with `autoscale`).
         autoscale: (min, max) replicas, scaled on active sessions per replica.
         sessions_per_replica: the autoscaling target.
@@ -81,6 +86,7 @@ class FleetOptions:
     threads: int | None = None
     bases: tuple[str, ...] = ()
     limits: dict[str, Any] = field(default_factory=dict)
+    max_streams: int = 1024
     replicas: int = 1
     autoscale: tuple[int, int] | None = None
     sessions_per_replica: int = 16
@@ -104,15 +110,28 @@ class FleetOptions:
         if self.autoscale is not None:
             low, high = self.autoscale
             if not 0 < low <= high:
-                raise ValueError(f"autoscale must be MIN,MAX with 0 < MIN <= MAX, got {self.autoscale}")
+                raise ConfigError(f"autoscale must be MIN,MAX with 0 < MIN <= MAX, got {self.autoscale}")
             self.autoscale = (int(low), int(high))
         if self.replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+            raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
         if self.token == "":
-            raise ValueError("token must not be empty: give the fleet's token, or None for no token")
+            raise ConfigError("token must not be empty: give the fleet's token, or None for no token")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("give tls_cert and tls_key together, or neither")
-        ServerLimits(**self.limits)  # unknown limit names fail here, not in a replica
+            raise ConfigError("give tls_cert and tls_key together, or neither")
+        limits = ServerLimits(**self.limits)  # unknown limit names fail here, not in a replica
+        if self.autoscale is not None and self.sessions_per_replica >= limits.max_sessions:
+            raise ConfigError(
+                f"sessions_per_replica ({self.sessions_per_replica}) must be below each replica's max_sessions "
+                f"({limits.max_sessions}): full replicas refuse new sessions, so the count that asks for another "
+                "replica would never be reached"
+            )
+
+    def replica_limits(self, free_bytes: int) -> ServerLimits:
+        """A replica's limits, given the KV budget it would take alone (`default_kv_budget_bytes`)."""
+        limits = ServerLimits(**self.limits)
+        if limits.kv_budget_bytes is None:  # a share: replicas on one node each see the same free memory
+            limits.kv_budget_bytes = free_bytes // (self.autoscale[1] if self.autoscale else self.replicas)
+        return limits
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,7 +164,7 @@ class SplitReplica:
         opts = self.options
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        limits = ServerLimits(**opts.limits)
+        limits = opts.replica_limits(default_kv_budget_bytes(torch.device(opts.device)))
         self.server = load_server(
             opts.model,
             opts.min_split_layer,
@@ -159,7 +178,9 @@ class SplitReplica:
         )
         cert = opts.tls_cert.encode() if opts.tls_cert else None
         key = opts.tls_key.encode() if opts.tls_key else None
-        self.running = grpc_serve(self.server, opts.host, 0, token=opts.token, tls_cert=cert, tls_key=key)
+        self.running = grpc_serve(
+            self.server, opts.host, 0, token=opts.token, tls_cert=cert, tls_key=key, max_streams=opts.max_streams
+        )
         host = opts.advertise_host or _node_address(opts.host)
         self.endpoint = f"{'grpcs' if cert else 'grpc'}://{host}:{self.running.port}"
         context = serve.get_replica_context()
@@ -222,13 +243,30 @@ class Router:
         self.stale_s = 5 * heartbeat_s
         self.replicas: dict[str, dict[str, Any]] = {}
         self.admitted = 0
+        self.silent = 0  # replicas forgotten after they stopped reporting
 
-    def register(self, info: dict[str, Any]) -> None:
+    async def register(self, info: dict[str, Any]) -> None:
+        """A replica's report. A coroutine, so that it runs on the router's event loop with `pick` (Serve runs a
+        plain method on a thread, which could change the table while `pick` reads it)."""
         self.replicas[info["replica"]] = {**info, "seen": time.monotonic()}
 
     def fresh(self) -> list[dict[str, Any]]:
+        """The replicas that reported in the last `stale_s`; the others are forgotten."""
         now = time.monotonic()
-        return [r for r in self.replicas.values() if now - r["seen"] < self.stale_s]
+        gone = [name for name, r in self.replicas.items() if now - r["seen"] >= self.stale_s]
+        for name in gone:
+            del self.replicas[name]
+        self.silent += len(gone)
+        return list(self.replicas.values())
+
+    def unavailable(self) -> str:
+        """Why `pick` found no replica: the 503's message."""
+        known = len(self.fresh())
+        if known:
+            return f"none of {known} replicas takes a session now (all full or draining)"
+        if self.silent:
+            return f"no replica has reported in the last {self.stale_s:g} s ({self.silent} stopped reporting)"
+        return "no replica has registered yet"
 
     def pick(self, exclude: set[str]) -> dict[str, Any] | None:
         open_ = [
@@ -259,9 +297,7 @@ class Router:
         exclude = body.get("exclude", []) if isinstance(body, dict) else []
         chosen = self.pick({e for e in exclude if isinstance(e, str)} if isinstance(exclude, list) else set())
         if chosen is None:
-            known = len(self.fresh())
-            reason = "no replica has registered yet" if not known else f"none of {known} replicas takes a session now"
-            return JSONResponse({"error": reason}, status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse({"error": self.unavailable()}, status_code=503, headers={"Retry-After": "1"})
         self.admitted += 1
         ticket = uuid.uuid4().hex
         return JSONResponse({"endpoint": chosen["endpoint"], "replica": chosen["replica"], "ticket": ticket})
@@ -308,7 +344,7 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def deploy(options: FleetOptions, address: str | None = None) -> str:
     """Start (or join) Ray, deploy the fleet, wait until a replica has registered; returns the router's
-    `slicer+http://` URL for clients (the fleet runs until `serve.shutdown()`).
+    `slicer+http://` URL for clients (the fleet runs until `undeploy(options)`).
 
     Args:
         address: a Ray cluster to join (default: `ray.init()`'s choice, a local one if none runs).
@@ -316,19 +352,46 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     http: dict[str, Any] = {"host": options.router_host, "port": options.router_port}
-    if options.tls_cert:  # the router speaks HTTPS with the fleet's certificate
+    if options.tls_cert:  # the router speaks HTTPS with the fleet's certificate (the files go with `undeploy`)
         folder = Path(tempfile.mkdtemp(prefix="slicer-fleet-tls-"))
+        _TLS_FOLDERS[options.app_name] = folder
         (folder / "cert.pem").write_text(options.tls_cert)
         (folder / "key.pem").write_text(options.tls_key)
         (folder / "key.pem").chmod(0o600)
         http |= {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
     serve.start(http_options=http)
-    serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
+    try:
+        serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
+    except RuntimeError as exc:  # Serve names only the deployment; say what its replicas failed on
+        raise ConfigError(f"the fleet did not deploy: {_replica_failure(options.app_name) or exc}") from None
     scheme = "slicer+https" if options.tls_cert else "slicer+http"
     host = options.advertise_host or _client_host(options.router_host)
     url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
     wait_for_replicas(url, 1, options.token, options.tls_cert)
     return url
+
+
+def undeploy(options: FleetOptions) -> None:
+    """Remove the fleet `deploy` started: its application only (others on the cluster go on), Serve itself once
+    no application is left, and the copies of its TLS files."""
+    serve.delete(options.app_name)
+    if not serve.status().applications:
+        serve.shutdown()
+    folder = _TLS_FOLDERS.pop(options.app_name, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _replica_failure(app_name: str) -> str | None:
+    """The last line of each failing deployment's message (a replica's exception), if Serve has one."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # Serve itself is gone: the caller's own error stands
+        return None
+    if app is None:
+        return None
+    lines = [d.message.strip().splitlines()[-1] for d in app.deployments.values() if d.message and d.message.strip()]
+    return "; ".join(dict.fromkeys(lines)) or app.message or None
 
 
 def wait_for_replicas(

@@ -16,6 +16,7 @@ import http.client
 import io
 import json
 import logging
+import math
 import ssl
 import time
 import urllib.error
@@ -29,6 +30,7 @@ from .base import Transport, root_context
 from .grpc import GrpcTransport
 
 MAX_ANSWER_BYTES = 64 << 10  # an admission answer is a few hundred bytes of JSON
+EXCLUDE_S = 10.0  # how long an endpoint that failed is left out (the router forgets a silent replica within 5 s)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ class FleetTransport(Transport):
         timeout_s: how long one request to a replica may wait for its reply.
         root_certificates: PEM CA bundle for replicas (and a router) with a private CA.
         router_timeout_s: how long one admission request to the router may take.
+        admission_wait_s: how long admission waits while the router has no replica to offer (HTTP 503: none has
+            registered yet, or all are full or draining), asking again after each answer's `Retry-After`: a replica
+            that Serve restarts or adds registers within seconds, and waiting here spends none of the link's
+            failover attempts.
     """
 
     def __init__(
@@ -51,6 +57,7 @@ class FleetTransport(Transport):
         timeout_s: float = 60.0,
         root_certificates: bytes | None = None,
         router_timeout_s: float = 10.0,
+        admission_wait_s: float = 30.0,
     ) -> None:
         scheme, _, rest = url.partition("://")
         if scheme not in ("slicer+http", "slicer+https") or not rest:
@@ -59,7 +66,7 @@ class FleetTransport(Transport):
             raise TransportError("the auth token is empty: give the fleet's token, or none at all", retryable=False)
         self.url, self.router = url, fleet_router_url(url)
         self.token, self.timeout_s, self.root_certificates = token, timeout_s, root_certificates
-        self.router_timeout_s = router_timeout_s
+        self.router_timeout_s, self.admission_wait_s = router_timeout_s, admission_wait_s
         self._tls = root_context(root_certificates) if root_certificates else None
         host = rest.partition("/")[0].rpartition(":")[0] or rest.partition("/")[0]
         if token and scheme == "slicer+http" and not is_loopback(host):
@@ -68,16 +75,31 @@ class FleetTransport(Transport):
             logger.warning(message)
         self.admission: dict[str, Any] | None = None  # the router's last answer
         self._replica: GrpcTransport | None = None
-        self._failed: list[str] = []  # endpoints that failed since the last good reply
+        self._failed: dict[str, float] = {}  # endpoints that failed since the last good reply, and when
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return self._replica.name if self._replica is not None else self.url
 
     def admit(self) -> dict[str, Any]:
-        """Ask the router for a replica: `{"endpoint", "replica", "ticket"}`; raises `TransportError` when the
-        router is unreachable or has no replica to offer (retryable) or refuses the token (not retryable)."""
-        body = json.dumps({"exclude": self._failed}).encode()
+        """Ask the router for a replica: `{"endpoint", "replica", "ticket"}`, leaving out the endpoints that failed
+        in the last `EXCLUDE_S`; raises `TransportError` when the router is unreachable or still has no replica to
+        offer after `admission_wait_s` (retryable), or refuses the token (not retryable)."""
+        deadline = time.monotonic() + self.admission_wait_s
+        while True:
+            try:
+                return self._ask_router()
+            except _NoReplicaNow as busy:
+                wait = min(busy.retry_after_s, deadline - time.monotonic())
+                if wait <= 0:
+                    raise busy.error from None
+                logger.info("router %s has no replica to offer now: asking again in %.1f s", self.router, wait)
+                time.sleep(wait)
+
+    def _ask_router(self) -> dict[str, Any]:
+        now = time.monotonic()
+        self._failed = {e: t for e, t in self._failed.items() if now - t < EXCLUDE_S}
+        body = json.dumps({"exclude": list(self._failed)}).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -88,7 +110,10 @@ class FleetTransport(Transport):
                 answer = json.loads(_read_capped(reply))
         except urllib.error.HTTPError as exc:
             message = f"router {self.router} refused a session: HTTP {exc.code}: {_error_detail(exc)}"
-            raise TransportError(message, retryable=exc.code not in (401, 403)) from None
+            error = TransportError(message, retryable=exc.code not in (401, 403))
+            if exc.code == 503:
+                raise _NoReplicaNow(error, _retry_after_s(exc.headers.get("Retry-After"))) from None
+            raise error from None
         except (OSError, ValueError) as exc:  # URLError is an OSError
             raise TransportError(f"router {self.router} unreachable: {exc}") from None
         except http.client.HTTPException as exc:  # a status line or headers that are not HTTP
@@ -111,7 +136,7 @@ class FleetTransport(Transport):
     def reset(self) -> bool:
         """Drop the replica's stream and leave its endpoint out of the next admission; always possible."""
         if self._replica is not None:
-            self._failed.append(self._replica.name)
+            self._failed[self._replica.name] = time.monotonic()
             self._replica.close()
             self._replica = None
         return True
@@ -130,6 +155,22 @@ class FleetTransport(Transport):
         if self._replica is None:
             raise TransportError("no replica yet: the router is asked when the first request goes out")
         return self._replica.unary(method, data)
+
+
+class _NoReplicaNow(Exception):
+    """The router's 503: no replica to offer now; ask again after `retry_after_s`."""
+
+    def __init__(self, error: TransportError, retry_after_s: float) -> None:
+        self.error, self.retry_after_s = error, retry_after_s
+
+
+def _retry_after_s(header: str | None) -> float:
+    """A `Retry-After` in seconds (1 if absent or not a number), kept within [0.05, 5]."""
+    try:
+        seconds = float(header) if header is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(5.0, max(0.05, seconds)) if math.isfinite(seconds) else 1.0
 
 
 def _read_capped(reply: Any) -> bytes:
