@@ -276,6 +276,12 @@ def test_waiting_for_replicas_stops_at_once_on_a_certificate_for_another_host_or
         assert time.monotonic() - started < 10
     finally:
         router.close()
+    plain = StandInRouter([])  # HTTPS asked of a router that speaks plain HTTP (a Serve started without TLS)
+    try:
+        with pytest.raises(TransportError, match="does not speak HTTPS"):
+            wait_for_replicas(plain.url.replace("slicer+http:", "slicer+https:"), 1, timeout_s=60)
+    finally:
+        plain.close()
 
 
 def test_the_autoscaling_policy_asks_for_replicas_by_active_sessions():

@@ -434,6 +434,10 @@ def wait_for_replicas(
             last = exc
         except OSError as exc:  # not listening yet, or Serve's proxy up before the app
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, ssl.SSLError) and getattr(reason, "reason", "") == "WRONG_VERSION_NUMBER":
+                message = f"router {router} does not speak HTTPS (a Serve that was already running keeps its own "
+                message += "HTTP options: start the fleet with Serve's, or on a cluster where Serve is not running)"
+                raise TransportError(message, retryable=False) from None
             if isinstance(reason, ssl.SSLError) and not isinstance(reason, ssl.SSLEOFError):
                 message = f"TLS with router {router} failed: {reason} (if the certificate names another host, "
                 message += "give that name as advertise_host, --advertise-host)"
