@@ -579,10 +579,14 @@ class SplitServer:
                 )
             # a step that goes back frees memory only once the compute thread cuts the cache (`begin_step`): until
             # then the reservation keeps what the cache holds, so no other step is admitted on memory still in use
-            held = max(needed, session.kv_bytes)
-            self.kv_bytes_used = others + held
-            session.kv_bytes, session.kv_bytes_after = held, needed
+            self._reserve(session, max(needed, session.kv_bytes))
+            session.kv_bytes_after = needed
         session.seq = step.seq
+
+    def _reserve(self, session: Session, kv_bytes: int) -> None:
+        """Set the session's KV reservation (the caller holds `_lock`)."""
+        self.kv_bytes_used += kv_bytes - session.kv_bytes
+        session.kv_bytes = kv_bytes
 
     def _check_encoder_step(self, session: Session, step: protocol.Step) -> None:
         if step.start != 0:
@@ -598,8 +602,7 @@ class SplitServer:
         with self._lock:
             session = self.sessions.pop(session_id, None)
             if session is not None:  # a step still running keeps its cache until it ends; the memory is released
-                self.kv_bytes_used -= session.kv_bytes
-                session.kv_bytes = 0
+                self._reserve(session, 0)
                 session.closed = True
                 # queued before a step admitted on the memory given back can be: the scheduler frees the cache
                 # before that step runs
@@ -724,8 +727,7 @@ class SplitServer:
         if session.kv_bytes_after < session.kv_bytes:  # the cache is cut back: its reservation may follow
             with self._lock:
                 if not session.closed:
-                    self.kv_bytes_used -= session.kv_bytes - session.kv_bytes_after
-                    session.kv_bytes = session.kv_bytes_after
+                    self._reserve(session, session.kv_bytes_after)
         self._extend_mask(session, step)
 
     def forward_rows(self, chunks: list[Chunk]) -> list[torch.Tensor]:
