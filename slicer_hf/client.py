@@ -31,7 +31,7 @@ def wire_report(stats: WireStats, hidden_size: int) -> str:
         f"positions: {stats.uplink_bits_per_token:,.0f} bits/token{ratio}\n"
         f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages: "
         f"{stats.downlink_bits_per_token:,.0f} bits/token"
-        + (f"\n  failovers {stats.failovers}" if stats.failovers else "")
+        + (f"\n  failovers {stats.failovers} ({stats.retries} failed attempts)" if stats.retries else "")
         + (_bitrate_line(stats.bitrate_changes) if stats.bitrate_changes else "")
     )
 

@@ -66,7 +66,8 @@ class SlicerEncoderMixin(SplitModelMixin):
                 reply = (b, None, None, out_width)  # channels-last map [B, H', W', C']
             elif grid is not None:  # Swin: the patch grid shrinks stage by stage
                 reply = (b, None, out_width)
-            rows = link.step_limits().rows(hidden.shape[1], hidden.shape[2], b)  # a large batch goes in parts
+            limits = link.step_limits()  # a large batch goes in parts: the step and its reply must fit
+            rows = limits.replies(hidden.shape[1] * link.reply_bytes(out_width), limits.rows(*hidden.shape[1:], b))
             finals = []
             for a in range(0, b, rows):
                 part = slice(a, min(a + rows, b))

@@ -69,7 +69,8 @@ class WireStats:
     downlink_messages: int = 0
     tokens: int = 0  # positions whose hidden states went up (batch rows included)
     uplink_payload_bytes: int = 0  # the codec packets alone
-    failovers: int = 0
+    failovers: int = 0  # times a lost session was rebuilt (on the same server or another) and carried on
+    retries: int = 0  # failed attempts on the way, each one counted
     bitrate_changes: list[dict[str, float]] = field(default_factory=list)  # adaptive bitrate: {token, step, ...}
 
     @property
@@ -94,6 +95,9 @@ class StepLimits:
 
     tokens: int | None = None  # positions of each sequence
     elements: int | None = None  # values: batch x positions x width
+    message_bytes: int | None = None  # of one message, the step's reply included
+
+    HEADROOM = 64 << 10  # of a reply's bytes, for its headers and the codec's envelope
 
     @classmethod
     def from_opened(cls, opened: dict[str, Any]) -> StepLimits:
@@ -101,7 +105,7 @@ class StepLimits:
             value = opened.get(name)
             return value if type(value) is int and value >= 1 else None
 
-        return cls(count("max_step_tokens"), count("max_step_elements"))
+        return cls(count("max_step_tokens"), count("max_step_elements"), count("max_message_bytes"))
 
     def positions(self, batch: int, width: int, wanted: int) -> int:
         """The positions (at most `wanted`, at least 1) a step of `batch` rows of `width` values may carry."""
@@ -116,6 +120,12 @@ class StepLimits:
     def rows(self, tokens: int, width: int, wanted: int) -> int:
         """The rows (at most `wanted`, at least 1) a step of `tokens` positions of `width` values may carry."""
         return max(1, min(wanted, self.elements // (tokens * width))) if self.elements else wanted
+
+    def replies(self, each_bytes: int, wanted: int) -> int:
+        """How many outputs of at most `each_bytes` (at most `wanted`, at least 1) one reply may hold."""
+        if self.message_bytes is None:
+            return wanted
+        return max(1, min(wanted, (self.message_bytes - self.HEADROOM) // each_bytes))
 
 
 @dataclass
@@ -186,6 +196,14 @@ class SuffixLink:
         if self.session is None:
             self._with_failover(lambda: None, replay=[])  # a lost session's steps are stale: its marks are void
         return self._limits
+
+    def reply_bytes(self, width: int) -> int:
+        """The most bytes a reply spends on one position of one row, whose final hidden state is `width` wide: its
+        float32 values, or the vocabulary's for logits (a compressed downlink sends fewer)."""
+        downlink = self.open_request["downlink"]
+        if downlink == "topk_logits":
+            return 8 * self.open_request["downlink_topk"]
+        return 4 * (self.vocab_size if downlink == "logits" else width)
 
     def close(self) -> None:
         if self.session is None:
@@ -352,7 +370,10 @@ class SuffixLink:
                         )
                     for earlier in replay[:-1]:  # rebuild the suffix cache on a fresh server, no outputs
                         self._exchange(dataclasses.replace(earlier, need_from=earlier.tokens))
-                return send()
+                result = send()
+                if last is not None:
+                    self.stats.failovers += 1
+                return result
             except (TransportError, ProtocolError) as exc:
                 elsewhere = self.transport.has_alternatives()  # another server may have room
                 if isinstance(exc, TransportError):
@@ -369,7 +390,7 @@ class SuffixLink:
                 moves = isinstance(exc, TransportError) or exc.code not in ("unknown_session", "state_lost")
                 if moves and not self.transport.reset():
                     raise
-                self.stats.failovers += 1
+                self.stats.retries += 1
                 logger.warning("server lost (%s); replaying %d steps on %r", exc, len(self._sent), self.transport)
         raise TransportError(f"gave up after {self.max_attempts} attempts; the last failure: {last}", retryable=False)
 

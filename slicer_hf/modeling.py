@@ -236,9 +236,12 @@ class SlicerGenerationMixin(SplitModelMixin):
 
         def exchange(hidden: torch.Tensor, grid: Any = None) -> torch.Tensor:  # [B, T, d] at the split -> final
             outputs = []
-            chunk = link.step_limits().positions(b, hidden.shape[-1], self.slicer_config.prefill_chunk_tokens)
-            for a in range(0, t, chunk):
-                z = min(a + chunk, t)
+            limits = link.step_limits()
+            chunk = limits.positions(b, hidden.shape[-1], self.slicer_config.prefill_chunk_tokens)
+            answered = limits.replies(b * link.reply_bytes(hidden.shape[-1]), t)  # outputs one reply may hold
+            a = 0
+            while a < t:
+                z = min(a + chunk, t, max(t - keep, a) + answered)
                 need_from = min(max(t - keep, a), z) - a
                 kind, out = link.step(
                     hidden[:, a:z],
@@ -250,6 +253,7 @@ class SlicerGenerationMixin(SplitModelMixin):
                 )
                 if out.shape[1]:
                     outputs.append(out)
+                a = z
             final = torch.cat(outputs, dim=1).to(hidden.device)
             if kind == protocol.REPLY_HIDDEN:
                 full = hidden.new_zeros(hidden.shape)

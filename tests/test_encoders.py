@@ -39,7 +39,7 @@ from slicer_hf.encoders import (
     SlicerModelForTokenClassification,
     mean_pool,
 )
-from slicer_hf.link import open_request
+from slicer_hf.link import StepLimits, open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.transport import LocalTransport
 
@@ -129,6 +129,24 @@ def test_a_batch_over_the_servers_step_limit_goes_in_parts_and_stays_exact(famil
     with torch.no_grad():
         got = output_of(split(**inputs))
     assert batch == 5 and transport.steps == [(2, tokens), (2, tokens), (1, tokens)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_a_batch_whose_reply_would_not_fit_the_servers_message_size_goes_in_parts(family):
+    model, inputs = build(family), inputs_for(family, batch=5)
+    with torch.no_grad():
+        want = output_of(model(**inputs))
+    probe = RecordingTransport(SplitServer(copy.deepcopy(model)))
+    with torch.no_grad():
+        SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), probe)(**inputs)
+    [(_, tokens)] = probe.steps
+    two_rows = ServerLimits(max_message_bytes=StepLimits.HEADROOM + 2 * tokens * 4 * compat.final_width(model.config))
+    transport = RecordingTransport(SplitServer(copy.deepcopy(model), limits=two_rows))
+    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), transport)
+    with torch.no_grad():
+        got = output_of(split(**inputs))
+    assert transport.steps == [(2, tokens), (2, tokens), (1, tokens)]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -299,6 +299,26 @@ def test_a_left_padded_batch_session_is_exact_beside_single_sessions(model_pair)
     assert torch.equal(out["single"], ref.generate(ids[1:], max_new_tokens=6, do_sample=False))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_positions_and_a_row_of_padding_alone_answer_as_in_transformers(model_pair, arch):
+    """A padding position sees no key; the store answers it as transformers' SDPA does (zeros), not otherwise."""
+    ref, _ = model_pair(arch)
+    server = SplitServer(copy.deepcopy(ref))
+    assert server.store is not None
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 0, 0, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    config = SlicerConfig(codec="identity", split_layer=2, downlink="logits")
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), config, transport=LocalTransport(server))
+    labels = ids.masked_fill(mask == 0, -100)  # the first real token is still predicted from a padding position
+    with torch.no_grad():
+        got, want = model(ids, attention_mask=mask, labels=labels), ref(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    server.shutdown()
+
+
 def _open(server: SplitServer, split_layer: int) -> int:
     body = open_request(
         SlicerConfig(codec="identity"), server.model.config, "tiny", split_layer, build_codec("identity")

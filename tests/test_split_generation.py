@@ -12,6 +12,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from slicer_hf import ConfigError, ProtocolError, SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
+from slicer_hf.link import StepLimits
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.transport import LocalTransport
 
@@ -65,6 +66,26 @@ def test_a_prompt_goes_up_in_steps_that_fit_the_limits_the_server_named(referenc
     got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, expected)
     assert transport.steps == [(3, 4), (3, 4)]  # the prompt's last position and the decode steps go as NEXT
+
+
+def test_outputs_go_up_in_steps_whose_replies_fit_the_servers_message_size(reference_models):
+    ref = reference_models["llama"]
+    ids, mask = left_padded(ref.config.pad_token_id)  # 3 x 9: the logits of four positions of three rows fit a reply
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask, labels=labels)
+    limits = ServerLimits(max_message_bytes=StepLimits.HEADROOM + 3 * 4 * 4 * VOCAB)
+    transport = RecordingTransport(SplitServer(copy.deepcopy(ref), limits=limits))
+    config = LOSSLESS.replace(split_layer=2, downlink="logits")
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), config, transport=transport)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, labels=labels)
+    assert transport.steps == [(3, 4), (3, 4)]  # and the last position as NEXT: 27 positions' logits would not fit
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-6)
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+    assert transport.steps[2:] == [(3, 9)]  # generate() wants the last position's logits alone: its prompt goes whole
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -377,6 +398,41 @@ class Switching(LocalTransport):
 
     def has_alternatives(self) -> bool:
         return False
+
+
+class Flaky(LocalTransport):
+    """An in-process server whose link fails the next `failures` requests once armed (a dying connection)."""
+
+    failures = 0
+
+    def request(self, data: bytes) -> bytes:
+        if self.failures:
+            from slicer_hf import TransportError
+
+            self.failures -= 1
+            raise TransportError("connection reset", retryable=True)
+        return super().request(data)
+
+    def reset(self) -> bool:  # reconnect to the same server
+        return True
+
+
+def test_wire_stats_count_one_failover_per_recovery_and_each_failed_attempt_as_a_retry(reference_models):
+    ref = reference_models["llama"]
+    transport = Flaky(SplitServer(copy.deepcopy(ref)))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport)
+    ids = prompt(1, 7)
+    steps = 0
+
+    def fails_three_times_mid_sequence(*_: object) -> bool:
+        nonlocal steps
+        steps += 1
+        transport.failures = 3 if steps == 2 else transport.failures
+        return False
+
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, stopping_criteria=[fails_three_times_mid_sequence])
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert (model.wire_stats().failovers, model.wire_stats().retries) == (1, 3)
 
 
 def test_a_failover_to_a_server_with_smaller_step_limits_is_a_clear_error_not_a_refused_replay(reference_models):

@@ -216,6 +216,7 @@ def measure_generation(
         "decode_link_downlink_bytes_per_token": (rx1 - at_prefill["link"][1]) / steps,
         "link_downlink_bytes": rx1 - rx0,
         "failovers": stats.failovers,
+        "retries": stats.retries,
         "ids": out[0, prompt:].tolist(),
     }
 

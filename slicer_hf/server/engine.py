@@ -340,6 +340,7 @@ class SplitServer:
             opened["next_steps"] = not self.encoder_kind  # it takes steady-state decode steps as NEXT
             opened["max_step_tokens"] = self.limits.max_step_tokens  # the edge cuts its steps to fit
             opened["max_step_elements"] = self.limits.max_step_elements
+            opened["max_message_bytes"] = self.limits.max_message_bytes  # replies too: outputs are cut to fit
             answer = protocol.encode_json(protocol.OPENED, opened)
         elif kind == protocol.CLOSE:
             target = protocol.decode_json(data).get("session", -1)

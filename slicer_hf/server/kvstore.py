@@ -24,6 +24,7 @@ past its own blocks), and a block given back is zeroed before another row gets i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,8 +274,10 @@ class StoreBatch:
         self._split_layers = [row.split_layer for row in rows]
 
     def _own(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Every position sees at least itself (a padding position's output is unused, but must not be NaN)."""
-        allowed = allowed | (self._key_pos == self._query_pos.unsqueeze(-1))
+        """A padding position that may see no key gets SDPA's zeros, as in transformers, where this torch's SDPA
+        answers so; on older torch (NaN) it sees itself: its output is unused, but must not be NaN."""
+        if not sdpa_zeroes_unattended(torch.device(self.store.device), self.store.dtype):
+            allowed = allowed | (self._key_pos == self._query_pos.unsqueeze(-1))
         return allowed.unsqueeze(1)  # [R, 1, t, longest]
 
     def rows_at(self, layer: int) -> int:
@@ -312,6 +315,14 @@ class StoreBatch:
         return self.longest - self.tokens
 
 
+@functools.cache
+def sdpa_zeroes_unattended(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch's SDPA on `device` gives zeros (2.5 on), not NaN, for a query whose mask allows no key."""
+    kv = torch.ones(1, 1, 8, 64, device=device, dtype=dtype)
+    nothing = torch.zeros(1, 1, 1, 8, dtype=torch.bool, device=device)
+    return bool((F.scaled_dot_product_attention(kv[:, :, :1], kv, kv, attn_mask=nothing) == 0).all())
+
+
 def store_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -345,6 +356,7 @@ def store_attention(
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         scores = torch.tanh(query @ key.transpose(-1, -2) * (scaling or dim**-0.5) / softcap) * softcap
         weights = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(query.dtype)
+        weights = torch.where(mask.any(-1, keepdim=True), weights, 0)  # a query seeing no key: zeros, as SDPA's
         return (weights @ value).transpose(1, 2).contiguous(), None
     if t == 1 and groups > 1:  # the heads of a group become its query positions: no K/V repeat
         out = F.scaled_dot_product_attention(
