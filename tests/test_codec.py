@@ -410,10 +410,13 @@ def test_unary_sections_read_back_between_other_fields():
         w.write(tail, 3)
     r = BitReader(w.getvalue())
     for unary, tail in rows:
-        assert (r.read_unary(len(unary)) == unary).all()
+        assert (r.read_unary(len(unary), int(unary.sum()) + len(unary)) == unary).all()
         assert (r.read(len(tail), 3) == tail).all()
     with pytest.raises(CodecError, match="unary section truncated"):
-        r.read_unary(1)
+        r.read_unary(1, 64)
+    again = BitReader(w.getvalue())
+    with pytest.raises(CodecError, match="or too long"):  # a section longer than its values can take is refused
+        again.read_unary(len(rows[0][0]), int(rows[0][0].sum()) + len(rows[0][0]) - 1)
 
 
 @pytest.mark.parametrize("index_coding", ["rice", "bitmap", "auto"])
@@ -482,3 +485,53 @@ def test_an_int8_packet_with_a_non_finite_scale_is_refused():
     packet[-8:-4] = np.float32(np.inf).tobytes()  # the row's scale, before its 4 codes
     with pytest.raises(CodecError, match="non-finite int8 scale"):
         build_codec("int8").decode(bytes(packet))
+
+
+def test_finite_fields_that_decode_to_infinite_values_are_refused():
+    packet = bytearray(build_codec("int8").encode(torch.ones(1, 4)))
+    packet[-8:-4] = np.float32(3e38).tobytes()  # a finite scale, but 127 x 3e38 is not
+    with pytest.raises(CodecError, match="decodes to NaN or infinite values"):
+        build_codec("int8").decode(bytes(packet))
+    [refused] = build_codec("int8").decode_batch([bytes(packet)])
+    assert isinstance(refused, CodecError)
+
+
+@pytest.mark.parametrize(
+    "name,params", [("bf16", {}), ("grouped", {}), ("slicer", {}), ("slicer", {"quantizer": "ecsq"})]
+)
+def test_float16_values_at_its_largest_come_back_finite(name, params):
+    """A reconstruction may overshoot by a fraction of a step: float16 holds it at its largest, not at infinity."""
+    codec = build_codec(name, **params)
+    x = torch.full((2, 64), 65504.0, dtype=torch.float16)
+    x[1, ::2] = -65504.0
+    got = codec.decode(codec.encode(x))
+    assert got.dtype == torch.float16 and bool(torch.isfinite(got).all())
+    assert rel_err(got, x) < 0.1
+
+
+def test_blocks_pick_the_same_bits_for_a_row_at_any_scale():
+    """The bit budget is relative: rows too small for their squares in float32 (below 1e-19) are coded alike."""
+    codec = build_codec("slicer")
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    sizes = {len(codec.encode(x * scale)) for scale in (1e-15, 1e-25, 1e-30)}  # all with float32 parameters
+    assert len(sizes) == 1
+    assert rel_err(codec.decode(codec.encode(x * 1e-30)), x * 1e-30) < 0.1
+
+
+def test_a_blocks_body_longer_than_its_fields_is_refused_before_they_are_unpacked():
+    import zstandard
+
+    codec = build_codec("slicer", rotation="none", outliers=0)  # what a server builds from a default spec
+    n, d = 512, 576
+    body = zstandard.ZstdCompressor().compress(bytes(n * d * 3))  # 884 KB of zeros in 0.1 KB
+    packet = codec.envelope((n, d), torch.float32) + bytes([2]) + bytes([0xC0, 0x04]) + bytes([1, 0]) + body
+    with pytest.raises(CodecError, match="its fields take"):
+        codec.decode(packet)
+
+
+def test_a_packet_of_no_rows_that_carries_entries_is_refused():
+    codec = build_codec("slicer", rotation="none")
+    packet = bytearray(codec.encode(torch.randn(1, 1, 16)))
+    packet[4] = 0  # the first dimension: 1 row becomes none, its entries stay
+    with pytest.raises(CodecError, match="a packet of no rows carries"):
+        codec.decode(bytes(packet))

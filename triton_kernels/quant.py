@@ -4,7 +4,8 @@ Reference: `slicer_hf.codec.ops.choose_bits` and `ops.quantize` (as `ops._quanti
 
 The float32 arithmetic is the reference's, operation for operation: IEEE division (`div_rn`), no fused
 multiply-add (see `launch_options`), float16 rounding of lo/hi, round-half-to-even, the same budget
-`distortion^2 * sum(mag^2) / K` and test `err <= budget * block_size`. Codes therefore match exactly. The error
+`distortion^2 * sum((mag / peak)^2) / K` and test `err <= budget * block_size`, with errors in units of the row's
+peak too (the squares of a row below 1e-19 would underflow). Codes therefore match exactly. The error
 and budget sums are float32 reductions in the kernel's own order, as the reference's are in torch's: a block whose
 error lies within float32 rounding of its budget may get a different bitwidth (then codes follow that bitwidth).
 """
@@ -52,7 +53,9 @@ def _quantize_kernel(
     labels = tl.load(label_ptr + offs, mask=valid, other=-1).to(tl.int32)
     mag = tl.abs(vals)
     k_f = tl.zeros([BLOCK_R], tl.float32) + k.to(tl.float32)
-    budget = tl.math.div_rn(sq_distortion * tl.sum(mag * mag, axis=1), k_f)  # per entry, [R]
+    unit = tl.maximum(tl.max(tl.where(valid, mag, 0.0), axis=1), FP32_TINY)[:, None]  # the row's peak, [R, 1]
+    mag_u = tl.math.div_rn(mag, unit + tl.zeros([BLOCK_R, BLOCK_K], tl.float32))  # no underflow in the squares
+    budget = tl.math.div_rn(sq_distortion * tl.sum(mag_u * mag_u, axis=1), k_f)  # per entry, [R]
 
     # block statistics, rounded to float16 as the wire holds them, spread back to the entries of each block
     lo = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
@@ -81,7 +84,8 @@ def _quantize_kernel(
         q = tl.minimum(tl.maximum(q, 0.0), levels)
         step = tl.math.div_rn(hi - lo, tl.maximum(levels, 1.0) + tl.zeros([BLOCK_R, BLOCK_K], tl.float32))
         deq = tl.where(levels > 0, lo + q * step, mid)
-        err = (deq - mag) * (deq - mag)
+        off = tl.math.div_rn(deq - mag, unit + tl.zeros([BLOCK_R, BLOCK_K], tl.float32))
+        err = off * off
         q_int = tl.where(levels > 0, q, 0.0).to(tl.int32)
         for j in range(m):
             in_j = valid & (labels == j)

@@ -22,6 +22,7 @@ DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 MAX_NDIM = 8
 DEFAULT_MAX_ELEMENTS = 1 << 26
 LOSSY_MAX_ABS = 2.0**50  # squares of a row's entries still sum within float32 (no real hidden state comes close)
+NON_FINITE = "the packet decodes to NaN or infinite values"  # a packet no encoder makes: encode refuses them
 SAFETY_PARAMS = frozenset({"max_elements"})  # set by whoever decodes, never by the peer that sends
 
 REGISTRY: dict[str, type[Codec]] = {}
@@ -161,7 +162,8 @@ class Codec(ABC):
         expect_dtypes: frozenset[torch.dtype] | None = None,
         given: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Decode bytes from `encode`; any malformed input raises `CodecError`.
+        """Decode bytes from `encode`; any malformed input raises `CodecError`, and so do values that are not all
+        finite.
 
         Args:
             data: a packet.
@@ -171,6 +173,20 @@ class Codec(ABC):
             expect_dtypes: the dtypes the receiver accepts, checked the same way.
             given: the rows the packet was coded against (`given_width`), one per row of the packet's tensor.
         """
+        out = self._read(data, device, expect_shape, expect_dtypes, given)
+        if not torch.isfinite(out).all():
+            raise CodecError(NON_FINITE)
+        return out
+
+    def _read(
+        self,
+        data: bytes,
+        device: torch.device | str | None,
+        expect_shape: tuple[int | None, ...] | None,
+        expect_dtypes: frozenset[torch.dtype] | None,
+        given: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`decode` less its check that the values are finite (which `decode_batch` makes once all are rebuilt)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CodecError(f"decode takes bytes, got {type(data).__name__}")
         try:
@@ -204,10 +220,12 @@ class Codec(ABC):
         with self._together(device):
             for data, shape, given in zip(packets, shapes, givens):
                 try:
-                    out.append(self.decode(data, device, expect_shape=shape, expect_dtypes=expect_dtypes, given=given))
+                    out.append(self._read(data, device, shape, expect_dtypes, given))
                 except CodecError as exc:
                     out.append(exc)
-        return out
+        decoded = [x for x in out if isinstance(x, torch.Tensor)]
+        finite = iter(torch.stack([torch.isfinite(x).all() for x in decoded]).tolist() if decoded else [])
+        return [x if isinstance(x, CodecError) or next(finite) else CodecError(NON_FINITE) for x in out]
 
     @contextlib.contextmanager
     def _together(self, device: torch.device | str | None) -> Iterator[None]:

@@ -12,7 +12,7 @@ from ..errors import CodecError
 from .base import Codec, from_raw_bytes, raw_bytes
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
-from .ops import needs_float32
+from .ops import cast, needs_float32
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -46,7 +46,7 @@ class _CastCodec(Codec):
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         count = n_rows * d
         data = reader.take(count * self.wire_dtype.itemsize)
-        return from_raw_bytes(data, self.wire_dtype, count).reshape(n_rows, d).to(dtype)
+        return cast(from_raw_bytes(data, self.wire_dtype, count).reshape(n_rows, d), dtype)
 
 
 class Fp16Codec(_CastCodec):
@@ -82,7 +82,7 @@ class Int8Codec(Codec):
         if not torch.isfinite(scale).all():
             raise CodecError("non-finite int8 scale")
         codes = torch.from_numpy(reader.array(np.int8, n_rows * d)).reshape(n_rows, d)
-        return (codes.float() * scale).to(dtype)
+        return cast(codes.float() * scale, dtype)
 
 
 class TopKCodec(Codec):
@@ -129,7 +129,7 @@ class TopKCodec(Codec):
         bits.check_end()
         out = torch.zeros(n_rows, d, dtype=torch.float32)
         out.scatter_(1, pos, vals.reshape(n_rows, k).float())
-        return out.to(dtype)
+        return cast(out, dtype)
 
 
 class GroupedIntCodec(Codec):
@@ -206,7 +206,7 @@ class GroupedIntCodec(Codec):
         ]  # [N, d]
         if n_out:
             x = x.scatter(1, pos, values)
-        return x.to(dtype)
+        return cast(x, dtype)
 
 
 def _position_bits(d: int) -> int:

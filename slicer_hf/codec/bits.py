@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -109,10 +108,12 @@ class BitReader:
         self.size = 8 * len(data)  # bits
         self.pos = 0
 
-    @functools.cached_property
-    def bits(self) -> np.ndarray:
-        """The stream one bit per entry (unpacked on the first read that needs it)."""
-        return np.unpackbits(np.frombuffer(self.data, dtype=np.uint8), bitorder="little")
+    def _bits(self, start: int, count: int) -> np.ndarray:
+        """Bits `start..start + count - 1` of the stream, one per entry (only the bytes that hold them are unpacked:
+        a long body costs what is read of it, not eight bytes a bit up front)."""
+        first, end = start // 8, min(len(self.data), (start + count + 7) // 8)
+        chunk = np.frombuffer(self.data, dtype=np.uint8, count=end - first, offset=first)
+        return np.unpackbits(chunk, bitorder="little")[start - 8 * first : start - 8 * first + count]
 
     def read(self, count: int, width: int | np.ndarray) -> np.ndarray:
         count = int(count)
@@ -131,23 +132,18 @@ class BitReader:
             self.pos += total
             return np.zeros(count, dtype=np.uint64)
         max_w = int(widths.max())
-        starts = self.pos + np.cumsum(widths) - widths
+        starts = np.cumsum(widths) - widths
         shifts = np.arange(max_w)
-        idx = np.minimum(starts[:, None] + shifts[None, :], self.size - 1)
-        vals = np.where(shifts[None, :] < widths[:, None], self.bits[idx], 0).astype(np.uint64)
+        idx = np.minimum(starts[:, None] + shifts[None, :], total - 1)
+        vals = np.where(shifts[None, :] < widths[:, None], self._bits(self.pos, total)[idx], 0).astype(np.uint64)
         self.pos += total
         return (vals << shifts[None, :].astype(np.uint64)).sum(axis=1, dtype=np.uint64)
 
-    @functools.cached_property
-    def _ones(self) -> np.ndarray:
-        """Where the stream's 1 bits are: found once, so that each unary section costs its own length."""
-        return np.flatnonzero(self.bits)
-
-    def read_unary(self, count: int) -> np.ndarray:
-        first = int(np.searchsorted(self._ones, self.pos))
-        ones = self._ones[first : first + int(count)] - self.pos
+    def read_unary(self, count: int, span: int) -> np.ndarray:
+        """`count` unary values (zeros, each ended by a one) that take at most `span` bits together."""
+        ones = np.flatnonzero(self._bits(self.pos, min(span, self.size - self.pos)))[: int(count)]
         if ones.size < count:
-            raise CodecError(f"unary section truncated: {ones.size} of {count} values")
+            raise CodecError(f"unary section truncated or too long: {ones.size} of {count} values in {span} bits")
         values = np.diff(np.concatenate(([-1], ones))) - 1
         self.pos += int(ones[-1]) + 1 if count else 0
         return values.astype(np.int64)

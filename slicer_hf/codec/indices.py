@@ -47,7 +47,7 @@ def read_positions(r: BitReader, n: int, k: int, d: int) -> np.ndarray:
     for row in range(n):
         if use_rice[row]:
             rr = int(next(next_r))
-            gaps = (r.read_unary(k) << rr) | r.read(k, rr).astype(np.int64)
+            gaps = (r.read_unary(k, (d >> rr) + k) << rr) | r.read(k, rr).astype(np.int64)  # the gaps sum to < d
             pos = np.cumsum(gaps + 1) - 1
         else:
             pos = np.flatnonzero(r.read(d, 1))

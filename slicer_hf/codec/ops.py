@@ -223,7 +223,9 @@ def choose_bits(
     """
     n, k = mags.shape
     cands = torch.tensor(candidates, dtype=torch.float32, device=mags.device)
-    budget = (distortion**2) * mags.pow(2).sum(1, keepdim=True) / max(k, 1)  # per entry, [N, 1]
+    # errors and budget in units of each row's peak: squares of tiny rows (below 1e-19) would underflow to 0
+    unit = mags.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) if k else mags.new_ones(n, 1)
+    budget = (distortion**2) * (mags / unit).pow(2).sum(1, keepdim=True) / max(k, 1)  # per entry, [N, 1]
     lo, hi, bits = [], [], []
     start = 0
     for size in sizes:
@@ -233,7 +235,8 @@ def choose_bits(
         b_lo, b_hi = round_params(b_lo, wide), round_params(b_hi, wide)
         c = cands[None, None, :]
         codes = quantize(blk[:, :, None], b_lo[:, None, None], b_hi[:, None, None], c)
-        err = (dequantize(b_lo[:, None, None], b_hi[:, None, None], c, codes) - blk[:, :, None]).pow(2).sum(1)
+        err = (dequantize(b_lo[:, None, None], b_hi[:, None, None], c, codes) - blk[:, :, None]) / unit[:, :, None]
+        err = err.pow(2).sum(1)
         ok = err <= budget * size  # [N, C]
         last = torch.tensor(len(cands) - 1, device=mags.device)
         first_ok = torch.where(ok.any(1), ok.float().argmax(1), last)
@@ -260,6 +263,14 @@ def needs_float32(row_peaks: torch.Tensor) -> bool:
     """Whether a packet's parameters must go as float32, from each row's largest magnitude: beyond float16's range,
     or below its normal range (float16 would flush or coarsen every value such a row holds)."""
     return bool(((row_peaks > FP16_MAX) | ((row_peaks > 0) & (row_peaks < FP16_TINY))).any())
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """Decoded values `x` in the tensor's `dtype`: into float16, held within its range (a reconstruction may overshoot
+    a value near its largest by a fraction of a step, which would become infinite)."""
+    if dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.float().clamp(-FP16_MAX, FP16_MAX)  # (in float32: bfloat16 holds no 65504)
+    return x.to(device, dtype)
 
 
 def round_params(t: torch.Tensor, wide: bool) -> torch.Tensor:

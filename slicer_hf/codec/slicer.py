@@ -271,7 +271,7 @@ class SlicerCodec(Codec):
         if later.rows:
             assert self._basis is not None
             for rows, rebuilt in zip(later.rows, _rebuild(later.codes, self._basis, self.chains)):
-                rows.copy_(rebuilt)
+                rows.copy_(ops.cast(rebuilt, rows.dtype))
 
     def _decode_rows(
         self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype, given: torch.Tensor | None = None
@@ -287,9 +287,13 @@ class SlicerCodec(Codec):
         avail = d if rotated else d - n_out
         if n_out > d or k > avail or not (1 <= m <= min(k, 64) if k else m == 0) or rotated and d > MAX_ROTATED_WIDTH:
             raise CodecError(f"inconsistent slicer header: d={d}, K={k}, M={m}, outliers={n_out}, rotated={rotated}")
+        if n_rows == 0 and k:
+            raise CodecError(f"a packet of no rows carries entries (K={k})")
         body = reader.take(reader.remaining())
-        if flags & F_ZSTD:
-            limit = n_rows * (d * 40 + 64 * 85) // 8 + 64  # the largest body these counts can need
+        if flags & F_ZSTD:  # the largest body these counts can need: outliers, positions, labels, signs, codes, blocks
+            row_bits = n_out * (max(1, math.ceil(math.log2(d))) + 32) + (5 + d + 16 * k if k < avail else 0)
+            row_bits += k * (math.ceil(math.log2(max(m, 1))) + 17) + m * (5 + 64)
+            limit = n_rows * row_bits // 8 + 64
             try:
                 body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
             except zstandard.ZstdError as exc:
@@ -308,7 +312,7 @@ class SlicerCodec(Codec):
         if k == 0:
             r.check_end()
             x = torch.zeros(n_rows, d, device=device)
-            return (x.scatter(1, residual_pos.to(device), out_val.to(device)) if n_out else x).to(dtype)
+            return ops.cast(x.scatter(1, residual_pos.to(device), out_val.to(device)) if n_out else x, dtype)
         if k == avail:
             pos = torch.arange(d).expand(n_rows, d)
             if not rotated and n_out:
@@ -333,6 +337,8 @@ class SlicerCodec(Codec):
         widths = torch.cat(
             [torch.ones(n_rows * k, dtype=torch.long, device=device), bits.gather(1, labels).reshape(-1)]
         )
+        if not 0 <= r.size - (r.pos + int(widths.sum())) < 8:  # refused before its fields are unpacked
+            raise CodecError(f"slicer body of {len(body)} bytes: its fields take {r.pos + int(widths.sum())} bits")
         signs, codes = _read_fields(r, data, widths).split(n_rows * k)  # one sign bit per entry, then the codes
         r.check_end()
 
@@ -349,7 +355,7 @@ class SlicerCodec(Codec):
         x = rotate(y, inverse=True) if rotated else y
         if n_out:
             x = x.scatter(1, residual_pos.to(device), out_val.to(device))
-        return x.to(dtype)
+        return ops.cast(x, dtype)
 
     # ---------------------------------------------------------------- ECSQ
     def _encode_ecsq(self, rows: torch.Tensor, given: torch.Tensor | None = None) -> bytes:
@@ -512,7 +518,7 @@ def _decode_ecsq(
             codes = _Codes(y, rms, step, given, out_pos if n_out else None, out_val)
             later = _REBUILD_LATER.get()
             if later is None:
-                return _rebuild([codes], basis, chained)[0].to(device, dtype)
+                return ops.cast(_rebuild([codes], basis, chained)[0], dtype, device)
             x = torch.empty(n_rows, d, dtype=dtype, device=later.device)  # filled once every packet is read
             later.codes.append(codes)
             later.rows.append(x)
@@ -521,7 +527,7 @@ def _decode_ecsq(
         x = rotate(y, inverse=True) if rotated else y
     if n_out:
         x = x.scatter(1, out_pos.to(device), out_val.to(device))
-    return x.to(dtype)
+    return ops.cast(x, dtype)
 
 
 @dataclass
