@@ -37,11 +37,14 @@ from .transport import LocalTransport, Transport, make_transport
 logger = logging.getLogger(__name__)
 
 _GENERATE_SPLIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("slicer_generate_split", default=None)
-UNSUPPORTED_GENERATION = {
-    "num_beams": (1, "beam search"),
-    "penalty_alpha": (None, "contrastive search"),
-    "assistant_model": (None, "assisted (speculative) decoding"),
-    "prompt_lookup_num_tokens": (None, "prompt-lookup decoding"),
+UNSUPPORTED_GENERATION = {  # generate() arguments, the values that leave split generation as it is, and what else
+    "num_beams": ((None, 1), "beam search"),
+    "penalty_alpha": ((None,), "contrastive search"),
+    "assistant_model": ((None,), "assisted (speculative) decoding"),
+    "prompt_lookup_num_tokens": ((None,), "prompt-lookup decoding"),
+    "assistant_early_exit": ((None,), "self-speculative decoding (it cuts the model's layers)"),
+    "guidance_scale": ((None, 1), "classifier-free guidance (a second, unconditional sequence on the model)"),
+    "dola_layers": ((None,), "DoLa decoding (it reads early layers' hidden states)"),
 }
 
 
@@ -73,6 +76,17 @@ class SplitModelMixin:
             yield
         finally:
             self._slicer_busy.release()
+
+    def _warn_without_gradients(self) -> None:
+        """A forward with gradients on trains almost nothing: the hidden states cross the split as bytes."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            warnings.warn(
+                "gradients do not cross the split: backward() reaches only what runs on the edge after the server's "
+                "reply (the final norm and head), none of the layers on either side. Train the model with "
+                "unsplit(model); run a split model under torch.no_grad() (or inference_mode) to silence this",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ---------------------------------------------------------------- public API
     def wire_stats(self) -> WireStats:
@@ -117,7 +131,7 @@ class SplitModelMixin:
     def _resolve_split(self, split_layer: int | None) -> int:
         k = self.slicer_config.split_layer if split_layer is None else split_layer
         n = compat.num_layers(self.config)
-        if not isinstance(k, int) or not 1 <= k < n:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < n:
             raise ConfigError(f"`split_layer` must be an integer in [1, {n - 1}] for this {n}-layer model, got {k!r}")
         if not self._slicer_local and k != self.slicer_config.split_layer:
             raise ConfigError(
@@ -173,15 +187,15 @@ class SlicerGenerationMixin(SplitModelMixin):
         Args:
             split_layer: layers run on the edge; defaults to `slicer_config.split_layer`.
             args, kwargs: every ordinary `generate()` argument (sampling, logits processors, stopping criteria,
-                streamers, batches with left padding). Beam search and assisted decoding raise
-                `NotImplementedError`.
+                streamers, batches with left padding). Beam search, assisted and self-speculative decoding,
+                contrastive search, classifier-free guidance and DoLa raise `NotImplementedError`.
         """
         k = self._resolve_split(split_layer)
         given = _by_name(super().generate, args, kwargs)  # a generation_config may come by position
         gen_config = given.get("generation_config") or self.generation_config
         for name, (plain, what) in UNSUPPORTED_GENERATION.items():
-            value = given.get(name, getattr(gen_config, name, plain))
-            if value not in (plain, None) and not (name == "num_beams" and value == 1):
+            value = given.get(name, getattr(gen_config, name, None))
+            if value not in plain:
                 raise NotImplementedError(f"{what} ({name}={value!r}) is not supported by split generation")
         token = _GENERATE_SPLIT.set(k)
         try:
@@ -197,6 +211,7 @@ class SlicerGenerationMixin(SplitModelMixin):
 
     def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self._resolve_split(split_layer if split_layer is not None else _GENERATE_SPLIT.get())
+        self._warn_without_gradients()
         base_forward = super().forward  # the model's own forward (this mixin sits before its class)
         given = self._arguments(base_forward, args, kwargs, k)
         link = self._link_for(k)

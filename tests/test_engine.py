@@ -122,6 +122,34 @@ def test_a_step_that_waits_too_long_is_withdrawn(engine):
     assert ran == [1]  # the withdrawn step never ran
 
 
+def test_a_split_model_that_is_dropped_closes_its_grpc_session():
+    """gRPC's threads keep the context they start in; the model's split plan must not be in it."""
+    import copy
+    import gc
+    import weakref
+
+    from slicer_hf import SlicerModelForCausalLM
+
+    ref = tiny_model("llama")
+    server = SplitServer(copy.deepcopy(ref))
+    running = serve(server, port=0)
+    config = SlicerConfig(codec="identity", split_layer=2)
+    try:
+        model = SlicerModelForCausalLM.from_model(
+            copy.deepcopy(ref), config, transport=f"grpc://127.0.0.1:{running.port}"
+        )
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+        assert len(server.sessions) == 1
+        alive = weakref.ref(model)
+        del model
+        gc.collect()
+        assert alive() is None  # and so its weights are freed
+        assert wait_for(lambda: not server.sessions)
+    finally:
+        running.stop()
+        server.shutdown()
+
+
 def test_over_grpc_a_step_the_busy_compute_thread_has_not_started_is_withdrawn(engine):
     server = engine(step_timeout_s=0.3, batching=True)
     running = serve(server, port=0)

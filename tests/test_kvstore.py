@@ -319,6 +319,18 @@ def test_padding_positions_and_a_row_of_padding_alone_answer_as_in_transformers(
     server.shutdown()
 
 
+def test_decode_logits_of_a_grouped_query_model_are_bit_equal_to_transformers(model_pair):
+    """Not only the tokens: the store calls SDPA as transformers does, so not one bit of a score differs."""
+    ref, _ = model_pair("llama")  # 4 query heads on 2 K/V heads
+    assert ref.config.num_key_value_heads < ref.config.num_attention_heads
+    server = SplitServer(copy.deepcopy(ref))
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    want = ref.generate(torch.tensor([[5, 6, 7, 8]]), **kwargs)
+    got = split_client(ref, server, 2).generate(torch.tensor([[5, 6, 7, 8]]), **kwargs)
+    server.shutdown()
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
 def _open(server: SplitServer, split_layer: int) -> int:
     body = open_request(
         SlicerConfig(codec="identity"), server.model.config, "tiny", split_layer, build_codec("identity")

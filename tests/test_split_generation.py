@@ -100,6 +100,20 @@ def test_seeded_sampling_equals_plain_generate(model_pair, arch):
     assert torch.equal(model.generate(ids, split_layer=3, **kwargs), expected)
 
 
+def test_a_forward_with_gradients_on_warns_that_they_do_not_cross_the_split(model_pair):
+    ref, model = model_pair("llama")
+    model = split(model)
+    with pytest.warns(UserWarning, match="gradients do not cross the split"):
+        loss = model(prompt(1, 6), labels=prompt(1, 6)).loss
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is None  # what the warning says
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        model(prompt(1, 6))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_split_forward_returns_the_same_logits(model_pair, arch):
     ref, model = model_pair(arch)
@@ -246,7 +260,7 @@ def test_wire_stats_count_what_crossed(model_pair):
 def test_bad_split_layer_is_a_clear_error(model_pair):
     _, model = model_pair("llama")
     model = split(model)
-    for bad in (0, 4, -1):
+    for bad in (0, 4, -1, True):  # True is no layer count, though it equals 1
         with pytest.raises(ConfigError, match="`split_layer` must be an integer in \\[1, 3\\]"):
             model.generate(prompt(), max_new_tokens=2, split_layer=bad)
 
@@ -259,6 +273,24 @@ def test_beam_search_is_refused_not_wrong(model_pair):
     for how in ({"generation_config": beams}, {}):  # by keyword, and by position (was run, and wrong)
         with pytest.raises(NotImplementedError, match="beam search"):
             split(model).generate(prompt(), *([] if how else [beams]), **how)
+
+
+@pytest.mark.parametrize(
+    "mode, what",
+    [
+        ({"assistant_early_exit": 1}, "self-speculative"),
+        ({"guidance_scale": 1.5}, "classifier-free guidance"),
+        ({"dola_layers": "low"}, "DoLa"),
+    ],
+)
+def test_modes_that_reach_into_the_models_layers_are_refused_and_leave_it_whole(model_pair, mode, what):
+    ref, model = model_pair("llama")
+    model = split(model)
+    with pytest.raises(NotImplementedError, match=what):
+        model.generate(prompt(), max_new_tokens=4, **mode)
+    assert model.config.num_hidden_layers == 4  # an early exit had cut it, and every later call failed
+    expected = ref.generate(prompt(), max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(prompt(), max_new_tokens=4, do_sample=False, guidance_scale=1), expected)
 
 
 def test_slicer_codec_runs_and_compresses(model_pair):
@@ -393,7 +425,8 @@ class Switching(LocalTransport):
         return super().request(data)
 
     def reset(self) -> bool:
-        self.server = self.second if self.dead else self.server
+        if self.dead and self.server is not self.second:
+            self.server, self._owned = self.second, set()  # the first server's sessions died with it
         return True
 
     def has_alternatives(self) -> bool:
@@ -415,6 +448,33 @@ class Flaky(LocalTransport):
 
     def reset(self) -> bool:  # reconnect to the same server
         return True
+
+
+class Interrupting(LocalTransport):
+    """An in-process server whose step replies are lost to a KeyboardInterrupt once armed (Ctrl-C while waiting)."""
+
+    armed = False
+
+    def request(self, data: bytes) -> bytes:
+        reply = super().request(data)
+        if self.armed and protocol.message_type(data) in (protocol.STEP, protocol.NEXT):
+            raise KeyboardInterrupt
+        return reply
+
+
+def test_an_interrupted_step_frees_its_session_on_an_in_process_server(reference_models):
+    ref = reference_models["llama"]
+    server = SplitServer(copy.deepcopy(ref), limits=ServerLimits(max_sessions=2))
+    transport = Interrupting(server)
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport)
+    for _ in range(3):  # more interrupts than the server has room for sessions
+        transport.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(prompt(1, 7), max_new_tokens=4, do_sample=False)
+        assert server.stats_dict()["sessions_active"] == 0 and server.stats_dict()["kv_bytes_used"] == 0
+    transport.armed = False
+    expected = ref.generate(prompt(1, 7), max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(prompt(1, 7), max_new_tokens=4, do_sample=False), expected)
 
 
 def test_wire_stats_count_one_failover_per_recovery_and_each_failed_attempt_as_a_retry(reference_models):

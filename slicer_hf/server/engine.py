@@ -273,7 +273,7 @@ class SplitServer:
         self.scheduler = Scheduler(self, batching)
         self._stopped = threading.Event()
         weakref.finalize(self, self._stopped.set)
-        weakref.finalize(self, self.scheduler.stop, False)
+        weakref.finalize(self, self.scheduler.stop)  # joined: a thread still running at exit can abort the process
         if self.limits.idle_timeout_s < float("inf"):
             period = min(max(self.limits.idle_timeout_s / 4, 0.05), 5.0)
             reaper = threading.Thread(

@@ -358,10 +358,5 @@ def store_attention(
         weights = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(query.dtype)
         weights = torch.where(mask.any(-1, keepdim=True), weights, 0)  # a query seeing no key: zeros, as SDPA's
         return (weights @ value).transpose(1, 2).contiguous(), None
-    if t == 1 and groups > 1:  # the heads of a group become its query positions: no K/V repeat
-        out = F.scaled_dot_product_attention(
-            query.reshape(n, heads // groups, groups, dim), key, value, attn_mask=mask, scale=scaling
-        )
-        return out.reshape(n, heads, 1, dim).transpose(1, 2), None
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
     return out.transpose(1, 2).contiguous(), None

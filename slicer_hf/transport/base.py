@@ -54,15 +54,21 @@ class Transport(ABC):
 
 
 class LocalTransport(Transport):
-    """The server lives in this process; messages still go through their bytes."""
+    """The server lives in this process; messages still go through their bytes. Like a network stream, it owns the
+    sessions it opened: `close()` frees what they hold (a link ends it after an interrupted or failed step)."""
 
     name = "local"
 
     def __init__(self, server: SplitServer) -> None:
         self.server = server
+        self._owned: set[int] = set()
 
     def request(self, data: bytes) -> bytes:
-        return self.server.handle(bytes(data), client="local")
+        return self.server.handle(bytes(data), client="local", owned=self._owned)
+
+    def close(self) -> None:
+        while self._owned:
+            self.server.close_session(self._owned.pop())
 
 
 # URL scheme -> (module under slicer_hf.transport, class): transports are found here, imported on first use

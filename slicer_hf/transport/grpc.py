@@ -7,6 +7,7 @@ current server dies the link replays its session onto the next one (see `link.Su
 from __future__ import annotations
 
 import atexit
+import contextvars
 import gc
 import logging
 import queue
@@ -139,8 +140,8 @@ class GrpcTransport(Transport):
         self._reader.start()
 
     def request(self, data: bytes) -> bytes:
-        if self._call is None:
-            self._connect()
+        if self._call is None:  # gRPC's threads keep the context they start in: a clean one holds no caller's model
+            contextvars.Context().run(self._connect)
         self._asked.release()
         self._outbox.put(bytes(data))
         try:
