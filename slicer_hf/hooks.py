@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import compat
+from .errors import SlicerError
 
 _ACTIVE: contextvars.ContextVar[SplitPlan | None] = contextvars.ContextVar("slicer_split_plan", default=None)
 
@@ -82,6 +83,12 @@ class LayerHook:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = _ACTIVE.get()
         if plan is None:
+            if self.layer_idx == 0 and hasattr(compat.layer_call(self._signature, args, kwargs)[1], "_slicer_mark"):
+                raise SlicerError(
+                    "this KV cache was made by split generation: the layers past the split hold placeholders there "
+                    "(their keys and values are on the server), so the whole model cannot continue it; continue it "
+                    "split, or start again from the whole prompt"
+                )
             return self._inner(*args, **kwargs)
         i, k = self.layer_idx, plan.split_layer
         runs_here = i < k if plan.role == "edge" else i >= k

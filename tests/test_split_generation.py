@@ -100,6 +100,21 @@ def test_seeded_sampling_equals_plain_generate(model_pair, arch):
     assert torch.equal(model.generate(ids, split_layer=3, **kwargs), expected)
 
 
+def test_unsplit_runs_the_whole_model_and_refuses_a_cache_made_split(model_pair):
+    from slicer_hf import SlicerError, unsplit
+
+    ref, model = model_pair("llama")
+    model = split(model)
+    ids = prompt(1, 6)
+    made = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    with unsplit(model) as whole:
+        assert type(whole) is type(ref)
+        assert torch.equal(whole.generate(ids, max_new_tokens=3, do_sample=False), made.sequences)
+        with pytest.raises(SlicerError, match="made by split generation"):  # its top layers hold placeholders
+            whole(made.sequences[:, -1:], past_key_values=made.past_key_values)
+    assert type(model) is not type(ref)
+
+
 def test_a_forward_with_gradients_on_warns_that_they_do_not_cross_the_split(model_pair):
     ref, model = model_pair("llama")
     model = split(model)
