@@ -216,6 +216,18 @@ def serve(
     _setup_logging(log_level)
     tls = _tls_pair(tls_cert, tls_key)
     scale = _parse_autoscale(autoscale)
+    fleet_only = {
+        "--replicas": replicas != 1,
+        "--autoscale": scale is not None,
+        "--advertise-host": advertise_host is not None,
+        "--sessions-per-replica": sessions_per_replica != 16,
+        "--router-port": router_port != 8000,
+        "--replica-cpus": replica_cpus != 1.0,
+        "--replica-gpus": replica_gpus != 0.0,
+        "--ray-address": ray_address is not None,
+    }
+    if given := [name for name, set_ in fleet_only.items() if set_ and not ray]:
+        raise typer.BadParameter(f"{', '.join(given)} configure a fleet: add --ray", param_hint=given[0])
     import torch
 
     if threads:
@@ -575,9 +587,12 @@ def calibrate(
         ),
     ] = True,
     predict_previous: Annotated[
-        bool,
-        typer.Option(help="The uplink basis predicts each row from the decoded row before it (closed loop)."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            help="The uplink basis predicts each row from the decoded row before it (closed loop; default: the "
+            "--config's, else off)."
+        ),
+    ] = None,
     text: Annotated[
         str, typer.Option(help="Calibration text: a file or a wikitext split. Keep test text for testing.")
     ] = "wikitext-2-v1:validation",  # data.CALIBRATION_TEXT (this module imports no torch)
@@ -595,10 +610,14 @@ def calibrate(
     base = SlicerConfig.from_pretrained(config) if config else SlicerConfig(outliers=0)
     if outliers is not None:
         base = base.replace(outliers=outliers)
-    fitted = fit(model, base, split_layer, downlink, predict, predict_previous, text, tokens, window, seed)
+    chained = base.predict_previous if predict_previous is None else predict_previous  # a preset refits as it was
+    fitted = fit(model, base, split_layer, downlink, predict, chained, text, tokens, window, seed)
     written = fitted.save_pretrained(out)
-    print(f"calibrated on {text}: uplink basis {fitted.basis} at split {fitted.split_layer}", end="")
-    print(f", downlink basis {fitted.downlink_basis}" if downlink else "", f"; config written to {written}")
+    downlink_basis = f", downlink basis {fitted.downlink_basis}" if downlink else ""
+    print(
+        f"calibrated on {text}: uplink basis {fitted.basis} at split {fitted.split_layer}{downlink_basis}; config "
+        f"written to {written}"
+    )
 
 
 def _numbers(text: str | None, kind: type) -> list[Any] | None:
@@ -714,7 +733,11 @@ def bench(
         if name not in BENCH_SUITES:
             raise typer.BadParameter(f"unknown suite {name!r}; choose from {', '.join(BENCH_SUITES)} or 'all'")
         print(f"== {name}", flush=True)
-        importlib.import_module(f"slicer_hf.bench.{BENCH_SUITES[name]}").main(ctx.args if suite != "all" else [])
+        program, sys.argv[0] = sys.argv[0], f"slicer-hf bench {name}"  # what the suite's --help and errors name
+        try:
+            importlib.import_module(f"slicer_hf.bench.{BENCH_SUITES[name]}").main(ctx.args if suite != "all" else [])
+        finally:
+            sys.argv[0] = program
 
 
 def main() -> None:

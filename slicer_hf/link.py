@@ -391,7 +391,14 @@ class SuffixLink:
                 if moves and not self.transport.reset():
                     raise
                 self.stats.retries += 1
-                logger.warning("server lost (%s); replaying %d steps on %r", exc, len(self._sent), self.transport)
+                logger.warning(
+                    "attempt %d of %d failed (%s); trying again on %r%s",
+                    attempt + 1,
+                    self.max_attempts,
+                    exc,
+                    self.transport,
+                    f", replaying {len(self._sent)} steps" if self._sent else "",
+                )
         raise TransportError(f"gave up after {self.max_attempts} attempts; the last failure: {last}", retryable=False)
 
     def _abandon(self, ask_server: bool = True) -> None:

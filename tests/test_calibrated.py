@@ -386,3 +386,15 @@ def test_the_demo_refuses_an_encoder_before_starting_a_server():
 
     with pytest.raises(ConfigError, match="is an encoder"):
         run_demo(model="minilm")
+
+
+def test_calibrate_keeps_the_chain_of_the_config_it_starts_from_unless_told(tmp_path):
+    _, _, chained = calibrate_tiny(tmp_path / "first", "--predict-previous")
+    assert SlicerConfig.from_pretrained(chained).predict_previous
+    _, _, again = calibrate_tiny(tmp_path / "again", "--config", str(chained))  # a preset refits as it was
+    assert (
+        SlicerConfig.from_pretrained(again).predict_previous
+        and lookup(SlicerConfig.from_pretrained(again).basis).predicts
+    )
+    _, _, plain = calibrate_tiny(tmp_path / "plain", "--config", str(chained), "--no-predict-previous")
+    assert not SlicerConfig.from_pretrained(plain).predict_previous

@@ -124,6 +124,9 @@ BAD_ARGUMENTS = {
     "a metrics port for a fleet": ["serve", "--ray", "--metrics-port", "9100"],
     "a port for a fleet": ["serve", "--ray", "--port", "50052"],
     "a fleet that can never scale up": ["serve", "--ray", "--autoscale", "1,4", "--max-sessions", "16"],
+    "autoscaling without a fleet": ["serve", "--autoscale", "2,16"],
+    "replicas without a fleet": ["serve", "--replicas", "3"],
+    "a router port without a fleet": ["serve", "--router-port", "8080"],
     "no new tokens": ["generate", "-s", "grpc://127.0.0.1:1", "-p", "hi", "--max-new-tokens", "0"],
     "negative new tokens": ["chat", "-s", "grpc://127.0.0.1:1", "--max-new-tokens", "-1"],
     "sampling at temperature 0": [

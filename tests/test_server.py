@@ -224,6 +224,14 @@ def test_tls(server, model_dir, tmp_path, reference):
     assert torch.equal(out, reference.generate(ids, max_new_tokens=4, do_sample=False))
     stats = CliRunner().invoke(app, ["stats", srv.url, "--root-cert", str(tmp_path / "cert.pem")])  # a private CA
     assert stats.exit_code == 0 and '"sessions_opened": 1' in stats.output, stats.output
+    untrusting = client(model_dir, srv.url)  # no root certificate: no retry will make it trust the server
+    with pytest.raises(TransportError, match="not trusted here: pass its CA with --root-cert") as refused:
+        untrusting.generate(ids, max_new_tokens=2, do_sample=False)
+    assert not refused.value.retryable and untrusting.wire_stats().retries == 0
+    plain = GrpcTransport([srv.url.replace("grpcs://", "grpc://")], timeout_s=30)
+    with pytest.raises(TransportError, match="is it grpcs://"):
+        plain.request(protocol.encode_json(protocol.CLOSE, {"session": 0}))
+    plain.close()
 
 
 def test_metrics_are_prometheus_text_over_http_and_grpc(server, model_dir):
@@ -239,6 +247,7 @@ def test_metrics_are_prometheus_text_over_http_and_grpc(server, model_dir):
         assert "# TYPE slicer_tokens_total counter" in text
         assert "slicer_sessions_opened_total 1.0" in text
         assert "# TYPE slicer_kv_bytes_used gauge" in text
+        assert "# TYPE slicer_kv_store gauge" in text and "# TYPE slicer_kv_store_bytes gauge" in text  # not counted
 
 
 def test_a_full_server_sends_the_client_to_the_next_one(server, model_dir, reference):

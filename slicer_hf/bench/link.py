@@ -451,7 +451,8 @@ def describe_within(found: dict[str, Any]) -> str:
     if lowest is None:
         return f"{name}: more than 10% below unshaped already at {slower} Mbit/s, the fastest rate measured"
     return (
-        f"{name}: within 10% of unshaped down to {lowest} Mbit/s measured (next slower {slower}), "
+        f"{name}: within 10% of unshaped down to {lowest} Mbit/s measured "
+        f"({'no slower rate measured' if slower is None else f'next slower {slower}'}), "
         f"about {found['estimate_mbit']:.3g} Mbit/s"
     )
 

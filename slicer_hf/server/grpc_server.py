@@ -200,6 +200,8 @@ class _StatsCollector:
         "kv_budget_bytes",
         "draining",
         "prepacked_linears",
+        "kv_store",  # whether the server runs the KV store: a flag
+        "kv_store_bytes",  # what its pools hold now: they shrink when compacted
     )
 
     def __init__(self, engine: SplitServer) -> None:

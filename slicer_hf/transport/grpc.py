@@ -198,4 +198,11 @@ def _as_transport_error(exc: grpc.RpcError, name: str) -> TransportError:
         grpc.StatusCode.UNIMPLEMENTED,
         grpc.StatusCode.INVALID_ARGUMENT,
     }
-    return TransportError(f"{name}: {code.name if code else 'error'}: {details}", retryable=code not in permanent)
+    message = f"{name}: {code.name if code else 'error'}: {details}"
+    lowered = details.lower()
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:  # no retry will trust it
+        hint = "the server's TLS certificate is not trusted here: pass its CA with --root-cert (root_certificates=)"
+        return TransportError(f"{message} ({hint})", retryable=False)
+    if name.startswith("grpc://") and "socket closed" in lowered:
+        message += " (a server that speaks TLS closes plain connections: is it grpcs://?)"
+    return TransportError(message, retryable=code not in permanent)
