@@ -97,7 +97,7 @@ class StepLimits:
     elements: int | None = None  # values: batch x positions x width
     message_bytes: int | None = None  # of one message, the step's reply included
 
-    HEADROOM = 64 << 10  # of a reply's bytes, for its headers and the codec's envelope
+    HEADROOM = 64 << 10  # of a reply's bytes, for its headers and the codec's envelope (an eighth of a small limit)
 
     @classmethod
     def from_opened(cls, opened: dict[str, Any]) -> StepLimits:
@@ -122,10 +122,18 @@ class StepLimits:
         return max(1, min(wanted, self.elements // (tokens * width))) if self.elements else wanted
 
     def replies(self, each_bytes: int, wanted: int) -> int:
-        """How many outputs of at most `each_bytes` (at most `wanted`, at least 1) one reply may hold."""
+        """How many outputs of at most `each_bytes` (at most `wanted`) one reply may hold; a `ProtocolError` where not
+        even one fits (the server would compute the step, then refuse its reply)."""
         if self.message_bytes is None:
             return wanted
-        return max(1, min(wanted, (self.message_bytes - self.HEADROOM) // each_bytes))
+        room = self.message_bytes - min(self.HEADROOM, self.message_bytes // 8)
+        if each_bytes > room:
+            raise ProtocolError(
+                f"one output of this step takes up to {each_bytes:,} bytes, and the server's replies hold at most "
+                f"{self.message_bytes:,} (max_message_bytes): send fewer rows at once or ask for a narrower downlink",
+                code="too_large",
+            )
+        return min(wanted, room // each_bytes)
 
 
 @dataclass
@@ -406,7 +414,7 @@ class SuffixLink:
         stream, so nothing is held until the idle timeout. After a failed link, ending the stream is enough (the
         server frees what a stream held when it ends; a CLOSE would open a new stream and wait again)."""
         try:
-            if self.session is not None and ask_server:
+            if self.session is not None and (ask_server or not self.transport.frees_sessions_on_close):
                 self.transport.request(protocol.encode_json(protocol.CLOSE, {"session": self.session}))
         except (TransportError, ProtocolError):
             pass

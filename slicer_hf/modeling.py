@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -80,12 +81,15 @@ class SplitModelMixin:
     def _warn_without_gradients(self) -> None:
         """A forward with gradients on trains almost nothing: the hidden states cross the split as bytes."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            level, frame = 2, sys._getframe(1)  # name the caller's line: past this package's frames and torch's
+            while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(("slicer_hf", "torch")):
+                level, frame = level + 1, frame.f_back
             warnings.warn(
                 "gradients do not cross the split: backward() reaches only what runs on the edge after the server's "
                 "reply (the final norm and head), none of the layers on either side. Train the model with "
                 "unsplit(model); run a split model under torch.no_grad() (or inference_mode) to silence this",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=level,
             )
 
     # ---------------------------------------------------------------- public API

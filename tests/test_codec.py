@@ -535,3 +535,24 @@ def test_a_packet_of_no_rows_that_carries_entries_is_refused():
     packet[4] = 0  # the first dimension: 1 row becomes none, its entries stay
     with pytest.raises(CodecError, match="a packet of no rows carries"):
         codec.decode(bytes(packet))
+
+
+def test_a_batch_decodes_where_the_kernels_run_as_one_packet_does(monkeypatch):
+    """The server decodes its packets together (decode_batch): on a device with the codec kernels, there too."""
+    from slicer_hf.codec import ops
+    from slicer_hf.codec import slicer as slicer_module
+
+    seen = []
+
+    def record(self, *args, **kwargs):
+        seen.append(slicer_module._DECODE_DEVICE.get())
+        raise CodecError("recorded")
+
+    monkeypatch.setattr(slicer_module.SlicerCodec, "_decode_rows", record)
+    monkeypatch.setattr(ops, "use_kernels", lambda device, *args, **kwargs: torch.device(device).type == "meta")
+    codec = build_codec("slicer")
+    packet = codec.encode(torch.randn(1, 3, 64))
+    with pytest.raises(CodecError, match="recorded"):
+        codec.decode(packet, device="meta")
+    assert isinstance(codec.decode_batch([packet], device="meta")[0], CodecError)
+    assert seen == [torch.device("meta")] * 2

@@ -141,7 +141,12 @@ def test_a_batch_whose_reply_would_not_fit_the_servers_message_size_goes_in_part
     with torch.no_grad():
         SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), probe)(**inputs)
     [(_, tokens)] = probe.steps
-    two_rows = ServerLimits(max_message_bytes=StepLimits.HEADROOM + 2 * tokens * 4 * compat.final_width(model.config))
+    row_bytes = tokens * 4 * compat.final_width(model.config)
+    two_rows = ServerLimits(
+        max_message_bytes=next(
+            m for m in range(2 * row_bytes, 64 * row_bytes) if StepLimits(message_bytes=m).replies(row_bytes, 5) == 2
+        )
+    )
     transport = RecordingTransport(SplitServer(copy.deepcopy(model), limits=two_rows))
     split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), transport)
     with torch.no_grad():

@@ -12,7 +12,6 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from slicer_hf import ConfigError, ProtocolError, SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
-from slicer_hf.link import StepLimits
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.transport import LocalTransport
 
@@ -74,7 +73,7 @@ def test_outputs_go_up_in_steps_whose_replies_fit_the_servers_message_size(refer
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
         want = ref(ids, attention_mask=mask, labels=labels)
-    limits = ServerLimits(max_message_bytes=StepLimits.HEADROOM + 3 * 4 * 4 * VOCAB)
+    limits = ServerLimits(max_message_bytes=8192)  # 7,168 bytes of replies: the logits of 4 positions of 3 rows
     transport = RecordingTransport(SplitServer(copy.deepcopy(ref), limits=limits))
     config = LOSSLESS.replace(split_layer=2, downlink="logits")
     model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), config, transport=transport)
@@ -86,6 +85,11 @@ def test_outputs_go_up_in_steps_whose_replies_fit_the_servers_message_size(refer
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
     assert transport.steps[2:] == [(3, 9)]  # generate() wants the last position's logits alone: its prompt goes whole
+    tiny = SplitServer(copy.deepcopy(ref), limits=ServerLimits(max_message_bytes=1024))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), config, transport=LocalTransport(tiny))
+    with pytest.raises(ProtocolError, match="one output of this step takes up to 1,536 bytes"):  # 3 rows' logits
+        model(ids, attention_mask=mask)
+    assert tiny.stats_dict()["errors"] == {}  # refused by the edge: the server computed nothing in vain
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -118,8 +122,9 @@ def test_unsplit_runs_the_whole_model_and_refuses_a_cache_made_split(model_pair)
 def test_a_forward_with_gradients_on_warns_that_they_do_not_cross_the_split(model_pair):
     ref, model = model_pair("llama")
     model = split(model)
-    with pytest.warns(UserWarning, match="gradients do not cross the split"):
+    with pytest.warns(UserWarning, match="gradients do not cross the split") as warned:
         loss = model(prompt(1, 6), labels=prompt(1, 6)).loss
+    assert warned[0].filename == __file__  # it names the caller's line
     loss.backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is None  # what the warning says
     import warnings
@@ -440,8 +445,7 @@ class Switching(LocalTransport):
         return super().request(data)
 
     def reset(self) -> bool:
-        if self.dead and self.server is not self.second:
-            self.server, self._owned = self.second, set()  # the first server's sessions died with it
+        self.server = self.second if self.dead else self.server
         return True
 
     def has_alternatives(self) -> bool:
@@ -490,6 +494,23 @@ def test_an_interrupted_step_frees_its_session_on_an_in_process_server(reference
     transport.armed = False
     expected = ref.generate(prompt(1, 7), max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(prompt(1, 7), max_new_tokens=4, do_sample=False), expected)
+
+
+def test_models_sharing_one_in_process_transport_keep_their_own_sessions(reference_models):
+    ref = reference_models["llama"]
+    server = SplitServer(copy.deepcopy(ref))
+    shared = LocalTransport(server)
+    first, second = (
+        SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), shared) for _ in "ab"
+    )
+    ids = prompt(1, 7)
+    first.generate(ids, max_new_tokens=2, do_sample=False)
+    made = second.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    first.close_session()  # the first model's session alone
+    assert server.stats_dict()["sessions_active"] == 1
+    out = second.generate(made.sequences, past_key_values=made.past_key_values, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert second.wire_stats().retries == 0  # its session was never lost
 
 
 def test_wire_stats_count_one_failover_per_recovery_and_each_failed_attempt_as_a_retry(reference_models):

@@ -25,11 +25,12 @@ def root_context(root_certificates: bytes) -> ssl.SSLContext:
 class Transport(ABC):
     """Carries one request to the server and brings its reply back, as bytes.
 
-    `session_stream` marks transports that keep one stream per session (the server then ties the session's
-    life to the stream); `failover` lists other endpoints to try when this one dies.
+    `frees_sessions_on_close` is True where a session lives on a stream of its own, which the server frees when it
+    ends (so `close()` gives the session up without another message).
     """
 
     name: str = "transport"
+    frees_sessions_on_close: bool = True
 
     @abstractmethod
     def request(self, data: bytes) -> bytes:
@@ -54,21 +55,17 @@ class Transport(ABC):
 
 
 class LocalTransport(Transport):
-    """The server lives in this process; messages still go through their bytes. Like a network stream, it owns the
-    sessions it opened: `close()` frees what they hold (a link ends it after an interrupted or failed step)."""
+    """The server lives in this process; messages still go through their bytes. It holds no connection, so closing
+    it frees nothing on the server: a link that gives up a session sends CLOSE (which answers at once here)."""
 
     name = "local"
+    frees_sessions_on_close = False
 
     def __init__(self, server: SplitServer) -> None:
         self.server = server
-        self._owned: set[int] = set()
 
     def request(self, data: bytes) -> bytes:
-        return self.server.handle(bytes(data), client="local", owned=self._owned)
-
-    def close(self) -> None:
-        while self._owned:
-            self.server.close_session(self._owned.pop())
+        return self.server.handle(bytes(data), client="local")
 
 
 # URL scheme -> (module under slicer_hf.transport, class): transports are found here, imported on first use

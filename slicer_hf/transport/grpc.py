@@ -191,7 +191,7 @@ class GrpcTransport(Transport):
 
 def _as_transport_error(exc: grpc.RpcError, name: str) -> TransportError:
     code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
+    details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
     permanent = {
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.PERMISSION_DENIED,
