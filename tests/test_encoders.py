@@ -114,8 +114,27 @@ def test_lossless_split_equals_the_unsplit_forward_at_every_block_boundary(famil
         assert split.wire_stats().tokens > 0  # the hidden states crossed the (in-process) wire
 
 
-@pytest.mark.parametrize("family", ["bert", "vit", "swin", "resnet"])
-def test_a_batch_over_the_servers_step_limit_goes_in_parts_and_stays_exact(family):
+def two_rows_of_values(model, tokens: int) -> ServerLimits:
+    """Limits under which a step carries two rows: by the values it sends."""
+    return ServerLimits(max_step_elements=2 * tokens * compat.split_width(model.config, 2))
+
+
+def two_rows_of_reply(model, tokens: int) -> ServerLimits:
+    """Limits under which a step carries two rows: by the bytes of its reply (the smallest message size that holds two
+    rows' outputs, float32 rows of the final width)."""
+    row = tokens * 4 * compat.final_width(model.config)
+    fits = (m for m in range(2 * row, 64 * row) if StepLimits(message_bytes=m).replies(row, 5) == 2)
+    return ServerLimits(max_message_bytes=next(fits))
+
+
+@pytest.mark.parametrize(
+    "family, limits",
+    [
+        *((family, two_rows_of_values) for family in ["bert", "vit", "swin", "resnet"]),
+        *((family, two_rows_of_reply) for family in ["bert", "vit"]),
+    ],
+)
+def test_a_batch_over_the_servers_step_or_reply_limit_goes_in_parts_and_stays_exact(family, limits):
     model, inputs = build(family), inputs_for(family, batch=5)
     with torch.no_grad():
         want = output_of(model(**inputs))
@@ -123,35 +142,11 @@ def test_a_batch_over_the_servers_step_limit_goes_in_parts_and_stays_exact(famil
     with torch.no_grad():
         SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), probe)(**inputs)
     [(batch, tokens)] = probe.steps
-    two_rows = ServerLimits(max_step_elements=2 * tokens * compat.split_width(model.config, 2))
-    transport = RecordingTransport(SplitServer(copy.deepcopy(model), limits=two_rows))
+    transport = RecordingTransport(SplitServer(copy.deepcopy(model), limits=limits(model, tokens)))
     split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), transport)
     with torch.no_grad():
         got = output_of(split(**inputs))
     assert batch == 5 and transport.steps == [(2, tokens), (2, tokens), (1, tokens)]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", ["bert", "vit"])
-def test_a_batch_whose_reply_would_not_fit_the_servers_message_size_goes_in_parts(family):
-    model, inputs = build(family), inputs_for(family, batch=5)
-    with torch.no_grad():
-        want = output_of(model(**inputs))
-    probe = RecordingTransport(SplitServer(copy.deepcopy(model)))
-    with torch.no_grad():
-        SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), probe)(**inputs)
-    [(_, tokens)] = probe.steps
-    row_bytes = tokens * 4 * compat.final_width(model.config)
-    two_rows = ServerLimits(
-        max_message_bytes=next(
-            m for m in range(2 * row_bytes, 64 * row_bytes) if StepLimits(message_bytes=m).replies(row_bytes, 5) == 2
-        )
-    )
-    transport = RecordingTransport(SplitServer(copy.deepcopy(model), limits=two_rows))
-    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), transport)
-    with torch.no_grad():
-        got = output_of(split(**inputs))
-    assert transport.steps == [(2, tokens), (2, tokens), (1, tokens)]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -190,12 +190,19 @@ class Codec(ABC):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CodecError(f"decode takes bytes, got {type(data).__name__}")
         try:
-            out = self._decode(Reader(bytes(data)), expect_shape, expect_dtypes, given)
+            with self._decoding_on(device):
+                out = self._decode(Reader(bytes(data)), expect_shape, expect_dtypes, given)
         except CodecError:
             raise
         except Exception as exc:  # any other failure on hostile bytes is still malformed input
             raise CodecError(f"malformed {self.name!r} packet: {type(exc).__name__}: {exc}") from exc
         return out.to(device) if device is not None else out
+
+    @contextlib.contextmanager
+    def _decoding_on(self, device: torch.device | str | None) -> Iterator[None]:
+        """The scope of decoding one packet for `device`: a codec whose kernels run there decodes on it (by default,
+        rows are built on the host and moved)."""
+        yield
 
     def decode_batch(
         self,

@@ -76,8 +76,8 @@ ECSQ_MAX_CODE = (1 << 15) - 1  # |code| bound: steps below ~sqrt(d)/32767 clip t
 ROTATION_BLOCK = 1024
 MAX_ROTATED_WIDTH = 1 << 16  # well above any model's hidden size
 ROTATION_SEED = 0x51C3
-# Where `_decode_rows` builds its rows: set by `SlicerCodec._read` (under decode and decode_batch) when the kernels
-# run on the target device.
+# Where `_decode_rows` builds its rows: set by `SlicerCodec._decoding_on` (under decode and decode_batch) when the
+# kernels run on the target device.
 _DECODE_DEVICE: ContextVar[torch.device | None] = ContextVar("slicer_decode_device", default=None)
 _REBUILD_LATER: ContextVar[_Later | None] = ContextVar("slicer_rebuild_later", default=None)  # within decode_batch
 
@@ -244,22 +244,15 @@ class SlicerCodec(Codec):
         return bytes([flags]) + write_varint(k) + bytes([m, n_out]) + body
 
     # ---------------------------------------------------------------- decode
-    def _read(
-        self,
-        data: bytes,
-        device: torch.device | str | None,
-        expect_shape: tuple[int | None, ...] | None,
-        expect_dtypes: frozenset[torch.dtype] | None,
-        given: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """`Codec._read` (under `decode` and `decode_batch`): with a `device` where the codec kernels run, unpacking
-        and dequantization happen there (only the compressed body crosses to it); elsewhere rows are built on the
-        host and moved."""
+    @contextlib.contextmanager
+    def _decoding_on(self, device: torch.device | str | None) -> Iterator[None]:
+        """With a `device` where the codec kernels run, unpacking and dequantization happen there (only the
+        compressed body crosses to it); elsewhere rows are built on the host and moved."""
         target = torch.device(device) if device is not None else None
         on_device = target is not None and target.type != "cpu" and ops.use_kernels(target)
         token = _DECODE_DEVICE.set(target if on_device else None)
         try:
-            return super()._read(data, device, expect_shape, expect_dtypes, given)
+            yield
         finally:
             _DECODE_DEVICE.reset(token)
 
