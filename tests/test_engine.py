@@ -437,6 +437,33 @@ def test_the_compute_threads_cpu_time_is_counted_and_its_parts_fit_in_it(engine)
     assert parts < spent["scheduler_cpu_s"] <= spent["process_cpu_s"]
 
 
+def test_the_process_cpu_time_read_mid_round_holds_no_more_of_the_compute_thread_than_its_own_count(engine):
+    """Both counts stand as of the compute thread's last accounting, so their difference (the other threads') is
+    never the round in progress, nor negative once that round is counted."""
+    server = engine(batching=True)
+    session = open_session(server)
+    spinning, plain = threading.Event(), server.scheduler._round
+
+    def busy(pending):  # a long round: 0.4 s of CPU on the compute thread
+        spinning.set()
+        until = time.thread_time() + 0.4
+        while time.thread_time() < until:
+            pass
+        return plain(pending)
+
+    server.scheduler._round = busy
+    before = server.stats_dict()
+    waiting = threading.Thread(target=lambda: step(server, session, 1))
+    waiting.start()
+    assert spinning.wait(10)
+    time.sleep(0.3)
+    mid = server.stats_dict()
+    others = (mid["process_cpu_s"] - before["process_cpu_s"]) - (mid["scheduler_cpu_s"] - before["scheduler_cpu_s"])
+    waiting.join()
+    server.shutdown()
+    assert -1e-3 < others < 0.15  # the spinning round is in neither count yet
+
+
 def test_a_stream_idles_out_on_the_timeout_that_applies_now_and_not_while_it_talks(engine):
     server = engine(open_timeout_s=60, idle_timeout_s=0.5)  # its first read waits up to 60 s, its later ones 0.5 s
     running = serve(server, port=0)

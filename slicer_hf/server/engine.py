@@ -927,7 +927,8 @@ class SplitServer:
             "kv_budget_bytes": self.kv_budget_bytes,
             "draining": int(self.draining),
             "prepacked_linears": self.prepacked,
-            "process_cpu_s": round(time.process_time(), 6),
+            # as of the compute thread's last accounting, like scheduler_cpu_s: their difference is the other threads'
+            "process_cpu_s": round(time.process_time() - self.scheduler.unaccounted_cpu_s(), 6),
         }
 
 

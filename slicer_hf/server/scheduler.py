@@ -279,8 +279,17 @@ class Scheduler:
         """Add `counters` to the server's stats together with the CPU time this thread has used since it last did:
         a reader never sees a part of that time (a forward's, a decode's) without the whole."""
         now = time.thread_time()
-        self.server.stats.add(scheduler_cpu_s=now - self._cpu_mark, **counters)
-        self._cpu_mark = now
+        mark, self._cpu_mark = self._cpu_mark, now  # moved first: a reader may count a delta twice, never miss it
+        self.server.stats.add(scheduler_cpu_s=now - mark, **counters)
+
+    def unaccounted_cpu_s(self) -> float:
+        """CPU time this thread has used that the stats do not hold yet (the round it is in), where the platform
+        lets another thread read it (0 elsewhere)."""
+        try:
+            clock = time.pthread_getcpuclockid(self._thread.ident or 0)
+            return max(0.0, time.clock_gettime(clock) - self._cpu_mark)
+        except (AttributeError, OSError):  # no per-thread clocks here, or the thread has ended
+            return 0.0
 
     def _guard(self, works: list[Work], fn: Any, report: bool = True) -> Exception | None:
         """Run `fn` and hand each finished step its reply (or its own error); if `fn` fails, report it to each
