@@ -424,7 +424,15 @@ class SlicerConfig:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None, **overrides: Any
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        subfolder: str = "",
+        **overrides: Any,
     ) -> SlicerConfig:
         """Load from a folder, a `slicer_config.json` file, a preset shipped with slicer_hf (`available_presets()`),
         or a Hub repo id, in that order, then apply `overrides`.
@@ -432,21 +440,24 @@ class SlicerConfig:
         Args:
             name_or_path: local folder or file, a preset name such as `"smollm2-135m-split24"`, or a Hugging Face
                 Hub repo id.
-            revision: Hub revision (branch, tag or commit) when loading from the Hub.
+            revision, token, cache_dir, local_files_only, subfolder: as for `hf_hub_download`, when loading from
+                the Hub (`subfolder` applies to a local folder too).
             overrides: fields to change after loading.
         """
+        hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+        hub = {key: value for key, value in {**hub, "subfolder": subfolder}.items() if value}  # those given
         path = Path(name_or_path)
         if not path.exists() and str(name_or_path) in available_presets():
             path = PRESETS_DIR / str(name_or_path)
         if path.is_dir():
-            path = path / CONFIG_NAME
+            path = path / subfolder / CONFIG_NAME
         if not path.is_file():
             if Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~")):
                 raise ConfigError(f"no {CONFIG_NAME} found at {name_or_path}")
             from huggingface_hub import hf_hub_download
 
             try:
-                path = Path(hf_hub_download(str(name_or_path), CONFIG_NAME, revision=revision))
+                path = Path(hf_hub_download(str(name_or_path), CONFIG_NAME, **hub))
             except Exception as exc:  # the Hub client raises many types; the user needs one clear message
                 raise ConfigError(
                     f"could not load {CONFIG_NAME} from {name_or_path!r} (not a folder, not a preset: "
@@ -460,7 +471,7 @@ class SlicerConfig:
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         config = cls.from_dict(data)
         config = config.replace(**overrides) if overrides else config
-        _load_bases(config, path.parent, str(name_or_path), revision)
+        _load_bases(config, path.parent, str(name_or_path), hub)
         return config
 
     def model_card(self, repo_id: str) -> str:
@@ -533,7 +544,7 @@ def _is_digest(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 16 and all(c in "0123456789abcdef" for c in value)
 
 
-def _load_bases(config: SlicerConfig, folder: Path, name_or_path: str, revision: str | None) -> None:
+def _load_bases(config: SlicerConfig, folder: Path, name_or_path: str, hub: dict[str, Any]) -> None:
     """Register the bases `config` names: from beside its file, else (a Hub config) downloaded from its repo."""
     from .codec.basis import Basis, basis_file
 
@@ -543,7 +554,7 @@ def _load_bases(config: SlicerConfig, folder: Path, name_or_path: str, revision:
             from huggingface_hub import hf_hub_download
 
             try:
-                path = Path(hf_hub_download(name_or_path, basis_file(digest), revision=revision))
+                path = Path(hf_hub_download(name_or_path, basis_file(digest), **hub))
             except Exception as exc:  # as for the config: one clear message
                 raise ConfigError(f"could not load {basis_file(digest)} from {name_or_path!r}: {exc}") from exc
         if not path.is_file():

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,13 @@ def default_model_path() -> Path:
     if _converted(target, source):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    for left in target.parent.glob(f".{MODEL_DIR_NAME}.*-*"):  # what a killed conversion left (an hour on: not ours)
+        with contextlib.suppress(OSError):
+            if time.time() - left.stat().st_mtime > 3600:
+                shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}.tmp-", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # readable like any folder (mkdtemp makes it its owner's alone): a shared cache works
         _convert_gguf(gguf, tmp)
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}  # checked at every later use
         marker = {**source, "files": files}
@@ -128,7 +134,7 @@ def load_text(source: str) -> str:
     path = Path(source).expanduser()
     if path.is_file():
         try:
-            return path.read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text
         except UnicodeDecodeError as exc:
             raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a text file") from exc
     name, _, split = source.partition(":")
@@ -150,7 +156,13 @@ def load_text(source: str) -> str:
             f"no local copy of {name}:{split} (set SLICER_HF_WIKITEXT_DIR to a folder holding {local_name}) and the "
             "`datasets` package is missing: `pip install datasets`"
         ) from exc
-    return "".join(datasets.load_dataset("wikitext", name, split=split)["text"])
+    try:
+        return "".join(datasets.load_dataset("wikitext", name, split=split)["text"])
+    except Exception as exc:  # offline, say: name what would have worked
+        raise FileNotFoundError(
+            f"no local copy of {name}:{split} (set SLICER_HF_WIKITEXT_DIR to a folder holding {local_name}), and "
+            f"`datasets` could not fetch it: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:

@@ -108,8 +108,8 @@ class _SplitAutoFactory:
 
         Args:
             pretrained_model_name_or_path: Hub id or local folder.
-            slicer_config: a `SlicerConfig`, a folder/repo holding one, or None (the model folder's
-                `slicer_config.json` if present, else defaults).
+            slicer_config: a `SlicerConfig`, a dict of its fields, a folder, preset or repo holding one, or None
+                (the model's own `slicer_config.json`, in its folder or Hub repo, if it has one; else defaults).
             transport: `"local"` (the server part in this process) or `"grpc://host:port"` (a list is tried in
                 order). With a remote server the weights of blocks `split_layer..L-1` are released after loading.
             transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
@@ -119,7 +119,7 @@ class _SplitAutoFactory:
             NotImplementedError: a family outside `compat.ENCODER_SPLIT_FAMILIES`.
             ConfigError: a split layer outside `[1, L-1]`, or a downlink other than hidden states.
         """
-        config = _resolve_config(slicer_config, pretrained_model_name_or_path)
+        config = _resolve_config(slicer_config, pretrained_model_name_or_path, hf_kwargs)
         model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
         _check(model_config, config)  # before any weight is read
         model = cls.auto_class.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)

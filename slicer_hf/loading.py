@@ -9,6 +9,7 @@ safetensors (GGUF, pickles, quantized) load whole, and the unused layers are rel
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -53,40 +54,63 @@ def _load_layers(
 ) -> PreTrainedModel:
     folder = _safetensors_folder(name_or_path, hf_kwargs) if set(hf_kwargs) <= PARTIAL_OK_KWARGS else None
     if folder is None:
-        model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
-        release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
-        return model
+        return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
     dtype = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype", "auto"))
     config = AutoConfig.from_pretrained(folder)
+    files = _checkpoint_files(folder)
+    if files is None or getattr(config, "quantization_config", None):  # quantized weights need their quantizer
+        return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype)
     prefix = compat.layers_path(model) + "."
-    expected = {name for name, _ in model.named_parameters()}
-    state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                if key.startswith(prefix) and int(key[len(prefix) :].split(".", 1)[0]) not in keep:
-                    continue
-                state[key] = f.get_tensor(key).to(dtype)
-    wanted = {n for n in expected if not (n.startswith(prefix) and int(n[len(prefix) :].split(".", 1)[0]) not in keep)}
-    missing = wanted - set(state)
+    wanted = {
+        name
+        for name, _ in model.named_parameters()
+        if not (name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) not in keep)
+    }
+    where = {}  # the file of each wanted key, found from the names alone: no tensor is read before all are there
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where |= {key: file for key in f.keys() if key in wanted}  # noqa: SIM118 - not a mapping
+    missing = wanted - set(where)
     if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         missing -= {n for n in missing if n.endswith(compat.output_embedding_name(model))}
     if missing:
         logger.info("checkpoint keys do not match the model (%s...): loading whole", sorted(missing)[:3])
-        model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
-        release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
-        return model
+        return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            state |= {key: f.get_tensor(key).to(dtype) for key, held in where.items() if held == file}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.config._name_or_path = str(name_or_path)
     return model.eval()
+
+
+def _load_whole(
+    name_or_path: str | os.PathLike[str], keep: set[int], auto_class: Any, hf_kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    """transformers' own load of the whole model, less the layers outside `keep`."""
+    model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
+    release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
+    return model
+
+
+def _checkpoint_files(folder: Path) -> list[Path] | None:
+    """The safetensors files transformers reads for the model in `folder`: the shards its index names, or
+    `model.safetensors`; None where neither is there (other files, an export, a variant, are never read)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        return [folder / shard for shard in shards] if all((folder / s).is_file() for s in shards) else None
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else None
 
 
 def release_layers(model: PreTrainedModel, indices: Iterable[int]) -> None:
@@ -105,7 +129,7 @@ def _safetensors_folder(name_or_path: str | os.PathLike[str], hf_kwargs: dict[st
             path = Path(
                 snapshot_download(
                     str(name_or_path),
-                    allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+                    allow_patterns=["*.json", "model*.safetensors", "*.txt", "*.model"],  # not consolidated.*
                     revision=hf_kwargs.get("revision"),
                     token=hf_kwargs.get("token"),
                     cache_dir=hf_kwargs.get("cache_dir"),

@@ -19,6 +19,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,9 @@ UNSUPPORTED_GENERATION = {  # generate() arguments, the values that leave split 
     "guidance_scale": ((None, 1), "classifier-free guidance (a second, unconditional sequence on the model)"),
     "dola_layers": ((None,), "DoLa decoding (it reads early layers' hidden states)"),
 }
+
+
+PUSH_KWARGS = {"commit_message", "commit_description", "private", "revision", "create_pr", "tags"}  # push_to_hub's
 
 
 class ConcurrentUseError(SlicerError, RuntimeError):
@@ -121,6 +125,13 @@ class SplitModelMixin:
                 f"0..{self.slicer_config.split_layer - 1} (the server runs the rest): save from a model loaded "
                 'with transport="local"'
             )
+        if kwargs.pop("push_to_hub", False):  # transformers would upload before slicer_config.json is written
+            repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
+            hub = {key: kwargs.pop(key) for key in PUSH_KWARGS & kwargs.keys()}
+            self.save_pretrained(save_directory, *args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
+            return
         base = type(self)._slicer_base
         with unsplit(self):
             base.save_pretrained(self, save_directory, *args, **kwargs)
@@ -359,15 +370,15 @@ class SlicerModelForCausalLM:
 
         Args:
             pretrained_model_name_or_path: Hub id or local folder (as for `AutoModelForCausalLM`).
-            slicer_config: a `SlicerConfig`, a folder/repo holding one, or None (the model folder's
-                `slicer_config.json` if present, else defaults).
+            slicer_config: a `SlicerConfig`, a dict of its fields, a folder, preset or repo holding one, or None
+                (the model's own `slicer_config.json`, in its folder or Hub repo, if it has one; else defaults).
             transport: `"local"` (server part in this process, shared weights) or `"grpc://host:port"`
                 (a list of URLs is tried in order for failover). With a remote server, weights of layers
                 `split_layer..L-1` are released after loading.
             transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
         """
-        config = _resolve_config(slicer_config, pretrained_model_name_or_path)
+        config = _resolve_config(slicer_config, pretrained_model_name_or_path, hf_kwargs)
         model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
         compat.check_supported(model_config)  # refuse a family that cannot split before loading any weight
         if transport == "local" or isinstance(transport, LocalTransport):
@@ -416,6 +427,14 @@ def make_split(
         hidden_size=getattr(model.config, "hidden_size", None),
     )
     local = isinstance(transport, str) and transport == "local"
+    runs = range(n) if local else range(config.split_layer)  # the in-process server runs the rest here too
+    layers = compat.decoder_layers(model)
+    if released := [i for i in runs if any(p.device.type == "meta" for p in layers[i].parameters())]:
+        which = f"layer {released[0]} holds" if len(released) == 1 else f"layers {released[0]}..{released[-1]} hold"
+        raise ConfigError(
+            f"{which} no weights here (an edge released them for its server), and this split runs "
+            f"{'every layer here' if local else f'layers 0..{config.split_layer - 1} here'}: load the model again"
+        )
     attach_hooks(model)
     if not isinstance(model, mixin):
         model.__class__ = _split_class(type(model), mixin)
@@ -437,11 +456,8 @@ def default_split_layer(num_layers: int) -> int:
 
 
 def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in hf_kwargs.items()
-        if k in ("revision", "token", "cache_dir", "local_files_only", "gguf_file", "trust_remote_code")
-    }
+    names = ("revision", "token", "cache_dir", "local_files_only", "gguf_file", "trust_remote_code", "subfolder")
+    return {k: v for k, v in hf_kwargs.items() if k in names}
 
 
 @functools.cache
@@ -464,14 +480,35 @@ def _split_class(base: type, mixin: type[SplitModelMixin]) -> type:
     return cls
 
 
-def _resolve_config(slicer_config: Any, model_path: Any) -> SlicerConfig:
+def _resolve_config(slicer_config: Any, model_path: Any, hf_kwargs: dict[str, Any]) -> SlicerConfig:
+    """The split settings: as given (an object, a dict, a folder, a preset, a Hub id), else the model's own
+    `slicer_config.json` (in its folder or its Hub repo, at the model's revision and subfolder), else the defaults."""
+    hub = {k: hf_kwargs[k] for k in ("token", "cache_dir", "local_files_only") if hf_kwargs.get(k) is not None}
     if isinstance(slicer_config, SlicerConfig):
         return slicer_config
+    if isinstance(slicer_config, dict):
+        return SlicerConfig.from_dict(slicer_config)
     if slicer_config is not None:
-        return SlicerConfig.from_pretrained(slicer_config)
-    if os.path.isfile(os.path.join(str(model_path), CONFIG_NAME)):
-        return SlicerConfig.from_pretrained(model_path)
-    return SlicerConfig()
+        return SlicerConfig.from_pretrained(slicer_config, **hub)
+    own = {**hub, "revision": hf_kwargs.get("revision"), "subfolder": hf_kwargs.get("subfolder") or ""}
+    if os.path.isdir(str(model_path)):
+        folder = os.path.join(str(model_path), own["subfolder"])
+        return (
+            SlicerConfig.from_pretrained(folder)
+            if os.path.isfile(os.path.join(folder, CONFIG_NAME))
+            else SlicerConfig()
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(str(model_path), CONFIG_NAME, **{k: v for k, v in own.items() if v})
+    except EntryNotFoundError:  # the repo holds no split settings (also where a local cache knows it holds none)
+        return SlicerConfig()
+    except Exception as exc:  # offline without it in the cache, gated, not a repo: the model load says more
+        logger.info("no %s for %s (%s): the default split settings", CONFIG_NAME, model_path, exc)
+        return SlicerConfig()
+    return SlicerConfig.from_pretrained(str(model_path), **own)
 
 
 @contextlib.contextmanager

@@ -215,10 +215,10 @@ def test_a_basis_fitted_at_one_split_warns_when_it_codes_another():
     config = SlicerConfig(split_layer=2, quantizer="ecsq", rotation="calibrated", basis=basis.digest, outliers=0)
     model = SlicerModelForCausalLM.from_model(base, config)
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():  # (with gradients on, a split forward warns of them)
         warnings.simplefilter("error")
         model(ids)  # its own split: silent
-    with pytest.warns(UserWarning, match="fitted at split 2 and now codes split 1"):
+    with pytest.warns(UserWarning, match="fitted at split 2 and now codes split 1"), torch.no_grad():
         model(ids, split_layer=1)
 
 

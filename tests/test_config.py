@@ -1,5 +1,7 @@
 import json
 import logging
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +186,75 @@ def test_grouped_codec_settings_live_in_the_config(tmp_path):
         SlicerConfig(codec="grouped", bits=1)
     with pytest.raises(ConfigError, match="`group_size`"):
         SlicerConfig(codec="grouped", group_size=0)
+
+
+def split_model_folder(path, config: SlicerConfig):
+    """A tiny Llama saved in `path` with `config` as its slicer_config.json."""
+    from conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(path)
+    config.save_pretrained(path)
+    return path
+
+
+def test_a_model_repo_on_the_hub_gives_its_own_split_settings(tmp_path, monkeypatch):
+    """Read from a Hub cache, as offline: the repo's slicer_config.json, at the model's revision and subfolder."""
+    from slicer_hf import SlicerModelForCausalLM
+
+    commit = "a" * 40
+    repo = tmp_path / "cache" / "models--someone--tiny-split"
+    split_model_folder(repo / "snapshots" / commit / "v2", SlicerConfig(split_layer=1, codec="int8"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = dict(cache_dir=tmp_path / "cache", subfolder="v2")
+    model = SlicerModelForCausalLM.from_pretrained("someone/tiny-split", **hub)
+    assert (model.slicer_config.split_layer, model.slicer_config.codec) == (1, "int8")
+    named = SlicerModelForCausalLM.from_pretrained("someone/tiny-split", slicer_config={"split_layer": 2}, **hub)
+    assert named.slicer_config.split_layer == 2  # a dict of fields is a config too
+
+
+def test_a_named_config_repo_is_fetched_with_the_models_credentials(tmp_path, monkeypatch):
+    from slicer_hf import SlicerModelForCausalLM
+
+    folder = split_model_folder(tmp_path / "model", SlicerConfig())
+    SlicerConfig(split_layer=1).save_pretrained(tmp_path / "private")
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        return str(tmp_path / "private" / filename)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    model = SlicerModelForCausalLM.from_pretrained(folder, slicer_config="someone/private", token="hf_x", cache_dir="c")
+    assert model.slicer_config.split_layer == 1
+    assert calls == [("someone/private", CONFIG_NAME, {"token": "hf_x", "cache_dir": "c"})]
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_split_settings_too(tmp_path, monkeypatch):
+    from slicer_hf import SlicerModelForCausalLM
+
+    model = SlicerModelForCausalLM.from_pretrained(split_model_folder(tmp_path / "model", SlicerConfig(split_layer=1)))
+    pushed = []
+
+    def push_to_hub(self, repo_id, **kwargs):
+        with tempfile.TemporaryDirectory() as folder:  # as transformers does: save, then upload the folder
+            self.save_pretrained(folder)
+            pushed.append((repo_id, kwargs, sorted(p.name for p in Path(folder).iterdir())))
+
+    monkeypatch.setattr(type(model), "push_to_hub", push_to_hub)
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="someone/split", commit_message="m")
+    [(repo_id, kwargs, files)] = pushed
+    assert repo_id == "someone/split" and kwargs == {"token": None, "commit_message": "m"}
+    assert CONFIG_NAME in files and (tmp_path / "out" / CONFIG_NAME).is_file()
+
+
+def test_layers_an_edge_released_are_not_run_again(tmp_path):
+    from slicer_hf import SlicerModelForCausalLM
+
+    folder = split_model_folder(tmp_path / "model", SlicerConfig(split_layer=2))
+    edge = SlicerModelForCausalLM.from_pretrained(folder, transport="grpc://127.0.0.1:9")  # nothing listens
+    with pytest.raises(ConfigError, match="layers 2..3 hold no weights here"):
+        SlicerModelForCausalLM.from_model(edge, SlicerConfig(split_layer=2))  # in process: every layer runs here
+    with pytest.raises(ConfigError, match="layer 2 holds no weights here"):
+        SlicerModelForCausalLM.from_model(edge, SlicerConfig(split_layer=3), transport="grpc://127.0.0.1:9")

@@ -53,6 +53,18 @@ def test_load_text_reads_a_local_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("héllo\nworld\n", encoding="utf-8")
     assert data.load_text(str(path)) == "héllo\nworld\n"
+    path.write_text("\ufeffhello", encoding="utf-8")  # a byte-order mark (Windows editors write one) is no text
+    assert data.load_text(str(path)) == "hello"
+
+
+def test_a_release_neither_here_nor_fetched_names_the_local_copy_that_would_do(monkeypatch):
+    def offline(path, name, split):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub")
+
+    monkeypatch.setattr(data, "_wikitext_dirs", lambda: [])
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(FileNotFoundError, match="WIKITEXT_DIR to a folder holding wiki.valid.raw.*ConnectionError"):
+        data.load_text("wikitext-2-raw-v1:validation")
 
 
 @pytest.mark.parametrize(
@@ -169,6 +181,24 @@ def test_a_damaged_conversion_is_converted_again(monkeypatch, tmp_path):
     assert (path / "model.safetensors").stat().st_size == 1000
     (path / "config.json").unlink()
     assert data.default_model_path() == path and len(conversions) == 3
+
+
+def test_a_killed_conversions_leftovers_go_and_the_folder_is_readable_by_all(monkeypatch, tmp_path):
+    import os
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(data, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(data, "_convert_gguf", lambda source, out: (out / "config.json").write_text("{}"))
+    monkeypatch.setenv("SLICER_HF_CACHE", str(tmp_path / "cache"))
+    killed, running = (tmp_path / "cache" / f".{data.MODEL_DIR_NAME}.tmp-{name}" for name in ("killed", "running"))
+    for left in (killed, running):
+        left.mkdir(parents=True)
+        (left / "model.safetensors").write_bytes(b"w" * 100)
+    os.utime(killed, (0, 0))  # long ago; `running` is another process's conversion under way: it stays
+    path = data.default_model_path()
+    assert not killed.exists() and running.exists()
+    assert path.stat().st_mode & 0o777 == 0o755
 
 
 @pytest.mark.slow

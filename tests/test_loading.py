@@ -35,3 +35,43 @@ def test_only_the_requested_layers_hold_weights(checkpoint, layers):
 def test_other_loading_options_fall_back_to_a_whole_load_then_release(checkpoint):
     model = load_layers(checkpoint, range(2), dtype=torch.float32, low_cpu_mem_usage=True)
     assert on_meta(model) == [False, False, True, True]
+
+
+def test_only_the_files_transformers_reads_are_read(checkpoint, tmp_path):
+    """Another safetensors file in the folder (an export, a variant) is not the model's: its tensors stay unread."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "with-extra"
+    shutil.copytree(checkpoint, folder)
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}, str(folder / "zz-export.safetensors"))
+    model = load_layers(folder, range(2), dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, full.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_sharded_checkpoints_load_their_shards_partially(tmp_path):
+    folder = tmp_path / "sharded"
+    tiny_model("llama").save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    model = load_layers(folder, [3], dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert on_meta(model) == [True, True, True, False]
+    assert torch.equal(model.model.layers[3].mlp.up_proj.weight, full.model.layers[3].mlp.up_proj.weight)
+
+
+def test_a_quantized_checkpoint_loads_whole_with_its_quantizer(checkpoint, tmp_path, monkeypatch):
+    """Its tensors are codes and scales, not weights: only transformers' quantizer makes them weights."""
+    import json
+    import shutil
+
+    import slicer_hf.loading as loading
+
+    folder = tmp_path / "quantized"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    whole = []
+    monkeypatch.setattr(loading, "_load_whole", lambda *args: whole.append(args) or "loaded whole")
+    assert load_layers(folder, range(2), dtype=torch.float32) == "loaded whole" and len(whole) == 1
