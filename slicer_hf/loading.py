@@ -2,8 +2,9 @@
 
 A remote-split edge needs layers `0..k-1` (plus embeddings, final norm and head); a server with
 `--min-split-layer K` needs layers `K..L-1`. The model is built on the meta device, and only the tensors it needs
-are read from the checkpoint's safetensors shards; the rest never leave the disk. Checkpoints that are not plain
-safetensors (GGUF, pickles, quantized) load whole, and the unused layers are released afterwards.
+are read from the checkpoint's safetensors shards; the rest never leave the disk (from the Hub, shards that hold
+only the other side's layers are never downloaded). Checkpoints that are not plain safetensors (GGUF, pickles,
+quantized) load whole, and the unused layers are released afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,13 @@ def load_layers(
 def _load_layers(
     name_or_path: str | os.PathLike[str], keep: set[int], auto_class: Any, hf_kwargs: dict[str, Any]
 ) -> PreTrainedModel:
-    folder = _safetensors_folder(name_or_path, hf_kwargs) if set(hf_kwargs) <= PARTIAL_OK_KWARGS else None
-    if folder is None:
+    source = _checkpoint_source(name_or_path, hf_kwargs) if set(hf_kwargs) <= PARTIAL_OK_KWARGS else None
+    if source is None:
         return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
+    folder, fetch = source
     dtype = hf_kwargs.get("dtype", hf_kwargs.get("torch_dtype", "auto"))
     config = AutoConfig.from_pretrained(folder)
-    files = _checkpoint_files(folder)
-    if files is None or getattr(config, "quantization_config", None):  # quantized weights need their quantizer
+    if getattr(config, "quantization_config", None):  # quantized weights need transformers' quantizer
         return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -71,6 +72,16 @@ def _load_layers(
         for name, _ in model.named_parameters()
         if not (name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) not in keep)
     }
+    shards = _shards(folder, wanted)
+    try:
+        if fetch is not None:  # a Hub snapshot: download only the shards that hold this side's tensors
+            fetch(shards)
+    except Exception as exc:  # offline without them in the cache, say: transformers' load says what is missing
+        logger.debug("could not fetch %s of %s: %s", shards, name_or_path, exc)
+        return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
+    files = [folder / shard for shard in shards]
+    if not all(file.is_file() for file in files):  # not safetensors after all (pickles, say): transformers' load
+        return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
     where = {}  # the file of each wanted key, found from the names alone: no tensor is read before all are there
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -102,15 +113,14 @@ def _load_whole(
     return model
 
 
-def _checkpoint_files(folder: Path) -> list[Path] | None:
-    """The safetensors files transformers reads for the model in `folder`: the shards its index names, or
-    `model.safetensors`; None where neither is there (other files, an export, a variant, are never read)."""
+def _shards(folder: Path, wanted: set[str]) -> list[str]:
+    """The safetensors files transformers reads that hold any of the `wanted` keys: the shards the index names for
+    them, or `model.safetensors` (another file in the folder, an export or a variant, is never read)."""
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
-        return [folder / shard for shard in shards] if all((folder / s).is_file() for s in shards) else None
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else None
+    if not index.is_file():
+        return ["model.safetensors"]
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    return sorted({shard for key, shard in weight_map.items() if key in wanted})
 
 
 def release_layers(model: PreTrainedModel, indices: Iterable[int]) -> None:
@@ -120,26 +130,27 @@ def release_layers(model: PreTrainedModel, indices: Iterable[int]) -> None:
         layers[i].to("meta")
 
 
-def _safetensors_folder(name_or_path: str | os.PathLike[str], hf_kwargs: dict[str, Any]) -> Path | None:
+def _checkpoint_source(
+    name_or_path: str | os.PathLike[str], hf_kwargs: dict[str, Any]
+) -> tuple[Path, Callable[[list[str]], None] | None] | None:
+    """The folder holding the model's config, and for a Hub id how to download the weight files it needs (its
+    metadata comes first, so that only the shards this side reads are fetched); None where neither works."""
     path = Path(name_or_path)
-    if not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
+    if path.is_dir():
+        return path, None
+    try:
+        from huggingface_hub import snapshot_download
 
-            path = Path(
-                snapshot_download(
-                    str(name_or_path),
-                    allow_patterns=["*.json", "model*.safetensors", "*.txt", "*.model"],  # not consolidated.*
-                    revision=hf_kwargs.get("revision"),
-                    token=hf_kwargs.get("token"),
-                    cache_dir=hf_kwargs.get("cache_dir"),
-                    local_files_only=hf_kwargs.get("local_files_only", False),
-                )
-            )
-        except Exception as exc:  # offline, gated, not a repo: the whole-load path reports it properly
-            logger.debug("no safetensors snapshot for %s: %s", name_or_path, exc)
-            return None
-    return path if any(path.glob("*.safetensors")) else None
+        hub = {key: hf_kwargs.get(key) for key in ("revision", "token", "cache_dir")}
+        hub["local_files_only"] = hf_kwargs.get("local_files_only", False)
+
+        def fetch(files: list[str]) -> None:
+            snapshot_download(str(name_or_path), allow_patterns=files, **hub)
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.txt", "*.model"], **hub)), fetch
+    except Exception as exc:  # offline, gated, not a repo: the whole-load path reports it properly
+        logger.debug("no snapshot of %s: %s", name_or_path, exc)
+        return None
 
 
 def move_loaded(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:

@@ -1,5 +1,7 @@
 """Partial loading: each side reads only the decoder layers it runs from safetensors checkpoints."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -75,3 +77,30 @@ def test_a_quantized_checkpoint_loads_whole_with_its_quantizer(checkpoint, tmp_p
     whole = []
     monkeypatch.setattr(loading, "_load_whole", lambda *args: whole.append(args) or "loaded whole")
     assert load_layers(folder, range(2), dtype=torch.float32) == "loaded whole" and len(whole) == 1
+
+
+def test_from_the_hub_only_the_shards_this_side_reads_are_downloaded(tmp_path, monkeypatch):
+    import fnmatch
+    import shutil
+
+    repo, snapshot = tmp_path / "repo", tmp_path / "snapshot"
+    tiny_model("llama").save_pretrained(repo, max_shard_size="100KB")
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns, **kwargs):  # a Hub that serves `repo`
+        snapshot.mkdir(exist_ok=True)
+        for file in repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, snapshot / file.name)
+                fetched.append(file.name)
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    model = load_layers("someone/tiny", range(2), dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
+    assert on_meta(model) == [False, False, True, True]
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, full.model.layers[1].mlp.up_proj.weight)
+    weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+    shallow = {shard for key, shard in weight_map.items() if not key.startswith(("model.layers.2.", "model.layers.3."))}
+    deep_only = set(weight_map.values()) - shallow
+    assert deep_only and not deep_only & set(fetched)  # shards of layers 2 and 3 alone never came down
