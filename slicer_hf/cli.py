@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -216,17 +217,19 @@ def serve(
     _setup_logging(log_level)
     tls = _tls_pair(tls_cert, tls_key)
     scale = _parse_autoscale(autoscale)
-    fleet_only = {
-        "--replicas": replicas != 1,
-        "--autoscale": scale is not None,
-        "--advertise-host": advertise_host is not None,
-        "--sessions-per-replica": sessions_per_replica != 16,
-        "--router-port": router_port != 8000,
-        "--replica-cpus": replica_cpus != 1.0,
-        "--replica-gpus": replica_gpus != 0.0,
-        "--ray-address": ray_address is not None,
-    }
-    if given := [name for name, set_ in fleet_only.items() if set_ and not ray]:
+    fleet_only = dict(
+        replicas=replicas,
+        autoscale=autoscale,
+        advertise_host=advertise_host,
+        sessions_per_replica=sessions_per_replica,
+        router_port=router_port,
+        replica_cpus=replica_cpus,
+        replica_gpus=replica_gpus,
+        ray_address=ray_address,
+    )
+    defaults = inspect.signature(serve).parameters  # what the user did not set
+    given = [f"--{name.replace('_', '-')}" for name, value in fleet_only.items() if value != defaults[name].default]
+    if given and not ray:
         raise typer.BadParameter(f"{', '.join(given)} configure a fleet: add --ray", param_hint=given[0])
     import torch
 

@@ -490,9 +490,10 @@ def _resolve_config(slicer_config: Any, model_path: Any, hf_kwargs: dict[str, An
         return SlicerConfig.from_dict(slicer_config)
     if slicer_config is not None:
         return SlicerConfig.from_pretrained(slicer_config, **hub)
-    own = {**hub, "revision": hf_kwargs.get("revision"), "subfolder": hf_kwargs.get("subfolder") or ""}
+    own = {**hub, "revision": hf_kwargs.get("revision"), "subfolder": hf_kwargs.get("subfolder")}
+    own = {key: value for key, value in own.items() if value}  # those given
     if os.path.isdir(str(model_path)):
-        folder = os.path.join(str(model_path), own["subfolder"])
+        folder = os.path.join(str(model_path), own.get("subfolder", ""))
         return (
             SlicerConfig.from_pretrained(folder)
             if os.path.isfile(os.path.join(folder, CONFIG_NAME))
@@ -502,7 +503,7 @@ def _resolve_config(slicer_config: Any, model_path: Any, hf_kwargs: dict[str, An
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        hf_hub_download(str(model_path), CONFIG_NAME, **{k: v for k, v in own.items() if v})
+        hf_hub_download(str(model_path), CONFIG_NAME, **own)
     except EntryNotFoundError:  # the repo holds no split settings (also where a local cache knows it holds none)
         return SlicerConfig()
     except Exception as exc:  # offline without it in the cache, gated, not a repo: the model load says more
