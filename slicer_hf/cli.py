@@ -261,7 +261,7 @@ def serve(
             raise typer.BadParameter(
                 "a fleet has no one metrics port: ask each replica (slicer-hf stats)", param_hint="--metrics-port"
             )
-        if port != 50051:
+        if port != defaults["port"].default:
             raise typer.BadParameter(
                 "a fleet's replicas take free ports and its router --router-port", param_hint="--port"
             )
