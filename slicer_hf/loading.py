@@ -61,11 +61,11 @@ def _load_layers(
     config = AutoConfig.from_pretrained(folder)
     if getattr(config, "quantization_config", None):  # quantized weights need transformers' quantizer
         return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or torch.float32
+    if dtype == "auto":  # the config's, else the checkpoint's own (found below, once its files are known)
+        dtype = getattr(config, "dtype", None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
-        model = auto_class.from_config(config, dtype=dtype)
+        model = auto_class.from_config(config, dtype=dtype or torch.float32)
     prefix = compat.layers_path(model) + "."
     wanted = {
         name
@@ -92,6 +92,10 @@ def _load_layers(
     if missing:
         logger.info("checkpoint keys do not match the model (%s...): loading whole", sorted(missing)[:3])
         return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
+    if dtype is None:  # as transformers: the dtype of the checkpoint's first floating-point tensor
+        dtype = _stored_dtype(files)
+        with init_empty_weights(include_buffers=False):  # built again: buffers (rotary's) keep their own dtypes
+            model = auto_class.from_config(config, dtype=dtype)
     state = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -111,6 +115,20 @@ def _load_whole(
     model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
     release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
     return model
+
+
+def _stored_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype of the first floating-point tensor of the checkpoint `files` (float32 where none is)."""
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - not a mapping
+                stored = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                if stored is not None:
+                    return stored
+    return torch.float32
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _shards(folder: Path, wanted: set[str]) -> list[str]:

@@ -53,6 +53,22 @@ def test_only_the_files_transformers_reads_are_read(checkpoint, tmp_path):
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, full.model.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.parametrize("in_config", [True, False])
+def test_the_default_dtype_is_the_one_transformers_picks(tmp_path, in_config):
+    """dtype "auto": the config's, else that of the checkpoint's weights (a config without one loads as stored)."""
+    folder = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    if not in_config:
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("dtype", None), config.pop("torch_dtype", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    model, full = load_layers(folder, range(4)), AutoModelForCausalLM.from_pretrained(folder)
+    assert model.dtype == full.dtype == torch.bfloat16
+    assert {n: b.dtype for n, b in model.named_buffers()} == {n: b.dtype for n, b in full.named_buffers()}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model(ids).logits, full(ids).logits)
+
+
 def test_sharded_checkpoints_load_their_shards_partially(tmp_path):
     folder = tmp_path / "sharded"
     tiny_model("llama").save_pretrained(folder, max_shard_size="100KB")
