@@ -475,6 +475,25 @@ def test_a_fleet_whose_replicas_cannot_start_says_why_and_undeploy_leaves_other_
     assert len(wait_for_replicas(fleet, 2, TOKEN, timeout_s=30)) == 2  # the other fleet serves on
 
 
+@pytest.mark.slow
+def test_a_second_fleet_asking_for_another_router_port_is_refused_at_once(fleet, model_dir):
+    """One cluster has one Serve ingress: a fleet that asks for another port would wait for a router never there."""
+    from slicer_hf import ConfigError
+    from slicer_hf.server.fleet import FleetOptions, deploy
+
+    port = int(fleet.rpartition(":")[2])
+    other = FleetOptions(
+        model=model_dir, replica_cpus=0.5, app_name="other", route_prefix="/other", router_port=_free_port()
+    )
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"HTTP ingress at 127.0.0.1:{port}.*--router-port {port}"):
+        deploy(other)
+    assert time.monotonic() - started < 60  # not wait_for_replicas' 300 s
+    from ray import serve
+
+    assert "other" not in serve.status().applications
+
+
 @pytest.mark.network
 @pytest.mark.slow
 def test_a_killed_replica_mid_generation_moves_its_sessions_by_replay(fleet, model_dir, reference):

@@ -360,6 +360,13 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
         (folder / "key.pem").chmod(0o600)
         http |= {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
     serve.start(http_options=http)
+    running = _serve_http_options()
+    if running is not None and (running.get("host"), running.get("port")) != (http["host"], http["port"]):
+        raise ConfigError(  # Serve keeps the ingress it started with: the router would never answer at this port
+            f"Ray Serve already runs on this cluster with its HTTP ingress at {running.get('host')}:"
+            f"{running.get('port')}, and one cluster has one: deploy with --host {running.get('host')} "
+            f"--router-port {running.get('port')}, or shut that Serve down first"
+        )
     try:
         serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
     except RuntimeError as exc:  # Serve names only the deployment; say what its replicas failed on
@@ -380,6 +387,16 @@ def undeploy(options: FleetOptions) -> None:
     folder = _TLS_FOLDERS.pop(options.app_name, None)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _serve_http_options() -> dict[str, Any] | None:
+    """The HTTP options the running Serve instance has (None where this Ray does not say)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return dict(_get_global_client().get_serve_details().get("http_options") or {})
+    except Exception:  # an internal API: where it moved, the check is skipped and waiting says the rest
+        return None
 
 
 def _replica_failure(app_name: str) -> str | None:
