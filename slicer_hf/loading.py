@@ -30,7 +30,18 @@ logger = logging.getLogger(__name__)
 # another thread registers meanwhile (a load_state_dict(assign=True), say) land on the meta device, and two threads
 # inside it at once can leave the patch in place for good. Loads through this module take turns.
 _EMPTY_INIT_LOCK = threading.Lock()
-PARTIAL_OK_KWARGS = {"dtype", "torch_dtype", "revision", "token", "cache_dir", "local_files_only"}
+PARTIAL_OK_KWARGS = {
+    "dtype",
+    "torch_dtype",
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "attn_implementation",
+    "device_map",  # one device only (see `_one_device`)
+    "low_cpu_mem_usage",  # what a partial load is anyway
+}
+_SPREADING_MAPS = {"auto", "balanced", "balanced_low_0", "sequential"}
 
 
 def load_layers(
@@ -43,8 +54,8 @@ def load_layers(
         layers: indices of the blocks to load.
         auto_class: the transformers Auto class to build it with (default: `AutoModelForCausalLM`; `AutoModel`
             for an encoder's server).
-        hf_kwargs: `from_pretrained` arguments; anything beyond dtype/revision/token/cache_dir makes this fall back
-            to a whole load followed by releasing the unused layers.
+        hf_kwargs: `from_pretrained` arguments; anything beyond `PARTIAL_OK_KWARGS` (or a `device_map` that spreads
+            the model over devices) makes this fall back to a whole load followed by releasing the unused layers.
     """
     with _EMPTY_INIT_LOCK:
         return _load_layers(name_or_path, set(layers), auto_class or AutoModelForCausalLM, hf_kwargs)
@@ -53,7 +64,9 @@ def load_layers(
 def _load_layers(
     name_or_path: str | os.PathLike[str], keep: set[int], auto_class: Any, hf_kwargs: dict[str, Any]
 ) -> PreTrainedModel:
-    source = _checkpoint_source(name_or_path, hf_kwargs) if set(hf_kwargs) <= PARTIAL_OK_KWARGS else None
+    device = _one_device(hf_kwargs.get("device_map"))
+    partial = set(hf_kwargs) <= PARTIAL_OK_KWARGS and device is not False
+    source = _checkpoint_source(name_or_path, hf_kwargs) if partial else None
     if source is None:
         return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
     folder, fetch = source
@@ -64,8 +77,9 @@ def _load_layers(
     if dtype == "auto":  # the config's, else the checkpoint's own (found below, once its files are known)
         dtype = getattr(config, "dtype", None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    build = {"attn_implementation": hf_kwargs["attn_implementation"]} if "attn_implementation" in hf_kwargs else {}
     with init_empty_weights(include_buffers=False):
-        model = auto_class.from_config(config, dtype=dtype or torch.float32)
+        model = auto_class.from_config(config, dtype=dtype or torch.float32, **build)
     prefix = compat.layers_path(model) + "."
     wanted = {
         name
@@ -95,7 +109,7 @@ def _load_layers(
     if dtype is None:  # as transformers: the dtype of the checkpoint's first floating-point tensor
         dtype = _stored_dtype(files)
         with init_empty_weights(include_buffers=False):  # built again: buffers (rotary's) keep their own dtypes
-            model = auto_class.from_config(config, dtype=dtype)
+            model = auto_class.from_config(config, dtype=dtype, **build)
     state = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -105,6 +119,8 @@ def _load_layers(
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.config._name_or_path = str(name_or_path)
+    if device is not None:
+        move_loaded(model, device)
     return model.eval()
 
 
@@ -115,6 +131,21 @@ def _load_whole(
     model = auto_class.from_pretrained(name_or_path, **hf_kwargs)
     release_layers(model, [i for i in range(compat.num_layers(model.config)) if i not in keep])
     return model
+
+
+def _one_device(device_map: Any) -> torch.device | None | bool:
+    """The one device a `device_map` puts the whole model on (None: no map), or False for a map that spreads it."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        places = set(device_map.values())
+        return _one_device(places.pop()) if len(places) == 1 else False
+    if isinstance(device_map, str) and device_map in _SPREADING_MAPS:
+        return False
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):  # transformers' load says what is wrong with it
+        return False
 
 
 def _stored_dtype(files: list[Path]) -> torch.dtype:

@@ -35,8 +35,22 @@ def test_only_the_requested_layers_hold_weights(checkpoint, layers):
 
 
 def test_other_loading_options_fall_back_to_a_whole_load_then_release(checkpoint):
-    model = load_layers(checkpoint, range(2), dtype=torch.float32, low_cpu_mem_usage=True)
+    model = load_layers(checkpoint, range(2), dtype=torch.float32, device_map="auto")
     assert on_meta(model) == [False, False, True, True]
+
+
+def test_options_that_keep_the_model_on_one_device_load_partially(checkpoint, monkeypatch):
+    """attn_implementation, a device_map of one device and low_cpu_mem_usage need no whole load."""
+    import slicer_hf.loading as loading
+
+    monkeypatch.setattr(loading, "_load_whole", lambda *args: pytest.fail("loaded whole"))
+    for device_map in ("cpu", {"": "cpu"}, torch.device("cpu")):
+        model = load_layers(
+            checkpoint, range(2), attn_implementation="eager", device_map=device_map, low_cpu_mem_usage=True
+        )
+        assert model.config._attn_implementation == "eager"
+        assert on_meta(model) == [False, False, True, True]
+        assert model.get_output_embeddings().weight.device.type == "cpu"
 
 
 def test_only_the_files_transformers_reads_are_read(checkpoint, tmp_path):
