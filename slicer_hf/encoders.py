@@ -36,8 +36,9 @@ from . import compat
 from .config import SlicerConfig
 from .errors import ConfigError
 from .hooks import SplitPlan, split_plan
-from .modeling import SplitModelMixin, _config_kwargs, _resolve_config, make_split
-from .transport import Transport
+from .loading import load_layers
+from .modeling import SplitModelMixin, _config_kwargs, _resolve_config, default_split_layer, make_split
+from .transport import LocalTransport, Transport
 
 
 class SlicerEncoderMixin(SplitModelMixin):
@@ -111,7 +112,7 @@ class _SplitAutoFactory:
             slicer_config: a `SlicerConfig`, a dict of its fields, a folder, preset or repo holding one, or None
                 (the model's own `slicer_config.json`, in its folder or Hub repo, if it has one; else defaults).
             transport: `"local"` (the server part in this process) or `"grpc://host:port"` (a list is tried in
-                order). With a remote server the weights of blocks `split_layer..L-1` are released after loading.
+                order). With a remote server only blocks `0..split_layer-1` are read (see `loading.py`).
             transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
             hf_kwargs: passed to the Auto class's `from_pretrained` (dtype, revision, ...).
 
@@ -122,7 +123,12 @@ class _SplitAutoFactory:
         config = _resolve_config(slicer_config, pretrained_model_name_or_path, hf_kwargs)
         model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
         _check(model_config, config)  # before any weight is read
-        model = cls.auto_class.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
+        if transport == "local" or isinstance(transport, LocalTransport):
+            model = cls.auto_class.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
+        else:  # the server runs the rest: read only the blocks this edge runs
+            n = compat.num_layers(model_config)
+            k = config.split_layer if config.split_layer is not None else default_split_layer(n)
+            model = load_layers(pretrained_model_name_or_path, range(k), auto_class=cls.auto_class, **hf_kwargs)
         if config.model_id is None:
             config = config.replace(model_id=str(pretrained_model_name_or_path))
         return cls.from_model(model, config, transport=transport, transport_options=transport_options)

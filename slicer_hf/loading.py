@@ -81,12 +81,14 @@ def _load_layers(
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype or torch.float32, **build)
     prefix = compat.layers_path(model) + "."
-    wanted = {
-        name
-        for name, _ in model.named_parameters()
-        if not (name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) not in keep)
-    }
-    shards = _shards(folder, wanted)
+
+    def kept(name: str) -> bool:
+        return not (name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) not in keep)
+
+    wanted = {name for name, _ in model.named_parameters() if kept(name)}
+    # persistent buffers (BatchNorm's running statistics): read where the checkpoint has them, as transformers does
+    buffers = {name for name in model.state_dict() if kept(name)} - wanted
+    shards = _shards(folder, wanted | buffers)
     try:
         if fetch is not None:  # a Hub snapshot: download only the shards that hold this side's tensors
             fetch(shards)
@@ -99,7 +101,7 @@ def _load_layers(
     where = {}  # the file of each wanted key, found from the names alone: no tensor is read before all are there
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            where |= {key: file for key in f.keys() if key in wanted}  # noqa: SIM118 - not a mapping
+            where |= {key: file for key in f.keys() if key in wanted or key in buffers}  # noqa: SIM118
     missing = wanted - set(where)
     if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         missing -= {n for n in missing if n.endswith(compat.output_embedding_name(model))}
@@ -110,10 +112,11 @@ def _load_layers(
         dtype = _stored_dtype(files)
         with init_empty_weights(include_buffers=False):  # built again: buffers (rotary's) keep their own dtypes
             model = auto_class.from_config(config, dtype=dtype, **build)
+    own = model.state_dict(keep_vars=True)  # each tensor takes its model's dtype: buffers keep their own
     state = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            state |= {key: f.get_tensor(key).to(dtype) for key, held in where.items() if held == file}
+            state |= {key: f.get_tensor(key).to(own[key].dtype) for key, held in where.items() if held == file}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     with contextlib.suppress(OSError):

@@ -77,7 +77,11 @@ def build(family, auto=AutoModel, seed=0):
     torch.manual_seed(seed)
     config = ENCODERS[family]()
     config.num_labels, config.architectures = 5, []  # (an Auto class with two DeiT heads reads the list)
-    return auto.from_config(config).eval()
+    model = auto.from_config(config).eval()
+    for module in model.modules():  # running statistics of a trained network, not the defaults a load could leave
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+    return model
 
 
 def inputs_for(family, batch=2, seed=1):
@@ -203,6 +207,23 @@ def test_lossy_codec_keeps_embeddings_close():
     assert cosine.min() > 0.98 and not torch.equal(got, want)
     stats = split.wire_stats()
     assert 8 * stats.uplink_payload_bytes / stats.tokens < 32 * 16 / 2  # packets of under half fp16's bits
+
+
+@pytest.mark.parametrize("family,auto,factory", [("bert", AutoModel, SlicerModel), ("resnet", *VISION_HEADS[1])])
+def test_an_edge_with_a_remote_server_reads_only_its_own_blocks(tmp_path, monkeypatch, family, auto, factory):
+    """Partial loading, as for causal LMs: the server's blocks are never read, the edge's running statistics are."""
+    model = build(family, auto)
+    model.save_pretrained(tmp_path / family)
+    monkeypatch.setattr(auto, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded whole"))
+    edge = factory.from_pretrained(
+        tmp_path / family, slicer_config=LOSSLESS.replace(split_layer=2), transport="grpc://127.0.0.1:9"
+    )
+    blocks = compat.decoder_layers(edge)
+    assert [all(p.device.type == "meta" for p in block.parameters()) for block in blocks] == [False, False, True, True]
+    held = {n: t for n, t in edge.state_dict().items() if t.device.type != "meta"}
+    whole = model.state_dict()
+    assert held and all(torch.equal(t, whole[n]) for n, t in held.items())
+    assert family != "resnet" or any("running_var" in n for n in held)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
