@@ -5,10 +5,11 @@
 
 1. Parity (on the device): `ops.quantize_rows`, `ops.top_positions`, `ops.pack_bits` / `unpack_bits` and
    `ops.dequantize_rows` with `backend="kernels"` against `backend="reference"` on the same CUDA tensors
-   (odd shapes, outlier channels, attention-sink rows, 1e6 values); then `SlicerCodec` end to end: bytes of a CUDA
-   encode (kernels) against a CPU encode (reference) with rotation off, where the two must agree. A bitwidth may
-   differ only where a block's error is within float32 rounding of its budget (`ops` docstring); such blocks are
-   counted and their margin reported, anything else fails the run (exit status 1).
+   (odd shapes, outlier channels, attention-sink rows; each check also asserts that the ABQ kernel ran, and a batch
+   with a 1e6 value, which needs float32 block parameters, that it went whole to the reference); then `SlicerCodec`
+   end to end: bytes of a CUDA encode (kernels) against a CPU encode (reference) with rotation off, where the two
+   must agree. A bitwidth may differ only where a block's error is within float32 rounding of its budget (`ops`
+   docstring); such blocks are counted and their margin reported, anything else fails the run (exit status 1).
 2. Throughput for d = --d (4096) and --rows (1..4096, powers of 4), both paths: the device hot path (encode:
    select + ABQ + packing; decode: unpacking + dequantize + scatter) with kernels and with the torch reference on
    the same GPU, and `SlicerCodec.encode` / `decode` end to end. Each line gives median time, GB/s of hidden-state
@@ -53,16 +54,31 @@ CODEC_CASES = [
 ]
 
 
-def hidden_states(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """Gaussian rows with two outlier channels, an attention-sink row (~24,000) and one 1e6 entry; float32, CPU."""
+def hidden_states(n: int, d: int, seed: int = 0, wide: bool = False) -> torch.Tensor:
+    """Gaussian rows with two outlier channels and an attention-sink row (~24,000); float32, CPU. `wide` adds a 1e6
+    entry, which needs float32 block parameters: such a batch goes whole to the reference after the selection."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g) * 2
     if d > 8:
         x[:, 5] *= 40
         x[:, d // 2] *= -30
     x[0] *= 100
-    x[-1, 3] = 1e6
+    if wide:
+        x[-1, 3] = 1e6
     return x
+
+
+class ABQLaunches:
+    """Counts launches of the ABQ kernel, so that a parity check whose batch went to the reference is caught."""
+
+    def __init__(self) -> None:
+        self.kernels, self.count = ops._kernel_module(), 0
+        self.real = self.kernels.quantize_selected
+        self.kernels.quantize_selected = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.count += 1
+        return self.real(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- parity
@@ -81,15 +97,22 @@ def check_parity(device: torch.device, max_rows: int) -> list[dict[str, Any]]:
             args = (y, k, m, k_pos, excluded, CANDIDATES, DISTORTION)
             results.append(_compare_quantized(f"quantize_rows {name} [{n}, {d}]", args))
         results.append(_compare_tensors(f"top_positions [{n}, {d}]", ops.top_positions, (x, 2)))
+    wide = (hidden_states(7, 576, seed=1, wide=True).to(device), 576, 1, None, None, CANDIDATES, DISTORTION)
+    results.append(_compare_quantized("quantize_rows wide batch (to the reference) [7, 576]", wide, expect_wide=True))
     results.extend(_compare_bitstreams(device, shapes))
     results.extend(_compare_codec(device, max_rows))
     results.extend(_compare_presets(device))
     return results
 
 
-def _compare_quantized(name: str, args: tuple) -> dict[str, Any]:
+def _compare_quantized(name: str, args: tuple, expect_wide: bool = False) -> dict[str, Any]:
     ref = ops.quantize_rows(*args, backend="reference")
-    ker = ops.quantize_rows(*args, backend="kernels")
+    launches = ABQLaunches()
+    try:
+        ker = ops.quantize_rows(*args, backend="kernels")
+    finally:
+        launches.kernels.quantize_selected = launches.real
+    kernel_ran = launches.count > 0
     bad = [f for f in FIELDS if not torch.equal(getattr(ref, f), getattr(ker, f))]
     bits_differ = ref.bits != ker.bits  # [N, M]
     same_bits = ~bits_differ.gather(1, ref.labels) & (ref.bits.gather(1, ref.labels) > 0)
@@ -97,8 +120,9 @@ def _compare_quantized(name: str, args: tuple) -> dict[str, Any]:
         bad.append("codes")
     n_ties = int(bits_differ.sum())
     margin = _tie_margin(args, ref, ker, bits_differ) if n_ties else None
-    ok = not bad and (margin is None or margin < 1e-5)
-    return {"check": name, "ok": ok, "mismatched": bad, "bitwidth_ties": n_ties, "tie_margin": margin}
+    ok = not bad and (margin is None or margin < 1e-5) and kernel_ran != expect_wide == ref.wide
+    check = {"check": name, "ok": ok, "mismatched": bad, "bitwidth_ties": n_ties, "tie_margin": margin}
+    return check | {"abq_kernel_ran": kernel_ran}
 
 
 def _tie_margin(args: tuple, ref: ops.QuantizedRows, ker: ops.QuantizedRows, differ: torch.Tensor) -> float:
@@ -231,6 +255,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
         x = hidden_states(n, d).to(device=device, dtype=torch.bfloat16)  # what a decoder layer hands over
         y = x.float()
         q = ops.quantize_rows(y, d, 1, None, None, CANDIDATES, DISTORTION, backend="reference")
+        assert not q.wide, "a batch that needs float32 parameters would time the reference ABQ on the kernel path"
         widths = _tail_fields(q, 1)[1]
         packed = ops.pack_bits(*_tail_fields(q, 1), 0, backend="reference")
 

@@ -8,8 +8,9 @@
    mismatch fails the run (exit status 1).
 2. Decode throughput of SmolLM2's layers 24..29 (the embedded model) in bfloat16 and float16: rows prefilled to
    256 positions, then decode forwards of R rows (--rows), median time per forward and tokens/s.
-3. `SlicerCodec.decode` of the preset's packets onto the device (the Triton kernels where they apply) against a
-   CPU decode: median time per packet.
+3. `SlicerCodec.decode` of one token's packet onto the device against a CPU decode, median time per packet, for
+   the preset's codec (calibrated ECSQ: its entropy decoding runs on the host, no Triton kernel applies) and for
+   the default blocks codec (`build_codec("slicer")`: its unpacking and dequantization are the Triton kernels).
 
 Expected on an H200: "exact: 12/12 sessions" and every throughput line printed; the run writes --json. The numbers
 are recorded in docs/serving.md once a run on a lent device has produced them.
@@ -110,14 +111,18 @@ def throughput(device: torch.device, dtype: torch.dtype, rows: list[int], iters:
 
 
 def codec_decode(device: torch.device, iters: int) -> dict:
-    codec = build_codec(SlicerConfig.from_pretrained(default_config_dir()))
     x = torch.randn(1, 1, 576) * 3
     x[..., 7] = 300.0
-    packet = codec.encode(x)
-    cpu = median_ms(lambda: codec.decode(packet), torch.device("cpu"), iters)
-    dev = median_ms(lambda: codec.decode(packet, device=device), device, iters)
-    print(f"codec decode of one token: cpu {cpu:.3f} ms, {device} {dev:.3f} ms", flush=True)
-    return {"cpu_ms": cpu, "device_ms": dev, "packet_bytes": len(packet)}
+    out = {}
+    codecs = {"preset (ECSQ)": SlicerConfig.from_pretrained(default_config_dir()), "blocks (Triton)": "slicer"}
+    for name, spec in codecs.items():
+        codec = build_codec(spec)
+        packet = codec.encode(x)
+        cpu = median_ms(lambda codec=codec, packet=packet: codec.decode(packet), torch.device("cpu"), iters)
+        dev = median_ms(lambda codec=codec, packet=packet: codec.decode(packet, device=device), device, iters)
+        print(f"codec decode of one token, {name}: cpu {cpu:.3f} ms, {device} {dev:.3f} ms", flush=True)
+        out[name] = {"cpu_ms": cpu, "device_ms": dev, "packet_bytes": len(packet)}
+    return out
 
 
 def main() -> None:

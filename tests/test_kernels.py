@@ -50,25 +50,38 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-def hidden_states(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """Gaussian rows with outlier channels, an attention-sink row (~24,000), a 1e6 entry and awkward rows."""
+def hidden_states(n: int, d: int, seed: int = 0, wide: bool = False) -> torch.Tensor:
+    """Gaussian rows with outlier channels, an attention-sink row (~24,000) and awkward rows; `wide` adds a 1e6
+    entry and a row of float32 subnormals, which need float32 block parameters (the reference's job)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g) * 2
     if d > 8:
         x[:, 5] *= 40
         x[:, d // 2] *= -30
     x[0] *= 100
-    x[-1, min(3, d - 1)] = 1e6
+    if wide:
+        x[-1, min(3, d - 1)] = 1e6
     awkward = [
         lambda r: r.fill_(1.5).mul_(torch.where(torch.arange(d) % 3 == 0, -1.0, 1.0)),  # magnitude ties
         lambda r: r.zero_(),
-        lambda r: r.mul_(1e-40),  # float32 subnormals
+        lambda r: r.mul_(1e-40 if wide else 1e-3),  # float32 subnormals, or small values float16 holds
         lambda r: r.copy_(torch.randint(-3, 4, (d,), generator=g).float()),  # ties and zeros
     ]
     for i, make in enumerate(awkward):
         if 1 + i < n - 1:
             make(x[1 + i])
     return x
+
+
+@pytest.fixture
+def abq_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the ABQ kernel's launches: a parity check whose batch went to the reference compares it with itself."""
+    if not KERNELS:
+        return []
+    kernels, calls = importlib.import_module("slicer_hf._triton_kernels"), []
+    real = kernels.quantize_selected
+    monkeypatch.setattr(kernels, "quantize_selected", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 def assert_same_quantized(ref: ops.QuantizedRows, ker: ops.QuantizedRows) -> None:
@@ -103,14 +116,30 @@ def test_parity_when_only_the_kept_entries_need_float32_parameters(device):
     assert_same_quantized(ref, ker)
 
 
+def test_parity_a_batch_with_a_row_that_needs_float32_parameters_goes_whole_to_the_reference(device, abq_kernel):
+    """A packet carries float16 or float32 block parameters for all its rows: one row past float16 (a 1e6 entry,
+    subnormals) sends the batch to the reference after the selection kernel, with the reference's results."""
+    x = hidden_states(7, 100, seed=3, wide=True).to(device)
+    ref, ker = both(ops.quantize_rows, x, 100, 1, None, None, CANDIDATES, 0.08)
+    assert ref.wide and not abq_kernel
+    assert_same_quantized(ref, ker)
+
+
+def test_parity_asking_for_more_top_positions_than_the_width_gives_every_position(device):
+    x = hidden_states(3, 10).to(device)
+    ref, ker = both(ops.top_positions, x, 11)
+    assert torch.equal(ref, ker) and torch.equal(ref.cpu(), torch.arange(10).expand(3, 10))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{d}" for n, d in SHAPES])
-def test_parity_dense_rows(device, shape):
+def test_parity_dense_rows(device, shape, abq_kernel):
     """The default selection (every entry, one block): outliers, quantization, decode."""
     n, d = shape
     x = hidden_states(n, d, seed=n + d).to(device)
     ref_top, ker_top = both(ops.top_positions, x, 2)
     assert torch.equal(ref_top, ker_top)
     ref, ker = both(ops.quantize_rows, x, d, 1, None, None, CANDIDATES, 0.08)
+    assert abq_kernel and not ref.wide
     assert_same_quantized(ref, ker)
     fields = (ref.positions, ref.labels, ref.signs, ref.codes, ref.lo, ref.hi, ref.bits, d)
     ref_rows, ker_rows = both(ops.dequantize_rows, *fields)
@@ -134,7 +163,7 @@ CASE_PARAMS = [
 
 
 @pytest.mark.parametrize(("case", "shape"), CASE_PARAMS, ids=[f"{c}-{n}x{d}" for c, (n, d) in CASE_PARAMS])
-def test_parity_selection_and_quantization(device, case, shape):
+def test_parity_selection_and_quantization(device, case, shape, abq_kernel):
     n, d = shape
     sparsity, blocks, asymmetry, n_excl, candidates = CASES[case]
     x = hidden_states(n, d, seed=n * d).to(device)
@@ -144,6 +173,7 @@ def test_parity_selection_and_quantization(device, case, shape):
     m = min(blocks, k)
     k_pos = None if asymmetry is None else round(asymmetry * k)
     ref, ker = both(ops.quantize_rows, y, k, m, k_pos, excluded, candidates, 0.05)
+    assert abq_kernel and not ref.wide
     assert_same_quantized(ref, ker)
     assert (ker.positions.diff(dim=1) > 0).all()
     fields = (ref.positions, ref.labels, ref.signs, ref.codes, ref.lo, ref.hi, ref.bits, d)
@@ -190,7 +220,7 @@ CODEC_CASES = {
 
 @pytest.mark.parametrize("shape", [(7, 576), (1, 4096)], ids=["7x576", "1x4096"])
 @pytest.mark.parametrize("case", list(CODEC_CASES))
-def test_parity_codec_bytes_and_values(device, case, shape, monkeypatch):
+def test_parity_codec_bytes_and_values(device, case, shape, monkeypatch, abq_kernel):
     """Kernel path on `device` against the host reference: the same bytes, the same decoded values."""
     params = CODEC_CASES[case]
     if device.type == "cuda" and params.get("rotation") != "none":
@@ -199,6 +229,7 @@ def test_parity_codec_bytes_and_values(device, case, shape, monkeypatch):
     x = hidden_states(*shape, seed=11)
     monkeypatch.setenv(ops.ENV_KERNELS, "interpret")
     data = codec.encode(x.to(device))
+    assert abq_kernel, "the batch went to the reference"
     decoded = codec.decode(data, device=device)
     monkeypatch.setenv(ops.ENV_FORCE_REFERENCE, "1")
     assert data == codec.encode(x)

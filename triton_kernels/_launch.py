@@ -24,7 +24,8 @@ def launch_options(block: int) -> dict[str, Any]:
 
 
 def rows_per_program(t: torch.Tensor, block: int) -> int:
-    """How many rows one program handles (`block`, a row's padded width, is a power of two, so is the answer)."""
+    """How many rows one program handles (`block`, a row's padded width, is a power of two, so is the answer); a
+    tensor on the CPU can only be running under the interpreter (`ops` dispatches CPU tensors to it alone)."""
     tile = INTERPRETER_TILE if t.device.type == "cpu" else GPU_TILE
     return max(1, tile // block)
 

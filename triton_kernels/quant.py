@@ -52,6 +52,7 @@ def _quantize_kernel(
     vals = tl.load(val_ptr + offs, mask=valid, other=0.0)
     labels = tl.load(label_ptr + offs, mask=valid, other=-1).to(tl.int32)
     mag = tl.abs(vals)
+    # div_rn takes operands of one shape: the scalars and row vectors below are broadcast by adding zeros
     k_f = tl.zeros([BLOCK_R], tl.float32) + k.to(tl.float32)
     unit = tl.maximum(tl.max(tl.where(valid, mag, 0.0), axis=1), FP32_TINY)[:, None]  # the row's peak, [R, 1]
     mag_u = tl.math.div_rn(mag, unit + tl.zeros([BLOCK_R, BLOCK_K], tl.float32))  # no underflow in the squares

@@ -126,7 +126,9 @@ def block_sizes(k: int, m: int) -> list[int]:
 
 
 def top_positions(x: torch.Tensor, n: int, backend: str | None = None) -> torch.Tensor:
-    """The `n` largest-magnitude positions of each row of `x` `[N, d]`, ascending; ties to the lowest index."""
+    """The `n` largest-magnitude positions of each row of `x` `[N, d]`, ascending; ties to the lowest index (every
+    position where `n` >= d)."""
+    n = min(n, x.shape[1])
     kernels = _kernels(x, backend, x.shape[1]) if x.shape[0] and n else None
     if kernels is not None:
         return kernels.select_rows(x, n, 1)[0]
