@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,6 +385,21 @@ def test_the_validation_suite_reports_its_tables_and_plot(tmp_path):
     assert "| c | latency | split 2 | 10.0 | 11.0 | +10.0 |" in table and "| adaptive | 10.0 | 12.0 |" in table
     suite.plot(adaptive, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_the_validation_suite_calibrates_its_overhead_on_a_setting_the_shipped_profile_holds():
+    """The preset's step (0.36, calibrated, trellis) was never profiled: the overhead is measured at the nearest
+    profiled step, on the codec as profiled."""
+    from slicer_hf.bench import search as suite
+
+    shipped = Profile.load(Path(__file__).resolve().parents[1] / "docs/benchmarks/profiles/cpu-2threads.json")
+    preset, measured = SlicerConfig.from_pretrained("smollm2-135m-split24"), []
+    result = suite._calibrate(shipped, shipped, preset, lambda cfg: measured.append(cfg) or {"ms_per_token": 80.0})
+    steps = [p.step for p in shipped.points(24) if p.codec == "slicer"]
+    assert preset.step not in steps and result["step"] == min(steps, key=lambda s: abs(s - preset.step))
+    (config,) = measured
+    assert config.step == result["step"] and config.split_layer == 24 and not config.trellis and config.basis is None
+    assert result["overhead_ms"] == max(80.0 - result["predicted_ms"], 0.0)
 
 
 @pytest.mark.parametrize("preset", ["smollm2-135m-split24", "smollm2-135m-split24-both"])

@@ -34,7 +34,7 @@ from ..evaluate import evaluate
 from ..launch import start_server, stop_server
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from ..tuning import Constraints, LinkSpec, Profile, search
-from ..tuning.planner import predict
+from ..tuning.planner import Candidate, _config_of, predict
 from .common import markdown_table, suite_arguments, write_json
 from .link import measure_generation, server_command, wikitext_prompt
 from .netns import ShapedLink, netns_unavailable_reason, tbf_command
@@ -183,13 +183,25 @@ def run(
 
 def _calibrate(edge: Profile, server: Profile, preset: SlicerConfig, measure: Any) -> dict[str, float]:
     """The per-step overhead the profiles do not see (gRPC, the protocol, the split's hooks, the server's
-    scheduling): the preset's measured latency on the unshaped link minus its prediction without overhead."""
+    scheduling): the measured latency on the unshaped link, minus the prediction without overhead, of the profiled
+    setting nearest the preset's (at its split, the ECSQ step closest to its own, the codec as profiled: a calibrated
+    preset's basis and trellis were not)."""
     k = preset.split_layer
-    point = next(p for p in edge.points(k) if p.codec == "slicer" and p.step == preset.step)
+    points = [p for p in edge.points(k) if p.codec == "slicer"]
+    if not points:
+        raise RuntimeError(f"the edge profile holds no SLICER ECSQ point at the preset's split {k}")
+    point = min(points, key=lambda p: (abs(p.step - preset.step), p.step))
     unshaped = LinkSpec(10_000.0, 10_000.0, overhead_ms=0.0)
-    predicted = predict(edge, server, k, point, None, unshaped, Constraints()).token_latency_ms
-    measured = measure(preset)["ms_per_token"]
-    return {"predicted_ms": predicted, "measured_ms": measured, "overhead_ms": max(measured - predicted, 0.0)}
+    prediction = predict(edge, server, k, point, None, unshaped, Constraints())
+    config = _config_of(Candidate(k, "slicer", point.step, None, prediction), edge, preset)
+    measured = measure(config)["ms_per_token"]
+    predicted = prediction.token_latency_ms
+    return {
+        "step": point.step,
+        "predicted_ms": predicted,
+        "measured_ms": measured,
+        "overhead_ms": max(measured - predicted, 0.0),
+    }
 
 
 def _row(c: Client, result: Any, measured: dict[str, dict[str, float]]) -> dict[str, Any]:
