@@ -685,7 +685,7 @@ def search(
         raise typer.Exit(2) from exc
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    print(f"{result.chosen.label()} (objective: {objective}; {len(result.ranked)} feasible candidates)\n")
+    print(result.summary() + "\n")
     print(result.table())
     if out is not None:
         print(f"\nwritten to {result.save(out)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,17 @@ def test_infeasible_constraints_name_the_binding_one_and_the_nearest_point():
     assert caught.value.nearest.codec == "fp16"
 
 
+@pytest.mark.parametrize("limit", ["max_token_latency_ms", "edge_memory_gb"])
+def test_relaxing_a_limit_to_the_value_the_error_names_makes_the_search_feasible(limit):
+    """The value is rounded up, never down to just below what the nearest point needs."""
+    tight = {"max_token_latency_ms": 5.0, "edge_memory_gb": 1e-4}[limit]
+    with pytest.raises(InfeasibleError) as caught:
+        search(EDGE, SERVER, SLOW, Constraints(max_kl=0.02, **{limit: tight}))
+    value = float(re.search(rf"relax {limit} to ([0-9.e+-]+)", str(caught.value)).group(1))
+    relaxed = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.02, **{limit: value})).chosen
+    assert getattr(relaxed.prediction, limit.removeprefix("max_")) <= value
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -296,6 +308,23 @@ def test_adaptive_writes_a_ladder_within_the_quality_floor():
     allowed = {p.step for p in EDGE.points(k) if p.codec == "slicer" and p.kl + _down_kl(result) <= 0.01}
     assert {s for s, _ in config.bitrate_ladder} == allowed
     assert config.bitrate_controller().step == config.step
+
+
+def test_an_adaptive_search_says_where_the_written_config_starts_when_the_objective_chose_another_step():
+    """The uplink objective picks the coarsest step; adaptive bitrate starts at the finest that meets the target."""
+    result = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.01, max_token_latency_ms=10_000), "uplink", adaptive=True)
+    assert result.config.step != result.chosen.step
+    assert result.adaptive["start_step"] == result.config.step == min(result.adaptive["ladder"])
+    assert f"the config starts at ecsq {result.config.step:g}" in result.summary()
+    assert result.to_dict()["adaptive"] == result.adaptive
+    assert search(EDGE, SERVER, SLOW, Constraints(max_kl=0.01)).adaptive is None
+
+
+def test_the_table_says_how_many_pareto_candidates_it_leaves_out():
+    result = search(EDGE, SERVER, SLOW, Constraints(max_kl=1.0))
+    hidden = len(result.pareto) - 2
+    assert hidden > 0 and f"... and {hidden} more Pareto candidates" in result.table(limit=2)
+    assert "more Pareto" not in result.table(limit=len(result.pareto))
 
 
 def _down_kl(result) -> float:

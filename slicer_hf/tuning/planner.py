@@ -189,12 +189,33 @@ class SearchResult:
     def chosen(self) -> Candidate:
         return self.ranked[0]
 
+    @property
+    def adaptive(self) -> dict[str, Any] | None:
+        """With adaptive bitrate: the step the config starts at (the finest predicted to meet the target, which may
+        not be the objective's choice), its ladder of steps and the target; else None."""
+        if not self.config.bitrate_ladder:
+            return None
+        ladder = [step for step, _ in self.config.bitrate_ladder]
+        return {"start_step": self.config.step, "ladder": ladder, "target_ms": self.config.target_token_latency_ms}
+
+    def summary(self) -> str:
+        """The choice in one line, and with adaptive bitrate where the written config starts."""
+        line = f"{self.chosen.label()} (objective: {self.objective}; {len(self.ranked)} feasible candidates)"
+        if (adaptive := self.adaptive) is not None:
+            steps = ", ".join(f"{s:g}" for s in adaptive["ladder"])
+            line += (
+                f"\nadaptive bitrate: the config starts at ecsq {adaptive['start_step']:g}, the finest step predicted "
+                f"to meet {adaptive['target_ms']:g} ms/token, and moves over ecsq {steps}"
+            )
+        return line
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "objective": self.objective,
             "constraints": dataclasses.asdict(self.constraints),
             "link": dataclasses.asdict(self.link),
             "chosen": self.chosen.to_dict(),
+            "adaptive": self.adaptive,
             "pareto": [c.to_dict() for c in self.pareto],
             "feasible": len(self.ranked),
             "profiles": self.profiles,
@@ -236,6 +257,8 @@ class SearchResult:
                 f"| {p.server_ms:.1f} | {p.link_ms:.1f} | {p.ttft_ms:.0f} | {p.uplink_bits:,.0f} "
                 f"| {p.downlink_bits:,.0f} | {p.edge_memory_gb:.3f} | {p.kl:.4f} | {p.ppl_change_pct:+.2f} |"
             )
+        if len(self.pareto) > limit:
+            rows.append(f"\n... and {len(self.pareto) - limit} more Pareto candidates (all of them in {SEARCH_NAME})")
         return "\n".join(rows)
 
 
@@ -418,12 +441,12 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> Infeasi
     ratios = _violations(nearest, limits)
     unit = {"kl": " nats", "ppl_change_pct": "%", "edge_memory_gb": " GB", "token_latency_ms": " ms"}
     missed = [
-        f"{CONSTRAINT_NAMES[n]}={limits[n]:g}{unit[n]} (it predicts {getattr(nearest.prediction, n):.4g}{unit[n]})"
+        f"{CONSTRAINT_NAMES[n]}={limits[n]:g}{unit[n]} (it predicts {getattr(nearest.prediction, n):.6g}{unit[n]})"
         for n, r in sorted(ratios.items(), key=lambda kv: -kv[1])
         if r > 1
     ]
     alone = [n for n in limits if not any(_violations(c, {n: limits[n]})[n] <= 1 for c in cands)]
-    relax = [f"{CONSTRAINT_NAMES[n]} to {getattr(nearest.prediction, n):.4g}" for n, r in ratios.items() if r > 1]
+    relax = [f"{CONSTRAINT_NAMES[n]} to {_at_least(getattr(nearest.prediction, n))}" for n in ratios if ratios[n] > 1]
     message = (
         f"no split and codec setting meets every constraint; the binding one is {CONSTRAINT_NAMES[binding]}="
         f"{limits[binding]:g}{unit[binding]}. The nearest feasible point: {nearest.label()} misses "
@@ -435,6 +458,15 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> Infeasi
     if alone:
         message += " Even alone, no candidate meets " + ", ".join(CONSTRAINT_NAMES[n] for n in alone) + "."
     return InfeasibleError(message, CONSTRAINT_NAMES[binding], nearest)
+
+
+def _at_least(value: float, digits: int = 4) -> str:
+    """`value` to `digits` significant digits, rounded up: a limit relaxed to what is printed admits it."""
+    text = f"{value:.{digits}g}"
+    if float(text) >= value or value <= 0:
+        return text
+    unit = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    return f"{math.ceil(value / unit) * unit:.{digits}g}"
 
 
 def search(
