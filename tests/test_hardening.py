@@ -148,6 +148,54 @@ def test_idle_streams_hold_no_worker_and_are_closed(server, model_dir, reference
         transport.close()
 
 
+def test_a_client_that_never_takes_its_replies_loses_its_session_and_its_stream_slot(server, model_dir, reference):
+    """Sending steps without reading the replies used to hold the stream, its slot and its memory for good."""
+    import queue
+
+    from slicer_hf.transport.grpc import SESSION_METHOD
+
+    srv = server("--max-streams", "2", "--idle-timeout-s", "2")
+    channel = grpc.insecure_channel(srv.url.removeprefix("grpc://"), options=protocol.channel_options(64 << 20))
+    requests = queue.Queue()
+    call = channel.stream_stream(SESSION_METHOD)(iter(requests.get, None))
+    fields = {"fingerprint": protocol.model_fingerprint(reference.config), "split_layer": 2}
+    requests.put(protocol.encode_json(protocol.OPEN, {**fields, "codec": build_codec("identity").spec()}))
+    session = protocol.decode_json(next(call))["session"]  # the last reply this client reads
+    packet = build_codec("identity").encode(torch.randn(1, 1024, HIDDEN))
+    for seq in range(1, 100):  # replies of 1024 positions pile up until flow control stops the server's writes
+        requests.put(step_header(session, seq, 0, 1, 1024) + packet)
+    assert wait_for(lambda: srv.stats()["errors"].get("stream_stalled") == 1, timeout_s=30)
+    assert srv.stats()["sessions_active"] == 0 and srv.stats()["kv_bytes_used"] == 0
+    ids = prompt(31)
+    both = [client(model_dir, srv.url), client(model_dir, srv.url)]  # both stream slots are free again
+    for model in both:
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+    assert torch.equal(
+        both[0].generate(ids, max_new_tokens=4, do_sample=False),
+        reference.generate(ids, max_new_tokens=4, do_sample=False),
+    )
+    assert all(m.wire_stats().failovers == 0 for m in both)
+    requests.put(None)
+    call.cancel()
+    channel.close()
+
+
+def test_a_server_at_its_stream_limit_still_answers_health_stats_and_drain(server, model_dir):
+    srv = server("--max-streams", "2")
+    held = [GrpcTransport([srv.url], timeout_s=10) for _ in range(2)]
+    for transport in held:
+        raw_open(transport, model_dir)
+    with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED.*limit of 2 session streams"):
+        raw_open(GrpcTransport([srv.url], timeout_s=10), model_dir)
+    with grpc.insecure_channel(srv.url.removeprefix("grpc://")) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+    assert srv.stats()["sessions_active"] == 2 and srv.stats()["errors"]["too_many_streams"] == 1
+    GrpcTransport([srv.url], timeout_s=10).unary(DRAIN_METHOD, json.dumps({"on": False}).encode())
+    for transport in held:
+        transport.close()
+
+
 def test_a_full_server_is_retried_with_backoff(server, model_dir, reference):
     srv = server("--max-streams", "2", "--open-timeout-s", "1")
     held = [GrpcTransport([srv.url], timeout_s=30) for _ in range(2)]

@@ -4,8 +4,10 @@ gRPC health service (with a drain mode), and Prometheus metrics over HTTP.
 Streams are coroutines, not threads, so idle clients hold no worker; a step goes from the event loop straight to the
 engine's compute thread and is awaited there, other requests (OPEN may read files) run on a small thread pool. A
 stream ends when its client closes it, cancels it or vanishes (keepalive), or when it idles: `open_timeout_s` without
-a message while it holds no session, `idle_timeout_s` while it holds one. Whatever ends it, the sessions it opened are
-closed and their memory freed.
+a message while it holds no session, `idle_timeout_s` while it holds one, and `idle_timeout_s` with a reply its client
+does not take (a client that sends and never reads). Whatever ends it, the sessions it opened are closed and their
+memory freed. `max_streams` counts session streams only: health checks, stats, metrics and drain keep slots of their
+own (`CONTROL_SLOTS`), so a server full of sessions still answers its operator.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ from .engine import SplitServer
 
 logger = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+CONTROL_SLOTS = 32  # calls gRPC admits beyond the session streams: health, stats, metrics, drain
 
 
 class _SplitService(grpc.GenericRpcHandler):
-    def __init__(self, engine: SplitServer, token: str | None, pool: ThreadPoolExecutor, health: Any) -> None:
+    def __init__(
+        self, engine: SplitServer, token: str | None, pool: ThreadPoolExecutor, health: Any, max_streams: int
+    ) -> None:
         self.engine, self.token, self.pool, self.health = engine, token, pool, health
+        self.max_streams, self.streams = max_streams, 0  # session streams open (the event loop's count)
         self.methods = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
             "Stats": grpc.unary_unary_rpc_method_handler(self.stats),
@@ -57,6 +63,18 @@ class _SplitService(grpc.GenericRpcHandler):
 
     async def session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
+        if self.streams >= self.max_streams:
+            self.engine.stats.error("too_many_streams")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"server at its limit of {self.max_streams} session streams"
+            )
+        self.streams += 1
+        try:
+            await self._session(context)
+        finally:
+            self.streams -= 1
+
+    async def _session(self, context: grpc.aio.ServicerContext) -> None:
         peer, opened = context.peer(), set()
         limits = self.engine.limits
         idle = _IdleTimer(asyncio.current_task())
@@ -79,7 +97,17 @@ class _SplitService(grpc.GenericRpcHandler):
                 if data is grpc.aio.EOF:
                     return
                 answer, settled = self._answer(data, peer, opened)
-                await context.write(await settled)
+                reply = await settled
+                idle.reading(limits.idle_timeout_s)  # the client must take its reply: gRPC holds what it sends
+                try:
+                    await context.write(reply)
+                except asyncio.CancelledError:
+                    if not idle.expired:
+                        raise
+                    self.engine.stats.error("stream_stalled")
+                    logger.info("stream from %s took no reply for %.1f s: closed", peer, limits.idle_timeout_s)
+                    raise  # no status can follow a reply stuck in flow control: the call is cancelled
+                idle.reading(None)
         finally:  # the stream is gone: nothing it opened may outlive it, a session its last request opens included
             idle.stop()
 
@@ -140,8 +168,9 @@ class _SplitService(grpc.GenericRpcHandler):
 
 
 class _IdleTimer:
-    """Cancels a stream's task once it has waited `timeout_s` for its client's next message. One timer per stream,
-    moved on when it fires, stands in for a timeout per read (`asyncio.wait_for` costs a task per message)."""
+    """Cancels a stream's task once it has waited `timeout_s` for its client (its next message, or taking a reply).
+    One timer per stream, moved on when it fires, stands in for a timeout per wait (`asyncio.wait_for` costs a task
+    per message)."""
 
     def __init__(self, task: asyncio.Task[Any] | None) -> None:
         assert task is not None, "a stream runs as a task"
@@ -152,7 +181,8 @@ class _IdleTimer:
         self._timer: asyncio.TimerHandle | None = None
 
     def reading(self, timeout_s: float | None) -> None:
-        """A read starts, to last at most `timeout_s`; None: the read is over."""
+        """A wait on the client (a read, or a write it must take) starts, to last at most `timeout_s`; None: it is
+        over."""
         if timeout_s is None:
             self.since = None
             return
@@ -285,11 +315,11 @@ class RunningServer:
                 *protocol.channel_options(self.engine.limits.max_message_bytes, server=True),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=max_streams,
+            maximum_concurrent_rpcs=max_streams + CONTROL_SLOTS,  # the session streams are counted by the service
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_generic_rpc_handlers((_SplitService(self.engine, token, self.pool, self.health),))
+        self.server.add_generic_rpc_handlers((_SplitService(self.engine, token, self.pool, self.health, max_streams),))
         address = f"{host}:{port}"
         try:
             if cert is not None:
@@ -355,7 +385,8 @@ def serve(
     """Start serving `server` on host:port (port 0 picks a free one).
 
     Args:
-        max_streams: streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and retry).
+        max_streams: session streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and
+            retry). Health, stats, metrics and drain calls have `CONTROL_SLOTS` more of their own.
         workers: threads for OPEN, CLOSE and the unary methods (steps hold none: they wait on the event loop).
         metrics_port: serve GET /metrics over HTTP on this port (0 picks one); None: no HTTP endpoint.
     """
