@@ -64,6 +64,7 @@ REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
 REPLY_HIDDEN_BARE = 4  # hidden states through the session's downlink codec, the packet bare (`Codec.bare`): float32
 # rows of the step's [B, T - need_from, width] (sent only to an edge whose OPEN asked for "bare_replies")
 MAX_BATCH = 4096
+MAX_JSON_BYTES = 64 << 10  # a control message (an OPEN is under 1 KB)
 
 # gRPC names and settings both sides share (the transport and the server import them from here)
 SERVICE = "slicer_hf.v1.Split"
@@ -168,6 +169,14 @@ def encode_json(kind: int, body: dict[str, Any]) -> bytes:
 
 
 def decode_json(data: bytes) -> dict[str, Any]:
+    """The body of a control message (OPEN, OPENED, CLOSE, STATS, ERROR...), at most `MAX_JSON_BYTES`: it is parsed
+    whole before any field is checked."""
+    if len(data) > MAX_JSON_BYTES:
+        raise ProtocolError(
+            f"{MESSAGE_NAMES.get(data[1], '?')} message of {len(data):,} bytes (control messages take at most "
+            f"{MAX_JSON_BYTES:,})",
+            code="too_large",
+        )
     try:
         body = json.loads(data[2:].decode())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep

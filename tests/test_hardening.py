@@ -105,6 +105,10 @@ def test_clients_choose_codec_knobs_never_safety_bounds(server, model_dir):
         with pytest.raises(ProtocolError) as info:
             raw_open(raw, model_dir, **bad)
         assert info.value.code == "bad_request", bad
+    huge = {**build_codec("slicer").spec(), "bit_candidates": [4] * 100_000}  # parsed whole before any check
+    with pytest.raises(ProtocolError, match="control messages take at most") as info:
+        raw_open(raw, model_dir, codec=huge)
+    assert info.value.code == "too_large"
     assert srv.stats()["sessions_active"] == 0
     raw.close()
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -248,6 +249,21 @@ def test_metrics_are_prometheus_text_over_http_and_grpc(server, model_dir):
         assert "slicer_sessions_opened_total 1.0" in text
         assert "# TYPE slicer_kv_bytes_used gauge" in text
         assert "# TYPE slicer_kv_store gauge" in text and "# TYPE slicer_kv_store_bytes gauge" in text  # not counted
+
+
+def test_with_a_token_the_http_metrics_want_it_too(server):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server("--metrics-port", str(port), "--token", "s3cret")
+    url = f"http://127.0.0.1:{port}/metrics"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        assert refused.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert 'slicer_errors_total{code="unauthenticated"} 2.0' in response.read().decode()
 
 
 def test_a_full_server_sends_the_client_to_the_next_one(server, model_dir, reference):

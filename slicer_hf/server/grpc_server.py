@@ -260,6 +260,38 @@ def metrics_registry(engine: SplitServer) -> Any:
     return registry
 
 
+def _metrics_server(host: str, port: int, engine: SplitServer, token: str | None) -> Any:
+    """`GET /metrics` over HTTP on its own thread; with a token, only for `Authorization: Bearer <token>` (what
+    Prometheus sends with `authorization: {credentials: ...}` in its scrape config)."""
+    import socket
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    metrics, expected = make_wsgi_app(metrics_registry(engine)), f"Bearer {token}".encode()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        sent = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+        if token is not None and not hmac.compare_digest(sent, expected):
+            engine.stats.error("unauthenticated")
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"missing or wrong auth token\n"]
+        return metrics(environ, start_response)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:  # scrapes are not news
+            pass
+
+    server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="slicer-metrics", daemon=True).start()
+    return server
+
+
 def prometheus_text(engine: SplitServer) -> bytes:
     """The engine's counters in the Prometheus text format (what GET /metrics serves)."""
     from prometheus_client import generate_latest
@@ -296,9 +328,7 @@ class RunningServer:
         self.metrics_port = None
         self._metrics: Any = None
         if metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            self._metrics, _ = start_http_server(metrics_port, addr=host, registry=metrics_registry(engine))
+            self._metrics = _metrics_server(host, metrics_port, engine, token)
             self.metrics_port = self._metrics.server_port
         if token is not None and tls_cert is None and not protocol.is_loopback(host):
             logger.warning("an auth token is required on %s without TLS: tokens cross the network in clear", host)
@@ -349,6 +379,7 @@ class RunningServer:
         self._close_loop()
         if self._metrics is not None:
             self._metrics.shutdown()
+            self._metrics.server_close()
 
     def _close_loop(self) -> None:
         if self.loop.is_running():  # let what gRPC leaves running end, rather than destroy it pending
@@ -388,7 +419,8 @@ def serve(
         max_streams: session streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and
             retry). Health, stats, metrics and drain calls have `CONTROL_SLOTS` more of their own.
         workers: threads for OPEN, CLOSE and the unary methods (steps hold none: they wait on the event loop).
-        metrics_port: serve GET /metrics over HTTP on this port (0 picks one); None: no HTTP endpoint.
+        metrics_port: serve GET /metrics over HTTP on this port (0 picks one), behind the token where there is one;
+            None: no HTTP endpoint.
     """
     if token == "":
         raise ConfigError("the auth token is empty: give one, or None to require none")
