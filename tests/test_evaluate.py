@@ -24,6 +24,28 @@ def tiny_dir(tmp_path_factory):
     return tiny_smol_dir(tmp_path_factory.mktemp("tiny-smol"), SlicerConfig(split_layer=3, codec="slicer"))
 
 
+def test_a_bad_text_is_named_in_one_line_before_any_weight_loads(tiny_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from slicer_hf import ConfigError, MissingDataError
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(MissingDataError, match="neither a file nor a WikiText-2 release"):
+        evaluate(str(tiny_dir), str(tmp_path / "nosuch.txt"))
+    with pytest.raises(ConfigError, match="fewer than one window of 512"):
+        evaluate(str(tiny_dir), str(empty))
+    with pytest.raises(ConfigError, match="max_tokens. must be >= window"):
+        evaluate(str(tiny_dir), str(empty), max_tokens=100)
+    command = [sys.executable, "-c", "from slicer_hf.cli import main; main()", "eval", "--model", str(tiny_dir)]
+    done = subprocess.run([*command, "--text", str(empty)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.strip() == "error: the text has 0 tokens, fewer than one window of 512"
+
+
 def test_lossless_eval_matches_the_unsplit_model_exactly(tiny_dir):
     r = evaluate(
         str(tiny_dir),

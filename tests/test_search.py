@@ -92,6 +92,21 @@ def test_a_timing_run_with_no_decode_step_to_time_is_refused_before_it_runs(run)
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
 
 
+@pytest.mark.parametrize("layers, splits", [(1, None), (4, [4]), (4, [0, 2])])
+def test_a_profile_without_a_split_to_measure_is_refused_before_its_timing_run(layers, splits, monkeypatch):
+    """A 1-layer model, or a split at the last layer (where no server layer is left), used to yield a profile that
+    the search could not use, after minutes of timing."""
+    import slicer_hf.tuning.profile as profiling
+
+    monkeypatch.setattr(profiling, "measure_timing", lambda *a, **k: pytest.fail("timed a profile it then refused"))
+    model = tiny_model("llama").eval()
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    match = "cannot be split" if layers == 1 else r"must be in \[1, 3\]"
+    with pytest.raises(ConfigError, match=match):
+        profile_model(model, "tiny", None, split_layers=splits)
+
+
 def test_a_profile_of_a_real_model_round_trips_through_json(tmp_path):
     model = tiny_model("llama").eval()
     windows = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -251,7 +266,7 @@ def test_relaxing_a_limit_to_the_value_the_error_names_makes_the_search_feasible
     [
         ({"objective": "speed"}, "objective must be one of"),
         ({"server": synthetic_profile(fingerprint="0" * 16)}, "different models"),
-        ({"splits": [3]}, "no rate-distortion points at the split layers"),
+        ({"splits": [3]}, r"no rate-distortion points at the split layers asked for \(\[3\]\); the profiles hold"),
         ({"adaptive": True}, "needs a per-token latency target .max_token_latency_ms, --max-token-latency-ms"),
     ],
 )

@@ -52,7 +52,7 @@ def collect(
     """
     layers = decoder_layers(model)
     if not split_layers or not all(1 <= k <= len(layers) for k in split_layers):
-        raise ValueError(f"split layers must be in [1, {len(layers)}], got {list(split_layers)}")
+        raise ConfigError(f"split layers must be in [1, {len(layers)}], got {list(split_layers)}")
     leaves: dict[int, torch.Tensor] = {}
     first = min(split_layers)
 

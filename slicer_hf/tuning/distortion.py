@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..codec import Codec, build_codec
 from ..compat import decoder_layers
+from ..errors import ConfigError
 
 
 class RoundTrip:
@@ -84,7 +85,7 @@ def measure(
     layers = decoder_layers(model)
     bad = [k for k in split_layers if not 1 <= k <= len(layers)]
     if bad:
-        raise ValueError(f"split layers must be in [1, {len(layers)}], got {bad}")
+        raise ConfigError(f"split layers must be in [1, {len(layers)}], got {bad}")
     d = model.config.hidden_size
     refs = [forward_logprobs(model, ids[None]) for ids in windows]
     base_ppl = _perplexity([quality_sums(r, r, ids[None]) for r, ids in zip(refs, windows)])

@@ -362,9 +362,14 @@ def candidates(
     downs: list[RatePoint | None] = [None]
     if compress_downlink:
         downs += [p for p in rd.points(n) if p.codec == "slicer"]
-    chosen_splits = rd.split_layers() if splits is None else [k for k in rd.split_layers() if k in set(splits)]
-    if not chosen_splits:
-        raise ConfigError(f"no rate-distortion points at the split layers asked for ({list(splits or [])})")
+    profiled = rd.split_layers()
+    if splits is None and not profiled:
+        raise ConfigError("the profiles hold no uplink rate-distortion point at any split layer in [1, L-1]")
+    if splits is not None and (missing := sorted(set(splits) - set(profiled))):
+        raise ConfigError(
+            f"no rate-distortion points at the split layers asked for ({missing}); the profiles hold splits {profiled}"
+        )
+    chosen_splits = profiled if splits is None else [k for k in profiled if k in set(splits)]
     out = []
     for k in chosen_splits:
         for up in rd.points(k):

@@ -467,6 +467,11 @@ def profile_model(
     from .. import protocol
 
     n = len(decoder_layers(model))
+    if n < 2:
+        raise ConfigError(f"a model of {n} decoder layer cannot be split: there is no layer for the server to run")
+    splits = list(split_layers) if split_layers is not None else default_splits(n)
+    if bad := [k for k in splits if not 1 <= k < n]:  # checked before the timing run, which takes minutes
+        raise ConfigError(f"candidate split layers must be in [1, {n - 1}] for this {n}-layer model, got {bad}")
     device = next(model.parameters()).device
     timing, edge = measure_timing(model, prompt_tokens, decode_tokens, repeats)
     memory, weights = measure_memory(model)
@@ -475,7 +480,6 @@ def profile_model(
     points: list[RatePoint] = []
     calibration: dict[str, Any] = {}
     if windows is not None:
-        splits = list(split_layers) if split_layers is not None else default_splits(n)
         base_ppl, points = measure_rate_distortion(model, windows.to(device), splits, steps, downlink_steps)
         calibration = {"text": text, "tokens": int(windows.numel()), "window": int(windows.shape[1]), "ppl": base_ppl}
     return Profile(
