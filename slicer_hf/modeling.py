@@ -182,6 +182,15 @@ class SplitModelMixin:
                 f"where layer {fitted_at}'s output is sensitive (`slicer-hf calibrate` fits one for this split)",
                 stacklevel=3,
             )
+        down = lookup(cfg.downlink_basis) if cfg.downlink_basis else None
+        predicts_from = down.metadata.get("given_split_layer", str(cfg.split_layer)) if down else None
+        if down is not None and down.given_width and predicts_from != str(k):
+            warnings.warn(
+                f"the downlink basis {cfg.downlink_basis} predicts the reply from the hidden states at split "
+                f"{predicts_from}, and this call splits at {k}: its predictions miss and the replies take more bits "
+                "(`slicer-hf calibrate` fits one for this split)",
+                stacklevel=3,
+            )
         name = cfg.model_id or getattr(self.config, "_name_or_path", "")
         request = open_request(cfg, self.config, name, k, codec, self.dtype)
         vocab = getattr(self.config, "vocab_size", 0) or 0

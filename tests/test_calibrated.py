@@ -222,6 +222,27 @@ def test_a_basis_fitted_at_one_split_warns_when_it_codes_another():
         model(ids, split_layer=1)
 
 
+def test_a_predicting_downlink_basis_warns_when_the_call_splits_elsewhere():
+    """It predicts the reply from the rows at the split it was fitted for; at another split its predictions miss."""
+    base = tiny_model("llama").eval()
+    last = base.config.num_hidden_layers
+    found = collect(base, torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1)), [2, last])
+    down = fit_basis(*found[last], metadata={"split_layer": str(last), "given_split_layer": "2"}, given=found[2][0])
+    config = SlicerConfig(split_layer=2, codec="identity", downlink_basis=down.digest, downlink_step=0.1)
+    model = SlicerModelForCausalLM.from_model(base, config)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        model(ids)  # its own split: silent
+    with (
+        pytest.warns(
+            UserWarning, match="predicts the reply from the hidden states at split 2, and this call splits at 1"
+        ),
+        torch.no_grad(),
+    ):
+        model(ids, split_layer=1)
+
+
 def test_calibrate_refuses_too_few_tokens_before_loading_the_model(tmp_path):
     from live import tiny_smol_dir
 

@@ -241,6 +241,8 @@ def calibrate(
 
     def fit(layer: int, given: torch.Tensor | None = None) -> str:
         info = {**provenance, "split_layer": str(layer)}
+        if given is not None and layer == n_layers:  # a predicting downlink: from the rows at the split
+            info["given_split_layer"] = str(k)
         return fit_basis(*found[layer], outliers=base.outliers, metadata=info, given=given).digest
 
     changes: dict[str, Any] = {"split_layer": k, "quantizer": "ecsq", "sparsity": 0.0, "rotation": "calibrated"}
