@@ -53,6 +53,7 @@ class BitrateController:
     _wait: int = field(init=False)
     _since_finer: int | None = field(init=False, default=None)  # tokens since a finer move, while on trial
     _tokens: int = field(init=False, default=0)
+    _slope: float | None = field(init=False, default=None)  # ms per uplink bit, as last seen (smoothed)
 
     def __post_init__(self) -> None:
         self.ladder = [(float(s), float(b)) for s, b in self.ladder]
@@ -108,11 +109,19 @@ class BitrateController:
     def _model(self, latency: float) -> tuple[float, float]:
         """(base ms, ms per uplink bit): base is a low quantile of past latencies with the uplink's share taken
         out; what `latency` (the recent median, or the latest token when it missed) sits above it is put down to
-        the uplink's bits."""
-        bits = statistics.median(b for _, b in self._recent)
+        the uplink's bits. Where it sits at the base (a steady link: the base has caught up with it), the slope
+        seen last stands, and the base is what is left of `latency` without it; a rung it could not hold is not
+        tried again until the latency itself comes down."""
+        bits = max(statistics.median(b for _, b in self._recent), 1.0)
         floor = sorted(self._floor)
         base = min(floor[len(floor) // 10], latency) if floor else latency  # a low quantile: robust to one fast token
-        return base, max(latency - base, 0.0) / max(bits, 1.0)
+        if latency > base:
+            per_bit = (latency - base) / bits
+            self._slope = per_bit if self._slope is None else 0.5 * (self._slope + per_bit)
+            return base, per_bit
+        if self._slope is None:
+            return base, 0.0
+        return max(latency - bits * self._slope, 0.0), self._slope
 
     def _predict(self, level: int, base: float, per_bit: float) -> float:
         """Predicted latency at `level` as a share of the target."""

@@ -83,6 +83,20 @@ def test_the_controller_does_not_flap_on_a_steady_link():
     assert controller.changes[0]["token"] <= 3  # the first move comes at once
 
 
+def test_on_a_steady_link_where_only_the_floor_fits_the_controller_stops_trying_finer_rungs():
+    """At the floor the latest latencies sit at the base: the slope seen on the finer rung must not be forgotten,
+    or every lapse of patience sends a token over the target (about every 65 tokens)."""
+    ladder = [(0.1, 3000.0), (0.3, 2000.0), (0.6, 1200.0)]  # 155, 105 and 65 ms at 5 ms + 0.05 ms a bit
+    controller = BitrateController(ladder, target_ms=100.0)
+    misses = 0
+    for _ in range(400):
+        latency = 5.0 + 0.05 * ladder[controller.level][1]
+        misses += latency > 100.0
+        controller.observe(latency, ladder[controller.level][1])
+    assert controller.level == 2 and misses <= 4
+    assert all(change["token"] < 50 for change in controller.changes)
+
+
 def test_moves_are_recorded_with_the_token_and_the_new_step():
     controller = BitrateController(LADDER, target_ms=60.0)
     simulate([32.0] * 10, controller)
