@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from slicer_hf import ConfigError, SlicerConfig
+from slicer_hf import ConfigError, SlicerConfig, build_codec, protocol
 from slicer_hf.cli import app
 from slicer_hf.tuning import (
     Constraints,
@@ -178,13 +178,30 @@ def test_missing_or_non_json_profiles_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- predictions
+def test_the_predicted_bits_of_a_decode_step_are_those_of_its_bare_messages():
+    """A profile's point is the whole packet; a steady-state step and a compressed reply go bare, leaving out the
+    envelope and what the session agreed on (an ECSQ packet's step and outlier count)."""
+    from slicer_hf.tuning.planner import _reply_bits
+    from slicer_hf.tuning.profile import ECSQ_BASE
+
+    knobs = {k: v for k, v in ECSQ_BASE.items() if k != "codec"}
+    codec = build_codec("slicer", **knobs, step=0.3)
+    packet = codec.encode(torch.randn(1, 1, D, generator=torch.Generator().manual_seed(5)))
+    bare = codec.bare(packet, (1, 1, D), torch.float32)
+    ones = torch.ones(1, 1, dtype=torch.bool)
+    step = protocol.Step(1 << 20, 1 << 20, 1 << 14, 1, 1, 0, bare, ones, bare=True, next=True)
+    assert 8 * len(packet) + _step_overhead_bits(EDGE, "slicer") == 8 * len(protocol.encode_step(step))
+    point = RatePoint(L, "slicer", 0.3, 8 * len(packet), 0.0, 0.0, 1.0, 0.0, 0.0)
+    assert _reply_bits(EDGE, point) == 8 * len(protocol.encode_reply(1 << 20, protocol.REPLY_HIDDEN_BARE, bare))
+
+
 def test_a_prediction_adds_edge_server_and_link_time():
     up = next(p for p in EDGE.points(4) if p.step == 0.4)
     p = predict(EDGE, SERVER, 4, up, None, FAST, Constraints())
     assert p.edge_ms == pytest.approx(0.1 + 4 * 4.0 + 0.5 + 1.0 + up.encode_ms)
     assert p.server_ms == pytest.approx(4 * 1.0 + up.decode_ms)
     assert p.token_latency_ms == pytest.approx(p.edge_ms + p.server_ms + p.link_ms)
-    assert p.uplink_bits == pytest.approx(up.bits_per_token + _step_overhead_bits(EDGE))
+    assert p.uplink_bits == pytest.approx(up.bits_per_token + _step_overhead_bits(EDGE, "slicer"))
     assert p.downlink_bits > 32 * D  # the exact float32 reply
     slow = predict(EDGE, SERVER, 4, up, None, SLOW, Constraints())
     extra = (p.uplink_bits / 8 + SLOW.framing_bytes_up) * (1 / 6.25 - 1 / 12_500)  # ms at 0.05 vs 100 Mbit/s

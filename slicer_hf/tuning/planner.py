@@ -24,6 +24,7 @@ uplink bits, KL), ranked by the objective.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -263,18 +264,39 @@ class SearchResult:
 
 
 # ------------------------------------------------------------------------------------------- predicting
-def _step_overhead_bits(profile: Profile) -> int:
-    """What a decode step's message adds to its codec packet, in bits: the NEXT header (large ids: a long-running
-    session), less the packet's envelope, which a bare step leaves out."""
+def _step_overhead_bits(profile: Profile, codec: str) -> int:
+    """What a decode step's message adds to its codec packet (of the profiled `codec`: "slicer" or "fp16"), in bits:
+    the NEXT header (large ids: a long-running session), less what a bare step leaves out of the packet."""
     ones = torch.ones(1, 1, dtype=torch.bool)
     step = protocol.Step(1 << 20, 1 << 20, 1 << 14, 1, 1, 0, b"", ones, bare=True, next=True)
-    dtype = getattr(torch, profile.model.get("dtype", "float32"))
-    envelope = build_codec("identity").envelope((1, 1, profile.model["hidden_size"]), dtype)
-    return 8 * (len(protocol.encode_step(step)) - len(envelope))
+    return 8 * len(protocol.encode_step(step)) - _bare_savings_bits(profile, codec)
 
 
-def _reply_bits(payload_bits: float) -> float:
-    return 8 * len(protocol.encode_reply(1 << 20, protocol.REPLY_HIDDEN, b"")) + payload_bits
+def _reply_bits(profile: Profile, down: RatePoint | None) -> float:
+    """A decode step's reply: its header and the exact packet, or the compressed one sent bare."""
+    header = 8 * len(protocol.encode_reply(1 << 20, protocol.REPLY_HIDDEN, b""))
+    if down is None:
+        return header + _exact_downlink_bits(profile)
+    return header + down.bits_per_token - _bare_savings_bits(profile, down.codec)
+
+
+def _bare_savings_bits(profile: Profile, codec: str) -> int:
+    """The bits of a one-row packet of the profiled `codec` that a bare message leaves out: its envelope, and what
+    the session has agreed on (an ECSQ packet's flags, outlier count and step)."""
+    return _bare_savings(profile.model["hidden_size"], profile.model.get("dtype", "float32"), codec)
+
+
+@functools.lru_cache(maxsize=16)
+def _bare_savings(width: int, dtype_name: str, codec: str) -> int:
+    from .profile import ECSQ_BASE
+
+    dtype = getattr(torch, dtype_name)
+    spec = {**ECSQ_BASE, "step": 0.3} if codec == "slicer" else {"codec": codec}
+    built = build_codec(spec.pop("codec"), **spec)
+    row = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(0)).to(dtype)
+    packet = built.encode(row)
+    bare = built.bare(packet, (1, 1, width), dtype)
+    return 0 if bare is None else 8 * (len(packet) - len(bare))
 
 
 def _exact_downlink_bits(profile: Profile) -> float:
@@ -298,9 +320,9 @@ def predict(
     constraints: Constraints,
 ) -> Prediction:
     """The figures of split `k` with uplink point `up` and downlink `down` (None: exact)."""
-    overhead = _step_overhead_bits(edge)
+    overhead = _step_overhead_bits(edge, up.codec)
     up_bits = up.bits_per_token + overhead
-    down_bits = _reply_bits(_exact_downlink_bits(edge) if down is None else down.bits_per_token)
+    down_bits = _reply_bits(edge, down)
     e = edge.edge
     edge_layers = edge.layers[:k]
     edge_ms = e["embed_decode_ms"] + sum(layer.decode_ms for layer in edge_layers) + e["head_decode_ms"]
@@ -543,7 +565,7 @@ def search(
         )
         target = constraints.max_token_latency_ms
         start = next((c for c in rungs if c.prediction.token_latency_ms <= target), rungs[-1])  # finest that fits
-        ladder = tuple((c.step, c.prediction.uplink_bits - _step_overhead_bits(edge)) for c in rungs)
+        ladder = tuple((c.step, c.prediction.uplink_bits - _step_overhead_bits(edge, "slicer")) for c in rungs)
         config = config.replace(step=start.step, bitrate_ladder=ladder, target_token_latency_ms=target)
     profiles = {
         role: {"machine": p.machine, "versions": p.versions, "model": p.model, "calibration": p.calibration}
