@@ -65,6 +65,7 @@ REPLY_HIDDEN_BARE = 4  # hidden states through the session's downlink codec, the
 # rows of the step's [B, T - need_from, width] (sent only to an edge whose OPEN asked for "bare_replies")
 MAX_BATCH = 4096
 MAX_JSON_BYTES = 64 << 10  # a control message (an OPEN is under 1 KB)
+MAX_ERROR_CHARS = 4096  # of an ERROR's message: JSON escaping may grow it up to six times
 
 # gRPC names and settings both sides share (the transport and the server import them from here)
 SERVICE = "slicer_hf.v1.Split"
@@ -187,6 +188,10 @@ def decode_json(data: bytes) -> dict[str, Any]:
 
 
 def encode_error(code: str, message: str) -> bytes:
+    """An ERROR message; a long message (one that quotes a client's value) is cut, so the reply stays a control
+    message the client reads (`MAX_JSON_BYTES`)."""
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + f"... ({len(message):,} characters in all)"
     return encode_json(ERROR, {"code": code, "message": message})
 
 

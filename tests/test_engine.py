@@ -516,6 +516,11 @@ def test_malformed_requests_are_refused_as_malformed_or_bad_requests_not_interna
     }
     for name, (message, code) in cases.items():
         assert protocol.decode_json(server.handle(message))["code"] == code, name
+    # a refusal that quotes the client's value stays a message the client can read (JSON escaping doubles "\\")
+    quoting = protocol.encode_json(protocol.OPEN, {**body, "split_layer": "\\" * 20_000})
+    assert len(quoting) < protocol.MAX_JSON_BYTES
+    refusal = protocol.decode_json(server.handle(quoting))
+    assert refusal["code"] == "bad_split" and refusal["message"].endswith("characters in all)")
     server.shutdown()
 
 

@@ -34,8 +34,13 @@ def test_only_the_requested_layers_hold_weights(checkpoint, layers):
     assert torch.equal(model.get_output_embeddings().weight, full.get_output_embeddings().weight)
 
 
-def test_other_loading_options_fall_back_to_a_whole_load_then_release(checkpoint):
+def test_other_loading_options_fall_back_to_a_whole_load_then_release(checkpoint, monkeypatch):
+    import slicer_hf.loading as loading
+
+    whole, real = [], loading._load_whole
+    monkeypatch.setattr(loading, "_load_whole", lambda *args: whole.append(args[3]) or real(*args))
     model = load_layers(checkpoint, range(2), dtype=torch.float32, device_map="auto")
+    assert whole == [{"dtype": torch.float32, "device_map": "auto"}]
     assert on_meta(model) == [False, False, True, True]
 
 

@@ -266,6 +266,23 @@ def test_with_a_token_the_http_metrics_want_it_too(server):
         assert 'slicer_errors_total{code="unauthenticated"} 2.0' in response.read().decode()
 
 
+def test_a_tls_server_serves_its_metrics_over_https_so_the_token_never_crosses_in_clear(server, tmp_path):
+    import ssl
+
+    self_signed_localhost(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tls = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    server("--host", "localhost", *tls, "--metrics-port", str(port), "--token", "s3cret")
+    with pytest.raises(OSError):  # plain HTTP is not spoken there (a refused handshake, a closed connection)
+        urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10)
+    trusting = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    request = urllib.request.Request(f"https://localhost:{port}/metrics", headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(request, timeout=10, context=trusting) as response:
+        assert "# TYPE slicer_tokens_total counter" in response.read().decode()
+
+
 def test_a_full_server_sends_the_client_to_the_next_one(server, model_dir, reference):
     full, spare = server("--max-sessions", "1"), server()
     holder = client(model_dir, full.url)

@@ -260,9 +260,12 @@ def metrics_registry(engine: SplitServer) -> Any:
     return registry
 
 
-def _metrics_server(host: str, port: int, engine: SplitServer, token: str | None) -> Any:
-    """`GET /metrics` over HTTP on its own thread; with a token, only for `Authorization: Bearer <token>` (what
-    Prometheus sends with `authorization: {credentials: ...}` in its scrape config)."""
+def _metrics_server(
+    host: str, port: int, engine: SplitServer, token: str | None, tls: tuple[bytes, bytes] | None
+) -> Any:
+    """`GET /metrics` over HTTP on its own thread, over HTTPS with the server's certificate where it has one (a token
+    must not cross the network in clear); with a token, only for `Authorization: Bearer <token>` (what Prometheus
+    sends with `authorization: {credentials: ...}` in its scrape config)."""
     import socket
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -288,8 +291,26 @@ def _metrics_server(host: str, port: int, engine: SplitServer, token: str | None
             pass
 
     server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
+    if tls is not None:  # the handshake runs on the request's thread: a slow client stalls no other scrape
+        server.socket = _tls_context(*tls).wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="slicer-metrics", daemon=True).start()
     return server
+
+
+def _tls_context(cert: bytes, key: bytes) -> Any:
+    """A server TLS context from PEM bytes (the ssl module reads them from files: private ones, removed at once)."""
+    import os
+    import ssl
+    import tempfile
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="slicer-metrics-tls-") as folder:
+        for name, data in (("cert.pem", cert), ("key.pem", key)):
+            fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        context.load_cert_chain(os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem"))
+    return context
 
 
 def prometheus_text(engine: SplitServer) -> bytes:
@@ -328,7 +349,8 @@ class RunningServer:
         self.metrics_port = None
         self._metrics: Any = None
         if metrics_port is not None:
-            self._metrics = _metrics_server(host, metrics_port, engine, token)
+            tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+            self._metrics = _metrics_server(host, metrics_port, engine, token, tls)
             self.metrics_port = self._metrics.server_port
         if token is not None and tls_cert is None and not protocol.is_loopback(host):
             logger.warning("an auth token is required on %s without TLS: tokens cross the network in clear", host)
@@ -419,8 +441,8 @@ def serve(
         max_streams: session streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and
             retry). Health, stats, metrics and drain calls have `CONTROL_SLOTS` more of their own.
         workers: threads for OPEN, CLOSE and the unary methods (steps hold none: they wait on the event loop).
-        metrics_port: serve GET /metrics over HTTP on this port (0 picks one), behind the token where there is one;
-            None: no HTTP endpoint.
+        metrics_port: serve GET /metrics on this port (0 picks one), over HTTPS where the server has a certificate,
+            behind the token where there is one; None: no HTTP endpoint.
     """
     if token == "":
         raise ConfigError("the auth token is empty: give one, or None to require none")

@@ -259,7 +259,8 @@ class SearchResult:
                 f"| {p.downlink_bits:,.0f} | {p.edge_memory_gb:.3f} | {p.kl:.4f} | {p.ppl_change_pct:+.2f} |"
             )
         if len(self.pareto) > limit:
-            rows.append(f"\n... and {len(self.pareto) - limit} more Pareto candidates (all of them in {SEARCH_NAME})")
+            more = len(self.pareto) - limit
+            rows.append(f"\n... and {more} more Pareto candidates ({SEARCH_NAME} holds them all: --out)")
         return "\n".join(rows)
 
 
@@ -490,10 +491,12 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> Infeasi
 def _at_least(value: float, digits: int = 4) -> str:
     """`value` to `digits` significant digits, rounded up: a limit relaxed to what is printed admits it."""
     text = f"{value:.{digits}g}"
-    if float(text) >= value or value <= 0:
+    if value <= 0:
         return text
     unit = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
-    return f"{math.ceil(value / unit) * unit:.{digits}g}"
+    while float(text) < value:  # one unit of the last digit up, until the printed value admits it
+        text = f"{float(text) + unit:.{digits}g}"
+    return text
 
 
 def search(
