@@ -100,7 +100,7 @@ def test_the_client_leaves_out_failed_endpoints_and_surfaces_router_errors(serve
         assert model.wire_stats().failovers == 1
     finally:
         router.close()
-    for status, retryable in ((401, False), (503, True)):
+    for status, retryable in ((401, False), (404, False), (502, True), (503, False)):  # 503: after admission_wait_s
         refusing = StandInRouter([(status, {"error": "nope"})])
         try:
             with pytest.raises(TransportError, match=f"HTTP {status}: nope") as info:
@@ -131,9 +131,11 @@ def test_while_the_router_has_no_replica_to_offer_admission_waits_as_told_and_le
         assert 0.2 <= time.monotonic() - started < 5
         assert [r[2]["exclude"] for r in router.requests] == [["grpc://127.0.0.1:7"]] * 3
         router.replies = [busy] * 100
-        with pytest.raises(TransportError, match="HTTP 503: none of 1") as info:
+        with pytest.raises(
+            TransportError, match="HTTP 503: none of 1.*still none after admission_wait_s=0.3 s"
+        ) as info:
             FleetTransport(router.url, admission_wait_s=0.3).admit()
-        assert info.value.retryable
+        assert not info.value.retryable  # the link does not wait admission_wait_s again, up to 10 times
     finally:
         router.close()
 
@@ -470,9 +472,28 @@ def test_a_fleet_whose_replicas_cannot_start_says_why_and_undeploy_leaves_other_
     )
     with pytest.raises(ConfigError, match=r"the fleet did not deploy: .*gone"):
         deploy(broken)
-    undeploy(broken)
-    assert "broken" not in serve.status().applications
+    assert "broken" not in serve.status().applications  # deploy removed what it had started
+    undeploy(broken)  # and undeploying it again is harmless
     assert len(wait_for_replicas(fleet, 2, TOKEN, timeout_s=30)) == 2  # the other fleet serves on
+
+
+@pytest.mark.slow
+def test_a_second_fleet_of_the_same_name_or_beyond_the_free_cpus_is_refused_and_the_first_serves_on(fleet, model_dir):
+    """serve.run would have replaced the first fleet (its clients met another model and token), or waited for CPUs
+    the cluster does not have, without a word."""
+    from slicer_hf import ConfigError
+    from slicer_hf.server.fleet import FleetOptions, deploy
+
+    port = int(fleet.rpartition(":")[2])
+    same = FleetOptions(model=model_dir, replica_cpus=0.5, router_port=port)  # the default app name, "slicer"
+    with pytest.raises(ConfigError, match="named 'slicer' already runs"):
+        deploy(same)
+    big = FleetOptions(model=model_dir, replicas=8, app_name="big", route_prefix="/big", router_port=port)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"needs 8.1 CPUs .* cluster has [0-9.]+ free"):
+        deploy(big)
+    assert time.monotonic() - started < 30
+    assert len(replicas(fleet, 2)) == 2
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ This module needs the `ray` extra (`pip install "slicer-hf[ray]"`); nothing else
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -47,6 +48,7 @@ from .engine import ServerLimits, default_kv_budget_bytes
 
 logger = logging.getLogger(__name__)
 ROUTER, REPLICA = "SlicerRouter", "SlicerReplica"
+ROUTER_CPUS = 0.1  # the router only answers admissions and heartbeats
 _TLS_FOLDERS: dict[str, Path] = {}  # per application: the copies of its certificate and key the router reads
 
 
@@ -329,7 +331,7 @@ def build_app(options: FleetOptions) -> Any:
     else:
         replica_options["num_replicas"] = options.replicas
     replica = serve.deployment(SplitReplica, name=REPLICA, **replica_options)
-    router = serve.deployment(Router, name=ROUTER, num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+    router = serve.deployment(Router, name=ROUTER, num_replicas=1, ray_actor_options={"num_cpus": ROUTER_CPUS})
     # the replicas are bound into the router's arguments, so that one `serve.run` deploys both
     return router.bind(replica.bind(options.as_dict()), options.token, options.heartbeat_s)
 
@@ -359,6 +361,13 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
         (folder / "key.pem").write_text(options.tls_key)
         (folder / "key.pem").chmod(0o600)
         http |= {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
+    apps = serve.status().applications if _serve_running() else {}
+    if options.app_name in apps:  # serve.run would replace it: its clients would meet another model and token
+        raise ConfigError(
+            f"a Serve application named {options.app_name!r} already runs on this cluster: give this fleet another "
+            "app_name and route_prefix, or undeploy that one first"
+        )
+    _check_room(options)
     serve.start(http_options=http)
     running = _serve_http_options()
     if running is not None and (running.get("host"), running.get("port")) != (http["host"], http["port"]):
@@ -367,15 +376,32 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
             f"{running.get('port')}, and one cluster has one: deploy with --host {running.get('host')} "
             f"--router-port {running.get('port')}, or shut that Serve down first"
         )
-    try:
-        serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
-    except RuntimeError as exc:  # Serve names only the deployment; say what its replicas failed on
-        raise ConfigError(f"the fleet did not deploy: {_replica_failure(options.app_name) or exc}") from None
     scheme = "slicer+https" if options.tls_cert else "slicer+http"
     host = options.advertise_host or _client_host(options.router_host)
     url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
-    wait_for_replicas(url, 1, options.token, options.tls_cert)
+    try:
+        serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
+        wait_for_replicas(url, 1, options.token, options.tls_cert)
+    except BaseException as exc:  # leave nothing running (nor a copy of the key) behind a fleet that did not start
+        failure = _replica_failure(options.app_name) if isinstance(exc, RuntimeError) else None
+        with contextlib.suppress(Exception):
+            undeploy(options)
+        if isinstance(exc, RuntimeError):  # Serve names only the deployment; say what its replicas failed on
+            raise ConfigError(f"the fleet did not deploy: {failure or exc}") from None
+        raise
     return url
+
+
+def _check_room(options: FleetOptions) -> None:
+    """Refuse a fleet whose replicas the cluster cannot place: Serve would wait for the CPUs without a word."""
+    want = (options.autoscale[0] if options.autoscale else options.replicas) * options.replica_cpus + ROUTER_CPUS
+    have = float(ray.available_resources().get("CPU", 0.0))
+    if want > have + 1e-9:
+        raise ConfigError(
+            f"the fleet needs {want:g} CPUs ({options.autoscale[0] if options.autoscale else options.replicas} "
+            f"replicas x {options.replica_cpus:g} (replica_cpus), and {ROUTER_CPUS:g} for the router), and the "
+            f"cluster has {have:g} free: give fewer --replicas or a smaller --replica-cpus, or add nodes"
+        )
 
 
 def undeploy(options: FleetOptions) -> None:
@@ -384,9 +410,21 @@ def undeploy(options: FleetOptions) -> None:
     serve.delete(options.app_name)
     if not serve.status().applications:
         serve.shutdown()
-    folder = _TLS_FOLDERS.pop(options.app_name, None)
-    if folder is not None:
+    folder = _TLS_FOLDERS.get(options.app_name)
+    proxy = _serve_http_options() if _serve_running() else None
+    if folder is not None and str(folder) not in str((proxy or {}).get("ssl_certfile", "")):  # the proxy's stay
         shutil.rmtree(folder, ignore_errors=True)
+        del _TLS_FOLDERS[options.app_name]
+
+
+def _serve_running() -> bool:
+    """Whether a Serve controller runs on this cluster (started by this process or another)."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        return _get_global_client(raise_if_no_controller_running=False) is not None
+    except Exception:  # an internal API: where it moved, say none runs (Serve then starts or joins as before)
+        return False
 
 
 def _serve_http_options() -> dict[str, Any] | None:

@@ -83,16 +83,19 @@ class FleetTransport(Transport):
 
     def admit(self) -> dict[str, Any]:
         """Ask the router for a replica: `{"endpoint", "replica", "ticket"}`, leaving out the endpoints that failed
-        in the last `EXCLUDE_S`; raises `TransportError` when the router is unreachable or still has no replica to
-        offer after `admission_wait_s` (retryable), or refuses the token (not retryable)."""
+        in the last `EXCLUDE_S`; raises `TransportError` when the router is unreachable or fails (retryable), still
+        has no replica to offer after `admission_wait_s`, or refuses the request (a token, a route: not retryable)."""
         deadline = time.monotonic() + self.admission_wait_s
         while True:
             try:
                 return self._ask_router()
             except _NoReplicaNow as busy:
                 wait = min(busy.retry_after_s, deadline - time.monotonic())
-                if wait <= 0:
-                    raise busy.error from None
+                if wait <= 0:  # waited as long as asked: the link does not wait the same again
+                    raise TransportError(
+                        f"{busy.error} (still none after admission_wait_s={self.admission_wait_s:g} s)",
+                        retryable=False,
+                    ) from None
                 logger.info("router %s has no replica to offer now: asking again in %.1f s", self.router, wait)
                 time.sleep(wait)
 
@@ -110,7 +113,9 @@ class FleetTransport(Transport):
                 answer = json.loads(_read_capped(reply))
         except urllib.error.HTTPError as exc:
             message = f"router {self.router} refused a session: HTTP {exc.code}: {_error_detail(exc)}"
-            error = TransportError(message, retryable=exc.code not in (401, 403))
+            if exc.code == 404:
+                message += " (is a fleet deployed at this route prefix?)"
+            error = TransportError(message, retryable=exc.code >= 500 or exc.code in (408, 429))
             if exc.code == 503:
                 raise _NoReplicaNow(error, _retry_after_s(exc.headers.get("Retry-After"))) from None
             raise error from None
