@@ -351,6 +351,7 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     Args:
         address: a Ray cluster to join (default: `ray.init()`'s choice, a local one if none runs).
     """
+    started_here = not ray.is_initialized() and address in (None, "local") and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     http: dict[str, Any] = {"host": options.router_host, "port": options.router_port}
@@ -367,7 +368,7 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
             f"a Serve application named {options.app_name!r} already runs on this cluster: give this fleet another "
             "app_name and route_prefix, or undeploy that one first"
         )
-    _check_room(options)
+    _check_room(options, strict=started_here)
     serve.start(http_options=http)
     running = _serve_http_options()
     if running is not None and (running.get("host"), running.get("port")) != (http["host"], http["port"]):
@@ -392,16 +393,22 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     return url
 
 
-def _check_room(options: FleetOptions) -> None:
-    """Refuse a fleet whose replicas the cluster cannot place: Serve would wait for the CPUs without a word."""
-    want = (options.autoscale[0] if options.autoscale else options.replicas) * options.replica_cpus + ROUTER_CPUS
+def _check_room(options: FleetOptions, strict: bool) -> None:
+    """A fleet whose replicas the cluster has no free CPUs for: Serve would wait for them without a word. Refused
+    on a Ray this process started (nothing will add nodes to it); on a cluster it joined, whose autoscaler may add
+    nodes, said in a warning while Serve waits."""
+    replicas = options.autoscale[0] if options.autoscale else options.replicas
+    want = replicas * options.replica_cpus + ROUTER_CPUS
     have = float(ray.available_resources().get("CPU", 0.0))
-    if want > have + 1e-9:
-        raise ConfigError(
-            f"the fleet needs {want:g} CPUs ({options.autoscale[0] if options.autoscale else options.replicas} "
-            f"replicas x {options.replica_cpus:g} (replica_cpus), and {ROUTER_CPUS:g} for the router), and the "
-            f"cluster has {have:g} free: give fewer --replicas or a smaller --replica-cpus, or add nodes"
-        )
+    if want <= have + 1e-9:
+        return
+    message = (
+        f"the fleet needs {want:g} CPUs ({replicas} replicas x {options.replica_cpus:g} (replica_cpus), and "
+        f"{ROUTER_CPUS:g} for the router), and the cluster has {have:g} free"
+    )
+    if strict:
+        raise ConfigError(f"{message}: give fewer --replicas or a smaller --replica-cpus, or join a larger cluster")
+    logger.warning("%s: Serve waits until nodes with free CPUs join", message)
 
 
 def undeploy(options: FleetOptions) -> None:
