@@ -206,6 +206,12 @@ def serve(
     replica_cpus: Annotated[float, typer.Option(help="--ray: CPUs Ray reserves per replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="--ray: GPUs Ray reserves per replica.")] = 0.0,
     ray_address: Annotated[str | None, typer.Option(help="--ray: a Ray cluster to join (default: local).")] = None,
+    app_name: Annotated[
+        str, typer.Option(help="--ray: the Serve application's name; another fleet on the cluster needs its own.")
+    ] = "slicer",
+    route_prefix: Annotated[
+        str, typer.Option(help="--ray: the router's path under the cluster's one ingress (slicer+http://H:P/PREFIX).")
+    ] = "/",
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
     """Serve blocks `k..L-1` of MODEL (a causal LM, or an encoder or vision model) to split clients over gRPC.
@@ -226,6 +232,8 @@ def serve(
         replica_cpus=replica_cpus,
         replica_gpus=replica_gpus,
         ray_address=ray_address,
+        app_name=app_name,
+        route_prefix=route_prefix,
     )
     defaults = inspect.signature(serve).parameters  # what the user did not set
     given = [f"--{name.replace('_', '-')}" for name, value in fleet_only.items() if value != defaults[name].default]
@@ -326,6 +334,8 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
         advertise_host=options["advertise_host"],
         router_host=options["host"],
         router_port=options["router_port"],
+        app_name=options["app_name"],
+        route_prefix=options["route_prefix"],
         replica_cpus=options["replica_cpus"],
         replica_gpus=options["replica_gpus"],
     )

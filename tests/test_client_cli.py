@@ -127,6 +127,8 @@ BAD_ARGUMENTS = {
     "autoscaling without a fleet": ["serve", "--autoscale", "2,16"],
     "replicas without a fleet": ["serve", "--replicas", "3"],
     "a router port without a fleet": ["serve", "--router-port", "8080"],
+    "an app name without a fleet": ["serve", "--app-name", "second"],
+    "a route prefix without a slash": ["serve", "--ray", "--route-prefix", "second"],
     "no new tokens": ["generate", "-s", "grpc://127.0.0.1:1", "-p", "hi", "--max-new-tokens", "0"],
     "negative new tokens": ["chat", "-s", "grpc://127.0.0.1:1", "--max-new-tokens", "-1"],
     "sampling at temperature 0": [

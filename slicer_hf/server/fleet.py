@@ -116,6 +116,11 @@ class FleetOptions:
             self.autoscale = (int(low), int(high))
         if self.replicas < 1:
             raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
+        if not self.route_prefix.startswith("/") or not self.app_name:
+            raise ConfigError(
+                f"route_prefix must start with '/' and app_name must not be empty, got {self.route_prefix!r} and "
+                f"{self.app_name!r}"
+            )
         if self.token == "":
             raise ConfigError("token must not be empty: give the fleet's token, or None for no token")
         if (self.tls_cert is None) != (self.tls_key is None):
