@@ -359,29 +359,29 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     started_here = not ray.is_initialized() and address in (None, "local") and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    http: dict[str, Any] = {"host": options.router_host, "port": options.router_port}
-    if options.tls_cert:  # the router speaks HTTPS with the fleet's certificate (the files go with `undeploy`)
-        folder = Path(tempfile.mkdtemp(prefix="slicer-fleet-tls-"))
-        _TLS_FOLDERS[options.app_name] = folder
-        (folder / "cert.pem").write_text(options.tls_cert)
-        (folder / "key.pem").write_text(options.tls_key)
-        (folder / "key.pem").chmod(0o600)
-        http |= {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
-    apps = serve.status().applications if _serve_running() else {}
-    if options.app_name in apps:  # serve.run would replace it: its clients would meet another model and token
+    client = _serve_client()  # a Serve already running on the cluster, started by this process or another
+    if client is not None and options.app_name in serve.status().applications:  # serve.run would replace it
         raise ConfigError(
             f"a Serve application named {options.app_name!r} already runs on this cluster: give this fleet another "
             "app_name and route_prefix, or undeploy that one first"
         )
-    _check_room(options, strict=started_here)
-    serve.start(http_options=http)
-    running = _serve_http_options()
-    if running is not None and (running.get("host"), running.get("port")) != (http["host"], http["port"]):
+    running = _serve_http_options(client)
+    if running is not None and (running.get("host"), running.get("port")) != (options.router_host, options.router_port):
         raise ConfigError(  # Serve keeps the ingress it started with: the router would never answer at this port
             f"Ray Serve already runs on this cluster with its HTTP ingress at {running.get('host')}:"
             f"{running.get('port')}, and one cluster has one: deploy with --host {running.get('host')} "
             f"--router-port {running.get('port')}, or shut that Serve down first"
         )
+    _check_room(options, strict=started_here)
+    http: dict[str, Any] = {"host": options.router_host, "port": options.router_port}
+    if options.tls_cert:  # the router speaks HTTPS with the fleet's certificate (the files go with `undeploy`)
+        folder = Path(tempfile.mkdtemp(prefix="slicer-fleet-tls-"))  # written once every check has passed
+        _TLS_FOLDERS[options.app_name] = folder
+        (folder / "cert.pem").write_text(options.tls_cert)
+        (folder / "key.pem").write_text(options.tls_key)
+        (folder / "key.pem").chmod(0o600)
+        http |= {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
+    serve.start(http_options=http)
     scheme = "slicer+https" if options.tls_cert else "slicer+http"
     host = options.advertise_host or _client_host(options.router_host)
     url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
@@ -423,28 +423,26 @@ def undeploy(options: FleetOptions) -> None:
     if not serve.status().applications:
         serve.shutdown()
     folder = _TLS_FOLDERS.get(options.app_name)
-    proxy = _serve_http_options() if _serve_running() else None
+    proxy = _serve_http_options(_serve_client())
     if folder is not None and str(folder) not in str((proxy or {}).get("ssl_certfile", "")):  # the proxy's stay
         shutil.rmtree(folder, ignore_errors=True)
         del _TLS_FOLDERS[options.app_name]
 
 
-def _serve_running() -> bool:
-    """Whether a Serve controller runs on this cluster (started by this process or another)."""
-    from ray.serve.context import _get_global_client
-
-    try:
-        return _get_global_client(raise_if_no_controller_running=False) is not None
-    except Exception:  # an internal API: where it moved, say none runs (Serve then starts or joins as before)
-        return False
-
-
-def _serve_http_options() -> dict[str, Any] | None:
-    """The HTTP options the running Serve instance has (None where this Ray does not say)."""
+def _serve_client() -> Any:
+    """The client of the Serve controller running on this cluster (started by this process or another), or None."""
     try:
         from ray.serve.context import _get_global_client
 
-        return dict(_get_global_client().get_serve_details().get("http_options") or {})
+        return _get_global_client(raise_if_no_controller_running=False)
+    except Exception:  # an internal API: where it moved, say none runs (Serve then starts or joins as before)
+        return None
+
+
+def _serve_http_options(client: Any) -> dict[str, Any] | None:
+    """The HTTP options of the Serve instance behind `client` (None: no Serve, or this Ray does not say)."""
+    try:
+        return None if client is None else dict(client.get_serve_details().get("http_options") or {})
     except Exception:  # an internal API: where it moved, the check is skipped and waiting says the rest
         return None
 
