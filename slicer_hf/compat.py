@@ -11,6 +11,7 @@ import ast
 import functools
 import inspect
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -316,6 +317,25 @@ def output_embedding_name(model: PreTrainedModel) -> str:
     """Parameter name of the LM head weight (tied to the input embeddings in many models)."""
     head = model.get_output_embeddings()
     return next(f"{name}.weight" for name, module in model.named_modules() if module is head)
+
+
+def checkpoint_names(model: PreTrainedModel) -> Callable[[str], str] | None:
+    """The model's name for each checkpoint tensor name, as transformers renames them while loading (ViT, DeiT and
+    Swin checkpoints name their attention `attention.self.query`, the model `attention.q_proj`; a base-model prefix
+    is added or dropped where the model wants it). None where loading also merges or splits tensors (stacked MoE
+    experts, say): only transformers' own load does that."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, TypeError, AttributeError):  # a transformers without these (or with another signature)
+        return None
+    if not all(isinstance(t, WeightRenaming) for t in transforms):
+        return None
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return lambda name: rename_source_key(name, list(transforms), [], prefix, own)[0]
 
 
 def clear_gguf_quantizer(model: PreTrainedModel) -> None:

@@ -88,7 +88,10 @@ def _load_layers(
     wanted = {name for name, _ in model.named_parameters() if kept(name)}
     # persistent buffers (BatchNorm's running statistics): read where the checkpoint has them, as transformers does
     buffers = {name for name in model.state_dict() if kept(name)} - wanted
-    shards = _shards(folder, wanted | buffers)
+    rename = compat.checkpoint_names(model)  # checkpoint name -> model name
+    if rename is None:  # tensors merged or split while loading (stacked MoE experts): transformers' own load
+        return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
+    shards = _shards(folder, wanted | buffers, rename)
     try:
         if fetch is not None:  # a Hub snapshot: download only the shards that hold this side's tensors
             fetch(shards)
@@ -98,10 +101,11 @@ def _load_layers(
     files = [folder / shard for shard in shards]
     if not all(file.is_file() for file in files):  # not safetensors after all (pickles, say): transformers' load
         return _load_whole(name_or_path, keep, auto_class, hf_kwargs)
-    where = {}  # the file of each wanted key, found from the names alone: no tensor is read before all are there
+    where = {}  # model name -> (file, checkpoint name) of each wanted tensor, found before any tensor is read
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            where |= {key: file for key in f.keys() if key in wanted or key in buffers}  # noqa: SIM118
+            named = {rename(key): key for key in f.keys()}  # noqa: SIM118 - not a mapping
+            where |= {name: (file, key) for name, key in named.items() if name in wanted or name in buffers}
     missing = wanted - set(where)
     if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         missing -= {n for n in missing if n.endswith(compat.output_embedding_name(model))}
@@ -116,7 +120,8 @@ def _load_layers(
     state = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            state |= {key: f.get_tensor(key).to(own[key].dtype) for key, held in where.items() if held == file}
+            mine = {name: key for name, (held, key) in where.items() if held == file}
+            state |= {name: f.get_tensor(key).to(own[name].dtype) for name, key in mine.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     with contextlib.suppress(OSError):
@@ -165,14 +170,15 @@ def _stored_dtype(files: list[Path]) -> torch.dtype:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _shards(folder: Path, wanted: set[str]) -> list[str]:
-    """The safetensors files transformers reads that hold any of the `wanted` keys: the shards the index names for
-    them, or `model.safetensors` (another file in the folder, an export or a variant, is never read)."""
+def _shards(folder: Path, wanted: set[str], rename: Callable[[str], str]) -> list[str]:
+    """The safetensors files transformers reads that hold any of the `wanted` tensors (model names; `rename` maps
+    a checkpoint's names to them): the shards the index names for them, or `model.safetensors` (another file in the
+    folder, an export or a variant, is never read)."""
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
         return ["model.safetensors"]
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-    return sorted({shard for key, shard in weight_map.items() if key in wanted})
+    return sorted({shard for key, shard in weight_map.items() if rename(key) in wanted})
 
 
 def release_layers(model: PreTrainedModel, indices: Iterable[int]) -> None:

@@ -209,7 +209,16 @@ def test_lossy_codec_keeps_embeddings_close():
     assert 8 * stats.uplink_payload_bytes / stats.tokens < 32 * 16 / 2  # packets of under half fp16's bits
 
 
-@pytest.mark.parametrize("family,auto,factory", [("bert", AutoModel, SlicerModel), ("resnet", *VISION_HEADS[1])])
+@pytest.mark.parametrize(
+    "family,auto,factory",
+    [
+        ("bert", AutoModel, SlicerModel),
+        ("resnet", *VISION_HEADS[1]),
+        ("vit", *VISION_HEADS[1]),  # checkpoints name tensors as transformers 4 did: renamed while reading
+        ("deit", AutoModel, SlicerModel),
+        ("swin", AutoModel, SlicerModel),
+    ],
+)
 def test_an_edge_with_a_remote_server_reads_only_its_own_blocks(tmp_path, monkeypatch, family, auto, factory):
     """Partial loading, as for causal LMs: the server's blocks are never read, the edge's running statistics are."""
     model = build(family, auto)

@@ -98,6 +98,55 @@ def test_sharded_checkpoints_load_their_shards_partially(tmp_path):
     assert torch.equal(model.model.layers[3].mlp.up_proj.weight, full.model.layers[3].mlp.up_proj.weight)
 
 
+def test_names_transformers_changes_while_loading_are_read_partially(tmp_path, monkeypatch):
+    """A head's prefix the base model lacks, and transformers 4's LayerNorm `gamma`/`beta`: renamed as
+    transformers renames them, and still only this side's layers are read."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, BertConfig, BertForSequenceClassification
+
+    import slicer_hf.loading as loading
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in state.items()
+    }
+    assert "bert.encoder.layer.3.output.LayerNorm.gamma" in legacy
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    full = AutoModel.from_pretrained(tmp_path)
+    monkeypatch.setattr(loading, "_load_whole", lambda *args: pytest.fail("loaded whole"))
+    model = load_layers(tmp_path, [2, 3], auto_class=AutoModel)
+    assert on_meta(model) == [True, True, False, False]
+    want = full.state_dict()
+    held = {n: t for n, t in model.state_dict().items() if t.device.type != "meta"}
+    assert "encoder.layer.3.output.LayerNorm.weight" in held
+    assert all(torch.equal(t, want[n]) for n, t in held.items())
+
+
+def test_a_checkpoint_whose_tensors_transformers_merges_loads_whole(tmp_path, monkeypatch):
+    """Stacked MoE experts are built from one tensor per expert: only transformers' own load does that."""
+    from transformers import MixtralConfig
+
+    import slicer_hf.loading as loading
+
+    config = MixtralConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
+        vocab_size=97, num_local_experts=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    whole, real = [], loading._load_whole
+    monkeypatch.setattr(loading, "_load_whole", lambda *args: whole.append(args) or real(*args))
+    model = load_layers(tmp_path, range(2), dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert len(whole) == 1 and on_meta(model) == [False, False, True]
+    for p, q in zip(decoder_layers(model)[1].parameters(), decoder_layers(full)[1].parameters()):
+        assert torch.equal(p, q)
+
+
 def test_a_quantized_checkpoint_loads_whole_with_its_quantizer(checkpoint, tmp_path, monkeypatch):
     """Its tensors are codes and scales, not weights: only transformers' quantizer makes them weights."""
     import json
