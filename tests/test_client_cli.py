@@ -179,6 +179,26 @@ def test_a_model_folder_that_does_not_exist_is_one_line_not_a_traceback(command)
     assert done.stderr.strip() == "error: model '/nonexistent': no such folder"
 
 
+def test_a_fleet_whose_model_cannot_load_is_refused_before_ray_starts(tmp_path):
+    """Every replica would fail to load it, after Ray and Serve started: the config is read first."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    (tmp_path / "config.json").write_text("{}")  # a folder, but no model in it
+    done = subprocess.run(
+        [sys.executable, "-c", "from slicer_hf.cli import main; main()", "serve", "--ray", "-m", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"error: cannot load model '{tmp_path}': Unrecognized model"), done.stderr
+    assert "Ray" not in done.stderr + done.stdout
+
+
 def test_the_wire_report_of_no_token_has_no_ratio():
     from slicer_hf.client import wire_report
     from slicer_hf.link import WireStats
