@@ -383,6 +383,73 @@ def test_decode_rows_filling_the_round_still_leave_the_oldest_prefill_an_eighth_
     assert chunks == [2] * 20  # not 40 rounds of one position
 
 
+def test_a_round_runs_no_more_positions_than_max_batch_tokens_but_the_oldest_prefills_floor():
+    """The floor is the oldest prefill's alone, and counts positions of all its sequences."""
+    server = SplitServer(
+        tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=64, max_batch_tokens=64)
+    )
+    rounds, current = [], []
+    plain_round, plain_run = server.scheduler._round, server.scheduler._run
+    server.scheduler._run = lambda run, prefill: (
+        current.append(sum(c.work.rows * c.hidden.shape[1] for c in run)) or (plain_run(run, prefill))
+    )
+
+    def counted_round(pending):
+        current.clear()
+        left = plain_round(pending)
+        rounds.append(sum(current))
+        return left
+
+    server.scheduler._round = counted_round
+    one, many = _open(server, 2), _open(server, 2)
+    gate = threading.Event()  # both prefills wait in the queue for the same round
+    decode = server.decode_packets
+    server.decode_packets = lambda works: (gate.wait(10), decode(works))[1]
+    d = server.hidden_size
+    replies = [
+        server.submit(protocol.encode_step(protocol.Step(session, 0, 0, rows, tokens, tokens - 1, payload)))
+        for session, rows, tokens in ((one, 1, 60), (many, 16, 20))
+        for payload in [build_codec("identity").encode(torch.randn(rows, tokens, d))]
+    ]
+    gate.set()
+    for reply in replies:
+        protocol.raise_if_error(reply.result(timeout=60))
+    server.shutdown()
+    assert sum(rounds) == 60 + 16 * 20 and max(rounds) <= 64, rounds
+
+
+def test_a_compaction_that_runs_out_of_memory_leaves_every_row_where_it_was(monkeypatch):
+    """All or nothing: a row moved to a block still on the free list would share it with the next row."""
+    store = KVStore(2, torch.device("cpu"), torch.float32, block_size=4)
+    gone, kept = store.new_row(0), store.new_row(0)
+    store.reserve(gone, 8)
+    store.reserve(kept, 8)
+    for layer in range(2):
+        for which in ("k", "v"):
+            pool = store.pool(layer, which, torch.zeros(1, 2, 1, 3))
+            pool[:, store.slots(kept.blocks[layer, :2])] = torch.randn(2, 8, 3)
+    data = {key: pool[:, store.slots(kept.blocks[key[0], :2])].clone() for key, pool in store.pools.items()}
+    store.release(gone)  # its blocks, below the kept row's, fall free: a compaction moves the kept row down
+    blocks, free = kept.blocks.clone(), [list(f) for f in store._free]
+    clone, calls = torch.Tensor.clone, []
+
+    def clone_until_out_of_memory(tensor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second pool of the layer
+            raise RuntimeError("out of memory (simulated)")
+        return clone(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone_until_out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        store._compact(0)
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    assert torch.equal(kept.blocks, blocks) and [list(f) for f in store._free] == free
+    store._compact(0)  # and now for real
+    assert kept.blocks[0, :2].tolist() == [1, 2] and store._free[0] == []
+    for key, pool in store.pools.items():
+        assert torch.equal(pool[:, store.slots(kept.blocks[key[0], :2])], data[key])
+
+
 def test_closing_sessions_returns_their_blocks():
     server = SplitServer(tiny_model("llama"), batching=True)
     sessions = [_open(server, 1 + i % 3) for i in range(5)]

@@ -211,22 +211,28 @@ class KVStore:
         return resized
 
     def _compact(self, layer: int) -> None:
-        """Move the blocks in use in `layer` to the lowest ids, and cut its pools to them."""
+        """Move the blocks in use in `layer` to the lowest ids, and cut its pools to them. All or nothing: every
+        tensor is allocated before any block moves, so a failed allocation (out of memory) leaves the layer as it
+        was (a row pointing at a block still on the free list would share it with the next row given one)."""
         held = [(row, i) for row in self._holders if row.split_layer <= layer for i in range(row.num_blocks)]
         top = NULL_BLOCK + 1 + len(held)  # ids below `top` are enough for every block in use
         holes = iter(sorted(b for b in self._free[layer] if b < top))
         moves = [(row, i, next(holes)) for row, i in held if row.blocks[layer, i] >= top]
-        if moves:
-            old = self.slots(torch.stack([row.blocks[layer, i] for row, i, _ in moves]))
-            new = self.slots(torch.tensor([hole for _, _, hole in moves]))
-            for pool in self._layer_pools(layer):
-                pool.index_copy_(1, new.to(pool.device), pool.index_select(1, old.to(pool.device)))
-            for row, i, hole in moves:
-                row.blocks[layer, i] = hole
+        old = self.slots(torch.stack([row.blocks[layer, i] for row, i, _ in moves])) if moves else None
+        staged = {}  # which -> (the pool cut to `top` blocks, the moving blocks' data)
         for which in ("k", "v"):
             pool = self.pools.get((layer, which))
-            if pool is not None and pool.shape[1] > top * self.block_size:  # free blocks, or growth slack
-                self._resize(layer, which, top, pool)
+            if pool is not None:
+                cut = pool[:, : top * self.block_size].clone() if pool.shape[1] > top * self.block_size else pool
+                staged[which] = cut, None if old is None else pool.index_select(1, old.to(pool.device))
+        if moves:  # from here on nothing is allocated
+            new = self.slots(torch.tensor([hole for _, _, hole in moves]))
+            for cut, data in staged.values():
+                cut.index_copy_(1, new.to(cut.device), data)
+            for row, i, hole in moves:
+                row.blocks[layer, i] = hole
+        for which, (cut, _) in staged.items():
+            self.pools[(layer, which)] = cut
         self._next[layer], self._free[layer] = top, []  # every id below `top` is in use
 
     def bytes_allocated(self) -> int:

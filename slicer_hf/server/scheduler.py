@@ -220,11 +220,12 @@ class Scheduler:
             for works in _by_rows(group, max_rows):
                 self._run([w.chunk(1) for w in works], prefill=False)
         budget = limits.max_batch_tokens - sum(w.rows for w in decode)
-        least = max(1, limits.prefill_chunk_tokens // 8)  # the oldest prefill moves on by this much, however busy
-        for work in prefill:
-            if budget <= 0 and work is not prefill[0]:
+        least = max(1, limits.prefill_chunk_tokens // 8)  # positions the oldest prefill moves on, however busy
+        for work in prefill:  # oldest first; the others within what the round has left
+            floor = max(1, least // work.rows) if work is prefill[0] else 0  # (per sequence: `least` in all)
+            tokens = min(work.step.tokens - work.done, limits.prefill_chunk_tokens, max(budget // work.rows, floor))
+            if tokens < 1:
                 break
-            tokens = min(work.step.tokens - work.done, limits.prefill_chunk_tokens, max(budget // work.rows, least))
             self._run([work.chunk(tokens)], prefill=True)
             budget -= tokens * work.rows
         return [w for w in pending if not w.future.done()]
