@@ -8,10 +8,11 @@ Tested against transformers 5.x, where decoder layers return a plain tensor and 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -467,13 +468,44 @@ def layer_grid(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict
     return (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
+def is_backbone(model: nn.Module) -> bool:
+    """Whether `model` is one of transformers' backbones (`ResNetBackbone`, ...), which return several stages' maps
+    (`out_features`), read inside their forward (so never through `output_hidden_states`)."""
+    return any(cls.__name__ == "BackboneMixin" for cls in type(model).__mro__)
+
+
+def map_memory_format(config: Any) -> torch.memory_format:
+    """The memory layout of a CNN's feature map between its stages, which the map sent over the wire is given back
+    (a reduction over it, as a pooler's mean, sums in layout order: bit-exactness needs the layout). ConvNeXt's
+    stages end on a channels-last view (its blocks run channels-last); ResNet's are contiguous."""
+    return (
+        torch.channels_last
+        if getattr(config, "model_type", "") in ("convnext", "convnextv2")
+        else torch.contiguous_format
+    )
+
+
+@contextlib.contextmanager
+def kept_window_sizes(model: nn.Module) -> Iterator[None]:
+    """Undo, after a forward, what transformers' Swin layers change on themselves: an input whose patch grid is no
+    larger than the window shrinks the layer's window and drops its shift for good, and a model that serves many
+    clients must not let one image change another's output."""
+    layers = [m for m in model.modules() if hasattr(m, "set_shift_and_window_size")]
+    held = [(layer, layer.window_size, layer.shift_size) for layer in layers]
+    try:
+        yield
+    finally:
+        for layer, window, shift in held:
+            layer.window_size, layer.shift_size = window, shift
+
+
 def encoder_inputs(
     model: PreTrainedModel, batch: int, tokens: int, split_layer: int, grid: tuple[int, int] | None, mask: Any
 ) -> dict[str, Any]:
     """Stand-in inputs for the server's forward of an encoder: the blocks below the split pass the injected hidden
     states on, so only sizes matter. Text: zero embeddings `[B, T, d]` and the attention mask. Vision: a zero image
     whose patch grid at the split is `grid` where a block reads it (Swin halves it per stage), at the configured
-    size for ViT-style position embeddings, and a small one for CNNs."""
+    size for ViT-style position embeddings, and a small one for CNNs; one image, whatever the batch."""
     config = model.config
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -486,12 +518,18 @@ def encoder_inputs(
     if kind == "grid":
         if grid is None:
             raise ValueError("a Swin split needs the patch grid of the split")
-        scale = int(config.patch_size) * 2**split_layer
-        size = (grid[0] * scale, grid[1] * scale)
+        patch = _pair(config.patch_size)
+        size = (grid[0] * patch[0] * 2**split_layer, grid[1] * patch[1] * 2**split_layer)
         # absolute position embeddings are sized for the configured image: stretched to this one
         extra = {"interpolate_pos_encoding": True} if getattr(config, "use_absolute_embeddings", False) else {}
     elif kind == "patches":  # position embeddings sized for the configured image
-        size = (int(config.image_size),) * 2
+        size = _pair(config.image_size)
     else:
         size = (32, 32)
-    return {"pixel_values": torch.zeros(batch, int(config.num_channels), *size, device=device, dtype=dtype), **extra}
+    # one image: its embeddings are dropped at the split (the rows sent go on from there), whatever the batch
+    return {"pixel_values": torch.zeros(1, int(config.num_channels), *size, device=device, dtype=dtype), **extra}
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    """(height, width) of a config's image or patch size: one number for both, or a pair, as transformers takes."""
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))

@@ -78,10 +78,10 @@ class SlicerEncoderMixin(SplitModelMixin):
                 finals.append(final)
             final = torch.cat(finals)
             if final.ndim == 4:
-                final = final.permute(0, 3, 1, 2).contiguous()
+                final = final.permute(0, 3, 1, 2).contiguous(memory_format=compat.map_memory_format(self.config))
             return final.to(hidden.device, hidden.dtype)
 
-        with split_plan(SplitPlan("edge", k, exchange=exchange)):
+        with split_plan(SplitPlan("edge", k, exchange=exchange)), compat.kept_window_sizes(self):
             return base_forward(*args, **kwargs)
 
 
@@ -142,6 +142,11 @@ class _SplitAutoFactory:
         transport_options: dict[str, Any] | None = None,
     ) -> PreTrainedModel:
         """Make an already loaded encoder or vision model split (in place; the same object is returned)."""
+        if compat.is_backbone(model):
+            raise NotImplementedError(
+                f"{type(model).__name__} returns the maps of several stages (out_features), and an edge never sees "
+                "the stages its server runs: split the base model (SlicerModel) instead"
+            )
         _check(model.config, slicer_config or SlicerConfig())
         return make_split(model, slicer_config, SlicerEncoderMixin, transport, transport_options)
 

@@ -167,6 +167,83 @@ def test_images_of_other_sizes_split_exactly_with_interpolated_position_embeddin
         assert torch.equal(split(images, interpolate_pos_encoding=True).last_hidden_state, want)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        ViTConfig(**{**VIT, "image_size": (32, 48)}),  # (height, width), as transformers takes them
+        SwinConfig(
+            embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], image_size=32, patch_size=(2, 2), window_size=2
+        ),
+    ],
+    ids=["vit-image-size-pair", "swin-patch-size-pair"],
+)
+def test_configs_that_give_sizes_as_pairs_split_exactly(config):
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    images = torch.randn(2, 3, *((32, 48) if config.model_type == "vit" else (32, 32)))
+    with torch.no_grad():
+        want = model(images).last_hidden_state
+        split = SlicerModel.from_model(model, LOSSLESS.replace(split_layer=2))
+        assert torch.equal(split(images).last_hidden_state, want)
+
+
+def test_the_server_embeds_one_stand_in_image_whatever_the_batch():
+    """Its embeddings are replaced at the split: a batch of 16 one-token rows costs no 16 images' patch embedding."""
+    model = SlicerModel.from_model(build("vit"), LOSSLESS.replace(split_layer=2))
+    seen = []
+    embed = model.split_server.model.embeddings.patch_embeddings  # the in-process server shares the edge's model
+    embed.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    images = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        got = model(images).last_hidden_state
+    assert seen == [16, 1] and got.shape[0] == 16  # the edge's 16 images, then the server's stand-in
+
+
+def test_one_clients_small_image_leaves_another_clients_swin_output_unchanged():
+    """transformers' Swin layers shrink their window for good when a grid is no larger than it: a server shares its
+    model between clients, so what one image does is undone after its forward."""
+    torch.manual_seed(0)
+    config = SwinConfig(embed_dim=8, depths=[2, 2, 2], num_heads=[1, 2, 2], image_size=64, patch_size=2, window_size=4)
+    model = AutoModel.from_config(config).eval()
+    large, small = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 32, 32)  # the small one's last grid is the window
+    with torch.no_grad():
+        want = copy.deepcopy(model)(large).last_hidden_state
+    server = SplitServer(copy.deepcopy(model), min_split_layer=1)
+    alice, bob = (
+        SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=1), LocalTransport(server))
+        for _ in range(2)
+    )
+    with torch.no_grad():
+        bob(small)
+        assert torch.equal(alice(large).last_hidden_state, want)
+        bob(small)  # and on the edge, which runs the first stage: its own model is left as it was too
+        assert [b.shift_size for stage in bob.encoder.layers for b in stage.blocks] == [0, 2] * 3
+
+
+@pytest.mark.parametrize("family", ["convnext", "convnextv2"])
+def test_a_convnext_pooler_is_bit_exact_on_maps_larger_than_one_pixel(family):
+    """Its stages leave channels-last maps, whose mean sums in that order: the map comes back laid out the same."""
+    torch.manual_seed(0)
+    config = ENCODERS[family]()
+    config.num_stages, config.hidden_sizes, config.depths = 2, [8, 12], [1, 2]
+    model = AutoModel.from_config(config).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(images)
+        got = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=1))(images)
+    assert want.last_hidden_state.shape[-1] > 1
+    assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+    assert torch.equal(got.pooler_output, want.pooler_output)
+
+
+def test_backbones_are_refused_clearly():
+    from transformers import ResNetBackbone
+
+    backbone = ResNetBackbone(ENCODERS["resnet"]().__class__(**CNN, out_features=["stage1", "stage4"]))
+    with pytest.raises(NotImplementedError, match="ResNetBackbone returns the maps of several stages"):
+        SlicerModel.from_model(backbone, LOSSLESS.replace(split_layer=2))
+
+
 def test_heads_compute_their_loss_on_the_edge():
     model = build("bert", AutoModelForSequenceClassification)
     inputs = {**inputs_for("bert"), "labels": torch.tensor([1, 3])}

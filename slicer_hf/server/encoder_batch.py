@@ -37,12 +37,13 @@ def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[byte
     mask = None
     if kind == "text" and any(w.step.mask is not None or w.step.tokens < longest for w in works):
         mask = torch.cat([_pad_mask(w, longest) for w in works])
-    if kind == "map":  # rows of a feature map -> [B, C, H, W]
-        hidden = hidden.reshape(hidden.shape[0], *grid, hidden.shape[-1]).permute(0, 3, 1, 2).contiguous()
+    if kind == "map":  # rows of a feature map -> [B, C, H, W], laid out as the model's stages leave it
+        hidden = hidden.reshape(hidden.shape[0], *grid, hidden.shape[-1]).permute(0, 3, 1, 2)
+        hidden = hidden.contiguous(memory_format=compat.map_memory_format(model.config))
     inputs = compat.encoder_inputs(model, hidden.shape[0], longest, split_layer, grid, mask)
     plan = SplitPlan("server", split_layer, inject=hidden)  # decoded on the server's device, in its dtype
     base = model.base_model
-    with split_plan(plan):  # the base model's own forward (not the split one, where the model is split itself)
+    with split_plan(plan), compat.kept_window_sizes(model):  # the base model's own forward (not the split one)
         getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)
     final = plan.final
     if final.ndim == 4:  # [B, C, H, W] -> channels-last, the rows the edge reads back
