@@ -450,6 +450,28 @@ def test_a_compaction_that_runs_out_of_memory_leaves_every_row_where_it_was(monk
         assert torch.equal(pool[:, store.slots(kept.blocks[key[0], :2])], data[key])
 
 
+@pytest.mark.parametrize(
+    "family, window, store",
+    [
+        ("mistral", 600, True),  # its attention names the window its cache keeps: the store masks the same
+        ("phimoe", 8, True),  # names none, but the check runs past the window and finds the store right
+        ("phimoe", 600, False),  # names none, and the check cannot run past it (chunks, or moshi's causal mask?)
+    ],
+)
+def test_a_window_the_start_up_check_cannot_test_must_be_the_one_the_attention_names(family, window, store):
+    from transformers import AutoModelForCausalLM, MistralConfig, PhimoeConfig
+
+    config = (MistralConfig if family == "mistral" else PhimoeConfig)(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=97, sliding_window=window, max_position_embeddings=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    server = SplitServer(AutoModelForCausalLM.from_config(config).eval(), batching=True)
+    assert (server.store is not None) == store
+    assert server.store is None or server.store.sliding_windows[1:] == [window] * 2
+    server.shutdown()
+
+
 def test_closing_sessions_returns_their_blocks():
     server = SplitServer(tiny_model("llama"), batching=True)
     sessions = [_open(server, 1 + i % 3) for i in range(5)]

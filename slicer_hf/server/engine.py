@@ -799,6 +799,15 @@ class SplitServer:
             got = self.store_forward(
                 rows, torch.stack([x[i, row.length] for i, row in enumerate(rows)])[:, None], lengths
             )
+            # a cache's window that the attention does not name (llama4's chunks, moshi's causal mask over a sliding
+            # cache, or phimoe's windowed mask: no telling which) differs only past the window: beyond this test
+            for layer, asked in sorted(self.store.asked_windows.items()):
+                window = self.store.sliding_windows[layer]
+                if asked != window and max(asked or 0, window or 0) > length - 2:
+                    raise ValueError(
+                        f"layer {layer}'s attention names window {asked}, its transformers cache keeps {window}, and "
+                        f"this check cannot run past it"
+                    )
             for i, (k, row) in enumerate(zip(splits, rows)):
                 cache, n = compat.new_cache(self.model), row.length - 1
                 self.run_model(k, "hidden", x[i : i + 1, :n], None, torch.arange(n)[None], cache, n)

@@ -73,6 +73,7 @@ class KVStore:
         self.num_layers, self.device, self.dtype, self.block_size = num_layers, device, dtype, block_size
         self.max_bytes = max_bytes
         self.sliding_windows = sliding_windows or [None] * num_layers  # per layer (None: full attention)
+        self.asked_windows: dict[int, int | None] = {}  # per layer, the window its attention last passed in
         self.pools: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "k"|"v") -> [heads, blocks * block_size, dim]
         self._free: list[list[int]] = [[] for _ in range(num_layers)]
         self._next: list[int] = [NULL_BLOCK + 1] * num_layers  # the next fresh block id, per layer
@@ -355,7 +356,9 @@ def store_attention(
         raise NotImplementedError("the layer computes an attention mask of its own; the KV store builds its masks")
     n, heads, t, dim = query.shape
     groups = heads // key.shape[1]
-    window = kwargs.get("sliding_window") or batch.store.sliding_windows[module.layer_idx]
+    window = kwargs.get("sliding_window") or None
+    batch.store.asked_windows[module.layer_idx] = window  # the start-up check compares it with the cache's
+    window = window or batch.store.sliding_windows[module.layer_idx]
     mask = batch.mask(n, window)  # [n, 1, t, longest]
     softcap = kwargs.get("softcap")
     if softcap is not None:
