@@ -307,7 +307,8 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
         from .server.fleet import FleetOptions, deploy, undeploy
     except ImportError as exc:
         raise typer.BadParameter(f"--ray needs the ray extra: pip install 'slicer-hf[ray]' ({exc})") from None
-    from .client import missing_folder, model_error
+    from .client import model_error
+    from .loading import missing_folder
 
     if options["ray_address"] is None:  # replicas on this machine, which would each fail to load a model not here
         if missing_folder(options["model"]):
@@ -398,7 +399,9 @@ def demo(
     model: ModelOpt = "smollm2",
     prompt: Annotated[str, typer.Option(help="What to ask the model.")] = "What is the capital of France?",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
-    config: Annotated[str | None, typer.Option(help="SlicerConfig folder; default: the SmolLM2 preset.")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="SlicerConfig folder or preset name (configs/); default: the SmolLM2 preset.")
+    ] = None,
     split_layer: Annotated[int | None, typer.Option(help="Override the config's split layer.")] = None,
 ) -> None:
     """Start a server process, split-generate against it from this process, and show what crossed the wire."""
@@ -502,7 +505,10 @@ def eval_(
     codec: Annotated[str | None, typer.Option(help="Codec name (overrides the config's).")] = None,
     config: Annotated[
         str | None,
-        typer.Option(help="SlicerConfig: preset name, folder or Hub repo (default: SlicerConfig's defaults)."),
+        typer.Option(
+            help="SlicerConfig: preset name, folder or Hub repo (default: for SmolLM2 its preset, as for generate; "
+            "else SlicerConfig's defaults)."
+        ),
     ] = None,
     window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="Score at most this many tokens.")] = None,
@@ -517,7 +523,10 @@ def eval_(
     if (text is None) == (dataset is None):
         raise typer.BadParameter("give exactly one of --text FILE or --dataset wikitext-2-raw-v1[:split]")
     source = text or (dataset if ":" in dataset else f"{dataset}:test")
+    from .client import default_config
+
     knobs = {"downlink_step": downlink_step} if downlink_step is not None else None
+    config = config or default_config(model)  # the config generate, chat and demo use
     result = evaluate(model, source, split_layer, codec, config, window, max_tokens, json_out, codec_params=knobs)
     print(format_result(result))
 
@@ -579,8 +588,8 @@ def profile(
     print(
         f"{model}: {n} layers, decode step {e['decode_step_ms']:.1f} ms (layers "
         f"{sum(layer.decode_ms for layer in result.layers):.1f}, overhead {e['step_overhead_ms']:.1f}) with "
-        f"{result.machine['torch_threads']} threads; {len(result.rate_distortion)} rate-distortion points at splits "
-        f"{result.split_layers()}; written to {written}"
+        f"{result.machine['torch_threads']} torch thread(s); {len(result.rate_distortion)} rate-distortion points "
+        f"at splits {result.split_layers()}; written to {written}"
     )
 
 
@@ -764,8 +773,12 @@ def bench(
 
 
 def main() -> None:
+    import warnings
+
     from .errors import SlicerError
 
+    # a warning for the user, not a traceback frame: one line, as the errors below
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         app()
     except (SlicerError, NotImplementedError) as exc:  # a refusal, a dead link, a bad config, a family not split

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, TextStreamer
 from .config import SlicerConfig
 from .errors import ConfigError
 from .link import WireStats
+from .loading import missing_folder
 
 
 def wire_report(stats: WireStats, hidden_size: int) -> str:
@@ -34,12 +35,6 @@ def wire_report(stats: WireStats, hidden_size: int) -> str:
         + (f"\n  failovers {stats.failovers} ({stats.retries} failed attempts)" if stats.retries else "")
         + (_bitrate_line(stats.bitrate_changes) if stats.bitrate_changes else "")
     )
-
-
-def missing_folder(model: str) -> bool:
-    """Whether `model` is a path (absolute, or starting with '.'), not a Hub id, and no folder is there."""
-    folder = Path(model).expanduser()
-    return (folder.is_absolute() or model.startswith(".")) and not folder.exists()
 
 
 def model_error(model: str, exc: Exception) -> ConfigError:

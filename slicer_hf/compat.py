@@ -73,7 +73,10 @@ def check_supported(config: Any) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{model_type}: encoder-decoder models do not split (decoder-only LMs do)")
     if model_type in ENCODER_FAMILIES:
-        raise NotImplementedError(f"{model_type}: an encoder family (bidirectional layers), not a decoder-only LM")
+        raise NotImplementedError(
+            f"{model_type}: an encoder family (bidirectional layers), not a decoder-only LM: it does not generate; "
+            "split its forward with SlicerModel (docs/encoders.md)"
+        )
     for name in ("text_config", "decoder"):
         if isinstance(getattr(config, name, None), PretrainedConfig):
             raise NotImplementedError(f"{model_type}: a composite model (with a {name}); split its text model")

@@ -173,6 +173,7 @@ class SuffixLink:
     _epoch: int = 0  # seq of the last step from position 0: an earlier mark belongs to another sequence
     _rewinds: list[tuple[int, int]] = field(default_factory=list)  # (seq, start) of later steps that went back
     _limits: StepLimits = field(default_factory=StepLimits)  # what one step may carry, from the latest OPENED
+    _ever_opened: bool = False  # whether any server ever answered this link's OPEN
 
     def __post_init__(self) -> None:
         spec = self.open_request.get("downlink_codec")
@@ -193,7 +194,7 @@ class SuffixLink:
         session = opened.get("session")
         if type(session) is not int or not 0 <= session < 1 << 63:
             raise ProtocolError(f"malformed answer to OPEN: {reply[:80]!r}", code="malformed")
-        self.session = session
+        self.session, self._ever_opened = session, True
         self._bare = bool(opened.get("bare_steps")) and self.open_request.get("dtype") is not None
         self._next, self._acked = bool(opened.get("next_steps")), None
         self._limits = StepLimits.from_opened(opened)
@@ -399,15 +400,19 @@ class SuffixLink:
                 if moves and not self.transport.reset():
                     raise
                 self.stats.retries += 1
-                logger.warning(
-                    "attempt %d of %d failed (%s); trying again on %r%s",
-                    attempt + 1,
-                    self.max_attempts,
-                    exc,
-                    self.transport,
-                    f", replaying {len(self._sent)} steps" if self._sent else "",
-                )
-        raise TransportError(f"gave up after {self.max_attempts} attempts; the last failure: {last}", retryable=False)
+                if attempt + 1 < self.max_attempts:  # the first failure says what happened; later ones: debug log
+                    (logger.warning if attempt == 0 else logger.debug)(
+                        "attempt %d of %d failed (%s); trying again on %s%s",
+                        attempt + 1,
+                        self.max_attempts,
+                        exc,
+                        self.transport.name,
+                        f", replaying {len(self._sent)} steps" if self._sent else "",
+                    )
+        hint = "" if self._ever_opened else f" (is a slicer-hf server running at {self.transport.name}?)"
+        raise TransportError(
+            f"gave up after {self.max_attempts} attempts{hint}; the last failure: {last}", retryable=False
+        )
 
     def _abandon(self, ask_server: bool = True) -> None:
         """Drop the session after an error no retry fixes: ask the server to close it (if it still can) and end the

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from . import compat
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 # accelerate's empty init patches `nn.Module.register_parameter` process-wide while it is active: parameters that
@@ -42,6 +43,20 @@ PARTIAL_OK_KWARGS = {
     "low_cpu_mem_usage",  # what a partial load is anyway
 }
 _SPREADING_MAPS = {"auto", "balanced", "balanced_low_0", "sequential"}
+
+
+def missing_folder(model: str | os.PathLike[str]) -> bool:
+    """Whether `model` is a path (absolute, or starting with '.' or '~'), not a Hub id, and no folder is there."""
+    name = os.fspath(model)
+    folder = Path(name).expanduser()
+    return (folder.is_absolute() or name.startswith((".", "~"))) and not folder.exists()
+
+
+def check_model_folder(model: str | os.PathLike[str]) -> None:
+    """A `ConfigError` for a model path with no folder there (transformers takes it for a malformed Hub id, after
+    asking the Hub)."""
+    if missing_folder(model):
+        raise ConfigError(f"model {os.fspath(model)!r}: no such folder")
 
 
 def load_layers(

@@ -32,7 +32,7 @@ from .config import CONFIG_NAME, SlicerConfig
 from .errors import ConfigError, SlicerError
 from .hooks import SplitPlan, attach_hooks, split_plan
 from .link import SuffixLink, WireStats, open_request
-from .loading import load_layers, release_layers
+from .loading import check_model_folder, load_layers, release_layers
 from .server.engine import SplitServer
 from .transport import LocalTransport, Transport, make_transport
 
@@ -387,6 +387,7 @@ class SlicerModelForCausalLM:
             transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
         """
+        check_model_folder(pretrained_model_name_or_path)
         config = _resolve_config(slicer_config, pretrained_model_name_or_path, hf_kwargs)
         model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
         compat.check_supported(model_config)  # refuse a family that cannot split before loading any weight

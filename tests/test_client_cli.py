@@ -199,6 +199,36 @@ def test_a_fleet_whose_model_cannot_load_is_refused_before_ray_starts(tmp_path):
     assert "Ray" not in done.stderr + done.stdout
 
 
+def test_eval_defaults_to_the_config_generate_uses(monkeypatch):
+    """For SmolLM2 its preset (the README's numbers), not SlicerConfig's defaults."""
+    import slicer_hf.evaluate as evaluate
+    from slicer_hf.demo import DEFAULT_PRESET
+
+    given = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: given.append(args[4]) or {})
+    monkeypatch.setattr(evaluate, "format_result", lambda result: "")
+    result = CliRunner().invoke(app, ["eval", "--model", "smollm2", "--dataset", "wikitext-2-raw-v1"])
+    assert result.exit_code == 0, result.output
+    assert given == [SlicerConfig.from_pretrained(DEFAULT_PRESET)]
+
+
+def test_python_callers_get_the_clear_errors_the_cli_prints(tmp_path):
+    from slicer_hf import ConfigError, SlicerModel, SlicerModelForCausalLM
+    from slicer_hf.transport import make_transport
+
+    for factory in (SlicerModelForCausalLM, SlicerModel):
+        with pytest.raises(ConfigError, match=f"model '{tmp_path / 'nope'}': no such folder"):
+            factory.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"unknown transport option 'tokn'.*takes \['token', 'timeout_s'"):
+        make_transport("grpc://127.0.0.1:1", tokn="s3cret")
+    from transformers import BertConfig
+
+    from slicer_hf import compat
+
+    with pytest.raises(NotImplementedError, match="does not generate; split its forward with SlicerModel"):
+        compat.check_supported(BertConfig())
+
+
 def test_the_wire_report_of_no_token_has_no_ratio():
     from slicer_hf.client import wire_report
     from slicer_hf.link import WireStats

@@ -268,6 +268,21 @@ def test_a_token_without_tls_warns_off_loopback():
         GrpcTransport(["grpcs://192.0.2.1:50051"], token="s3cret")
 
 
+def test_a_server_that_is_not_there_is_one_warning_and_a_hint(caplog):
+    """The tries after the first go to the debug log; the error asks whether a server runs at that address."""
+    import logging
+
+    from slicer_hf.link import SuffixLink
+
+    transport = GrpcTransport(["grpc://127.0.0.1:1"], timeout_s=5)
+    link = SuffixLink(transport, {"downlink": "hidden"}, build_codec("identity"), max_attempts=3, backoff_s=0.01)
+    gave_up = r"gave up after 3 attempts \(is a slicer-hf server running at grpc://127.0.0.1:1\?\)"
+    with caplog.at_level(logging.DEBUG, logger="slicer_hf.link"), pytest.raises(TransportError, match=gave_up):
+        link.step_limits()
+    tries = [r for r in caplog.records if "trying again on grpc://127.0.0.1:1" in r.getMessage()]
+    assert [r.levelno for r in tries] == [logging.WARNING, logging.DEBUG]  # none after the last
+
+
 @pytest.mark.skipif(os.environ.get("SLICER_SKIP_LONG_IDLE") == "1", reason="opted out of the 65 s idle test")
 def test_an_idle_session_survives_past_60_s(server, model_dir, reference):
     """Clients ping every 20 s; a server that allowed one ping per 5 minutes sent too_many_pings after ~60 s."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -93,4 +94,7 @@ def make_transport(spec: str | Sequence[str] | Transport, **options: Any) -> Tra
         )
     module, name = target
     cls = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    known = [p for p in inspect.signature(cls).parameters if p not in ("url", "urls")]
+    if unknown := sorted(set(options) - set(known)):
+        raise ConfigError(f"unknown transport option {', '.join(map(repr, unknown))} for {spec!r}; it takes {known}")
     return cls(urls[0], **options) if module == "fleet" else cls(urls, **options)

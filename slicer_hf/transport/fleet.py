@@ -72,7 +72,6 @@ class FleetTransport(Transport):
         if token and scheme == "slicer+http" and not is_loopback(host):
             message = f"an auth token is sent to the router {url} without TLS: use slicer+https://"
             warnings.warn(message, stacklevel=2)
-            logger.warning(message)
         self.admission: dict[str, Any] | None = None  # the router's last answer
         self._replica: GrpcTransport | None = None
         self._failed: dict[str, float] = {}  # endpoints that failed since the last good reply, and when

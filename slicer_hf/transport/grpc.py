@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import contextvars
 import gc
-import logging
 import queue
 import threading
 import time
@@ -32,7 +31,6 @@ from ..protocol import (  # noqa: F401 (re-exported for callers of this module)
 )
 from .base import Transport, root_context
 
-logger = logging.getLogger(__name__)
 _END = object()
 _OPEN: weakref.WeakSet[GrpcTransport] = weakref.WeakSet()
 
@@ -93,7 +91,6 @@ class GrpcTransport(Transport):
             if token and url.startswith("grpc://") and not is_loopback(host):
                 message = f"an auth token is sent to {url} without TLS: use grpcs:// so it does not cross in clear"
                 warnings.warn(message, stacklevel=2)
-                logger.warning(message)
         self.index = 0
         self._channel: grpc.Channel | None = None
         self._call: Any = None
