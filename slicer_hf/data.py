@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -148,9 +149,8 @@ def load_text(source: str) -> str:
     if not split:
         raise ConfigError(f"unknown {name} split in {source!r}; use one of {', '.join(SPLIT_ALIASES)}")
     local_name = WIKITEXT_FILES[name][split]
-    for folder in _wikitext_dirs():
-        if (folder / local_name).is_file():
-            return (folder / local_name).read_text(encoding="utf-8")
+    if (local := local_wikitext(name, split)) is not None:
+        return local.read_text(encoding="utf-8")
     try:
         import datasets
     except ImportError as exc:
@@ -189,6 +189,19 @@ def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int 
     if n_windows == 0:
         raise ConfigError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
     return torch.tensor(ids[: n_windows * window], dtype=torch.long).reshape(n_windows, window)  # [W, window]
+
+
+def local_wikitext(release: str, split: str) -> Path | None:
+    """The local copy of a WikiText-2 release's split (`load_text`'s folders), if there is one."""
+    name = WIKITEXT_FILES[release][SPLIT_ALIASES[split]]
+    return next((folder / name for folder in _wikitext_dirs() if (folder / name).is_file()), None)
+
+
+def detokenized(text: str) -> str:
+    """The tokenized WikiText release read as plain text: its `@-@`-style joins and the spaces it puts around
+    punctuation undone (rare words stay `<unk>`)."""
+    text = re.sub(r" @(.)@ ", r"\1", text)
+    return re.sub(r" ([.,;:!?)'])|([(]) ", r"\1\2", text)
 
 
 def _wikitext_dirs() -> list[Path]:

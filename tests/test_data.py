@@ -229,3 +229,27 @@ def test_default_model_is_converted_once_and_matches_the_gguf(monkeypatch, tmp_p
     assert torch.equal(ids, ref_tokenizer(text, return_tensors="pt").input_ids)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_the_tokenized_release_reads_as_plain_text():
+    text = "The 1 @,@ 000 @-@ metre tower ( built in 1889 ) is tall , and it 's <unk> . Yes !"
+    assert data.detokenized(text) == "The 1,000-metre tower (built in 1889) is tall, and it's <unk>. Yes!"
+
+
+@pytest.mark.parametrize("raw_here", [True, False])
+def test_the_encoder_bench_chooses_on_the_local_validation_text_without_a_download(monkeypatch, tmp_path, raw_here):
+    """The project ships the tokenized validation split only: the bench reads it (detokenized) rather than asking
+    the Hub for the raw one; a raw copy, where there is one, comes first."""
+    from slicer_hf.bench.encoders import wikitext_text
+
+    (tmp_path / "wiki.valid.tokens").write_text("A tokenized , text .", encoding="utf-8")
+    if raw_here:
+        (tmp_path / "wiki.valid.raw").write_text("A raw, text.", encoding="utf-8")
+    monkeypatch.setattr(data, "_wikitext_dirs", lambda: [tmp_path])
+    monkeypatch.setitem(sys.modules, "datasets", None)  # must not be needed
+    want = (
+        ("wikitext-2-raw-v1:validation", "A raw, text.")
+        if raw_here
+        else ("wikitext-2-v1:validation (detokenized)", "A tokenized, text.")
+    )
+    assert wikitext_text("validation") == want

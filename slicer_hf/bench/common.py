@@ -64,7 +64,11 @@ def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:
     parser = suite_arguments(doc)
     parser.add_argument("--model", default="smollm2", help="Hub id, local folder, or 'smollm2' (embedded)")
     parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
-    parser.add_argument("--out-json", default=out_json)
+    parser.add_argument(
+        "--out-json",
+        default=out_json,
+        help=f"where the JSON goes (default {out_json}: the committed results, when run from the checkout)",
+    )
     return parser
 
 

@@ -27,7 +27,17 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..config import SlicerConfig
-from ..data import load_text, resolve_model
+from ..data import (
+    MINILM_ALIAS,
+    MINILM_HUB_ID,
+    WIKITEXT,
+    WIKITEXT_TOKENIZED,
+    detokenized,
+    load_text,
+    local_wikitext,
+    minilm_path,
+    resolve_model,
+)
 from ..encoders import SlicerModel, mean_pool
 from ..modeling import unsplit
 from .common import codec_sweep, markdown_table, suite_arguments, write_json
@@ -49,11 +59,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def wikitext_sentences(split: str, count: int, min_words: int = 8, max_words: int = 60) -> list[str]:
-    """The first `count` distinct sentences of a WikiText-2 split, headings left out."""
+def wikitext_text(split: str) -> tuple[str, str]:
+    """(source, text) of a WikiText-2 split: the raw release; where only the tokenized one is here (this project
+    ships the tokenized validation split, which calibrates), that one read as plain text, not a download."""
+    if local_wikitext(WIKITEXT, split) is None and local_wikitext(WIKITEXT_TOKENIZED, split) is not None:
+        return f"{WIKITEXT_TOKENIZED}:{split} (detokenized)", detokenized(load_text(f"{WIKITEXT_TOKENIZED}:{split}"))
+    return f"{WIKITEXT}:{split}", load_text(f"{WIKITEXT}:{split}")
+
+
+def wikitext_sentences(text: str, count: int, min_words: int = 8, max_words: int = 60) -> list[str]:
+    """The first `count` distinct sentences of a WikiText-2 text, headings left out."""
     out: list[str] = []
     seen: set[str] = set()
-    for line in load_text(f"wikitext-2-raw-v1:{split}").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("="):
             continue
@@ -149,8 +167,9 @@ def choose(rows: list[dict[str, Any]], min_cosine: float) -> dict[str, Any] | No
     return max(near, key=lambda r: (r["split_layer"], -r["uplink_bits_per_token"]))
 
 
-def choose_preset(results: dict[str, Any], model_config: Any, write_preset: str | None) -> None:
-    """Pick on validation rows, report the same setting on test rows, and write the preset folder."""
+def choose_preset(results: dict[str, Any], model_config: Any, write_preset: str | None, model: str) -> None:
+    """Pick on validation rows, report the same setting on test rows, and write the preset folder (for `model`:
+    the bundled MiniLM's preset names its Hub id, which every copy of it matches)."""
     chosen = choose(results["validation"]["rows"], results["min_cosine"])
     if chosen is None:
         print(f"\nno setting keeps a mean cosine of {results['min_cosine']} on validation sentences")
@@ -162,7 +181,7 @@ def choose_preset(results: dict[str, Any], model_config: Any, write_preset: str 
     if write_preset:
         preset = SlicerConfig(
             split_layer=chosen["split_layer"],
-            model_id="sentence-transformers/all-MiniLM-L6-v2",
+            model_id=MINILM_HUB_ID if model.lower() == MINILM_ALIAS or resolve_model(model) == minilm_path() else model,
             num_hidden_layers=model_config.num_hidden_layers,
             hidden_size=model_config.hidden_size,
             **SETTINGS[chosen["setting"]],
@@ -185,14 +204,16 @@ def run(
     splits = splits or list(range(1, split_model.config.num_hidden_layers))
     results: dict[str, Any] = {"model": path, "sentences": sentences, "min_cosine": min_cosine}
     for split in ("validation", "test"):
-        texts = wikitext_sentences(split, sentences)
+        source, text = wikitext_text(split)
+        texts = wikitext_sentences(text, sentences)
         groups = length_groups(tokenizer, texts)
         tokens = sum(len(ix) * batch["input_ids"].shape[1] for ix, batch in groups)
         with unsplit(split_model):
             reference = embed(split_model, groups, len(texts))
-        print(f"{split}: {len(texts)} sentences, {tokens} tokens, {len(groups)} batches", flush=True)
-        results[split] = {"tokens": tokens, "rows": measure(split_model, groups, reference, splits, SETTINGS)}
-    choose_preset(results, split_model.config, write_preset)
+        print(f"{split} ({source}): {len(texts)} sentences, {tokens} tokens, {len(groups)} batches", flush=True)
+        rows = measure(split_model, groups, reference, splits, SETTINGS)
+        results[split] = {"source": source, "tokens": tokens, "rows": rows}
+    choose_preset(results, split_model.config, write_preset, model)
     columns = [
         ("setting", "setting", ""),
         ("split", "split_layer", "d"),
@@ -222,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(Path(args.out_json).read_text())
         results.pop("environment", None)
         config = AutoConfig.from_pretrained(resolve_model(args.model))
-        choose_preset(results, config, args.write_preset)
+        choose_preset(results, config, args.write_preset, args.model)
         write_json(results, args.out_json)
         return
     splits = [int(s) for s in args.splits.split(",")] if args.splits else None
