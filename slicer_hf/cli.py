@@ -148,6 +148,9 @@ def serve(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.", **PEM_FILE)] = None,
     min_split_layer: Annotated[int, typer.Option(help="Shallowest split accepted; layers below are not kept.")] = 1,
     max_sessions: Annotated[int, typer.Option(help="Concurrent sessions allowed.")] = 64,
+    max_sessions_per_client: Annotated[
+        int | None, typer.Option(help="Sessions one client address may hold (default: no cap of its own).", min=1)
+    ] = None,
     max_step_tokens: Annotated[int, typer.Option(help="Tokens one step message may carry.")] = 4096,
     max_step_elements: Annotated[
         int, typer.Option(help="Values (batch x tokens x width) one step may carry; bounds a packet's decode memory.")
@@ -250,6 +253,7 @@ def serve(
     limits = _checked(
         ServerLimits,
         max_sessions=max_sessions,
+        max_sessions_per_client=max_sessions_per_client,
         max_step_tokens=max_step_tokens,
         max_step_elements=max_step_elements,
         max_context_tokens=max_context_tokens,

@@ -155,7 +155,13 @@ def test_bad_arguments_are_a_usage_error_before_any_model_loads(args, pem, no_mo
     assert "Invalid value" in result.output
 
 
-LIMITS = [("--batch-wait-ms", "-1"), ("--kv-memory", "0"), ("--max-session-kv", "0"), ("--max-message-bytes", "0")]
+LIMITS = [
+    ("--batch-wait-ms", "-1"),
+    ("--kv-memory", "0"),
+    ("--max-session-kv", "0"),
+    ("--max-message-bytes", "0"),
+    ("--max-sessions-per-client", "0"),
+]
 
 
 @pytest.mark.parametrize("option, value", LIMITS)

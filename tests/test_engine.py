@@ -682,3 +682,25 @@ def test_an_interrupted_request_leaves_no_stale_reply_for_the_next_one(engine):
     finally:
         transport.close()
         running.stop()
+
+
+def test_one_client_address_holds_at_most_max_sessions_per_client(engine):
+    """Counted by address, whatever the port (each connection has its own), and freed as its sessions close."""
+    server = engine(max_sessions_per_client=2)
+    body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+    opening = protocol.encode_json(protocol.OPEN, body)
+
+    def open_from(peer):
+        reply = server.handle(opening, client=peer)
+        return protocol.decode_json(reply)["session"] if protocol.message_type(reply) == protocol.OPENED else reply
+
+    first, second = open_from("ipv4:10.0.0.7:50001"), open_from("ipv4:10.0.0.7:50002")
+    refused = open_from("ipv4:10.0.0.7:50003")
+    with pytest.raises(ProtocolError, match=r"ipv4:10.0.0.7 holds 2 sessions.*--max-sessions-per-client") as info:
+        protocol.raise_if_error(refused)
+    assert info.value.code == "too_many_sessions"
+    assert isinstance(open_from("ipv6:[::1]:50001"), int) and isinstance(open_from(""), int)  # others, in-process
+    assert server.close_session(first)
+    assert isinstance(open_from("ipv4:10.0.0.7:50004"), int)
+    assert second in server.sessions
+    server.shutdown()

@@ -55,6 +55,8 @@ class ServerLimits:
 
     Args:
         max_sessions: sessions open at once.
+        max_sessions_per_client: sessions one client host (its address, whatever the port) may hold at once (None:
+            no cap of its own; behind a proxy every client has the proxy's address).
         max_step_tokens: positions one STEP may carry.
         max_step_elements: values one STEP may carry (batch x positions x width), checked from its header: this
             bounds the memory that decoding one packet takes (up to 72 bytes a value for the costliest codec).
@@ -75,6 +77,7 @@ class ServerLimits:
     """
 
     max_sessions: int = 64
+    max_sessions_per_client: int | None = None
     max_step_tokens: int = 4096
     max_step_elements: int = 1 << 23
     max_context_tokens: int = 16384
@@ -92,7 +95,7 @@ class ServerLimits:
 
     def __post_init__(self) -> None:  # a limit of 0 (or a 0 s timeout) would serve nothing, or never end a round
         for name, value in vars(self).items():
-            if value is None and name == "kv_budget_bytes":
+            if value is None and name in ("kv_budget_bytes", "max_sessions_per_client"):
                 continue
             if name.endswith("_s"):
                 ok = isinstance(value, (int, float)) and (value >= 0 if name == "batch_wait_s" else value > 0)
@@ -186,6 +189,12 @@ class Reply(Future[bytes]):
         stream that ends while it waits) withdraws the step if it can."""
         self.withdraw()
         return False
+
+
+def client_host(peer: str) -> str:
+    """A gRPC peer ("ipv4:10.0.0.7:53211", "ipv6:[::1]:53211") without its port: one client, whatever connection
+    it opens; "" for an in-process caller."""
+    return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 def _reap_idle(server_ref: weakref.ref[SplitServer], stopped: threading.Event, period_s: float) -> None:
@@ -459,6 +468,12 @@ class SplitServer:
                 raise ProtocolError("server is draining: it takes no new sessions", code="draining")
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ProtocolError(f"server full: {self.limits.max_sessions} sessions open", code="too_many_sessions")
+            cap, host = self.limits.max_sessions_per_client, client_host(client)
+            if cap is not None and host and sum(client_host(s.client) == host for s in self.sessions.values()) >= cap:
+                raise ProtocolError(
+                    f"{host} holds {cap} sessions, the most one client may (--max-sessions-per-client): close one",
+                    code="too_many_sessions",
+                )
             per_position = (
                 0
                 if self.encoder_kind  # an encoder keeps nothing between requests
