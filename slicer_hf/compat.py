@@ -184,6 +184,20 @@ def packs_sequences(position_ids: torch.Tensor | None) -> bool:
     return position_ids is not None and find_packed_sequence_indices(position_ids) is not None
 
 
+def check_split_cache(cache: Any) -> None:
+    """Refuse a cache whose layers change what they store (quantized K/V): the side that does not run a layer keeps
+    a dummy for it there, and the edge's quantized K/V would differ from the server's exact K/V."""
+    from transformers import cache_utils
+
+    quantized = getattr(cache_utils, "BaseQuantizedLayer", ())
+    for layer in getattr(cache, "layers", None) or []:
+        if quantized and isinstance(layer, quantized):
+            raise NotImplementedError(
+                f"a quantized KV cache ({type(layer).__name__}) is not supported by split generation: the server "
+                "keeps its layers' K/V exact; use the default dynamic cache"
+            )
+
+
 def phantom_cache_update(cache: Any, layer_idx: int, hidden_states: torch.Tensor) -> None:
     """Record T positions for a layer this side does not run, with a `[B, 1, T, 1]` dummy K/V.
 

@@ -31,6 +31,11 @@ REPLY_KINDS = {  # what each downlink answers with
 }
 
 
+def wire_dtype(dtype: torch.dtype | None) -> str | None:
+    """The name OPEN gives the dtype a client's hidden states travel in (None: one the wire does not name)."""
+    return str(dtype).removeprefix("torch.") if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+
+
 def open_request(
     config: SlicerConfig,
     model_config: Any,
@@ -50,8 +55,8 @@ def open_request(
         "downlink_topk": config.downlink_topk,
         "downlink_dtype": config.downlink_dtype,
     }
-    if dtype in (torch.float16, torch.bfloat16, torch.float32):
-        request["dtype"] = str(dtype).removeprefix("torch.")
+    if (name := wire_dtype(dtype)) is not None:
+        request["dtype"] = name
     downlink_codec = config.downlink_codec()
     if downlink_codec is not None:
         request["downlink_codec"] = downlink_codec.spec()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import logging
@@ -31,7 +32,7 @@ from .codec.basis import lookup
 from .config import CONFIG_NAME, SlicerConfig
 from .errors import ConfigError, SlicerError
 from .hooks import SplitPlan, attach_hooks, split_plan
-from .link import SuffixLink, WireStats, open_request
+from .link import SuffixLink, WireStats, open_request, wire_dtype
 from .loading import check_model_folder, load_layers, release_layers
 from .server.engine import SplitServer
 from .transport import LocalTransport, Transport, make_transport
@@ -69,6 +70,22 @@ class SplitModelMixin:
     _slicer_transport: Transport
     _slicer_local: bool
     _slicer_busy: threading.RLock
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """A copy with its own in-process server (and no session yet); a model with a remote server holds a
+        connection and a session, which no copy can share: load another one."""
+        if not self._slicer_local:
+            raise TypeError(
+                f"a {type(self).__name__} with a remote server holds its connection and session and cannot be "
+                "copied: load another with from_pretrained (or copy the model before making it split)"
+            )
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        held = ("_slicer_link", "_slicer_transport", "_slicer_busy")  # this model's own
+        twin.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in held})
+        twin._slicer_link, twin._slicer_busy = None, threading.RLock()
+        twin._slicer_transport = LocalTransport(SplitServer(twin))
+        return twin
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -169,8 +186,13 @@ class SplitModelMixin:
         return given
 
     def _link_for(self, k: int) -> SuffixLink:
+        if self._slicer_local and self._slicer_transport.server.dtype != self.dtype:  # model.to(dtype) since
+            self.close_session()  # the in-process server built its KV store for the old dtype: a new one
+            self._slicer_transport.server.shutdown()
+            self._slicer_transport = LocalTransport(SplitServer(self))
         link = self._slicer_link
-        if link is not None and link.open_request["split_layer"] == k:
+        same_dtype = link is not None and link.open_request.get("dtype") == wire_dtype(self.dtype)
+        if link is not None and link.open_request["split_layer"] == k and same_dtype:
             return link
         self.close_session()
         cfg = self.slicer_config
@@ -216,11 +238,18 @@ class SlicerGenerationMixin(SplitModelMixin):
         """
         k = self._resolve_split(split_layer)
         given = _by_name(super().generate, args, kwargs)  # a generation_config may come by position
-        gen_config = given.get("generation_config") or self.generation_config
+        # as transformers merges them: an argument, else the given config's value, else (where that is unset) the
+        # model's own generation_config's
+        configs = (given.get("generation_config"), self.generation_config)
         for name, (plain, what) in UNSUPPORTED_GENERATION.items():
-            value = given.get(name, getattr(gen_config, name, None))
+            value = (
+                given[name]
+                if name in given
+                else next((v for v in (getattr(c, name, None) for c in configs) if v is not None), None)
+            )
             if value not in plain:
-                raise NotImplementedError(f"{what} ({name}={value!r}) is not supported by split generation")
+                shown = repr(value) if isinstance(value, (int, float, str, list, tuple)) else type(value).__name__
+                raise NotImplementedError(f"{what} ({name}={shown}) is not supported by split generation")
         token = _GENERATE_SPLIT.set(k)
         try:
             with self._exclusive():
@@ -243,6 +272,7 @@ class SlicerGenerationMixin(SplitModelMixin):
         ref = input_ids if input_ids is not None else given["inputs_embeds"]
         b, t = ref.shape[:2]
         cache = compat.cache_from_kwargs(given)
+        compat.check_split_cache(cache)
         start = compat.cache_length(cache)
         if start > 0 and not link.continues(getattr(cache, "_slicer_mark", None), start):
             raise SlicerError(

@@ -313,6 +313,60 @@ def test_modes_that_reach_into_the_models_layers_are_refused_and_leave_it_whole(
     assert torch.equal(model.generate(prompt(), max_new_tokens=4, do_sample=False, guidance_scale=1), expected)
 
 
+@pytest.mark.parametrize(
+    "setting, what",
+    [("num_beams", "beam search"), ("assistant_early_exit", "self-speculative"), ("guidance_scale", "guidance")],
+)
+def test_a_mode_set_in_the_models_own_generation_config_is_refused_too(model_pair, setting, what):
+    """transformers fills what a given generation_config leaves unset from the model's own (a Hub
+    generation_config.json may ask for beams): that merged config is the one checked."""
+    ref, model = model_pair("llama")
+    model = split(model)
+    setattr(model.generation_config, setting, {"num_beams": 4, "assistant_early_exit": 1}.get(setting, 1.5))
+    with pytest.raises(NotImplementedError, match=what):
+        model.generate(prompt(), generation_config=GenerationConfig(max_new_tokens=4, do_sample=False))
+    assert model.config.num_hidden_layers == 4
+    if setting != "assistant_early_exit":  # the caller's own value (1: off) wins; for an early exit, off is unset
+        said = GenerationConfig(max_new_tokens=4, do_sample=False, **{setting: 1})
+        want = ref.generate(prompt(), generation_config=said)
+        assert torch.equal(model.generate(prompt(), generation_config=said), want)
+
+
+def test_a_quantized_kv_cache_is_refused_not_wrong(model_pair):
+    """Its edge layers would hold quantized K/V where the server's are exact."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    _, model = model_pair("llama")
+    cache = DynamicCache()
+    cache.layers = [object.__new__(QuantoQuantizedLayer) for _ in range(4)]  # (no quanto needed to name the type)
+    with pytest.raises(NotImplementedError, match=r"quantized KV cache \(QuantoQuantizedLayer\)"):
+        split(model)(prompt(), past_key_values=cache)
+
+
+def test_a_split_model_moved_to_another_dtype_carries_on(model_pair):
+    """Its in-process server (and KV store) follow; the session is opened again in the new dtype."""
+    ref, model = model_pair("llama")
+    model = split(model)
+    model.generate(prompt(), max_new_tokens=3, do_sample=False)
+    model.to(torch.bfloat16)
+    want = copy.deepcopy(ref).to(torch.bfloat16).generate(prompt(), max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(prompt(), max_new_tokens=6, do_sample=False), want)
+
+
+def test_a_deep_copy_of_a_split_model_has_its_own_server(model_pair):
+    ref, model = model_pair("llama")
+    model = split(model)
+    twin = copy.deepcopy(model)
+    assert twin.split_server is not model.split_server and twin.model is not model.model
+    want = ref.generate(prompt(), max_new_tokens=6, do_sample=False)
+    assert torch.equal(twin.generate(prompt(), max_new_tokens=6, do_sample=False), want)
+    with torch.no_grad():
+        twin.model.layers[3].mlp.up_proj.weight.zero_()  # the copy's own weights, on its own server too
+    assert torch.equal(model.generate(prompt(), max_new_tokens=6, do_sample=False), want)
+    assert not torch.equal(twin.generate(prompt(), max_new_tokens=6, do_sample=False), want)
+
+
 def test_slicer_codec_runs_and_compresses(model_pair):
     ref, model = model_pair("llama")
     model = split(model, codec="slicer")
