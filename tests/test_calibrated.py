@@ -419,3 +419,18 @@ def test_calibrate_keeps_the_chain_of_the_config_it_starts_from_unless_told(tmp_
     )
     _, _, plain = calibrate_tiny(tmp_path / "plain", "--config", str(chained), "--no-predict-previous")
     assert not SlicerConfig.from_pretrained(plain).predict_previous
+
+
+def test_a_step_too_fine_for_a_predicting_basis_is_refused_not_clipped():
+    """Such a basis bounds no coordinate: below some step its codes would pass the largest the wire holds."""
+    from slicer_hf.codec.basis import lookup
+
+    preset = SlicerConfig.from_pretrained("smollm2-135m-split24")
+    assert lookup(preset.basis).code_bound == float("inf")
+    x = torch.randn(1, 8, 576, generator=torch.Generator().manual_seed(0)) * 3
+    given = torch.zeros(1, 8, 576)
+    coarse = build_codec(preset, step=0.01, predict_previous=False, trellis=False)
+    assert (coarse.decode(coarse.encode(x, given=given), given=given) - x).norm() < 0.01 * x.norm()
+    fine = build_codec(preset, step=0.001, predict_previous=False, trellis=False)
+    with pytest.raises(CodecError, match=r"ECSQ step 0.001\d* is too fine for this basis.*use a step of at least"):
+        fine.encode(x, given=given)

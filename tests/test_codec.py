@@ -556,3 +556,50 @@ def test_a_batch_decodes_where_the_kernels_run_as_one_packet_does(monkeypatch):
         codec.decode(packet, device="meta")
     assert isinstance(codec.decode_batch([packet], device="meta")[0], CodecError)
     assert seen == [torch.device("meta")] * 2
+
+
+@pytest.mark.parametrize(
+    "spec, at", [({"codec": "grouped", "outliers": 2}, 2), ({"quantizer": "ecsq", "outliers": 2}, 1)]
+)
+def test_a_packet_claiming_more_outliers_a_row_than_a_config_can_ask_for_is_refused(spec, at):
+    """Each is read as a wide float off byte alignment: 255 a row made a 1.4 KB packet cost 2.5 GB to decode."""
+    codec = build_codec(SlicerConfig(**{"codec": "slicer", **spec}))
+    x = torch.randn(1, 3, 128)
+    packet = bytearray(codec.encode(x))
+    head = len(codec.envelope(tuple(x.shape), torch.float32))
+    assert packet[head + at] == 2  # the outlier count
+    for claim in (65, 255):
+        packet[head + at] = claim
+        with pytest.raises(CodecError, match=f"outliers={claim}"):
+            codec.decode(bytes(packet))
+
+
+def test_the_bit_reader_unpacks_a_long_read_a_chunk_at_a_time():
+    import tracemalloc
+
+    codes = np.random.default_rng(0).integers(0, 1 << 13, 1 << 20, dtype=np.uint64)
+    w = BitWriter()
+    w.write(np.zeros(3, dtype=np.uint64), 1)  # off the byte grid
+    w.write(codes, 13)
+    r = BitReader(w.getvalue())
+    r.read(3, 1)
+    tracemalloc.start()
+    try:
+        got = r.read(len(codes), 13)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (got == codes).all()
+    assert peak < 48 << 20  # the result (8 MB) and a chunk's work arrays; all at once took 25x the result
+
+
+def test_a_float16_packet_that_decodes_to_infinity_is_refused_not_clamped():
+    import struct
+
+    codec = build_codec("int8")
+    x = torch.ones(1, 1, 8, dtype=torch.float16)
+    packet = bytearray(codec.encode(x))
+    head = len(codec.envelope((1, 1, 8), torch.float16))
+    packet[head : head + 4] = struct.pack("<f", 3e38)  # the row's float32 scale: code 127 x 3e38 is infinite
+    with pytest.raises(CodecError, match="NaN or infinite"):
+        codec.decode(bytes(packet))

@@ -20,6 +20,7 @@ from .bits import Reader, write_varint
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 MAX_NDIM = 8
+MAX_OUTLIERS = 64  # exact outliers per row, the most a config asks for (`SlicerConfig.outliers`): decoders hold to it
 DEFAULT_MAX_ELEMENTS = 1 << 26
 LOSSY_MAX_ABS = 2.0**50  # squares of a row's entries still sum within float32 (no real hidden state comes close)
 NON_FINITE = "the packet decodes to NaN or infinite values"  # a packet no encoder makes: encode refuses them

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import CodecError
-from .base import Codec, from_raw_bytes, raw_bytes
+from .base import MAX_OUTLIERS, Codec, from_raw_bytes, raw_bytes
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
 from .ops import cast, needs_float32
@@ -149,8 +149,8 @@ class GroupedIntCodec(Codec):
             raise CodecError(f"`bits` must be in [2, 16], got {bits!r}")
         if not 1 <= group_size <= 1 << 16:
             raise CodecError(f"`group_size` must be in [1, 65536], got {group_size!r}")
-        if not 0 <= outliers <= 64:
-            raise CodecError(f"`outliers` must be in [0, 64], got {outliers!r}")
+        if not 0 <= outliers <= MAX_OUTLIERS:
+            raise CodecError(f"`outliers` must be in [0, {MAX_OUTLIERS}], got {outliers!r}")
         self.bits, self.group_size, self.outliers = int(bits), int(group_size), int(outliers)
 
     def params(self) -> dict[str, Any]:
@@ -179,7 +179,7 @@ class GroupedIntCodec(Codec):
     def _decode_rows(self, reader: Reader, n_rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
         wide, bits, n_out = reader.take(3)
         group_size = reader.varint(limit=1 << 16)
-        if wide > 1 or not 2 <= bits <= 16 or n_out > d or group_size == 0:
+        if wide > 1 or not 2 <= bits <= 16 or n_out > min(d, MAX_OUTLIERS) or group_size == 0:
             raise CodecError(f"inconsistent grouped header: wide={wide} bits={bits} outliers={n_out} g={group_size}")
         group_size = min(group_size, d)
         n_groups = -(-d // group_size)

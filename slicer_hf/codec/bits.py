@@ -98,6 +98,7 @@ class BitWriter:
 
 
 _WHOLE_BYTES = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
+_CHUNK_FIELDS = 1 << 14  # fields `BitReader.read` unpacks at a time (at 64 bits a field: a few MB of work arrays)
 
 
 class BitReader:
@@ -128,16 +129,20 @@ class BitReader:
             return out.astype(np.uint64)
         if widths is None:
             widths = np.full(count, int(width), dtype=np.int64)
-        if count == 0 or total == 0:
-            self.pos += total
-            return np.zeros(count, dtype=np.uint64)
-        max_w = int(widths.max())
-        starts = np.cumsum(widths) - widths
-        shifts = np.arange(max_w)
-        idx = np.minimum(starts[:, None] + shifts[None, :], total - 1)
-        vals = np.where(shifts[None, :] < widths[:, None], self._bits(self.pos, total)[idx], 0).astype(np.uint64)
+        out = np.zeros(count, dtype=np.uint64)
+        starts = np.cumsum(widths) - widths  # of each field, from the read's first bit
+        for a in range(0, count, _CHUNK_FIELDS):  # a bounded working set: a field's bits are unpacked one a byte
+            width_a, start_a = widths[a : a + _CHUNK_FIELDS], starts[a : a + _CHUNK_FIELDS]
+            span = int(width_a.sum())
+            if span == 0:
+                continue
+            shifts = np.arange(int(width_a.max()))
+            idx = np.minimum(start_a[:, None] - start_a[0] + shifts[None, :], span - 1)
+            bits = self._bits(self.pos + int(start_a[0]), span)[idx]
+            vals = np.where(shifts[None, :] < width_a[:, None], bits, 0).astype(np.uint64)
+            out[a : a + len(width_a)] = (vals << shifts[None, :].astype(np.uint64)).sum(axis=1, dtype=np.uint64)
         self.pos += total
-        return (vals << shifts[None, :].astype(np.uint64)).sum(axis=1, dtype=np.uint64)
+        return out
 
     def read_unary(self, count: int, span: int) -> np.ndarray:
         """`count` unary values (zeros, each ended by a one) that take at most `span` bits together."""

@@ -269,9 +269,11 @@ def needs_float32(row_peaks: torch.Tensor) -> bool:
 
 def cast(x: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
     """Decoded values `x` in the tensor's `dtype`: into float16, held within its range (a reconstruction may overshoot
-    a value near its largest by a fraction of a step, which would become infinite)."""
+    a value near its largest by a fraction of a step, which would become infinite); what decoded to infinity or NaN
+    stays so, for the decoder to refuse."""
     if dtype == torch.float16 and x.dtype != torch.float16:
-        x = x.float().clamp(-FP16_MAX, FP16_MAX)  # (in float32: bfloat16 holds no 65504)
+        x = x.float()  # (in float32: bfloat16 holds no 65504)
+        x = torch.where(x.isfinite(), x.clamp(-FP16_MAX, FP16_MAX), x)
     return x.to(device, dtype)
 
 

@@ -65,7 +65,7 @@ import zstandard
 
 from ..errors import CodecError
 from . import ops, trellis
-from .base import Codec
+from .base import MAX_OUTLIERS, Codec
 from .basis import Basis, lookup
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
 from .indices import read_positions, write_positions
@@ -284,7 +284,8 @@ class SlicerCodec(Codec):
         m, n_out = reader.u8(), reader.u8()
         rotated = bool(flags & F_ROTATION)
         avail = d if rotated else d - n_out
-        if n_out > d or k > avail or not (1 <= m <= min(k, 64) if k else m == 0) or rotated and d > MAX_ROTATED_WIDTH:
+        bad_out = n_out > min(d, MAX_OUTLIERS)
+        if bad_out or k > avail or not (1 <= m <= min(k, 64) if k else m == 0) or rotated and d > MAX_ROTATED_WIDTH:
             raise CodecError(f"inconsistent slicer header: d={d}, K={k}, M={m}, outliers={n_out}, rotated={rotated}")
         if n_rows == 0 and k:
             raise CodecError(f"a packet of no rows carries entries (K={k})")
@@ -416,6 +417,12 @@ class SlicerCodec(Codec):
     def _calibrated_codes(self, z: torch.Tensor, rms: torch.Tensor, step: float, bound: int) -> torch.Tensor:
         """Codes `[m, d]` (float64) of coordinates `z` `[m, d]` of rows of RMS `rms` `[m, 1]`: trellis-coded or
         rounded, within `bound`."""
+        peak = float(torch.where(rms > 0, z, 0.0).abs().max()) if z.numel() else 0.0
+        if bound >= ECSQ_MAX_CODE and peak / step > bound:  # a predicting basis bounds no coordinate: codes would clip
+            raise CodecError(
+                f"ECSQ step {step:g} is too fine for this basis: a code of {peak / step:,.0f} steps passes the largest "
+                f"({ECSQ_MAX_CODE:,}); use a step of at least {peak / bound:.2g}"
+            )
         if self.trellis:
             scale = _scales_in_steps(self._basis, step)
             return torch.from_numpy(trellis.quantize(z.numpy() / step, scale, bound)).double()
@@ -476,7 +483,7 @@ def _decode_ecsq(
         raise CodecError(f"packet coded in a calibrated basis for width {d}; this decoder holds {held}")
     n_out = reader.u8()
     (step,) = struct.unpack("<e", reader.take(2))
-    if n_out > d or not 0.0 < step <= 4.0:  # NaN fails too
+    if n_out > min(d, MAX_OUTLIERS) or not 0.0 < step <= 4.0:  # NaN fails too
         raise CodecError(f"inconsistent slicer ECSQ header: d={d}, outliers={n_out}, step={step}")
     rotated, wide = bool(flags & F_ROTATION), bool(flags & F_WIDE_PARAMS)
     if rotated and d > MAX_ROTATED_WIDTH:

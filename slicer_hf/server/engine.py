@@ -59,7 +59,7 @@ class ServerLimits:
             no cap of its own; behind a proxy every client has the proxy's address).
         max_step_tokens: positions one STEP may carry.
         max_step_elements: values one STEP may carry (batch x positions x width), checked from its header: this
-            bounds the memory that decoding one packet takes (up to 72 bytes a value for the costliest codec).
+            bounds the memory that decoding one packet takes (up to about 90 bytes a value: a crafted blocks packet).
         max_context_tokens: positions one session may hold.
         max_session_batch: sequences one session may run side by side.
         kv_budget_bytes: KV-cache memory of all sessions together (None: half of the free memory at start).

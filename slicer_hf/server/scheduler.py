@@ -238,16 +238,26 @@ class Scheduler:
         """`forward(items)` (one reply or None per item, in order), retried one item at a time if it fails for
         several, so a bad item fails alone; then the time and rows go into the server's stats."""
         started, cpu_started = time.perf_counter(), time.thread_time()
+        done: list[tuple[float, float]] = []  # when the last forward returned: handing on its replies wakes the
+        # event loop, which may take the GIL and send them before this thread reads the clock again
+
+        def timed(part: list[Any]) -> Any:
+            try:
+                return forward(part)
+            finally:
+                done.append((time.perf_counter(), time.thread_time()))
+
         works = [work_of(item) for item in items]
         forwards = 1
-        failure = self._guard(works, lambda: forward(items), report=len(items) == 1)
+        failure = self._guard(works, lambda: timed(items), report=len(items) == 1)
         if failure is not None and len(items) > 1:
             logger.warning("a forward of %d steps failed (%r); running them one at a time", len(items), failure)
             self.server.stats.add(batch_retries=1)
             for item in items:
-                self._guard([work_of(item)], lambda i=item: forward([i]))
+                self._guard([work_of(item)], lambda i=item: timed([i]))
             forwards += len(items)
-        elapsed, cpu, rows = time.perf_counter() - started, time.thread_time() - cpu_started, sum(w.rows for w in works)
+        (ended, cpu_ended), rows = done[-1], sum(w.rows for w in works)
+        elapsed, cpu = ended - started, cpu_ended - cpu_started
         if prefill:
             self._account(compute_s=elapsed, prefill_compute_s=elapsed)
         else:
