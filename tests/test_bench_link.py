@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import subprocess
@@ -65,9 +66,11 @@ def test_server_command_runs_inside_the_namespace_on_its_address():
 def test_parsers_and_labels():
     assert bench.parse_server_url("slicer-hf serving /m on grpc://10.231.0.2:4567\n") == "grpc://10.231.0.2:4567"
     assert bench.parse_server_url("WARNING something on fire") is None
-    assert [bench.parse_rate(t) for t in ("unshaped", "none", "0", "10", "0.5")] == [None, None, None, 10.0, 0.5]
-    with pytest.raises(ValueError, match="positive"):
-        bench.parse_rate("-1")
+    rates = ("unshaped", "none", "0", "0.0", "10", "0.5")
+    assert [bench.parse_rate(t) for t in rates] == [None, None, None, None, 10.0, 0.5]
+    for bad in ("-1", "fast", "inf", "nan"):  # argparse shows an ArgumentTypeError's message (a ValueError's not)
+        with pytest.raises(argparse.ArgumentTypeError, match="positive"):
+            bench.parse_rate(bad)
     assert [bench.rate_label(r) for r in (None, 1.0, 0.5)] == ["unshaped", "1 Mbit/s", "0.5 Mbit/s"]
     assert bench.goodput_bytes(1.0) == 125_000 and bench.goodput_bytes(0.01) == 64 << 10
     assert bench.goodput_bytes(None) == bench.goodput_bytes(1e9) == 16 << 20

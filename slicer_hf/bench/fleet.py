@@ -147,7 +147,7 @@ def run(
             for n in replica_counts:
                 options = FleetOptions(
                     model=path, min_split_layer=k, replicas=n, replica_cpus=0.5, threads=1, router_port=8123,
-                    limits={"max_sessions": 4 * clients},
+                    limits={"max_sessions": max(4 * clients, 128)},  # the admission burst (64) is never refused
                 )  # fmt: skip
                 url = deploy(options)
                 wait_for_replicas(url, n)
@@ -162,8 +162,10 @@ def run(
     finally:
         serve.shutdown()
         ray.shutdown()
+    fewest = min(replica_counts)  # one replica's rate: the fleet's fewest replicas, shared out among them
     per_replica = {
-        k: next(r["decode_tokens_per_s"] for r in rows if r["split_layer"] == k and r["replicas"] == 1) for k in splits
+        k: next(r["decode_tokens_per_s"] / fewest for r in rows if r["split_layer"] == k and r["replicas"] == fewest)
+        for k in splits
     }
     sizing = [
         {

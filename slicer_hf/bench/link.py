@@ -448,6 +448,8 @@ def lowest_rate_within(rows: Sequence[dict[str, Any]], variant: str, tolerance: 
 def describe_within(found: dict[str, Any]) -> str:
     """One line for a `lowest_rate_within` result."""
     name, lowest, slower = found["variant"], found["lowest_measured_mbit"], found["first_slower_measured_mbit"]
+    if lowest is None and slower is None:
+        return f"{name}: no shaped rate measured"
     if lowest is None:
         return f"{name}: more than 10% below unshaped already at {slower} Mbit/s, the fastest rate measured"
     return (

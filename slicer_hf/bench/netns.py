@@ -46,11 +46,16 @@ def rate_label(rate_mbit: float | None) -> str:
 
 def parse_rate(text: str) -> float | None:
     """A CLI rate in Mbit/s: a positive number, or 'unshaped' / 'none' / '0' for no shaping."""
-    if text.lower() in ("unshaped", "none", "0"):
+    import argparse
+
+    try:
+        rate = None if text.lower() in ("unshaped", "none") else float(text)
+    except ValueError:
+        rate = float("nan")
+    if rate == 0 or rate is None:
         return None
-    rate = float(text)
-    if not rate > 0:
-        raise ValueError(f"a rate must be a positive number of Mbit/s or 'unshaped', got {text!r}")
+    if not rate > 0 or rate == float("inf"):  # (argparse shows this message; a ValueError it would not)
+        raise argparse.ArgumentTypeError(f"a rate must be a positive number of Mbit/s or 'unshaped', got {text!r}")
     return rate
 
 

@@ -445,14 +445,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--kl-tokens", type=int, default=1024)
-    parser.add_argument("--out-json", default="docs/benchmarks/search.json")
+    parser.add_argument("--out-json", default="docs/benchmarks/search.json",
+                        help="the JSON; the clients' configs go to the folder of its name less .json")  # fmt: skip
     parser.add_argument("--only", choices=("clients", "adaptive"), default=None, help="run one part")
     parser.add_argument("--plot", default=None, help="write the adaptive-bitrate plot to this image")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
     result = run(Profile.load(args.edge_1), Profile.load(args.edge_2), args.model, new_tokens=args.new_tokens,
-                 repeats=args.repeats, kl_tokens=args.kl_tokens,
+                 repeats=args.repeats, kl_tokens=args.kl_tokens, out_dir=Path(args.out_json).with_suffix(""),
                  parts=(args.only,) if args.only else ("clients", "adaptive"))  # fmt: skip
     result["meta"]["elapsed_s"] = time.perf_counter() - started
     result["meta"]["command"] = "python -m slicer_hf.bench.search " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -15,6 +15,7 @@ Every loop is bounded in count and time; every address is on loopback.
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -264,31 +265,42 @@ def soak(
     def run_fuzzer() -> None:  # after the restart: its cases need a server that stays up
         fuzz.update(run_fuzz(fleet.url, model_config, fuzz_cases, split).as_dict())
 
+    restarted = threading.Event()  # the fuzzer runs once the server has restarted: the soak waits for it then
+
     def faults() -> None:
         restart_t = time.monotonic() + restart_at * duration_s
-        restarted = False
-        next_vanish, next_slow = time.monotonic() + 5, time.monotonic() + 8
-        next_kill = time.monotonic() + 10
+        staged = {  # what each client fault does and says, and how often it comes
+            "vanish": (
+                lambda: vanish_by_cancel(fleet, request, hidden),
+                "client vanished (stream cancelled mid-session)",
+                vanish_every_s,
+            ),
+            "slow": (
+                lambda: slow_reader(fleet, request, hidden),
+                "slow reader (13 pipelined steps read at 2/s)",
+                slow_every_s,
+            ),
+            "kill": (
+                lambda: vanish_by_kill(fleet, config),
+                "client process killed (SIGKILL) mid-session",
+                kill_every_s,
+            ),
+        }
+        due = {kind: time.monotonic() + first for kind, first in (("vanish", 5), ("slow", 8), ("kill", 10))}
         while not stop.is_set() and time.monotonic() < deadline - 5:
             now = time.monotonic()
+            kind = min(due, key=due.__getitem__)  # the fault due first: each kind gets its turn
             try:
-                if not restarted and now >= restart_t:
+                if not restarted.is_set() and now >= restart_t:
                     run.faults.append((run.now(), "server killed (SIGKILL) and restarted on its port"))
                     fleet.restart()
-                    restarted = True
+                    restarted.set()
                     threading.Thread(target=run_fuzzer, daemon=True).start()
-                elif now >= next_vanish:
-                    vanish_by_cancel(fleet, request, hidden)
-                    run.faults.append((run.now(), "client vanished (stream cancelled mid-session)"))
-                    next_vanish = now + vanish_every_s
-                elif now >= next_slow:
-                    slow_reader(fleet, request, hidden)
-                    run.faults.append((run.now(), "slow reader (13 pipelined steps read at 2/s)"))
-                    next_slow = now + slow_every_s
-                elif now >= next_kill:
-                    vanish_by_kill(fleet, config)
-                    run.faults.append((run.now(), "client process killed (SIGKILL) mid-session"))
-                    next_kill = now + kill_every_s
+                elif now >= due[kind]:
+                    stage, what, every = staged[kind]
+                    due[kind] = now + every
+                    stage()
+                    run.faults.append((run.now(), what))
                 else:
                     stop.wait(0.5)
             except Exception as exc:  # a fault that could not be staged is a finding too
@@ -310,7 +322,7 @@ def soak(
         for t in threads[2:]:
             t.join(timeout=duration_s + 300)
         fuzz_deadline = time.monotonic() + max(600.0, duration_s)
-        while not fuzz and time.monotonic() < fuzz_deadline:  # the fuzzer may outlast the clients
+        while restarted.is_set() and not fuzz and time.monotonic() < fuzz_deadline:  # it may outlast the clients
             time.sleep(1.0)
         stop.set()
         settled = time.monotonic() + 60
@@ -322,6 +334,8 @@ def soak(
     finally:
         stop.set()
         stop_server(fleet.proc)
+        if model == "tiny":
+            shutil.rmtree(path, ignore_errors=True)
     growth = rss_growth(run)
     return {
         "clients": clients,
@@ -412,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.short:
         options = {"vanish_every_s": 8.0, "slow_every_s": 10.0, "kill_every_s": 60.0}
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds: the server and the model go too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     result = soak(args.model, args.clients, args.duration_s, args.fuzz_cases, window_s=args.window_s, **options)
     result["window_s"] = args.window_s
     print(report(result), flush=True)
