@@ -44,3 +44,11 @@ def test_an_unsupported_family_is_refused_before_any_weight_is_read(model_type, 
     config.save_pretrained(tmp_path)  # a config and no weights: loading any would fail differently
     with pytest.raises(NotImplementedError, match=model_type):
         SlicerModelForCausalLM.from_pretrained(str(tmp_path), slicer_config=SlicerConfig(codec="identity"))
+
+
+def test_a_model_type_the_sweep_does_not_know_is_a_usage_error_not_untested(capsys):
+    from slicer_hf.bench import architectures
+
+    with pytest.raises(SystemExit) as exit_:
+        architectures.main(["--only", "lama", "--out-json", ""])
+    assert exit_.value.code == 2 and "not causal-LM model types of this transformers: lama" in capsys.readouterr().err

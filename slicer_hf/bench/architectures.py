@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--doc", default=None, help="write the support table here (docs/architectures.md)")
     parser.add_argument("--render", action="store_true", help="only render --doc from an earlier --out-json")
     args = parser.parse_args(argv)
+    if unknown := sorted(set(args.only or ()) - set(architectures())):
+        parser.error(f"--only: not causal-LM model types of this transformers: {', '.join(unknown)}")
     rows = json.loads(Path(args.out_json).read_text())["rows"] if args.render else []
     for model_type in [] if args.render else args.only or architectures():
         rows.append(check(model_type))
