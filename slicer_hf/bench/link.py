@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="codec or codec+downlink")
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="at least 2: the first token is the prefill's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--text", default=CALIBRATION_TEXT, help="prompt source (file or wikitext split)")
     parser.add_argument("--out-json", default="docs/benchmarks/link.json")
@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--burst", default=TBF_BURST, help="tbf burst, tc syntax (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be at least 2 (the first new token is the prefill's), got {args.new_tokens}")
     # SIGTERM unwinds like Ctrl-C, so the server is stopped and the namespace removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     result = run(
