@@ -414,7 +414,8 @@ class SuffixLink:
                         self.transport.name,
                         f", replaying {len(self._sent)} steps" if self._sent else "",
                     )
-        hint = "" if self._ever_opened else f" (is a slicer-hf server running at {self.transport.name}?)"
+        unreached = isinstance(last, TransportError) and not self._ever_opened  # no server ever answered
+        hint = f" (is a slicer-hf server running at {self.transport.name}?)" if unreached else ""
         raise TransportError(
             f"gave up after {self.max_attempts} attempts{hint}; the last failure: {last}", retryable=False
         )

@@ -283,6 +283,27 @@ def test_a_server_that_is_not_there_is_one_warning_and_a_hint(caplog):
     assert [r.levelno for r in tries] == [logging.WARNING, logging.DEBUG]  # none after the last
 
 
+def test_a_server_that_answers_is_never_said_to_be_missing():
+    """A server that refused (draining, here) ran: the error quotes its refusal, with no hint that none runs."""
+    from conftest import tiny_model
+
+    from slicer_hf.link import SuffixLink, open_request
+    from slicer_hf.server import SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    class Failover(LocalTransport):  # a list of servers: a refusal there is worth trying again
+        def reset(self):
+            return True
+
+    server = SplitServer(tiny_model("llama"))
+    server.drain()
+    request = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+    link = SuffixLink(Failover(server), request, build_codec("identity"), max_attempts=2, backoff_s=0)
+    with pytest.raises(TransportError, match="gave up after 2 attempts; the last failure: .*draining"):
+        link.step_limits()
+    server.shutdown()
+
+
 @pytest.mark.skipif(os.environ.get("SLICER_SKIP_LONG_IDLE") == "1", reason="opted out of the 65 s idle test")
 def test_an_idle_session_survives_past_60_s(server, model_dir, reference):
     """Clients ping every 20 s; a server that allowed one ping per 5 minutes sent too_many_pings after ~60 s."""

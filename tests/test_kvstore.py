@@ -384,7 +384,8 @@ def test_decode_rows_filling_the_round_still_leave_the_oldest_prefill_an_eighth_
 
 
 def test_a_round_runs_no_more_positions_than_max_batch_tokens_but_the_oldest_prefills_floor():
-    """The floor is the oldest prefill's alone, and counts positions of all its sequences."""
+    """The floor is the oldest prefill's alone, and counts positions of all its sequences; what is left goes to the
+    prefills that fit in it."""
     server = SplitServer(
         tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=64, max_batch_tokens=64)
     )
@@ -401,25 +402,27 @@ def test_a_round_runs_no_more_positions_than_max_batch_tokens_but_the_oldest_pre
         return left
 
     server.scheduler._round = counted_round
-    one, many = _open(server, 2), _open(server, 2)
+    one, many, few = _open(server, 2), _open(server, 2), _open(server, 2)
     gate = threading.Event()  # both prefills wait in the queue for the same round
     decode = server.decode_packets
     server.decode_packets = lambda works: (gate.wait(10), decode(works))[1]
     d = server.hidden_size
     replies = [
         server.submit(protocol.encode_step(protocol.Step(session, 0, 0, rows, tokens, tokens - 1, payload)))
-        for session, rows, tokens in ((one, 1, 60), (many, 16, 20))
+        for session, rows, tokens in ((one, 1, 60), (many, 16, 20), (few, 1, 10))
         for payload in [build_codec("identity").encode(torch.randn(rows, tokens, d))]
     ]
     gate.set()
     for reply in replies:
         protocol.raise_if_error(reply.result(timeout=60))
     server.shutdown()
-    assert sum(rounds) == 60 + 16 * 20 and max(rounds) <= 64, rounds
+    assert sum(rounds) == 60 + 16 * 20 + 10 and max(rounds) <= 64, rounds
+    assert rounds[0] == 64  # the 16 sequences fit in none of the 4 positions left; the single one took them
 
 
-def test_a_compaction_that_runs_out_of_memory_leaves_every_row_where_it_was(monkeypatch):
-    """All or nothing: a row moved to a block still on the free list would share it with the next row."""
+def test_a_compaction_that_runs_out_of_memory_never_leaves_a_row_on_a_free_block(monkeypatch):
+    """Its moves are made in place first; if cutting the pools then fails, the blocks above those in use go back as
+    free blocks (zeroed before reuse): the next row is never given one a row still holds."""
     store = KVStore(2, torch.device("cpu"), torch.float32, block_size=4)
     gone, kept = store.new_row(0), store.new_row(0)
     store.reserve(gone, 8)
@@ -430,12 +433,16 @@ def test_a_compaction_that_runs_out_of_memory_leaves_every_row_where_it_was(monk
             pool[:, store.slots(kept.blocks[layer, :2])] = torch.randn(2, 8, 3)
     data = {key: pool[:, store.slots(kept.blocks[key[0], :2])].clone() for key, pool in store.pools.items()}
     store.release(gone)  # its blocks, below the kept row's, fall free: a compaction moves the kept row down
-    blocks, free = kept.blocks.clone(), [list(f) for f in store._free]
+
+    def held_intact():
+        for key, pool in store.pools.items():
+            assert torch.equal(pool[:, store.slots(kept.blocks[key[0], :2])], data[key])
+
     clone, calls = torch.Tensor.clone, []
 
     def clone_until_out_of_memory(tensor, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the second pool of the layer
+        if len(calls) == 2:  # cutting the layer's second pool
             raise RuntimeError("out of memory (simulated)")
         return clone(tensor, *args, **kwargs)
 
@@ -443,11 +450,15 @@ def test_a_compaction_that_runs_out_of_memory_leaves_every_row_where_it_was(monk
     with pytest.raises(RuntimeError, match="out of memory"):
         store._compact(0)
     monkeypatch.setattr(torch.Tensor, "clone", clone)
-    assert torch.equal(kept.blocks, blocks) and [list(f) for f in store._free] == free
+    held_intact()
+    assert not set(kept.blocks[0, :2].tolist()) & set(store._free[0])
+    newcomer = store.new_row(0)
+    store.reserve(newcomer, 8)
+    assert not set(newcomer.blocks[0, :2].tolist()) & set(kept.blocks[0, :2].tolist())
+    store.release(newcomer)
     store._compact(0)  # and now for real
     assert kept.blocks[0, :2].tolist() == [1, 2] and store._free[0] == []
-    for key, pool in store.pools.items():
-        assert torch.equal(pool[:, store.slots(kept.blocks[key[0], :2])], data[key])
+    held_intact()
 
 
 @pytest.mark.parametrize(

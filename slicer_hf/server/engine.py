@@ -193,8 +193,10 @@ class Reply(Future[bytes]):
 
 def client_host(peer: str) -> str:
     """A gRPC peer ("ipv4:10.0.0.7:53211", "ipv6:[::1]:53211") without its port: one client, whatever connection
-    it opens; "" for an in-process caller."""
-    return peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    it opens; "" for an in-process caller ("" or "local"), which no per-client cap counts."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return "" if peer == "local" else peer
 
 
 def _reap_idle(server_ref: weakref.ref[SplitServer], stopped: threading.Event, period_s: float) -> None:
@@ -805,6 +807,7 @@ class SplitServer:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(len(splits), length + 1, self.hidden_size, generator=gen).to(self.device, self.dtype)
         tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
+        self.store.asked_windows = {}  # recorded by the check's forwards only
         try:
             rows = [self.store.new_row(k) for k in splits]
             for i, row in enumerate(rows):  # prefill `length` and `length - 1` positions
@@ -816,7 +819,8 @@ class SplitServer:
             )
             # a cache's window that the attention does not name (llama4's chunks, moshi's causal mask over a sliding
             # cache, or phimoe's windowed mask: no telling which) differs only past the window: beyond this test
-            for layer, asked in sorted(self.store.asked_windows.items()):
+            asked_windows, self.store.asked_windows = self.store.asked_windows, None
+            for layer, asked in sorted(asked_windows.items()):
                 window = self.store.sliding_windows[layer]
                 if asked != window and max(asked or 0, window or 0) > length - 2:
                     raise ValueError(

@@ -73,7 +73,7 @@ class KVStore:
         self.num_layers, self.device, self.dtype, self.block_size = num_layers, device, dtype, block_size
         self.max_bytes = max_bytes
         self.sliding_windows = sliding_windows or [None] * num_layers  # per layer (None: full attention)
-        self.asked_windows: dict[int, int | None] = {}  # per layer, the window its attention last passed in
+        self.asked_windows: dict[int, int | None] | None = None  # while recorded: the window each layer asks for
         self.pools: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "k"|"v") -> [heads, blocks * block_size, dim]
         self._free: list[list[int]] = [[] for _ in range(num_layers)]
         self._next: list[int] = [NULL_BLOCK + 1] * num_layers  # the next fresh block id, per layer
@@ -212,29 +212,31 @@ class KVStore:
         return resized
 
     def _compact(self, layer: int) -> None:
-        """Move the blocks in use in `layer` to the lowest ids, and cut its pools to them. All or nothing: every
-        tensor is allocated before any block moves, so a failed allocation (out of memory) leaves the layer as it
-        was (a row pointing at a block still on the free list would share it with the next row given one)."""
+        """Move the blocks in use in `layer` to the lowest ids, and cut its pools to them. The moves and the
+        bookkeeping come first and allocate only the moving blocks' data; a cut that then fails (out of memory)
+        leaves the pools whole, with the ids above the blocks in use on the free list (zeroed before reuse): never a
+        row on a block another row may be given."""
         held = [(row, i) for row in self._holders if row.split_layer <= layer for i in range(row.num_blocks)]
         top = NULL_BLOCK + 1 + len(held)  # ids below `top` are enough for every block in use
         holes = iter(sorted(b for b in self._free[layer] if b < top))
         moves = [(row, i, next(holes)) for row, i in held if row.blocks[layer, i] >= top]
-        old = self.slots(torch.stack([row.blocks[layer, i] for row, i, _ in moves])) if moves else None
-        staged = {}  # which -> (the pool cut to `top` blocks, the moving blocks' data)
-        for which in ("k", "v"):
-            pool = self.pools.get((layer, which))
-            if pool is not None:
-                cut = pool[:, : top * self.block_size].clone() if pool.shape[1] > top * self.block_size else pool
-                staged[which] = cut, None if old is None else pool.index_select(1, old.to(pool.device))
-        if moves:  # from here on nothing is allocated
+        if moves:
+            old = self.slots(torch.stack([row.blocks[layer, i] for row, i, _ in moves]))
             new = self.slots(torch.tensor([hole for _, _, hole in moves]))
-            for cut, data in staged.values():
-                cut.index_copy_(1, new.to(cut.device), data)
+            moving = [pool.index_select(1, old.to(pool.device)) for pool in self._layer_pools(layer)]
+            for pool, data in zip(self._layer_pools(layer), moving):  # into free blocks, in place
+                pool.index_copy_(1, new.to(pool.device), data)
             for row, i, hole in moves:
                 row.blocks[layer, i] = hole
-        for which, (cut, _) in staged.items():
-            self.pools[(layer, which)] = cut
-        self._next[layer], self._free[layer] = top, []  # every id below `top` is in use
+        above, self._next[layer], self._free[layer] = self._next[layer], top, []  # every id below `top` is in use
+        try:
+            for which in ("k", "v"):
+                pool = self.pools.get((layer, which))
+                if pool is not None and pool.shape[1] > top * self.block_size:  # free blocks, or growth slack
+                    self._resize(layer, which, top, pool)
+        except BaseException:  # not cut: the ids from `top` on hold moved rows' data, and go back as free blocks
+            self._next[layer], self._free[layer] = above, list(range(top, above))
+            raise
 
     def bytes_allocated(self) -> int:
         """Bytes of all pools (read from other threads while the scheduler may add one: iterate a snapshot)."""
@@ -357,7 +359,8 @@ def store_attention(
     n, heads, t, dim = query.shape
     groups = heads // key.shape[1]
     window = kwargs.get("sliding_window") or None
-    batch.store.asked_windows[module.layer_idx] = window  # the start-up check compares it with the cache's
+    if batch.store.asked_windows is not None:  # the start-up check compares it with the cache's
+        batch.store.asked_windows[module.layer_idx] = window
     window = window or batch.store.sliding_windows[module.layer_idx]
     mask = batch.mask(n, window)  # [n, 1, t, longest]
     softcap = kwargs.get("softcap")

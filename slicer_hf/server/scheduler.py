@@ -224,8 +224,10 @@ class Scheduler:
         for work in prefill:  # oldest first; the others within what the round has left
             floor = max(1, least // work.rows) if work is prefill[0] else 0  # (per sequence: `least` in all)
             tokens = min(work.step.tokens - work.done, limits.prefill_chunk_tokens, max(budget // work.rows, floor))
-            if tokens < 1:
-                break
+            if tokens < 1:  # too many sequences for what is left: one with fewer may still fit
+                if budget <= 0:
+                    break
+                continue
             self._run([work.chunk(tokens)], prefill=True)
             budget -= tokens * work.rows
         return [w for w in pending if not w.future.done()]
