@@ -402,22 +402,25 @@ def test_a_round_runs_no_more_positions_than_max_batch_tokens_but_the_oldest_pre
         return left
 
     server.scheduler._round = counted_round
-    one, many, few = _open(server, 2), _open(server, 2), _open(server, 2)
-    gate = threading.Event()  # both prefills wait in the queue for the same round
+    blocker, one, many, few = (_open(server, 2) for _ in range(4))
+    held, gate = threading.Event(), threading.Event()  # a first step holds the compute thread: the prefills queue
     decode = server.decode_packets
-    server.decode_packets = lambda works: (gate.wait(10), decode(works))[1]
+    server.decode_packets = lambda works: (held.set(), gate.wait(10) if not gate.is_set() else None, decode(works))[2]
     d = server.hidden_size
-    replies = [
-        server.submit(protocol.encode_step(protocol.Step(session, 0, 0, rows, tokens, tokens - 1, payload)))
-        for session, rows, tokens in ((one, 1, 60), (many, 16, 20), (few, 1, 10))
-        for payload in [build_codec("identity").encode(torch.randn(rows, tokens, d))]
-    ]
+
+    def submit(session, rows, tokens):
+        payload = build_codec("identity").encode(torch.randn(rows, tokens, d))
+        return server.submit(protocol.encode_step(protocol.Step(session, 0, 0, rows, tokens, tokens - 1, payload)))
+
+    replies = [submit(blocker, 1, 1)]
+    assert held.wait(10)
+    replies += [submit(session, rows, tokens) for session, rows, tokens in ((one, 1, 60), (many, 16, 20), (few, 1, 10))]
     gate.set()
     for reply in replies:
         protocol.raise_if_error(reply.result(timeout=60))
     server.shutdown()
-    assert sum(rounds) == 60 + 16 * 20 + 10 and max(rounds) <= 64, rounds
-    assert rounds[0] == 64  # the 16 sequences fit in none of the 4 positions left; the single one took them
+    assert sum(rounds) == 1 + 60 + 16 * 20 + 10 and max(rounds) <= 64, rounds
+    assert rounds[:2] == [1, 64]  # the 16 sequences fit in none of the 4 positions left; the single one took them
 
 
 def test_a_compaction_that_runs_out_of_memory_never_leaves_a_row_on_a_free_block(monkeypatch):
