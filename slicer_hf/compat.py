@@ -189,9 +189,9 @@ def check_split_cache(cache: Any) -> None:
     a dummy for it there, and the edge's quantized K/V would differ from the server's exact K/V."""
     from transformers import cache_utils
 
-    quantized = getattr(cache_utils, "BaseQuantizedLayer", ())
+    quantized = getattr(cache_utils, "BaseQuantizedLayer", ())  # (): a transformers without them matches nothing
     for layer in getattr(cache, "layers", None) or []:
-        if quantized and isinstance(layer, quantized):
+        if isinstance(layer, quantized):
             raise NotImplementedError(
                 f"a quantized KV cache ({type(layer).__name__}) is not supported by split generation: the server "
                 "keeps its layers' K/V exact; use the default dynamic cache"

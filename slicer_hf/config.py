@@ -517,6 +517,17 @@ class SlicerConfig:
         return str(info)
 
 
+def at_least(value: float, digits: int = 4) -> str:
+    """`value` to `digits` significant digits, rounded up: a limit (or a step) set to what is printed admits it."""
+    text = f"{value:.{digits}g}"
+    if value <= 0:
+        return text
+    unit = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    while float(text) < value:  # one unit of the last digit up, until the printed value admits it
+        text = f"{float(text) + unit:.{digits}g}"
+    return text
+
+
 def _int(value: Any) -> bool:
     return type(value) is int  # not a bool, not a float (JSON's 256.0 included)
 

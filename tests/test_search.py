@@ -268,10 +268,10 @@ def test_infeasible_constraints_name_the_binding_one_and_the_nearest_point():
 
 
 def test_a_relaxed_limit_is_printed_rounded_up_even_one_ulp_above_a_round_number():
-    from slicer_hf.tuning.planner import _at_least
+    from slicer_hf.config import at_least
 
     for value in (0.05373000000000001, 0.9710000000000001, 988.5000000000001, 0.02581376, 11.4548, 9.99996, 2.0):
-        assert value <= float(_at_least(value)) <= value * 1.001, value
+        assert value <= float(at_least(value)) <= value * 1.001, value
 
 
 @pytest.mark.parametrize("limit", ["max_token_latency_ms", "edge_memory_gb"])

@@ -28,7 +28,6 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..config import SlicerConfig
 from ..data import (
-    MINILM_ALIAS,
     MINILM_HUB_ID,
     WIKITEXT,
     WIKITEXT_TOKENIZED,
@@ -181,7 +180,7 @@ def choose_preset(results: dict[str, Any], model_config: Any, write_preset: str 
     if write_preset:
         preset = SlicerConfig(
             split_layer=chosen["split_layer"],
-            model_id=MINILM_HUB_ID if model.lower() == MINILM_ALIAS or resolve_model(model) == minilm_path() else model,
+            model_id=MINILM_HUB_ID if resolve_model(model) == minilm_path() else model,  # ("minilm" resolves there)
             num_hidden_layers=model_config.num_hidden_layers,
             hidden_size=model_config.hidden_size,
             **SETTINGS[chosen["setting"]],

@@ -7,6 +7,7 @@ Only the private /30 the link creates is ever addressed; the namespace and the v
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 import shutil
@@ -48,13 +49,15 @@ def parse_rate(text: str) -> float | None:
     """A CLI rate in Mbit/s: a positive number, or 'unshaped' / 'none' / '0' for no shaping."""
     import argparse
 
-    try:
-        rate = None if text.lower() in ("unshaped", "none") else float(text)
-    except ValueError:
-        rate = float("nan")
-    if rate == 0 or rate is None:
+    if text.lower() in ("unshaped", "none"):
         return None
-    if not rate > 0 or rate == float("inf"):  # (argparse shows this message; a ValueError it would not)
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if rate == 0:
+        return None
+    if not 0 < rate < math.inf:  # (argparse shows this message; a ValueError it would not)
         raise argparse.ArgumentTypeError(f"a rate must be a positive number of Mbit/s or 'unshaped', got {text!r}")
     return rate
 

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 import zstandard
 
+from ..config import at_least
 from ..errors import CodecError
 from . import ops, trellis
 from .base import MAX_OUTLIERS, Codec
@@ -421,7 +422,7 @@ class SlicerCodec(Codec):
         if bound >= ECSQ_MAX_CODE and peak / step > bound:  # a predicting basis bounds no coordinate: codes would clip
             raise CodecError(
                 f"ECSQ step {step:g} is too fine for this basis: a code of {peak / step:,.0f} steps passes the largest "
-                f"({ECSQ_MAX_CODE:,}); use a step of at least {_two_digits_up(peak / bound):g}"
+                f"({ECSQ_MAX_CODE:,}); use a step of at least {at_least(peak / bound, 2)}"
             )
         if self.trellis:
             scale = _scales_in_steps(self._basis, step)
@@ -443,12 +444,6 @@ class SlicerCodec(Codec):
             held = torch.where(rms[:, t, None] > 0, codes[:, t], 0.0).numpy().astype(np.int64)  # as the decoder
             previous = _calibrated_rows(_points(held, self.trellis), rms[:, t], step, self._basis, guess)
         return codes.reshape(-1, d)
-
-
-def _two_digits_up(value: float) -> float:
-    """`value` (above 0) to two significant digits, rounded up: a step printed so is never below it."""
-    unit = 10.0 ** (math.floor(math.log10(value)) - 1)
-    return math.ceil(value / unit - 1e-9) * unit
 
 
 def _points(codes: np.ndarray, trellised: bool) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 
 from .. import protocol
 from ..codec import build_codec
-from ..config import SlicerConfig
+from ..config import SlicerConfig, at_least
 from ..errors import ConfigError
 from .profile import Profile, RatePoint
 
@@ -474,7 +474,7 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> Infeasi
         if r > 1
     ]
     alone = [n for n in limits if not any(_violations(c, {n: limits[n]})[n] <= 1 for c in cands)]
-    relax = [f"{CONSTRAINT_NAMES[n]} to {_at_least(getattr(nearest.prediction, n))}" for n in ratios if ratios[n] > 1]
+    relax = [f"{CONSTRAINT_NAMES[n]} to {at_least(getattr(nearest.prediction, n))}" for n in ratios if ratios[n] > 1]
     message = (
         f"no split and codec setting meets every constraint; the binding one is {CONSTRAINT_NAMES[binding]}="
         f"{limits[binding]:g}{unit[binding]}. The nearest feasible point: {nearest.label()} misses "
@@ -486,17 +486,6 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> Infeasi
     if alone:
         message += " Even alone, no candidate meets " + ", ".join(CONSTRAINT_NAMES[n] for n in alone) + "."
     return InfeasibleError(message, CONSTRAINT_NAMES[binding], nearest)
-
-
-def _at_least(value: float, digits: int = 4) -> str:
-    """`value` to `digits` significant digits, rounded up: a limit relaxed to what is printed admits it."""
-    text = f"{value:.{digits}g}"
-    if value <= 0:
-        return text
-    unit = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
-    while float(text) < value:  # one unit of the last digit up, until the printed value admits it
-        text = f"{float(text) + unit:.{digits}g}"
-    return text
 
 
 def search(
