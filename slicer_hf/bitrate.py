@@ -7,8 +7,13 @@ trip, downlink) is the lowest recent latency with the uplink's share taken out, 
 far the latest tokens sit above it. A rung is taken coarser as soon as one token misses the target or the recent
 median crosses `high` x target, straight to the finest rung predicted under 90% of it (one rung only while the
 model can put none of the latency down to the uplink, as at the first token); finer only after `patience`
-tokens in a row predict room below `low` x target, and a finer rung given up within `calm` tokens doubles that
-patience (hysteresis, so the knob does not flap on a link at the edge of two rungs).
+tokens in a row predict that the finer rung's uplink time fits within `low` of the room `base` leaves under the
+target, and a finer rung given up within `calm` tokens doubles that patience (hysteresis, so the knob does not
+flap on a link at the edge of two rungs). The room is measured above `base`, not from zero: where compute alone
+takes most of the target, a fast link still brings the finer rungs back. A finer rung that misses at once is
+measured beside the rung it left: their latencies' difference over their bits' difference is the slope, which one
+rung's latency cannot tell from the base. What the model cannot tell is compute jitter that crosses the target by
+itself: it reads as a slow link, and the controller steps coarser though no rung would help.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class BitrateController:
         start: the rung to begin with (index into `ladder`).
         window: latest tokens whose median drives a move.
         high: move coarser when the median exceeds `high` x target.
-        low: move finer only when the finer rung is predicted under `low` x target.
+        low: move finer only when the finer rung's uplink time is predicted within `low` x (target - base).
         patience: tokens of predicted room before a finer move (doubles after one that did not hold, up to 64 or
             the patience given, if larger).
         calm: tokens a finer rung must hold before `patience` is back to its start.
@@ -54,6 +59,7 @@ class BitrateController:
     _since_finer: int | None = field(init=False, default=None)  # tokens since a finer move, while on trial
     _tokens: int = field(init=False, default=0)
     _slope: float | None = field(init=False, default=None)  # ms per uplink bit, as last seen (smoothed)
+    _left: tuple[float, float] | None = field(init=False, default=None)  # (median ms, bits) on the rung just left
 
     def __post_init__(self) -> None:
         self.ladder = [(float(s), float(b)) for s, b in self.ladder]
@@ -77,8 +83,10 @@ class BitrateController:
         return self.ladder[self.level][0]
 
     def restart(self) -> None:
-        """A new generation begins: the gap since the last token is not a token's latency."""
+        """A new generation begins: the gap since the last token is not a token's latency, and the room counted
+        toward a finer move starts again."""
         self._recent.clear()
+        self._room = 0
 
     def observe(self, latency_ms: float, bits: float) -> None:
         """One decode token took `latency_ms` (edge compute to reply) and sent `bits` up; maybe move a rung."""
@@ -92,6 +100,9 @@ class BitrateController:
             self._since_finer += 1
             if self._since_finer > self.calm:  # the finer rung held: the next try need not wait so long
                 self._since_finer, self._wait = None, self.patience
+        if over and self._left is not None and self._since_finer is not None and self._since_finer <= self.window:
+            self._anchor(latency_ms, bits)  # the finer rung just tried misses: it and the rung left give the slope
+            base, per_bit = self._model(max(median, latency_ms))
         if over and self.level < len(self.ladder) - 1:
             if per_bit == 0.0:  # nothing to put the miss down to the uplink by (no history yet): one rung at a time
                 self._move(self.level + 1, median)
@@ -99,7 +110,7 @@ class BitrateController:
             fits = [i for i in range(self.level + 1, len(self.ladder)) if self._predict(i, base, per_bit) <= 0.9]
             self._move(fits[0] if fits else len(self.ladder) - 1, median)
             return
-        if self.level > 0 and self._predict(self.level - 1, base, per_bit) <= self.low:
+        if self.level > 0 and self.ladder[self.level - 1][1] * per_bit <= self.low * (self.target_ms - base):
             self._room += 1
             if self._room >= self._wait:
                 self._move(self.level - 1, median)
@@ -123,12 +134,25 @@ class BitrateController:
             return base, 0.0
         return max(latency - bits * self._slope, 0.0), self._slope
 
+    def _anchor(self, latency: float, bits: float) -> None:
+        """A finer rung tried and missed the target: its latency beside the one of the rung it left puts the latency
+        they differ by down to the bits they differ by. That is the slope, and the base under both, which one rung's
+        latency cannot tell apart (a base seen too high, a slope too low, would try the rung again and again)."""
+        left_ms, left_bits = self._left  # type: ignore[misc]
+        self._left = None
+        if bits <= left_bits or (slope := (latency - left_ms) / (bits - left_bits)) <= 0:
+            return
+        self._slope = slope
+        self._floor.clear()
+        self._floor.append(max(latency - bits * slope, 0.0))
+
     def _predict(self, level: int, base: float, per_bit: float) -> float:
         """Predicted latency at `level` as a share of the target."""
         return (base + self.ladder[level][1] * per_bit) / self.target_ms
 
     def _move(self, level: int, median: float) -> None:
         self._room = 0
+        self._left = (median, self.ladder[self.level][1]) if level < self.level else None
         self._recent.clear()
         if level > self.level and self._since_finer is not None:  # the last finer move did not hold
             self._since_finer, self._wait = None, min(2 * self._wait, max(64, self.patience))

@@ -97,6 +97,29 @@ def test_on_a_steady_link_where_only_the_floor_fits_the_controller_stops_trying_
     assert all(change["token"] < 50 for change in controller.changes)
 
 
+def test_where_compute_takes_most_of_the_target_one_slow_token_is_not_a_lasting_step_down():
+    """Compute alone at 80% of the target leaves a fast link's finest rung well inside it: after a slow token (a
+    pause, a retransmit) sends the step coarser, the controller must come back (the room is the target less the
+    base, not `low` x the target, which no rung can predict under here)."""
+    controller = BitrateController(LADDER, target_ms=75.0)
+    steps = []
+    for i in range(300):
+        latency = 60.0 + 0.5 * math.sin(i) + (40.0 if i == 100 else 0.0) + BITS[controller.step] / 2000.0
+        steps.append(controller.step)
+        controller.observe(latency, BITS[controller.step])
+    assert steps[101] > 0.1  # the slow token moved it,
+    assert set(steps[150:]) == {0.1}  # and it is back on the finest rung within 50 tokens
+
+
+def test_a_new_generation_counts_its_room_for_a_finer_move_afresh():
+    controller = BitrateController(LADDER, target_ms=75.0, start=3, patience=4)
+    for _ in range(3):  # three tokens of room: one short of the patience
+        controller.observe(50.0, BITS[0.3])
+    controller.restart()
+    controller.observe(50.0, BITS[0.3])
+    assert controller.step == 0.3 and not controller.changes
+
+
 def test_moves_are_recorded_with_the_token_and_the_new_step():
     controller = BitrateController(LADDER, target_ms=60.0)
     simulate([32.0] * 10, controller)
