@@ -571,6 +571,10 @@ def profile(
     from .data import load_text, resolve_model, token_windows
     from .tuning.profile import DEFAULT_DOWNLINK_STEPS, DEFAULT_STEPS, profile_model
 
+    if out.is_file() and out.suffix != ".json":
+        raise typer.BadParameter(
+            f"{out} is a file: give a folder (it gets profile.json) or a .json file", param_hint="--out"
+        )
     path = resolve_model(model)
     windows = None
     if rate_distortion:  # the text's mistakes are found before the weights load
@@ -643,6 +647,8 @@ def calibrate(
     from .config import SlicerConfig
     from .tuning.calibrate import calibrate as fit
 
+    if out.is_file():
+        raise typer.BadParameter(f"{out} is a file: the config and its basis files go in a folder", param_hint="--out")
     base = SlicerConfig.from_pretrained(config) if config else SlicerConfig(outliers=0)
     if outliers is not None:
         base = base.replace(outliers=outliers)

@@ -144,6 +144,8 @@ class SlicerConfig:
         # Normalise what JSON and the CLI hand over (lists, "0.5"); anything malformed is left for validate() to name.
         if _ints(self.bit_candidates):
             self.bit_candidates = tuple(sorted(set(self.bit_candidates)))
+        if self.bitrate_ladder is None:  # JSON null: no ladder, as the default
+            self.bitrate_ladder = ()
         if _rungs(self.bitrate_ladder):
             self.bitrate_ladder = tuple((float(s), float(b)) for s, b in self.bitrate_ladder)
         if isinstance(self.asymmetry, str) and self.asymmetry != "auto":
@@ -196,11 +198,14 @@ class SlicerConfig:
             self.entropy_coding,
         )
         _check(self.quantizer in QUANTIZERS, "quantizer", f"must be one of {QUANTIZERS}", self.quantizer)
+        for name in ("trellis", "predict_previous"):
+            _check(type(getattr(self, name)) is bool, name, "must be true or false", getattr(self, name))
         if self.rotation == "calibrated" or self.basis is not None:
             _check(
                 self.rotation == "calibrated" and self.quantizer == "ecsq" and _is_digest(self.basis),
                 "rotation",
-                "'calibrated' goes with quantizer='ecsq' and a `basis` digest (16 hex digits)",
+                "'calibrated' goes with quantizer='ecsq' and a `basis` digest (16 hex digits); to leave the "
+                "calibrated basis, set basis=None, trellis=False and predict_previous=False with the new rotation",
                 (self.rotation, self.quantizer, self.basis),
             )
         if self.trellis:
@@ -382,6 +387,9 @@ class SlicerConfig:
 
     def replace(self, **changes: Any) -> SlicerConfig:
         """A validated copy with some fields changed."""
+        known = {f.name for f in dataclasses.fields(self)}
+        if unknown := sorted(set(changes) - known):
+            raise ConfigError(f"SlicerConfig has no field {', '.join(map(repr, unknown))}; its fields: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -409,13 +417,14 @@ class SlicerConfig:
         path = Path(save_directory)
         if path.is_file():
             raise ConfigError(f"save_directory must be a folder, got the file {path}")
+        from .codec.basis import basis_file, lookup
+
+        bases = {digest: lookup(digest) for digest in self.bases()}  # an unknown basis fails before anything is written
         path.mkdir(parents=True, exist_ok=True)
         target = path / CONFIG_NAME
         target.write_text(self.to_json_string(), encoding="utf-8")
-        from .codec.basis import basis_file, lookup
-
-        for digest in self.bases():
-            lookup(digest).save(path / basis_file(digest))
+        for digest, basis in bases.items():
+            basis.save(path / basis_file(digest))
         return target
 
     def bases(self) -> list[str]:
@@ -446,13 +455,13 @@ class SlicerConfig:
         """
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
         hub = {key: value for key, value in {**hub, "subfolder": subfolder}.items() if value}  # those given
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()
         if not path.exists() and str(name_or_path) in available_presets():
             path = PRESETS_DIR / str(name_or_path)
         if path.is_dir():
             path = path / subfolder / CONFIG_NAME
         if not path.is_file():
-            if Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~")):
+            if Path(name_or_path).expanduser().exists() or str(name_or_path).startswith((".", "/", "~")):
                 raise ConfigError(f"no {CONFIG_NAME} found at {name_or_path}")
             from huggingface_hub import hf_hub_download
 
@@ -495,7 +504,8 @@ class SlicerConfig:
         commit_message: str = "Upload SlicerConfig",
         create_pr: bool = False,
     ) -> str:
-        """Upload `slicer_config.json` and a model card to `repo_id`; returns the commit URL.
+        """Upload `slicer_config.json` (and its bases) to `repo_id`, with a model card where the repo has no README;
+        returns the commit URL (the pull request's with `create_pr`).
 
         Args:
             repo_id: target Hub repository (created if it does not exist).
@@ -504,17 +514,32 @@ class SlicerConfig:
             commit_message: message of the upload commit.
             create_pr: open a pull request instead of committing to the main branch.
         """
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            Path(tmp, "README.md").write_text(self.model_card(repo_id), encoding="utf-8")
-            info = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, create_pr=create_pr
+            self.save_pretrained(tmp)  # before the repo is made: a config that cannot be saved leaves nothing behind
+            return upload_with_card(
+                Path(tmp), repo_id, self.model_card(repo_id), token, private, commit_message, create_pr
             )
-        return str(info)
+
+
+def upload_with_card(
+    folder: Path,
+    repo_id: str,
+    card: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload SlicerConfig",
+    create_pr: bool = False,
+) -> str:
+    """Upload `folder` to `repo_id` (created if needed) in one commit, with `card` as its README.md unless the repo
+    has one (a model repo's own card stays); returns the pull request's URL with `create_pr`, else the commit's."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if not api.file_exists(repo_id, "README.md"):
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr)
+    return str(info.pr_url if create_pr and info.pr_url else info.commit_url)
 
 
 def at_least(value: float, digits: int = 4) -> str:
@@ -561,7 +586,7 @@ def _load_bases(config: SlicerConfig, folder: Path, name_or_path: str, hub: dict
 
     for digest in config.bases():
         path = folder / basis_file(digest)
-        if not path.is_file() and not Path(name_or_path).exists():
+        if not path.is_file() and not Path(name_or_path).expanduser().exists():
             from huggingface_hub import hf_hub_download
 
             try:

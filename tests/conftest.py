@@ -191,8 +191,12 @@ def server(model_dir):
 @pytest.fixture
 def fake_hub(monkeypatch):
     """`huggingface_hub.HfApi` replaced by a recorder: what `push_to_hub` created and uploaded lands in the dict this
-    fixture returns (`token`, `repo`, `files` by name); the upload answers with a commit URL."""
-    uploaded: dict = {}
+    fixture returns (`token`, `repo`, `files` by name); the repo holds the files named in its `existing` set (empty
+    until a test fills it), and the upload answers as `upload_folder` does, with the commit's URL (and a pull
+    request's, asked for one)."""
+    from types import SimpleNamespace
+
+    uploaded: dict = {"existing": set()}
 
     class FakeApi:
         def __init__(self, token=None):
@@ -201,12 +205,16 @@ def fake_hub(monkeypatch):
         def create_repo(self, repo_id, private=None, exist_ok=False):
             uploaded["repo"] = (repo_id, private, exist_ok)
 
+        def file_exists(self, repo_id, filename):
+            return filename in uploaded["existing"]
+
         def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
             from pathlib import Path
 
             files = Path(folder_path).iterdir()
             uploaded["files"] = {p.name: p.read_bytes() if p.suffix == ".safetensors" else p.read_text() for p in files}
-            return f"https://huggingface.co/{repo_id}/commit/abc"
+            pr_url = f"https://huggingface.co/{repo_id}/discussions/1" if create_pr else None
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc", pr_url=pr_url)
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     return uploaded

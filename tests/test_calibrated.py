@@ -295,6 +295,40 @@ def test_calibrate_refuses_to_move_a_split_under_a_downlink_basis_that_predicts_
     assert lookup(SlicerConfig.from_pretrained(moved).downlink_basis).given_width == 64
 
 
+def test_calibrate_refuses_a_config_it_could_not_write_before_loading_the_model(tmp_path, monkeypatch):
+    """Impossible combinations, a window of no tokens and an --out that is a file are refused before any work."""
+    from live import tiny_smol_dir
+
+    import slicer_hf.tuning.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "collect", lambda *a, **k: pytest.fail("the model ran"))
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    base = tmp_path / "base"
+    args = ["calibrate", "--model", str(folder), "--split-layer", "2", "--tokens", "512", "--out", str(tmp_path / "o")]
+    for config, flags, refusal in [
+        (SlicerConfig(outliers=2), ["--predict-previous"], "`predict_previous` goes with"),
+        (SlicerConfig(downlink="topk_logits"), ["--downlink"], "`downlink` must be 'hidden' with a downlink_step"),
+        (SlicerConfig(), ["--window", "0"], "window must be an integer of at least 2 tokens, got 0"),
+    ]:
+        config.save_pretrained(base)
+        result = CliRunner().invoke(app, [*args, "--config", str(base), *flags])
+        assert result.exit_code != 0 and refusal in str(result.exception), result.output
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "file")])
+    assert result.exit_code == 2 and "Invalid value for --out" in result.output  # the message: "... is a file"
+
+
+def test_calibrate_writes_a_slicer_config_for_the_model_it_calibrated(tmp_path):
+    """Whatever codec the config started from, and whichever model it was made for, the written config codes with
+    the fitted basis and names the model calibrated."""
+    base = tmp_path / "base"
+    SlicerConfig.from_pretrained("smollm2-135m-split24").replace(codec="fp16", split_layer=2).save_pretrained(base)
+    folder, _, out = calibrate_tiny(tmp_path, "--config", str(base))
+    written = SlicerConfig.from_pretrained(out)
+    assert written.codec == "slicer" and build_codec(written).spec()["basis"] == written.basis
+    assert (written.model_id, written.hidden_size, written.num_hidden_layers) == (str(folder), 64, 4)
+
+
 def test_a_server_refuses_a_session_whose_basis_it_does_not_hold_and_serves_the_rest(monkeypatch):
     model = tiny_model("llama")
     config = calibrated_config(model)

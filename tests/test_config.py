@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from slicer_hf import ConfigError, SlicerConfig
+from slicer_hf import CodecError, ConfigError, SlicerConfig
 from slicer_hf.config import CONFIG_NAME
 
 
@@ -129,6 +129,23 @@ def test_push_to_hub_uploads_config_and_model_card(fake_hub):
     assert "SmolLM2-135M-Instruct" in uploaded["files"]["README.md"]
 
 
+def test_push_to_hub_keeps_the_card_a_model_repo_already_has_and_answers_a_pr_with_its_url(fake_hub):
+    fake_hub["existing"].add("README.md")  # a model repo: its own card must stay
+    url = SlicerConfig(split_layer=24).push_to_hub("someone/model", create_pr=True)
+    assert sorted(fake_hub["files"]) == [CONFIG_NAME]
+    assert url == "https://huggingface.co/someone/model/discussions/1"
+
+
+def test_a_config_that_cannot_be_saved_pushes_nothing_and_makes_no_repo(fake_hub, tmp_path):
+    config = SlicerConfig(quantizer="ecsq", rotation="calibrated", basis="0123456789abcdef")  # registered nowhere
+    with pytest.raises(CodecError, match="unknown SLICER basis"):
+        config.push_to_hub("someone/preset")
+    assert "repo" not in fake_hub and "files" not in fake_hub
+    with pytest.raises(CodecError, match="unknown SLICER basis"):
+        config.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / CONFIG_NAME).exists()  # no config left without its basis
+
+
 def test_presets_ship_in_the_package_and_load_by_name_and_from_configs():
     from pathlib import Path
 
@@ -144,6 +161,7 @@ def test_presets_ship_in_the_package_and_load_by_name_and_from_configs():
 def test_a_pushed_preset_reads_back_from_a_hub_like_folder(tmp_path, monkeypatch):
     """push_to_hub writes the Hub layout (repo/slicer_config.json + README.md) that from_pretrained reads."""
     import shutil
+    from types import SimpleNamespace
 
     hub = tmp_path / "hub"
 
@@ -154,9 +172,12 @@ def test_a_pushed_preset_reads_back_from_a_hub_like_folder(tmp_path, monkeypatch
         def create_repo(self, repo_id, private=None, exist_ok=False):
             (hub / repo_id).mkdir(parents=True, exist_ok=exist_ok)
 
+        def file_exists(self, repo_id, filename):
+            return (hub / repo_id / filename).is_file()
+
         def upload_folder(self, repo_id, folder_path, commit_message, create_pr):
             shutil.copytree(folder_path, hub / repo_id, dirs_exist_ok=True)
-            return f"local://{repo_id}"
+            return SimpleNamespace(commit_url=f"local://{repo_id}", pr_url=None)
 
     def download(repo_id, filename, revision=None):
         path = hub / repo_id / filename
@@ -258,3 +279,36 @@ def test_layers_an_edge_released_are_not_run_again(tmp_path):
         SlicerModelForCausalLM.from_model(edge, SlicerConfig(split_layer=2))  # in process: every layer runs here
     with pytest.raises(ConfigError, match="layer 2 holds no weights here"):
         SlicerModelForCausalLM.from_model(edge, SlicerConfig(split_layer=3), transport="grpc://127.0.0.1:9")
+
+
+def test_a_null_ladder_in_a_config_file_is_no_ladder_and_saves_again(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"split_layer": 2, "bitrate_ladder": None}))
+    config = SlicerConfig.from_pretrained(tmp_path)
+    assert config.bitrate_ladder == ()
+    config.save_pretrained(tmp_path / "again")
+    assert SlicerConfig.from_pretrained(tmp_path / "again") == config
+
+
+def test_a_folder_given_with_a_tilde_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    SlicerConfig(split_layer=3).save_pretrained(tmp_path / "cfg")
+    assert SlicerConfig.from_pretrained("~/cfg").split_layer == 3
+
+
+def test_switches_must_be_true_or_false_and_unknown_fields_are_named():
+    for value in (None, 0, "", "true", 1):
+        with pytest.raises(ConfigError, match="`trellis` must be true or false"):
+            SlicerConfig(trellis=value)
+        with pytest.raises(ConfigError, match="`predict_previous` must be true or false"):
+            SlicerConfig(predict_previous=value)
+    with pytest.raises(ConfigError, match="no field 'split_layers'.*'split_layer'"):
+        SlicerConfig().replace(split_layers=3)
+    with pytest.raises(ConfigError, match="no field 'split_layers'"):
+        SlicerConfig.from_pretrained("smollm2-135m-split24", split_layers=3)
+
+
+def test_leaving_a_calibrated_basis_names_every_field_to_clear_at_the_first_refusal():
+    with pytest.raises(ConfigError, match="set basis=None, trellis=False and predict_previous=False"):
+        SlicerConfig.from_pretrained("smollm2-135m-split24", rotation="orthogonal")
+    fix = {"basis": None, "trellis": False, "predict_previous": False}
+    assert SlicerConfig.from_pretrained("smollm2-135m-split24", rotation="orthogonal", **fix).rotation == "orthogonal"

@@ -291,6 +291,7 @@ def test_relaxing_a_limit_to_the_value_the_error_names_makes_the_search_feasible
         ({"objective": "speed"}, "objective must be one of"),
         ({"server": synthetic_profile(fingerprint="0" * 16)}, "different models"),
         ({"splits": [3]}, r"no rate-distortion points at the split layers asked for \(\[3\]\); the profiles hold"),
+        ({"splits": []}, r"no split layers to consider \(splits is empty\); the profiles hold splits \[2, 4, 6\]"),
         ({"adaptive": True}, "needs a per-token latency target .max_token_latency_ms, --max-token-latency-ms"),
     ],
 )
@@ -347,6 +348,35 @@ def test_adaptive_writes_a_ladder_within_the_quality_floor():
     allowed = {p.step for p in EDGE.points(k) if p.codec == "slicer" and p.kl + _down_kl(result) <= 0.01}
     assert {s for s, _ in config.bitrate_ladder} == allowed
     assert config.bitrate_controller().step == config.step
+
+
+def test_a_step_the_profile_lists_twice_is_one_rung_of_the_ladder():
+    twice = dataclasses.replace(EDGE, rate_distortion=EDGE.rate_distortion * 2)
+    once = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.01, max_token_latency_ms=200), adaptive=True)
+    result = search(twice, SERVER, SLOW, Constraints(max_kl=0.01, max_token_latency_ms=200), adaptive=True)
+    assert result.config.bitrate_ladder == once.config.bitrate_ladder
+
+
+def test_a_base_config_made_for_another_model_does_not_lend_the_choice_its_model_id():
+    other = SlicerConfig(model_id="someone/other-model", hidden_size=D + 1, num_hidden_layers=L)
+    assert search(EDGE, SERVER, FAST, base=other).config.model_id == "synthetic"
+    same = SlicerConfig(model_id="someone/synthetic", hidden_size=D, num_hidden_layers=L)
+    assert search(EDGE, SERVER, FAST, base=same).config.model_id == "someone/synthetic"
+
+
+@pytest.mark.parametrize("steps", [{"steps": (0.3, 5.0)}, {"downlink_steps": (0.0,)}, {"steps": (float("nan"),)}])
+def test_a_profile_refuses_a_step_ecsq_cannot_take_before_its_timing_run(steps, monkeypatch):
+    import slicer_hf.tuning.profile as profiling
+
+    monkeypatch.setattr(profiling, "measure_timing", lambda *a, **k: pytest.fail("timed a profile it then refused"))
+    with pytest.raises(ConfigError, match=r"steps must be ECSQ steps in \(0, 4\]"):
+        profile_model(tiny_model("llama").eval(), "tiny", None, **steps)
+
+
+def test_the_profile_command_refuses_an_out_that_is_a_file_before_it_runs(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    result = CliRunner().invoke(app, ["profile", "--model", "nowhere", "--out", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and "Invalid value for --out" in result.output
 
 
 def test_an_adaptive_search_says_where_the_written_config_starts_when_the_objective_chose_another_step():

@@ -194,7 +194,8 @@ def calibrate(
 
     Args:
         model: Hub id, local folder or alias (`data.resolve_model`).
-        base: the config to start from (its outliers, split layer, downlink step, model id).
+        base: the config to start from (its outliers, split layer, downlink step; its model id if it names a model
+            of this one's shape, else `model` is written).
         split_layer: the split (default: the config's, else 3/4 of the layers).
         downlink: also fit the downlink's basis (the downlink step defaults to 0.1).
         predict: the downlink's basis predicts from the split rows (see the module docstring).
@@ -207,6 +208,8 @@ def calibrate(
 
     from ..data import load_text, resolve_model, token_windows
 
+    if type(window) is not int or window < 2:
+        raise ConfigError(f"the calibration window must be an integer of at least 2 tokens, got {window!r}")
     path = resolve_model(model)
     model_config = AutoConfig.from_pretrained(path)
     width, n_layers = int(model_config.hidden_size), int(model_config.num_hidden_layers)
@@ -223,6 +226,23 @@ def calibrate(
             f"the config's downlink basis predicts from the rows of split {base.split_layer}, not {k}: calibrate "
             "the downlink at this split too (--downlink), or start from a config without a downlink basis"
         )
+    # the config this run writes, checked before the model runs (a placeholder digest stands for each basis)
+    same_model = (base.hidden_size, base.num_hidden_layers) in ((width, n_layers), (None, None))
+    changes: dict[str, Any] = {
+        "split_layer": k,
+        "codec": "slicer",
+        "quantizer": "ecsq",
+        "sparsity": 0.0,
+        "rotation": "calibrated",
+        "model_id": base.model_id if base.model_id and same_model else model,
+        "num_hidden_layers": n_layers,
+        "hidden_size": width,
+        "predict_previous": predict_previous,
+    }
+    if downlink:
+        changes["downlink_step"] = base.downlink_step or 0.1
+    placeholder = "0" * 16
+    base.replace(**changes, basis=placeholder, **({"downlink_basis": placeholder} if downlink else {}))
     windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
     if windows.numel() < 2 * width:
         raise ConfigError(
@@ -245,11 +265,7 @@ def calibrate(
             info["given_split_layer"] = str(k)
         return fit_basis(*found[layer], outliers=base.outliers, metadata=info, given=given).digest
 
-    changes: dict[str, Any] = {"split_layer": k, "quantizer": "ecsq", "sparsity": 0.0, "rotation": "calibrated"}
-    uplink = fit(k, previous_rows(found[k][0]) if predict_previous else None)
-    changes |= {"basis": uplink, "model_id": base.model_id or model, "num_hidden_layers": n_layers}
-    changes["predict_previous"] = predict_previous
+    changes["basis"] = fit(k, previous_rows(found[k][0]) if predict_previous else None)
     if downlink:
-        given = found[k][0] if predict else None
-        changes |= {"downlink_basis": fit(n_layers, given), "downlink_step": base.downlink_step or 0.1}
+        changes["downlink_basis"] = fit(n_layers, found[k][0] if predict else None)
     return base.replace(**changes)

@@ -231,18 +231,14 @@ class SearchResult:
         return path
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
-        """Upload the chosen config, `search.json` and a model card to a Hub repo in one commit; returns its URL."""
-        from huggingface_hub import HfApi
+        """Upload the chosen config and `search.json` (with a model card where the repo has no README) to a Hub repo
+        in one commit; returns its URL."""
+        from ..config import upload_with_card
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save(tmp)
-            (Path(tmp) / "README.md").write_text(self.config.model_card(repo_id), encoding="utf-8")
-            url = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message="SLICER-Search choice", create_pr=False
-            )
-        return str(url)
+            card = self.config.model_card(repo_id)
+            return upload_with_card(Path(tmp), repo_id, card, token, private, "SLICER-Search choice")
 
     def table(self, limit: int = 12) -> str:
         """The Pareto candidates (best first by the objective) as a markdown table; the choice is marked."""
@@ -388,6 +384,8 @@ def candidates(
     profiled = rd.split_layers()
     if splits is None and not profiled:
         raise ConfigError("the profiles hold no uplink rate-distortion point at any split layer in [1, L-1]")
+    if splits is not None and not splits:
+        raise ConfigError(f"no split layers to consider (splits is empty); the profiles hold splits {profiled}")
     if splits is not None and (missing := sorted(set(splits) - set(profiled))):
         raise ConfigError(
             f"no rate-distortion points at the split layers asked for ({missing}); the profiles hold splits {profiled}"
@@ -555,6 +553,7 @@ def search(
             ),
             key=lambda c: c.step,
         )
+        rungs = list({c.step: c for c in rungs}.values())  # one rung a step (a profile may list a step twice)
         target = constraints.max_token_latency_ms
         start = next((c for c in rungs if c.prediction.token_latency_ms <= target), rungs[-1])  # finest that fits
         ladder = tuple((c.step, c.prediction.uplink_bits - _step_overhead_bits(edge, "slicer")) for c in rungs)
@@ -571,12 +570,14 @@ def _config_of(c: Candidate, profile: Profile, base: SlicerConfig) -> SlicerConf
     from .profile import ECSQ_BASE
 
     model = profile.model
+    shape = (model["hidden_size"], model["num_hidden_layers"])
+    same_model = (base.hidden_size, base.num_hidden_layers) in (shape, (None, None))  # else the base names another
     changes: dict[str, Any] = {
         "split_layer": c.split_layer,
         "codec": c.codec,
         "downlink": "hidden",
         "downlink_step": c.downlink_step,
-        "model_id": base.model_id or model.get("id"),
+        "model_id": base.model_id if base.model_id and same_model else model.get("id"),
         "num_hidden_layers": model["num_hidden_layers"],
         "hidden_size": model["hidden_size"],
         "bitrate_ladder": (),

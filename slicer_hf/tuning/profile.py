@@ -440,6 +440,13 @@ def default_splits(num_layers: int) -> list[int]:
     return sorted(k for k in splits if 1 <= k < num_layers)
 
 
+def _ecsq_steps(values: Sequence[float], name: str) -> list[float]:
+    """The points' ECSQ steps, each once, ascending; one ECSQ cannot take is refused before the timing run."""
+    if bad := [s for s in values if not 0.0 < s <= 4.0]:  # NaN fails too
+        raise ConfigError(f"{name} must be ECSQ steps in (0, 4], got {bad}")
+    return sorted(set(values))
+
+
 def profile_model(
     model: Any,
     model_id: str,
@@ -472,6 +479,7 @@ def profile_model(
     splits = list(split_layers) if split_layers is not None else default_splits(n)
     if bad := [k for k in splits if not 1 <= k < n]:  # checked before the timing run, which takes minutes
         raise ConfigError(f"candidate split layers must be in [1, {n - 1}] for this {n}-layer model, got {bad}")
+    steps, downlink_steps = _ecsq_steps(steps, "steps"), _ecsq_steps(downlink_steps, "downlink_steps")
     device = next(model.parameters()).device
     timing, edge = measure_timing(model, prompt_tokens, decode_tokens, repeats)
     memory, weights = measure_memory(model)
