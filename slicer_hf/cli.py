@@ -140,7 +140,9 @@ def _checked(make: Callable[..., T], **options: Any) -> T:
 def serve(
     model: ServeModelOpt = "smollm2",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0 picks a free one; with --ray, see --router-port).")] = 50051,
+    port: Annotated[
+        int, typer.Option(help="Port (0 picks a free one; with --ray, see --router-port).", min=0, max=65535)
+    ] = 50051,
     token: Annotated[
         str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="Require this auth token.", callback=_no_empty_token)
     ] = None,
@@ -162,7 +164,7 @@ def serve(
     ] = None,
     max_session_kv: Annotated[str, typer.Option(help="KV-cache cap of one session, e.g. 1GiB.")] = "1GiB",
     max_message_bytes: Annotated[str, typer.Option(help="Largest protocol message, e.g. 64MiB.")] = "64MiB",
-    max_streams: Annotated[int, typer.Option(help="Streams open at once (more get RESOURCE_EXHAUSTED).")] = 1024,
+    max_streams: Annotated[int, typer.Option(help="Streams open at once (more get RESOURCE_EXHAUSTED).", min=1)] = 1024,
     idle_timeout_s: Annotated[float, typer.Option(help="Close sessions and their streams idle this long.")] = 600.0,
     open_timeout_s: Annotated[float, typer.Option(help="Close a stream with no session idle this long.")] = 30.0,
     batching: Annotated[bool, typer.Option(help="Batch decode steps of concurrent sessions.")] = True,
@@ -184,13 +186,16 @@ def serve(
     dtype: Annotated[
         str, typer.Option(help="Weights dtype: float32, bfloat16, float16, auto.", callback=_weights_dtype)
     ] = "float32",
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (default: torch's choice).", min=1)
+    ] = None,
     basis: Annotated[
         list[Path] | None,
         typer.Option(help="Calibrated SLICER basis clients may use (a file, or a config folder); repeatable."),
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus GET /metrics over HTTP on this port (0 picks one).")
+        int | None,
+        typer.Option(help="Serve Prometheus GET /metrics over HTTP on this port (0 picks one).", min=0, max=65535),
     ] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Serve a fleet of replicas on Ray Serve behind a router.")] = False,
     replicas: Annotated[int, typer.Option(help="--ray: replicas (fixed count).", min=1)] = 1,
@@ -205,7 +210,9 @@ def serve(
         ),
     ] = None,
     sessions_per_replica: Annotated[int, typer.Option(help="--ray: the autoscaling target.")] = 16,
-    router_port: Annotated[int, typer.Option(help="--ray: the router's HTTP port (clients: slicer+http://).")] = 8000,
+    router_port: Annotated[
+        int, typer.Option(help="--ray: the router's HTTP port (clients: slicer+http://).", min=0, max=65535)
+    ] = 8000,
     replica_cpus: Annotated[float, typer.Option(help="--ray: CPUs Ray reserves per replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="--ray: GPUs Ray reserves per replica.")] = 0.0,
     ray_address: Annotated[str | None, typer.Option(help="--ray: a Ray cluster to join (default: local).")] = None,
@@ -402,9 +409,13 @@ def drain(
 def demo(
     model: ModelOpt = "smollm2",
     prompt: Annotated[str, typer.Option(help="What to ask the model.")] = "What is the capital of France?",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.", min=1)] = 32,
     config: Annotated[
-        str | None, typer.Option(help="SlicerConfig folder or preset name (configs/); default: the SmolLM2 preset.")
+        str | None,
+        typer.Option(
+            help="SlicerConfig folder or preset name (configs/); default: the SmolLM2 preset for SmolLM2, else "
+            "SlicerConfig's defaults."
+        ),
     ] = None,
     split_layer: Annotated[int | None, typer.Option(help="Override the config's split layer.")] = None,
 ) -> None:
@@ -480,6 +491,7 @@ def chat(
 ) -> None:
     """Chat with a split model on a running server (one line per turn; /exit or end of input to leave)."""
     from .client import Client
+    from .errors import ConfigError, ProtocolError
 
     sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     client = Client(server, model, config, token, _root_cert(root_cert))
@@ -493,7 +505,12 @@ def chat(
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        reply, elapsed, new = client.reply(messages, sampling)
+        try:
+            reply, elapsed, new = client.reply(messages, sampling)
+        except (ProtocolError, ConfigError) as exc:  # the server refused this turn (it outgrew the context, say)
+            messages.pop()
+            print(f"\nerror: {exc} (this message is dropped; /exit to leave)", flush=True)
+            continue
         messages.append({"role": "assistant", "content": reply})
         total_s, total_new = total_s + elapsed, total_new + new
     print("\n" + client.summary(total_s, total_new))

@@ -21,20 +21,38 @@ from .loading import missing_folder
 def wire_report(stats: WireStats, hidden_size: int) -> str:
     """What crossed the wire, all protocol bytes (headers included), against fp16 hidden states."""
     fp16_bits = 16 * hidden_size
-    ratio = (  # no token, no ratio
-        f" ({fp16_bits / stats.uplink_bits_per_token:.2f}x smaller than fp16 hidden states, {fp16_bits} bits)"
-        if stats.tokens
-        else ""
-    )
+
+    def against_fp16(bits: float, rows: int) -> str:  # no row, no ratio
+        if not rows:
+            return ""
+        factor = fp16_bits / bits
+        than = f"{factor:.2f}x smaller" if factor >= 1 else f"{1 / factor:.2f}x larger"
+        return f" ({than} than fp16 hidden states, {fp16_bits} bits)"
+
     return (
         "what crossed the wire (all protocol bytes, headers included):\n"
         f"  uplink   {stats.uplink_bytes:>9,d} B in {stats.uplink_messages} messages, {stats.tokens} token "
-        f"positions: {stats.uplink_bits_per_token:,.0f} bits/token{ratio}\n"
-        f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages: "
-        f"{stats.downlink_bits_per_token:,.0f} bits/token"
+        f"positions: {stats.uplink_bits_per_token:,.0f} bits/token"
+        f"{against_fp16(stats.uplink_bits_per_token, stats.tokens)}\n"
+        f"  downlink {stats.downlink_bytes:>9,d} B in {stats.downlink_messages} messages, {stats.replied} positions "
+        f"back: {stats.downlink_bits_per_token:,.0f} bits/position"
         + (f"\n  failovers {stats.failovers} ({stats.retries} failed attempts)" if stats.retries else "")
         + (_bitrate_line(stats.bitrate_changes) if stats.bitrate_changes else "")
     )
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """A conversation as model inputs: through the tokenizer's chat template, or its turns' text one a line where it
+    has none; a conversation of no tokens is a `ConfigError`."""
+    if getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = dict(tokenizer("\n".join(m["content"] for m in messages), return_tensors="pt"))
+    if inputs["input_ids"].shape[-1] == 0:
+        raise ConfigError("the prompt is empty: give the model something to continue")
+    return inputs
 
 
 def model_error(model: str, exc: Exception) -> ConfigError:
@@ -126,12 +144,7 @@ class Client:
         )
 
     def encode(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-        text = "\n".join(m["content"] for m in messages)
-        return dict(self.tokenizer(text, return_tensors="pt"))
+        return encode_messages(self.tokenizer, messages)
 
     def reply(
         self, messages: list[dict[str, str]], sampling: Sampling, out: TextIO | None = None
@@ -153,7 +166,8 @@ class Client:
         rate = new_tokens / elapsed_s if elapsed_s else 0.0
         head = (
             f"{new_tokens} tokens in {elapsed_s:.2f} s ({rate:.1f} tokens/s), split at layer "
-            f"{self.config.split_layer} of {self.model.config.num_hidden_layers}, codec {self.config.codec}"
+            f"{self.model.slicer_config.split_layer} of {self.model.config.num_hidden_layers}, codec "
+            f"{self.config.codec}"
         )
         return head + "\n" + wire_report(self.model.wire_stats(), self.model.config.hidden_size)
 

@@ -29,37 +29,36 @@ def run_demo(
     from transformers import AutoConfig, AutoTokenizer
 
     from . import compat
-    from .client import wire_report
+    from .client import default_config, encode_messages, wire_report
     from .data import resolve_model
-    from .modeling import SlicerModelForCausalLM
+    from .modeling import SlicerModelForCausalLM, default_split_layer
 
     path = resolve_model(model)
-    if compat.encoder_kind(AutoConfig.from_pretrained(path)):
+    model_config = AutoConfig.from_pretrained(path)
+    if compat.encoder_kind(model_config):
         raise ConfigError(f"{model} is an encoder; the demo splits a causal LM (docs/encoders.md splits encoders)")
-    config_dir = config or default_config_dir()
-    cfg = SlicerConfig.from_pretrained(config_dir)
-    if split_layer is not None:
-        cfg = cfg.replace(split_layer=split_layer)
+    cfg = SlicerConfig.from_pretrained(config) if config else default_config(model)  # as generate and chat choose
+    assert isinstance(cfg, SlicerConfig)
+    label = config or (DEFAULT_PRESET if cfg == SlicerConfig.from_pretrained(DEFAULT_PRESET) else "defaults")
+    split = split_layer if split_layer is not None else cfg.split_layer
+    cfg = cfg.replace(split_layer=split if split is not None else default_split_layer(compat.num_layers(model_config)))
     # a basis of the config's own (one `slicer-hf calibrate` wrote) goes to the server too; preset bases it has
-    bases = ["--basis", str(config_dir)] if Path(config_dir).is_dir() and (cfg.basis or cfg.downlink_basis) else []
+    bases = ["--basis", str(config)] if config and Path(config).is_dir() and (cfg.basis or cfg.downlink_basis) else []
     print(
-        f"model: {model} ({path})\nconfig: {config_dir or 'defaults'}: split_layer={cfg.split_layer}, "
+        f"model: {model} ({path})\nconfig: {label}: split_layer={cfg.split_layer}, "
         f"codec={cfg.codec}, downlink={cfg.downlink}",
         flush=True,
     )
     # Server and edge share this machine's cores: one torch thread each avoids oversubscription.
     torch.set_num_threads(1)
     server, url = start_server(
-        path, ["--min-split-layer", str(cfg.split_layer or 1), "--log-level", "warning", "--threads", "1", *bases]
+        path, ["--min-split-layer", str(cfg.split_layer), "--log-level", "warning", "--threads", "1", *bases]
     )
     try:
         print(f"server process {server.pid} listening on {url}", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         edge = SlicerModelForCausalLM.from_pretrained(path, slicer_config=cfg, transport=url)
-        messages = [{"role": "user", "content": prompt}]
-        inputs = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        inputs = encode_messages(tokenizer, [{"role": "user", "content": prompt}])
         started = time.perf_counter()
         out = edge.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         elapsed = time.perf_counter() - started

@@ -22,12 +22,14 @@ class CodecError(SlicerError, ValueError):
 class TransportError(SlicerError, ConnectionError):
     """The link to the server failed: unreachable, vanished peer, timeout.
 
-    `retryable` is False for failures another attempt cannot fix (a refused auth token, say).
+    `retryable` is False for failures another attempt cannot fix (a refused auth token, say); `unreachable` is True
+    where nothing answered at all (no connection), as opposed to a server that answered with a refusal.
     """
 
-    def __init__(self, message: str, retryable: bool = True) -> None:
+    def __init__(self, message: str, retryable: bool = True, unreachable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.unreachable = unreachable
 
 
 class ProtocolError(SlicerError):

@@ -73,6 +73,7 @@ class WireStats:
     uplink_messages: int = 0
     downlink_messages: int = 0
     tokens: int = 0  # positions whose hidden states went up (batch rows included)
+    replied: int = 0  # positions whose rows came back (a prompt's last only, for a causal LM's next token)
     uplink_payload_bytes: int = 0  # the codec packets alone
     failovers: int = 0  # times a lost session was rebuilt (on the same server or another) and carried on
     retries: int = 0  # failed attempts on the way, each one counted
@@ -84,7 +85,8 @@ class WireStats:
 
     @property
     def downlink_bits_per_token(self) -> float:
-        return 8.0 * self.downlink_bytes / max(self.tokens, 1)
+        """Downlink bits per position that came back (not per position sent: a prompt's reply is one row)."""
+        return 8.0 * self.downlink_bytes / max(self.replied, 1)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -178,16 +180,17 @@ class SuffixLink:
     _epoch: int = 0  # seq of the last step from position 0: an earlier mark belongs to another sequence
     _rewinds: list[tuple[int, int]] = field(default_factory=list)  # (seq, start) of later steps that went back
     _limits: StepLimits = field(default_factory=StepLimits)  # what one step may carry, from the latest OPENED
-    _ever_opened: bool = False  # whether any server ever answered this link's OPEN
+    _ever_answered: bool = False  # whether any server ever answered anything (a refusal included)
 
     def __post_init__(self) -> None:
         spec = self.open_request.get("downlink_codec")
         self.downlink_codec = codec_from_spec(spec) if spec else build_codec("identity")
 
     def _request(self, data: bytes) -> bytes:
+        reply = self.transport.request(data)  # counted once answered: a request no server took never crossed
+        self._ever_answered = True
         self.stats.uplink_bytes += len(data)
         self.stats.uplink_messages += 1
-        reply = self.transport.request(data)
         self.stats.downlink_bytes += len(reply)
         self.stats.downlink_messages += 1
         return reply
@@ -199,7 +202,7 @@ class SuffixLink:
         session = opened.get("session")
         if type(session) is not int or not 0 <= session < 1 << 63:
             raise ProtocolError(f"malformed answer to OPEN: {reply[:80]!r}", code="malformed")
-        self.session, self._ever_opened = session, True
+        self.session = session
         self._bare = bool(opened.get("bare_steps")) and self.open_request.get("dtype") is not None
         self._next, self._acked = bool(opened.get("next_steps")), None
         self._limits = StepLimits.from_opened(opened)
@@ -317,6 +320,7 @@ class SuffixLink:
         if self.bitrate is not None:
             self._pace(decoding, 8 * len(payload) / hidden.shape[0])
         kind, out = self._reply_tensor(kind, body, step, hidden.shape[-1], reply_shape, decoded)
+        self.stats.replied += step.batch * (step.tokens - step.need_from)
         # a NaN or +inf would pass silently into the next tokens (logits may hold -inf: a top-k reply's rest)
         if out.isnan().any() or out.isposinf().any() or (kind == protocol.REPLY_HIDDEN and out.isneginf().any()):
             raise ProtocolError(f"the reply to step {step.seq} holds NaN or infinite values", code="bad_values")
@@ -414,7 +418,7 @@ class SuffixLink:
                         self.transport.name,
                         f", replaying {len(self._sent)} steps" if self._sent else "",
                     )
-        unreached = isinstance(last, TransportError) and not self._ever_opened  # no server ever answered
+        unreached = isinstance(last, TransportError) and last.unreachable and not self._ever_answered
         hint = f" (is a slicer-hf server running at {self.transport.name}?)" if unreached else ""
         raise TransportError(
             f"gave up after {self.max_attempts} attempts{hint}; the last failure: {last}", retryable=False

@@ -3,12 +3,15 @@ replies, wire stats at the end."""
 
 from __future__ import annotations
 
+import io
+import threading
+
 import pytest
 from live import tiny_smol_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from slicer_hf import SlicerConfig
+from slicer_hf import ConfigError, SlicerConfig
 from slicer_hf.cli import app
 from slicer_hf.launch import start_server, stop_server
 
@@ -144,6 +147,13 @@ BAD_ARGUMENTS = {
     "a root certificate that is not PEM": ["generate", "-s", "grpcs://h:1", "-p", "hi", "--root-cert", "{tmp}/not.pem"],
     "a binary root certificate": ["stats", "grpcs://h:1", "--root-cert", "{tmp}/binary.der"],
     "a missing root certificate": ["drain", "grpcs://h:1", "--root-cert", "{tmp}/missing.pem"],
+    "a port past 65535": ["serve", "--port", "70000"],
+    "a negative port": ["serve", "--port", "-1"],
+    "a metrics port past 65535": ["serve", "--metrics-port", "70000"],
+    "a router port past 65535": ["serve", "--ray", "--router-port", "70000"],
+    "no streams": ["serve", "--max-streams", "0"],
+    "negative threads": ["serve", "--threads", "-1"],
+    "a demo of no tokens": ["demo", "--max-new-tokens", "0"],
 }
 
 
@@ -242,6 +252,80 @@ def test_the_wire_report_of_no_token_has_no_ratio():
     report = wire_report(WireStats(), hidden_size=64)
     assert "nan" not in report and "smaller than fp16" not in report
     assert "smaller than fp16" in wire_report(WireStats(uplink_bytes=100, tokens=10), hidden_size=64)
+    assert "2.05x larger than fp16" in wire_report(WireStats(uplink_bytes=2100, tokens=8), hidden_size=64)
+
+
+def test_the_downlink_is_reported_per_position_that_came_back_whatever_the_prompt(tiny_dir, server_url):
+    """A causal LM's prompt comes back as one row: the downlink's bits are per row back, not per position sent."""
+    from slicer_hf.client import Client, Sampling
+
+    reports = []
+    for prompt in ("Hi", "Hi " * 60):
+        client = Client([server_url], str(tiny_dir), str(tiny_dir / "preset"))
+        client.reply([{"role": "user", "content": prompt}], Sampling(max_new_tokens=4), out=io.StringIO())
+        stats = client.model.wire_stats()
+        reports.append((stats.replied, stats.downlink_bits_per_token))
+        assert stats.tokens > stats.replied == 4  # the prompt's last row, then one a new token
+        assert "4 positions back" in client.summary(1.0, 4)
+        client.close()
+    assert reports[0] == reports[1]
+
+
+def test_a_summary_names_the_split_the_model_chose_when_the_config_names_none(tiny_dir, server_url):
+    from slicer_hf.client import Client
+
+    client = Client([server_url], str(tiny_dir), SlicerConfig(codec="identity"))
+    assert "split at layer 3 of 4" in client.summary(1.0, 0)  # 3/4 of the depth, not "None"
+    client.close()
+
+
+def test_an_empty_prompt_is_refused_in_one_line(tiny_dir, tmp_path):
+    from slicer_hf.client import encode_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = None  # plain text: nothing to send
+    with pytest.raises(ConfigError, match="the prompt is empty"):
+        encode_messages(tokenizer, [{"role": "user", "content": ""}])
+    assert encode_messages(tokenizer, [{"role": "user", "content": "Hi"}])["input_ids"].shape[-1] > 0
+
+
+def test_a_chat_turn_the_server_refuses_is_dropped_and_the_chat_goes_on(tiny_dir):
+    proc, url = start_server(str(tiny_dir), ["--log-level", "warning", "--threads", "1", "--max-context-tokens", "64"])
+    try:
+        args = ["chat", "--server", url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
+        turns = "Hello\n" + "and then " * 20 + "\nAnd then?\n/exit\n"  # the second turn outgrows 64 positions
+        result = CliRunner().invoke(app, [*args, "--max-new-tokens", "3"], input=turns)
+    finally:
+        stop_server(proc)
+    assert result.exit_code == 0, result.output
+    assert "exceeds 64 (this message is dropped" in result.output
+    first = plain_reply(tiny_dir, [{"role": "user", "content": "Hello"}], 3)
+    third = plain_reply(
+        tiny_dir,
+        [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And then?"},
+        ],
+        3,
+    )
+    assert third in result.output and "6 tokens in" in result.output  # the refused turn left no trace
+
+
+def test_a_metrics_port_in_use_is_one_line_and_stops_the_server_it_started(tiny_dir):
+    import socket
+
+    from slicer_hf.server import SplitServer
+    from slicer_hf.server.grpc_server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = SplitServer(AutoModelForCausalLM.from_pretrained(tiny_dir).eval())
+        threads = {t.name for t in threading.enumerate()}
+        with pytest.raises(ConfigError, match=r"cannot serve metrics on 127.0.0.1:\d+: Address already in use"):
+            serve(server, "127.0.0.1", 0, metrics_port=taken.getsockname()[1])
+        assert "slicer-grpc-loop" not in {t.name for t in threading.enumerate()} - threads
 
 
 def test_a_suites_own_threads_option_reaches_the_suite(monkeypatch):

@@ -268,6 +268,38 @@ def test_a_token_without_tls_warns_off_loopback():
         GrpcTransport(["grpcs://192.0.2.1:50051"], token="s3cret")
 
 
+def test_a_server_at_its_stream_limit_is_not_said_to_be_missing(server, model_dir):
+    """RESOURCE_EXHAUSTED comes from a server that runs: giving up quotes it, with no hint that none runs there."""
+    from slicer_hf.link import SuffixLink
+
+    srv = server("--max-streams", "1")
+    held = GrpcTransport([srv.url], timeout_s=10)
+    raw_open(held, model_dir)
+    link = SuffixLink(
+        GrpcTransport([srv.url], timeout_s=10), {"downlink": "hidden"}, build_codec("identity"), max_attempts=2
+    )
+    with pytest.raises(TransportError, match="gave up after 2 attempts; the last failure: .*RESOURCE_EXHAUSTED"):
+        link.step_limits()
+    held.close()
+
+
+def test_a_plain_stream_closed_after_replies_is_not_put_down_to_tls():
+    """ "Is it grpcs://?" fits a first call a TLS server cut off, not a server that answered and then went away."""
+    from slicer_hf.transport.grpc import _as_transport_error
+
+    class Closed(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "Socket closed"
+
+    first = _as_transport_error(Closed(), "grpc://h:1")
+    assert "is it grpcs://" in str(first) and first.unreachable
+    later = _as_transport_error(Closed(), "grpc://h:1", answered=True)
+    assert "is it grpcs://" not in str(later) and not later.unreachable
+
+
 def test_a_server_that_is_not_there_is_one_warning_and_a_hint(caplog):
     """The tries after the first go to the debug log; the error asks whether a server runs at that address."""
     import logging

@@ -350,7 +350,12 @@ class RunningServer:
         self._metrics: Any = None
         if metrics_port is not None:
             tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
-            self._metrics = _metrics_server(host, metrics_port, engine, token, tls)
+            try:
+                self._metrics = _metrics_server(host, metrics_port, engine, token, tls)
+            except (OSError, OverflowError) as exc:  # a port in use, or none at all: stop what started, say why
+                self.stop(grace_s=0)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {reason}") from None
             self.metrics_port = self._metrics.server_port
         if token is not None and tls_cert is None and not protocol.is_loopback(host):
             logger.warning("an auth token is required on %s without TLS: tokens cross the network in clear", host)

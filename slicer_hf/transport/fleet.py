@@ -119,7 +119,7 @@ class FleetTransport(Transport):
                 raise _NoReplicaNow(error, _retry_after_s(exc.headers.get("Retry-After"))) from None
             raise error from None
         except (OSError, ValueError) as exc:  # URLError is an OSError
-            raise TransportError(f"router {self.router} unreachable: {exc}") from None
+            raise TransportError(f"router {self.router} unreachable: {exc}", unreachable=True) from None
         except http.client.HTTPException as exc:  # a status line or headers that are not HTTP
             raise TransportError(f"router {self.router} sent a broken HTTP answer: {exc!r}") from None
         endpoint = answer.get("endpoint") if isinstance(answer, dict) else None

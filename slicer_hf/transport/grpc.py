@@ -96,6 +96,7 @@ class GrpcTransport(Transport):
         self._call: Any = None
         self._outbox: queue.Queue[Any] = queue.Queue()
         self._inbox: queue.Queue[Any] = queue.Queue()
+        self._answered = False  # whether a stream of this transport ever got a reply (then a closed socket is not TLS)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -131,7 +132,7 @@ class GrpcTransport(Transport):
                     inbox.put(reply)
                 inbox.put(TransportError(f"server {self.name} closed the stream"))
             except grpc.RpcError as exc:
-                inbox.put(_as_transport_error(exc, self.name))
+                inbox.put(_as_transport_error(exc, self.name, self._answered))
 
         self._reader = threading.Thread(target=pump, name="slicer-grpc-reader", daemon=True)
         self._reader.start()
@@ -155,6 +156,7 @@ class GrpcTransport(Transport):
         if isinstance(reply, Exception):
             self.close()
             raise reply
+        self._answered = True
         return reply
 
     def reset(self) -> bool:
@@ -186,7 +188,8 @@ class GrpcTransport(Transport):
                 raise _as_transport_error(exc, self.name) from exc
 
 
-def _as_transport_error(exc: grpc.RpcError, name: str) -> TransportError:
+def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -> TransportError:
+    """The `TransportError` of a failed call to `name`; `answered`: whether it ever replied before."""
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
     permanent = {
@@ -200,6 +203,7 @@ def _as_transport_error(exc: grpc.RpcError, name: str) -> TransportError:
     if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:  # no retry will trust it
         hint = "the server's TLS certificate is not trusted here: pass its CA with --root-cert (root_certificates=)"
         return TransportError(f"{message} ({hint})", retryable=False)
-    if name.startswith("grpc://") and "socket closed" in lowered:
+    if name.startswith("grpc://") and "socket closed" in lowered and not answered:
         message += " (a server that speaks TLS closes plain connections: is it grpcs://?)"
-    return TransportError(message, retryable=code not in permanent)
+    unreachable = code == grpc.StatusCode.UNAVAILABLE and not answered
+    return TransportError(message, retryable=code not in permanent, unreachable=unreachable)
