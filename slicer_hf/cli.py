@@ -249,6 +249,12 @@ def serve(
     given = [f"--{name.replace('_', '-')}" for name, value in fleet_only.items() if value != defaults[name].default]
     if given and not ray:
         raise typer.BadParameter(f"{', '.join(given)} configure a fleet: add --ray", param_hint=given[0])
+    if scale is not None and "--replicas" in given:
+        message = "give a fixed count (--replicas) or a range (--autoscale), not both"
+        raise typer.BadParameter(message, param_hint="--replicas")
+    if scale is None and "--sessions-per-replica" in given:
+        message = "the autoscaling target goes with --autoscale MIN,MAX"
+        raise typer.BadParameter(message, param_hint="--sessions-per-replica")
     import torch
 
     if threads:

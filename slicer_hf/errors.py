@@ -32,6 +32,11 @@ class TransportError(SlicerError, ConnectionError):
         self.unreachable = unreachable
 
 
+class NowhereElse(TransportError):
+    """A transport of several servers has none left to try: each it knows failed or refused this session lately.
+    After a refusal (a full server, its KV budget), that refusal is the answer."""
+
+
 class ProtocolError(SlicerError):
     """A message that breaks the protocol: wrong version, model mismatch, unknown session, limits."""
 

@@ -18,7 +18,7 @@ from . import protocol
 from .bitrate import BitrateController
 from .codec import Codec, build_codec, codec_from_spec
 from .config import SlicerConfig
-from .errors import CodecError, ProtocolError, TransportError
+from .errors import CodecError, NowhereElse, ProtocolError, TransportError
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -393,6 +393,9 @@ class SuffixLink:
                     self.stats.failovers += 1
                 return result
             except (TransportError, ProtocolError) as exc:
+                if isinstance(exc, NowhereElse) and isinstance(last, ProtocolError):  # the refusal is the answer
+                    self._abandon(ask_server=False)
+                    raise last from exc
                 elsewhere = self.transport.has_alternatives()  # another server may have room
                 if isinstance(exc, TransportError):
                     recoverable = exc.retryable
@@ -406,6 +409,8 @@ class SuffixLink:
                 self.session = None
                 last = exc
                 moves = isinstance(exc, TransportError) or exc.code not in ("unknown_session", "state_lost")
+                if isinstance(exc, ProtocolError) and exc.code in ("too_many_sessions", "kv_budget", "step_limits"):
+                    self.transport.refused()
                 if moves and not self.transport.reset():
                     raise
                 self.stats.retries += 1

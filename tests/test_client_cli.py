@@ -154,6 +154,8 @@ BAD_ARGUMENTS = {
     "no streams": ["serve", "--max-streams", "0"],
     "negative threads": ["serve", "--threads", "-1"],
     "a demo of no tokens": ["demo", "--max-new-tokens", "0"],
+    "a fixed count and a range of replicas": ["serve", "--ray", "--replicas", "3", "--autoscale", "1,2"],
+    "an autoscaling target without autoscaling": ["serve", "--ray", "--replicas", "2", "--sessions-per-replica", "4"],
 }
 
 

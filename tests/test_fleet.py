@@ -17,7 +17,7 @@ import pytest
 import torch
 from live import CallbackStreamer, client, prompt, wait_for
 
-from slicer_hf import TransportError, protocol
+from slicer_hf import ProtocolError, TransportError, protocol
 from slicer_hf.transport import make_transport
 from slicer_hf.transport.fleet import FleetTransport
 from slicer_hf.transport.grpc import DRAIN_METHOD, GrpcTransport
@@ -320,6 +320,9 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
     # replicas that may share a node share its free memory, unless each is given its budget
     assert FleetOptions(replicas=4).replica_limits(8 << 30).kv_budget_bytes == 2 << 30
     assert FleetOptions(autoscale=(1, 8)).replica_limits(8 << 30).kv_budget_bytes == 1 << 30
+    gpus = {1.0: 8 << 30, 0.5: 4 << 30, 0.25: 2 << 30}  # a GPU of its own, or a half or a quarter of one
+    for share, budget in gpus.items():
+        assert FleetOptions(replicas=4, replica_gpus=share).replica_limits(8 << 30).kv_budget_bytes == budget
     given = FleetOptions(replicas=4, limits={"kv_budget_bytes": 3 << 30})
     assert given.replica_limits(8 << 30).kv_budget_bytes == 3 << 30
 
@@ -332,16 +335,41 @@ def test_the_router_forgets_silent_replicas_and_says_why_it_has_none_to_offer():
     from slicer_hf.server.fleet import Router
 
     router = Router(heartbeat_s=0.1)
-    assert router.unavailable() == "no replica has registered yet"
+    assert router.unavailable(set()) == {"error": "no replica has registered yet", "known": 0, "left_out": 0}
     # a report runs on the router's event loop, as `pick` does, never on a thread beside it
     assert inspect.iscoroutinefunction(Router.register)
     info = {"endpoint": "grpc://a:1", "sessions_active": 0, "max_sessions": 1, "kv_free_bytes": 1, "draining": False}
     asyncio.run(router.register({**info, "replica": "a"}))
-    assert router.pick(set())["endpoint"] == "grpc://a:1" and router.pick(set()) is None  # counted until it reports
-    assert router.unavailable() == "none of 1 replicas takes a session now (all full or draining)"
+    asyncio.run(router.register({**info, "endpoint": "grpc://b:1", "replica": "b", "sessions_active": 0}))
+    assert router.pick({"grpc://b:1"})["endpoint"] == "grpc://a:1" and router.pick({"grpc://b:1"}) is None
+    assert router.unavailable({"grpc://b:1"}) == {  # each reason counted: a full one, and one the client left out
+        "error": "none of 2 replicas takes a session now: 1 full (max_sessions 1), 1 left out (they failed or "
+        "refused this client)",
+        "known": 2,
+        "left_out": 1,
+    }
     time.sleep(0.6)  # five heartbeats without a report
     assert router.fresh() == [] and router.replicas == {}
-    assert router.unavailable() == "no replica has reported in the last 0.5 s (1 stopped reporting)"
+    assert router.unavailable(set())["error"] == "no replica has reported in the last 0.5 s (2 stopped reporting)"
+
+
+def test_a_refusal_no_other_replica_can_mend_is_the_answer_at_once(server, model_dir):
+    """The only replica runs and refused the session (it is full): the router has no other to offer, and waiting out
+    the client's own exclusion would only send it back there. The client gives that refusal at once."""
+    live = server("--max-sessions", "1")
+    holder = client(model_dir, live.url)
+    holder.generate(prompt(3), max_new_tokens=1, do_sample=False)  # holds the one session
+    busy = (503, {"error": "none of 1 replicas takes a session now", "known": 1, "left_out": 1})
+    router = StandInRouter([(200, {"endpoint": live.url, "replica": "live"}), busy])
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProtocolError, match="sessions") as refused:
+            client(model_dir, router.url).generate(prompt(3), max_new_tokens=2, do_sample=False)
+        assert refused.value.code == "too_many_sessions" and time.monotonic() - started < 5
+        assert [r[2]["exclude"] for r in router.requests] == [[], [live.url]]
+    finally:
+        router.close()
+        holder.close_session()
 
 
 @pytest.mark.network
@@ -507,8 +535,11 @@ def test_replicas_the_cluster_has_no_cpus_for_are_refused_on_a_ray_of_its_own_an
         fleet_module._check_room(big, strict=True)
     with caplog.at_level("WARNING", logger=fleet_module.__name__):
         fleet_module._check_room(big, strict=False)  # a cluster's autoscaler may add nodes
-    assert "Serve waits until nodes with free CPUs join" in caplog.text
+    assert "Serve waits until nodes with free resources join" in caplog.text
     fleet_module._check_room(FleetOptions(model="unused", replicas=1), strict=True)  # room enough
+    gpus = FleetOptions(model="unused", replicas=1, replica_gpus=1)  # a GPU the cluster does not have
+    with pytest.raises(ConfigError, match=r"needs 1 GPUs \(1 replicas x 1 \(replica_gpus\)\), and the cluster has 0"):
+        fleet_module._check_room(gpus, strict=True)
 
 
 @pytest.mark.slow

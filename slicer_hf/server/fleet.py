@@ -136,8 +136,10 @@ class FleetOptions:
     def replica_limits(self, free_bytes: int) -> ServerLimits:
         """A replica's limits, given the KV budget it would take alone (`default_kv_budget_bytes`)."""
         limits = ServerLimits(**self.limits)
-        if limits.kv_budget_bytes is None:  # a share: replicas on one node each see the same free memory
-            limits.kv_budget_bytes = free_bytes // (self.autoscale[1] if self.autoscale else self.replicas)
+        if limits.kv_budget_bytes is None:  # a share of what replicas on one device all see as free
+            most = self.autoscale[1] if self.autoscale else self.replicas
+            per_device = most if self.replica_gpus == 0 else max(1, math.floor(1 / self.replica_gpus))  # GPU shares
+            limits.kv_budget_bytes = free_bytes // min(most, per_device)
         return limits
 
     def as_dict(self) -> dict[str, Any]:
@@ -266,14 +268,23 @@ class Router:
         self.silent += len(gone)
         return list(self.replicas.values())
 
-    def unavailable(self) -> str:
-        """Why `pick` found no replica: the 503's message."""
-        known = len(self.fresh())
-        if known:
-            return f"none of {known} replicas takes a session now (all full or draining)"
+    def unavailable(self, exclude: set[str]) -> dict[str, Any]:
+        """Why `pick` found no replica: the 503's body, its message and how many replicas were left out at the
+        client's request (`left_out`) of those known (`known`)."""
+        fresh = self.fresh()
+        full = [r for r in fresh if r["sessions_active"] >= r["max_sessions"]]
+        draining = [r for r in fresh if r["draining"]]
+        left_out = [r for r in fresh if r["endpoint"] in exclude]
+        counts = {"known": len(fresh), "left_out": len(left_out)}
+        if fresh:
+            parts = [f"{len(full)} full (max_sessions {'/'.join(sorted({str(r['max_sessions']) for r in full}))})"]
+            parts += [f"{len(draining)} draining", f"{len(left_out)} left out (they failed or refused this client)"]
+            reasons = ", ".join(p for p in parts if not p.startswith("0 "))
+            return {"error": f"none of {len(fresh)} replicas takes a session now: {reasons}", **counts}
         if self.silent:
-            return f"no replica has reported in the last {self.stale_s:g} s ({self.silent} stopped reporting)"
-        return "no replica has registered yet"
+            message = f"no replica has reported in the last {self.stale_s:g} s ({self.silent} stopped reporting)"
+            return {"error": message, **counts}
+        return {"error": "no replica has registered yet", **counts}
 
     def pick(self, exclude: set[str]) -> dict[str, Any] | None:
         open_ = [
@@ -302,9 +313,10 @@ class Router:
         except ValueError:
             body = {}
         exclude = body.get("exclude", []) if isinstance(body, dict) else []
-        chosen = self.pick({e for e in exclude if isinstance(e, str)} if isinstance(exclude, list) else set())
+        excluded = {e for e in exclude if isinstance(e, str)} if isinstance(exclude, list) else set()
+        chosen = self.pick(excluded)
         if chosen is None:
-            return JSONResponse({"error": self.unavailable()}, status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(self.unavailable(excluded), status_code=503, headers={"Retry-After": "1"})
         self.admitted += 1
         ticket = uuid.uuid4().hex
         return JSONResponse({"endpoint": chosen["endpoint"], "replica": chosen["replica"], "ticket": ticket})
@@ -399,21 +411,30 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
 
 
 def _check_room(options: FleetOptions, strict: bool) -> None:
-    """A fleet whose replicas the cluster has no free CPUs for: Serve would wait for them without a word. Refused
-    on a Ray this process started (nothing will add nodes to it); on a cluster it joined, whose autoscaler may add
-    nodes, said in a warning while Serve waits."""
+    """A fleet whose replicas the cluster has no free CPUs (or GPUs) for: Serve would wait for them without a word.
+    Refused on a Ray this process started (nothing will add nodes to it); on a cluster it joined, whose autoscaler
+    may add nodes, said in a warning while Serve waits."""
     replicas = options.autoscale[0] if options.autoscale else options.replicas
-    want = replicas * options.replica_cpus + ROUTER_CPUS
-    have = float(ray.available_resources().get("CPU", 0.0))
-    if want <= have + 1e-9:
+    free = ray.available_resources()
+    wants = {  # resource: (needed, free, what it is made of)
+        "CPU": (
+            replicas * options.replica_cpus + ROUTER_CPUS,
+            float(free.get("CPU", 0.0)),
+            f"{replicas} replicas x {options.replica_cpus:g} (replica_cpus), and {ROUTER_CPUS:g} for the router",
+        ),
+        "GPU": (replicas * options.replica_gpus, float(free.get("GPU", 0.0)), f"{replicas} replicas x "
+                f"{options.replica_gpus:g} (replica_gpus)"),
+    }  # fmt: skip
+    short = [f"{want:g} {name}s ({parts}), and the cluster has {have:g} free" for name, (want, have, parts) in
+             wants.items() if want > have + 1e-9]  # fmt: skip
+    if not short:
         return
-    message = (
-        f"the fleet needs {want:g} CPUs ({replicas} replicas x {options.replica_cpus:g} (replica_cpus), and "
-        f"{ROUTER_CPUS:g} for the router), and the cluster has {have:g} free"
-    )
+    message = f"the fleet needs {'; '.join(short)}"
     if strict:
-        raise ConfigError(f"{message}: give fewer --replicas or a smaller --replica-cpus, or join a larger cluster")
-    logger.warning("%s: Serve waits until nodes with free CPUs join", message)
+        raise ConfigError(
+            f"{message}: give fewer --replicas or smaller --replica-cpus/--replica-gpus, or join a larger cluster"
+        )
+    logger.warning("%s: Serve waits until nodes with free resources join", message)
 
 
 def undeploy(options: FleetOptions) -> None:

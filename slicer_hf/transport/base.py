@@ -43,6 +43,11 @@ class Transport(ABC):
         backoff, how often to try."""
         return False
 
+    def refused(self) -> None:
+        """The server answered a refusal for want of room (full, its KV budget): called before `reset()`. A
+        transport that waits for servers to come back (a fleet's) need not wait on one that runs and refused."""
+        return None
+
     def close(self) -> None:
         """Release the connection (nothing to release by default)."""
         return None

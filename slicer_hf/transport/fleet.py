@@ -24,7 +24,7 @@ import urllib.request
 import warnings
 from typing import Any
 
-from ..errors import TransportError
+from ..errors import NowhereElse, TransportError
 from ..protocol import fleet_router_url, is_loopback
 from .base import Transport, root_context
 from .grpc import GrpcTransport
@@ -75,6 +75,7 @@ class FleetTransport(Transport):
         self.admission: dict[str, Any] | None = None  # the router's last answer
         self._replica: GrpcTransport | None = None
         self._failed: dict[str, float] = {}  # endpoints that failed since the last good reply, and when
+        self._refused: set[str] = set()  # those of them that ran and refused the session (no room)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -101,6 +102,7 @@ class FleetTransport(Transport):
     def _ask_router(self) -> dict[str, Any]:
         now = time.monotonic()
         self._failed = {e: t for e, t in self._failed.items() if now - t < EXCLUDE_S}
+        self._refused &= self._failed.keys()
         body = json.dumps({"exclude": list(self._failed)}).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
@@ -111,10 +113,14 @@ class FleetTransport(Transport):
             with opener.open(request, timeout=self.router_timeout_s) as reply:
                 answer = json.loads(_read_capped(reply))
         except urllib.error.HTTPError as exc:
-            message = f"router {self.router} refused a session: HTTP {exc.code}: {_error_detail(exc)}"
+            detail = _error_body(exc)
+            message = f"router {self.router} refused a session: HTTP {exc.code}: {detail.get('error', exc.reason)}"
             if exc.code == 404:
                 message += " (is a fleet deployed at this route prefix?)"
             error = TransportError(message, retryable=exc.code >= 500 or exc.code in (408, 429))
+            every_one_refused = self._failed and self._failed.keys() <= self._refused
+            if exc.code == 503 and every_one_refused and 0 < detail.get("left_out", 0) == detail.get("known"):
+                raise NowhereElse(message) from None  # each replica runs and refused: waiting brings them back
             if exc.code == 503:
                 raise _NoReplicaNow(error, _retry_after_s(exc.headers.get("Retry-After"))) from None
             raise error from None
@@ -135,7 +141,12 @@ class FleetTransport(Transport):
             self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, self.root_certificates)
         reply = self._replica.request(data)
         self._failed.clear()
+        self._refused.clear()
         return reply
+
+    def refused(self) -> None:
+        if self._replica is not None:
+            self._refused.add(self._replica.name)
 
     def reset(self) -> bool:
         """Drop the replica's stream and leave its endpoint out of the next admission; always possible."""
@@ -153,6 +164,7 @@ class FleetTransport(Transport):
             self._replica.close()
             self._replica = None
         self._failed.clear()
+        self._refused.clear()
 
     def unary(self, method: str, data: bytes = b"") -> bytes:
         """One unary call (stats, metrics) on the current replica."""
@@ -188,12 +200,13 @@ def _read_capped(reply: Any) -> bytes:
     return b"".join(chunks)
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
+def _error_body(exc: urllib.error.HTTPError) -> dict[str, Any]:
+    """A router's error answer: `{"error": message, ...}` (its reason alone where the body is not such JSON)."""
     try:
         body = json.loads(exc.read(MAX_ANSWER_BYTES))
-        return str(body.get("error", body)) if isinstance(body, dict) else str(body)
     except (ValueError, OSError, http.client.HTTPException):
-        return exc.reason
+        return {"error": exc.reason}
+    return body if isinstance(body, dict) and "error" in body else {"error": str(body)}
 
 
 def _opener(context: ssl.SSLContext | None, deadline: float) -> urllib.request.OpenerDirector:
