@@ -38,6 +38,17 @@ def plain_reply(tiny_dir, messages, max_new_tokens):
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def two_turns(tiny_dir, max_new_tokens):
+    """The plain model's replies to "Hello", and to "And then?" after that first reply."""
+    first = plain_reply(tiny_dir, [{"role": "user", "content": "Hello"}], max_new_tokens)
+    turns = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And then?"},
+    ]
+    return first, plain_reply(tiny_dir, turns, max_new_tokens)
+
+
 def test_generate_streams_an_exact_reply_and_reports_the_wire(tiny_dir, server_url):
     args = ["generate", "--server", server_url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
     result = CliRunner().invoke(app, [*args, "--prompt", "Hello there", "--max-new-tokens", "8"])
@@ -61,16 +72,7 @@ def test_chat_keeps_the_conversation(tiny_dir, server_url):
     args = ["chat", "--server", server_url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "5"], input="Hello\nAnd then?\n/exit\n")
     assert result.exit_code == 0, result.output
-    first = plain_reply(tiny_dir, [{"role": "user", "content": "Hello"}], 5)
-    second = plain_reply(
-        tiny_dir,
-        [
-            {"role": "user", "content": "Hello"},
-            {"role": "assistant", "content": first},
-            {"role": "user", "content": "And then?"},
-        ],
-        5,
-    )
+    first, second = two_turns(tiny_dir, 5)
     lines = result.output.split("\n")
     assert lines[1] == first and lines[2] == second
     assert "10 tokens in" in result.output and "what crossed the wire" in result.output
@@ -301,16 +303,7 @@ def test_a_chat_turn_the_server_refuses_is_dropped_and_the_chat_goes_on(tiny_dir
         stop_server(proc)
     assert result.exit_code == 0, result.output
     assert "exceeds 64 (this message is dropped" in result.output
-    first = plain_reply(tiny_dir, [{"role": "user", "content": "Hello"}], 3)
-    third = plain_reply(
-        tiny_dir,
-        [
-            {"role": "user", "content": "Hello"},
-            {"role": "assistant", "content": first},
-            {"role": "user", "content": "And then?"},
-        ],
-        3,
-    )
+    _, third = two_turns(tiny_dir, 3)
     assert third in result.output and "6 tokens in" in result.output  # the refused turn left no trace
 
 
