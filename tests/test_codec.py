@@ -432,9 +432,34 @@ def test_sparse_packets_of_many_rows_round_trip_their_positions(index_coding):
     assert (kept.nonzero()[:, 1].reshape(512, k) == want).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 300), st.integers(1, 24), st.data())
+def test_position_sections_read_back_whatever_mix_of_bitmap_and_rice_rows_and_any_cut_is_refused(d, n, data):
+    """Rows of clustered, spread or random positions (bitmaps and every Rice parameter, in one section); the reader
+    stops where the section ends, and a stream cut short is a `CodecError`, never another exception."""
+    from slicer_hf.codec.indices import read_positions, write_positions
+
+    k = data.draw(st.integers(1, d - 1))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    spread = [np.sort(rng.choice(d, k, replace=False)) for _ in range(n)]
+    shapes = [lambda: np.arange(k) + rng.integers(0, d - k + 1), lambda: np.linspace(0, d - 1, k).astype(int)]
+    rows = [p if rng.random() < 0.5 else np.unique(shapes[rng.integers(2)]()) for p in spread]
+    positions = np.stack([p if len(p) == k else spread[i] for i, p in enumerate(rows)])
+    w = BitWriter()
+    write_positions(w, positions, d, data.draw(st.sampled_from(["auto", "rice", "bitmap"])))
+    w.write(np.array([0b101]), 3)  # what follows the section
+    stream = w.getvalue()
+    r = BitReader(stream)
+    assert (read_positions(r, n, k, d) == positions).all()
+    assert int(r.read(1, 3)[0]) == 0b101
+    for cut in range(len(stream) - 1):
+        with pytest.raises(CodecError):
+            read_positions(BitReader(stream[:cut]), n, k, d)
+
+
 @pytest.mark.parametrize("params", [{}, {"sparsity": 0.6, "num_blocks": 3}])
 def test_big_packets_decode_a_chunk_at_a_time_to_the_same_rows(monkeypatch, params):
-    """The reference decode bounds its working set by unpacking fields and rebuilding rows in chunks."""
+    """The reference decode bounds its working set by rebuilding rows in chunks."""
     from slicer_hf.codec import ops
 
     codec = build_codec("slicer", **params)

@@ -35,23 +35,72 @@ def write_positions(w: BitWriter, positions: np.ndarray, d: int, mode: str = "au
 
 
 def read_positions(r: BitReader, n: int, k: int, d: int) -> np.ndarray:
-    """Read what `write_positions` wrote: `[n, k]` sorted positions."""
+    """Read what `write_positions` wrote: `[n, k]` sorted positions.
+
+    Only the rows' starts are found one row after another (a bitmap takes d bits; a Rice row ends k remainders
+    after its k-th unary one, which a search in the ones of the stream finds); their fields are then read all at once.
+    """
     if k == d:
         return np.broadcast_to(np.arange(d), (n, d)).copy()
     if k == 0 or n == 0:
         return np.zeros((n, k), dtype=np.int64)
     use_rice = r.read(n, 1).astype(bool)
-    rice_r = r.read(int(use_rice.sum()), 4).astype(np.int64)
+    rice_r = np.zeros(n, dtype=np.int64)
+    rice_r[use_rice] = r.read(int(use_rice.sum()), 4)
+    bits = r.rest()
+    ones = np.flatnonzero(bits)
+    starts, first_one, end = _row_starts(ones, use_rice, rice_r, n, k, d, len(bits))
     out = np.empty((n, k), dtype=np.int64)
-    next_r = iter(rice_r)
-    for row in range(n):
-        if use_rice[row]:
-            rr = int(next(next_r))
-            gaps = (r.read_unary(k, (d >> rr) + k) << rr) | r.read(k, rr).astype(np.int64)  # the gaps sum to < d
-            pos = np.cumsum(gaps + 1) - 1
-        else:
-            pos = np.flatnonzero(r.read(d, 1))
-        if pos.size != k or (k and pos[-1] >= d):
-            raise CodecError(f"row {row}: position section holds {pos.size} positions < {d}, expected {k}")
-        out[row] = pos
+    if (~use_rice).any():
+        at = np.flatnonzero(~use_rice)
+        bitmaps = bits[starts[at, None] + np.arange(d)]
+        held = bitmaps.sum(1)
+        if (bad := np.flatnonzero(held != k)).size:
+            row = int(at[bad[0]])
+            raise CodecError(f"row {row}: position section holds {int(held[bad[0]])} positions < {d}, expected {k}")
+        out[at] = np.nonzero(bitmaps)[1].reshape(-1, k)
+    if use_rice.any():
+        at = np.flatnonzero(use_rice)
+        closing = ones[first_one[at, None] + np.arange(k)]  # [R, k]: the one that ends each unary value
+        quotients = np.diff(closing, axis=1, prepend=starts[at, None] - 1) - 1
+        gaps = quotients << rice_r[at, None]
+        for rr in np.unique(rice_r[at]):  # the remainders: k fields of rr bits after the unary section
+            rows = np.flatnonzero(rice_r[at] == rr)
+            after = closing[rows, -1, None, None] + 1  # [rows, 1, 1]: where the unary section ends
+            fields = after + (np.arange(k) * rr)[:, None] + np.arange(rr)  # [rows, k, rr]: each remainder's bits
+            gaps[rows] |= (bits[fields].astype(np.int64) << np.arange(rr)).sum(-1)
+        pos = np.cumsum(gaps + 1, axis=1) - 1
+        if (bad := np.flatnonzero(pos[:, -1] >= d)).size:
+            raise CodecError(f"row {int(at[bad[0]])}: position section holds positions past {d - 1}")
+        out[at] = pos
+    r.pos += end
     return out
+
+
+def _row_starts(
+    ones: np.ndarray, use_rice: np.ndarray, rice_r: np.ndarray, n: int, k: int, d: int, size: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each row's first bit (from the reader's position), for a Rice row the index in `ones` of its unary
+    section's first one, and the bits all rows take. A section that runs past the stream, or a unary section longer
+    than a valid row's, is a `CodecError`."""
+    starts, first_one = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    if not use_rice.any():  # bitmaps only: every row takes d bits
+        starts[:] = np.arange(n) * d
+        end = n * d
+    else:
+        end, rice, rrs = 0, use_rice.tolist(), rice_r.tolist()
+        for row in range(n):
+            starts[row] = end
+            if not rice[row]:
+                end += d
+                continue
+            j = int(np.searchsorted(ones, end))
+            span = (d >> rrs[row]) + k  # the most bits a valid row's unary section takes
+            if j + k > len(ones) or ones[j + k - 1] - end >= span:
+                message = f"row {row} holds fewer than {k} values in {span} bits"
+                raise CodecError(f"unary section truncated or too long: {message}")
+            first_one[row] = j
+            end = int(ones[j + k - 1]) + 1 + k * rrs[row]
+    if end > size:
+        raise CodecError(f"bitstream truncated: the position sections need {end} bits, have {size}")
+    return starts, first_one, end
