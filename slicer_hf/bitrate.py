@@ -13,7 +13,10 @@ flap on a link at the edge of two rungs). The room is measured above `base`, not
 takes most of the target, a fast link still brings the finer rungs back. A finer rung that misses at once is
 measured beside the rung it left: their latencies' difference over their bits' difference is the slope, which one
 rung's latency cannot tell from the base. What the model cannot tell is compute jitter that crosses the target by
-itself: it reads as a slow link, and the controller steps coarser though no rung would help.
+itself: it reads as a slow link, and the controller steps coarser though no rung would help. Nor, on one rung
+alone, can it always tell the base from the slope: with compute at 87% of the target and 2 ms of jitter, a link back
+from a drop leaves the step coarse in some runs (3 of 8 seeds in simulation, where the controller before this one
+stayed coarse in all 8); a slope measured across rungs over a longer history would mend it.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def run_demo(
     split = split_layer if split_layer is not None else cfg.split_layer
     cfg = cfg.replace(split_layer=split if split is not None else default_split_layer(compat.num_layers(model_config)))
     # a basis of the config's own (one `slicer-hf calibrate` wrote) goes to the server too; preset bases it has
-    bases = ["--basis", str(config)] if config and Path(config).is_dir() and (cfg.basis or cfg.downlink_basis) else []
+    folder = Path(config).expanduser() if config else None
+    bases = ["--basis", str(folder)] if folder and folder.is_dir() and (cfg.basis or cfg.downlink_basis) else []
     print(
         f"model: {model} ({path})\nconfig: {label}: split_layer={cfg.split_layer}, "
         f"codec={cfg.codec}, downlink={cfg.downlink}",

@@ -33,8 +33,11 @@ class TransportError(SlicerError, ConnectionError):
 
 
 class NowhereElse(TransportError):
-    """A transport of several servers has none left to try: each it knows failed or refused this session lately.
-    After a refusal (a full server, its KV budget), that refusal is the answer."""
+    """A transport of several servers has none left to try: each it knows ran and refused this session lately
+    (full, its KV budget), so that refusal is the answer; no retry is due."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 class ProtocolError(SlicerError):

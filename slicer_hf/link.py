@@ -24,6 +24,14 @@ from .transport import Transport
 logger = logging.getLogger(__name__)
 _LINKS = itertools.count(1)
 _T = TypeVar("_T")
+NO_ROOM = ("too_many_sessions", "kv_budget", "step_limits")  # refusals another server may not give
+
+
+def _positions(reply: torch.Tensor) -> int:
+    """The positions a reply holds: its rows `[..., d]` (a feature map comes back as rows of channels)."""
+    return reply.numel() // max(reply.shape[-1], 1)
+
+
 REPLY_KINDS = {  # what each downlink answers with
     "hidden": (protocol.REPLY_HIDDEN, protocol.REPLY_HIDDEN_BARE),
     "logits": (protocol.REPLY_LOGITS,),
@@ -320,7 +328,7 @@ class SuffixLink:
         if self.bitrate is not None:
             self._pace(decoding, 8 * len(payload) / hidden.shape[0])
         kind, out = self._reply_tensor(kind, body, step, hidden.shape[-1], reply_shape, decoded)
-        self.stats.replied += step.batch * (step.tokens - step.need_from)
+        self.stats.replied += _positions(out)
         # a NaN or +inf would pass silently into the next tokens (logits may hold -inf: a top-k reply's rest)
         if out.isnan().any() or out.isposinf().any() or (kind == protocol.REPLY_HIDDEN and out.isneginf().any()):
             raise ProtocolError(f"the reply to step {step.seq} holds NaN or infinite values", code="bad_values")
@@ -373,6 +381,7 @@ class SuffixLink:
         """`send()` on this session; where the session is lost, on a fresh one onto which the steps `replay` (the
         sequence so far, ending with the one `send` sends, if any) are replayed first."""
         last: Exception | None = None
+        refusal: ProtocolError | None = None  # the latest refusal for want of room, for when nowhere else is left
         for attempt in range(self.max_attempts):
             if attempt > 1:  # the first retry goes at once (to the next server); then back off, with jitter
                 time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 2))))
@@ -393,15 +402,15 @@ class SuffixLink:
                     self.stats.failovers += 1
                 return result
             except (TransportError, ProtocolError) as exc:
-                if isinstance(exc, NowhereElse) and isinstance(last, ProtocolError):  # the refusal is the answer
+                if isinstance(exc, NowhereElse) and refusal is not None:  # the refusal is the answer
                     self._abandon(ask_server=False)
-                    raise last from exc
+                    raise refusal from exc
                 elsewhere = self.transport.has_alternatives()  # another server may have room
                 if isinstance(exc, TransportError):
                     recoverable = exc.retryable
                 else:
                     recoverable = exc.code in ("unknown_session", "state_lost", "draining") or (
-                        elsewhere and exc.code in ("too_many_sessions", "kv_budget", "step_limits")
+                        elsewhere and exc.code in NO_ROOM
                     )
                 if not recoverable:  # the server closes a session whose request it refused; end the stream too
                     self._abandon(ask_server=not isinstance(exc, TransportError))
@@ -409,7 +418,8 @@ class SuffixLink:
                 self.session = None
                 last = exc
                 moves = isinstance(exc, TransportError) or exc.code not in ("unknown_session", "state_lost")
-                if isinstance(exc, ProtocolError) and exc.code in ("too_many_sessions", "kv_budget", "step_limits"):
+                if isinstance(exc, ProtocolError) and exc.code in NO_ROOM:
+                    refusal = exc
                     self.transport.refused()
                 if moves and not self.transport.reset():
                     raise

@@ -436,6 +436,27 @@ def test_the_demo_runs_a_config_calibrated_here_and_hands_its_basis_to_its_serve
     assert result["wire"]["uplink_payload_bytes"] > 0
 
 
+def test_the_demo_hands_a_config_folder_given_with_a_tilde_to_its_server(tmp_path, monkeypatch):
+    from live import tiny_smol_dir
+
+    import slicer_hf.demo as demo
+
+    folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    SlicerConfig.from_pretrained("smollm2-135m-split24", split_layer=2).save_pretrained(tmp_path / "cal")
+    asked = []
+
+    def start_server(path, args):
+        asked.append(args)
+        raise RuntimeError("the server's arguments are all this test needs")
+
+    monkeypatch.setattr(demo, "start_server", start_server)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the demo's one thread, not this process's
+    with pytest.raises(RuntimeError, match="arguments are all"):
+        demo.run_demo(model=str(folder), config="~/cal")
+    assert asked[0][asked[0].index("--basis") + 1] == str(tmp_path / "cal")
+
+
 def test_the_demo_refuses_an_encoder_before_starting_a_server():
     from slicer_hf.demo import run_demo
 

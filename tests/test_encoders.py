@@ -272,6 +272,16 @@ def test_feature_maps_travel_as_rows_of_channels_with_their_grid():
     assert decoded.shape == shape
 
 
+@pytest.mark.parametrize("family, back", [("resnet", 2), ("swin", 8), ("bert", 18)])
+def test_the_downlink_is_counted_per_position_that_came_back(family, back):
+    """Stages that shrink the map send fewer positions back than went up: the wire stats count those that did."""
+    model = SlicerModel.from_model(build(family), LOSSLESS.replace(split_layer=1))
+    with torch.no_grad():
+        model(**inputs_for(family))
+    stats = model.wire_stats()
+    assert stats.replied == back and stats.downlink_bits_per_token == 8 * stats.downlink_bytes / back
+
+
 def test_lossy_codec_keeps_embeddings_close():
     model = build("bert")
     inputs = inputs_for("bert", batch=4)

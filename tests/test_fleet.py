@@ -353,20 +353,23 @@ def test_the_router_forgets_silent_replicas_and_says_why_it_has_none_to_offer():
     assert router.unavailable(set())["error"] == "no replica has reported in the last 0.5 s (2 stopped reporting)"
 
 
-def test_a_refusal_no_other_replica_can_mend_is_the_answer_at_once(server, model_dir):
+@pytest.mark.parametrize("blip", [False, True])
+def test_a_refusal_no_other_replica_can_mend_is_the_answer_at_once(server, model_dir, blip):
     """The only replica runs and refused the session (it is full): the router has no other to offer, and waiting out
-    the client's own exclusion would only send it back there. The client gives that refusal at once."""
+    the client's own exclusion would only send it back there. The client gives that refusal at once, even where the
+    router failed once in between (`blip`)."""
     live = server("--max-sessions", "1")
     holder = client(model_dir, live.url)
     holder.generate(prompt(3), max_new_tokens=1, do_sample=False)  # holds the one session
     busy = (503, {"error": "none of 1 replicas takes a session now", "known": 1, "left_out": 1})
-    router = StandInRouter([(200, {"endpoint": live.url, "replica": "live"}), busy])
+    between = [(502, {"error": "bad gateway"})] if blip else []
+    router = StandInRouter([(200, {"endpoint": live.url, "replica": "live"}), *between, busy])
     try:
         started = time.monotonic()
         with pytest.raises(ProtocolError, match="sessions") as refused:
             client(model_dir, router.url).generate(prompt(3), max_new_tokens=2, do_sample=False)
         assert refused.value.code == "too_many_sessions" and time.monotonic() - started < 5
-        assert [r[2]["exclude"] for r in router.requests] == [[], [live.url]]
+        assert [r[2]["exclude"] for r in router.requests] == [[]] + [[live.url]] * (1 + blip)
     finally:
         router.close()
         holder.close_session()
@@ -540,6 +543,10 @@ def test_replicas_the_cluster_has_no_cpus_for_are_refused_on_a_ray_of_its_own_an
     gpus = FleetOptions(model="unused", replicas=1, replica_gpus=1)  # a GPU the cluster does not have
     with pytest.raises(ConfigError, match=r"needs 1 GPUs \(1 replicas x 1 \(replica_gpus\)\), and the cluster has 0"):
         fleet_module._check_room(gpus, strict=True)
+    monkeypatch.setattr(fleet_module.ray, "available_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    with pytest.raises(ConfigError, match=r"needs 3 GPUs \(3 replicas x 0.6"):  # two 0.6 shares do not fit one GPU
+        fleet_module._check_room(FleetOptions(model="unused", replicas=3, replica_gpus=0.6), strict=True)
+    fleet_module._check_room(FleetOptions(model="unused", replicas=4, replica_gpus=0.5), strict=True)
 
 
 @pytest.mark.slow

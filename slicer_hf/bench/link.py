@@ -210,7 +210,7 @@ def measure_generation(
         "decode_uplink_bytes_per_token": (stats.uplink_bytes - prefill.uplink_bytes) / steps,
         "decode_downlink_bytes_per_token": (stats.downlink_bytes - prefill.downlink_bytes) / steps,
         "uplink_bits_per_position": stats.uplink_bits_per_token,
-        "downlink_bits_per_position": stats.downlink_bits_per_token,
+        "downlink_bits_per_position": 8 * stats.downlink_bytes / max(stats.tokens, 1),  # per position sent
         "link_uplink_bytes": tx1 - tx0,
         "decode_link_uplink_bytes_per_token": (tx1 - at_prefill["link"][0]) / steps,
         "decode_link_downlink_bytes_per_token": (rx1 - at_prefill["link"][1]) / steps,

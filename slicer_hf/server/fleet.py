@@ -422,7 +422,7 @@ def _check_room(options: FleetOptions, strict: bool) -> None:
             float(free.get("CPU", 0.0)),
             f"{replicas} replicas x {options.replica_cpus:g} (replica_cpus), and {ROUTER_CPUS:g} for the router",
         ),
-        "GPU": (replicas * options.replica_gpus, float(free.get("GPU", 0.0)), f"{replicas} replicas x "
+        "GPU": (_gpus_for(replicas, options.replica_gpus), float(free.get("GPU", 0.0)), f"{replicas} replicas x "
                 f"{options.replica_gpus:g} (replica_gpus)"),
     }  # fmt: skip
     short = [f"{want:g} {name}s ({parts}), and the cluster has {have:g} free" for name, (want, have, parts) in
@@ -435,6 +435,14 @@ def _check_room(options: FleetOptions, strict: bool) -> None:
             f"{message}: give fewer --replicas or smaller --replica-cpus/--replica-gpus, or join a larger cluster"
         )
     logger.warning("%s: Serve waits until nodes with free resources join", message)
+
+
+def _gpus_for(replicas: int, share: float) -> float:
+    """GPUs `replicas` replicas of `share` GPU each take: shares below one pack whole per GPU (three of 0.6 need
+    three GPUs, not 1.8)."""
+    if 0 < share < 1:
+        return math.ceil(replicas / math.floor(1 / share))
+    return replicas * share
 
 
 def undeploy(options: FleetOptions) -> None:
