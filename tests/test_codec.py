@@ -457,6 +457,25 @@ def test_position_sections_read_back_whatever_mix_of_bitmap_and_rice_rows_and_an
             read_positions(BitReader(stream[:cut]), n, k, d)
 
 
+@pytest.mark.parametrize("mode", ["rice", "bitmap"])
+def test_a_position_section_unpacks_no_more_bits_than_its_rows_can_take(monkeypatch, mode):
+    """What follows the section (codes, or a crafted tail of megabytes) is not unpacked with it: a byte of bits each,
+    and an index of each one-bit, would cost tens of times the packet."""
+    from slicer_hf.codec.indices import read_positions, write_positions
+
+    n, k, d = 4, 3, 64
+    positions = np.array([[1, 5, 9], [0, 2, 63], [10, 20, 30], [61, 62, 63]])
+    w = BitWriter()
+    write_positions(w, positions, d, mode)
+    stream = w.getvalue() + b"\xff" * (1 << 20)
+    unpacked = []
+    plain = BitReader._bits
+    spy = lambda self, start, count: unpacked.append(count) or plain(self, start, count)  # noqa: E731
+    monkeypatch.setattr(BitReader, "_bits", spy)
+    assert (read_positions(BitReader(stream), n, k, d) == positions).all()
+    assert max(unpacked) <= n * d + n  # each row's most (a bitmap's d bits), beside its flags
+
+
 @pytest.mark.parametrize("params", [{}, {"sparsity": 0.6, "num_blocks": 3}])
 def test_big_packets_decode_a_chunk_at_a_time_to_the_same_rows(monkeypatch, params):
     """The reference decode bounds its working set by rebuilding rows in chunks."""

@@ -144,9 +144,9 @@ class BitReader:
         self.pos += total
         return out
 
-    def rest(self) -> np.ndarray:
-        """The bits from the reader's position to the end, one per entry (the reader does not move)."""
-        return self._bits(self.pos, self.size - self.pos)
+    def peek(self, count: int) -> np.ndarray:
+        """The next `count` bits (at most those left), one per entry, without moving the reader."""
+        return self._bits(self.pos, min(count, self.size - self.pos))
 
     def read_unary(self, count: int, span: int) -> np.ndarray:
         """`count` unary values (zeros, each ended by a one) that take at most `span` bits together."""

@@ -9,6 +9,7 @@ from .bits import BitReader, BitWriter
 
 MAX_RICE = 15
 MODES = ("auto", "bitmap", "rice")
+CHUNK_BITS = 1 << 20  # section bits `read_positions` gathers at a time (8 bytes of index each)
 
 
 def write_positions(w: BitWriter, positions: np.ndarray, d: int, mode: str = "auto") -> None:
@@ -47,16 +48,38 @@ def read_positions(r: BitReader, n: int, k: int, d: int) -> np.ndarray:
     use_rice = r.read(n, 1).astype(bool)
     rice_r = np.zeros(n, dtype=np.int64)
     rice_r[use_rice] = r.read(int(use_rice.sum()), 4)
-    bits = r.rest()
-    ones = np.flatnonzero(bits)
+    most = int(np.where(use_rice, (d >> rice_r) + k + k * rice_r, d).sum())  # the bits valid rows can take at most
+    bits = r.peek(most)
+    ones = np.flatnonzero(bits) if use_rice.any() else np.zeros(0, dtype=np.int64)
     starts, first_one, end = _row_starts(ones, use_rice, rice_r, n, k, d, len(bits))
     out = np.empty((n, k), dtype=np.int64)
+    rows_at_once = max(1, CHUNK_BITS // d)  # a row takes at most about d bits (a Rice row fewer, else a bitmap)
+    for part in range(0, n, rows_at_once):
+        chunk = slice(part, part + rows_at_once)
+        _read_rows(bits, ones, starts[chunk], first_one[chunk], use_rice[chunk], rice_r[chunk], out[chunk], part, d)
+    r.pos += end
+    return out
+
+
+def _read_rows(
+    bits: np.ndarray,
+    ones: np.ndarray,
+    starts: np.ndarray,
+    first_one: np.ndarray,
+    use_rice: np.ndarray,
+    rice_r: np.ndarray,
+    out: np.ndarray,
+    first_row: int,
+    d: int,
+) -> None:
+    """Fill `out` `[rows, k]` with the positions of rows whose sections start at `starts` in `bits`."""
+    k = out.shape[1]
     if (~use_rice).any():
         at = np.flatnonzero(~use_rice)
         bitmaps = bits[starts[at, None] + np.arange(d)]
         held = bitmaps.sum(1)
         if (bad := np.flatnonzero(held != k)).size:
-            row = int(at[bad[0]])
+            row = first_row + int(at[bad[0]])
             raise CodecError(f"row {row}: position section holds {int(held[bad[0]])} positions < {d}, expected {k}")
         out[at] = np.nonzero(bitmaps)[1].reshape(-1, k)
     if use_rice.any():
@@ -71,10 +94,8 @@ def read_positions(r: BitReader, n: int, k: int, d: int) -> np.ndarray:
             gaps[rows] |= (bits[fields].astype(np.int64) << np.arange(rr)).sum(-1)
         pos = np.cumsum(gaps + 1, axis=1) - 1
         if (bad := np.flatnonzero(pos[:, -1] >= d)).size:
-            raise CodecError(f"row {int(at[bad[0]])}: position section holds positions past {d - 1}")
+            raise CodecError(f"row {first_row + int(at[bad[0]])}: position section holds positions past {d - 1}")
         out[at] = pos
-    r.pos += end
-    return out
 
 
 def _row_starts(

@@ -24,6 +24,7 @@ import functools
 import importlib
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -335,8 +336,13 @@ def unpack_bits(
     # each field's 8 bytes from its first one, read as one little-endian integer: a field of <= 32 bits moved by < 8
     # lies within them (one gather of 8 bytes a field, where the bytes one by one cost five gathers and a sum)
     windows = torch.cat([data, data.new_zeros(8)]).unfold(0, 8, 1)
-    joined = windows[starts >> 3].view(torch.int64).reshape(-1)
-    return (joined >> (starts & 7)) & ((1 << widths) - 1)
+    out = torch.empty_like(widths)
+    for a in range(0, len(widths), CHUNK_FIELDS):  # a bounded working set: a chunk of fields at a time
+        at, width = starts[a : a + CHUNK_FIELDS], widths[a : a + CHUNK_FIELDS]
+        gathered = windows[at >> 3]
+        joined = (gathered if sys.byteorder == "little" else gathered.flip(-1)).view(torch.int64).reshape(-1)
+        out[a : a + CHUNK_FIELDS] = (joined >> (at & 7)) & ((1 << width) - 1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- decode
