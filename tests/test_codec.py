@@ -400,23 +400,27 @@ def test_bit_reader_reads_back_what_the_writer_wrote(lead):
         r.read(1, 16)
 
 
-def test_unary_sections_read_back_between_other_fields():
-    """Rice-coded positions: unary runs (zeros, then a one) among fixed-width fields, each row's section in turn."""
+def test_unary_sections_read_back_between_other_fields_and_a_short_or_overlong_one_is_refused():
+    """Rice-coded positions: each row's unary runs (zeros, then a one) and remainders, row after row, with a field
+    after the section; a unary section that runs out, or runs past what its row's gaps can take, is refused."""
+    from slicer_hf.codec.indices import read_positions, write_positions
+
     g = np.random.default_rng(0)
-    rows = [(g.integers(0, 9, 40), g.integers(0, 1 << 3, 40, dtype=np.uint64)) for _ in range(6)]
+    d, k = 512, 40
+    positions = np.stack([np.sort(g.choice(d, k, replace=False)) for _ in range(6)])
     w = BitWriter()
-    for unary, tail in rows:
-        w.write_unary(unary)
-        w.write(tail, 3)
+    write_positions(w, positions, d, "rice")
+    w.write(np.array([5]), 3)
     r = BitReader(w.getvalue())
-    for unary, tail in rows:
-        assert (r.read_unary(len(unary), int(unary.sum()) + len(unary)) == unary).all()
-        assert (r.read(len(tail), 3) == tail).all()
-    with pytest.raises(CodecError, match="unary section truncated"):
-        r.read_unary(1, 64)
-    again = BitReader(w.getvalue())
-    with pytest.raises(CodecError, match="or too long"):  # a section longer than its values can take is refused
-        again.read_unary(len(rows[0][0]), int(rows[0][0].sum()) + len(rows[0][0]) - 1)
+    assert (read_positions(r, 6, k, d) == positions).all()
+    assert int(r.read(1, 3)[0]) == 5
+    for unary in ([1], [9, 0]):  # one row of k=2 at d=8, Rice parameter 0: too few values, then a gap past d
+        crafted = BitWriter()
+        crafted.write(np.array([1]), 1)
+        crafted.write(np.array([0]), 4)
+        crafted.write_unary(np.array(unary))
+        with pytest.raises(CodecError, match="unary section truncated or too long"):
+            read_positions(BitReader(crafted.getvalue()), 1, 2, 8)
 
 
 @pytest.mark.parametrize("index_coding", ["rice", "bitmap", "auto"])

@@ -148,15 +148,6 @@ class BitReader:
         """The next `count` bits (at most those left), one per entry, without moving the reader."""
         return self._bits(self.pos, min(count, self.size - self.pos))
 
-    def read_unary(self, count: int, span: int) -> np.ndarray:
-        """`count` unary values (zeros, each ended by a one) that take at most `span` bits together."""
-        ones = np.flatnonzero(self._bits(self.pos, min(span, self.size - self.pos)))[: int(count)]
-        if ones.size < count:
-            raise CodecError(f"unary section truncated or too long: {ones.size} of {count} values in {span} bits")
-        values = np.diff(np.concatenate(([-1], ones))) - 1
-        self.pos += int(ones[-1]) + 1 if count else 0
-        return values.astype(np.int64)
-
     def check_end(self) -> None:
         if self.size - self.pos >= 8:
             raise CodecError(f"{(self.size - self.pos) // 8} unexpected trailing bytes")
