@@ -62,7 +62,7 @@ def model_error(model: str, exc: Exception) -> ConfigError:
     return ConfigError(f"cannot load model {model!r}: {exc}")
 
 
-def default_config(model: str) -> str | SlicerConfig:
+def default_config(model: str) -> SlicerConfig:
     """The config of a client given none: the SmolLM2 preset for SmolLM2 (its alias, its Hub id, or the folder the
     alias converts to), which a server started with the same preset serves; else `SlicerConfig`'s defaults."""
     from .data import DEFAULT_MODEL_ALIASES, MODEL_DIR_NAME, cache_dir

@@ -385,6 +385,19 @@ class SlicerConfig:
             {"predict_previous": True} if self.predict_previous and calibrated else {}
         )
 
+    def split_layer_for(self, num_layers: int) -> int:
+        """The split layer for a model of `num_layers`: this config's, else three quarters of the depth (the server
+        runs the last quarter)."""
+        if self.split_layer is not None:
+            return self.split_layer
+        return max(1, min(num_layers - 1, round(0.75 * num_layers)))
+
+    def model_id_for(self, fallback: str | None, hidden_size: int, num_hidden_layers: int) -> str | None:
+        """The model a config made from this one for a model of this shape names: this config's `model_id` where it
+        names a model of that shape (or gives no shape), else `fallback`."""
+        same = (self.hidden_size, self.num_hidden_layers) in ((hidden_size, num_hidden_layers), (None, None))
+        return self.model_id if self.model_id and same else fallback
+
     def replace(self, **changes: Any) -> SlicerConfig:
         """A validated copy with some fields changed."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -455,13 +468,13 @@ class SlicerConfig:
         """
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
         hub = {key: value for key, value in {**hub, "subfolder": subfolder}.items() if value}  # those given
-        path = Path(name_or_path).expanduser()
+        given = path = Path(name_or_path).expanduser()
         if not path.exists() and str(name_or_path) in available_presets():
             path = PRESETS_DIR / str(name_or_path)
         if path.is_dir():
             path = path / subfolder / CONFIG_NAME
         if not path.is_file():
-            if Path(name_or_path).expanduser().exists() or str(name_or_path).startswith((".", "/", "~")):
+            if given.exists() or str(name_or_path).startswith((".", "/", "~")):
                 raise ConfigError(f"no {CONFIG_NAME} found at {name_or_path}")
             from huggingface_hub import hf_hub_download
 

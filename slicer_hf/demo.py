@@ -31,17 +31,16 @@ def run_demo(
     from . import compat
     from .client import default_config, encode_messages, wire_report
     from .data import resolve_model
-    from .modeling import SlicerModelForCausalLM, default_split_layer
+    from .modeling import SlicerModelForCausalLM
 
     path = resolve_model(model)
     model_config = AutoConfig.from_pretrained(path)
     if compat.encoder_kind(model_config):
         raise ConfigError(f"{model} is an encoder; the demo splits a causal LM (docs/encoders.md splits encoders)")
     cfg = SlicerConfig.from_pretrained(config) if config else default_config(model)  # as generate and chat choose
-    assert isinstance(cfg, SlicerConfig)
-    label = config or (DEFAULT_PRESET if cfg == SlicerConfig.from_pretrained(DEFAULT_PRESET) else "defaults")
-    split = split_layer if split_layer is not None else cfg.split_layer
-    cfg = cfg.replace(split_layer=split if split is not None else default_split_layer(compat.num_layers(model_config)))
+    label = config or ("defaults" if cfg == SlicerConfig() else DEFAULT_PRESET)
+    cfg = cfg.replace(split_layer=split_layer) if split_layer is not None else cfg
+    cfg = cfg.replace(split_layer=cfg.split_layer_for(compat.num_layers(model_config)))
     # a basis of the config's own (one `slicer-hf calibrate` wrote) goes to the server too; preset bases it has
     folder = Path(config).expanduser() if config else None
     bases = ["--basis", str(folder)] if folder and folder.is_dir() and (cfg.basis or cfg.downlink_basis) else []

@@ -37,7 +37,7 @@ from .config import SlicerConfig
 from .errors import ConfigError
 from .hooks import SplitPlan, split_plan
 from .loading import check_model_folder, load_layers
-from .modeling import SplitModelMixin, _config_kwargs, _resolve_config, default_split_layer, make_split
+from .modeling import SplitModelMixin, _config_kwargs, _resolve_config, make_split
 from .transport import LocalTransport, Transport
 
 
@@ -127,8 +127,7 @@ class _SplitAutoFactory:
         if transport == "local" or isinstance(transport, LocalTransport):
             model = cls.auto_class.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
         else:  # the server runs the rest: read only the blocks this edge runs
-            n = compat.num_layers(model_config)
-            k = config.split_layer if config.split_layer is not None else default_split_layer(n)
+            k = config.split_layer_for(compat.num_layers(model_config))
             model = load_layers(pretrained_model_name_or_path, range(k), auto_class=cls.auto_class, **hf_kwargs)
         if config.model_id is None:
             config = config.replace(model_id=str(pretrained_model_name_or_path))

@@ -425,8 +425,7 @@ class SlicerModelForCausalLM:
             model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **hf_kwargs)
         else:  # the server runs the suffix: read only the layers this edge runs
             n = compat.num_layers(model_config)
-            k = config.split_layer if config.split_layer is not None else default_split_layer(n)
-            model = load_layers(pretrained_model_name_or_path, range(k), **hf_kwargs)
+            model = load_layers(pretrained_model_name_or_path, range(config.split_layer_for(n)), **hf_kwargs)
         if "gguf_file" in hf_kwargs:
             compat.clear_gguf_quantizer(model)
         if config.model_id is None:
@@ -462,7 +461,7 @@ def make_split(
     n = compat.num_layers(model.config)
     config = slicer_config or SlicerConfig()
     config = config.replace(
-        split_layer=config.split_layer if config.split_layer is not None else default_split_layer(n),
+        split_layer=config.split_layer_for(n),
         num_hidden_layers=n,
         hidden_size=getattr(model.config, "hidden_size", None),
     )
@@ -488,11 +487,6 @@ def make_split(
         model._slicer_transport = make_transport(transport, **(transport_options or {}))
         release_layers(model, range(config.split_layer, n))  # no-op for layers never loaded
     return model
-
-
-def default_split_layer(num_layers: int) -> int:
-    """Three quarters of the depth: the server runs the last quarter."""
-    return max(1, min(num_layers - 1, round(0.75 * num_layers)))
 
 
 def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -227,14 +227,13 @@ def calibrate(
             "the downlink at this split too (--downlink), or start from a config without a downlink basis"
         )
     # the config this run writes, checked before the model runs (a placeholder digest stands for each basis)
-    same_model = (base.hidden_size, base.num_hidden_layers) in ((width, n_layers), (None, None))
     changes: dict[str, Any] = {
         "split_layer": k,
         "codec": "slicer",
         "quantizer": "ecsq",
         "sparsity": 0.0,
         "rotation": "calibrated",
-        "model_id": base.model_id if base.model_id and same_model else model,
+        "model_id": base.model_id_for(model, width, n_layers),
         "num_hidden_layers": n_layers,
         "hidden_size": width,
         "predict_previous": predict_previous,

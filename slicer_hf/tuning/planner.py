@@ -570,14 +570,12 @@ def _config_of(c: Candidate, profile: Profile, base: SlicerConfig) -> SlicerConf
     from .profile import ECSQ_BASE
 
     model = profile.model
-    shape = (model["hidden_size"], model["num_hidden_layers"])
-    same_model = (base.hidden_size, base.num_hidden_layers) in (shape, (None, None))  # else the base names another
     changes: dict[str, Any] = {
         "split_layer": c.split_layer,
         "codec": c.codec,
         "downlink": "hidden",
         "downlink_step": c.downlink_step,
-        "model_id": base.model_id if base.model_id and same_model else model.get("id"),
+        "model_id": base.model_id_for(model.get("id"), model["hidden_size"], model["num_hidden_layers"]),
         "num_hidden_layers": model["num_hidden_layers"],
         "hidden_size": model["hidden_size"],
         "bitrate_ladder": (),
