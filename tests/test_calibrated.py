@@ -318,6 +318,39 @@ def test_calibrate_refuses_a_config_it_could_not_write_before_loading_the_model(
     assert result.exit_code == 2 and "Invalid value for --out" in result.output  # the message: "... is a file"
 
 
+def test_calibrate_splits_where_the_model_would_without_a_split_named(tmp_path, monkeypatch):
+    """With no split given or in the config, calibrate fits the basis at the split generate and the server take
+    (`SlicerConfig.split_layer_for`): 8 of 10 layers, where 3/4 rounded down would have fitted it at 7."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    import slicer_hf.tuning.calibrate as calibrate_module
+    from slicer_hf.data import default_model_path
+
+    class Collected(Exception):
+        """Raised where the rows would be collected: the split is what this test is about."""
+
+    width = 32
+    config = LlamaConfig(
+        hidden_size=width, intermediate_size=48, num_hidden_layers=10, num_attention_heads=4, vocab_size=128
+    )
+    folder = tmp_path / "m"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer.save_pretrained(folder)
+    fitted_at = []
+
+    def collecting(model, windows, split_layers, seed=0):
+        fitted_at.extend(split_layers)
+        raise Collected
+
+    monkeypatch.setattr(calibrate_module, "collect", collecting)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    with pytest.raises(Collected):
+        calibrate_module.calibrate(str(folder), SlicerConfig(), text=str(text), tokens=256, window=64)
+    assert fitted_at == [SlicerConfig().split_layer_for(10)] == [8]
+
+
 def test_calibrate_writes_a_slicer_config_for_the_model_it_calibrated(tmp_path):
     """Whatever codec the config started from, and whichever model it was made for, the written config codes with
     the fitted basis and names the model calibrated."""

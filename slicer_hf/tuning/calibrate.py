@@ -218,7 +218,7 @@ def calibrate(
             f"calibration needs at least 2 x the hidden size = {2 * width} tokens in whole windows of {window}; "
             f"{tokens} tokens make {tokens // window * window}"
         )
-    k = split_layer if split_layer is not None else base.split_layer or n_layers * 3 // 4
+    k = split_layer if split_layer is not None else base.split_layer_for(n_layers)
     if type(k) is not int or not 1 <= k < n_layers:
         raise ConfigError(f"split_layer must be an integer in [1, {n_layers - 1}] for this model, got {k!r}")
     if not downlink and base.downlink_basis and k != base.split_layer and lookup(base.downlink_basis).given_width:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..compat import decoder_layers, kv_bytes_per_position
+from ..config import SlicerConfig
 from ..errors import ConfigError
 from ..version import __version__
 
@@ -436,7 +437,7 @@ def measure_rate_distortion(
 def default_splits(num_layers: int) -> list[int]:
     """About ten split layers spread over [1, L-1], always including 3/4 of the model (the default split)."""
     stride = max(1, round(num_layers / 10))
-    splits = set(range(stride, num_layers, stride)) | {max(1, round(0.75 * num_layers))}
+    splits = set(range(stride, num_layers, stride)) | {SlicerConfig().split_layer_for(num_layers)}
     return sorted(k for k in splits if 1 <= k < num_layers)
 
 
