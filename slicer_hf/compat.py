@@ -20,6 +20,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from .errors import ConfigError
+
 CACHE_KWARGS = ("cache", "past_key_values")
 
 
@@ -107,6 +109,15 @@ def num_layers(config: Any) -> int:
     stages of a CNN (`depths`)."""
     n = getattr(config, "num_hidden_layers", None)
     return int(n) if n is not None else len(config.depths)
+
+
+def check_window(config: Any, window: int) -> None:
+    """Refuse windows of more tokens than the model has positions for (GPT-2's `n_positions` maps onto
+    `max_position_embeddings`): learned positions would index past their table, rotary ones run past the context the
+    model was trained for."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and window > positions:
+        raise ConfigError(f"a window of {window} tokens exceeds the model's {positions} positions: give a smaller one")
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

@@ -126,7 +126,8 @@ def load_text(source: str) -> str:
     The releases are `datasets`' two configs: "wikitext-2-raw-v1" (the raw text) and "wikitext-2-v1" (tokenized, rare
     words as `<unk>`). Each comes from a local copy when there is one (`$SLICER_HF_WIKITEXT_DIR`, then the project's
     `shared/data/wikitext-2/`, holding the download's `wiki.<split>.raw` / `wiki.<split>.tokens` files), else from
-    `datasets.load_dataset("wikitext", release, split=...)` with the rows joined by "" (the same text). Calibrate and
+    `datasets.load_dataset("wikitext", release, split=...)`, whose rows are the files' lines with each blank line
+    (" \n") stored as "": joined with those put back, the same text. Calibrate and
     choose settings on a validation split (`CALIBRATION_TEXT`, whose copy ships here); report quality on the raw test
     split.
 
@@ -150,7 +151,13 @@ def load_text(source: str) -> str:
         raise ConfigError(f"unknown {name} split in {source!r}; use one of {', '.join(SPLIT_ALIASES)}")
     local_name = WIKITEXT_FILES[name][split]
     if (local := local_wikitext(name, split)) is not None:
-        return local.read_text(encoding="utf-8")
+        try:
+            text = local.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"the local copy of {name}:{split}, {local}, cannot be read: {exc}") from exc
+        if not text.strip():
+            raise ConfigError(f"the local copy of {name}:{split}, {local}, is empty: fetch it again")
+        return text
     try:
         import datasets
     except ImportError as exc:
@@ -159,12 +166,13 @@ def load_text(source: str) -> str:
             "`datasets` package is missing: `pip install datasets`"
         ) from exc
     try:
-        return "".join(datasets.load_dataset("wikitext", name, split=split)["text"])
+        rows = datasets.load_dataset("wikitext", name, split=split)["text"]
     except Exception as exc:  # offline, say: name what would have worked
         raise MissingDataError(
             f"no local copy of {name}:{split} (set SLICER_HF_WIKITEXT_DIR to a folder holding {local_name}), and "
             f"`datasets` could not fetch it: {type(exc).__name__}: {exc}"
         ) from exc
+    return "".join(row or " \n" for row in rows)
 
 
 def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:

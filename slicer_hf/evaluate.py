@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import protocol
+from . import compat, protocol
 from .config import SlicerConfig
 from .data import load_text, resolve_model, token_windows
 from .errors import ConfigError
@@ -72,6 +72,7 @@ def evaluate(
             "eval scores whole next-token distributions, and downlink 'topk_logits' sends back only the top k (the "
             "rest is -inf): score the same uplink with downlink 'logits' and size the top-k replies apart"
         )
+    compat.check_window(AutoConfig.from_pretrained(path), window)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)  # before any weight
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -309,6 +309,7 @@ def test_calibrate_refuses_a_config_it_could_not_write_before_loading_the_model(
         (SlicerConfig(outliers=2), ["--predict-previous"], "`predict_previous` goes with"),
         (SlicerConfig(downlink="topk_logits"), ["--downlink"], "`downlink` must be 'hidden' with a downlink_step"),
         (SlicerConfig(), ["--window", "0"], "window must be an integer of at least 2 tokens, got 0"),
+        (SlicerConfig(), ["--window", "1024"], "a window of 1024 tokens exceeds the model's 512 positions"),
     ]:
         config.save_pretrained(base)
         result = CliRunner().invoke(app, [*args, "--config", str(base), *flags])

@@ -109,17 +109,34 @@ def test_a_binary_file_is_a_clear_error(tmp_path):
         data.load_text(str(path))
 
 
-def test_load_text_falls_back_to_datasets(monkeypatch, tmp_path):
+def test_load_text_falls_back_to_datasets_and_gives_the_text_of_the_local_copy(monkeypatch, tmp_path):
+    """`datasets`' rows are the release's lines with each blank one (" \n") stored as "": put back, the text is the
+    local copy's byte for byte, so a perplexity does not depend on where the text came from."""
+    local = data.local_wikitext("wikitext-2-raw-v1", "test")
+    assert local is not None
+    text = local.read_text(encoding="utf-8")
+    rows = [line if line.strip() else "" for line in text.splitlines(keepends=True)]  # as datasets' builder does
     calls = []
 
     def load_dataset(path, name, split):
         calls.append((path, name, split))
-        return {"text": [" = A = \n", "b\n", ""]}
+        return {"text": rows}
 
-    monkeypatch.setenv("SLICER_HF_WIKITEXT_DIR", str(tmp_path))  # empty: no local copy of the train split anyway
+    monkeypatch.setenv("SLICER_HF_WIKITEXT_DIR", str(tmp_path))  # empty: no local copy
+    monkeypatch.setattr(data, "local_wikitext", lambda name, split: None)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    assert data.load_text("wikitext-2-raw-v1:train") == " = A = \nb\n"
-    assert calls == [("wikitext", "wikitext-2-raw-v1", "train")]
+    assert data.load_text("wikitext-2-raw-v1:test") == text
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test")]
+    rows[:] = [" = A = \n", "", "b\n", ""]
+    assert data.load_text("wikitext-2-raw-v1:train") == " = A = \n \nb\n \n"
+
+
+@pytest.mark.parametrize(("content", "refusal"), [(b"\xff\xfe = A", "cannot be read"), (b" \n", "is empty")])
+def test_a_damaged_local_copy_is_refused_naming_the_file(monkeypatch, tmp_path, content, refusal):
+    (tmp_path / "wiki.test.raw").write_bytes(content)
+    monkeypatch.setenv("SLICER_HF_WIKITEXT_DIR", str(tmp_path))
+    with pytest.raises(data.ConfigError, match=f"wiki.test.raw, {refusal}"):
+        data.load_text("wikitext-2-raw-v1:test")
 
 
 def test_load_text_without_local_copy_or_datasets_says_what_to_do(monkeypatch, tmp_path):

@@ -41,6 +41,8 @@ def test_a_bad_text_is_named_in_one_line_before_any_weight_loads(tiny_dir, tmp_p
         evaluate(str(tiny_dir), str(empty))
     with pytest.raises(ConfigError, match="max_tokens. must be >= window"):
         evaluate(str(tiny_dir), str(empty), max_tokens=100)
+    with pytest.raises(ConfigError, match="a window of 1024 tokens exceeds the model's 512 positions"):
+        evaluate(str(tiny_dir), str(empty), window=1024)  # learned positions would index past their table
     command = [sys.executable, "-c", "from slicer_hf.cli import main; main()", "eval", "--model", str(tiny_dir)]
     done = subprocess.run([*command, "--text", str(empty)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and done.stderr.strip() == "error: the text has 0 tokens, fewer than one window of 512"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..codec import ops
 from ..codec.basis import Basis, given_features, lookup, register, weighted_rms
-from ..compat import decoder_layers
+from ..compat import check_window, decoder_layers
 from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT
 from ..errors import ConfigError
@@ -213,6 +213,7 @@ def calibrate(
     path = resolve_model(model)
     model_config = AutoConfig.from_pretrained(path)
     width, n_layers = int(model_config.hidden_size), int(model_config.num_hidden_layers)
+    check_window(model_config, window)
     if tokens // window * window < 2 * width:  # a basis of width d is fitted on at least 2d rows
         raise ConfigError(
             f"calibration needs at least 2 x the hidden size = {2 * width} tokens in whole windows of {window}; "
