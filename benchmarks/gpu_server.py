@@ -30,8 +30,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from slicer_hf import SlicerConfig, SlicerModelForCausalLM, build_codec
+from slicer_hf.config import default_config_dir
 from slicer_hf.data import resolve_model
-from slicer_hf.demo import default_config_dir
 from slicer_hf.loading import load_layers, move_loaded
 from slicer_hf.server import SplitServer
 from slicer_hf.transport import LocalTransport

@@ -547,9 +547,9 @@ def eval_(
     """Perplexity, KL to the unsplit model, top-1 agreement and bits per token (both ways) of a split."""
     from .evaluate import evaluate, format_result
 
-    if (text is None) == (dataset is None):
+    if bool(text) == bool(dataset):  # an empty one is none
         raise typer.BadParameter("give exactly one of --text FILE or --dataset wikitext-2-raw-v1[:split]")
-    source = text or (dataset if ":" in dataset else f"{dataset}:test")
+    source = text or f"{dataset}{'' if ':' in str(dataset) else ':test'}"
     from .client import default_config
 
     knobs = {"downlink_step": downlink_step} if downlink_step is not None else None

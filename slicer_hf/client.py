@@ -65,8 +65,8 @@ def model_error(model: str, exc: Exception) -> ConfigError:
 def default_config(model: str) -> SlicerConfig:
     """The config of a client given none: the SmolLM2 preset for SmolLM2 (its alias, its Hub id, or the folder the
     alias converts to), which a server started with the same preset serves; else `SlicerConfig`'s defaults."""
+    from .config import DEFAULT_PRESET
     from .data import DEFAULT_MODEL_ALIASES, MODEL_DIR_NAME, cache_dir
-    from .demo import DEFAULT_PRESET
 
     preset = SlicerConfig.from_pretrained(DEFAULT_PRESET)
     if model.lower() in DEFAULT_MODEL_ALIASES or model == preset.model_id:
@@ -112,7 +112,7 @@ class Client:
     """The edge of a split model talking to running servers (tried in order).
 
     Args:
-        servers: server URLs (`grpc://host:port`, `grpcs://...`).
+        servers: a server URL (`grpc://host:port`, `grpcs://...`) or several, tried in order.
         model: the model the servers serve (Hub id, folder, or 'smollm2').
         config: a `SlicerConfig`, a preset name or folder (default: the SmolLM2 preset for 'smollm2', else defaults).
         token: the servers' auth token.
@@ -121,7 +121,7 @@ class Client:
 
     def __init__(
         self,
-        servers: Sequence[str],
+        servers: str | Sequence[str],
         model: str = "smollm2",
         config: str | SlicerConfig | None = None,
         token: str | None = None,
@@ -130,6 +130,7 @@ class Client:
         from .data import resolve_model
         from .modeling import SlicerModelForCausalLM
 
+        urls = [servers] if isinstance(servers, str) else list(servers)  # a string is one URL, not its letters
         path = resolve_model(model)
         config = default_config(model) if config is None else config
         self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
@@ -140,7 +141,7 @@ class Client:
         options = {"token": token, "root_certificates": root_certificates}
         options = {key: value for key, value in options.items() if value is not None} or None
         self.model = SlicerModelForCausalLM.from_pretrained(
-            path, slicer_config=self.config, transport=list(servers), transport_options=options
+            path, slicer_config=self.config, transport=urls, transport_options=options
         )
 
     def encode(self, messages: list[dict[str, str]]) -> dict[str, Any]:

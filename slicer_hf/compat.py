@@ -324,12 +324,29 @@ def causal_lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.T
     return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
 
 
+def causal_lm_model_types() -> list[str]:
+    """Every model type transformers maps to a causal-LM class, less the split classes this package registers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if not t.startswith(_REGISTERED_PREFIX))
+
+
+def config_class(model_type: str) -> type:
+    """The config class of a model type (`KeyError` for one transformers does not know)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type]
+
+
+_REGISTERED_PREFIX = "slicer-"
+
+
 def register_causal_lm_class(cls: type) -> None:
     """Make a split class known to transformers' text-generation pipeline, whose check of the model class
     compares class names with the causal-LM mapping (a name-only entry: the Auto classes are not touched)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(f"slicer-{cls.__name__}", cls.__name__)
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(f"{_REGISTERED_PREFIX}{cls.__name__}", cls.__name__)
 
 
 def base_model(model: PreTrainedModel) -> nn.Module:

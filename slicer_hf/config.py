@@ -12,15 +12,20 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .bitrate import BitrateController
+    from .codec.base import Codec
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "slicer_config.json"
 PRESETS_DIR = Path(__file__).parent / "presets"  # shipped in the wheel; the repository's configs/ points here
+DEFAULT_PRESET = "smollm2-135m-split24"  # the README's: the embedded SmolLM2 split at layer 24
 CODECS = ("identity", "fp16", "bf16", "int8", "topk", "grouped", "slicer")
 DOWNLINKS = ("hidden", "topk_logits", "logits")
 DOWNLINK_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -320,7 +325,7 @@ class SlicerConfig:
             self.target_token_latency_ms,
         )
 
-    def bitrate_controller(self) -> Any:
+    def bitrate_controller(self) -> BitrateController | None:
         """The edge's adaptive-bitrate controller (None when the step is fixed), starting at the rung nearest `step`."""
         from .bitrate import BitrateController
 
@@ -329,7 +334,7 @@ class SlicerConfig:
         start = min(range(len(self.bitrate_ladder)), key=lambda i: abs(self.bitrate_ladder[i][0] - self.step))
         return BitrateController(self.bitrate_ladder, float(self.target_token_latency_ms), start=start)
 
-    def downlink_codec(self) -> Any:
+    def downlink_codec(self) -> Codec | None:
         """The codec of the hidden-state replies: None for exact replies, else SLICER ECSQ at `downlink_step` with
         this config's other SLICER knobs."""
         from .codec import build_codec
@@ -615,3 +620,8 @@ def _load_bases(config: SlicerConfig, folder: Path, name_or_path: str, hub: dict
 def available_presets() -> list[str]:
     """Names of the presets shipped with slicer_hf, each loadable with `SlicerConfig.from_pretrained(name)`."""
     return sorted(p.name for p in PRESETS_DIR.iterdir() if (p / CONFIG_NAME).is_file()) if PRESETS_DIR.is_dir() else []
+
+
+def default_config_dir() -> Path:
+    """The SmolLM2 preset shipped inside the package (so an installed wheel has it too)."""
+    return PRESETS_DIR / DEFAULT_PRESET

@@ -6,16 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import PRESETS_DIR, SlicerConfig
+from .config import DEFAULT_PRESET, SlicerConfig
 from .errors import ConfigError
 from .launch import start_server, stop_server
-
-DEFAULT_PRESET = "smollm2-135m-split24"
-
-
-def default_config_dir() -> Path:
-    """The SmolLM2 preset shipped inside the package (so an installed wheel has it too)."""
-    return PRESETS_DIR / DEFAULT_PRESET
 
 
 def run_demo(

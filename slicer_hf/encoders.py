@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from transformers import (
@@ -85,6 +85,13 @@ class SlicerEncoderMixin(SplitModelMixin):
             return base_forward(*args, **kwargs)
 
 
+if TYPE_CHECKING:
+
+    class SplitEncoder(SlicerEncoderMixin, PreTrainedModel):
+        """What the encoder factories return, as type checkers see it: the model's own class with the split mixed
+        in (the class itself is made at load time, one per model class)."""
+
+
 class _SplitAutoFactory:
     """Loads with a transformers Auto class, then makes the model split; never instantiated."""
 
@@ -100,11 +107,11 @@ class _SplitAutoFactory:
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike[str],
-        slicer_config: SlicerConfig | str | os.PathLike[str] | None = None,
+        slicer_config: SlicerConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
         transport: str | Sequence[str] | Transport = "local",
         transport_options: dict[str, Any] | None = None,
         **hf_kwargs: Any,
-    ) -> PreTrainedModel:
+    ) -> SplitEncoder:
         """Load an encoder or vision model with transformers and make its `forward()` split.
 
         Args:
@@ -140,7 +147,7 @@ class _SplitAutoFactory:
         slicer_config: SlicerConfig | None = None,
         transport: str | Sequence[str] | Transport = "local",
         transport_options: dict[str, Any] | None = None,
-    ) -> PreTrainedModel:
+    ) -> SplitEncoder:
         """Make an already loaded encoder or vision model split (in place; the same object is returned)."""
         if compat.is_backbone(model):
             raise NotImplementedError(
@@ -148,7 +155,7 @@ class _SplitAutoFactory:
                 "the stages its server runs: split the base model (SlicerModel) instead"
             )
         _check(model.config, slicer_config or SlicerConfig())
-        return make_split(model, slicer_config, SlicerEncoderMixin, transport, transport_options)
+        return cast("SplitEncoder", make_split(model, slicer_config, SlicerEncoderMixin, transport, transport_options))
 
 
 def _check(model_config: Any, config: SlicerConfig) -> None:

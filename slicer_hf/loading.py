@@ -141,7 +141,7 @@ def _load_layers(
     model.tie_weights()
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    model.config._name_or_path = str(name_or_path)
+    model.config.name_or_path = str(name_or_path)
     if device is not None:
         move_loaded(model, device)
     return model.eval()

@@ -21,7 +21,7 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Cache, PreTrainedModel
@@ -213,7 +213,7 @@ class SplitModelMixin:
                 "(`slicer-hf calibrate` fits one for this split)",
                 stacklevel=3,
             )
-        name = cfg.model_id or getattr(self.config, "_name_or_path", "")
+        name = cfg.model_id or self.config.name_or_path
         request = open_request(cfg, self.config, name, k, codec, self.dtype)
         vocab = getattr(self.config, "vocab_size", 0) or 0
         self._slicer_link = SuffixLink(
@@ -375,6 +375,14 @@ def _mark(link: SuffixLink, cache: Any, out: Any) -> None:
         cache._slicer_mark = link.mark()
 
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
+
+    class SplitCausalLM(SlicerGenerationMixin, GenerationMixin, PreTrainedModel):
+        """What `SlicerModelForCausalLM` returns, as type checkers see it: the model's own causal-LM class with split
+        generation mixed in (the class itself is made at load time, one per model class)."""
+
+
 class SlicerModelForCausalLM:
     """Factory for split-inference models, used like `AutoModelForCausalLM` and, like it, never instantiated.
 
@@ -400,11 +408,11 @@ class SlicerModelForCausalLM:
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike[str],
-        slicer_config: SlicerConfig | str | os.PathLike[str] | None = None,
+        slicer_config: SlicerConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
         transport: str | Sequence[str] | Transport = "local",
         transport_options: dict[str, Any] | None = None,
         **hf_kwargs: Any,
-    ) -> PreTrainedModel:
+    ) -> SplitCausalLM:
         """Load a causal LM with transformers and make it split.
 
         Args:
@@ -439,14 +447,15 @@ class SlicerModelForCausalLM:
         slicer_config: SlicerConfig | None = None,
         transport: str | Sequence[str] | Transport = "local",
         transport_options: dict[str, Any] | None = None,
-    ) -> PreTrainedModel:
+    ) -> SplitCausalLM:
         """Make an already loaded model split (in place; the same object is returned).
 
         Raises:
             NotImplementedError: for a family that cannot split (`compat.UNSUPPORTED`, encoder-decoder models).
         """
         compat.check_supported(model.config)
-        return make_split(model, slicer_config, SlicerGenerationMixin, transport, transport_options)
+        split = make_split(model, slicer_config, SlicerGenerationMixin, transport, transport_options)
+        return cast("SplitCausalLM", split)
 
 
 def make_split(

@@ -35,6 +35,15 @@ def test_a_failing_architecture_shows_in_the_summary_and_fails_the_sweep(monkeyp
         sweep.main(["--only", "a", "b", "--out-json", str(tmp_path / "a.json")])
 
 
+def test_the_sweep_lists_transformers_model_types_not_the_split_classes_registered_for_its_pipeline():
+    from conftest import tiny_model
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model = SlicerModelForCausalLM.from_model(tiny_model("llama"), SlicerConfig(codec="identity"))
+    assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[f"slicer-{type(model).__name__}"] == type(model).__name__
+    assert not [t for t in sweep.architectures() if t.startswith("slicer-")] and "llama" in sweep.architectures()
+
+
 def test_at_least_30_architectures_split_exactly():
     assert sum(status == "exact" for status in DOCUMENTED.values()) >= 30
 

@@ -222,7 +222,7 @@ def test_a_fleet_whose_model_cannot_load_is_refused_before_ray_starts(tmp_path):
 def test_eval_defaults_to_the_config_generate_uses(monkeypatch):
     """For SmolLM2 its preset (the README's numbers), not SlicerConfig's defaults."""
     import slicer_hf.evaluate as evaluate
-    from slicer_hf.demo import DEFAULT_PRESET
+    from slicer_hf.config import DEFAULT_PRESET
 
     given = []
     monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: given.append(args[4]) or {})
@@ -276,10 +276,11 @@ def test_the_downlink_is_reported_per_position_that_came_back_whatever_the_promp
 
 
 def test_a_summary_names_the_split_the_model_chose_when_the_config_names_none(tiny_dir, server_url):
-    from slicer_hf.client import Client
+    from slicer_hf.client import Client, Sampling
 
-    client = Client([server_url], str(tiny_dir), SlicerConfig(codec="identity"))
+    client = Client(server_url, str(tiny_dir), SlicerConfig(codec="identity"))  # one URL: a string will do
     assert "split at layer 3 of 4" in client.summary(1.0, 0)  # 3/4 of the depth, not "None"
+    assert client.reply([{"role": "user", "content": "Hi"}], Sampling(max_new_tokens=2), out=io.StringIO())
     client.close()
 
 

@@ -126,6 +126,18 @@ def test_codec_speed_suite_runs_from_the_cli(tiny_dir, tmp_path):
     assert rows["fp16"]["bits_per_token"] == 8 * (len(build_codec("fp16").envelope((1, 1, 64), torch.float32)) + 128)
 
 
+def test_a_suite_config_without_a_split_splits_where_generate_would(tiny_dir, tmp_path):
+    from slicer_hf.bench.common import suite_config
+
+    SlicerConfig(codec="slicer").save_pretrained(tmp_path / "nosplit")
+    assert suite_config(str(tmp_path / "nosplit"), str(tiny_dir)).split_layer == SlicerConfig().split_layer_for(4)
+    out = tmp_path / "codec_speed.json"
+    args = ["bench", "codec-speed", "--model", str(tiny_dir), "--config", str(tmp_path / "nosplit"), "--out-json"]
+    result = CliRunner().invoke(app, [*args, str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["split_layer"] == 3
+
+
 def test_eval_cli_writes_json(tiny_dir, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(
@@ -154,8 +166,9 @@ def test_eval_cli_writes_json(tiny_dir, tmp_path):
 
 
 def test_eval_cli_needs_exactly_one_text_source(tiny_dir):
-    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir)])
-    assert result.exit_code != 0 and "exactly one of --text" in result.output
+    for source in [[], ["--text", ""], ["--dataset", ""], ["--text", "a.txt", "--dataset", "wikitext-2-raw-v1"]]:
+        result = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), *source])
+        assert result.exit_code == 2 and "exactly one of --text" in result.output, source
 
 
 def test_drift_suite_runs_from_the_cli(tiny_dir, tmp_path):

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .. import compat
 from ..config import SlicerConfig
@@ -73,7 +71,7 @@ TINY = {
 
 def tiny_config(model_type: str) -> Any:
     """A small config of `model_type` (raises with a reason when the family cannot be built that way)."""
-    config_class = CONFIG_MAPPING[model_type]
+    config_class = compat.config_class(model_type)
     default = config_class()
     params = inspect.signature(config_class.__init__).parameters
     aliases = getattr(config_class, "attribute_map", {})
@@ -168,7 +166,7 @@ def check(model_type: str) -> dict[str, Any]:
     started, store = time.perf_counter(), False
     try:
         try:
-            default = CONFIG_MAPPING[model_type]()
+            default = compat.config_class(model_type)()
         except Exception as exc:
             raise Untested(f"its config class does not build with defaults: {type(exc).__name__}: {exc}") from exc
         compat.check_supported(default)  # what from_pretrained refuses, before any weight is read
@@ -185,7 +183,7 @@ def check(model_type: str) -> dict[str, Any]:
 
 
 def architectures() -> list[str]:
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return compat.causal_lm_model_types()
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

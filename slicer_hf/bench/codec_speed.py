@@ -13,11 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..codec import build_codec
-from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT, load_text, resolve_model
-from ..demo import default_config_dir
 from ..hooks import SplitPlan, attach_hooks, split_plan
-from .common import markdown_table, median_time, suite_parser, write_json
+from .common import markdown_table, median_time, suite_config, suite_parser, write_json
 
 CODECS: list[tuple[str, dict[str, Any]]] = [("fp16", {}), ("int8", {}), ("topk", {"sparsity": 0.75})]
 
@@ -25,7 +23,7 @@ CODECS: list[tuple[str, dict[str, Any]]] = [("fp16", {}), ("int8", {}), ("topk",
 @torch.inference_mode()
 def run(model: str = "smollm2", config_dir: str | None = None, out_json: str | None = None) -> dict[str, Any]:
     path = resolve_model(model)
-    cfg = SlicerConfig.from_pretrained(config_dir or default_config_dir())
+    cfg = suite_config(config_dir, path)
     k = cfg.split_layer
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     attach_hooks(lm)

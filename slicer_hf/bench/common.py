@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
-OUT_DIR = Path("docs/benchmarks")
+from .. import compat
+from ..config import SlicerConfig, default_config_dir
 
 
 def environment() -> dict[str, Any]:
@@ -57,6 +59,14 @@ def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> flo
 def suite_arguments(doc: str | None) -> argparse.ArgumentParser:
     """A suite's argument parser, described by its docstring's first paragraph."""
     return argparse.ArgumentParser(description=" ".join((doc or "").split("\n\n")[0].split()))
+
+
+def suite_config(config_dir: str | None, model_path: str) -> SlicerConfig:
+    """The config a suite runs (`--config`, default the SmolLM2 preset), split where `generate` would split this
+    model when it names no split layer."""
+    config = SlicerConfig.from_pretrained(config_dir or default_config_dir())
+    layers = compat.num_layers(AutoConfig.from_pretrained(model_path))
+    return config.replace(split_layer=config.split_layer_for(layers))
 
 
 def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:

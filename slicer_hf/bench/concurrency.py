@@ -33,13 +33,12 @@ from .. import compat, protocol
 from ..codec import build_codec
 from ..config import SlicerConfig
 from ..data import resolve_model
-from ..demo import default_config_dir
 from ..launch import start_server
 from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
 from ..server.prepack import PackedLinear, packable
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import markdown_table, median_time, suite_parser, write_json
+from .common import markdown_table, median_time, suite_config, suite_parser, write_json
 
 
 def mixed_splits(split_layer: int, num_layers: int) -> tuple[int, ...]:
@@ -223,7 +222,7 @@ def run(
     """Measure one server process per scenario and service (batched, one by one) at each client count; the floor
     is measured afterwards in this process, with the server's weights in the server's `dtype`."""
     path = resolve_model(model)
-    config = SlicerConfig.from_pretrained(config_dir or default_config_dir())
+    config = suite_config(config_dir, path)
     hf_config = AutoConfig.from_pretrained(path)
     scenarios = {
         "one split": (config.split_layer,),

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from ..config import SlicerConfig
+from ..config import SlicerConfig, default_config_dir
 from ..data import CALIBRATION_TEXT, load_text, resolve_model
-from ..demo import default_config_dir
 from ..modeling import SlicerModelForCausalLM, unsplit
 from .common import markdown_table, suite_parser, write_json
 

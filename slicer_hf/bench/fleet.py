@@ -26,9 +26,8 @@ from transformers import AutoConfig
 
 from .. import protocol
 from ..codec import build_codec
-from ..config import SlicerConfig
+from ..config import SlicerConfig, default_config_dir
 from ..data import resolve_model
-from ..demo import default_config_dir
 from ..link import open_request
 from ..transport.fleet import FleetTransport
 from ..transport.grpc import GrpcTransport

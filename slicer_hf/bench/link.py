@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.generation.streamers import BaseStreamer
+from transformers.generation import BaseStreamer
 
 from .. import protocol
-from ..config import SlicerConfig
+from ..config import SlicerConfig, default_config_dir
 from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
-from ..demo import default_config_dir
 from ..launch import parse_server_url, start_server, stop_server  # noqa: F401 (parse_server_url: re-exported)
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from .common import suite_arguments

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from .. import protocol
-from ..config import SlicerConfig
+from ..config import SlicerConfig, default_config_dir
 from ..data import CALIBRATION_TEXT, resolve_model
-from ..demo import default_config_dir
 from ..evaluate import evaluate
 from ..launch import start_server, stop_server
 from ..transport.grpc import STATS_METHOD, GrpcTransport

@@ -21,11 +21,10 @@ from .. import protocol
 from ..codec import build_codec
 from ..config import SlicerConfig
 from ..data import resolve_model
-from ..demo import default_config_dir
 from ..launch import start_server
 from ..link import open_request
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import markdown_table, suite_parser, write_json
+from .common import markdown_table, suite_config, suite_parser, write_json
 from .concurrency import record_packets, run_client
 
 
@@ -71,7 +70,7 @@ def run(
     out_json: str | None = None,
 ) -> dict[str, Any]:
     path = resolve_model(model)
-    preset = SlicerConfig.from_pretrained(config_dir or default_config_dir())
+    preset = suite_config(config_dir, path)
     n = AutoConfig.from_pretrained(path).num_hidden_layers
     variants = [
         (f"split {preset.split_layer}, {preset.codec}, downlink hidden", preset.replace(downlink="hidden")),

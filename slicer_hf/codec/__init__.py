@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CodecError, ConfigError
 from .base import REGISTRY, SAFETY_PARAMS, Codec, CodecStats
 from .baselines import Bf16Codec, Fp16Codec, GroupedIntCodec, IdentityCodec, Int8Codec, TopKCodec
 from .slicer import SlicerCodec
+
+if TYPE_CHECKING:
+    from ..config import SlicerConfig
 
 __all__ = [
     "Codec",
@@ -29,7 +32,7 @@ def available_codecs() -> list[str]:
     return sorted(REGISTRY)
 
 
-def build_codec(config_or_name: Any, **params: Any) -> Codec:
+def build_codec(config_or_name: SlicerConfig | str, **params: Any) -> Codec:
     """Build a codec from a `SlicerConfig` (its `codec` and knobs) or a registered name plus parameters.
 
     Args:

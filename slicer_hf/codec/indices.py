@@ -8,7 +8,6 @@ from ..errors import CodecError
 from .bits import BitReader, BitWriter
 
 MAX_RICE = 15
-MODES = ("auto", "bitmap", "rice")
 CHUNK_BITS = 1 << 20  # section bits `read_positions` gathers at a time (8 bytes of index each)
 
 

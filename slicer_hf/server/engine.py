@@ -238,7 +238,7 @@ class SplitServer:
         prepack: bool = False,
     ) -> None:
         self.model = model.eval()
-        self.model_name = model_name or getattr(model.config, "_name_or_path", "")
+        self.model_name = model_name or model.config.name_or_path
         self.limits = limits or ServerLimits()
         self.min_split_layer = min_split_layer
         self.num_layers = compat.num_layers(model.config)
