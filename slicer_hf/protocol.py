@@ -180,7 +180,7 @@ def decode_json(data: bytes) -> dict[str, Any]:
         )
     try:
         body = json.loads(data[2:].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer past Python's digit limit; too deep
         raise ProtocolError(f"malformed {MESSAGE_NAMES.get(data[1], '?')} message: {exc}", code="malformed") from exc
     if not isinstance(body, dict):
         raise ProtocolError("control message body must be a JSON object", code="malformed")

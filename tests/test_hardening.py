@@ -446,3 +446,17 @@ def test_silently_wrong_options_are_refused_or_right(model_dir, reference):
     for downlink in ("logits", "hidden"):
         split = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS.replace(downlink=downlink))
         assert torch.allclose(split(ids, labels=ids).loss, expected, atol=1e-6), downlink
+
+
+def test_a_control_message_holding_an_integer_of_thousands_of_digits_is_malformed_not_an_internal_error():
+    from conftest import tiny_model
+
+    from slicer_hf.server import SplitServer
+
+    huge = protocol.header(protocol.CLOSE) + b'{"session": ' + b"9" * 5000 + b"}"
+    with pytest.raises(ProtocolError, match="malformed close message") as refused:
+        protocol.decode_json(huge)
+    assert refused.value.code == "malformed"
+    server = SplitServer(tiny_model("llama"))
+    reply = server.handle(huge)
+    assert protocol.decode_json(reply)["code"] == "malformed" and server.stats_dict()["errors"] == {"malformed": 1}
