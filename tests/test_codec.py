@@ -651,3 +651,36 @@ def test_a_float16_packet_that_decodes_to_infinity_is_refused_not_clamped():
     packet[head : head + 4] = struct.pack("<f", 3e38)  # the row's float32 scale: code 127 x 3e38 is infinite
     with pytest.raises(CodecError, match="NaN or infinite"):
         codec.decode(bytes(packet))
+
+
+@pytest.mark.parametrize("bit_offset", [0, 5])
+def test_packing_fields_a_chunk_at_a_time_writes_what_the_bit_writer_writes(monkeypatch, bit_offset):
+    """The reference packer works through long runs of fields in chunks (its per-field work is 80 bytes of int64)."""
+    from slicer_hf.codec import ops
+
+    monkeypatch.setattr(ops, "CHUNK_FIELDS", 1000)
+    rng = np.random.default_rng(1)
+    widths = rng.integers(0, 33, 10_007)
+    codes = rng.integers(0, 1 << 32, 10_007, dtype=np.uint64) & ((np.uint64(1) << widths.astype(np.uint64)) - 1)
+    w = BitWriter()
+    w.write(np.zeros(bit_offset, dtype=np.uint64), 1)
+    for code, width in zip(codes, widths):
+        w.write(np.array([code], dtype=np.uint64), int(width))
+    packed = ops.pack_bits(torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(widths), bit_offset)
+    assert bytes(packed.numpy()) == w.getvalue()
+
+
+def test_the_reference_quantizer_works_a_chunk_of_rows_at_a_time_and_agrees_with_one_pass(monkeypatch):
+    """Chunks give the rows of one pass; where one chunk's rows need float32 block parameters, every chunk uses them
+    (one packet has one width)."""
+    from slicer_hf.codec import ops
+
+    y = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    y[33] *= 1e6  # past float16: this row's chunk needs float32 parameters
+    args = (y, 48, 3, None, None, (1, 2, 3, 4, 6, 8), 0.08)
+    whole = ops._quantize_rows_reference(*args)
+    monkeypatch.setattr(ops, "REFERENCE_CHUNK_VALUES", 64 * 8)  # 8 rows a chunk
+    chunked = ops._quantize_rows_reference(*args)
+    assert whole.wide and chunked.wide
+    for name in ("positions", "labels", "signs", "codes", "lo", "hi", "bits"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name

@@ -460,3 +460,30 @@ def test_a_control_message_holding_an_integer_of_thousands_of_digits_is_malforme
     server = SplitServer(tiny_model("llama"))
     reply = server.handle(huge)
     assert protocol.decode_json(reply)["code"] == "malformed" and server.stats_dict()["errors"] == {"malformed": 1}
+
+
+@pytest.mark.parametrize(("downlink", "reply_bytes"), [("logits", "163,840"), ("hidden", "81,920")])
+def test_a_step_whose_reply_could_not_be_sent_is_refused_before_it_is_computed(downlink, reply_bytes):
+    """22 bytes of zero rows used to make the compute thread build gigabytes of logits, then refuse the reply."""
+    from conftest import tiny_model
+
+    from slicer_hf.server import ServerLimits, SplitServer
+
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(max_message_bytes=1 << 16))
+    body = {
+        "fingerprint": protocol.model_fingerprint(server.model.config),
+        "split_layer": 2,
+        "codec": build_codec("slicer").spec(),
+        "downlink": downlink,
+    }
+    opened = server.handle(protocol.encode_json(protocol.OPEN, body))
+    session = protocol.decode_json(opened)["session"]
+    batch, tokens = 5, 64  # 320 positions back: float32 logits (vocab 128) or hidden states (width 64)
+    packet = envelope(6, 1, (batch, tokens, 64)) + b"\x00\x00\x00\x00"  # a K=0 slicer packet: all zero rows
+    reply = server.handle(step_header(session, 1, 0, batch, tokens) + packet)
+    error = protocol.decode_json(reply)
+    assert error["code"] == "too_large" and f"the reply to this step would take {reply_bytes} bytes" in error["message"]
+    assert server.stats_dict()["tokens"] == 0 and server.stats_dict()["compute_s"] == 0.0  # nothing ran
+    reopened = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
+    last_only = step_header(reopened, 1, 0, batch, tokens)[:-1] + write_varint(tokens - 1)  # need_from: the last
+    assert protocol.message_type(server.handle(last_only + packet)) == protocol.REPLY

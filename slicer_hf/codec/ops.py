@@ -20,6 +20,7 @@ errors in float32, and torch fixes no summation order (the CPU and CUDA referenc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -41,6 +42,7 @@ FP16_TINY = float(torch.finfo(torch.float16).tiny)  # the smallest normal float1
 MAX_KERNEL_D = 16384  # wider rows than this stay on the reference (a row must fit one program's registers)
 FIELD_BYTES = 5  # bytes a bitstream field of <= 32 bits can touch
 CHUNK_FIELDS = 1 << 18  # fields (or kept entries) the reference decode works on at once
+REFERENCE_CHUNK_VALUES = 1 << 16  # values of the rows the reference quantizer works on at once
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
@@ -176,6 +178,40 @@ def _quantize_rows_reference(
     excluded: torch.Tensor | None,
     candidates: tuple[int, ...],
     distortion: float,
+    wide: bool | None = None,
+) -> QuantizedRows:
+    """`quantize_rows` in torch, a chunk of rows at a time: its working set (the candidates' codes and errors of
+    every kept entry, the ranks of every entry) is hundreds of bytes a value, so a packet of many rows is bounded by
+    `REFERENCE_CHUNK_VALUES`, not by its size. `wide`: float32 block parameters (None: as the rows need)."""
+    rows = max(1, REFERENCE_CHUNK_VALUES // max(y.shape[1], 1))
+    if y.shape[0] <= rows:
+        return _quantize_chunk(y, k, m, k_pos, excluded, candidates, distortion, wide)
+
+    def chunks(wide: bool | None) -> list[QuantizedRows]:
+        return [
+            _quantize_chunk(
+                y[i : i + rows], k, m, k_pos, None if excluded is None else excluded[i : i + rows], candidates,
+                distortion, wide,
+            )
+            for i in range(0, y.shape[0], rows)
+        ]  # fmt: skip
+
+    parts = chunks(wide)
+    if len({part.wide for part in parts}) > 1:  # one packet has one width of block parameters: float32 for all
+        parts = chunks(True)
+    fields = [torch.cat([getattr(part, f.name) for part in parts]) for f in dataclasses.fields(QuantizedRows)[:-1]]
+    return QuantizedRows(*fields, wide=parts[0].wide)
+
+
+def _quantize_chunk(
+    y: torch.Tensor,
+    k: int,
+    m: int,
+    k_pos: int | None,
+    excluded: torch.Tensor | None,
+    candidates: tuple[int, ...],
+    distortion: float,
+    wide: bool | None,
 ) -> QuantizedRows:
     order = rank_order(y, k, k_pos, excluded)  # [N, K] in rank order
     vals = y.gather(1, order)
@@ -184,7 +220,8 @@ def _quantize_rows_reference(
     block_of_rank = torch.repeat_interleave(
         torch.arange(m, device=y.device), torch.tensor(sizes, dtype=torch.long, device=y.device)
     )
-    wide = needs_float32(mags.amax(1)) if mags.numel() else False  # decided before any float16 rounding
+    if wide is None:  # decided before any float16 rounding
+        wide = needs_float32(mags.amax(1)) if mags.numel() else False
     lo, hi, bits = choose_bits(mags, sizes, candidates, distortion, wide)  # each [N, M]
     codes = quantize(mags, lo[:, block_of_rank], hi[:, block_of_rank], bits[:, block_of_rank])
     positions, perm = torch.sort(order, dim=1)  # position order
@@ -307,11 +344,13 @@ def pack_bits(
     starts = bit_offset + torch.cumsum(widths, 0) - widths
     total = bit_offset + int(widths.sum())
     # a field of <= 32 bits moved by < 8 touches at most 5 bytes; fields share no bits, so adding their bytes is OR
-    shifted = (codes.to(torch.int64) & ((1 << widths) - 1)) << (starts & 7)
     byte_shifts = torch.arange(0, 8 * FIELD_BYTES, 8, device=codes.device)
     stream = torch.zeros(math.ceil(total / 8) + FIELD_BYTES, dtype=torch.int64, device=codes.device)
-    index = ((starts >> 3)[:, None] + torch.arange(FIELD_BYTES, device=codes.device)).reshape(-1)
-    stream.index_add_(0, index, ((shifted[:, None] >> byte_shifts) & 0xFF).reshape(-1))
+    for lo in range(0, len(codes), CHUNK_FIELDS):  # a chunk at a time: each field's bytes take 80 bytes of int64
+        part, at = slice(lo, lo + CHUNK_FIELDS), starts[lo : lo + CHUNK_FIELDS]
+        shifted = (codes[part].to(torch.int64) & ((1 << widths[part]) - 1)) << (at & 7)
+        index = ((at >> 3)[:, None] + torch.arange(FIELD_BYTES, device=codes.device)).reshape(-1)
+        stream.index_add_(0, index, ((shifted[:, None] >> byte_shifts) & 0xFF).reshape(-1))
     return stream[: math.ceil(total / 8)].to(torch.uint8)
 
 

@@ -555,6 +555,12 @@ class SplitServer:
                 "fewer positions per step",
                 code="too_large",
             )
+        if (reply := self._reply_bytes(session, step)) > limits.max_message_bytes:  # refused before it is computed
+            raise ProtocolError(
+                f"the reply to this step would take {reply:,} bytes, over max_message_bytes="
+                f"{limits.max_message_bytes:,} by {reply - limits.max_message_bytes:,}: ask for fewer positions back",
+                code="too_large",
+            )
         if step.start + step.tokens > limits.max_context_tokens:
             raise ProtocolError(
                 f"context of {step.start + step.tokens} tokens exceeds {limits.max_context_tokens}", code="too_large"
@@ -712,6 +718,18 @@ class SplitServer:
                 code="bad_seq",
             )
         return held
+
+    def _reply_bytes(self, session: Session, step: protocol.Step) -> int:
+        """The bytes of a step's reply as computed, before a lossy downlink codec (which sends fewer): its rows
+        (`need_from` on) times their logits, top k or hidden state (for an encoder: all positions, final width)."""
+        config = self.model.config
+        if self.encoder_kind:
+            return step.batch * step.tokens * compat.final_width(config) * 4
+        rows = step.batch * (step.tokens - step.need_from)
+        if session.downlink == "topk_logits":
+            return rows * session.downlink_topk * (4 + (2 if config.vocab_size <= 1 << 16 else 4))
+        itemsize = (session.downlink_dtype or (torch.float32 if session.downlink == "logits" else self.dtype)).itemsize
+        return rows * (config.vocab_size if session.downlink == "logits" else self.hidden_size) * itemsize
 
     def width(self, session: Session) -> int:
         """Features per row entering the session's split layer."""
