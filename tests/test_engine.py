@@ -503,6 +503,23 @@ def test_a_stream_whose_session_closed_waits_only_the_open_timeout(engine):
         running.stop()
 
 
+def test_a_stream_that_talks_without_opening_a_session_is_closed_after_the_open_timeout(engine):
+    """STATS every 0.3 s used to reset the timer, so a few streams held every stream slot with no session."""
+    server = engine(open_timeout_s=1.0, idle_timeout_s=60)
+    running = serve(server, port=0)
+    transport = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], timeout_s=30)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransportError, match="held no session for 1.0 s"):
+            while time.monotonic() - started < 10:
+                protocol.raise_if_error(transport.request(protocol.encode_json(protocol.STATS, {})))
+                time.sleep(0.3)
+        assert time.monotonic() - started < 3 and server.stats_dict()["errors"].get("stream_idle") == 1
+    finally:
+        transport.close()
+        running.stop()
+
+
 def test_malformed_requests_are_refused_as_malformed_or_bad_requests_not_internal_errors(engine):
     server = engine()
     body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))

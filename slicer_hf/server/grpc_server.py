@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as ResultTimeout  # builtins' TimeoutError from Python 3.11
@@ -79,11 +80,16 @@ class _SplitService(grpc.GenericRpcHandler):
         limits = self.engine.limits
         idle = _IdleTimer(asyncio.current_task())
         answer: Future[bytes] | None = None
+        bare_since: float | None = time.monotonic()  # since when the stream has held no session
         try:
             while True:
                 for gone in [s for s in opened if s not in self.engine.sessions]:  # closed: by CLOSE, a refusal...
                     opened.discard(gone)
-                timeout_s = limits.idle_timeout_s if opened else limits.open_timeout_s  # a stream holding no session
+                if opened:
+                    bare_since, timeout_s = None, limits.idle_timeout_s
+                else:  # a stream holding no session has open_timeout_s to open one, whatever else it sends meanwhile
+                    bare_since = bare_since or time.monotonic()
+                    timeout_s = max(0.0, limits.open_timeout_s - (time.monotonic() - bare_since))
                 idle.reading(timeout_s)
                 try:
                     data = await context.read()
@@ -91,8 +97,9 @@ class _SplitService(grpc.GenericRpcHandler):
                     if not idle.expired:
                         raise
                     self.engine.stats.error("stream_idle")
-                    logger.info("stream from %s idle for %.1f s: closed", peer, timeout_s)
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {timeout_s} s")
+                    why = f"idle for {timeout_s:.1f} s" if opened else f"held no session for {limits.open_timeout_s} s"
+                    logger.info("stream from %s %s: closed", peer, why)
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream {why}")
                 idle.reading(None)
                 if data is grpc.aio.EOF:
                     return
