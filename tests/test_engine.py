@@ -520,6 +520,40 @@ def test_a_stream_that_talks_without_opening_a_session_is_closed_after_the_open_
         running.stop()
 
 
+def test_a_call_without_the_token_is_refused_as_it_starts_and_health_watch_holds_no_slot(engine):
+    """A Stats call that never sent its request held a call slot with its token unchecked, and so did every
+    Health/Watch stream: a thousand of them locked out the clients that had the token."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = serve(engine(), port=0, token="s3cret", max_streams=1)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        never = threading.Event()
+
+        def silent():  # a request that never comes
+            never.wait(30)
+            yield b""
+
+        stats = channel.stream_stream(f"/{protocol.SERVICE}/Stats")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stats(silent(), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as watch:
+            next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+        never.set()
+        reply = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], token="s3cret").request(
+            protocol.encode_json(protocol.STATS, {})
+        )
+        assert protocol.decode_json(reply)["errors"]["unauthenticated"] == 1
+    finally:
+        channel.close()
+        running.stop()
+
+
 def test_malformed_requests_are_refused_as_malformed_or_bad_requests_not_internal_errors(engine):
     server = engine()
     body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))

@@ -36,11 +36,44 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 CONTROL_SLOTS = 32  # calls gRPC admits beyond the session streams: health, stats, metrics, drain
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+
+class _Gate(grpc.aio.ServerInterceptor):
+    """Every call but a health check shows the token as it starts, before gRPC waits for a request message: a call
+    that never sends one would otherwise hold a call slot, its token unchecked. Health's `Watch` (a stream held open
+    for as long as a client likes, with no token) is not served: each would hold a slot, and a thousand of them every
+    slot; probes poll `Check`."""
+
+    def __init__(self, engine: SplitServer, token: str | None) -> None:
+        self.engine, self.expected = engine, None if token is None else f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if details.method == HEALTH_WATCH:
+            return _refusal(grpc.StatusCode.UNIMPLEMENTED, "Health/Watch is not served: poll Health/Check")
+        if self.expected is not None and details.method != HEALTH_CHECK:
+            sent = dict(details.invocation_metadata or ()).get("authorization", "")
+            if not hmac.compare_digest(str(sent).encode(), self.expected):
+                self.engine.stats.error("unauthenticated")
+                return _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
+        return await continuation(details)
+
+
+def _refusal(code: grpc.StatusCode, message: str) -> Any:
+    """A handler that ends the call with `code` as soon as it starts (a streaming handler reads no request first)."""
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            logger.warning("refused %s: %s", context.peer(), message)
+        await context.abort(code, message)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class _SplitService(grpc.GenericRpcHandler):
-    def __init__(
-        self, engine: SplitServer, token: str | None, pool: ThreadPoolExecutor, health: Any, max_streams: int
-    ) -> None:
-        self.engine, self.token, self.pool, self.health = engine, token, pool, health
+    def __init__(self, engine: SplitServer, pool: ThreadPoolExecutor, health: Any, max_streams: int) -> None:
+        self.engine, self.pool, self.health = engine, pool, health
         self.max_streams, self.streams = max_streams, 0  # session streams open (the event loop's count)
         self.methods = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
@@ -53,17 +86,7 @@ class _SplitService(grpc.GenericRpcHandler):
         service, _, method = details.method.lstrip("/").partition("/")
         return self.methods.get(method) if service == protocol.SERVICE else None
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self.token is None:
-            return
-        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not hmac.compare_digest(str(sent).encode(), f"Bearer {self.token}".encode()):
-            self.engine.stats.error("unauthenticated")
-            logger.warning("refused %s: missing or wrong auth token", context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
-
     async def session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        await self._authorize(context)
         if self.streams >= self.max_streams:
             self.engine.stats.error("too_many_streams")
             await context.abort(
@@ -154,16 +177,13 @@ class _SplitService(grpc.GenericRpcHandler):
         return step, settled
 
     async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await self._authorize(context)
         return protocol.encode_json(protocol.STATS_REPLY, self.engine.stats_dict())
 
     async def metrics(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await self._authorize(context)
         return prometheus_text(self.engine)
 
     async def drain(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Body `{"on": bool}` (default true): stop or resume taking new sessions; health follows."""
-        await self._authorize(context)
         try:
             on = json.loads(request.decode() or "{}").get("on", True)
         except (ValueError, AttributeError, RecursionError):
@@ -380,10 +400,11 @@ class RunningServer:
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=max_streams + CONTROL_SLOTS,  # the session streams are counted by the service
+            interceptors=[_Gate(self.engine, token)],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_generic_rpc_handlers((_SplitService(self.engine, token, self.pool, self.health, max_streams),))
+        self.server.add_generic_rpc_handlers((_SplitService(self.engine, self.pool, self.health, max_streams),))
         address = f"{host}:{port}"
         try:
             if cert is not None:
