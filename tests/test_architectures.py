@@ -44,6 +44,30 @@ def test_the_sweep_lists_transformers_model_types_not_the_split_classes_register
     assert not [t for t in sweep.architectures() if t.startswith("slicer-")] and "llama" in sweep.architectures()
 
 
+@pytest.mark.parametrize("min_split_layer", [1, 3])
+def test_a_store_whose_prefill_windows_what_the_cache_attends_whole_stays_off_and_splits_stay_exact(
+    monkeypatch, min_split_layer
+):
+    """moshi's own cache attends to every earlier position during a prefill and windows only afterwards; the check
+    compared one decode step, passed, and the store gave other tokens at split 3 (window 8) or 1 (window 16)."""
+    import copy
+
+    import torch
+
+    from slicer_hf.server import SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    monkeypatch.setitem(sweep.TINY, "sliding_window", 8 if min_split_layer == 3 else 16)
+    reference = sweep.tiny_model("moshi")
+    ids = torch.randint(3, 128, (1, sweep.TINY["sliding_window"] + 4), generator=torch.Generator().manual_seed(1))
+    expected = reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    server = SplitServer(copy.deepcopy(reference), min_split_layer=min_split_layer)
+    assert server.store is None
+    config = SlicerConfig(codec="identity", split_layer=min_split_layer)
+    split = SlicerModelForCausalLM.from_model(copy.deepcopy(reference), config, transport=LocalTransport(server))
+    assert torch.equal(split.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0), expected)
+
+
 def test_at_least_30_architectures_split_exactly():
     assert sum(status == "exact" for status in DOCUMENTED.values()) >= 30
 
