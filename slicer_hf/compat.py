@@ -33,6 +33,7 @@ UNSUPPORTED: dict[str, str] = {
     "deepseek_v4": "the residual stream between layers has parallel streams [B, T, n, d]; the codec carries [B, T, d]",
     "gemma4_text": f"per-layer token embeddings: {_NEEDS_TOKEN_IDS}",
     "gemma4_unified_text": f"per-layer token embeddings: {_NEEDS_TOKEN_IDS}",
+    "hrm_text": "its high- and low-level modules run their layers in cycles: no one stack of decoder layers to cut",
     "hy_v4": "the residual stream between layers has parallel streams [B, T, n, d]; the codec carries [B, T, d]",
     "minimax": "keeps a cache class of its own (lightning-attention state) that the split caches cannot hold",
     "recurrent_gemma": "RG-LRU recurrent state outside the cache: split logits drift from the unsplit model's",
@@ -88,6 +89,7 @@ def check_supported(config: Any) -> None:
             "position of each forward, and a server runs prompts in chunks and batches sessions of other lengths "
             "together: its outputs would not be those of generate()"
         )
+    num_layers(config)  # a config that counts no layers has none to split
 
 
 LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
@@ -108,6 +110,9 @@ def num_layers(config: Any) -> int:
     """Block count of a config: decoder or encoder layers (GPT-2's `n_layer` maps onto `num_hidden_layers`), or the
     stages of a CNN (`depths`)."""
     n = getattr(config, "num_hidden_layers", None)
+    if n is None and getattr(config, "depths", None) is None:
+        family = getattr(config, "model_type", type(config).__name__)
+        raise NotImplementedError(f"{family}: its config counts no layers")
     return int(n) if n is not None else len(config.depths)
 
 
@@ -297,11 +302,15 @@ def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype, pla
     """Upper bound on the cache bytes one sequence position costs a server running layers `split_layer..L-1`:
     keys and values of every layer it runs (sliding-window layers counted in full), plus, in a transformers cache,
     the `[B, 1, T, 1]` placeholders of the layers below the split (see `phantom_cache_update`)."""
-    heads = _config_int(config, "num_key_value_heads") or _config_int(config, "num_attention_heads") or 1
-    # the largest head size any layer may use (some families size global and sliding layers differently)
+    # the most heads and the largest head size any layer may use (some families size sliding layers differently)
+    heads = max(
+        _config_int(config, "num_key_value_heads") or _config_int(config, "num_attention_heads") or 1,
+        _config_int(config, "swa_num_key_value_heads"),
+    )
     head_dim = max(
         _config_int(config, "head_dim"),
         _config_int(config, "global_head_dim"),
+        _config_int(config, "swa_head_dim"),
         _config_int(config, "v_head_dim") + _config_int(config, "qk_head_dim"),
         int(config.hidden_size) // max(_config_int(config, "num_attention_heads"), 1),
     )

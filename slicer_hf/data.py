@@ -97,7 +97,7 @@ def default_model_path() -> Path:
 
 
 def resolve_model(name_or_path: str | None) -> str:
-    """Map the default-model aliases to `default_model_path()`; pass Hub ids and local paths through.
+    """Map the default-model aliases to `default_model_path()`; pass Hub ids and local paths through (`~` expanded).
 
     Args:
         name_or_path: None, "smollm2" or "default" for the bundled model; "minilm" for all-MiniLM-L6-v2 (see
@@ -107,7 +107,7 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(default_model_path())
     if name_or_path.lower() == MINILM_ALIAS:
         return minilm_path()
-    return name_or_path
+    return os.path.expanduser(name_or_path) if name_or_path.startswith("~") else name_or_path
 
 
 def minilm_path() -> str:

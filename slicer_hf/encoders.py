@@ -36,7 +36,7 @@ from . import compat
 from .config import SlicerConfig
 from .errors import ConfigError
 from .hooks import SplitPlan, split_plan
-from .loading import check_model_folder, load_layers
+from .loading import check_model_folder, expand_home, load_layers
 from .modeling import SplitModelMixin, _config_kwargs, _resolve_config, make_split
 from .transport import LocalTransport, Transport
 
@@ -128,6 +128,7 @@ class _SplitAutoFactory:
             ConfigError: a split layer outside `[1, L-1]`, or a downlink other than hidden states.
         """
         check_model_folder(pretrained_model_name_or_path)
+        pretrained_model_name_or_path = expand_home(pretrained_model_name_or_path)
         config = _resolve_config(slicer_config, pretrained_model_name_or_path, hf_kwargs)
         model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
         _check(model_config, config)  # before any weight is read

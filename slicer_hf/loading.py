@@ -52,6 +52,11 @@ def missing_folder(model: str | os.PathLike[str]) -> bool:
     return (folder.is_absolute() or name.startswith((".", "~"))) and not folder.exists()
 
 
+def expand_home(model: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """`model` with a leading `~` expanded (transformers takes `~/folder` for a malformed Hub id)."""
+    return os.path.expanduser(model) if os.fspath(model).startswith("~") else model
+
+
 def check_model_folder(model: str | os.PathLike[str]) -> None:
     """A `ConfigError` for a model path with no folder there (transformers takes it for a malformed Hub id, after
     asking the Hub)."""
@@ -73,7 +78,7 @@ def load_layers(
             the model over devices) makes this fall back to a whole load followed by releasing the unused layers.
     """
     with _EMPTY_INIT_LOCK:
-        return _load_layers(name_or_path, set(layers), auto_class or AutoModelForCausalLM, hf_kwargs)
+        return _load_layers(expand_home(name_or_path), set(layers), auto_class or AutoModelForCausalLM, hf_kwargs)
 
 
 def _load_layers(
@@ -187,10 +192,10 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 def _shards(folder: Path, wanted: set[str], rename: Callable[[str], str]) -> list[str]:
     """The safetensors files transformers reads that hold any of the `wanted` tensors (model names; `rename` maps
-    a checkpoint's names to them): the shards the index names for them, or `model.safetensors` (another file in the
-    folder, an export or a variant, is never read)."""
+    a checkpoint's names to them): `model.safetensors` where there is one (as transformers, even beside an index),
+    else the shards the index names for them (another file in the folder, an export or a variant, is never read)."""
     index = folder / "model.safetensors.index.json"
-    if not index.is_file():
+    if (folder / "model.safetensors").is_file() or not index.is_file():
         return ["model.safetensors"]
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
     return sorted({shard for key, shard in weight_map.items() if rename(key) in wanted})

@@ -33,7 +33,7 @@ from .config import CONFIG_NAME, SlicerConfig
 from .errors import ConfigError, SlicerError
 from .hooks import SplitPlan, attach_hooks, split_plan
 from .link import SuffixLink, WireStats, open_request, wire_dtype
-from .loading import check_model_folder, load_layers, release_layers
+from .loading import check_model_folder, expand_home, load_layers, release_layers
 from .server.engine import SplitServer
 from .transport import LocalTransport, Transport, make_transport
 
@@ -281,7 +281,7 @@ class SlicerGenerationMixin(SplitModelMixin):
                 "this split model): continue it on no other sequence, or start again from the whole prompt"
             )
         mask = given.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
+        if mask is not None and (not torch.is_tensor(mask) or mask.ndim != 2):  # a dict of masks, one per layer type
             raise NotImplementedError(
                 "split forward takes a 2D attention_mask [batch, length] (a static cache makes 4D masks: use the "
                 "default dynamic cache)"
@@ -426,6 +426,7 @@ class SlicerModelForCausalLM:
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
         """
         check_model_folder(pretrained_model_name_or_path)
+        pretrained_model_name_or_path = expand_home(pretrained_model_name_or_path)
         config = _resolve_config(slicer_config, pretrained_model_name_or_path, hf_kwargs)
         model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **_config_kwargs(hf_kwargs))
         compat.check_supported(model_config)  # refuse a family that cannot split before loading any weight

@@ -68,11 +68,42 @@ def test_a_store_whose_prefill_windows_what_the_cache_attends_whole_stays_off_an
     assert torch.equal(split.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0), expected)
 
 
+def test_the_kv_estimate_bounds_a_family_whose_sliding_layers_have_more_and_larger_heads():
+    """inkling_text's sliding layers take `swa_num_key_value_heads` of `swa_head_dim`: counted, the estimate the KV
+    budget admits sessions by is an upper bound again (it was 768 bytes a position against 49,152 held)."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from slicer_hf import compat
+
+    model, length = sweep.tiny_model("inkling_text"), 6  # below the window: every layer keeps every position
+    with torch.no_grad():
+        cache = model(torch.randint(3, 100, (1, length)), use_cache=True).past_key_values
+    held = sum(
+        (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+        for layer in cache.layers[1:]
+        if isinstance(layer, DynamicLayer) and torch.is_tensor(layer.keys)
+    )
+    assert held // length <= compat.kv_bytes_per_position(model.config, 1, torch.float32, placeholders=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_a_static_cache_is_refused_in_one_line_whatever_masks_the_family_makes(model_type):
+    """gemma2's layers of two kinds make a dict of masks: it got an AttributeError from deep inside."""
+    import torch
+
+    config = SlicerConfig(codec="identity", split_layer=2)
+    split = SlicerModelForCausalLM.from_model(sweep.tiny_model(model_type), config)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(NotImplementedError, match="use the default dynamic cache"):
+        split.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+
 def test_at_least_30_architectures_split_exactly():
     assert sum(status == "exact" for status in DOCUMENTED.values()) >= 30
 
 
-@pytest.mark.parametrize("model_type", ["rwkv", "bert", "bart", "gemma3"])
+@pytest.mark.parametrize("model_type", ["rwkv", "bert", "bart", "gemma3", "hrm_text", "blt"])
 def test_an_unsupported_family_is_refused_before_any_weight_is_read(model_type, tmp_path):
     config = transformers.AutoConfig.for_model(model_type)
     config.save_pretrained(tmp_path)  # a config and no weights: loading any would fail differently

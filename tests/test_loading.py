@@ -88,6 +88,33 @@ def test_the_default_dtype_is_the_one_transformers_picks(tmp_path, in_config):
     assert torch.equal(model(ids).logits, full(ids).logits)
 
 
+def test_a_whole_weight_file_beside_a_stale_index_is_the_one_read_as_transformers_reads_it(checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "both"
+    tiny_model("llama", seed=1).save_pretrained(folder / "old", max_shard_size="100KB")  # other weights, sharded
+    shutil.copytree(folder / "old", folder, dirs_exist_ok=True)
+    shutil.copy(checkpoint / "model.safetensors", folder / "model.safetensors")
+    model = load_layers(folder, range(2), dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, full.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_a_model_folder_under_the_home_directory_loads_by_its_tilde_path(checkpoint, tmp_path, monkeypatch):
+    """transformers took `~/folder` for a malformed Hub id, after the folder check had found it."""
+    import shutil
+
+    from slicer_hf import SlicerConfig, SlicerModelForCausalLM
+    from slicer_hf.server.build import load_server
+
+    shutil.copytree(checkpoint, tmp_path / "tiny")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert on_meta(load_layers("~/tiny", range(2))) == [False, False, True, True]
+    config = SlicerConfig(codec="identity", split_layer=2)
+    assert SlicerModelForCausalLM.from_pretrained("~/tiny", slicer_config=config).wire_stats().tokens == 0
+    assert load_server("~/tiny", min_split_layer=2).num_layers == 4
+
+
 def test_sharded_checkpoints_load_their_shards_partially(tmp_path):
     folder = tmp_path / "sharded"
     tiny_model("llama").save_pretrained(folder, max_shard_size="100KB")
