@@ -554,6 +554,33 @@ def test_a_call_without_the_token_is_refused_as_it_starts_and_health_watch_holds
         running.stop()
 
 
+def test_the_metrics_endpoint_bounds_its_connections_and_frees_the_stalled_ones(engine, monkeypatch):
+    """500 half-sent requests held 500 threads, none of which ever timed out."""
+    import socket
+    import urllib.request
+
+    import slicer_hf.server.grpc_server as grpc_server
+
+    monkeypatch.setattr(grpc_server, "METRICS_CONNECTIONS", 4)
+    monkeypatch.setattr(grpc_server, "METRICS_TIMEOUT_S", 0.5)
+    running = serve(engine(), port=0, metrics_port=0)
+    before = threading.active_count()
+    stalled = [socket.create_connection(("127.0.0.1", running.metrics_port)) for _ in range(20)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+        time.sleep(0.2)
+        assert threading.active_count() <= before + 4
+        time.sleep(1.0)  # past the read timeout: their threads are gone
+        assert threading.active_count() <= before
+        with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5) as scrape:
+            assert b"slicer_sessions_active" in scrape.read()
+    finally:
+        for sock in stalled:
+            sock.close()
+        running.stop()
+
+
 def test_malformed_requests_are_refused_as_malformed_or_bad_requests_not_internal_errors(engine):
     server = engine()
     body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))

@@ -34,6 +34,8 @@ from .engine import SplitServer
 logger = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 CONTROL_SLOTS = 32  # calls gRPC admits beyond the session streams: health, stats, metrics, drain
+METRICS_CONNECTIONS = 16  # HTTP connections the metrics endpoint serves at once (a scraper needs one)
+METRICS_TIMEOUT_S = 10.0  # how long it waits for a request's next bytes
 
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -312,8 +314,26 @@ def _metrics_server(
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)  # a thread each: connections past these are closed
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:  # a client that stalled or went away
+            logger.debug("metrics request from %s failed", client_address, exc_info=True)
 
     class Quiet(WSGIRequestHandler):
+        timeout = METRICS_TIMEOUT_S  # for the TLS handshake and each read: a stalled request frees its thread
+
         def log_message(self, *args: Any) -> None:  # scrapes are not news
             pass
 
