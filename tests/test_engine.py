@@ -386,7 +386,7 @@ def test_a_reply_over_the_message_limit_is_refused_clearly(engine):
         SlicerConfig(codec="identity", downlink="logits"), server.model.config, "tiny", 2, build_codec("identity")
     )
     session = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
-    with pytest.raises(ProtocolError, match="would exceed max_message_bytes") as info:
+    with pytest.raises(ProtocolError, match="would take 4,096 bytes, over max_message_bytes=3,000") as info:
         protocol.raise_if_error(step(server, session, 1, tokens=8))  # 8 x 128 float32 logits: 4 KB back
     assert info.value.code == "too_large"
 

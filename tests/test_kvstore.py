@@ -499,3 +499,33 @@ def test_closing_sessions_returns_their_blocks():
         time.sleep(0.01)
     assert server.store.blocks_in_use() == 0 and server.kv_bytes_used == 0
     server.shutdown()
+
+
+def test_a_session_far_longer_than_the_rest_decodes_in_a_forward_of_its_own_after_theirs(monkeypatch):
+    """A forward's rows attend over its longest row's context: one session of 16,000 positions made every other
+    session's decode step cost that much (8 clients went from 5 to 98 ms a step)."""
+    import slicer_hf.server.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "SPLIT_PADDING", 100)
+    server = SplitServer(tiny_model("llama"), batching=True, limits=ServerLimits(batch_wait_s=0))
+    sessions = [_open(server, 2) for _ in range(5)]
+    for session, length in zip(sessions, [200, 10, 12, 11, 10]):  # the first: 4 x ~190 positions of padding
+        protocol.raise_if_error(_step(server, session, 0, 0, length))
+    forwards: list[list[int]] = []
+    plain = server.scheduler._run
+    server.scheduler._run = lambda run, prefill: forwards.append([c.session.length for c in run]) or plain(run, prefill)
+    held, gate = threading.Event(), threading.Event()  # hold the compute thread until every decode step is queued
+    decode = server.decode_packets
+    server.decode_packets = lambda works: (held.set(), gate.wait(10) if not gate.is_set() else None, decode(works))[2]
+    blocker = _open(server, 2)
+    replies = [server.submit(protocol.encode_step(protocol.Step(blocker, 0, 0, 1, 1, 0, build_codec("identity").encode(
+        torch.randn(1, 1, server.hidden_size)))))]  # fmt: skip
+    assert held.wait(10)
+    for session, length in zip(sessions, [200, 10, 12, 11, 10]):
+        payload = build_codec("identity").encode(torch.randn(1, 1, server.hidden_size))
+        replies.append(server.submit(protocol.encode_step(protocol.Step(session, 1, length, 1, 1, 0, payload))))
+    gate.set()
+    for reply in replies:
+        protocol.raise_if_error(reply.result(timeout=60))
+    server.shutdown()
+    assert forwards[-2:] == [[10, 10, 11, 12], [200]]  # the short ones first, together

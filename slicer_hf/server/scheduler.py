@@ -5,7 +5,10 @@ step's future. Each round the scheduler takes what has arrived, decodes the new 
 threads, which would only fight this one over the GIL), then runs:
 
 - every decode step that is ready (one position per row), as one forward per downlink kind, at most
-  `max_batch_rows` rows each; sessions join and leave between any two rounds, at any split layer. Before a
+  `max_batch_rows` rows each, shortest contexts first; a forward's rows attend over the longest row's context, so
+  rows much longer than the rest run in a forward of their own (`SPLIT_PADDING`), and one long session cannot
+  make every other session's step cost its length; sessions join and leave between any two rounds, at any split
+  layer. Before a
   round it waits up to `batch_wait_s` for the sessions that decoded in the last one, so that clients answered
   together stay together rather than splitting into two alternating half batches;
 - prefill in chunks of at most `prefill_chunk_tokens` positions, from the oldest waiting prefill on, while the
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from .engine import Session, SplitServer
 
 logger = logging.getLogger(__name__)
+SPLIT_PADDING = 8192  # positions of padding (rows x context) that make a decode row run in a forward of its own
 _STOP = object()
 
 
@@ -217,8 +221,9 @@ class Scheduler:
         self._decoded_last = {w.session for w in decode}
         max_rows = limits.max_batch_rows if self.batching else 1
         for group in by_kind.values():
-            for works in _by_rows(group, max_rows):
-                self._run([w.chunk(1) for w in works], prefill=False)
+            for similar in _by_length(group) if self.batching else [group]:
+                for works in _by_rows(similar, max_rows):
+                    self._run([w.chunk(1) for w in works], prefill=False)
         budget = limits.max_batch_tokens - sum(w.rows for w in decode)
         least = max(1, limits.prefill_chunk_tokens // 8)  # positions the oldest prefill moves on, however busy
         for work in prefill:  # oldest first; the others within what the round has left
@@ -320,6 +325,21 @@ class Scheduler:
             elif result is not None:
                 work.future.set_result(result)
         return None
+
+
+def _by_length(works: list[Work]) -> list[list[Work]]:
+    """`works` by their sessions' lengths, shortest first, cut where the next would pad the rows before it to its
+    length by more than `SPLIT_PADDING` positions in all (about what a forward's fixed cost, reading every weight
+    once, is worth)."""
+    out: list[list[Work]] = [[]]
+    rows = held = 0  # the rows of the forward being filled, and the positions they hold
+    for work in sorted(works, key=lambda w: w.session.length):
+        if out[-1] and rows * work.session.length - held > SPLIT_PADDING:
+            out.append([])
+            rows = held = 0
+        out[-1].append(work)
+        rows, held = rows + work.rows, held + work.rows * work.session.length
+    return out
 
 
 def _by_rows(works: list[Work], max_rows: int) -> list[list[Work]]:
