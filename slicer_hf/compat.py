@@ -298,10 +298,14 @@ def layer_call(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict
     return hidden, cache
 
 
-def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype, placeholders: bool = True) -> int:
+def kv_bytes_per_position(
+    config: Any, split_layer: int, dtype: torch.dtype, placeholders: bool = True, layers: nn.ModuleList | None = None
+) -> int:
     """Upper bound on the cache bytes one sequence position costs a server running layers `split_layer..L-1`:
     keys and values of every layer it runs (sliding-window layers counted in full), plus, in a transformers cache,
-    the `[B, 1, T, 1]` placeholders of the layers below the split (see `phantom_cache_update`)."""
+    the `[B, 1, T, 1]` placeholders of the layers below the split (see `phantom_cache_update`). With the model's
+    decoder `layers`, a layer's own key and value projections count where they are wider than the config says
+    (mimo_v2_flash doubles its sliding layers' heads in code, not in its config)."""
     # the most heads and the largest head size any layer may use (some families size sliding layers differently)
     heads = max(
         _config_int(config, "num_key_value_heads") or _config_int(config, "num_attention_heads") or 1,
@@ -316,7 +320,19 @@ def kv_bytes_per_position(config: Any, split_layer: int, dtype: torch.dtype, pla
     )
     size = torch.empty(0, dtype=dtype).element_size()
     n = num_layers(config)
-    return (n - split_layer) * 2 * heads * head_dim * size + (split_layer * 2 * size if placeholders else 0)
+    widths = [max(2 * heads * head_dim, _projected_kv_width(layers[i]) if layers is not None else 0)
+              for i in range(split_layer, n)]  # fmt: skip
+    return sum(widths) * size + (split_layer * 2 * size if placeholders else 0)
+
+
+def _projected_kv_width(layer: nn.Module) -> int:
+    """Features a layer's key and value projections write per position (0 where it has not one of each)."""
+    found = {  # an nn.Linear, or one whose weights a server packed
+        name.rpartition(".")[2]: module.out_features
+        for name, module in layer.named_modules()
+        if name.endswith(("k_proj", "v_proj")) and isinstance(getattr(module, "out_features", None), int)
+    }
+    return found["k_proj"] + found["v_proj"] if len(found) == 2 and {"k_proj", "v_proj"} == set(found) else 0
 
 
 def _config_int(config: Any, name: str) -> int:

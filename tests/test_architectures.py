@@ -68,15 +68,17 @@ def test_a_store_whose_prefill_windows_what_the_cache_attends_whole_stays_off_an
     assert torch.equal(split.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0), expected)
 
 
-def test_the_kv_estimate_bounds_a_family_whose_sliding_layers_have_more_and_larger_heads():
-    """inkling_text's sliding layers take `swa_num_key_value_heads` of `swa_head_dim`: counted, the estimate the KV
-    budget admits sessions by is an upper bound again (it was 768 bytes a position against 49,152 held)."""
+@pytest.mark.parametrize("model_type", ["inkling_text", "mimo_v2_flash"])
+def test_the_kv_estimate_bounds_a_family_whose_sliding_layers_have_more_and_larger_heads(model_type):
+    """inkling_text's sliding layers take `swa_num_key_value_heads` of `swa_head_dim`, mimo_v2_flash's twice the
+    config's heads (in its code): counted (the config's fields, the layers' own projections), the estimate the KV
+    budget admits sessions by is an upper bound again (it was 768 bytes a position against 49,152 and 1,536 held)."""
     import torch
     from transformers.cache_utils import DynamicLayer
 
     from slicer_hf import compat
 
-    model, length = sweep.tiny_model("inkling_text"), 6  # below the window: every layer keeps every position
+    model, length = sweep.tiny_model(model_type), 6  # below the window: every layer keeps every position
     with torch.no_grad():
         cache = model(torch.randint(3, 100, (1, length)), use_cache=True).past_key_values
     held = sum(
@@ -84,7 +86,8 @@ def test_the_kv_estimate_bounds_a_family_whose_sliding_layers_have_more_and_larg
         for layer in cache.layers[1:]
         if isinstance(layer, DynamicLayer) and torch.is_tensor(layer.keys)
     )
-    assert held // length <= compat.kv_bytes_per_position(model.config, 1, torch.float32, placeholders=False)
+    layers = compat.decoder_layers(model)
+    assert held // length <= compat.kv_bytes_per_position(model.config, 1, torch.float32, False, layers)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])

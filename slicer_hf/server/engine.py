@@ -479,7 +479,9 @@ class SplitServer:
             per_position = (
                 0
                 if self.encoder_kind  # an encoder keeps nothing between requests
-                else compat.kv_bytes_per_position(self.model.config, k, self.dtype, self.store is None)
+                else compat.kv_bytes_per_position(
+                    self.model.config, k, self.dtype, self.store is None, compat.decoder_layers(self.model)
+                )
             )
             if self.kv_bytes_used + per_position > self.kv_budget_bytes:
                 raise ProtocolError(
