@@ -166,7 +166,7 @@ def serve(
     max_message_bytes: Annotated[str, typer.Option(help="Largest protocol message, e.g. 64MiB.")] = "64MiB",
     max_streams: Annotated[int, typer.Option(help="Streams open at once (more get RESOURCE_EXHAUSTED).", min=1)] = 1024,
     idle_timeout_s: Annotated[float, typer.Option(help="Close sessions and their streams idle this long.")] = 600.0,
-    open_timeout_s: Annotated[float, typer.Option(help="Close a stream with no session idle this long.")] = 30.0,
+    open_timeout_s: Annotated[float, typer.Option(help="A stream with no session has this long to open one.")] = 30.0,
     batching: Annotated[bool, typer.Option(help="Batch decode steps of concurrent sessions.")] = True,
     kv_store: Annotated[
         bool, typer.Option(help="Keep K/V in the server's block store (else per-session caches).")

@@ -223,12 +223,10 @@ class SuffixLink:
         return self._limits
 
     def reply_bytes(self, width: int) -> int:
-        """The most bytes a reply spends on one position of one row, whose final hidden state is `width` wide: its
-        float32 values, or the vocabulary's for logits (a compressed downlink sends fewer)."""
-        downlink = self.open_request["downlink"]
-        if downlink == "topk_logits":
-            return 8 * self.open_request["downlink_topk"]
-        return 4 * (self.vocab_size if downlink == "logits" else width)
+        """The most bytes the outputs of a reply take for one position of one row, whose final hidden state is `width`
+        wide: its float32 values, or the vocabulary's for logits (top-k replies are made from whole logits, and a
+        compressed downlink sends fewer): what the server sizes a step's reply by."""
+        return 4 * (self.vocab_size if self.open_request["downlink"] in ("logits", "topk_logits") else width)
 
     def close(self) -> None:
         if self.session is None:

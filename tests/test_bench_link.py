@@ -153,7 +153,7 @@ def test_tiny_run_over_a_1_mbit_link(tmp_path):
     prompt = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     result = bench.run(
         str(model_dir),
-        SlicerConfig(split_layer=2),
+        SlicerConfig(),  # no split named: where generate splits this model, 3 of its 4 layers
         rates_mbit=[1.0],
         variants=["fp16", "slicer"],
         new_tokens=4,
@@ -162,6 +162,7 @@ def test_tiny_run_over_a_1_mbit_link(tmp_path):
         out_json=tmp_path / "link.json",
     )
     assert not os.path.exists(f"/run/netns/{result['meta']['netns']}")  # cleaned up
+    assert result["meta"]["split_layer"] == 3
     (goodput,) = result["goodput"]
     assert 0.7 < goodput["uplink_mbit_s"] < 1.1 and 0.7 < goodput["downlink_mbit_s"] < 1.1  # the shaping works
     fp16, slicer = result["rows"]

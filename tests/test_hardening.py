@@ -462,9 +462,12 @@ def test_a_control_message_holding_an_integer_of_thousands_of_digits_is_malforme
     assert protocol.decode_json(reply)["code"] == "malformed" and server.stats_dict()["errors"] == {"malformed": 1}
 
 
-@pytest.mark.parametrize(("downlink", "reply_bytes"), [("logits", "163,840"), ("hidden", "81,920")])
+@pytest.mark.parametrize(
+    ("downlink", "reply_bytes"), [("logits", "163,840"), ("topk_logits", "163,840"), ("hidden", "81,920")]
+)
 def test_a_step_whose_reply_could_not_be_sent_is_refused_before_it_is_computed(downlink, reply_bytes):
-    """22 bytes of zero rows used to make the compute thread build gigabytes of logits, then refuse the reply."""
+    """22 bytes of zero rows used to make the compute thread build gigabytes of logits, then refuse the reply (or,
+    for a top-k reply, send a few of them: the logits it is made from are counted)."""
     from conftest import tiny_model
 
     from slicer_hf.server import ServerLimits, SplitServer
@@ -482,7 +485,8 @@ def test_a_step_whose_reply_could_not_be_sent_is_refused_before_it_is_computed(d
     packet = envelope(6, 1, (batch, tokens, 64)) + b"\x00\x00\x00\x00"  # a K=0 slicer packet: all zero rows
     reply = server.handle(step_header(session, 1, 0, batch, tokens) + packet)
     error = protocol.decode_json(reply)
-    assert error["code"] == "too_large" and f"the reply to this step would take {reply_bytes} bytes" in error["message"]
+    assert error["code"] == "too_large"
+    assert f"the outputs of this step's reply would take {reply_bytes} bytes" in error["message"]
     assert server.stats_dict()["tokens"] == 0 and server.stats_dict()["compute_s"] == 0.0  # nothing ran
     reopened = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
     last_only = step_header(reopened, 1, 0, batch, tokens)[:-1] + write_varint(tokens - 1)  # need_from: the last

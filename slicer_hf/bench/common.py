@@ -61,10 +61,11 @@ def suite_arguments(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=" ".join((doc or "").split("\n\n")[0].split()))
 
 
-def suite_config(config_dir: str | None, model_path: str) -> SlicerConfig:
-    """The config a suite runs (`--config`, default the SmolLM2 preset), split where `generate` would split this
-    model when it names no split layer."""
-    config = SlicerConfig.from_pretrained(config_dir or default_config_dir())
+def suite_config(config: str | SlicerConfig | None, model_path: str) -> SlicerConfig:
+    """The config a suite runs (`--config`, a folder or preset; default the SmolLM2 preset), split where `generate`
+    would split this model when it names no split layer."""
+    if not isinstance(config, SlicerConfig):
+        config = SlicerConfig.from_pretrained(config or default_config_dir())
     layers = compat.num_layers(AutoConfig.from_pretrained(model_path))
     return config.replace(split_layer=config.split_layer_for(layers))
 

@@ -34,11 +34,11 @@ import torch
 from transformers.generation import BaseStreamer
 
 from .. import protocol
-from ..config import SlicerConfig, default_config_dir
+from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
 from ..launch import parse_server_url, start_server, stop_server  # noqa: F401 (parse_server_url: re-exported)
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import suite_arguments
+from .common import suite_arguments, suite_config
 from .netns import (  # noqa: F401 - re-exported: the link benchmark's public helpers
     NETNS_PREFIX,
     TBF_BURST,
@@ -286,11 +286,7 @@ def run(
     started = time.perf_counter()
     variants = list(variants)
     path = resolve_model(model)
-    if isinstance(config, SlicerConfig):
-        base = config
-    else:
-        config_dir = config or default_config_dir()
-        base = SlicerConfig.from_pretrained(config_dir) if config_dir else SlicerConfig()
+    base = suite_config(config, path)
     tokenizer = None
     if prompt_ids is None:
         tokenizer = AutoTokenizer.from_pretrained(path)

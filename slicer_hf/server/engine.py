@@ -72,7 +72,7 @@ class ServerLimits:
         prefill_chunk_tokens: the most positions of one prefill run in one forward.
         batch_wait_s: how long a round waits for the sessions that decoded in the last one (batching only).
         idle_timeout_s: sessions (and their streams) idle this long are closed.
-        open_timeout_s: a stream that holds no session is closed after this long without a message.
+        open_timeout_s: a stream that holds no session has this long to open one, counted from when it last held none.
         step_timeout_s: a step that waits this long for the compute thread is refused.
     """
 
@@ -559,7 +559,7 @@ class SplitServer:
             )
         if (reply := self._reply_bytes(session, step)) > limits.max_message_bytes:  # refused before it is computed
             raise ProtocolError(
-                f"the reply to this step would take {reply:,} bytes, over max_message_bytes="
+                f"the outputs of this step's reply would take {reply:,} bytes, over max_message_bytes="
                 f"{limits.max_message_bytes:,} by {reply - limits.max_message_bytes:,}: ask for fewer positions back",
                 code="too_large",
             )
@@ -722,16 +722,16 @@ class SplitServer:
         return held
 
     def _reply_bytes(self, session: Session, step: protocol.Step) -> int:
-        """The bytes of a step's reply as computed, before a lossy downlink codec (which sends fewer): its rows
-        (`need_from` on) times their logits, top k or hidden state (for an encoder: all positions, final width)."""
+        """The bytes of the outputs a step's reply is made of, as computed: its rows (`need_from` on) times their
+        float32 logits (whole, for a top-k reply too) or hidden state (for an encoder: all positions, final width);
+        what the edge sizes its steps by (`SuffixLink.reply_bytes`)."""
         config = self.model.config
         if self.encoder_kind:
             return step.batch * step.tokens * compat.final_width(config) * 4
         rows = step.batch * (step.tokens - step.need_from)
-        if session.downlink == "topk_logits":
-            return rows * session.downlink_topk * (4 + (2 if config.vocab_size <= 1 << 16 else 4))
-        itemsize = (session.downlink_dtype or (torch.float32 if session.downlink == "logits" else self.dtype)).itemsize
-        return rows * (config.vocab_size if session.downlink == "logits" else self.hidden_size) * itemsize
+        if session.downlink in ("logits", "topk_logits"):
+            return rows * config.vocab_size * 4
+        return rows * self.hidden_size * (session.downlink_dtype or self.dtype).itemsize
 
     def width(self, session: Session) -> int:
         """Features per row entering the session's split layer."""

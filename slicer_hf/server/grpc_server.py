@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 CONTROL_SLOTS = 32  # calls gRPC admits beyond the session streams: health, stats, metrics, drain
 METRICS_CONNECTIONS = 16  # HTTP connections the metrics endpoint serves at once (a scraper needs one)
-METRICS_TIMEOUT_S = 10.0  # how long it waits for a request's next bytes
+METRICS_TIMEOUT_S = 10.0  # how long one connection may take, and each of its reads
 
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -323,16 +323,20 @@ def _metrics_server(
             super().process_request(request, client_address)
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
+            deadline = threading.Timer(METRICS_TIMEOUT_S, _hang_up, args=(request,))  # for the whole exchange: a
+            deadline.daemon = True  # client trickling a byte at a time would hold its slot however long reads wait
+            deadline.start()
             try:
                 super().process_request_thread(request, client_address)
             finally:
+                deadline.cancel()
                 self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:  # a client that stalled or went away
             logger.debug("metrics request from %s failed", client_address, exc_info=True)
 
     class Quiet(WSGIRequestHandler):
-        timeout = METRICS_TIMEOUT_S  # for the TLS handshake and each read: a stalled request frees its thread
+        timeout = METRICS_TIMEOUT_S  # for the TLS handshake and each read (the whole exchange has as long)
 
         def log_message(self, *args: Any) -> None:  # scrapes are not news
             pass
@@ -342,6 +346,12 @@ def _metrics_server(
         server.socket = _tls_context(*tls).wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="slicer-metrics", daemon=True).start()
     return server
+
+
+def _hang_up(connection: Any) -> None:
+    """End a metrics connection that outlived its deadline (its thread's read returns and the thread ends)."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(2)  # socket.SHUT_RDWR
 
 
 def _tls_context(cert: bytes, key: bytes) -> Any:
