@@ -212,7 +212,8 @@ def _checkpoint_source(
     name_or_path: str | os.PathLike[str], hf_kwargs: dict[str, Any]
 ) -> tuple[Path, Callable[[list[str]], None] | None] | None:
     """The folder holding the model's config, and for a Hub id how to download the weight files it needs (its
-    metadata comes first, so that only the shards this side reads are fetched); None where neither works."""
+    metadata comes first, and `model.safetensors` if it has one, so that only the shards this side reads are
+    fetched); None where neither works."""
     path = Path(name_or_path)
     if path.is_dir():
         return path, None
@@ -225,7 +226,9 @@ def _checkpoint_source(
         def fetch(files: list[str]) -> None:
             snapshot_download(str(name_or_path), allow_patterns=files, **hub)
 
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.txt", "*.model"], **hub)), fetch
+        # with the metadata, the one weight file an unsharded repo has: transformers reads it even beside an index
+        metadata = ["*.json", "*.txt", "*.model", "model.safetensors"]
+        return Path(snapshot_download(str(name_or_path), allow_patterns=metadata, **hub)), fetch
     except Exception as exc:  # offline, gated, not a repo: the whole-load path reports it properly
         logger.debug("no snapshot of %s: %s", name_or_path, exc)
         return None

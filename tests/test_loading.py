@@ -190,15 +190,14 @@ def test_a_quantized_checkpoint_loads_whole_with_its_quantizer(checkpoint, tmp_p
     assert load_layers(folder, range(2), dtype=torch.float32) == "loaded whole" and len(whole) == 1
 
 
-def test_from_the_hub_only_the_shards_this_side_reads_are_downloaded(tmp_path, monkeypatch):
+def fake_hub(monkeypatch, repo, snapshot) -> list[str]:
+    """A Hub that serves the folder `repo` into `snapshot`; returns the names of the files it sent, in order."""
     import fnmatch
     import shutil
 
-    repo, snapshot = tmp_path / "repo", tmp_path / "snapshot"
-    tiny_model("llama").save_pretrained(repo, max_shard_size="100KB")
     fetched = []
 
-    def snapshot_download(repo_id, allow_patterns, **kwargs):  # a Hub that serves `repo`
+    def snapshot_download(repo_id, allow_patterns, **kwargs):
         snapshot.mkdir(exist_ok=True)
         for file in repo.iterdir():
             if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
@@ -207,6 +206,25 @@ def test_from_the_hub_only_the_shards_this_side_reads_are_downloaded(tmp_path, m
         return str(snapshot)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return fetched
+
+
+def test_from_the_hub_a_whole_weight_file_beside_a_stale_index_is_the_one_read(checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    repo = tmp_path / "repo"
+    tiny_model("llama", seed=1).save_pretrained(repo, max_shard_size="100KB")  # stale shards and their index
+    shutil.copy(checkpoint / "model.safetensors", repo / "model.safetensors")
+    fake_hub(monkeypatch, repo, tmp_path / "snapshot")
+    model = load_layers("someone/tiny", range(2), dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, full.model.layers[1].mlp.up_proj.weight)
+
+
+def test_from_the_hub_only_the_shards_this_side_reads_are_downloaded(tmp_path, monkeypatch):
+    repo, snapshot = tmp_path / "repo", tmp_path / "snapshot"
+    tiny_model("llama").save_pretrained(repo, max_shard_size="100KB")
+    fetched = fake_hub(monkeypatch, repo, snapshot)
     model = load_layers("someone/tiny", range(2), dtype=torch.float32)
     full = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
     assert on_meta(model) == [False, False, True, True]
