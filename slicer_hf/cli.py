@@ -311,9 +311,17 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    _until(stop)
     running.stop(grace_s=2.0)
     server.shutdown()
+
+
+def _until(stop: threading.Event) -> None:
+    """Wait for `stop` (set by SIGINT or SIGTERM) a second at a time: Python runs a signal's handler on the main
+    thread only, and a signal the kernel hands another thread (as after SIGSTOP and SIGCONT) would never wake a
+    wait without a timeout."""
+    while not stop.wait(1.0):
+        pass
 
 
 def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] | None) -> None:
@@ -372,7 +380,7 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    _until(stop)
     undeploy(fleet)
 
 

@@ -213,7 +213,10 @@ class SuffixLink:
         self.session = session
         self._bare = bool(opened.get("bare_steps")) and self.open_request.get("dtype") is not None
         self._next, self._acked = bool(opened.get("next_steps")), None
-        self._limits = StepLimits.from_opened(opened)
+        limits = StepLimits.from_opened(opened)
+        if (ours := self.transport.max_message_bytes) is not None:  # replies this side's channel takes
+            limits = dataclasses.replace(limits, message_bytes=min(limits.message_bytes or ours, ours))
+        self._limits = limits
 
     def step_limits(self) -> StepLimits:
         """What one step may carry on this session's server (the session opens now where it is not open), so that
@@ -229,10 +232,11 @@ class SuffixLink:
         return 4 * (self.vocab_size if self.open_request["downlink"] in ("logits", "topk_logits") else width)
 
     def close(self) -> None:
-        if self.session is None:
-            return
+        """Give the session up and end the stream. Where the server frees a stream's sessions when it ends, that is
+        all (a CLOSE would wait out a stalled server, or open a stream again at exit just to send it); else CLOSE."""
         try:
-            self._request(protocol.encode_json(protocol.CLOSE, {"session": self.session}))
+            if self.session is not None and not self.transport.frees_sessions_on_close:
+                self._request(protocol.encode_json(protocol.CLOSE, {"session": self.session}))
         except (TransportError, ProtocolError) as exc:
             logger.debug("close of session %s failed: %s", self.session, exc)
         finally:
@@ -431,6 +435,7 @@ class SuffixLink:
                         self.transport.name,
                         f", replaying {len(self._sent)} steps" if self._sent else "",
                     )
+        self._abandon(ask_server=False)  # end the stream the last attempt left open (its session is gone)
         unreached = isinstance(last, TransportError) and last.unreachable and not self._ever_answered
         hint = f" (is a slicer-hf server running at {self.transport.name}?)" if unreached else ""
         raise TransportError(

@@ -115,18 +115,24 @@ class SplitModelMixin:
 
     # ---------------------------------------------------------------- public API
     def wire_stats(self) -> WireStats:
-        """Uplink/downlink bytes, messages and tokens since the last `reset_wire_stats()`."""
+        """Uplink/downlink bytes, messages and tokens of this session (since it opened, or the last
+        `reset_wire_stats()`; `close_session()` ends the count with the session)."""
         return self._slicer_link.stats if self._slicer_link else WireStats()
 
     def reset_wire_stats(self) -> None:
-        if self._slicer_link:
-            self._slicer_link.stats = WireStats()
+        with self._exclusive():
+            if self._slicer_link:
+                self._slicer_link.stats = WireStats()
 
     def close_session(self) -> None:
-        """Close the server session (its KV cache is freed); the next call opens a new one."""
-        if self._slicer_link is not None:
-            self._slicer_link.close()
-            self._slicer_link = None
+        """Close the server session (its KV cache is freed); the next call opens a new one. Refused
+        (`ConcurrentUseError`) while another thread runs this model."""
+        with self._exclusive():
+            if self._slicer_link is not None:
+                self._slicer_link.close()
+                self._slicer_link = None
+            if (finalizer := getattr(self, "_slicer_finalizer", None)) is not None:
+                finalizer.detach()  # the link is closed: nothing left for it to do, and it would keep the link alive
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
         """Save as the plain transformers model (`config.json` names the original class, so plain transformers
@@ -220,7 +226,7 @@ class SplitModelMixin:
             self._slicer_transport, request, codec, vocab_size=vocab, bitrate=cfg.bitrate_controller()
         )
         if not self._slicer_local:  # a remote session is closed when the model goes (a local one dies with it)
-            weakref.finalize(self, self._slicer_link.close)
+            self._slicer_finalizer = weakref.finalize(self, self._slicer_link.close)
         return self._slicer_link
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live import LOSSLESS, CallbackStreamer, client, prompt, raw_open, step_header, wait_for
+from transformers import AutoModelForCausalLM
 
 from slicer_hf import ProtocolError, SlicerConfig, SlicerModelForCausalLM, TransportError, build_codec, protocol
 from slicer_hf.codec.bits import write_varint
@@ -373,6 +374,38 @@ def test_concurrent_generate_on_one_model_is_refused_clearly(model_dir):
     model.generate(prompt(32), max_new_tokens=3)  # turns taken: fine
 
 
+def test_closing_the_session_while_another_thread_generates_is_refused_and_the_generation_stays_exact(model_dir):
+    """close_session() from another thread returned, cancelled the running step and emptied the steps its failover
+    replays: the generation gave up after 10 attempts."""
+    from slicer_hf.modeling import ConcurrentUseError
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS)
+    inside, release, made = threading.Event(), threading.Event(), []
+
+    def hold():
+        inside.set()
+        release.wait(30)
+
+    ids = prompt(33)
+    streamer = CallbackStreamer(2, hold)
+    first = threading.Thread(
+        target=lambda: made.append(model.generate(ids, max_new_tokens=6, do_sample=False, streamer=streamer))
+    )
+    first.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(ConcurrentUseError, match="another thread"):
+            model.close_session()
+        with pytest.raises(ConcurrentUseError):
+            model.reset_wire_stats()
+    finally:
+        release.set()
+        first.join()
+    assert torch.equal(made[0], reference.generate(ids, max_new_tokens=6, do_sample=False))
+    model.close_session()  # its turn now
+
+
 def test_a_reply_for_another_step_is_refused(model_dir):
     model = SlicerModelForCausalLM.from_pretrained(model_dir, slicer_config=LOSSLESS)
     model.generate(prompt(33), max_new_tokens=2)
@@ -491,3 +524,53 @@ def test_a_step_whose_reply_could_not_be_sent_is_refused_before_it_is_computed(d
     reopened = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
     last_only = step_header(reopened, 1, 0, batch, tokens)[:-1] + write_varint(tokens - 1)  # need_from: the last
     assert protocol.message_type(server.handle(last_only + packet)) == protocol.REPLY
+
+
+def test_replies_are_sized_to_what_this_edge_takes_where_the_server_would_send_more():
+    """A server allowing 256 MiB messages named that in OPENED, the edge's channel took 64 MiB: every reply over
+    that failed, and was retried ten times."""
+    from conftest import tiny_model
+
+    from slicer_hf.server import ServerLimits, SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    transport = LocalTransport(SplitServer(tiny_model("llama"), limits=ServerLimits(max_message_bytes=256 << 20)))
+    transport.max_message_bytes = 1 << 16
+    model = SlicerModelForCausalLM.from_model(tiny_model("llama"), LOSSLESS.replace(downlink="logits"), transport)
+    assert model._link_for(2).step_limits().message_bytes == 1 << 16
+
+
+def test_a_token_grpc_would_refuse_on_every_call_and_certificates_as_text_are_refused_up_front():
+    with pytest.raises(TransportError, match="printable ASCII") as refused:
+        GrpcTransport(["grpc://127.0.0.1:1"], token="s3cret\n")  # read from a file, its newline kept
+    assert not refused.value.retryable
+    from slicer_hf import ConfigError
+
+    with pytest.raises(ConfigError, match="root_certificates must be PEM bytes, got str"):
+        GrpcTransport(["grpcs://127.0.0.1:1"], root_certificates="-----BEGIN CERTIFICATE-----")
+
+
+def test_a_link_that_gives_up_ends_its_stream():
+    """After 'gave up', the session was gone but its stream and reader thread stayed until close_session()."""
+    from conftest import tiny_model
+
+    from slicer_hf.server import SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    class Forgetful(LocalTransport):  # a server that loses every session's state at each step
+        closed = 0
+
+        def request(self, data: bytes) -> bytes:
+            if protocol.message_type(data) == protocol.STEP:
+                return protocol.encode_error("state_lost", "gone")
+            return super().request(data)
+
+        def close(self) -> None:
+            Forgetful.closed += 1
+
+    transport = Forgetful(SplitServer(tiny_model("llama")))
+    model = SlicerModelForCausalLM.from_model(tiny_model("llama"), LOSSLESS, transport)
+    model._link_for(2).backoff_s = model._link_for(2).max_backoff_s = 0.0
+    with pytest.raises(TransportError, match="gave up after"):
+        model.generate(prompt(34), max_new_tokens=2)
+    assert Forgetful.closed >= 1 and model._slicer_link.session is None

@@ -61,6 +61,50 @@ def test_kill_9_fails_over_to_the_next_server_exactly(server, model_dir, referen
     assert second.stats()["sessions_opened"] == 1
 
 
+def test_a_first_server_that_never_answers_sends_the_client_on_within_its_timeout(server, model_dir, reference):
+    """A frozen server's port still accepts connections: with timeout_s under gRPC's 20 s connect timeout, every
+    generate() failed there and the second server was never tried. (Resumed, the server must still stop on SIGTERM:
+    the signal may reach another thread than the one waiting for it.)"""
+    import signal
+
+    frozen, good = server(), server()
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        model = client(model_dir, [frozen.url, good.url], timeout_s=3)
+        ids = prompt(12)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=6, do_sample=False),
+            reference.generate(ids, max_new_tokens=6, do_sample=False),
+        )
+        assert model.wire_stats().failovers == 1
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+
+
+def test_closing_a_session_on_a_frozen_server_does_not_wait_for_it(server, model_dir):
+    """Ending the stream frees the session on the server: a CLOSE waited out timeout_s (60 s) on a frozen one."""
+    import signal
+    import time
+    import weakref
+
+    srv = server()
+    model = client(model_dir, srv.url, timeout_s=30)
+    model.generate(prompt(13), max_new_tokens=2, do_sample=False)
+    link = weakref.ref(model._slicer_link)
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        model.close_session()
+        assert time.monotonic() - started < 2
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    assert wait_for(lambda: srv.stats()["sessions_active"] == 0)
+    import gc
+
+    gc.collect()
+    assert link() is None  # nothing keeps a closed link (its finalizer was kept until the model went)
+
+
 def test_reconnects_to_a_restarted_server(server, model_dir, reference):
     srv = server()
     holder = {"srv": srv}

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 def root_context(root_certificates: bytes) -> ssl.SSLContext:
     """A TLS client context trusting `root_certificates` (PEM); anything else is a `ConfigError`."""
+    if not isinstance(root_certificates, bytes):
+        raise ConfigError(f"root_certificates must be PEM bytes, got {type(root_certificates).__name__}")
     try:
         return ssl.create_default_context(cadata=root_certificates.decode("ascii"))
     except (ValueError, ssl.SSLError) as exc:  # not text, or no PEM certificate in it
@@ -32,6 +34,7 @@ class Transport(ABC):
 
     name: str = "transport"
     frees_sessions_on_close: bool = True
+    max_message_bytes: int | None = None  # the largest reply it takes (None: any)
 
     @abstractmethod
     def request(self, data: bytes) -> bytes:

@@ -52,7 +52,12 @@ def _close_open_streams() -> None:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def open_channel(url: str, root_certificates: bytes | None = None, max_message_bytes: int = 64 << 20) -> grpc.Channel:
+MAX_REPLY_BYTES = 64 << 20  # the largest message an edge's channel receives (a server's replies are sized to fit)
+
+
+def open_channel(
+    url: str, root_certificates: bytes | None = None, max_message_bytes: int = MAX_REPLY_BYTES
+) -> grpc.Channel:
     scheme, _, address = url.partition("://")
     if scheme == "grpc":
         return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
@@ -83,6 +88,12 @@ class GrpcTransport(Transport):
             raise TransportError("no server URL given")
         if token == "":
             raise TransportError("the auth token is empty: give the server's token, or none at all", retryable=False)
+        if token is not None and not (token.isascii() and token.isprintable() and token == token.strip()):
+            raise TransportError(  # gRPC would refuse the metadata on every call, as an INTERNAL error
+                "the auth token must be printable ASCII without surrounding spaces (a token read from a file keeps "
+                "its newline: strip it)",
+                retryable=False,
+            )
         if root_certificates is not None:
             root_context(root_certificates)  # a ConfigError now, rather than a handshake that fails on every call
         self.urls, self.token, self.timeout_s, self.root_certificates = list(urls), token, timeout_s, root_certificates
@@ -97,6 +108,8 @@ class GrpcTransport(Transport):
         self._outbox: queue.Queue[Any] = queue.Queue()
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._answered = False  # whether a stream of this transport ever got a reply (then a closed socket is not TLS)
+        self._stream_answered = False  # whether the current stream got one
+        self.max_message_bytes = MAX_REPLY_BYTES
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -106,7 +119,8 @@ class GrpcTransport(Transport):
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
     def _connect(self) -> None:
-        self._channel = open_channel(self.urls[self.index], self.root_certificates)
+        self._channel = open_channel(self.urls[self.index], self.root_certificates, self.max_message_bytes)
+        self._stream_answered = False
         stream = self._channel.stream_stream(SESSION_METHOD)
         outbox, inbox = queue.Queue(), queue.Queue()
         self._outbox, self._inbox = outbox, inbox
@@ -144,8 +158,12 @@ class GrpcTransport(Transport):
         self._outbox.put(bytes(data))
         try:
             reply = self._inbox.get(timeout=self.timeout_s)
-        except queue.Empty:  # a slow server is not a dead one: no failover, whose replay would only add load
-            self.close()
+        except queue.Empty:  # a slow server is not a dead one: no failover, whose replay would only add load; but one
+            self.close()  # that never answered this stream (frozen, or its port taken by something else) is no server
+            if not self._stream_answered and self.has_alternatives():  # the next server may answer
+                raise TransportError(
+                    f"no answer from {self.name} within {self.timeout_s} s on a new stream", unreachable=True
+                ) from None
             raise TransportError(
                 f"no reply from {self.name} within {self.timeout_s} s (busy or stalled: raise timeout_s to wait)",
                 retryable=False,
@@ -156,7 +174,7 @@ class GrpcTransport(Transport):
         if isinstance(reply, Exception):
             self.close()
             raise reply
-        self._answered = True
+        self._answered = self._stream_answered = True
         return reply
 
     def reset(self) -> bool:
@@ -205,5 +223,9 @@ def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -
         return TransportError(f"{message} ({hint})", retryable=False)
     if name.startswith("grpc://") and "socket closed" in lowered and not answered:
         message += " (a server that speaks TLS closes plain connections: is it grpcs://?)"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "received message larger than max" in lowered:  # this side's
+        return TransportError(f"{message} (this edge takes replies up to its max_message_bytes)", retryable=False)
+    if "invalid metadata" in lowered or "wrong_version_number" in lowered:  # the token, or TLS against plain text
+        return TransportError(message, retryable=False)
     unreachable = code == grpc.StatusCode.UNAVAILABLE and not answered
     return TransportError(message, retryable=code not in permanent, unreachable=unreachable)
