@@ -361,14 +361,12 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(FleetOptions(**args))
 
 
-def deploy(options: FleetOptions, address: str | None = None, start_timeout_s: float = 600.0) -> str:
+def deploy(options: FleetOptions, address: str | None = None) -> str:
     """Start (or join) Ray, deploy the fleet, wait until a replica has registered; returns the router's
     `slicer+http://` URL for clients (the fleet runs until `undeploy(options)`).
 
     Args:
         address: a Ray cluster to join (default: `ray.init()`'s choice, a local one if none runs).
-        start_timeout_s: how long to wait for the replicas to start (a cluster may need to add nodes for them);
-            past it the fleet is removed and `ConfigError` says what Serve was waiting for.
     """
     started_here = not ray.is_initialized() and address in (None, "local") and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
@@ -386,7 +384,7 @@ def deploy(options: FleetOptions, address: str | None = None, start_timeout_s: f
             f"{running.get('port')}, and one cluster has one: deploy with --host {running.get('host')} "
             f"--router-port {running.get('port')}, or shut that Serve down first"
         )
-    short = _check_room(options, strict=started_here)
+    _check_room(options, strict=started_here)
     http: dict[str, Any] = {"host": options.router_host, "port": options.router_port}
     if options.tls_cert:  # the router speaks HTTPS with the fleet's certificate (the files go with `undeploy`)
         folder = Path(tempfile.mkdtemp(prefix="slicer-fleet-tls-"))  # written once every check has passed
@@ -400,7 +398,7 @@ def deploy(options: FleetOptions, address: str | None = None, start_timeout_s: f
     host = options.advertise_host or _client_host(options.router_host)
     url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
     try:
-        _run_within(start_timeout_s, build_app(options), options, short)
+        serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
         wait_for_replicas(url, 1, options.token, options.tls_cert)
     except BaseException as exc:  # leave nothing running (nor a copy of the key) behind a fleet that did not start
         failure = _replica_failure(options.app_name) if isinstance(exc, RuntimeError) else None
@@ -412,32 +410,10 @@ def deploy(options: FleetOptions, address: str | None = None, start_timeout_s: f
     return url
 
 
-def _run_within(timeout_s: float, app: Any, options: FleetOptions, short: str | None) -> None:
-    """`serve.run`, which waits without end for replicas no node has room for, given `timeout_s` to return: past it
-    `ConfigError` says what the fleet lacks (`short`, else what Serve says) and the caller removes the application,
-    which ends that wait."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve.run(app, name=options.app_name, route_prefix=options.route_prefix, blocking=False)
-        except BaseException as exc:  # handed to the caller's thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="slicer-fleet-deploy", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        waiting = short or _replica_failure(options.app_name) or "its replicas did not start"
-        raise ConfigError(f"the fleet did not start within {timeout_s:g} s: {waiting}")
-    if failed:
-        raise failed[0]
-
-
-def _check_room(options: FleetOptions, strict: bool) -> str | None:
+def _check_room(options: FleetOptions, strict: bool) -> None:
     """A fleet whose replicas the cluster has no free CPUs (or GPUs) for: Serve would wait for them without a word.
     Refused on a Ray this process started (nothing will add nodes to it); on a cluster it joined, whose autoscaler
-    may add nodes, said in a warning while Serve waits, and returned (None: room enough)."""
+    may add nodes, said in a warning while Serve waits."""
     replicas = options.autoscale[0] if options.autoscale else options.replicas
     free = ray.available_resources()
     wants = {  # resource: (needed, free, what it is made of)
@@ -452,14 +428,13 @@ def _check_room(options: FleetOptions, strict: bool) -> str | None:
     short = [f"{want:g} {name}s ({parts}), and the cluster has {have:g} free" for name, (want, have, parts) in
              wants.items() if want > have + 1e-9]  # fmt: skip
     if not short:
-        return None
+        return
     message = f"the fleet needs {'; '.join(short)}"
     if strict:
         raise ConfigError(
             f"{message}: give fewer --replicas or smaller --replica-cpus/--replica-gpus, or join a larger cluster"
         )
     logger.warning("%s: Serve waits until nodes with free resources join", message)
-    return message
 
 
 def _gpus_for(replicas: int, share: float) -> float:
