@@ -107,7 +107,9 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(default_model_path())
     if name_or_path.lower() == MINILM_ALIAS:
         return minilm_path()
-    return os.path.expanduser(name_or_path) if name_or_path.startswith("~") else name_or_path
+    from .loading import expand_home
+
+    return os.fspath(expand_home(name_or_path))
 
 
 def minilm_path() -> str:

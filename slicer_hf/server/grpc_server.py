@@ -49,17 +49,23 @@ class _Gate(grpc.aio.ServerInterceptor):
     slot; probes poll `Check`."""
 
     def __init__(self, engine: SplitServer, token: str | None) -> None:
-        self.engine, self.expected = engine, None if token is None else f"Bearer {token}".encode()
+        self.engine, self.token = engine, token
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if details.method == HEALTH_WATCH:
             return _refusal(grpc.StatusCode.UNIMPLEMENTED, "Health/Watch is not served: poll Health/Check")
-        if self.expected is not None and details.method != HEALTH_CHECK:
-            sent = dict(details.invocation_metadata or ()).get("authorization", "")
-            if not hmac.compare_digest(str(sent).encode(), self.expected):
-                self.engine.stats.error("unauthenticated")
-                return _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if details.method != HEALTH_CHECK and not _authorized(str(sent).encode(), self.token, self.engine):
+            return _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
         return await continuation(details)
+
+
+def _authorized(sent: bytes, token: str | None, engine: SplitServer) -> bool:
+    """Whether an `authorization` value is `Bearer <token>` (anything is, without a token); a refusal is counted."""
+    if token is None or hmac.compare_digest(sent, f"Bearer {token}".encode()):
+        return True
+    engine.stats.error("unauthenticated")
+    return False
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> Any:
@@ -301,12 +307,10 @@ def _metrics_server(
 
     from prometheus_client import make_wsgi_app
 
-    metrics, expected = make_wsgi_app(metrics_registry(engine)), f"Bearer {token}".encode()
+    metrics = make_wsgi_app(metrics_registry(engine))
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
-        sent = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
-        if token is not None and not hmac.compare_digest(sent, expected):
-            engine.stats.error("unauthenticated")
+        if not _authorized(environ.get("HTTP_AUTHORIZATION", "").encode("latin-1"), token, engine):
             start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
             return [b"missing or wrong auth token\n"]
         return metrics(environ, start_response)
