@@ -344,9 +344,10 @@ def _config_int(config: Any, name: str) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def causal_lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss the model's own forward computes from `logits` and `labels` (shifted inside)."""
-    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+def causal_lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The loss the model's own forward computes from `logits` and `labels` (shifted inside), with the forward's other
+    keyword arguments (`num_items_in_batch`, `shift_labels`...) as it passes them on."""
+    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **kwargs)
 
 
 def causal_lm_model_types() -> list[str]:

@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -39,7 +40,11 @@ from .transport import LocalTransport, Transport, make_transport
 
 logger = logging.getLogger(__name__)
 
-_GENERATE_SPLIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("slicer_generate_split", default=None)
+# the split layer of the generate() call running, and its model: another split model run inside it (a logits
+# processor's, a stopping criterion's) takes its own
+_GENERATE_SPLIT: contextvars.ContextVar[tuple[Any, int] | None] = contextvars.ContextVar(
+    "slicer_generate_split", default=None
+)
 UNSUPPORTED_GENERATION = {  # generate() arguments, the values that leave split generation as it is, and what else
     "num_beams": ((None, 1), "beam search"),
     "penalty_alpha": ((None,), "contrastive search"),
@@ -169,6 +174,8 @@ class SplitModelMixin:
     def _resolve_split(self, split_layer: int | None) -> int:
         k = self.slicer_config.split_layer if split_layer is None else split_layer
         n = compat.num_layers(self.config)
+        if isinstance(k, numbers.Integral) and not isinstance(k, bool):  # numpy's integers too
+            k = int(k)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < n:
             raise ConfigError(f"`split_layer` must be an integer in [1, {n - 1}] for this {n}-layer model, got {k!r}")
         if not self._slicer_local and k != self.slicer_config.split_layer:
@@ -256,7 +263,7 @@ class SlicerGenerationMixin(SplitModelMixin):
             if value not in plain:
                 shown = repr(value) if isinstance(value, (int, float, str, list, tuple)) else type(value).__name__
                 raise NotImplementedError(f"{what} ({name}={shown}) is not supported by split generation")
-        token = _GENERATE_SPLIT.set(k)
+        token = _GENERATE_SPLIT.set((self, k))
         try:
             with self._exclusive():
                 return super().generate(*args, **kwargs)
@@ -269,7 +276,10 @@ class SlicerGenerationMixin(SplitModelMixin):
             return self._split_forward(split_layer, args, kwargs)
 
     def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        k = self._resolve_split(split_layer if split_layer is not None else _GENERATE_SPLIT.get())
+        running = _GENERATE_SPLIT.get()
+        if split_layer is None and running is not None and running[0] is self:
+            split_layer = running[1]
+        k = self._resolve_split(split_layer)
         self._warn_without_gradients()
         base_forward = super().forward  # the model's own forward (this mixin sits before its class)
         given = self._arguments(base_forward, args, kwargs, k)
@@ -305,8 +315,8 @@ class SlicerGenerationMixin(SplitModelMixin):
                 "that transformers keeps apart; the server's layers run with a cache and would attend across them: "
                 "pass each sequence as its own (padded) row"
             )
-        keep = given.get("logits_to_keep", 0)
-        keep = t if isinstance(keep, torch.Tensor) or not keep else min(int(keep), t)
+        to_keep = given.get("logits_to_keep", 0)
+        keep = t if isinstance(to_keep, torch.Tensor) or not to_keep else min(int(to_keep), t)
         replies: dict[str, torch.Tensor] = {}
 
         def exchange(hidden: torch.Tensor, grid: Any = None) -> torch.Tensor:  # [B, T, d] at the split -> final
@@ -353,12 +363,17 @@ class SlicerGenerationMixin(SplitModelMixin):
             out = base_forward(**call)
             _mark(link, cache, out)
         out.logits = replies["logits"].to(ref.device)
+        if isinstance(to_keep, torch.Tensor):  # positions by index: every one came back
+            out.logits = out.logits[:, to_keep.to(ref.device)]
         if labels is not None:
             if self.slicer_config.downlink == "topk_logits":  # the rest of the vocabulary came back as -inf
                 raise NotImplementedError("labels (a loss) need every logit: use downlink 'hidden' or 'logits'")
             if out.logits.shape[1] != t:
                 raise NotImplementedError("labels need logits at every position: call without logits_to_keep")
-            out.loss = compat.causal_lm_loss(self, out.logits, labels)
+            named = inspect.signature(base_forward).parameters
+            extra = {name: value for name, value in given.items() if name not in named}  # num_items_in_batch...
+            loss = compat.causal_lm_loss(self, out.logits, labels, **extra)
+            out = type(out)(loss=loss, **out)  # the loss first, where the model's own output has it
         return out.to_tuple() if as_tuple else out
 
 

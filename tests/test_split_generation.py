@@ -5,6 +5,7 @@ import copy
 import inspect
 import struct
 
+import numpy as np
 import pytest
 import torch
 from conftest import ARCHITECTURES, VOCAB, RecordingTransport
@@ -221,6 +222,32 @@ def test_labels_give_the_unsplit_models_loss(model_pair, downlink):
         assert torch.allclose(split(model, downlink=downlink)(ids, labels=ids).loss, ref(ids, labels=ids).loss)
 
 
+@pytest.mark.parametrize("downlink", ["hidden", "logits"])
+def test_the_loss_comes_first_and_takes_the_forwards_loss_arguments_as_in_transformers(model_pair, downlink):
+    ref, model = model_pair("llama")
+    model = split(model, downlink=downlink)
+    ids = prompt(2, 9)
+    shifted = torch.cat([ids[:, 1:].flip(1), torch.full((2, 1), -100)], 1)  # not the labels shifted
+    for extra in ({}, {"num_items_in_batch": torch.tensor(4)}, {"shift_labels": shifted}):
+        with torch.no_grad():
+            want, got = ref(ids, labels=ids, **extra), model(ids, labels=ids, **extra)
+        assert list(got.keys()) == list(want.keys())  # out[0] is the loss
+        torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
+    as_tuple = model(ids, labels=ids, return_dict=False)
+    assert as_tuple[0].ndim == 0
+
+
+@pytest.mark.parametrize("downlink", ["hidden", "logits"])
+def test_logits_to_keep_as_indices_keeps_those_positions(model_pair, downlink):
+    ref, model = model_pair("llama")
+    ids, keep = prompt(2, 9), torch.tensor([0, 4])
+    with torch.no_grad():
+        want = ref(ids, logits_to_keep=keep).logits
+        got = split(model, downlink=downlink)(ids, logits_to_keep=keep).logits
+    assert got.shape == want.shape == (2, 2, VOCAB)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_labels_are_refused_with_a_top_k_downlink_not_scored_against_minus_infinity(model_pair):
     _, model = model_pair("llama")
     ids = prompt(length=9)
@@ -275,6 +302,34 @@ def test_wire_stats_count_what_crossed(model_pair):
     assert server.bytes_in == stats.uplink_bytes and server.bytes_out == stats.downlink_bytes
     model.reset_wire_stats()
     assert model.wire_stats().uplink_bytes == 0
+
+
+def test_another_split_model_run_inside_generate_splits_at_its_own_layer(model_pair, reference_models):
+    """A model run by a logits processor (a reward model, a judge) inside another's generate() takes its own split,
+    not the running call's."""
+    ref, model = model_pair("llama")
+    outer, inner = split(model), split(copy.deepcopy(reference_models["llama"]), split_layer=2)
+    splits = []
+
+    def judge(ids, scores):
+        inner(ids)
+        splits.append(inner._slicer_link.open_request["split_layer"])
+        return scores
+
+    ids = prompt()
+    for k in (1, 3):
+        got = outer.generate(
+            ids, max_new_tokens=3, do_sample=False, split_layer=k, logits_processor=LogitsProcessorList([judge])
+        )
+        assert torch.equal(got, ref.generate(ids, max_new_tokens=3, do_sample=False))
+    assert splits == [2] * 6
+
+
+def test_a_numpy_integer_is_a_split_layer(model_pair):
+    ref, model = model_pair("llama")
+    ids = prompt()
+    got = split(model).generate(ids, max_new_tokens=3, do_sample=False, split_layer=np.int64(2))
+    assert torch.equal(got, ref.generate(ids, max_new_tokens=3, do_sample=False))
 
 
 def test_bad_split_layer_is_a_clear_error(model_pair):
