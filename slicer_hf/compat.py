@@ -450,6 +450,11 @@ def route_attention(model: PreTrainedModel, attention: Any) -> bool:
     return True
 
 
+def routes_attention(model: PreTrainedModel) -> bool:
+    """Whether the model's attention still goes through `STORE_ATTENTION` (`set_attn_implementation` sets another)."""
+    return model.config._attn_implementation == STORE_ATTENTION
+
+
 def sdpa_attention(*args: Any, **kwargs: Any) -> Any:
     """transformers' SDPA attention function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -263,6 +263,11 @@ class SlicerGenerationMixin(SplitModelMixin):
             if value not in plain:
                 shown = repr(value) if isinstance(value, (int, float, str, list, tuple)) else type(value).__name__
                 raise NotImplementedError(f"{what} ({name}={shown}) is not supported by split generation")
+        if given.get("cache_implementation") == "paged":  # transformers' continuous batching: a generate of its own
+            raise NotImplementedError(
+                "continuous batching (cache_implementation='paged') is not supported by split generation; the "
+                "server batches the sessions of many clients itself"
+            )
         token = _GENERATE_SPLIT.set((self, k))
         try:
             with self._exclusive():

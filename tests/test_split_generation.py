@@ -325,6 +325,27 @@ def test_another_split_model_run_inside_generate_splits_at_its_own_layer(model_p
     assert splits == [2] * 6
 
 
+def test_an_attention_set_again_on_a_model_with_an_in_process_server_is_run_as_it_asks_or_refused(model_pair):
+    """The in-process server routes the model's attention through its KV store; `set_attn_implementation` after
+    that must not leave the store's rows under plain SDPA with no mask (tokens were wrong)."""
+    ref, model = model_pair("llama")
+    model, (ids, mask) = split(model), left_padded()
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ProtocolError, match="attention was set to 'eager'.*set it back to 'sdpa'"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_continuous_batching_is_refused_by_name(model_pair):
+    _, model = model_pair("llama")
+    with pytest.raises(NotImplementedError, match="continuous batching"):
+        split(model).generate(prompt(2), max_new_tokens=2, do_sample=False, cache_implementation="paged")
+
+
 def test_a_numpy_integer_is_a_split_layer(model_pair):
     ref, model = model_pair("llama")
     ids = prompt()

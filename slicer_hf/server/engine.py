@@ -795,6 +795,13 @@ class SplitServer:
     ) -> torch.Tensor:
         """Layers from each row's split on, for `hidden` [R, t, d] (rows sorted by split layer), K/V in the store.
         Returns the last layer's output [R, t, d], or with `logits_to_keep` the last positions' float32 logits."""
+        if not compat.routes_attention(self.model):  # its owner set another attention (an in-process server's)
+            implementation = self.model.config._attn_implementation
+            if not compat.route_attention(self.model, store_attention):
+                raise ConfigError(
+                    f"the model's attention was set to {implementation!r} after its server started; the server's "
+                    "KV store runs SDPA attention: set it back to 'sdpa'"
+                )
         batch = StoreBatch(self.store, rows, hidden.shape[1], valid)
         plan = SplitPlan("server", rows[0].split_layer, inject=hidden, store=batch, rows_at=batch.rows_at)
         mask = compat.forward_mask_placeholder(self.device)
