@@ -214,6 +214,25 @@ def check_split_cache(cache: Any) -> None:
             )
 
 
+@functools.cache
+def forget_on_row_changes(attribute: str) -> None:
+    """Make every transformers cache drop its `attribute` when its rows are reordered, repeated or selected (what
+    beam search and custom decoding loops call), from now on. A split cache's tag says which rows the server holds,
+    in which order: the server's rows stay as they were, so such a cache must not continue there."""
+    from transformers.cache_utils import Cache
+
+    for name in ("reorder_cache", "batch_repeat_interleave", "batch_select_indices"):
+        original = getattr(Cache, name, None)
+        if original is None:
+            continue
+
+        def forgetting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            self.__dict__.pop(attribute, None)
+            return _original(self, *args, **kwargs)
+
+        setattr(Cache, name, functools.wraps(original)(forgetting))
+
+
 def phantom_cache_update(cache: Any, layer_idx: int, hidden_states: torch.Tensor) -> None:
     """Record T positions for a layer this side does not run, with a `[B, 1, T, 1]` dummy K/V.
 

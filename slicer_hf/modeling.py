@@ -298,8 +298,9 @@ class SlicerGenerationMixin(SplitModelMixin):
         if start > 0 and not link.continues(getattr(cache, "_slicer_mark", None), start):
             raise SlicerError(
                 f"this KV cache holds {start} positions the server no longer holds as they were (another "
-                "generate() or branch ran on this model since, its session closed, or the cache was not made by "
-                "this split model): continue it on no other sequence, or start again from the whole prompt"
+                "generate() or branch ran on this model since, the cache's rows were reordered or selected, its "
+                "session closed, or the cache was not made by this split model): continue it on no other sequence, "
+                "or start again from the whole prompt"
             )
         mask = given.get("attention_mask")
         if mask is not None and (not torch.is_tensor(mask) or mask.ndim != 2):  # a dict of masks, one per layer type
@@ -398,6 +399,7 @@ def _mark(link: SuffixLink, cache: Any, out: Any) -> None:
     made = out.values() if isinstance(out, dict) else out  # a ModelOutput, or its tuple
     cache = cache if cache is not None else next((v for v in made if isinstance(v, Cache)), None)
     if cache is not None:
+        compat.forget_on_row_changes("_slicer_mark")
         cache._slicer_mark = link.mark()
 
 

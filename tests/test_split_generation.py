@@ -525,6 +525,31 @@ def test_of_two_branches_of_one_prefix_the_older_is_refused_and_the_prefix_still
         split_model(prompt(length=1, seed=7), past_key_values=copy.deepcopy(prefix))  # positions 0..5 are intact
 
 
+@pytest.mark.parametrize(
+    "change",
+    [lambda c: c.reorder_cache(torch.tensor([1, 0])), lambda c: c.batch_select_indices(torch.tensor([1]))],
+    ids=["reorder", "select"],
+)
+def test_a_cache_whose_rows_were_reordered_or_selected_is_refused_not_continued_on_the_servers_old_rows(
+    model_pair, change
+):
+    """What beam search and custom decoding loops do to a cache: the server's rows stay in their old order."""
+    from transformers import DynamicCache
+
+    from slicer_hf import SlicerError
+
+    _, model = model_pair("llama")
+    split_model = split(model)
+    with torch.no_grad():
+        cache = DynamicCache(config=split_model.config)
+        split_model(prompt(2), past_key_values=cache)
+        kept = copy.deepcopy(cache)
+        change(cache)
+        with pytest.raises(SlicerError, match="reordered or selected"):
+            split_model(prompt(len(cache.layers[0].keys), length=1, seed=5), past_key_values=cache)
+        split_model(prompt(2, length=1, seed=5), past_key_values=kept)  # a copy made before goes on
+
+
 @pytest.mark.parametrize("kv_store", [True, False])
 def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_store):
     from transformers import AutoModelForCausalLM, MistralConfig
