@@ -185,6 +185,7 @@ class SuffixLink:
     downlink_codec: Codec = field(init=False)  # of hidden-state replies: the one `open_request` announced
     uid: int = field(default_factory=lambda: next(_LINKS))  # this link, in the marks it hands out
     _end: int = 0  # positions the server holds (0..end-1)
+    _mask: torch.Tensor | None = None  # the attention mask the server holds for them (None: it hides none)
     _epoch: int = 0  # seq of the last step from position 0: an earlier mark belongs to another sequence
     _rewinds: list[tuple[int, int]] = field(default_factory=list)  # (seq, start) of later steps that went back
     _limits: StepLimits = field(default_factory=StepLimits)  # what one step may carry, from the latest OPENED
@@ -246,7 +247,7 @@ class SuffixLink:
         """Forget the session and its sequence and end the stream: no mark from before continues on what follows."""
         self.session = None
         self._sent.clear()
-        self._chain = None
+        self._chain, self._mask = None, None
         self._epoch = self._seq + 1
         self.transport.close()
 
@@ -271,10 +272,14 @@ class SuffixLink:
         grid: tuple[int, int] | None = None,
         reply_shape: tuple[int | None, ...] | None = None,
         decoding: bool | None = None,
+        history: torch.Tensor | None = None,
     ) -> tuple[int, torch.Tensor]:
         """Send `hidden` `[B, T, d]` for positions `start..start+T-1`; returns (reply kind, tensor).
 
         Args:
+            mask: `[B, T]` the attention mask's columns of these positions (None: no mask, every position visible).
+            history: `[B, start]` the attention mask of the earlier positions as the caller has it now; sent along
+                where it is not the one the server holds (a later turn that hides a finished row's padding).
             grid: (H, W) when the T rows are a feature map.
             reply_shape: the hidden-state reply's shape (None for a dimension not known in advance), where it is
                 not `[B, T - need_from, d]`.
@@ -300,6 +305,9 @@ class SuffixLink:
         elif start < self._end:
             self._rewinds.append((self._seq, start))
         self._end = start + hidden.shape[1]
+        mask = None if mask is None else mask.bool().cpu()
+        history = self._changed_history(history, hidden.shape[0], start)
+        self._mask = protocol.extend_mask(self._mask, mask, start, history)
         step = protocol.Step(
             0,
             self._seq,
@@ -308,10 +316,11 @@ class SuffixLink:
             hidden.shape[1],
             need_from,
             payload,
-            None if mask is None else mask.bool().cpu(),
+            mask,
             None if positions is None else positions.cpu(),
             grid,
             chained=chained,
+            history=history,
         )
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
@@ -473,9 +482,19 @@ class SuffixLink:
             if body is not None:
                 leaner = dataclasses.replace(step, payload=body, bare=True)
         follows = self._acked == (step.seq - 1, step.start, step.batch)
-        if self._next and follows and step.tokens == 1 and step.need_from == 0 and step.grid is None:
+        steady = step.tokens == 1 and step.need_from == 0 and step.grid is None and step.history is None
+        if self._next and follows and steady:
             leaner = dataclasses.replace(leaner, next=True)
         return leaner
+
+    def _changed_history(self, history: torch.Tensor | None, batch: int, start: int) -> torch.Tensor | None:
+        """`history` (`[B, start]`), where it differs from the mask the server holds for those positions."""
+        if history is None or start == 0 or tuple(history.shape) != (batch, start):
+            return None
+        history = history.bool().cpu()
+        held = None if self._mask is None else self._mask[:, :start]
+        same = bool(history.all()) if held is None else held.shape == history.shape and torch.equal(held, history)
+        return None if same else history
 
     @staticmethod
     def _checked(reply: bytes, seq: int) -> tuple[int, bytes]:

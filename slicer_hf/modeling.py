@@ -325,6 +325,8 @@ class SlicerGenerationMixin(SplitModelMixin):
         keep = t if isinstance(to_keep, torch.Tensor) or not to_keep else min(int(to_keep), t)
         replies: dict[str, torch.Tensor] = {}
 
+        whole_mask = mask is not None and mask.shape[1] == start + t  # the cached positions' columns too
+
         def exchange(hidden: torch.Tensor, grid: Any = None) -> torch.Tensor:  # [B, T, d] at the split -> final
             outputs = []
             limits = link.step_limits()
@@ -341,6 +343,7 @@ class SlicerGenerationMixin(SplitModelMixin):
                     None if positions is None else positions[:, a:z],
                     need_from,
                     decoding=t == 1 and start > 0,  # a prompt cut into one-position steps is not decoding
+                    history=mask[:, : start + a] if whole_mask else None,  # sent where the server's differs
                 )
                 if out.shape[1]:
                     outputs.append(out)

@@ -5,7 +5,8 @@ stats) carry a JSON body; the hot path (step, reply) is binary::
 
     STEP   [session varint][seq varint][start varint][B varint][T varint][flags u8][need_from varint]
            [grid H varint, W varint, if flags & GRID]
-           [mask bits B*T, if flags & MASK_BITS][positions int32 B*T, if flags & POSITIONS]
+           [mask bits B*T, if flags & MASK_BITS][history bits B*start, if flags & HISTORY]
+           [positions int32 B*T, if flags & POSITIONS]
            [uplink codec packet: without its envelope if BARE, continuing the last step's rows if CHAINED]
     NEXT   [session varint][seq varint][flags u8][mask bits B][positions int32 B][packet]: a decode step in steady
            state (T = 1 new position for each of the session's B sequences, right after the last step, every output
@@ -60,6 +61,8 @@ BARE = 16  # flags bit 4: the codec packet leaves out its envelope; the session'
 # [B, T, width] rebuild it (sent only to a server whose OPENED says "bare_steps")
 CHAINED = 32  # flags bit 5: a chained codec's packet (`Codec.chains`) continues the sequences from the decoded rows at
 # start - 1 that the server holds from the last step; without it each sequence starts afresh in this step
+HISTORY = 64  # flags bit 6: the mask of positions 0..start-1 follows, replacing the one the server holds (an edge
+# whose attention mask now hides positions it had shown: a conversation that masks the padding a finished row got)
 REPLY_HIDDEN, REPLY_TOPK, REPLY_LOGITS = 1, 2, 3
 REPLY_HIDDEN_BARE = 4  # hidden states through the session's downlink codec, the packet bare (`Codec.bare`): float32
 # rows of the step's [B, T - need_from, width] (sent only to an edge whose OPEN asked for "bare_replies")
@@ -147,6 +150,7 @@ class Step:
     bare: bool = False  # the payload is a codec packet without its envelope
     next: bool = False  # sent as NEXT: start and batch come from the session (`decode_step`'s check fills them)
     chained: bool = False  # the packet continues from the last step's decoded rows (flag CHAINED)
+    history: torch.Tensor | None = None  # [B, start] bool: the mask of the earlier positions, now (flag HISTORY)
 
 
 def header(kind: int) -> bytes:
@@ -209,7 +213,12 @@ def encode_step(step: Step) -> bytes:
             flags = MASK_ONES
         else:
             flags = MASK_BITS
-            extra += np.packbits(step.mask.cpu().numpy().astype(np.uint8).ravel(), bitorder="little").tobytes()
+            extra += _bits(step.mask)
+    if step.history is not None:
+        if tuple(step.history.shape) != (step.batch, step.start):
+            raise ValueError(f"a step's history mask is [B, start], got {tuple(step.history.shape)}")
+        flags |= HISTORY
+        extra += _bits(step.history)
     if step.positions is not None:
         flags |= POSITIONS
         extra += step.positions.cpu().to(torch.int32).numpy().tobytes()
@@ -222,8 +231,8 @@ def encode_step(step: Step) -> bytes:
     if step.chained:
         flags |= CHAINED
     if step.next:
-        if step.tokens != 1 or step.need_from != 0 or step.grid is not None:
-            raise ValueError("a NEXT step carries one position per sequence, every output wanted, no grid")
+        if step.tokens != 1 or step.need_from != 0 or step.grid is not None or step.history is not None:
+            raise ValueError("a NEXT step carries one position per sequence, every output wanted, no grid or history")
         ids = write_varint(step.session) + write_varint(step.seq)
         return header(NEXT) + ids + bytes([flags]) + extra + step.payload
     fields = (step.session, step.seq, step.start, step.batch, step.tokens)
@@ -236,6 +245,33 @@ def encode_step(step: Step) -> bytes:
         + extra
         + step.payload
     )
+
+
+def extend_mask(
+    held: torch.Tensor | None, new: torch.Tensor | None, start: int, history: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The `[B, start + T]` mask after a step that sends columns `new` `[B, T]` from `start`, over the mask `held`
+    (None: every position visible), or `history` `[B, start]` in its place; None where the step sends none (every
+    position visible, as transformers takes a missing mask) or the result hides nothing. Both sides keep this account:
+    the server of its session's mask, the edge of what its server holds."""
+    if new is None:
+        return None
+    before = history if history is not None else None if held is None else held[:, :start]
+    if (before is None or bool(before.all())) and bool(new.all()):
+        return None
+    if before is None:
+        before = torch.ones(new.shape[0], start, dtype=torch.bool)
+    return torch.cat([before, new.bool()], dim=1)
+
+
+def _bits(mask: torch.Tensor) -> bytes:
+    return np.packbits(mask.cpu().numpy().astype(np.uint8).ravel(), bitorder="little").tobytes()
+
+
+def _read_bits(r: Reader, rows: int, columns: int) -> torch.Tensor:
+    """A `[rows, columns]` bool mask of `_bits` (taken from the message before anything is allocated for it)."""
+    bits = np.unpackbits(np.frombuffer(r.take((rows * columns + 7) // 8), np.uint8), bitorder="little")
+    return torch.from_numpy(bits[: rows * columns].astype(bool)).reshape(rows, columns)
 
 
 def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 << 24) -> Step:
@@ -257,7 +293,7 @@ def decode_step(data: bytes, check: Callable[[Step], None], max_tokens: int = 1 
         start, batch, tokens = r.varint(limit=1 << 31), r.varint(limit=MAX_BATCH), r.varint(limit=max_tokens)
         flags = r.u8()
         need_from = r.varint(limit=tokens)
-        if flags & ~(3 | POSITIONS | GRID | BARE | CHAINED) or flags & 3 == 3:
+        if flags & ~(3 | POSITIONS | GRID | BARE | CHAINED | HISTORY) or flags & 3 == 3:
             raise ProtocolError(f"unknown step flags {flags:#x}", code="malformed")
         if batch == 0 or tokens == 0:
             raise ProtocolError(f"step with batch={batch}, tokens={tokens}", code="malformed")
@@ -291,8 +327,9 @@ def _read_columns(r: Reader, step: Step, flags: int) -> None:
     if flags & 3 == MASK_ONES:
         step.mask = torch.ones(batch, tokens, dtype=torch.bool)
     elif flags & 3 == MASK_BITS:
-        bits = np.unpackbits(np.frombuffer(r.take((batch * tokens + 7) // 8), np.uint8), bitorder="little")
-        step.mask = torch.from_numpy(bits[: batch * tokens].astype(bool)).reshape(batch, tokens)
+        step.mask = _read_bits(r, batch, tokens)
+    if flags & HISTORY:
+        step.history = _read_bits(r, batch, step.start)
     if flags & POSITIONS:
         positions = r.array(np.int32, batch * tokens).astype(np.int64)
         step.positions = torch.from_numpy(positions).reshape(batch, tokens)

@@ -93,6 +93,21 @@ def test_a_next_step_round_trips_with_start_and_batch_from_the_session():
         protocol.encode_step(protocol.Step(7, 9, 40, 2, 3, 0, b"xy", next=True))
 
 
+def test_a_step_carries_the_mask_of_its_earlier_positions_only_whole_and_never_as_next():
+    mask, history = torch.tensor([[True], [True]]), torch.tensor([[True, False, True], [True, True, True]])
+    step = protocol.decode_step(
+        protocol.encode_step(protocol.Step(7, 9, 3, 2, 1, 0, b"xy", mask, history=history)), check=lambda s: None
+    )
+    assert torch.equal(step.history, history) and torch.equal(step.mask, mask) and step.payload == b"xy"
+    with pytest.raises(ValueError, match=r"\[B, start\]"):
+        protocol.encode_step(protocol.Step(7, 9, 4, 2, 1, 0, b"xy", mask, history=history))
+    with pytest.raises(ValueError, match="no grid or history"):
+        protocol.encode_step(protocol.Step(7, 9, 3, 2, 1, 0, b"xy", mask, history=history, next=True))
+    cut = protocol.encode_step(protocol.Step(7, 9, 3, 2, 1, 0, b"", mask, history=history))[:-1]
+    with pytest.raises(ProtocolError, match="malformed"):  # its bits missing: refused, not read past the end
+        protocol.decode_step(cut, check=lambda s: None)
+
+
 def decode_step_message(session: int, seq: int, start: int, packet: bytes, next_: bool) -> bytes:
     ones = torch.ones(1, 1, dtype=torch.bool)
     return protocol.encode_step(protocol.Step(session, seq, start, 1, 1, 0, packet, ones, next=next_))

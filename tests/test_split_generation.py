@@ -550,6 +550,41 @@ def test_a_cache_whose_rows_were_reordered_or_selected_is_refused_not_continued_
         split_model(prompt(2, length=1, seed=5), past_key_values=kept)  # a copy made before goes on
 
 
+class HistoryCounting(LocalTransport):
+    """An in-process server's transport that counts the steps carrying a history mask (flag HISTORY)."""
+
+    def __init__(self, server) -> None:
+        super().__init__(server)
+        self.histories = 0
+
+    def request(self, data: bytes) -> bytes:
+        if protocol.message_type(data) == protocol.STEP:
+            self.histories += protocol.decode_step(data, check=lambda step: None).history is not None
+        return super().request(data)
+
+
+@pytest.mark.parametrize("kv_store", [True, False])
+def test_a_later_turn_that_masks_a_finished_rows_padding_equals_plain_generate(reference_models, kv_store):
+    """A batch conversation: row 0 stops at its EOS and is padded while row 1 goes on; the next turn continues the
+    cache with `attention_mask = sequences != pad`, which hides cached positions the first turn showed. The server
+    takes that mask for its cached positions too (it kept the first turn's)."""
+    ref = reference_models["llama"]
+    transport = HistoryCounting(SplitServer(copy.deepcopy(ref), kv_store=kv_store))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS, transport)
+    ids = prompt(2, 6, seed=3)
+    eos = int(ref.generate(ids, max_new_tokens=2, do_sample=False)[0, -1])  # row 0's second new token
+    first = dict(max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True)
+    want, got = ref.generate(ids, **first), model.generate(ids, **first)
+    assert torch.equal(got.sequences, want.sequences) and (want.sequences[0, 8:] == 0).all()  # row 0 padded
+    assert transport.histories == 0  # one turn: the server's mask is the edge's
+    sequences = torch.cat([want.sequences, prompt(2, 3, seed=9)], 1)
+    mask = torch.cat([want.sequences != 0, torch.ones(2, 3, dtype=torch.bool)], 1).long()
+    second = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = ref.generate(sequences, past_key_values=want.past_key_values, **second)
+    assert torch.equal(model.generate(sequences, past_key_values=got.past_key_values, **second), expected)
+    assert transport.histories == 1  # sent once, with the turn's first step
+
+
 @pytest.mark.parametrize("kv_store", [True, False])
 def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_store):
     from transformers import AutoModelForCausalLM, MistralConfig

@@ -871,17 +871,10 @@ class SplitServer:
         return True
 
     def _extend_mask(self, session: Session, step: protocol.Step) -> None:
-        """The session's 2D mask through the step; None while it masks nothing (what an unpadded edge sends), so a
-        decode step builds no mask of its own."""
-        if step.mask is None or ((session.mask is None or step.start == 0) and bool(step.mask.all())):
-            session.mask = None
-        else:
-            prefix = (
-                session.mask[:, : step.start]
-                if session.mask is not None
-                else torch.ones(step.batch, step.start, dtype=torch.bool)
-            )
-            session.mask = torch.cat([prefix, step.mask], dim=1)
+        """The session's 2D mask through the step (the step's `history`, where it has one, replaces the mask of the
+        earlier positions); None while it masks nothing (what an unpadded edge sends), so a decode step builds no
+        mask of its own."""
+        session.mask = protocol.extend_mask(session.mask, step.mask, step.start, step.history)
 
     @torch.inference_mode()
     def run_one(self, work: Work) -> tuple[bytes, int]:
