@@ -50,6 +50,7 @@ UNSUPPORTED_GENERATION = {  # generate() arguments, the values that leave split 
     "penalty_alpha": ((None,), "contrastive search"),
     "assistant_model": ((None,), "assisted (speculative) decoding"),
     "prompt_lookup_num_tokens": ((None,), "prompt-lookup decoding"),
+    "use_mtp": ((None, False), "multi-token prediction (assisted decoding by the model's own MTP layers)"),
     "assistant_early_exit": ((None,), "self-speculative decoding (it cuts the model's layers)"),
     "guidance_scale": ((None, 1), "classifier-free guidance (a second, unconditional sequence on the model)"),
     "dola_layers": ((None,), "DoLa decoding (it reads early layers' hidden states)"),
@@ -247,7 +248,8 @@ class SlicerGenerationMixin(SplitModelMixin):
             split_layer: layers run on the edge; defaults to `slicer_config.split_layer`.
             args, kwargs: every ordinary `generate()` argument (sampling, logits processors, stopping criteria,
                 streamers, batches with left padding). Beam search, assisted and self-speculative decoding,
-                contrastive search, classifier-free guidance and DoLa raise `NotImplementedError`.
+                multi-token prediction, contrastive search, classifier-free guidance, DoLa and continuous batching
+                raise `NotImplementedError`.
         """
         k = self._resolve_split(split_layer)
         given = _by_name(super().generate, args, kwargs)  # a generation_config may come by position

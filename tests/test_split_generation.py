@@ -377,6 +377,7 @@ def test_beam_search_is_refused_not_wrong(model_pair):
         ({"assistant_early_exit": 1}, "self-speculative"),
         ({"guidance_scale": 1.5}, "classifier-free guidance"),
         ({"dola_layers": "low"}, "DoLa"),
+        ({"use_mtp": True}, "multi-token prediction"),
     ],
 )
 def test_modes_that_reach_into_the_models_layers_are_refused_and_leave_it_whole(model_pair, mode, what):
