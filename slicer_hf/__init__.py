@@ -10,13 +10,14 @@ from .encoders import (
 )
 from .errors import CodecError, ConfigError, MissingDataError, ProtocolError, SlicerError, TransportError
 from .link import WireStats
-from .modeling import SlicerGenerationMixin, SlicerModelForCausalLM, unsplit
+from .modeling import ConcurrentUseError, SlicerGenerationMixin, SlicerModelForCausalLM, unsplit
 from .tuning import Constraints, InfeasibleError, LinkSpec, Profile, search
 from .version import __version__
 
 __all__ = [
     "Codec",
     "CodecError",
+    "ConcurrentUseError",
     "ConfigError",
     "Constraints",
     "InfeasibleError",

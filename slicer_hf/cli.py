@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import inspect
 import json
 import logging
@@ -32,6 +33,13 @@ RootCertOpt = Annotated[
     Path | None,
     typer.Option(help="PEM CA certificate to check a grpcs:// server's certificate against (private CA).", **PEM_FILE),
 ]
+
+
+class LogLevel(str, enum.Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
 def _setup_logging(level: str) -> None:
@@ -222,7 +230,7 @@ def serve(
     route_prefix: Annotated[
         str, typer.Option(help="--ray: the router's path under the cluster's one ingress (slicer+http://H:P/PREFIX).")
     ] = "/",
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="Logging level.", case_sensitive=False)] = LogLevel.info,
 ) -> None:
     """Serve blocks `k..L-1` of MODEL (a causal LM, or an encoder or vision model) to split clients over gRPC.
 
@@ -230,7 +238,7 @@ def serve(
     slicer+http://HOST:ROUTER_PORT that sends each new session to a replica. SIGTERM or Ctrl-C drains (no new
     sessions), gives open calls 2 s, then stops.
     """
-    _setup_logging(log_level)
+    _setup_logging(log_level.value)
     tls = _tls_pair(tls_cert, tls_key)
     scale = _parse_autoscale(autoscale)
     fleet_only = dict(

@@ -154,6 +154,7 @@ BAD_ARGUMENTS = {
     "a metrics port past 65535": ["serve", "--metrics-port", "70000"],
     "a router port past 65535": ["serve", "--ray", "--router-port", "70000"],
     "no streams": ["serve", "--max-streams", "0"],
+    "an unknown log level": ["serve", "--log-level", "verbose"],
     "negative threads": ["serve", "--threads", "-1"],
     "a demo of no tokens": ["demo", "--max-new-tokens", "0"],
     "a fixed count and a range of replicas": ["serve", "--ray", "--replicas", "3", "--autoscale", "1,2"],

@@ -27,3 +27,20 @@ def test_a_drifted_summary_is_caught(tmp_path):
         summary.main(["--doc", str(doc), "--check"])
     summary.main(["--doc", str(doc)])  # regenerating repairs it
     summary.main(["--doc", str(doc), "--check"])
+
+
+def test_every_command_and_option_of_the_cli_is_in_its_reference():
+    """docs/cli.md has a section per command naming each of its options (`slicer-hf COMMAND --help` the same)."""
+    import typer
+
+    from slicer_hf.cli import app
+
+    reference = (DOCS / "cli.md").read_text()
+    sections = dict(re.findall(r"^## `slicer-hf (\S+)`\n(.*?)(?=^## |\Z)", reference, re.S | re.M))
+    commands = typer.main.get_command(app).commands
+    assert sorted(sections) == sorted(commands)
+    for name, command in commands.items():
+        for param in command.params:
+            for option in [*param.opts, *param.secondary_opts]:
+                if option.startswith("--"):
+                    assert f"`{option}`" in sections[name], f"slicer-hf {name} {option} is not in docs/cli.md"

@@ -74,7 +74,7 @@ def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:
     """The options every real-model suite takes: --model, --config, --out-json."""
     parser = suite_arguments(doc)
     parser.add_argument("--model", default="smollm2", help="Hub id, local folder, or 'smollm2' (embedded)")
-    parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
+    parser.add_argument("--config", default=None, help="SlicerConfig folder or preset (default: the SmolLM2 preset)")
     parser.add_argument(
         "--out-json",
         default=out_json,

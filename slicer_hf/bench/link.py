@@ -537,7 +537,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = suite_arguments(__doc__)
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
-    parser.add_argument("--config", default=None, help="SlicerConfig folder (default: the SmolLM2 preset)")
+    parser.add_argument("--config", default=None, help="SlicerConfig folder or preset (default: the SmolLM2 preset)")
     parser.add_argument(
         "--rates", nargs="+", type=parse_rate, default=[None, 10.0, 1.0], help="Mbit/s each way, or 'unshaped'"
     )
