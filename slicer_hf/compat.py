@@ -555,6 +555,27 @@ def final_width(config: Any) -> int:
     return int(sizes[-1]) if sizes and getattr(config, "depths", None) else int(config.hidden_size)
 
 
+def reply_positions(config: Any, split_layer: int, positions: int, grid: tuple[int, int] | None) -> int:
+    """At most how many positions leave the last block for `positions` entering block `split_layer` (a feature map's
+    `grid`): a CNN's later stages halve the map (ResNet rounds up, ConvNeXt down), Swin's patch merging halves the
+    grid after every stage but the last (rounding up); other encoders keep every position."""
+    if grid is None or not getattr(config, "depths", None):
+        return positions
+    halvings = len(config.depths) - split_layer - (1 if encoder_kind(config) == "grid" else 0)
+    scale = 2 ** max(halvings, 0)
+    return -(-grid[0] // scale) * -(-grid[1] // scale)
+
+
+def max_encoder_tokens(model: nn.Module) -> int | None:
+    """The most tokens a text encoder's own embeddings take (their position table, less RoBERTa's offset past the
+    padding index), which the server's stand-in forward runs; None for vision models."""
+    if encoder_kind(model.config) != "text":
+        return None
+    embeddings = getattr(model.base_model, "embeddings", None)
+    padding = getattr(embeddings, "padding_idx", None)  # RoBERTa's positions start past it
+    return int(model.config.max_position_embeddings) - (padding + 1 if isinstance(padding, int) else 0)
+
+
 def layer_grid(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
     """The (height, width) patch grid a block takes as an argument (Swin's `input_dimensions`), if it takes one."""
     if "input_dimensions" not in signature.parameters:

@@ -57,19 +57,29 @@ class SlicerEncoderMixin(SplitModelMixin):
         mask = given.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise NotImplementedError("split forward takes a 2D attention_mask [batch, length]")
+        if mask is None and compat.packs_sequences(given.get("position_ids")):
+            raise NotImplementedError(
+                "position_ids that restart within a row, with no attention_mask, pack several sequences that "
+                "transformers keeps apart; the server is sent no position ids: pass each sequence as its own (padded) "
+                "row, or an attention_mask"
+            )
         out_width = compat.final_width(self.config)
 
         def exchange(hidden: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
             b = hidden.shape[0]
             reply: tuple[int | None, ...] | None = None  # the reply's shape, where not that of `hidden`
+            layout = compat.map_memory_format(self.config)  # the family's, or the caller's channels-last model's
             if hidden.ndim == 4:  # a feature map [B, C, H, W] -> rows [B, H*W, C]
+                if hidden.is_contiguous(memory_format=torch.channels_last) and not hidden.is_contiguous():
+                    layout = torch.channels_last
                 _, c, h, w = hidden.shape
                 hidden, grid = hidden.permute(0, 2, 3, 1).reshape(b, h * w, c), (h, w)
                 reply = (b, None, None, out_width)  # channels-last map [B, H', W', C']
             elif grid is not None:  # Swin: the patch grid shrinks stage by stage
                 reply = (b, None, out_width)
             limits = link.step_limits()  # a large batch goes in parts: the step and its reply must fit
-            rows = limits.replies(hidden.shape[1] * link.reply_bytes(out_width), limits.rows(*hidden.shape[1:], b))
+            positions = compat.reply_positions(self.config, k, hidden.shape[1], grid)  # a map shrinks on the way
+            rows = limits.replies(positions * link.reply_bytes(out_width), limits.rows(*hidden.shape[1:], b))
             finals = []
             for a in range(0, b, rows):
                 part = slice(a, min(a + rows, b))
@@ -78,7 +88,7 @@ class SlicerEncoderMixin(SplitModelMixin):
                 finals.append(final)
             final = torch.cat(finals)
             if final.ndim == 4:
-                final = final.permute(0, 3, 1, 2).contiguous(memory_format=compat.map_memory_format(self.config))
+                final = final.permute(0, 3, 1, 2).contiguous(memory_format=layout)
             return final.to(hidden.device, hidden.dtype)
 
         with split_plan(SplitPlan("edge", k, exchange=exchange)), compat.kept_window_sizes(self):

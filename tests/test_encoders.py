@@ -236,6 +236,21 @@ def test_a_convnext_pooler_is_bit_exact_on_maps_larger_than_one_pixel(family):
     assert torch.equal(got.pooler_output, want.pooler_output)
 
 
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_a_channels_last_cnns_pooler_is_bit_exact(family):
+    """A caller that runs its CNN channels-last (a common CPU speed-up) gets the map back in that layout."""
+    model = build(family).to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    images = images.contiguous(memory_format=torch.channels_last)
+    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=1))
+    with torch.no_grad():
+        want = model(images)
+        for k in (1, 2, 3):
+            got = split(images, split_layer=k)
+            assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+            assert torch.equal(got.pooler_output, want.pooler_output), k
+
+
 def test_backbones_are_refused_clearly():
     from transformers import ResNetBackbone
 
@@ -415,20 +430,71 @@ def test_an_encoder_server_refuses_malformed_requests_and_keeps_serving():
     server.shutdown()
 
 
-# ---------------------------------------------------------------------------------------------------- batching
-@pytest.mark.parametrize("family", ["bert", "vit"])
-def test_requests_of_several_clients_share_one_forward_and_stay_exact(family):
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_text_past_the_position_table_is_refused_at_admission_and_text_up_to_it_splits(family):
+    """The server's stand-in forward runs the model's own embeddings: a longer text (possible with the caller's own
+    position ids) was an internal error that failed the other clients' forward with it."""
     model = build(family)
+    longest = model.config.max_position_embeddings - (2 if family == "roberta" else 0)  # RoBERTa's offset: pad + 1
+    assert compat.max_encoder_tokens(model) == longest
+    server = SplitServer(copy.deepcopy(model))
+    width = compat.split_width(model.config, 2)
+    protocol.decode_reply(send(server, open_encoder_session(server), torch.randn(1, longest, width)))
+    session = open_encoder_session(server)
+    with pytest.raises(ProtocolError, match=f"{longest + 1} tokens; this {family} takes at most {longest}") as info:
+        protocol.raise_if_error(send(server, session, torch.randn(1, longest + 1, width)))
+    assert info.value.code == "bad_request" and session not in server.sessions
+    server.shutdown()
+
+
+def test_packed_position_ids_without_a_mask_are_refused_not_attended_across():
+    model = build("bert")
+    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2))
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    packed = torch.cat([torch.arange(5), torch.arange(6)]).expand(2, 11)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="pack several sequences"):
+        split(ids, position_ids=packed)
+    with torch.no_grad():  # with a mask transformers attends across them too: as the unsplit model
+        mask = torch.ones_like(ids)
+        want = model(ids, attention_mask=mask, position_ids=packed).last_hidden_state
+        assert torch.equal(split(ids, attention_mask=mask, position_ids=packed).last_hidden_state, want)
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext", "swin"])
+def test_a_feature_maps_reply_is_sized_by_the_map_that_leaves_the_last_block(family):
+    """A CNN's later stages shrink the map (Swin's merging the grid): a batch goes up in as few steps as the real
+    replies allow, where the reply was sized as if every position entering the split came back."""
+    model = build(family)
+    inputs = {"pixel_values": torch.randn(6, 3, 64, 48, generator=torch.Generator().manual_seed(2))}
+    with torch.no_grad():
+        want = output_of(model(**inputs))
+    probe = RecordingTransport(SplitServer(copy.deepcopy(model)))
+    with torch.no_grad():
+        SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=1), probe)(**inputs)
+    [(_, positions)] = probe.steps
+    uplink = positions * compat.split_width(model.config, 1) * 4  # an image's rows: narrower than the final ones
+    assert uplink < positions * compat.final_width(model.config) * 4
+    elements = 3 * positions * compat.split_width(model.config, 1)  # three images a step, their replies far smaller
+    limits = ServerLimits(max_step_elements=elements, max_message_bytes=3 * uplink + 4096)
+    transport = RecordingTransport(SplitServer(copy.deepcopy(model), limits=limits))
+    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=1), transport)
+    with torch.no_grad():
+        got = output_of(split(**inputs))
+    assert [batch for batch, _ in transport.steps] == [3, 3]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+def one_round(model, requests):
+    """Run `requests` (one client each) on one batching server, all but the first in one scheduler round; returns
+    the rounds' sizes, the server's stats and each client's output, checked against the unsplit model's."""
     server = SplitServer(copy.deepcopy(model), batching=True)
     stuck, release, rounds = gate_rounds(server)
     clients = [
         SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), LocalTransport(server))
-        for _ in range(4)
+        for _ in requests
     ]
-    requests = [inputs_for(family, batch=1 + i % 2, seed=10 + i) for i in range(4)]
-    if family == "bert":  # different lengths: padded in the shared forward
-        requests = [{k: v[:, : 5 + i] for k, v in r.items()} for i, r in enumerate(requests)]
-    got = [None] * 4
+    got = [None] * len(requests)
 
     def run(i):
         with torch.no_grad():
@@ -437,23 +503,39 @@ def test_requests_of_several_clients_share_one_forward_and_stay_exact(family):
     first = threading.Thread(target=run, args=(0,))
     first.start()
     assert stuck.wait(10)
-    others = [threading.Thread(target=run, args=(i,)) for i in (1, 2, 3)]
+    others = [threading.Thread(target=run, args=(i,)) for i in range(1, len(requests))]
     for t in others:
         t.start()
     deadline = threading.Event()
-    while server.scheduler._queue.qsize() < 3 and not deadline.wait(0.01):
+    while server.scheduler._queue.qsize() < len(others) and not deadline.wait(0.01):
         pass
     release.set()
     for t in [first, *others]:
         t.join(30)
-    assert rounds[:2] == [1, 3]  # the three waiting clients ran in one round
-    stats = server.stats_dict()
-    assert stats["batches"] == 2 and stats["batched_rows"] == sum(r[next(iter(r))].shape[0] for r in requests)
     for request, out in zip(requests, got):
         with torch.no_grad():
             want = model(**request).last_hidden_state
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     server.shutdown()
+    return rounds, server.stats_dict()
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_requests_of_several_clients_share_one_forward_and_stay_exact(family):
+    requests = [inputs_for(family, batch=1 + i % 2, seed=10 + i) for i in range(4)]
+    if family == "bert":  # different lengths: padded in the shared forward
+        requests = [{k: v[:, : 5 + i] for k, v in r.items()} for i, r in enumerate(requests)]
+    rounds, stats = one_round(build(family), requests)
+    assert rounds[:2] == [1, 3]  # the three waiting clients ran in one round
+    assert stats["batches"] == 2 and stats["batched_rows"] == sum(r[next(iter(r))].shape[0] for r in requests)
+
+
+def test_a_long_text_runs_in_a_forward_of_its_own_not_padding_the_short_ones_to_its_length():
+    gen = torch.Generator().manual_seed(3)
+    requests = [{"input_ids": torch.randint(3, VOCAB, (1, n), generator=gen)} for n in (6, 6, 7, 8, 300)]
+    rounds, stats = one_round(build("bert"), requests)
+    assert rounds[:2] == [1, 4]
+    assert stats["batches"] == 3  # the first alone; then the three short ones, and the long one
 
 
 # ---------------------------------------------------------------------------------------------------- real processes

@@ -620,7 +620,14 @@ class SplitServer:
         feature_map = self.encoder_kind in ("grid", "map")
         if feature_map != (step.grid is not None):
             raise ProtocolError(
-                f"this {self.model.config.model_type} split {'needs' if feature_map else 'takes no'} a feature grid",
+                f"this {self.model.config.model_type} split {'needs a' if feature_map else 'takes no'} feature grid",
+                code="bad_request",
+            )
+        longest = compat.max_encoder_tokens(self.model)
+        if longest is not None and step.tokens > longest:
+            raise ProtocolError(
+                f"a text of {step.tokens} tokens; this {self.model.config.model_type} takes at most {longest} "
+                "(its position embeddings)",
                 code="bad_request",
             )
 
@@ -727,7 +734,8 @@ class SplitServer:
         what the edge sizes its steps by (`SuffixLink.reply_bytes`)."""
         config = self.model.config
         if self.encoder_kind:
-            return step.batch * step.tokens * compat.final_width(config) * 4
+            positions = compat.reply_positions(config, session.split_layer, step.tokens, step.grid)
+            return step.batch * positions * compat.final_width(config) * 4
         rows = step.batch * (step.tokens - step.need_from)
         if session.downlink in ("logits", "topk_logits"):
             return rows * config.vocab_size * 4

@@ -31,6 +31,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SPLIT_PADDING = 8192  # positions of padding (rows x context) that make a decode row run in a forward of its own
+# (about what a forward's fixed cost, reading every weight once, is worth against attending over padded keys)
+ENCODER_SPLIT_PADDING = 256  # the same for encoder requests, whose padded positions run every layer's matmuls
 _STOP = object()
 
 
@@ -203,9 +206,11 @@ class Scheduler:
             for work in pending:
                 groups[batch_key(server, work)].append(work)
             max_rows = server.limits.max_batch_rows if self.batching else 1
-            for group in groups.values():
-                for works in _by_rows(group, max_rows):
-                    self._run_batch(works, lambda w: w, lambda ws: run_encoder_batch(server, ws), prefill=False)
+            for group in groups.values():  # texts of one length together: a forward pads its rows to its longest
+                by_tokens = _by_length(group, lambda w: w.step.tokens, ENCODER_SPLIT_PADDING)
+                for similar in by_tokens if self.batching else [group]:
+                    for works in _by_rows(similar, max_rows):
+                        self._run_batch(works, lambda w: w, lambda ws: run_encoder_batch(server, ws), prefill=False)
             return []
         if server.store is None:  # whole steps, one at a time
             work, started = pending[0], time.perf_counter()
@@ -221,7 +226,7 @@ class Scheduler:
         self._decoded_last = {w.session for w in decode}
         max_rows = limits.max_batch_rows if self.batching else 1
         for group in by_kind.values():
-            for similar in _by_length(group) if self.batching else [group]:
+            for similar in _by_length(group, lambda w: w.session.length, SPLIT_PADDING) if self.batching else [group]:
                 for works in _by_rows(similar, max_rows):
                     self._run([w.chunk(1) for w in works], prefill=False)
         budget = limits.max_batch_tokens - sum(w.rows for w in decode)
@@ -327,18 +332,17 @@ class Scheduler:
         return None
 
 
-def _by_length(works: list[Work]) -> list[list[Work]]:
-    """`works` by their sessions' lengths, shortest first, cut where the next would pad the rows before it to its
-    length by more than `SPLIT_PADDING` positions in all (about what a forward's fixed cost, reading every weight
-    once, is worth)."""
+def _by_length(works: list[Work], length: Callable[[Work], int], padding: int) -> list[list[Work]]:
+    """`works` by `length` (a session's context, an encoder request's tokens), shortest first, cut where the next
+    would pad the rows before it to its length by more than `padding` positions in all."""
     out: list[list[Work]] = [[]]
     rows = held = 0  # the rows of the forward being filled, and the positions they hold
-    for work in sorted(works, key=lambda w: w.session.length):
-        if out[-1] and rows * work.session.length - held > SPLIT_PADDING:
+    for work in sorted(works, key=length):
+        if out[-1] and rows * length(work) - held > padding:
             out.append([])
             rows = held = 0
         out[-1].append(work)
-        rows, held = rows + work.rows, held + work.rows * work.session.length
+        rows, held = rows + work.rows, held + work.rows * length(work)
     return out
 
 
