@@ -122,9 +122,21 @@ class StepLimits:
 
         return cls(count("max_step_tokens"), count("max_step_elements"), count("max_message_bytes"))
 
+    def values(self) -> int | None:
+        """The values one step may carry: the server's count, and what its messages hold at 4 bytes a value (a
+        float32 packet's, about the most a codec sends a value)."""
+        bounds = [self.elements, self._room() // 4 if self.message_bytes else None]
+        return min((b for b in bounds if b), default=None)
+
+    def _room(self) -> int:
+        """Bytes of a message past its headers and envelope."""
+        assert self.message_bytes is not None
+        return self.message_bytes - min(self.HEADROOM, self.message_bytes // 8)
+
     def positions(self, batch: int, width: int, wanted: int) -> int:
         """The positions (at most `wanted`, at least 1) a step of `batch` rows of `width` values may carry."""
-        bounds = [wanted, self.tokens or wanted, self.elements // (batch * width) if self.elements else wanted]
+        values = self.values()
+        bounds = [wanted, self.tokens or wanted, values // (batch * width) if values else wanted]
         return max(1, min(bounds))
 
     def fits(self, step: protocol.Step, width: int) -> bool:
@@ -134,14 +146,15 @@ class StepLimits:
 
     def rows(self, tokens: int, width: int, wanted: int) -> int:
         """The rows (at most `wanted`, at least 1) a step of `tokens` positions of `width` values may carry."""
-        return max(1, min(wanted, self.elements // (tokens * width))) if self.elements else wanted
+        values = self.values()
+        return max(1, min(wanted, values // (tokens * width))) if values else wanted
 
     def replies(self, each_bytes: int, wanted: int) -> int:
         """How many outputs of at most `each_bytes` (at most `wanted`) one reply may hold; a `ProtocolError` where not
         even one fits (the server would compute the step, then refuse its reply)."""
         if self.message_bytes is None:
             return wanted
-        room = self.message_bytes - min(self.HEADROOM, self.message_bytes // 8)
+        room = self._room()
         if each_bytes > room:
             raise ProtocolError(
                 f"one output of this step takes up to {each_bytes:,} bytes, and the server's replies hold at most "

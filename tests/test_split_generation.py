@@ -56,7 +56,9 @@ def test_left_padded_batch_equals_plain_generate(model_pair, arch):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("limit", [{"max_step_elements": 3 * 4 * 64}, {"max_step_tokens": 4}])
+@pytest.mark.parametrize(
+    "limit", [{"max_step_elements": 3 * 4 * 64}, {"max_step_tokens": 4}, {"max_message_bytes": 3600}]
+)  # (3600 bytes: 3150 past the headroom, 787 float32 values: four positions of three 64-wide rows)
 def test_a_prompt_goes_up_in_steps_that_fit_the_limits_the_server_named(reference_models, limit):
     ref = reference_models["llama"]
     ids, mask = left_padded(ref.config.pad_token_id)  # 3 x 9: four positions of three rows fit a step
