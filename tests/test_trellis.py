@@ -51,6 +51,15 @@ def test_every_code_is_a_point_of_the_union_its_trellis_state_allows():
     assert np.abs(codes).max() <= 200
 
 
+def test_many_rows_are_searched_a_chunk_at_a_time_with_the_same_codes(monkeypatch):
+    gen = np.random.default_rng(1)
+    scale = np.linspace(0.2, 4.0, 40)
+    w = gen.laplace(size=(23, 40)) * scale
+    whole = trellis.quantize(w, scale, bound=50)
+    monkeypatch.setattr(trellis, "CHUNK_VALUES", 3 * 40)  # chunks of 3 rows, the last one short
+    assert np.array_equal(trellis.quantize(w, scale, bound=50), whole)
+
+
 def test_codes_stay_within_the_bound():
     w = np.full((2, 40), 1e6)
     w[1] *= -1

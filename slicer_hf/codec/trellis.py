@@ -28,6 +28,7 @@ import numpy as np
 TRELLISES = 16  # G: interleaved trellises; 16 costs about 0.4% of the gain of one trellis over all d coordinates
 RUN = 2 * TRELLISES  # coordinates the decoder takes per call: each depends only on earlier runs
 STATES = 8
+CHUNK_VALUES = 1 << 16  # of the rows `quantize` searches at once
 LAMBDA = 0.11  # squared error (in steps^2) one bit is worth to the encoder's path search
 # state s holds the last three branch bits (bit 0 the newest); its union is bit 1 xor bit 2
 _UNION = np.array([((s >> 1) ^ (s >> 2)) & 1 for s in range(STATES)])
@@ -68,9 +69,13 @@ def _laplace_bits(v: np.ndarray, b: np.ndarray) -> np.ndarray:
 def quantize(w: np.ndarray, scale: np.ndarray, bound: int) -> np.ndarray:
     """TCQ codes `[N, d]` int32 of coordinates `w` `[N, d]` in steps, with Laplace scales `scale` `[d]` in steps.
 
-    Codes stay in [-bound, bound]; the point of code k is k + union / 2 (see `unions`).
+    Codes stay in [-bound, bound]; the point of code k is k + union / 2 (see `unions`). Rows are independent: many
+    go `CHUNK_VALUES` values at a time, so the search's memory (about 300 bytes a value) stays bounded.
     """
     n, d = w.shape
+    rows = max(1, CHUNK_VALUES // max(d, 1))
+    if n > rows:
+        return np.concatenate([quantize(w[i : i + rows], scale, bound) for i in range(0, n, rows)])
     g = TRELLISES
     steps = -(-d // g)
     pad = steps * g - d
