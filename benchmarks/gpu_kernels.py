@@ -151,7 +151,7 @@ def _compare_tensors(name: str, fn: Callable, args: tuple) -> dict[str, Any]:
 def _compare_bitstreams(device: torch.device, shapes: list[tuple[int, int]]) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(7)
     out = []
-    for n in (1, 7, 513, max(n * d for n, d in shapes)):
+    for n in (1, 7, 513, max((n * d for n, d in shapes), default=1)):
         widths = torch.randint(0, 33, (n,), generator=g).to(device)
         codes = torch.randint(0, 1 << 62, (n,), generator=g).to(device)
         for offset in (0, 5):
@@ -318,6 +318,13 @@ def print_table(lines: list[dict]) -> None:
         )
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d", type=int, default=4096, help="hidden size")
@@ -327,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default="gpu_kernels.json", help="where to write the results")
     parser.add_argument("--reference-max-rows", type=int, default=256, help="largest batch for the CPU reference")
-    parser.add_argument("--parity-max-rows", type=int, default=4096, help="largest batch in the parity checks")
+    parser.add_argument(
+        "--parity-max-rows", type=_at_least_one, default=4096, help="largest batch in the parity checks"
+    )
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument(
         "--device",

@@ -335,6 +335,40 @@ def test_dispatch_rule(monkeypatch):
             ops.use_kernels("cpu", backend="kernels")
 
 
+def test_parity_float64_rows_rank_as_the_reference_does(device):
+    """The kernels rank float32 keys, which tie magnitudes float64 tells apart: float64 rows go to the reference."""
+    x = torch.tensor([[1.0, 1.0 + 1e-12, -0.5]], dtype=torch.float64, device=device)
+    assert ops.top_positions(x, 1).tolist() == [[1]]
+    assert ops.quantize_rows(x, 1, 1, None, None, CANDIDATES, 0.05).positions.tolist() == [[1]]
+
+
+@pytest.mark.skipif(not KERNELS, reason="triton is not installed")
+def test_every_kernel_launches_on_the_gpu_of_its_tensors(monkeypatch):
+    """Triton launches on the current GPU: each launcher makes its tensors' GPU current first (`cuda:1` tensors
+    while `cuda:0` is current were refused as 'cannot be accessed from Triton')."""
+    kernels = importlib.import_module("slicer_hf._triton_kernels")
+    launch = importlib.import_module("slicer_hf._triton_kernels._launch")
+    for name in ("select_rows", "quantize_selected", "pack_bits", "unpack_bits", "dequantize_rows"):
+        assert getattr(getattr(kernels, name), "__wrapped__", None) is not None, name
+    made_current = []
+
+    class Current:
+        def __init__(self, device):
+            made_current.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Current)
+    on_gpu = type("OnGpu", (), {"device": torch.device("cuda", 1)})()
+    assert launch.on_their_device(lambda t, x: made_current[-1] if made_current else None)(on_gpu, 0) == on_gpu.device
+    launch.on_their_device(lambda t: None)(torch.zeros(1))  # a CPU tensor (the interpreter's): nothing made current
+    assert made_current == [torch.device("cuda", 1)]
+
+
 def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
     monkeypatch.delenv(ops.ENV_KERNELS, raising=False)
     monkeypatch.setattr(ops, "_kernel_module", lambda: pytest.fail("the kernels ran for a CPU tensor"))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Rows of a few thousand entries fit one program; the interpreter (CPU tests) runs programs one after another in
 # Python, so there each program takes a taller tile of rows to keep the number of programs small.
@@ -33,3 +38,16 @@ def rows_per_program(t: torch.Tensor, block: int) -> int:
 def flat_block(t: torch.Tensor) -> int:
     """Elements per program for element-wise kernels over flat arrays."""
     return INTERPRETER_TILE if t.device.type == "cpu" else GPU_FLAT_BLOCK
+
+
+def on_their_device(launch: F) -> F:
+    """Run a kernel launcher with the GPU of its tensors current: Triton launches on the current device, so tensors
+    on another (`cuda:1` while `cuda:0` is current) would be refused, or read from the wrong GPU's stream."""
+
+    @functools.wraps(launch)
+    def launched(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launch(first, *args, **kwargs)
+
+    return launched  # type: ignore[return-value]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import flat_block, launch_options
+from ._launch import flat_block, launch_options, on_their_device
 
 
 @triton.jit(do_not_specialize=["n_entries", "k", "m", "d"])
@@ -49,6 +49,7 @@ def _dequantize_kernel(
     tl.store(out_ptr + row * d + pos, value, mask=ok)
 
 
+@on_their_device
 def dequantize_rows(
     positions: torch.Tensor,
     labels: torch.Tensor,

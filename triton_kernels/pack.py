@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import flat_block, launch_options
+from ._launch import flat_block, launch_options, on_their_device
 
 LOW32 = tl.constexpr(0xFFFFFFFF)
 
@@ -53,6 +53,7 @@ def _starts(widths: torch.Tensor, bit_offset: int) -> torch.Tensor:
     return bit_offset + torch.cumsum(widths, 0) - widths
 
 
+@on_their_device
 def pack_bits(codes: torch.Tensor, widths: torch.Tensor, bit_offset: int) -> torch.Tensor:
     """uint8 `[ceil((bit_offset + sum(widths)) / 8)]`: `codes[i]` in `widths[i]` bits after `bit_offset` zero bits."""
     codes = codes.to(torch.int64).contiguous()
@@ -67,6 +68,7 @@ def pack_bits(codes: torch.Tensor, widths: torch.Tensor, bit_offset: int) -> tor
     return words.view(torch.uint8)[: triton.cdiv(total, 8)]
 
 
+@on_their_device
 def unpack_bits(data: torch.Tensor, widths: torch.Tensor, bit_offset: int) -> torch.Tensor:
     """int64 codes of `widths[i]` bits read from uint8 `data` from bit `bit_offset` (bounds checked by the caller)."""
     widths = widths.to(torch.int64).contiguous()

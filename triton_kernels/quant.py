@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_options, rows_per_program
+from ._launch import launch_options, on_their_device, rows_per_program
 
 FP16_MAX = tl.constexpr(65504.0)
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
@@ -104,6 +104,7 @@ def _quantize_kernel(
     tl.store(bits_ptr + bits_offs, chosen.to(tl.int64), mask=row_ok[:, None] & (blocks < m)[None, :])
 
 
+@on_their_device
 def quantize_selected(
     values: torch.Tensor, labels: torch.Tensor, m: int, candidates: tuple[int, ...], distortion: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_options, rows_per_program
+from ._launch import launch_options, on_their_device, rows_per_program
 
 MAG_BITS = 31  # a finite non-negative float32 has its sign bit clear
 
@@ -106,6 +106,7 @@ def _select_kernel(
         tl.store(val_ptr + out, y, mask=kept)
 
 
+@on_their_device
 def select_rows(
     y: torch.Tensor,
     k: int,

@@ -99,8 +99,9 @@ def _require_kernels(device: torch.device) -> None:
 
 
 def _kernels(t: torch.Tensor, backend: str | None, d: int | None = None) -> ModuleType | None:
-    """The kernel module when `t`'s op should run there, else None (the reference)."""
-    if backend is None and d is not None and d > MAX_KERNEL_D:
+    """The kernel module when `t`'s op should run there, else None (the reference). The kernels rank float32 keys:
+    float64 rows, whose magnitudes float32 could tie, go to the reference unless the kernels are asked for."""
+    if backend is None and (d is not None and d > MAX_KERNEL_D or t.dtype == torch.float64):
         return None
     return _kernel_module() if use_kernels(t.device, backend) else None
 
