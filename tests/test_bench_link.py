@@ -209,3 +209,29 @@ def test_the_lowest_rate_within_ten_percent_is_measured_then_interpolated_in_log
     assert "down to 0.5 Mbit/s measured (next slower 0.25), about 0.354 Mbit/s" in bench.describe_within(found)
     with pytest.raises(ValueError, match="unshaped"):
         bench.lowest_rate_within(rows("z", [(1.0, 5.0)]), "z")
+
+
+def test_a_suite_stopped_by_sigterm_runs_its_cleanup(tmp_path):
+    """What lets a suite stop the servers it started when it is killed (`bench.common.exit_on_sigterm`)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "cleaned"
+    script = (
+        "import time\n"
+        "from slicer_hf.bench.common import exit_on_sigterm\n"
+        "exit_on_sigterm()\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM and time.monotonic() - started < 30
+    assert marker.exists()

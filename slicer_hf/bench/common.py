@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -95,3 +98,10 @@ def codec_sweep(model: Any, settings: dict[str, dict[str, Any]], splits: Sequenc
                 yield name, k
     finally:
         model.slicer_config = base
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so a suite's `finally` blocks stop the servers it started (from the main
+    thread: elsewhere signals cannot be handled)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

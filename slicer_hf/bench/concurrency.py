@@ -38,7 +38,7 @@ from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
 from ..server.prepack import PackedLinear, packable
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import markdown_table, median_time, suite_config, suite_parser, write_json
+from .common import exit_on_sigterm, markdown_table, median_time, suite_config, suite_parser, write_json
 
 
 def mixed_splits(split_layer: int, num_layers: int) -> tuple[int, ...]:
@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         help="serve with the Linear weights packed for oneDNN (slicer-hf serve --prepack)",
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # the servers this suite starts go with it
     run(
         args.model,
         args.config,

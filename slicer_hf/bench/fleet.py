@@ -31,7 +31,7 @@ from ..data import resolve_model
 from ..link import open_request
 from ..transport.fleet import FleetTransport
 from ..transport.grpc import GrpcTransport
-from .common import markdown_table, suite_arguments, write_json
+from .common import exit_on_sigterm, markdown_table, suite_arguments, write_json
 from .concurrency import Client, record_packets
 
 
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--out-json", default="docs/benchmarks/fleet.json")
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # the servers this suite starts go with it
     run(
         args.model,
         tuple(int(s) for s in args.splits.split(",")),

@@ -22,7 +22,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
 from ..launch import parse_server_url, start_server, stop_server  # noqa: F401 (parse_server_url: re-exported)
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import suite_arguments, suite_config
+from .common import exit_on_sigterm, suite_arguments, suite_config
 from .netns import (  # noqa: F401 - re-exported: the link benchmark's public helpers
     NETNS_PREFIX,
     TBF_BURST,
@@ -554,8 +553,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens must be at least 2 (the first new token is the prefill's), got {args.new_tokens}")
-    # SIGTERM unwinds like Ctrl-C, so the server is stopped and the namespace removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()  # the server is stopped and the namespace removed
     result = run(
         args.model,
         args.config,

@@ -16,7 +16,6 @@ Needs root and iproute2, as `slicer_hf.bench.link`.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from ..launch import start_server, stop_server
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from ..tuning import Constraints, LinkSpec, Profile, search
 from ..tuning.planner import Candidate, _config_of, predict
-from .common import markdown_table, suite_arguments, write_json
+from .common import exit_on_sigterm, markdown_table, suite_arguments, write_json
 from .link import measure_generation, server_command, wikitext_prompt
 from .netns import ShapedLink, netns_unavailable_reason, tbf_command
 
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", choices=("clients", "adaptive"), default=None, help="run one part")
     parser.add_argument("--plot", default=None, help="write the adaptive-bitrate plot to this image")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
     started = time.perf_counter()
     result = run(Profile.load(args.edge_1), Profile.load(args.edge_2), args.model, new_tokens=args.new_tokens,
                  repeats=args.repeats, kl_tokens=args.kl_tokens, out_dir=Path(args.out_json).with_suffix(""),

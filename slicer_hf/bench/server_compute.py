@@ -13,6 +13,7 @@ decode steps); the server's process CPU time per decode token comes from its own
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from transformers import AutoConfig
@@ -24,7 +25,7 @@ from ..data import resolve_model
 from ..launch import start_server
 from ..link import open_request
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import markdown_table, suite_config, suite_parser, write_json
+from .common import exit_on_sigterm, markdown_table, suite_config, suite_parser, write_json
 from .concurrency import record_packets, run_client
 
 
@@ -55,7 +56,7 @@ def measure_variant(
         proc.wait(timeout=30)
     per_token.sort()
     return {
-        "server_cpu_ms_per_decode_token": per_token[len(per_token) // 2],
+        "server_cpu_ms_per_decode_token": statistics.median(per_token),
         "samples_ms": per_token,
         "uplink_bytes_per_decode_token": sum(map(len, packets[1:])) / max(len(packets) - 1, 1),
     }
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # the servers this suite starts go with it
     run(args.model, args.config, args.prompt_tokens, args.decode_steps, args.repeats, args.out_json)
 
 

@@ -39,7 +39,7 @@ from ..launch import start_server, stop_server
 from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import markdown_table, suite_arguments, write_json
+from .common import exit_on_sigterm, markdown_table, suite_arguments, write_json
 from .fuzz import run_fuzz
 
 
@@ -426,8 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.short:
         options = {"vanish_every_s": 8.0, "slow_every_s": 10.0, "kill_every_s": 60.0}
-    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds: the server and the model go too
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()  # the server and the model go too
     result = soak(args.model, args.clients, args.duration_s, args.fuzz_cases, window_s=args.window_s, **options)
     result["window_s"] = args.window_s
     print(report(result), flush=True)
