@@ -11,7 +11,7 @@ from live import tiny_smol_dir
 from typer.testing import CliRunner
 
 from slicer_hf import SlicerConfig, build_codec
-from slicer_hf.bench.concurrency import floors_ms_per_token
+from slicer_hf.bench.concurrency import floors_ms_per_token, rows_by_layer
 from slicer_hf.cli import app
 from slicer_hf.evaluate import evaluate
 
@@ -274,7 +274,38 @@ def test_concurrency_suite_measures_batched_and_one_by_one(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_floor_is_measured_in_the_dtype_of_the_served_weights(dtype):
-    weights = [torch.randn(48, 32, dtype=dtype), torch.randn(32, 48, dtype=dtype)]
+    weights = {5: [torch.randn(48, 32, dtype=dtype), torch.randn(32, 48, dtype=dtype)]}
     for streamed in (False, True):
-        floors = floors_ms_per_token(weights, rows=4, streamed=streamed)
+        floors = floors_ms_per_token(weights, {5: 4.0}, streamed=streamed)
         assert 0 < floors["floor"] <= floors["linear"]  # the faster kernel, or torch's alone
+
+
+def test_with_mixed_splits_a_layer_runs_only_the_rows_split_at_or_below_it():
+    assert rows_by_layer([20, 24, 27], 30.0, 30) == {
+        **dict.fromkeys(range(20, 24), 10.0),
+        **dict.fromkeys(range(24, 27), 20.0),
+        **dict.fromkeys(range(27, 30), 30.0),
+    }
+    assert rows_by_layer([24] * 8, 7.5, 30) == dict.fromkeys(range(24, 30), 7.5)
+
+
+def test_the_floor_of_a_forward_counts_each_layer_at_its_rows_and_between_whole_row_counts(monkeypatch):
+    from slicer_hf.bench import concurrency
+
+    cost = {}  # a matmul's modelled time: a fixed part (its weight's read) and a part per row
+
+    def modelled(fn, repeats=0, warmup=0):
+        fn()
+        return cost["now"]
+
+    def product(x, weight):
+        cost["now"] = 1e-3 * weight.shape[0] + 1e-4 * x.shape[0]
+        return x
+
+    monkeypatch.setattr(concurrency, "median_time", modelled)
+    monkeypatch.setattr(torch.nn.functional, "linear", product)
+    monkeypatch.setattr(concurrency, "packable", lambda device, dtype: False)
+    weights = {0: [torch.zeros(3, 2)], 1: [torch.zeros(5, 2)]}
+    got = floors_ms_per_token(weights, {0: 1.5, 1: 3.0})  # 1.5 rows: halfway between 1 and 2
+    forward = (3e-3 + 1.5e-4) + (5e-3 + 3e-4)
+    assert got["linear"] == pytest.approx(1000 * forward / 3.0) and got["floor"] == got["linear"]

@@ -7,12 +7,14 @@ waits at a barrier, then decodes: the server's process CPU time over the decode 
 CPU per decode token (the prefill phase gives the CPU per prefill token). Scenarios: one split layer, and mixed
 split layers (clients take the splits in turn); batched and one by one; 1, 8, 32 and 128 clients.
 
-The floor: every `Linear` of the layers a client's split leaves to the server, timed here on its own shape with one
-torch thread at the mean rows per decode forward the scheduler achieved, summed, per token (averaged over the
-clients' splits), with the faster of two kernels for it: torch's `linear`, and oneDNN on the weight packed for it
-(what the server runs with `--prepack`, its default). It is what the matmuls alone cost on this machine at that
-batch size, each weight hot in cache. The streamed floor runs the same matmuls one after another, as a forward meets
-them: weights larger than the cache then come from memory, which is what a forward at that batch can reach at best.
+The floor: every `Linear` of the layers the server runs, timed here on its own shape with one torch thread at the
+rows that run it in a decode forward of the mean size the scheduler achieved (with mixed splits a layer runs only
+the rows of sessions split at or below it; a fractional mean is timed at the whole counts either side and
+interpolated), summed, per token of that forward, with the faster of two kernels for it: torch's `linear`, and
+oneDNN on the weight packed for it (what the server runs with `--prepack`, its default). It is what the matmuls
+alone cost on this machine at that batch size, each weight hot in cache. The streamed floor runs the same matmuls
+one after another, as a forward meets them: weights larger than the cache then come from memory, which is what a
+forward at that batch can reach at best.
 
     slicer-hf bench concurrency --clients 1 8 32 128 --out-json docs/benchmarks/concurrency.json
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import threading
 import time
@@ -163,37 +166,60 @@ def measure(url: str, requests: list[dict[str, Any]], packets: list[list[bytes]]
     }
 
 
-def linear_shapes(model: torch.nn.Module, first_layer: int) -> list[torch.Tensor]:
-    """The weights of every `Linear` in decoder layers `first_layer..L-1`."""
+def layer_weights(model: torch.nn.Module, first_layer: int) -> dict[int, list[torch.Tensor]]:
+    """The weights of every `Linear` in each decoder layer from `first_layer` on."""
     layers = compat.decoder_layers(model)
-    return [m.weight for layer in layers[first_layer:] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    return {
+        j: [m.weight for m in layers[j].modules() if isinstance(m, torch.nn.Linear)]
+        for j in range(first_layer, len(layers))
+    }
 
 
-def floors_ms_per_token(weights: list[torch.Tensor], rows: float, streamed: bool = False) -> dict[str, float]:
-    """Matmul time per token of these weights at `rows` rows per forward (inputs in the weights' dtype), one torch
-    thread, measured now with two kernels: torch's `linear`, and oneDNN on weights packed for it (what
-    `slicer-hf serve --prepack` runs). Each weight is timed on its own, hot in cache, or all in turn as a forward
-    meets them (`streamed`: weights too large for the cache come from memory). Returns "linear", torch's kernel
-    alone, and "floor", the faster kernel for each weight (streamed: for them all)."""
-    b = max(1, round(rows))
+def rows_by_layer(splits: list[int], rows: float, num_layers: int) -> dict[int, float]:
+    """The rows each served layer runs in a forward of `rows` rows whose sessions split at `splits` (one entry per
+    client, in the proportions the forward holds them): layer j runs the rows of sessions split at or below it."""
+    return {j: rows * sum(k <= j for k in splits) / len(splits) for j in range(min(splits), num_layers)}
+
+
+def floors_ms_per_token(
+    weights: dict[int, list[torch.Tensor]], rows: dict[int, float], streamed: bool = False
+) -> dict[str, float]:
+    """Matmul time per token of a forward whose layer j runs `rows[j]` rows on its `weights[j]` (inputs in the
+    weights' dtype), one torch thread, measured now with two kernels: torch's `linear`, and oneDNN on weights
+    packed for it (what `slicer-hf serve --prepack` runs). Each weight is timed on its own, hot in cache, or all in
+    turn as a forward meets them (`streamed`: weights too large for the cache come from memory). A mean row count
+    between two whole ones is timed at both and interpolated. Per token: the forward's time over the rows of its
+    deepest layer (every session runs it). Returns "linear", torch's kernel alone, and "floor", the faster kernel
+    for each weight (streamed: for them all)."""
+    plan = [(w, rows[j]) for j in sorted(weights) for w in weights[j] if rows.get(j, 0) > 0]
+    tokens = max(rows.values())
+    first = plan[0][0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        inputs = [torch.randn(b, w.shape[1], dtype=w.dtype) for w in weights]
-        kernels = [[functools.partial(torch.nn.functional.linear, weight=w) for w in weights]]  # torch's first
-        if packable(weights[0].device, weights[0].dtype):
-            kernels.append([PackedLinear(w) for w in weights])
-        if streamed:
-            totals = [median_time(lambda k=k: [f(x) for f, x in zip(k, inputs)], repeats=9, warmup=2) for k in kernels]
-            linear, floor = totals[0], min(totals)
-        else:
-            times = [
-                [median_time(lambda f=f, x=x: f(x), repeats=15, warmup=3) for f, x in zip(k, inputs)] for k in kernels
-            ]
-            linear, floor = sum(times[0]), sum(map(min, zip(*times)))
+        kernels = [lambda w: functools.partial(torch.nn.functional.linear, weight=w)]  # torch's first
+        if packable(first.device, first.dtype):
+            kernels.append(PackedLinear)
+        products = [[make(w) for w, _ in plan] for make in kernels]
+
+        def timed(whole: list[int]) -> list[list[float]]:  # per kernel, per weight (streamed: the whole plan)
+            inputs = [torch.randn(b, w.shape[1], dtype=w.dtype) for (w, _), b in zip(plan, whole)]
+            if streamed:
+                return [[median_time(lambda k=k: [f(x) for f, x in zip(k, inputs)], 9, 2)] for k in products]
+            return [[median_time(lambda f=f, x=x: f(x), 15, 3) for f, x in zip(k, inputs)] for k in products]
+
+        low = [max(1, int(r)) for _, r in plan]
+        high = [max(1, math.ceil(r)) for _, r in plan]
+        shares = [r - b for (_, r), b in zip(plan, low)]
+        at_low = timed(low)
+        at_high = timed(high) if high != low else at_low
+        if streamed:  # the whole plan at once: between its two timings by the mean share
+            shares = [statistics.fmean(shares)]
+        times = [[a + s * (b - a) for a, b, s in zip(lo, hi, shares)] for lo, hi in zip(at_low, at_high)]
     finally:
         torch.set_num_threads(threads)
-    return {"linear": 1000 * linear / b, "floor": 1000 * floor / b}
+    linear, floor = sum(times[0]), sum(map(min, zip(*times)))  # torch's alone; the faster kernel for each weight
+    return {"linear": 1000 * linear / tokens, "floor": 1000 * floor / tokens}
 
 
 def matmul_gflops(rows: int, d: int = 576, f: int = 1536, packed: bool = False) -> float:
@@ -265,14 +291,14 @@ def run(
                 proc.terminate()
                 proc.wait(timeout=30)
     lm = SlicerModelForCausalLM.from_pretrained(path, slicer_config=config, dtype=getattr(torch, dtype))  # the floor
-    weights = {k: linear_shapes(lm, k) for k in splits}
+    weights = layer_weights(lm, min(splits))
     for row in rows:
         ks = [row["splits"][i % len(row["splits"])] for i in range(row["clients"])]
-        hot = {k: floors_ms_per_token(weights[k], row["rows_per_forward"]) for k in row["splits"]}
-        streamed = {k: floors_ms_per_token(weights[k], row["rows_per_forward"], True) for k in row["splits"]}
-        row["floor_ms_per_token"] = statistics.fmean(hot[k]["floor"] for k in ks)
-        row["streamed_floor_ms_per_token"] = statistics.fmean(streamed[k]["floor"] for k in ks)
-        row["linear_floor_ms_per_token"] = statistics.fmean(hot[k]["linear"] for k in ks)  # torch's kernel alone
+        at = rows_by_layer(ks, row["rows_per_forward"], compat.num_layers(hf_config))
+        hot, streamed = floors_ms_per_token(weights, at), floors_ms_per_token(weights, at, streamed=True)
+        row["floor_ms_per_token"] = hot["floor"]
+        row["streamed_floor_ms_per_token"] = streamed["floor"]
+        row["linear_floor_ms_per_token"] = hot["linear"]  # torch's kernel alone
         row["cpu_over_floor"] = row["server_cpu_ms_per_decode_token"] / row["floor_ms_per_token"]
     for row in rows:
         alone = next(
