@@ -523,3 +523,16 @@ def test_a_step_too_fine_for_a_predicting_basis_is_refused_not_clipped():
     fine = build_codec(preset, step=0.001, predict_previous=False, trellis=False)
     with pytest.raises(CodecError, match=r"ECSQ step 0.001\d* is too fine for this basis.*use a step of at least"):
         fine.encode(x, given=given)
+
+
+def test_the_benchmark_refuses_fewer_tokens_than_a_window_and_removes_its_work_folder(monkeypatch):
+    from slicer_hf.bench import calibrated
+
+    with pytest.raises(SystemExit) as exit_info:
+        calibrated.main(["--choose-tokens", "100"])
+    assert exit_info.value.code == 2
+    seen = []
+    monkeypatch.setattr(calibrated, "run", lambda args, work: seen.append((work, work.is_dir())))
+    calibrated.main([])
+    [(work, existed)] = seen
+    assert existed and not work.exists()  # a calibration and a held-out text per run: gone afterwards

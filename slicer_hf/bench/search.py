@@ -8,9 +8,9 @@ a link whose uplink drops mid-generation, where every fixed step of equal qualit
 
 The profiles come from `slicer-hf profile` (the server's is the 1-thread one: the server runs with one thread).
 Rate-distortion points do not depend on the machine: a profile without them borrows the other's. Latency per token
-is the median over `--repeats` generations of each one's mean decode step; uplink bytes are the STEP messages of decode steps
-(`wire_stats()`); KL is measured with `slicer-hf eval` on WikiText-2 test text (the search saw validation text).
-Needs root and iproute2, as `slicer_hf.bench.link`.
+is the median over `--repeats` generations of each one's mean decode step; uplink bytes are the STEP messages of
+decode steps (`wire_stats()`); KL is measured with `slicer-hf eval` on WikiText-2 test text (the search saw
+validation text). Needs root and iproute2, as `slicer_hf.bench.link`.
 """
 
 from __future__ import annotations
