@@ -235,3 +235,30 @@ def test_a_suite_stopped_by_sigterm_runs_its_cleanup(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM and time.monotonic() - started < 30
     assert marker.exists()
+
+
+def test_the_link_bytes_of_a_generation_leave_out_the_benchmarks_own_stats_calls():
+    """Each STATS call (the server's compute time) crosses the link on a connection of its own: 1-2 KB that are not
+    the generation's. A link whose counters see the generation's protocol bytes plus 1,000 B up and 1,500 B down per
+    STATS call must report the protocol bytes alone."""
+    from slicer_hf import SlicerModelForCausalLM
+
+    model = SlicerModelForCausalLM.from_model(tiny_model("llama"), SlicerConfig(codec="identity", split_layer=2))
+    stats = {"calls": 0}
+
+    def server_compute_s() -> float:
+        stats["calls"] += 1
+        return 0.0
+
+    class Counted:
+        def byte_counters(self) -> tuple[int, int]:
+            wire = model.wire_stats()
+            return wire.uplink_bytes + 1000 * stats["calls"], wire.downlink_bytes + 1500 * stats["calls"]
+
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    got = bench.measure_generation(model, prompt, 5, Counted(), server_compute_s)
+    wire = model.wire_stats()
+    assert stats["calls"] == 3  # before, at the first token, after
+    assert (got["link_uplink_bytes"], got["link_downlink_bytes"]) == (wire.uplink_bytes, wire.downlink_bytes)
+    assert got["decode_link_uplink_bytes_per_token"] == got["decode_uplink_bytes_per_token"]
+    assert got["decode_link_downlink_bytes_per_token"] == got["decode_downlink_bytes_per_token"]

@@ -161,14 +161,22 @@ def measure_generation(
 
     at_prefill: dict[str, Any] = {}
 
+    def counters_and_server() -> tuple[tuple[int, int], float, tuple[int, int]]:
+        """The link's byte counters, then the server's compute time (a STATS call on a connection of its own), and the
+        bytes that call moved: left out of the generation's."""
+        before = link.byte_counters()
+        server = server_compute_s()
+        after = link.byte_counters()
+        return before, server, (after[0] - before[0], after[1] - before[1])
+
     def snapshot() -> None:
         at_prefill.update(wire=dataclasses.replace(model.wire_stats()), waits=len(waits), encodes=len(encodes))
-        at_prefill["server"] = server_compute_s()
-        at_prefill["link"] = link.byte_counters()
+        at_prefill["link"], at_prefill["server"], at_prefill["stats"] = counters_and_server()
 
     model.reset_wire_stats()
     clock = _TokenClock(snapshot)
-    server0, (tx0, rx0) = server_compute_s(), link.byte_counters()
+    (tx0, rx0), server0, moved = counters_and_server()
+    tx0, rx0 = tx0 + moved[0], rx0 + moved[1]  # from after that call
     transport.request, codec.encode = timed_request, timed_encode  # instance attributes, removed below
     started = time.perf_counter()
     try:
@@ -185,7 +193,8 @@ def measure_generation(
         total_s = time.perf_counter() - started - clock.paused_s
     finally:
         del transport.request, codec.encode
-    server1, (tx1, rx1) = server_compute_s(), link.byte_counters()
+    (tx1, rx1), server1, _ = counters_and_server()
+    tx1, rx1 = tx1 - at_prefill["stats"][0], rx1 - at_prefill["stats"][1]  # less the STATS call at the first token
     stats, prefill, n = model.wire_stats(), at_prefill["wire"], at_prefill["waits"]
     prompt, new = input_ids.shape[1], out.shape[1] - input_ids.shape[1]
     steps = new - 1  # decode steps: every new token after the first
