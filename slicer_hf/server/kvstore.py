@@ -100,13 +100,20 @@ class KVStore:
             grown = torch.zeros(self.num_layers, max(needed, 2 * row.blocks.shape[1]), dtype=torch.long)
             grown[:, : row.num_blocks] = row.blocks[:, : row.num_blocks]
             row.blocks = grown
-        for layer in layers:
-            free = self._free[layer]
-            ids = [free.pop() for _ in range(min(count, len(free)))]
-            if ids:  # another row's data: zeroed before this row may read it
-                self._zero(layer, ids)
-            fresh = count - len(ids)
-            ids.extend(range(self._next[layer], self._next[layer] + fresh))
+        reused: dict[int, list[int]] = {}
+        try:
+            for layer in layers:
+                free = self._free[layer]
+                reused[layer] = [free.pop() for _ in range(min(count, len(free)))]
+                if reused[layer]:  # another row's data: zeroed before this row may read it
+                    self._zero(layer, reused[layer])
+        except BaseException:  # the blocks taken go back: no id is ever neither held nor free
+            for layer, ids in reused.items():
+                self._free[layer].extend(ids)
+            raise
+        for layer in layers:  # then fresh ids, within the pools `_make_room` grew: nothing here can fail
+            fresh = count - len(reused[layer])
+            ids = reused[layer] + list(range(self._next[layer], self._next[layer] + fresh))
             self._next[layer] += fresh
             row.blocks[layer, row.num_blocks : needed] = torch.tensor(ids)
         row.num_blocks = needed
@@ -149,7 +156,7 @@ class KVStore:
         if pool is None:
             pool = torch.zeros(like.shape[1], 0, like.shape[-1], dtype=self.dtype, device=self.device)
         if pool.shape[1] < self._next[layer] * self.block_size:
-            pool = self._resize(layer, which, self._next[layer], pool)
+            pool = self.pools[(layer, which)] = self._resize(layer, which, self._next[layer], pool)
         return pool
 
     def _make_room(self, count: dict[int, int]) -> None:
@@ -164,15 +171,14 @@ class KVStore:
                     f"KV store full: {self._bytes_with(want):,} bytes needed, {self.max_bytes:,} allowed",
                     code="kv_budget",
                 )
-        room = None if self.max_bytes is None else self.max_bytes - self._bytes_with(want)
+        # slack: a pool grows by half, within an even share of what the bound leaves (all of it to the first layers
+        # grown left the others none, and their next growth compacted every layer again)
+        share = None if self.max_bytes is None else (self.max_bytes - self._bytes_with(want)) // max(len(want), 1)
         for layer, blocks in want.items():
-            size = max(blocks, self._capacity(layer) * 3 // 2)  # slack: a pool grows by half
-            if room is not None:  # ... within what the bound leaves
-                size = min(size, blocks + room // self._block_bytes(layer))
-                room -= (size - blocks) * self._block_bytes(layer)
-            for which in ("k", "v"):
-                if (layer, which) in self.pools:
-                    self._resize(layer, which, size, self.pools[(layer, which)])
+            size = max(blocks, self._capacity(layer) * 3 // 2)
+            if share is not None:
+                size = min(size, blocks + share // self._block_bytes(layer))
+            self._install(layer, size)
 
     def _blocks_wanted(self, count: dict[int, int]) -> dict[int, int]:
         """The pool sizes (in blocks) that `count` more blocks per layer need, where they pass a pool's size (layers
@@ -185,13 +191,23 @@ class KVStore:
         return want
 
     def _capacity(self, layer: int) -> int:
-        return self.pools[(layer, "k")].shape[1] // self.block_size
+        """Blocks the layer's pools hold (the smaller's, should one have been created and not the other)."""
+        return min(pool.shape[1] for pool in self._layer_pools(layer)) // self.block_size
+
+    def _install(self, layer: int, blocks: int) -> None:
+        """Resize the layer's K and V pools to `blocks` blocks together: both are made before either replaces its
+        pool, so a failure (out of memory) leaves both as they were, never of two sizes."""
+        resized = {key: self._resize(layer, key[1], blocks, self.pools[key]) for key in self._pool_keys(layer)}
+        self.pools.update(resized)
+
+    def _pool_keys(self, layer: int) -> list[tuple[int, str]]:
+        return [(layer, which) for which in ("k", "v") if (layer, which) in self.pools]
 
     def _block_bytes(self, layer: int) -> int:
         return sum(p.shape[0] * p.shape[2] * p.element_size() for p in self._layer_pools(layer)) * self.block_size
 
     def _layer_pools(self, layer: int) -> list[torch.Tensor]:
-        return [self.pools[(layer, which)] for which in ("k", "v") if (layer, which) in self.pools]
+        return [self.pools[key] for key in self._pool_keys(layer)]
 
     def _bytes_with(self, want: dict[int, int]) -> int:
         """Bytes of the pools, with those of `want` at its sizes, less each pool's zero block."""
@@ -201,14 +217,13 @@ class KVStore:
         return total
 
     def _resize(self, layer: int, which: str, blocks: int, pool: torch.Tensor) -> torch.Tensor:
-        """Make the pool of `layer` hold `blocks` blocks, keeping what fits (new positions are zero)."""
+        """A copy of `layer`'s pool `which` holding `blocks` blocks, with what fits of `pool` (new positions are zero);
+        the caller installs it."""
         size = blocks * self.block_size
         if size <= pool.shape[1]:
-            resized = pool[:, :size].clone()
-        else:
-            resized = torch.zeros(pool.shape[0], size, pool.shape[2], dtype=pool.dtype, device=pool.device)
-            resized[:, : pool.shape[1]] = pool
-        self.pools[(layer, which)] = resized
+            return pool[:, :size].clone()
+        resized = torch.zeros(pool.shape[0], size, pool.shape[2], dtype=pool.dtype, device=pool.device)
+        resized[:, : pool.shape[1]] = pool
         return resized
 
     def _compact(self, layer: int) -> None:
@@ -230,10 +245,8 @@ class KVStore:
                 row.blocks[layer, i] = hole
         above, self._next[layer], self._free[layer] = self._next[layer], top, []  # every id below `top` is in use
         try:
-            for which in ("k", "v"):
-                pool = self.pools.get((layer, which))
-                if pool is not None and pool.shape[1] > top * self.block_size:  # free blocks, or growth slack
-                    self._resize(layer, which, top, pool)
+            if any(pool.shape[1] > top * self.block_size for pool in self._layer_pools(layer)):  # free blocks, slack
+                self._install(layer, top)
         except BaseException:  # not cut: the ids from `top` on hold moved rows' data, and go back as free blocks
             self._next[layer], self._free[layer] = above, list(range(top, above))
             raise
