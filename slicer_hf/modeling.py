@@ -300,9 +300,9 @@ class SlicerGenerationMixin(SplitModelMixin):
         if start > 0 and not link.continues(getattr(cache, "_slicer_mark", None), start):
             raise SlicerError(
                 f"this KV cache holds {start} positions the server no longer holds as they were (another "
-                "generate() or branch ran on this model since, the cache's rows were reordered or selected, its "
-                "session closed, or the cache was not made by this split model): continue it on no other sequence, "
-                "or start again from the whole prompt"
+                "generate() or branch ran on this model since, it ran at another split_layer, the cache's rows were "
+                "reordered or selected, its session closed, or the cache was not made by this split model): continue "
+                "it on no other sequence, or start again from the whole prompt"
             )
         mask = given.get("attention_mask")
         if mask is not None and (not torch.is_tensor(mask) or mask.ndim != 2):  # a dict of masks, one per layer type

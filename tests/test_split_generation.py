@@ -588,6 +588,17 @@ def test_a_later_turn_that_masks_a_finished_rows_padding_equals_plain_generate(r
     assert transport.histories == 1  # sent once, with the turn's first step
 
 
+def test_a_cache_continued_at_another_split_is_refused_naming_the_split(model_pair):
+    from slicer_hf import SlicerError
+
+    _, model = model_pair("llama")
+    split_model = split(model)
+    with torch.no_grad():
+        cache = split_model(prompt(length=6), use_cache=True, split_layer=2).past_key_values
+        with pytest.raises(SlicerError, match="another split_layer"):
+            split_model(prompt(length=1, seed=5), past_key_values=cache, split_layer=3)
+
+
 @pytest.mark.parametrize("kv_store", [True, False])
 def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_store):
     from transformers import AutoModelForCausalLM, MistralConfig
