@@ -309,3 +309,6 @@ def test_the_floor_of_a_forward_counts_each_layer_at_its_rows_and_between_whole_
     got = floors_ms_per_token(weights, {0: 1.5, 1: 3.0})  # 1.5 rows: halfway between 1 and 2
     forward = (3e-3 + 1.5e-4) + (5e-3 + 3e-4)
     assert got["linear"] == pytest.approx(1000 * forward / 3.0) and got["floor"] == got["linear"]
+    # one by one, two sessions split at layers 0 and 1: layer 0 runs in half the forwards, of one row
+    one_by_one = floors_ms_per_token(weights, rows_by_layer([0, 1], 1.0, 2))
+    assert one_by_one["linear"] == pytest.approx(1000 * (0.5 * (3e-3 + 1e-4) + (5e-3 + 1e-4)))

@@ -184,13 +184,13 @@ def rows_by_layer(splits: list[int], rows: float, num_layers: int) -> dict[int, 
 def floors_ms_per_token(
     weights: dict[int, list[torch.Tensor]], rows: dict[int, float], streamed: bool = False
 ) -> dict[str, float]:
-    """Matmul time per token of a forward whose layer j runs `rows[j]` rows on its `weights[j]` (inputs in the
-    weights' dtype), one torch thread, measured now with two kernels: torch's `linear`, and oneDNN on weights
-    packed for it (what `slicer-hf serve --prepack` runs). Each weight is timed on its own, hot in cache, or all in
-    turn as a forward meets them (`streamed`: weights too large for the cache come from memory). A mean row count
-    between two whole ones is timed at both and interpolated. Per token: the forward's time over the rows of its
-    deepest layer (every session runs it). Returns "linear", torch's kernel alone, and "floor", the faster kernel
-    for each weight (streamed: for them all)."""
+    """Matmul time per token of a forward whose layer j runs `rows[j]` rows on its `weights[j]` (inputs in the weights'
+    dtype), one torch thread, measured now with two kernels: torch's `linear`, and oneDNN on weights packed for
+    it (what `slicer-hf serve --prepack` runs). Each weight is timed on its own, hot in cache, or all in turn as
+    a forward meets them (`streamed`: weights too large for the cache come from memory). A mean row count
+    between two whole ones is timed at both and interpolated (below one row, from none). Per token: the
+    forward's time over the rows of its deepest layer (every session runs it). Returns "linear", torch's kernel
+    alone, and "floor", the faster kernel for each weight (streamed: for them all)."""
     plan = [(w, rows[j]) for j in sorted(weights) for w in weights[j] if rows.get(j, 0) > 0]
     tokens = max(rows.values())
     first = plan[0][0]
@@ -203,13 +203,18 @@ def floors_ms_per_token(
         products = [[make(w) for w, _ in plan] for make in kernels]
 
         def timed(whole: list[int]) -> list[list[float]]:  # per kernel, per weight (streamed: the whole plan)
-            inputs = [torch.randn(b, w.shape[1], dtype=w.dtype) for (w, _), b in zip(plan, whole)]
+            inputs = [torch.randn(b, w.shape[1], dtype=w.dtype) if b else None for (w, _), b in zip(plan, whole)]
             if streamed:
-                return [[median_time(lambda k=k: [f(x) for f, x in zip(k, inputs)], 9, 2)] for k in products]
-            return [[median_time(lambda f=f, x=x: f(x), 15, 3) for f, x in zip(k, inputs)] for k in products]
+                run = [[(f, x) for f, x in zip(k, inputs) if x is not None] for k in products]
+                return [[median_time(lambda k=k: [f(x) for f, x in k], 9, 2) if k else 0.0] for k in run]
+            return [
+                [median_time(lambda f=f, x=x: f(x), 15, 3) if x is not None else 0.0 for f, x in zip(k, inputs)]
+                for k in products
+            ]
 
-        low = [max(1, int(r)) for _, r in plan]
-        high = [max(1, math.ceil(r)) for _, r in plan]
+        # a layer that runs r < 1 rows a forward runs one row in a share r of the forwards (one-by-one service)
+        low = [int(r) for _, r in plan]
+        high = [math.ceil(r) for _, r in plan]
         shares = [r - b for (_, r), b in zip(plan, low)]
         at_low = timed(low)
         at_high = timed(high) if high != low else at_low
