@@ -44,9 +44,11 @@ from .profile import Profile, RatePoint
 OBJECTIVES = ("latency", "server-compute", "uplink")
 SEARCH_NAME = "search.json"
 # gRPC over HTTP/2 over TCP/IPv4 per decode step, beyond the protocol message, measured over the veth link of
-# `slicer_hf.bench.search` (Linux byte counters): the DATA frame and gRPC prefix, TCP/IP headers, and the ACKs of the
-# other direction; each further MSS-sized segment of a long message adds its own headers and ACK.
-FRAMING_BYTES_UP = 210
+# `slicer_hf.bench.link` (Linux byte counters): the DATA frame and gRPC prefix, TCP/IP headers, and the ACKs of the
+# other direction; each further MSS-sized segment of a long message adds its own headers and ACK. Up: 194-196 bytes
+# a decode step with fp16 and SLICER packets (2026-12-07); the 210 first measured had counted the benchmark's own
+# STATS calls (about 35 bytes a step).
+FRAMING_BYTES_UP = 195
 FRAMING_BYTES_DOWN = 116
 SEGMENT_BYTES, MSS = 100, 1448
 
