@@ -54,7 +54,8 @@ class SlicerConfig:
     )
     num_blocks: int = field(default=1, metadata={"help": "MS: equal-cardinality magnitude blocks per row."})
     distortion: float = field(
-        default=0.08, metadata={"help": "ABQ: relative L2 error budget of each block, in (0, 1)."}
+        default=0.08,
+        metadata={"help": "ABQ: relative L2 error budget of a row's kept entries (shared per entry), in (0, 1)."},
     )
     bit_candidates: tuple[int, ...] = field(
         default=(1, 2, 3, 4, 5, 6, 8), metadata={"help": "ABQ: magnitude bitwidths a block may use (0..16)."}

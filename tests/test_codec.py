@@ -351,20 +351,29 @@ def test_ecsq_extreme_magnitudes():
 
 
 @needs_constriction
-@pytest.mark.parametrize("step", [4.0, 1e-6])
-def test_ecsq_extreme_steps_round_trip(step):
-    codec = build_codec("slicer", quantizer="ecsq", step=step, rotation="none", outliers=0)
+def test_ecsq_extreme_steps_round_trip_or_are_refused_where_codes_would_clip():
     onehot = torch.zeros(8, 4096)
     onehot[:, 7] = 3.0  # all codes 0 but one: the cheapest a valid stream gets
     flat = -torch.ones(4, 64)
+    coarse = build_codec("slicer", quantizer="ecsq", step=4.0, rotation="none", outliers=0)
     for x in (onehot, flat):
-        y = codec.decode(codec.encode(x))
-        assert y.shape == x.shape
+        assert coarse.decode(coarse.encode(x)).shape == x.shape
+    fine = build_codec("slicer", quantizer="ecsq", step=1e-4, rotation="orthogonal", outliers=0)
+    assert rel_err(fine.decode(fine.encode(flat)), flat) < 1e-3  # codes up to 10,000 steps: within the largest
+    tiny = build_codec("slicer", quantizer="ecsq", step=1e-6, rotation="none", outliers=0)
+    for x in (onehot, flat):  # codes past the largest (32,767) wiped a row out (relative error 0.97) without a word
+        with pytest.raises(CodecError, match=r"too fine: .* use a step of at least"):
+            tiny.encode(x)
 
 
 def test_ecsq_settings_are_validated():
     with pytest.raises(ConfigError, match="`quantizer` must be one of"):
         build_codec("slicer", quantizer="vq")
+    for level in (0, 100, "3", True):
+        with pytest.raises(ConfigError, match="`zstd_level` must be an integer in"):
+            build_codec("slicer", zstd_level=level)
+    with pytest.raises(ConfigError, match="bit_candidates"):
+        build_codec("slicer", bit_candidates=None)
     with pytest.raises(ConfigError, match=r"`step` must be in \(0, 4\], got 0"):
         build_codec("slicer", quantizer="ecsq", step=0)
     with pytest.raises(ConfigError, match="`sparsity` must be 0 with quantizer='ecsq'"):
@@ -575,6 +584,20 @@ def test_a_blocks_body_longer_than_its_fields_is_refused_before_they_are_unpacke
     packet = codec.envelope((n, d), torch.float32) + bytes([2]) + bytes([0xC0, 0x04]) + bytes([1, 0]) + body
     with pytest.raises(CodecError, match="its fields take"):
         codec.decode(packet)
+
+
+def test_block_labels_that_break_equal_cardinality_are_refused():
+    """Magnitude splitting cuts the survivors into blocks of equal size: a packet whose labels say otherwise (one
+    flipped label bit) is not any encoder's."""
+    x = torch.tensor([[0.1, -2.0, 0.3, 0.05, -0.7, 9.0, 0.2, -0.01, 1.5, -1.1, 0.0, 0.4, -0.3, 0.6, -0.05, 0.8]])
+    codec = build_codec(
+        "slicer", sparsity=0.5, num_blocks=2, outliers=1, rotation="none", entropy_coding="none", bit_candidates=(4,)
+    )
+    packet = bytearray(codec.encode(x))
+    first_label = 8 * (6 + 4) + (4 + 16) + (1 + 16)  # envelope, header; outlier (position, value), bitmap positions
+    packet[first_label // 8] ^= 1 << (first_label % 8)
+    with pytest.raises(CodecError, match="equal cardinality"):
+        codec.decode(bytes(packet))
 
 
 def test_a_packet_of_no_rows_that_carries_entries_is_refused():

@@ -64,7 +64,7 @@ import torch
 import zstandard
 
 from ..config import at_least
-from ..errors import CodecError
+from ..errors import CodecError, ConfigError
 from . import ops, trellis
 from .base import MAX_OUTLIERS, Codec
 from .basis import Basis, lookup
@@ -148,7 +148,7 @@ class SlicerCodec(Codec):
             asymmetry=asymmetry,
             num_blocks=num_blocks,
             distortion=distortion,
-            bit_candidates=tuple(bit_candidates),
+            bit_candidates=tuple(bit_candidates) if isinstance(bit_candidates, (list, tuple)) else bit_candidates,
             index_coding=index_coding,
             outliers=outliers,
             rotation=rotation,
@@ -163,6 +163,9 @@ class SlicerCodec(Codec):
         for key, value in self._params.items():
             setattr(self, key, value)
         self.trellis = bool(self._params.get("trellis"))
+        top = zstandard.MAX_COMPRESSION_LEVEL
+        if type(zstd_level) is not int or not 1 <= zstd_level <= top:
+            raise ConfigError(f"`zstd_level` must be an integer in [1, {top}], got {zstd_level!r}")
         self.zstd_level = zstd_level
         self._basis: Basis | None = lookup(basis) if basis else None
         self.chains = bool(self._params.get("predict_previous"))
@@ -329,6 +332,10 @@ class SlicerCodec(Codec):
             labels = labels.reshape(n_rows, k)
             if (labels >= m).any():
                 raise CodecError("block label out of range")
+            ones = torch.ones_like(labels)
+            counts = torch.zeros(n_rows, m, dtype=torch.long, device=device).scatter_add_(1, labels, ones)
+            if not torch.equal(counts, torch.tensor(ops.block_sizes(k, m), device=device).expand(n_rows, m)):
+                raise CodecError("block labels do not make blocks of equal cardinality")
         bits = torch.from_numpy(r.read(n_rows * m, 5).astype(np.int64)).reshape(n_rows, m)
         if (bits > 16).any():
             raise CodecError("block bitwidth above 16")
@@ -397,6 +404,12 @@ class SlicerCodec(Codec):
             else:
                 bound = _ecsq_bound(avail, step)
                 codes = torch.where(rms > 0, y.double() / (step * rms).clamp_min(1e-300), 0.0)
+                peak = float(codes.abs().max()) if codes.numel() else 0.0
+                if peak > bound:  # past the largest code: only a step too fine for the codes gets here
+                    raise CodecError(
+                        f"ECSQ step {step:g} is too fine: a code of {peak:,.0f} steps passes the largest "
+                        f"({bound:,}); use a step of at least {at_least(peak * step / bound, 2)}"
+                    )
                 codes = codes.round().clamp(-bound, bound)
             coded = _ecsq_coded(rms[:, 0], None if rotated or basis is not None else out_pos, d)  # [N, d] bool
             symbols = codes[coded].to(torch.int32).cpu().numpy()
