@@ -5,10 +5,12 @@ The edge alone decides; every ECSQ packet carries its step, so the server decode
 is renegotiated. The controller models a decode token's latency as `base + bits / goodput`: `base` (compute, round
 trip, downlink) is the lowest recent latency with the uplink's share taken out, and the goodput follows from how
 far the latest tokens sit above it. A rung is taken coarser as soon as one token misses the target or the recent
-median crosses `high` x target, straight to the finest rung predicted under 90% of it (one rung only while the
-model can put none of the latency down to the uplink, as at the first token); finer only after `patience`
-tokens in a row predict that the finer rung's uplink time fits within `low` of the room `base` leaves under the
-target, and a finer rung given up within `calm` tokens doubles that patience (hysteresis, so the knob does not
+median crosses `high` x target, straight to the finest rung predicted under 90% of it, or where none is, under
+`high` x target (one rung only while the model can put none of the latency down to the uplink, as at the first
+token; the floor only where no rung is predicted under `high`); finer only after `patience` tokens in a row predict
+that the finer rung's uplink time fits within `low` of the room `base` leaves under the target and its latency
+under 90% of the target (the margin a coarser move looks for: with compute near the target the first rule alone let
+the step cycle), and a finer rung given up within `calm` tokens doubles that patience (hysteresis, so the knob does not
 flap on a link at the edge of two rungs). The room is measured above `base`, not from zero: where compute alone
 takes most of the target, a fast link still brings the finer rungs back. A finer rung that misses at once is
 measured beside the rung it left: their latencies' difference over their bits' difference is the slope, which one
@@ -110,10 +112,17 @@ class BitrateController:
             if per_bit == 0.0:  # nothing to put the miss down to the uplink by (no history yet): one rung at a time
                 self._move(self.level + 1, median)
                 return
-            fits = [i for i in range(self.level + 1, len(self.ladder)) if self._predict(i, base, per_bit) <= 0.9]
-            self._move(fits[0] if fits else len(self.ladder) - 1, median)
+            coarser = range(self.level + 1, len(self.ladder))
+            fits = [i for i in coarser if self._predict(i, base, per_bit) <= 0.9]
+            near = [i for i in coarser if self._predict(i, base, per_bit) <= self.high]  # where none has margin
+            self._move((fits or near or [len(self.ladder) - 1])[0], median)
             return
-        if self.level > 0 and self.ladder[self.level - 1][1] * per_bit <= self.low * (self.target_ms - base):
+        finer = self.level - 1
+        if (
+            self.level > 0
+            and self.ladder[finer][1] * per_bit <= self.low * (self.target_ms - base)
+            and self._predict(finer, base, per_bit) <= 0.9  # with the margin a coarser move looks for: no flapping
+        ):
             self._room += 1
             if self._room >= self._wait:
                 self._move(self.level - 1, median)

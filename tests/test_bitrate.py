@@ -111,6 +111,15 @@ def test_where_compute_takes_most_of_the_target_one_slow_token_is_not_a_lasting_
     assert set(steps[150:]) == {0.1}  # and it is back on the finest rung within 50 tokens
 
 
+def test_with_compute_near_the_target_the_controller_settles_instead_of_cycling():
+    """Compute at 93% of the target: every rung sits above `high` x target but the floor. A finer move predicted
+    within `low` of the room but over 90% of the target cycled the step (74 moves in 2,000 tokens)."""
+    controller = BitrateController(LADDER, target_ms=75.0)
+    _, steps = simulate([1000.0] * 2000, controller, compute_ms=70.0, jitter_ms=0.0)
+    assert len(controller.changes) <= 10 and all(change["token"] < 50 for change in controller.changes)
+    assert len(set(steps[100:])) == 1
+
+
 def test_a_new_generation_counts_its_room_for_a_finer_move_afresh():
     controller = BitrateController(LADDER, target_ms=75.0, start=3, patience=4)
     for _ in range(3):  # three tokens of room: one short of the patience
