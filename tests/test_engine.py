@@ -789,3 +789,61 @@ def test_one_client_address_holds_at_most_max_sessions_per_client(engine):
     assert isinstance(open_from("ipv4:10.0.0.7:50004"), int)
     assert second in server.sessions
     server.shutdown()
+
+
+def test_a_step_whose_client_left_ends_quietly_not_as_a_server_error(engine, caplog):
+    """The stream ended (the client closed, was cancelled or killed) while its step waited: its session is closed
+    and nobody reads the reply. That was counted and logged as a `timeout` or `unknown_session` error."""
+    server = engine(batching=True)
+    stuck, release, _ = gate_rounds(server)
+    busy, leaving = open_session(server), open_session(server)
+    first = threading.Thread(target=lambda: step(server, busy, 1))
+    first.start()
+    assert stuck.wait(10)
+    reply = server.submit(protocol.encode_step(protocol.Step(leaving, 1, 0, 1, 3, 0, identity_rows(server, 3))))
+    server.close_session(leaving)  # what the end of its stream does
+    release.set()
+    with caplog.at_level("WARNING", logger="slicer_hf.server.engine"):
+        with pytest.raises(ProtocolError) as info:
+            protocol.raise_if_error(reply.result(timeout=30))
+        first.join()
+    assert info.value.code == "unknown_session"
+    assert server.stats_dict()["errors"] == {} and not caplog.records
+    server.shutdown()
+
+
+def test_a_server_that_has_shut_down_refuses_every_request_at_once(engine):
+    server = engine()
+    session = open_session(server)
+    server.shutdown()
+    started = time.monotonic()
+    for message in (
+        protocol.encode_json(protocol.OPEN, {"split_layer": 2}),
+        protocol.encode_step(protocol.Step(session, 1, 0, 1, 3, 0, identity_rows(server, 3))),
+    ):
+        with pytest.raises(ProtocolError, match="shutting down") as info:
+            protocol.raise_if_error(server.handle(message))
+        assert info.value.code == "shutdown"
+    assert time.monotonic() - started < 5  # not the step's timeout
+
+
+def test_the_compute_thread_survives_a_bug_outside_every_steps_guard(engine, monkeypatch):
+    server = engine()
+    plain, failures = server.release_session, []
+
+    def release_once(session):
+        if not failures:
+            failures.append(session)
+            raise RuntimeError("a bug")
+        return plain(session)
+
+    monkeypatch.setattr(server, "release_session", release_once)
+    server.close_session(open_session(server))  # its release on the compute thread raises
+    assert wait_for(lambda: failures)
+    session = open_session(server)
+    protocol.raise_if_error(step(server, session, 1))  # served: the thread lives on
+    server.shutdown()
+
+
+def identity_rows(server: SplitServer, tokens: int) -> bytes:
+    return build_codec("identity").encode(torch.randn(1, tokens, server.hidden_size))

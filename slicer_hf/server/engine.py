@@ -317,6 +317,8 @@ class SplitServer:
         self.stats.add(bytes_in=len(data))
         found: list[Session] = []  # the session, once admitted: its `busy` lock is then held until the reply
         try:
+            if self._stopped.is_set():
+                raise ProtocolError("server shutting down", code="shutdown")
             if len(data) > self.limits.max_message_bytes:
                 raise ProtocolError(
                     f"message of {len(data)} bytes exceeds {self.limits.max_message_bytes}", code="too_large"
@@ -386,9 +388,13 @@ class SplitServer:
             session.tokens += step.batch * step.tokens
             session.last_used = time.monotonic()
         except Exception as exc:
-            if not isinstance(exc, (ProtocolError, CodecError)):
-                logger.error("internal error in a step", exc_info=exc)
-            answer = self._refuse(exc, session)
+            if session.closed:  # its client left (the stream ended or was cancelled): nobody reads this, no error
+                logger.debug("step %d of session %d ended with its session: %s", step.seq, session.id, exc)
+                answer = protocol.encode_error("unknown_session", f"session {session.id} was closed")
+            else:
+                if not isinstance(exc, (ProtocolError, CodecError)):
+                    logger.error("internal error in a step", exc_info=exc)
+                answer = self._refuse(exc, session)
         finally:
             session.busy.release()
         return answer
@@ -967,7 +973,9 @@ class SplitServer:
         return protocol.encode_topk_logits(top.values.cpu(), top.indices.cpu(), final.shape[-1]), protocol.REPLY_TOPK
 
     def shutdown(self) -> None:
-        """Stop the scheduler and reaper threads and drop every session."""
+        """Stop the scheduler and reaper threads and drop every session; from now on every request is refused
+        (`shutdown`)."""
+        self.draining = True
         self._stopped.set()
         for session_id in list(self.sessions):
             self.close_session(session_id)

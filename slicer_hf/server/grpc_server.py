@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as ResultTimeout  # builtins' TimeoutError from Python 3.11
 from typing import Any
@@ -180,7 +180,7 @@ class _SplitService(grpc.GenericRpcHandler):
             else:
                 settled.set_exception(error)
 
-        step.add_done_callback(lambda _: loop.call_soon_threadsafe(settle))
+        step.add_done_callback(lambda _: _call_soon(loop, settle))
         settled.add_done_callback(lambda f: step.withdraw() if f.cancelled() else None)
         return step, settled
 
@@ -247,6 +247,13 @@ class _IdleTimer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """`callback` on `loop` from another thread, unless the loop has closed (the server stopped: nobody waits)."""
+    with contextlib.suppress(RuntimeError):  # closed between the check and the call
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(callback)
 
 
 async def set_draining(engine: SplitServer, health_servicer: Any, on: bool) -> None:
@@ -460,11 +467,14 @@ class RunningServer:
         return not self._thread.is_alive()
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Refuse new work, give open calls `grace_s` to finish, then close everything."""
+        """Refuse new sessions (draining: an OPEN on a stream already open gets `draining`, so a client with other
+        servers moves on), give open calls `grace_s` to finish, stop the engine, then close everything."""
         if not self._thread.is_alive():
             return
+        self._run(set_draining(self.engine, self.health, True))
         self._run(self.health.enter_graceful_shutdown())
         self._run(self.server.stop(grace_s))
+        self.engine.shutdown()  # before the loop closes: the steps it ends hand their replies to the loop
         self._close_loop()
         if self._metrics is not None:
             self._metrics.shutdown()

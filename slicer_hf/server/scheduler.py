@@ -130,13 +130,19 @@ class Scheduler:
 
     # ---------------------------------------------------------------- the loop
     def _loop(self) -> None:
-        pending: list[Work] = []
-        try:
-            while pending is not None:
+        pending: list[Work] | None = []
+        while pending is not None:
+            try:
                 pending = self._cycle(pending)
                 self._account()
-        except ReferenceError:  # the server is gone
-            return
+            except ReferenceError:  # the server is gone
+                return
+            except Exception as exc:  # a bug outside every step's guard: its steps fail, the thread serves on
+                logger.exception("scheduler round failed; its steps are refused")
+                for work in pending:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
+                pending = []
 
     def _cycle(self, pending: list[Work]) -> list[Work] | None:
         """Take what has arrived (waiting for it when idle), then run one round; None once stopped."""
