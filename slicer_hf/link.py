@@ -433,7 +433,7 @@ class SuffixLink:
                 if isinstance(exc, TransportError):
                     recoverable = exc.retryable
                 else:
-                    recoverable = exc.code in ("unknown_session", "state_lost", "draining") or (
+                    recoverable = exc.code in ("unknown_session", "state_lost", "draining", "shutdown") or (
                         elsewhere and exc.code in NO_ROOM
                     )
                 if not recoverable:  # the server closes a session whose request it refused; end the stream too

@@ -735,6 +735,36 @@ def test_wire_stats_count_one_failover_per_recovery_and_each_failed_attempt_as_a
     assert (model.wire_stats().failovers, model.wire_stats().retries) == (1, 3)
 
 
+class ShuttingDown(LocalTransport):
+    """An in-process server that answers one step, once armed, as a server stopping does (`shutdown`)."""
+
+    armed = False
+
+    def request(self, data: bytes) -> bytes:
+        if self.armed and protocol.message_type(data) in (protocol.STEP, protocol.NEXT):
+            self.armed = False
+            return protocol.encode_error("shutdown", "server shutting down")
+        return super().request(data)
+
+    def reset(self) -> bool:  # a new connection: the server restarted, or the next one of a list
+        return True
+
+
+def test_a_step_refused_by_a_server_shutting_down_moves_on_and_stays_exact(reference_models):
+    ref = reference_models["llama"]
+    transport = ShuttingDown(SplitServer(copy.deepcopy(ref)))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport)
+    ids = prompt(1, 7)
+
+    def arm_at_the_third_token(*_: object) -> bool:
+        transport.armed = transport.armed or model.wire_stats().uplink_messages == 3
+        return False
+
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, stopping_criteria=[arm_at_the_third_token])
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert model.wire_stats().failovers == 1
+
+
 def test_a_failover_to_a_server_with_smaller_step_limits_is_a_clear_error_not_a_refused_replay(reference_models):
     ref = reference_models["llama"]
     small = SplitServer(copy.deepcopy(ref), limits=ServerLimits(max_step_elements=8 * 64))
