@@ -157,6 +157,9 @@ def test_default_splits_spread_over_the_model_and_hold_three_quarters():
         (lambda d: d["rate_distortion"][0].update(codec="zip"), "codec must be 'slicer' or 'fp16'"),
         (lambda d: d["rate_distortion"][0].update(step=None), "a 'slicer' point has an ECSQ step"),
         (lambda d: d.update(rate_distortion={}), "rate_distortion must be a list"),
+        (lambda d: d.update(calibration=None), "calibration must be an object"),
+        (lambda d: d.update(calibration="wikitext"), "calibration must be an object"),
+        (lambda d: d["edge"].update(other_bytes="2e6"), "edge: other_bytes must be a number >= 0"),
     ],
 )
 def test_a_broken_profile_is_refused_with_what_is_wrong(tmp_path, change, message):
@@ -513,3 +516,44 @@ def test_an_adaptive_search_without_ecsq_points_is_refused_clearly():
     fp16_only = dataclasses.replace(EDGE, rate_distortion=[p for p in EDGE.rate_distortion if p.codec == "fp16"])
     with pytest.raises(ConfigError, match="no ECSQ points"):
         search(fp16_only, fp16_only, SLOW, Constraints(max_token_latency_ms=500), adaptive=True)
+
+
+def test_each_machines_codec_time_comes_from_its_own_profile():
+    """The server's decode and downlink encode from the server's profile, the edge's encode from the edge's: a
+    server whose codec runs 100x faster predicts less server time (both had come from the edge's profile)."""
+    fast = [
+        dataclasses.replace(p, encode_ms=p.encode_ms / 100, decode_ms=p.decode_ms / 100) for p in EDGE.rate_distortion
+    ]
+    quick_server = dataclasses.replace(SERVER, rate_distortion=fast)
+    up = next(p for p in EDGE.points(4) if p.step == 0.4)
+    down = next(p for p in EDGE.points(L) if p.step == 0.1)
+    slow, quick = (predict(EDGE, s, 4, up, down, FAST, Constraints()) for s in (SERVER, quick_server))
+    assert slow.server_ms - quick.server_ms == pytest.approx(0.99 * (up.decode_ms + down.encode_ms))
+    assert slow.edge_ms == quick.edge_ms
+
+
+def test_the_written_config_sends_the_downlink_in_the_dtype_its_bits_were_predicted_for():
+    base = SlicerConfig(downlink_dtype="float16")
+    assert search(EDGE, SERVER, FAST, base=base).config.downlink_dtype == "auto"
+
+
+def test_a_coarser_step_that_measured_more_bits_is_no_rung_of_the_ladder():
+    inverted = [
+        dataclasses.replace(p, bits_per_token=p.bits_per_token + 10 * D) if p.codec == "slicer" and p.step == 0.8 else p
+        for p in EDGE.rate_distortion
+    ]
+    edge = dataclasses.replace(EDGE, rate_distortion=inverted)
+    result = search(edge, SERVER, SLOW, Constraints(max_kl=0.05, max_token_latency_ms=200), adaptive=True)
+    steps = [s for s, _ in result.config.bitrate_ladder]
+    bits = [b for _, b in result.config.bitrate_ladder]
+    assert bits == sorted(bits, reverse=True) and 0.8 not in steps
+
+
+def test_profiles_without_fingerprints_of_models_of_other_sizes_are_not_searched_together():
+    def bare(profile, layers):
+        model = {k: v for k, v in profile.model.items() if k != "fingerprint"} | {"num_hidden_layers": layers}
+        return dataclasses.replace(profile, model=model)
+
+    with pytest.raises(ConfigError, match="different models"):
+        search(bare(EDGE, L), bare(SERVER, L + 22), FAST)
+    search(bare(EDGE, L), bare(SERVER, L), FAST)  # the same sizes: taken as one model

@@ -298,6 +298,12 @@ def _bare_savings(width: int, dtype_name: str, codec: str) -> int:
     return 0 if bare is None else 8 * (len(packet) - len(bare))
 
 
+def _on(profile: Profile, point: RatePoint) -> RatePoint:
+    """`point` as `profile`'s machine measured it, where it profiled the same setting; else `point` itself."""
+    same = (point.split_layer, point.codec, point.step)
+    return next((p for p in profile.rate_distortion if (p.split_layer, p.codec, p.step) == same), point)
+
+
 def _exact_downlink_bits(profile: Profile) -> float:
     """An exact hidden-state reply's codec packet, in the model's dtype."""
     dtype = getattr(torch, profile.model.get("dtype", "float32"))
@@ -325,8 +331,10 @@ def predict(
     e = edge.edge
     edge_layers = edge.layers[:k]
     edge_ms = e["embed_decode_ms"] + sum(layer.decode_ms for layer in edge_layers) + e["head_decode_ms"]
-    edge_ms += e["step_overhead_ms"] + up.encode_ms + (down.decode_ms if down else 0.0)
-    server_ms = sum(layer.decode_ms for layer in server.layers[k:]) + up.decode_ms + (down.encode_ms if down else 0.0)
+    # each machine's codec time from its own profile, where it measured the setting (else the other's, borrowed)
+    edge_ms += e["step_overhead_ms"] + _on(edge, up).encode_ms + (_on(edge, down).decode_ms if down else 0.0)
+    server_ms = sum(layer.decode_ms for layer in server.layers[k:]) + _on(server, up).decode_ms
+    server_ms += _on(server, down).encode_ms if down else 0.0
     up_rate, down_rate = link.uplink_mbps * 125.0, link.downlink_mbps * 125.0  # bytes per ms
     up_bytes, down_bytes = (
         _on_wire(up_bits / 8, link.framing_bytes_up),
@@ -522,7 +530,8 @@ def search(
     constraints = constraints or Constraints()
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if edge.model.get("fingerprint") != server.model.get("fingerprint"):
+    shape = ("fingerprint", "num_hidden_layers", "hidden_size")  # a profile without a fingerprint still has its sizes
+    if any(edge.model.get(key) != server.model.get(key) for key in shape):
         raise ConfigError(
             f"the profiles are of different models: edge {edge.model.get('id')!r}, server {server.model.get('id')!r}"
         )
@@ -556,6 +565,9 @@ def search(
             key=lambda c: c.step,
         )
         rungs = list({c.step: c for c in rungs}.values())  # one rung a step (a profile may list a step twice)
+        # a coarser step that measured no fewer bits than a finer one is no rung: it costs quality for nothing
+        bits = [c.prediction.uplink_bits for c in rungs]
+        rungs = [c for i, c in enumerate(rungs) if all(bits[i] < finer for finer in bits[:i])]
         target = constraints.max_token_latency_ms
         start = next((c for c in rungs if c.prediction.token_latency_ms <= target), rungs[-1])  # finest that fits
         ladder = tuple((c.step, c.prediction.uplink_bits - _step_overhead_bits(edge, "slicer")) for c in rungs)
@@ -587,6 +599,7 @@ def _config_of(c: Candidate, profile: Profile, base: SlicerConfig) -> SlicerConf
         "downlink_basis": None,
         "trellis": False,
         "predict_previous": False,
+        "downlink_dtype": "auto",  # the downlink bits predicted are those of the model's dtype
     }
     if c.codec == "slicer" or c.downlink_step is not None or base.rotation == "calibrated":
         changes.update({k: v for k, v in ECSQ_BASE.items() if k != "codec"})

@@ -176,7 +176,9 @@ class Profile:
             model = data["model"]
             _check_fields(model, {"hidden_size": _COUNT, "num_hidden_layers": _COUNT}, "model")
             _check_fields({"dtype": model.get("dtype", "float32")}, {"dtype": _DTYPE}, "model")  # optional
-            _check_fields(data["edge"], dict.fromkeys(EDGE_COSTS, _COST), "edge")
+            _check_fields(data["edge"], dict.fromkeys(data["edge"], _COST) | dict.fromkeys(EDGE_COSTS, _COST), "edge")
+            if not isinstance(data.get("calibration", {}), dict):
+                raise ConfigError(f"calibration must be an object, got {type(data['calibration']).__name__}")
             for i, layer in enumerate(data["layers"]):
                 _check_fields(layer, _LAYER_FIELDS, f"layers[{i}]", exact=True)
             points = data.get("rate_distortion", [])
@@ -191,7 +193,7 @@ class Profile:
                 versions=dict(data["versions"]),
                 model=dict(data["model"]),
                 layers=[LayerCost(**layer) for layer in data["layers"]],
-                edge={k: float(v) for k, v in data["edge"].items() if _is_number(v)},
+                edge={k: float(v) for k, v in data["edge"].items()},
                 rate_distortion=[RatePoint(**point) for point in points],
                 calibration=dict(data.get("calibration", {})),
             )
