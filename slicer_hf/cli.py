@@ -115,6 +115,12 @@ def _weights_dtype(dtype: str) -> str:
     return dtype
 
 
+def _profiled_dtype(dtype: str) -> str:
+    if dtype not in ("float32", "bfloat16", "float16"):  # what a profile may hold
+        raise typer.BadParameter(f"{dtype!r} is not one of float32, bfloat16, float16", param_hint="--dtype")
+    return dtype
+
+
 def _torch_device(device: str) -> str:
     import torch
 
@@ -594,8 +600,10 @@ def profile(
     threads: Annotated[
         int | None, typer.Option(help="torch threads, as the device will run (default: torch's).")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1.", callback=_torch_device)] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help="Weights dtype: float32, bfloat16, float16.", callback=_profiled_dtype)
+    ] = "float32",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt of the timing run.", min=2)] = 128,
     decode_tokens: Annotated[int, typer.Option(help="New tokens of the timing run.", min=2)] = 32,
 ) -> None:
@@ -605,9 +613,9 @@ def profile(
 
     if threads:
         torch.set_num_threads(threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from .data import load_text, resolve_model, token_windows
+    from .data import load_text, load_tokenizer, resolve_model, token_windows
     from .tuning.profile import DEFAULT_DOWNLINK_STEPS, DEFAULT_STEPS, profile_model
 
     if out.is_file() and out.suffix != ".json":
@@ -617,7 +625,8 @@ def profile(
     path = resolve_model(model)
     windows = None
     if rate_distortion:  # the text's mistakes are found before the weights load
-        windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
+        tokenizer = load_tokenizer(path, "to read the calibration text (--no-rate-distortion profiles costs alone)")
+        windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=tokens)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     result = profile_model(
         lm,

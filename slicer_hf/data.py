@@ -177,6 +177,18 @@ def load_text(source: str) -> str:
     return "".join(row or " \n" for row in rows)
 
 
+def load_tokenizer(path: str, needed_for: str) -> Any:
+    """The tokenizer of the model at `path`, or a `ConfigError` saying what it is `needed_for` (a folder of weights
+    alone has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"no tokenizer for {path} ({first}); one is needed {needed_for}") from None
+
+
 def token_windows(tokenizer: Any, text: str, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenize `text` once (no special tokens) and cut it into non-overlapping windows; the tail is dropped.
 

@@ -155,6 +155,8 @@ BAD_ARGUMENTS = {
     "a router port past 65535": ["serve", "--ray", "--router-port", "70000"],
     "no streams": ["serve", "--max-streams", "0"],
     "an unknown log level": ["serve", "--log-level", "verbose"],
+    "a profile in a dtype no profile holds": ["profile", "--out", "{tmp}/p.json", "--dtype", "float64"],
+    "a profile on no device": ["profile", "--out", "{tmp}/p.json", "--device", "gpu7"],
     "negative threads": ["serve", "--threads", "-1"],
     "a demo of no tokens": ["demo", "--max-new-tokens", "0"],
     "a fixed count and a range of replicas": ["serve", "--ray", "--replicas", "3", "--autoscale", "1,2"],
@@ -359,3 +361,18 @@ def test_each_bench_suite_describes_itself_in_a_whole_paragraph(capsys):
             importlib.import_module(f"slicer_hf.bench.{module}").main(["--help"])
         description = capsys.readouterr().out.split("\n\n")[1]
         assert description.rstrip().endswith((".", "?")), (name, description)  # not cut at its first line
+
+
+@pytest.mark.parametrize(
+    "command", [["profile", "--splits", "2", "--out", "{out}/p.json"], ["calibrate", "--out", "{out}/c"]]
+)
+def test_a_model_without_a_tokenizer_is_one_line_naming_what_it_was_needed_for(tmp_path, command):
+    from conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "weights-only")
+    args = [arg.format(out=tmp_path) for arg in command] + ["--model", str(tmp_path / "weights-only")]
+    result = CliRunner().invoke(app, [*args, "--tokens", "256", "--window", "32"])
+    from slicer_hf import ConfigError
+
+    assert isinstance(result.exception, ConfigError)  # what the command line prints as one line
+    assert "no tokenizer for" in str(result.exception) and "calibration text" in str(result.exception)

@@ -204,9 +204,9 @@ def calibrate(
         tokens, window: calibration tokens, cut in windows of this many.
         seed: of the sampled tokens whose gradients estimate the metric.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..data import load_text, resolve_model, token_windows
+    from ..data import load_text, load_tokenizer, resolve_model, token_windows
 
     if type(window) is not int or window < 2:
         raise ConfigError(f"the calibration window must be an integer of at least 2 tokens, got {window!r}")
@@ -243,7 +243,8 @@ def calibrate(
         changes["downlink_step"] = base.downlink_step or 0.1
     placeholder = "0" * 16
     base.replace(**changes, basis=placeholder, **({"downlink_basis": placeholder} if downlink else {}))
-    windows = token_windows(AutoTokenizer.from_pretrained(path), load_text(text), window=window, max_tokens=tokens)
+    tokenizer = load_tokenizer(path, "to read the calibration text")
+    windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=tokens)
     if windows.numel() < 2 * width:
         raise ConfigError(
             f"calibration needs at least {2 * width} tokens in whole windows of {window}; {text!r} gave "
