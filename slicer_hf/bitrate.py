@@ -9,8 +9,8 @@ median crosses `high` x target, straight to the finest rung predicted under 90% 
 `high` x target (one rung only while the model can put none of the latency down to the uplink, as at the first
 token; the floor only where no rung is predicted under `high`); finer only after `patience` tokens in a row predict
 that the finer rung's uplink time fits within `low` of the room `base` leaves under the target and its latency
-under 90% of the target (the margin a coarser move looks for: with compute near the target the first rule alone let
-the step cycle), and a finer rung given up within `calm` tokens doubles that patience (hysteresis, so the knob does not
+under `high` x target (where a coarser move may land: with compute near the target the first rule alone let the step
+cycle), and a finer rung given up within `calm` tokens doubles that patience (hysteresis, so the knob does not
 flap on a link at the edge of two rungs). The room is measured above `base`, not from zero: where compute alone
 takes most of the target, a fast link still brings the finer rungs back. A finer rung that misses at once is
 measured beside the rung it left: their latencies' difference over their bits' difference is the slope, which one
@@ -121,7 +121,7 @@ class BitrateController:
         if (
             self.level > 0
             and self.ladder[finer][1] * per_bit <= self.low * (self.target_ms - base)
-            and self._predict(finer, base, per_bit) <= 0.9  # with the margin a coarser move looks for: no flapping
+            and self._predict(finer, base, per_bit) <= self.high  # where a coarser move may land: no flapping
         ):
             self._room += 1
             if self._room >= self._wait:

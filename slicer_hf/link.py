@@ -319,7 +319,9 @@ class SuffixLink:
             self._rewinds.append((self._seq, start))
         self._end = start + hidden.shape[1]
         mask = None if mask is None else mask.bool().cpu()
-        history = self._changed_history(history, hidden.shape[0], start)
+        # a step dropped from the replay that carried the earlier positions' mask: a replay would not rebuild it
+        lost = any(s.history is not None for s in self._sent if s.start >= start)
+        history = self._changed_history(history, hidden.shape[0], start, lost)
         self._mask = protocol.extend_mask(self._mask, mask, start, history)
         step = protocol.Step(
             0,
@@ -500,11 +502,16 @@ class SuffixLink:
             leaner = dataclasses.replace(leaner, next=True)
         return leaner
 
-    def _changed_history(self, history: torch.Tensor | None, batch: int, start: int) -> torch.Tensor | None:
-        """`history` (`[B, start]`), where it differs from the mask the server holds for those positions."""
+    def _changed_history(
+        self, history: torch.Tensor | None, batch: int, start: int, always: bool = False
+    ) -> torch.Tensor | None:
+        """`history` (`[B, start]`), where it differs from the mask the server holds for those positions, or
+        `always` (the steps a replay would send no longer rebuild it)."""
         if history is None or start == 0 or tuple(history.shape) != (batch, start):
             return None
         history = history.bool().cpu()
+        if always:
+            return history
         held = None if self._mask is None else self._mask[:, :start]
         same = bool(history.all()) if held is None else held.shape == history.shape and torch.equal(held, history)
         return None if same else history

@@ -256,7 +256,7 @@ def extend_mask(
     the server of its session's mask, the edge of what its server holds."""
     if new is None:
         return None
-    before = history if history is not None else None if held is None else held[:, :start]
+    before = history if history is not None else None if held is None or start == 0 else held[:, :start]
     if (before is None or bool(before.all())) and bool(new.all()):
         return None
     if before is None:

@@ -120,6 +120,19 @@ def test_with_compute_near_the_target_the_controller_settles_instead_of_cycling(
     assert len(set(steps[100:])) == 1
 
 
+def test_with_compute_near_the_target_one_spike_is_not_a_lasting_step_down():
+    """Compute at 91% of the target on a fast link: every rung fits. After one slow token the finer rungs must come
+    back, where a finer move needing more margin than a coarser one may land at ratcheted to the floor."""
+    rnd = random.Random(0)
+    controller = BitrateController(LADDER, target_ms=100.0)
+    steps = []
+    for t in range(1000):
+        latency = 91.0 + rnd.gauss(0, 0.5) + BITS[controller.step] / 20000.0 + (15.0 if t == 100 else 0.0)
+        steps.append(controller.step)
+        controller.observe(latency, BITS[controller.step])
+    assert steps[101] > 0.1 and set(steps[300:]) == {0.1}
+
+
 def test_a_new_generation_counts_its_room_for_a_finer_move_afresh():
     controller = BitrateController(LADDER, target_ms=75.0, start=3, patience=4)
     for _ in range(3):  # three tokens of room: one short of the patience

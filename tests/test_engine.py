@@ -847,3 +847,22 @@ def test_the_compute_thread_survives_a_bug_outside_every_steps_guard(engine, mon
 
 def identity_rows(server: SplitServer, tokens: int) -> bytes:
     return build_codec("identity").encode(torch.randn(1, tokens, server.hidden_size))
+
+
+def test_a_serve_that_fails_on_its_metrics_port_leaves_the_engine_to_serve_again(engine):
+    import socket
+
+    server = engine()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match="cannot serve metrics"):
+            serve(server, port=0, metrics_port=taken.getsockname()[1])
+    running = serve(server, port=0)
+    try:
+        transport = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], timeout_s=30)
+        body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+        protocol.raise_if_error(transport.request(protocol.encode_json(protocol.OPEN, body)))  # not 'shutdown'
+        transport.close()
+    finally:
+        running.stop()

@@ -294,12 +294,13 @@ def test_the_floor_of_a_forward_counts_each_layer_at_its_rows_and_between_whole_
 
     cost = {}  # a matmul's modelled time: a fixed part (its weight's read) and a part per row
 
-    def modelled(fn, repeats=0, warmup=0):
+    def modelled(fn, repeats=0, warmup=0):  # the products fn runs, summed
+        cost["now"] = 0.0
         fn()
         return cost["now"]
 
     def product(x, weight):
-        cost["now"] = 1e-3 * weight.shape[0] + 1e-4 * x.shape[0]
+        cost["now"] += 1e-3 * weight.shape[0] + 1e-4 * x.shape[0]
         return x
 
     monkeypatch.setattr(concurrency, "median_time", modelled)
@@ -312,3 +313,8 @@ def test_the_floor_of_a_forward_counts_each_layer_at_its_rows_and_between_whole_
     # one by one, two sessions split at layers 0 and 1: layer 0 runs in half the forwards, of one row
     one_by_one = floors_ms_per_token(weights, rows_by_layer([0, 1], 1.0, 2))
     assert one_by_one["linear"] == pytest.approx(1000 * (0.5 * (3e-3 + 1e-4) + (5e-3 + 1e-4)))
+    # streamed, the same: the weights at a whole row count do not dilute the share of those between two
+    three = {j: [torch.zeros(4, 2)] for j in range(3)}
+    at = rows_by_layer([0, 1, 2], 1.0, 3)
+    hot, streamed = floors_ms_per_token(three, at), floors_ms_per_token(three, at, streamed=True)
+    assert streamed["linear"] == pytest.approx(hot["linear"])

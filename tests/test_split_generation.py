@@ -599,6 +599,46 @@ def test_a_cache_continued_at_another_split_is_refused_naming_the_split(model_pa
             split_model(prompt(length=1, seed=5), past_key_values=cache, split_layer=3)
 
 
+def test_padded_batches_of_different_sizes_follow_one_another(model_pair):
+    """The edge's account of the mask its server holds starts afresh with a new sequence (a batch of 3 after a batch
+    of 2 had failed, and kept failing until the session closed)."""
+    ref, model = model_pair("llama")
+    model = split(model)
+    for batch in (2, 3, 1):
+        ids, mask = prompt(batch, 7, seed=batch), torch.ones(batch, 7, dtype=torch.long)
+        mask[0, :2] = 0
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False), want)
+
+
+def test_a_turn_regenerated_with_its_mask_history_replays_it_on_a_failover(reference_models):
+    """Turn 2 run twice from one turn-1 cache: the second run's steps drop the first's, which carried the mask
+    history, so the edge must send it again, or a failover's replay rebuilds turn 1's mask on the next server."""
+    ref = reference_models["llama"]
+    transport = Switching(SplitServer(copy.deepcopy(ref)), SplitServer(copy.deepcopy(ref)))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS, transport)
+    ids = prompt(2, 6, seed=3)
+    eos = int(ref.generate(ids, max_new_tokens=2, do_sample=False)[0, -1])
+    first = dict(max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True)
+    want, got = ref.generate(ids, **first), model.generate(ids, **first)
+    sequences = torch.cat([want.sequences, prompt(2, 3, seed=9)], 1)
+    mask = torch.cat([want.sequences != 0, torch.ones(2, 3, dtype=torch.bool)], 1).long()
+    second = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    second |= dict(return_dict_in_generate=True, output_logits=True)
+    plain = ref.generate(sequences, past_key_values=copy.deepcopy(want.past_key_values), **second)
+    expected = torch.stack(plain.logits)
+    model.generate(sequences, past_key_values=copy.deepcopy(got.past_key_values), **second)
+
+    def kill_the_first_server(*_: object) -> bool:
+        transport.dead = True
+        return False
+
+    cache = copy.deepcopy(got.past_key_values)
+    again = model.generate(sequences, past_key_values=cache, stopping_criteria=[kill_the_first_server], **second)
+    assert model.wire_stats().failovers == 1
+    torch.testing.assert_close(torch.stack(again.logits), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kv_store", [True, False])
 def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_store):
     from transformers import AutoModelForCausalLM, MistralConfig

@@ -218,8 +218,8 @@ def floors_ms_per_token(
         shares = [r - b for (_, r), b in zip(plan, low)]
         at_low = timed(low)
         at_high = timed(high) if high != low else at_low
-        if streamed:  # the whole plan at once: between its two timings by the mean share
-            shares = [statistics.fmean(shares)]
+        if streamed:  # the whole plan at once: between its two timings by the mean share of the weights between two
+            shares = [statistics.fmean([s for s, lo, hi in zip(shares, low, high) if hi > lo] or [0.0])]
         times = [[a + s * (b - a) for a, b, s in zip(lo, hi, shares)] for lo, hi in zip(at_low, at_high)]
     finally:
         torch.set_num_threads(threads)

@@ -421,7 +421,7 @@ class RunningServer:
             try:
                 self._metrics = _metrics_server(host, metrics_port, engine, token, tls)
             except (OSError, OverflowError) as exc:  # a port in use, or none at all: stop what started, say why
-                self.stop(grace_s=0)
+                self.stop(grace_s=0, engine=False)  # the engine is the caller's, to serve again
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                 raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {reason}") from None
             self.metrics_port = self._metrics.server_port
@@ -466,15 +466,19 @@ class RunningServer:
     def stopped(self) -> bool:
         return not self._thread.is_alive()
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    def stop(self, grace_s: float = 2.0, engine: bool = True) -> None:
         """Refuse new sessions (draining: an OPEN on a stream already open gets `draining`, so a client with other
-        servers moves on), give open calls `grace_s` to finish, stop the engine, then close everything."""
+        servers moves on), give open calls `grace_s` to finish, stop the engine (`engine`; else it is left as it
+        was, to serve again), then close everything."""
         if not self._thread.is_alive():
             return
         self._run(set_draining(self.engine, self.health, True))
         self._run(self.health.enter_graceful_shutdown())
         self._run(self.server.stop(grace_s))
-        self.engine.shutdown()  # before the loop closes: the steps it ends hand their replies to the loop
+        if engine:
+            self.engine.shutdown()  # before the loop closes: the steps it ends hand their replies to the loop
+        else:
+            self.engine.drain(False)
         self._close_loop()
         if self._metrics is not None:
             self._metrics.shutdown()
