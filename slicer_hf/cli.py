@@ -116,8 +116,10 @@ def _weights_dtype(dtype: str) -> str:
 
 
 def _profiled_dtype(dtype: str) -> str:
-    if dtype not in ("float32", "bfloat16", "float16"):  # what a profile may hold
-        raise typer.BadParameter(f"{dtype!r} is not one of float32, bfloat16, float16", param_hint="--dtype")
+    from .tuning.profile import PROFILE_DTYPES
+
+    if dtype not in PROFILE_DTYPES:
+        raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(PROFILE_DTYPES)}", param_hint="--dtype")
     return dtype
 
 
@@ -326,8 +328,7 @@ def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     _until(stop)
-    running.stop(grace_s=2.0)
-    server.shutdown()
+    running.stop(grace_s=2.0)  # the engine too
 
 
 def _until(stop: threading.Event) -> None:

@@ -313,14 +313,16 @@ class SuffixLink:
         if self.codec.chains:
             self._chain = (start + hidden.shape[1], decoded[:, -1])
         self._seq += 1
+        rewound = 0 < start < self._end
         if start == 0:
             self._epoch, self._rewinds = self._seq, []
-        elif start < self._end:
+        elif rewound:
             self._rewinds.append((self._seq, start))
         self._end = start + hidden.shape[1]
         mask = None if mask is None else mask.bool().cpu()
-        # a step dropped from the replay that carried the earlier positions' mask: a replay would not rebuild it
-        lost = any(s.history is not None for s in self._sent if s.start >= start)
+        # a step dropped from the replay that carried the earlier positions' mask: a replay would not rebuild it (only
+        # a step that goes back drops any: a decode step does not walk the whole replay)
+        lost = rewound and any(s.history is not None for s in self._sent if s.start >= start)
         history = self._changed_history(history, hidden.shape[0], start, lost)
         self._mask = protocol.extend_mask(self._mask, mask, start, history)
         step = protocol.Step(

@@ -240,8 +240,7 @@ class SplitReplica:
         while self.server.sessions and time.monotonic() < deadline:
             time.sleep(0.1)
         self._stopped.set()
-        self.running.stop(grace_s=1.0)
-        self.server.shutdown()
+        self.running.stop(grace_s=1.0)  # the engine too
 
 
 class Router:

@@ -213,8 +213,11 @@ class Scheduler:
                 groups[batch_key(server, work)].append(work)
             max_rows = server.limits.max_batch_rows if self.batching else 1
             for group in groups.values():  # texts of one length together: a forward pads its rows to its longest
-                by_tokens = _by_length(group, lambda w: w.step.tokens, ENCODER_SPLIT_PADDING)
-                for similar in by_tokens if self.batching else [group]:
+                if self.batching:
+                    similars = _by_length(group, lambda w: w.step.tokens, ENCODER_SPLIT_PADDING)
+                else:
+                    similars = [group]
+                for similar in similars:
                     for works in _by_rows(similar, max_rows):
                         self._run_batch(works, lambda w: w, lambda ws: run_encoder_batch(server, ws), prefill=False)
             return []

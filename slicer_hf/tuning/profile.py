@@ -102,7 +102,8 @@ _OBJECT = (lambda v: isinstance(v, dict), "an object")
 _LIST = (lambda v: isinstance(v, list), "a list")
 _COST = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
 _COUNT = (lambda v: type(v) is int and v >= 1, "an integer >= 1")
-_DTYPE = (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16")
+PROFILE_DTYPES = ("float32", "bfloat16", "float16")  # the weights dtypes a profile may hold
+_DTYPE = (lambda v: v in PROFILE_DTYPES, f"one of {', '.join(PROFILE_DTYPES)}")
 _LAYER_FIELDS = {
     "prefill_ms_per_token": _COST,
     "decode_ms": _COST,
