@@ -48,6 +48,7 @@ def _setup_logging(level: str) -> None:
     )
 
 
+INFEASIBLE_EXIT = 3  # `search` found no candidate within the constraints (2 is a usage error)
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
@@ -748,7 +749,8 @@ def search(
     push_to_hub: Annotated[str | None, typer.Option(help="Also upload the choice to this Hub repo.")] = None,
 ) -> None:
     """Choose the split layer and codec knobs for a client's device, link and quality budget: prints the Pareto
-    candidates with their predicted figures and writes the chosen SlicerConfig with the predictions beside it."""
+    candidates with their predicted figures and writes the chosen SlicerConfig with the predictions beside it. Exits
+    with status 3 when no candidate meets the constraints."""
     from .config import SlicerConfig
     from .errors import ConfigError
     from .tuning.planner import Constraints, InfeasibleError, LinkSpec
@@ -770,7 +772,7 @@ def search(
         )
     except InfeasibleError as exc:
         print(f"infeasible: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from exc
+        raise typer.Exit(INFEASIBLE_EXIT) from exc
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
     print(result.summary() + "\n")

@@ -415,7 +415,7 @@ def test_the_search_command_prints_the_pareto_set_and_writes_the_choice(tmp_path
     assert "| * |" in result.output and "written to" in result.output
     assert SlicerConfig.from_pretrained(tmp_path / "choice").split_layer in (2, 4, 6)
     tight = CliRunner().invoke(app, [*args, "--max-token-latency-ms", "1"])
-    assert tight.exit_code == 2 and "binding one is max_token_latency_ms" in tight.output
+    assert tight.exit_code == 3 and "binding one is max_token_latency_ms" in tight.output
     both = CliRunner().invoke(app, [*args, "--max-ppl-increase", "1"])
     assert both.exit_code != 0 and "not both" in both.output
 
