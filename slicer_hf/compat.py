@@ -103,7 +103,14 @@ def rope_types(config: Any) -> set[str]:
     sets = (
         [params] if "rope_type" in params or "type" in params else [p for p in params.values() if isinstance(p, dict)]
     )
-    return {str(p.get("rope_type", p.get("type"))) for p in sets}
+    return {_rope_type(p) for p in sets}
+
+
+def _rope_type(params: dict[str, Any]) -> str:
+    """A rotary's type as its model builds it: Hunyuan's checkpoints label a fixed NTK-alpha rotary "dynamic", which
+    transformers builds as the static `ntk_alpha` (its frequencies do not depend on the length)."""
+    kind = str(params.get("rope_type", params.get("type")))
+    return "ntk_alpha" if kind == "dynamic" and params.get("alpha") else kind
 
 
 def num_layers(config: Any) -> int:
@@ -402,6 +409,17 @@ def base_model(model: PreTrainedModel) -> nn.Module:
         return base
     parent = layers_path(model).rpartition(".")[0]
     return model.get_submodule(parent) if parent else model
+
+
+def unshared_input_embeddings(model: PreTrainedModel) -> nn.Module | None:
+    """The input embeddings of a causal LM whose head does not share their weights (None where it does, or the
+    model has no head): a server given hidden states never reads them."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or getattr(model.config, "tie_word_embeddings", False):
+        return None
+    if any(p is q for p in head.parameters() for q in embeddings.parameters()):
+        return None
+    return embeddings
 
 
 def output_embedding_name(model: PreTrainedModel) -> str:

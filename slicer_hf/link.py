@@ -453,7 +453,8 @@ class SuffixLink:
                     raise
                 self.stats.retries += 1
                 if attempt + 1 < self.max_attempts:  # the first failure says what happened; later ones: debug log
-                    (logger.warning if attempt == 0 else logger.debug)(
+                    routine = isinstance(exc, ProtocolError) and exc.code == "state_lost"  # a rewind past a window
+                    (logger.debug if attempt else logger.info if routine else logger.warning)(
                         "attempt %d of %d failed (%s); trying again on %s%s",
                         attempt + 1,
                         self.max_attempts,

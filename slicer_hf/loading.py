@@ -65,7 +65,11 @@ def check_model_folder(model: str | os.PathLike[str]) -> None:
 
 
 def load_layers(
-    name_or_path: str | os.PathLike[str], layers: Iterable[int], auto_class: Any = None, **hf_kwargs: Any
+    name_or_path: str | os.PathLike[str],
+    layers: Iterable[int],
+    auto_class: Any = None,
+    input_embeddings: bool = True,
+    **hf_kwargs: Any,
 ) -> PreTrainedModel:
     """A model with real weights for `layers` only (the other blocks stay on the meta device).
 
@@ -74,15 +78,26 @@ def load_layers(
         layers: indices of the blocks to load.
         auto_class: the transformers Auto class to build it with (default: `AutoModelForCausalLM`; `AutoModel`
             for an encoder's server).
+        input_embeddings: whether to load the input embeddings; a server, given hidden states, reads them only
+            where the LM head shares their weights (and then they are loaded whatever this says).
         hf_kwargs: `from_pretrained` arguments; anything beyond `PARTIAL_OK_KWARGS` (or a `device_map` that spreads
             the model over devices) makes this fall back to a whole load followed by releasing the unused layers.
     """
     with _EMPTY_INIT_LOCK:
-        return _load_layers(expand_home(name_or_path), set(layers), auto_class or AutoModelForCausalLM, hf_kwargs)
+        model = _load_layers(
+            expand_home(name_or_path), set(layers), auto_class or AutoModelForCausalLM, input_embeddings, hf_kwargs
+        )
+    if not input_embeddings and (unused := compat.unshared_input_embeddings(model)) is not None:
+        unused.to("meta")  # a whole load read them (a partial one left them there)
+    return model
 
 
 def _load_layers(
-    name_or_path: str | os.PathLike[str], keep: set[int], auto_class: Any, hf_kwargs: dict[str, Any]
+    name_or_path: str | os.PathLike[str],
+    keep: set[int],
+    auto_class: Any,
+    input_embeddings: bool,
+    hf_kwargs: dict[str, Any],
 ) -> PreTrainedModel:
     device = _one_device(hf_kwargs.get("device_map"))
     partial = set(hf_kwargs) <= PARTIAL_OK_KWARGS and device is not False
@@ -101,8 +116,12 @@ def _load_layers(
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype or torch.float32, **build)
     prefix = compat.layers_path(model) + "."
+    unused = None if input_embeddings else compat.unshared_input_embeddings(model)
+    skipped = {f"{name}." for name, module in model.named_modules() if module is unused}
 
     def kept(name: str) -> bool:
+        if any(name.startswith(s) for s in skipped):
+            return False
         return not (name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) not in keep)
 
     wanted = {name for name, _ in model.named_parameters() if kept(name)}
@@ -199,6 +218,18 @@ def _shards(folder: Path, wanted: set[str], rename: Callable[[str], str]) -> lis
         return ["model.safetensors"]
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
     return sorted({shard for key, shard in weight_map.items() if rename(key) in wanted})
+
+
+def released(module: torch.nn.Module) -> bool:
+    """Whether `module` holds weights on the meta device that nothing brings back (accelerate's offload hooks load
+    theirs at every forward: those are held, elsewhere)."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
+            continue
+        if any(p.device.type == "meta" for p in sub.parameters(recurse=False)):
+            return True
+    return False
 
 
 def release_layers(model: PreTrainedModel, indices: Iterable[int]) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Cache, PreTrainedModel
 
-from . import compat, protocol
+from . import compat, loading, protocol
 from .codec import build_codec
 from .codec.basis import lookup
 from .config import CONFIG_NAME, SlicerConfig
@@ -92,6 +92,24 @@ class SplitModelMixin:
         twin._slicer_link, twin._slicer_busy = None, threading.RLock()
         twin._slicer_transport = LocalTransport(SplitServer(twin))
         return twin
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """`Module.to`; on an edge that released its server's layers, the weights it holds move and the released
+        ones stay on the meta device (`Module.to` cannot move those)."""
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if self._slicer_local or device is None:
+            return super().to(*args, **kwargs)
+        loading.move_loaded(cast(PreTrainedModel, self), device)
+        rest = {"dtype": dtype, "memory_format": memory_format}
+        return super().to(**{k: v for k, v in rest.items() if v is not None}) if any(rest.values()) else self
+
+    def cuda(self, device: int | torch.device | None = None) -> Any:
+        if self._slicer_local:
+            return super().cuda(device)
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self) -> Any:
+        return super().cpu() if self._slicer_local else self.to("cpu")
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -188,10 +206,10 @@ class SplitModelMixin:
 
     def _arguments(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> dict[str, Any]:
         """The arguments of a call to the model's own `forward`, by name however they were passed (by position, or
-        through **kwargs). Refuses every layer's hidden states or attentions, asked for in the call or the config:
-        the edge has only its own layers'."""
+        through **kwargs). Refuses every layer's hidden states, attentions or router logits (and the auxiliary loss
+        of a mixture of experts), asked for in the call or the config: the edge has only its own layers'."""
         given = _by_name(forward, args, kwargs)
-        for name in ("output_hidden_states", "output_attentions"):
+        for name in ("output_hidden_states", "output_attentions", "output_router_logits"):
             if given.get(name) or (given.get(name) is None and getattr(self.config, name, False)):
                 raise NotImplementedError(
                     f"{name} is not available from a split model: the edge runs only blocks 0..{k - 1} and the "
@@ -511,7 +529,7 @@ def make_split(
     local = isinstance(transport, str) and transport == "local"
     runs = range(n) if local else range(config.split_layer)  # the in-process server runs the rest here too
     layers = compat.decoder_layers(model)
-    if released := [i for i in runs if any(p.device.type == "meta" for p in layers[i].parameters())]:
+    if released := [i for i in runs if loading.released(layers[i])]:
         which = f"layer {released[0]} holds" if len(released) == 1 else f"layers {released[0]}..{released[-1]} hold"
         raise ConfigError(
             f"{which} no weights here (an edge released them for its server), and this split runs "

@@ -74,6 +74,19 @@ def test_the_factory_says_what_it_is():
         SlicerModelForCausalLM()
 
 
+def test_an_edge_without_the_server_layers_moves_the_weights_it_holds():
+    """`model.to(device)` (and `.cpu()`, `.to(device, dtype)`) as after any from_pretrained: the released layers
+    stay released."""
+    model = SlicerModelForCausalLM.from_model(tiny_model("llama"), LOSSLESS, transport="grpc://127.0.0.1:1")
+    released = [p.device.type == "meta" for p in model.parameters()]
+    assert model.to("cpu") is model and model.cpu() is model
+    model.to(torch.device("cpu"), torch.float64)
+    assert [p.device.type == "meta" for p in model.parameters()] == released and any(released)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    model.to(dtype=torch.float32)
+    assert model.dtype == torch.float32
+
+
 def test_an_edge_without_the_server_layers_refuses_to_save(tmp_path):
     model = SlicerModelForCausalLM.from_model(tiny_model("llama"), LOSSLESS, transport="grpc://127.0.0.1:1")
     with pytest.raises(ConfigError, match="holds only layers 0..1"):

@@ -115,6 +115,46 @@ def test_a_model_folder_under_the_home_directory_loads_by_its_tilde_path(checkpo
     assert load_server("~/tiny", min_split_layer=2).num_layers == 4
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_server_reads_no_input_embeddings_unless_its_head_shares_them(tmp_path, tied):
+    """Hidden states come in: an untied model's embedding matrix would be dead weight on the server."""
+    from slicer_hf import SlicerConfig, SlicerModelForCausalLM
+    from slicer_hf.server.build import load_server
+    from slicer_hf.transport import LocalTransport
+
+    ref = tiny_model("llama")
+    if tied:
+        ref.config.tie_word_embeddings = True
+        ref.tie_weights()
+    ref.save_pretrained(tmp_path)
+    server = load_server(str(tmp_path), min_split_layer=2)
+    embeddings = server.model.get_input_embeddings().weight
+    assert (embeddings.device.type == "meta") is not tied
+    assert on_meta(server.model) == [True, True, False, False]
+    config = SlicerConfig(codec="identity", split_layer=2)
+    edge = SlicerModelForCausalLM.from_pretrained(tmp_path, slicer_config=config, transport=LocalTransport(server))
+    ids = torch.tensor([[5, 9, 17, 3, 44, 8]])
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path).generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(edge.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    server.shutdown()
+
+
+def test_layers_accelerate_offloads_to_disk_are_held_not_released(checkpoint, tmp_path):
+    """Offloaded weights sit on the meta device between forwards, and accelerate's hooks bring them in for each."""
+    from slicer_hf import SlicerConfig, SlicerModelForCausalLM
+
+    places = {f"model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(4)}
+    places |= {name: "cpu" for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    options = {"device_map": places, "offload_folder": str(tmp_path), "dtype": torch.float32}
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint, **options)
+    assert on_meta(plain) == [False, True, True, False]
+    config = SlicerConfig(codec="identity", split_layer=2)
+    model = SlicerModelForCausalLM.from_pretrained(checkpoint, slicer_config=config, **options)
+    ids = torch.tensor([[5, 9, 17, 3, 44, 8]])
+    expected = plain.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+
+
 def test_sharded_checkpoints_load_their_shards_partially(tmp_path):
     folder = tmp_path / "sharded"
     tiny_model("llama").save_pretrained(folder, max_shard_size="100KB")

@@ -640,7 +640,9 @@ def test_a_turn_regenerated_with_its_mask_history_replays_it_on_a_failover(refer
 
 
 @pytest.mark.parametrize("kv_store", [True, False])
-def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_store):
+def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_store, caplog):
+    import logging
+
     from transformers import AutoModelForCausalLM, MistralConfig
 
     config = MistralConfig(**MISTRAL_W4, vocab_size=VOCAB, max_position_embeddings=64)
@@ -658,6 +660,8 @@ def test_going_back_past_a_filled_sliding_window_replays_and_stays_exact(kv_stor
         want = ref(prompt(length=2, seed=7), past_key_values=plain).logits
     assert torch.equal(got.argmax(-1), want.argmax(-1))  # the store attends over a longer (masked) key range: its
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # sums may differ in the last bits with the threads
+    # routine for prompt reuse: neither side warns of a failure
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("slicer_hf")]
 
 
 def test_a_refused_request_leaves_the_model_serving_the_next_one(reference_models):
@@ -864,6 +868,40 @@ def test_rotary_frequencies_that_follow_each_forwards_length_are_refused_at_load
         SlicerModelForCausalLM.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2))
     with pytest.raises(NotImplementedError, match="would not be those of generate"):
         SplitServer(model)
+
+
+def test_a_fixed_ntk_alpha_rotary_labelled_dynamic_as_hunyuan_checkpoints_ship_it_splits_exactly():
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from slicer_hf.bench.architectures import tiny_config
+
+    rope = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}
+    tiny = tiny_config("hunyuan_v1_dense").to_dict()
+    config = CONFIG_MAPPING["hunyuan_v1_dense"](**{**tiny, "rope_parameters": rope})
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).eval()
+    assert ref.model.rotary_emb.rope_type == "ntk_alpha"  # what transformers builds: frequencies fixed by alpha
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=1))
+    ids = prompt(length=12)
+    expected = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_router_logits_are_refused_like_hidden_states_not_cut_to_the_edges_layers():
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from slicer_hf.bench.architectures import tiny_config
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(CONFIG_MAPPING["mixtral"](**tiny_config("mixtral").to_dict())).eval()
+    model = SlicerModelForCausalLM.from_model(ref, LOSSLESS.replace(split_layer=1))
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        model(prompt(), output_router_logits=True)
+    model.config.output_router_logits = True  # asked for through the config, as MoE configs may ship it
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        model(prompt(), labels=prompt())
 
 
 def test_output_attentions_are_refused_like_hidden_states_not_cut_to_the_edges_layers(model_pair):

@@ -103,7 +103,8 @@ FAMILY_SIZES: dict[str, dict[str, Any]] = {
 
 
 class Untested(Exception):
-    """The generic tiny config of a family does not run even unsplit: nothing is known about its split."""
+    """The generic tiny config of a family does not build, stays too large, or does not run even unsplit: nothing is
+    known about its split."""
 
 
 def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
@@ -207,8 +208,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "at a time (the store's start-up check found their attention or cache differs from what it reproduces).",
         f"- **not supported**: {counts['not supported']}, with the reason; `SlicerModelForCausalLM.from_pretrained` "
         "refuses them with `NotImplementedError` before loading any weight.",
-        f"- **untested**: {counts['untested']} whose generic tiny config does not build or run even unsplit; "
-        "nothing is claimed for them.",
+        f"- **untested**: {counts['untested']} whose generic tiny config does not build, stays too large for the "
+        "sweep, or does not run even unsplit; nothing is claimed for them.",
         *(
             [f"- **fails**: {counts['fails']} that ran and did not equal plain `generate()`: bugs to fix."]
             if counts["fails"]

@@ -411,7 +411,9 @@ class SplitServer:
         self.stats.error(code)
         if session is not None:
             self.close_session(session.id)
-        logger.warning("refused request (session %s): %s: %s", session and session.id, code, message)
+        # a rewind past what a sliding window kept is routine (prompt reuse): the client replays, nothing failed
+        log = logger.info if code == "state_lost" else logger.warning
+        log("refused request (session %s): %s: %s", session and session.id, code, message)
         answer = protocol.encode_error(code, message)
         self.stats.add(bytes_out=len(answer))
         return answer
