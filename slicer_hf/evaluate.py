@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import compat, protocol
 from .config import SlicerConfig
-from .data import load_text, resolve_model, token_windows
+from .data import load_text, load_tokenizer, resolve_model, token_windows
 from .errors import ConfigError
 from .modeling import SlicerModelForCausalLM, unsplit
 
@@ -73,7 +73,7 @@ def evaluate(
             "rest is -inf): score the same uplink with downlink 'logits' and size the top-k replies apart"
         )
     compat.check_window(AutoConfig.from_pretrained(path), window)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, "to read the text")
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)  # before any weight
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     split = SlicerModelForCausalLM.from_model(base, cfg)

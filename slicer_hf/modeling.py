@@ -229,6 +229,11 @@ class SplitModelMixin:
         self.close_session()
         cfg = self.slicer_config
         codec = build_codec(cfg)
+        if codec.given_width is not None:
+            raise ConfigError(
+                f"the uplink basis {cfg.basis} predicts each row from the one before it: keep predict_previous=True "
+                "(or calibrate a basis without --predict-previous)"
+            )
         fitted_at = lookup(cfg.basis).metadata.get("split_layer") if cfg.basis else None
         if fitted_at not in (None, str(k)):
             warnings.warn(

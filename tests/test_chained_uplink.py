@@ -196,3 +196,47 @@ def test_the_server_refuses_a_chained_step_it_cannot_continue_and_serves_the_res
     chained = protocol.Step(other, 1, 0, 1, 1, 0, build_codec(plain).encode(torch.randn(1, 1, d)), chained=True)
     with pytest.raises(ProtocolError, match="needs a chained codec"):
         protocol.raise_if_error(server.handle(protocol.encode_step(chained)))
+
+
+def test_a_predicting_uplink_basis_with_the_chain_off_is_refused_by_both_sides_at_open():
+    """Such an uplink would code every row against given rows no step carries: each step had failed instead."""
+    base = tiny_model("llama")
+    config = chained_config(base).replace(predict_previous=False)
+    model = SlicerModelForCausalLM.from_model(tiny_model("llama"), config)
+    with pytest.raises(ConfigError, match="predicts each row from the one before it: keep predict_previous=True"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    server = SplitServer(tiny_model("llama"))
+    c = build_codec(config)
+    body = open_request(config, server.model.config, "tiny", 2, c, torch.float32)
+    with pytest.raises(ProtocolError, match="predicts each row from given rows") as caught:
+        protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, body)))
+    assert caught.value.code == "bad_request" and not server.sessions
+
+
+def test_the_rate_distortion_measure_codes_a_chained_uplink_as_a_session_sends_it():
+    from slicer_hf.compat import decoder_layers
+    from slicer_hf.tuning.distortion import measure
+
+    model = tiny_model("llama").eval()
+    config = chained_config(model)
+    windows = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    _, [row] = measure(model, windows, [2], [{"codec": config.codec, **config.codec_params()}])
+    c, seen = build_codec(config), []  # the same rows, coded as split generation codes a prompt, one token a step
+    handle = decoder_layers(model)[1].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        for ids in windows:
+            model(ids[None], use_cache=False)
+    handle.remove()
+    bits = 0
+    for x in seen:
+        previous = None
+        for t in range(x.shape[1]):
+            packet = c.encode(x[:, t : t + 1], given=previous)
+            bits += 8 * len(packet)
+            previous = c.decode(packet, given=previous)[:, -1]
+    assert row["bits_per_token"] == bits / windows.numel()
+    predicting = {**config.codec_params(), "predict_previous": False}  # predicts from given rows, as a downlink
+    with pytest.raises(ConfigError, match="measure it with `slicer-hf eval`"):
+        measure(model, windows, [2], [{"codec": config.codec, **predicting}])

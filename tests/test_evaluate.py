@@ -46,6 +46,12 @@ def test_a_bad_text_is_named_in_one_line_before_any_weight_loads(tiny_dir, tmp_p
     command = [sys.executable, "-c", "from slicer_hf.cli import main; main()", "eval", "--model", str(tiny_dir)]
     done = subprocess.run([*command, "--text", str(empty)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and done.stderr.strip() == "error: the text has 0 tokens, fewer than one window of 512"
+    weights_only = tmp_path / "weights"  # a folder of weights alone has no tokenizer to read the text with
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (weights_only / name).write_bytes((tiny_dir / name).read_bytes())
+    with pytest.raises(ConfigError, match="no tokenizer for .*; one is needed to read the text"):
+        evaluate(str(weights_only), str(empty))
 
 
 def test_lossless_eval_matches_the_unsplit_model_exactly(tiny_dir):

@@ -11,7 +11,8 @@
 3. Report on WikiText-2 test: the preset as shipped (`--config`; when §11 was measured, ECSQ in a seeded rotation;
    today calibrated, trellis-coded and chained), the calibrated uplink, and both directions calibrated, with every
    message as decoding sends it (`slicer-hf eval`). The calibrated settings code each row on its own (no chaining:
-   `predict_previous` off; §13's suite measures prediction).
+   `predict_previous` off), unless the uplink basis predicts each row from the one before it (`calibrate
+   --predict-previous`, as §13 and today's `-both` preset): then they chain.
 
 With `--trellis` the calibrated settings are trellis-coded (`SlicerConfig.trellis`), over steps of their own (a
 trellis step is its union's: a trellis-coded row at step s costs about what a rounded row at 0.9 s costs, with less
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..codec.basis import lookup
 from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT, load_text, resolve_model
 from ..evaluate import evaluate
@@ -119,7 +121,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         args.calibrated = str(work / "calibrated")
         fitted.save_pretrained(args.calibrated)
         print(f"calibrated: uplink basis {fitted.basis}, downlink basis {fitted.downlink_basis}", flush=True)
-    calibrated = SlicerConfig.from_pretrained(args.calibrated).replace(trellis=args.trellis, **plain_rows)
+    calibrated = SlicerConfig.from_pretrained(args.calibrated)
+    chained = calibrated.basis is not None and lookup(calibrated.basis).predicts  # from `calibrate --predict-previous`
+    calibrated = calibrated.replace(trellis=args.trellis, predict_previous=chained)
     (work / "heldout.txt").write_text(heldout_text(args.model, CALIBRATION_TEXT, args.calib_tokens))
     heldout = str(work / "heldout.txt")
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..compat import decoder_layers
-from ..data import CALIBRATION_TEXT, GGUF_NAME, load_text, resolve_model, token_windows
+from ..data import CALIBRATION_TEXT, GGUF_NAME, load_text, load_tokenizer, resolve_model, token_windows
 from ..tuning.distortion import measure
 from .common import suite_arguments
 
@@ -111,14 +111,14 @@ def run(
     Returns:
         `{"meta": {...}, "results": [one dict per (split layer, setting)]}`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     started = time.perf_counter()
     path = resolve_model(model_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, "to read the text")
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=n_tokens)  # [W, window]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     layers = decoder_layers(model)
     d = model.config.hidden_size
 

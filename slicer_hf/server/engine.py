@@ -456,6 +456,12 @@ class SplitServer:
         if not isinstance(spec, dict):
             raise ProtocolError(f"codec must be a JSON object, got {type(spec).__name__}", code="bad_request")
         codec = codec_from_spec(spec, max_elements=self.limits.max_step_elements)
+        if codec.given_width is not None:
+            raise ProtocolError(
+                "the uplink codec's basis predicts each row from given rows, and an uplink step has none: chain it "
+                "(predict_previous) or use a basis that predicts nothing",
+                code="bad_request",
+            )
         if codec.chains and self.encoder_kind:
             raise ProtocolError(
                 "an encoder takes no chained codec (its requests are not sequences)", code="bad_request"

@@ -2,8 +2,10 @@
 agreement and perplexity change to the unsplit model.
 
 A forward hook on decoder layer k-1 replaces its output with what the server would decode: every token row goes
-through its own single-token packet `[1, 1, d]`, as decoding sends it (envelope included in the bits). With
+through its own single-token packet `[1, 1, d]`, as decoding sends it (envelope included in the bits); a chained
+codec (`predict_previous`) codes each row against the decoded row before it in its window, as a session does. With
 k = L (the number of layers) the hook sits on the last layer, whose output is what a hidden-state downlink carries.
+A codec that predicts from the split's rows (a downlink basis) is measured by `slicer-hf eval`, which sends both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class RoundTrip:
     """Forward-hook body: each token row through its own single-token packet; keeps the counts."""
 
     def __init__(self, codec: Codec) -> None:
+        if codec.given_width is not None:
+            raise ConfigError(
+                "this codec predicts each row from the split's rows (a downlink basis): measure it with `slicer-hf "
+                "eval`, which sends both"
+            )
         self.codec = codec
         self.bits: list[int] = []
         self.rel_l2: list[float] = []
@@ -42,10 +49,12 @@ class RoundTrip:
             self.codec.decode(self.codec.encode(rows[0]))
             self._warm = True
         for i, row in enumerate(rows):
+            # a chained codec continues from the row before in its sequence (none before a window's first)
+            given = decoded[i - 1, 0].float() if self.codec.chains and i % hidden.shape[1] else None
             start = time.perf_counter()
-            packet = self.codec.encode(row)
+            packet = self.codec.encode(row, given=given)
             mid = time.perf_counter()
-            decoded[i] = self.codec.decode(packet).to(row.dtype)
+            decoded[i] = self.codec.decode(packet, given=given).to(row.dtype)
             self.decode_s.append(time.perf_counter() - mid)
             self.encode_s.append(mid - start)
             self.bits.append(8 * len(packet))
