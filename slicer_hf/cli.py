@@ -102,11 +102,10 @@ def _tls_pair(cert: Path | None, key: Path | None) -> tuple[bytes, bytes] | None
     return cert.read_bytes(), key.read_bytes()
 
 
-def _no_empty_token(token: str | None) -> str | None:
+def _no_empty_token(param: typer.CallbackParam, token: str | None) -> str | None:
     if token == "":
-        raise typer.BadParameter(
-            "an empty token locks every client out: give one, or leave it out", param_hint="--token"
-        )
+        option = f"--{(param.name or 'token').replace('_', '-')}"
+        raise typer.BadParameter("an empty token locks everyone out: give one, or leave it out", param_hint=option)
     return token
 
 
@@ -162,6 +161,14 @@ def serve(
     ] = 50051,
     token: Annotated[
         str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="Require this auth token.", callback=_no_empty_token)
+    ] = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SLICER_HF_ADMIN_TOKEN",
+            help="Token `slicer-hf drain` must give; without it, drain is taken from this machine only.",
+            callback=_no_empty_token,
+        ),
     ] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve TLS (grpcs://).", **PEM_FILE)] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.", **PEM_FILE)] = None,
@@ -307,6 +314,11 @@ def serve(
             raise typer.BadParameter(
                 "a fleet's replicas take free ports and its router --router-port", param_hint="--port"
             )
+        if admin_token is not None:
+            raise typer.BadParameter(
+                "a fleet's replicas are drained by Serve as it stops them, not by slicer-hf drain",
+                param_hint="--admin-token",
+            )
         _serve_fleet({**locals(), "autoscale": scale}, limits, tls)
         return
     from .client import model_error
@@ -319,7 +331,15 @@ def serve(
         raise model_error(model, exc) from None
     cert, key = tls or (None, None)
     running = grpc_serve(
-        server, host, port, token=token, tls_cert=cert, tls_key=key, max_streams=max_streams, metrics_port=metrics_port
+        server,
+        host,
+        port,
+        token=token,
+        tls_cert=cert,
+        tls_key=key,
+        max_streams=max_streams,
+        metrics_port=metrics_port,
+        admin_token=admin_token,
     )
     scheme = "grpcs" if cert else "grpc"
     if running.metrics_port is not None:
@@ -422,14 +442,20 @@ def stats(
 def drain(
     url: Annotated[str, typer.Argument(help="Server URL, grpc://host:port.")],
     token: Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The server's auth token.")] = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar="SLICER_HF_ADMIN_TOKEN", help="The server's --admin-token (sent instead of --token)."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Take new sessions again.")] = False,
     root_cert: RootCertOpt = None,
 ) -> None:
-    """Put a server in drain mode: open sessions carry on, new ones are refused, health turns NOT_SERVING."""
+    """Put a server in drain mode: open sessions carry on, new ones are refused, health turns NOT_SERVING. A server
+    started without --admin-token takes this from its own machine only."""
     from . import protocol
     from .transport.grpc import DRAIN_METHOD, GrpcTransport
 
-    transport = GrpcTransport([url], token=token, timeout_s=10, root_certificates=_root_cert(root_cert))
+    bearer = admin_token or token
+    transport = GrpcTransport([url], token=bearer, timeout_s=10, root_certificates=_root_cert(root_cert))
     reply = transport.unary(DRAIN_METHOD, json.dumps({"on": not resume}).encode())
     stats = protocol.decode_json(reply)
     print(f"{url}: draining={bool(stats['draining'])}, sessions_active={stats['sessions_active']}")

@@ -117,6 +117,52 @@ def test_the_client_leaves_out_failed_endpoints_and_surfaces_router_errors(serve
             odd.close()
 
 
+@pytest.mark.network
+@pytest.mark.slow
+def test_replicas_that_each_refuse_for_want_of_room_stay_left_out_until_the_refusal_is_the_answer(server, model_dir):
+    """Each replica opens the session, then refuses its prompt step (a KV budget too small): an OPENED is no sign
+    that the replicas left out before may serve, so the client asks for neither again and answers with the
+    refusal, instead of bouncing between them until its attempts run out."""
+    small = [server("--kv-memory", "64KiB") for _ in range(2)]
+    everyone_refused = (503, {"error": "every replica refused", "left_out": 2, "known": 2})
+    router = StandInRouter([(200, {"endpoint": s.url, "replica": str(i)}) for i, s in enumerate(small)])
+    router.replies.append(everyone_refused)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProtocolError, match="KV") as caught:
+            client(model_dir, router.url).generate(prompt(4, length=200), max_new_tokens=2, do_sample=False)
+        assert caught.value.code == "kv_budget" and time.monotonic() - started < 5
+        assert [r[2]["exclude"] for r in router.requests] == [[], [small[0].url], [small[0].url, small[1].url]]
+    finally:
+        router.close()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_replica_that_never_answers_a_new_stream_is_left_for_another_from_the_router(server, model_dir, reference):
+    import socket
+
+    frozen = socket.create_server(("127.0.0.1", 0))  # takes connections (the kernel's backlog), never answers
+    live = server()
+    router = StandInRouter(
+        [(200, {"endpoint": f"grpc://127.0.0.1:{frozen.getsockname()[1]}"}), (200, {"endpoint": live.url})]
+    )
+    try:
+        ids = prompt(2)
+        got = client(model_dir, router.url, timeout_s=3).generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(got, reference.generate(ids, max_new_tokens=4, do_sample=False))
+    finally:
+        router.close()
+        frozen.close()
+
+
+def test_a_fleet_client_sizes_its_steps_to_the_replies_its_streams_take():
+    """The link cuts steps so that their replies fit the edge's channel, as for a grpc:// server."""
+    assert (
+        FleetTransport("slicer+http://127.0.0.1:1").max_message_bytes == GrpcTransport(["grpc://a:1"]).max_message_bytes
+    )
+
+
 def test_while_the_router_has_no_replica_to_offer_admission_waits_as_told_and_leaves_failed_endpoints_out():
     """A replica restarting (the only one, say) is gone from the router for a few seconds: admission asks again
     after each 503's Retry-After for up to `admission_wait_s`, instead of spending the link's failover attempts,
@@ -312,9 +358,17 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
         ({"token": ""}, "token"),
         ({"tls_cert": "PEM"}, "tls_cert and tls_key"),
         ({"autoscale": (1, 4), "limits": {"max_sessions": 16}}, r"sessions_per_replica \(16\) must be below"),
+        ({"autoscale": (0.5, 2)}, "two integers"),  # had become (0, 2): no replica at all
+        ({"autoscale": "1,4,9"}, "two integers"),
+        ({"replicas": 2.5}, "replicas must be an integer"),
+        ({"sessions_per_replica": 0}, "sessions_per_replica must be an integer >= 1"),
+        ({"heartbeat_s": 0}, "heartbeat_s must be a number above 0"),  # every replica forgotten as it reports
+        ({"drain_timeout_s": -10}, "drain_timeout_s must be a number >= 0"),
+        ({"replica_cpus": -1}, "replica_cpus must be a number >= 0"),
     ):
         with pytest.raises((ValueError, TypeError), match=match):
             FleetOptions(**bad)
+    assert FleetOptions(autoscale="1, 4").autoscale == (1, 4)  # as a YAML string
     app = app_builder({"model": "smollm2", "autoscale": [1, 3], "token": "t"})  # what `serve run fleet.yaml` calls
     assert type(app).__name__ == "Application"
     # replicas that may share a node share its free memory, unless each is given its budget

@@ -153,6 +153,32 @@ def test_idle_streams_hold_no_worker_and_are_closed(server, model_dir, reference
         transport.close()
 
 
+def test_connections_that_hold_no_call_are_closed_so_they_cannot_use_up_the_servers_sockets(
+    server, model_dir, reference
+):
+    """HTTP/2 connections that answer pings but never start a call held a socket each for good (at the fd limit,
+    every new client was locked out); they go after `--open-timeout-s` without a call, and clients reconnect."""
+    srv = server("--open-timeout-s", "1")
+    address = srv.url.removeprefix("grpc://")
+    states: list[list[grpc.ChannelConnectivity]] = []
+    channels = [grpc.insecure_channel(address, options=protocol.channel_options(1 << 20)) for _ in range(20)]
+    for channel in channels:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        states.append([])
+        channel.subscribe(states[-1].append)
+    model = client(model_dir, srv.url)
+    for _ in range(2):  # an honest client idling past it between two generations carries on
+        ids = prompt(7)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=4, do_sample=False),
+            reference.generate(ids, max_new_tokens=4, do_sample=False),
+        )
+        time.sleep(1.5)
+    assert wait_for(lambda: all(grpc.ChannelConnectivity.IDLE in seen for seen in states), timeout_s=15)
+    for channel in channels:
+        channel.close()
+
+
 def test_a_client_that_never_takes_its_replies_loses_its_session_and_its_stream_slot(server, model_dir, reference):
     """Sending steps without reading the replies used to hold the stream, its slot and its memory for good."""
     import queue
@@ -222,6 +248,34 @@ def test_a_timeout_is_not_a_dead_server(server, model_dir):
         model.generate(prompt(27, 60), max_new_tokens=2)
     assert not info.value.retryable and model.wire_stats().failovers == 0
     assert srv.stats()["sessions_opened"] <= 1  # no replay piled onto the busy server
+
+
+def test_drain_takes_the_admin_token_where_the_server_has_one_not_the_clients_token(server, model_dir, reference):
+    """Every edge holds the clients' token: one of them could drain the server (again after each resume)."""
+    import subprocess
+    import sys
+
+    srv = server("--token", "clients", "--admin-token", "operators")
+    with pytest.raises(TransportError, match="Drain takes the admin token"):
+        GrpcTransport([srv.url], token="clients", timeout_s=10).unary(DRAIN_METHOD, b'{"on": true}')
+    model = client(model_dir, srv.url, token="clients")
+    ids = prompt(8)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=3, do_sample=False),
+        reference.generate(ids, max_new_tokens=3, do_sample=False),
+    )
+    command = [sys.executable, "-c", "from slicer_hf.cli import main; main()", "drain", srv.url]
+    done = subprocess.run([*command, "--admin-token", "operators"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "draining=True" in done.stdout, done.stderr[-2000:]
+
+
+def test_without_an_admin_token_drain_is_taken_from_this_machine_only():
+    from slicer_hf.server.grpc_server import _local_peer
+
+    for peer in ("ipv4:127.0.0.1:50000", "ipv6:[::1]:50000", "ipv6:%5B::1%5D:50000", "unix:/tmp/s"):
+        assert _local_peer(peer), peer
+    for peer in ("ipv4:192.0.2.2:50000", "ipv6:[fd00::2]:50000", "ipv4:10.0.0.1:1", ""):
+        assert not _local_peer(peer), peer
 
 
 def test_health_service_and_drain_mode(server, model_dir, reference):

@@ -109,13 +109,21 @@ class FleetOptions:
     app_name: str = "slicer"
 
     def __post_init__(self) -> None:
+        if isinstance(self.autoscale, str):  # "1,4", as the command line and a config file may give it
+            self.autoscale = tuple(int(n) if n.strip().isdigit() else n for n in self.autoscale.split(","))
         if self.autoscale is not None:
-            low, high = self.autoscale
-            if not 0 < low <= high:
-                raise ConfigError(f"autoscale must be MIN,MAX with 0 < MIN <= MAX, got {self.autoscale}")
-            self.autoscale = (int(low), int(high))
-        if self.replicas < 1:
-            raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
+            pair = tuple(self.autoscale)
+            if len(pair) != 2 or not all(_count(n) for n in pair) or not 0 < pair[0] <= pair[1]:
+                raise ConfigError(f"autoscale must be MIN,MAX, two integers with 0 < MIN <= MAX, got {self.autoscale}")
+            self.autoscale = (pair[0], pair[1])
+        for name in ("replicas", "sessions_per_replica", "max_streams"):
+            if not _count(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (_number(self.heartbeat_s) and self.heartbeat_s > 0):
+            raise ConfigError(f"heartbeat_s must be a number above 0, got {self.heartbeat_s!r}")
+        for name in ("drain_timeout_s", "upscale_delay_s", "downscale_delay_s", "replica_cpus", "replica_gpus"):
+            if not (_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         if not self.route_prefix.startswith("/") or not self.app_name:
             raise ConfigError(
                 f"route_prefix must start with '/' and app_name must not be empty, got {self.route_prefix!r} and "
@@ -195,7 +203,7 @@ class SplitReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._router = serve.get_deployment_handle(ROUTER, app_name=context.app_name)
-        self._stopped = threading.Event()
+        self._stopped, self._wake = threading.Event(), threading.Event()
         threading.Thread(target=self._heartbeat, name="slicer-fleet-heartbeat", daemon=True).start()
         logger.info("replica %s serving %s on %s", self.replica_id, opts.model, self.endpoint)
 
@@ -214,8 +222,11 @@ class SplitReplica:
         }
 
     def _heartbeat(self) -> None:
-        while not self._stopped.wait(self.options.heartbeat_s):
-            self._report()
+        while not self._stopped.is_set():
+            self._wake.wait(self.options.heartbeat_s)  # or at once, when woken (draining)
+            self._wake.clear()
+            if not self._stopped.is_set():
+                self._report()
 
     def _report(self) -> None:
         try:
@@ -235,7 +246,7 @@ class SplitReplica:
         if not hasattr(self, "running") or self.running.stopped:
             return
         self.running.drain(True)
-        self._report()
+        self._wake.set()  # the router hears of it now (a report from here, on Serve's event loop, cannot wait)
         deadline = time.monotonic() + self.options.drain_timeout_s
         while self.server.sessions and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -354,10 +365,16 @@ def build_app(options: FleetOptions) -> Any:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Entry point for a Serve config file (`import_path: slicer_hf.server.fleet:app_builder`, `args:` the
-    `FleetOptions` fields)."""
-    if "autoscale" in args and args["autoscale"] is not None:
-        args = {**args, "autoscale": tuple(args["autoscale"])}
+    `FleetOptions` fields; `autoscale` as a list or "MIN,MAX")."""
     return build_app(FleetOptions(**args))
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def deploy(options: FleetOptions, address: str | None = None) -> str:

@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as ResultTimeout  # builtins' TimeoutError from Python 3.11
@@ -48,14 +49,17 @@ class _Gate(grpc.aio.ServerInterceptor):
     for as long as a client likes, with no token) is not served: each would hold a slot, and a thousand of them every
     slot; probes poll `Check`."""
 
-    def __init__(self, engine: SplitServer, token: str | None) -> None:
-        self.engine, self.token = engine, token
+    def __init__(self, engine: SplitServer, token: str | None, admin_token: str | None = None) -> None:
+        self.engine, self.token, self.admin_token = engine, token, admin_token
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if details.method == HEALTH_WATCH:
             return _refusal(grpc.StatusCode.UNIMPLEMENTED, "Health/Watch is not served: poll Health/Check")
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        if details.method != HEALTH_CHECK and not _authorized(str(sent).encode(), self.token, self.engine):
+        sent = str(dict(details.invocation_metadata or ()).get("authorization", "")).encode()
+        if details.method == protocol.DRAIN_METHOD and self.admin_token is not None:  # the operators', not the clients'
+            if not _authorized(sent, self.admin_token, self.engine):
+                return _refusal(grpc.StatusCode.UNAUTHENTICATED, "Drain takes the admin token")
+        elif details.method != HEALTH_CHECK and not _authorized(sent, self.token, self.engine):
             return _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
         return await continuation(details)
 
@@ -66,6 +70,12 @@ def _authorized(sent: bytes, token: str | None, engine: SplitServer) -> bool:
         return True
     engine.stats.error("unauthenticated")
     return False
+
+
+def _local_peer(peer: str) -> bool:
+    """Whether a gRPC peer (`ipv4:127.0.0.1:5000`, `ipv6:%5B::1%5D:5000`, `unix:...`) is on this machine."""
+    kind, _, address = urllib.parse.unquote(peer).partition(":")
+    return kind == "unix" or (kind in ("ipv4", "ipv6") and protocol.is_loopback(address.rpartition(":")[0]))
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> Any:
@@ -80,8 +90,10 @@ def _refusal(code: grpc.StatusCode, message: str) -> Any:
 
 
 class _SplitService(grpc.GenericRpcHandler):
-    def __init__(self, engine: SplitServer, pool: ThreadPoolExecutor, health: Any, max_streams: int) -> None:
-        self.engine, self.pool, self.health = engine, pool, health
+    def __init__(
+        self, engine: SplitServer, pool: ThreadPoolExecutor, health: Any, max_streams: int, remote_drain: bool
+    ) -> None:
+        self.engine, self.pool, self.health, self.remote_drain = engine, pool, health, remote_drain
         self.max_streams, self.streams = max_streams, 0  # session streams open (the event loop's count)
         self.methods = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
@@ -191,7 +203,13 @@ class _SplitService(grpc.GenericRpcHandler):
         return prometheus_text(self.engine)
 
     async def drain(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """Body `{"on": bool}` (default true): stop or resume taking new sessions; health follows."""
+        """Body `{"on": bool}` (default true): stop or resume taking new sessions; health follows. Without an admin
+        token, only from this machine (clients hold the clients' token, and one of them could drain the server)."""
+        if not self.remote_drain and not _local_peer(context.peer()):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "Drain is taken from this machine only: start the server with --admin-token to drain it remotely",
+            )
         try:
             on = json.loads(request.decode() or "{}").get("on", True)
         except (ValueError, AttributeError, RecursionError):
@@ -403,6 +421,7 @@ class RunningServer:
         max_streams: int,
         workers: int,
         metrics_port: int | None,
+        admin_token: str | None = None,
     ) -> None:
         self.engine = engine
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slicer-rpc")
@@ -410,7 +429,7 @@ class RunningServer:
         self._thread = threading.Thread(target=self.loop.run_forever, name="slicer-grpc-loop", daemon=True)
         self._thread.start()
         try:
-            self.port = self._run(self._start(host, port, token, tls_cert, tls_key, max_streams))
+            self.port = self._run(self._start(host, port, (token, admin_token), tls_cert, tls_key, max_streams))
         except BaseException:  # a port that cannot be bound, say: leave no thread or loop behind
             self._close_loop()
             raise
@@ -432,20 +451,30 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     async def _start(
-        self, host: str, port: int, token: str | None, cert: bytes | None, key: bytes | None, max_streams: int
+        self,
+        host: str,
+        port: int,
+        tokens: tuple[str | None, str | None],
+        cert: bytes | None,
+        key: bytes | None,
+        max_streams: int,
     ) -> int:
+        """Serve on host:port; `tokens`: the clients' and the admin token."""
         self.server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a taken port fails to start instead of sharing its connections
             options=[
                 *protocol.channel_options(self.engine.limits.max_message_bytes, server=True),
                 ("grpc.so_reuseport", 0),
+                # a connection without a call holds a socket: after open_timeout_s it goes (clients reconnect)
+                ("grpc.max_connection_idle_ms", max(1, round(1000 * self.engine.limits.open_timeout_s))),
             ],
             maximum_concurrent_rpcs=max_streams + CONTROL_SLOTS,  # the session streams are counted by the service
-            interceptors=[_Gate(self.engine, token)],
+            interceptors=[_Gate(self.engine, *tokens)],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_generic_rpc_handlers((_SplitService(self.engine, self.pool, self.health, max_streams),))
+        service = _SplitService(self.engine, self.pool, self.health, max_streams, remote_drain=tokens[1] is not None)
+        self.server.add_generic_rpc_handlers((service,))
         address = f"{host}:{port}"
         try:
             if cert is not None:
@@ -515,19 +544,24 @@ def serve(
     max_streams: int = 1024,
     workers: int | None = None,
     metrics_port: int | None = None,
+    admin_token: str | None = None,
 ) -> RunningServer:
     """Start serving `server` on host:port (port 0 picks a free one).
 
     Args:
+        token: the clients' auth token (None: any client).
+        admin_token: the token Drain takes (None: Drain only from this machine, with the clients' token).
         max_streams: session streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and
             retry). Health, stats, metrics and drain calls have `CONTROL_SLOTS` more of their own.
         workers: threads for OPEN, CLOSE and the unary methods (steps hold none: they wait on the event loop).
         metrics_port: serve GET /metrics on this port (0 picks one), over HTTPS where the server has a certificate,
             behind the token where there is one; None: no HTTP endpoint.
     """
-    if token == "":
-        raise ConfigError("the auth token is empty: give one, or None to require none")
+    if token == "" or admin_token == "":
+        raise ConfigError("an auth token is empty: give one, or None to require none")
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("give tls_cert and tls_key together (a PEM certificate and its key), or neither")
     workers = workers or 8
-    return RunningServer(server, host, port, token, tls_cert, tls_key, max_streams, workers, metrics_port)
+    return RunningServer(
+        server, host, port, token, tls_cert, tls_key, max_streams, workers, metrics_port, admin_token=admin_token
+    )

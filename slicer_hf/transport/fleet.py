@@ -25,9 +25,9 @@ import warnings
 from typing import Any
 
 from ..errors import NowhereElse, TransportError
-from ..protocol import fleet_router_url, is_loopback
+from ..protocol import REPLY, fleet_router_url, is_loopback
 from .base import Transport, root_context
-from .grpc import GrpcTransport
+from .grpc import MAX_REPLY_BYTES, GrpcTransport
 
 MAX_ANSWER_BYTES = 64 << 10  # an admission answer is a few hundred bytes of JSON
 EXCLUDE_S = 10.0  # how long an endpoint that failed is left out (the router forgets a silent replica within 5 s)
@@ -72,6 +72,7 @@ class FleetTransport(Transport):
         if token and scheme == "slicer+http" and not is_loopback(host):
             message = f"an auth token is sent to the router {url} without TLS: use slicer+https://"
             warnings.warn(message, stacklevel=2)
+        self.max_message_bytes = MAX_REPLY_BYTES  # its replicas' streams take replies up to this
         self.admission: dict[str, Any] | None = None  # the router's last answer
         self._replica: GrpcTransport | None = None
         self._failed: dict[str, float] = {}  # endpoints that failed since the last good reply, and when
@@ -138,10 +139,11 @@ class FleetTransport(Transport):
     def request(self, data: bytes) -> bytes:
         if self._replica is None:
             endpoint = self.admit()["endpoint"]
-            self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, self.root_certificates)
+            self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, self.root_certificates, others=True)
         reply = self._replica.request(data)
-        self._failed.clear()
-        self._refused.clear()
+        if reply[1:2] == bytes([REPLY]):  # a step answered: the endpoints left out may serve again (an OPENED does
+            self._failed.clear()  # not say that: the step after it may still be refused for want of room)
+            self._refused.clear()
         return reply
 
     def refused(self) -> None:

@@ -83,7 +83,10 @@ class GrpcTransport(Transport):
         token: str | None = None,
         timeout_s: float = 60.0,
         root_certificates: bytes | None = None,
+        others: bool = False,
     ) -> None:
+        """`others`: the caller has servers beyond `urls` to go to (a fleet's router): one that never answered a new
+        stream is then left for them, as for another URL of the list."""
         if not urls:
             raise TransportError("no server URL given")
         if token == "":
@@ -102,7 +105,7 @@ class GrpcTransport(Transport):
             if token and url.startswith("grpc://") and not is_loopback(host):
                 message = f"an auth token is sent to {url} without TLS: use grpcs:// so it does not cross in clear"
                 warnings.warn(message, stacklevel=2)
-        self.index = 0
+        self.index, self.others = 0, others
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._outbox: queue.Queue[Any] = queue.Queue()
@@ -160,7 +163,7 @@ class GrpcTransport(Transport):
             reply = self._inbox.get(timeout=self.timeout_s)
         except queue.Empty:  # a slow server is not a dead one: no failover, whose replay would only add load; but one
             self.close()  # that never answered this stream (frozen, or its port taken by something else) is no server
-            if not self._stream_answered and self.has_alternatives():  # the next server may answer
+            if not self._stream_answered and (self.others or self.has_alternatives()):  # the next one may answer
                 raise TransportError(
                     f"no answer from {self.name} within {self.timeout_s} s on a new stream", unreachable=True
                 ) from None
