@@ -866,3 +866,38 @@ def test_a_serve_that_fails_on_its_metrics_port_leaves_the_engine_to_serve_again
         transport.close()
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("where", ["packet", "reply"])
+def test_large_codec_work_runs_beside_the_rounds_so_other_sessions_carry_on(engine, where):
+    """A prefill's packet (or its reply through a lossy downlink codec) is coded on the codec thread: a client's
+    costly codec cannot hold up every other session's rounds (a chained trellis reply of 12,288 positions took 6 s)."""
+    server = engine(batching=True)
+    config = SlicerConfig(codec="identity", downlink_step=0.1 if where == "reply" else None)
+    body = open_request(config, server.model.config, "tiny", 2, build_codec("identity"))
+    big = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
+    small = open_session(server)
+    held, threads = threading.Event(), []
+    name = "decode_packets" if where == "packet" else "encode_output"
+    real = getattr(server, name)
+
+    def slow(*args):  # the big step's codec work waits until the other session has been served
+        first = args[0][0].session if where == "packet" else args[0]
+        if first.id == big:
+            threads.append(threading.current_thread().name)
+            assert held.wait(60)
+        return real(*args)
+
+    setattr(server, name, slow)
+    with ThreadPoolExecutor(2) as pool:
+        large = pool.submit(step, server, big, 1, 0, 40)
+        assert wait_for(lambda: threads)
+        for seq in range(1, 4):  # the other session prefills, then decodes, meanwhile
+            reply = pool.submit(step, server, small, seq, 0 if seq == 1 else seq + 1, 3 if seq == 1 else 1)
+            assert protocol.decode_reply(reply.result(timeout=30))[0] == seq
+        assert not large.done()
+        held.set()
+        got, kind, _ = protocol.decode_reply(large.result(timeout=30))
+    assert got == 1 and kind in (protocol.REPLY_HIDDEN, protocol.REPLY_HIDDEN_BARE)
+    assert threads[0].startswith("slicer-codec")
+    server.shutdown()

@@ -148,7 +148,7 @@ class ServerStats:
     compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
     decode_compute_s: float = 0.0
     packet_decode_s: float = 0.0  # the compute thread's time decoding packets (the codec's share of the CPU)
-    scheduler_cpu_s: float = 0.0  # CPU time of the compute thread: packet decoding, forwards, replies, scheduling
+    scheduler_cpu_s: float = 0.0  # CPU time of the compute and codec threads: packet decoding, forwards, replies, ...
     decode_compute_cpu_s: float = 0.0  # its CPU time in decode forwards (their wall time less preemption)
     packet_decode_cpu_s: float = 0.0
     prefill_compute_s: float = 0.0
@@ -831,9 +831,13 @@ class SplitServer:
         batch.commit()
         return final
 
-    def finish_step(self, work: Work, final: torch.Tensor) -> tuple[bytes, int]:
-        """The session now holds the step's positions; the reply payload and kind for its outputs `final`."""
+    def end_step(self, work: Work) -> None:
+        """The session now holds the step's positions."""
         work.session.length = work.step.start + work.step.tokens
+
+    def finish_step(self, work: Work, final: torch.Tensor) -> tuple[bytes, int]:
+        """`end_step`, then the reply payload and kind for its outputs `final`."""
+        self.end_step(work)
         return self.encode_output(work.session, final, work.reply_given)
 
     def wants_logits(self, session: Session) -> bool:

@@ -18,6 +18,11 @@ threads, which would only fight this one over the GIL), then runs:
 Encoder requests (one step each, no cache) run together when they share a split layer and a shape
 (`encoder_batch.py`), at most `max_batch_rows` rows per forward.
 
+Codec work as large as a prefill's goes to a codec thread beside this one (`OFFLOAD_POSITIONS`): a packet of that
+many positions is decoded there, and a reply of that many through a lossy downlink codec encoded there, so that a
+client's costly codec (a chained trellis reply of 12,288 positions took 6 s) cannot hold up every other session's
+rounds; the step rejoins the rounds once decoded, and is answered from there once encoded.
+
 A forward over several sessions that fails is retried one session at a time, so one bad session fails alone; once a
 forward has run, a failure finishing one session's step (encoding its reply) fails that step alone.
 Without a KV store (a model the store does not cover) each step runs whole, one at a time.
@@ -32,7 +37,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +54,7 @@ logger = logging.getLogger(__name__)
 SPLIT_PADDING = 8192  # positions of padding (rows x context) that make a decode row run in a forward of its own
 # (about what a forward's fixed cost, reading every weight once, is worth against attending over padded keys)
 ENCODER_SPLIT_PADDING = 256  # the same for encoder requests, whose padded positions run every layer's matmuls
+OFFLOAD_POSITIONS = 32  # a packet, or a reply through a lossy downlink codec, of this many positions is coded aside
 _STOP = object()
 
 
@@ -65,6 +71,7 @@ class Work:
     reply_given: torch.Tensor | None = None  # the decoded rows a predicting downlink codes the reply against
     done: int = 0  # positions run so far
     outputs: list[torch.Tensor] = field(default_factory=list)  # the kept positions' outputs, chunk by chunk
+    aside: bool = False  # on the codec thread (its packet decoding, or its reply encoding)
 
     @property
     def rows(self) -> int:
@@ -111,6 +118,8 @@ class Scheduler:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._decoded_last: set[Session] = set()  # sessions of the last round's decode forwards
         self._cpu_mark = 0.0  # this thread's CPU time when it was last added to the stats
+        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slicer-codec")
+        self._aside: set[Work] = set()  # the steps on the codec thread
         self._thread = threading.Thread(target=self._loop, name="slicer-scheduler", daemon=True)
         self._thread.start()
 
@@ -155,19 +164,26 @@ class Scheduler:
         items += self._gather(items, pending)
         for index, item in enumerate(items):
             if item is _STOP:
+                self._codec.shutdown(wait=False, cancel_futures=True)
                 queued = [i for i in items[index + 1 :] if isinstance(i, Work)]
-                for work in pending + [w for w in queued if w.future.set_running_or_notify_cancel()]:
+                queued = [w for w in queued if w.future.set_running_or_notify_cancel()]
+                for work in pending + list(self._aside) + queued:
                     if not work.future.done():
                         work.future.set_exception(ProtocolError("server shutting down", code="shutdown"))
                 return None
             if isinstance(item, Work):
                 if item.future.set_running_or_notify_cancel():  # withdrawn steps are dropped
                     pending.append(item)
+            elif item[0] == "decoded":  # back from the codec thread
+                pending.append(item[1])
             else:
                 self.server.release_session(item[1])
         for work in [w for w in pending if w.session.closed]:
             work.future.set_exception(ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
         pending = [w for w in pending if not w.session.closed]
+        for work in [w for w in pending if w.hidden is None and w.rows * w.step.tokens >= OFFLOAD_POSITIONS]:
+            self._set_aside(work, self._decode_aside)
+        pending = [w for w in pending if not w.aside]
         fresh = [w for w in pending if w.hidden is None]
         if fresh:
             started, cpu_started = time.perf_counter(), time.thread_time()
@@ -249,7 +265,7 @@ class Scheduler:
                 continue
             self._run([work.chunk(tokens)], prefill=True)
             budget -= tokens * work.rows
-        return [w for w in pending if not w.future.done()]
+        return [w for w in pending if not w.future.done() and not w.aside]
 
     def _run(self, chunks: list[Chunk], prefill: bool) -> None:
         """One forward over `chunks`; a failure is retried chunk by chunk, and then fails that step only."""
@@ -302,10 +318,54 @@ class Scheduler:
         work.outputs.append(output)
         if work.done < work.step.tokens:
             return None
+        final = torch.cat(work.outputs, 1)
+        kept = work.rows * (work.step.tokens - work.step.need_from)
+        if work.session.downlink_codec is not None and kept >= OFFLOAD_POSITIONS:
+            self.server.end_step(work)
+            self._set_aside(work, self._encode_aside, final)
+            return None
         try:
-            return self.server.finish_step(work, torch.cat(work.outputs, 1))
+            return self.server.finish_step(work, final)
         except Exception as exc:
             return exc
+
+    # ---------------------------------------------------------------- the codec thread
+    def _set_aside(self, work: Work, job: Callable[..., None], *args: Any) -> None:
+        """Run `job(work, *args)` on the codec thread; its CPU time is counted as this thread's is."""
+        work.aside = True
+        self._aside.add(work)
+
+        def run() -> None:
+            cpu = time.thread_time()
+            try:
+                job(work, *args)
+            except Exception as exc:  # a bug: the step fails, not the thread
+                if not work.future.done():
+                    work.future.set_exception(exc)
+            finally:
+                self._aside.discard(work)
+                self.server.stats.add(scheduler_cpu_s=time.thread_time() - cpu)
+
+        try:
+            self._codec.submit(run)
+        except RuntimeError:  # shut down since
+            self._aside.discard(work)
+            work.future.set_exception(ProtocolError("server shutting down", code="shutdown"))
+
+    def _decode_aside(self, work: Work) -> None:
+        """Decode a large packet, then hand the step back to the rounds."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        self.server.decode_packets([work])
+        self.server.stats.add(
+            packet_decode_s=time.perf_counter() - started, packet_decode_cpu_s=time.thread_time() - cpu
+        )
+        work.aside = False
+        if not work.future.done():
+            self._queue.put(("decoded", work))
+
+    def _encode_aside(self, work: Work, final: torch.Tensor) -> None:
+        """Encode a large reply and answer the step with it."""
+        work.future.set_result(self.server.encode_output(work.session, final, work.reply_given))
 
     def _account(self, **counters: float) -> None:
         """Add `counters` to the server's stats together with the CPU time this thread has used since it last did:
