@@ -7,6 +7,7 @@ answers the next case. `run_fuzz` runs as many cases as asked (hypothesis shrink
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from .. import protocol
 from ..codec import build_codec
 from ..codec.bits import write_varint
-from ..errors import ProtocolError, TransportError
+from ..errors import CodecError, ProtocolError, TransportError
 from ..transport.grpc import GrpcTransport
 
 CLEAN_CODES = {
@@ -78,8 +79,11 @@ def open_messages(draw: Any, fingerprint: str, splits: tuple[int, int]) -> bytes
         "split_layer": draw(st.integers(*splits) if valid else st.one_of(st.integers(-2, 99), _json_value())),
         "codec": codec if valid else draw(st.one_of(st.just(codec), _json_value())),
     }
+    lossy_downlinks = [build_codec(name).spec() for name in ("fp16", "int8", "slicer")]
     for key, values in (
         ("downlink", st.sampled_from(["hidden", "logits", "topk_logits", "bogus"])),
+        ("downlink_codec", st.one_of(st.sampled_from(lossy_downlinks), _json_value())),
+        ("bare_replies", st.one_of(st.booleans(), _json_value())),
         ("downlink_topk", st.one_of(st.integers(-1, 1 << 20), _json_value())),
         ("downlink_dtype", st.sampled_from(["auto", "float16", "float64", "x"])),
         ("dtype", st.sampled_from(["float32", "bfloat16", "float64", "int8"])),
@@ -115,18 +119,45 @@ def step_messages(draw: Any, hidden_size: int) -> tuple[int, bytes]:
     seq, start = draw(_int()), draw(st.sampled_from([0, 0, 0, tokens, 7, 1 << 20]))
     claimed_batch = draw(st.sampled_from([batch] * 4 + [0, 4096, 65]))
     claimed_tokens = draw(st.sampled_from([tokens] * 4 + [0, 1 << 24, 4097]))
-    flags = draw(st.sampled_from([0, 0, protocol.MASK_ONES, protocol.MASK_BITS, protocol.POSITIONS, 3, 255]))
-    extra = b""
-    if flags & 3 == protocol.MASK_BITS:
-        extra += draw(st.binary(min_size=0, max_size=4))
-    if flags & protocol.POSITIONS and flags != 255:
-        extra += draw(st.binary(min_size=0, max_size=4 * batch * tokens + 4))
+    flags, extra, grid = draw(_flags(batch, tokens, start))
+    if flags & protocol.BARE and draw(st.booleans()):  # a packet without its envelope, as a bare step sends it
+        with contextlib.suppress(CodecError):  # a mutated packet may not be the codec's
+            payload = codec.bare(payload, shape, dtype) or payload
     index = draw(st.sampled_from([0, 0, 0, 1, -1]))
     if draw(st.booleans()):
         return index, write_varint(seq) + bytes([flags]) + extra + payload, protocol.NEXT
     fields = (seq, start, claimed_batch, claimed_tokens)
     body = b"".join(map(write_varint, fields)) + bytes([flags]) + write_varint(draw(st.integers(0, tokens)))
-    return index, body + extra + payload, protocol.STEP
+    return index, body + grid + extra + payload, protocol.STEP
+
+
+@st.composite
+def _flags(draw: Any, batch: int, tokens: int, start: int) -> tuple[int, bytes, bytes]:
+    """A step's flags byte and the sections they announce (mask bits, history bits, positions; the grid apart, as it
+    precedes them), each well formed or not: every flag of the protocol, alone or together, or all of them."""
+    if draw(st.integers(0, 9)) == 0:
+        return 255, draw(st.binary(max_size=8)), b""
+
+    def bits(rows: int, columns: int) -> bytes:
+        size = (rows * columns + 7) // 8 if draw(st.integers(0, 3)) else draw(st.integers(0, 4))  # or the wrong size
+        return draw(st.binary(min_size=size, max_size=size))
+
+    flags = draw(st.sampled_from([protocol.MASK_NONE, protocol.MASK_NONE, protocol.MASK_ONES, protocol.MASK_BITS, 3]))
+    extra, grid = bits(batch, tokens) if flags == protocol.MASK_BITS else b"", b""
+    if draw(st.integers(0, 3)) == 0:
+        flags |= protocol.HISTORY
+        extra += bits(batch, min(start, 64))
+    if draw(st.integers(0, 3)) == 0:
+        flags |= protocol.POSITIONS
+        extra += draw(st.binary(min_size=0, max_size=4 * batch * tokens + 4))
+    if draw(st.integers(0, 4)) == 0:
+        flags |= protocol.GRID
+        h = draw(st.sampled_from([1, tokens, 3, 1 << 20]))
+        grid = write_varint(h) + write_varint(draw(st.sampled_from([max(tokens // h, 1), 2, 0])))
+    for flag in (protocol.BARE, protocol.CHAINED):
+        if draw(st.integers(0, 3)) == 0:
+            flags |= flag
+    return flags, extra, grid
 
 
 @st.composite
