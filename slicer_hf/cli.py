@@ -6,6 +6,7 @@ import enum
 import inspect
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -58,6 +59,17 @@ def parse_bytes(text: str) -> int:
     if match is None or match.group(2) not in SIZE_UNITS:
         raise typer.BadParameter(f"expected a size like 512MB, 4GB or 2GiB, got {text!r}")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+def _writable(out: Path) -> None:
+    """Refuse, before any work, an --out this user cannot write: under a file, or in a folder not writable."""
+    held = out.expanduser()
+    while not held.exists() and held != held.parent:  # the deepest part of the path that exists
+        held = held.parent
+    if held != out.expanduser() and not held.is_dir():
+        raise typer.BadParameter(f"{out}: {held} is a file, not a folder", param_hint="--out")
+    if not os.access(held if held.is_dir() else held.parent, os.W_OK):
+        raise typer.BadParameter(f"{out}: {held} is not writable", param_hint="--out")
 
 
 def _size(option: str, text: str) -> int:
@@ -127,9 +139,16 @@ def _torch_device(device: str) -> str:
     import torch
 
     try:
-        torch.device(device)
+        where = torch.device(device)
     except (RuntimeError, ValueError):
         raise typer.BadParameter(f"{device!r} is not a device (cpu, cuda, cuda:1)", param_hint="--device") from None
+    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+        held = torch.cuda.device_count()
+        raise typer.BadParameter(
+            f"{device!r}: this torch sees {held} CUDA device{'s' * (held != 1)}"
+            + (" (a CPU-only build, or no GPU here)" if not held else ""),
+            param_hint="--device",
+        )
     return device
 
 
@@ -327,7 +346,7 @@ def serve(
         server = load_server(
             model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack=prepack
         )
-    except OSError as exc:  # no such folder or Hub repo
+    except (OSError, ValueError) as exc:  # no such folder or Hub repo, or a folder with no model in it
         raise model_error(model, exc) from None
     cert, key = tls or (None, None)
     running = grpc_serve(
@@ -487,8 +506,8 @@ ServerOpt = Annotated[
 ConfigOpt = Annotated[
     str | None,
     typer.Option(
-        help="SlicerConfig: preset name, folder or Hub repo (default: the SmolLM2 preset for SmolLM2, by alias, Hub "
-        "id or converted folder; else SlicerConfig's defaults)."
+        help="SlicerConfig: preset name, folder or Hub repo (default: the model folder's own slicer_config.json; "
+        "else the SmolLM2 preset for SmolLM2, by alias, Hub id or converted folder; else SlicerConfig's defaults)."
     ),
 ]
 DoSampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")]
@@ -626,7 +645,7 @@ def profile(
         bool, typer.Option(help="Measure the codec's rate-distortion (a server profile may skip it).")
     ] = True,
     threads: Annotated[
-        int | None, typer.Option(help="torch threads, as the device will run (default: torch's).")
+        int | None, typer.Option(help="torch threads, as the device will run (default: torch's).", min=1)
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1.", callback=_torch_device)] = "cpu",
     dtype: Annotated[
@@ -650,6 +669,7 @@ def profile(
         raise typer.BadParameter(
             f"{out} is a file: give a folder (it gets profile.json) or a .json file", param_hint="--out"
         )
+    _writable(out)
     path = resolve_model(model)
     windows = None
     if rate_distortion:  # the text's mistakes are found before the weights load
@@ -725,6 +745,7 @@ def calibrate(
 
     if out.is_file():
         raise typer.BadParameter(f"{out} is a file: the config and its basis files go in a folder", param_hint="--out")
+    _writable(out)
     base = SlicerConfig.from_pretrained(config) if config else SlicerConfig(outliers=0)
     if outliers is not None:
         base = base.replace(outliers=outliers)
@@ -784,6 +805,8 @@ def search(
 
     if max_kl is not None and max_ppl_increase is not None:
         raise typer.BadParameter("give --max-kl or --max-ppl-increase, not both")
+    if out is not None:
+        _writable(out)
     try:
         result = run_search(
             edge_profile,
@@ -843,6 +866,11 @@ def bench(
     if suite in ("--help", "-h"):  # --help after a suite goes to the suite
         print(ctx.get_help())
         return
+
+    if suite == "all" and ctx.args:  # each suite takes options of its own: none fits them all
+        raise typer.BadParameter(f"'all' runs every suite with its defaults; {' '.join(ctx.args)} goes to one suite")
+    if torch_threads < 1:
+        raise typer.BadParameter(f"must be at least 1, got {torch_threads}", param_hint="--torch-threads")
 
     import torch
 

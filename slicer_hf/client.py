@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,11 @@ from typing import Any, TextIO
 
 from transformers import AutoTokenizer, TextStreamer
 
+from . import compat
 from .config import SlicerConfig
 from .errors import ConfigError
 from .link import WireStats
-from .loading import missing_folder
+from .loading import model_error
 
 
 def wire_report(stats: WireStats, hidden_size: int) -> str:
@@ -55,19 +57,15 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str,
     return inputs
 
 
-def model_error(model: str, exc: Exception) -> ConfigError:
-    """A model that cannot be loaded, said plainly (transformers reads a missing folder as a malformed Hub id)."""
-    if missing_folder(model):
-        return ConfigError(f"model {model!r}: no such folder")
-    return ConfigError(f"cannot load model {model!r}: {exc}")
-
-
 def default_config(model: str) -> SlicerConfig:
-    """The config of a client given none: the SmolLM2 preset for SmolLM2 (its alias, its Hub id, or the folder the
-    alias converts to), which a server started with the same preset serves; else `SlicerConfig`'s defaults."""
-    from .config import DEFAULT_PRESET
+    """The config of a client given none: a model folder's own `slicer_config.json` (as `from_pretrained` takes it);
+    else the SmolLM2 preset for SmolLM2 (its alias, its Hub id, or the folder the alias converts to), which a server
+    started with the same preset serves; else `SlicerConfig`'s defaults."""
+    from .config import CONFIG_NAME, DEFAULT_PRESET
     from .data import DEFAULT_MODEL_ALIASES, MODEL_DIR_NAME, cache_dir
 
+    if (Path(model).expanduser() / CONFIG_NAME).is_file():
+        return SlicerConfig.from_pretrained(Path(model).expanduser())
     preset = SlicerConfig.from_pretrained(DEFAULT_PRESET)
     if model.lower() in DEFAULT_MODEL_ALIASES or model == preset.model_id:
         return preset
@@ -136,13 +134,14 @@ class Client:
         self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as exc:  # no such folder or Hub repo (transformers' word for it)
+        except (OSError, ValueError) as exc:  # no such folder or Hub repo, or a folder with no model in it
             raise model_error(model, exc) from None
         options = {"token": token, "root_certificates": root_certificates}
         options = {key: value for key, value in options.items() if value is not None} or None
         self.model = SlicerModelForCausalLM.from_pretrained(
             path, slicer_config=self.config, transport=urls, transport_options=options
         )
+        self._held: tuple[Any, Any] | None = None  # the last reply's whole sequence and its KV cache
 
     def encode(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         return encode_messages(self.tokenizer, messages)
@@ -155,13 +154,43 @@ class Client:
 
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+        from .errors import SlicerError
+
         inputs = self.encode(messages)
         streamer = _Printer(self.tokenizer, out or sys.stdout)
         started = time.perf_counter()
-        ids = self.model.generate(**inputs, streamer=streamer, **sampling.generate_kwargs())
+        kwargs = {"streamer": streamer, "return_dict_in_generate": True, **sampling.generate_kwargs()}
+        cache = self._reusable(inputs["input_ids"])
+        try:
+            try:
+                with warnings.catch_warnings():  # transformers 5.25 names it `cache`; earlier 5.x only this
+                    warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+                    out = self.model.generate(**inputs, past_key_values=cache, **kwargs)
+            except SlicerError:  # the server no longer holds what the cache does: the whole conversation again
+                if cache is None:
+                    raise
+                out = self.model.generate(**inputs, **kwargs)
+        except BaseException:
+            self._held = None
+            raise
+        self._held = (out.sequences, out.past_key_values)
         elapsed = time.perf_counter() - started
-        new = ids[0, inputs["input_ids"].shape[1] :]
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(new, skip_special_tokens=True), elapsed, int(new.numel())
+
+    def _reusable(self, ids: Any) -> Any:
+        """The last reply's KV cache, cut to the positions this prompt `ids` shares with that sequence (never its last
+        position: it runs again, for the next token's logits), so that a conversation sends only its new turn; None
+        where they share none. A cache serves one continuation."""
+        if self._held is None or ids.shape[0] != 1:
+            return None
+        (held,), cache = self._held
+        self._held = None
+        n = min(cache.get_seq_length(), ids.shape[1] - 1, held.shape[0])
+        differs = (held[:n] != ids[0, :n]).nonzero()
+        shared = int(differs[0, 0]) if len(differs) else n
+        # none shared, or a sliding window that dropped what going back needs: the whole conversation again
+        return cache if shared and compat.crop_cache(cache, shared) else None
 
     def summary(self, elapsed_s: float, new_tokens: int) -> str:
         rate = new_tokens / elapsed_s if elapsed_s else 0.0

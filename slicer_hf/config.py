@@ -493,7 +493,7 @@ class SlicerConfig:
                 ) from exc
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a UTF-16 file, say
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")

@@ -19,15 +19,16 @@ def run_demo(
     split_layer: int | None = None,
 ) -> dict:
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import compat
     from .client import default_config, encode_messages, wire_report
     from .data import resolve_model
+    from .loading import model_config as model_config_of
     from .modeling import SlicerModelForCausalLM
 
     path = resolve_model(model)
-    model_config = AutoConfig.from_pretrained(path)
+    model_config = model_config_of(model, path)
     if compat.encoder_kind(model_config):
         raise ConfigError(f"{model} is an encoder; the demo splits a causal LM (docs/encoders.md splits encoders)")
     cfg = SlicerConfig.from_pretrained(config) if config else default_config(model)  # as generate and chat choose
@@ -36,6 +37,7 @@ def run_demo(
     cfg = cfg.replace(split_layer=cfg.split_layer_for(compat.num_layers(model_config)))
     # a basis of the config's own (one `slicer-hf calibrate` wrote) goes to the server too; preset bases it has
     folder = Path(config).expanduser() if config else None
+    folder = folder.parent if folder is not None and folder.is_file() else folder  # its slicer_config.json named
     bases = ["--basis", str(folder)] if folder and folder.is_dir() and (cfg.basis or cfg.downlink_basis) else []
     print(
         f"model: {model} ({path})\nconfig: {label}: split_layer={cfg.split_layer}, "

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from . import compat, protocol
 from .config import SlicerConfig
 from .data import load_text, load_tokenizer, resolve_model, token_windows
 from .errors import ConfigError
+from .loading import model_config
 from .modeling import SlicerModelForCausalLM, unsplit
 
 
@@ -72,7 +73,7 @@ def evaluate(
             "eval scores whole next-token distributions, and downlink 'topk_logits' sends back only the top k (the "
             "rest is -inf): score the same uplink with downlink 'logits' and size the top-k replies apart"
         )
-    compat.check_window(AutoConfig.from_pretrained(path), window)
+    compat.check_window(model_config(model, path), window)
     tokenizer = load_tokenizer(path, "to read the text")
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)  # before any weight
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -52,6 +52,22 @@ def missing_folder(model: str | os.PathLike[str]) -> bool:
     return (folder.is_absolute() or name.startswith((".", "~"))) and not folder.exists()
 
 
+def model_error(model: str, exc: Exception) -> ConfigError:
+    """A model that cannot be loaded, said plainly (transformers reads a missing folder as a malformed Hub id)."""
+    if missing_folder(model):
+        return ConfigError(f"model {model!r}: no such folder")
+    return ConfigError(f"cannot load model {model!r}: {exc}")
+
+
+def model_config(model: str, path: str | os.PathLike[str]) -> Any:
+    """The transformers config of `model` (at `path`, as `data.resolve_model` found it), or a one-line
+    `ConfigError`: no such folder, no Hub repo reachable, or a folder that holds no model."""
+    try:
+        return AutoConfig.from_pretrained(expand_home(path))
+    except (OSError, ValueError) as exc:
+        raise model_error(model, exc) from None
+
+
 def expand_home(model: str | os.PathLike[str]) -> str | os.PathLike[str]:
     """`model` with a leading `~` expanded (transformers takes `~/folder` for a malformed Hub id)."""
     return os.path.expanduser(model) if os.fspath(model).startswith("~") else model

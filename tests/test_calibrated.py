@@ -488,7 +488,9 @@ def test_the_demo_hands_a_config_folder_given_with_a_tilde_to_its_server(tmp_pat
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the demo's one thread, not this process's
     with pytest.raises(RuntimeError, match="arguments are all"):
         demo.run_demo(model=str(folder), config="~/cal")
-    assert asked[0][asked[0].index("--basis") + 1] == str(tmp_path / "cal")
+    with pytest.raises(RuntimeError, match="arguments are all"):  # its file named, as from_pretrained takes it
+        demo.run_demo(model=str(folder), config=str(tmp_path / "cal" / "slicer_config.json"))
+    assert [args[args.index("--basis") + 1] for args in asked] == [str(tmp_path / "cal")] * 2
 
 
 def test_the_demo_refuses_an_encoder_before_starting_a_server():

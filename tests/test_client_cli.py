@@ -78,6 +78,25 @@ def test_chat_keeps_the_conversation(tiny_dir, server_url):
     assert "10 tokens in" in result.output and "what crossed the wire" in result.output
 
 
+def test_a_conversation_sends_its_new_turn_not_the_whole_conversation_again(tiny_dir, server_url):
+    """The server holds the conversation so far: each turn sends what follows what it shares with the last one."""
+    import io
+
+    from slicer_hf.client import Client, Sampling
+
+    client = Client(server_url, str(tiny_dir), str(tiny_dir / "preset"))
+    messages = [{"role": "user", "content": "Hello"}]
+    first, _, _ = client.reply(messages, Sampling(max_new_tokens=5), out=io.StringIO())
+    prompt = client.encode(messages)["input_ids"].shape[1]
+    client.model.reset_wire_stats()
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second, _, new = client.reply(messages, Sampling(max_new_tokens=5), out=io.StringIO())
+    conversation = client.encode(messages)["input_ids"].shape[1]
+    assert (first, second) == two_turns(tiny_dir, 5)  # what the whole conversation again gives
+    assert client.model.wire_stats().tokens <= conversation - prompt + new  # the first turn's prompt not again
+    client.close()
+
+
 def test_a_client_error_is_one_line_not_a_traceback():
     """What a user gets wrong (here a URL without its scheme) reads as the library's message, exit status 1."""
     import subprocess
@@ -351,6 +370,14 @@ def test_a_client_given_no_config_takes_the_smollm2_preset_for_smollm2_however_i
     assert default_config("HuggingFaceTB/SmolLM2-360M-Instruct") == SlicerConfig()
 
 
+def test_a_client_given_no_config_takes_a_model_folders_own_as_from_pretrained_does(tmp_path):
+    from slicer_hf.client import default_config
+
+    own = SlicerConfig(split_layer=1, codec="identity")
+    own.save_pretrained(tmp_path)
+    assert default_config(str(tmp_path)) == own
+
+
 def test_each_bench_suite_describes_itself_in_a_whole_paragraph(capsys):
     import importlib
 
@@ -376,3 +403,42 @@ def test_a_model_without_a_tokenizer_is_one_line_naming_what_it_was_needed_for(t
 
     assert isinstance(result.exception, ConfigError)  # what the command line prints as one line
     assert "no tokenizer for" in str(result.exception) and "calibration text" in str(result.exception)
+
+
+def test_a_folder_that_holds_no_model_is_named_in_one_line_by_every_command_that_loads_one(tmp_path):
+    """A config folder given as --model, say: transformers' ValueError had been a traceback."""
+    from slicer_hf.demo import run_demo
+    from slicer_hf.evaluate import evaluate
+    from slicer_hf.server.build import load_server
+    from slicer_hf.tuning.calibrate import calibrate
+
+    SlicerConfig(split_layer=2).save_pretrained(tmp_path)
+    folder = str(tmp_path)
+    for load in (
+        lambda: evaluate(folder),
+        lambda: calibrate(folder, SlicerConfig()),
+        lambda: load_server(folder),
+        lambda: run_demo(model=folder),
+    ):
+        with pytest.raises(ConfigError, match=f"cannot load model '{folder}'"):
+            load()
+    with pytest.raises(ConfigError, match="no such folder"):
+        evaluate(str(tmp_path / "nosuch"))
+
+
+def test_counts_and_devices_this_machine_cannot_run_are_usage_errors_before_any_work(monkeypatch):
+    from slicer_hf.bench import codec_speed
+    from slicer_hf.cli import app
+
+    monkeypatch.setattr("slicer_hf.cli.BENCH_SUITES", {"codec-speed": "codec_speed"})  # no suite runs here
+    monkeypatch.setattr(codec_speed, "main", lambda argv: pytest.fail(f"ran with {argv}"))
+
+    for args, match in (
+        (["bench", "all", "--model", "x"], "'all' runs every suite with its defaults"),
+        (["bench", "codec-speed", "--torch-threads", "0"], "must be at least 1"),
+        (["profile", "--model", "x", "--out", "p", "--threads", "0"], "--threads"),
+        (["serve", "--device", "cuda:64"], "this torch sees"),
+        (["profile", "--model", "x", "--out", "p", "--device", "cuda:64"], "this torch sees"),
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and match in " ".join(result.output.split()), (args, result.output)

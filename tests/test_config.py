@@ -104,6 +104,9 @@ def test_bad_json_is_a_clear_error(tmp_path):
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         SlicerConfig.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"split_layer": 2}', encoding="utf-16")  # not UTF-8
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        SlicerConfig.from_pretrained(tmp_path)
 
 
 def test_hub_repo_ids_go_through_hf_hub_download(tmp_path, monkeypatch):

@@ -313,6 +313,22 @@ def test_a_bug_while_decoding_fails_those_steps_and_the_compute_thread_serves_on
     server.shutdown()
 
 
+def test_a_bug_while_a_round_gathers_its_steps_fails_those_it_took_and_the_compute_thread_serves_on(
+    engine, monkeypatch
+):
+    from slicer_hf.server import scheduler
+
+    server = engine(batching=True)
+    session = open_session(server)
+    real = scheduler.Scheduler._gather
+    monkeypatch.setattr(scheduler.Scheduler, "_gather", lambda *args: 1 / 0)
+    with pytest.raises(ProtocolError, match="ZeroDivisionError"):  # not a step left waiting out its timeout
+        protocol.raise_if_error(step(server, session, 1))
+    monkeypatch.setattr(scheduler.Scheduler, "_gather", real)
+    protocol.raise_if_error(step(server, open_session(server), 1))
+    server.shutdown()
+
+
 def test_a_step_over_max_step_elements_is_refused_from_its_header_and_opened_names_the_limits(engine):
     server = engine(max_step_elements=10 * 64)  # ten positions of the tiny llama's width
     body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
@@ -611,7 +627,8 @@ def test_malformed_requests_are_refused_as_malformed_or_bad_requests_not_interna
 @pytest.mark.parametrize(
     "limit",
     [{"prefill_chunk_tokens": 0}, {"max_sessions": -1}, {"max_batch_rows": 2.5}, {"kv_budget_bytes": 0},
-     {"idle_timeout_s": 0}, {"step_timeout_s": float("nan")}, {"batch_wait_s": -0.1}],
+     {"idle_timeout_s": 0}, {"step_timeout_s": float("nan")}, {"batch_wait_s": -0.1},
+     {"batch_wait_s": float("inf")}],  # a round would wait for ever, holding the steps it took
 )  # fmt: skip
 def test_limits_that_would_serve_nothing_are_refused_when_the_server_is_configured(limit):
     with pytest.raises(ConfigError, match=next(iter(limit))):

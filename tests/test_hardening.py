@@ -628,3 +628,29 @@ def test_a_link_that_gives_up_ends_its_stream():
     with pytest.raises(TransportError, match="gave up after"):
         model.generate(prompt(34), max_new_tokens=2)
     assert Forgetful.closed >= 1 and model._slicer_link.session is None
+
+
+def test_a_message_over_a_size_limit_is_put_down_to_the_side_whose_limit_it_is():
+    from slicer_hf.transport.grpc import MAX_REPLY_BYTES, _as_transport_error
+
+    class Refused(grpc.RpcError):
+        def __init__(self, limit):
+            self.limit = limit
+
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self):
+            return f"Received message larger than max (99999999 vs. {self.limit})"
+
+    assert "this edge takes replies up to" in str(_as_transport_error(Refused(MAX_REPLY_BYTES), "grpc://s:1"))
+    assert "the server takes messages up to" in str(_as_transport_error(Refused(10), "grpc://s:1"))
+
+
+def test_a_server_url_that_names_no_server_and_certificates_for_no_tls_server_are_refused_at_once():
+    for url in ("grpc://", "grpc://127.0.0.1:99999", "grpc://127.0.0.1", "grpc://:50051"):
+        with pytest.raises(TransportError, match="unsupported URL .*: use grpc://host:port") as caught:
+            GrpcTransport([url])
+        assert not caught.value.retryable
+    with pytest.raises(TransportError, match="root certificates check grpcs:// servers"):
+        GrpcTransport(["grpc://127.0.0.1:50051"], root_certificates=b"PEM")

@@ -382,6 +382,22 @@ def test_the_profile_command_refuses_an_out_that_is_a_file_before_it_runs(tmp_pa
     assert result.exit_code == 2 and "Invalid value for --out" in result.output
 
 
+def test_commands_that_write_a_folder_refuse_one_under_a_file_before_they_run(tmp_path, monkeypatch):
+    """Calibrating or profiling first (minutes on a real model), then failing to save, had been a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("")
+    under = "notes.txt/out"
+    EDGE.save(tmp_path / "edge.json")
+    search = ["search", "--edge-profile", "edge.json", "--server-profile", "edge.json"]
+    for args in (
+        ["profile", "--model", "nowhere"],
+        ["calibrate", "--model", "nowhere"],
+        [*search, "--uplink-mbps", "1", "--downlink-mbps", "1"],
+    ):
+        result = CliRunner().invoke(app, [*args, "--out", under])
+        assert result.exit_code == 2 and "notes.txt is a file, not a folder" in result.output, result.output
+
+
 def test_an_adaptive_search_says_where_the_written_config_starts_when_the_objective_chose_another_step():
     """The uplink objective picks the coarsest step; adaptive bitrate starts at the finest that meets the target."""
     result = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.01, max_token_latency_ms=10_000), "uplink", adaptive=True)

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
 
 from .. import compat
 from ..codec.basis import load_bases
 from ..data import resolve_model
-from ..loading import load_layers, move_loaded
+from ..loading import load_layers, model_config, move_loaded
 from .engine import ServerLimits, SplitServer
 
 
@@ -38,7 +38,7 @@ def load_server(
     """
     load_bases(bases)
     path = resolve_model(model)
-    config = AutoConfig.from_pretrained(path)
+    config = model_config(model, path)
     n = compat.num_layers(config)
     auto = AutoModel if compat.is_encoder(config) else None  # an encoder's server needs no head
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)

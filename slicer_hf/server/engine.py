@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -99,6 +100,7 @@ class ServerLimits:
                 continue
             if name.endswith("_s"):
                 ok = isinstance(value, (int, float)) and (value >= 0 if name == "batch_wait_s" else value > 0)
+                ok = ok and (math.isfinite(value) or name != "batch_wait_s")  # a round waits that long at most
                 want = "a number of seconds" + (" (0 or more)" if name == "batch_wait_s" else " above 0")
             else:
                 ok, want = type(value) is int and value >= 1, "an integer of at least 1"

@@ -141,6 +141,7 @@ class Scheduler:
     def _loop(self) -> None:
         pending: list[Work] | None = []
         while pending is not None:
+            self._taken: list[Any] = []  # what this cycle took from the queue, until it is in `pending`
             try:
                 pending = self._cycle(pending)
                 self._account()
@@ -148,20 +149,23 @@ class Scheduler:
                 return
             except Exception as exc:  # a bug outside every step's guard: its steps fail, the thread serves on
                 logger.exception("scheduler round failed; its steps are refused")
-                for work in pending:
+                taken = [i for i in self._taken if isinstance(i, Work)]
+                taken += [i[1] for i in self._taken if isinstance(i, tuple) and i[0] == "decoded"]
+                for work in pending + taken:
                     if not work.future.done():
                         work.future.set_exception(exc)
                 pending = []
 
     def _cycle(self, pending: list[Work]) -> list[Work] | None:
         """Take what has arrived (waiting for it when idle), then run one round; None once stopped."""
-        items = [self._queue.get()] if not pending else []
+        items = self._taken
+        items += [self._queue.get()] if not pending else []
         while True:
             try:
                 items.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        items += self._gather(items, pending)
+        self._gather(items, pending)
         for index, item in enumerate(items):
             if item is _STOP:
                 self._codec.shutdown(wait=False, cancel_futures=True)
@@ -200,26 +204,25 @@ class Scheduler:
             pending = [w for w in pending if not w.future.done()]
         return self._round(pending) if pending else pending
 
-    def _gather(self, items: list[Any], pending: list[Work]) -> list[Any]:
+    def _gather(self, items: list[Any], pending: list[Work]) -> None:
         """Wait a moment (`batch_wait_s` at most) for the next steps of the sessions that decoded last round, so
-        they run in one forward rather than in alternating halves; whatever else arrives meanwhile is taken too."""
+        they run in one forward rather than in alternating halves; whatever else arrives meanwhile goes to `items`
+        too."""
         if not self.batching:
-            return []
+            return
         present = {w.session for w in pending} | {i.session for i in items if isinstance(i, Work)}
         missing = {s for s in self._decoded_last if not s.closed} - present
-        more: list[Any] = []
         deadline = time.monotonic() + self.server.limits.batch_wait_s
         while missing and (left := deadline - time.monotonic()) > 0:
             try:
                 item = self._queue.get(timeout=left)
             except queue.Empty:
                 break
-            more.append(item)
+            items.append(item)
             if item is _STOP:
                 break
             if isinstance(item, Work):
                 missing.discard(item.session)
-        return more
 
     def _round(self, pending: list[Work]) -> list[Work]:
         server = self.server

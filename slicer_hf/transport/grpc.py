@@ -10,6 +10,7 @@ import atexit
 import contextvars
 import gc
 import queue
+import re
 import threading
 import time
 import warnings
@@ -97,11 +98,16 @@ class GrpcTransport(Transport):
                 "its newline: strip it)",
                 retryable=False,
             )
+        if root_certificates is not None and not any(url.startswith("grpcs://") for url in urls):
+            raise TransportError("root certificates check grpcs:// servers, and none is given", retryable=False)
         if root_certificates is not None:
             root_context(root_certificates)  # a ConfigError now, rather than a handshake that fails on every call
         self.urls, self.token, self.timeout_s, self.root_certificates = list(urls), token, timeout_s, root_certificates
         for url in self.urls:
-            host = url.partition("://")[2].rpartition(":")[0]
+            host, _, port = url.partition("://")[2].rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 1 << 16:  # tried 10 times, to no end
+                message = f"unsupported URL {url!r}: use grpc://host:port or grpcs://host:port"
+                raise TransportError(message, retryable=False)
             if token and url.startswith("grpc://") and not is_loopback(host):
                 message = f"an auth token is sent to {url} without TLS: use grpcs:// so it does not cross in clear"
                 warnings.warn(message, stacklevel=2)
@@ -226,8 +232,11 @@ def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -
         return TransportError(f"{message} ({hint})", retryable=False)
     if name.startswith("grpc://") and "socket closed" in lowered and not answered:
         message += " (a server that speaks TLS closes plain connections: is it grpcs://?)"
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "received message larger than max" in lowered:  # this side's
-        return TransportError(f"{message} (this edge takes replies up to its max_message_bytes)", retryable=False)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "received message larger than max" in lowered:
+        limit = re.search(r"vs\.? ?(\d+)\)", details)  # "(size vs. limit)": whose limit it is tells the side
+        edge = limit is not None and int(limit.group(1)) == MAX_REPLY_BYTES
+        whose = "this edge takes replies" if edge else "the server takes messages"
+        return TransportError(f"{message} ({whose} up to its max_message_bytes)", retryable=False)
     if "invalid metadata" in lowered or "wrong_version_number" in lowered:  # the token, or TLS against plain text
         return TransportError(message, retryable=False)
     unreachable = code == grpc.StatusCode.UNAVAILABLE and not answered

@@ -204,14 +204,15 @@ def calibrate(
         tokens, window: calibration tokens, cut in windows of this many.
         seed: of the sampled tokens whose gradients estimate the metric.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ..data import load_text, load_tokenizer, resolve_model, token_windows
+    from ..loading import model_config as model_config_of
 
     if type(window) is not int or window < 2:
         raise ConfigError(f"the calibration window must be an integer of at least 2 tokens, got {window!r}")
     path = resolve_model(model)
-    model_config = AutoConfig.from_pretrained(path)
+    model_config = model_config_of(model, path)
     width, n_layers = int(model_config.hidden_size), int(model_config.num_hidden_layers)
     check_window(model_config, window)
     if tokens // window * window < 2 * width:  # a basis of width d is fitted on at least 2d rows
