@@ -139,17 +139,23 @@ def _torch_device(device: str) -> str:
     import torch
 
     try:
-        where = torch.device(device)
+        torch.device(device)
     except (RuntimeError, ValueError):
         raise typer.BadParameter(f"{device!r} is not a device (cpu, cuda, cuda:1)", param_hint="--device") from None
-    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
-        held = torch.cuda.device_count()
+    return device
+
+
+def _here(device: str) -> None:
+    """Refuse a CUDA device this process's torch does not see (a fleet's replicas run on the cluster's nodes)."""
+    import torch
+
+    where = torch.device(device)
+    if where.type == "cuda" and (where.index or 0) >= (held := torch.cuda.device_count()):
         raise typer.BadParameter(
             f"{device!r}: this torch sees {held} CUDA device{'s' * (held != 1)}"
             + (" (a CPU-only build, or no GPU here)" if not held else ""),
             param_hint="--device",
         )
-    return device
 
 
 def _parse_autoscale(text: str | None) -> tuple[int, int] | None:
@@ -185,7 +191,7 @@ def serve(
         str | None,
         typer.Option(
             envvar="SLICER_HF_ADMIN_TOKEN",
-            help="Token `slicer-hf drain` must give; without it, drain is taken from this machine only.",
+            help="Token `slicer-hf drain` must give; without it, drain is taken over loopback only.",
             callback=_no_empty_token,
         ),
     ] = None,
@@ -341,12 +347,16 @@ def serve(
         _serve_fleet({**locals(), "autoscale": scale}, limits, tls)
         return
     from .client import model_error
+    from .errors import SlicerError
 
+    _here(device)
     try:
         server = load_server(
             model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack=prepack
         )
-    except (OSError, ValueError) as exc:  # no such folder or Hub repo, or a folder with no model in it
+    except SlicerError:  # says what it is already (a ConfigError is a ValueError too)
+        raise
+    except (OSError, ValueError) as exc:  # transformers': no such folder or Hub repo, or a folder with no model
         raise model_error(model, exc) from None
     cert, key = tls or (None, None)
     running = grpc_serve(
@@ -469,7 +479,7 @@ def drain(
     root_cert: RootCertOpt = None,
 ) -> None:
     """Put a server in drain mode: open sessions carry on, new ones are refused, health turns NOT_SERVING. A server
-    started without --admin-token takes this from its own machine only."""
+    started without --admin-token takes this over loopback only."""
     from . import protocol
     from .transport.grpc import DRAIN_METHOD, GrpcTransport
 
@@ -488,8 +498,8 @@ def demo(
     config: Annotated[
         str | None,
         typer.Option(
-            help="SlicerConfig folder or preset name (configs/); default: the SmolLM2 preset for SmolLM2, else "
-            "SlicerConfig's defaults."
+            help="SlicerConfig folder or preset name (configs/); default: the model folder's own slicer_config.json, "
+            "else the SmolLM2 preset for SmolLM2, else SlicerConfig's defaults."
         ),
     ] = None,
     split_layer: Annotated[int | None, typer.Option(help="Override the config's split layer.")] = None,
@@ -670,6 +680,7 @@ def profile(
             f"{out} is a file: give a folder (it gets profile.json) or a .json file", param_hint="--out"
         )
     _writable(out)
+    _here(device)
     path = resolve_model(model)
     windows = None
     if rate_distortion:  # the text's mistakes are found before the weights load

@@ -103,14 +103,16 @@ def rope_types(config: Any) -> set[str]:
     sets = (
         [params] if "rope_type" in params or "type" in params else [p for p in params.values() if isinstance(p, dict)]
     )
-    return {_rope_type(p) for p in sets}
+    hunyuan = str(getattr(config, "model_type", "")).startswith("hunyuan")
+    return {_rope_type(p, hunyuan) for p in sets}
 
 
-def _rope_type(params: dict[str, Any]) -> str:
+def _rope_type(params: dict[str, Any], hunyuan: bool) -> str:
     """A rotary's type as its model builds it: Hunyuan's checkpoints label a fixed NTK-alpha rotary "dynamic", which
-    transformers builds as the static `ntk_alpha` (its frequencies do not depend on the length)."""
+    its transformers model builds as the static `ntk_alpha` (frequencies that do not depend on the length); any other
+    family builds "dynamic" as named."""
     kind = str(params.get("rope_type", params.get("type")))
-    return "ntk_alpha" if kind == "dynamic" and params.get("alpha") else kind
+    return "ntk_alpha" if hunyuan and kind == "dynamic" and params.get("alpha") else kind
 
 
 def num_layers(config: Any) -> int:

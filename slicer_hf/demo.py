@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import DEFAULT_PRESET, SlicerConfig
+from .config import CONFIG_NAME, DEFAULT_PRESET, SlicerConfig
 from .errors import ConfigError
 from .launch import start_server, stop_server
 
@@ -31,12 +31,13 @@ def run_demo(
     model_config = model_config_of(model, path)
     if compat.encoder_kind(model_config):
         raise ConfigError(f"{model} is an encoder; the demo splits a causal LM (docs/encoders.md splits encoders)")
+    own = not config and (Path(model).expanduser() / CONFIG_NAME).is_file()  # the model folder's own config
     cfg = SlicerConfig.from_pretrained(config) if config else default_config(model)  # as generate and chat choose
-    label = config or ("defaults" if cfg == SlicerConfig() else DEFAULT_PRESET)
+    label = config or (f"{model}/{CONFIG_NAME}" if own else "defaults" if cfg == SlicerConfig() else DEFAULT_PRESET)
     cfg = cfg.replace(split_layer=split_layer) if split_layer is not None else cfg
     cfg = cfg.replace(split_layer=cfg.split_layer_for(compat.num_layers(model_config)))
     # a basis of the config's own (one `slicer-hf calibrate` wrote) goes to the server too; preset bases it has
-    folder = Path(config).expanduser() if config else None
+    folder = Path(config).expanduser() if config else Path(model).expanduser() if own else None
     folder = folder.parent if folder is not None and folder.is_file() else folder  # its slicer_config.json named
     bases = ["--basis", str(folder)] if folder and folder.is_dir() and (cfg.basis or cfg.downlink_basis) else []
     print(

@@ -207,10 +207,15 @@ class SplitModelMixin:
     def _arguments(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> dict[str, Any]:
         """The arguments of a call to the model's own `forward`, by name however they were passed (by position, or
         through **kwargs). Refuses every layer's hidden states, attentions or router logits (and the auxiliary loss
-        of a mixture of experts), asked for in the call or the config: the edge has only its own layers'."""
+        of a mixture of experts), asked for in the call or the config: the edge has only its own layers'. Router
+        logits a config asks for by default are left out where no loss is computed (generate() never reads them)."""
         given = _by_name(forward, args, kwargs)
         for name in ("output_hidden_states", "output_attentions", "output_router_logits"):
             if given.get(name) or (given.get(name) is None and getattr(self.config, name, False)):
+                by_config = given.get(name) is None and (name in kwargs or name not in given)
+                if name == "output_router_logits" and by_config and given.get("labels") is None:
+                    kwargs[name] = given[name] = False  # a config's default: nothing here asks for them
+                    continue
                 raise NotImplementedError(
                     f"{name} is not available from a split model: the edge runs only blocks 0..{k - 1} and the "
                     "server the rest; `with slicer_hf.unsplit(model):` runs them all locally"

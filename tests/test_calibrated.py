@@ -490,7 +490,10 @@ def test_the_demo_hands_a_config_folder_given_with_a_tilde_to_its_server(tmp_pat
         demo.run_demo(model=str(folder), config="~/cal")
     with pytest.raises(RuntimeError, match="arguments are all"):  # its file named, as from_pretrained takes it
         demo.run_demo(model=str(folder), config=str(tmp_path / "cal" / "slicer_config.json"))
-    assert [args[args.index("--basis") + 1] for args in asked] == [str(tmp_path / "cal")] * 2
+    SlicerConfig.from_pretrained("smollm2-135m-split24", split_layer=2).save_pretrained(folder)  # the model's own
+    with pytest.raises(RuntimeError, match="arguments are all"):
+        demo.run_demo(model=str(folder))
+    assert [args[args.index("--basis") + 1] for args in asked] == [str(tmp_path / "cal")] * 2 + [str(folder)]
 
 
 def test_the_demo_refuses_an_encoder_before_starting_a_server():

@@ -442,3 +442,11 @@ def test_counts_and_devices_this_machine_cannot_run_are_usage_errors_before_any_
     ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and match in " ".join(result.output.split()), (args, result.output)
+
+
+def test_serve_says_what_is_wrong_with_its_options_not_that_the_model_cannot_load(tiny_dir):
+    from slicer_hf.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--min-split-layer", "40"])
+    assert result.exit_code != 0
+    assert "min_split_layer must be in" in str(result.exception) and "cannot load model" not in str(result.exception)

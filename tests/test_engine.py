@@ -4,6 +4,7 @@ bounded, counters are exact under threads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -918,3 +919,60 @@ def test_large_codec_work_runs_beside_the_rounds_so_other_sessions_carry_on(engi
     assert got == 1 and kind in (protocol.REPLY_HIDDEN, protocol.REPLY_HIDDEN_BARE)
     assert threads[0].startswith("slicer-codec")
     server.shutdown()
+
+
+def test_a_step_decoded_aside_runs_once_however_fast_the_codec_thread_hands_it_back(engine, caplog):
+    """The codec thread may finish before the compute thread has moved on: the step must not also stay in the round
+    (it ran twice, and its second answer failed other sessions' steps)."""
+    server = engine()
+    runs = []
+    real_forward = server.forward_rows
+    server.forward_rows = lambda chunks: runs.append([c.session.id for c in chunks]) or real_forward(chunks)
+    real = server.scheduler._codec.submit
+    server.scheduler._codec.submit = lambda fn: (lambda job: (job.result(), job)[1])(real(fn))  # done at once
+    big, small = open_session(server), open_session(server)
+    codec = build_codec("identity")
+    wide = protocol.Step(big, 1, 0, 32, 1, 0, codec.encode(torch.randn(32, 1, server.hidden_size)))  # 32 rows aside
+    protocol.raise_if_error(server.handle(protocol.encode_step(wide)))
+    protocol.raise_if_error(step(server, small, 1))
+    assert [row.length for row in server.sessions[big].rows] == [1] * 32  # its one position, once
+    assert runs == [[big], [small]] and not [r for r in caplog.records if r.levelname == "ERROR"]
+    server.shutdown()
+
+
+def test_steps_on_the_codec_thread_as_the_server_stops_are_answered_not_left_waiting(engine):
+    """One decodes aside while another's forward holds the compute thread; the server stops meanwhile, and the
+    step comes back from the codec thread after the stop: it is refused, not left waiting for ever."""
+    server = engine(batching=True)
+    aside, busy = open_session(server), open_session(server)
+    decoding, forwarding = threading.Event(), threading.Event()
+    real_decode, real_forward = server.decode_packets, server.forward_rows
+
+    def slow_decode(works):  # a costly codec
+        if works[0].session.id == aside:
+            decoding.set()
+            time.sleep(0.6)
+        return real_decode(works)
+
+    def slow_forward(chunks):  # a long forward
+        if chunks[0].session.id == busy:
+            forwarding.set()
+            time.sleep(1.2)
+        return real_forward(chunks)
+
+    server.decode_packets, server.forward_rows = slow_decode, slow_forward
+    with ThreadPoolExecutor(2) as pool:
+        large = pool.submit(step, server, aside, 1, 0, 40)
+        assert decoding.wait(30)
+        other = pool.submit(step, server, busy, 1, 0, 3)
+        assert forwarding.wait(30)
+        server.shutdown()  # before the codec thread hands its step back
+        for reply in (large, other):
+            with contextlib.suppress(ProtocolError):  # answered, or refused: never left waiting
+                protocol.raise_if_error(reply.result(timeout=30))
+
+
+@pytest.mark.parametrize("open_timeout_s", [float("inf"), 3e6])  # past what gRPC's idle-connection option holds
+def test_a_server_without_an_open_timeout_starts(engine, open_timeout_s):
+    running = serve(engine(open_timeout_s=open_timeout_s), port=0)
+    running.stop()

@@ -360,6 +360,7 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
         ({"autoscale": (1, 4), "limits": {"max_sessions": 16}}, r"sessions_per_replica \(16\) must be below"),
         ({"autoscale": (0.5, 2)}, "two integers"),  # had become (0, 2): no replica at all
         ({"autoscale": "1,4,9"}, "two integers"),
+        ({"autoscale": 4}, "two integers"),
         ({"replicas": 2.5}, "replicas must be an integer"),
         ({"sessions_per_replica": 0}, "sessions_per_replica must be an integer >= 1"),
         ({"heartbeat_s": 0}, "heartbeat_s must be a number above 0"),  # every replica forgotten as it reports

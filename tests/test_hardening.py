@@ -269,7 +269,7 @@ def test_drain_takes_the_admin_token_where_the_server_has_one_not_the_clients_to
     assert done.returncode == 0 and "draining=True" in done.stdout, done.stderr[-2000:]
 
 
-def test_without_an_admin_token_drain_is_taken_from_this_machine_only():
+def test_without_an_admin_token_drain_is_taken_over_loopback_only():
     from slicer_hf.server.grpc_server import _local_peer
 
     for peer in ("ipv4:127.0.0.1:50000", "ipv6:[::1]:50000", "ipv6:%5B::1%5D:50000", "unix:/tmp/s"):

@@ -860,6 +860,8 @@ def test_rotary_frequencies_that_follow_each_forwards_length_are_refused_at_load
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     rope = {"rope_type": rope_type, "factor": 8.0, "rope_theta": 10000.0}
+    if rope_type == "dynamic":  # an alpha changes nothing outside Hunyuan's own rotary
+        rope |= {"alpha": 1000.0}
     if rope_type == "longrope":
         rope |= {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}
     config = LlamaConfig(**LLAMA, vocab_size=VOCAB, max_position_embeddings=256, rope_parameters=rope)
@@ -896,12 +898,15 @@ def test_router_logits_are_refused_like_hidden_states_not_cut_to_the_edges_layer
 
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(CONFIG_MAPPING["mixtral"](**tiny_config("mixtral").to_dict())).eval()
-    model = SlicerModelForCausalLM.from_model(ref, LOSSLESS.replace(split_layer=1))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=1))
     with pytest.raises(NotImplementedError, match="output_router_logits"):
         model(prompt(), output_router_logits=True)
-    model.config.output_router_logits = True  # asked for through the config, as MoE configs may ship it
-    with pytest.raises(NotImplementedError, match="output_router_logits"):
+    for m in (ref, model):  # asked for through the config, as the checkpoints of fine-tunes with the aux loss ship it
+        m.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match="output_router_logits"):  # the loss would hold half the aux loss
         model(prompt(), labels=prompt())
+    expected = ref.generate(prompt(), max_new_tokens=4, do_sample=False)  # which never reads them
+    assert torch.equal(model.generate(prompt(), max_new_tokens=4, do_sample=False), expected)
 
 
 def test_output_attentions_are_refused_like_hidden_states_not_cut_to_the_edges_layers(model_pair):

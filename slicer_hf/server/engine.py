@@ -149,7 +149,7 @@ class ServerStats:
     bytes_out: int = 0
     compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
     decode_compute_s: float = 0.0
-    packet_decode_s: float = 0.0  # the compute thread's time decoding packets (the codec's share of the CPU)
+    packet_decode_s: float = 0.0  # the compute and codec threads' time decoding packets (the codec's share)
     scheduler_cpu_s: float = 0.0  # CPU time of the compute and codec threads: packet decoding, forwards, replies, ...
     decode_compute_cpu_s: float = 0.0  # its CPU time in decode forwards (their wall time less preemption)
     packet_decode_cpu_s: float = 0.0

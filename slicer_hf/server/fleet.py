@@ -112,7 +112,7 @@ class FleetOptions:
         if isinstance(self.autoscale, str):  # "1,4", as the command line and a config file may give it
             self.autoscale = tuple(int(n) if n.strip().isdigit() else n for n in self.autoscale.split(","))
         if self.autoscale is not None:
-            pair = tuple(self.autoscale)
+            pair = tuple(self.autoscale) if isinstance(self.autoscale, (tuple, list)) else ()
             if len(pair) != 2 or not all(_count(n) for n in pair) or not 0 < pair[0] <= pair[1]:
                 raise ConfigError(f"autoscale must be MIN,MAX, two integers with 0 < MIN <= MAX, got {self.autoscale}")
             self.autoscale = (pair[0], pair[1])

@@ -39,6 +39,7 @@ METRICS_CONNECTIONS = 16  # HTTP connections the metrics endpoint serves at once
 METRICS_TIMEOUT_S = 10.0  # how long one connection may take, and each of its reads
 
 
+MAX_MS = (1 << 31) - 1  # the longest time a gRPC option takes (an int32 of milliseconds: about 25 days)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
@@ -73,7 +74,7 @@ def _authorized(sent: bytes, token: str | None, engine: SplitServer) -> bool:
 
 
 def _local_peer(peer: str) -> bool:
-    """Whether a gRPC peer (`ipv4:127.0.0.1:5000`, `ipv6:%5B::1%5D:5000`, `unix:...`) is on this machine."""
+    """Whether a gRPC peer (`ipv4:127.0.0.1:5000`, `ipv6:%5B::1%5D:5000`, `unix:...`) came over loopback."""
     kind, _, address = urllib.parse.unquote(peer).partition(":")
     return kind == "unix" or (kind in ("ipv4", "ipv6") and protocol.is_loopback(address.rpartition(":")[0]))
 
@@ -204,11 +205,11 @@ class _SplitService(grpc.GenericRpcHandler):
 
     async def drain(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Body `{"on": bool}` (default true): stop or resume taking new sessions; health follows. Without an admin
-        token, only from this machine (clients hold the clients' token, and one of them could drain the server)."""
+        token, only over loopback (clients hold the clients' token, and one of them could drain the server)."""
         if not self.remote_drain and not _local_peer(context.peer()):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "Drain is taken from this machine only: start the server with --admin-token to drain it remotely",
+                "Drain is taken over loopback only: start the server with --admin-token to drain it otherwise",
             )
         try:
             on = json.loads(request.decode() or "{}").get("on", True)
@@ -460,13 +461,14 @@ class RunningServer:
         max_streams: int,
     ) -> int:
         """Serve on host:port; `tokens`: the clients' and the admin token."""
+        limits = self.engine.limits
         self.server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a taken port fails to start instead of sharing its connections
             options=[
                 *protocol.channel_options(self.engine.limits.max_message_bytes, server=True),
                 ("grpc.so_reuseport", 0),
                 # a connection without a call holds a socket: after open_timeout_s it goes (clients reconnect)
-                ("grpc.max_connection_idle_ms", max(1, round(1000 * self.engine.limits.open_timeout_s))),
+                ("grpc.max_connection_idle_ms", min(max(1, round(1000 * min(limits.open_timeout_s, 1e7))), MAX_MS)),
             ],
             maximum_concurrent_rpcs=max_streams + CONTROL_SLOTS,  # the session streams are counted by the service
             interceptors=[_Gate(self.engine, *tokens)],
@@ -550,7 +552,7 @@ def serve(
 
     Args:
         token: the clients' auth token (None: any client).
-        admin_token: the token Drain takes (None: Drain only from this machine, with the clients' token).
+        admin_token: the token Drain takes (None: Drain only over loopback, with the clients' token).
         max_streams: session streams open at once; more are refused with RESOURCE_EXHAUSTED (clients back off and
             retry). Health, stats, metrics and drain calls have `CONTROL_SLOTS` more of their own.
         workers: threads for OPEN, CLOSE and the unary methods (steps hold none: they wait on the event loop).

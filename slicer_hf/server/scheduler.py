@@ -30,6 +30,7 @@ Without a KV store (a model the store does not cover) each step runs whole, one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -37,7 +38,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +121,8 @@ class Scheduler:
         self._cpu_mark = 0.0  # this thread's CPU time when it was last added to the stats
         self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slicer-codec")
         self._aside: set[Work] = set()  # the steps on the codec thread
+        self._handoff = threading.Lock()  # between the codec thread's hand-back and a stop
+        self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="slicer-scheduler", daemon=True)
         self._thread.start()
 
@@ -152,8 +155,7 @@ class Scheduler:
                 taken = [i for i in self._taken if isinstance(i, Work)]
                 taken += [i[1] for i in self._taken if isinstance(i, tuple) and i[0] == "decoded"]
                 for work in pending + taken:
-                    if not work.future.done():
-                        work.future.set_exception(exc)
+                    _fail(work, exc)
                 pending = []
 
     def _cycle(self, pending: list[Work]) -> list[Work] | None:
@@ -168,26 +170,23 @@ class Scheduler:
         self._gather(items, pending)
         for index, item in enumerate(items):
             if item is _STOP:
-                self._codec.shutdown(wait=False, cancel_futures=True)
-                queued = [i for i in items[index + 1 :] if isinstance(i, Work)]
-                queued = [w for w in queued if w.future.set_running_or_notify_cancel()]
-                for work in pending + list(self._aside) + queued:
-                    if not work.future.done():
-                        work.future.set_exception(ProtocolError("server shutting down", code="shutdown"))
+                self._stop(pending, items[index + 1 :])
                 return None
             if isinstance(item, Work):
                 if item.future.set_running_or_notify_cancel():  # withdrawn steps are dropped
                     pending.append(item)
             elif item[0] == "decoded":  # back from the codec thread
+                item[1].aside = False
                 pending.append(item[1])
             else:
                 self.server.release_session(item[1])
         for work in [w for w in pending if w.session.closed]:
-            work.future.set_exception(ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
+            _fail(work, ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
         pending = [w for w in pending if not w.session.closed]
-        for work in [w for w in pending if w.hidden is None and w.rows * w.step.tokens >= OFFLOAD_POSITIONS]:
+        heavy = [w for w in pending if w.hidden is None and w.rows * w.step.tokens >= OFFLOAD_POSITIONS]
+        pending = [w for w in pending if w not in heavy]  # out of the rounds before the codec thread has them
+        for work in heavy:
             self._set_aside(work, self._decode_aside)
-        pending = [w for w in pending if not w.aside]
         fresh = [w for w in pending if w.hidden is None]
         if fresh:
             started, cpu_started = time.perf_counter(), time.thread_time()
@@ -196,8 +195,7 @@ class Scheduler:
             except Exception as exc:  # a bug (a bad packet fails its own step): not the thread
                 logger.exception("decoding %d packets failed", len(fresh))
                 for work in fresh:
-                    if not work.future.done():
-                        work.future.set_exception(exc)
+                    _fail(work, exc)
             self._account(
                 packet_decode_s=time.perf_counter() - started, packet_decode_cpu_s=time.thread_time() - cpu_started
             )
@@ -334,26 +332,26 @@ class Scheduler:
 
     # ---------------------------------------------------------------- the codec thread
     def _set_aside(self, work: Work, job: Callable[..., None], *args: Any) -> None:
-        """Run `job(work, *args)` on the codec thread; its CPU time is counted as this thread's is."""
+        """Run `job(work, *args)` on the codec thread (`work` is out of the rounds until it comes back, if ever);
+        its CPU time is counted as this thread's is."""
         work.aside = True
-        self._aside.add(work)
+        with self._handoff:
+            if self._stopped:
+                _fail(work, _shutting_down())
+                return
+            self._aside.add(work)
 
         def run() -> None:
             cpu = time.thread_time()
             try:
                 job(work, *args)
             except Exception as exc:  # a bug: the step fails, not the thread
-                if not work.future.done():
-                    work.future.set_exception(exc)
+                _fail(work, exc)
             finally:
                 self._aside.discard(work)
                 self.server.stats.add(scheduler_cpu_s=time.thread_time() - cpu)
 
-        try:
-            self._codec.submit(run)
-        except RuntimeError:  # shut down since
-            self._aside.discard(work)
-            work.future.set_exception(ProtocolError("server shutting down", code="shutdown"))
+        self._codec.submit(run)
 
     def _decode_aside(self, work: Work) -> None:
         """Decode a large packet, then hand the step back to the rounds."""
@@ -362,13 +360,32 @@ class Scheduler:
         self.server.stats.add(
             packet_decode_s=time.perf_counter() - started, packet_decode_cpu_s=time.thread_time() - cpu
         )
-        work.aside = False
-        if not work.future.done():
-            self._queue.put(("decoded", work))
+        with self._handoff:  # never into a queue the compute thread has stopped reading
+            if work.future.done():
+                return
+            if self._stopped:
+                _fail(work, _shutting_down())
+            else:
+                self._queue.put(("decoded", work))
 
     def _encode_aside(self, work: Work, final: torch.Tensor) -> None:
         """Encode a large reply and answer the step with it."""
-        work.future.set_result(self.server.encode_output(work.session, final, work.reply_given))
+        _answer(work, self.server.encode_output(work.session, final, work.reply_given))
+
+    def _stop(self, pending: list[Work], after: list[Any]) -> None:
+        """Refuse every step still held: in the rounds, on the codec thread, or queued (after `_STOP` too)."""
+        with self._handoff:
+            self._stopped = True
+        self._codec.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                after.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        queued = [i for i in after if isinstance(i, Work) and i.future.set_running_or_notify_cancel()]
+        queued += [i[1] for i in after if isinstance(i, tuple) and i[0] == "decoded"]
+        for work in pending + list(self._aside) + queued:
+            _fail(work, _shutting_down())
 
     def _account(self, **counters: float) -> None:
         """Add `counters` to the server's stats together with the CPU time this thread has used since it last did:
@@ -394,14 +411,30 @@ class Scheduler:
         except Exception as exc:
             if report:
                 for work in works:
-                    work.future.set_exception(exc)
+                    _fail(work, exc)
             return exc
         for work, result in zip(works, results):
             if isinstance(result, Exception):
-                work.future.set_exception(result)
+                _fail(work, result)
             elif result is not None:
-                work.future.set_result(result)
+                _answer(work, result)
         return None
+
+
+def _answer(work: Work, result: tuple[bytes, int]) -> None:
+    """Answer a step, unless it has its answer already (a refusal as the server stopped, say)."""
+    with contextlib.suppress(InvalidStateError):
+        work.future.set_result(result)
+
+
+def _fail(work: Work, exc: BaseException) -> None:
+    """Fail a step, unless it has its answer already."""
+    with contextlib.suppress(InvalidStateError):
+        work.future.set_exception(exc)
+
+
+def _shutting_down() -> ProtocolError:
+    return ProtocolError("server shutting down", code="shutdown")
 
 
 def _by_length(works: list[Work], length: Callable[[Work], int], padding: int) -> list[list[Work]]:
