@@ -416,10 +416,11 @@ def base_model(model: PreTrainedModel) -> nn.Module:
 def unshared_input_embeddings(model: PreTrainedModel) -> nn.Module | None:
     """The input embeddings of a causal LM whose head does not share their weights (None where it does, or the
     model has no head): a server given hidden states never reads them."""
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or embeddings is None or getattr(model.config, "tie_word_embeddings", False):
-        return None
-    if any(p is q for p in head.parameters() for q in embeddings.parameters()):
+    head = model.get_output_embeddings()
+    if head is None or getattr(model.config, "tie_word_embeddings", False):  # (a vision model has no embeddings
+        return None  # transformers can name: it raises there)
+    embeddings = model.get_input_embeddings()
+    if embeddings is None or any(p is q for p in head.parameters() for q in embeddings.parameters()):
         return None
     return embeddings
 

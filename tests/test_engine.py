@@ -33,16 +33,17 @@ def engine():
     return make
 
 
-def open_session(server: SplitServer) -> int:
-    body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+def open_session(server: SplitServer, config: SlicerConfig | None = None) -> int:
+    config = config or SlicerConfig(codec="identity")
+    body = open_request(config, server.model.config, "tiny", 2, build_codec(config))
     reply = server.handle(protocol.encode_json(protocol.OPEN, body))
     protocol.raise_if_error(reply)
     return protocol.decode_json(reply)["session"]
 
 
-def step(server: SplitServer, session: int, seq: int, start: int = 0, tokens: int = 3) -> bytes:
+def step(server: SplitServer, session: int, seq: int, start: int = 0, tokens: int = 3, codec=None) -> bytes:
     hidden = torch.randn(1, tokens, server.hidden_size)
-    payload = build_codec("identity").encode(hidden)
+    payload = (codec or build_codec("identity")).encode(hidden)
     return server.handle(protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, 0, payload)))
 
 
@@ -891,9 +892,10 @@ def test_large_codec_work_runs_beside_the_rounds_so_other_sessions_carry_on(engi
     """A prefill's packet (or its reply through a lossy downlink codec) is coded on the codec thread: a client's
     costly codec cannot hold up every other session's rounds (a chained trellis reply of 12,288 positions took 6 s)."""
     server = engine(batching=True)
-    config = SlicerConfig(codec="identity", downlink_step=0.1 if where == "reply" else None)
-    body = open_request(config, server.model.config, "tiny", 2, build_codec("identity"))
-    big = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
+    config = SlicerConfig(
+        codec="identity" if where == "reply" else "slicer", downlink_step=0.1 if where == "reply" else None
+    )
+    big = open_session(server, config)  # SLICER's codec up, or down: costly
     small = open_session(server)
     held, threads = threading.Event(), []
     name = "decode_packets" if where == "packet" else "encode_output"
@@ -908,7 +910,7 @@ def test_large_codec_work_runs_beside_the_rounds_so_other_sessions_carry_on(engi
 
     setattr(server, name, slow)
     with ThreadPoolExecutor(2) as pool:
-        large = pool.submit(step, server, big, 1, 0, 40)
+        large = pool.submit(step, server, big, 1, 0, 40, build_codec(config))
         assert wait_for(lambda: threads)
         for seq in range(1, 4):  # the other session prefills, then decodes, meanwhile
             reply = pool.submit(step, server, small, seq, 0 if seq == 1 else seq + 1, 3 if seq == 1 else 1)
@@ -930,8 +932,9 @@ def test_a_step_decoded_aside_runs_once_however_fast_the_codec_thread_hands_it_b
     server.forward_rows = lambda chunks: runs.append([c.session.id for c in chunks]) or real_forward(chunks)
     real = server.scheduler._codec.submit
     server.scheduler._codec.submit = lambda fn: (lambda job: (job.result(), job)[1])(real(fn))  # done at once
-    big, small = open_session(server), open_session(server)
-    codec = build_codec("identity")
+    costly = SlicerConfig(codec="slicer")
+    big, small = open_session(server, costly), open_session(server)
+    codec = build_codec(costly)
     wide = protocol.Step(big, 1, 0, 32, 1, 0, codec.encode(torch.randn(32, 1, server.hidden_size)))  # 32 rows aside
     protocol.raise_if_error(server.handle(protocol.encode_step(wide)))
     protocol.raise_if_error(step(server, small, 1))
@@ -944,7 +947,8 @@ def test_steps_on_the_codec_thread_as_the_server_stops_are_answered_not_left_wai
     """One decodes aside while another's forward holds the compute thread; the server stops meanwhile, and the
     step comes back from the codec thread after the stop: it is refused, not left waiting for ever."""
     server = engine(batching=True)
-    aside, busy = open_session(server), open_session(server)
+    costly = SlicerConfig(codec="slicer")
+    aside, busy = open_session(server, costly), open_session(server)
     decoding, forwarding = threading.Event(), threading.Event()
     real_decode, real_forward = server.decode_packets, server.forward_rows
 
@@ -962,7 +966,7 @@ def test_steps_on_the_codec_thread_as_the_server_stops_are_answered_not_left_wai
 
     server.decode_packets, server.forward_rows = slow_decode, slow_forward
     with ThreadPoolExecutor(2) as pool:
-        large = pool.submit(step, server, aside, 1, 0, 40)
+        large = pool.submit(step, server, aside, 1, 0, 40, build_codec(costly))
         assert decoding.wait(30)
         other = pool.submit(step, server, busy, 1, 0, 3)
         assert forwarding.wait(30)

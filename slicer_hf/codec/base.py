@@ -57,6 +57,8 @@ class Codec(ABC):
     codec_id: ClassVar[int]
     version: ClassVar[int] = 1
     lossless: ClassVar[bool] = False
+    costly: ClassVar[bool] = False  # whether coding a row costs far more than reading its bytes (a server codes large
+    # packets and replies of such a codec beside its compute thread)
 
     def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
         self.max_elements = max_elements

@@ -119,6 +119,7 @@ class SlicerCodec(Codec):
 
     name = "slicer"
     codec_id = 6
+    costly = True  # entropy coding, bit fields, the trellis: tens to hundreds of microseconds a row
 
     def __init__(
         self,

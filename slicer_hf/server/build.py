@@ -42,8 +42,10 @@ def load_server(
     n = compat.num_layers(config)
     auto = AutoModel if compat.is_encoder(config) else None  # an encoder's server needs no head
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    # hidden states come in: the input embeddings are not read (unless the head shares them)
-    loaded = load_layers(path, range(min_split_layer, n), auto_class=auto, input_embeddings=False, dtype=torch_dtype)
+    # hidden states come in: a causal LM's input embeddings are not read (unless its head shares them)
+    loaded = load_layers(
+        path, range(min_split_layer, n), auto_class=auto, input_embeddings=auto is not None, dtype=torch_dtype
+    )
     move_loaded(loaded, torch.device(device))
     return SplitServer(
         loaded,

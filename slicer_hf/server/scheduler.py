@@ -18,10 +18,11 @@ threads, which would only fight this one over the GIL), then runs:
 Encoder requests (one step each, no cache) run together when they share a split layer and a shape
 (`encoder_batch.py`), at most `max_batch_rows` rows per forward.
 
-Codec work as large as a prefill's goes to a codec thread beside this one (`OFFLOAD_POSITIONS`): a packet of that
-many positions is decoded there, and a reply of that many through a lossy downlink codec encoded there, so that a
-client's costly codec (a chained trellis reply of 12,288 positions took 6 s) cannot hold up every other session's
-rounds; the step rejoins the rounds once decoded, and is answered from there once encoded.
+Codec work as large as a prefill's through a costly codec (`Codec.costly`: SLICER's) goes to a codec thread beside this
+one (`OFFLOAD_POSITIONS`): a causal LM's packet of that many positions is decoded there, and its reply of that many
+through such a downlink codec encoded there, so that a client's costly codec (a chained trellis reply of 12,288
+positions took 6 s) cannot hold up every other session's rounds; the step rejoins the rounds once decoded, and is
+answered from there once encoded.
 
 A forward over several sessions that fails is retried one session at a time, so one bad session fails alone; once a
 forward has run, a failure finishing one session's step (encoding its reply) fails that step alone.
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 SPLIT_PADDING = 8192  # positions of padding (rows x context) that make a decode row run in a forward of its own
 # (about what a forward's fixed cost, reading every weight once, is worth against attending over padded keys)
 ENCODER_SPLIT_PADDING = 256  # the same for encoder requests, whose padded positions run every layer's matmuls
-OFFLOAD_POSITIONS = 32  # a packet, or a reply through a lossy downlink codec, of this many positions is coded aside
+OFFLOAD_POSITIONS = 32  # a packet, or a reply, of a costly codec of this many positions is coded aside
 _STOP = object()
 
 
@@ -183,7 +184,7 @@ class Scheduler:
         for work in [w for w in pending if w.session.closed]:
             _fail(work, ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
         pending = [w for w in pending if not w.session.closed]
-        heavy = [w for w in pending if w.hidden is None and w.rows * w.step.tokens >= OFFLOAD_POSITIONS]
+        heavy = [w for w in pending if w.hidden is None and self._costly(w.session.codec, w.rows * w.step.tokens)]
         pending = [w for w in pending if w not in heavy]  # out of the rounds before the codec thread has them
         for work in heavy:
             self._set_aside(work, self._decode_aside)
@@ -321,7 +322,7 @@ class Scheduler:
             return None
         final = torch.cat(work.outputs, 1)
         kept = work.rows * (work.step.tokens - work.step.need_from)
-        if work.session.downlink_codec is not None and kept >= OFFLOAD_POSITIONS:
+        if self._costly(work.session.downlink_codec, kept):
             self.server.end_step(work)
             self._set_aside(work, self._encode_aside, final)
             return None
@@ -331,6 +332,11 @@ class Scheduler:
             return exc
 
     # ---------------------------------------------------------------- the codec thread
+    def _costly(self, codec: Any, positions: int) -> bool:
+        """Whether `positions` rows of `codec` are coded on the codec thread: a causal LM's (an encoder's requests
+        are batched as they come, and decoded together), through a costly codec, as many as a prefill's."""
+        return codec is not None and codec.costly and positions >= OFFLOAD_POSITIONS and not self.server.encoder_kind
+
     def _set_aside(self, work: Work, job: Callable[..., None], *args: Any) -> None:
         """Run `job(work, *args)` on the codec thread (`work` is out of the rounds until it comes back, if ever);
         its CPU time is counted as this thread's is."""
