@@ -910,7 +910,7 @@ def test_large_codec_work_runs_beside_the_rounds_so_other_sessions_carry_on(engi
 
     setattr(server, name, slow)
     with ThreadPoolExecutor(2) as pool:
-        large = pool.submit(step, server, big, 1, 0, 40, build_codec(config))
+        large = pool.submit(step, server, big, 1, 0, 40 if where == "reply" else 512, build_codec(config))
         assert wait_for(lambda: threads)
         for seq in range(1, 4):  # the other session prefills, then decodes, meanwhile
             reply = pool.submit(step, server, small, seq, 0 if seq == 1 else seq + 1, 3 if seq == 1 else 1)
@@ -935,10 +935,10 @@ def test_a_step_decoded_aside_runs_once_however_fast_the_codec_thread_hands_it_b
     costly = SlicerConfig(codec="slicer")
     big, small = open_session(server, costly), open_session(server)
     codec = build_codec(costly)
-    wide = protocol.Step(big, 1, 0, 32, 1, 0, codec.encode(torch.randn(32, 1, server.hidden_size)))  # 32 rows aside
+    wide = protocol.Step(big, 1, 0, 16, 32, 0, codec.encode(torch.randn(16, 32, server.hidden_size)))  # aside
     protocol.raise_if_error(server.handle(protocol.encode_step(wide)))
     protocol.raise_if_error(step(server, small, 1))
-    assert [row.length for row in server.sessions[big].rows] == [1] * 32  # its one position, once
+    assert [row.length for row in server.sessions[big].rows] == [32] * 16  # its positions, once
     assert runs == [[big], [small]] and not [r for r in caplog.records if r.levelname == "ERROR"]
     server.shutdown()
 
@@ -966,7 +966,7 @@ def test_steps_on_the_codec_thread_as_the_server_stops_are_answered_not_left_wai
 
     server.decode_packets, server.forward_rows = slow_decode, slow_forward
     with ThreadPoolExecutor(2) as pool:
-        large = pool.submit(step, server, aside, 1, 0, 40, build_codec(costly))
+        large = pool.submit(step, server, aside, 1, 0, 512, build_codec(costly))
         assert decoding.wait(30)
         other = pool.submit(step, server, busy, 1, 0, 3)
         assert forwarding.wait(30)

@@ -18,9 +18,10 @@ threads, which would only fight this one over the GIL), then runs:
 Encoder requests (one step each, no cache) run together when they share a split layer and a shape
 (`encoder_batch.py`), at most `max_batch_rows` rows per forward.
 
-Codec work as large as a prefill's through a costly codec (`Codec.costly`: SLICER's) goes to a codec thread beside this
-one (`OFFLOAD_POSITIONS`): a causal LM's packet of that many positions is decoded there, and its reply of that many
-through such a downlink codec encoded there, so that a client's costly codec (a chained trellis reply of 12,288
+Large codec work through a costly codec (`Codec.costly`: SLICER's) goes to a codec thread beside this one: a causal
+LM's packet of more positions than an edge's prompt chunk is decoded there, and a reply of as many positions as a
+whole forward asks for through such a downlink codec is encoded there (`OFFLOAD_PACKET_POSITIONS`,
+`OFFLOAD_REPLY_POSITIONS`), so that a client's costly codec (a chained trellis reply of 12,288
 positions took 6 s) cannot hold up every other session's rounds; the step rejoins the rounds once decoded, and is
 answered from there once encoded.
 
@@ -56,7 +57,10 @@ logger = logging.getLogger(__name__)
 SPLIT_PADDING = 8192  # positions of padding (rows x context) that make a decode row run in a forward of its own
 # (about what a forward's fixed cost, reading every weight once, is worth against attending over padded keys)
 ENCODER_SPLIT_PADDING = 256  # the same for encoder requests, whose padded positions run every layer's matmuls
-OFFLOAD_POSITIONS = 32  # a packet, or a reply, of a costly codec of this many positions is coded aside
+# a costly codec's packet or reply of this many positions is coded aside: packets above an edge's prompt chunk (256
+# positions by default: a thread hop costs an honest prefill about a quarter more CPU), replies any a forward asks
+# for whole (generate() asks for one row)
+OFFLOAD_PACKET_POSITIONS, OFFLOAD_REPLY_POSITIONS = 512, 32
 _STOP = object()
 
 
@@ -184,10 +188,11 @@ class Scheduler:
         for work in [w for w in pending if w.session.closed]:
             _fail(work, ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
         pending = [w for w in pending if not w.session.closed]
-        heavy = [w for w in pending if w.hidden is None and self._costly(w.session.codec, w.rows * w.step.tokens)]
+        positions = lambda w: w.rows * w.step.tokens  # noqa: E731
+        heavy = [w for w in pending if w.hidden is None and self._costly(w.session.codec, positions(w), packet=True)]
         pending = [w for w in pending if w not in heavy]  # out of the rounds before the codec thread has them
-        for work in heavy:
-            self._set_aside(work, self._decode_aside)
+        if heavy:  # decoded together, as those of a round are (`Codec.decode_batch`)
+            self._set_aside(heavy, self._decode_aside)
         fresh = [w for w in pending if w.hidden is None]
         if fresh:
             started, cpu_started = time.perf_counter(), time.thread_time()
@@ -322,9 +327,9 @@ class Scheduler:
             return None
         final = torch.cat(work.outputs, 1)
         kept = work.rows * (work.step.tokens - work.step.need_from)
-        if self._costly(work.session.downlink_codec, kept):
+        if self._costly(work.session.downlink_codec, kept, packet=False):
             self.server.end_step(work)
-            self._set_aside(work, self._encode_aside, final)
+            self._set_aside([work], self._encode_aside, final)
             return None
         try:
             return self.server.finish_step(work, final)
@@ -332,50 +337,56 @@ class Scheduler:
             return exc
 
     # ---------------------------------------------------------------- the codec thread
-    def _costly(self, codec: Any, positions: int) -> bool:
-        """Whether `positions` rows of `codec` are coded on the codec thread: a causal LM's (an encoder's requests
-        are batched as they come, and decoded together), through a costly codec, as many as a prefill's."""
-        return codec is not None and codec.costly and positions >= OFFLOAD_POSITIONS and not self.server.encoder_kind
+    def _costly(self, codec: Any, positions: int, packet: bool) -> bool:
+        """Whether `positions` rows of `codec` (a packet's, or a reply's) are coded on the codec thread: a causal
+        LM's (an encoder's requests are batched as they come, and decoded together), through a costly codec."""
+        least = OFFLOAD_PACKET_POSITIONS if packet else OFFLOAD_REPLY_POSITIONS
+        return codec is not None and codec.costly and positions >= least and not self.server.encoder_kind
 
-    def _set_aside(self, work: Work, job: Callable[..., None], *args: Any) -> None:
-        """Run `job(work, *args)` on the codec thread (`work` is out of the rounds until it comes back, if ever);
-        its CPU time is counted as this thread's is."""
-        work.aside = True
+    def _set_aside(self, works: list[Work], job: Callable[..., None], *args: Any) -> None:
+        """Run `job(works, *args)` on the codec thread (`works` are out of the rounds until they come back, if
+        ever); its CPU time is counted as this thread's is."""
+        for work in works:
+            work.aside = True
         with self._handoff:
             if self._stopped:
-                _fail(work, _shutting_down())
+                for work in works:
+                    _fail(work, _shutting_down())
                 return
-            self._aside.add(work)
+            self._aside.update(works)
 
         def run() -> None:
             cpu = time.thread_time()
             try:
-                job(work, *args)
-            except Exception as exc:  # a bug: the step fails, not the thread
-                _fail(work, exc)
+                job(works, *args)
+            except Exception as exc:  # a bug: the steps fail, not the thread
+                for work in works:
+                    _fail(work, exc)
             finally:
-                self._aside.discard(work)
+                self._aside.difference_update(works)
                 self.server.stats.add(scheduler_cpu_s=time.thread_time() - cpu)
 
         self._codec.submit(run)
 
-    def _decode_aside(self, work: Work) -> None:
-        """Decode a large packet, then hand the step back to the rounds."""
+    def _decode_aside(self, works: list[Work]) -> None:
+        """Decode large packets, then hand their steps back to the rounds."""
         started, cpu = time.perf_counter(), time.thread_time()
-        self.server.decode_packets([work])
+        self.server.decode_packets(works)
         self.server.stats.add(
             packet_decode_s=time.perf_counter() - started, packet_decode_cpu_s=time.thread_time() - cpu
         )
         with self._handoff:  # never into a queue the compute thread has stopped reading
-            if work.future.done():
-                return
-            if self._stopped:
-                _fail(work, _shutting_down())
-            else:
-                self._queue.put(("decoded", work))
+            for work in works:
+                if work.future.done():
+                    continue
+                if self._stopped:
+                    _fail(work, _shutting_down())
+                else:
+                    self._queue.put(("decoded", work))
 
-    def _encode_aside(self, work: Work, final: torch.Tensor) -> None:
-        """Encode a large reply and answer the step with it."""
+    def _encode_aside(self, works: list[Work], final: torch.Tensor) -> None:
+        """Encode a large reply and answer its step with it."""
+        (work,) = works
         _answer(work, self.server.encode_output(work.session, final, work.reply_given))
 
     def _stop(self, pending: list[Work], after: list[Any]) -> None:
