@@ -182,7 +182,7 @@ class Client:
         """The last reply's KV cache, cut to the positions this prompt `ids` shares with that sequence (never its last
         position: it runs again, for the next token's logits), so that a conversation sends only its new turn; None
         where they share none. A cache serves one continuation."""
-        if self._held is None or ids.shape[0] != 1:
+        if self._held is None or ids.shape[0] != 1 or self._held[0].shape[0] != 1:
             return None
         (held,), cache = self._held
         self._held = None

@@ -97,19 +97,19 @@ class SplitModelMixin:
         """`Module.to`; on an edge that released its server's layers, the weights it holds move and the released
         ones stay on the meta device (`Module.to` cannot move those)."""
         device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        if self._slicer_local or device is None:
+        if getattr(self, "_slicer_local", True) or device is None:
             return super().to(*args, **kwargs)
         loading.move_loaded(cast(PreTrainedModel, self), device)
         rest = {"dtype": dtype, "memory_format": memory_format}
         return super().to(**{k: v for k, v in rest.items() if v is not None}) if any(rest.values()) else self
 
     def cuda(self, device: int | torch.device | None = None) -> Any:
-        if self._slicer_local:
+        if getattr(self, "_slicer_local", True):
             return super().cuda(device)
         return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
 
     def cpu(self) -> Any:
-        return super().cpu() if self._slicer_local else self.to("cpu")
+        return super().cpu() if getattr(self, "_slicer_local", True) else self.to("cpu")
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
