@@ -112,9 +112,9 @@ class BitrateController:
             if per_bit == 0.0:  # nothing to put the miss down to the uplink by (no history yet): one rung at a time
                 self._move(self.level + 1, median)
                 return
-            coarser = range(self.level + 1, len(self.ladder))
-            fits = [i for i in coarser if self._predict(i, base, per_bit) <= 0.9]
-            near = [i for i in coarser if self._predict(i, base, per_bit) <= self.high]  # where none has margin
+            coarser = {i: self._predict(i, base, per_bit) for i in range(self.level + 1, len(self.ladder))}
+            fits = [i for i, latency in coarser.items() if latency <= 0.9]
+            near = [i for i, latency in coarser.items() if latency <= self.high]  # where none has margin
             self._move((fits or near or [len(self.ladder) - 1])[0], median)
             return
         finer = self.level - 1

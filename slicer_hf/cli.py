@@ -346,8 +346,8 @@ def serve(
             )
         _serve_fleet({**locals(), "autoscale": scale}, limits, tls)
         return
-    from .client import model_error
     from .errors import SlicerError
+    from .loading import model_error
 
     _here(device)
     try:
@@ -397,21 +397,16 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
         from .server.fleet import FleetOptions, deploy, undeploy
     except ImportError as exc:
         raise typer.BadParameter(f"--ray needs the ray extra: pip install 'slicer-hf[ray]' ({exc})") from None
-    from .client import model_error
-    from .loading import missing_folder
+    from .loading import missing_folder, model_config
 
     if options["ray_address"] is None:  # replicas on this machine, which would each fail to load a model not here
         if missing_folder(options["model"]):
             raise typer.BadParameter(f"{options['model']!r}: no such folder", param_hint="--model")
-        from transformers import AutoConfig
-
         from .data import resolve_model
 
-        try:  # a Hub id: its config now (cached, or one request) rather than from every replica after Ray starts
-            if resolve_model(options["model"]) == options["model"]:  # (an alias is this package's own model)
-                AutoConfig.from_pretrained(options["model"])
-        except (OSError, ValueError) as exc:
-            raise model_error(options["model"], exc) from None
+        # a Hub id: its config now (cached, or one request) rather than from every replica after Ray starts
+        if resolve_model(options["model"]) == options["model"]:  # (an alias is this package's own model)
+            model_config(options["model"], options["model"])
     fleet = _checked(
         FleetOptions,
         model=options["model"],

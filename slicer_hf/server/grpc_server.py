@@ -468,7 +468,7 @@ class RunningServer:
                 *protocol.channel_options(self.engine.limits.max_message_bytes, server=True),
                 ("grpc.so_reuseport", 0),
                 # a connection without a call holds a socket: after open_timeout_s it goes (clients reconnect)
-                ("grpc.max_connection_idle_ms", min(max(1, round(1000 * min(limits.open_timeout_s, 1e7))), MAX_MS)),
+                ("grpc.max_connection_idle_ms", max(1, round(1000 * min(limits.open_timeout_s, MAX_MS / 1000)))),
             ],
             maximum_concurrent_rpcs=max_streams + CONTROL_SLOTS,  # the session streams are counted by the service
             interceptors=[_Gate(self.engine, *tokens)],

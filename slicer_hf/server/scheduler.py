@@ -188,8 +188,7 @@ class Scheduler:
         for work in [w for w in pending if w.session.closed]:
             _fail(work, ProtocolError(f"session {work.session.id} was closed", code="unknown_session"))
         pending = [w for w in pending if not w.session.closed]
-        positions = lambda w: w.rows * w.step.tokens  # noqa: E731
-        heavy = [w for w in pending if w.hidden is None and self._costly(w.session.codec, positions(w), packet=True)]
+        heavy = [w for w in pending if w.hidden is None and self._costly_packet(w)]
         pending = [w for w in pending if w not in heavy]  # out of the rounds before the codec thread has them
         if heavy:  # decoded together, as those of a round are (`Codec.decode_batch`)
             self._set_aside(heavy, self._decode_aside)
@@ -342,6 +341,9 @@ class Scheduler:
         LM's (an encoder's requests are batched as they come, and decoded together), through a costly codec."""
         least = OFFLOAD_PACKET_POSITIONS if packet else OFFLOAD_REPLY_POSITIONS
         return codec is not None and codec.costly and positions >= least and not self.server.encoder_kind
+
+    def _costly_packet(self, work: Work) -> bool:
+        return self._costly(work.session.codec, work.rows * work.step.tokens, packet=True)
 
     def _set_aside(self, works: list[Work], job: Callable[..., None], *args: Any) -> None:
         """Run `job(works, *args)` on the codec thread (`works` are out of the rounds until they come back, if
