@@ -178,8 +178,7 @@ class Profile:
             _check_fields(model, {"hidden_size": _COUNT, "num_hidden_layers": _COUNT}, "model")
             _check_fields({"dtype": model.get("dtype", "float32")}, {"dtype": _DTYPE}, "model")  # optional
             _check_fields(data["edge"], dict.fromkeys(data["edge"], _COST) | dict.fromkeys(EDGE_COSTS, _COST), "edge")
-            if not isinstance(data.get("calibration", {}), dict):
-                raise ConfigError(f"calibration must be an object, got {type(data['calibration']).__name__}")
+            _check_fields({"calibration": data.get("calibration", {})}, {"calibration": _OBJECT}, "")  # optional
             for i, layer in enumerate(data["layers"]):
                 _check_fields(layer, _LAYER_FIELDS, f"layers[{i}]", exact=True)
             points = data.get("rate_distortion", [])
