@@ -569,7 +569,9 @@ def chat(
     token: ServerTokenOpt = None,
     root_cert: RootCertOpt = None,
 ) -> None:
-    """Chat with a split model on a running server (one line per turn; /exit or end of input to leave)."""
+    """Chat with a split model on a running server (one line per turn; /exit or end of input to leave).
+
+    Ctrl-C stops a reply and drops its turn; at the prompt, it leaves."""
     from .client import Client
     from .errors import ConfigError, ProtocolError
 
@@ -577,22 +579,30 @@ def chat(
     client = Client(server, model, config, token, _root_cert(root_cert))
     messages: list[dict[str, str]] = []
     total_s, total_new = 0.0, 0
-    print("chat with the split model (/exit to leave)", flush=True)
-    for line in sys.stdin:
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        if not text:
-            continue
-        messages.append({"role": "user", "content": text})
-        try:
-            reply, elapsed, new = client.reply(messages, sampling)
-        except (ProtocolError, ConfigError) as exc:  # the server refused this turn (it outgrew the context, say)
-            messages.pop()
-            print(f"\nerror: {exc} (this message is dropped; /exit to leave)", flush=True)
-            continue
-        messages.append({"role": "assistant", "content": reply})
-        total_s, total_new = total_s + elapsed, total_new + new
+    print("chat with the split model (/exit to leave; Ctrl-C stops a reply)", flush=True)
+    try:
+        for line in sys.stdin:
+            text = line.strip()
+            if text in ("/exit", "/quit"):
+                break
+            if not text:
+                continue
+            messages.append({"role": "user", "content": text})
+            try:
+                reply, elapsed, new = client.reply(messages, sampling)
+            except (ProtocolError, ConfigError) as exc:  # the server refused this turn (it outgrew the context, say)
+                messages.pop()
+                print(f"\nerror: {exc} (this message is dropped; /exit to leave)", flush=True)
+                continue
+            except KeyboardInterrupt:  # stops this reply, not the chat
+                messages.pop()
+                client.restart()
+                print("\n(stopped: this message is dropped; /exit to leave)", flush=True)
+                continue
+            messages.append({"role": "assistant", "content": reply})
+            total_s, total_new = total_s + elapsed, total_new + new
+    except KeyboardInterrupt:  # at the prompt: leave as /exit does
+        pass
     print("\n" + client.summary(total_s, total_new))
     client.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +162,7 @@ class Client:
         cache = self._reusable(inputs["input_ids"])
         try:
             try:
-                with warnings.catch_warnings():  # transformers 5.25 names it `cache`; earlier 5.x only this
-                    warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
-                    out = self.model.generate(**inputs, past_key_values=cache, **kwargs)
+                out = self.model.generate(**inputs, **{compat.cache_kwarg(self.model): cache}, **kwargs)
             except SlicerError:  # the server no longer holds what the cache does: the whole conversation again
                 if cache is None:
                     raise
@@ -173,7 +170,7 @@ class Client:
         except BaseException:
             self._held = None
             raise
-        self._held = (out.sequences, out.past_key_values)
+        self._held = (out.sequences, compat.output_cache(out))
         elapsed = time.perf_counter() - started
         new = out.sequences[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(new, skip_special_tokens=True), elapsed, int(new.numel())
@@ -200,6 +197,12 @@ class Client:
             f"{self.config.codec}"
         )
         return head + "\n" + wire_report(self.model.wire_stats(), self.model.config.hidden_size)
+
+    def restart(self) -> None:
+        """Start afresh after a reply cut short (Ctrl-C): its session, stopped mid-step, is given up; the next reply
+        opens a new one and sends its whole conversation."""
+        self._held = None
+        self.model.close_session()
 
     def close(self) -> None:
         self.model.close_session()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import functools
 import inspect
 import textwrap
@@ -162,6 +163,13 @@ def cache_kwarg(module: nn.Module) -> str:
 
 def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
     return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model's output or a `generate()` result carries, under either name (the old one, where the
+    new exists, logs a deprecation warning)."""
+    names = {field.name for field in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+    return getattr(output, next((name for name in CACHE_KWARGS if name in names), CACHE_KWARGS[-1]), None)
 
 
 def new_cache(model: PreTrainedModel) -> DynamicCache:

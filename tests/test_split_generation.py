@@ -1008,3 +1008,30 @@ def test_a_malformed_answer_to_open_is_a_protocol_error(reference_models, answer
 
     with pytest.raises(ProtocolError, match="malformed answer to OPEN"):
         tampered(reference_models, fake_opened)(prompt())
+
+
+def test_a_generate_result_hands_its_cache_on_under_the_name_this_transformers_uses():
+    """How a chat continues a reply's cache: read from the result and passed to the next `generate()` without
+    transformers' warning that the name is deprecated (a chat printed it mid-conversation)."""
+    import logging.handlers
+
+    from conftest import tiny_model
+
+    from slicer_hf import compat
+
+    model = tiny_model("llama")
+    seen = logging.handlers.BufferingHandler(100)
+    library = logging.getLogger("transformers")
+    level = library.level
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+    library.addHandler(seen)
+    library.setLevel(logging.WARNING)  # the tests' verbosity is errors only; a user's is warnings
+    try:
+        out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        cache = compat.output_cache(out)
+        more = model.generate(out.sequences, max_new_tokens=1, do_sample=False, **{compat.cache_kwarg(model): cache})
+    finally:
+        library.removeHandler(seen)
+        library.setLevel(level)
+    assert cache is not None and cache.get_seq_length() == 5 and more.shape[1] == 6
+    assert not [r.getMessage() for r in seen.buffer if "deprecated" in r.getMessage()]
