@@ -582,3 +582,44 @@ def test_a_session_far_longer_than_the_rest_decodes_in_a_forward_of_its_own_afte
         protocol.raise_if_error(reply.result(timeout=60))
     server.shutdown()
     assert forwards[-2:] == [[10, 10, 11, 12], [200]]  # the short ones first, together
+
+
+@pytest.mark.parametrize("model_type", ["llama", "deepseek_v3"])
+def test_a_session_is_charged_what_its_blocks_hold_in_the_pools(model_type):
+    """deepseek's layers cache a compressed latent, far narrower than their heads: charged by the config's heads, a
+    session cost 10x what it held and sessions were refused with the pools a tenth full."""
+    from slicer_hf.bench.architectures import tiny_model as family_model
+
+    server = SplitServer(family_model(model_type), limits=ServerLimits(idle_timeout_s=float("inf")))
+    session = _open(server, 1)
+    protocol.raise_if_error(_step(server, session, 0, 0, 16))
+    assert server.kv_bytes_used == _block_bytes(server, 1)
+    server.shutdown()
+
+
+def test_a_session_is_opened_only_where_a_block_of_its_positions_fits_the_budget():
+    """A step takes whole blocks: a session opened with room for a position but not for a block would be refused
+    at its first step, whatever its size."""
+    probe = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    block = _block_bytes(probe, 1)
+    probe.shutdown()
+    server = SplitServer(
+        tiny_model("llama"), limits=ServerLimits(kv_budget_bytes=block + block // 2, idle_timeout_s=float("inf"))
+    )
+    first = _open(server, 1)
+    protocol.raise_if_error(_step(server, first, 0, 0, 16))
+    with pytest.raises(ProtocolError, match=f"a block of 16 positions at split 1 needs {block:,}") as refused:
+        _open(server, 1)
+    assert refused.value.code == "kv_budget"
+    server.close_session(first)
+    protocol.raise_if_error(_step(server, _open(server, 1), 0, 0, 16))  # room again
+    server.shutdown()
+
+
+def _block_bytes(server: SplitServer, split_layer: int) -> int:
+    """A block of every pool of the layers a session at `split_layer` runs (each holds the K or V its layer writes)."""
+    return sum(
+        pool.shape[0] * pool.shape[2] * pool.element_size() * server.store.block_size
+        for (layer, _), pool in server.store.pools.items()
+        if layer >= split_layer
+    )

@@ -283,6 +283,8 @@ class SplitServer:
                 self.store.max_bytes = self.kv_budget_bytes  # from now on: what admission lets sessions hold
             else:
                 self.store = None
+        splits = range(min_split_layer, self.num_layers)  # an encoder keeps nothing between requests
+        self._kv_per_position = {k: 0 if self.encoder_kind else self._kv_bytes_per_position(k) for k in splits}
         self.scheduler = Scheduler(self, batching)
         self._stopped = threading.Event()
         weakref.finalize(self, self._stopped.set)
@@ -492,17 +494,13 @@ class SplitServer:
                     f"{host} holds {cap} sessions, the most one client may (--max-sessions-per-client): close one",
                     code="too_many_sessions",
                 )
-            per_position = (
-                0
-                if self.encoder_kind  # an encoder keeps nothing between requests
-                else compat.kv_bytes_per_position(
-                    self.model.config, k, self.dtype, self.store is None, compat.decoder_layers(self.model)
-                )
-            )
-            if self.kv_bytes_used + per_position > self.kv_budget_bytes:
+            per_position = self._kv_per_position[k]
+            least = self.store.block_size if self.store is not None else 1  # a step takes whole blocks
+            if self.kv_bytes_used + least * per_position > self.kv_budget_bytes:
+                what = f"a block of {least} positions" if least > 1 else "a position"
                 raise ProtocolError(
                     f"KV memory budget full: {self.kv_bytes_used:,} of {self.kv_budget_bytes:,} bytes in use, "
-                    f"a position at split {k} needs {per_position:,}",
+                    f"{what} at split {k} needs {least * per_position:,}",
                     code="kv_budget",
                 )
             session = Session(
@@ -851,6 +849,15 @@ class SplitServer:
             for row in session.rows:
                 self.store.release(row)
         session.rows, session.cache = [], None
+
+    def _kv_bytes_per_position(self, split_layer: int) -> int:
+        """What a session's position at `split_layer` is charged against the KV limits: in the store, what its pools
+        hold a position in (the start-up check made a pool for every layer served); else the config's bound."""
+        held = self.store.bytes_per_position(split_layer) if self.store is not None else None
+        if held is not None:
+            return held
+        layers = compat.decoder_layers(self.model)
+        return compat.kv_bytes_per_position(self.model.config, split_layer, self.dtype, self.store is None, layers)
 
     def _store_matches_cache(self) -> bool:
         """Check, once, that the KV store reproduces the model's own cache on this architecture: two sequences

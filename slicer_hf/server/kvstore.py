@@ -251,6 +251,15 @@ class KVStore:
             self._next[layer], self._free[layer] = above, list(range(top, above))
             raise
 
+    def bytes_per_position(self, split_layer: int) -> int | None:
+        """What one position of a row split at `split_layer` takes in the pools of the layers it runs, as the pools
+        hold it (their K/V shapes are what the model's attention writes: a compressed latent, say, where the config
+        names more heads); None while one of those layers has no pool yet."""
+        layers = range(split_layer, self.num_layers)
+        if not all(self._pool_keys(layer) for layer in layers):
+            return None
+        return sum(self._block_bytes(layer) for layer in layers) // self.block_size
+
     def bytes_allocated(self) -> int:
         """Bytes of all pools (read from other threads while the scheduler may add one: iterate a snapshot)."""
         return sum(p.numel() * p.element_size() for p in list(self.pools.values()))
