@@ -77,9 +77,14 @@ def check_supported(config: Any) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{model_type}: encoder-decoder models do not split (decoder-only LMs do)")
     if model_type in ENCODER_FAMILIES:
+        where = (
+            "split its forward with SlicerModel (docs/encoders.md)"
+            if model_type in ENCODER_SPLIT_FAMILIES
+            else f"nor does its forward split yet (SlicerModel splits {', '.join(sorted(ENCODER_SPLIT_FAMILIES))})"
+        )
         raise NotImplementedError(
             f"{model_type}: an encoder family (bidirectional layers), not a decoder-only LM: it does not generate; "
-            "split its forward with SlicerModel (docs/encoders.md)"
+            + where
         )
     for name in ("text_config", "decoder"):
         if isinstance(getattr(config, name, None), PretrainedConfig):

@@ -111,6 +111,7 @@ class StepLimits:
     tokens: int | None = None  # positions of each sequence
     elements: int | None = None  # values: batch x positions x width
     message_bytes: int | None = None  # of one message, the step's reply included
+    batch: int | None = None  # sequences of one session (an encoder's large batch goes up in parts of this many)
 
     HEADROOM = 64 << 10  # of a reply's bytes, for its headers and the codec's envelope (an eighth of a small limit)
 
@@ -120,7 +121,9 @@ class StepLimits:
             value = opened.get(name)
             return value if type(value) is int and value >= 1 else None
 
-        return cls(count("max_step_tokens"), count("max_step_elements"), count("max_message_bytes"))
+        return cls(
+            count("max_step_tokens"), count("max_step_elements"), count("max_message_bytes"), count("max_session_batch")
+        )
 
     def values(self) -> int | None:
         """The values one step may carry: the server's count, and what its messages hold at 4 bytes a value (a
@@ -145,9 +148,11 @@ class StepLimits:
         return tokens_fit and (self.elements is None or step.batch * step.tokens * width <= self.elements)
 
     def rows(self, tokens: int, width: int, wanted: int) -> int:
-        """The rows (at most `wanted`, at least 1) a step of `tokens` positions of `width` values may carry."""
+        """The rows (at most `wanted` and the server's batch, at least 1) a step of `tokens` positions of `width` values
+        may carry."""
         values = self.values()
-        return max(1, min(wanted, values // (tokens * width))) if values else wanted
+        bounds = [wanted, self.batch or wanted, values // (tokens * width) if values else wanted]
+        return max(1, min(bounds))
 
     def replies(self, each_bytes: int, wanted: int) -> int:
         """How many outputs of at most `each_bytes` (at most `wanted`) one reply may hold; a `ProtocolError` where not

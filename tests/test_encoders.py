@@ -131,14 +131,21 @@ def two_rows_of_reply(model, tokens: int) -> ServerLimits:
     return ServerLimits(max_message_bytes=next(fits))
 
 
+def two_rows_a_session(model, tokens: int) -> ServerLimits:
+    """Limits under which a step carries two rows: by the sequences one session may run (64 by default: an
+    ordinary batch of 100 sentences had been refused)."""
+    return ServerLimits(max_session_batch=2)
+
+
 @pytest.mark.parametrize(
     "family, limits",
     [
         *((family, two_rows_of_values) for family in ["bert", "vit", "swin", "resnet"]),
         *((family, two_rows_of_reply) for family in ["bert", "vit"]),
+        *((family, two_rows_a_session) for family in ["bert", "resnet"]),
     ],
 )
-def test_a_batch_over_the_servers_step_or_reply_limit_goes_in_parts_and_stays_exact(family, limits):
+def test_a_batch_over_the_servers_step_reply_or_batch_limit_goes_in_parts_and_stays_exact(family, limits):
     model, inputs = build(family), inputs_for(family, batch=5)
     with torch.no_grad():
         want = output_of(model(**inputs))
@@ -688,3 +695,20 @@ def test_the_minilm_bench_picks_the_fewest_bits_above_the_cosine_floor_and_score
     assert retrieval(embeddings, embeddings) == (1.0, 1.0)
     top1, top10 = retrieval(embeddings, embeddings.flip(0))
     assert top1 < 1.0 and top10 < 1.0
+
+
+@pytest.mark.parametrize("sentences", ["5", "0"])  # 5 failed in its retrieval's top-10; 0 took every sentence: hours
+def test_the_encoder_bench_refuses_too_few_sentences_as_a_usage_error(sentences, capsys):
+    from slicer_hf.bench import encoders
+
+    with pytest.raises(SystemExit) as usage:
+        encoders.main(["--sentences", sentences, "--out-json", "unused.json"])
+    assert usage.value.code == 2 and "--sentences must be over 10" in capsys.readouterr().err
+
+
+def test_the_encoder_bench_refuses_a_split_outside_the_model_before_it_measures(monkeypatch):
+    from slicer_hf.bench import encoders
+
+    monkeypatch.setattr(encoders, "embed", lambda *args: pytest.fail("measured before the splits were checked"))
+    with pytest.raises(ConfigError, match=r"split layers must be in \[1, 5\] for this 6-layer model, got \[6\]"):
+        encoders.run("minilm", sentences=20, splits=[6])

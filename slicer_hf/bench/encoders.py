@@ -38,8 +38,11 @@ from ..data import (
     resolve_model,
 )
 from ..encoders import SlicerModel, mean_pool
+from ..errors import ConfigError
 from ..modeling import unsplit
 from .common import codec_sweep, markdown_table, suite_arguments, write_json
+
+RETRIEVAL_K = 10  # neighbours each sentence's retrieval is compared over
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "fp16": {"codec": "fp16"},
@@ -109,7 +112,7 @@ def embed(model: Any, groups: list[tuple[list[int], dict]], count: int, **kwargs
     return out
 
 
-def retrieval(reference: torch.Tensor, split: torch.Tensor, k: int = 10) -> tuple[float, float]:
+def retrieval(reference: torch.Tensor, split: torch.Tensor, k: int = RETRIEVAL_K) -> tuple[float, float]:
     """(top-1 agreement, top-k overlap) of each sentence's nearest neighbours among the others."""
 
     def top(e: torch.Tensor) -> torch.Tensor:
@@ -200,7 +203,10 @@ def run(
     path = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     split_model = SlicerModel.from_model(AutoModel.from_pretrained(path).eval(), SlicerConfig(split_layer=1))
-    splits = splits or list(range(1, split_model.config.num_hidden_layers))
+    layers = split_model.config.num_hidden_layers
+    if splits and not all(1 <= k < layers for k in splits):
+        raise ConfigError(f"split layers must be in [1, {layers - 1}] for this {layers}-layer model, got {splits}")
+    splits = splits or list(range(1, layers))
     results: dict[str, Any] = {"model": path, "sentences": sentences, "min_cosine": min_cosine}
     for split in ("validation", "test"):
         source, text = wikitext_text(split)
@@ -238,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-preset", default=None, help="folder for the chosen SlicerConfig")
     parser.add_argument("--choose-only", action="store_true", help="choose again from --out-json's rows, no run")
     args = parser.parse_args(argv)
+    if args.sentences <= RETRIEVAL_K:
+        parser.error(f"--sentences must be over {RETRIEVAL_K}: each is ranked against its {RETRIEVAL_K} nearest")
     if args.choose_only:
         results = json.loads(Path(args.out_json).read_text())
         results.pop("environment", None)

@@ -358,6 +358,7 @@ class SplitServer:
             opened["max_step_tokens"] = self.limits.max_step_tokens  # the edge cuts its steps to fit
             opened["max_step_elements"] = self.limits.max_step_elements
             opened["max_message_bytes"] = self.limits.max_message_bytes  # replies too: outputs are cut to fit
+            opened["max_session_batch"] = self.limits.max_session_batch  # an encoder's batch goes up in parts
             answer = protocol.encode_json(protocol.OPENED, opened)
         elif kind == protocol.CLOSE:
             target = protocol.decode_json(data).get("session", -1)
