@@ -309,7 +309,7 @@ def serve(
     if threads:
         torch.set_num_threads(threads)
     from .server import ServerLimits
-    from .server.build import load_server
+    from .server.build import load_server, settle_heap
     from .server.grpc_server import serve as grpc_serve
 
     limits = _checked(
@@ -358,6 +358,7 @@ def serve(
         raise
     except (OSError, ValueError) as exc:  # transformers': no such folder or Hub repo, or a folder with no model
         raise model_error(model, exc) from None
+    settle_heap()
     cert, key = tls or (None, None)
     running = grpc_serve(
         server,
@@ -372,7 +373,7 @@ def serve(
     )
     scheme = "grpcs" if cert else "grpc"
     if running.metrics_port is not None:
-        print(f"metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
+        print(f"metrics on {'https' if cert else 'http'}://{host}:{running.metrics_port}/metrics", flush=True)
     print(f"slicer-hf serving {model} on {scheme}://{host}:{running.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -484,3 +484,41 @@ def test_serve_says_what_is_wrong_with_its_options_not_that_the_model_cannot_loa
     result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--min-split-layer", "40"])
     assert result.exit_code != 0
     assert "min_split_layer must be in" in str(result.exception) and "cannot load model" not in str(result.exception)
+
+
+def test_a_tls_server_names_its_metrics_endpoint_https(tiny_dir, tmp_path):
+    """The metrics endpoint of a server with a certificate speaks HTTPS: its printed URL had said http://."""
+    import subprocess
+
+    from live import self_signed_localhost
+
+    from slicer_hf.launch import serve_command
+
+    self_signed_localhost(tmp_path)
+    tls = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"), "--metrics-port", "0"]
+    command = serve_command(str(tiny_dir), tls)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+    finally:
+        stop_server(proc)
+    assert lines[0].startswith("metrics on https://127.0.0.1:") and lines[1].startswith("slicer-hf serving ")
+
+
+def test_a_serving_process_leaves_what_it_built_out_of_the_collectors_passes(tiny_dir):
+    """A full garbage collection walks every object a process holds (about 80 ms with a model loaded) in whichever
+    thread sets it off, pausing every session's rounds: a serving process freezes what it built once it is built."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc\n"
+        "from slicer_hf.server.build import load_server, settle_heap\n"
+        f"server = load_server({str(tiny_dir)!r})\n"
+        "settle_heap()\n"
+        "walked = {id(o) for o in gc.get_objects()}\n"
+        "print(sum(id(m) in walked for m in server.model.modules()), gc.get_freeze_count() > 0)\n"
+        "server.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0", "True"], done.stderr

@@ -404,9 +404,24 @@ def test_a_reply_over_the_message_limit_is_refused_clearly(engine):
         SlicerConfig(codec="identity", downlink="logits"), server.model.config, "tiny", 2, build_codec("identity")
     )
     session = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
-    with pytest.raises(ProtocolError, match="reply would take 4,096 bytes, over max_message_bytes=3,000") as info:
-        protocol.raise_if_error(step(server, session, 1, tokens=8))  # 8 x 128 float32 logits: 4 KB back
+    with pytest.raises(ProtocolError, match="reply would take up to 4,160 bytes, over max_message_bytes=3,000") as info:
+        protocol.raise_if_error(step(server, session, 1, tokens=8))  # 8 x 128 float32 logits: 4 KB back, and headers
     assert info.value.code == "too_large"
+
+
+def test_a_reply_whose_outputs_alone_fit_the_message_limit_is_refused_before_it_is_computed(engine):
+    """Outputs of exactly the limit, with the reply's headers beyond it: refused at admission, not after a forward."""
+    server = engine(max_message_bytes=8 * 128 * 4)  # 8 positions of float32 logits, to the byte
+    body = open_request(
+        SlicerConfig(codec="identity", downlink="logits"), server.model.config, "tiny", 2, build_codec("identity")
+    )
+    session = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, body)))["session"]
+    forwards = []
+    run = server.forward_rows
+    server.forward_rows = lambda chunks: forwards.append(chunks) or run(chunks)
+    with pytest.raises(ProtocolError, match="reply would take up to") as info:
+        protocol.raise_if_error(step(server, session, 1, tokens=8))
+    assert info.value.code == "too_large" and not forwards
 
 
 def test_a_lossy_downlink_sends_fewer_bytes_and_decodes_close_to_the_exact_reply():
@@ -974,6 +989,59 @@ def test_steps_on_the_codec_thread_as_the_server_stops_are_answered_not_left_wai
         for reply in (large, other):
             with contextlib.suppress(ProtocolError):  # answered, or refused: never left waiting
                 protocol.raise_if_error(reply.result(timeout=30))
+
+
+def test_a_decode_steps_reply_is_encoded_in_its_round_whatever_its_batch(engine):
+    """One output a sequence (what `generate()` asks for) is encoded on the compute thread: set aside, every token of
+    a 32-sequence edge with a lossy downlink waited behind other clients' large packets on the codec thread."""
+    server = engine(batching=True)
+    session = open_session(server, SlicerConfig(codec="identity", downlink_step=0.1))
+    threads = []
+    real = server.encode_output
+    server.encode_output = lambda *args: threads.append(threading.current_thread().name) or real(*args)
+    for seq, (start, tokens) in enumerate([(0, 3), (3, 1)], 1):  # a prompt's last outputs, then a decode step
+        payload = build_codec("identity").encode(torch.randn(32, tokens, server.hidden_size))
+        step_ = protocol.Step(session, seq, start, 32, tokens, tokens - 1, payload)
+        protocol.raise_if_error(server.handle(protocol.encode_step(step_)))
+    assert threads == ["slicer-scheduler"] * 2
+    server.shutdown()
+
+
+def test_packets_set_aside_together_are_not_decoded_once_the_server_stops(engine):
+    """The process waits for the codec thread at exit: a stop while it decodes the first of a round's large packets
+    refuses the others undecoded (they had all been decoded first, a second or so each)."""
+    server = engine(batching=True)
+    costly = SlicerConfig(codec="slicer")
+    busy, *large = [open_session(server, None if i == 0 else costly) for i in range(4)]
+    forwarding, release, decoding, decoded = threading.Event(), threading.Event(), threading.Event(), []
+    real_decode, real_forward = server.decode_packets, server.forward_rows
+
+    def slow_forward(chunks):  # holds the compute thread while the large packets queue up for one round
+        if chunks[0].session.id == busy:
+            forwarding.set()
+            assert release.wait(30)
+        return real_forward(chunks)
+
+    def slow_decode(works):
+        if threading.current_thread().name.startswith("slicer-codec"):
+            decoded.append(works)
+            decoding.set()
+            time.sleep(0.5)
+        return real_decode(works)
+
+    server.decode_packets, server.forward_rows = slow_decode, slow_forward
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(step, server, busy, 1, 0, 3)
+        assert forwarding.wait(30)
+        replies = [pool.submit(step, server, sid, 1, 0, 512, build_codec(costly)) for sid in large]
+        assert wait_for(lambda: server.scheduler._queue.qsize() == 3)
+        release.set()
+        assert decoding.wait(30)
+        server.shutdown()
+        for reply in [first, *replies]:
+            with contextlib.suppress(ProtocolError):  # answered, or refused: never left waiting
+                protocol.raise_if_error(reply.result(timeout=30))
+    assert len(decoded) == 1 and len(decoded[0]) == 1
 
 
 @pytest.mark.parametrize("open_timeout_s", [float("inf"), 3e6])  # past what gRPC's idle-connection option holds

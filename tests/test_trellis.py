@@ -146,3 +146,39 @@ def test_the_prediction_bench_credits_a_predictor_only_with_what_it_predicts():
     w = ridge(noise[:3000], z[:3000], 1e-4)
     bits, _ = laplace_bits(z[3000:] - predict(w, noise[3000:]), plain_scale, 0.3)
     assert bits > 0.99 * plain_bits
+
+
+@pytest.mark.parametrize("kind", ["rotated", "calibrated", "trellised"])
+def test_a_large_packet_is_entropy_coded_in_slices_into_the_same_stream(wide, kind, monkeypatch):
+    """constriction holds the GIL through a call: a server's codec thread coding 8M values in one call stopped every
+    other session's rounds for a second. Slices of the rANS work make the same bytes, and decode the same rows."""
+    import constriction
+
+    from slicer_hf.codec import slicer
+
+    made = build_codec("slicer", quantizer="ecsq", step=0.3) if kind == "rotated" else codec(wide, 0.3, kind[0] == "t")
+    x = torch.randn(37, 100, generator=torch.Generator().manual_seed(3))
+    whole = made.encode(x)
+    rows = made.decode(whole)
+    calls = []
+
+    class Counted:  # an ANS coder whose calls are counted
+        def __init__(self, *args):
+            self.coder = plain(*args)
+
+        def encode_reverse(self, *args):
+            calls.append("encode")
+            return self.coder.encode_reverse(*args)
+
+        def decode(self, *args):
+            calls.append("decode")
+            return self.coder.decode(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.coder, name)
+
+    plain = constriction.stream.stack.AnsCoder
+    monkeypatch.setattr(constriction.stream.stack, "AnsCoder", Counted)
+    monkeypatch.setattr(slicer, "ANS_SLICE", 7)
+    assert made.encode(x) == whole and torch.equal(made.decode(whole), rows)
+    assert calls.count("encode") >= 37 * 100 // 7 and calls.count("decode") >= 37 * 100 // 7  # a call a slice

@@ -53,6 +53,7 @@ import contextlib
 import functools
 import math
 import struct
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -424,7 +425,7 @@ class SlicerCodec(Codec):
                 else:
                     models = _ecsq_models(bound, step, basis, symbols.size)
                 coder = _constriction().stream.stack.AnsCoder()
-                coder.encode_reverse(symbols, *models)
+                _ans_encode(coder, symbols, *models)
                 ans = coder.get_compressed().astype("<u4").tobytes()
                 ans = ans[: len(ans) - min(3, len(ans) - len(ans.rstrip(b"\0")))]  # ANS never ends in a zero word
         return bytes([flags, n_out]) + np.float16(step).tobytes() + w.getvalue() + ans
@@ -611,6 +612,8 @@ def _chained_rows(
     y, rms, step = y.reshape(s, -1, d), rms.reshape(s, -1), step.reshape(s, -1, 1)
     rows, previous = [], given
     for t in range(y.shape[1]):
+        if t:
+            time.sleep(0)  # a long sequence's rows are many small steps: let another thread have the GIL between them
         previous = _calibrated_rows(y[:, t], rms[:, t], step[:, t], basis, basis.predict(previous))
         rows.append(previous)
     return torch.stack(rows, 1).reshape(-1, d)
@@ -639,13 +642,12 @@ def _ans_decode(
             assert basis is not None
             family = _laplace_family(bound)
             symbols = trellis.decode(
-                lambda means, scales: coder.decode(family, means, scales),
+                lambda means, scales: _ans_decode_symbols(coder, len(means), family, means, scales),
                 n_sym // basis.width,
                 _scales_in_steps(basis, step),
             ).ravel()
         else:
-            models = _ecsq_models(bound, step, basis, n_sym)
-            symbols = coder.decode(*models) if basis is not None else coder.decode(*models, n_sym)
+            symbols = _ans_decode_symbols(coder, n_sym, *_ecsq_models(bound, step, basis, n_sym))
         exact = coder.is_empty()
     except CodecError:
         raise
@@ -656,6 +658,35 @@ def _ans_decode(
     if not exact or symbols.size != n_sym or (symbols.size and symbols.min() < -bound):
         raise CodecError(f"slicer ECSQ stream does not hold exactly {n_sym} codes")
     return symbols
+
+
+# constriction holds the GIL through a call, and a thread waiting for it (the server's compute thread, between two
+# torch ops) waits for the call to end: large streams are coded in slices, the GIL let go between them
+ANS_SLICE = 1 << 11  # symbols a call: about 0.1 ms
+
+
+def _ans_encode(coder: Any, symbols: np.ndarray, model: Any, *params: np.ndarray) -> None:
+    """`coder.encode_reverse(symbols, model, *params)` (per-symbol `params`, or none), a slice at a time: the last
+    slice first, so the stream is the same."""
+    for lo in reversed(range(0, len(symbols), ANS_SLICE)):
+        if lo + ANS_SLICE < len(symbols):
+            time.sleep(0)  # let another thread have the GIL
+        part = slice(lo, lo + ANS_SLICE)
+        coder.encode_reverse(symbols[part], model, *(p[part] for p in params))
+
+
+def _ans_decode_symbols(coder: Any, count: int, model: Any, *params: np.ndarray) -> np.ndarray:
+    """`count` symbols decoded with `model` (and its per-symbol `params`, or none), a slice at a time (see
+    `_ans_encode`)."""
+    parts = []
+    for lo in range(0, count, ANS_SLICE):
+        if lo:
+            time.sleep(0)
+        if params:
+            parts.append(coder.decode(model, *(p[lo : lo + ANS_SLICE] for p in params)))
+        else:
+            parts.append(coder.decode(model, min(ANS_SLICE, count - lo)))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
 def _ecsq_step(step: float) -> float:

@@ -42,6 +42,9 @@ WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": 
 MAX_DOWNLINK_TOPK = 1 << 16
 
 
+REPLY_ENVELOPE_BYTES = 64  # of a reply, around its outputs: its header, seq and kind, and the codec's header
+
+
 def default_kv_budget_bytes(device: torch.device) -> int:
     """Half of the memory free on `device` when the server starts."""
     if device.type == "cuda":
@@ -572,9 +575,10 @@ class SplitServer:
                 "fewer positions per step",
                 code="too_large",
             )
-        if (reply := self._reply_bytes(session, step)) > limits.max_message_bytes:  # refused before it is computed
+        reply = self._reply_bytes(session, step) + REPLY_ENVELOPE_BYTES
+        if reply > limits.max_message_bytes:  # refused before it is computed
             raise ProtocolError(
-                f"the outputs of this step's reply would take {reply:,} bytes, over max_message_bytes="
+                f"this step's reply would take up to {reply:,} bytes, over max_message_bytes="
                 f"{limits.max_message_bytes:,} by {reply - limits.max_message_bytes:,}: ask for fewer positions back",
                 code="too_large",
             )

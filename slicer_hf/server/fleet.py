@@ -174,7 +174,7 @@ class SplitReplica:
     def __init__(self, options: dict[str, Any]) -> None:
         import torch
 
-        from .build import load_server
+        from .build import load_server, settle_heap
         from .grpc_server import serve as grpc_serve
 
         self.options = FleetOptions(**options)
@@ -193,6 +193,7 @@ class SplitReplica:
             opts.bases,
             prepack=opts.prepack,
         )
+        settle_heap()  # a replica's process serves for its life
         cert = opts.tls_cert.encode() if opts.tls_cert else None
         key = opts.tls_key.encode() if opts.tls_key else None
         self.running = grpc_serve(

@@ -21,9 +21,10 @@ Encoder requests (one step each, no cache) run together when they share a split 
 Large codec work through a costly codec (`Codec.costly`: SLICER's) goes to a codec thread beside this one: a causal
 LM's packet of more positions than an edge's prompt chunk is decoded there, and a reply of as many positions as a
 whole forward asks for through such a downlink codec is encoded there (`OFFLOAD_PACKET_POSITIONS`,
-`OFFLOAD_REPLY_POSITIONS`), so that a client's costly codec (a chained trellis reply of 12,288
-positions took 6 s) cannot hold up every other session's rounds; the step rejoins the rounds once decoded, and is
-answered from there once encoded.
+`OFFLOAD_REPLY_POSITIONS`; a decode step's reply, one position a sequence, stays here), so that a client's costly
+codec (a chained trellis reply of 12,288 positions took 6 s) cannot hold up every other session's rounds; the step
+rejoins the rounds once decoded, and is answered from there once encoded. The codec's entropy coder runs in slices
+(`codec.slicer.ANS_SLICE`): it holds the GIL through a call, which would stop this thread as surely.
 
 A forward over several sessions that fails is retried one session at a time, so one bad session fails alone; once a
 forward has run, a failure finishing one session's step (encoding its reply) fails that step alone.
@@ -190,7 +191,7 @@ class Scheduler:
         pending = [w for w in pending if not w.session.closed]
         heavy = [w for w in pending if w.hidden is None and self._costly_packet(w)]
         pending = [w for w in pending if w not in heavy]  # out of the rounds before the codec thread has them
-        if heavy:  # decoded together, as those of a round are (`Codec.decode_batch`)
+        if heavy:  # one at a time, each back in the rounds once decoded
             self._set_aside(heavy, self._decode_aside)
         fresh = [w for w in pending if w.hidden is None]
         if fresh:
@@ -325,8 +326,10 @@ class Scheduler:
         if work.done < work.step.tokens:
             return None
         final = torch.cat(work.outputs, 1)
-        kept = work.rows * (work.step.tokens - work.step.need_from)
-        if self._costly(work.session.downlink_codec, kept, packet=False):
+        each = work.step.tokens - work.step.need_from  # outputs of each sequence
+        # a decode step's reply (one output a sequence, at most max_session_batch) stays: set aside, it would wait
+        # behind another client's large packet
+        if each > 1 and self._costly(work.session.downlink_codec, work.rows * each, packet=False):
             self.server.end_step(work)
             self._set_aside([work], self._encode_aside, final)
             return None
@@ -371,14 +374,19 @@ class Scheduler:
         self._codec.submit(run)
 
     def _decode_aside(self, works: list[Work]) -> None:
-        """Decode large packets, then hand their steps back to the rounds."""
-        started, cpu = time.perf_counter(), time.thread_time()
-        self.server.decode_packets(works)
-        self.server.stats.add(
-            packet_decode_s=time.perf_counter() - started, packet_decode_cpu_s=time.thread_time() - cpu
-        )
-        with self._handoff:  # never into a queue the compute thread has stopped reading
-            for work in works:
+        """Decode large packets one at a time, handing each step back to the rounds as it is decoded; once the
+        scheduler has stopped, the rest are not decoded (the process waits for this thread at exit)."""
+        for work in works:
+            if self._stopped:
+                _fail(work, _shutting_down())
+                continue
+            if not work.future.done():
+                started, cpu = time.perf_counter(), time.thread_time()
+                self.server.decode_packets([work])
+                self.server.stats.add(
+                    packet_decode_s=time.perf_counter() - started, packet_decode_cpu_s=time.thread_time() - cpu
+                )
+            with self._handoff:  # never into a queue the compute thread has stopped reading
                 if work.future.done():
                     continue
                 if self._stopped:
