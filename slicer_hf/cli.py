@@ -72,15 +72,18 @@ def _writable(out: Path) -> None:
         raise typer.BadParameter(f"{out}: {held} is not writable", param_hint="--out")
 
 
-def _size(option: str, text: str) -> int:
-    """A size option's bytes: at least one."""
+def _size(option: str, text: str, least: int = 1) -> int:
+    """A size option's bytes: at least `least`."""
     try:
         size = parse_bytes(text)
     except typer.BadParameter as exc:
         raise typer.BadParameter(str(exc), param_hint=option) from None
-    if size < 1:
-        raise typer.BadParameter(f"a size of at least 1 byte, got {text!r}", param_hint=option)
+    if size < least:
+        raise typer.BadParameter(f"a size of at least {least:,} bytes, got {text!r}", param_hint=option)
     return size
+
+
+MIN_MESSAGE_BYTES = 64 << 10  # a server's messages: an OPEN with its codec takes about 500 bytes, a token's row kBs
 
 
 def _root_cert(path: Path | None) -> bytes | None:
@@ -212,7 +215,9 @@ def serve(
         str | None, typer.Option(help="KV-cache budget of all sessions, e.g. 4GB (default: half the free memory).")
     ] = None,
     max_session_kv: Annotated[str, typer.Option(help="KV-cache cap of one session, e.g. 1GiB.")] = "1GiB",
-    max_message_bytes: Annotated[str, typer.Option(help="Largest protocol message, e.g. 64MiB.")] = "64MiB",
+    max_message_bytes: Annotated[
+        str, typer.Option(help="Largest protocol message, e.g. 64MiB (at least 64KiB).")
+    ] = "64MiB",
     max_streams: Annotated[int, typer.Option(help="Streams open at once (more get RESOURCE_EXHAUSTED).", min=1)] = 1024,
     idle_timeout_s: Annotated[float, typer.Option(help="Close sessions and their streams idle this long.")] = 600.0,
     open_timeout_s: Annotated[float, typer.Option(help="A stream with no session has this long to open one.")] = 30.0,
@@ -322,7 +327,7 @@ def serve(
         max_session_batch=max_session_batch,
         kv_budget_bytes=_size("--kv-memory", kv_memory) if kv_memory else None,
         max_session_kv_bytes=_size("--max-session-kv", max_session_kv),
-        max_message_bytes=_size("--max-message-bytes", max_message_bytes),
+        max_message_bytes=_size("--max-message-bytes", max_message_bytes, MIN_MESSAGE_BYTES),
         max_batch_rows=max_batch_rows,
         max_batch_tokens=max_batch_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,

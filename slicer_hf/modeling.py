@@ -396,7 +396,7 @@ class SlicerGenerationMixin(SplitModelMixin):
             call = dict(given)
             labels = call.pop("labels", None)
             as_tuple = call.get("return_dict") is False or (
-                call.get("return_dict") is None and not self.config.use_return_dict
+                call.get("return_dict") is None and not self.config.return_dict
             )
             call |= {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=ref.device), "return_dict": True}
             out = base_forward(**call)

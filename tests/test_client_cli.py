@@ -229,6 +229,7 @@ LIMITS = [
     ("--kv-memory", "0"),
     ("--max-session-kv", "0"),
     ("--max-message-bytes", "0"),
+    ("--max-message-bytes", "10"),  # it started, and refused every client: an OPEN alone takes about 500 bytes
     ("--max-sessions-per-client", "0"),
 ]
 

@@ -1,6 +1,7 @@
 """The exactness anchor and generate() behaviour: with a lossless codec, split generation is plain
 transformers generation, token for token."""
 
+import contextlib
 import copy
 import inspect
 import struct
@@ -940,8 +941,11 @@ def test_arguments_passed_by_position_reach_the_server(model_pair, downlink):
 def test_return_dict_false_gives_a_tuple_with_every_downlink(model_pair, downlink):
     ref, model = model_pair("llama")
     ids = prompt()
-    out = split(model, downlink=downlink)(ids, return_dict=False)
+    with deprecation_warnings() as warned:  # the config's `use_return_dict` is deprecated: it warned at every forward
+        out = split(model, downlink=downlink)(ids, return_dict=False)
+        dict_out = split(model, downlink=downlink)(ids)
     assert isinstance(out, tuple) and out[0].argmax(-1).equal(ref(ids).logits.argmax(-1))
+    assert torch.equal(dict_out.logits, out[0]) and not warned
 
 
 # ---------------------------------------------------------------- a server that answers wrongly
@@ -1013,25 +1017,35 @@ def test_a_malformed_answer_to_open_is_a_protocol_error(reference_models, answer
 def test_a_generate_result_hands_its_cache_on_under_the_name_this_transformers_uses():
     """How a chat continues a reply's cache: read from the result and passed to the next `generate()` without
     transformers' warning that the name is deprecated (a chat printed it mid-conversation)."""
-    import logging.handlers
-
     from conftest import tiny_model
 
     from slicer_hf import compat
 
     model = tiny_model("llama")
-    seen = logging.handlers.BufferingHandler(100)
-    library = logging.getLogger("transformers")
-    level = library.level
-    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
-    library.addHandler(seen)
-    library.setLevel(logging.WARNING)  # the tests' verbosity is errors only; a user's is warnings
-    try:
+    with deprecation_warnings() as warned:
         out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
         cache = compat.output_cache(out)
         more = model.generate(out.sequences, max_new_tokens=1, do_sample=False, **{compat.cache_kwarg(model): cache})
+    assert cache is not None and cache.get_seq_length() == 5 and more.shape[1] == 6
+    assert not warned
+
+
+@contextlib.contextmanager
+def deprecation_warnings():
+    """The deprecation warnings transformers logs meanwhile (at a user's verbosity, warnings; each anew, though
+    transformers gives each once per process)."""
+    import logging.handlers
+
+    seen = logging.handlers.BufferingHandler(100)
+    library = logging.getLogger("transformers")
+    level = library.level
+    logging.Logger.warning_once.cache_clear()
+    library.addHandler(seen)
+    library.setLevel(logging.WARNING)  # the tests' verbosity is errors only
+    warned: list[str] = []
+    try:
+        yield warned
     finally:
         library.removeHandler(seen)
         library.setLevel(level)
-    assert cache is not None and cache.get_seq_length() == 5 and more.shape[1] == 6
-    assert not [r.getMessage() for r in seen.buffer if "deprecated" in r.getMessage()]
+        warned += [r.getMessage() for r in seen.buffer if "deprecated" in r.getMessage()]
