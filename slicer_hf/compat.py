@@ -408,12 +408,17 @@ def config_class(model_type: str) -> type:
 _REGISTERED_PREFIX = "slicer-"
 
 
-def register_causal_lm_class(cls: type) -> None:
-    """Make a split class known to transformers' text-generation pipeline, whose check of the model class
-    compares class names with the causal-LM mapping (a name-only entry: the Auto classes are not touched)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def register_split_class(cls: type, base: type) -> None:
+    """Make a split class known to transformers' pipelines, whose check of the model class compares class names with
+    the task's auto mapping: a name-only entry in every mapping that names `base` (the Auto classes themselves are
+    not touched)."""
+    from transformers.models.auto import modeling_auto
 
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(f"{_REGISTERED_PREFIX}{cls.__name__}", cls.__name__)
+    for name, mapping in vars(modeling_auto).items():
+        if not (name.startswith("MODEL_") and name.endswith("_MAPPING_NAMES") and isinstance(mapping, dict)):
+            continue
+        if any(base.__name__ == v or (isinstance(v, (tuple, list)) and base.__name__ in v) for v in mapping.values()):
+            mapping.setdefault(f"{_REGISTERED_PREFIX}{cls.__name__}", cls.__name__)
 
 
 def base_model(model: PreTrainedModel) -> nn.Module:

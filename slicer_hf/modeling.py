@@ -223,6 +223,11 @@ class SplitModelMixin:
         return given
 
     def _link_for(self, k: int) -> SuffixLink:
+        if wire_dtype(self.dtype) is None:
+            raise ConfigError(
+                f"a split model runs in float32, float16 or bfloat16 (what its hidden states travel in); this one is "
+                f"{self.dtype}: move it to one (model.to(torch.float32))"
+            )
         if self._slicer_local and self._slicer_transport.server.dtype != self.dtype:  # model.to(dtype) since
             self.close_session()  # the in-process server built its KV store for the old dtype: a new one
             self._slicer_transport.server.shutdown()
@@ -580,8 +585,7 @@ def _split_class(base: type, mixin: type[SplitModelMixin]) -> type:
     forward.__signature__ = sig.replace(parameters=[*params, extra, *var_kw])
     forward.__doc__ = base.forward.__doc__
     cls = type(f"Slicer{base.__name__}", (mixin, base), {"forward": forward, "_slicer_base": base})
-    if issubclass(mixin, SlicerGenerationMixin):
-        compat.register_causal_lm_class(cls)
+    compat.register_split_class(cls, base)
     return cls
 
 

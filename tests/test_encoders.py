@@ -712,3 +712,35 @@ def test_the_encoder_bench_refuses_a_split_outside_the_model_before_it_measures(
     monkeypatch.setattr(encoders, "embed", lambda *args: pytest.fail("measured before the splits were checked"))
     with pytest.raises(ConfigError, match=r"split layers must be in \[1, 5\] for this 6-layer model, got \[6\]"):
         encoders.run("minilm", sentences=20, splits=[6])
+
+
+@pytest.mark.parametrize(
+    "task, auto_class, split_class",
+    [
+        ("text-classification", "AutoModelForSequenceClassification", SlicerModelForSequenceClassification),
+        ("token-classification", "AutoModelForTokenClassification", SlicerModelForTokenClassification),
+    ],
+)
+def test_a_split_encoder_runs_in_its_tasks_pipeline_as_the_model_does(task, auto_class, split_class):
+    """transformers' pipelines check the model's class against the task's auto mapping: a split classifier worked
+    but logged an error that it is not supported."""
+    import logging.handlers
+
+    import transformers
+
+    from slicer_hf.data import minilm_path
+
+    torch.manual_seed(0)
+    plain = getattr(transformers, auto_class).from_pretrained(minilm_path()).eval()
+    split = split_class.from_model(copy.deepcopy(plain), LOSSLESS.replace(split_layer=3))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["The tower is 324 metres tall.", "Paris is the capital of France."]
+    seen, library = logging.handlers.BufferingHandler(100), logging.getLogger("transformers")
+    library.addHandler(seen)
+    try:
+        want = transformers.pipeline(task, model=plain, tokenizer=tokenizer)(texts)
+        got = transformers.pipeline(task, model=split, tokenizer=tokenizer)(texts)
+    finally:
+        library.removeHandler(seen)
+    assert str(got) == str(want)
+    assert not [r.getMessage() for r in seen.buffer if "not supported" in r.getMessage()]

@@ -1049,3 +1049,10 @@ def deprecation_warnings():
         library.removeHandler(seen)
         library.setLevel(level)
         warned += [r.getMessage() for r in seen.buffer if "deprecated" in r.getMessage()]
+
+
+def test_a_model_in_a_dtype_the_wire_does_not_carry_is_refused_in_one_line(model_pair):
+    """float64 hidden states have no wire dtype: the in-process server refused the packet as a protocol error."""
+    _, model = model_pair("llama")
+    with pytest.raises(ConfigError, match="runs in float32, float16 or bfloat16.*this one is torch.float64"):
+        split(model.double()).generate(prompt(), max_new_tokens=1)
