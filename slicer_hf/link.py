@@ -143,9 +143,11 @@ class StepLimits:
         return max(1, min(bounds))
 
     def fits(self, step: protocol.Step, width: int) -> bool:
-        """Whether the server takes `step` (of rows `width` wide) as it was cut."""
+        """Whether the server takes `step` (of rows `width` wide) as it was cut: its positions, values and bytes."""
         tokens_fit = self.tokens is None or step.tokens <= self.tokens
-        return tokens_fit and (self.elements is None or step.batch * step.tokens * width <= self.elements)
+        values_fit = self.elements is None or step.batch * step.tokens * width <= self.elements
+        bytes_fit = self.message_bytes is None or len(protocol.encode_step(step)) <= self.message_bytes
+        return tokens_fit and values_fit and bytes_fit
 
     def rows(self, tokens: int, width: int, wanted: int) -> int:
         """The rows (at most `wanted` and the server's batch, at least 1) a step of `tokens` positions of `width` values
@@ -398,6 +400,11 @@ class SuffixLink:
         except CodecError as exc:
             raise ProtocolError(f"bad reply to step {step.seq}: {exc}", code="bad_shape") from exc
 
+    def new_generation(self) -> None:
+        """A new `generate()` call: its first decode step (a continued sequence's first step is one position) starts
+        the token clock again rather than timing the pause since the last reply."""
+        self._last_reply = None
+
     def _pace(self, decoding: bool, bits: float) -> None:
         """Feed the bitrate controller a decode token's latency (reply to reply: the edge's compute, the link and
         the server) and record its moves; any other step starts a new generation's clock."""
@@ -423,9 +430,10 @@ class SuffixLink:
                     self.open()
                     if cut := next((s for s in replay if not self._limits.fits(s, self._width)), None):
                         raise ProtocolError(
-                            f"this server takes steps of at most {self._limits.tokens} positions and "
-                            f"{self._limits.elements} values, and this sequence went up in steps cut for other "
-                            f"limits ({cut.batch} x {cut.tokens} positions of {self._width}): start it again",
+                            f"this server takes steps of at most {self._limits.tokens} positions, "
+                            f"{self._limits.elements} values and messages of {self._limits.message_bytes} bytes, and "
+                            f"this sequence went up in steps cut for other limits ({cut.batch} x {cut.tokens} "
+                            f"positions of {self._width}): start it again",
                             code="step_limits",
                         )
                     for earlier in replay[:-1]:  # rebuild the suffix cache on a fresh server, no outputs

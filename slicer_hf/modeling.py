@@ -306,6 +306,8 @@ class SlicerGenerationMixin(SplitModelMixin):
         token = _GENERATE_SPLIT.set((self, k))
         try:
             with self._exclusive():
+                if self._slicer_link is not None:  # the pause since the last call is no token's latency
+                    self._slicer_link.new_generation()
                 return super().generate(*args, **kwargs)
         finally:
             _GENERATE_SPLIT.reset(token)

@@ -231,6 +231,32 @@ def test_a_prompt_the_server_makes_go_up_a_position_at_a_time_is_not_paced_as_de
     assert sent_steps == [0.2] * 7  # six prompt positions and the first decode step, all at the start rung
 
 
+def test_the_pause_before_a_generation_that_continues_a_cache_is_no_tokens_latency(monkeypatch):
+    """`generate(out.sequences, past_key_values=out.past_key_values)` sends one position first, as a decode step
+    does: the user's pause before it was read as that token's latency, and each continued turn went to the floor."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    from slicer_hf import link
+
+    base = tiny_model("llama").eval()
+    ladder = ((0.2, 900.0), (0.6, 600.0), (1.5, 300.0))
+    config = SlicerConfig(
+        split_layer=2, quantizer="ecsq", step=0.2, bitrate_ladder=ladder, target_token_latency_ms=60e3
+    )  # a minute a token: no token of this machine misses it, a pause of ten minutes would
+    model = SlicerModelForCausalLM.from_model(base, config)
+    paused = [0.0]
+    monkeypatch.setattr(link, "time", SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + paused[0]))
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    for _ in range(3):  # the user reads each reply for ten minutes, then the conversation goes on
+        paused[0] += 600.0
+        seq = out.sequences
+        out = model.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=out.past_key_values, **kwargs)
+    assert model.wire_stats().bitrate_changes == []
+
+
 def test_a_link_that_flips_between_fast_and_slow_keeps_the_controller_on_its_ladder():
     controller = BitrateController(LADDER, target_ms=75.0)
     rates = ([2000.0] * 6 + [40.0] * 3) * 40  # up-probes, misses and drops interleaved

@@ -479,6 +479,14 @@ def test_adaptive_search_keeps_to_ecsq_even_where_fp16_would_win():
     assert search(EDGE, SERVER, free, budget, "server-compute", adaptive=True).config.codec == "slicer"
 
 
+def test_an_adaptive_search_that_only_fp16_could_meet_says_it_considered_ecsq_alone():
+    """Without --adaptive fp16 meets this KL budget: the message had said no candidate meets it even alone."""
+    budget = Constraints(max_kl=1e-6, max_token_latency_ms=10_000)
+    assert search(EDGE, SERVER, FAST, budget).chosen.codec == "fp16"
+    with pytest.raises(InfeasibleError, match=r"no split and ECSQ setting \(adaptive bitrate moves the ECSQ step"):
+        search(EDGE, SERVER, FAST, budget, adaptive=True)
+
+
 def test_push_to_hub_uploads_the_config_its_predictions_and_a_card_in_one_commit(fake_hub):
     uploaded = fake_hub
     result = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.02), "uplink")

@@ -810,9 +810,18 @@ def test_a_step_refused_by_a_server_shutting_down_moves_on_and_stays_exact(refer
     assert model.wire_stats().failovers == 1
 
 
-def test_a_failover_to_a_server_with_smaller_step_limits_is_a_clear_error_not_a_refused_replay(reference_models):
+@pytest.mark.parametrize(
+    "limits",
+    [
+        ServerLimits(max_step_elements=8 * 64),
+        ServerLimits(max_message_bytes=2048),  # a 16-position chunk's 4 KB: refused as too_large, and no other tried
+    ],
+)
+def test_a_failover_to_a_server_with_smaller_step_limits_is_a_clear_error_not_a_refused_replay(
+    reference_models, limits
+):
     ref = reference_models["llama"]
-    small = SplitServer(copy.deepcopy(ref), limits=ServerLimits(max_step_elements=8 * 64))
+    small = SplitServer(copy.deepcopy(ref), limits=limits)
     transport = Switching(SplitServer(copy.deepcopy(ref)), small)
     model = SlicerModelForCausalLM.from_model(
         copy.deepcopy(ref), LOSSLESS.replace(split_layer=2, prefill_chunk_tokens=16), transport

@@ -457,10 +457,11 @@ def _violations(c: Candidate, limits: dict[str, float]) -> dict[str, float]:
     return {name: getattr(c.prediction, name) / limit for name, limit in limits.items()}
 
 
-def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> InfeasibleError:
+def _infeasible(cands: Sequence[Candidate], limits: dict[str, float], adaptive: bool = False) -> InfeasibleError:
     """The error for constraints no candidate meets together. The binding constraint is the one that needs the
     least relaxing: among the candidates that meet every other constraint, the nearest is the one closest to it. When
-    no single relaxation is enough, the nearest is the candidate whose worst violation is smallest."""
+    no single relaxation is enough, the nearest is the candidate whose worst violation is smallest. `adaptive`: the
+    candidates are the ECSQ uplinks alone, and the message says so."""
     best: list[tuple[float, str, Candidate]] = []
     for name in limits:
         others = {n: v for n, v in limits.items() if n != name}
@@ -483,8 +484,13 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float]) -> Infeasi
     ]
     alone = [n for n in limits if not any(_violations(c, {n: limits[n]})[n] <= 1 for c in cands)]
     relax = [f"{CONSTRAINT_NAMES[n]} to {at_least(getattr(nearest.prediction, n))}" for n in ratios if ratios[n] > 1]
+    what = (
+        "ECSQ setting (adaptive bitrate moves the ECSQ step; fp16 and exact uplinks are left out)"
+        if adaptive
+        else ("codec setting")
+    )
     message = (
-        f"no split and codec setting meets every constraint; the binding one is {CONSTRAINT_NAMES[binding]}="
+        f"no split and {what} meets every constraint; the binding one is {CONSTRAINT_NAMES[binding]}="
         f"{limits[binding]:g}{unit[binding]}. The nearest feasible point: {nearest.label()} misses "
         + ", ".join(missed)
         + "; relax "
@@ -548,7 +554,7 @@ def search(
     limits = constraints.limits()
     feasible = [c for c in every if all(v <= 1.0 for v in _violations(c, limits).values())]
     if not feasible:
-        raise _infeasible(every, limits)
+        raise _infeasible(every, limits, adaptive)
     ranked = _rank(feasible, objective)
     pareto = _rank(_pareto(feasible), objective)
     config = _config_of(ranked[0], edge, base or SlicerConfig())
