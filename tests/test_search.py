@@ -353,6 +353,14 @@ def test_adaptive_writes_a_ladder_within_the_quality_floor():
     assert config.bitrate_controller().step == config.step
 
 
+def test_an_adaptive_ladder_of_one_rung_is_called_so():
+    """A quality budget that admits one ECSQ step writes a ladder with nothing to move to: said, not left to find."""
+    result = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.003, max_token_latency_ms=10_000), adaptive=True)
+    assert len(result.config.bitrate_ladder) == 1 and "one rung: nothing to move to" in result.summary()
+    roomier = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.01, max_token_latency_ms=10_000), adaptive=True)
+    assert len(roomier.config.bitrate_ladder) > 1 and "one rung" not in roomier.summary()
+
+
 def test_a_step_the_profile_lists_twice_is_one_rung_of_the_ladder():
     twice = dataclasses.replace(EDGE, rate_distortion=EDGE.rate_distortion * 2)
     once = search(EDGE, SERVER, SLOW, Constraints(max_kl=0.01, max_token_latency_ms=200), adaptive=True)

@@ -210,6 +210,8 @@ class SearchResult:
                 f"\nadaptive bitrate: the config starts at ecsq {adaptive['start_step']:g}, the finest step predicted "
                 f"to meet {adaptive['target_ms']:g} ms/token, and moves over ecsq {steps}"
             )
+            if len(adaptive["ladder"]) == 1:
+                line += " (one rung: nothing to move to; a looser quality budget admits coarser steps)"
         return line
 
     def to_dict(self) -> dict[str, Any]:
