@@ -79,7 +79,8 @@ def _size(option: str, text: str, least: int = 1) -> int:
     except typer.BadParameter as exc:
         raise typer.BadParameter(str(exc), param_hint=option) from None
     if size < least:
-        raise typer.BadParameter(f"a size of at least {least:,} bytes, got {text!r}", param_hint=option)
+        unit = "byte" if least == 1 else "bytes"
+        raise typer.BadParameter(f"a size of at least {least:,} {unit}, got {text!r}", param_hint=option)
     return size
 
 

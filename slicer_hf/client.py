@@ -141,6 +141,7 @@ class Client:
             path, slicer_config=self.config, transport=urls, transport_options=options
         )
         self._held: tuple[Any, Any] | None = None  # the last reply's whole sequence and its KV cache
+        self._given_up = WireStats()  # what crossed the wire in sessions given up (`restart`)
 
     def encode(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         return encode_messages(self.tokenizer, messages)
@@ -196,12 +197,14 @@ class Client:
             f"{self.model.slicer_config.split_layer} of {self.model.config.num_hidden_layers}, codec "
             f"{self.config.codec}"
         )
-        return head + "\n" + wire_report(self.model.wire_stats(), self.model.config.hidden_size)
+        stats = self._given_up + self.model.wire_stats()  # every session of this client's
+        return head + "\n" + wire_report(stats, self.model.config.hidden_size)
 
     def restart(self) -> None:
         """Start afresh after a reply cut short (Ctrl-C): its session, stopped mid-step, is given up; the next reply
         opens a new one and sends its whole conversation."""
         self._held = None
+        self._given_up += self.model.wire_stats()
         self.model.close_session()
 
     def close(self) -> None:

@@ -408,16 +408,19 @@ def config_class(model_type: str) -> type:
 _REGISTERED_PREFIX = "slicer-"
 
 
-def register_split_class(cls: type, base: type) -> None:
+def register_split_class(cls: type, base: type, causal_lm: bool = False) -> None:
     """Make a split class known to transformers' pipelines, whose check of the model class compares class names with
-    the task's auto mapping: a name-only entry in every mapping that names `base` (the Auto classes themselves are
-    not touched)."""
+    the task's auto mapping: a name-only entry in every mapping that names `base` or a class it derives from (a
+    user's subclass of a model), and, for a `causal_lm`, in the causal-LM mapping whatever its base (remote code).
+    The Auto classes themselves are not touched."""
     from transformers.models.auto import modeling_auto
 
+    names = {klass.__name__ for klass in base.__mro__}
     for name, mapping in vars(modeling_auto).items():
         if not (name.startswith("MODEL_") and name.endswith("_MAPPING_NAMES") and isinstance(mapping, dict)):
             continue
-        if any(base.__name__ == v or (isinstance(v, (tuple, list)) and base.__name__ in v) for v in mapping.values()):
+        named = any(names & ({v} if isinstance(v, str) else set(v)) for v in mapping.values())
+        if named or (causal_lm and name == "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
             mapping.setdefault(f"{_REGISTERED_PREFIX}{cls.__name__}", cls.__name__)
 
 

@@ -96,6 +96,10 @@ class WireStats:
         """Downlink bits per position that came back (not per position sent: a prompt's reply is one row)."""
         return 8.0 * self.downlink_bytes / max(self.replied, 1)
 
+    def __add__(self, other: WireStats) -> WireStats:
+        """Both counts together (two sessions', say)."""
+        return WireStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
+
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.__dict__,

@@ -587,7 +587,7 @@ def _split_class(base: type, mixin: type[SplitModelMixin]) -> type:
     forward.__signature__ = sig.replace(parameters=[*params, extra, *var_kw])
     forward.__doc__ = base.forward.__doc__
     cls = type(f"Slicer{base.__name__}", (mixin, base), {"forward": forward, "_slicer_base": base})
-    compat.register_split_class(cls, base)
+    compat.register_split_class(cls, base, causal_lm=issubclass(mixin, SlicerGenerationMixin))
     return cls
 
 

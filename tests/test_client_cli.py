@@ -80,26 +80,30 @@ def test_chat_keeps_the_conversation(tiny_dir, server_url):
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_dir, server_url, monkeypatch, capsys):
     """Ctrl-C mid-reply drops that turn (its session, stopped mid-step, is given up); the next turn is answered as
-    if it came first. Ctrl-C at the prompt leaves with the summary."""
+    if it came first, and the summary counts what every session sent. Ctrl-C at the prompt leaves with the summary."""
     from slicer_hf import client
     from slicer_hf.cli import chat
 
     printed = client._Printer.on_finalized_text
-    pressed = []
+    replies, pressed = [], []
 
-    def ctrl_c_once(self, text, stream_end=False):
-        if not pressed:
+    def ctrl_c_in_the_second_reply(self, text, stream_end=False):
+        if len(replies) == 1 and not pressed:
             pressed.append(text)
             raise KeyboardInterrupt
         printed(self, text, stream_end)
+        if stream_end:
+            replies.append(text)
 
-    monkeypatch.setattr(client._Printer, "on_finalized_text", ctrl_c_once)
+    monkeypatch.setattr(client._Printer, "on_finalized_text", ctrl_c_in_the_second_reply)
     args = ["chat", "--server", server_url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
-    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "5"], input="Hello\nAnd then?\n/exit\n")
+    turns = "Hello\nAnd then?\nAnd then?\n/exit\n"
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "5"], input=turns)
     assert result.exit_code == 0, result.output
     assert pressed and "(stopped: this message is dropped" in result.output
-    assert plain_reply(tiny_dir, [{"role": "user", "content": "And then?"}], 5) in result.output
-    assert "5 tokens in" in result.output
+    first, second = two_turns(tiny_dir, 5)
+    assert first in result.output and second in result.output  # the stopped turn left no trace
+    assert "10 tokens in" in result.output
 
     def ctrl_c_after_one_line():  # a terminal whose user types "Hello", then presses Ctrl-C
         yield "Hello\n"
@@ -109,6 +113,22 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_dir, server_url, monkeyp
     monkeypatch.setattr("sys.stdin", ctrl_c_after_one_line())
     chat(server_url, str(tiny_dir), str(tiny_dir / "preset"), max_new_tokens=5)  # returns: no KeyboardInterrupt
     assert "5 tokens in" in capsys.readouterr().out
+
+
+def test_a_chats_summary_counts_the_wire_of_every_session_it_had(tiny_dir, server_url):
+    """A reply stopped with Ctrl-C gives its session up (`restart`): the summary had counted the last session alone."""
+    from slicer_hf.client import Client, Sampling
+
+    client = Client(server_url, str(tiny_dir), str(tiny_dir / "preset"))
+    client.reply([{"role": "user", "content": "Hello"}], Sampling(max_new_tokens=5), out=io.StringIO())
+    first = client.model.wire_stats()
+    client.restart()
+    client.reply([{"role": "user", "content": "And then?"}], Sampling(max_new_tokens=5), out=io.StringIO())
+    second = client.model.wire_stats()
+    summary = client.summary(1.0, 10)
+    client.close()
+    assert f"{first.uplink_bytes + second.uplink_bytes:,} B in" in summary
+    assert f"{first.tokens + second.tokens} token positions" in summary
 
 
 def test_a_conversation_sends_its_new_turn_not_the_whole_conversation_again(tiny_dir, server_url):

@@ -614,6 +614,14 @@ def test_a_session_is_opened_only_where_a_block_of_its_positions_fits_the_budget
     server.close_session(first)
     protocol.raise_if_error(_step(server, _open(server, 1), 0, 0, 16))  # room again
     server.shutdown()
+    capped = SplitServer(
+        tiny_model("llama"), limits=ServerLimits(max_session_kv_bytes=block // 2, idle_timeout_s=float("inf"))
+    )
+    refusal = f"session KV cap: a block of 16 positions at split 1 needs {block:,}"
+    with pytest.raises(ProtocolError, match=refusal) as cap:  # a cap below one block: no session could take a step
+        _open(capped, 1)
+    assert cap.value.code == "kv_session_cap"
+    capped.shutdown()
 
 
 def _block_bytes(server: SplitServer, split_layer: int) -> int:

@@ -950,7 +950,7 @@ def test_arguments_passed_by_position_reach_the_server(model_pair, downlink):
 def test_return_dict_false_gives_a_tuple_with_every_downlink(model_pair, downlink):
     ref, model = model_pair("llama")
     ids = prompt()
-    with deprecation_warnings() as warned:  # the config's `use_return_dict` is deprecated: it warned at every forward
+    with transformers_log("deprecated") as warned:  # `use_return_dict`: warned every forward
         out = split(model, downlink=downlink)(ids, return_dict=False)
         dict_out = split(model, downlink=downlink)(ids)
     assert isinstance(out, tuple) and out[0].argmax(-1).equal(ref(ids).logits.argmax(-1))
@@ -1031,7 +1031,7 @@ def test_a_generate_result_hands_its_cache_on_under_the_name_this_transformers_u
     from slicer_hf import compat
 
     model = tiny_model("llama")
-    with deprecation_warnings() as warned:
+    with transformers_log("deprecated") as warned:
         out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
         cache = compat.output_cache(out)
         more = model.generate(out.sequences, max_new_tokens=1, do_sample=False, **{compat.cache_kwarg(model): cache})
@@ -1040,9 +1040,9 @@ def test_a_generate_result_hands_its_cache_on_under_the_name_this_transformers_u
 
 
 @contextlib.contextmanager
-def deprecation_warnings():
-    """The deprecation warnings transformers logs meanwhile (at a user's verbosity, warnings; each anew, though
-    transformers gives each once per process)."""
+def transformers_log(containing: str):
+    """What transformers logs meanwhile that contains `containing` (at a user's verbosity, warnings; each anew,
+    though transformers gives some once per process)."""
     import logging.handlers
 
     seen = logging.handlers.BufferingHandler(100)
@@ -1051,13 +1051,13 @@ def deprecation_warnings():
     logging.Logger.warning_once.cache_clear()
     library.addHandler(seen)
     library.setLevel(logging.WARNING)  # the tests' verbosity is errors only
-    warned: list[str] = []
+    logged: list[str] = []
     try:
-        yield warned
+        yield logged
     finally:
         library.removeHandler(seen)
         library.setLevel(level)
-        warned += [r.getMessage() for r in seen.buffer if "deprecated" in r.getMessage()]
+        logged += [r.getMessage() for r in seen.buffer if containing in r.getMessage()]
 
 
 def test_a_model_in_a_dtype_the_wire_does_not_carry_is_refused_in_one_line(model_pair):
@@ -1065,3 +1065,24 @@ def test_a_model_in_a_dtype_the_wire_does_not_carry_is_refused_in_one_line(model
     _, model = model_pair("llama")
     with pytest.raises(ConfigError, match="runs in float32, float16 or bfloat16.*this one is torch.float64"):
         split(model.double()).generate(prompt(), max_new_tokens=1)
+
+
+def test_a_split_subclass_of_a_causal_lm_runs_in_the_text_generation_pipeline_without_complaint(reference_models):
+    """A user's subclass (or a remote-code class) is named in no auto mapping: registered as a causal LM anyway, its
+    split class passes the pipeline's model check."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ref = reference_models["llama"]
+    subclass = type("MyLlamaForCausalLM", (type(ref),), {})
+    model = subclass(ref.config).eval()
+    model.load_state_dict(ref.state_dict())
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w1"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w1", pad_token="w0")
+    greedy = dict(max_new_tokens=3, do_sample=False)
+    with transformers_log("not supported") as complaints:
+        got = transformers.pipeline("text-generation", model=split(model), tokenizer=tokenizer)("w3 w4 w5", **greedy)
+    want = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)("w3 w4 w5", **greedy)
+    assert got == want and not complaints

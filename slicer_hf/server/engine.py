@@ -500,8 +500,14 @@ class SplitServer:
                 )
             per_position = self._kv_per_position[k]
             least = self.store.block_size if self.store is not None else 1  # a step takes whole blocks
+            what = f"a block of {least} positions" if least > 1 else "a position"
+            if least * per_position > self.limits.max_session_kv_bytes:
+                raise ProtocolError(
+                    f"session KV cap: {what} at split {k} needs {least * per_position:,} bytes, over the cap of "
+                    f"{self.limits.max_session_kv_bytes:,}",
+                    code="kv_session_cap",
+                )
             if self.kv_bytes_used + least * per_position > self.kv_budget_bytes:
-                what = f"a block of {least} positions" if least > 1 else "a position"
                 raise ProtocolError(
                     f"KV memory budget full: {self.kv_bytes_used:,} of {self.kv_budget_bytes:,} bytes in use, "
                     f"{what} at split {k} needs {least * per_position:,}",
