@@ -631,3 +631,40 @@ def _block_bytes(server: SplitServer, split_layer: int) -> int:
         for (layer, _), pool in server.store.pools.items()
         if layer >= split_layer
     )
+
+
+def test_an_idle_server_gives_back_what_a_burst_left_in_its_pools_and_its_sessions_go_on_exactly(monkeypatch):
+    """The pools grow for a burst of sessions and kept that size once they left; idle a while, the compute thread
+    compacts them to the blocks still held (moving a remaining session's blocks), which carries on as before."""
+    from live import wait_for
+
+    from slicer_hf.server import scheduler
+
+    monkeypatch.setattr(scheduler, "IDLE_TRIM_S", 0.05)
+    codec, gen = build_codec("identity"), torch.Generator().manual_seed(0)
+    prompt, more = torch.randn(1, 20, 64, generator=gen), torch.randn(1, 1, 64, generator=gen)
+
+    def step(server, session, seq, start, hidden):
+        reply = server.handle(
+            protocol.encode_step(protocol.Step(session, seq, start, 1, hidden.shape[1], 0, codec.encode(hidden)))
+        )
+        return codec.decode(protocol.decode_reply(reply)[2])
+
+    calm = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    alone = _open(calm, 1)
+    step(calm, alone, 1, 0, prompt)
+    want = step(calm, alone, 2, 20, more)
+    calm.shutdown()
+
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    burst = [_open(server, 1) for _ in range(8)]
+    for session in burst:
+        protocol.raise_if_error(_step(server, session, 1, 0, 64))
+    kept = _open(server, 1)  # its blocks come after the burst's: the trim moves them
+    step(server, kept, 1, 0, prompt)
+    peak = server.store.bytes_allocated()
+    for session in burst:
+        server.close_session(session)
+    assert wait_for(lambda: server.store.bytes_allocated() < peak / 4)
+    assert torch.equal(step(server, kept, 2, 20, more), want)
+    server.shutdown()

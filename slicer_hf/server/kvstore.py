@@ -15,7 +15,8 @@ each row's positions once (the read is one gather per layer; a paged-attention k
 Each layer hands out its own block ids, so a pool holds only the rows that run its layer, and a layer's pool keeps
 its size when its rows leave. With `max_bytes`, the pools together never hold more than that (plus their zero
 blocks): a growth that would pass it first compacts every layer (moves the blocks in use to the lowest ids and cuts
-the pools to them) and grows to fit what is asked, with what room is left as slack.
+the pools to them) and grows to fit what is asked, with what room is left as slack. An idle server trims them the
+same way (`trim`), so that what a burst left goes back.
 
 What a row reads past its own length is masked, but masking does not stop a NaN (0 x NaN is NaN), so a row never
 reads another row's data: block 0 of every pool is never handed out and stays zero (a row's table points there
@@ -266,6 +267,18 @@ class KVStore:
 
     def blocks_in_use(self) -> int:
         return sum(n - (NULL_BLOCK + 1) - len(free) for n, free in zip(self._next, self._free))
+
+    @torch.inference_mode()  # the pools were made under it, by the forwards
+    def trim(self) -> int:
+        """Give back what a burst left: compact every layer whose pools hold more than twice the blocks its rows use
+        (plus one), cutting them to those blocks. Returns the bytes freed. Only between forwards (the compute
+        thread, idle)."""
+        before = self.bytes_allocated()
+        for layer in range(self.num_layers):
+            in_use = self._next[layer] - (NULL_BLOCK + 1) - len(self._free[layer])
+            if self._pool_keys(layer) and self._capacity(layer) > 2 * (in_use + 1):
+                self._compact(layer)
+        return before - self.bytes_allocated()
 
 
 class StoreBatch:

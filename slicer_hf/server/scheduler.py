@@ -62,6 +62,7 @@ ENCODER_SPLIT_PADDING = 256  # the same for encoder requests, whose padded posit
 # positions by default: a thread hop costs an honest prefill about a quarter more CPU), replies any a forward asks
 # for whole (generate() asks for one row)
 OFFLOAD_PACKET_POSITIONS, OFFLOAD_REPLY_POSITIONS = 512, 32
+IDLE_TRIM_S = 5.0  # idle this long, the compute thread gives the KV pools' unused blocks back (`KVStore.trim`)
 _STOP = object()
 
 
@@ -167,7 +168,12 @@ class Scheduler:
     def _cycle(self, pending: list[Work]) -> list[Work] | None:
         """Take what has arrived (waiting for it when idle), then run one round; None once stopped."""
         items = self._taken
-        items += [self._queue.get()] if not pending else []
+        if not pending:
+            try:
+                items.append(self._queue.get(timeout=IDLE_TRIM_S))
+            except queue.Empty:  # idle: what a burst left in the pools goes back, then wait for work
+                self._trim()
+                items.append(self._queue.get())
         while True:
             try:
                 items.append(self._queue.get_nowait())
@@ -413,6 +419,11 @@ class Scheduler:
         queued += [i[1] for i in after if isinstance(i, tuple) and i[0] == "decoded"]
         for work in pending + list(self._aside) + queued:
             _fail(work, _shutting_down())
+
+    def _trim(self) -> None:
+        store = self.server.store
+        if store is not None and (freed := store.trim()):
+            logger.info("idle: the KV pools gave back %s bytes", f"{freed:,}")
 
     def _account(self, **counters: float) -> None:
         """Add `counters` to the server's stats together with the CPU time this thread has used since it last did:
