@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import logging.handlers
 import os
 
 import pytest
@@ -218,3 +220,22 @@ def fake_hub(monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     return uploaded
+
+
+@contextlib.contextmanager
+def transformers_log(containing: str):
+    """What transformers logs meanwhile that contains `containing` (at a user's verbosity, warnings; each anew,
+    though transformers gives some once per process)."""
+    seen = logging.handlers.BufferingHandler(100)
+    library = logging.getLogger("transformers")
+    level = library.level
+    logging.Logger.warning_once.cache_clear()
+    library.addHandler(seen)
+    library.setLevel(logging.WARNING)  # the tests' verbosity is errors only
+    logged: list[str] = []
+    try:
+        yield logged
+    finally:
+        library.removeHandler(seen)
+        library.setLevel(level)
+        logged += [r.getMessage() for r in seen.buffer if containing in r.getMessage()]

@@ -1,7 +1,6 @@
 """The exactness anchor and generate() behaviour: with a lossless codec, split generation is plain
 transformers generation, token for token."""
 
-import contextlib
 import copy
 import inspect
 import struct
@@ -9,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHITECTURES, VOCAB, RecordingTransport
+from conftest import ARCHITECTURES, VOCAB, RecordingTransport, transformers_log
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -1037,27 +1036,6 @@ def test_a_generate_result_hands_its_cache_on_under_the_name_this_transformers_u
         more = model.generate(out.sequences, max_new_tokens=1, do_sample=False, **{compat.cache_kwarg(model): cache})
     assert cache is not None and cache.get_seq_length() == 5 and more.shape[1] == 6
     assert not warned
-
-
-@contextlib.contextmanager
-def transformers_log(containing: str):
-    """What transformers logs meanwhile that contains `containing` (at a user's verbosity, warnings; each anew,
-    though transformers gives some once per process)."""
-    import logging.handlers
-
-    seen = logging.handlers.BufferingHandler(100)
-    library = logging.getLogger("transformers")
-    level = library.level
-    logging.Logger.warning_once.cache_clear()
-    library.addHandler(seen)
-    library.setLevel(logging.WARNING)  # the tests' verbosity is errors only
-    logged: list[str] = []
-    try:
-        yield logged
-    finally:
-        library.removeHandler(seen)
-        library.setLevel(level)
-        logged += [r.getMessage() for r in seen.buffer if containing in r.getMessage()]
 
 
 def test_a_model_in_a_dtype_the_wire_does_not_carry_is_refused_in_one_line(model_pair):

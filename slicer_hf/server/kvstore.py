@@ -266,7 +266,11 @@ class KVStore:
         return sum(p.numel() * p.element_size() for p in list(self.pools.values()))
 
     def blocks_in_use(self) -> int:
-        return sum(n - (NULL_BLOCK + 1) - len(free) for n, free in zip(self._next, self._free))
+        return sum(self._in_use(layer) for layer in range(self.num_layers))
+
+    def _in_use(self, layer: int) -> int:
+        """Blocks of `layer` that rows hold (the ids handed out, less those given back)."""
+        return self._next[layer] - (NULL_BLOCK + 1) - len(self._free[layer])
 
     @torch.inference_mode()  # the pools were made under it, by the forwards
     def trim(self) -> int:
@@ -275,8 +279,7 @@ class KVStore:
         thread, idle)."""
         before = self.bytes_allocated()
         for layer in range(self.num_layers):
-            in_use = self._next[layer] - (NULL_BLOCK + 1) - len(self._free[layer])
-            if self._pool_keys(layer) and self._capacity(layer) > 2 * (in_use + 1):
+            if self._pool_keys(layer) and self._capacity(layer) > 2 * (self._in_use(layer) + 1):
                 self._compact(layer)
         return before - self.bytes_allocated()
 

@@ -486,11 +486,9 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float], adaptive: 
     ]
     alone = [n for n in limits if not any(_violations(c, {n: limits[n]})[n] <= 1 for c in cands)]
     relax = [f"{CONSTRAINT_NAMES[n]} to {at_least(getattr(nearest.prediction, n))}" for n in ratios if ratios[n] > 1]
-    what = (
-        "ECSQ setting (adaptive bitrate moves the ECSQ step; fp16 and exact uplinks are left out)"
-        if adaptive
-        else ("codec setting")
-    )
+    what = "codec setting"
+    if adaptive:
+        what = "ECSQ setting (adaptive bitrate moves the ECSQ step; fp16 and exact uplinks are left out)"
     message = (
         f"no split and {what} meets every constraint; the binding one is {CONSTRAINT_NAMES[binding]}="
         f"{limits[binding]:g}{unit[binding]}. The nearest feasible point: {nearest.label()} misses "
