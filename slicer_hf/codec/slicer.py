@@ -678,6 +678,8 @@ def _ans_encode(coder: Any, symbols: np.ndarray, model: Any, *params: np.ndarray
 def _ans_decode_symbols(coder: Any, count: int, model: Any, *params: np.ndarray) -> np.ndarray:
     """`count` symbols decoded with `model` (and its per-symbol `params`, or none), a slice at a time (see
     `_ans_encode`)."""
+    if count <= ANS_SLICE:  # one call (a decode step's run of a trellis, say): no slicing to pay for
+        return coder.decode(model, *params) if params else coder.decode(model, count)
     parts = []
     for lo in range(0, count, ANS_SLICE):
         if lo:
