@@ -3,6 +3,7 @@ log of what was sent, replayed to another server when the current one dies."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -220,7 +221,10 @@ class SuffixLink:
         self.downlink_codec = codec_from_spec(spec) if spec else build_codec("identity")
 
     def _request(self, data: bytes) -> bytes:
-        reply = self.transport.request(data)  # counted once answered: a request no server took never crossed
+        return self._counted(data, self.transport.request(data))
+
+    def _counted(self, data: bytes, reply: bytes) -> bytes:
+        """`reply`, once `data` has been answered with it: counted then (a request no server took never crossed)."""
         self._ever_answered = True
         self.stats.uplink_bytes += len(data)
         self.stats.uplink_messages += 1
@@ -440,8 +444,8 @@ class SuffixLink:
                             f"positions of {self._width}): start it again",
                             code="step_limits",
                         )
-                    for earlier in replay[:-1]:  # rebuild the suffix cache on a fresh server, no outputs
-                        self._exchange(dataclasses.replace(earlier, need_from=earlier.tokens))
+                    if replay[:-1]:
+                        self._replay([dataclasses.replace(step, need_from=step.tokens) for step in replay[:-1]])
                 result = send()
                 if last is not None:
                     self.stats.failovers += 1
@@ -505,6 +509,19 @@ class SuffixLink:
         protocol.raise_if_error(reply)
         self._acked = (step.seq, step.start + step.tokens, step.batch)
         return reply
+
+    def _replay(self, steps: list[protocol.Step]) -> None:
+        """Rebuild a lost session's suffix cache on this one from `steps` (asking no outputs), all sent before their
+        replies are read: after a long generation, one round trip rather than one a step. Each reply is checked in
+        order; the first refusal ends the replay."""
+        messages = []
+        for step in steps:
+            step.session = self.session or 0
+            messages.append(protocol.encode_step(self._leaner(step)))
+            self._acked = (step.seq, step.start + step.tokens, step.batch)  # as the server will hold it by the next
+        with contextlib.closing(self.transport.pipeline(messages)) as replies:
+            for data, reply in zip(messages, replies):
+                protocol.raise_if_error(self._counted(data, reply))
 
     def _leaner(self, step: protocol.Step) -> protocol.Step:
         """`step` as this server takes it with the fewest bytes: its packet without what the session already says

@@ -61,6 +61,26 @@ def test_kill_9_fails_over_to_the_next_server_exactly(server, model_dir, referen
     assert second.stats()["sessions_opened"] == 1
 
 
+def test_a_pipeline_is_answered_in_order_and_one_left_early_leaves_a_clean_stream(server, model_dir):
+    srv = server()
+    transport = GrpcTransport([srv.url], timeout_s=30)
+    try:
+        first = raw_open(transport, model_dir)
+        step = protocol.encode_json(protocol.CLOSE, {"session": first})
+        unknown = step_header(first, 0, 0, 1, 1)  # a step on the session just closed
+        replies = list(transport.pipeline([step, unknown, unknown]))
+        assert [protocol.message_type(r) for r in replies] == [protocol.CLOSED, protocol.ERROR, protocol.ERROR]
+        assert all(b"unknown session" in r for r in replies[1:])
+
+        again = raw_open(transport, model_dir)
+        left = transport.pipeline([protocol.encode_json(protocol.CLOSE, {"session": again}), unknown, unknown])
+        assert protocol.message_type(next(left)) == protocol.CLOSED
+        left.close()  # two replies unread: they must not answer what follows
+        assert raw_open(transport, model_dir) > again  # its own OPENED, not a reply left over
+    finally:
+        transport.close()
+
+
 def test_a_first_server_that_never_answers_sends_the_client_on_within_its_timeout(server, model_dir, reference):
     """A frozen server's port still accepts connections: with timeout_s under gRPC's 20 s connect timeout, every
     generate() failed there and the second server was never tried. (Resumed, the server must still stop on SIGTERM:

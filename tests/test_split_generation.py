@@ -779,6 +779,34 @@ def test_wire_stats_count_one_failover_per_recovery_and_each_failed_attempt_as_a
     assert (model.wire_stats().failovers, model.wire_stats().retries) == (1, 3)
 
 
+class Pipelining(Switching):
+    """`Switching`, recording how many messages each `pipeline` call carries."""
+
+    def __init__(self, first: SplitServer, second: SplitServer) -> None:
+        super().__init__(first, second)
+        self.pipelined: list[int] = []
+
+    def pipeline(self, messages):
+        self.pipelined.append(len(messages))
+        return super().pipeline(messages)
+
+
+def test_a_failover_replays_the_lost_sequence_in_one_pipeline_not_a_round_trip_a_step(reference_models):
+    ref = reference_models["llama"]
+    transport = Pipelining(SplitServer(copy.deepcopy(ref)), SplitServer(copy.deepcopy(ref)))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport)
+    ids = prompt(1, 7)
+
+    def first_dies_after_six_steps(*_: object) -> bool:
+        transport.dead = transport.dead or model.wire_stats().uplink_messages == 7  # OPEN, prefill, 5 decode steps
+        return False
+
+    out = model.generate(ids, max_new_tokens=9, do_sample=False, stopping_criteria=[first_dies_after_six_steps])
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=9, do_sample=False))
+    assert transport.pipelined == [6]  # the prefill and 5 decode steps, all sent before their replies are read
+    assert model.wire_stats().failovers == 1
+
+
 class ShuttingDown(LocalTransport):
     """An in-process server that answers one step, once armed, as a server stopping does (`shutdown`)."""
 

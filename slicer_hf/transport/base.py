@@ -6,7 +6,7 @@ import importlib
 import inspect
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, TransportError
@@ -39,6 +39,13 @@ class Transport(ABC):
     @abstractmethod
     def request(self, data: bytes) -> bytes:
         """Send one message and wait for its reply; raises `TransportError` when the peer is unreachable."""
+
+    def pipeline(self, messages: Sequence[bytes]) -> Iterator[bytes]:
+        """Send `messages` in order and yield their replies in order. A transport that can sends each without
+        waiting for the replies before it (one round trip for all, not one a message); by default, one `request`
+        at a time. A caller that stops early (a refusal) leaves the connection clean: what was not read is dropped."""
+        for data in messages:
+            yield self.request(data)
 
     def reset(self) -> bool:
         """Drop the connection after a failure and move to the next endpoint. False when this transport cannot

@@ -161,10 +161,31 @@ class GrpcTransport(Transport):
         self._reader.start()
 
     def request(self, data: bytes) -> bytes:
+        self._send(data)
+        return self._reply()
+
+    def pipeline(self, messages: Sequence[bytes]) -> Iterator[bytes]:
+        """All of `messages` go on the stream at once (the server answers them in order); the replies follow."""
+        for data in messages:
+            self._send(data)
+        taken = 0
+        try:
+            for _ in messages:
+                reply = self._reply()
+                taken += 1
+                yield reply
+        finally:
+            if taken < len(messages):  # replies still on their way would answer the next requests
+                self.close()
+
+    def _send(self, data: bytes) -> None:
         if self._call is None:  # gRPC's threads keep the context they start in: a clean one holds no caller's model
             contextvars.Context().run(self._connect)
         self._asked.release()
         self._outbox.put(bytes(data))
+
+    def _reply(self) -> bytes:
+        """The reply to the oldest request not yet answered on this stream."""
         try:
             reply = self._inbox.get(timeout=self.timeout_s)
         except queue.Empty:  # a slow server is not a dead one: no failover, whose replay would only add load; but one
