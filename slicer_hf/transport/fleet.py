@@ -11,6 +11,7 @@ the router over TLS, and the replicas' endpoints say themselves whether they use
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import io
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import NowhereElse, TransportError
@@ -137,10 +139,21 @@ class FleetTransport(Transport):
         return answer
 
     def request(self, data: bytes) -> bytes:
+        return self._answered(self._connected().request(data))
+
+    def pipeline(self, messages: Sequence[bytes]) -> Iterator[bytes]:
+        with contextlib.closing(self._connected().pipeline(messages)) as replies:
+            for reply in replies:
+                yield self._answered(reply)
+
+    def _connected(self) -> GrpcTransport:
+        """The stream to this session's replica (the router is asked for one first, where there is none)."""
         if self._replica is None:
             endpoint = self.admit()["endpoint"]
             self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, self.root_certificates, others=True)
-        reply = self._replica.request(data)
+        return self._replica
+
+    def _answered(self, reply: bytes) -> bytes:
         if reply[1:2] == bytes([REPLY]):  # a step answered: the endpoints left out may serve again (an OPENED does
             self._failed.clear()  # not say that: the step after it may still be refused for want of room)
             self._refused.clear()
