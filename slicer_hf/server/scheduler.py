@@ -383,8 +383,8 @@ class Scheduler:
         """Decode large packets one at a time, handing each step back to the rounds as it is decoded; once the
         scheduler has stopped, the rest are not decoded (the process waits for this thread at exit)."""
         for work in works:
-            if self._stopped:
-                _fail(work, _shutting_down())
+            if self._stopped or work.session.closed:  # nobody waits for a closed session's step: no work for it
+                _fail(work, _shutting_down() if self._stopped else _closed(work))
                 continue
             if not work.future.done():
                 started, cpu = time.perf_counter(), time.thread_time()
@@ -403,7 +403,10 @@ class Scheduler:
     def _encode_aside(self, works: list[Work], final: torch.Tensor) -> None:
         """Encode a large reply and answer its step with it."""
         (work,) = works
-        _answer(work, self.server.encode_output(work.session, final, work.reply_given))
+        if work.session.closed:
+            _fail(work, _closed(work))
+        else:
+            _answer(work, self.server.encode_output(work.session, final, work.reply_given))
 
     def _stop(self, pending: list[Work], after: list[Any]) -> None:
         """Refuse every step still held: in the rounds, on the codec thread, or queued (after `_STOP` too)."""
@@ -473,6 +476,10 @@ def _fail(work: Work, exc: BaseException) -> None:
 
 def _shutting_down() -> ProtocolError:
     return ProtocolError("server shutting down", code="shutdown")
+
+
+def _closed(work: Work) -> ProtocolError:
+    return ProtocolError(f"session {work.session.id} was closed", code="unknown_session")
 
 
 def _by_length(works: list[Work], length: Callable[[Work], int], padding: int) -> list[list[Work]]:
