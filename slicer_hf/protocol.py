@@ -194,9 +194,12 @@ def decode_json(data: bytes) -> dict[str, Any]:
 def encode_error(code: str, message: str) -> bytes:
     """An ERROR message; a long message (one that quotes a client's value) is cut, so the reply stays a control
     message the client reads (`MAX_JSON_BYTES`)."""
-    if len(message) > MAX_ERROR_CHARS:
-        message = message[:MAX_ERROR_CHARS] + f"... ({len(message):,} characters in all)"
-    return encode_json(ERROR, {"code": code, "message": message})
+    return encode_json(ERROR, {"code": code, "message": clipped(message, MAX_ERROR_CHARS)})
+
+
+def clipped(message: str, limit: int) -> str:
+    """`message`, cut to `limit` characters where it is longer (one that quotes a client's value may be long)."""
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message):,} characters in all)"
 
 
 def raise_if_error(data: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1095,3 +1096,15 @@ def test_packets_set_aside_for_sessions_closed_meanwhile_are_not_decoded(engine)
 def test_a_server_without_an_open_timeout_starts(engine, open_timeout_s):
     running = serve(engine(open_timeout_s=open_timeout_s), port=0)
     running.stop()
+
+
+def test_a_refusal_quoting_a_clients_long_value_is_logged_cut_short(engine, caplog):
+    """The log line of a refusal quoted the client's value whole: 50 OPENs of 64 KB wrote 8 MB to a server's log."""
+    server = engine()
+    body = {"fingerprint": "x", "split_layer": 2, "model": "\U000e0001" * 16000}  # 64 KB; quoted escaped, 10x
+    with caplog.at_level("WARNING", logger="slicer_hf.server.engine"):
+        reply = server.handle(protocol.header(protocol.OPEN) + json.dumps(body, ensure_ascii=False).encode())
+    assert protocol.message_type(reply) == protocol.ERROR and len(reply) < 5000
+    (record,) = caplog.records
+    assert "characters in all" in record.getMessage() and len(record.getMessage()) < 500
+    server.shutdown()

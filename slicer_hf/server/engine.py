@@ -421,7 +421,9 @@ class SplitServer:
             self.close_session(session.id)
         # a rewind past what a sliding window kept is routine (prompt reuse): the client replays, nothing failed
         log = logger.info if code == "state_lost" else logger.warning
-        log("refused request (session %s): %s: %s", session and session.id, code, message)
+        # cut shorter than the reply's: a client's values quoted in full would let it fill the log (a reviewer's 50
+        # OPENs of 64 KB wrote 8 MB)
+        log("refused request (session %s): %s: %s", session and session.id, code, protocol.clipped(message, 300))
         answer = protocol.encode_error(code, message)
         self.stats.add(bytes_out=len(answer))
         return answer
