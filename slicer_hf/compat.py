@@ -182,7 +182,11 @@ def new_cache(model: PreTrainedModel) -> DynamicCache:
 
 
 def cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length()) if cache is not None else 0
+    """Positions a cache holds: the most any of its layers holds (transformers counts layer 0's, which a server's
+    cache leaves empty below its split)."""
+    if cache is None:
+        return 0
+    return max((int(layer.get_seq_length()) for layer in getattr(cache, "layers", ())), default=0)
 
 
 def sliding_windows(model: PreTrainedModel) -> list[int | None]:
@@ -192,17 +196,21 @@ def sliding_windows(model: PreTrainedModel) -> list[int | None]:
 
 
 def crop_cache(cache: DynamicCache, length: int) -> bool:
-    """Drop cached positions beyond `length` (5.x takes the negative count to remove); False, with nothing dropped,
-    where the cache cannot go back that far: a sliding-window layer that has filled its window keeps no earlier
-    positions to attend to from `length` on."""
-    extra = cache_length(cache) - length
-    if extra <= 0:
-        return True
-    for layer in cache.layers:
+    """Drop cached positions beyond `length`, layer by layer (5.x takes the negative count to remove; a server's
+    layers below its split hold none); False, with nothing dropped, where the cache cannot go back that far: a
+    sliding-window layer that has filled its window keeps no earlier positions to attend to from `length` on, and a
+    recurrent layer (Mamba, linear attention) holds one state of all its positions."""
+    from transformers import cache_utils
+
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # (): a transformers without them
+    over = [(layer, int(layer.get_seq_length()) - length) for layer in cache.layers]
+    over = [(layer, extra) for layer, extra in over if extra > 0]
+    for layer, _ in over:
         window = getattr(layer, "sliding_window", None)
-        if window and layer.get_seq_length() >= window and not getattr(layer, "record_past", False):
+        if (isinstance(layer, recurrent) or window and layer.get_seq_length() >= window) and not layer.record_past:
             return False
-    cache.crop(-extra)
+    for layer, extra in over:
+        layer.crop(-extra)
     return True
 
 

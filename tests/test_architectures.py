@@ -120,3 +120,51 @@ def test_a_model_type_the_sweep_does_not_know_is_a_usage_error_not_untested(caps
     with pytest.raises(SystemExit) as exit_:
         architectures.main(["--only", "lama", "--out-json", ""])
     assert exit_.value.code == 2 and "not causal-LM model types of this transformers: lama" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "model_type", ["qwen3_next", "falcon_mamba", "qwen3_5_text", "falcon_h1", "olmo_hybrid", "lfm3", "llama"]
+)
+def test_a_prompt_reused_from_a_prefix_cache_goes_back_exactly_on_recurrent_and_storeless_servers(model_type):
+    """transformers' prompt-reuse recipe (one prefix's cache, deep-copied for each question) sends the server back to
+    the prefix's end. It read a cache's length from layer 0, which a server below its split leaves empty: nothing
+    was cropped, and recurrent families went on from the abandoned branch's state, giving other tokens silently."""
+    import copy
+
+    import torch
+
+    from slicer_hf.server import SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    ref = sweep.tiny_model(model_type)
+    server = SplitServer(copy.deepcopy(ref), kv_store=False)  # what a recurrent family gets; llama: asked for
+    model = SlicerModelForCausalLM.from_model(
+        copy.deepcopy(ref), SlicerConfig(codec="identity", split_layer=2), LocalTransport(server)
+    )
+    ids = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(0))
+    for name, m in (("plain", ref), ("split", model)):
+        with torch.no_grad():
+            prefix = m(ids[:, :10], use_cache=True).past_key_values
+        outs = [
+            m.generate(question, past_key_values=copy.deepcopy(prefix), max_new_tokens=6, do_sample=False)
+            for question in (ids, torch.cat([ids[:, :10], ids[:, 10:].flip(1)], 1))
+        ]
+        if name == "plain":
+            expected = outs
+    assert all(torch.equal(a, b) for a, b in zip(outs, expected))
+    server.shutdown()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1", "mamba"])
+def test_a_recurrent_cache_is_not_cut_back_and_says_so(model_type):
+    """The chat client cuts the last reply's cache to what the next prompt shares; transformers refuses to crop a
+    recurrent layer (a RuntimeError that ended the chat), or a crop left its state past the cut."""
+    import torch
+
+    from slicer_hf import compat
+
+    model = sweep.tiny_model(model_type)
+    with torch.no_grad():
+        cache = model(torch.arange(3, 13)[None], use_cache=True).past_key_values
+    assert compat.crop_cache(cache, 4) is False and compat.cache_length(cache) == 10
+    assert compat.crop_cache(cache, 10) is True  # nothing past 10: nothing to cut
