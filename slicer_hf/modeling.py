@@ -527,12 +527,12 @@ class SlicerModelForCausalLM:
         return cast("SplitCausalLM", split)
 
 
-
 def _in_process(model: PreTrainedModel) -> LocalTransport:
     """The in-process server of `model`. A half-precision one keeps transformers' own caches: the KV store's attention
     over a padded batch (or past a sliding window) rounds otherwise, by up to 0.4 of a bfloat16 logit, enough to
     change tokens; in float32, about 1e-7, and the store's batching serves the edge's batch in one forward."""
     return LocalTransport(SplitServer(model, kv_store=model.dtype == torch.float32))
+
 
 def make_split(
     model: PreTrainedModel,

@@ -139,6 +139,25 @@ def test_replicas_that_each_refuse_for_want_of_room_stay_left_out_until_the_refu
 
 @pytest.mark.network
 @pytest.mark.slow
+def test_a_session_that_outgrows_every_replica_mid_generation_is_refused_not_bounced_between_them(server, model_dir):
+    """The prompt fits, the generation outgrows the budget: the replay on the second replica answered steps, which
+    put the first back in play, and the client went back and forth, replaying everything each time, until its
+    attempts ran out (then a chat ended, where one server's refusal only drops the turn)."""
+    small = [server("--kv-memory", "64KiB") for _ in range(2)]
+    everyone_refused = (503, {"error": "every replica refused", "left_out": 2, "known": 2})
+    router = StandInRouter([(200, {"endpoint": s.url, "replica": str(i)}) for i, s in enumerate(small)])
+    router.replies.append(everyone_refused)
+    try:
+        with pytest.raises(ProtocolError, match="KV") as caught:
+            client(model_dir, router.url).generate(prompt(4, length=8), max_new_tokens=1000, do_sample=False)
+        assert caught.value.code == "kv_budget"
+        assert [r[2]["exclude"] for r in router.requests] == [[], [small[0].url], [small[0].url, small[1].url]]
+    finally:
+        router.close()
+
+
+@pytest.mark.network
+@pytest.mark.slow
 def test_a_replica_that_never_answers_a_new_stream_is_left_for_another_from_the_router(server, model_dir, reference):
     import socket
 
