@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -405,7 +406,14 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
     except ImportError as exc:
         raise typer.BadParameter(f"--ray needs the ray extra: pip install 'slicer-hf[ray]' ({exc})") from None
     from .loading import missing_folder, model_config
+    from .protocol import is_loopback
 
+    if options["ray_address"] is not None and options["advertise_host"] is None and is_loopback(options["host"]):
+        warnings.warn(  # a cluster of one machine is served so; replicas elsewhere would point clients to their own
+            f"--ray-address joins a cluster, and its replicas listen on {options['host']}: on a cluster of several "
+            "machines no client reaches those on other nodes; give --host 0.0.0.0 (with --token and TLS)",
+            stacklevel=1,
+        )
     if options["ray_address"] is None:  # replicas on this machine, which would each fail to load a model not here
         if missing_folder(options["model"]):
             raise typer.BadParameter(f"{options['model']!r}: no such folder", param_hint="--model")
@@ -911,8 +919,6 @@ def bench(
 
 
 def main() -> None:
-    import warnings
-
     from .errors import SlicerError
 
     # a warning for the user, not a traceback frame: one line, as the errors below

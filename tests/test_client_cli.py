@@ -295,6 +295,26 @@ def test_a_fleet_whose_model_cannot_load_is_refused_before_ray_starts(tmp_path):
     assert "Ray" not in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", True), ("0.0.0.0", False)])
+def test_a_fleet_joining_a_cluster_on_a_loopback_host_is_warned_of(monkeypatch, host, warned):
+    """Replicas on other nodes listened on their own loopback and pointed clients to it: no session ever opened
+    there, and the router, seeing them idle, sent every client to them first."""
+    import warnings
+
+    pytest.importorskip("ray")
+    import slicer_hf.server.fleet as fleet
+
+    def deploy(options, address=None):
+        raise ConfigError("deployed no further")
+
+    monkeypatch.setattr(fleet, "deploy", deploy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["serve", "--ray", "--ray-address", "auto", "--host", host])
+    assert "deployed no further" in str(result.exception)
+    assert any("joins a cluster" in str(w.message) for w in caught) == warned
+
+
 def test_eval_defaults_to_the_config_generate_uses(monkeypatch):
     """For SmolLM2 its preset (the README's numbers), not SlicerConfig's defaults."""
     import slicer_hf.evaluate as evaluate

@@ -366,6 +366,25 @@ def test_the_autoscaling_policy_asks_for_replicas_by_active_sessions():
 
 
 # ---------------------------------------------------------------------------------------------------- on Ray
+def test_a_cluster_address_nothing_answers_at_is_refused_at_once_not_retried_for_minutes(monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    from slicer_hf import ConfigError
+    from slicer_hf.server import fleet
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ConfigError, match="no Ray cluster answers at 127.0.0.1:1"):  # Ray: about 13 minutes
+        fleet.deploy(fleet.FleetOptions(), address="127.0.0.1:1")
+
+    def no_cluster(**options):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)  # `auto` with none running: a traceback before
+    with pytest.raises(ConfigError, match="cannot join the Ray cluster at 'auto': Could not find"):
+        fleet.deploy(fleet.FleetOptions(), address="auto")
+
+
 def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
     pytest.importorskip("ray")
     from slicer_hf.server.fleet import FleetOptions, app_builder

@@ -387,7 +387,11 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     """
     started_here = not ray.is_initialized() and address in (None, "local") and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        except ConnectionError as exc:  # `auto` with no cluster running, say
+            raise ConfigError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
     client = _serve_client()  # a Serve already running on the cluster, started by this process or another
     if client is not None and options.app_name in serve.status().applications:  # serve.run would replace it
         raise ConfigError(
@@ -558,6 +562,19 @@ def wait_for_replicas(
             message = f"fewer than {count} replicas registered with {url} within {timeout_s} s (last: {last})"
             raise TransportError(message, retryable=False)
         time.sleep(0.5)
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A `host:port` cluster address that nothing answers at is refused now: Ray would retry it for minutes."""
+    host, _, port = (address or "").rpartition(":")
+    if "://" in (address or "") or not host or not port.isdigit():  # `auto`, `local`, `ray://...`: Ray's to resolve
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({exc}): is `ray start --head` running there?"
+        ) from None
 
 
 def _node_address(bind_host: str) -> str:
