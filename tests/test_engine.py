@@ -588,6 +588,43 @@ def test_a_call_without_the_token_is_refused_as_it_starts_and_health_watch_holds
         running.stop()
 
 
+def test_health_checks_that_never_send_their_request_hold_no_slot_for_long_nor_many(engine, monkeypatch):
+    """A health check needs no token, and gRPC gives a call its slot before the request comes: 40 checks that never
+    sent one held every slot for good, and the clients with the token were refused (RESOURCE_EXHAUSTED)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import slicer_hf.server.grpc_server as grpc_server
+
+    monkeypatch.setattr(grpc_server, "CONTROL_WAIT_S", 1.0)
+    running = serve(engine(), port=0, token="s3cret", max_streams=1)
+    url, never = f"grpc://127.0.0.1:{running.port}", threading.Event()
+
+    def silent():  # a request that never comes
+        never.wait(60)
+        return
+        yield
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        check = channel.stream_stream(grpc_server.HEALTH_CHECK)
+        calls = [check(silent()) for _ in range(40)]
+        time.sleep(0.3)  # (no assertion on time: the calls have started, or the next step finds them still coming)
+        transport = GrpcTransport([url], token="s3cret", timeout_s=30)
+        reply = transport.request(protocol.encode_json(protocol.OPEN, {"fingerprint": "x"}))
+        assert protocol.decode_json(reply)["code"] == "model_mismatch"  # answered: a slot was free for it
+        codes = {call.code() for call in calls}  # each ends: on its deadline, or refused as one too many
+        assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:
+            answer = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        transport.close()
+    finally:
+        never.set()
+        channel.close()
+        running.stop()
+
+
 def test_the_metrics_endpoint_bounds_its_connections_and_frees_the_stalled_ones(engine, monkeypatch):
     """500 half-sent requests held 500 threads, none of which ever timed out; 16 clients trickling a byte at a time
     would hold every slot for good if only each read had a deadline."""

@@ -13,6 +13,7 @@ own (`CONTROL_SLOTS`), so a server full of sessions still answers its operator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -39,28 +40,76 @@ METRICS_CONNECTIONS = 16  # HTTP connections the metrics endpoint serves at once
 METRICS_TIMEOUT_S = 10.0  # how long one connection may take, and each of its reads
 
 
+CONTROL_WAIT_S = 5.0  # how long a control call may take to send its request (one that never does held a slot)
+CONTROL_PER_PEER = 4  # control calls one address may have in flight at once
 MAX_MS = (1 << 31) - 1  # the longest time a gRPC option takes (an int32 of milliseconds: about 25 days)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+
+class _ControlCalls:
+    """Control calls (health checks, stats, metrics, drain) take a call slot from when they start, before their
+    request comes, and a health check needs no token: a thousand checks that never sent their request held every
+    slot, and the server refused everyone. Each is served as a read of its one request within `CONTROL_WAIT_S`, and
+    at most half the control slots are held by them, `CONTROL_PER_PEER` by any one address."""
+
+    def __init__(self) -> None:
+        self.total, self.by_peer = 0, collections.Counter[str]()
+
+    def handler(self, handle: Callable[[Any, Any], Any], **serializers: Any) -> Any:
+        """A handler for a unary call, `handle(request, context)`, that reads its request itself (with a deadline)."""
+
+        async def read_then_handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            peer = urllib.parse.unquote(context.peer()).rpartition(":")[0]  # the address, less the port
+            if self.total >= CONTROL_SLOTS // 2 or self.by_peer[peer] >= CONTROL_PER_PEER:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many control calls in flight")
+            self.total, self.by_peer[peer] = self.total + 1, self.by_peer[peer] + 1
+            try:
+                try:
+                    request = await asyncio.wait_for(context.read(), CONTROL_WAIT_S)
+                except asyncio.TimeoutError:
+                    request = None
+                if request is None or request is grpc.aio.EOF:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {CONTROL_WAIT_S} s")
+                return await handle(request, context)
+            finally:
+                self.total -= 1
+                self.by_peer -= collections.Counter({peer: 1})  # drops the address at zero
+
+        return grpc.stream_unary_rpc_method_handler(read_then_handle, **serializers)
 
 
 class _Gate(grpc.aio.ServerInterceptor):
     """Every call but a health check shows the token as it starts, before gRPC waits for a request message: a call
     that never sends one would otherwise hold a call slot, its token unchecked. Health's `Watch` (a stream held open
     for as long as a client likes, with no token) is not served: each would hold a slot, and a thousand of them every
-    slot; probes poll `Check`."""
+    slot; probes poll `Check`, served by `control`."""
 
-    def __init__(self, engine: SplitServer, token: str | None, admin_token: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: SplitServer,
+        control: _ControlCalls,
+        health_servicer: Any,
+        token: str | None,
+        admin_token: str | None = None,
+    ) -> None:
         self.engine, self.token, self.admin_token = engine, token, admin_token
+        self.check = control.handler(
+            health_servicer.Check,
+            request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        )
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if details.method == HEALTH_WATCH:
             return _refusal(grpc.StatusCode.UNIMPLEMENTED, "Health/Watch is not served: poll Health/Check")
+        if details.method == HEALTH_CHECK:
+            return self.check
         sent = str(dict(details.invocation_metadata or ()).get("authorization", "")).encode()
         if details.method == protocol.DRAIN_METHOD and self.admin_token is not None:  # the operators', not the clients'
             if not _authorized(sent, self.admin_token, self.engine):
                 return _refusal(grpc.StatusCode.UNAUTHENTICATED, "Drain takes the admin token")
-        elif details.method != HEALTH_CHECK and not _authorized(sent, self.token, self.engine):
+        elif not _authorized(sent, self.token, self.engine):
             return _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
         return await continuation(details)
 
@@ -92,15 +141,21 @@ def _refusal(code: grpc.StatusCode, message: str) -> Any:
 
 class _SplitService(grpc.GenericRpcHandler):
     def __init__(
-        self, engine: SplitServer, pool: ThreadPoolExecutor, health: Any, max_streams: int, remote_drain: bool
+        self,
+        engine: SplitServer,
+        pool: ThreadPoolExecutor,
+        health: Any,
+        control: _ControlCalls,
+        max_streams: int,
+        remote_drain: bool,
     ) -> None:
         self.engine, self.pool, self.health, self.remote_drain = engine, pool, health, remote_drain
         self.max_streams, self.streams = max_streams, 0  # session streams open (the event loop's count)
         self.methods = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
-            "Stats": grpc.unary_unary_rpc_method_handler(self.stats),
-            "Metrics": grpc.unary_unary_rpc_method_handler(self.metrics),
-            "Drain": grpc.unary_unary_rpc_method_handler(self.drain),
+            "Stats": control.handler(self.stats),
+            "Metrics": control.handler(self.metrics),
+            "Drain": control.handler(self.drain),
         }
 
     def service(self, details: grpc.HandlerCallDetails) -> Any:
@@ -462,6 +517,7 @@ class RunningServer:
     ) -> int:
         """Serve on host:port; `tokens`: the clients' and the admin token."""
         limits = self.engine.limits
+        self.health, control = health.aio.HealthServicer(), _ControlCalls()
         self.server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a taken port fails to start instead of sharing its connections
             options=[
@@ -471,11 +527,12 @@ class RunningServer:
                 ("grpc.max_connection_idle_ms", max(1, round(1000 * min(limits.open_timeout_s, MAX_MS / 1000)))),
             ],
             maximum_concurrent_rpcs=max_streams + CONTROL_SLOTS,  # the session streams are counted by the service
-            interceptors=[_Gate(self.engine, *tokens)],
+            interceptors=[_Gate(self.engine, control, self.health, *tokens)],
         )
-        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        service = _SplitService(self.engine, self.pool, self.health, max_streams, remote_drain=tokens[1] is not None)
+        service = _SplitService(
+            self.engine, self.pool, self.health, control, max_streams, remote_drain=tokens[1] is not None
+        )
         self.server.add_generic_rpc_handlers((service,))
         address = f"{host}:{port}"
         try:
