@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1160,3 +1161,13 @@ def test_a_packet_of_almost_no_bytes_for_many_values_is_refused_before_its_forwa
     packet = build_codec(codec).encode(torch.randn(8, 512, server.hidden_size))
     protocol.raise_if_error(server.handle(protocol.encode_step(protocol.Step(honest, 1, 0, 8, 512, 511, packet))))
     server.shutdown()
+
+
+def test_a_server_whose_streams_may_hold_more_than_the_machine_says_so_at_start(engine, caplog):
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with caplog.at_level("WARNING", logger="slicer_hf.server.grpc_server"):
+        serve(engine(), port=0, max_streams=memory // (64 << 20) + 1).stop()  # at the default 64 MiB messages
+        assert "messages being received may hold" in caplog.text
+        caplog.clear()
+        serve(engine(), port=0, max_streams=8).stop()
+    assert "messages being received" not in caplog.text

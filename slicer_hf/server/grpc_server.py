@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import urllib.parse
@@ -323,6 +324,24 @@ class _IdleTimer:
             self._timer = None
 
 
+def _warn_of_message_memory(max_streams: int, max_message_bytes: int) -> None:
+    """Messages being received are held whole, one a stream: where that bound passes this machine's memory, a client
+    (without a token, anyone) can take the server down with messages it never finishes."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return
+    if (held := max_streams * max_message_bytes) > memory:
+        logger.warning(
+            "--max-streams %d x --max-message-bytes %s: messages being received may hold %.1f GiB, more than this "
+            "machine's %.1f GiB; lower either (a float32 step at the default --max-step-elements is 32 MiB)",
+            max_streams,
+            f"{max_message_bytes:,}",
+            held / 2**30,
+            memory / 2**30,
+        )
+
+
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
     """`callback` on `loop` from another thread, unless the loop has closed (the server stopped: nobody waits)."""
     with contextlib.suppress(RuntimeError):  # closed between the check and the call
@@ -502,6 +521,7 @@ class RunningServer:
             self.metrics_port = self._metrics.server_port
         if token is not None and tls_cert is None and not protocol.is_loopback(host):
             logger.warning("an auth token is required on %s without TLS: tokens cross the network in clear", host)
+        _warn_of_message_memory(max_streams, engine.limits.max_message_bytes)
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
