@@ -1171,3 +1171,24 @@ def test_a_server_whose_streams_may_hold_more_than_the_machine_says_so_at_start(
         caplog.clear()
         serve(engine(), port=0, max_streams=8).stop()
     assert "messages being received" not in caplog.text
+
+
+def test_idle_metrics_connections_from_one_address_keep_no_other_address_from_scraping(engine):
+    """20 idle sockets from one address held every metrics slot: 32 of 35 scrapes from elsewhere failed."""
+    import http.client
+    import socket
+
+    running = serve(engine(), port=0, metrics_port=0)
+    idle = [socket.create_connection(("127.0.0.1", running.metrics_port)) for _ in range(20)]
+    try:
+        time.sleep(0.2)  # (they are accepted meanwhile; none sends a request)
+        scraper = http.client.HTTPConnection(
+            "127.0.0.1", running.metrics_port, timeout=10, source_address=("127.0.0.2", 0)
+        )
+        scraper.request("GET", "/metrics")
+        assert b"slicer_sessions_active" in scraper.getresponse().read()
+        scraper.close()
+    finally:
+        for sock in idle:
+            sock.close()
+        running.stop()

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 CONTROL_SLOTS = 32  # calls gRPC admits beyond the session streams: health, stats, metrics, drain
 METRICS_CONNECTIONS = 16  # HTTP connections the metrics endpoint serves at once (a scraper needs one)
-METRICS_TIMEOUT_S = 10.0  # how long one connection may take, and each of its reads
+METRICS_PER_ADDRESS = 4  # of those, from any one address (20 idle sockets from one had kept scrapes out)
+METRICS_TIMEOUT_S = 3.0  # how long one connection may take, and each of its reads (a scrape takes milliseconds)
 
 
 CONTROL_WAIT_S = 5.0  # how long a control call may take to send its request (one that never does held a slot)
@@ -419,11 +420,13 @@ def _metrics_server(
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)  # a thread each: connections past these are closed
+        held = collections.Counter[str]()  # connections open, by client address (this thread's count)
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self.slots.acquire(blocking=False):
+            if self.held[client_address[0]] >= METRICS_PER_ADDRESS or not self.slots.acquire(blocking=False):
                 self.shutdown_request(request)
                 return
+            self.held[client_address[0]] += 1
             super().process_request(request, client_address)
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -434,6 +437,7 @@ def _metrics_server(
                 super().process_request_thread(request, client_address)
             finally:
                 deadline.cancel()
+                self.held -= collections.Counter({client_address[0]: 1})  # (a dict's update is atomic: GIL)
                 self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:  # a client that stalled or went away
