@@ -272,6 +272,9 @@ def serve(
     replica_cpus: Annotated[float, typer.Option(help="--ray: CPUs Ray reserves per replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="--ray: GPUs Ray reserves per replica.")] = 0.0,
     ray_address: Annotated[str | None, typer.Option(help="--ray: a Ray cluster to join (default: local).")] = None,
+    drain_timeout_s: Annotated[
+        float, typer.Option(help="--ray: how long a stopping replica waits for its open sessions.", min=0.0)
+    ] = 30.0,
     app_name: Annotated[
         str, typer.Option(help="--ray: the Serve application's name; another fleet on the cluster needs its own.")
     ] = "slicer",
@@ -282,9 +285,9 @@ def serve(
 ) -> None:
     """Serve blocks `k..L-1` of MODEL (a causal LM, or an encoder or vision model) to split clients over gRPC.
 
-    With --ray, a fleet: replicas on Ray Serve, each with its own gRPC server, and a router at
-    slicer+http://HOST:ROUTER_PORT that sends each new session to a replica. SIGTERM or Ctrl-C drains (no new
-    sessions), gives open calls 2 s, then stops.
+    SIGTERM or Ctrl-C drains (no new sessions), gives open calls 2 s, then stops. With --ray, a fleet: replicas
+    on Ray Serve, each with its own gRPC server, and a router at slicer+http://HOST:ROUTER_PORT that sends each new
+    session to a replica; stopping, each replica waits up to --drain-timeout-s for its open sessions.
     """
     _setup_logging(log_level.value)
     tls = _tls_pair(tls_cert, tls_key)
@@ -298,6 +301,7 @@ def serve(
         replica_cpus=replica_cpus,
         replica_gpus=replica_gpus,
         ray_address=ray_address,
+        drain_timeout_s=drain_timeout_s,
         app_name=app_name,
         route_prefix=route_prefix,
     )
@@ -449,6 +453,7 @@ def _serve_fleet(options: dict[str, Any], limits: Any, tls: tuple[bytes, bytes] 
         route_prefix=options["route_prefix"],
         replica_cpus=options["replica_cpus"],
         replica_gpus=options["replica_gpus"],
+        drain_timeout_s=options["drain_timeout_s"],
     )
     url = deploy(fleet, address=options["ray_address"])
     print(f"slicer-hf serving {options['model']} (a Ray Serve fleet, its router) on {url}", flush=True)

@@ -196,6 +196,8 @@ BAD_ARGUMENTS = {
     "autoscale not numbers": ["serve", "--ray", "--autoscale", "1,x"],
     "autoscale MIN over MAX": ["serve", "--ray", "--autoscale", "3,1"],
     "no replicas": ["serve", "--ray", "--replicas", "0"],
+    "a drain timeout without a fleet": ["serve", "--drain-timeout-s", "5"],
+    "a negative drain timeout": ["serve", "--ray", "--drain-timeout-s", "-1"],
     "a dtype that is none": ["serve", "--dtype", "bogus"],
     "a device that is none": ["serve", "--device", "gpu0"],
     "a metrics port for a fleet": ["serve", "--ray", "--metrics-port", "9100"],
@@ -305,13 +307,14 @@ def test_a_fleet_joining_a_cluster_on_a_loopback_host_is_warned_of(monkeypatch, 
     import slicer_hf.server.fleet as fleet
 
     def deploy(options, address=None):
-        raise ConfigError("deployed no further")
+        raise ConfigError(f"deployed no further (a drain of {options.drain_timeout_s} s)")
 
     monkeypatch.setattr(fleet, "deploy", deploy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = CliRunner().invoke(app, ["serve", "--ray", "--ray-address", "auto", "--host", host])
-    assert "deployed no further" in str(result.exception)
+        args = ["serve", "--ray", "--ray-address", "auto", "--host", host, "--drain-timeout-s", "5"]
+        result = CliRunner().invoke(app, args)
+    assert "deployed no further (a drain of 5.0 s)" in str(result.exception)
     assert any("joins a cluster" in str(w.message) for w in caught) == warned
 
 
