@@ -186,7 +186,12 @@ def cache_length(cache: Any) -> int:
     cache leaves empty below its split)."""
     if cache is None:
         return 0
-    return max((int(layer.get_seq_length()) for layer in getattr(cache, "layers", ())), default=0)
+    return max((_held(layer) for layer in getattr(cache, "layers", ())), default=0)
+
+
+def _held(layer: Any) -> int:
+    """Positions one cache layer holds (a `DummyLayer`, which an MLP or a KV-sharing layer gets, holds none)."""
+    return int(layer.get_seq_length()) if hasattr(layer, "get_seq_length") else 0
 
 
 def sliding_windows(model: PreTrainedModel) -> list[int | None]:
@@ -203,11 +208,11 @@ def crop_cache(cache: DynamicCache, length: int) -> bool:
     from transformers import cache_utils
 
     recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # (): a transformers without them
-    over = [(layer, int(layer.get_seq_length()) - length) for layer in cache.layers]
+    over = [(layer, _held(layer) - length) for layer in cache.layers]
     over = [(layer, extra) for layer, extra in over if extra > 0]
     for layer, _ in over:
         window = getattr(layer, "sliding_window", None)
-        if (isinstance(layer, recurrent) or window and layer.get_seq_length() >= window) and not layer.record_past:
+        if (isinstance(layer, recurrent) or window and _held(layer) >= window) and not layer.record_past:
             return False
     for layer, extra in over:
         layer.crop(-extra)

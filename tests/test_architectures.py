@@ -123,7 +123,8 @@ def test_a_model_type_the_sweep_does_not_know_is_a_usage_error_not_untested(caps
 
 
 @pytest.mark.parametrize(
-    "model_type", ["qwen3_next", "falcon_mamba", "qwen3_5_text", "falcon_h1", "olmo_hybrid", "lfm3", "llama"]
+    "model_type",
+    ["qwen3_next", "falcon_mamba", "qwen3_5_text", "falcon_h1", "olmo_hybrid", "lfm3", "nemotron_h", "llama"],
 )
 def test_a_prompt_reused_from_a_prefix_cache_goes_back_exactly_on_recurrent_and_storeless_servers(model_type):
     """transformers' prompt-reuse recipe (one prefix's cache, deep-copied for each question) sends the server back to
