@@ -42,10 +42,6 @@ WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": 
 MAX_DOWNLINK_TOPK = 1 << 16
 
 
-# the fewest bits a packet spends on its values: any codec's packet of real hidden states spends more (an ECSQ row
-# spends 16 bits on its scale alone, an entry of a top-k row its position), and one that spends less asks a full
-# forward for almost nothing sent (zero rows through zstd: 121 bytes for 3 x 4,096 positions, 8.4 s of server CPU)
-VALUES_PER_BIT = 64
 REPLY_ENVELOPE_BYTES = 64  # of a reply, around its outputs: its header, seq and kind, and the codec's header
 
 
@@ -704,13 +700,6 @@ class SplitServer:
         end = self.limits.max_context_tokens
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
             raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
-        values = step.batch * step.tokens * self.width(session)
-        if 8 * len(step.payload) * VALUES_PER_BIT < values:  # refused before a byte of it is decoded
-            raise ProtocolError(
-                f"a packet of {len(step.payload):,} bytes for {values:,} values: under one bit per {VALUES_PER_BIT} "
-                "values, which no codec's packet of hidden states is (an all-zero step costs a full forward)",
-                code="bad_request",
-            )
         packet = step.payload
         if step.bare:
             if len(session.wire_dtypes) != 1:
