@@ -24,7 +24,7 @@ from slicer_hf.link import StepLimits, SuffixLink, open_request
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.server.engine import ServerStats
 from slicer_hf.server.grpc_server import _IdleTimer, serve
-from slicer_hf.transport.grpc import GrpcTransport
+from slicer_hf.transport.grpc import STATS_METHOD, GrpcTransport
 
 
 @pytest.fixture
@@ -589,7 +589,7 @@ def test_a_call_without_the_token_is_refused_as_it_starts_and_health_watch_holds
         running.stop()
 
 
-def test_health_checks_that_never_send_their_request_hold_no_slot_for_long_nor_many(engine, monkeypatch):
+def test_health_checks_that_never_send_their_request_hold_no_slot_for_long_nor_many(engine):
     """A health check needs no token, and gRPC gives a call its slot before the request comes: 40 checks that never
     sent one held every slot for good, and the clients with the token were refused (RESOURCE_EXHAUSTED)."""
     import grpc
@@ -597,7 +597,6 @@ def test_health_checks_that_never_send_their_request_hold_no_slot_for_long_nor_m
 
     import slicer_hf.server.grpc_server as grpc_server
 
-    monkeypatch.setattr(grpc_server, "CONTROL_WAIT_S", 1.0)
     running = serve(engine(), port=0, token="s3cret", max_streams=1)
     url, never = f"grpc://127.0.0.1:{running.port}", threading.Event()
 
@@ -614,6 +613,8 @@ def test_health_checks_that_never_send_their_request_hold_no_slot_for_long_nor_m
         transport = GrpcTransport([url], token="s3cret", timeout_s=30)
         reply = transport.request(protocol.encode_json(protocol.OPEN, {"fingerprint": "x"}))
         assert protocol.decode_json(reply)["code"] == "model_mismatch"  # answered: a slot was free for it
+        stats = protocol.decode_json(transport.unary(STATS_METHOD))  # the operator's calls count apart from checks
+        assert stats["sessions_active"] == 0
         codes = {call.code() for call in calls}  # each ends: on its deadline, or refused as one too many
         assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ METRICS_TIMEOUT_S = 3.0  # how long one connection may take, and each of its rea
 
 
 CONTROL_WAIT_S = 5.0  # how long a control call may take to send its request (one that never does held a slot)
-CONTROL_PER_PEER = 4  # control calls one address may have in flight at once
+CONTROL_PER_PEER = 4  # control calls one address (an IPv6 /64) may have in flight at once
+HEALTH_WAIT_S = 1.0  # the same, for health checks (no token: anyone may send them)
+HEALTH_PER_PEER = 2
 MAX_MS = (1 << 31) - 1  # the longest time a gRPC option takes (an int32 of milliseconds: about 25 days)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -52,33 +55,46 @@ HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 class _ControlCalls:
     """Control calls (health checks, stats, metrics, drain) take a call slot from when they start, before their
     request comes, and a health check needs no token: a thousand checks that never sent their request held every
-    slot, and the server refused everyone. Each is served as a read of its one request within `CONTROL_WAIT_S`, and
-    at most half the control slots are held by them, `CONTROL_PER_PEER` by any one address."""
+    slot, and the server refused everyone. Each is served as a read of its one request within `wait_s`, and at most
+    `slots` of them are in flight, `per_peer` from one address. Health checks count apart from the others (which show
+    the token first, where there is one), so that stalled checks keep no operator out."""
 
-    def __init__(self) -> None:
-        self.total, self.by_peer = 0, collections.Counter[str]()
+    def __init__(self, slots: int, per_peer: int, wait_s: float) -> None:
+        self.slots, self.per_peer, self.wait_s = slots, per_peer, wait_s
+        self.total, self.by_peer = 0, collections.Counter[str]()  # (the event loop's counts)
 
     def handler(self, handle: Callable[[Any, Any], Any], **serializers: Any) -> Any:
         """A handler for a unary call, `handle(request, context)`, that reads its request itself (with a deadline)."""
 
         async def read_then_handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            peer = urllib.parse.unquote(context.peer()).rpartition(":")[0]  # the address, less the port
-            if self.total >= CONTROL_SLOTS // 2 or self.by_peer[peer] >= CONTROL_PER_PEER:
+            peer = _peer_key(context.peer())
+            if self.total >= self.slots or self.by_peer[peer] >= self.per_peer:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many control calls in flight")
             self.total, self.by_peer[peer] = self.total + 1, self.by_peer[peer] + 1
             try:
                 try:
-                    request = await asyncio.wait_for(context.read(), CONTROL_WAIT_S)
+                    request = await asyncio.wait_for(context.read(), self.wait_s)
                 except asyncio.TimeoutError:
                     request = None
                 if request is None or request is grpc.aio.EOF:
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {CONTROL_WAIT_S} s")
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {self.wait_s} s")
                 return await handle(request, context)
             finally:
                 self.total -= 1
                 self.by_peer -= collections.Counter({peer: 1})  # drops the address at zero
 
         return grpc.stream_unary_rpc_method_handler(read_then_handle, **serializers)
+
+
+def _peer_key(peer: str) -> str:
+    """Whom a gRPC peer (`ipv4:10.0.0.7:5000`, `ipv6:%5B2001:db8::1%5D:5000`) counts as: its address less the port,
+    an IPv6 one by its /64 (what one client holds)."""
+    kind, _, address = urllib.parse.unquote(peer).partition(":")
+    host = address.rpartition(":")[0].strip("[]")
+    if kind == "ipv6":
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return host or peer
 
 
 class _Gate(grpc.aio.ServerInterceptor):
@@ -90,13 +106,13 @@ class _Gate(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         engine: SplitServer,
-        control: _ControlCalls,
+        checks: _ControlCalls,
         health_servicer: Any,
         token: str | None,
         admin_token: str | None = None,
     ) -> None:
         self.engine, self.token, self.admin_token = engine, token, admin_token
-        self.check = control.handler(
+        self.check = checks.handler(
             health_servicer.Check,
             request_deserializer=health_pb2.HealthCheckRequest.FromString,
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
@@ -420,13 +436,17 @@ def _metrics_server(
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)  # a thread each: connections past these are closed
-        held = collections.Counter[str]()  # connections open, by client address (this thread's count)
+        held = collections.Counter[str]()  # connections open, by client address
+        counting = threading.Lock()  # `held` is counted up on the accepting thread, down on each connection's
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if self.held[client_address[0]] >= METRICS_PER_ADDRESS or not self.slots.acquire(blocking=False):
+            with self.counting:
+                admitted = self.held[client_address[0]] < METRICS_PER_ADDRESS and self.slots.acquire(blocking=False)
+                if admitted:
+                    self.held[client_address[0]] += 1
+            if not admitted:
                 self.shutdown_request(request)
                 return
-            self.held[client_address[0]] += 1
             super().process_request(request, client_address)
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -437,8 +457,9 @@ def _metrics_server(
                 super().process_request_thread(request, client_address)
             finally:
                 deadline.cancel()
-                self.held -= collections.Counter({client_address[0]: 1})  # (a dict's update is atomic: GIL)
-                self.slots.release()
+                with self.counting:
+                    self.held -= collections.Counter({client_address[0]: 1})  # drops the address at zero
+                    self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:  # a client that stalled or went away
             logger.debug("metrics request from %s failed", client_address, exc_info=True)
@@ -541,7 +562,9 @@ class RunningServer:
     ) -> int:
         """Serve on host:port; `tokens`: the clients' and the admin token."""
         limits = self.engine.limits
-        self.health, control = health.aio.HealthServicer(), _ControlCalls()
+        self.health = health.aio.HealthServicer()
+        checks = _ControlCalls(CONTROL_SLOTS // 4, HEALTH_PER_PEER, HEALTH_WAIT_S)
+        control = _ControlCalls(CONTROL_SLOTS // 2, CONTROL_PER_PEER, CONTROL_WAIT_S)
         self.server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a taken port fails to start instead of sharing its connections
             options=[
@@ -551,7 +574,7 @@ class RunningServer:
                 ("grpc.max_connection_idle_ms", max(1, round(1000 * min(limits.open_timeout_s, MAX_MS / 1000)))),
             ],
             maximum_concurrent_rpcs=max_streams + CONTROL_SLOTS,  # the session streams are counted by the service
-            interceptors=[_Gate(self.engine, control, self.health, *tokens)],
+            interceptors=[_Gate(self.engine, checks, self.health, *tokens)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         service = _SplitService(
