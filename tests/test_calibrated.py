@@ -541,3 +541,11 @@ def test_the_benchmark_refuses_fewer_tokens_than_a_window_and_removes_its_work_f
     calibrated.main([])
     [(work, existed)] = seen
     assert existed and not work.exists()  # a calibration and a held-out text per run: gone afterwards
+
+
+def test_a_row_held_only_in_the_channels_its_rms_leaves_out_is_coded_not_dropped(fitted):
+    """Its RMS over the counted channels is 0, and it went as a silent row: all zeros came back, without an error."""
+    c = codec(fitted)
+    row = torch.zeros(1, D)
+    row[0, 5] = 40.0  # the massive channel alone
+    assert (c.decode(c.encode(row)) - row).norm() < 0.2 * row.norm()

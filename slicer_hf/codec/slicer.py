@@ -389,6 +389,9 @@ class SlicerCodec(Codec):
         ans = b""
         if avail and n:
             rms = basis.row_rms(y) if basis is not None else (y.double().pow(2).sum(1) / avail).sqrt()  # [N]
+            if basis is not None:  # a row whose counted channels hold nothing, yet is not zero, is scaled by all its
+                held = y.double().pow(2).mean(1).sqrt()  # channels (the decoder rebuilds from the RMS sent, whatever
+                rms = torch.where((rms == 0) & (held > 0), held, rms)  # it is): it had gone as a silent row, zeros
             wide = ops.needs_float32(rms)
             rms = rms.float() if wide else rms.to(torch.float16)  # as the wire holds it
             w.write(float_fields(rms.cpu(), wide), 32 if wide else 16)
