@@ -1,4 +1,5 @@
 import importlib.util
+import re
 import time
 
 import numpy as np
@@ -364,6 +365,18 @@ def test_ecsq_extreme_steps_round_trip_or_are_refused_where_codes_would_clip():
     for x in (onehot, flat):  # codes past the largest (32,767) wiped a row out (relative error 0.97) without a word
         with pytest.raises(CodecError, match=r"too fine: .* use a step of at least"):
             tiny.encode(x)
+
+
+def test_the_step_a_too_fine_refusal_names_is_taken_once_the_wire_rounds_it():
+    """The named step was rounded up, then to float16 on the wire, which could take it below what the rows need: at
+    width 1,546 the refusal named 0.0012, and a step of 0.0012 was refused again."""
+    for d in (1546, 1000, 3000):
+        x = torch.zeros(1, d)
+        x[0, 0] = 1.0
+        with pytest.raises(CodecError, match=r"use a step of at least ([0-9.e-]+)") as refused:
+            build_codec("slicer", quantizer="ecsq", rotation="none", outliers=0, step=1e-5).encode(x)
+        named = float(re.search(r"at least ([0-9.e-]+)", str(refused.value)).group(1))
+        build_codec("slicer", quantizer="ecsq", rotation="none", outliers=0, step=named).encode(x)
 
 
 def test_ecsq_settings_are_validated():

@@ -413,7 +413,7 @@ class SlicerCodec(Codec):
                 if peak > bound:  # past the largest code: only a step too fine for the codes gets here
                     raise CodecError(
                         f"ECSQ step {step:g} is too fine: a code of {peak:,.0f} steps passes the largest "
-                        f"({bound:,}); use a step of at least {at_least(peak * step / bound, 2)}"
+                        f"({bound:,}); use a step of at least {_step_hint(peak * step / bound)}"
                     )
                 codes = codes.round().clamp(-bound, bound)
             coded = _ecsq_coded(rms[:, 0], None if rotated or basis is not None else out_pos, d)  # [N, d] bool
@@ -440,7 +440,7 @@ class SlicerCodec(Codec):
         if bound >= ECSQ_MAX_CODE and peak / step > bound:  # a predicting basis bounds no coordinate: codes would clip
             raise CodecError(
                 f"ECSQ step {step:g} is too fine for this basis: a code of {peak / step:,.0f} steps passes the largest "
-                f"({ECSQ_MAX_CODE:,}); use a step of at least {at_least(peak / bound, 2)}"
+                f"({ECSQ_MAX_CODE:,}); use a step of at least {_step_hint(peak / bound)}"
             )
         if self.trellis:
             scale = _scales_in_steps(self._basis, step)
@@ -697,6 +697,15 @@ def _ans_decode_symbols(coder: Any, count: int, model: Any, *params: np.ndarray)
 def _ecsq_step(step: float) -> float:
     """The step as the wire holds it (float16), never rounded to zero."""
     return max(float(np.float16(step)), float(np.finfo(np.float16).smallest_subnormal))
+
+
+def _step_hint(need: float) -> str:
+    """The step to print for one of at least `need`: at least `need` once the wire's float16 holds it (the printed
+    value, rounded up, could round below it there, and be refused again)."""
+    text = at_least(need, 2)
+    while _ecsq_step(float(text)) < need:
+        text = at_least(float(np.nextafter(np.float16(float(text)), np.float16(np.inf))), 2)
+    return text
 
 
 def _ecsq_bound(avail: int, step: float) -> int:
