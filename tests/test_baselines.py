@@ -77,3 +77,12 @@ def test_damaged_packets_raise_codec_error_only(cut, flips):
             data[(flip >> 3) % len(data)] ^= 1 << (flip & 7)
     with contextlib.suppress(CodecError):
         assert CODEC.decode(bytes(data)).shape == (3, 100)
+
+
+def test_sixteen_bit_groups_of_small_values_keep_their_precision():
+    """At 16 bits a group's scale is 1/32,767 of its largest value: float16 held it subnormal long before the values
+    were, and rows of size 0.1 came back with 35 times the error of float32 scales."""
+    rows = 0.1 * torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    codec = build_codec("grouped", bits=16, group_size=32)
+    err = (codec.decode(codec.encode(rows)) - rows).norm() / rows.norm()
+    assert err < 4e-5
