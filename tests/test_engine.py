@@ -1047,16 +1047,17 @@ def test_a_decode_steps_reply_is_encoded_in_its_round_whatever_its_batch(engine)
     server.shutdown()
 
 
-def test_packets_set_aside_together_are_not_decoded_once_the_server_stops(engine):
-    """The process waits for the codec thread at exit: a stop while it decodes the first of a round's large packets
-    refuses the others undecoded (they had all been decoded first, a second or so each)."""
+def large_packets_in_one_round(engine, pool, on_codec_thread):
+    """Three sessions' large packets queued up for one round while a fourth's forward holds the compute thread, then
+    let go: the codec thread calls `on_codec_thread(works)` before it decodes each. Returns the server, the fourth's
+    reply, the three sessions and their replies (futures on `pool`)."""
     server = engine(batching=True)
     costly = SlicerConfig(codec="slicer")
     busy, *large = [open_session(server, None if i == 0 else costly) for i in range(4)]
-    forwarding, release, decoding, decoded = threading.Event(), threading.Event(), threading.Event(), []
+    forwarding, release = threading.Event(), threading.Event()
     real_decode, real_forward = server.decode_packets, server.forward_rows
 
-    def slow_forward(chunks):  # holds the compute thread while the large packets queue up for one round
+    def slow_forward(chunks):
         if chunks[0].session.id == busy:
             forwarding.set()
             assert release.wait(30)
@@ -1064,18 +1065,30 @@ def test_packets_set_aside_together_are_not_decoded_once_the_server_stops(engine
 
     def slow_decode(works):
         if threading.current_thread().name.startswith("slicer-codec"):
-            decoded.append(works)
-            decoding.set()
-            time.sleep(0.5)
+            on_codec_thread(works)
         return real_decode(works)
 
     server.decode_packets, server.forward_rows = slow_decode, slow_forward
+    first = pool.submit(step, server, busy, 1, 0, 3)
+    assert forwarding.wait(30)
+    replies = [pool.submit(step, server, sid, 1, 0, 512, build_codec(costly)) for sid in large]
+    assert wait_for(lambda: server.scheduler._queue.qsize() == 3)
+    release.set()
+    return server, first, large, replies
+
+
+def test_packets_set_aside_together_are_not_decoded_once_the_server_stops(engine):
+    """The process waits for the codec thread at exit: a stop while it decodes the first of a round's large packets
+    refuses the others undecoded (they had all been decoded first, a second or so each)."""
+    decoding, decoded = threading.Event(), []
+
+    def slowly(works):
+        decoded.append(works)
+        decoding.set()
+        time.sleep(0.5)
+
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(step, server, busy, 1, 0, 3)
-        assert forwarding.wait(30)
-        replies = [pool.submit(step, server, sid, 1, 0, 512, build_codec(costly)) for sid in large]
-        assert wait_for(lambda: server.scheduler._queue.qsize() == 3)
-        release.set()
+        server, first, _, replies = large_packets_in_one_round(engine, pool, slowly)
         assert decoding.wait(30)
         server.shutdown()
         for reply in [first, *replies]:
@@ -1087,33 +1100,15 @@ def test_packets_set_aside_together_are_not_decoded_once_the_server_stops(engine
 def test_packets_set_aside_for_sessions_closed_meanwhile_are_not_decoded(engine):
     """A client that sends a large packet and goes (its stream cancelled) left its packet to be decoded all the
     same: ten such cost a reviewer's server 18 s of codec time for 3.5 KB sent, and no limit held them back."""
-    server = engine(batching=True)
-    costly = SlicerConfig(codec="slicer")
-    busy, *large = [open_session(server, None if i == 0 else costly) for i in range(4)]
-    forwarding, release, decoding, gone = (threading.Event() for _ in range(4))
-    decoded = []
-    real_decode, real_forward = server.decode_packets, server.forward_rows
+    decoding, gone, decoded = threading.Event(), threading.Event(), []
 
-    def slow_forward(chunks):  # holds the compute thread while the large packets queue up for one round
-        if chunks[0].session.id == busy:
-            forwarding.set()
-            assert release.wait(30)
-        return real_forward(chunks)
+    def until_the_others_left(works):
+        decoded.append(works)
+        decoding.set()
+        assert gone.wait(30)
 
-    def slow_decode(works):
-        if threading.current_thread().name.startswith("slicer-codec"):
-            decoded.append(works)
-            decoding.set()
-            assert gone.wait(30)
-        return real_decode(works)
-
-    server.decode_packets, server.forward_rows = slow_decode, slow_forward
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(step, server, busy, 1, 0, 3)
-        assert forwarding.wait(30)
-        replies = [pool.submit(step, server, sid, 1, 0, 512, build_codec(costly)) for sid in large]
-        assert wait_for(lambda: server.scheduler._queue.qsize() == 3)
-        release.set()
+        server, first, large, replies = large_packets_in_one_round(engine, pool, until_the_others_left)
         assert decoding.wait(30)
         kept = decoded[0][0].session.id
         for sid in large:  # the other clients leave while the first packet decodes
