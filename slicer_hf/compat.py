@@ -212,7 +212,8 @@ def crop_cache(cache: DynamicCache, length: int) -> bool:
     over = [(layer, extra) for layer, extra in over if extra > 0]
     for layer, _ in over:
         window = getattr(layer, "sliding_window", None)
-        if (isinstance(layer, recurrent) or window and _held(layer) >= window) and not layer.record_past:
+        one_way = isinstance(layer, recurrent) or window and _held(layer) >= window
+        if one_way and not getattr(layer, "record_past", False):
             return False
     for layer, extra in over:
         layer.crop(-extra)
