@@ -691,7 +691,7 @@ def _ans_decode_symbols(coder: Any, count: int, model: Any, *params: np.ndarray)
             parts.append(coder.decode(model, *(p[lo : lo + ANS_SLICE] for p in params)))
         else:
             parts.append(coder.decode(model, min(ANS_SLICE, count - lo)))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return np.concatenate(parts)
 
 
 def _ecsq_step(step: float) -> float:

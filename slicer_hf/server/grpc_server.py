@@ -52,6 +52,28 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 
+class _InFlight:
+    """Calls in flight: at most `slots` of them, `per_peer` from one peer. Thread-safe (the metrics endpoint admits on
+    one thread and lets go on another; the event loop's checks never wait on it)."""
+
+    def __init__(self, slots: int, per_peer: int) -> None:
+        self.slots, self.per_peer = slots, per_peer
+        self.held = collections.Counter[str]()
+        self._lock = threading.Lock()
+
+    def admit(self, peer: str) -> bool:
+        """Count a call from `peer` in, unless that passes a bound."""
+        with self._lock:
+            if self.held.total() >= self.slots or self.held[peer] >= self.per_peer:
+                return False
+            self.held[peer] += 1
+            return True
+
+    def leave(self, peer: str) -> None:
+        with self._lock:
+            self.held -= collections.Counter({peer: 1})  # drops the peer at zero
+
+
 class _ControlCalls:
     """Control calls (health checks, stats, metrics, drain) take a call slot from when they start, before their
     request comes, and a health check needs no token: a thousand checks that never sent their request held every
@@ -60,17 +82,15 @@ class _ControlCalls:
     the token first, where there is one), so that stalled checks keep no operator out."""
 
     def __init__(self, slots: int, per_peer: int, wait_s: float) -> None:
-        self.slots, self.per_peer, self.wait_s = slots, per_peer, wait_s
-        self.total, self.by_peer = 0, collections.Counter[str]()  # (the event loop's counts)
+        self.calls, self.wait_s = _InFlight(slots, per_peer), wait_s
 
     def handler(self, handle: Callable[[Any, Any], Any], **serializers: Any) -> Any:
         """A handler for a unary call, `handle(request, context)`, that reads its request itself (with a deadline)."""
 
         async def read_then_handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             peer = _peer_key(context.peer())
-            if self.total >= self.slots or self.by_peer[peer] >= self.per_peer:
+            if not self.calls.admit(peer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many control calls in flight")
-            self.total, self.by_peer[peer] = self.total + 1, self.by_peer[peer] + 1
             try:
                 try:
                     request = await asyncio.wait_for(context.read(), self.wait_s)
@@ -80,8 +100,7 @@ class _ControlCalls:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {self.wait_s} s")
                 return await handle(request, context)
             finally:
-                self.total -= 1
-                self.by_peer -= collections.Counter({peer: 1})  # drops the address at zero
+                self.calls.leave(peer)
 
         return grpc.stream_unary_rpc_method_handler(read_then_handle, **serializers)
 
@@ -435,16 +454,10 @@ def _metrics_server(
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)  # a thread each: connections past these are closed
-        held = collections.Counter[str]()  # connections open, by client address
-        counting = threading.Lock()  # `held` is counted up on the accepting thread, down on each connection's
+        connections = _InFlight(METRICS_CONNECTIONS, METRICS_PER_ADDRESS)  # a thread each: past these, closed
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            with self.counting:
-                admitted = self.held[client_address[0]] < METRICS_PER_ADDRESS and self.slots.acquire(blocking=False)
-                if admitted:
-                    self.held[client_address[0]] += 1
-            if not admitted:
+            if not self.connections.admit(client_address[0]):
                 self.shutdown_request(request)
                 return
             super().process_request(request, client_address)
@@ -457,9 +470,7 @@ def _metrics_server(
                 super().process_request_thread(request, client_address)
             finally:
                 deadline.cancel()
-                with self.counting:
-                    self.held -= collections.Counter({client_address[0]: 1})  # drops the address at zero
-                    self.slots.release()
+                self.connections.leave(client_address[0])
 
         def handle_error(self, request: Any, client_address: Any) -> None:  # a client that stalled or went away
             logger.debug("metrics request from %s failed", client_address, exc_info=True)
