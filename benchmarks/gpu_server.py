@@ -91,13 +91,13 @@ def throughput(device: torch.device, dtype: torch.dtype, rows: list[int], iters:
     out = []
     for r in rows:
         batch = [server.store.new_row(24) for _ in range(r)]
-        server.store_forward(
+        server.layers.store_forward(
             batch, torch.randn(r, 256, 576, device=device, dtype=dtype), torch.arange(256).expand(r, -1)
         )
 
         def step(batch=batch, r=r):
             positions = torch.tensor([[row.length] for row in batch])
-            server.store_forward(batch, torch.randn(r, 1, 576, device=device, dtype=dtype), positions)
+            server.layers.store_forward(batch, torch.randn(r, 1, 576, device=device, dtype=dtype), positions)
             for row in batch:  # stay at 256 positions
                 server.store.truncate(row, 256)
 

@@ -82,7 +82,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_dir, server_url, monkeyp
     """Ctrl-C mid-reply drops that turn (its session, stopped mid-step, is given up); the next turn is answered as
     if it came first, and the summary counts what every session sent. Ctrl-C at the prompt leaves with the summary."""
     from slicer_hf import client
-    from slicer_hf.cli import chat
+    from slicer_hf.cli.generation import chat
 
     printed = client._Printer.on_finalized_text
     replies, pressed = [], []
@@ -459,7 +459,7 @@ def test_a_client_given_no_config_takes_a_model_folders_own_as_from_pretrained_d
 def test_each_bench_suite_describes_itself_in_a_whole_paragraph(capsys):
     import importlib
 
-    from slicer_hf.cli import BENCH_SUITES
+    from slicer_hf.cli.measure import BENCH_SUITES
 
     for name, module in BENCH_SUITES.items():
         with pytest.raises(SystemExit):
@@ -508,7 +508,7 @@ def test_counts_and_devices_this_machine_cannot_run_are_usage_errors_before_any_
     from slicer_hf.bench import codec_speed
     from slicer_hf.cli import app
 
-    monkeypatch.setattr("slicer_hf.cli.BENCH_SUITES", {"codec-speed": "codec_speed"})  # no suite runs here
+    monkeypatch.setattr("slicer_hf.cli.measure.BENCH_SUITES", {"codec-speed": "codec_speed"})  # no suite runs here
     monkeypatch.setattr(codec_speed, "main", lambda argv: pytest.fail(f"ran with {argv}"))
 
     for args, match in (

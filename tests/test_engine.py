@@ -22,8 +22,8 @@ from slicer_hf.codec.bits import Reader, write_varint
 from slicer_hf.config import SlicerConfig
 from slicer_hf.link import StepLimits, SuffixLink, open_request
 from slicer_hf.server import ServerLimits, SplitServer
-from slicer_hf.server.engine import ServerStats
 from slicer_hf.server.grpc_server import _IdleTimer, serve
+from slicer_hf.server.state import ServerStats
 from slicer_hf.transport.grpc import STATS_METHOD, GrpcTransport
 
 

@@ -249,12 +249,12 @@ def test_rows_of_very_different_lengths_run_in_one_forward_as_they_run_alone():
     alone = []
     for prompt, x in zip(prompts, step):
         row = server.store.new_row(2)
-        server.store_forward([row], prompt, torch.arange(prompt.shape[1])[None])
-        alone.append(server.store_forward([row], x[None], torch.tensor([[row.length]])))
+        server.layers.store_forward([row], prompt, torch.arange(prompt.shape[1])[None])
+        alone.append(server.layers.store_forward([row], x[None], torch.tensor([[row.length]])))
     rows = [server.store.new_row(2) for _ in prompts]
     for row, prompt in zip(rows, prompts):
-        server.store_forward([row], prompt, torch.arange(prompt.shape[1])[None])
-    together = server.store_forward(rows, step, torch.tensor([[3], [100]]))
+        server.layers.store_forward([row], prompt, torch.arange(prompt.shape[1])[None])
+    together = server.layers.store_forward(rows, step, torch.tensor([[3], [100]]))
     server.shutdown()
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
@@ -264,12 +264,12 @@ def test_a_nan_left_in_the_store_by_one_session_never_reaches_another():
     server = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
     d, store = server.hidden_size, server.store
     poisoned = store.new_row(2)
-    server.store_forward([poisoned], torch.full((1, 5, d), float("nan")), torch.arange(5)[None])
+    server.layers.store_forward([poisoned], torch.full((1, 5, d), float("nan")), torch.arange(5)[None])
     store.release(poisoned)
     short, long = store.new_row(2), store.new_row(2)  # the short row reuses the poisoned row's block
-    server.store_forward([short], torch.randn(1, 3, d), torch.arange(3)[None])
-    server.store_forward([long], torch.randn(1, 40, d), torch.arange(40)[None])
-    out = server.store_forward([short, long], torch.randn(2, 1, d), torch.tensor([[3], [40]]))
+    server.layers.store_forward([short], torch.randn(1, 3, d), torch.arange(3)[None])
+    server.layers.store_forward([long], torch.randn(1, 40, d), torch.arange(40)[None])
+    out = server.layers.store_forward([short, long], torch.randn(2, 1, d), torch.tensor([[3], [40]]))
     server.shutdown()
     assert bool(torch.isfinite(out).all())
 

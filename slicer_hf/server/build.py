@@ -13,7 +13,8 @@ from .. import compat
 from ..codec.basis import load_bases
 from ..data import resolve_model
 from ..loading import load_layers, model_config, move_loaded
-from .engine import ServerLimits, SplitServer
+from .engine import SplitServer
+from .state import ServerLimits
 
 
 def load_server(

@@ -14,194 +14,37 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
-import os
 import threading
 import time
 import weakref
 from collections import defaultdict
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from .. import compat, protocol
-from ..codec import Codec, build_codec, codec_from_spec
+from ..codec import build_codec, codec_from_spec
 from ..config import DOWNLINK_DTYPES, DOWNLINKS
 from ..errors import CodecError, ConfigError, ProtocolError
-from ..hooks import SplitPlan, attach_hooks, split_plan
-from .kvstore import KVStore, Row, StoreBatch, store_attention
+from ..hooks import attach_hooks
+from .layers import ServedLayers
 from .prepack import prepack_linears
 from .scheduler import Chunk, Scheduler, Work
+from .state import (
+    WIRE_DTYPES,
+    Reply,
+    ServerLimits,
+    ServerStats,
+    Session,
+    client_host,
+    default_kv_budget_bytes,
+)
 
 logger = logging.getLogger(__name__)
-WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_DOWNLINK_TOPK = 1 << 16
-
-
 REPLY_ENVELOPE_BYTES = 64  # of a reply, around its outputs: its header, seq and kind, and the codec's header
-
-
-def default_kv_budget_bytes(device: torch.device) -> int:
-    """Half of the memory free on `device` when the server starts."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-
-
-@dataclass
-class ServerLimits:
-    """Per-server limits, in bytes where memory is at stake; requests beyond them are refused with a clear error.
-
-    Args:
-        max_sessions: sessions open at once.
-        max_sessions_per_client: sessions one client host (its address, whatever the port) may hold at once (None:
-            no cap of its own; behind a proxy every client has the proxy's address).
-        max_step_tokens: positions one STEP may carry.
-        max_step_elements: values one STEP may carry (batch x positions x width), checked from its header: this
-            bounds the memory that decoding one packet takes (up to about 90 bytes a value: a crafted blocks packet).
-        max_context_tokens: positions one session may hold.
-        max_session_batch: sequences one session may run side by side.
-        kv_budget_bytes: KV-cache memory of all sessions together (None: half of the free memory at start).
-        max_session_kv_bytes: KV-cache memory of one session.
-        max_message_bytes: size of one protocol message.
-        max_batch_rows: rows of concurrent decode steps run in one forward.
-        max_batch_tokens: positions one scheduler round runs: its decode rows (never held back: one position each),
-            then prefill chunks while positions are left (the oldest prefill runs `prefill_chunk_tokens // 8`
-            positions per round even when none are).
-        prefill_chunk_tokens: the most positions of one prefill run in one forward.
-        batch_wait_s: how long a round waits for the sessions that decoded in the last one (batching only).
-        idle_timeout_s: sessions (and their streams) idle this long are closed.
-        open_timeout_s: a stream that holds no session has this long to open one, counted from when it last held none.
-        step_timeout_s: a step that waits this long for the compute thread is refused.
-    """
-
-    max_sessions: int = 64
-    max_sessions_per_client: int | None = None
-    max_step_tokens: int = 4096
-    max_step_elements: int = 1 << 23
-    max_context_tokens: int = 16384
-    max_session_batch: int = 64
-    kv_budget_bytes: int | None = None
-    max_session_kv_bytes: int = 1 << 30
-    max_message_bytes: int = 64 << 20
-    max_batch_rows: int = 128
-    max_batch_tokens: int = 512
-    prefill_chunk_tokens: int = 256
-    batch_wait_s: float = 0.025
-    idle_timeout_s: float = 600.0
-    open_timeout_s: float = 30.0
-    step_timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:  # a limit of 0 (or a 0 s timeout) would serve nothing, or never end a round
-        for name, value in vars(self).items():
-            if value is None and name in ("kv_budget_bytes", "max_sessions_per_client"):
-                continue
-            if name.endswith("_s"):
-                ok = isinstance(value, (int, float)) and (value >= 0 if name == "batch_wait_s" else value > 0)
-                ok = ok and (math.isfinite(value) or name != "batch_wait_s")  # a round waits that long at most
-                want = "a number of seconds" + (" (0 or more)" if name == "batch_wait_s" else " above 0")
-            else:
-                ok, want = type(value) is int and value >= 1, "an integer of at least 1"
-            if not ok or isinstance(value, bool):
-                raise ConfigError(f"server limit {name} must be {want}, got {value!r}")
-
-
-@dataclass(eq=False)
-class Session:
-    id: int
-    split_layer: int
-    codec: Codec
-    downlink: str
-    downlink_topk: int
-    downlink_dtype: torch.dtype | None = None  # None: as computed (exact)
-    client: str = ""
-    wire_dtypes: frozenset[torch.dtype] = frozenset(WIRE_DTYPES.values())  # what its packets may claim
-    kv_bytes_per_position: int = 0
-    cache: Any = None  # without a KV store: the session's own transformers cache
-    rows: list[Row] = field(default_factory=list)  # with a KV store: one per sequence
-    closed: bool = False
-    mask: torch.Tensor | None = None  # [B, length] bool, the 2D attention mask so far
-    batch: int = 0
-    length: int = 0
-    tokens: int = 0
-    seq: int = -1  # the last step's sequence number
-    kv_bytes: int = 0  # reserved for its cache: never less than what its cache holds
-    kv_bytes_after: int = 0  # its reservation once the step in flight has cut its cache back (see `_admit`)
-    last_used: float = field(default_factory=time.monotonic)
-    busy: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
-    downlink_codec: Codec | None = None  # a lossy codec for hidden-state replies (None: exact)
-    bare_replies: bool = False  # its replies through `downlink_codec` leave out what the edge already knows
-    last_rows: torch.Tensor | None = None  # [B, d]: a chained codec's decoded rows at position length - 1
-    codec_key: str = ""  # sessions with equal keys decode their packets together
-
-
-@dataclass
-class ServerStats:
-    """Counters, updated from every request thread under one lock."""
-
-    sessions_opened: int = 0
-    sessions_closed: int = 0
-    tokens: int = 0
-    steps: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    compute_s: float = 0.0  # wall time of model compute (one compute thread at a time)
-    decode_compute_s: float = 0.0
-    packet_decode_s: float = 0.0  # the compute and codec threads' time decoding packets (the codec's share)
-    scheduler_cpu_s: float = 0.0  # CPU time of the compute and codec threads: packet decoding, forwards, replies, ...
-    decode_compute_cpu_s: float = 0.0  # its CPU time in decode forwards (their wall time less preemption)
-    packet_decode_cpu_s: float = 0.0
-    prefill_compute_s: float = 0.0
-    batches: int = 0  # decode forwards
-    batched_rows: int = 0  # rows in them
-    batch_retries: int = 0  # batched forwards that failed and ran again one step at a time
-    errors: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **deltas: float) -> None:
-        with self._lock:
-            for key, value in deltas.items():
-                setattr(self, key, getattr(self, key) + value)
-
-    def error(self, code: str) -> None:
-        with self._lock:
-            self.errors[code] = self.errors.get(code, 0) + 1
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {k: (dict(v) if k == "errors" else v) for k, v in self.__dict__.items() if not k.startswith("_")}
-
-
-class Reply(Future[bytes]):
-    """A request's reply-to-be (`SplitServer.submit`): done once the compute thread has answered its step."""
-
-    def __init__(self, work: Future[tuple[bytes, int]] | None = None) -> None:
-        super().__init__()
-        self._work = work
-
-    def withdraw(self) -> bool:
-        """Withdraw a step the compute thread has not started: it is refused as timed out (True), or it has started
-        and is answered soon (False)."""
-        return self._work is not None and self._work.cancel()
-
-    def cancel(self) -> bool:
-        """A reply always comes (an ERROR at worst), so it is never cancelled: cancelling it (asyncio does, for a
-        stream that ends while it waits) withdraws the step if it can."""
-        self.withdraw()
-        return False
-
-
-def client_host(peer: str) -> str:
-    """A gRPC peer ("ipv4:10.0.0.7:53211", "ipv6:[::1]:53211") without its port: one client, whatever connection
-    it opens; "" for an in-process caller ("" or "local"), which no per-client cap counts."""
-    if peer.startswith(("ipv4:", "ipv6:")):
-        return peer.rpartition(":")[0]
-    return "" if peer == "local" else peer
 
 
 def _reap_idle(server_ref: weakref.ref[SplitServer], stopped: threading.Event, period_s: float) -> None:
@@ -277,15 +120,8 @@ class SplitServer:
         if self.prepacked:
             logger.info("%d Linear layers run on weights packed for oneDNN", self.prepacked)
         attach_hooks(model)
-        self.store: KVStore | None = None
-        if kv_store and not self.encoder_kind and compat.route_attention(model, store_attention):
-            self.store = KVStore(
-                self.num_layers, self.device, self.dtype, sliding_windows=compat.sliding_windows(model)
-            )
-            if self._store_matches_cache():
-                self.store.max_bytes = self.kv_budget_bytes  # from now on: what admission lets sessions hold
-            else:
-                self.store = None
+        self.layers = ServedLayers(model, min_split_layer, kv_store and not self.encoder_kind, self.kv_budget_bytes)
+        self.store = self.layers.store
         splits = range(min_split_layer, self.num_layers)  # an encoder keeps nothing between requests
         self._kv_per_position = {k: 0 if self.encoder_kind else self._kv_bytes_per_position(k) for k in splits}
         self.scheduler = Scheduler(self, batching)
@@ -809,7 +645,7 @@ class SplitServer:
         if any(c.session.mask is not None for c in ordered):
             valid = torch.cat([_widen(c.session.mask, c.work.rows, longest) for c in ordered])
         keep = max(c.keep for c in ordered) if self.wants_logits(ordered[0].session) else None
-        final = self.store_forward(
+        final = self.layers.store_forward(
             rows, torch.cat([c.hidden for c in ordered]), torch.cat([c.positions for c in ordered]), valid, keep
         )
         out, r0 = {}, 0
@@ -818,31 +654,6 @@ class SplitServer:
             out[id(chunk)] = final[r0 : r0 + b, final.shape[1] - chunk.keep :]
             r0 += b
         return [out[id(c)] for c in chunks]
-
-    @torch.inference_mode()
-    def store_forward(
-        self,
-        rows: list[Row],
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        valid: torch.Tensor | None = None,
-        logits_to_keep: int | None = None,
-    ) -> torch.Tensor:
-        """Layers from each row's split on, for `hidden` [R, t, d] (rows sorted by split layer), K/V in the store.
-        Returns the last layer's output [R, t, d], or with `logits_to_keep` the last positions' float32 logits."""
-        if not compat.routes_attention(self.model):  # its owner set another attention (an in-process server's)
-            implementation = self.model.config._attn_implementation
-            if not compat.route_attention(self.model, store_attention):
-                raise ConfigError(
-                    f"the model's attention was set to {implementation!r} after its server started; the server's "
-                    "KV store runs SDPA attention: set it back to 'sdpa'"
-                )
-        batch = StoreBatch(self.store, rows, hidden.shape[1], valid)
-        plan = SplitPlan("server", rows[0].split_layer, inject=hidden, store=batch, rows_at=batch.rows_at)
-        mask = compat.forward_mask_placeholder(self.device)
-        final = self._suffix(plan, mask, positions, batch, logits_to_keep)
-        batch.commit()
-        return final
 
     def end_step(self, work: Work) -> None:
         """The session now holds the step's positions."""
@@ -872,52 +683,6 @@ class SplitServer:
         layers = compat.decoder_layers(self.model)
         return compat.kv_bytes_per_position(self.model.config, split_layer, self.dtype, self.store is None, layers)
 
-    def _store_matches_cache(self) -> bool:
-        """Check, once, that the KV store reproduces the model's own cache on this architecture: two sequences
-        at the shallowest and deepest split, prefilled to different lengths (past the shortest sliding window, up
-        to 512 positions: every prefill output is compared), then one decode step together."""
-        splits = sorted({self.min_split_layer, self.num_layers - 1})
-        windows = [w for w in self.store.sliding_windows if w]
-        length = min(min(windows) + 2, 512) if windows else 3  # past a sliding window, if one is short enough
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(len(splits), length + 1, self.hidden_size, generator=gen).to(self.device, self.dtype)
-        tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
-        self.store.asked_windows = {}  # recorded by the check's forwards only
-        try:
-            rows = [self.store.new_row(k) for k in splits]
-            prefilled = []
-            for i, row in enumerate(rows):  # prefill `length` and `length - 1` positions
-                n = length - i
-                prefilled.append(self.store_forward([row], x[i : i + 1, :n], torch.arange(n).unsqueeze(0)))
-            lengths = torch.tensor([[row.length] for row in rows])
-            got = self.store_forward(
-                rows, torch.stack([x[i, row.length] for i, row in enumerate(rows)])[:, None], lengths
-            )
-            # a cache's window that the attention does not name (llama4's chunks, moshi's causal mask over a sliding
-            # cache, or phimoe's windowed mask: no telling which) differs only past the window: beyond this test
-            asked_windows, self.store.asked_windows = self.store.asked_windows, None
-            for layer, asked in sorted(asked_windows.items()):
-                window = self.store.sliding_windows[layer]
-                if asked != window and max(asked or 0, window or 0) > length - 2:
-                    raise ValueError(
-                        f"layer {layer}'s attention names window {asked}, its transformers cache keeps {window}, and "
-                        f"this check cannot run past it"
-                    )
-            for i, (k, row) in enumerate(zip(splits, rows)):
-                cache, n = compat.new_cache(self.model), row.length - 1
-                before = self.run_model(k, "hidden", x[i : i + 1, :n], None, torch.arange(n)[None], cache, n)
-                want = self.run_model(k, "hidden", x[i : i + 1, n : n + 1], None, torch.tensor([[n]]), cache, 1)
-                # a prefill past the window (moshi's: its cache's own prefill attends to every position before it)
-                for what, mine, theirs in (("prefill", prefilled[i], before), ("decode", got[i : i + 1], want)):
-                    error = (mine - theirs).abs().max().item()
-                    if error > tolerance * (1 + theirs.abs().max().item()):
-                        raise ValueError(f"store {what} output differs from the transformers cache by {error:.3g}")
-                self.store.release(row)
-        except Exception as exc:
-            logger.warning("KV store off for %s (%s); sessions keep their own caches", type(self.model).__name__, exc)
-            return False
-        return True
-
     def _extend_mask(self, session: Session, step: protocol.Step) -> None:
         """The session's 2D mask through the step (the step's `history`, where it has one, replaces the mask of the
         earlier positions); None while it masks nothing (what an unpadded edge sends), so a decode step builds no
@@ -929,7 +694,7 @@ class SplitServer:
         """A whole step on the session's own transformers cache (no KV store)."""
         session, step = work.session, work.step
         self.begin_step(session, step)
-        final = self.run_model(
+        final = self.layers.run(
             session.split_layer,
             session.downlink,
             work.hidden,
@@ -939,52 +704,6 @@ class SplitServer:
             step.tokens - step.need_from,
         )
         return self.finish_step(work, final)
-
-    @torch.inference_mode()
-    def run_model(
-        self,
-        split_layer: int,
-        downlink: str,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        positions: torch.Tensor,
-        cache: Any,
-        keep: int,
-    ) -> torch.Tensor:
-        """Layers `split_layer..L-1` on `hidden` [B, T, d]; returns the last `keep` positions' final hidden states
-        (downlink 'hidden') or float32 logits."""
-        plan = SplitPlan("server", split_layer, inject=hidden)
-        mask = mask.to(self.device) if mask is not None else None
-        if downlink == "hidden":
-            return self._suffix(plan, mask, positions, cache, None)[:, hidden.shape[1] - keep :]
-        return self._suffix(plan, mask, positions, cache, keep)
-
-    def _suffix(
-        self,
-        plan: SplitPlan,
-        mask: torch.Tensor | None,
-        positions: torch.Tensor,
-        cache: Any,
-        logits_to_keep: int | None,
-    ) -> torch.Tensor:
-        """One forward of the model under `plan` (its `inject` is the input): the last layer's output [B, T, d], or
-        with `logits_to_keep` the last positions' float32 logits."""
-        hidden = plan.inject
-        kwargs = {
-            "inputs_embeds": compat.stand_in_embeds(self.model, hidden),
-            "attention_mask": mask,
-            "position_ids": positions.to(self.device),
-            compat.cache_kwarg(self.model): cache,
-            "use_cache": True,
-        }
-        with split_plan(plan):
-            if not logits_to_keep:  # no logits wanted (an early prefill chunk): the cache still takes the positions
-                compat.base_model(self.model)(**kwargs)
-                if logits_to_keep is None:
-                    return plan.final
-                return torch.zeros(len(hidden), 0, self.model.config.vocab_size, device=hidden.device)
-            whole = getattr(type(self.model), "_slicer_base", type(self.model)).forward  # not the split forward
-            return whole(self.model, **kwargs, logits_to_keep=logits_to_keep).logits[:, -logits_to_keep:].float()
 
     def encode_output(
         self, session: Session, final: torch.Tensor, given: torch.Tensor | None = None

@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import ConfigError, TransportError
 from ..protocol import fleet_router_url
-from .engine import ServerLimits, default_kv_budget_bytes
+from .state import ServerLimits, default_kv_budget_bytes
 
 logger = logging.getLogger(__name__)
 ROUTER, REPLICA = "SlicerRouter", "SlicerReplica"

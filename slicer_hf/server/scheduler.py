@@ -52,7 +52,8 @@ from .encoder_batch import batch_key, run_encoder_batch
 
 if TYPE_CHECKING:
     from .. import protocol
-    from .engine import Session, SplitServer
+    from .engine import SplitServer
+    from .state import Session
 
 logger = logging.getLogger(__name__)
 SPLIT_PADDING = 8192  # positions of padding (rows x context) that make a decode row run in a forward of its own
