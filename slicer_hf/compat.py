@@ -194,6 +194,25 @@ def _held(layer: Any) -> int:
     return int(layer.get_seq_length()) if hasattr(layer, "get_seq_length") else 0
 
 
+def cache_layer_bytes(cache: Any) -> list[int]:
+    """Per layer of a transformers cache, the bytes of the tensors it holds: keys and values, a recurrent layer's
+    state, whatever its class keeps."""
+    return [_tensor_bytes(vars(layer), set()) for layer in getattr(cache, "layers", ())]
+
+
+def _tensor_bytes(value: Any, seen: set[int]) -> int:
+    if isinstance(value, torch.Tensor):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    return 0
+
+
 def sliding_windows(model: PreTrainedModel) -> list[int | None]:
     """Per decoder layer, the sliding window its attention keeps (None: full attention), as transformers' own
     cache for the config lays its layers out."""

@@ -169,3 +169,52 @@ def test_a_recurrent_cache_is_not_cut_back_and_says_so(model_type):
         cache = model(torch.arange(3, 13)[None], use_cache=True).past_key_values
     assert compat.crop_cache(cache, 4) is False and compat.cache_length(cache) == 10
     assert compat.crop_cache(cache, 10) is True  # nothing past 10: nothing to cut
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "qwen3_next", "falcon_h1", "llama"])
+def test_a_transformers_cache_is_charged_what_it_holds_a_recurrent_state_per_sequence_not_per_position(model_type):
+    """Admission charged every position the K/V of every served layer: a Mamba server refused sessions past about
+    830 tokens of mamba-2.8b (its state is a fixed 25 MiB), and a hybrid's recurrent state went uncounted (a
+    session of 64 rows held 363x its reservation). The charge is now measured from a cache: at least what the
+    session's cache holds, and no more than it plus the placeholders below the split (and a layer's length counter
+    for each row)."""
+
+    from slicer_hf import compat
+    from slicer_hf.server import ServerLimits, SplitServer
+
+    server = SplitServer(sweep.tiny_model(model_type), kv_store=False, limits=ServerLimits(idle_timeout_s=1e9))
+    session_id = _open(server, split_layer=2)
+    session = server.sessions[session_id]
+    start = 0
+    for batch_tokens in (9, 1, 1, 20):
+        _step(server, session_id, start, batch_tokens, batch=4)
+        start += batch_tokens
+        held = sum(compat.cache_layer_bytes(session.cache))
+        placeholders = 4 * start * 2 * 2 * server.dtype.itemsize  # 4 rows: a [1, T, 1] K and V in layers 0 and 1
+        counters = 4 * 2 * 8  # a layer's int64 length (layers 2 and 3), one per cache, charged to each of 4 rows
+        assert held <= session.kv_bytes <= held + placeholders + counters
+    assert server.kv_bytes_used == session.kv_bytes
+    if model_type == "mamba":  # nothing grows with the positions but the placeholders
+        assert server._kv_costs[2] == (2 * 2 * server.dtype.itemsize, session.kv_bytes_per_sequence)
+    server.shutdown()
+
+
+def _open(server, split_layer: int) -> int:
+    from slicer_hf import build_codec, protocol
+    from slicer_hf.link import open_request
+
+    codec = build_codec("identity")
+    body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", split_layer, codec)
+    reply = server.handle(protocol.encode_json(protocol.OPEN, body))
+    protocol.raise_if_error(reply)
+    return protocol.decode_json(reply)["session"]
+
+
+def _step(server, session: int, start: int, tokens: int, batch: int) -> None:
+    import torch
+
+    from slicer_hf import build_codec, protocol
+
+    payload = build_codec("identity").encode(torch.randn(batch, tokens, server.hidden_size))
+    step = protocol.Step(session, start, start, batch, tokens, tokens - 1, payload)
+    protocol.raise_if_error(server.handle(protocol.encode_step(step)))

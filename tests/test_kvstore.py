@@ -539,6 +539,23 @@ def test_a_window_the_start_up_check_cannot_test_must_be_the_one_the_attention_n
     server.shutdown()
 
 
+def test_the_pools_the_start_up_check_filled_are_cut_back_within_the_kv_budget():
+    """The check prefills up to 512 positions past a sliding window; its pools stayed (1.2 MB against a 64 KiB
+    budget) until a 5 s idle trim, which steady traffic never leaves room for."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=97, sliding_window=600, max_position_embeddings=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    budget = 64 << 10
+    server = SplitServer(AutoModelForCausalLM.from_config(config).eval(), limits=ServerLimits(kv_budget_bytes=budget))
+    zero_blocks = 3 * compat.kv_bytes_per_position(config, 2, server.dtype, False) * server.store.block_size
+    assert server.store.bytes_allocated() <= budget + zero_blocks
+    server.shutdown()
+
+
 def test_closing_sessions_returns_their_blocks():
     server = SplitServer(tiny_model("llama"), batching=True)
     sessions = [_open(server, 1 + i % 3) for i in range(5)]

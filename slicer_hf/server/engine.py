@@ -123,7 +123,7 @@ class SplitServer:
         self.layers = ServedLayers(model, min_split_layer, kv_store and not self.encoder_kind, self.kv_budget_bytes)
         self.store = self.layers.store
         splits = range(min_split_layer, self.num_layers)  # an encoder keeps nothing between requests
-        self._kv_per_position = {k: 0 if self.encoder_kind else self._kv_bytes_per_position(k) for k in splits}
+        self._kv_costs = {k: (0, 0) if self.encoder_kind else self.layers.kv_costs(k) for k in splits}
         self.scheduler = Scheduler(self, batching)
         self._stopped = threading.Event()
         weakref.finalize(self, self._stopped.set)
@@ -336,19 +336,21 @@ class SplitServer:
                     f"{host} holds {cap} sessions, the most one client may (--max-sessions-per-client): close one",
                     code="too_many_sessions",
                 )
-            per_position = self._kv_per_position[k]
+            per_position, per_sequence = self._kv_costs[k]
             least = self.store.block_size if self.store is not None else 1  # a step takes whole blocks
             what = f"a block of {least} positions" if least > 1 else "a position"
-            if least * per_position > self.limits.max_session_kv_bytes:
+            what += f" and a state of {per_sequence:,} bytes" if per_sequence else ""
+            needed = per_sequence + least * per_position
+            if needed > self.limits.max_session_kv_bytes:
                 raise ProtocolError(
-                    f"session KV cap: {what} at split {k} needs {least * per_position:,} bytes, over the cap of "
+                    f"session KV cap: {what} at split {k} needs {needed:,} bytes, over the cap of "
                     f"{self.limits.max_session_kv_bytes:,}",
                     code="kv_session_cap",
                 )
-            if self.kv_bytes_used + least * per_position > self.kv_budget_bytes:
+            if self.kv_bytes_used + needed > self.kv_budget_bytes:
                 raise ProtocolError(
                     f"KV memory budget full: {self.kv_bytes_used:,} of {self.kv_budget_bytes:,} bytes in use, "
-                    f"{what} at split {k} needs {least * per_position:,}",
+                    f"{what} at split {k} needs {needed:,}",
                     code="kv_budget",
                 )
             session = Session(
@@ -361,6 +363,7 @@ class SplitServer:
                 client,
                 frozenset({WIRE_DTYPES[wire_dtype]}) if wire_dtype else frozenset(WIRE_DTYPES.values()),
                 per_position,
+                per_sequence,
             )
             session.downlink_codec = downlink_codec
             session.codec_key = json.dumps(codec.spec(), sort_keys=True)
@@ -448,7 +451,10 @@ class SplitServer:
         if self.store is not None:  # whole blocks
             positions = self.store.blocks_for(positions) * self.store.block_size
             held = f" (its {step.start + step.tokens} in blocks of {self.store.block_size})"
-        needed = session.kv_bytes_per_position * step.batch * positions
+        state = session.kv_bytes_per_sequence
+        needed = step.batch * (state + session.kv_bytes_per_position * positions)
+        if state:
+            held += f" and a state of {state:,} bytes each"
         if needed > limits.max_session_kv_bytes:
             raise ProtocolError(
                 f"session KV cap: {step.batch} x {positions} positions{held} need {needed:,} bytes, "
@@ -673,15 +679,6 @@ class SplitServer:
             for row in session.rows:
                 self.store.release(row)
         session.rows, session.cache = [], None
-
-    def _kv_bytes_per_position(self, split_layer: int) -> int:
-        """What a session's position at `split_layer` is charged against the KV limits: in the store, what its pools
-        hold a position in (the start-up check made a pool for every layer served); else the config's bound."""
-        held = self.store.bytes_per_position(split_layer) if self.store is not None else None
-        if held is not None:
-            return held
-        layers = compat.decoder_layers(self.model)
-        return compat.kv_bytes_per_position(self.model.config, split_layer, self.dtype, self.store is None, layers)
 
     def _extend_mask(self, session: Session, step: protocol.Step) -> None:
         """The session's 2D mask through the step (the step's `history`, where it has one, replaces the mask of the

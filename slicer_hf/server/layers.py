@@ -32,14 +32,47 @@ class ServedLayers:
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
+        self.min_split_layer = min_split_layer
         self.store: KVStore | None = None
+        self._cache_costs: list[tuple[int, int]] | None = None  # measured on first use (`kv_costs`)
         if kv_store and compat.route_attention(model, store_attention):
             num_layers = compat.num_layers(model.config)
             self.store = KVStore(num_layers, self.device, self.dtype, sliding_windows=compat.sliding_windows(model))
             if self._store_matches_cache(min_split_layer):
+                self.store.trim()  # what the check's rows took (up to 512 positions), within the budget from the start
                 self.store.max_bytes = kv_budget_bytes  # from now on: what admission lets sessions hold
             else:
                 self.store = None
+
+    def kv_costs(self, split_layer: int) -> tuple[int, int]:
+        """What a sequence split at `split_layer` holds between steps, in bytes: per position, and per sequence
+        whatever its length (a recurrent layer's state). In the store, what its pools hold a position in (the
+        start-up check made a pool for every layer served); in a transformers cache, what one holds, measured once
+        (`_measure_cache`), plus the config's bound for the placeholders of the layers below the split."""
+        held = self.store.bytes_per_position(split_layer) if self.store is not None else None
+        if held is not None:
+            return held, 0
+        if self.store is not None:
+            layers = compat.decoder_layers(self.model)
+            return compat.kv_bytes_per_position(self.model.config, split_layer, self.dtype, False, layers), 0
+        if self._cache_costs is None:
+            self._cache_costs = self._measure_cache()
+        served = self._cache_costs[split_layer:]
+        placeholders = split_layer * 2 * self.dtype.itemsize  # a [B, 1, T, 1] K and V (`compat.phantom_cache_update`)
+        return sum(p for p, _ in served) + placeholders, sum(s for _, s in served)
+
+    def _measure_cache(self) -> list[tuple[int, int]]:
+        """Per decoder layer, the bytes a transformers cache of one sequence holds per position and per sequence
+        (an attention layer's keys and values grow with it, a recurrent layer's state does not): read from a cache
+        after one position and after two, the layers from the shallowest split on run."""
+        cache = compat.new_cache(self.model)
+        d = int(self.model.config.hidden_size)
+        x = torch.randn(1, 2, d, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+        held = []
+        for t in range(2):
+            self.run(self.min_split_layer, "hidden", x[:, t : t + 1], None, torch.tensor([[t]]), cache, 1)
+            held.append(compat.cache_layer_bytes(cache))
+        return [(two - one, max(2 * one - two, 0)) for one, two in zip(*held)]
 
     @torch.inference_mode()
     def store_forward(

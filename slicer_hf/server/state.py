@@ -95,7 +95,8 @@ class Session:
     downlink_dtype: torch.dtype | None = None  # None: as computed (exact)
     client: str = ""
     wire_dtypes: frozenset[torch.dtype] = frozenset(WIRE_DTYPES.values())  # what its packets may claim
-    kv_bytes_per_position: int = 0
+    kv_bytes_per_position: int = 0  # what it is charged against the KV limits: per position of each sequence,
+    kv_bytes_per_sequence: int = 0  # and per sequence whatever its length (a recurrent layer's state)
     cache: Any = None  # without a KV store: the session's own transformers cache
     rows: list[Row] = field(default_factory=list)  # with a KV store: one per sequence
     closed: bool = False
