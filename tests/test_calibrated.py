@@ -295,6 +295,16 @@ def test_calibrate_refuses_to_move_a_split_under_a_downlink_basis_that_predicts_
     assert lookup(SlicerConfig.from_pretrained(moved).downlink_basis).given_width == 64
 
 
+def test_calibrate_refuses_to_keep_a_downlink_basis_fitted_for_rows_of_another_width(tmp_path):
+    """`--config smollm2-135m-split24-both` for a 64-wide model kept the preset's 576-wide downlink basis: the config
+    was written, and every session it opened was refused."""
+    folder, text, _ = calibrate_tiny(tmp_path / "first")
+    args = ["calibrate", "--model", str(folder), "--config", "smollm2-135m-split24-both", "--text", str(text)]
+    result = CliRunner().invoke(app, [*args, "--split-layer", "2", "--tokens", "512", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "codes rows of width 576" in str(result.exception)
+    assert "this model's are 64 wide" in str(result.exception) and not (tmp_path / "o").exists()
+
+
 def test_calibrate_refuses_a_config_it_could_not_write_before_loading_the_model(tmp_path, monkeypatch):
     """Impossible combinations, a window of no tokens and an --out that is a file are refused before any work."""
     from live import tiny_smol_dir

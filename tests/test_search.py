@@ -107,6 +107,39 @@ def test_a_profile_without_a_split_to_measure_is_refused_before_its_timing_run(l
         profile_model(model, "tiny", None, split_layers=splits)
 
 
+@pytest.mark.parametrize(
+    "options, refusal",
+    [
+        ({"prompt_tokens": 60, "decode_tokens": 8}, "timing run's 60 prompt and 8 new tokens exceed the model's 64"),
+        ({"prompt_tokens": 8, "decode_tokens": 4, "windows": torch.zeros(1, 80, dtype=torch.long)}, "window of 80"),
+    ],
+)
+def test_a_profile_longer_than_the_models_positions_is_refused_before_its_timing_run(options, refusal, monkeypatch):
+    """calibrate and eval checked their windows; profile went on into a raw IndexError on learned positions, after
+    its timing run (or within it, at the default 128-token prompt)."""
+    import slicer_hf.tuning.profile as profiling
+
+    monkeypatch.setattr(profiling, "measure_timing", lambda *a, **k: pytest.fail("timed a profile it then refused"))
+    model = tiny_model("llama").eval()
+    model.config.max_position_embeddings = 64
+    windows = options.pop("windows", None)
+    with pytest.raises(ConfigError, match=refusal):
+        profile_model(model, "tiny", windows, "random", split_layers=[2], **options)
+
+
+def test_a_profile_leaves_out_the_fp16_points_where_the_rows_overflow_float16():
+    """Rows past 65,504 made the fp16 point raise, and the whole profile (its timing run too) was lost."""
+    model = tiny_model("llama").eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e7)  # the residual stream carries the embeddings: far past float16
+    windows = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="codec fp16 left out at split 2: .*overflow float16"):
+        profile = profile_model(
+            model, "tiny", windows, "random", split_layers=[2], steps=(0.5,), downlink_steps=(), repeats=1
+        )
+    assert {(p.split_layer, p.codec) for p in profile.rate_distortion} == {(2, "slicer")}
+
+
 def test_a_profile_of_a_real_model_round_trips_through_json(tmp_path):
     model = tiny_model("llama").eval()
     windows = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))

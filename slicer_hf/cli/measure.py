@@ -192,6 +192,8 @@ def calibrate(
     fitted = fit(model, base, split_layer, downlink, predict, chained, text, tokens, window, seed)
     written = fitted.save_pretrained(out)
     downlink_basis = f", downlink basis {fitted.downlink_basis}" if downlink else ""
+    if not downlink and fitted.downlink_basis:
+        downlink_basis = f", downlink basis {fitted.downlink_basis} kept from the --config"
     print(
         f"calibrated on {text}: uplink basis {fitted.basis} at split {fitted.split_layer}{downlink_basis}; config "
         f"written to {written}"

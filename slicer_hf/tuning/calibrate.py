@@ -223,7 +223,15 @@ def calibrate(
     k = split_layer if split_layer is not None else base.split_layer_for(n_layers)
     if type(k) is not int or not 1 <= k < n_layers:
         raise ConfigError(f"split_layer must be an integer in [1, {n_layers - 1}] for this model, got {k!r}")
-    if not downlink and base.downlink_basis and k != base.split_layer and lookup(base.downlink_basis).given_width:
+    kept = lookup(base.downlink_basis) if not downlink and base.downlink_basis else None
+    if kept is not None and {kept.width, kept.given_width} - {width, None}:
+        raise ConfigError(
+            f"the config's downlink basis {base.downlink_basis} codes rows of width {kept.width}"
+            + (f" from rows of width {kept.given_width}" if kept.given_width else "")
+            + f", and this model's are {width} wide: calibrate the downlink too (--downlink), or start from a config "
+            "without a downlink basis"
+        )
+    if kept is not None and k != base.split_layer and kept.given_width:
         raise ConfigError(
             f"the config's downlink basis predicts from the rows of split {base.split_layer}, not {k}: calibrate "
             "the downlink at this split too (--downlink), or start from a config without a downlink basis"

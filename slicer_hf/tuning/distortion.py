@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from ..codec import Codec, build_codec
 from ..compat import decoder_layers
-from ..errors import ConfigError
+from ..errors import CodecError, ConfigError
 
 
 class RoundTrip:
@@ -85,7 +86,11 @@ def _perplexity(sums: Sequence[dict[str, float]]) -> float:
 
 
 def measure(
-    model: Any, windows: torch.Tensor, split_layers: Sequence[int], settings: Sequence[dict[str, Any]]
+    model: Any,
+    windows: torch.Tensor,
+    split_layers: Sequence[int],
+    settings: Sequence[dict[str, Any]],
+    skip_refused: bool = False,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Each codec setting at each split layer against the unsplit model.
 
@@ -94,6 +99,8 @@ def measure(
         windows: token windows `[W, T]` to score.
         split_layers: k in [1, L]; k = L measures the hidden-state downlink (the last layer's output).
         settings: `{"codec": name, **params}` each.
+        skip_refused: a setting whose codec refuses the rows at a split (fp16 where they overflow it, say) is left out
+            there with a warning, instead of ending the measurement.
 
     Returns:
         (unsplit perplexity, one dict per (k, setting): bits, KL, agreement, perplexity change, codec times).
@@ -115,6 +122,11 @@ def measure(
             t0 = time.perf_counter()
             try:
                 sums = [quality_sums(forward_logprobs(model, ids[None]), r, ids[None]) for r, ids in zip(refs, windows)]
+            except CodecError as exc:
+                if not skip_refused:
+                    raise
+                warnings.warn(f"codec {codec.name} left out at split {k}: {exc}", stacklevel=2)
+                continue
             finally:
                 handle.remove()
             ppl = _perplexity(sums)

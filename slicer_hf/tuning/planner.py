@@ -491,7 +491,7 @@ def _infeasible(cands: Sequence[Candidate], limits: dict[str, float], adaptive: 
         what = "ECSQ setting (adaptive bitrate moves the ECSQ step; fp16 and exact uplinks are left out)"
     message = (
         f"no split and {what} meets every constraint; the binding one is {CONSTRAINT_NAMES[binding]}="
-        f"{limits[binding]:g}{unit[binding]}. The nearest feasible point: {nearest.label()} misses "
+        f"{limits[binding]:g}{unit[binding]}. The nearest point: {nearest.label()} misses "
         + ", ".join(missed)
         + "; relax "
         + " and ".join(relax)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..compat import decoder_layers, kv_bytes_per_position
+from ..compat import check_window, decoder_layers, kv_bytes_per_position
 from ..config import SlicerConfig
 from ..errors import ConfigError
 from ..version import __version__
@@ -416,7 +416,7 @@ def measure_rate_distortion(
 
     n = len(decoder_layers(model))
     uplink = [{**ECSQ_BASE, "step": s} for s in steps] + [{"codec": "fp16"}]
-    base_ppl, rows = measure(model, windows, list(split_layers), uplink)
+    base_ppl, rows = measure(model, windows, list(split_layers), uplink, skip_refused=True)  # fp16 may overflow
     if downlink_steps:
         rows += measure(model, windows, [n], [{**ECSQ_BASE, "step": s} for s in downlink_steps])[1]
     points = [
@@ -483,6 +483,14 @@ def profile_model(
     if bad := [k for k in splits if not 1 <= k < n]:  # checked before the timing run, which takes minutes
         raise ConfigError(f"candidate split layers must be in [1, {n - 1}] for this {n}-layer model, got {bad}")
     steps, downlink_steps = _ecsq_steps(steps, "steps"), _ecsq_steps(downlink_steps, "downlink_steps")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and prompt_tokens + decode_tokens > positions:  # checked before the timing run
+        raise ConfigError(
+            f"the timing run's {prompt_tokens} prompt and {decode_tokens} new tokens exceed the model's {positions} "
+            "positions: give fewer (prompt_tokens, decode_tokens)"
+        )
+    if windows is not None:
+        check_window(model.config, int(windows.shape[1]))
     device = next(model.parameters()).device
     timing, edge = measure_timing(model, prompt_tokens, decode_tokens, repeats)
     memory, weights = measure_memory(model)
