@@ -40,6 +40,9 @@ from .loading import check_model_folder, expand_home, load_layers
 from .modeling import SplitModelMixin, _config_kwargs, _resolve_config, make_split
 from .transport import LocalTransport, Transport
 
+# forward options that change how the server's blocks run too (Swin's), which a STEP does not carry
+SERVER_SIDE_OPTIONS = ("always_partition", "output_hidden_states_before_downsampling")
+
 
 class SlicerEncoderMixin(SplitModelMixin):
     """Split `forward()` for an encoder or vision model. Mixed in by `SlicerModel` and its task classes."""
@@ -53,6 +56,11 @@ class SlicerEncoderMixin(SplitModelMixin):
         self._warn_without_gradients()
         base_forward = super().forward  # the model's own forward (this mixin sits before its class)
         given = self._arguments(base_forward, args, kwargs, k)
+        if held := [name for name in SERVER_SIDE_OPTIONS if given.get(name)]:
+            raise NotImplementedError(
+                f"{', '.join(held)} change how every stage runs, and the server's stages are not sent them: leave "
+                "them out of a split forward (`with slicer_hf.unsplit(model):` runs them all locally)"
+            )
         link = self._link_for(k)
         mask = given.get("attention_mask")
         if mask is not None and mask.ndim != 2:
@@ -67,6 +75,8 @@ class SlicerEncoderMixin(SplitModelMixin):
 
         def exchange(hidden: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
             b = hidden.shape[0]
+            if b == 0:
+                raise ValueError("a split forward takes a batch of at least one input")
             reply: tuple[int | None, ...] | None = None  # the reply's shape, where not that of `hidden`
             layout = compat.map_memory_format(self.config)  # the family's, or the caller's channels-last model's
             if hidden.ndim == 4:  # a feature map [B, C, H, W] -> rows [B, H*W, C]

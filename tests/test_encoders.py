@@ -383,6 +383,17 @@ def test_hidden_state_outputs_are_refused_clearly():
         split(**inputs_for("vit"))
 
 
+def test_options_that_change_the_servers_stages_and_an_empty_batch_are_refused_clearly():
+    """Swin's always_partition reached the edge's stages only: the server failed with an internal error. An empty
+    batch ended in torch.cat's ValueError."""
+    swin = SlicerModel.from_model(build("swin"), LOSSLESS.replace(split_layer=2))
+    with pytest.raises(NotImplementedError, match="always_partition change how every stage runs"):
+        swin(**inputs_for("swin"), always_partition=True)
+    resnet = SlicerModel.from_model(build("resnet"), LOSSLESS.replace(split_layer=2))
+    with pytest.raises(ValueError, match="at least one input"):
+        resnet(inputs_for("resnet")["pixel_values"][:0])
+
+
 def test_an_attention_mask_passed_by_position_reaches_the_server():
     model = build("bert")
     inputs = inputs_for("bert")  # one padded row
@@ -434,6 +445,22 @@ def test_an_encoder_server_refuses_malformed_requests_and_keeps_serving():
     request = open_request(LOSSLESS.replace(downlink="logits"), server.model.config, "t", 2, build_codec("identity"))
     with pytest.raises(ProtocolError, match="hidden states only"):
         protocol.raise_if_error(server.handle(protocol.encode_json(protocol.OPEN, request)))
+    server.shutdown()
+
+
+@pytest.mark.parametrize("family, grid", [("convnext", (1, 1)), ("swin", (1, 16))])
+def test_a_grid_the_models_stages_cannot_run_is_a_bad_request_not_an_internal_error(family, grid, caplog):
+    """A map too small for ConvNeXt's 2x2 downsampling, or a Swin grid its windows cannot hold, failed inside the
+    forward: an `internal` error with a traceback in the log for each such request. The unsplit model fails on such
+    inputs too."""
+    server = SplitServer(build(family), min_split_layer=1)
+    width = compat.split_width(server.model.config, 2)
+    session = open_encoder_session(server)
+    with pytest.raises(ProtocolError, match=f"cannot run a {grid[0]} x {grid[1]} grid") as info:
+        protocol.raise_if_error(send(server, session, torch.randn(1, grid[0] * grid[1], width), grid=grid))
+    assert info.value.code == "bad_request" and not [r for r in caplog.records if r.exc_info]
+    session = open_encoder_session(server)
+    protocol.decode_reply(send(server, session, torch.randn(1, 16, width), grid=(4, 4)))  # still serving
     server.shutdown()
 
 
@@ -697,13 +724,20 @@ def test_the_minilm_bench_picks_the_fewest_bits_above_the_cosine_floor_and_score
     assert top1 < 1.0 and top10 < 1.0
 
 
-@pytest.mark.parametrize("sentences", ["5", "0"])  # 5 failed in its retrieval's top-10; 0 took every sentence: hours
-def test_the_encoder_bench_refuses_too_few_sentences_as_a_usage_error(sentences, capsys):
+@pytest.mark.parametrize(
+    "options, usage_error",
+    [
+        (["--sentences", "5"], "--sentences must be over 10"),  # 5 failed in its retrieval's top-10
+        (["--sentences", "0"], "--sentences must be over 10"),  # 0 took every sentence: hours
+        (["--splits", "2,four"], "--splits takes comma-separated split layers"),  # was a ValueError's traceback
+    ],
+)
+def test_the_encoder_bench_refuses_bad_options_as_a_usage_error(options, usage_error, capsys):
     from slicer_hf.bench import encoders
 
     with pytest.raises(SystemExit) as usage:
-        encoders.main(["--sentences", sentences, "--out-json", "unused.json"])
-    assert usage.value.code == 2 and "--sentences must be over 10" in capsys.readouterr().err
+        encoders.main([*options, "--out-json", "unused.json"])
+    assert usage.value.code == 2 and usage_error in capsys.readouterr().err
 
 
 def test_the_encoder_bench_refuses_a_split_outside_the_model_before_it_measures(monkeypatch):

@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         choose_preset(results, config, args.write_preset, args.model)
         write_json(results, args.out_json)
         return
-    splits = [int(s) for s in args.splits.split(",")] if args.splits else None
+    try:
+        splits = [int(s) for s in args.splits.split(",")] if args.splits else None
+    except ValueError:
+        parser.error(f"--splits takes comma-separated split layers, e.g. 2,4, got {args.splits!r}")
     run(args.model, args.sentences, splits, args.min_cosine, args.out_json, args.write_preset)
 
 

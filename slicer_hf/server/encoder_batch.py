@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import compat
+from .. import compat, protocol
+from ..errors import ProtocolError
 from ..hooks import SplitPlan, split_plan
 
 if TYPE_CHECKING:
@@ -43,8 +44,17 @@ def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[byte
     inputs = compat.encoder_inputs(model, hidden.shape[0], longest, split_layer, grid, mask)
     plan = SplitPlan("server", split_layer, inject=hidden)  # decoded on the server's device, in its dtype
     base = model.base_model
-    with split_plan(plan), compat.kept_window_sizes(model):  # the base model's own forward (not the split one)
-        getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)
+    try:
+        with split_plan(plan), compat.kept_window_sizes(model):  # the base model's own forward (not the split one)
+            getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if len(works) > 1:  # the scheduler runs them again one at a time: the request at fault fails alone
+            raise
+        shape = f"a {grid[0]} x {grid[1]} grid" if grid is not None else f"{longest} positions"
+        raise ProtocolError(  # an input the model's own forward cannot take either (a map too small to downsample)
+            f"blocks {split_layer}.. of this model cannot run {shape}: {protocol.clipped(str(exc), 200)}",
+            code="bad_request",
+        ) from exc
     final = plan.final
     if final.ndim == 4:  # [B, C, H, W] -> channels-last, the rows the edge reads back
         final = final.permute(0, 2, 3, 1).contiguous()
