@@ -8,7 +8,15 @@ from .encoders import (
     SlicerModelForSequenceClassification,
     SlicerModelForTokenClassification,
 )
-from .errors import CodecError, ConfigError, MissingDataError, ProtocolError, SlicerError, TransportError
+from .errors import (
+    CodecError,
+    ConfigError,
+    MissingDataError,
+    ProtocolError,
+    SlicerError,
+    StaleCacheError,
+    TransportError,
+)
 from .link import WireStats
 from .modeling import ConcurrentUseError, SlicerGenerationMixin, SlicerModelForCausalLM, unsplit
 from .tuning import Constraints, InfeasibleError, LinkSpec, Profile, search
@@ -33,6 +41,7 @@ __all__ = [
     "SlicerModelForImageClassification",
     "SlicerModelForSequenceClassification",
     "SlicerModelForTokenClassification",
+    "StaleCacheError",
     "TransportError",
     "WireStats",
     "__version__",

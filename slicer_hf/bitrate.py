@@ -14,7 +14,9 @@ cycle), and a finer rung given up within `calm` tokens doubles that patience (hy
 flap on a link at the edge of two rungs). The room is measured above `base`, not from zero: where compute alone
 takes most of the target, a fast link still brings the finer rungs back. A finer rung that misses at once is
 measured beside the rung it left: their latencies' difference over their bits' difference is the slope, which one
-rung's latency cannot tell from the base. What the model cannot tell is compute jitter that crosses the target by
+rung's latency cannot tell from the base; and a model that puts all of a latency well under the target down to the
+uplink (a base of zero, where one slow token's slope can leave it) moves finer after `patience` tokens to find out.
+What the model cannot tell is compute jitter that crosses the target by
 itself: it reads as a slow link, and the controller steps coarser though no rung would help. Nor, on one rung
 alone, can it always tell the base from the slope: with compute at 87% of the target and 2 ms of jitter, a link back
 from a drop leaves the step coarse in some runs (3 of 8 seeds in simulation, where the controller before this one
@@ -100,7 +102,7 @@ class BitrateController:
         median = statistics.median(lat for lat, _ in self._recent)
         over = latency_ms > self.target_ms or median > self.high * self.target_ms  # one miss is enough to act
         base, per_bit = self._model(max(median, latency_ms) if over else median)
-        self._floor.append(latency_ms - bits * per_bit)
+        self._floor.append(max(latency_ms - bits * per_bit, 0.0))  # below zero, it would hold a wrong slope up
         if self._since_finer is not None:
             self._since_finer += 1
             if self._since_finer > self.calm:  # the finer rung held: the next try need not wait so long
@@ -118,9 +120,12 @@ class BitrateController:
             self._move((fits or near or [len(self.ladder) - 1])[0], median)
             return
         finer = self.level - 1
-        if (
-            self.level > 0
-            and self.ladder[finer][1] * per_bit <= self.low * (self.target_ms - base)
+        # a model that puts all of a latency well under the target down to the uplink (no compute at all) is one rung
+        # cannot tell from a slope too steep (one slow token's, say): only trying the finer rung tells them apart
+        unsure = base <= 0.0 and median <= self.low * self.target_ms
+        if self.level > 0 and (
+            unsure
+            or self.ladder[finer][1] * per_bit <= self.low * (self.target_ms - base)
             and self._predict(finer, base, per_bit) <= self.high  # where a coarser move may land: no flapping
         ):
             self._room += 1

@@ -154,26 +154,28 @@ class Client:
 
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        from .errors import SlicerError
+        from .errors import StaleCacheError
 
         inputs = self.encode(messages)
-        streamer = _Printer(self.tokenizer, out or sys.stdout)
+        to = out or sys.stdout
+        streamer = _Printer(self.tokenizer, to)
         started = time.perf_counter()
         kwargs = {"streamer": streamer, "return_dict_in_generate": True, **sampling.generate_kwargs()}
         cache = self._reusable(inputs["input_ids"])
         try:
             try:
-                out = self.model.generate(**inputs, **{compat.cache_kwarg(self.model): cache}, **kwargs)
-            except SlicerError:  # the server no longer holds what the cache does: the whole conversation again
+                result = self.model.generate(**inputs, **{compat.cache_kwarg(self.model): cache}, **kwargs)
+            except StaleCacheError:  # raised before any token: the whole conversation again
                 if cache is None:
                     raise
-                out = self.model.generate(**inputs, **kwargs)
+                kwargs["streamer"] = _Printer(self.tokenizer, to)  # the first one took the prompt in
+                result = self.model.generate(**inputs, **kwargs)
         except BaseException:
             self._held = None
             raise
-        self._held = (out.sequences, compat.output_cache(out))
+        self._held = (result.sequences, compat.output_cache(result))
         elapsed = time.perf_counter() - started
-        new = out.sequences[0, inputs["input_ids"].shape[1] :]
+        new = result.sequences[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(new, skip_special_tokens=True), elapsed, int(new.numel())
 
     def _reusable(self, ids: Any) -> Any:

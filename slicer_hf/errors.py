@@ -40,6 +40,11 @@ class NowhereElse(TransportError):
         super().__init__(message, retryable=False)
 
 
+class StaleCacheError(SlicerError):
+    """A KV cache given to a split model's forward holds positions its server no longer holds as they were (another
+    generation ran since, its session closed, ...): start again from the whole prompt."""
+
+
 class ProtocolError(SlicerError):
     """A message that breaks the protocol: wrong version, model mismatch, unknown session, limits."""
 

@@ -481,7 +481,7 @@ class SuffixLink:
                         self.max_attempts,
                         exc,
                         self.transport.name,
-                        f", replaying {len(self._sent)} steps" if self._sent else "",
+                        f", replaying {len(replay) - 1} steps" if len(replay) > 1 else "",  # the last is sent
                     )
         self._abandon(ask_server=False)  # end the stream the last attempt left open (its session is gone)
         unreached = isinstance(last, TransportError) and last.unreachable and not self._ever_answered

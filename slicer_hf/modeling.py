@@ -31,7 +31,7 @@ from . import compat, loading, protocol
 from .codec import build_codec
 from .codec.basis import lookup
 from .config import CONFIG_NAME, SlicerConfig
-from .errors import ConfigError, SlicerError
+from .errors import ConfigError, SlicerError, StaleCacheError
 from .hooks import SplitPlan, attach_hooks, split_plan
 from .link import SuffixLink, WireStats, open_request, wire_dtype
 from .loading import check_model_folder, expand_home, load_layers, release_layers
@@ -333,7 +333,7 @@ class SlicerGenerationMixin(SplitModelMixin):
         compat.check_split_cache(cache)
         start = compat.cache_length(cache)
         if start > 0 and not link.continues(getattr(cache, "_slicer_mark", None), start):
-            raise SlicerError(
+            raise StaleCacheError(
                 f"this KV cache holds {start} positions the server no longer holds as they were (another "
                 "generate() or branch ran on this model since, it ran at another split_layer, the cache's rows were "
                 "reordered or selected, its session closed, or the cache was not made by this split model): continue "

@@ -133,6 +133,22 @@ def test_with_compute_near_the_target_one_spike_is_not_a_lasting_step_down():
     assert steps[101] > 0.1 and set(steps[300:]) == {0.1}
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_one_slow_token_on_a_link_with_room_to_spare_is_not_a_lasting_step_down(seed):
+    """A 300 ms hiccup (a failover's replay, a pause) read as a slope 12x too steep; on the floor rung every token
+    then sat at the base the model kept, whose history filled with negative values: a self-consistent wrong fit that
+    kept the floor for good, though every rung met the target (20 ms of compute, 0.01 ms a bit, 50 ms target)."""
+    ladder = [(0.05, 3000.0), (0.1, 2000.0), (0.2, 1200.0), (0.4, 700.0), (0.8, 400.0)]
+    controller = BitrateController(ladder, target_ms=50.0, start=2)
+    rnd, levels = random.Random(seed), []
+    for token in range(400):
+        bits = ladder[controller.level][1]
+        controller.observe(20.0 + 0.01 * bits + rnd.uniform(-0.5, 0.5) + (300.0 if token == 100 else 0.0), bits)
+        levels.append(controller.level)
+    assert levels[99] == 1 and levels[100] == 4  # the finest rung that fits; the spike's step down
+    assert max(levels[150:]) <= 2 and len(set(levels[300:])) == 1  # back at (or a rung from) where it was, settled
+
+
 def test_a_new_generation_counts_its_room_for_a_finer_move_afresh():
     controller = BitrateController(LADDER, target_ms=75.0, start=3, patience=4)
     for _ in range(3):  # three tokens of room: one short of the patience

@@ -150,6 +150,37 @@ def test_a_conversation_sends_its_new_turn_not_the_whole_conversation_again(tiny
     client.close()
 
 
+def test_a_turn_reruns_the_whole_conversation_only_when_the_server_no_longer_holds_its_cache(tiny_dir, server_url):
+    """Any library error while continuing the cache ran the whole conversation again: a server's timeout was waited
+    out twice, and the failed attempt's text streamed, then the whole transcript as if it were the reply."""
+    import io
+
+    from slicer_hf.client import Client, Sampling
+    from slicer_hf.errors import TransportError
+
+    client = Client(server_url, str(tiny_dir), str(tiny_dir / "preset"))
+    messages = [{"role": "user", "content": "Hello"}]
+    first, _, _ = client.reply(messages, Sampling(max_new_tokens=5), out=io.StringIO())
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    generate, calls = client.model.generate, []
+
+    def stalls_once(*args, **kwargs):
+        calls.append(kwargs)
+        raise TransportError("no reply within 3 s")
+
+    client.model.generate = stalls_once
+    with pytest.raises(TransportError):
+        client.reply(messages, Sampling(max_new_tokens=5), out=io.StringIO())
+    assert len(calls) == 1  # not again without the cache
+    client.model.generate = generate
+    client.reply(messages[:1], Sampling(max_new_tokens=5), out=io.StringIO())
+    client.model.close_session()  # the server forgets what the held cache holds
+    out = io.StringIO()
+    second, _, _ = client.reply(messages, Sampling(max_new_tokens=5), out=out)
+    assert (first, second) == two_turns(tiny_dir, 5) and out.getvalue().strip() == second.strip()
+    client.close()
+
+
 def test_a_client_error_is_one_line_not_a_traceback():
     """What a user gets wrong (here a URL without its scheme) reads as the library's message, exit status 1."""
     import subprocess

@@ -17,7 +17,7 @@ from live import LOSSLESS, CallbackStreamer, client, prompt, raw_open, self_sign
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from slicer_hf import ProtocolError, TransportError, protocol
+from slicer_hf import ConfigError, ProtocolError, TransportError, protocol
 from slicer_hf.cli import app
 from slicer_hf.transport.grpc import METRICS_METHOD, GrpcTransport
 
@@ -247,6 +247,17 @@ def test_idle_sessions_expire_and_clients_recover(server, model_dir, reference):
     )
 
 
+@pytest.mark.parametrize("timeout_s", [-1, 0, float("inf"), float("nan"), "30", True])
+def test_a_transports_timeout_is_checked_when_it_is_made_not_at_its_first_request(timeout_s):
+    """-1 and '30' failed at the first request with gRPC's or Python's own errors, infinity with an OverflowError."""
+    from slicer_hf.transport.fleet import FleetTransport
+
+    with pytest.raises(ConfigError, match="timeout_s must be a finite number of seconds, above 0"):
+        GrpcTransport(["grpc://127.0.0.1:50051"], timeout_s=timeout_s)
+    with pytest.raises(ConfigError, match="router_timeout_s must be a finite number of seconds"):
+        FleetTransport("slicer+http://127.0.0.1:8000", router_timeout_s=timeout_s)
+
+
 def test_auth_token_is_required_when_configured(server, model_dir):
     srv = server("--token", "s3cret")
     with pytest.raises(TransportError, match="UNAUTHENTICATED"):
@@ -362,7 +373,6 @@ def test_serve_refuses_an_empty_token_half_a_tls_pair_and_names_a_bad_certificat
     """An empty token would lock every client out; a certificate without its key would serve in clear."""
     from types import SimpleNamespace
 
-    from slicer_hf import ConfigError
     from slicer_hf.server import ServerLimits
     from slicer_hf.server.grpc_server import serve
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,16 @@ def root_context(root_certificates: bytes) -> ssl.SSLContext:
         return ssl.create_default_context(cadata=root_certificates.decode("ascii"))
     except (ValueError, ssl.SSLError) as exc:  # not text, or no PEM certificate in it
         raise ConfigError(f"root_certificates must be PEM CA certificates (BEGIN CERTIFICATE): {exc}") from None
+
+
+def seconds(name: str, value: Any, zero: bool = False) -> float:
+    """A transport's timeout `value`, checked: a finite number of seconds above 0 (or 0, with `zero`); anything else
+    is a `ConfigError` now, rather than a confusing error (or an overflow, for infinity) at the first request."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "above 0"
+        raise ConfigError(f"{name} must be a finite number of seconds, {least} (a long wait: 3600), got {value!r}")
+    return float(value)
 
 
 class Transport(ABC):

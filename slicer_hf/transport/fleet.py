@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import NowhereElse, TransportError
 from ..protocol import REPLY, fleet_router_url, is_loopback
-from .base import Transport, root_context
+from .base import Transport, root_context, seconds
 from .grpc import MAX_REPLY_BYTES, GrpcTransport
 
 MAX_ANSWER_BYTES = 64 << 10  # an admission answer is a few hundred bytes of JSON
@@ -66,8 +66,9 @@ class FleetTransport(Transport):
         if token == "":
             raise TransportError("the auth token is empty: give the fleet's token, or none at all", retryable=False)
         self.url, self.router = url, fleet_router_url(url)
-        self.token, self.timeout_s, self.root_certificates = token, timeout_s, root_certificates
-        self.router_timeout_s, self.admission_wait_s = router_timeout_s, admission_wait_s
+        self.token, self.timeout_s, self.root_certificates = token, seconds("timeout_s", timeout_s), root_certificates
+        self.router_timeout_s = seconds("router_timeout_s", router_timeout_s)
+        self.admission_wait_s = seconds("admission_wait_s", admission_wait_s, zero=True)
         self._tls = root_context(root_certificates) if root_certificates else None
         host = rest.partition("/")[0].rpartition(":")[0] or rest.partition("/")[0]
         if token and scheme == "slicer+http" and not is_loopback(host):

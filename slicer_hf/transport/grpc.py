@@ -30,7 +30,7 @@ from ..protocol import (  # noqa: F401 (re-exported for callers of this module)
     channel_options,
     is_loopback,
 )
-from .base import Transport, root_context
+from .base import Transport, root_context, seconds
 
 _END = object()
 _OPEN: weakref.WeakSet[GrpcTransport] = weakref.WeakSet()
@@ -102,7 +102,8 @@ class GrpcTransport(Transport):
             raise TransportError("root certificates check grpcs:// servers, and none is given", retryable=False)
         if root_certificates is not None:
             root_context(root_certificates)  # a ConfigError now, rather than a handshake that fails on every call
-        self.urls, self.token, self.timeout_s, self.root_certificates = list(urls), token, timeout_s, root_certificates
+        self.urls, self.token, self.root_certificates = list(urls), token, root_certificates
+        self.timeout_s = seconds("timeout_s", timeout_s)
         for url in self.urls:
             host, _, port = url.partition("://")[2].rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 1 << 16:  # tried 10 times, to no end
