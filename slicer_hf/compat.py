@@ -219,6 +219,20 @@ def sliding_windows(model: PreTrainedModel) -> list[int | None]:
     return [getattr(layer, "sliding_window", None) or None for layer in new_cache(model).layers]
 
 
+def recurrent_only(model: PreTrainedModel) -> bool:
+    """Whether every layer of the model's cache is recurrent (Mamba, FalconMamba). transformers' mixers of these
+    families run a forward of several positions afresh from a cache, not on from it (the logits of a prompt run in two
+    forwards differ from one's by up to 1.0 on a tiny FalconMamba): a split sends a forward's positions in one step
+    and the server runs it whole. They also hand the 2D mask straight to the mixers, which mask the padding of the
+    positions they run: a forward continuing a cache takes those columns only (a hybrid's own forward cuts them for
+    its recurrent layers, gives its attention the whole mask, and carries a forward on from its cache exactly)."""
+    from transformers import cache_utils
+
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+    layers = new_cache(model).layers
+    return recurrent is not None and all(isinstance(x, recurrent) and not isinstance(x, DynamicLayer) for x in layers)
+
+
 def crop_cache(cache: DynamicCache, length: int) -> bool:
     """Drop cached positions beyond `length`, layer by layer (5.x takes the negative count to remove; a server's
     layers below its split hold none); False, with nothing dropped, where the cache cannot go back that far: a
@@ -641,10 +655,20 @@ def reply_positions(config: Any, split_layer: int, positions: int, grid: tuple[i
     return -(-grid[0] // scale) * -(-grid[1] // scale)
 
 
+PATCH_SIDE_SCALE = 4  # a ViT request's image may be up to this many times the configured one's side
+
+
 def max_encoder_tokens(model: nn.Module) -> int | None:
-    """The most tokens a text encoder's own embeddings take (their position table, less RoBERTa's offset past the
-    padding index), which the server's stand-in forward runs; None for vision models."""
-    if encoder_kind(model.config) != "text":
+    """The most tokens a request's row may hold: a text encoder's own embeddings' (their position table, less
+    RoBERTa's offset past the padding index), which the server's stand-in forward runs; a ViT's of an image
+    `PATCH_SIDE_SCALE` times the configured side (interpolated position embeddings), and its class and distillation
+    tokens (attention over every patch costs the server their square: a 233-byte request of 4,096 patches a row had
+    held it 12 s); None for Swin and CNNs, whose cost grows with their positions."""
+    kind = encoder_kind(model.config)
+    if kind == "patches":
+        (h, w), (ph, pw) = _pair(model.config.image_size), _pair(model.config.patch_size)
+        return (PATCH_SIDE_SCALE * h // ph) * (PATCH_SIDE_SCALE * w // pw) + 2
+    if kind != "text":
         return None
     embeddings = getattr(model.base_model, "embeddings", None)
     padding = getattr(embeddings, "padding_idx", None)  # RoBERTa's positions start past it

@@ -367,8 +367,16 @@ class SlicerGenerationMixin(SplitModelMixin):
         def exchange(hidden: torch.Tensor, grid: Any = None) -> torch.Tensor:  # [B, T, d] at the split -> final
             outputs = []
             limits = link.step_limits()
-            chunk = limits.positions(b, hidden.shape[-1], self.slicer_config.prefill_chunk_tokens)
+            whole = t > 1 and compat.recurrent_only(self)  # the server must run these positions in one forward
+            chunk = limits.positions(b, hidden.shape[-1], t if whole else self.slicer_config.prefill_chunk_tokens)
             answered = limits.replies(b * link.reply_bytes(hidden.shape[-1]), t)  # outputs one reply may hold
+            if whole and (chunk < t or answered < keep):
+                raise NotImplementedError(
+                    f"{self.config.model_type}'s layers are all recurrent, and transformers' run a forward of several "
+                    f"positions afresh from their cache, not on from it: these {t} positions go to the server in one "
+                    f"step and reply, which take {min(chunk, answered)} at most (raise its --max-step-tokens, "
+                    "--max-step-elements or --max-message-bytes, or send fewer positions)"
+                )
             a = 0
             while a < t:
                 z = min(a + chunk, t, max(t - keep, a) + answered)

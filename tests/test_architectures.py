@@ -218,3 +218,47 @@ def _step(server, session: int, start: int, tokens: int, batch: int) -> None:
     payload = build_codec("identity").encode(torch.randn(batch, tokens, server.hidden_size))
     step = protocol.Step(session, start, start, batch, tokens, tokens - 1, payload)
     protocol.raise_if_error(server.handle(protocol.encode_step(step)))
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba", "qwen3_next", "falcon_h1", "nemotron_h", "llama"])
+def test_a_store_less_server_chunks_a_padded_prompt_where_the_family_carries_a_forward_on_exactly(model_type):
+    """The server runs a long step a chunk at a time where the layers carry a forward on from their cache exactly
+    (attention, hybrids), and whole where transformers' cannot (Mamba, FalconMamba run one afresh): a prompt of 300
+    positions, which the edge had cut into steps of 256, gave a FalconMamba's logits off by 0.07 silently."""
+    import copy
+
+    import torch
+
+    from slicer_hf.server import ServerLimits, SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    ref = sweep.tiny_model(model_type)
+    server = SplitServer(copy.deepcopy(ref), kv_store=False, limits=ServerLimits(prefill_chunk_tokens=5))
+    config = SlicerConfig(codec="identity", split_layer=2)
+    split = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), config, LocalTransport(server))
+    ids = torch.randint(3, 128, (2, 23), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row
+    options = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(split.generate(input_ids=ids, **options), ref.generate(input_ids=ids, **options))
+    long = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (split(long).logits[:, -1] - ref(long).logits[:, -1]).abs().max() < 1e-5
+    server.shutdown()
+
+
+def test_a_mamba_prompt_longer_than_one_step_of_the_server_is_refused_not_cut():
+    """Cut into steps, the server would run each afresh from its cache: other logits, silently."""
+    import torch
+
+    from slicer_hf.server import ServerLimits, SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    server = SplitServer(sweep.tiny_model("mamba"), limits=ServerLimits(max_step_tokens=16))
+    split = SlicerModelForCausalLM.from_model(
+        sweep.tiny_model("mamba"), SlicerConfig(codec="identity", split_layer=2), LocalTransport(server)
+    )
+    with pytest.raises(NotImplementedError, match="these 40 positions go to the server in one step"):
+        split(torch.randint(3, 128, (1, 40)))
+    assert split(torch.randint(3, 128, (1, 16))).logits.shape == (1, 16, 128)  # one step: served
+    server.shutdown()

@@ -494,9 +494,11 @@ class SplitServer:
             )
         longest = compat.max_encoder_tokens(self.model)
         if longest is not None and step.tokens > longest:
+            what = "its position embeddings"
+            if self.encoder_kind != "text":
+                what = f"an image {compat.PATCH_SIDE_SCALE}x its configured side"
             raise ProtocolError(
-                f"a text of {step.tokens} tokens; this {self.model.config.model_type} takes at most {longest} "
-                "(its position embeddings)",
+                f"a row of {step.tokens} tokens; this {self.model.config.model_type} takes at most {longest} ({what})",
                 code="bad_request",
             )
 
@@ -687,20 +689,15 @@ class SplitServer:
         session.mask = protocol.extend_mask(session.mask, step.mask, step.start, step.history)
 
     @torch.inference_mode()
-    def run_one(self, work: Work) -> tuple[bytes, int]:
-        """A whole step on the session's own transformers cache (no KV store)."""
-        session, step = work.session, work.step
-        self.begin_step(session, step)
-        final = self.layers.run(
-            session.split_layer,
-            session.downlink,
-            work.hidden,
-            session.mask,
-            work.positions(0, step.tokens),
-            session.cache,
-            step.tokens - step.need_from,
+    def run_chunk(self, chunk: Chunk) -> torch.Tensor:
+        """The next positions of a step on the session's own transformers cache (no KV store): the outputs of its
+        kept positions."""
+        work, session = chunk.work, chunk.session  # `begin_step` has run
+        end = work.step.start + work.done + chunk.hidden.shape[1]
+        mask = session.mask[:, :end] if session.mask is not None else None  # through this chunk's positions
+        return self.layers.run(
+            session.split_layer, session.downlink, chunk.hidden, mask, chunk.positions, session.cache, chunk.keep
         )
-        return self.finish_step(work, final)
 
     def encode_output(
         self, session: Session, final: torch.Tensor, given: torch.Tensor | None = None

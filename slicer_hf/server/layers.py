@@ -33,6 +33,8 @@ class ServedLayers:
         self.dtype = next(model.parameters()).dtype
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
         self.min_split_layer = min_split_layer
+        # Mamba-like: a forward takes its own positions' mask columns, and a step runs whole (`compat.recurrent_only`)
+        self.recurrent_only = compat.recurrent_only(model)
         self.store: KVStore | None = None
         self._cache_costs: list[tuple[int, int]] | None = None  # measured on first use (`kv_costs`)
         if kv_store and compat.route_attention(model, store_attention):
@@ -113,6 +115,8 @@ class ServedLayers:
         """Layers `split_layer..L-1` on `hidden` [B, T, d]; returns the last `keep` positions' final hidden states
         (downlink 'hidden') or float32 logits."""
         plan = SplitPlan("server", split_layer, inject=hidden)
+        if mask is not None and self.recurrent_only:
+            mask = mask[:, -hidden.shape[1] :]
         mask = mask.to(self.device) if mask is not None else None
         if downlink == "hidden":
             return self._suffix(plan, mask, positions, cache, None)[:, hidden.shape[1] - keep :]

@@ -34,6 +34,8 @@ Without a KV store (a model the store does not cover) each step runs whole, one 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import queue
 import threading
@@ -251,12 +253,13 @@ class Scheduler:
                     for works in _by_rows(similar, max_rows):
                         self._run_batch(works, lambda w: w, lambda ws: run_encoder_batch(server, ws), prefill=False)
             return []
-        if server.store is None:  # whole steps, one at a time
-            work, started = pending[0], time.perf_counter()
-            self._guard([work], lambda: [server.run_one(work)])
-            server.stats.add(compute_s=time.perf_counter() - started)
-            return pending[1:]
         limits = server.limits
+        if server.store is None:  # one step at a time on its own cache, a chunk a round: others' steps run between
+            work, rest = pending[0], pending[1:]
+            whole = server.layers.recurrent_only  # its layers cannot carry a forward on from their cache exactly
+            tokens = work.step.tokens if whole else min(work.step.tokens - work.done, limits.prefill_chunk_tokens)
+            self._run([work.chunk(tokens)], prefill=work.step.tokens > 1)
+            return rest if work.future.done() or work.aside else [*rest, work]
         decode = [w for w in pending if w.step.tokens == 1]
         prefill = [w for w in pending if w.step.tokens > 1]
         by_kind: dict[bool, list[Work]] = defaultdict(list)
@@ -322,7 +325,10 @@ class Scheduler:
         for chunk in chunks:
             if chunk.work.done == 0:
                 server.begin_step(chunk.session, chunk.work.step)
-        outputs = server.forward_rows(chunks)
+        if server.store is not None:
+            outputs = server.forward_rows(chunks)
+        else:  # one chunk (`_round`), on its session's own cache
+            outputs = [server.run_chunk(chunk) for chunk in chunks]
         return [self._advance(chunk, output) for chunk, output in zip(chunks, outputs)]
 
     def _advance(self, chunk: Chunk, output: torch.Tensor) -> tuple[bytes, int] | Exception | None:
@@ -428,6 +434,7 @@ class Scheduler:
         store = self.server.store
         if store is not None and (freed := store.trim()):
             logger.info("idle: the KV pools gave back %s bytes", f"{freed:,}")
+        _trim_heap()
 
     def _account(self, **counters: float) -> None:
         """Add `counters` to the server's stats together with the CPU time this thread has used since it last did:
@@ -461,6 +468,22 @@ class Scheduler:
             elif result is not None:
                 _answer(work, result)
         return None
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system: glibc keeps what a large step freed (1.5 GB of a server's
+    RSS after one of a tiny Mamba's, until the process ended)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _answer(work: Work, result: tuple[bytes, int]) -> None:
