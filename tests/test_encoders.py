@@ -481,6 +481,23 @@ def test_text_past_the_position_table_is_refused_at_admission_and_text_up_to_it_
     server.shutdown()
 
 
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_a_vit_row_past_an_image_four_times_the_configured_side_is_refused_at_admission(family):
+    """Attention over every patch costs the server their square: a 233-byte request of 64 rows of 4,096 patches (a
+    tiny ViT made for 17) held it 12 s, and every other client waited."""
+    model = build(family)
+    patches = (4 * model.config.image_size // model.config.patch_size) ** 2
+    assert compat.max_encoder_tokens(model) == patches + 2  # with the class and distillation tokens
+    server = SplitServer(copy.deepcopy(model))
+    width = compat.split_width(model.config, 2)
+    protocol.decode_reply(send(server, open_encoder_session(server), torch.randn(1, patches + 2, width)))
+    session = open_encoder_session(server)
+    with pytest.raises(ProtocolError, match=f"{patches + 3} tokens; this {family} takes at most {patches + 2}") as info:
+        protocol.raise_if_error(send(server, session, torch.randn(1, patches + 3, width)))
+    assert info.value.code == "bad_request" and "an image 4x its configured side" in str(info.value)
+    server.shutdown()
+
+
 def test_packed_position_ids_without_a_mask_are_refused_not_attended_across():
     model = build("bert")
     split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2))
