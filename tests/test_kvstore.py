@@ -425,8 +425,8 @@ def test_a_long_prefill_is_chunked_between_decode_rounds():
 
 
 def test_without_the_store_a_long_step_runs_in_chunks_and_other_sessions_steps_run_between_them():
-    """Store-less servers (recurrent and hybrid families) ran a step whole: one message of 2^23 zero values held the
-    compute thread 13 s and 5 GB on a tiny Mamba, and every other session waited."""
+    """Store-less servers (hybrid families among them) ran a step whole: one message of 2^23 zero values held the
+    compute thread 5 s on a tiny Qwen3-Next, and every other session waited."""
     server = SplitServer(tiny_model("llama"), kv_store=False, limits=ServerLimits(prefill_chunk_tokens=16))
     decoder, prompt = _open(server, 2), _open(server, 2)
     protocol.raise_if_error(_step(server, decoder, 0, 0, 4))
