@@ -398,16 +398,22 @@ def _step(server: SplitServer, session: int, seq: int, start: int, tokens: int) 
     return server.handle(protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, tokens - 1, payload)))
 
 
-def test_a_long_prefill_is_chunked_between_decode_rounds():
-    server = SplitServer(
-        tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=16, max_batch_tokens=24)
-    )
+def a_prompt_beside_five_decode_steps(server: SplitServer) -> dict[str, float]:
+    """When a prompt of 200 positions and five decode steps of another session, sent together, were answered."""
     decoder, prompt = _open(server, 2), _open(server, 2)
     protocol.raise_if_error(_step(server, decoder, 0, 0, 4))
     finished: dict[str, float] = {}
-    rounds = []
-    plain = server.scheduler._round
-    server.scheduler._round = lambda pending: rounds.append(len(pending)) or plain(pending)
+    both, submitted, submit, decode_packets = threading.Event(), [], server.submit, server.decode_packets
+
+    def counted(*args):
+        reply = submit(*args)
+        submitted.append(reply)
+        if len(submitted) == 2:
+            both.set()
+        return reply
+
+    server.submit = counted
+    server.decode_packets = lambda works: (both.wait(10), decode_packets(works))[1]  # the first round holds both
 
     def long_prefill():
         protocol.raise_if_error(_step(server, prompt, 0, 0, 200))
@@ -420,6 +426,17 @@ def test_a_long_prefill_is_chunked_between_decode_rounds():
 
     run_together(long_prefill, decode)
     server.shutdown()
+    return finished
+
+
+def test_a_long_prefill_is_chunked_between_decode_rounds():
+    server = SplitServer(
+        tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=16, max_batch_tokens=24)
+    )
+    rounds = []
+    plain = server.scheduler._round
+    server.scheduler._round = lambda pending: rounds.append(len(pending)) or plain(pending)
+    finished = a_prompt_beside_five_decode_steps(server)
     assert len(rounds) >= 200 // 16  # the prompt ran in chunks, a round each
     assert finished["decode"] < finished["prefill"]  # five decode steps went through while the prompt was running
 
@@ -428,23 +445,10 @@ def test_without_the_store_a_long_step_runs_in_chunks_and_other_sessions_steps_r
     """Store-less servers (hybrid families among them) ran a step whole: one message of 2^23 zero values held the
     compute thread 5 s on a tiny Qwen3-Next, and every other session waited."""
     server = SplitServer(tiny_model("llama"), kv_store=False, limits=ServerLimits(prefill_chunk_tokens=16))
-    decoder, prompt = _open(server, 2), _open(server, 2)
-    protocol.raise_if_error(_step(server, decoder, 0, 0, 4))
-    chunks, finished = [], {}
+    chunks = []
     plain = server.scheduler._run
     server.scheduler._run = lambda run, prefill: chunks.append(run[0].hidden.shape[1]) or plain(run, prefill)
-
-    def long_prefill():
-        protocol.raise_if_error(_step(server, prompt, 0, 0, 200))
-        finished["prefill"] = time.monotonic()
-
-    def decode():
-        for seq in range(1, 6):
-            protocol.raise_if_error(_step(server, decoder, seq, 3 + seq, 1))
-        finished["decode"] = time.monotonic()
-
-    run_together(long_prefill, decode)
-    server.shutdown()
+    finished = a_prompt_beside_five_decode_steps(server)
     assert chunks.count(16) == 200 // 16 and 200 % 16 in chunks  # the prompt, 16 positions at a time
     assert finished["decode"] < finished["prefill"]  # five decode steps went through while the prompt was running
 
