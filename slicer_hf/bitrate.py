@@ -15,8 +15,8 @@ flap on a link at the edge of two rungs). The room is measured above `base`, not
 takes most of the target, a fast link still brings the finer rungs back. A finer rung that misses at once is
 measured beside the rung it left: their latencies' difference over their bits' difference is the slope, which one
 rung's latency cannot tell from the base; and a model that puts all of a latency well under the target down to the
-uplink (a base of zero, where one slow token's slope can leave it) moves finer after `patience` tokens to find out.
-What the model cannot tell is compute jitter that crosses the target by
+uplink (a base of zero, where one slow token's slope can leave it) moves finer after `patience` tokens to find out,
+unless two rungs have measured a base near zero. What the model cannot tell is compute jitter that crosses the target by
 itself: it reads as a slow link, and the controller steps coarser though no rung would help. Nor, on one rung
 alone, can it always tell the base from the slope: with compute at 87% of the target and 2 ms of jitter, a link back
 from a drop leaves the step coarse in some runs (3 of 8 seeds in simulation, where the controller before this one
@@ -67,6 +67,7 @@ class BitrateController:
     _tokens: int = field(init=False, default=0)
     _slope: float | None = field(init=False, default=None)  # ms per uplink bit, as last seen (smoothed)
     _left: tuple[float, float] | None = field(init=False, default=None)  # (median ms, bits) on the rung just left
+    _anchored_base: float | None = field(init=False, default=None)  # the base two rungs' latencies last measured
 
     def __post_init__(self) -> None:
         self.ladder = [(float(s), float(b)) for s, b in self.ladder]
@@ -123,6 +124,7 @@ class BitrateController:
         # a model that puts all of a latency well under the target down to the uplink (no compute at all) is one rung
         # cannot tell from a slope too steep (one slow token's, say): only trying the finer rung tells them apart
         unsure = base <= 0.0 and median <= self.low * self.target_ms
+        unsure &= self._anchored_base is None or self._anchored_base > 0.05 * self.target_ms  # (not measured so)
         if self.level > 0 and (
             unsure
             or self.ladder[finer][1] * per_bit <= self.low * (self.target_ms - base)
@@ -162,6 +164,7 @@ class BitrateController:
         self._slope = slope
         self._floor.clear()
         self._floor.append(max(latency - bits * slope, 0.0))
+        self._anchored_base = self._floor[0]
 
     def _predict(self, level: int, base: float, per_bit: float) -> float:
         """Predicted latency at `level` as a share of the target."""

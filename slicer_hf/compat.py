@@ -222,10 +222,10 @@ def sliding_windows(model: PreTrainedModel) -> list[int | None]:
 def recurrent_only(model: PreTrainedModel) -> bool:
     """Whether every layer of the model's cache is recurrent (Mamba, FalconMamba). transformers' mixers of these
     families run a forward of several positions afresh from a cache, not on from it (the logits of a prompt run in two
-    forwards differ from one's by up to 1.0 on a tiny FalconMamba): a split sends a forward's positions in one step
-    and the server runs it whole. They also hand the 2D mask straight to the mixers, which mask the padding of the
-    positions they run: a forward continuing a cache takes those columns only (a hybrid's own forward cuts them for
-    its recurrent layers, gives its attention the whole mask, and carries a forward on from its cache exactly)."""
+    forwards differ from one's by up to 1.0 on a tiny FalconMamba): a server runs such a step whole. They also hand
+    the 2D mask straight to the mixers, which mask the padding of the positions they run: a forward continuing a
+    cache takes those columns only (a hybrid's own forward cuts them for its recurrent layers, gives its attention
+    the whole mask, and carries a forward on from its cache exactly)."""
     from transformers import cache_utils
 
     recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)

@@ -117,6 +117,7 @@ class StepLimits:
     elements: int | None = None  # values: batch x positions x width
     message_bytes: int | None = None  # of one message, the step's reply included
     batch: int | None = None  # sequences of one session (an encoder's large batch goes up in parts of this many)
+    whole: bool = False  # a forward's positions go up in one step: the server's cache cannot carry one on exactly
 
     HEADROOM = 64 << 10  # of a reply's bytes, for its headers and the codec's envelope (an eighth of a small limit)
 
@@ -127,7 +128,11 @@ class StepLimits:
             return value if type(value) is int and value >= 1 else None
 
         return cls(
-            count("max_step_tokens"), count("max_step_elements"), count("max_message_bytes"), count("max_session_batch")
+            count("max_step_tokens"),
+            count("max_step_elements"),
+            count("max_message_bytes"),
+            count("max_session_batch"),
+            opened.get("whole_steps") is True,
         )
 
     def values(self) -> int | None:

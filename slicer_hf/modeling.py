@@ -367,13 +367,13 @@ class SlicerGenerationMixin(SplitModelMixin):
         def exchange(hidden: torch.Tensor, grid: Any = None) -> torch.Tensor:  # [B, T, d] at the split -> final
             outputs = []
             limits = link.step_limits()
-            whole = t > 1 and compat.recurrent_only(self)  # the server must run these positions in one forward
+            whole = t > 1 and limits.whole  # the server must run these positions in one forward
             chunk = limits.positions(b, hidden.shape[-1], t if whole else self.slicer_config.prefill_chunk_tokens)
             answered = limits.replies(b * link.reply_bytes(hidden.shape[-1]), t)  # outputs one reply may hold
             if whole and (chunk < t or answered < keep):
                 raise NotImplementedError(
-                    f"{self.config.model_type}'s layers are all recurrent, and transformers' run a forward of several "
-                    f"positions afresh from their cache, not on from it: these {t} positions go to the server in one "
+                    f"{self.config.model_type}'s transformers cache cannot carry a forward of several positions on "
+                    f"exactly (Mamba's mixers run one afresh from it): these {t} positions go to the server in one "
                     f"step and reply, which take {min(chunk, answered)} at most (raise its --max-step-tokens, "
                     "--max-step-elements or --max-message-bytes, or send fewer positions)"
                 )

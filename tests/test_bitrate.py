@@ -149,6 +149,19 @@ def test_one_slow_token_on_a_link_with_room_to_spare_is_not_a_lasting_step_down(
     assert max(levels[150:]) <= 2 and len(set(levels[300:])) == 1  # back at (or a rung from) where it was, settled
 
 
+@pytest.mark.parametrize("compute_ms", [0.0, 1.0, 2.0])
+def test_where_two_rungs_measured_no_compute_the_controller_does_not_keep_trying_a_rung_that_misses(compute_ms):
+    """With the latency all uplink, a base of zero is the truth: once a finer rung missed beside the one it left,
+    trying it again every 64 tokens cost 33 misses in 2,000 tokens."""
+    ladder = [(0.05, 3000.0), (0.1, 2000.0), (0.2, 1200.0), (0.4, 700.0), (0.8, 400.0)]
+    controller, misses = BitrateController(ladder, target_ms=50.0, start=3), 0
+    for _ in range(2000):
+        latency = compute_ms + 0.045 * ladder[controller.level][1]  # 700 bits: 31.5 ms; 1,200: 54 ms
+        misses += latency > 50.0
+        controller.observe(latency, ladder[controller.level][1])
+    assert misses <= 3 and controller.level == 3
+
+
 def test_a_new_generation_counts_its_room_for_a_finer_move_afresh():
     controller = BitrateController(LADDER, target_ms=75.0, start=3, patience=4)
     for _ in range(3):  # three tokens of room: one short of the patience

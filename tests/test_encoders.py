@@ -448,6 +448,21 @@ def test_an_encoder_server_refuses_malformed_requests_and_keeps_serving():
     server.shutdown()
 
 
+def test_the_servers_own_out_of_memory_in_an_encoder_forward_is_internal_not_the_clients_bad_request(monkeypatch):
+    server = SplitServer(build("vit"), min_split_layer=1)
+    block = compat.decoder_layers(server.model)[3]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(block, "forward", out_of_memory)
+    width = compat.split_width(server.model.config, 2)
+    with pytest.raises(ProtocolError) as info:
+        protocol.raise_if_error(send(server, open_encoder_session(server), torch.randn(1, 17, width)))
+    assert info.value.code == "internal" and server.stats.snapshot()["errors"] == {"internal": 1}
+    server.shutdown()
+
+
 @pytest.mark.parametrize("family, grid", [("convnext", (1, 1)), ("swin", (1, 16))])
 def test_a_grid_the_models_stages_cannot_run_is_a_bad_request_not_an_internal_error(family, grid, caplog):
     """A map too small for ConvNeXt's 2x2 downsampling, or a Swin grid its windows cannot hold, failed inside the

@@ -48,7 +48,7 @@ def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[byte
         with split_plan(plan), compat.kept_window_sizes(model):  # the base model's own forward (not the split one)
             getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)
     except (RuntimeError, ValueError, IndexError) as exc:
-        if len(works) > 1:  # the scheduler runs them again one at a time: the request at fault fails alone
+        if len(works) > 1 or isinstance(exc, torch.OutOfMemoryError):  # alone again, or the server's own fault
             raise
         shape = f"a {grid[0]} x {grid[1]} grid" if grid is not None else f"{longest} positions"
         raise ProtocolError(  # an input the model's own forward cannot take either (a map too small to downsample)

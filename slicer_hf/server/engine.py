@@ -124,6 +124,8 @@ class SplitServer:
         self.store = self.layers.store
         splits = range(min_split_layer, self.num_layers)  # an encoder keeps nothing between requests
         self._kv_costs = {k: (0, 0) if self.encoder_kind else self.layers.kv_costs(k) for k in splits}
+        # a step of several positions runs in chunks, unless this cache cannot carry one on exactly (`chunks_match`)
+        self.whole_steps = not self.encoder_kind and self.store is None and not self.layers.chunks_match()
         self.scheduler = Scheduler(self, batching)
         self._stopped = threading.Event()
         weakref.finalize(self, self._stopped.set)
@@ -198,6 +200,7 @@ class SplitServer:
             opened["max_step_elements"] = self.limits.max_step_elements
             opened["max_message_bytes"] = self.limits.max_message_bytes  # replies too: outputs are cut to fit
             opened["max_session_batch"] = self.limits.max_session_batch  # an encoder's batch goes up in parts
+            opened["whole_steps"] = self.whole_steps  # the edge sends a forward's positions in one step
             answer = protocol.encode_json(protocol.OPENED, opened)
         elif kind == protocol.CLOSE:
             target = protocol.decode_json(data).get("session", -1)

@@ -3,6 +3,7 @@ in its own transformers cache or in the server's block store (`kvstore.py`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -33,8 +34,6 @@ class ServedLayers:
         self.dtype = next(model.parameters()).dtype
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
         self.min_split_layer = min_split_layer
-        # Mamba-like: a forward takes its own positions' mask columns, and a step runs whole (`compat.recurrent_only`)
-        self.recurrent_only = compat.recurrent_only(model)
         self.store: KVStore | None = None
         self._cache_costs: list[tuple[int, int]] | None = None  # measured on first use (`kv_costs`)
         if kv_store and compat.route_attention(model, store_attention):
@@ -45,6 +44,11 @@ class ServedLayers:
                 self.store.max_bytes = kv_budget_bytes  # from now on: what admission lets sessions hold
             else:
                 self.store = None
+
+    @functools.cached_property
+    def recurrent_only(self) -> bool:
+        """Mamba-like (`compat.recurrent_only`): a forward takes its own positions' mask columns (a causal LM's)."""
+        return compat.recurrent_only(self.model)
 
     def kv_costs(self, split_layer: int) -> tuple[int, int]:
         """What a sequence split at `split_layer` holds between steps, in bytes: per position, and per sequence
@@ -62,6 +66,28 @@ class ServedLayers:
         served = self._cache_costs[split_layer:]
         placeholders = split_layer * 2 * self.dtype.itemsize  # a [B, 1, T, 1] K and V (`compat.phantom_cache_update`)
         return sum(p for p, _ in served) + placeholders, sum(s for _, s in served)
+
+    def chunks_match(self) -> bool:
+        """Whether a transformers cache carries a prompt on from one forward to the next exactly (once: a prompt in one
+        forward and in two, the first past the shortest sliding window). Mamba's mixers run a forward of several
+        positions afresh from their cache, and Moshi's prefill attends to every earlier position, a forward after one
+        only to its window: a step of theirs runs whole, and is sent whole; so does one of a window too long to test
+        (over 255 positions)."""
+        windows = [w for w in compat.sliding_windows(self.model) if w]
+        if self.recurrent_only or windows and min(windows) > 255:
+            return False
+        length = 2 * min(windows) + 2 if windows else 8
+        d, k = int(self.model.config.hidden_size), self.min_split_layer
+        x = torch.randn(1, length, d, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+        whole = self.run(k, "hidden", x, None, torch.arange(length)[None], compat.new_cache(self.model), length)
+        cache, half = compat.new_cache(self.model), length // 2
+        parts = [
+            self.run(k, "hidden", x[:, a:b], None, torch.arange(a, b)[None], cache, b - a)
+            for a, b in ((0, half), (half, length))
+        ]
+        error = (torch.cat(parts, 1) - whole).abs().max().item()
+        tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
+        return error <= tolerance * (1 + whole.abs().max().item())
 
     def _measure_cache(self) -> list[tuple[int, int]]:
         """Per decoder layer, the bytes a transformers cache of one sequence holds per position and per sequence

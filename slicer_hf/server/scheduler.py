@@ -28,7 +28,9 @@ rejoins the rounds once decoded, and is answered from there once encoded. The co
 
 A forward over several sessions that fails is retried one session at a time, so one bad session fails alone; once a
 forward has run, a failure finishing one session's step (encoding its reply) fails that step alone.
-Without a KV store (a model the store does not cover) each step runs whole, one at a time.
+Without a KV store (a model the store does not cover) one step runs at a time on its session's transformers cache, a
+long one in chunks with other sessions' steps between them; where that cache cannot carry a forward on exactly
+(`SplitServer.whole_steps`: Mamba, Moshi) a step runs whole.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ class Scheduler:
         limits = server.limits
         if server.store is None:  # one step at a time on its own cache, a chunk a round: others' steps run between
             work, rest = pending[0], pending[1:]
-            whole = server.layers.recurrent_only  # its layers cannot carry a forward on from their cache exactly
+            whole = server.whole_steps  # its cache cannot carry a forward on exactly
             tokens = work.step.tokens if whole else min(work.step.tokens - work.done, limits.prefill_chunk_tokens)
             self._run([work.chunk(tokens)], prefill=work.step.tokens > 1)
             return rest if work.future.done() or work.aside else [*rest, work]

@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -90,7 +90,7 @@ def measure(
     windows: torch.Tensor,
     split_layers: Sequence[int],
     settings: Sequence[dict[str, Any]],
-    skip_refused: bool = False,
+    skip_refused: Collection[str] = (),
 ) -> tuple[float, list[dict[str, Any]]]:
     """Each codec setting at each split layer against the unsplit model.
 
@@ -99,8 +99,8 @@ def measure(
         windows: token windows `[W, T]` to score.
         split_layers: k in [1, L]; k = L measures the hidden-state downlink (the last layer's output).
         settings: `{"codec": name, **params}` each.
-        skip_refused: a setting whose codec refuses the rows at a split (fp16 where they overflow it, say) is left out
-            there with a warning, instead of ending the measurement.
+        skip_refused: codecs whose setting is left out at a split where it refuses the rows (fp16 where they
+            overflow it, say), with a warning, instead of ending the measurement.
 
     Returns:
         (unsplit perplexity, one dict per (k, setting): bits, KL, agreement, perplexity change, codec times).
@@ -123,7 +123,7 @@ def measure(
             try:
                 sums = [quality_sums(forward_logprobs(model, ids[None]), r, ids[None]) for r, ids in zip(refs, windows)]
             except CodecError as exc:
-                if not skip_refused:
+                if setting["codec"] not in skip_refused:
                     raise
                 warnings.warn(f"codec {codec.name} left out at split {k}: {exc}", stacklevel=2)
                 continue
