@@ -597,3 +597,33 @@ def test_a_serving_process_leaves_what_it_built_out_of_the_collectors_passes(tin
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["0", "True"], done.stderr
+
+
+@pytest.mark.parametrize(
+    "suite, option, value, refusal",
+    [
+        ("server_compute", "--repeats", "0", "must be at least 1, got 0"),  # was statistics' StatisticsError
+        ("concurrency", "--clients", "0", "must be at least 1, got 0"),  # was a KeyError
+        ("drift", "--bucket", "0", "must be at least 1, got 0"),  # was range()'s ValueError
+        ("drift", "--prompts", "0", "must be at least 1, got 0"),  # was a table of NaN, exit 0
+        ("soak", "--window-s", "0", "must be above 0, got 0"),  # was a ZeroDivisionError, after the soak
+        ("prediction", "--alpha", "-1", "must be above 0, got -1"),  # was a singular matrix
+        ("fleet", "--clients", "x", "expected an integer, got 'x'"),
+        ("search", "--kl-tokens", "128", "must be at least 512, got 128"),  # was refused after the timed runs
+    ],
+)
+def test_a_suites_bad_count_is_a_usage_error_before_it_runs(suite, option, value, refusal, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as usage:
+        importlib.import_module(f"slicer_hf.bench.{suite}").main([option, value])
+    assert usage.value.code == 2 and refusal in capsys.readouterr().err
+
+
+def test_the_summary_suite_outside_a_checkout_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    from slicer_hf.bench import summary
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as usage:
+        summary.main(["--check"])
+    assert usage.value.code == 2 and "run it from a slicer_hf checkout, or give --doc" in capsys.readouterr().err

@@ -568,6 +568,18 @@ def test_the_validation_suite_calibrates_its_overhead_on_a_setting_the_shipped_p
     assert result["overhead_ms"] == max(80.0 - result["predicted_ms"], 0.0)
 
 
+def test_the_validation_suite_warns_when_the_profiles_predict_far_more_than_this_machine_takes():
+    """The shipped profiles predicted 82.8 ms a token where a quieter run took 44.2: the overhead, never negative,
+    could not correct it, and every error came out near -40% with nothing said."""
+    from slicer_hf.bench import search as suite
+
+    shipped = Profile.load(Path(__file__).resolve().parents[1] / "docs/benchmarks/profiles/cpu-2threads.json")
+    preset = SlicerConfig.from_pretrained("smollm2-135m-split24")
+    with pytest.warns(UserWarning, match="run `slicer-hf profile` here again"):
+        fast = suite._calibrate(shipped, shipped, preset, lambda cfg: {"ms_per_token": 1.0})
+    assert fast["overhead_ms"] == 0.0
+
+
 @pytest.mark.parametrize("preset", ["smollm2-135m-split24", "smollm2-135m-split24-both"])
 def test_a_calibrated_preset_as_the_base_gives_the_codec_that_was_profiled(preset):
     base = SlicerConfig.from_pretrained(preset)

@@ -36,7 +36,7 @@ from ..codec.basis import lookup
 from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT, load_text, resolve_model
 from ..evaluate import evaluate
-from .common import markdown_table, suite_parser, write_json
+from .common import at_least, markdown_table, suite_parser, write_json
 
 UP_STEPS = (0.3, 0.35, 0.4, 0.45)
 PAIRS = tuple((up, down) for up in (0.3, 0.35) for down in (0.1, 0.15, 0.2))
@@ -92,12 +92,14 @@ def choose(rows: list[dict[str, Any]], max_kl: float | None, max_ppl: float) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/calibrated.json")
     parser.add_argument("--calibrated", default=None, help="a config folder from `slicer-hf calibrate` (skip step 1)")
-    parser.add_argument("--calib-tokens", type=int, default=24576)
-    parser.add_argument("--choose-tokens", type=int, default=8192)
-    parser.add_argument("--test-tokens", type=int, default=16384)
-    parser.add_argument("--max-kl", type=float, default=0.01)
-    parser.add_argument("--max-ppl", type=float, default=1.0)
-    parser.add_argument("--margin", type=float, default=0.75, help="share of the budgets a choice may use")
+    parser.add_argument("--calib-tokens", type=at_least(1), default=24576)
+    parser.add_argument("--choose-tokens", type=at_least(1), default=8192)
+    parser.add_argument("--test-tokens", type=at_least(1), default=16384)
+    parser.add_argument("--max-kl", type=at_least(0, float, above=True), default=0.01)
+    parser.add_argument("--max-ppl", type=at_least(0, float, above=True), default=1.0)
+    parser.add_argument(
+        "--margin", type=at_least(0, float, above=True), default=0.75, help="share of the budgets a choice may use"
+    )
     parser.add_argument("--write-preset", default=None, help="folder for the chosen config and its bases")
     parser.add_argument("--trellis", action="store_true", help="trellis-code the calibrated settings")
     args = parser.parse_args(argv)

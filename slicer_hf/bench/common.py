@@ -33,6 +33,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def at_least(least: float, kind: type = int, above: bool = False) -> Callable[[str], Any]:
+    """An argparse `type`: a number of `kind` of at least `least` (or above it), anything else a usage error (exit
+    2) before the suite runs, not a traceback in its middle (`--clients 0`, `--repeats 0`)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (value > least if above else value >= least):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be {'above' if above else 'at least'} {least}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its message
+    return parse
+
+
 def write_json(result: dict[str, Any], path: str | Path | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

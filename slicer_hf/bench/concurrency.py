@@ -41,7 +41,7 @@ from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
 from ..server.prepack import PackedLinear, packable
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import exit_on_sigterm, markdown_table, median_time, suite_config, suite_parser, write_json
+from .common import at_least, exit_on_sigterm, markdown_table, median_time, suite_config, suite_parser, write_json
 
 
 def mixed_splits(split_layer: int, num_layers: int) -> tuple[int, ...]:
@@ -364,9 +364,9 @@ def _fmt(row: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/concurrency.json")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--clients", type=at_least(1), nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=32)
+    parser.add_argument("--decode-steps", type=at_least(1), default=32)
     parser.add_argument(
         "--dtype",
         default="float32",

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ..config import SlicerConfig, default_config_dir
 from ..data import CALIBRATION_TEXT, load_text, resolve_model
 from ..modeling import SlicerModelForCausalLM, unsplit
-from .common import markdown_table, suite_parser, write_json
+from .common import at_least, markdown_table, suite_parser, write_json
 
 
 @torch.inference_mode()
@@ -90,10 +90,10 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/drift.json")
-    parser.add_argument("--prompts", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--bucket", type=int, default=64)
+    parser.add_argument("--prompts", type=at_least(1), default=2)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=64)
+    parser.add_argument("--new-tokens", type=at_least(1), default=512)
+    parser.add_argument("--bucket", type=at_least(1), default=64)
     args = parser.parse_args(argv)
     run(args.model, args.config, args.prompts, args.prompt_tokens, args.new_tokens, args.bucket, args.out_json)
 

@@ -31,7 +31,7 @@ from ..data import resolve_model
 from ..link import open_request
 from ..transport.fleet import FleetTransport
 from ..transport.grpc import GrpcTransport
-from .common import exit_on_sigterm, markdown_table, suite_arguments, write_json
+from .common import at_least, exit_on_sigterm, markdown_table, suite_arguments, write_json
 from .concurrency import Client, record_packets
 
 
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--splits", default="20,24")
     parser.add_argument("--replicas", default="1,2")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--clients", type=at_least(1), default=16)
+    parser.add_argument("--decode-steps", type=at_least(1), default=32)
     parser.add_argument("--out-json", default="docs/benchmarks/fleet.json")
     args = parser.parse_args(argv)
     exit_on_sigterm()  # the servers this suite starts go with it

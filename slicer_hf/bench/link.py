@@ -37,7 +37,7 @@ from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
 from ..launch import parse_server_url, start_server, stop_server  # noqa: F401 (parse_server_url: re-exported)
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import exit_on_sigterm, suite_arguments, suite_config
+from .common import at_least, exit_on_sigterm, suite_arguments, suite_config
 from .netns import (  # noqa: F401 - re-exported: the link benchmark's public helpers
     NETNS_PREFIX,
     TBF_BURST,
@@ -550,15 +550,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--rates", nargs="+", type=parse_rate, default=[None, 10.0, 1.0], help="Mbit/s each way, or 'unshaped'"
     )
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="codec or codec+downlink")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=64)
     parser.add_argument("--new-tokens", type=int, default=32, help="at least 2: the first token is the prefill's")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--text", default=CALIBRATION_TEXT, help="prompt source (file or wikitext split)")
     parser.add_argument("--out-json", default="docs/benchmarks/link.json")
     parser.add_argument("--plot", default=None, help="also write the tokens/s plot to this image file")
-    parser.add_argument("--request-timeout-s", type=float, default=120.0)
+    parser.add_argument("--request-timeout-s", type=at_least(0, float, above=True), default=120.0)
     parser.add_argument("--burst", default=TBF_BURST, help="tbf burst, tc syntax (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--threads", type=at_least(0), default=1, help="torch threads per process (0: torch's default)")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens must be at least 2 (the first new token is the prefill's), got {args.new_tokens}")

@@ -26,7 +26,7 @@ from ..compat import decoder_layers
 from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT, load_text, resolve_model, token_windows
 from ..tuning.calibrate import ridge as fit_ridge
-from .common import markdown_table, suite_parser, write_json
+from .common import at_least, markdown_table, suite_parser, write_json
 
 STEPS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 COLUMNS = (
@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parser = suite_parser(__doc__, "docs/benchmarks/prediction.json")
-    parser.add_argument("--calib-tokens", type=int, default=24576)
-    parser.add_argument("--heldout-tokens", type=int, default=8192)
-    parser.add_argument("--test-tokens", type=int, default=16384)
-    parser.add_argument("--alpha", type=float, default=1e-4, help="ridge penalty per calibration row")
+    parser.add_argument("--calib-tokens", type=at_least(1), default=24576)
+    parser.add_argument("--heldout-tokens", type=at_least(1), default=8192)
+    parser.add_argument("--test-tokens", type=at_least(1), default=16384)
+    parser.add_argument(
+        "--alpha", type=at_least(0, float, above=True), default=1e-4, help="ridge penalty per calibration row"
+    )
     args = parser.parse_args(argv)
     config = SlicerConfig.from_pretrained(args.config or "smollm2-135m-split24")
     if config.basis is None:

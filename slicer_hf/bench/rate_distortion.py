@@ -24,7 +24,7 @@ import torch
 from ..compat import decoder_layers
 from ..data import CALIBRATION_TEXT, GGUF_NAME, load_text, load_tokenizer, resolve_model, token_windows
 from ..tuning.distortion import measure
-from .common import suite_arguments
+from .common import at_least, suite_arguments
 
 FP16_BITS_PER_ELEMENT = 16
 SLICER_BASE: dict[str, Any] = {
@@ -291,10 +291,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = suite_arguments(__doc__)
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
     parser.add_argument("--text", default=CALIBRATION_TEXT, help="text source (file or wikitext split)")
-    parser.add_argument("--split-layers", type=int, nargs="+", default=[24, 8])
+    parser.add_argument("--split-layers", type=at_least(1), nargs="+", default=[24, 8])
     parser.add_argument("--codec", action="append", help="setting like 'slicer:distortion=0.05' (repeat; default grid)")
-    parser.add_argument("--n-tokens", type=int, default=2048)
-    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--n-tokens", type=at_least(1), default=2048)
+    parser.add_argument("--window", type=at_least(2), default=512)
     parser.add_argument("--out-json", default="docs/benchmarks/rate_distortion.json")
     parser.add_argument("--markdown", default=None, help="also write the table to this markdown file")
     parser.add_argument("--plot", default=None, help="also write the bits-vs-KL plot to this image file")

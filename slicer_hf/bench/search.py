@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..launch import start_server, stop_server
 from ..transport.grpc import STATS_METHOD, GrpcTransport
 from ..tuning import Constraints, LinkSpec, Profile, search
 from ..tuning.planner import Candidate, _config_of, predict
-from .common import exit_on_sigterm, markdown_table, suite_arguments, write_json
+from .common import at_least, exit_on_sigterm, markdown_table, suite_arguments, write_json
 from .link import measure_generation, server_command, wikitext_prompt
 from .netns import ShapedLink, netns_unavailable_reason, tbf_command
 
@@ -194,6 +195,13 @@ def _calibrate(edge: Profile, server: Profile, preset: SlicerConfig, measure: An
     config = _config_of(Candidate(k, "slicer", point.step, None, prediction), edge, preset)
     measured = measure(config)["ms_per_token"]
     predicted = prediction.token_latency_ms
+    if measured < 0.8 * predicted:  # the overhead is never negative: a profile that predicts too much stays so
+        warnings.warn(
+            f"the profiles predict {predicted:.1f} ms a token where this machine took {measured:.1f} ms: they were "
+            "measured on another machine or load (run `slicer-hf profile` here again), and every prediction below "
+            "is as high",
+            stacklevel=2,
+        )
     return {
         "step": point.step,
         "predicted_ms": predicted,
@@ -440,9 +448,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--edge-2", default="docs/benchmarks/profiles/cpu-2threads.json",
                         help="profile with 2 torch threads")  # fmt: skip
     parser.add_argument("--model", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--kl-tokens", type=int, default=1024)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--new-tokens", type=at_least(1), default=32)
+    parser.add_argument("--kl-tokens", type=at_least(512), default=1024, help="test tokens, in windows of 512")
     parser.add_argument("--out-json", default="docs/benchmarks/search.json",
                         help="the JSON; the clients' configs go to the folder of its name less .json")  # fmt: skip
     parser.add_argument("--only", choices=("clients", "adaptive"), default=None, help="run one part")

@@ -25,7 +25,7 @@ from ..data import resolve_model
 from ..launch import start_server
 from ..link import open_request
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import exit_on_sigterm, markdown_table, suite_config, suite_parser, write_json
+from .common import at_least, exit_on_sigterm, markdown_table, suite_config, suite_parser, write_json
 from .concurrency import record_packets, run_client
 
 
@@ -117,9 +117,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/server_compute.json")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--decode-steps", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=64)
+    parser.add_argument("--decode-steps", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     args = parser.parse_args(argv)
     exit_on_sigterm()  # the servers this suite starts go with it
     run(args.model, args.config, args.prompt_tokens, args.decode_steps, args.repeats, args.out_json)

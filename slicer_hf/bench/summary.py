@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true", help="only check that the block is up to date")
     args = parser.parse_args(argv)
     doc = Path(args.doc)
+    if not doc.is_file():  # a relative default: run from a checkout, or name the file
+        parser.error(f"no {doc} here: run it from a slicer_hf checkout, or give --doc path/to/docs/benchmarks.md")
     table = render(doc.parent / "benchmarks")
     updated = rewrite(doc, table)
     if args.check:
