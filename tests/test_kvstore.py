@@ -398,11 +398,17 @@ def _step(server: SplitServer, session: int, seq: int, start: int, tokens: int) 
     return server.handle(protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, tokens - 1, payload)))
 
 
-def a_prompt_beside_five_decode_steps(server: SplitServer) -> dict[str, float]:
-    """When a prompt of 200 positions and five decode steps of another session, sent together, were answered."""
+def a_prompt_beside_five_decode_steps(server: SplitServer) -> list[tuple[str, int]]:
+    """The forwards (what each ran: "prompt" or "decode", and its positions) of a prompt of 200 positions and five
+    decode steps of another session, sent together: the first round holds the prompt and the first decode step."""
     decoder, prompt = _open(server, 2), _open(server, 2)
     protocol.raise_if_error(_step(server, decoder, 0, 0, 4))
-    finished: dict[str, float] = {}
+    runs: list[tuple[str, int]] = []
+    run = server.scheduler._run
+    server.scheduler._run = lambda chunks, prefill: (
+        runs.extend(("decode" if c.work.step.tokens == 1 else "prompt", c.hidden.shape[1]) for c in chunks),
+        run(chunks, prefill),
+    )[1]
     both, submitted, submit, decode_packets = threading.Event(), [], server.submit, server.decode_packets
 
     def counted(*args):
@@ -413,44 +419,33 @@ def a_prompt_beside_five_decode_steps(server: SplitServer) -> dict[str, float]:
         return reply
 
     server.submit = counted
-    server.decode_packets = lambda works: (both.wait(10), decode_packets(works))[1]  # the first round holds both
-
-    def long_prefill():
-        protocol.raise_if_error(_step(server, prompt, 0, 0, 200))
-        finished["prefill"] = time.monotonic()
-
-    def decode():
-        for seq in range(1, 6):
-            protocol.raise_if_error(_step(server, decoder, seq, 3 + seq, 1))
-        finished["decode"] = time.monotonic()
-
-    run_together(long_prefill, decode)
+    server.decode_packets = lambda works: (both.wait(10), decode_packets(works))[1]
+    run_together(
+        lambda: protocol.raise_if_error(_step(server, prompt, 0, 0, 200)),
+        lambda: [protocol.raise_if_error(_step(server, decoder, seq, 3 + seq, 1)) for seq in range(1, 6)],
+    )
     server.shutdown()
-    return finished
+    return runs
 
 
 def test_a_long_prefill_is_chunked_between_decode_rounds():
     server = SplitServer(
         tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=16, max_batch_tokens=24)
     )
-    rounds = []
-    plain = server.scheduler._round
-    server.scheduler._round = lambda pending: rounds.append(len(pending)) or plain(pending)
-    finished = a_prompt_beside_five_decode_steps(server)
-    assert len(rounds) >= 200 // 16  # the prompt ran in chunks, a round each
-    assert finished["decode"] < finished["prefill"]  # five decode steps went through while the prompt was running
+    runs = a_prompt_beside_five_decode_steps(server)
+    prompt = [i for i, (what, _) in enumerate(runs) if what == "prompt"]
+    assert len(prompt) >= 200 // 16  # in chunks, at most 16 positions (24 in a round, less the decode rows)
+    assert runs.index(("decode", 1)) < prompt[-1]  # a decode step went through while the prompt was running
 
 
 def test_without_the_store_a_long_step_runs_in_chunks_and_other_sessions_steps_run_between_them():
     """Store-less servers (hybrid families among them) ran a step whole: one message of 2^23 zero values held the
     compute thread 5 s on a tiny Qwen3-Next, and every other session waited."""
     server = SplitServer(tiny_model("llama"), kv_store=False, limits=ServerLimits(prefill_chunk_tokens=16))
-    chunks = []
-    plain = server.scheduler._run
-    server.scheduler._run = lambda run, prefill: chunks.append(run[0].hidden.shape[1]) or plain(run, prefill)
-    finished = a_prompt_beside_five_decode_steps(server)
-    assert chunks.count(16) == 200 // 16 and 200 % 16 in chunks  # the prompt, 16 positions at a time
-    assert finished["decode"] < finished["prefill"]  # five decode steps went through while the prompt was running
+    runs = a_prompt_beside_five_decode_steps(server)
+    prompt = [i for i, run in enumerate(runs) if run[0] == "prompt"]
+    assert [runs[i][1] for i in prompt] == [16] * (200 // 16) + [200 % 16]  # the prompt, 16 positions at a time
+    assert runs.index(("decode", 1)) < prompt[2]  # the first decode step came in after its first: ran before its third
 
 
 def test_decode_rows_filling_the_round_still_leave_the_oldest_prefill_an_eighth_of_a_chunk():
