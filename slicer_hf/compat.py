@@ -226,11 +226,17 @@ def recurrent_only(model: PreTrainedModel) -> bool:
     the 2D mask straight to the mixers, which mask the padding of the positions they run: a forward continuing a
     cache takes those columns only (a hybrid's own forward cuts them for its recurrent layers, gives its attention
     the whole mask, and carries a forward on from its cache exactly)."""
+    recurrent = _recurrent_layer_types()
+    layers = new_cache(model).layers
+    return bool(recurrent) and all(isinstance(x, recurrent) and not isinstance(x, DynamicLayer) for x in layers)
+
+
+def _recurrent_layer_types() -> tuple[type, ...]:
+    """transformers' class of recurrent cache layers (Mamba's, linear attention's), or none in a release without."""
     from transformers import cache_utils
 
     recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
-    layers = new_cache(model).layers
-    return recurrent is not None and all(isinstance(x, recurrent) and not isinstance(x, DynamicLayer) for x in layers)
+    return (recurrent,) if recurrent is not None else ()
 
 
 def crop_cache(cache: DynamicCache, length: int) -> bool:
@@ -238,9 +244,7 @@ def crop_cache(cache: DynamicCache, length: int) -> bool:
     layers below its split hold none); False, with nothing dropped, where the cache cannot go back that far: a
     sliding-window layer that has filled its window keeps no earlier positions to attend to from `length` on, and a
     recurrent layer (Mamba, linear attention) holds one state of all its positions."""
-    from transformers import cache_utils
-
-    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # (): a transformers without them
+    recurrent = _recurrent_layer_types()
     over = [(layer, _held(layer) - length) for layer in cache.layers]
     over = [(layer, extra) for layer, extra in over if extra > 0]
     for layer, _ in over:

@@ -77,26 +77,20 @@ class ServedLayers:
         if self.recurrent_only or windows and min(windows) > 255:
             return False
         length = 2 * min(windows) + 2 if windows else 8
-        d, k = int(self.model.config.hidden_size), self.min_split_layer
-        x = torch.randn(1, length, d, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+        x, k = self._probe_rows(1, length), self.min_split_layer
         whole = self.run(k, "hidden", x, None, torch.arange(length)[None], compat.new_cache(self.model), length)
         cache, half = compat.new_cache(self.model), length // 2
         parts = [
             self.run(k, "hidden", x[:, a:b], None, torch.arange(a, b)[None], cache, b - a)
             for a, b in ((0, half), (half, length))
         ]
-        error = (torch.cat(parts, 1) - whole).abs().max().item()
-        tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
-        return error <= tolerance * (1 + whole.abs().max().item())
+        return self._close(torch.cat(parts, 1), whole)
 
     def _measure_cache(self) -> list[tuple[int, int]]:
         """Per decoder layer, the bytes a transformers cache of one sequence holds per position and per sequence
         (an attention layer's keys and values grow with it, a recurrent layer's state does not): read from a cache
         after one position and after two, the layers from the shallowest split on run."""
-        cache = compat.new_cache(self.model)
-        d = int(self.model.config.hidden_size)
-        x = torch.randn(1, 2, d, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
-        held = []
+        cache, x, held = compat.new_cache(self.model), self._probe_rows(1, 2), []
         for t in range(2):
             self.run(self.min_split_layer, "hidden", x[:, t : t + 1], None, torch.tensor([[t]]), cache, 1)
             held.append(compat.cache_layer_bytes(cache))
@@ -182,11 +176,7 @@ class ServedLayers:
         splits = sorted({min_split_layer, compat.num_layers(self.model.config) - 1})
         windows = [w for w in self.store.sliding_windows if w]
         length = min(min(windows) + 2, 512) if windows else 3  # past a sliding window, if one is short enough
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(len(splits), length + 1, int(self.model.config.hidden_size), generator=gen).to(
-            self.device, self.dtype
-        )
-        tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
+        x = self._probe_rows(len(splits), length + 1)
         self.store.asked_windows = {}  # recorded by the check's forwards only
         try:
             rows = [self.store.new_row(k) for k in splits]
@@ -214,11 +204,21 @@ class ServedLayers:
                 want = self.run(k, "hidden", x[i : i + 1, n : n + 1], None, torch.tensor([[n]]), cache, 1)
                 # a prefill past the window (moshi's: its cache's own prefill attends to every position before it)
                 for what, mine, theirs in (("prefill", prefilled[i], before), ("decode", got[i : i + 1], want)):
-                    error = (mine - theirs).abs().max().item()
-                    if error > tolerance * (1 + theirs.abs().max().item()):
+                    if not self._close(mine, theirs):
+                        error = (mine - theirs).abs().max().item()
                         raise ValueError(f"store {what} output differs from the transformers cache by {error:.3g}")
                 self.store.release(row)
         except Exception as exc:
             logger.warning("KV store off for %s (%s); sessions keep their own caches", type(self.model).__name__, exc)
             return False
         return True
+
+    def _probe_rows(self, rows: int, length: int) -> torch.Tensor:
+        """Seeded random hidden states `[rows, length, d]` for the start-up checks, where the model computes."""
+        d = int(self.model.config.hidden_size)
+        return torch.randn(rows, length, d, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+
+    def _close(self, mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+        """Whether two outputs of the same forward agree within the float noise of the model's dtype."""
+        tolerance = 1e-4 if self.dtype == torch.float32 else 3e-2
+        return (mine - theirs).abs().max().item() <= tolerance * (1 + theirs.abs().max().item())
