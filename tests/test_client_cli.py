@@ -499,6 +499,33 @@ def test_each_bench_suite_describes_itself_in_a_whole_paragraph(capsys):
         assert description.rstrip().endswith((".", "?")), (name, description)  # not cut at its first line
 
 
+def test_every_bench_option_says_what_it_does_and_its_default(monkeypatch, capsys):
+    import argparse
+    import importlib
+
+    from slicer_hf.cli.measure import BENCH_SUITES
+
+    parsers = []
+
+    def capture(parser, *args, **kwargs):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for module in BENCH_SUITES.values():
+        with pytest.raises(SystemExit):
+            importlib.import_module(f"slicer_hf.bench.{module}").main([])
+    assert len(parsers) == len(BENCH_SUITES)
+    for parser in parsers:
+        for action in parser._actions:
+            assert action.help, (parser.prog, action.option_strings)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        importlib.import_module("slicer_hf.bench.concurrency").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "decode steps of each client (default: 32)" in text and "(default: 1 8 32 128)" in text
+
+
 @pytest.mark.parametrize(
     "command", [["profile", "--splits", "2", "--out", "{out}/p.json"], ["calibrate", "--out", "{out}/c"]]
 )

@@ -228,7 +228,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = suite_arguments(__doc__)
     parser.add_argument("--only", nargs="*", default=None, help="model types to run (default: all)")
-    parser.add_argument("--out-json", default="docs/benchmarks/architectures.json")
+    parser.add_argument("--out-json", default="docs/benchmarks/architectures.json", help="where the JSON goes")
     parser.add_argument("--doc", default=None, help="write the support table here (docs/architectures.md)")
     parser.add_argument("--render", action="store_true", help="only render --doc from an earlier --out-json")
     args = parser.parse_args(argv)

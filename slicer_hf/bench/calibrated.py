@@ -92,11 +92,19 @@ def choose(rows: list[dict[str, Any]], max_kl: float | None, max_ppl: float) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/calibrated.json")
     parser.add_argument("--calibrated", default=None, help="a config folder from `slicer-hf calibrate` (skip step 1)")
-    parser.add_argument("--calib-tokens", type=at_least(1), default=24576)
-    parser.add_argument("--choose-tokens", type=at_least(1), default=8192)
-    parser.add_argument("--test-tokens", type=at_least(1), default=16384)
-    parser.add_argument("--max-kl", type=at_least(0, float, above=True), default=0.01)
-    parser.add_argument("--max-ppl", type=at_least(0, float, above=True), default=1.0)
+    parser.add_argument(
+        "--calib-tokens", type=at_least(1), default=24576, help="WikiText-2 validation tokens to calibrate on"
+    )
+    parser.add_argument(
+        "--choose-tokens", type=at_least(1), default=8192, help="held-out validation tokens to choose steps on"
+    )
+    parser.add_argument("--test-tokens", type=at_least(1), default=16384, help="WikiText-2 test tokens to report on")
+    parser.add_argument(
+        "--max-kl", type=at_least(0, float, above=True), default=0.01, help="KL budget per token (nats)"
+    )
+    parser.add_argument(
+        "--max-ppl", type=at_least(0, float, above=True), default=1.0, help="perplexity change budget (%%)"
+    )
     parser.add_argument(
         "--margin", type=at_least(0, float, above=True), default=0.75, help="share of the budgets a choice may use"
     )

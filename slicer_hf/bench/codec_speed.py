@@ -89,7 +89,7 @@ def run(model: str = "smollm2", config_dir: str | None = None, out_json: str | N
                 ("decode ms/token", "decode_ms", ".3f"),
                 ("encode ms/token (prefill 256)", "encode_ms_prefill", ".3f"),
                 ("decode ms/token (prefill 256)", "decode_ms_prefill", ".3f"),
-                ("encode / edge compute", "encode_vs_edge", ".2f"),
+                ("encode vs edge compute", "encode_vs_edge", ".1%"),
             ],
         )
     )

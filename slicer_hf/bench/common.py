@@ -77,9 +77,25 @@ def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, where it has one its help text does not already name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings or "default" in text:
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        shown = shown.replace("%", "%%")  # argparse %-formats help
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
 def suite_arguments(doc: str | None) -> argparse.ArgumentParser:
-    """A suite's argument parser, described by its docstring's first paragraph."""
-    return argparse.ArgumentParser(description=" ".join((doc or "").split("\n\n")[0].split()))
+    """A suite's argument parser, described by its docstring's first paragraph; each option's help ends with its
+    default."""
+    return argparse.ArgumentParser(
+        description=" ".join((doc or "").split("\n\n")[0].split()), formatter_class=_DefaultsFormatter
+    )
 
 
 def suite_config(config: str | SlicerConfig | None, model_path: str) -> SlicerConfig:
@@ -99,7 +115,7 @@ def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out-json",
         default=out_json,
-        help=f"where the JSON goes (default {out_json}: the committed results, when run from the checkout)",
+        help="where the JSON goes (the default is the committed results, when run from the checkout)",
     )
     return parser
 

@@ -364,9 +364,11 @@ def _fmt(row: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/concurrency.json")
-    parser.add_argument("--clients", type=at_least(1), nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--prompt-tokens", type=at_least(1), default=32)
-    parser.add_argument("--decode-steps", type=at_least(1), default=32)
+    parser.add_argument(
+        "--clients", type=at_least(1), nargs="+", default=[1, 8, 32, 128], help="client counts to run, each in turn"
+    )
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=32, help="prompt length of each client")
+    parser.add_argument("--decode-steps", type=at_least(1), default=32, help="decode steps of each client")
     parser.add_argument(
         "--dtype",
         default="float32",

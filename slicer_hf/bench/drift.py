@@ -90,10 +90,10 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/drift.json")
-    parser.add_argument("--prompts", type=at_least(1), default=2)
-    parser.add_argument("--prompt-tokens", type=at_least(1), default=64)
-    parser.add_argument("--new-tokens", type=at_least(1), default=512)
-    parser.add_argument("--bucket", type=at_least(1), default=64)
+    parser.add_argument("--prompts", type=at_least(1), default=2, help="WikiText-2 prompts to continue")
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=64, help="tokens of each prompt")
+    parser.add_argument("--new-tokens", type=at_least(1), default=512, help="tokens generated after each prompt")
+    parser.add_argument("--bucket", type=at_least(1), default=64, help="generated tokens per row of the table")
     args = parser.parse_args(argv)
     run(args.model, args.config, args.prompts, args.prompt_tokens, args.new_tokens, args.bucket, args.out_json)
 

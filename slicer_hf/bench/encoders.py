@@ -237,10 +237,12 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     parser = suite_arguments(__doc__)
     parser.add_argument("--model", default="minilm", help="Hub id, local folder, or 'minilm' (bundled)")
-    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument(
+        "--sentences", type=int, default=1000, help="WikiText-2 sentences per split (test and validation)"
+    )
     parser.add_argument("--splits", default=None, help="comma-separated split layers (default: all)")
-    parser.add_argument("--min-cosine", type=float, default=0.99)
-    parser.add_argument("--out-json", default="docs/benchmarks/encoders.json")
+    parser.add_argument("--min-cosine", type=float, default=0.99, help="quality a --write-preset choice must keep")
+    parser.add_argument("--out-json", default="docs/benchmarks/encoders.json", help="where the JSON goes")
     parser.add_argument("--write-preset", default=None, help="folder for the chosen SlicerConfig")
     parser.add_argument("--choose-only", action="store_true", help="choose again from --out-json's rows, no run")
     args = parser.parse_args(argv)

@@ -208,12 +208,12 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_arguments(__doc__)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--splits", default="20,24")
-    parser.add_argument("--replicas", default="1,2")
-    parser.add_argument("--clients", type=at_least(1), default=16)
-    parser.add_argument("--decode-steps", type=at_least(1), default=32)
-    parser.add_argument("--out-json", default="docs/benchmarks/fleet.json")
+    parser.add_argument("--model", default="smollm2", help="Hub id, local folder, or 'smollm2' (embedded)")
+    parser.add_argument("--splits", default="20,24", help="comma-separated split layers, one fleet each")
+    parser.add_argument("--replicas", default="1,2", help="comma-separated replica counts, one fleet each")
+    parser.add_argument("--clients", type=at_least(1), default=16, help="clients decoding at once")
+    parser.add_argument("--decode-steps", type=at_least(1), default=32, help="decode steps of each client")
+    parser.add_argument("--out-json", default="docs/benchmarks/fleet.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     exit_on_sigterm()  # the servers this suite starts go with it
     run(

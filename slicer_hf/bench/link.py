@@ -547,17 +547,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
     parser.add_argument("--config", default=None, help="SlicerConfig folder or preset (default: the SmolLM2 preset)")
     parser.add_argument(
-        "--rates", nargs="+", type=parse_rate, default=[None, 10.0, 1.0], help="Mbit/s each way, or 'unshaped'"
+        "--rates",
+        nargs="+",
+        type=parse_rate,
+        default=[None, 10.0, 1.0],
+        help="Mbit/s each way, or 'unshaped' (default: unshaped 10 1)",
     )
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="codec or codec+downlink")
-    parser.add_argument("--prompt-tokens", type=at_least(1), default=64)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=64, help="tokens of the prompt")
     parser.add_argument("--new-tokens", type=int, default=32, help="at least 2: the first token is the prefill's")
-    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="generations per rate and variant (medians)")
     parser.add_argument("--text", default=CALIBRATION_TEXT, help="prompt source (file or wikitext split)")
-    parser.add_argument("--out-json", default="docs/benchmarks/link.json")
+    parser.add_argument("--out-json", default="docs/benchmarks/link.json", help="where the JSON goes")
     parser.add_argument("--plot", default=None, help="also write the tokens/s plot to this image file")
-    parser.add_argument("--request-timeout-s", type=at_least(0, float, above=True), default=120.0)
-    parser.add_argument("--burst", default=TBF_BURST, help="tbf burst, tc syntax (default: %(default)s)")
+    parser.add_argument(
+        "--request-timeout-s",
+        type=at_least(0, float, above=True),
+        default=120.0,
+        help="the client's timeout per request",
+    )
+    parser.add_argument("--burst", default=TBF_BURST, help="tbf burst, tc syntax")
     parser.add_argument("--threads", type=at_least(0), default=1, help="torch threads per process (0: torch's default)")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:

@@ -117,9 +117,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_parser(__doc__, "docs/benchmarks/server_compute.json")
-    parser.add_argument("--prompt-tokens", type=at_least(1), default=64)
-    parser.add_argument("--decode-steps", type=at_least(1), default=64)
-    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=64, help="tokens of the prompt")
+    parser.add_argument("--decode-steps", type=at_least(1), default=64, help="decode steps replayed")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="replays per variant (medians)")
     args = parser.parse_args(argv)
     exit_on_sigterm()  # the servers this suite starts go with it
     run(args.model, args.config, args.prompt_tokens, args.decode_steps, args.repeats, args.out_json)

@@ -413,14 +413,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = suite_arguments(__doc__)
     parser.add_argument("--model", default="tiny", help="'tiny' (a random Llama), 'smollm2', a folder or Hub id")
-    parser.add_argument("--clients", type=at_least(1), default=32)
-    parser.add_argument("--duration-s", type=at_least(0, float, above=True), default=600.0)
-    parser.add_argument("--fuzz-cases", type=at_least(0), default=2000)
+    parser.add_argument("--clients", type=at_least(1), default=32, help="clients generating at once")
+    parser.add_argument(
+        "--duration-s", type=at_least(0, float, above=True), default=600.0, help="how long the clients run"
+    )
+    parser.add_argument("--fuzz-cases", type=at_least(0), default=2000, help="malformed messages sent beside them")
     parser.add_argument(
         "--window-s", type=at_least(0, float, above=True), default=60.0, help="latency percentiles per window"
     )
     parser.add_argument("--short", action="store_true", help="CI mode: 8 clients, 40 s, 200 fuzz cases, 10 s windows")
-    parser.add_argument("--out-json", default=None)
+    parser.add_argument("--out-json", default=None, help="where the JSON goes (default: none written)")
     parser.add_argument("--plot", default=None, help="write a PNG of RSS and latency over time")
     args = parser.parse_args(argv)
     if args.short:

@@ -53,7 +53,7 @@ def rewrite(doc: Path, table: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = suite_arguments(__doc__)
-    parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--doc", default="docs/benchmarks.md", help="the page whose summary block is written")
     parser.add_argument("--check", action="store_true", help="only check that the block is up to date")
     args = parser.parse_args(argv)
     doc = Path(args.doc)
