@@ -375,9 +375,9 @@ def decode_topk_logits(
     try:
         r = Reader(data)
         b, n, k, vocab = r.varint(MAX_BATCH), r.varint(1 << 20), r.varint(1 << 20), r.varint(1 << 24)
-        if (b, n, vocab) != tuple(expect) or k > min(max_k, vocab):
+        if (b, n, vocab) != tuple(expect) or not 1 <= k <= min(max_k, vocab):  # k=0: every logit -inf, NaN odds
             raise ProtocolError(
-                f"top-k reply of B={b} n={n} k={k} vocab={vocab}, expected {tuple(expect)} with k <= {max_k}",
+                f"top-k reply of B={b} n={n} k={k} vocab={vocab}, expected {tuple(expect)} with 1 <= k <= {max_k}",
                 code="bad_shape",
             )
         values = torch.from_numpy(r.array(np.float32, b * n * k)).reshape(b, n, k)

@@ -514,6 +514,25 @@ def test_big_packets_decode_a_chunk_at_a_time_to_the_same_rows(monkeypatch, para
     assert torch.equal(codec.decode(packet), whole)
 
 
+@pytest.mark.parametrize("params", [{}, {"sparsity": 0.6, "num_blocks": 3}])
+def test_a_big_packet_unpacks_its_entries_a_chunk_of_rows_at_a_time(monkeypatch, params):
+    """Each kept entry's label, sign and code take tens of bytes of int64 on the way to one float: unpacked for all
+    rows at once, a zstd body of a few dozen bytes made the decoder hold 14x the tensor it decodes."""
+    from slicer_hf.codec import ops
+
+    codec = build_codec("slicer", **params)
+    packet = codec.encode(hidden_states(37, 64))
+    unpack, fields = ops.unpack_bits, []
+    monkeypatch.setattr(
+        ops,
+        "unpack_bits",
+        lambda data, widths, *a, **kw: (fields.append(widths.numel()), unpack(data, widths, *a, **kw))[1],
+    )
+    monkeypatch.setattr(ops, "CHUNK_FIELDS", 4 * 64)
+    codec.decode(packet)
+    assert fields and max(fields) <= 4 * 64
+
+
 @pytest.mark.parametrize("flags", [b"\x01\x01\x01\x00", b"\x11\x00\xcd\x34"])  # blocks, ECSQ: rotated, tiny bodies
 def test_a_rotated_packet_cannot_claim_an_unbounded_width(flags):
     from slicer_hf.codec.slicer import MAX_ROTATED_WIDTH, rotation_blocks

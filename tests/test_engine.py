@@ -85,6 +85,9 @@ def test_top_k_replies_are_checked_against_the_asked_shape():
     for expect, k in (((1, 3, 100), 4), ((1, 2, 101), 4), ((1, 2, 100), 3)):
         with pytest.raises(ProtocolError, match="expected"):
             protocol.decode_topk_logits(body, expect, max_k=k)
+    empty = protocol.encode_topk_logits(torch.zeros(1, 2, 0), torch.zeros(1, 2, 0, dtype=torch.long), 100)
+    with pytest.raises(ProtocolError, match="1 <= k"):  # no logit at all: every probability NaN
+        protocol.decode_topk_logits(empty, (1, 2, 100), max_k=4)
 
 
 def test_a_busy_model_never_blocks_open_and_close(engine):

@@ -328,41 +328,57 @@ class SlicerCodec(Codec):
                 pos = pos[keep].reshape(n_rows, k)
         else:
             pos = torch.from_numpy(read_positions(r, n_rows, k, d))
-        labels = torch.zeros(n_rows, k, dtype=torch.long, device=device)
-        if m > 1:
-            labels = _read_fields(r, data, torch.full((n_rows * k,), math.ceil(math.log2(m)), device=device))
-            labels = labels.reshape(n_rows, k)
-            if (labels >= m).any():
-                raise CodecError("block label out of range")
-            ones = torch.ones_like(labels)
-            counts = torch.zeros(n_rows, m, dtype=torch.long, device=device).scatter_add_(1, labels, ones)
-            if not torch.equal(counts, torch.tensor(ops.block_sizes(k, m), device=device).expand(n_rows, m)):
-                raise CodecError("block labels do not make blocks of equal cardinality")
+        label_bits = math.ceil(math.log2(m)) if m > 1 else 0
+        labels_at = r.pos  # one field of `label_bits` a kept entry, unpacked a chunk of rows at a time below
+        r.pos += n_rows * k * label_bits
         bits = torch.from_numpy(r.read(n_rows * m, 5).astype(np.int64)).reshape(n_rows, m)
         if (bits > 16).any():
             raise CodecError("block bitwidth above 16")
         wide = bool(flags & F_WIDE_PARAMS)
         params = _bits_float(r.read(n_rows * m * 2, 32 if wide else 16), wide).reshape(n_rows, m, 2).to(device)
-        bits = bits.to(device)
-        widths = torch.cat(
-            [torch.ones(n_rows * k, dtype=torch.long, device=device), bits.gather(1, labels).reshape(-1)]
-        )
-        if not 0 <= r.size - (r.pos + int(widths.sum())) < 8:  # refused before its fields are unpacked
-            raise CodecError(f"slicer body of {len(body)} bytes: its fields take {r.pos + int(widths.sum())} bits")
-        signs, codes = _read_fields(r, data, widths).split(n_rows * k)  # one sign bit per entry, then the codes
+        # then one sign bit a kept entry, then the codes: a row's take the bits of its blocks times their sizes (the
+        # labels must make blocks of those sizes: checked a chunk at a time)
+        row_bits = (bits * torch.tensor(ops.block_sizes(k, m))).sum(1)
+        signs_at = r.pos
+        codes_at = signs_at + n_rows * k
+        code_starts = (codes_at + torch.cumsum(row_bits, 0) - row_bits).tolist()
+        end = codes_at + int(row_bits.sum())
+        if not 0 <= r.size - end < 8:  # refused before its fields are unpacked
+            raise CodecError(f"slicer body of {len(body)} bytes: its fields take {end} bits")
+        r.pos = end
         r.check_end()
 
-        y = ops.dequantize_rows(
-            pos.to(device),
-            labels,
-            signs.bool().reshape(n_rows, k),
-            codes.reshape(n_rows, k),
-            params[..., 0],
-            params[..., 1],
-            bits,
-            d,
-        )
-        x = rotate(y, inverse=True) if rotated else y
+        bits = bits.to(device)
+        x = torch.empty(n_rows, d, device=device)
+        rows = max(1, ops.CHUNK_FIELDS // k)  # a chunk of rows at a time: the working set stays bounded (each kept
+        for a in range(0, n_rows, rows):  # entry's fields take tens of bytes of int64 on the way to one float)
+            part, n = slice(a, a + rows), min(rows, n_rows - a)
+            labels = torch.zeros(n, k, dtype=torch.long, device=device)
+            if m > 1:
+                labels = ops.unpack_bits(
+                    data, torch.full((n * k,), label_bits, device=device), labels_at + a * k * label_bits
+                )
+                labels = labels.reshape(n, k)
+                if (labels >= m).any():
+                    raise CodecError("block label out of range")
+                counts = torch.zeros(n, m, dtype=torch.long, device=device).scatter_add_(
+                    1, labels, torch.ones_like(labels)
+                )
+                if not torch.equal(counts, torch.tensor(ops.block_sizes(k, m), device=device).expand(n, m)):
+                    raise CodecError("block labels do not make blocks of equal cardinality")
+            signs = ops.unpack_bits(data, torch.ones(n * k, dtype=torch.long, device=device), signs_at + a * k)
+            codes = ops.unpack_bits(data, bits[part].gather(1, labels).reshape(-1), code_starts[a])
+            x[part] = ops.dequantize_rows(
+                pos[part].to(device),
+                labels,
+                signs.bool().reshape(n, k),
+                codes.reshape(n, k),
+                params[part, :, 0],
+                params[part, :, 1],
+                bits[part],
+                d,
+            )
+        x = rotate(x, inverse=True) if rotated else x  # all rows in one product: as they round without chunks
         if n_out:
             x = x.scatter(1, residual_pos.to(device), out_val.to(device))
         return ops.cast(x, dtype)
