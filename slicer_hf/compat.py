@@ -76,6 +76,11 @@ def check_supported(config: Any) -> None:
         raise NotImplementedError(f"{model_type}: {UNSUPPORTED[model_type]}")
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{model_type}: encoder-decoder models do not split (decoder-only LMs do)")
+    if getattr(config, "add_cross_attention", False):
+        raise NotImplementedError(
+            f"{model_type}: cross-attention layers (add_cross_attention=True) attend to an encoder's states, which a "
+            "split model's server never gets"
+        )
     if model_type in ENCODER_FAMILIES:
         where = (
             "split its forward with SlicerModel (docs/encoders.md)"
@@ -439,7 +444,12 @@ def _config_int(config: Any, name: str) -> int:
 def causal_lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """The loss the model's own forward computes from `logits` and `labels` (shifted inside), with the forward's other
     keyword arguments (`num_items_in_batch`, `shift_labels`...) as it passes them on."""
+    if model.config.model_type in UNSHIFTED_LOSS:  # its forward scores each position against its own label
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, model.config.vocab_size), labels.reshape(-1))
     return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **kwargs)
+
+
+UNSHIFTED_LOSS = frozenset({"trocr"})  # causal LMs whose forward computes its loss without shifting the labels
 
 
 def causal_lm_model_types() -> list[str]:

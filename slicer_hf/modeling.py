@@ -32,7 +32,7 @@ from .codec import build_codec
 from .codec.basis import lookup
 from .config import CONFIG_NAME, SlicerConfig
 from .errors import ConfigError, SlicerError, StaleCacheError
-from .hooks import SplitPlan, attach_hooks, split_plan
+from .hooks import SplitPlan, attach_hooks, detach_hooks, split_plan
 from .link import SuffixLink, WireStats, open_request, wire_dtype
 from .loading import check_model_folder, expand_home, load_layers, release_layers
 from .server.engine import SplitServer
@@ -210,6 +210,11 @@ class SplitModelMixin:
         of a mixture of experts), asked for in the call or the config: the edge has only its own layers'. Router
         logits a config asks for by default are left out where no loss is computed (generate() never reads them)."""
         given = _by_name(forward, args, kwargs)
+        if given.get("encoder_hidden_states") is not None or given.get("encoder_attention_mask") is not None:
+            raise NotImplementedError(
+                "cross-attention to encoder_hidden_states is not supported by split generation: the server's layers "
+                "would run without them"
+            )
         for name in ("output_hidden_states", "output_attentions", "output_router_logits"):
             if given.get(name) or (given.get(name) is None and getattr(self.config, name, False)):
                 by_config = given.get(name) is None and (name in kwargs or name not in given)
@@ -351,7 +356,7 @@ class SlicerGenerationMixin(SplitModelMixin):
         elif positions is not None:
             positions = positions.expand(b, t)
         use_cache = given.get("use_cache")
-        uncached = cache is None and not (self.config.use_cache if use_cache is None else use_cache)
+        uncached = cache is None and not (getattr(self.config, "use_cache", False) if use_cache is None else use_cache)
         if mask is None and uncached and compat.packs_sequences(positions):
             raise NotImplementedError(
                 "position_ids that restart within a row, with no attention_mask and no cache, pack several sequences "
@@ -567,17 +572,23 @@ def make_split(
             f"{which} no weights here (an edge released them for its server), and this split runs "
             f"{'every layer here' if local else f'layers 0..{config.split_layer - 1} here'}: load the model again"
         )
+    came_as, came_hooked = type(model), all(hasattr(layer, "_slicer_hook") for layer in layers)
     attach_hooks(model)
     if not isinstance(model, mixin):
         model.__class__ = _split_class(type(model), mixin)
+    try:
+        made = _in_process(model) if local else make_transport(transport, **(transport_options or {}))
+    except BaseException:  # a transport that cannot be made leaves the model as it came, not half split
+        model.__class__ = came_as
+        if not came_hooked:
+            detach_hooks(model)
+        raise
     model.slicer_config = config
     model._slicer_link = None
     model._slicer_busy = threading.RLock()
     model._slicer_local = local
-    if local:
-        model._slicer_transport = _in_process(model)
-    else:
-        model._slicer_transport = make_transport(transport, **(transport_options or {}))
+    model._slicer_transport = made
+    if not local:
         release_layers(model, range(config.split_layer, n))  # no-op for layers never loaded
     return model
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from slicer_hf import SlicerConfig, SlicerModelForCausalLM
@@ -265,3 +266,53 @@ def test_a_mamba_prompt_longer_than_one_step_of_the_server_is_refused_not_cut():
         split(torch.randint(3, 128, (1, 40)))
     assert split(torch.randint(3, 128, (1, 16))).logits.shape == (1, 16, 128)  # one step: served
     server.shutdown()
+
+
+def test_cross_attention_to_an_encoders_states_is_refused_not_run_without_them():
+    """TrOCR's layers cross-attend to `encoder_hidden_states` when given: the server's would have run without them."""
+    model = SlicerModelForCausalLM.from_model(sweep.tiny_model("trocr"), SlicerConfig(codec="identity", split_layer=1))
+    ids, states = torch.randint(1, 100, (1, 6)), torch.randn(1, 4, model.config.d_model)
+    for call in (
+        lambda: model(ids, encoder_hidden_states=states, use_cache=False),
+        lambda: model.generate(ids, encoder_hidden_states=states, max_new_tokens=3, do_sample=False),
+    ):
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="encoder_hidden_states"):
+            call()
+    gpt2 = sweep.tiny_model("gpt2")
+    gpt2.config.add_cross_attention = True
+    with pytest.raises(NotImplementedError, match="add_cross_attention"):
+        SlicerModelForCausalLM.from_model(gpt2, SlicerConfig(codec="identity"))
+
+
+def test_a_logits_downlink_scores_the_loss_as_the_familys_own_forward_does():
+    """TrOCR's forward scores each position against its own label, unshifted, unlike transformers' causal loss."""
+    reference = sweep.tiny_model("trocr")
+    ids = torch.randint(1, 100, (2, 8))
+    with torch.no_grad():
+        want = reference(ids, labels=ids).loss
+        split = SlicerModelForCausalLM.from_model(
+            reference, SlicerConfig(codec="identity", split_layer=1, downlink="logits")
+        )
+        assert torch.allclose(split(ids, labels=ids).loss, want, atol=1e-6)
+
+
+def test_a_config_without_use_cache_runs_its_forward_uncached_as_the_plain_model_does():
+    reference = sweep.tiny_model("openai-gpt")
+    assert not hasattr(reference.config, "use_cache")
+    ids = torch.randint(1, 100, (1, 7))
+    with torch.no_grad():
+        want = reference(ids, labels=ids).loss
+        split = SlicerModelForCausalLM.from_model(reference, SlicerConfig(codec="identity", split_layer=1))
+        assert torch.allclose(split(ids, labels=ids).loss, want, atol=1e-6)
+
+
+def test_a_split_that_cannot_make_its_transport_leaves_the_model_as_it_came():
+    from slicer_hf import TransportError
+
+    model = sweep.tiny_model("llama")
+    ids = torch.randint(1, 100, (1, 6))
+    want, plain = model.generate(ids, max_new_tokens=3, do_sample=False), type(model)
+    with pytest.raises(TransportError):
+        SlicerModelForCausalLM.from_model(model, SlicerConfig(codec="identity"), transport="htp://localhost:1")
+    assert type(model) is plain and not any(hasattr(layer, "_slicer_hook") for layer in model.model.layers)
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), want)

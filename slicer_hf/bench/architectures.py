@@ -210,6 +210,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "refuses them with `NotImplementedError` before loading any weight.",
         f"- **untested**: {counts['untested']} whose generic tiny config does not build, stays too large for the "
         "sweep, or does not run even unsplit; nothing is claimed for them.",
+        "- Cross-attention is refused with `NotImplementedError` in every family: `encoder_hidden_states` given to "
+        "a decoder that takes them (`trocr` is exact as a language model on its own), or a config with "
+        "`add_cross_attention=True`. The server's layers never get an encoder's states.",
         *(
             [f"- **fails**: {counts['fails']} that ran and did not equal plain `generate()`: bugs to fix."]
             if counts["fails"]
