@@ -101,6 +101,36 @@ def test_a_first_server_that_never_answers_sends_the_client_on_within_its_timeou
         os.kill(frozen.proc.pid, signal.SIGCONT)
 
 
+def test_a_server_that_freezes_mid_generation_hands_its_session_to_the_next_one(server, model_dir, reference):
+    """A stalled server (alive, not answering) had ended the generation with its timeout, another server at hand."""
+    import signal
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    frozen, good = server(), server()
+
+    class FreezeAtThirdToken(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 3:
+                os.kill(frozen.proc.pid, signal.SIGSTOP)
+            return scores
+
+    try:
+        model = client(model_dir, [frozen.url, good.url], timeout_s=3)
+        ids = prompt(12)
+        freeze = LogitsProcessorList([FreezeAtThirdToken()])
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=6, do_sample=False, logits_processor=freeze),
+            reference.generate(ids, max_new_tokens=6, do_sample=False),
+        )
+        assert model.wire_stats().failovers == 1
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+
+
 def test_closing_a_session_on_a_frozen_server_does_not_wait_for_it(server, model_dir):
     """Ending the stream frees the session on the server: a CLOSE waited out timeout_s (60 s) on a frozen one."""
     import signal

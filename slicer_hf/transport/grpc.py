@@ -189,11 +189,15 @@ class GrpcTransport(Transport):
         """The reply to the oldest request not yet answered on this stream."""
         try:
             reply = self._inbox.get(timeout=self.timeout_s)
-        except queue.Empty:  # a slow server is not a dead one: no failover, whose replay would only add load; but one
-            self.close()  # that never answered this stream (frozen, or its port taken by something else) is no server
-            if not self._stream_answered and (self.others or self.has_alternatives()):  # the next one may answer
+        except queue.Empty:  # frozen, partitioned, or only slow: where another server may take the session, it moves
+            self.close()  # there (its replay adds load, but a session held up timeout_s is lost otherwise)
+            if self.others or self.has_alternatives():
+                if not self._stream_answered:  # frozen, or its port taken by something else: no server at all
+                    raise TransportError(
+                        f"no answer from {self.name} within {self.timeout_s} s on a new stream", unreachable=True
+                    ) from None
                 raise TransportError(
-                    f"no answer from {self.name} within {self.timeout_s} s on a new stream", unreachable=True
+                    f"no reply from {self.name} within {self.timeout_s} s (stalled or too busy): trying another server"
                 ) from None
             raise TransportError(
                 f"no reply from {self.name} within {self.timeout_s} s (busy or stalled: raise timeout_s to wait)",
