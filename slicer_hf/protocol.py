@@ -89,6 +89,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+TOKEN_RULE = (
+    "an auth token must be printable ASCII without surrounding spaces (a token read from a file keeps its newline: "
+    "strip it)"
+)
+
+
+def usable_token(token: str) -> bool:
+    """Whether `token` can go in gRPC metadata as every client sends it (gRPC refuses anything else on every call)."""
+    return token.isascii() and token.isprintable() and token == token.strip()
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 literal in brackets (`[::1]:50051`), as gRPC addresses and URLs take it."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def fleet_router_url(url: str) -> str:
     """The HTTP(S) address of a fleet's router from its client URL: `slicer+http://h:p/prefix` -> `http://h:p/prefix`
     (the client asks it for sessions, operators and tests list its replicas)."""

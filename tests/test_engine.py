@@ -798,6 +798,23 @@ def test_a_server_that_pushes_messages_nobody_asked_for_ends_the_stream_and_fill
         server.stop(0)
 
 
+def test_a_server_listens_on_an_ipv6_address_and_clients_reach_it_in_brackets(engine):
+    import socket
+
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    assert protocol.host_port("::1", 50051) == "[::1]:50051" and protocol.host_port("10.0.0.1", 1) == "10.0.0.1:1"
+    running = serve(engine(), host="::1", port=0)  # had been "cannot listen on ::1:0"
+    transport = GrpcTransport([f"grpc://[::1]:{running.port}"], timeout_s=30)
+    try:
+        assert "sessions_active" in protocol.decode_json(transport.request(protocol.encode_json(protocol.STATS, {})))
+    finally:
+        transport.close()
+        running.stop()
+
+
 def test_a_stalled_server_costs_one_timeout_and_one_stream_not_a_second_for_a_close():
     seen, streams = [], []
 

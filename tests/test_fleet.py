@@ -401,7 +401,16 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
         ({"autoscale": 4}, "two integers"),
         ({"replicas": 2.5}, "replicas must be an integer"),
         ({"sessions_per_replica": 0}, "sessions_per_replica must be an integer >= 1"),
-        ({"heartbeat_s": 0}, "heartbeat_s must be a number above 0"),  # every replica forgotten as it reports
+        ({"heartbeat_s": 0}, "heartbeat_s must be a number of at least 0.1"),  # every replica forgotten at once
+        ({"heartbeat_s": 1e-4}, "heartbeat_s must be a number of at least 0.1"),  # 10,000 router calls a second
+        ({"router_port": 0}, "router_port must be a port number"),  # Serve took it, then never said where it was
+        ({"router_port": 70000}, "router_port must be a port number"),
+        ({"route_prefix": "/scale/"}, "route_prefix must start with '/' and not end with one"),  # Serve, after Ray
+        ({"token": "tok "}, "printable ASCII"),  # no client could send it
+        ({"token": "t\u00f6ken"}, "printable ASCII"),
+        ({"threads": 0}, "threads must be an integer >= 1"),  # had been ignored
+        ({"min_split_layer": -5}, "min_split_layer must be an integer >= 1"),
+        ({"dtype": "float33"}, "dtype must be one of float32, bfloat16, float16, auto"),
         ({"drain_timeout_s": -10}, "drain_timeout_s must be a number >= 0"),
         ({"replica_cpus": -1}, "replica_cpus must be a number >= 0"),
     ):
@@ -415,9 +424,26 @@ def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():
     assert FleetOptions(autoscale=(1, 8)).replica_limits(8 << 30).kv_budget_bytes == 1 << 30
     gpus = {1.0: 8 << 30, 0.5: 4 << 30, 0.25: 2 << 30}  # a GPU of its own, or a half or a quarter of one
     for share, budget in gpus.items():
-        assert FleetOptions(replicas=4, replica_gpus=share).replica_limits(8 << 30).kv_budget_bytes == budget
+        on_gpus = FleetOptions(replicas=4, replica_gpus=share, device="cuda")
+        assert on_gpus.replica_limits(8 << 30).kv_budget_bytes == budget
+    # GPUs reserved for replicas that run on the CPU: they share the node's memory all the same
+    assert FleetOptions(replicas=4, replica_gpus=1.0).replica_limits(8 << 30).kv_budget_bytes == 2 << 30
     given = FleetOptions(replicas=4, limits={"kv_budget_bytes": 3 << 30})
     assert given.replica_limits(8 << 30).kv_budget_bytes == 3 << 30
+
+
+def test_a_sigterm_while_the_fleet_deploys_unwinds_like_ctrl_c_through_its_clean_up():
+    """Ray's own SIGTERM handler had ended `serve --ray` midway, its application and a copy of its TLS key left."""
+    pytest.importorskip("ray")
+    import signal
+
+    from slicer_hf.server.fleet import _sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _sigterm_unwinds():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal lands here
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_the_router_forgets_silent_replicas_and_says_why_it_has_none_to_offer():

@@ -409,6 +409,8 @@ def test_serve_refuses_an_empty_token_half_a_tls_pair_and_names_a_bad_certificat
     engine = SimpleNamespace(limits=ServerLimits())  # enough for a server that never starts
     with pytest.raises(ConfigError, match="token is empty"):
         serve(engine, port=0, token="")
+    with pytest.raises(ConfigError, match="printable ASCII"):  # no client could send it: every call refused
+        serve(engine, port=0, token="tok\n")
     for half in ({"tls_cert": b"PEM"}, {"tls_key": b"PEM"}):
         with pytest.raises(ConfigError, match="tls_cert and tls_key together"):
             serve(engine, port=0, **half)

@@ -22,7 +22,6 @@ ServeModelOpt = Annotated[
     str,
     typer.Option("--model", "-m", help="Hub id, local folder, 'smollm2' (embedded) or 'minilm' (all-MiniLM-L6-v2)."),
 ]
-SERVER_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 class LogLevel(str, enum.Enum):
@@ -84,10 +83,16 @@ def _no_empty_token(param: typer.CallbackParam, token: str | None) -> str | None
     if token == "":
         option = f"--{(param.name or 'token').replace('_', '-')}"
         raise typer.BadParameter("an empty token locks everyone out: give one, or leave it out", param_hint=option)
+    from ..protocol import TOKEN_RULE, usable_token
+
+    if token is not None and not usable_token(token):
+        raise typer.BadParameter(TOKEN_RULE, param_hint=f"--{(param.name or 'token').replace('_', '-')}")
     return token
 
 
 def _weights_dtype(dtype: str) -> str:
+    from ..server.state import SERVER_DTYPES
+
     if dtype not in SERVER_DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(SERVER_DTYPES)}", param_hint="--dtype")
     return dtype
@@ -186,7 +191,7 @@ def serve(
     ] = None,
     sessions_per_replica: Annotated[int, typer.Option(help="--ray: the autoscaling target.")] = 16,
     router_port: Annotated[
-        int, typer.Option(help="--ray: the router's HTTP port (clients: slicer+http://).", min=0, max=65535)
+        int, typer.Option(help="--ray: the router's HTTP port (clients: slicer+http://).", min=1, max=65535)
     ] = 8000,
     replica_cpus: Annotated[float, typer.Option(help="--ray: CPUs Ray reserves per replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="--ray: GPUs Ray reserves per replica.")] = 0.0,
@@ -301,10 +306,12 @@ def serve(
         metrics_port=metrics_port,
         admin_token=admin_token,
     )
+    from ..protocol import host_port
+
     scheme = "grpcs" if cert else "grpc"
     if running.metrics_port is not None:
-        print(f"metrics on {'https' if cert else 'http'}://{host}:{running.metrics_port}/metrics", flush=True)
-    print(f"slicer-hf serving {model} on {scheme}://{host}:{running.port}", flush=True)
+        print(f"metrics on {'https' if cert else 'http'}://{host_port(host, running.metrics_port)}/metrics", flush=True)
+    print(f"slicer-hf serving {model} on {scheme}://{host_port(host, running.port)}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -28,11 +28,13 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..errors import ConfigError, TransportError
-from ..protocol import fleet_router_url
-from .state import ServerLimits, default_kv_budget_bytes
+from ..protocol import TOKEN_RULE, fleet_router_url, host_port, usable_token
+from .state import SERVER_DTYPES, ServerLimits, default_kv_budget_bytes
 
 logger = logging.getLogger(__name__)
 ROUTER, REPLICA = "SlicerRouter", "SlicerReplica"
 ROUTER_CPUS = 0.1  # the router only answers admissions and heartbeats
+MIN_HEARTBEAT_S = 0.1  # each replica's heartbeat is a call to the router
 _TLS_FOLDERS: dict[str, Path] = {}  # per application: the copies of its certificate and key the router reads
 
 
@@ -119,18 +122,30 @@ class FleetOptions:
         for name in ("replicas", "sessions_per_replica", "max_streams"):
             if not _count(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not (_number(self.heartbeat_s) and self.heartbeat_s > 0):
-            raise ConfigError(f"heartbeat_s must be a number above 0, got {self.heartbeat_s!r}")
+        if not (_number(self.heartbeat_s) and self.heartbeat_s >= MIN_HEARTBEAT_S):  # each one calls the router
+            raise ConfigError(f"heartbeat_s must be a number of at least {MIN_HEARTBEAT_S}, got {self.heartbeat_s!r}")
+        if not _count(self.router_port) or not 1 <= self.router_port <= 65535:  # Serve takes 0, then says nothing
+            raise ConfigError(f"router_port must be a port number 1..65535, got {self.router_port!r}")
+        if not _count(self.min_split_layer) or self.min_split_layer < 1:
+            raise ConfigError(f"min_split_layer must be an integer >= 1, got {self.min_split_layer!r}")
+        if self.threads is not None and (not _count(self.threads) or self.threads < 1):
+            raise ConfigError(f"threads must be an integer >= 1, or None for torch's choice, got {self.threads!r}")
+        if self.dtype not in SERVER_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(SERVER_DTYPES)}, got {self.dtype!r}")
         for name in ("drain_timeout_s", "upscale_delay_s", "downscale_delay_s", "replica_cpus", "replica_gpus"):
             if not (_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if not self.route_prefix.startswith("/") or not self.app_name:
-            raise ConfigError(
-                f"route_prefix must start with '/' and app_name must not be empty, got {self.route_prefix!r} and "
-                f"{self.app_name!r}"
+        prefix = self.route_prefix
+        if not prefix.startswith("/") or prefix != "/" and prefix.endswith("/") or "{" in prefix or "}" in prefix:
+            raise ConfigError(  # Serve's own rule, which it applies only once Ray has started
+                f"route_prefix must start with '/' and not end with one (but '/' itself), no braces: got {prefix!r}"
             )
+        if not self.app_name:
+            raise ConfigError("app_name must not be empty")
         if self.token == "":
             raise ConfigError("token must not be empty: give the fleet's token, or None for no token")
+        if self.token is not None and not usable_token(self.token):  # no client could send it
+            raise ConfigError(TOKEN_RULE)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("give tls_cert and tls_key together, or neither")
         limits = ServerLimits(**self.limits)  # unknown limit names fail here, not in a replica
@@ -146,7 +161,8 @@ class FleetOptions:
         limits = ServerLimits(**self.limits)
         if limits.kv_budget_bytes is None:  # a share of what replicas on one device all see as free
             most = self.autoscale[1] if self.autoscale else self.replicas
-            per_device = most if self.replica_gpus == 0 else max(1, math.floor(1 / self.replica_gpus))  # GPU shares
+            on_gpus = self.replica_gpus > 0 and self.device != "cpu"  # CPU replicas share one node's memory
+            per_device = max(1, math.floor(1 / self.replica_gpus)) if on_gpus else most  # GPU shares
             limits.kv_budget_bytes = free_bytes // min(most, per_device)
         return limits
 
@@ -200,7 +216,7 @@ class SplitReplica:
             self.server, opts.host, 0, token=opts.token, tls_cert=cert, tls_key=key, max_streams=opts.max_streams
         )
         host = opts.advertise_host or _node_address(opts.host)
-        self.endpoint = f"{'grpcs' if cert else 'grpc'}://{host}:{self.running.port}"
+        self.endpoint = f"{'grpcs' if cert else 'grpc'}://{host_port(host, self.running.port)}"
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._router = serve.get_deployment_handle(ROUTER, app_name=context.app_name)
@@ -414,13 +430,14 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
         (folder / "key.pem").write_text(options.tls_key)
         (folder / "key.pem").chmod(0o600)
         http |= {"ssl_certfile": str(folder / "cert.pem"), "ssl_keyfile": str(folder / "key.pem")}
-    serve.start(http_options=http)
     scheme = "slicer+https" if options.tls_cert else "slicer+http"
     host = options.advertise_host or _client_host(options.router_host)
-    url = f"{scheme}://{host}:{options.router_port}{options.route_prefix.rstrip('/')}"
+    url = f"{scheme}://{host_port(host, options.router_port)}{options.route_prefix.rstrip('/')}"
     try:
-        serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
-        wait_for_replicas(url, 1, options.token, options.tls_cert)
+        with _sigterm_unwinds():
+            serve.start(http_options=http)
+            serve.run(build_app(options), name=options.app_name, route_prefix=options.route_prefix, blocking=False)
+            wait_for_replicas(url, 1, options.token, options.tls_cert)
     except BaseException as exc:  # leave nothing running (nor a copy of the key) behind a fleet that did not start
         failure = _replica_failure(options.app_name) if isinstance(exc, RuntimeError) else None
         with contextlib.suppress(Exception):
@@ -429,6 +446,21 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
             raise ConfigError(f"the fleet did not deploy: {failure or exc}") from None
         raise
     return url
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """A SIGTERM while the fleet deploys unwinds like Ctrl-C, through `deploy`'s clean-up: Ray's own handler, which
+    `ray.init` installs, ended the process midway and left the application and a copy of the TLS key behind. Only
+    from the main thread, where signals are handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _check_room(options: FleetOptions, strict: bool) -> None:

@@ -553,7 +553,9 @@ class RunningServer:
             except (OSError, OverflowError) as exc:  # a port in use, or none at all: stop what started, say why
                 self.stop(grace_s=0, engine=False)  # the engine is the caller's, to serve again
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                raise ConfigError(f"cannot serve metrics on {host}:{metrics_port}: {reason}") from None
+                raise ConfigError(
+                    f"cannot serve metrics on {protocol.host_port(host, metrics_port)}: {reason}"
+                ) from None
             self.metrics_port = self._metrics.server_port
         if token is not None and tls_cert is None and not protocol.is_loopback(host):
             logger.warning("an auth token is required on %s without TLS: tokens cross the network in clear", host)
@@ -592,7 +594,7 @@ class RunningServer:
             self.engine, self.pool, self.health, control, max_streams, remote_drain=tokens[1] is not None
         )
         self.server.add_generic_rpc_handlers((service,))
-        address = f"{host}:{port}"
+        address = protocol.host_port(host, port)
         try:
             if cert is not None:
                 bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
@@ -676,6 +678,8 @@ def serve(
     """
     if token == "" or admin_token == "":
         raise ConfigError("an auth token is empty: give one, or None to require none")
+    if not all(protocol.usable_token(t) for t in (token, admin_token) if t is not None):  # no client could send it
+        raise ConfigError(protocol.TOKEN_RULE)
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("give tls_cert and tls_key together (a PEM certificate and its key), or neither")
     workers = workers or 8

@@ -16,6 +16,8 @@ from ..codec import Codec
 from ..errors import ConfigError
 from .kvstore import Row
 
+SERVER_DTYPES = ("float32", "bfloat16", "float16", "auto")  # what a server may load its weights in
+
 WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

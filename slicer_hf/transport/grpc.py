@@ -27,8 +27,10 @@ from ..protocol import (  # noqa: F401 (re-exported for callers of this module)
     SERVICE,
     SESSION_METHOD,
     STATS_METHOD,
+    TOKEN_RULE,
     channel_options,
     is_loopback,
+    usable_token,
 )
 from .base import Transport, root_context, seconds
 
@@ -92,12 +94,8 @@ class GrpcTransport(Transport):
             raise TransportError("no server URL given")
         if token == "":
             raise TransportError("the auth token is empty: give the server's token, or none at all", retryable=False)
-        if token is not None and not (token.isascii() and token.isprintable() and token == token.strip()):
-            raise TransportError(  # gRPC would refuse the metadata on every call, as an INTERNAL error
-                "the auth token must be printable ASCII without surrounding spaces (a token read from a file keeps "
-                "its newline: strip it)",
-                retryable=False,
-            )
+        if token is not None and not usable_token(token):  # gRPC would refuse it on every call, as INTERNAL
+            raise TransportError(TOKEN_RULE, retryable=False)
         if root_certificates is not None and not any(url.startswith("grpcs://") for url in urls):
             raise TransportError("root certificates check grpcs:// servers, and none is given", retryable=False)
         if root_certificates is not None:
