@@ -148,6 +148,10 @@ class SlicerConfig:
 
     def __post_init__(self) -> None:
         # Normalise what JSON and the CLI hand over (lists, "0.5"); anything malformed is left for validate() to name.
+        for f in dataclasses.fields(self):  # a numpy scalar (np.float32(0.3)) as Python's number: JSON takes no other
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Number) and type(value) not in (int, float) and hasattr(value, "item"):
+                setattr(self, f.name, value.item())
         if _ints(self.bit_candidates):
             self.bit_candidates = tuple(sorted(set(self.bit_candidates)))
         if self.bitrate_ladder is None:  # JSON null: no ladder, as the default

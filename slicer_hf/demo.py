@@ -3,6 +3,7 @@ SmolLM2 model, printing the text and what crossed the wire."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,14 +19,10 @@ def run_demo(
     config: str | None = None,
     split_layer: int | None = None,
 ) -> dict:
-    import torch
-    from transformers import AutoTokenizer
-
     from . import compat
-    from .client import default_config, encode_messages, wire_report
+    from .client import default_config
     from .data import resolve_model
     from .loading import model_config as model_config_of
-    from .modeling import SlicerModelForCausalLM
 
     path = resolve_model(model)
     model_config = model_config_of(model, path)
@@ -35,11 +32,26 @@ def run_demo(
     cfg = SlicerConfig.from_pretrained(config) if config else default_config(model)  # as generate and chat choose
     label = config or (f"{model}/{CONFIG_NAME}" if own else "defaults" if cfg == SlicerConfig() else DEFAULT_PRESET)
     cfg = cfg.replace(split_layer=split_layer) if split_layer is not None else cfg
-    cfg = cfg.replace(split_layer=cfg.split_layer_for(compat.num_layers(model_config)))
-    # a basis of the config's own (one `slicer-hf calibrate` wrote) goes to the server too; preset bases it has
-    folder = Path(config).expanduser() if config else Path(model).expanduser() if own else None
-    folder = folder.parent if folder is not None and folder.is_file() else folder  # its slicer_config.json named
-    bases = ["--basis", str(folder)] if folder and folder.is_dir() and (cfg.basis or cfg.downlink_basis) else []
+    layers = compat.num_layers(model_config)
+    cfg = cfg.replace(split_layer=cfg.split_layer_for(layers))
+    if not 1 <= cfg.split_layer < layers:  # said now, not by a server that starts and exits
+        raise ConfigError(f"split layer {cfg.split_layer}: {model} has {layers} layers, so it must be 1..{layers - 1}")
+    with tempfile.TemporaryDirectory(prefix="slicer-demo-") as folder:
+        # the config's bases go to the server too (a calibrated config's, from a folder or a Hub repo alike)
+        cfg.save_pretrained(folder)
+        bases = ["--basis", folder] if cfg.basis or cfg.downlink_basis else []
+        return _run(path, model, label, cfg, bases, prompt, max_new_tokens)
+
+
+def _run(
+    path: str, model: str, label: str, cfg: SlicerConfig, bases: list[str], prompt: str, max_new_tokens: int
+) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .client import encode_messages, wire_report
+    from .modeling import SlicerModelForCausalLM
+
     print(
         f"model: {model} ({path})\nconfig: {label}: split_layer={cfg.split_layer}, "
         f"codec={cfg.codec}, downlink={cfg.downlink}",

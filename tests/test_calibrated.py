@@ -480,18 +480,23 @@ def test_the_demo_runs_a_config_calibrated_here_and_hands_its_basis_to_its_serve
     assert result["wire"]["uplink_payload_bytes"] > 0
 
 
-def test_the_demo_hands_a_config_folder_given_with_a_tilde_to_its_server(tmp_path, monkeypatch):
+def test_the_demo_hands_its_server_the_configs_bases_from_a_folder_a_tilde_or_a_hub_name(tmp_path, monkeypatch):
+    """A config named rather than a folder (a Hub repo) had given the server no basis: every session refused."""
+    from pathlib import Path
+
     from live import tiny_smol_dir
 
     import slicer_hf.demo as demo
+    from slicer_hf import ConfigError
 
     folder = tiny_smol_dir(tmp_path / "m", SlicerConfig(split_layer=2))
     monkeypatch.setenv("HOME", str(tmp_path))
     SlicerConfig.from_pretrained("smollm2-135m-split24", split_layer=2).save_pretrained(tmp_path / "cal")
     asked = []
 
-    def start_server(path, args):
-        asked.append(args)
+    def start_server(path, args):  # the basis files the server is given, as they are while it starts
+        given = Path(args[args.index("--basis") + 1]) if "--basis" in args else None
+        asked.append(sorted(p.name for p in given.glob("slicer_basis_*")) if given else [])
         raise RuntimeError("the server's arguments are all this test needs")
 
     monkeypatch.setattr(demo, "start_server", start_server)
@@ -503,7 +508,12 @@ def test_the_demo_hands_a_config_folder_given_with_a_tilde_to_its_server(tmp_pat
     SlicerConfig.from_pretrained("smollm2-135m-split24", split_layer=2).save_pretrained(folder)  # the model's own
     with pytest.raises(RuntimeError, match="arguments are all"):
         demo.run_demo(model=str(folder))
-    assert [args[args.index("--basis") + 1] for args in asked] == [str(tmp_path / "cal")] * 2 + [str(folder)]
+    with pytest.raises(RuntimeError, match="arguments are all"):  # named (a Hub repo, say): no folder given
+        demo.run_demo(model=str(folder), config="smollm2-135m-split24", split_layer=2)
+    basis = SlicerConfig.from_pretrained("smollm2-135m-split24").basis
+    assert asked == [[f"slicer_basis_{basis}.safetensors"]] * 4
+    with pytest.raises(ConfigError, match="must be 1..3"):  # said before a server starts, not by its exit
+        demo.run_demo(model=str(folder), config="smollm2-135m-split24", split_layer=7)
 
 
 def test_the_demo_refuses_an_encoder_before_starting_a_server():

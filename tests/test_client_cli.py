@@ -562,6 +562,37 @@ def test_a_folder_that_holds_no_model_is_named_in_one_line_by_every_command_that
         evaluate(str(tmp_path / "nosuch"))
 
 
+def test_profile_and_calibrate_refuse_a_model_that_does_not_split_before_any_work(tmp_path):
+    """An encoder had been profiled and calibrated through a random LM head, its files written, exit 0; a missing
+    or empty folder had been a traceback from profile."""
+    from transformers import BertConfig
+
+    from slicer_hf.cli import app
+
+    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "bert"
+    )
+    (tmp_path / "empty").mkdir()
+    out = ["--out", str(tmp_path / "out")]
+    for args, error, match in (
+        (["profile", "--model", str(tmp_path / "bert"), "--no-rate-distortion"], NotImplementedError, "encoder"),
+        (["calibrate", "--model", str(tmp_path / "bert")], NotImplementedError, "encoder"),
+        (["profile", "--model", str(tmp_path / "nope"), "--no-rate-distortion"], ConfigError, "no such folder"),
+        (["profile", "--model", str(tmp_path / "empty"), "--no-rate-distortion"], ConfigError, "cannot load model"),
+    ):
+        result = CliRunner().invoke(app, [*args, *out])
+        assert isinstance(result.exception, error) and match in str(result.exception), (args, result.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_a_json_path_it_cannot_write_before_scoring():
+    from slicer_hf.cli import app
+
+    for path, match in (("tests", "is a folder"), ("README.md/out.json", "is a file")):
+        result = CliRunner().invoke(app, ["eval", "--model", "nope", "--text", "README.md", "--json", path])
+        assert result.exit_code == 2 and match in " ".join(result.output.split()), result.output
+
+
 def test_counts_and_devices_this_machine_cannot_run_are_usage_errors_before_any_work(monkeypatch):
     from slicer_hf.bench import codec_speed
     from slicer_hf.cli import app

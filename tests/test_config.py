@@ -90,6 +90,16 @@ def test_json_and_cli_values_are_normalised():
     assert config.bitrate_ladder == ((0.3, 2000.0), (0.6, 1000.0))
 
 
+def test_numpy_numbers_become_pythons_so_the_config_saves_and_opens_sessions(tmp_path):
+    """np.float32(0.3) passed every check, then failed as JSON when saved or when a session opened."""
+    import numpy as np
+
+    config = SlicerConfig(step=np.float32(0.3), distortion=np.float16(0.05), split_layer=np.int64(3))
+    assert (type(config.step), type(config.distortion), type(config.split_layer)) == (float, float, int)
+    config.save_pretrained(tmp_path)
+    assert SlicerConfig.from_pretrained(tmp_path) == config
+
+
 def test_split_layer_must_leave_server_layers():
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         SlicerConfig(split_layer=30, num_hidden_layers=30)

@@ -14,15 +14,15 @@ from .common import ModelOpt, on_this_machine, torch_device
 INFEASIBLE_EXIT = 3  # `search` found no candidate within the constraints (2 is a usage error)
 
 
-def _writable(out: Path) -> None:
+def _writable(out: Path, option: str = "--out") -> None:
     """Refuse, before any work, an --out this user cannot write: under a file, or in a folder not writable."""
     held = out.expanduser()
     while not held.exists() and held != held.parent:  # the deepest part of the path that exists
         held = held.parent
     if held != out.expanduser() and not held.is_dir():
-        raise typer.BadParameter(f"{out}: {held} is a file, not a folder", param_hint="--out")
+        raise typer.BadParameter(f"{out}: {held} is a file, not a folder", param_hint=option)
     if not os.access(held if held.is_dir() else held.parent, os.W_OK):
-        raise typer.BadParameter(f"{out}: {held} is not writable", param_hint="--out")
+        raise typer.BadParameter(f"{out}: {held} is not writable", param_hint=option)
 
 
 def _profiled_dtype(dtype: str) -> str:
@@ -59,6 +59,10 @@ def eval_(
     if bool(text) == bool(dataset):  # an empty one is none
         raise typer.BadParameter("give exactly one of --text FILE or --dataset wikitext-2-raw-v1[:split]")
     source = text or f"{dataset}{'' if ':' in str(dataset) else ':test'}"
+    if json_out is not None:  # refused now, not after an hour of scoring
+        if Path(json_out).expanduser().is_dir():
+            raise typer.BadParameter(f"{json_out} is a folder: give the JSON file's path", param_hint="--json")
+        _writable(Path(json_out), "--json")
     from ..client import default_config
 
     knobs = {"downlink_step": downlink_step} if downlink_step is not None else None
@@ -111,6 +115,10 @@ def profile(
     _writable(out)
     on_this_machine(device)
     path = resolve_model(model)
+    from ..compat import check_supported
+    from ..loading import model_config
+
+    check_supported(model_config(model, path))  # no such model, or one that does not split: one line, before work
     windows = None
     if rate_distortion:  # the text's mistakes are found before the weights load
         tokenizer = load_tokenizer(path, "to read the calibration text (--no-rate-distortion profiles costs alone)")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..codec import ops
 from ..codec.basis import Basis, given_features, lookup, register, weighted_rms
-from ..compat import check_window, decoder_layers
+from ..compat import check_supported, check_window, decoder_layers
 from ..config import SlicerConfig
 from ..data import CALIBRATION_TEXT
 from ..errors import ConfigError
@@ -213,6 +213,7 @@ def calibrate(
         raise ConfigError(f"the calibration window must be an integer of at least 2 tokens, got {window!r}")
     path = resolve_model(model)
     model_config = model_config_of(model, path)
+    check_supported(model_config)  # an encoder would get a random LM head, and a basis fitted to its gradients
     width, n_layers = int(model_config.hidden_size), int(model_config.num_hidden_layers)
     check_window(model_config, window)
     if tokens // window * window < 2 * width:  # a basis of width d is fitted on at least 2d rows
