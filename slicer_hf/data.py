@@ -65,7 +65,15 @@ def default_model_path() -> Path:
     target = cache_dir() / MODEL_DIR_NAME
     if _converted(target, source):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent):  # a folder this user cannot write fails here too
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the converted model under {target.parent} ({exc.strerror or exc}): set SLICER_HF_CACHE "
+            "to a folder you can write"
+        ) from None
     for left in target.parent.glob(f".{MODEL_DIR_NAME}.*-*"):  # what a killed conversion left (an hour on: not ours)
         with contextlib.suppress(OSError):
             if time.time() - left.stat().st_mtime > 3600:

