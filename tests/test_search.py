@@ -477,6 +477,28 @@ def test_the_search_command_prints_the_pareto_set_and_writes_the_choice(tmp_path
     assert both.exit_code != 0 and "not both" in both.output
 
 
+def test_a_search_whose_upload_fails_says_so_in_one_line_and_keeps_its_choice(tmp_path, monkeypatch):
+    """Offline, the upload's ConnectError had been a traceback after the search's work."""
+    import huggingface_hub
+
+    from slicer_hf import ConfigError
+
+    class Offline:
+        def __init__(self, token=None):
+            raise OSError("no route to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    EDGE.save(tmp_path / "edge.json")
+    args = ["search", "--edge-profile", str(tmp_path / "edge.json"), "--server-profile", str(tmp_path / "edge.json")]
+    args += ["--uplink-mbps", "0.05", "--downlink-mbps", "100", "--max-kl", "0.02", "--out", str(tmp_path / "choice")]
+    args += ["--push-to-hub", "me/x"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ConfigError)  # what the command line prints as one line
+    said = str(result.exception)
+    assert f"written to {tmp_path / 'choice'}" in said and "no route to the Hub" in said
+    assert SlicerConfig.from_pretrained(tmp_path / "choice").split_layer is not None
+
+
 def test_the_profile_command_measures_a_model_folder(tmp_path):
     from live import tiny_smol_dir
 

@@ -277,7 +277,11 @@ def search(
     if out is not None:
         print(f"\nwritten to {result.save(out)}")
     if push_to_hub:
-        print(f"pushed to {result.push_to_hub(push_to_hub)}")
+        try:
+            print(f"pushed to {result.push_to_hub(push_to_hub)}")
+        except Exception as exc:  # offline, no token, no right to the repo: one line, the result above kept
+            kept = f"written to {out}" if out is not None else "printed above"
+            raise ConfigError(f"the choice ({kept}) did not reach the Hub repo {push_to_hub!r}: {exc}") from None
 
 
 BENCH_SUITES = {
