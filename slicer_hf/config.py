@@ -486,6 +486,8 @@ class SlicerConfig:
         if not path.is_file():
             if given.exists() or str(name_or_path).startswith((".", "/", "~")):
                 raise ConfigError(f"no {CONFIG_NAME} found at {name_or_path}")
+            if path.is_relative_to(PRESETS_DIR):  # a preset has no subfolders: not a Hub repo to ask either
+                raise ConfigError(f"the preset {str(name_or_path)!r} has no subfolder {subfolder!r}")
             from huggingface_hub import hf_hub_download
 
             try:

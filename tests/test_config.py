@@ -169,6 +169,8 @@ def test_presets_ship_in_the_package_and_load_by_name_and_from_configs():
         by_name = SlicerConfig.from_pretrained(name)
         assert by_name == SlicerConfig.from_pretrained(Path(__file__).parents[1] / "configs" / name)
     assert SlicerConfig.from_pretrained("smollm2-135m-split24", split_layer=20).split_layer == 20
+    with pytest.raises(ConfigError, match="the preset 'smollm2-135m-split24' has no subfolder 'x'"):  # not the Hub
+        SlicerConfig.from_pretrained("smollm2-135m-split24", subfolder="x", local_files_only=True)
 
 
 def test_a_pushed_preset_reads_back_from_a_hub_like_folder(tmp_path, monkeypatch):
