@@ -112,11 +112,20 @@ def test_same_input_gives_same_bytes(name):
     assert build_codec(name).encode(x) == build_codec(name).encode(x.clone())
 
 
-def test_ties_are_broken_by_lowest_index():
-    x = torch.ones(1, 10)
-    codec = build_codec("topk", sparsity=0.7)
-    assert torch.equal(codec.decode(codec.encode(x))[0, :3], torch.ones(3))
-    assert codec.decode(codec.encode(x))[0, 3:].abs().sum() == 0
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("topk", {"sparsity": 0.7}),
+        ("slicer", {"sparsity": 0.7, "rotation": "none", "outliers": 0}),
+        ("slicer", {"sparsity": 0.7, "rotation": "none", "outliers": 0, "asymmetry": 0.5}),
+    ],
+)
+def test_ties_are_broken_by_lowest_index(name, params):
+    codec = build_codec(name, **params)
+    same = torch.ones(1, 10)
+    assert torch.equal(codec.decode(codec.encode(same)), torch.tensor([[1.0] * 3 + [0.0] * 7]))
+    signs = torch.tensor([[1.0, -1.0] * 5])  # with a fixed asymmetry, 2 positives and 1 negative: the first of each
+    assert torch.equal(codec.decode(codec.encode(signs)), torch.tensor([[1.0, -1.0, 1.0] + [0.0] * 7]))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.6, 0.9])
@@ -196,7 +205,7 @@ def _decode_only_raises_codec_error(codec, data):
         pass
     else:
         assert isinstance(out, torch.Tensor)
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 10.0  # a guard against a packet that buys minutes, not a speed test (ms)
 
 
 fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -249,9 +258,7 @@ def test_rows_made_only_of_outliers_round_trip(params):
     codec = build_codec("slicer", **params)
     x = hidden_states(3, 5)
     y = codec.decode(codec.encode(x))
-    if params.get("rotation") == "none":
-        assert torch.allclose(y, x, rtol=1e-3)
-    assert y.shape == x.shape
+    assert torch.allclose(y, x, rtol=1e-3)  # every entry an exact outlier, rotated or not
 
 
 def test_empty_batches_round_trip():

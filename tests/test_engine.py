@@ -98,10 +98,9 @@ def test_a_busy_model_never_blocks_open_and_close(engine):
     running.start()
     try:
         assert stuck.wait(10)
-        started = time.monotonic()
         other = open_session(server)
         assert server.close_session(other)
-        assert time.monotonic() - started < 0.25
+        assert running.is_alive() and not release.is_set()  # both answered while the forward still held the model
         reply = step(server, session, 1)
         with pytest.raises(ProtocolError, match="no compute slot") as info:
             protocol.raise_if_error(reply)
@@ -174,10 +173,9 @@ def test_over_grpc_a_step_the_busy_compute_thread_has_not_started_is_withdrawn(e
         waiting = threading.Thread(target=lambda: protocol.raise_if_error(session_step(first)))
         waiting.start()
         assert stuck.wait(10)
-        started = time.monotonic()
         with pytest.raises(ProtocolError, match="no compute slot") as info:
             protocol.raise_if_error(session_step(second))  # queued behind a round that does not end in time
-        assert info.value.code == "timeout" and time.monotonic() - started < 5
+        assert info.value.code == "timeout" and waiting.is_alive()  # answered while that round still ran
         release.set()
         waiting.join(10)
         assert ran == [1] and len(server.sessions) == 1  # the withdrawn step never ran; its session is closed
@@ -503,23 +501,22 @@ def test_the_process_cpu_time_read_mid_round_holds_no_more_of_the_compute_thread
 
 
 def test_a_stream_idles_out_on_the_timeout_that_applies_now_and_not_while_it_talks(engine):
-    server = engine(open_timeout_s=60, idle_timeout_s=0.5)  # its first read waits up to 60 s, its later ones 0.5 s
+    server = engine(open_timeout_s=60, idle_timeout_s=2.0)  # its first read waits up to 60 s, its later ones 2 s
     running = serve(server, port=0)
     transport = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], timeout_s=30)
     try:
         body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
         session = protocol.decode_json(transport.request(protocol.encode_json(protocol.OPEN, body)))["session"]
-        for seq in range(1, 6):  # a step every 0.25 s, for longer than the idle timeout in all
+        for seq in range(1, 13):  # a step every 0.25 s, for longer than the idle timeout in all (8x its gaps)
             time.sleep(0.25)
             payload = build_codec("identity").encode(torch.randn(1, 1, server.hidden_size))
             reply = transport.request(protocol.encode_step(protocol.Step(session, seq, seq - 1, 1, 1, 0, payload)))
             protocol.raise_if_error(reply)
-        started = time.monotonic()
 
         def closed() -> bool:  # the stream idled out, and its session is freed
             return server.stats_dict()["errors"].get("stream_idle") == 1 and session not in server.sessions
 
-        assert wait_for(closed, timeout_s=10) and time.monotonic() - started < 5
+        assert wait_for(closed, timeout_s=30)  # the stream's 60 s open timeout no longer applies
     finally:
         transport.close()
         running.stop()
@@ -552,7 +549,7 @@ def test_a_stream_that_talks_without_opening_a_session_is_closed_after_the_open_
             while time.monotonic() - started < 10:
                 protocol.raise_if_error(transport.request(protocol.encode_json(protocol.STATS, {})))
                 time.sleep(0.3)
-        assert time.monotonic() - started < 3 and server.stats_dict()["errors"].get("stream_idle") == 1
+        assert server.stats_dict()["errors"].get("stream_idle") == 1  # within the loop: its STATS reset nothing
     finally:
         transport.close()
         running.stop()
@@ -592,6 +589,19 @@ def test_a_call_without_the_token_is_refused_as_it_starts_and_health_watch_holds
         running.stop()
 
 
+def test_control_calls_count_by_address_less_its_port_an_ipv6_one_by_its_64():
+    from slicer_hf.server.grpc_server import _InFlight, _peer_key
+
+    assert _peer_key("ipv4:10.0.0.7:5000") == _peer_key("ipv4:10.0.0.7:6001") == "10.0.0.7"
+    assert _peer_key("ipv6:%5B2001:db8::1%5D:5000") == _peer_key("ipv6:%5B2001:db8::ffff:2%5D:7") == "2001:db8::/64"
+    assert _peer_key("ipv6:%5B2001:db8:0:1::1%5D:5000") != _peer_key("ipv6:%5B2001:db8::1%5D:5000")
+    calls = _InFlight(slots=3, per_peer=2)
+    assert calls.admit("a") and calls.admit("a") and not calls.admit("a")  # two from one address
+    assert calls.admit("b") and not calls.admit("c")  # three in all
+    calls.leave("a")
+    assert calls.admit("c") and not calls.admit("b")
+
+
 def test_health_checks_that_never_send_their_request_hold_no_slot_for_long_nor_many(engine):
     """A health check needs no token, and gRPC gives a call its slot before the request comes: 40 checks that never
     sent one held every slot for good, and the clients with the token were refused (RESOURCE_EXHAUSTED)."""
@@ -618,8 +628,10 @@ def test_health_checks_that_never_send_their_request_hold_no_slot_for_long_nor_m
         assert protocol.decode_json(reply)["code"] == "model_mismatch"  # answered: a slot was free for it
         stats = protocol.decode_json(transport.unary(STATS_METHOD))  # the operator's calls count apart from checks
         assert stats["sessions_active"] == 0
-        codes = {call.code() for call in calls}  # each ends: on its deadline, or refused as one too many
-        assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        codes = [call.code() for call in calls]  # each ends: on its deadline, or refused as one too many
+        assert set(codes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        # two from one address at a time (HEALTH_PER_PEER): the rest refused, bar any that came as those ran out
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 30, codes
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:
             answer = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
@@ -1149,7 +1161,12 @@ def test_packets_set_aside_for_sessions_closed_meanwhile_are_not_decoded(engine)
 @pytest.mark.parametrize("open_timeout_s", [float("inf"), 3e6])  # past what gRPC's idle-connection option holds
 def test_a_server_without_an_open_timeout_starts(engine, open_timeout_s):
     running = serve(engine(open_timeout_s=open_timeout_s), port=0)
-    running.stop()
+    transport = GrpcTransport([f"grpc://127.0.0.1:{running.port}"], timeout_s=30)
+    try:
+        assert "sessions_active" in protocol.decode_json(transport.unary(STATS_METHOD))  # it serves
+    finally:
+        transport.close()
+        running.stop()
 
 
 def test_a_refusal_quoting_a_clients_long_value_is_logged_cut_short(engine, caplog):
