@@ -590,11 +590,12 @@ def test_a_call_without_the_token_is_refused_as_it_starts_and_health_watch_holds
 
 
 def test_control_calls_count_by_address_less_its_port_an_ipv6_one_by_its_64():
-    from slicer_hf.server.grpc_server import _InFlight, _peer_key
+    from slicer_hf.server.grpc_server import _InFlight
+    from slicer_hf.server.state import client_host
 
-    assert _peer_key("ipv4:10.0.0.7:5000") == _peer_key("ipv4:10.0.0.7:6001") == "10.0.0.7"
-    assert _peer_key("ipv6:%5B2001:db8::1%5D:5000") == _peer_key("ipv6:%5B2001:db8::ffff:2%5D:7") == "2001:db8::/64"
-    assert _peer_key("ipv6:%5B2001:db8:0:1::1%5D:5000") != _peer_key("ipv6:%5B2001:db8::1%5D:5000")
+    assert client_host("ipv4:10.0.0.7:5000") == client_host("ipv4:10.0.0.7:6001") == "10.0.0.7"
+    assert client_host("ipv6:%5B2001:db8::1%5D:5000") == client_host("ipv6:%5B2001:db8::ffff:2%5D:7") == "2001:db8::/64"
+    assert client_host("ipv6:%5B2001:db8:0:1::1%5D:5000") != client_host("ipv6:%5B2001:db8::1%5D:5000")
     calls = _InFlight(slots=3, per_peer=2)
     assert calls.admit("a") and calls.admit("a") and not calls.admit("a")  # two from one address
     assert calls.admit("b") and not calls.admit("c")  # three in all
@@ -827,6 +828,49 @@ def test_a_server_listens_on_an_ipv6_address_and_clients_reach_it_in_brackets(en
         running.stop()
 
 
+def test_a_compressed_message_is_taken_as_the_bytes_that_came_never_inflated(engine):
+    """gRPC applied --max-message-bytes after inflating: 60 KiB of gzip had made 60 MiB on the server."""
+    import grpc
+    from live import step_header
+
+    running = serve(engine(), port=0)
+    big = step_header(1, 1, 0, 1, 1) + bytes((8 << 20) - 20)  # an unknown session's step, were it inflated
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.max_send_message_length", 16 << 20)])
+    try:
+        call = channel.stream_stream(protocol.SESSION_METHOD)(iter([big]), compression=grpc.Compression.Gzip)
+        with pytest.raises(ProtocolError) as refused:
+            protocol.raise_if_error(next(call))
+        assert refused.value.code != "unknown_session"  # the gzip bytes themselves: no message of ours
+        call.cancel()
+    finally:
+        channel.close()
+        running.stop()
+
+
+def test_one_client_holds_at_most_twice_its_session_cap_in_session_streams(engine):
+    """With --max-sessions-per-client, one address had held all 1,024 stream slots without opening a session."""
+    running = serve(engine(max_sessions_per_client=1), port=0)
+    url = f"grpc://127.0.0.1:{running.port}"
+    streams = [GrpcTransport([url], timeout_s=30) for _ in range(3)]
+    try:
+        for transport in streams[:2]:  # a stream that holds no session yet, as when it opens or fails over
+            protocol.decode_json(transport.request(protocol.encode_json(protocol.STATS, {})))
+        with pytest.raises(TransportError, match="127.0.0.1 holds 2 session streams"):
+            streams[2].request(protocol.encode_json(protocol.STATS, {}))
+        streams[0].close()
+
+        def answered() -> bool:  # once the server has seen the stream end, its slot is taken again
+            with contextlib.suppress(TransportError):
+                return bool(streams[2].request(protocol.encode_json(protocol.STATS, {})))
+            return False
+
+        assert wait_for(answered, timeout_s=10)
+    finally:
+        for transport in streams:
+            transport.close()
+        running.stop()
+
+
 def test_a_stalled_server_costs_one_timeout_and_one_stream_not_a_second_for_a_close():
     seen, streams = [], []
 
@@ -886,10 +930,14 @@ def test_one_client_address_holds_at_most_max_sessions_per_client(engine):
 
     first, second = open_from("ipv4:10.0.0.7:50001"), open_from("ipv4:10.0.0.7:50002")
     refused = open_from("ipv4:10.0.0.7:50003")
-    with pytest.raises(ProtocolError, match=r"ipv4:10.0.0.7 holds 2 sessions.*--max-sessions-per-client") as info:
+    with pytest.raises(ProtocolError, match=r"10.0.0.7 holds 2 sessions.*--max-sessions-per-client") as info:
         protocol.raise_if_error(refused)
     assert info.value.code == "too_many_sessions"
     assert isinstance(open_from("ipv6:[::1]:50001"), int)  # another client
+    # an IPv6 client counts by its /64: the addresses in it are one client's (16 of them had opened 16 sessions)
+    assert all(isinstance(open_from(f"ipv6:%5B2001:db8:1:2::{i}%5D:5"), int) for i in (1, 2))
+    with pytest.raises(ProtocolError, match=r"2001:db8:1:2::/64 holds 2 sessions"):
+        protocol.raise_if_error(open_from("ipv6:%5B2001:db8:1:2::3%5D:5"))
     assert all(isinstance(open_from(peer), int) for peer in ("", "local", "local", "local"))  # in-process: no cap
     assert server.close_session(first)
     assert isinstance(open_from("ipv4:10.0.0.7:50004"), int)

@@ -16,7 +16,6 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .. import protocol
 from ..errors import ConfigError
 from .engine import SplitServer
+from .state import client_host
 
 logger = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -88,7 +88,7 @@ class _ControlCalls:
         """A handler for a unary call, `handle(request, context)`, that reads its request itself (with a deadline)."""
 
         async def read_then_handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            peer = _peer_key(context.peer())
+            peer = client_host(context.peer())
             if not self.calls.admit(peer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many control calls in flight")
             try:
@@ -103,17 +103,6 @@ class _ControlCalls:
                 self.calls.leave(peer)
 
         return grpc.stream_unary_rpc_method_handler(read_then_handle, **serializers)
-
-
-def _peer_key(peer: str) -> str:
-    """Whom a gRPC peer (`ipv4:10.0.0.7:5000`, `ipv6:%5B2001:db8::1%5D:5000`) counts as: its address less the port,
-    an IPv6 one by its /64 (what one client holds)."""
-    kind, _, address = urllib.parse.unquote(peer).partition(":")
-    host = address.rpartition(":")[0].strip("[]")
-    if kind == "ipv6":
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_network(f"{host}/64", strict=False))
-    return host or peer
 
 
 class _Gate(grpc.aio.ServerInterceptor):
@@ -188,6 +177,7 @@ class _SplitService(grpc.GenericRpcHandler):
     ) -> None:
         self.engine, self.pool, self.health, self.remote_drain = engine, pool, health, remote_drain
         self.max_streams, self.streams = max_streams, 0  # session streams open (the event loop's count)
+        self.client_streams = collections.Counter[str]()  # of those, each client's (by address, as sessions count)
         self.methods = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
             "Stats": control.handler(self.stats),
@@ -200,16 +190,23 @@ class _SplitService(grpc.GenericRpcHandler):
         return self.methods.get(method) if service == protocol.SERVICE else None
 
     async def session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        if self.streams >= self.max_streams:
+        host, cap = client_host(context.peer()), self.engine.limits.max_sessions_per_client
+        per_client = None if cap is None or not host else 2 * cap  # a stream a session, and as many opening again
+        if self.streams >= self.max_streams or per_client is not None and self.client_streams[host] >= per_client:
             self.engine.stats.error("too_many_streams")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"server at its limit of {self.max_streams} session streams"
+            why = (
+                f"server at its limit of {self.max_streams} session streams"
+                if self.streams >= self.max_streams
+                else f"{host} holds {per_client} session streams, twice the server's --max-sessions-per-client"
             )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         self.streams += 1
+        self.client_streams[host] += 1
         try:
             await self._session(context)
         finally:
             self.streams -= 1
+            self.client_streams -= collections.Counter({host: 1})  # drops the client at zero
 
     async def _session(self, context: grpc.aio.ServicerContext) -> None:
         peer, opened = context.peer(), set()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import math
 import os
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,8 +177,14 @@ class Reply(Future[bytes]):
 
 
 def client_host(peer: str) -> str:
-    """A gRPC peer ("ipv4:10.0.0.7:53211", "ipv6:[::1]:53211") without its port: one client, whatever connection
-    it opens; "" for an in-process caller ("" or "local"), which no per-client cap counts."""
-    if peer.startswith(("ipv4:", "ipv6:")):
-        return peer.rpartition(":")[0]
-    return "" if peer == "local" else peer
+    """Whom a gRPC peer (`ipv4:10.0.0.7:5000`, `ipv6:%5B2001:db8::1%5D:5000`) counts as: one client, whatever
+    connection it opens: its address less the port, an IPv6 one by its /64 (what one client holds); "" for an
+    in-process caller ("" or "local"), which no per-client cap counts."""
+    if not peer.startswith(("ipv4:", "ipv6:")):
+        return "" if peer == "local" else peer
+    kind, _, address = urllib.parse.unquote(peer).partition(":")
+    host = address.rpartition(":")[0].strip("[]")
+    if kind == "ipv6":
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return host or peer
