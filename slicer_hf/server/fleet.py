@@ -321,8 +321,10 @@ class Router:
         ]
         if not open_:
             return None
-        best = min(open_, key=lambda r: (r["sessions_active"], -r["kv_free_bytes"]))
-        best["sessions_active"] += 1  # counted until its next heartbeat, so a burst spreads out
+        best = min(open_, key=lambda r: (r["sessions_active"] + r.get("sent", 0), -r["kv_free_bytes"]))
+        # the clients sent to it since its report rank it, so that a burst spreads out, but never make it full:
+        # admissions are not sessions (128 POSTs a second, no session opened, had kept every replica full)
+        best["sent"] = best.get("sent", 0) + 1
         return best
 
     async def __call__(self, request: Request) -> JSONResponse:
