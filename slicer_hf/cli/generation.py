@@ -30,7 +30,13 @@ def demo(
 
 
 ServerOpt = Annotated[
-    list[str], typer.Option("--server", "-s", help="Server URL (grpc://host:port); repeat for failover.")
+    list[str],
+    typer.Option(
+        "--server",
+        "-s",
+        help="Server URL (grpc://host:port, grpcs://host:port, or a fleet's slicer+http(s)://host:port); repeat for "
+        "failover.",
+    ),
 ]
 ConfigOpt = Annotated[
     str | None,

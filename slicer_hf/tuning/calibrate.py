@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..codec import ops
 from ..codec.basis import Basis, given_features, lookup, register, weighted_rms
@@ -75,7 +76,7 @@ def collect(
     handles = [layers[k - 1].register_forward_hook(hook_at(k)) for k in sorted(set(split_layers))]
     found: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], []) for k in set(split_layers)}
     try:
-        for ids in windows:
+        for ids in tqdm(windows, desc="calibrate: rows and gradients", unit="window", disable=None):  # on a terminal
             with torch.enable_grad():
                 logprobs = F.log_softmax(model(ids.reshape(1, -1), use_cache=False).logits.float(), dim=-1)[0]
                 sampled = torch.multinomial(logprobs.detach().exp(), 1, generator=gen)  # [T, 1]
