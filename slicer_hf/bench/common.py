@@ -82,9 +82,10 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings or "default" in text:
-            return text
         default = action.default
+        named = "(default" in text or "%(default)" in text  # its help says it already
+        if default is None or default is False or default is argparse.SUPPRESS or not action.option_strings or named:
+            return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         shown = shown.replace("%", "%%")  # argparse %-formats help
         return f"{text} (default: {shown})" if text else f"default: {shown}"
@@ -115,7 +116,7 @@ def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out-json",
         default=out_json,
-        help="where the JSON goes (the default is the committed results, when run from the checkout)",
+        help="where the JSON goes (by default the committed results, when run from the checkout)",
     )
     return parser
 

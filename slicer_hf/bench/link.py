@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the client's timeout per request",
     )
     parser.add_argument("--burst", default=TBF_BURST, help="tbf burst, tc syntax")
-    parser.add_argument("--threads", type=at_least(0), default=1, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--threads", type=at_least(0), default=1, help="torch threads per process (0: torch's choice)")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens must be at least 2 (the first new token is the prefill's), got {args.new_tokens}")

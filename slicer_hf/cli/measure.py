@@ -60,7 +60,8 @@ def eval_(
         raise typer.BadParameter("give exactly one of --text FILE or --dataset wikitext-2-raw-v1[:split]")
     source = text or f"{dataset}{'' if ':' in str(dataset) else ':test'}"
     if json_out is not None:  # refused now, not after an hour of scoring
-        if Path(json_out).expanduser().is_dir():
+        json_out = str(Path(json_out).expanduser())  # the path checked is the one written
+        if Path(json_out).is_dir():
             raise typer.BadParameter(f"{json_out} is a folder: give the JSON file's path", param_hint="--json")
         _writable(Path(json_out), "--json")
     from ..client import default_config

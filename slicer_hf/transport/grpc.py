@@ -195,11 +195,12 @@ class GrpcTransport(Transport):
                         f"no answer from {self.name} within {self.timeout_s} s on a new stream", unreachable=True
                     ) from None
                 raise TransportError(
-                    f"no reply from {self.name} within {self.timeout_s} s (stalled or too busy): trying another server"
+                    f"no reply from {self.name} within {self.timeout_s} s (stalled or too busy)", timed_out=True
                 ) from None
             raise TransportError(
                 f"no reply from {self.name} within {self.timeout_s} s (busy or stalled: raise timeout_s to wait)",
                 retryable=False,
+                timed_out=True,
             ) from None
         except BaseException:  # interrupted (Ctrl-C): the reply may still come; a fresh stream will not mix it up
             self.close()
