@@ -709,3 +709,22 @@ def test_an_idle_server_gives_back_what_a_burst_left_in_its_pools_and_its_sessio
     assert wait_for(lambda: server.store.bytes_allocated() < peak / 4)
     assert torch.equal(step(server, kept, 2, 20, more), want)
     server.shutdown()
+
+
+def test_an_idle_server_gives_the_c_heap_back_again_while_it_stays_idle(monkeypatch):
+    """Other threads free memory too (gRPC's buffers, a refused message's): trimmed once as the compute thread went
+    idle, what they freed later had stayed with the process."""
+    from live import wait_for
+
+    from slicer_hf.server import scheduler
+
+    trims = []
+    monkeypatch.setattr(scheduler, "IDLE_TRIM_S", 0.05)
+    monkeypatch.setattr(scheduler, "IDLE_HEAP_TRIM_S", 0.05)
+    monkeypatch.setattr(scheduler, "_trim_heap", lambda: trims.append(1))
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    try:
+        protocol.raise_if_error(_step(server, _open(server, 1), 1, 0, 4))  # the compute thread ran, then idles
+        assert wait_for(lambda: len(trims) >= 3, timeout_s=30)
+    finally:
+        server.shutdown()

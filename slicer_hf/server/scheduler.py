@@ -68,6 +68,7 @@ ENCODER_SPLIT_PADDING = 256  # the same for encoder requests, whose padded posit
 # for whole (generate() asks for one row)
 OFFLOAD_PACKET_POSITIONS, OFFLOAD_REPLY_POSITIONS = 512, 32
 IDLE_TRIM_S = 5.0  # idle this long, the compute thread gives the KV pools' unused blocks back (`KVStore.trim`)
+IDLE_HEAP_TRIM_S = 60.0  # and, while it stays idle, the C heap's free pages this often
 _STOP = object()
 
 
@@ -178,7 +179,12 @@ class Scheduler:
                 items.append(self._queue.get(timeout=IDLE_TRIM_S))
             except queue.Empty:  # idle: what a burst left in the pools goes back, then wait for work
                 self._trim()
-                items.append(self._queue.get())
+                while True:
+                    try:
+                        items.append(self._queue.get(timeout=IDLE_HEAP_TRIM_S))
+                        break
+                    except queue.Empty:  # what other threads freed meanwhile (gRPC's, a refused message's) too
+                        _trim_heap()
         while True:
             try:
                 items.append(self._queue.get_nowait())
