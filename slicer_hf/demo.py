@@ -37,9 +37,10 @@ def run_demo(
     if not 1 <= cfg.split_layer < layers:  # said now, not by a server that starts and exits
         raise ConfigError(f"split layer {cfg.split_layer}: {model} has {layers} layers, so it must be 1..{layers - 1}")
     with tempfile.TemporaryDirectory(prefix="slicer-demo-") as folder:
-        # the config's bases go to the server too (a calibrated config's, from a folder or a Hub repo alike)
-        cfg.save_pretrained(folder)
-        bases = ["--basis", folder] if cfg.basis or cfg.downlink_basis else []
+        bases = []  # the config's bases go to the server too (a calibrated config's, from a folder or a Hub repo alike)
+        if cfg.basis or cfg.downlink_basis:
+            cfg.save_pretrained(folder)
+            bases = ["--basis", folder]
         return _run(path, model, label, cfg, bases, prompt, max_new_tokens)
 
 

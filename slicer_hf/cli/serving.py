@@ -80,13 +80,13 @@ def _tls_pair(cert: Path | None, key: Path | None) -> tuple[bytes, bytes] | None
 
 
 def _no_empty_token(param: typer.CallbackParam, token: str | None) -> str | None:
-    if token == "":
-        option = f"--{(param.name or 'token').replace('_', '-')}"
-        raise typer.BadParameter("an empty token locks everyone out: give one, or leave it out", param_hint=option)
     from ..protocol import TOKEN_RULE, usable_token
 
+    option = f"--{(param.name or 'token').replace('_', '-')}"
+    if token == "":
+        raise typer.BadParameter("an empty token locks everyone out: give one, or leave it out", param_hint=option)
     if token is not None and not usable_token(token):
-        raise typer.BadParameter(TOKEN_RULE, param_hint=f"--{(param.name or 'token').replace('_', '-')}")
+        raise typer.BadParameter(TOKEN_RULE, param_hint=option)
     return token
 
 

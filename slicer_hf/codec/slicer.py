@@ -338,7 +338,8 @@ class SlicerCodec(Codec):
         params = _bits_float(r.read(n_rows * m * 2, 32 if wide else 16), wide).reshape(n_rows, m, 2).to(device)
         # then one sign bit a kept entry, then the codes: a row's take the bits of its blocks times their sizes (the
         # labels must make blocks of those sizes: checked a chunk at a time)
-        row_bits = (bits * torch.tensor(ops.block_sizes(k, m))).sum(1)
+        sizes = torch.tensor(ops.block_sizes(k, m))
+        row_bits = (bits * sizes).sum(1)
         signs_at = r.pos
         codes_at = signs_at + n_rows * k
         code_starts = (codes_at + torch.cumsum(row_bits, 0) - row_bits).tolist()
@@ -348,7 +349,7 @@ class SlicerCodec(Codec):
         r.pos = end
         r.check_end()
 
-        bits = bits.to(device)
+        bits, sizes = bits.to(device), sizes.to(device)
         x = torch.empty(n_rows, d, device=device)
         rows = max(1, ops.CHUNK_FIELDS // k)  # a chunk of rows at a time: the working set stays bounded (each kept
         for a in range(0, n_rows, rows):  # entry's fields take tens of bytes of int64 on the way to one float)
@@ -364,7 +365,7 @@ class SlicerCodec(Codec):
                 counts = torch.zeros(n, m, dtype=torch.long, device=device).scatter_add_(
                     1, labels, torch.ones_like(labels)
                 )
-                if not torch.equal(counts, torch.tensor(ops.block_sizes(k, m), device=device).expand(n, m)):
+                if not torch.equal(counts, sizes.expand(n, m)):
                     raise CodecError("block labels do not make blocks of equal cardinality")
             signs = ops.unpack_bits(data, torch.ones(n * k, dtype=torch.long, device=device), signs_at + a * k)
             codes = ops.unpack_bits(data, bits[part].gather(1, labels).reshape(-1), code_starts[a])
@@ -851,13 +852,6 @@ def _join_bits(head: bytes, head_bits: int, tail: torch.Tensor) -> bytes:
     if head_bits % 8:
         tail_bytes[0] |= head[head_bits // 8]
     return bytes(out + tail_bytes)
-
-
-def _read_fields(r: BitReader, data: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Fields of `widths` bits from the reader's position, unpacked where `data` lives; advances the reader."""
-    codes = ops.unpack_bits(data, widths, r.pos)
-    r.pos += int(widths.sum())
-    return codes
 
 
 def _float_codes(t: torch.Tensor, wide: bool) -> torch.Tensor:
