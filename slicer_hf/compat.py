@@ -632,7 +632,8 @@ def check_encoder_supported(config: Any) -> None:
     model_type = str(getattr(config, "model_type", ""))
     if model_type not in ENCODER_SPLIT_FAMILIES:
         families = ", ".join(sorted(ENCODER_SPLIT_FAMILIES))
-        hint = " (a causal LM: use SlicerModelForCausalLM)" if model_type not in ENCODER_FAMILIES else ""
+        causal_lm = model_type in causal_lm_model_types() and model_type not in ENCODER_FAMILIES
+        hint = " (a causal LM: use SlicerModelForCausalLM)" if causal_lm else ""
         raise NotImplementedError(f"{model_type!r} is not an encoder family that splits{hint}; these do: {families}")
     if getattr(config, "add_cross_attention", False):
         raise NotImplementedError(

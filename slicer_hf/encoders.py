@@ -61,8 +61,18 @@ class SlicerEncoderMixin(SplitModelMixin):
                 f"{', '.join(held)} change how every stage runs, and the server's stages are not sent them: leave "
                 "them out of a split forward (`with slicer_hf.unsplit(model):` runs them all locally)"
             )
-        link = self._link_for(k)
+        cache = given.get("cache", given.get("past_key_values"))
+        if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0):
+            raise NotImplementedError(  # a decoder-configured BERT's: the server keeps no cache of an encoder's blocks
+                "a split encoder's server keeps no cache: pass the whole sequence each call, with use_cache=False "
+                "(generate(..., use_cache=False) does)"
+            )
         mask = given.get("attention_mask")
+        ids = given.get("input_ids")
+        if mask is not None and mask.ndim == 3 and ids is not None and ids.ndim == 3:  # a multiple-choice head's
+            mask = mask.reshape(-1, mask.shape[-1])  # [batch, choices, length], flattened as its forward does
+        if mask is not None and compat.encoder_kind(self.config) != "text":
+            raise NotImplementedError("a split vision model takes no attention_mask (the server is sent none)")
         if mask is not None and mask.ndim != 2:
             raise NotImplementedError("split forward takes a 2D attention_mask [batch, length]")
         if mask is None and compat.packs_sequences(given.get("position_ids")):
@@ -71,6 +81,7 @@ class SlicerEncoderMixin(SplitModelMixin):
                 "transformers keeps apart; the server is sent no position ids: pass each sequence as its own (padded) "
                 "row, or an attention_mask"
             )
+        link = self._link_for(k)
         out_width = compat.final_width(self.config)
 
         def exchange(hidden: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
+    AutoModelForMultipleChoice,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BertConfig,
@@ -358,6 +359,10 @@ def test_bad_split_layers_and_unsupported_families_are_refused_at_from_pretraine
     AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path / "llama")
     with pytest.raises(NotImplementedError, match="SlicerModelForCausalLM"):
         SlicerModel.from_pretrained(tmp_path / "llama")
+    AutoModel.from_config(compat.config_class("dinov2")(**VIT)).save_pretrained(tmp_path / "dinov2")
+    with pytest.raises(NotImplementedError, match="'dinov2' is not an encoder family that splits;") as refused:
+        SlicerModel.from_pretrained(tmp_path / "dinov2")  # a vision family: not called a causal LM
+    assert "SlicerModelForCausalLM" not in str(refused.value)
     AutoModel.from_config(BertConfig(**TEXT, is_decoder=True, add_cross_attention=True)).save_pretrained(
         tmp_path / "xa"
     )
@@ -392,6 +397,44 @@ def test_options_that_change_the_servers_stages_and_an_empty_batch_are_refused_c
     resnet = SlicerModel.from_model(build("resnet"), LOSSLESS.replace(split_layer=2))
     with pytest.raises(ValueError, match="at least one input"):
         resnet(inputs_for("resnet")["pixel_values"][:0])
+
+
+def test_a_decoder_configured_bert_runs_whole_sequences_and_refuses_to_continue_from_a_cache():
+    """The server keeps no cache of an encoder's blocks: a continuation from a cache had run its token alone there."""
+    torch.manual_seed(0)
+    config = BertConfig(**TEXT, is_decoder=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2))
+    with torch.no_grad():
+        assert torch.equal(split(ids).logits, model(ids).logits)
+        with pytest.raises(NotImplementedError, match="keeps no cache.*use_cache=False"):
+            split(ids[:, -1:], cache=split(ids[:, :-1], use_cache=True).past_key_values)
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(split.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False), want)
+        with pytest.raises(NotImplementedError, match="keeps no cache"):
+            split.generate(ids, max_new_tokens=5, do_sample=False)
+
+
+def test_a_multiple_choice_heads_three_dimensional_mask_splits_exactly():
+    model = build("bert", AutoModelForMultipleChoice)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (2, 3, 7), generator=gen)  # [batch, choices, length]
+    mask = torch.ones_like(ids)
+    mask[0, 1, 5:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        split = SlicerModel.from_model(model, LOSSLESS.replace(split_layer=2))
+        assert torch.equal(split(input_ids=ids, attention_mask=mask).logits, want)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_a_vision_models_attention_mask_is_refused_before_the_edge_runs(family, monkeypatch):
+    split = SlicerModel.from_model(build(family), LOSSLESS.replace(split_layer=2))
+    mask = torch.ones(2, 17, dtype=torch.long)
+    monkeypatch.setattr(type(split), "_link_for", lambda *a: pytest.fail("nothing may be sent"))
+    with pytest.raises(NotImplementedError, match="vision model takes no attention_mask"):
+        split(**inputs_for(family), attention_mask=mask)
 
 
 def test_an_attention_mask_passed_by_position_reaches_the_server():
@@ -551,10 +594,10 @@ def test_a_feature_maps_reply_is_sized_by_the_map_that_leaves_the_last_block(fam
 
 
 # ---------------------------------------------------------------------------------------------------- batching
-def one_round(model, requests):
+def one_round(model, requests, limits=None):
     """Run `requests` (one client each) on one batching server, all but the first in one scheduler round; returns
     the rounds' sizes, the server's stats and each client's output, checked against the unsplit model's."""
-    server = SplitServer(copy.deepcopy(model), batching=True)
+    server = SplitServer(copy.deepcopy(model), batching=True, limits=limits)
     stuck, release, rounds = gate_rounds(server)
     clients = [
         SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), LocalTransport(server))
@@ -602,6 +645,17 @@ def test_a_long_text_runs_in_a_forward_of_its_own_not_padding_the_short_ones_to_
     rounds, stats = one_round(build("bert"), requests)
     assert rounds[:2] == [1, 4]
     assert stats["batches"] == 3  # the first alone; then the three short ones, and the long one
+
+
+def test_a_round_of_many_requests_runs_in_forwards_of_at_most_a_steps_values():
+    gen = torch.Generator().manual_seed(4)
+    requests = [{"input_ids": torch.randint(3, VOCAB, (2, 8), generator=gen)} for _ in range(4)]
+    model = build("bert")
+    four_rows = 4 * 8 * compat.split_width(model.config, 2)  # two requests' values
+    rounds, stats = one_round(model, requests, ServerLimits(max_step_elements=four_rows))
+    assert rounds[:2] == [1, 3]
+    assert stats["batches"] == 3  # the first alone; then two requests, and the third
+    assert stats["batched_rows"] == 8
 
 
 # ---------------------------------------------------------------------------------------------------- real processes

@@ -257,8 +257,8 @@ class Scheduler:
                     similars = _by_length(group, lambda w: w.step.tokens, ENCODER_SPLIT_PADDING)
                 else:
                     similars = [group]
-                for similar in similars:
-                    for works in _by_rows(similar, max_rows):
+                for similar in similars:  # a forward of at most a step's values (the activations scale with it)
+                    for works in _by_rows(similar, max_rows, server.limits.max_step_elements, _encoder_row_values):
                         self._run_batch(works, lambda w: w, lambda ws: run_encoder_batch(server, ws), prefill=False)
             return []
         limits = server.limits
@@ -528,14 +528,23 @@ def _by_length(works: list[Work], length: Callable[[Work], int], padding: int) -
     return out
 
 
-def _by_rows(works: list[Work], max_rows: int) -> list[list[Work]]:
-    """Consecutive groups of at most `max_rows` rows (a step wider than that runs alone)."""
+def _encoder_row_values(work: Work) -> int:
+    return work.step.tokens * work.hidden.shape[-1]  # positions x width (decoded by now)
+
+
+def _by_rows(
+    works: list[Work], max_rows: int, max_values: int | None = None, row_values: Callable[[Work], int] | None = None
+) -> list[list[Work]]:
+    """Consecutive groups of at most `max_rows` rows and, given `max_values`, at most that many values as a forward
+    pads them (its rows x the most `row_values` of one); a step larger than that runs alone."""
     out: list[list[Work]] = [[]]
-    rows = 0
+    rows = largest = 0
     for work in works:
-        if out[-1] and rows + work.rows > max_rows:
+        values = row_values(work) if row_values else 0
+        more, wider = rows + work.rows, max(largest, values)
+        if out[-1] and (more > max_rows or max_values is not None and more * wider > max_values):
             out.append([])
-            rows = 0
+            more, wider = work.rows, values
         out[-1].append(work)
-        rows += work.rows
+        rows, largest = more, wider
     return out

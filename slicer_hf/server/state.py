@@ -43,6 +43,7 @@ class ServerLimits:
         max_step_tokens: positions one STEP may carry.
         max_step_elements: values one STEP may carry (batch x positions x width), checked from its header: this
             bounds the memory that decoding one packet takes (up to about 90 bytes a value: a crafted blocks packet).
+            An encoder's forward holds at most as many (several requests batched, as padded), one request alone.
         max_context_tokens: positions one session may hold.
         max_session_batch: sequences one session may run side by side.
         kv_budget_bytes: KV-cache memory of all sessions together (None: half of the free memory at start).
