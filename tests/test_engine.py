@@ -187,6 +187,72 @@ def test_over_grpc_a_step_the_busy_compute_thread_has_not_started_is_withdrawn(e
         server.shutdown()
 
 
+def test_a_step_whose_client_leaves_while_it_is_queued_ends_quietly_not_as_a_timeout(engine, caplog):
+    """The step was withdrawn before the stream's session closed: a timeout in the counters and a warning."""
+    import queue
+
+    import grpc
+
+    server = engine(batching=True)
+    running = serve(server, port=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stuck, release, ran = gate_rounds(server)
+    holder = open_session(server)
+    try:
+        held = threading.Thread(target=lambda: step(server, holder, 1))  # a round that keeps the compute thread
+        held.start()
+        assert stuck.wait(10)
+        requests = queue.Queue()
+        call = channel.stream_stream(protocol.SESSION_METHOD)(iter(requests.get, None))
+        body = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, build_codec("identity"))
+        requests.put(protocol.encode_json(protocol.OPEN, body))
+        session = protocol.decode_json(next(call))["session"]
+        payload = build_codec("identity").encode(torch.randn(1, 3, server.hidden_size))
+        requests.put(protocol.encode_step(protocol.Step(session, 1, 0, 1, 3, 0, payload)))
+        assert wait_for(lambda: server.scheduler._queue.qsize() == 1)
+        call.cancel()  # its client leaves
+        assert wait_for(lambda: session not in server.sessions)
+        release.set()
+        held.join(10)
+        assert ran[0] == 1 and server.stats_dict()["errors"] == {}
+        assert not [r for r in caplog.records if r.name == "slicer_hf.server.engine" and r.levelname == "WARNING"]
+    finally:
+        release.set()
+        channel.close()
+        running.stop()
+        server.shutdown()
+
+
+def test_at_shutdown_a_queued_step_is_refused_as_shutdown_not_as_an_unknown_session(engine):
+    """Sessions were closed before the queue was refused: the client replayed on the stopping server first."""
+    server = engine(batching=True)
+    stuck, release, _ = gate_rounds(server)
+    first, second = open_session(server), open_session(server)
+    replies = {}
+    running = threading.Thread(target=lambda: replies.update(first=step(server, first, 1)))
+    running.start()
+    assert stuck.wait(10)
+    queued = threading.Thread(target=lambda: replies.update(second=step(server, second, 1)))
+    queued.start()
+    assert wait_for(lambda: server.scheduler._queue.qsize() == 1)
+    stopping = threading.Thread(target=server.shutdown)
+    stopping.start()
+    assert wait_for(lambda: server._stopped.is_set())
+    release.set()
+    for thread in (running, queued, stopping):
+        thread.join(10)
+    protocol.raise_if_error(replies["first"])  # the step that ran is answered
+    with pytest.raises(ProtocolError) as refused:
+        protocol.raise_if_error(replies["second"])
+    assert refused.value.code == "shutdown" and not server.sessions
+
+
+def test_an_infinite_step_timeout_waits_without_one(engine):
+    server = engine(step_timeout_s=float("inf"))  # Future.result(timeout=inf) had raised OverflowError
+    protocol.raise_if_error(step(server, open_session(server), 1))
+    server.shutdown()
+
+
 def test_steps_of_one_session_do_not_overlap_and_seq_only_grows(engine):
     server = engine()
     session = open_session(server)

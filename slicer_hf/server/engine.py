@@ -142,8 +142,9 @@ class SplitServer:
         """Answer one request, waiting for it; never raises for bad input (see `submit`). A step the compute thread
         has not started within `step_timeout_s` is withdrawn and refused."""
         reply = self.submit(data, client, owned)
+        wait_s = self.limits.step_timeout_s
         try:
-            return reply.result(timeout=self.limits.step_timeout_s)
+            return reply.result(timeout=wait_s if wait_s < threading.TIMEOUT_MAX else None)  # (inf: no timeout)
         except FutureTimeout:
             reply.withdraw()
             return reply.result()
@@ -727,9 +728,9 @@ class SplitServer:
         (`shutdown`)."""
         self.draining = True
         self._stopped.set()
+        self.scheduler.stop()  # what is queued is refused as `shutdown` while its session is still open
         for session_id in list(self.sessions):
             self.close_session(session_id)
-        self.scheduler.stop()
 
     def stats_dict(self) -> dict[str, Any]:
         s = self.stats.snapshot()

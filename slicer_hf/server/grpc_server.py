@@ -282,8 +282,13 @@ class _SplitService(grpc.GenericRpcHandler):
             else:
                 settled.set_exception(error)
 
+        def left(_: Any) -> None:  # the stream ended first: its sessions close, then the step is withdrawn, so that
+            for session_id in list(opened):  # it ends quietly with them (not as a timeout)
+                self.engine.close_session(session_id)
+            step.withdraw()
+
         step.add_done_callback(lambda _: _call_soon(loop, settle))
-        settled.add_done_callback(lambda f: step.withdraw() if f.cancelled() else None)
+        settled.add_done_callback(lambda f: left(f) if f.cancelled() else None)
         return step, settled
 
     async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
