@@ -417,10 +417,63 @@ def test_a_profile_refuses_a_step_ecsq_cannot_take_before_its_timing_run(steps, 
         profile_model(tiny_model("llama").eval(), "tiny", None, **steps)
 
 
-def test_the_profile_command_refuses_an_out_that_is_a_file_before_it_runs(tmp_path):
+def test_the_profile_and_search_commands_refuse_an_out_that_is_a_file_before_they_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("")
-    result = CliRunner().invoke(app, ["profile", "--model", "nowhere", "--out", str(tmp_path / "notes.txt")])
+    result = CliRunner().invoke(app, ["profile", "--model", "nowhere", "--out", "notes.txt"])
     assert result.exit_code == 2 and "Invalid value for --out" in result.output
+    EDGE.save(tmp_path / "edge.json")
+    profiles = ["--edge-profile", "edge.json", "--server-profile", "edge.json", "--uplink-mbps", "1"]
+    result = CliRunner().invoke(app, ["search", *profiles, "--downlink-mbps", "1", "--out", "notes.txt"])
+    assert result.exit_code == 2 and "notes.txt is a file" in result.output
+    assert "pareto" not in result.output.lower()  # refused before the search (its table had come first)
+
+
+def test_a_profile_saved_to_a_folder_named_like_a_json_file_goes_in_that_folder(tmp_path):
+    (tmp_path / "edge.json").mkdir()
+    assert EDGE.save(tmp_path / "edge.json") == tmp_path / "edge.json" / "profile.json"
+    assert Profile.load(tmp_path / "edge.json") == EDGE
+
+
+def test_a_split_given_twice_is_profiled_once():
+    model = tiny_model("llama").eval()
+    windows = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    profile = profile_model(model, "tiny", windows, "random", [2, 2], steps=(0.5,), downlink_steps=(), repeats=1)
+    assert sorted((p.split_layer, p.codec) for p in profile.rate_distortion) == [(2, "fp16"), (2, "slicer")]
+
+
+@pytest.mark.parametrize(
+    "break_model, dtype, refusal",
+    [
+        (lambda m: m.lm_head.weight.mul_(1e7), torch.float16, "log-probabilities are not finite in float16"),
+        (lambda m: m.lm_head.weight.mul_(3e4), torch.float32, "perplexity on this text is out of range"),
+        (lambda m: m.model.layers[0].mlp.down_proj.weight.mul_(1e7), torch.float16, "after layer 2 are not finite"),
+    ],
+)
+def test_a_model_that_overflows_is_refused_before_its_timing_run(break_model, dtype, refusal, monkeypatch):
+    """Its profile had been lost after the timing run to a math.exp traceback, written with NaN fields, or refused
+    as a codec's failure to encode."""
+    import slicer_hf.tuning.profile as profiling
+
+    monkeypatch.setattr(profiling, "measure_timing", lambda *a, **k: pytest.fail("timed a profile it then refused"))
+    model = tiny_model("llama").eval()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # not tied to the embeddings
+    with torch.no_grad():
+        break_model(model)
+    windows = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=refusal):
+        profile_model(model.to(dtype), "tiny", windows, "random", split_layers=[2])
+
+
+def test_the_timing_run_uses_the_cache_a_model_leaves_off_and_refuses_one_without_any():
+    """MPT's config leaves use_cache off: every step had run the whole sequence, and the timing found no decode
+    step to time (a StatisticsError traceback); openai-gpt has no cache at all."""
+    from slicer_hf.bench.architectures import tiny_model as any_family
+
+    timing, _ = measure_timing(any_family("mpt"), prompt_tokens=4, decode_tokens=3, repeats=1)
+    assert all(layer["decode_ms"] > 0 for layer in timing)
+    with pytest.raises(ConfigError, match="openai-gpt decodes without a KV cache"):
+        measure_timing(any_family("openai-gpt"), prompt_tokens=4, decode_tokens=3, repeats=1)
 
 
 def test_commands_that_write_a_folder_refuse_one_under_a_file_before_they_run(tmp_path, monkeypatch):
@@ -629,6 +682,16 @@ def test_each_machines_codec_time_comes_from_its_own_profile():
     slow, quick = (predict(EDGE, s, 4, up, down, FAST, Constraints()) for s in (SERVER, quick_server))
     assert slow.server_ms - quick.server_ms == pytest.approx(0.99 * (up.decode_ms + down.encode_ms))
     assert slow.edge_ms == quick.edge_ms
+
+
+def test_an_exact_reply_is_predicted_in_the_dtype_the_server_computes_in():
+    """A bfloat16 server's reply had been predicted at the size of a float32 edge's: twice what it sends."""
+    half = dataclasses.replace(SERVER, model={**SERVER.model, "dtype": "bfloat16"})
+    up = next(p for p in EDGE.points(4) if p.step == 0.4)
+    wide, narrow = (predict(EDGE, server, 4, up, None, FAST, Constraints()).downlink_bits for server in (SERVER, half))
+    header = 8 * len(protocol.encode_reply(1 << 20, protocol.REPLY_HIDDEN, b""))
+    for bits, dtype in ((wide, torch.float32), (narrow, torch.bfloat16)):
+        assert bits == header + 8 * len(build_codec("identity").encode(torch.zeros(1, 1, D, dtype=dtype)))
 
 
 def test_the_written_config_sends_the_downlink_in_the_dtype_its_bits_were_predicted_for():

@@ -255,6 +255,8 @@ def search(
     if max_kl is not None and max_ppl_increase is not None:
         raise typer.BadParameter("give --max-kl or --max-ppl-increase, not both")
     if out is not None:
+        if out.is_file():
+            raise typer.BadParameter(f"{out} is a file: the chosen config goes in a folder", param_hint="--out")
         _writable(out)
     try:
         result = run_search(

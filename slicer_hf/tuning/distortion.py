@@ -82,7 +82,32 @@ def quality_sums(logprobs: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -
 
 
 def _perplexity(sums: Sequence[dict[str, float]]) -> float:
-    return math.exp(sum(q["nll"] for q in sums) / sum(q["nll_n"] for q in sums))
+    mean_nll = sum(q["nll"] for q in sums) / sum(q["nll_n"] for q in sums)
+    if not mean_nll < 700:  # exp() overflows a double past 709
+        raise ConfigError(f"the model's perplexity on this text is out of range (mean NLL {mean_nll:.4g} nats)")
+    return math.exp(mean_nll)
+
+
+def check_finite(model: Any, ids: torch.Tensor, split_layers: Sequence[int]) -> None:
+    """Refuse a model whose rows at `split_layers` or whose log-probabilities on `ids` `[1, T]` are not finite (one
+    that overflows its dtype), or whose perplexity is (checked on one window, before measurements that take
+    minutes)."""
+    with torch.no_grad():
+        out = model(ids, use_cache=False, output_hidden_states=True)
+    dtype = str(out.logits.dtype).removeprefix("torch.")
+    for k in split_layers:
+        if not torch.isfinite(out.hidden_states[k]).all():
+            raise ConfigError(
+                f"the model's hidden states after layer {k} are not finite in {dtype} (it overflows): profile it in "
+                "float32 or bfloat16 (--dtype)"
+            )
+    logprobs = F.log_softmax(out.logits.float(), dim=-1)
+    if not torch.isfinite(logprobs).all():
+        raise ConfigError(
+            f"the model's log-probabilities are not finite in {dtype} (it overflows): profile it in "
+            "float32 or bfloat16 (--dtype)"
+        )
+    _perplexity([quality_sums(logprobs, logprobs, ids)])
 
 
 def measure(

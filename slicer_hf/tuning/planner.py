@@ -329,7 +329,7 @@ def predict(
     """The figures of split `k` with uplink point `up` and downlink `down` (None: exact)."""
     overhead = _step_overhead_bits(edge, up.codec)
     up_bits = up.bits_per_token + overhead
-    down_bits = _reply_bits(edge, down)
+    down_bits = _reply_bits(server, down)  # the server sends it, in its own dtype
     e = edge.edge
     edge_layers = edge.layers[:k]
     edge_ms = e["embed_decode_ms"] + sum(layer.decode_ms for layer in edge_layers) + e["head_decode_ms"]

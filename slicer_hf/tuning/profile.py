@@ -209,9 +209,9 @@ class Profile:
         return profile
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the profile to `path` (a folder gets `profile.json`)."""
+        """Write the profile to `path` (a folder, or a path not ending in .json, gets `profile.json`)."""
         target = Path(path)
-        if target.suffix != ".json":
+        if target.suffix != ".json" or target.is_dir():
             target.mkdir(parents=True, exist_ok=True)
             target = target / PROFILE_NAME
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -338,7 +338,7 @@ def measure_timing(
     watched["head"] = model.get_output_embeddings()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=gen).to(device)
-    kwargs = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+    kwargs = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, use_cache=True)
     pad = model.generation_config.pad_token_id
     kwargs["pad_token_id"] = pad if pad is not None else model.generation_config.eos_token_id
     model.generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
@@ -352,6 +352,11 @@ def measure_timing(
             step_ms += [1e3 * (b - a) for a, b in zip(stamps[1:], stamps[2:])]  # decode steps: new tokens 2..
     finally:
         watch.remove()
+    if not watch.times[("layer0", 1)]:  # every step ran the whole sequence again
+        raise ConfigError(
+            f"{model.config.model_type} decodes without a KV cache (each step runs the whole sequence again): a "
+            "profile times decode steps of one token, which it never runs"
+        )
     per_layer = [
         {
             "prefill_ms_per_token": watch.median_ms(f"layer{i}", prompt_tokens) / prompt_tokens,
@@ -475,11 +480,12 @@ def profile_model(
         prompt_tokens, decode_tokens, repeats: the timing run.
     """
     from .. import protocol
+    from .distortion import check_finite
 
     n = len(decoder_layers(model))
     if n < 2:
         raise ConfigError(f"a model of {n} decoder layer cannot be split: there is no layer for the server to run")
-    splits = list(split_layers) if split_layers is not None else default_splits(n)
+    splits = sorted(set(split_layers)) if split_layers is not None else default_splits(n)
     if bad := [k for k in splits if not 1 <= k < n]:  # checked before the timing run, which takes minutes
         raise ConfigError(f"candidate split layers must be in [1, {n - 1}] for this {n}-layer model, got {bad}")
     steps, downlink_steps = _ecsq_steps(steps, "steps"), _ecsq_steps(downlink_steps, "downlink_steps")
@@ -489,9 +495,10 @@ def profile_model(
             f"the timing run's {prompt_tokens} prompt and {decode_tokens} new tokens exceed the model's {positions} "
             "positions: give fewer (prompt_tokens, decode_tokens)"
         )
+    device = next(model.parameters()).device
     if windows is not None:
         check_window(model.config, int(windows.shape[1]))
-    device = next(model.parameters()).device
+        check_finite(model, windows[:1].to(device), splits)
     timing, edge = measure_timing(model, prompt_tokens, decode_tokens, repeats)
     memory, weights = measure_memory(model)
     layers = [LayerCost(t["prefill_ms_per_token"], t["decode_ms"], w, kv) for t, (w, kv) in zip(timing, memory)]
