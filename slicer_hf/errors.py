@@ -23,8 +23,8 @@ class TransportError(SlicerError, ConnectionError):
     """The link to the server failed: unreachable, vanished peer, timeout.
 
     `retryable` is False for failures another attempt cannot fix (a refused auth token, say); `unreachable` is True
-    where nothing answered at all (no connection), as opposed to a server that answered with a refusal; `timed_out`
-    where a server that had answered on the stream gave no reply within the timeout (stalled, or only busy).
+    where nothing answered at all (no connection, or no answer on a new stream), as opposed to a server that answered
+    with a refusal; `timed_out` where no reply came within the timeout (stalled, frozen, or only busy).
     """
 
     def __init__(

@@ -986,6 +986,38 @@ def test_a_request_that_times_out_moves_its_session_once_then_the_timeout_is_the
         second.stop(0)
 
 
+def test_servers_frozen_from_the_start_cost_two_timeouts_not_ten():
+    """A timeout on a new stream had counted as unreachable, not as a timeout: the session moved on each one."""
+    seen = []
+
+    def session(requests, context):
+        for data in requests:
+            seen.append(protocol.MESSAGE_NAMES[protocol.message_type(data)])  # and never an answer
+        yield from ()
+
+    (first, url_a), (second, url_b) = fake_server(session), fake_server(session)
+    codec = build_codec("identity")
+    request = open_request(SlicerConfig(codec="identity"), tiny_model("llama").config, "tiny", 2, codec)
+    link = SuffixLink(GrpcTransport([url_a, url_b], timeout_s=0.5), request, codec)
+    try:
+        with pytest.raises(TransportError, match="no answer .* on a new stream") as frozen:
+            link.step(torch.randn(1, 3, 64), 0, None, None, 0)
+        assert frozen.value.timed_out and seen == ["open", "open"]  # one server, then the other, then done
+    finally:
+        link.transport.close()
+        first.stop(0)
+        second.stop(0)
+    alone, url = fake_server(session)
+    link = SuffixLink(GrpcTransport([url], timeout_s=0.5), request, codec)
+    try:
+        with pytest.raises(TransportError, match=r"no answer .*\(is a slicer-hf server running at") as silent:
+            link.step(torch.randn(1, 3, 64), 0, None, None, 0)
+        assert silent.value.unreachable and not silent.value.retryable
+    finally:
+        link.transport.close()
+        alone.stop(0)
+
+
 def test_an_interrupted_request_leaves_no_stale_reply_for_the_next_one(engine):
     server = engine()
     running = serve(server, port=0)

@@ -188,20 +188,17 @@ class GrpcTransport(Transport):
         try:
             reply = self._inbox.get(timeout=self.timeout_s)
         except queue.Empty:  # frozen, partitioned, or only slow: where another server may take the session, it moves
-            self.close()  # there (its replay adds load, but a session held up timeout_s is lost otherwise)
-            if self.others or self.has_alternatives():
-                if not self._stream_answered:  # frozen, or its port taken by something else: no server at all
-                    raise TransportError(
-                        f"no answer from {self.name} within {self.timeout_s} s on a new stream", unreachable=True
-                    ) from None
-                raise TransportError(
-                    f"no reply from {self.name} within {self.timeout_s} s (stalled or too busy)", timed_out=True
-                ) from None
-            raise TransportError(
-                f"no reply from {self.name} within {self.timeout_s} s (busy or stalled: raise timeout_s to wait)",
-                retryable=False,
-                timed_out=True,
-            ) from None
+            self.close()  # there (its replay adds load, but a session held up timeout_s is lost otherwise), once
+            fresh = not self._stream_answered  # a new stream: frozen, or its port taken by something else
+            message = f"no {'answer' if fresh else 'reply'} from {self.name} within {self.timeout_s} s"
+            elsewhere = bool(self.others) or self.has_alternatives()
+            if elsewhere:
+                message += " on a new stream" if fresh else " (stalled or too busy)"
+            elif not self._answered:  # nothing ever answered here
+                message += f" (is a slicer-hf server running at {self.name}? grpcs:// if it takes TLS)"
+            else:
+                message += " (busy or stalled: raise timeout_s to wait)"
+            raise TransportError(message, retryable=elsewhere, unreachable=fresh, timed_out=True) from None
         except BaseException:  # interrupted (Ctrl-C): the reply may still come; a fresh stream will not mix it up
             self.close()
             raise
