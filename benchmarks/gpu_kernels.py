@@ -21,12 +21,13 @@ Prints a table and writes everything to --json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -167,6 +168,19 @@ def _compare_bitstreams(device: torch.device, shapes: list[tuple[int, int]]) -> 
     return out
 
 
+@contextlib.contextmanager
+def _reference_only() -> Iterator[None]:
+    before = os.environ.get(ops.ENV_FORCE_REFERENCE)
+    os.environ[ops.ENV_FORCE_REFERENCE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ops.ENV_FORCE_REFERENCE)
+        else:
+            os.environ[ops.ENV_FORCE_REFERENCE] = before
+
+
 def _compare_codec(device: torch.device, max_rows: int) -> list[dict[str, Any]]:
     """CUDA encode (kernels) against CPU encode (reference); rotation off, so the same float ops run on both."""
     out = []
@@ -174,9 +188,12 @@ def _compare_codec(device: torch.device, max_rows: int) -> list[dict[str, Any]]:
         codec = build_codec("slicer", **params)
         for n, d in [(n, d) for n, d in [(1, 576), (7, 100), (513, 4096)] if n <= max_rows]:
             x = hidden_states(n, d, seed=3)
-            on_device, on_host = codec.encode(x.to(device)), codec.encode(x)
+            with _reference_only():  # the host's codec: the reference, even where the interpreter runs the kernels
+                on_host = codec.encode(x)
+                on_host_decoded = codec.decode(on_host)
+            on_device = codec.encode(x.to(device))
             decoded = codec.decode(on_host, device=device)
-            same_values = torch.equal(decoded.cpu(), codec.decode(on_host))
+            same_values = torch.equal(decoded.cpu(), on_host_decoded)
             out.append(
                 {
                     "check": f"SlicerCodec {params} [{n}, {d}]",
@@ -214,7 +231,8 @@ def _compare_presets(device: torch.device) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------- throughput
 def device_time(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of `fn`: CUDA events on a GPU (device work only), wall clock elsewhere."""
+    """Median seconds of `fn`: between CUDA events on a GPU (the device's work, and any wait of the host within
+    `fn` that holds the stream: an op that reads a size back), wall clock elsewhere."""
     for _ in range(warmup):
         fn()
     times = []

@@ -114,6 +114,7 @@ class Client:
         config: a `SlicerConfig`, a preset name or folder (default: the SmolLM2 preset for 'smollm2', else defaults).
         token: the servers' auth token.
         root_certificates: PEM CA certificates for `grpcs://` servers with a private CA (None: the system's).
+        timeout_s: how long one request waits for its reply (None: the transport's default, 60 s).
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class Client:
         config: str | SlicerConfig | None = None,
         token: str | None = None,
         root_certificates: bytes | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         from .data import resolve_model
         from .modeling import SlicerModelForCausalLM
@@ -135,7 +137,7 @@ class Client:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:  # no such folder or Hub repo, or a folder with no model in it
             raise model_error(model, exc) from None
-        options = {"token": token, "root_certificates": root_certificates}
+        options = {"token": token, "root_certificates": root_certificates, "timeout_s": timeout_s}
         options = {key: value for key, value in options.items() if value is not None} or None
         self.model = SlicerModelForCausalLM.from_pretrained(
             path, slicer_config=self.config, transport=urls, transport_options=options

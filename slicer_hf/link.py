@@ -362,6 +362,7 @@ class SuffixLink:
         self._sent = [s for s in self._sent if s.start < start] + [step]  # what the server should hold now
         self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         self.stats.uplink_payload_bytes += len(payload)
+        failovers = self.stats.failovers
         try:
             kind, body = self._with_failover(lambda: self._checked(self._exchange(step), step.seq), self._sent)
         except BaseException as exc:  # whatever the server holds now, no earlier mark may continue it
@@ -373,8 +374,8 @@ class SuffixLink:
             raise ProtocolError(
                 f"a {self.open_request['downlink']!r} session got a reply of kind {kind}", code="malformed"
             )
-        if self.bitrate is not None:
-            self._pace(decoding, 8 * len(payload) / hidden.shape[0])
+        if self.bitrate is not None:  # a token that moved to another server is no measure of the link
+            self._pace(decoding and self.stats.failovers == failovers, 8 * len(payload) / hidden.shape[0])
         kind, out = self._reply_tensor(kind, body, step, hidden.shape[-1], reply_shape, decoded)
         self.stats.replied += _positions(out)
         # a NaN or +inf would pass silently into the next tokens (logits may hold -inf: a top-k reply's rest)
@@ -481,7 +482,8 @@ class SuffixLink:
                     raise
                 self.stats.retries += 1
                 if attempt + 1 < self.max_attempts:  # the first failure says what happened; later ones: debug log
-                    routine = isinstance(exc, ProtocolError) and exc.code == "state_lost"  # a rewind past a window
+                    # a rewind past a window, or a session that idled out: nothing failed
+                    routine = isinstance(exc, ProtocolError) and exc.code in ("state_lost", "unknown_session")
                     (logger.debug if attempt else logger.info if routine else logger.warning)(
                         "attempt %d of %d failed (%s); trying again on %s%s",
                         attempt + 1,

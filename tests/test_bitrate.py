@@ -286,6 +286,42 @@ def test_the_pause_before_a_generation_that_continues_a_cache_is_no_tokens_laten
     assert model.wire_stats().bitrate_changes == []
 
 
+def test_a_token_whose_step_failed_over_is_no_measure_of_the_link(monkeypatch):
+    """The reconnection and replay (or a whole timeout) had been read as one token's latency: the step went coarse."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    from slicer_hf import TransportError, link
+    from slicer_hf.server import SplitServer
+    from slicer_hf.transport import LocalTransport
+
+    paused = [0.0]
+
+    class LostOnce(LocalTransport):  # the sixth message is lost after ten minutes; a fresh session takes the rest
+        sent = 0
+
+        def request(self, data: bytes) -> bytes:
+            self.sent += 1
+            if self.sent == 6:
+                paused[0] += 600.0
+                raise TransportError("connection lost")
+            return super().request(data)
+
+        def reset(self) -> bool:
+            return True
+
+    base = tiny_model("llama").eval()
+    config = SlicerConfig(
+        split_layer=2, quantizer="ecsq", step=0.2, bitrate_ladder=((0.2, 900.0), (1.5, 300.0)),
+        target_token_latency_ms=60e3,
+    )  # fmt: skip
+    model = SlicerModelForCausalLM.from_model(base, config, LostOnce(SplitServer(tiny_model("llama"))))
+    monkeypatch.setattr(link, "time", SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + paused[0]))
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert model.wire_stats().failovers == 1 and model.wire_stats().bitrate_changes == []
+
+
 def test_a_link_that_flips_between_fast_and_slow_keeps_the_controller_on_its_ladder():
     controller = BitrateController(LADDER, target_ms=75.0)
     rates = ([2000.0] * 6 + [40.0] * 3) * 40  # up-probes, misses and drops interleaved

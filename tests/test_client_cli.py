@@ -115,6 +115,42 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_dir, server_url, monkeyp
     assert "5 tokens in" in capsys.readouterr().out
 
 
+def test_a_reply_that_times_out_drops_its_turn_and_the_chat_goes_on(tiny_dir, server_url, monkeypatch):
+    """One stalled reply had ended the chat, its conversation and its wire report with it."""
+    from slicer_hf import TransportError, client
+
+    printed = client._Printer.on_finalized_text
+    stalled, replies = [], []
+
+    def timeout_in_the_second_reply(self, text, stream_end=False):
+        if len(replies) == 1 and not stalled:
+            stalled.append(text)
+            raise TransportError("no reply from the server within 0.5 s (busy or stalled: raise timeout_s to wait)")
+        printed(self, text, stream_end)
+        if stream_end:
+            replies.append(text)
+
+    monkeypatch.setattr(client._Printer, "on_finalized_text", timeout_in_the_second_reply)
+    args = ["chat", "--server", server_url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
+    turns = "Hello\nAnd then?\nAnd then?\n/exit\n"
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "5", "--timeout-s", "30"], input=turns)
+    assert result.exit_code == 0, result.output
+    assert stalled and "within 0.5 s (busy or stalled: raise timeout_s to wait) (this message is dropped" in (
+        result.output
+    )
+    first, second = two_turns(tiny_dir, 5)
+    assert first in result.output and second in result.output  # the timed-out turn left no trace
+    assert "10 tokens in" in result.output
+
+
+def test_a_clients_timeout_is_its_transports(tiny_dir, server_url):
+    from slicer_hf.client import Client
+
+    edge = Client(server_url, str(tiny_dir), str(tiny_dir / "preset"), timeout_s=7.5)
+    assert edge.model._slicer_transport.timeout_s == 7.5
+    edge.close()
+
+
 def test_a_chats_summary_counts_the_wire_of_every_session_it_had(tiny_dir, server_url):
     """A reply stopped with Ctrl-C gives its session up (`restart`): the summary had counted the last session alone."""
     from slicer_hf.client import Client, Sampling

@@ -172,6 +172,9 @@ def test_build_codec_from_config_and_spec():
         build_codec("zip")
     with pytest.raises(CodecError, match="version"):
         codec_from_spec({**codec.spec(), "version": 99})
+    for spec in ({"name": "identity", "version": 1, "config_or_name": "x"}, {"name": {}, "version": 1}):
+        with pytest.raises(CodecError):  # a peer's spec: a TypeError had been an internal error with a traceback
+            codec_from_spec(spec)
 
 
 def test_decoder_refuses_other_codecs_packets():
@@ -746,3 +749,49 @@ def test_the_reference_quantizer_works_a_chunk_of_rows_at_a_time_and_agrees_with
     assert whole.wide and chunked.wide
     for name in ("positions", "labels", "signs", "codes", "lo", "hi", "bits"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+
+
+def test_a_kernel_or_memory_failure_while_decoding_is_the_machines_fault_not_a_malformed_packet(monkeypatch):
+    """Every failure in a decode had been reported as a malformed packet: the server blamed the client for its own
+    device, closed the session, and logged a warning instead of an internal error."""
+    from types import SimpleNamespace
+
+    from slicer_hf.codec import ops
+
+    codec = build_codec("slicer", step=0.3)
+    packet = codec.encode(torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0)))
+
+    def dequantize_rows(*args):
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    def unpack_bits(*args):
+        return ops.unpack_bits(*args, backend="reference")
+
+    kernels = SimpleNamespace(unpack_bits=unpack_bits, dequantize_rows=dequantize_rows)
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "_kernels", lambda t, backend, *rest: None if backend == "reference" else kernels)
+        with pytest.raises(ops.KernelError, match="dequantize_rows failed: RuntimeError: Triton Error"):
+            codec.decode(packet)
+        with pytest.raises(ops.KernelError):
+            codec.decode_batch([packet, packet])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(CodecError):  # a packet's own failures stay the packet's
+        codec.decode(packet[: len(packet) // 2])
+    monkeypatch.setattr(ops, "dequantize_rows", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        codec.decode(packet)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rows_quantize_as_their_float32_values_on_either_backend(dtype):
+    """The kernels work in float32; the reference had computed budgets and errors in the rows' half precision."""
+    from slicer_hf.codec import ops
+
+    y = (torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    candidates = (1, 2, 3, 4, 5, 6, 8)
+    half, full = (ops.quantize_rows(r, 64, 4, None, None, candidates, 0.08, "reference") for r in (y, y.float()))
+    for field in ("positions", "labels", "signs", "codes", "lo", "hi", "bits"):
+        assert torch.equal(getattr(half, field), getattr(full, field)), field

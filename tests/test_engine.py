@@ -588,6 +588,33 @@ def test_a_stream_idles_out_on_the_timeout_that_applies_now_and_not_while_it_tal
         running.stop()
 
 
+def test_a_session_whose_stream_idled_out_reopens_on_the_same_server_not_the_next(engine, caplog):
+    """The server's close of an idle stream had read as a failed server: a warning, and a move to the next URL."""
+    import copy
+
+    from slicer_hf import SlicerModelForCausalLM
+
+    idling, other = engine(idle_timeout_s=0.5), engine()
+    running = [serve(idling, port=0), serve(other, port=0)]
+    urls = [f"grpc://127.0.0.1:{r.port}" for r in running]
+    reference = tiny_model("llama")
+    model = SlicerModelForCausalLM.from_model(
+        copy.deepcopy(reference), SlicerConfig(codec="identity", split_layer=2), transport=urls
+    )
+    ids = torch.tensor([[5, 6, 7, 8]])
+    try:
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert wait_for(lambda: idling.stats_dict()["errors"].get("stream_idle") == 1)
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(out, reference.generate(ids, max_new_tokens=3, do_sample=False))
+        assert len(idling.sessions) == 1 and other.stats_dict()["sessions_opened"] == 0
+        assert not [r for r in caplog.records if r.name == "slicer_hf.link" and r.levelname == "WARNING"]
+    finally:
+        model.close_session()
+        for r in running:
+            r.stop()
+
+
 def test_a_stream_whose_session_closed_waits_only_the_open_timeout(engine):
     """A stream that holds no session, because it never opened one or because its session is closed, is a free
     stream slot's worth of nothing: it gets the open timeout, not a session's idle timeout."""
@@ -662,6 +689,11 @@ def test_control_calls_count_by_address_less_its_port_an_ipv6_one_by_its_64():
     assert client_host("ipv4:10.0.0.7:5000") == client_host("ipv4:10.0.0.7:6001") == "10.0.0.7"
     assert client_host("ipv6:%5B2001:db8::1%5D:5000") == client_host("ipv6:%5B2001:db8::ffff:2%5D:7") == "2001:db8::/64"
     assert client_host("ipv6:%5B2001:db8:0:1::1%5D:5000") != client_host("ipv6:%5B2001:db8::1%5D:5000")
+    from slicer_hf.server.state import address_group  # the metrics endpoint's addresses, with no port
+
+    assert address_group("2001:db8::1") == address_group("2001:db8::2") == "2001:db8::/64"  # had been one each
+    assert address_group("::ffff:192.0.2.7") == "192.0.2.7" != address_group("::ffff:192.0.2.8")  # not one /64
+    assert address_group("192.0.2.7") == "192.0.2.7"
     calls = _InFlight(slots=3, per_peer=2)
     assert calls.admit("a") and calls.admit("a") and not calls.admit("a")  # two from one address
     assert calls.admit("b") and not calls.admit("c")  # three in all

@@ -358,6 +358,19 @@ def test_waiting_for_replicas_stops_at_once_on_a_certificate_for_another_host_or
         plain.close()
 
 
+def test_a_router_whose_certificate_is_untrusted_or_names_another_host_is_refused_at_once(tmp_path):
+    """Both had been retried ten times as an unreachable router (is a slicer-hf server running there?)."""
+    router = HttpsReplicaList(tmp_path)
+    try:
+        for host, roots in (("localhost", None), ("127.0.0.1", router.cert.encode())):
+            transport = FleetTransport(f"slicer+https://{host}:{router.port}", root_certificates=roots)
+            with pytest.raises(TransportError, match="certificate verify failed.*pass its CA with --root-cert") as no:
+                transport.admit()
+            assert not no.value.retryable
+    finally:
+        router.close()
+
+
 def test_the_autoscaling_policy_asks_for_replicas_by_active_sessions():
     pytest.importorskip("ray")
     from slicer_hf.server.fleet import SessionsPolicy
@@ -539,8 +552,9 @@ def test_slicer_hf_serve_ray_runs_a_fleet_with_tls_and_a_token(model_dir, refere
             model.generate(ids, max_new_tokens=4, do_sample=False),
             reference.generate(ids, max_new_tokens=4, do_sample=False),
         )
-        with pytest.raises(TransportError, match="router .* unreachable"):  # HTTPS without the CA: refused
-            FleetTransport(url, token=TOKEN).request(b"x")
+        with pytest.raises(TransportError, match="certificate verify failed.*--root-cert") as untrusted:
+            FleetTransport(url, token=TOKEN).request(b"x")  # HTTPS without the CA: refused at once
+        assert not untrusted.value.retryable
     finally:
         stop_server(proc, timeout_s=60)
     assert set(Path(tempfile.gettempdir()).glob("slicer-fleet-tls-*")) == copies, "the key's copy outlived the fleet"

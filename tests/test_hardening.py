@@ -258,6 +258,10 @@ def test_drain_takes_the_admin_token_where_the_server_has_one_not_the_clients_to
     srv = server("--token", "clients", "--admin-token", "operators")
     with pytest.raises(TransportError, match="Drain takes the admin token"):
         GrpcTransport([srv.url], token="clients", timeout_s=10).unary(DRAIN_METHOD, b'{"on": true}')
+    for path in ("/" + DRAIN_METHOD, DRAIN_METHOD.lstrip("/")):  # other spellings had reached Drain unchecked
+        with pytest.raises(TransportError, match="UNIMPLEMENTED"):
+            GrpcTransport([srv.url], token="clients", timeout_s=10).unary(path, b'{"on": true}')
+    assert srv.stats(token="clients")["draining"] == 0
     model = client(model_dir, srv.url, token="clients")
     ids = prompt(8)
     assert torch.equal(

@@ -334,6 +334,10 @@ def test_tls(server, model_dir, tmp_path, reference):
     with pytest.raises(TransportError, match="not trusted here: pass its CA with --root-cert") as refused:
         untrusting.generate(ids, max_new_tokens=2, do_sample=False)
     assert not refused.value.retryable and untrusting.wire_stats().retries == 0
+    elsewhere = client(model_dir, srv.url.replace("localhost", "127.0.0.1"), root_certificates=cert_pem)
+    with pytest.raises(TransportError, match="certificate does not name the host in the URL") as refused:
+        elsewhere.generate(ids, max_new_tokens=2, do_sample=False)  # the certificate names localhost only
+    assert not refused.value.retryable and elsewhere.wire_stats().retries == 0
     plain = GrpcTransport([srv.url.replace("grpcs://", "grpc://")], timeout_s=30)
     with pytest.raises(TransportError, match="is it grpcs://"):
         plain.request(protocol.encode_json(protocol.CLOSE, {"session": 0}))

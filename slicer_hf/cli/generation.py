@@ -51,6 +51,9 @@ TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
 TopKOpt = Annotated[int, typer.Option(help="Sample from the k most likely tokens.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for sampling.")]
 ServerTokenOpt = Annotated[str | None, typer.Option(envvar="SLICER_HF_TOKEN", help="The servers' auth token.")]
+TimeoutOpt = Annotated[
+    float, typer.Option(help="How long one request waits for its reply, seconds (a busy server's included).", min=0.001)
+]
 
 
 def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None):
@@ -73,12 +76,13 @@ def generate(
     seed: SeedOpt = None,
     token: ServerTokenOpt = None,
     root_cert: RootCertOpt = None,
+    timeout_s: TimeoutOpt = 60.0,
 ) -> None:
     """Split-generate against a running server: the reply streams as it comes, wire stats at the end."""
     from ..client import Client
 
     sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
-    client = Client(server, model, config, token, read_root_cert(root_cert))
+    client = Client(server, model, config, token, read_root_cert(root_cert), timeout_s)
     _, elapsed, new = client.reply([{"role": "user", "content": prompt}], sampling)
     print("\n" + client.summary(elapsed, new))
     client.close()
@@ -96,15 +100,16 @@ def chat(
     seed: SeedOpt = None,
     token: ServerTokenOpt = None,
     root_cert: RootCertOpt = None,
+    timeout_s: TimeoutOpt = 60.0,
 ) -> None:
     """Chat with a split model on a running server (one line per turn; /exit or end of input to leave).
 
     Ctrl-C stops a reply and drops its turn; at the prompt, it leaves."""
     from ..client import Client
-    from ..errors import ConfigError, ProtocolError
+    from ..errors import ConfigError, ProtocolError, TransportError
 
     sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
-    client = Client(server, model, config, token, read_root_cert(root_cert))
+    client = Client(server, model, config, token, read_root_cert(root_cert), timeout_s)
     messages: list[dict[str, str]] = []
     total_s, total_new = 0.0, 0
     print("chat with the split model (/exit to leave; Ctrl-C stops a reply)", flush=True)
@@ -118,8 +123,10 @@ def chat(
             messages.append({"role": "user", "content": text})
             try:
                 reply, elapsed, new = client.reply(messages, sampling)
-            except (ProtocolError, ConfigError) as exc:  # the server refused this turn (it outgrew the context, say)
-                messages.pop()
+            except (ProtocolError, ConfigError, TransportError) as exc:  # the server refused this turn (it outgrew
+                messages.pop()  # the context, say), or gave no reply in time: the conversation goes on
+                if isinstance(exc, TransportError):
+                    client.restart()  # its session is gone with its stream
                 print(f"\nerror: {exc} (this message is dropped; /exit to leave)", flush=True)
                 continue
             except KeyboardInterrupt:  # stops this reply, not the chat

@@ -63,9 +63,11 @@ def codec_from_spec(spec: dict[str, Any], **bounds: Any) -> Codec:
     name, version = spec.pop("name", None), spec.pop("version", None)
     if forbidden := sorted(SAFETY_PARAMS & set(spec)):
         raise CodecError(f"a codec spec may not set {', '.join(forbidden)}: the receiver sets its safety bounds")
-    try:
-        codec = build_codec(name, **spec, **bounds)
-    except ConfigError as exc:  # a peer's knobs out of range: its request is bad, nothing failed here
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
+    try:  # the class itself: a knob named like one of build_codec's own arguments is just an unknown knob
+        codec = REGISTRY[name](**spec, **bounds)
+    except (ConfigError, TypeError) as exc:  # a peer's knobs out of range or unknown: its request is bad
         raise CodecError(f"bad parameters for codec {name!r}: {exc}") from exc
     if version != codec.version:
         raise CodecError(f"codec {name!r} version {version} is not supported (this side speaks {codec.version})")

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import CodecError
 from .bits import Reader, write_varint
+from .ops import KernelError
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
@@ -195,7 +196,7 @@ class Codec(ABC):
         try:
             with self._decoding_on(device):
                 out = self._decode(Reader(bytes(data)), expect_shape, expect_dtypes, given)
-        except CodecError:
+        except (CodecError, KernelError, torch.OutOfMemoryError):  # the packet's fault, or the machine's
             raise
         except Exception as exc:  # any other failure on hostile bytes is still malformed input
             raise CodecError(f"malformed {self.name!r} packet: {type(exc).__name__}: {exc}") from exc

@@ -27,14 +27,17 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import CodecError
 
 ENV_FORCE_REFERENCE = "SLICER_HF_FORCE_REFERENCE"
+_T = TypeVar("_T")
 ENV_KERNELS = "SLICER_HF_KERNELS"
 BACKENDS = ("reference", "kernels")
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -98,6 +101,18 @@ def _require_kernels(device: torch.device) -> None:
         raise CodecError(f"no Triton kernels for {device.type} tensors")
 
 
+class KernelError(RuntimeError):
+    """A Triton kernel failed on input the codec had checked (its device or memory failed, or the kernel has a bug):
+    the machine's fault, never the packet's, so a decode does not call the packet malformed."""
+
+
+def _launch(kernel: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    try:
+        return kernel(*args, **kwargs)
+    except Exception as exc:
+        raise KernelError(f"the Triton kernel {kernel.__name__} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def _kernels(t: torch.Tensor, backend: str | None, d: int | None = None) -> ModuleType | None:
     """The kernel module when `t`'s op should run there, else None (the reference). The kernels rank float32 keys:
     float64 rows, whose magnitudes float32 could tie, go to the reference unless the kernels are asked for."""
@@ -135,7 +150,7 @@ def top_positions(x: torch.Tensor, n: int, backend: str | None = None) -> torch.
     n = min(n, x.shape[1])
     kernels = _kernels(x, backend, x.shape[1]) if x.shape[0] and n else None
     if kernels is not None:
-        return kernels.select_rows(x, n, 1)[0]
+        return _launch(kernels.select_rows, x, n, 1)[0]
     return torch.sort(torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :n]).values
 
 
@@ -161,13 +176,15 @@ def quantize_rows(
         distortion: ABQ budget, the RMS error allowed per kept entry relative to the kept entries' RMS.
         backend: force "reference" or "kernels"; None dispatches.
     """
+    if y.dtype in (torch.float16, torch.bfloat16):  # the kernels work in float32: so does the reference
+        y = y.float()
     kernels = _kernels(y, backend, y.shape[1]) if y.shape[0] and k else None
     if kernels is None:
         return _quantize_rows_reference(y, k, m, k_pos, excluded, candidates, distortion)
-    positions, labels, vals = kernels.select_rows(y, k, m, k_pos, excluded, with_values=True)
+    positions, labels, vals = _launch(kernels.select_rows, y, k, m, k_pos, excluded, with_values=True)
     if needs_float32(vals.abs().amax(1)):  # the kept entries need float32 block parameters: the reference's job
         return _quantize_rows_reference(y, k, m, k_pos, excluded, candidates, distortion)
-    codes, signs, lo, hi, bits = kernels.quantize_selected(vals, labels, m, candidates, distortion)
+    codes, signs, lo, hi, bits = _launch(kernels.quantize_selected, vals, labels, m, candidates, distortion)
     return QuantizedRows(positions, labels, signs, codes, lo, hi, bits, wide=False)
 
 
@@ -341,7 +358,7 @@ def pack_bits(
         raise CodecError(f"`bit_offset` must be in [0, 8), got {bit_offset}")
     kernels = _kernels(codes, backend) if codes.numel() else None
     if kernels is not None:
-        return kernels.pack_bits(codes, widths, bit_offset)
+        return _launch(kernels.pack_bits, codes, widths, bit_offset)
     starts = bit_offset + torch.cumsum(widths, 0) - widths
     total = bit_offset + int(widths.sum())
     # a field of <= 32 bits moved by < 8 touches at most 5 bytes; fields share no bits, so adding their bytes is OR
@@ -369,9 +386,10 @@ def unpack_bits(
         raise CodecError(
             f"bitstream truncated: need {total} bits at bit {bit_offset}, have {data.numel() * 8 - bit_offset}"
         )
+    data, bit_offset = data[bit_offset >> 3 : (bit_offset + total + 7) >> 3], bit_offset & 7  # only the fields' bytes
     kernels = _kernels(data, backend) if widths.numel() and total else None
     if kernels is not None:
-        return kernels.unpack_bits(data, widths, bit_offset)
+        return _launch(kernels.unpack_bits, data, widths, bit_offset)
     starts = bit_offset + torch.cumsum(widths, 0) - widths
     # each field's 8 bytes from its first one, read as one little-endian integer: a field of <= 32 bits moved by < 8
     # lies within them (one gather of 8 bytes a field, where the bytes one by one cost five gathers and a sum)
@@ -408,7 +426,7 @@ def dequantize_rows(
     n_rows = positions.shape[0]
     kernels = _kernels(codes, backend) if codes.numel() else None
     if kernels is not None:
-        return kernels.dequantize_rows(positions, labels, signs, codes, lo, hi, bits, d)
+        return _launch(kernels.dequantize_rows, positions, labels, signs, codes, lo, hi, bits, d)
     out = torch.zeros(n_rows, d, device=codes.device)
     rows = max(1, CHUNK_FIELDS // max(1, positions.shape[1]))
     for a in range(0, n_rows, rows):  # a chunk of rows at a time: the working set stays bounded

@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .. import protocol
 from ..errors import ConfigError
 from .engine import SplitServer
-from .state import client_host
+from .state import address_group, client_host
 
 logger = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -186,8 +186,10 @@ class _SplitService(grpc.GenericRpcHandler):
         }
 
     def service(self, details: grpc.HandlerCallDetails) -> Any:
-        service, _, method = details.method.lstrip("/").partition("/")
-        return self.methods.get(method) if service == protocol.SERVICE else None
+        """The handler of a method named exactly (`/service/method`): the interceptor checks tokens by exact name,
+        so another spelling of Drain's must not reach it."""
+        service, _, method = details.method.removeprefix("/").partition("/")
+        return self.methods.get(method) if details.method.startswith("/") and service == protocol.SERVICE else None
 
     async def session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         host, cap = client_host(context.peer()), self.engine.limits.max_sessions_per_client
@@ -459,7 +461,7 @@ def _metrics_server(
         connections = _InFlight(METRICS_CONNECTIONS, METRICS_PER_ADDRESS)  # a thread each: past these, closed
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not self.connections.admit(client_address[0]):
+            if not self.connections.admit(address_group(client_address[0])):
                 self.shutdown_request(request)
                 return
             super().process_request(request, client_address)
@@ -472,7 +474,7 @@ def _metrics_server(
                 super().process_request_thread(request, client_address)
             finally:
                 deadline.cancel()
-                self.connections.leave(client_address[0])
+                self.connections.leave(address_group(client_address[0]))
 
         def handle_error(self, request: Any, client_address: Any) -> None:  # a client that stalled or went away
             logger.debug("metrics request from %s failed", client_address, exc_info=True)

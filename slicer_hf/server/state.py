@@ -183,9 +183,17 @@ def client_host(peer: str) -> str:
     in-process caller ("" or "local"), which no per-client cap counts."""
     if not peer.startswith(("ipv4:", "ipv6:")):
         return "" if peer == "local" else peer
-    kind, _, address = urllib.parse.unquote(peer).partition(":")
+    address = urllib.parse.unquote(peer).partition(":")[2]
     host = address.rpartition(":")[0].strip("[]")
-    if kind == "ipv6":
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_network(f"{host}/64", strict=False))
-    return host or peer
+    return address_group(host) if host else peer
+
+
+def address_group(host: str) -> str:
+    """The client an IP address counts as: an IPv4 address itself (also one mapped into IPv6), an IPv6 one by its
+    /64; anything else as it is."""
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address):
+            mapped = ip.ipv4_mapped
+            return str(mapped) if mapped else str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return host

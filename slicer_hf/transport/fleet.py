@@ -128,6 +128,9 @@ class FleetTransport(Transport):
                 raise _NoReplicaNow(error, _retry_after_s(exc.headers.get("Retry-After"))) from None
             raise error from None
         except (OSError, ValueError) as exc:  # URLError is an OSError
+            if isinstance(reason := getattr(exc, "reason", exc), ssl.SSLCertVerificationError):  # no retry helps
+                hint = "pass its CA with --root-cert (root_certificates=), and connect by a name it holds"
+                raise TransportError(f"router {self.router}: {reason} ({hint})", retryable=False) from None
             raise TransportError(f"router {self.router} unreachable: {exc}", unreachable=True) from None
         except http.client.HTTPException as exc:  # a status line or headers that are not HTTP
             raise TransportError(f"router {self.router} sent a broken HTTP answer: {exc!r}") from None

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from ..errors import TransportError
+from ..errors import ProtocolError, TransportError
 from ..protocol import (  # noqa: F401 (re-exported for callers of this module)
     DRAIN_METHOD,
     METRICS_METHOD,
@@ -154,7 +154,13 @@ class GrpcTransport(Transport):
                     inbox.put(reply)
                 inbox.put(TransportError(f"server {self.name} closed the stream"))
             except grpc.RpcError as exc:
-                inbox.put(_as_transport_error(exc, self.name, self._answered))
+                details = exc.details() if hasattr(exc, "details") else None
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and (details or "").startswith("stream idle"):
+                    # the server let the stream idle out, and its session with it; the server itself is well
+                    message = f"{self.name} closed the stream ({details}): its session is gone"
+                    inbox.put(ProtocolError(message, code="unknown_session"))
+                else:
+                    inbox.put(_as_transport_error(exc, self.name, self._answered))
 
         self._reader = threading.Thread(target=pump, name="slicer-grpc-reader", daemon=True)
         self._reader.start()
@@ -237,6 +243,9 @@ class GrpcTransport(Transport):
                 raise _as_transport_error(exc, self.name) from exc
 
 
+TLS_HOST_HINT = "the server's TLS certificate does not name the host in the URL: connect by a name it holds"
+
+
 def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -> TransportError:
     """The `TransportError` of a failed call to `name`; `answered`: whether it ever replied before."""
     code = exc.code() if hasattr(exc, "code") else None
@@ -252,6 +261,8 @@ def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -
     if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:  # no retry will trust it
         hint = "the server's TLS certificate is not trusted here: pass its CA with --root-cert (root_certificates=)"
         return TransportError(f"{message} ({hint})", retryable=False)
+    if "hostname verification" in lowered:
+        return TransportError(f"{message} ({TLS_HOST_HINT})", retryable=False)
     if name.startswith("grpc://") and "socket closed" in lowered and not answered:
         message += " (a server that speaks TLS closes plain connections: is it grpcs://?)"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "received message larger than max" in lowered:
