@@ -92,6 +92,53 @@ def test_lossy_eval_reports_the_damage_and_the_savings(tiny_dir):
     assert r["bits_per_token_with_step_header"] == r["bits_per_token"] - 8 * (envelope - 6)
 
 
+def test_lossy_eval_scores_the_split_against_the_unsplit_model_as_their_definitions_say(tiny_dir, tmp_path):
+    """The quality figures the docs quote, recomputed here from their definitions: a lossy perplexity read off the
+    reference, a reversed KL, agreement read off one side or a change of the wrong sign had all passed."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slicer_hf.data import load_text, token_windows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # peaked next-token distributions, where KL's direction shows (a random head's are flat)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * 30)
+    model.save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.save_pretrained(tmp_path)
+    config = SlicerConfig(split_layer=2, codec="slicer", sparsity=0.8, num_blocks=1)  # coarse: top-1 moves
+    r = evaluate(str(tmp_path), "wikitext-2-v1:validation", config=config, window=64, max_tokens=128, progress=False)
+    codec = build_codec(config)
+    windows = token_windows(tokenizer, load_text("wikitext-2-v1:validation"), 64, 128)
+    ref_lp, out_lp, targets = [], [], []
+    with torch.no_grad():
+        for ids in windows:
+            ids = ids[None]
+            ref_lp.append(F.log_softmax(model(ids).logits[0, :-1], -1))
+            handle = model.model.layers[1].register_forward_hook(
+                lambda m, a, out: (
+                    (codec.decode(codec.encode(out[0] if isinstance(out, tuple) else out)),)
+                    if isinstance(out, tuple)
+                    else codec.decode(codec.encode(out))
+                )
+            )
+            out_lp.append(F.log_softmax(model(ids).logits[0, :-1], -1))
+            handle.remove()
+            targets.append(ids[0, 1:])
+    ref_lp, out_lp, targets = torch.cat(ref_lp), torch.cat(out_lp), torch.cat(targets)
+    n = len(targets)
+    ppl_ref = math.exp(-ref_lp.gather(1, targets[:, None]).sum().item() / n)
+    ppl = math.exp(-out_lp.gather(1, targets[:, None]).sum().item() / n)
+    assert r["tokens_scored"] == n and r["ppl_ref"] == pytest.approx(ppl_ref, rel=1e-5)
+    assert r["ppl"] == pytest.approx(ppl, rel=1e-5) and r["ppl"] != pytest.approx(ppl_ref, rel=1e-6)
+    assert r["ppl_change_pct"] == pytest.approx(100 * (ppl / ppl_ref - 1), abs=1e-3) and r["ppl_change_pct"] > 0.1
+    kl = F.kl_div(out_lp, ref_lp, log_target=True, reduction="sum").item() / n  # KL(reference || split)
+    reverse = F.kl_div(ref_lp, out_lp, log_target=True, reduction="sum").item() / n
+    assert r["kl_mean"] == pytest.approx(kl, rel=1e-3) and abs(reverse - kl) > 0.01 * kl
+    agree = (ref_lp.argmax(-1) == out_lp.argmax(-1)).float().mean().item()
+    assert r["top1_agreement"] == pytest.approx(agree) and r["top1_agreement"] < 1
+
+
 @pytest.mark.parametrize(
     "downlink",
     [{}, {"downlink_dtype": "bfloat16"}, {"downlink": "logits"}, {"downlink": "logits", "downlink_dtype": "float16"}],
