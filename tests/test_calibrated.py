@@ -569,3 +569,23 @@ def test_a_row_held_only_in_the_channels_its_rms_leaves_out_is_coded_not_dropped
     row = torch.zeros(1, D)
     row[0, 5] = 40.0  # the massive channel alone
     assert (c.decode(c.encode(row)) - row).norm() < 0.2 * row.norm()
+
+
+def test_a_basis_refuses_a_zero_scale_and_weights_other_than_zeros_and_ones():
+    d = 4
+    whole = dict(forward=torch.eye(d), inverse=torch.eye(d), mean=torch.zeros(d), scale=torch.ones(d))
+    Basis(**whole, norm_weight=torch.ones(d))
+    with pytest.raises(CodecError, match="`scale` must be positive"):
+        Basis(**{**whole, "scale": torch.tensor([1.0, 0.0, 1.0, 1.0])}, norm_weight=torch.ones(d))
+    for weight in (torch.tensor([1.0, 0.5, 1.0, 1.0]), torch.zeros(d)):
+        with pytest.raises(CodecError, match="`norm_weight` must hold 0s and 1s"):
+            Basis(**whole, norm_weight=weight)
+
+
+def test_a_predicting_basis_has_no_bound_on_its_coordinates_even_where_every_channel_counts():
+    """What it codes is a residual, not a row over its RMS: a finite bound would clip it."""
+    d = 4
+    whole = dict(forward=torch.eye(d), inverse=torch.eye(d), mean=torch.zeros(d), scale=torch.ones(d))
+    assert math.isfinite(Basis(**whole, norm_weight=torch.ones(d)).code_bound)
+    predictor = dict(given_weight=torch.eye(d), given_bias=torch.zeros(d), given_norm=torch.ones(d))
+    assert Basis(**whole, norm_weight=torch.ones(d), **predictor).code_bound == math.inf

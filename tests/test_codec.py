@@ -15,21 +15,21 @@ from slicer_hf.codec.bits import BitReader, BitWriter
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1, 1, 576), (1, 1, 1), (7, 100), (2, 3, 63), (513,), (1, 4, 4096)]
 # Lossy codecs with the relative L2 error each must stay under on Gaussian rows with outlier channels.
-LOSSY_BOUNDS = {
-    "fp16": ("fp16", {}, 1e-3),
-    "bf16": ("bf16", {}, 8e-3),
-    "int8": ("int8", {}, 0.08),
-    "topk": ("topk", {"sparsity": 0.5}, 0.5),
-    "slicer-default": ("slicer", {}, 0.1),
-    "slicer-sparse-blocks": ("slicer", {"sparsity": 0.5, "num_blocks": 4, "rotation": "none"}, 0.6),
-    "slicer-asymmetric": ("slicer", {"sparsity": 0.3, "asymmetry": 0.7, "rotation": "none", "outliers": 0}, 0.7),
-    "slicer-tight": ("slicer", {"distortion": 0.01, "bit_candidates": (2, 4, 8, 12)}, 0.015),
+LOSSY_BOUNDS = {  # about 1.5x the worst error of the shapes below (bounds 2-7x loose had let a halved int8 scale pass)
+    "fp16": ("fp16", {}, 3e-4),
+    "bf16": ("bf16", {}, 2e-3),
+    "int8": ("int8", {}, 0.055),
+    "topk": ("topk", {"sparsity": 0.5}, 0.23),
+    "slicer-default": ("slicer", {}, 0.055),
+    "slicer-sparse-blocks": ("slicer", {"sparsity": 0.5, "num_blocks": 4, "rotation": "none"}, 0.24),
+    "slicer-asymmetric": ("slicer", {"sparsity": 0.3, "asymmetry": 0.7, "rotation": "none", "outliers": 0}, 0.21),
+    "slicer-tight": ("slicer", {"distortion": 0.01, "bit_candidates": (2, 4, 8, 12)}, 0.003),
 }
 HAS_CONSTRICTION = importlib.util.find_spec("constriction") is not None
 needs_constriction = pytest.mark.skipif(not HAS_CONSTRICTION, reason="quantizer='ecsq' needs constriction")
 if HAS_CONSTRICTION:
-    LOSSY_BOUNDS["slicer-ecsq"] = ("slicer", {"quantizer": "ecsq"}, 0.1)
-    LOSSY_BOUNDS["slicer-ecsq-unrotated"] = ("slicer", {"quantizer": "ecsq", "rotation": "none", "step": 0.1}, 0.03)
+    LOSSY_BOUNDS["slicer-ecsq"] = ("slicer", {"quantizer": "ecsq"}, 0.08)
+    LOSSY_BOUNDS["slicer-ecsq-unrotated"] = ("slicer", {"quantizer": "ecsq", "rotation": "none", "step": 0.1}, 0.027)
 
 
 def hidden_states(*shape, seed=0, dtype=torch.float32):
@@ -795,3 +795,46 @@ def test_half_precision_rows_quantize_as_their_float32_values_on_either_backend(
     half, full = (ops.quantize_rows(r, 64, 4, None, None, candidates, 0.08, "reference") for r in (y, y.float()))
     for field in ("positions", "labels", "signs", "codes", "lo", "hi", "bits"):
         assert torch.equal(getattr(half, field), getattr(full, field)), field
+
+
+@pytest.mark.parametrize("case", ["identity", *LOSSY_BOUNDS, "grouped"])
+def test_a_packet_with_a_byte_appended_is_refused(case):
+    name, params, _ = LOSSY_BOUNDS.get(case, (case, {}, None))
+    codec = build_codec(name, **params)
+    packet = codec.encode(hidden_states(2, 3, 64))
+    with pytest.raises(CodecError):
+        codec.decode(packet + b"\0")
+
+
+def test_a_varint_padded_past_its_limit_with_empty_continuation_bytes_is_refused():
+    from slicer_hf.codec.bits import Reader
+
+    with pytest.raises(CodecError, match="exceeds the limit 64"):
+        Reader(bytes([0x81] + [0x80] * 6 + [0x00])).varint(limit=64)  # 1, spelled in eight bytes
+
+
+def test_position_sections_that_hold_too_few_positions_or_one_past_the_row_are_refused():
+    """Read directly: the codecs' catch-all would turn any other failure into a CodecError too."""
+    from slicer_hf.codec.indices import read_positions
+
+    w = BitWriter()  # one bitmap row of 16 bits holding 3 positions, where 4 are kept
+    w.write(np.array([0]), 1)
+    bitmap = np.zeros(16, np.uint64)
+    bitmap[[1, 2, 3]] = 1
+    w.write(bitmap, 1)
+    with pytest.raises(CodecError, match="holds 3 positions"):
+        read_positions(BitReader(w.getvalue()), 1, 4, 16)
+    w = BitWriter()  # one Rice row (r = 0) of gaps 0 and 7 in a row of 8: positions 0 and 8
+    w.write(np.array([1]), 1)
+    w.write(np.array([0]), 4)
+    w.write_unary(np.array([0, 7]))
+    with pytest.raises(CodecError, match="past 7"):
+        read_positions(BitReader(w.getvalue()), 1, 2, 8)
+
+
+def test_a_grouped_code_one_past_its_range_is_refused_not_decoded_to_another_value():
+    codec = build_codec("grouped", bits=4, group_size=32, outliers=1)
+    packet = bytearray(codec.encode(torch.randn(1, 100, generator=torch.Generator().manual_seed(0))))
+    packet[-1] |= 0xF0  # the last 4-bit code: 15, where codes run to 7
+    with pytest.raises(CodecError, match="code out of range"):
+        codec.decode(bytes(packet))

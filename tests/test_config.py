@@ -4,6 +4,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from slicer_hf import CodecError, ConfigError, SlicerConfig
 from slicer_hf.config import CONFIG_NAME
@@ -103,6 +104,13 @@ def test_numpy_numbers_become_pythons_so_the_config_saves_and_opens_sessions(tmp
 def test_split_layer_must_leave_server_layers():
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         SlicerConfig(split_layer=30, num_hidden_layers=30)
+    assert [SlicerConfig().split_layer_for(n) for n in range(2, 9)] == [1, 2, 3, 4, 4, 5, 6]  # 3/4, one left over
+
+
+def test_a_basis_is_named_by_a_digest_of_16_lowercase_hex_digits():
+    for basis in ("abc", "", "0123456789ABCDEF", "0123456789abcdef0"):
+        with pytest.raises(ConfigError, match="basis"):
+            SlicerConfig(quantizer="ecsq", rotation="calibrated", basis=basis)
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
@@ -294,6 +302,8 @@ def test_layers_an_edge_released_are_not_run_again(tmp_path):
         SlicerModelForCausalLM.from_model(edge, SlicerConfig(split_layer=2))  # in process: every layer runs here
     with pytest.raises(ConfigError, match="layer 2 holds no weights here"):
         SlicerModelForCausalLM.from_model(edge, SlicerConfig(split_layer=3), transport="grpc://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="fixed at 2 with a remote server"):  # it holds layers 0..1 alone
+        edge.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, split_layer=3)
 
 
 def test_a_null_ladder_in_a_config_file_is_no_ladder_and_saves_again(tmp_path):

@@ -301,7 +301,7 @@ class SlicerCodec(Codec):
             row_bits += k * (math.ceil(math.log2(max(m, 1))) + 17) + m * (5 + 64)
             limit = n_rows * row_bits // 8 + 64
             try:
-                body = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+                body = _unzstd(body, limit)
             except zstandard.ZstdError as exc:
                 raise CodecError(f"corrupt zstd body: {exc}") from exc
         if len(body) * 8 < n_rows * (k + m * 37):
@@ -497,6 +497,17 @@ def _calibrated_rows(
     encoder and decoder share, so that a chained codec's two sides hold the very same rows."""
     u = (y.double() * step + guess) @ basis.f64["inverse"] + basis.f64["mean"]
     return (u * rms.double()[:, None]).float()
+
+
+def _unzstd(frame: bytes, limit: int) -> bytes:
+    """One zstd frame, inflated to at most `limit` bytes; bytes after the frame are refused (a frame that does not
+    name its size is inflated as a stream, which ignores them)."""
+    out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+    ends = zstandard.ZstdDecompressor().decompressobj()
+    ends.decompress(frame)  # no larger than `out`: the same frame
+    if ends.unused_data:
+        raise CodecError(f"{len(ends.unused_data)} bytes after the zstd frame")
+    return out
 
 
 def _decode_ecsq(
