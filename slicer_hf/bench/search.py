@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="profile with 2 torch threads")  # fmt: skip
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the converted SmolLM2-135M)")
     parser.add_argument("--repeats", type=at_least(1), default=3, help="generations per client (medians)")
-    parser.add_argument("--new-tokens", type=at_least(1), default=32, help="tokens each generation decodes")
+    parser.add_argument(
+        "--new-tokens", type=at_least(2), default=32, help="tokens each generation decodes (the first is the prefill's)"
+    )
     parser.add_argument("--kl-tokens", type=at_least(512), default=1024, help="test tokens, in windows of 512")
     parser.add_argument("--out-json", default="docs/benchmarks/search.json",
                         help="the JSON; the clients' configs go to the folder of its name less .json")  # fmt: skip
