@@ -1042,7 +1042,7 @@ def test_servers_frozen_from_the_start_cost_two_timeouts_not_ten():
     alone, url = fake_server(session)
     link = SuffixLink(GrpcTransport([url], timeout_s=0.5), request, codec)
     try:
-        with pytest.raises(TransportError, match=r"no answer .*\(is a slicer-hf server running at") as silent:
+        with pytest.raises(TransportError, match="no answer .* or no slicer-hf server there") as silent:
             link.step(torch.randn(1, 3, 64), 0, None, None, 0)
         assert silent.value.unreachable and not silent.value.retryable
     finally:

@@ -200,8 +200,8 @@ class GrpcTransport(Transport):
             elsewhere = bool(self.others) or self.has_alternatives()
             if elsewhere:
                 message += " on a new stream" if fresh else " (stalled or too busy)"
-            elif not self._answered:  # nothing ever answered here
-                message += f" (is a slicer-hf server running at {self.name}? grpcs:// if it takes TLS)"
+            elif not self._answered:  # nothing ever answered here: a slow server, or something else on the port
+                message += " (busy or stalled, or no slicer-hf server there: raise timeout_s to wait)"
             else:
                 message += " (busy or stalled: raise timeout_s to wait)"
             raise TransportError(message, retryable=elsewhere, unreachable=fresh, timed_out=True) from None
