@@ -36,6 +36,7 @@ from .hooks import SplitPlan, attach_hooks, detach_hooks, split_plan
 from .link import SuffixLink, WireStats, open_request, wire_dtype
 from .loading import check_model_folder, expand_home, load_layers, release_layers
 from .server.engine import SplitServer
+from .server.state import ServerLimits
 from .transport import LocalTransport, Transport, make_transport
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,21 @@ class SplitModelMixin:
         finally:
             self._slicer_busy.release()
 
+    def _refuse_autocast(self) -> None:
+        """The server's layers run on its own thread (or machine), where the caller's autocast does not reach: its
+        outputs would differ from the plain model's under autocast, silently."""
+        device = self.device.type
+        try:
+            on = torch.is_autocast_enabled(device)
+        except TypeError:  # torch before 2.4 asks per device by name
+            on = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+        if on:
+            raise NotImplementedError(
+                "a split model does not run under torch.autocast: the server's layers run outside it (on their own "
+                "thread or machine), so the outputs would not be the model's; cast the model instead "
+                "(model.to(torch.bfloat16))"
+            )
+
     def _warn_without_gradients(self) -> None:
         """A forward with gradients on trains almost nothing: the hidden states cross the split as bytes."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
@@ -140,8 +156,9 @@ class SplitModelMixin:
     # ---------------------------------------------------------------- public API
     def wire_stats(self) -> WireStats:
         """Uplink/downlink bytes, messages and tokens of this session (since it opened, or the last
-        `reset_wire_stats()`; `close_session()` ends the count with the session)."""
-        return self._slicer_link.stats if self._slicer_link else WireStats()
+        `reset_wire_stats()`; `close_session()` ends the count with the session, and so does a call at another split
+        layer or dtype, which opens another): a snapshot, which later calls leave as it is."""
+        return copy.deepcopy(self._slicer_link.stats) if self._slicer_link else WireStats()  # a snapshot
 
     def reset_wire_stats(self) -> None:
         with self._exclusive():
@@ -233,8 +250,8 @@ class SplitModelMixin:
                 f"a split model runs in float32, float16 or bfloat16 (what its hidden states travel in); this one is "
                 f"{self.dtype}: move it to one (model.to(torch.float32))"
             )
-        if self._slicer_local and self._slicer_transport.server.dtype != self.dtype:  # model.to(dtype) since
-            self.close_session()  # the in-process server built its KV store for the old dtype: a new one
+        if self._slicer_local and _outgrown(self._slicer_transport.server, self):  # the model changed since the
+            self.close_session()  # in-process server started (its dtype, vocabulary, attention): a new one
             self._slicer_transport.server.shutdown()
             self._slicer_transport = _in_process(self)
         link = self._slicer_link
@@ -327,12 +344,15 @@ class SlicerGenerationMixin(SplitModelMixin):
         if split_layer is None and running is not None and running[0] is self:
             split_layer = running[1]
         k = self._resolve_split(split_layer)
+        self._refuse_autocast()
         self._warn_without_gradients()
         base_forward = super().forward  # the model's own forward (this mixin sits before its class)
         given = self._arguments(base_forward, args, kwargs, k)
-        link = self._link_for(k)
         input_ids = given.get("input_ids")
-        ref = input_ids if input_ids is not None else given["inputs_embeds"]
+        ref = input_ids if input_ids is not None else given.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("a forward needs input_ids or inputs_embeds")
+        link = self._link_for(k)
         b, t = ref.shape[:2]
         cache = compat.cache_from_kwargs(given)
         compat.check_split_cache(cache)
@@ -543,8 +563,22 @@ class SlicerModelForCausalLM:
 def _in_process(model: PreTrainedModel) -> LocalTransport:
     """The in-process server of `model`. A half-precision one keeps transformers' own caches: the KV store's attention
     over a padded batch (or past a sliding window) rounds otherwise, by up to 0.4 of a bfloat16 logit, enough to
-    change tokens; in float32, about 1e-7, and the store's batching serves the edge's batch in one forward."""
-    return LocalTransport(SplitServer(model, kv_store=model.dtype == torch.float32))
+    change tokens; in float32, about 1e-7, and the store's batching serves the edge's batch in one forward. Its limits
+    are the model's, not a shared server's: its whole context, any batch, and memory as the KV budget allows."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    limits = ServerLimits(
+        max_context_tokens=max(ServerLimits.max_context_tokens, positions if isinstance(positions, int) else 0),
+        max_session_batch=1 << 20,
+        max_session_kv_bytes=1 << 62,
+    )
+    return LocalTransport(SplitServer(model, limits=limits, kv_store=model.dtype == torch.float32))
+
+
+def _outgrown(server: SplitServer, model: PreTrainedModel) -> bool:
+    """Whether `model` changed since its in-process `server` started: its dtype (`model.to`), its shape
+    (`resize_token_embeddings`), or its attention where the KV store runs it (`set_attn_implementation`)."""
+    moved = server.store is not None and model.config._attn_implementation not in ("sdpa", compat.STORE_ATTENTION)
+    return server.dtype != model.dtype or server.fingerprint != protocol.model_fingerprint(model.config) or moved
 
 
 def make_split(

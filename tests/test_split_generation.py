@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHITECTURES, VOCAB, RecordingTransport, transformers_log
+from conftest import ARCHITECTURES, VOCAB, RecordingTransport, tiny_model, transformers_log
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -1111,3 +1111,49 @@ def test_a_half_precision_model_samples_exactly_as_plain_generate_on_a_padded_sl
         expected = ref.generate(**args, pad_token_id=0)
         torch.manual_seed(seed)
         assert torch.equal(model.generate(**args, pad_token_id=0), expected), seed
+
+
+# ---------------------------------------------------------------------------------------------------- in process
+def test_a_split_model_under_autocast_is_refused_not_run_half_outside_it():
+    """The in-process server runs its layers on its own thread, where the caller's autocast is off: tokens differed."""
+    model = split(tiny_model("llama"), split_layer=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(NotImplementedError, match="torch.autocast"):
+        model.generate(prompt(), max_new_tokens=2, do_sample=False)
+    model.generate(prompt(), max_new_tokens=2, do_sample=False)  # outside it, as before
+
+
+def test_the_in_process_server_takes_what_the_model_takes_not_a_shared_servers_caps():
+    """A batch of 65 rows, or a context past 16,384 positions, had been refused where plain generate() ran."""
+    reference = tiny_model("llama")
+    reference.config.max_position_embeddings = 1 << 17
+    model = split(copy.deepcopy(reference), split_layer=2)
+    ids = prompt(65, 5)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2))
+    limits = model.split_server.limits
+    assert limits.max_context_tokens == 1 << 17 and limits.max_session_kv_bytes >= 1 << 50
+
+
+def test_a_model_resized_or_set_to_another_attention_after_splitting_gets_a_server_that_serves_it():
+    """The in-process server kept the model it started with: a resized vocabulary was a model mismatch, and eager
+    attention an internal error in every step."""
+    reference = tiny_model("llama")
+    model = split(copy.deepcopy(reference), split_layer=2)
+    model.generate(prompt(), max_new_tokens=2, do_sample=False)
+    for changed in (reference, model):
+        changed.resize_token_embeddings(VOCAB + 8, mean_resizing=False)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(prompt(), max_new_tokens=3), reference.generate(prompt(), max_new_tokens=3))
+    for changed in (reference, model):
+        changed.set_attn_implementation("eager")
+    assert torch.equal(model.generate(prompt(), max_new_tokens=3), reference.generate(prompt(), max_new_tokens=3))
+
+
+def test_wire_stats_are_a_snapshot_and_a_forward_needs_its_inputs():
+    model = split(tiny_model("llama"), split_layer=2)
+    model.generate(prompt(), max_new_tokens=2, do_sample=False)
+    before = model.wire_stats()
+    model.generate(prompt(), max_new_tokens=2, do_sample=False)
+    assert model.wire_stats().uplink_bytes > before.uplink_bytes  # the snapshot stayed as it was
+    with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
+        model(attention_mask=torch.ones(1, 3, dtype=torch.long))
