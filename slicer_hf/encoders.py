@@ -68,9 +68,10 @@ class SlicerEncoderMixin(SplitModelMixin):
                 "(generate(..., use_cache=False) does)"
             )
         mask = given.get("attention_mask")
-        ids = given.get("input_ids")
-        if mask is not None and mask.ndim == 3 and ids is not None and ids.ndim == 3:  # a multiple-choice head's
-            mask = mask.reshape(-1, mask.shape[-1])  # [batch, choices, length], flattened as its forward does
+        ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
+        choices = ids is not None and ids.ndim == 3 or embeds is not None and embeds.ndim == 4  # multiple choice:
+        if mask is not None and mask.ndim == 3 and choices:  # a mask [batch, choices, length], flattened as its
+            mask = mask.reshape(-1, mask.shape[-1])  # forward flattens it
         if mask is not None and compat.encoder_kind(self.config) != "text":
             raise NotImplementedError("a split vision model takes no attention_mask (the server is sent none)")
         if mask is not None and mask.ndim != 2:

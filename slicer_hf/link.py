@@ -436,7 +436,7 @@ class SuffixLink:
         sequence so far, ending with the one `send` sends, if any) are replayed first."""
         last: Exception | None = None
         refusal: ProtocolError | None = None  # the latest refusal for want of room, for when nowhere else is left
-        timed_out = False  # a reply timed out once: the session moved; a second time, the timeout is the answer
+        timeouts = 0  # replies that timed out: the session moves on each, until it has on every server
         for attempt in range(self.max_attempts):
             if attempt > 1:  # the first retry goes at once (to the next server); then back off, with jitter
                 time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 2))))
@@ -463,8 +463,9 @@ class SuffixLink:
                     raise refusal from exc
                 elsewhere = self.transport.has_alternatives()  # another server may have room
                 if isinstance(exc, TransportError):
-                    recoverable = exc.retryable and not (exc.timed_out and timed_out)  # slow everywhere: not 10 moves
-                    timed_out |= exc.timed_out
+                    timeouts += exc.timed_out
+                    # slow on every server: the timeout is the answer (a move each retry had cost 10 x timeout_s)
+                    recoverable = exc.retryable and not (exc.timed_out and timeouts >= self.transport.servers())
                 else:
                     recoverable = exc.code in ("unknown_session", "state_lost", "draining", "shutdown") or (
                         elsewhere and exc.code in NO_ROOM

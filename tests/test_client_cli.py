@@ -125,7 +125,8 @@ def test_a_reply_that_times_out_drops_its_turn_and_the_chat_goes_on(tiny_dir, se
     def timeout_in_the_second_reply(self, text, stream_end=False):
         if len(replies) == 1 and not stalled:
             stalled.append(text)
-            raise TransportError("no reply from the server within 0.5 s (busy or stalled: raise timeout_s to wait)")
+            message = "no reply from the server within 0.5 s (busy or stalled: raise timeout_s to wait)"
+            raise TransportError(message, retryable=False, timed_out=True)
         printed(self, text, stream_end)
         if stream_end:
             replies.append(text)
@@ -141,6 +142,19 @@ def test_a_reply_that_times_out_drops_its_turn_and_the_chat_goes_on(tiny_dir, se
     first, second = two_turns(tiny_dir, 5)
     assert first in result.output and second in result.output  # the timed-out turn left no trace
     assert "10 tokens in" in result.output
+
+
+def test_a_chat_whose_server_refuses_its_token_ends_with_the_error(tiny_dir, server_url, monkeypatch):
+    """Only a timeout drops a turn: a refused token (or no server at all) had dropped every turn and exited 0."""
+    from slicer_hf import TransportError, client
+
+    def refused(self, text, stream_end=False):
+        raise TransportError("grpc://x: UNAUTHENTICATED: missing or wrong auth token", retryable=False)
+
+    monkeypatch.setattr(client._Printer, "on_finalized_text", refused)
+    args = ["chat", "--server", server_url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "2"], input="Hello\nAnd then?\n/exit\n")
+    assert isinstance(result.exception, TransportError) and "dropped" not in result.output  # main() prints it
 
 
 def test_a_clients_timeout_is_its_transports(tiny_dir, server_url):

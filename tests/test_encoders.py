@@ -424,8 +424,11 @@ def test_a_multiple_choice_heads_three_dimensional_mask_splits_exactly():
     mask[0, 1, 5:] = 0
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
+        embeds = model.get_input_embeddings()(ids)  # [batch, choices, length, width]
+        want_embedded = model(inputs_embeds=embeds, attention_mask=mask).logits
         split = SlicerModel.from_model(model, LOSSLESS.replace(split_layer=2))
         assert torch.equal(split(input_ids=ids, attention_mask=mask).logits, want)
+        assert torch.equal(split(inputs_embeds=embeds, attention_mask=mask).logits, want_embedded)
 
 
 @pytest.mark.parametrize("family", ["vit", "deit"])

@@ -223,7 +223,7 @@ def test_a_step_whose_client_leaves_while_it_is_queued_ends_quietly_not_as_a_tim
         server.shutdown()
 
 
-def test_at_shutdown_a_queued_step_is_refused_as_shutdown_not_as_an_unknown_session(engine):
+def test_at_shutdown_a_queued_step_is_refused_as_shutdown_not_as_an_unknown_session(engine, caplog):
     """Sessions were closed before the queue was refused: the client replayed on the stopping server first."""
     server = engine(batching=True)
     stuck, release, _ = gate_rounds(server)
@@ -245,11 +245,51 @@ def test_at_shutdown_a_queued_step_is_refused_as_shutdown_not_as_an_unknown_sess
     with pytest.raises(ProtocolError) as refused:
         protocol.raise_if_error(replies["second"])
     assert refused.value.code == "shutdown" and not server.sessions
+    assert not [r for r in caplog.records if r.name == "slicer_hf.server.engine" and r.levelname == "WARNING"]
 
 
 def test_an_infinite_step_timeout_waits_without_one(engine):
     server = engine(step_timeout_s=float("inf"))  # Future.result(timeout=inf) had raised OverflowError
     protocol.raise_if_error(step(server, open_session(server), 1))
+    server.shutdown()
+
+
+def test_a_packet_whose_decode_runs_out_of_memory_fails_its_own_step_as_internal_and_no_other(engine, monkeypatch):
+    """A machine error in one packet's decode had failed every step decoded in its round."""
+    from slicer_hf.codec import ops
+
+    server = engine(batching=True)
+    stuck, release, _ = gate_rounds(server)
+    config = SlicerConfig(codec="slicer")
+    holder, big, small = open_session(server), open_session(server, config), open_session(server, config)
+    dequantize = ops.dequantize_rows
+
+    def out_of_memory_at_64_rows(positions, *args, **kwargs):
+        if positions.shape[0] >= 64:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return dequantize(positions, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "dequantize_rows", out_of_memory_at_64_rows)
+    replies = {}
+
+    def send(name, session, tokens, codec):
+        payload = codec.encode(torch.randn(1, tokens, server.hidden_size))
+        replies[name] = server.handle(protocol.encode_step(protocol.Step(session, 1, 0, 1, tokens, 0, payload)))
+
+    threads = [threading.Thread(target=send, args=("holder", holder, 1, build_codec("identity")))]
+    threads[0].start()
+    assert stuck.wait(10)
+    for name, session, tokens in (("big", big, 64), ("small", small, 3)):  # queued for one round
+        threads.append(threading.Thread(target=send, args=(name, session, tokens, build_codec(config))))
+        threads[-1].start()
+    assert wait_for(lambda: server.scheduler._queue.qsize() == 2)
+    release.set()
+    for thread in threads:
+        thread.join(20)
+    protocol.raise_if_error(replies["small"])
+    with pytest.raises(ProtocolError, match="OutOfMemoryError") as refused:
+        protocol.raise_if_error(replies["big"])
+    assert refused.value.code == "internal" and sorted(server.sessions) == sorted([holder, small])
     server.shutdown()
 
 
@@ -693,7 +733,8 @@ def test_control_calls_count_by_address_less_its_port_an_ipv6_one_by_its_64():
 
     assert address_group("2001:db8::1") == address_group("2001:db8::2") == "2001:db8::/64"  # had been one each
     assert address_group("::ffff:192.0.2.7") == "192.0.2.7" != address_group("::ffff:192.0.2.8")  # not one /64
-    assert address_group("192.0.2.7") == "192.0.2.7"
+    assert address_group("192.0.2.7") == "192.0.2.7" == address_group("64:ff9b::192.0.2.7")  # through NAT64
+    assert address_group("fe80::1%eth0") != address_group("fe80::2%eth0")  # every link has the same /64
     calls = _InFlight(slots=3, per_peer=2)
     assert calls.admit("a") and calls.admit("a") and not calls.admit("a")  # two from one address
     assert calls.admit("b") and not calls.admit("c")  # three in all
@@ -1048,6 +1089,31 @@ def test_servers_frozen_from_the_start_cost_two_timeouts_not_ten():
     finally:
         link.transport.close()
         alone.stop(0)
+
+
+def test_a_session_moves_past_two_frozen_servers_to_a_third_that_answers(engine):
+    """Two timeouts had ended the session with three servers given, the third never tried."""
+
+    def frozen(requests, context):
+        for _ in requests:
+            pass
+        yield from ()
+
+    (first, url_a), (second, url_b) = fake_server(frozen), fake_server(frozen)
+    server = engine()
+    running = serve(server, port=0)
+    codec = build_codec("identity")
+    request = open_request(SlicerConfig(codec="identity"), server.model.config, "tiny", 2, codec)
+    urls = [url_a, url_b, f"grpc://127.0.0.1:{running.port}"]
+    link = SuffixLink(GrpcTransport(urls, timeout_s=0.5), request, codec)
+    try:
+        link.step(torch.randn(1, 3, server.hidden_size), 0, None, None, 0)
+        assert len(server.sessions) == 1 and link.stats.failovers == 1
+    finally:
+        link.transport.close()
+        first.stop(0)
+        second.stop(0)
+        running.stop()
 
 
 def test_an_interrupted_request_leaves_no_stale_reply_for_the_next_one(engine):

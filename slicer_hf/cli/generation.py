@@ -124,7 +124,9 @@ def chat(
             try:
                 reply, elapsed, new = client.reply(messages, sampling)
             except (ProtocolError, ConfigError, TransportError) as exc:  # the server refused this turn (it outgrew
-                messages.pop()  # the context, say), or gave no reply in time: the conversation goes on
+                if isinstance(exc, TransportError) and not exc.timed_out:  # the context, say), or gave no reply in
+                    raise  # time: the conversation goes on; a refused token or no server at all ends it
+                messages.pop()
                 if isinstance(exc, TransportError):
                     client.restart()  # its session is gone with its stream
                 print(f"\nerror: {exc} (this message is dropped; /exit to leave)", flush=True)

@@ -18,6 +18,10 @@ from ..errors import CodecError
 from .bits import Reader, write_varint
 from .ops import KernelError
 
+# what a decode raises as the machine's fault, never the packet's (torch before 2.5 has CUDA's error only)
+OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+MACHINE_ERRORS: tuple[type[Exception], ...] = (KernelError, OUT_OF_MEMORY)
+
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 DTYPES_BY_CODE = {v: k for k, v in DTYPE_CODES.items()}
 MAX_NDIM = 8
@@ -196,7 +200,7 @@ class Codec(ABC):
         try:
             with self._decoding_on(device):
                 out = self._decode(Reader(bytes(data)), expect_shape, expect_dtypes, given)
-        except (CodecError, KernelError, torch.OutOfMemoryError):  # the packet's fault, or the machine's
+        except (CodecError, *MACHINE_ERRORS):  # the packet's fault, or the machine's
             raise
         except Exception as exc:  # any other failure on hostile bytes is still malformed input
             raise CodecError(f"malformed {self.name!r} packet: {type(exc).__name__}: {exc}") from exc
@@ -215,10 +219,11 @@ class Codec(ABC):
         expect_shapes: Sequence[tuple[int | None, ...] | None] | None = None,
         expect_dtypes: frozenset[torch.dtype] | None = None,
         givens: Sequence[torch.Tensor | None] | None = None,
-    ) -> list[torch.Tensor | CodecError]:
+    ) -> list[torch.Tensor | Exception]:
         """Decode several packets at once: for each, the tensor `decode` gives, or the `CodecError` it raises (one
-        bad packet fails alone). A codec may share work between the packets (`SlicerCodec` rebuilds calibrated rows
-        in one product); the results are those of one `decode` each.
+        bad packet fails alone), or the machine's error (`MACHINE_ERRORS`) where decoding it failed for want of
+        memory, say. A codec may share work between the packets (`SlicerCodec` rebuilds calibrated rows in one
+        product); the results are those of one `decode` each.
 
         Args:
             packets: the packets.
@@ -227,16 +232,16 @@ class Codec(ABC):
         """
         n = len(packets)
         shapes, givens = expect_shapes or [None] * n, givens or [None] * n
-        out: list[torch.Tensor | CodecError] = []
+        out: list[torch.Tensor | Exception] = []
         with self._together(device):
             for data, shape, given in zip(packets, shapes, givens):
                 try:
                     out.append(self._read(data, device, shape, expect_dtypes, given))
-                except CodecError as exc:
+                except (CodecError, *MACHINE_ERRORS) as exc:
                     out.append(exc)
         decoded = [x for x in out if isinstance(x, torch.Tensor)]
         finite = iter(torch.stack([torch.isfinite(x).all() for x in decoded]).tolist() if decoded else [])
-        return [x if isinstance(x, CodecError) or next(finite) else CodecError(NON_FINITE) for x in out]
+        return [x if isinstance(x, Exception) or next(finite) else CodecError(NON_FINITE) for x in out]
 
     @contextlib.contextmanager
     def _together(self, device: torch.device | str | None) -> Iterator[None]:

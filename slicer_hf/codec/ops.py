@@ -37,7 +37,6 @@ import torch
 from ..errors import CodecError
 
 ENV_FORCE_REFERENCE = "SLICER_HF_FORCE_REFERENCE"
-_T = TypeVar("_T")
 ENV_KERNELS = "SLICER_HF_KERNELS"
 BACKENDS = ("reference", "kernels")
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -99,6 +98,9 @@ def _require_kernels(device: torch.device) -> None:
         )
     if device.type not in ("cpu", "cuda"):
         raise CodecError(f"no Triton kernels for {device.type} tensors")
+
+
+_T = TypeVar("_T")
 
 
 class KernelError(RuntimeError):

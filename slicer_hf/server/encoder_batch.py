@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import compat, protocol
+from ..codec.base import MACHINE_ERRORS
 from ..errors import ProtocolError
 from ..hooks import SplitPlan, split_plan
 
@@ -48,7 +49,7 @@ def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[byte
         with split_plan(plan), compat.kept_window_sizes(model):  # the base model's own forward (not the split one)
             getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)
     except (RuntimeError, ValueError, IndexError) as exc:
-        if len(works) > 1 or isinstance(exc, torch.OutOfMemoryError):  # alone again, or the server's own fault
+        if len(works) > 1 or isinstance(exc, MACHINE_ERRORS):  # alone again, or the server's own fault
             raise
         shape = f"a {grid[0]} x {grid[1]} grid" if grid is not None else f"{longest} positions"
         raise ProtocolError(  # an input the model's own forward cannot take either (a map too small to downsample)

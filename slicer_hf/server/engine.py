@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from .. import compat, protocol
 from ..codec import build_codec, codec_from_spec
+from ..codec.base import MACHINE_ERRORS
 from ..config import DOWNLINK_DTYPES, DOWNLINKS
 from ..errors import CodecError, ConfigError, ProtocolError
 from ..hooks import attach_hooks
@@ -259,8 +260,9 @@ class SplitServer:
         self.stats.error(code)
         if session is not None:
             self.close_session(session.id)
-        # a rewind past what a sliding window kept is routine (prompt reuse): the client replays, nothing failed
-        log = logger.info if code == "state_lost" else logger.warning
+        # a rewind past what a sliding window kept is routine (prompt reuse): the client replays, nothing failed; so
+        # is a queued step refused as the server stops
+        log = logger.info if code in ("state_lost", "shutdown") else logger.warning
         # cut shorter than the reply's: a client's values quoted in full would let it fill the log (a reviewer's 50
         # OPENs of 64 KB wrote 8 MB)
         log("refused request (session %s): %s: %s", session and session.id, code, protocol.clipped(message, 300))
@@ -558,20 +560,19 @@ class SplitServer:
     def decode_packets(self, works: list[Work]) -> None:
         """Decode the packets of `works` (on the compute thread, onto the server's device), those of sessions with
         the same codec together (`Codec.decode_batch`): each work gets its `hidden`, or its step fails alone with
-        the codec's error (rows that are not all finite included: they are nobody's hidden states)."""
+        the codec's error (rows that are not all finite included: they are nobody's hidden states), or the machine's
+        (out of memory: an internal error; where the group's shared work failed, its packets are decoded again one
+        by one)."""
         groups: dict[tuple[str, frozenset[torch.dtype]], list[Work]] = defaultdict(list)
         for work in works:
             groups[work.session.codec_key, work.session.wire_dtypes].append(work)
         for group in groups.values():
-            decoded = group[0].session.codec.decode_batch(  # the Triton kernels decode there on CUDA
-                [w.packet for w in group],
-                device=self.device,
-                expect_shapes=[self._shape(w.session, w.step) for w in group],
-                expect_dtypes=group[0].session.wire_dtypes,
-                givens=[w.chain_from for w in group],
-            )
+            try:
+                decoded = self._decode_group(group)
+            except MACHINE_ERRORS as exc:  # in the group's shared work: each packet alone
+                decoded = [exc] if len(group) == 1 else [self._decode_alone(work) for work in group]
             for work, hidden in zip(group, decoded):
-                if isinstance(hidden, CodecError):
+                if isinstance(hidden, Exception):
                     work.future.set_exception(hidden)
                     continue
                 if work.session.codec.chains:
@@ -580,6 +581,21 @@ class SplitServer:
                     # the reply is coded against the step's rows as the edge decodes them, before the model's dtype
                     work.reply_given = hidden[:, work.step.need_from :].cpu()
                 work.hidden = hidden.to(self.dtype)
+
+    def _decode_group(self, group: list[Work]) -> list[torch.Tensor | Exception]:
+        return group[0].session.codec.decode_batch(  # the Triton kernels decode there on CUDA
+            [w.packet for w in group],
+            device=self.device,
+            expect_shapes=[self._shape(w.session, w.step) for w in group],
+            expect_dtypes=group[0].session.wire_dtypes,
+            givens=[w.chain_from for w in group],
+        )
+
+    def _decode_alone(self, work: Work) -> torch.Tensor | Exception:
+        try:
+            return self._decode_group([work])[0]
+        except MACHINE_ERRORS as exc:
+            return exc
 
     def _shape(self, session: Session, step: protocol.Step) -> tuple[int, int, int]:
         return step.batch, step.tokens, self.width(session)

@@ -188,12 +188,16 @@ def client_host(peer: str) -> str:
     return address_group(host) if host else peer
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 clients behind a NAT64 gateway, each by its IPv4 address
+
+
 def address_group(host: str) -> str:
-    """The client an IP address counts as: an IPv4 address itself (also one mapped into IPv6), an IPv6 one by its
-    /64; anything else as it is."""
+    """The client an IP address counts as: an IPv4 address itself (also one mapped into IPv6, or through NAT64), an
+    IPv6 one by its /64 (a link-local one by itself: every link has the same /64); anything else as it is."""
     with contextlib.suppress(ValueError):
         ip = ipaddress.ip_address(host)
         if isinstance(ip, ipaddress.IPv6Address):
-            mapped = ip.ipv4_mapped
-            return str(mapped) if mapped else str(ipaddress.ip_network(f"{host}/64", strict=False))
+            if ip.ipv4_mapped or ip in NAT64:
+                return str(ip.ipv4_mapped or ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+            return str(ip) if ip.is_link_local else str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return host

@@ -77,6 +77,11 @@ class Transport(ABC):
         """Whether `reset()` may reach another server, which may have room where this one refused a session."""
         return False
 
+    def servers(self) -> int:
+        """How many servers `reset()` goes round: a session that timed out on as many gives up (where all are slow,
+        moving on would only replay it on each in turn)."""
+        return 1
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 

@@ -177,6 +177,9 @@ class FleetTransport(Transport):
     def has_alternatives(self) -> bool:
         return True
 
+    def servers(self) -> int:
+        return 2  # the router picks: a timeout moves the session once, to the replica it picks next
+
     def close(self) -> None:
         if self._replica is not None:
             self._replica.close()

@@ -223,6 +223,9 @@ class GrpcTransport(Transport):
     def has_alternatives(self) -> bool:
         return len(self.urls) > 1
 
+    def servers(self) -> int:
+        return len(self.urls)
+
     def close(self) -> None:
         if self._call is not None:
             self._outbox.put(_END)
