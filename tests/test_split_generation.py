@@ -327,17 +327,19 @@ def test_another_split_model_run_inside_generate_splits_at_its_own_layer(model_p
     assert splits == [2] * 6
 
 
-def test_an_attention_set_again_on_a_model_with_an_in_process_server_is_run_as_it_asks_or_refused(model_pair):
+def test_an_attention_set_again_on_a_model_with_an_in_process_server_is_run_as_it_asks(model_pair):
     """The in-process server routes the model's attention through its KV store; `set_attn_implementation` after
-    that must not leave the store's rows under plain SDPA with no mask (tokens were wrong)."""
+    that must not leave the store's rows under plain SDPA with no mask (tokens were wrong), and eager attention gets
+    a server of its own (it had been refused)."""
     ref, model = model_pair("llama")
     model, (ids, mask) = split(model), left_padded()
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     model.set_attn_implementation("sdpa")
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
-    model.set_attn_implementation("eager")
-    with pytest.raises(ProtocolError, match="attention was set to 'eager'.*set it back to 'sdpa'"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    for each in (model, ref):
+        each.set_attn_implementation("eager")
+    eager = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), eager)
     model.set_attn_implementation("sdpa")
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
 
