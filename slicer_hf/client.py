@@ -205,8 +205,8 @@ class Client:
         return head + "\n" + wire_report(stats, self.model.config.hidden_size)
 
     def restart(self) -> None:
-        """Start afresh after a reply cut short (Ctrl-C): its session, stopped mid-step, is given up; the next reply
-        opens a new one and sends its whole conversation."""
+        """Start afresh after a reply cut short (Ctrl-C, a timeout): its session, stopped mid-step, is given up; the
+        next reply opens a new one and sends its whole conversation."""
         self._held = None
         self._given_up += self.model.wire_stats()
         self.model.close_session()

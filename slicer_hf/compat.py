@@ -88,8 +88,8 @@ def check_supported(config: Any) -> None:
             else f"nor does its forward split yet (SlicerModel splits {', '.join(sorted(ENCODER_SPLIT_FAMILIES))})"
         )
         raise NotImplementedError(
-            f"{model_type}: an encoder family (bidirectional layers), not a decoder-only LM: it does not generate; "
-            + where
+            f"{model_type}: an encoder family (bidirectional layers), not a decoder-only LM: SlicerModelForCausalLM "
+            "does not split it; " + where
         )
     for name in ("text_config", "decoder"):
         if isinstance(getattr(config, name, None), PretrainedConfig):

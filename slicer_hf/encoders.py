@@ -53,6 +53,7 @@ class SlicerEncoderMixin(SplitModelMixin):
 
     def _split_forward(self, split_layer: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self._resolve_split(split_layer)
+        self._refuse_autocast()
         self._warn_without_gradients()
         base_forward = super().forward  # the model's own forward (this mixin sits before its class)
         given = self._arguments(base_forward, args, kwargs, k)

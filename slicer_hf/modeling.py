@@ -564,10 +564,13 @@ def _in_process(model: PreTrainedModel) -> LocalTransport:
     """The in-process server of `model`. A half-precision one keeps transformers' own caches: the KV store's attention
     over a padded batch (or past a sliding window) rounds otherwise, by up to 0.4 of a bfloat16 logit, enough to
     change tokens; in float32, about 1e-7, and the store's batching serves the edge's batch in one forward. Its limits
-    are the model's, not a shared server's: its whole context, any batch, and memory as the KV budget allows."""
+    are the model's, not a shared server's: its whole context (at least 16,384 positions; 2^20 for a model that names
+    none), in one step if need be, any batch, and memory as the KV budget allows."""
     positions = getattr(model.config, "max_position_embeddings", None)
-    limits = ServerLimits(
-        max_context_tokens=max(ServerLimits.max_context_tokens, positions if isinstance(positions, int) else 0),
+    context = max(ServerLimits.max_context_tokens, positions) if isinstance(positions, int) else 1 << 20
+    limits = ServerLimits(  # a step of the whole context too: an encoder's or a recurrent model's is not cut
+        max_context_tokens=context,
+        max_step_tokens=context,
         max_session_batch=1 << 20,
         max_session_kv_bytes=1 << 62,
     )

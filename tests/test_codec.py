@@ -772,8 +772,7 @@ def test_a_kernel_or_memory_failure_while_decoding_is_the_machines_fault_not_a_m
         patch.setattr(ops, "_kernels", lambda t, backend, *rest: None if backend == "reference" else kernels)
         with pytest.raises(ops.KernelError, match="dequantize_rows failed: RuntimeError: Triton Error"):
             codec.decode(packet)
-        with pytest.raises(ops.KernelError):
-            codec.decode_batch([packet, packet])
+        assert all(isinstance(out, ops.KernelError) for out in codec.decode_batch([packet, packet]))  # each alone
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

@@ -416,6 +416,13 @@ def test_a_decoder_configured_bert_runs_whole_sequences_and_refuses_to_continue_
             split.generate(ids, max_new_tokens=5, do_sample=False)
 
 
+def test_a_split_encoder_under_autocast_is_refused():
+    """Its server's blocks run outside the caller's autocast: the output had differed from the plain model's."""
+    split = SlicerModel.from_model(build("bert"), LOSSLESS.replace(split_layer=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(NotImplementedError, match="torch.autocast"):
+        split(**inputs_for("bert"))
+
+
 def test_a_multiple_choice_heads_three_dimensional_mask_splits_exactly():
     model = build("bert", AutoModelForMultipleChoice)
     gen = torch.Generator().manual_seed(2)

@@ -336,9 +336,10 @@ def test_an_attention_set_again_on_a_model_with_an_in_process_server_is_run_as_i
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     model.set_attn_implementation("sdpa")
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
-    for each in (model, ref):
+    eager_ref = copy.deepcopy(ref)  # (the fixture's model stays as it is for the tests after this one)
+    for each in (model, eager_ref):
         each.set_attn_implementation("eager")
-    eager = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    eager = eager_ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), eager)
     model.set_attn_implementation("sdpa")
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)

@@ -104,7 +104,8 @@ def chat(
 ) -> None:
     """Chat with a split model on a running server (one line per turn; /exit or end of input to leave).
 
-    Ctrl-C stops a reply and drops its turn; at the prompt, it leaves."""
+    Ctrl-C stops a reply and drops its turn; at the prompt, it leaves. A turn the server refuses, or whose reply times
+    out, is dropped too; a refused token or no server at all ends the chat."""
     from ..client import Client
     from ..errors import ConfigError, ProtocolError, TransportError
 

@@ -171,7 +171,7 @@ class Codec(ABC):
         given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode bytes from `encode`; any malformed input raises `CodecError`, and so do values that are not all
-        finite.
+        finite (a failure of the machine's, `MACHINE_ERRORS`, is raised as itself).
 
         Args:
             data: a packet.
