@@ -416,6 +416,17 @@ def test_a_decoder_configured_bert_runs_whole_sequences_and_refuses_to_continue_
             split.generate(ids, max_new_tokens=5, do_sample=False)
 
 
+def test_an_in_process_server_takes_a_text_as_long_as_the_model_does():
+    """A text cannot be cut by position: 5,000 tokens had been refused as a step past the shared server's 4,096."""
+    torch.manual_seed(0)
+    model = AutoModel.from_config(BertConfig(**TEXT, max_position_embeddings=8192)).eval()
+    ids = torch.randint(3, VOCAB, (1, 5000), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+        split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2))
+        assert torch.equal(split(ids).last_hidden_state, want)
+
+
 def test_a_split_encoder_under_autocast_is_refused():
     """Its server's blocks run outside the caller's autocast: the output had differed from the plain model's."""
     split = SlicerModel.from_model(build("bert"), LOSSLESS.replace(split_layer=2))
