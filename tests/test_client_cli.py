@@ -78,24 +78,32 @@ def test_chat_keeps_the_conversation(tiny_dir, server_url):
     assert "10 tokens in" in result.output and "what crossed the wire" in result.output
 
 
+def fail_in_the_second_reply(monkeypatch, error):
+    """Make the chat's second reply raise `error` as it prints (once); returns what it cut short, and the printer."""
+    from slicer_hf import client
+
+    printed = client._Printer.on_finalized_text
+    replies, cut = [], []
+
+    def print_or_fail(self, text, stream_end=False):
+        if len(replies) == 1 and not cut:
+            cut.append(text)
+            raise error
+        printed(self, text, stream_end)
+        if stream_end:
+            replies.append(text)
+
+    monkeypatch.setattr(client._Printer, "on_finalized_text", print_or_fail)
+    return cut, printed
+
+
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_dir, server_url, monkeypatch, capsys):
     """Ctrl-C mid-reply drops that turn (its session, stopped mid-step, is given up); the next turn is answered as
     if it came first, and the summary counts what every session sent. Ctrl-C at the prompt leaves with the summary."""
     from slicer_hf import client
     from slicer_hf.cli.generation import chat
 
-    printed = client._Printer.on_finalized_text
-    replies, pressed = [], []
-
-    def ctrl_c_in_the_second_reply(self, text, stream_end=False):
-        if len(replies) == 1 and not pressed:
-            pressed.append(text)
-            raise KeyboardInterrupt
-        printed(self, text, stream_end)
-        if stream_end:
-            replies.append(text)
-
-    monkeypatch.setattr(client._Printer, "on_finalized_text", ctrl_c_in_the_second_reply)
+    pressed, printed = fail_in_the_second_reply(monkeypatch, KeyboardInterrupt())
     args = ["chat", "--server", server_url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
     turns = "Hello\nAnd then?\nAnd then?\n/exit\n"
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "5"], input=turns)
@@ -117,21 +125,10 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_dir, server_url, monkeyp
 
 def test_a_reply_that_times_out_drops_its_turn_and_the_chat_goes_on(tiny_dir, server_url, monkeypatch):
     """One stalled reply had ended the chat, its conversation and its wire report with it."""
-    from slicer_hf import TransportError, client
+    from slicer_hf import TransportError
 
-    printed = client._Printer.on_finalized_text
-    stalled, replies = [], []
-
-    def timeout_in_the_second_reply(self, text, stream_end=False):
-        if len(replies) == 1 and not stalled:
-            stalled.append(text)
-            message = "no reply from the server within 0.5 s (busy or stalled: raise timeout_s to wait)"
-            raise TransportError(message, retryable=False, timed_out=True)
-        printed(self, text, stream_end)
-        if stream_end:
-            replies.append(text)
-
-    monkeypatch.setattr(client._Printer, "on_finalized_text", timeout_in_the_second_reply)
+    message = "no reply from the server within 0.5 s (busy or stalled: raise timeout_s to wait)"
+    stalled, _ = fail_in_the_second_reply(monkeypatch, TransportError(message, retryable=False, timed_out=True))
     args = ["chat", "--server", server_url, "--model", str(tiny_dir), "--config", str(tiny_dir / "preset")]
     turns = "Hello\nAnd then?\nAnd then?\n/exit\n"
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "5", "--timeout-s", "30"], input=turns)
