@@ -153,7 +153,8 @@ class _SplitAutoFactory:
                 (the model's own `slicer_config.json`, in its folder or Hub repo, if it has one; else defaults).
             transport: `"local"` (the server part in this process) or `"grpc://host:port"` (a list is tried in
                 order). With a remote server only blocks `0..split_layer-1` are read (see `loading.py`).
-            transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
+            transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`; for a fleet's
+                router (`slicer+http(s)://`), those and `router_timeout_s`, `admission_wait_s`.
             hf_kwargs: passed to the Auto class's `from_pretrained` (dtype, revision, ...).
 
         Raises:

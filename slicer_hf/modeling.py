@@ -523,7 +523,8 @@ class SlicerModelForCausalLM:
             transport: `"local"` (server part in this process, shared weights) or `"grpc://host:port"`
                 (a list of URLs is tried in order for failover). With a remote server, weights of layers
                 `split_layer..L-1` are released after loading.
-            transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`.
+            transport_options: for a gRPC transport: `token`, `timeout_s`, `root_certificates`; for a fleet's
+                router (`slicer+http(s)://`), those and `router_timeout_s`, `admission_wait_s`.
             hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, gguf_file, ...).
         """
         check_model_folder(pretrained_model_name_or_path)
