@@ -422,7 +422,7 @@ def test_python_callers_get_the_clear_errors_the_cli_prints(tmp_path):
 
     from slicer_hf import compat
 
-    with pytest.raises(NotImplementedError, match="does not generate; split its forward with SlicerModel"):
+    with pytest.raises(NotImplementedError, match="does not split it; split its forward with SlicerModel"):
         compat.check_supported(BertConfig())
 
 
