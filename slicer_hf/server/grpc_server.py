@@ -194,11 +194,12 @@ class _SplitService(grpc.GenericRpcHandler):
     async def session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         host, cap = client_host(context.peer()), self.engine.limits.max_sessions_per_client
         per_client = None if cap is None or not host else 2 * cap  # a stream a session, and as many opening again
-        if self.streams >= self.max_streams or per_client is not None and self.client_streams[host] >= per_client:
+        full = self.streams >= self.max_streams
+        if full or per_client is not None and self.client_streams[host] >= per_client:
             self.engine.stats.error("too_many_streams")
             why = (
                 f"server at its limit of {self.max_streams} session streams"
-                if self.streams >= self.max_streams
+                if full
                 else f"{host} holds {per_client} session streams, twice the server's --max-sessions-per-client"
             )
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
@@ -284,13 +285,14 @@ class _SplitService(grpc.GenericRpcHandler):
             else:
                 settled.set_exception(error)
 
-        def left(_: Any) -> None:  # the stream ended first: its sessions close, then the step is withdrawn, so that
-            for session_id in list(opened):  # it ends quietly with them (not as a timeout)
-                self.engine.close_session(session_id)
-            step.withdraw()
+        def left(future: asyncio.Future[bytes]) -> None:  # the stream ended first: its sessions close, then the step
+            if future.cancelled():  # is withdrawn, so that it ends quietly with them (not as a timeout)
+                for session_id in list(opened):
+                    self.engine.close_session(session_id)
+                step.withdraw()
 
         step.add_done_callback(lambda _: _call_soon(loop, settle))
-        settled.add_done_callback(lambda f: left(f) if f.cancelled() else None)
+        settled.add_done_callback(left)
         return step, settled
 
     async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:

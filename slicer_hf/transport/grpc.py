@@ -154,13 +154,7 @@ class GrpcTransport(Transport):
                     inbox.put(reply)
                 inbox.put(TransportError(f"server {self.name} closed the stream"))
             except grpc.RpcError as exc:
-                details = exc.details() if hasattr(exc, "details") else None
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and (details or "").startswith("stream idle"):
-                    # the server let the stream idle out, and its session with it; the server itself is well
-                    message = f"{self.name} closed the stream ({details}): its session is gone"
-                    inbox.put(ProtocolError(message, code="unknown_session"))
-                else:
-                    inbox.put(_as_transport_error(exc, self.name, self._answered))
+                inbox.put(_stream_error(exc, self.name, self._answered))
 
         self._reader = threading.Thread(target=pump, name="slicer-grpc-reader", daemon=True)
         self._reader.start()
@@ -246,7 +240,14 @@ class GrpcTransport(Transport):
                 raise _as_transport_error(exc, self.name) from exc
 
 
-TLS_HOST_HINT = "the server's TLS certificate does not name the host in the URL: connect by a name it holds"
+def _stream_error(exc: grpc.RpcError, name: str, answered: bool) -> Exception:
+    """What ended a session stream: the server's close of an idle stream took the session with it, and the server
+    is well (an `unknown_session` refusal: the same server takes a new one); else the `TransportError`."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and details.startswith("stream idle"):
+        return ProtocolError(f"{name} closed the stream ({details}): its session is gone", code="unknown_session")
+    return _as_transport_error(exc, name, answered)
 
 
 def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -> TransportError:
@@ -265,7 +266,8 @@ def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -
         hint = "the server's TLS certificate is not trusted here: pass its CA with --root-cert (root_certificates=)"
         return TransportError(f"{message} ({hint})", retryable=False)
     if "hostname verification" in lowered:
-        return TransportError(f"{message} ({TLS_HOST_HINT})", retryable=False)
+        hint = "the server's TLS certificate does not name the host in the URL: connect by a name it holds"
+        return TransportError(f"{message} ({hint})", retryable=False)
     if name.startswith("grpc://") and "socket closed" in lowered and not answered:
         message += " (a server that speaks TLS closes plain connections: is it grpcs://?)"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "received message larger than max" in lowered:
