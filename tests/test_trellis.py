@@ -154,7 +154,7 @@ def test_a_large_packet_is_entropy_coded_in_slices_into_the_same_stream(wide, ki
     other session's rounds for a second. Slices of the rANS work make the same bytes, and decode the same rows."""
     import constriction
 
-    from slicer_hf.codec import slicer
+    from slicer_hf.codec import entropy
 
     made = build_codec("slicer", quantizer="ecsq", step=0.3) if kind == "rotated" else codec(wide, 0.3, kind[0] == "t")
     x = torch.randn(37, 100, generator=torch.Generator().manual_seed(3))
@@ -179,6 +179,6 @@ def test_a_large_packet_is_entropy_coded_in_slices_into_the_same_stream(wide, ki
 
     plain = constriction.stream.stack.AnsCoder
     monkeypatch.setattr(constriction.stream.stack, "AnsCoder", Counted)
-    monkeypatch.setattr(slicer, "ANS_SLICE", 7)
+    monkeypatch.setattr(entropy, "SLICE", 7)
     assert made.encode(x) == whole and torch.equal(made.decode(whole), rows)
     assert calls.count("encode") >= 37 * 100 // 7 and calls.count("decode") >= 37 * 100 // 7  # a call a slice

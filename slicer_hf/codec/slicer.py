@@ -43,8 +43,8 @@ under its quantized Laplace of scale scale[i] / step, shifted by -1/2 in the sec
 gives (runs of 32 coordinates, each row-major).
 
 Selection, quantization, packing and dequantization run through `ops` (one dispatch point: the pure-torch
-reference, or Triton kernels on CUDA); the outlier and kept-position sections, zstd and the rANS coder stay on
-the host.
+reference, or Triton kernels on CUDA); the outlier and kept-position sections, zstd and the rANS coder
+(`entropy.py`: the models, code bounds and sliced coding) stay on the host.
 """
 
 from __future__ import annotations
@@ -64,9 +64,8 @@ import numpy as np
 import torch
 import zstandard
 
-from ..config import at_least
 from ..errors import CodecError, ConfigError
-from . import ops, trellis
+from . import entropy, ops, trellis
 from .base import MAX_OUTLIERS, Codec
 from .basis import Basis, lookup
 from .bits import BitReader, BitWriter, Reader, fields_float, float_fields, write_varint
@@ -74,7 +73,6 @@ from .indices import read_positions, write_positions
 
 F_ROTATION, F_ZSTD, F_WIDE_PARAMS, F_WIDE_OUTLIERS, F_ECSQ, F_CALIBRATED, F_TRELLIS = 1, 2, 4, 8, 16, 32, 64
 F_AGREED = 128  # bare ECSQ packets only: the outlier count and step are the agreed spec's, and left out
-ECSQ_MAX_CODE = (1 << 15) - 1  # |code| bound: steps below ~sqrt(d)/32767 clip the largest values
 ROTATION_BLOCK = 1024
 MAX_ROTATED_WIDTH = 1 << 16  # well above any model's hidden size
 ROTATION_SEED = 0x51C3
@@ -177,7 +175,7 @@ class SlicerCodec(Codec):
                 f"predicts from {None if self._basis is None else self._basis.given_width})"
             )
         if self.quantizer == "ecsq":
-            _constriction()  # fail at construction, not at the first packet
+            entropy.constriction()  # fail at construction, not at the first packet
 
     def params(self) -> dict[str, Any]:
         return {**self._params, "bit_candidates": list(self.bit_candidates)}
@@ -193,7 +191,7 @@ class SlicerCodec(Codec):
     def _agreed_header(self, d: int) -> bytes:
         """An ECSQ packet's [n_out u8][step f16] at the spec's outliers and step (adaptive bitrate may move
         `self.step`; the spec, and so the peer's codec, keeps the one it was built with)."""
-        return bytes([min(self._params["outliers"], d)]) + np.float16(_ecsq_step(self._params["step"])).tobytes()
+        return bytes([min(self._params["outliers"], d)]) + np.float16(entropy.wire_step(self._params["step"])).tobytes()
 
     def bare(self, packet: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> bytes | None:
         """Without its envelope and, for an ECSQ packet at the agreed outliers and step, without those (flag
@@ -395,7 +393,7 @@ class SlicerCodec(Codec):
         if basis is not None and basis.width != d:
             raise CodecError(f"the calibrated basis is for rows of width {basis.width}, got {d}")
         rotated = self.rotation == "orthogonal"
-        step = _ecsq_step(self.step)
+        step = entropy.wire_step(self.step)
         w = BitWriter()
         residual, out_pos, wide_out = _write_outliers(w, x, n_out)
         y = rotate(residual) if rotated else residual  # [N, d]
@@ -416,7 +414,7 @@ class SlicerCodec(Codec):
             rms = rms.double()[:, None]  # [N, 1]
             if basis is not None:  # coded on the host, where the basis and the trellis live
                 rms, given = rms.cpu(), None if given is None else given.cpu()
-                bound = _calibrated_bound(basis, step)
+                bound = entropy.calibrated_bound(basis, step)
                 z = (y.double().cpu() / rms.clamp_min(1e-300) - basis.f64["mean"]) @ basis.f64["forward"]
                 if self.chains:
                     codes = self._chained_codes(z, rms, given, step, bound)
@@ -424,13 +422,13 @@ class SlicerCodec(Codec):
                     z = z - basis.predict(given) if given is not None else z
                     codes = self._calibrated_codes(z, rms, step, bound)
             else:
-                bound = _ecsq_bound(avail, step)
+                bound = entropy.gaussian_bound(avail, step)
                 codes = torch.where(rms > 0, y.double() / (step * rms).clamp_min(1e-300), 0.0)
                 peak = float(codes.abs().max()) if codes.numel() else 0.0
                 if peak > bound:  # past the largest code: only a step too fine for the codes gets here
                     raise CodecError(
                         f"ECSQ step {step:g} is too fine: a code of {peak:,.0f} steps passes the largest "
-                        f"({bound:,}); use a step of at least {_step_hint(peak * step / bound)}"
+                        f"({bound:,}); use a step of at least {entropy.step_hint(peak * step / bound)}"
                     )
                 codes = codes.round().clamp(-bound, bound)
             coded = _ecsq_coded(rms[:, 0], None if rotated or basis is not None else out_pos, d)  # [N, d] bool
@@ -438,14 +436,14 @@ class SlicerCodec(Codec):
             if symbols.size:
                 if flags & F_TRELLIS:  # whole rows: codes [n, d], sent run by run with their unions' means
                     rows_codes = symbols.reshape(-1, d)
-                    scales = np.broadcast_to(_scales_in_steps(basis, step), rows_codes.shape)
+                    scales = np.broadcast_to(entropy.scales_in_steps(basis, step), rows_codes.shape)
                     means = trellis.UNION_MEAN * trellis.unions(rows_codes)
                     symbols = trellis.to_wire(rows_codes)
-                    models = (_laplace_family(bound), trellis.to_wire(means), trellis.to_wire(scales))
+                    models = (entropy.laplace_family(bound), trellis.to_wire(means), trellis.to_wire(scales))
                 else:
-                    models = _ecsq_models(bound, step, basis, symbols.size)
-                coder = _constriction().stream.stack.AnsCoder()
-                _ans_encode(coder, symbols, *models)
+                    models = entropy.models(bound, step, basis, symbols.size)
+                coder = entropy.constriction().stream.stack.AnsCoder()
+                entropy.encode(coder, symbols, *models)
                 ans = coder.get_compressed().astype("<u4").tobytes()
                 ans = ans[: len(ans) - min(3, len(ans) - len(ans.rstrip(b"\0")))]  # ANS never ends in a zero word
         return bytes([flags, n_out]) + np.float16(step).tobytes() + w.getvalue() + ans
@@ -454,13 +452,15 @@ class SlicerCodec(Codec):
         """Codes `[m, d]` (float64) of coordinates `z` `[m, d]` of rows of RMS `rms` `[m, 1]`: trellis-coded or
         rounded, within `bound`."""
         peak = float(torch.where(rms > 0, z, 0.0).abs().max()) if z.numel() else 0.0
-        if bound >= ECSQ_MAX_CODE and peak / step > bound:  # a predicting basis bounds no coordinate: codes would clip
+        if (
+            bound >= entropy.MAX_CODE and peak / step > bound
+        ):  # a predicting basis bounds no coordinate: codes would clip
             raise CodecError(
                 f"ECSQ step {step:g} is too fine for this basis: a code of {peak / step:,.0f} steps passes the largest "
-                f"({ECSQ_MAX_CODE:,}); use a step of at least {_step_hint(peak / bound)}"
+                f"({entropy.MAX_CODE:,}); use a step of at least {entropy.step_hint(peak / bound)}"
             )
         if self.trellis:
-            scale = _scales_in_steps(self._basis, step)
+            scale = entropy.scales_in_steps(self._basis, step)
             return torch.from_numpy(trellis.quantize(z.numpy() / step, scale, bound)).double()
         return torch.where(rms > 0, z / step, 0.0).round().clamp(-bound, bound)
 
@@ -556,8 +556,8 @@ def _decode_ecsq(
         x = torch.zeros(n_rows, d, device=device)
     else:  # the stream is checked against the codes it must hold before the rows are built
         basis = basis if calibrated else None
-        bound = _calibrated_bound(basis, step) if basis is not None else _ecsq_bound(avail, step)
-        symbols = _ans_decode(ans, n_sym, bound, step, basis, bool(flags & F_TRELLIS))
+        bound = entropy.calibrated_bound(basis, step) if basis is not None else entropy.gaussian_bound(avail, step)
+        symbols = entropy.decode(ans, n_sym, bound, step, basis, bool(flags & F_TRELLIS))
         points = _points(symbols.reshape(-1, d), True).ravel() if flags & F_TRELLIS else torch.from_numpy(symbols)
         if n_sym == n_rows * d:  # every entry carries a code (the common case: no silent row, no exact outlier)
             y = points.float().reshape(n_rows, d)
@@ -650,157 +650,12 @@ def _chained_rows(
     return torch.stack(rows, 1).reshape(-1, d)
 
 
-def _ans_decode(
-    ans: bytes, n_sym: int, bound: int, step: float, basis: Basis | None = None, trellised: bool = False
-) -> np.ndarray:
-    """`n_sym` codes from the rANS section, row-major; a stream too short for them, or not used up exactly, is a
-    `CodecError`."""
-    if ans.endswith(b"\0"):
-        raise CodecError("the slicer ECSQ stream ends in a zero byte (the encoder drops those)")
-    # a code costs at least -log2 of the largest probability a code can have (code 0, or +B holding the upper tail),
-    # so a claim of many codes needs a long enough stream (-B-1, free on an empty coder, is never a valid code)
-    if basis is None:
-        p_max = max(math.erf(step / (2 * math.sqrt(2))), 0.5 * math.erfc((bound - 0.5) * step / math.sqrt(2)))
-        min_bits = n_sym * -math.log2(min(1.0, p_max + 2.0**-12))
-    else:
-        min_bits = n_sym // basis.width * _min_row_bits(basis, step)
-    if 8 * len(ans) + 64 < 0.9 * min_bits:
-        raise CodecError(f"slicer ECSQ stream of {len(ans)} bytes is too short for {n_sym} codes")
-    words = np.frombuffer(ans + b"\0" * (-len(ans) % 4), dtype="<u4").astype(np.uint32)
-    try:
-        coder = _constriction().stream.stack.AnsCoder(words)
-        if trellised:
-            assert basis is not None
-            family = _laplace_family(bound)
-            symbols = trellis.decode(
-                lambda means, scales: _ans_decode_symbols(coder, len(means), family, means, scales),
-                n_sym // basis.width,
-                _scales_in_steps(basis, step),
-            ).ravel()
-        else:
-            symbols = _ans_decode_symbols(coder, n_sym, *_ecsq_models(bound, step, basis, n_sym))
-        exact = coder.is_empty()
-    except CodecError:
-        raise
-    except Exception as exc:  # constriction raises ValueError and friends on corrupt streams
-        raise CodecError(f"corrupt slicer ECSQ stream: {type(exc).__name__}: {exc}") from exc
-    symbols = np.asarray(symbols, dtype=np.int32)
-    # an exhausted coder keeps decoding the model's lowest symbol, which no valid stream holds
-    if not exact or symbols.size != n_sym or (symbols.size and symbols.min() < -bound):
-        raise CodecError(f"slicer ECSQ stream does not hold exactly {n_sym} codes")
-    return symbols
-
-
-# constriction holds the GIL through a call, and a thread waiting for it (the server's compute thread, between two
-# torch ops) waits for the call to end: large streams are coded in slices, the GIL let go between them
-ANS_SLICE = 1 << 11  # symbols a call: about 0.1 ms
-
-
-def _ans_encode(coder: Any, symbols: np.ndarray, model: Any, *params: np.ndarray) -> None:
-    """`coder.encode_reverse(symbols, model, *params)` (per-symbol `params`, or none), a slice at a time: the last
-    slice first, so the stream is the same."""
-    for lo in reversed(range(0, len(symbols), ANS_SLICE)):
-        if lo + ANS_SLICE < len(symbols):
-            time.sleep(0)  # let another thread have the GIL
-        part = slice(lo, lo + ANS_SLICE)
-        coder.encode_reverse(symbols[part], model, *(p[part] for p in params))
-
-
-def _ans_decode_symbols(coder: Any, count: int, model: Any, *params: np.ndarray) -> np.ndarray:
-    """`count` symbols decoded with `model` (and its per-symbol `params`, or none), a slice at a time (see
-    `_ans_encode`)."""
-    if count <= ANS_SLICE:  # one call (a decode step's run of a trellis, say): no slicing to pay for
-        return coder.decode(model, *params) if params else coder.decode(model, count)
-    parts = []
-    for lo in range(0, count, ANS_SLICE):
-        if lo:
-            time.sleep(0)
-        if params:
-            parts.append(coder.decode(model, *(p[lo : lo + ANS_SLICE] for p in params)))
-        else:
-            parts.append(coder.decode(model, min(ANS_SLICE, count - lo)))
-    return np.concatenate(parts)
-
-
-def _ecsq_step(step: float) -> float:
-    """The step as the wire holds it (float16), never rounded to zero."""
-    return max(float(np.float16(step)), float(np.finfo(np.float16).smallest_subnormal))
-
-
-def _step_hint(need: float) -> str:
-    """The step to print for one of at least `need`: at least `need` once the wire's float16 holds it (the printed
-    value, rounded up, could round below it there, and be refused again)."""
-    text = at_least(need, 2)
-    while _ecsq_step(float(text)) < need:
-        text = at_least(float(np.nextafter(np.float16(float(text)), np.float16(np.inf))), 2)
-    return text
-
-
-def _ecsq_bound(avail: int, step: float) -> int:
-    """|code| bound: |y| <= sqrt(d') * rms, so codes stay within it (the RMS's float16 rounding included)."""
-    return min(math.ceil(1.002 * math.sqrt(avail) / step) + 1, ECSQ_MAX_CODE)
-
-
 def _ecsq_coded(rms: torch.Tensor, out_pos: torch.Tensor | None, d: int) -> torch.Tensor:
     """`[N, d]` bool: the entries that carry a code (rows with rms > 0, exact-outlier positions excluded)."""
     coded = (rms > 0)[:, None].expand(rms.shape[0], d)
     if out_pos is not None and out_pos.numel():
         coded = coded.clone().scatter(1, out_pos.to(coded.device), False)
     return coded
-
-
-def _calibrated_bound(basis: Basis, step: float) -> int:
-    """|code| bound of a calibrated basis at this step: its largest coordinate bound, in steps."""
-    bound = 1.002 * basis.code_bound / step + 1
-    return ECSQ_MAX_CODE if bound >= ECSQ_MAX_CODE else math.ceil(bound)
-
-
-def _ecsq_models(bound: int, step: float, basis: Basis | None, n_sym: int) -> tuple[Any, ...]:
-    """The entropy model of `n_sym` codes (row-major, whole rows with a basis): a quantized Gaussian of std 1/step
-    for them all, or each coordinate's quantized Laplace of scale scale[i] / step.
-
-    Codes lie in [-bound, bound]; the models' support starts one lower because rANS codes its lowest symbol onto an
-    empty coder for free, which would let a few bytes claim any number of codes.
-    """
-    if basis is None:
-        return (_ecsq_model(bound, step),)
-    scales = np.tile(_scales_in_steps(basis, step), n_sym // basis.width)
-    return _laplace_family(bound), np.zeros_like(scales), scales
-
-
-@functools.lru_cache(maxsize=64)
-def _min_row_bits(basis: Basis, step: float) -> float:
-    """The fewest bits a row of codes can take: each coordinate's Laplace puts at most P(0) = 1 - exp(-step / (2
-    scale)) on one code."""
-    p_zero = -np.expm1(-step / (2.0 * basis.f64["scale"].numpy()))
-    return float(-np.log2(np.minimum(1.0, np.maximum(p_zero, 0.5) + 2.0**-12)).sum())
-
-
-@functools.lru_cache(maxsize=64)
-def _scales_in_steps(basis: Basis, step: float) -> np.ndarray:
-    """Each coordinate's Laplace scale in steps `[d]` float64 (read-only: shared by every packet at this step)."""
-    scales = basis.f64["scale"].numpy() / step
-    scales.flags.writeable = False
-    return scales
-
-
-@functools.lru_cache(maxsize=64)
-def _ecsq_model(bound: int, step: float) -> Any:
-    """Quantized Gaussian, mean 0, std 1/step: a row's values over its rms, in code units."""
-    return _constriction().stream.model.QuantizedGaussian(-bound - 1, bound, 0.0, 1.0 / step)
-
-
-@functools.lru_cache(maxsize=64)
-def _laplace_family(bound: int) -> Any:
-    return _constriction().stream.model.QuantizedLaplace(-bound - 1, bound)
-
-
-def _constriction() -> Any:
-    try:
-        import constriction
-    except ImportError as exc:
-        raise CodecError("quantizer='ecsq' needs the `constriction` package (pip install constriction)") from exc
-    return constriction
 
 
 def _write_outliers(w: BitWriter, x: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:

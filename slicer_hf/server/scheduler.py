@@ -24,7 +24,7 @@ whole forward asks for through such a downlink codec is encoded there (`OFFLOAD_
 `OFFLOAD_REPLY_POSITIONS`; a decode step's reply, one position a sequence, stays here), so that a client's costly
 codec (a chained trellis reply of 12,288 positions took 6 s) cannot hold up every other session's rounds; the step
 rejoins the rounds once decoded, and is answered from there once encoded. The codec's entropy coder runs in slices
-(`codec.slicer.ANS_SLICE`): it holds the GIL through a call, which would stop this thread as surely.
+(`codec.entropy.SLICE`): it holds the GIL through a call, which would stop this thread as surely.
 
 A forward over several sessions that fails is retried one session at a time, so one bad session fails alone; once a
 forward has run, a failure finishing one session's step (encoding its reply) fails that step alone.
