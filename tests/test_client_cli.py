@@ -716,6 +716,8 @@ def test_a_serving_process_leaves_what_it_built_out_of_the_collectors_passes(tin
         ("drift", "--prompts", "0", "must be at least 1, got 0"),  # was a table of NaN, exit 0
         ("soak", "--window-s", "0", "must be above 0, got 0"),  # was a ZeroDivisionError, after the soak
         ("prediction", "--alpha", "-1", "must be above 0, got -1"),  # was a singular matrix
+        ("prediction", "--calib-tokens", "100", "must be at least 512, got 100"),  # was an empty torch.cat
+        ("prediction", "--heldout-tokens", "100", "must be at least 512, got 100"),
         ("fleet", "--clients", "x", "expected an integer, got 'x'"),
         ("search", "--kl-tokens", "128", "must be at least 512, got 128"),  # was refused after the timed runs
     ],

@@ -96,12 +96,23 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = suite_parser(__doc__, "docs/benchmarks/prediction.json")
     parser.add_argument(
-        "--calib-tokens", type=at_least(1), default=24576, help="WikiText-2 validation tokens to fit on"
+        "--calib-tokens",
+        type=at_least(512),
+        default=24576,
+        help="WikiText-2 validation tokens to fit on (512-token windows)",
     )
     parser.add_argument(
-        "--heldout-tokens", type=at_least(1), default=8192, help="held-out validation tokens to report on"
+        "--heldout-tokens",
+        type=at_least(512),
+        default=8192,
+        help="held-out validation tokens to report on (512-token windows)",
     )
-    parser.add_argument("--test-tokens", type=at_least(1), default=16384, help="WikiText-2 test tokens to report on")
+    parser.add_argument(
+        "--test-tokens",
+        type=at_least(512),
+        default=16384,
+        help="WikiText-2 test tokens to report on (512-token windows)",
+    )
     parser.add_argument(
         "--alpha", type=at_least(0, float, above=True), default=1e-4, help="ridge penalty per calibration row"
     )
