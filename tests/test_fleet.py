@@ -289,11 +289,30 @@ def test_an_empty_token_or_a_certificate_that_is_not_pem_is_refused_up_front():
         FleetTransport("slicer+http://router:8000", token="")
     with pytest.raises(TransportError, match="token is empty"):
         GrpcTransport(["grpc://127.0.0.1:1"], token="")
+    with pytest.raises(TransportError, match="printable ASCII") as unusable:  # a token file's newline: no HTTP header
+        FleetTransport("slicer+http://router:8000", token="tok\n")  # carries it (it had been retried for 10 s
+    assert not unusable.value.retryable  # as an unreachable router)
     for not_pem in (b"not a certificate", b"\x30\x82\xff"):
         with pytest.raises(ConfigError, match="PEM CA certificates"):
             FleetTransport("slicer+https://router:8000", root_certificates=not_pem)
         with pytest.raises(ConfigError, match="PEM CA certificates"):  # not a handshake failing on every call
             GrpcTransport(["grpcs://127.0.0.1:1"], root_certificates=not_pem)
+
+
+@pytest.mark.network
+def test_a_ca_for_the_router_alone_leaves_plain_replicas_reachable(server, model_dir, reference, tmp_path):
+    """TLS at the router (Serve's proxy) with plain gRPC replicas: the client's CA is the router's, not theirs."""
+    from live import self_signed_localhost
+
+    live = server()
+    router = StandInRouter([(200, {"endpoint": live.url, "replica": "plain"})])
+    try:
+        model = client(model_dir, router.url, root_certificates=self_signed_localhost(tmp_path))
+        ids = prompt(3)
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, reference.generate(ids, max_new_tokens=4, do_sample=False))
+    finally:
+        router.close()
 
 
 def test_a_failover_list_may_mix_grpc_and_grpcs():
@@ -403,6 +422,31 @@ def test_a_cluster_address_nothing_answers_at_is_refused_at_once_not_retried_for
     monkeypatch.setattr(ray, "init", no_cluster)  # `auto` with none running: a traceback before
     with pytest.raises(ConfigError, match="cannot join the Ray cluster at 'auto': Could not find"):
         fleet.deploy(fleet.FleetOptions(), address="auto")
+
+
+def test_with_no_cluster_named_the_fleet_starts_ray_of_its_own_not_one_ray_start_left_running(monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+
+    from slicer_hf import ConfigError
+    from slicer_hf.server import fleet
+
+    asked = []
+
+    def init(address=None, **options):
+        asked.append(address)
+        raise ConnectionError("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError):
+        fleet.deploy(fleet.FleetOptions())
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # named by the environment: Ray's to join
+    monkeypatch.setattr(fleet, "_check_reachable", lambda address: None)
+    with pytest.raises(ConfigError):
+        fleet.deploy(fleet.FleetOptions())
+    assert asked == ["local", None]  # ray.init() alone joins whatever cluster `ray start` left on this machine
 
 
 def test_fleet_options_are_checked_and_a_serve_config_builds_the_app():

@@ -195,7 +195,13 @@ def serve(
     ] = 8000,
     replica_cpus: Annotated[float, typer.Option(help="--ray: CPUs Ray reserves per replica.")] = 1.0,
     replica_gpus: Annotated[float, typer.Option(help="--ray: GPUs Ray reserves per replica.")] = 0.0,
-    ray_address: Annotated[str | None, typer.Option(help="--ray: a Ray cluster to join (default: local).")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="--ray: a Ray cluster to join (`auto`: the one `ray start` runs here; default: RAY_ADDRESS, else a "
+            "new local one)."
+        ),
+    ] = None,
     drain_timeout_s: Annotated[
         float, typer.Option(help="--ray: how long a stopping replica waits for its open sessions.", min=0.0)
     ] = 30.0,

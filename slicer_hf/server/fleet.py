@@ -401,9 +401,12 @@ def deploy(options: FleetOptions, address: str | None = None) -> str:
     `slicer+http://` URL for clients (the fleet runs until `undeploy(options)`).
 
     Args:
-        address: a Ray cluster to join (default: `ray.init()`'s choice, a local one if none runs).
+        address: a Ray cluster to join (default: `RAY_ADDRESS`'s, else a new local one: a cluster `ray start` left
+            on this machine is joined only when named, as `"auto"`).
     """
-    started_here = not ray.is_initialized() and address in (None, "local") and "RAY_ADDRESS" not in os.environ
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        address = "local"  # ray.init() alone would join whatever cluster `ray start` left on this machine
+    started_here = not ray.is_initialized() and address == "local"
     if not ray.is_initialized():
         _check_reachable(address)
         try:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import NowhereElse, TransportError
-from ..protocol import REPLY, fleet_router_url, is_loopback
+from ..protocol import REPLY, TOKEN_RULE, fleet_router_url, is_loopback, usable_token
 from .base import Transport, root_context, seconds
 from .grpc import MAX_REPLY_BYTES, GrpcTransport
 
@@ -65,6 +65,8 @@ class FleetTransport(Transport):
             raise TransportError(f"a fleet URL looks like slicer+http://host:port, got {url!r}")
         if token == "":
             raise TransportError("the auth token is empty: give the fleet's token, or none at all", retryable=False)
+        if token is not None and not usable_token(token):  # no HTTP header nor gRPC call would carry it
+            raise TransportError(TOKEN_RULE, retryable=False)
         self.url, self.router = url, fleet_router_url(url)
         self.token, self.timeout_s, self.root_certificates = token, seconds("timeout_s", timeout_s), root_certificates
         self.router_timeout_s = seconds("router_timeout_s", router_timeout_s)
@@ -153,7 +155,10 @@ class FleetTransport(Transport):
         """The stream to this session's replica (the router is asked for one first, where there is none)."""
         if self._replica is None:
             endpoint = self.admit()["endpoint"]
-            self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, self.root_certificates, others=True)
+            roots = (
+                self.root_certificates if endpoint.startswith("grpcs://") else None
+            )  # they may be the router's alone
+            self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, roots, others=True)
         return self._replica
 
     def _answered(self, reply: bytes) -> bytes:
