@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -577,6 +579,29 @@ def test_the_compute_threads_cpu_time_is_counted_and_its_parts_fit_in_it(engine)
     assert spent["decode_compute_cpu_s"] > 0 and spent["packet_decode_cpu_s"] > 0
     parts = spent["decode_compute_cpu_s"] + spent["packet_decode_cpu_s"]  # prefill forwards are not among them
     assert parts < spent["scheduler_cpu_s"] <= spent["process_cpu_s"]
+
+
+def test_stats_read_after_the_compute_thread_ended_do_not_crash_the_process():
+    """A scrape while the server stops reads the compute thread's CPU clock after it ended: asking for an ended
+    thread's clock by its handle had crashed the process (SIGSEGV) once other threads had started since."""
+    script = (
+        "import threading, time\n"
+        "from conftest import tiny_model\n"
+        "from slicer_hf.server import SplitServer\n"
+        "for _ in range(10):\n"
+        "    server = SplitServer(tiny_model('llama'))\n"
+        "    server.shutdown()\n"
+        "    for _ in range(100):\n"
+        "        server.stats_dict()\n"
+        "    threads = [threading.Thread(target=time.sleep, args=(0.01,)) for _ in range(5)]\n"
+        "    [t.start() for t in threads]; [t.join() for t in threads]\n"
+        "    assert server.stats_dict()['process_cpu_s'] > 0\n"
+        "print('read')\n"
+    )
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert (done.returncode, done.stdout.strip()) == (0, "read"), done.stderr[-2000:]
 
 
 def test_the_process_cpu_time_read_mid_round_holds_no_more_of_the_compute_thread_than_its_own_count(engine):

@@ -629,14 +629,14 @@ class RunningServer:
         self._run(set_draining(self.engine, self.health, True))
         self._run(self.health.enter_graceful_shutdown())
         self._run(self.server.stop(grace_s))
+        if self._metrics is not None:  # no scrape reads the engine's counters while it stops
+            self._metrics.shutdown()
+            self._metrics.server_close()
         if engine:
             self.engine.shutdown()  # before the loop closes: the steps it ends hand their replies to the loop
         else:
             self.engine.drain(False)
         self._close_loop()
-        if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics.server_close()
 
     def _close_loop(self) -> None:
         if self.loop.is_running():  # let what gRPC leaves running end, rather than destroy it pending

@@ -136,6 +136,7 @@ class Scheduler:
         self._aside: set[Work] = set()  # the steps on the codec thread
         self._handoff = threading.Lock()  # between the codec thread's hand-back and a stop
         self._stopped = False
+        self._clock: int | None = None  # this thread's CPU clock while it runs (where the platform has them)
         self._thread = threading.Thread(target=self._loop, name="slicer-scheduler", daemon=True)
         self._thread.start()
 
@@ -155,6 +156,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- the loop
     def _loop(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # no per-thread CPU clocks on this platform
+            self._clock = time.pthread_getcpuclockid(threading.get_ident())
+        try:
+            self._rounds()
+        finally:
+            self._clock = None  # a thread that has ended has no clock to read (its id may be another's next)
+
+    def _rounds(self) -> None:
         pending: list[Work] | None = []
         while pending is not None:
             self._taken: list[Any] = []  # what this cycle took from the queue, until it is in `pending`
@@ -454,10 +463,12 @@ class Scheduler:
     def unaccounted_cpu_s(self) -> float:
         """CPU time this thread has used that the stats do not hold yet (the round it is in), where the platform
         lets another thread read it (0 elsewhere)."""
+        clock = self._clock  # taken by the thread itself: asking for an ended thread's clock crashes the process
+        if clock is None:
+            return 0.0
         try:
-            clock = time.pthread_getcpuclockid(self._thread.ident or 0)
             return max(0.0, time.clock_gettime(clock) - self._cpu_mark)
-        except (AttributeError, OSError):  # no per-thread clocks here, or the thread has ended
+        except OSError:  # the thread ended since
             return 0.0
 
     def _guard(self, works: list[Work], fn: Any, report: bool = True) -> Exception | None:
