@@ -270,6 +270,19 @@ def stand_in_embeds(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tenso
     return hidden.new_zeros(*hidden.shape[:-1], width)
 
 
+POSITION_TABLES = ("wpe", "positions_embed", "embed_positions")  # GPT-2 and its kin, GPT-1, OPT and its kin
+
+
+def position_table(model: PreTrainedModel) -> int | None:
+    """The positions a decoder's learned absolute position table holds (GPT-2's `wpe`, OPT's `embed_positions`, less
+    its offset), past which its forward fails indexing; None where positions are computed (rotary, ALiBi,
+    sinusoidal)."""
+    for name, module in base_model(model).named_modules():
+        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES:
+            return int(module.num_embeddings) - int(getattr(module, "offset", 0))
+    return None
+
+
 def packs_sequences(position_ids: torch.Tensor | None) -> bool:
     """Whether `position_ids` `[B, T]` restart within a row: transformers then keeps the packed sequences apart
     (given no attention mask and no cache)."""

@@ -581,6 +581,29 @@ def test_the_compute_threads_cpu_time_is_counted_and_its_parts_fit_in_it(engine)
     assert parts < spent["scheduler_cpu_s"] <= spent["process_cpu_s"]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_positions_past_a_learned_position_table_are_refused_before_they_reach_the_forward(family):
+    """GPT-2's and OPT's positions index a table: one past it had failed inside the forward, as `internal` (on CUDA a
+    device assert that ends every session), and broke the decode batch it shared with other sessions."""
+    server = SplitServer(tiny_model(family), batching=True)
+    table = server.model.config.max_position_embeddings  # GPT-2's n_positions; OPT's table holds 2 more, its offset
+    assert server.max_positions == table
+    honest, hostile = open_session(server), open_session(server)
+    protocol.raise_if_error(step(server, honest, 1, tokens=3))
+    with pytest.raises(ProtocolError, match=f"context of {table + 1} tokens exceeds {table} .this model's position"):
+        protocol.raise_if_error(step(server, hostile, 1, tokens=table + 1))
+    payload = build_codec("identity").encode(torch.randn(1, 1, server.hidden_size))
+    past = protocol.Step(open_session(server), 1, 0, 1, 1, 0, payload, positions=torch.tensor([[table + 10]]))
+    with pytest.raises(ProtocolError, match=rf"position ids must lie in \[0, {table}\)") as refused:
+        protocol.raise_if_error(server.handle(protocol.encode_step(past)))
+    assert refused.value.code == "bad_request"
+    protocol.raise_if_error(step(server, honest, 2, start=3, tokens=1))  # the other session serves on
+    last = protocol.Step(open_session(server), 1, 0, 1, 1, 0, payload, positions=torch.tensor([[table - 1]]))
+    protocol.raise_if_error(server.handle(protocol.encode_step(last)))  # the table's last row is a position
+    assert server.stats_dict()["batch_retries"] == 0
+    server.shutdown()
+
+
 def test_stats_read_after_the_compute_thread_ended_do_not_crash_the_process():
     """A scrape while the server stops reads the compute thread's CPU clock after it ended: asking for an ended
     thread's clock by its handle had crashed the process (SIGSEGV) once other threads had started since."""

@@ -135,7 +135,9 @@ def serve(
     max_step_elements: Annotated[
         int, typer.Option(help="Values (batch x tokens x width) one step may carry; bounds a packet's decode memory.")
     ] = 1 << 23,
-    max_context_tokens: Annotated[int, typer.Option(help="Positions one session may hold.")] = 16384,
+    max_context_tokens: Annotated[
+        int, typer.Option(help="Positions one session may hold (at most a learned position table's rows, as GPT-2's).")
+    ] = 16384,
     max_session_batch: Annotated[int, typer.Option(help="Sequences one session may run side by side.")] = 64,
     kv_memory: Annotated[
         str | None, typer.Option(help="KV-cache budget of all sessions, e.g. 4GB (default: half the free memory).")

@@ -105,6 +105,11 @@ class SplitServer:
             else int(model.config.hidden_size)
         )
         self.fingerprint = protocol.model_fingerprint(model.config)
+        # positions past a learned position table fail inside the forward (on CUDA, a device assert that ends every
+        # session): they are refused first
+        self.max_positions = min(
+            self.limits.max_context_tokens, compat.position_table(model) or self.limits.max_context_tokens
+        )
         self.dtype = next(model.parameters()).dtype
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
         self.kv_budget_bytes = self.limits.kv_budget_bytes or default_kv_budget_bytes(self.device)
@@ -435,9 +440,10 @@ class SplitServer:
                 f"{limits.max_message_bytes:,} by {reply - limits.max_message_bytes:,}: ask for fewer positions back",
                 code="too_large",
             )
-        if step.start + step.tokens > limits.max_context_tokens:
+        if step.start + step.tokens > self.max_positions:
+            table = " (this model's position table)" if self.max_positions < limits.max_context_tokens else ""
             raise ProtocolError(
-                f"context of {step.start + step.tokens} tokens exceeds {limits.max_context_tokens}", code="too_large"
+                f"context of {step.start + step.tokens} tokens exceeds {self.max_positions}{table}", code="too_large"
             )
         if self.encoder_kind:
             self._check_encoder_step(session, step)
@@ -547,7 +553,7 @@ class SplitServer:
             step.positions is not None or (step.mask is not None and self.encoder_kind != "text")
         ):
             raise ProtocolError("encoder requests take no position ids, and masks only for text", code="bad_request")
-        end = self.limits.max_context_tokens
+        end = self.max_positions
         if step.positions is not None and not bool(((step.positions >= 0) & (step.positions < end)).all()):
             raise ProtocolError(f"position ids must lie in [0, {end})", code="bad_request")
         packet = step.payload
