@@ -426,6 +426,24 @@ def test_a_bug_while_decoding_fails_those_steps_and_the_compute_thread_serves_on
     server.shutdown()
 
 
+def test_an_internal_error_repeated_by_small_messages_logs_its_traceback_once(engine, monkeypatch, caplog):
+    """A client that found an input reaching a bug must not fill the log: one traceback for each place it is raised
+    in a minute, a line for each repeat (besides the refusal's own line)."""
+    from slicer_hf.server import state
+
+    monkeypatch.setattr(state, "_tracebacks", {})
+    server = engine(batching=True)
+    monkeypatch.setattr(type(server.sessions[open_session(server)].codec), "decode_batch", lambda *a, **k: 1 / 0)
+    with caplog.at_level("ERROR", logger="slicer_hf.server"):
+        for _ in range(4):
+            with pytest.raises(ProtocolError, match="ZeroDivisionError"):
+                protocol.raise_if_error(step(server, open_session(server), 1))
+    traced = [r for r in caplog.records if r.exc_info]
+    repeats = [r for r in caplog.records if "traceback was logged in the last minute" in r.getMessage()]
+    assert len(traced) == 1 and len(repeats) >= 3  # the steps after the first: each reported in a line
+    server.shutdown()
+
+
 def test_a_bug_while_a_round_gathers_its_steps_fails_those_it_took_and_the_compute_thread_serves_on(
     engine, monkeypatch
 ):

@@ -41,6 +41,7 @@ from .state import (
     Session,
     client_host,
     default_kv_budget_bytes,
+    log_internal,
 )
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class SplitServer:
             answer = self._answer_control(kind, data, client, owned)
         except Exception as exc:  # a bug or an unforeseen input must not take the server down either
             if not isinstance(exc, (ProtocolError, CodecError)):
-                logger.exception("internal error while handling a request")
+                log_internal(logger, "internal error while handling a request", exc)
             answer = self._refuse(exc, found[0] if found else None)
             if found:
                 found[0].busy.release()
@@ -247,7 +248,7 @@ class SplitServer:
                 answer = protocol.encode_error("unknown_session", f"session {session.id} was closed")
             else:
                 if not isinstance(exc, (ProtocolError, CodecError)):
-                    logger.error("internal error in a step", exc_info=exc)
+                    log_internal(logger, "internal error in a step", exc)
                 answer = self._refuse(exc, session)
         finally:
             session.busy.release()

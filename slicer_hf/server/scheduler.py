@@ -53,6 +53,7 @@ import torch
 
 from ..errors import ProtocolError
 from .encoder_batch import batch_key, run_encoder_batch
+from .state import log_internal
 
 if TYPE_CHECKING:
     from .. import protocol
@@ -225,7 +226,7 @@ class Scheduler:
             try:
                 self.server.decode_packets(fresh)
             except Exception as exc:  # a bug (a bad packet fails its own step): not the thread
-                logger.exception("decoding %d packets failed", len(fresh))
+                log_internal(logger, f"decoding {len(fresh)} packets failed", exc)
                 for work in fresh:
                     _fail(work, exc)
             self._account(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import math
 import os
 import threading
@@ -22,6 +23,30 @@ from .kvstore import Row
 SERVER_DTYPES = ("float32", "bfloat16", "float16", "auto")  # what a server may load its weights in
 
 WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+TRACEBACK_EVERY_S = 60.0  # an internal error's traceback is logged at most this often for each place it is raised
+_tracebacks: dict[tuple[type, str, int], float] = {}
+_tracebacks_lock = threading.Lock()
+
+
+def log_internal(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """Log an internal error with its traceback, unless one of the same type raised at the same place was logged
+    within `TRACEBACK_EVERY_S` (then one line): an input that reaches a bug must not fill the log by repeating a
+    small message (a reviewer's 300-byte step logged 4.5 KB)."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = (type(exc), frame.tb_frame.f_code.co_filename, frame.tb_lineno) if frame else (type(exc), "", 0)
+    now = time.monotonic()
+    with _tracebacks_lock:
+        fresh = now - _tracebacks.get(where, -math.inf) >= TRACEBACK_EVERY_S
+        if fresh:
+            _tracebacks[where] = now
+    if fresh:
+        logger.error(what, exc_info=exc)
+    else:
+        logger.error("%s: %s (its traceback was logged in the last minute)", what, type(exc).__name__)
 
 
 def default_kv_budget_bytes(device: torch.device) -> int:
