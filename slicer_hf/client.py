@@ -16,7 +16,7 @@ from . import compat
 from .config import SlicerConfig
 from .errors import ConfigError
 from .link import WireStats
-from .loading import model_error
+from .loading import model_loading
 
 
 def wire_report(stats: WireStats, hidden_size: int) -> str:
@@ -133,15 +133,13 @@ class Client:
         path = resolve_model(model)
         config = default_config(model) if config is None else config
         self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:  # no such folder or Hub repo, or a folder with no model in it
-            raise model_error(model, exc) from None
         options = {"token": token, "root_certificates": root_certificates, "timeout_s": timeout_s}
         options = {key: value for key, value in options.items() if value is not None} or None
-        self.model = SlicerModelForCausalLM.from_pretrained(
-            path, slicer_config=self.config, transport=urls, transport_options=options
-        )
+        with model_loading(model):  # no such folder or Hub repo, or a folder without its tokenizer or weights
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = SlicerModelForCausalLM.from_pretrained(
+                path, slicer_config=self.config, transport=urls, transport_options=options
+            )
         self._held: tuple[Any, Any] | None = None  # the last reply's whole sequence and its KV cache
         self._given_up = WireStats()  # what crossed the wire in sessions given up (`restart`)
 

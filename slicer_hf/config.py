@@ -428,12 +428,18 @@ class SlicerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlicerConfig:
         data = dict(data)
-        data.pop("slicer_hf_version", None)
+        newer = _newer_version(data.pop("slicer_hf_version", None))
+        origin = f"saved by slicer_hf {newer}, this is {__version__}" if newer else "from a newer slicer_hf?"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            logger.warning("Ignoring unknown SlicerConfig keys (from a newer slicer_hf?): %s", ", ".join(unknown))
-        return cls(**{k: v for k, v in data.items() if k in known})
+            logger.warning("Ignoring unknown SlicerConfig keys (%s): %s", origin, ", ".join(unknown))
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ConfigError as exc:
+            if newer:  # a value this version does not know yet, most likely
+                raise ConfigError(f"{exc} (this config was {origin}: upgrade slicer_hf to read it)") from None
+            raise
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
         """Write `slicer_config.json` into `save_directory` (created if needed) and return its path."""
@@ -622,6 +628,16 @@ def _load_bases(config: SlicerConfig, folder: Path, name_or_path: str, hub: dict
             raise ConfigError(f"the config names the calibrated basis {digest}, but {path} is missing")
         if Basis.load(path).digest != digest:
             raise ConfigError(f"{path} does not hold the basis {digest} (its tensors hash differently)")
+
+
+def _newer_version(saved_by: Any) -> str | None:
+    """The version a config was saved by, where it is newer than this one."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return str(saved_by) if Version(str(saved_by)) > Version(__version__) else None
+    except InvalidVersion:
+        return None
 
 
 def available_presets() -> list[str]:

@@ -51,6 +51,7 @@ def _run(
     from transformers import AutoTokenizer
 
     from .client import encode_messages, wire_report
+    from .loading import model_loading
     from .modeling import SlicerModelForCausalLM
 
     print(
@@ -65,8 +66,9 @@ def _run(
     )
     try:
         print(f"server process {server.pid} listening on {url}", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        edge = SlicerModelForCausalLM.from_pretrained(path, slicer_config=cfg, transport=url)
+        with model_loading(model):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            edge = SlicerModelForCausalLM.from_pretrained(path, slicer_config=cfg, transport=url)
         inputs = encode_messages(tokenizer, [{"role": "user", "content": prompt}])
         started = time.perf_counter()
         out = edge.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

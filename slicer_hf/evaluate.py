@@ -24,7 +24,7 @@ from . import compat, protocol
 from .config import SlicerConfig
 from .data import load_text, load_tokenizer, resolve_model, token_windows
 from .errors import ConfigError
-from .loading import model_config
+from .loading import model_config, model_loading
 from .modeling import SlicerModelForCausalLM, unsplit
 
 
@@ -76,7 +76,8 @@ def evaluate(
     compat.check_window(model_config(model, path), window)
     tokenizer = load_tokenizer(path, "to read the text")
     windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=max_tokens)  # before any weight
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with model_loading(model):
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     split = SlicerModelForCausalLM.from_model(base, cfg)
     link = split._link_for(split.slicer_config.split_layer)
     link_codec, downlink_codec = link.codec, link.downlink_codec

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from . import compat
-from .errors import ConfigError
+from .errors import ConfigError, SlicerError
 
 logger = logging.getLogger(__name__)
 # accelerate's empty init patches `nn.Module.register_parameter` process-wide while it is active: parameters that
@@ -57,6 +57,18 @@ def model_error(model: str, exc: Exception) -> ConfigError:
     if missing_folder(model):
         return ConfigError(f"model {model!r}: no such folder")
     return ConfigError(f"cannot load model {model!r}: {exc}")
+
+
+@contextlib.contextmanager
+def model_loading(model: str) -> Iterator[None]:
+    """Within: a model that cannot be loaded (no such folder, no weights or tokenizer in it, no Hub repo reachable)
+    raises a one-line `ConfigError` naming it, not transformers' traceback."""
+    try:
+        yield
+    except SlicerError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise model_error(model, exc) from None
 
 
 def model_config(model: str, path: str | os.PathLike[str]) -> Any:

@@ -35,6 +35,23 @@ def test_unknown_keys_from_newer_versions_warn_not_crash(tmp_path, caplog):
     assert "quantum_entanglement" in caplog.text
 
 
+def test_a_config_a_newer_version_saved_says_so_where_this_one_cannot_read_it(tmp_path, caplog):
+    data = SlicerConfig(split_layer=2).to_dict() | {"quantizer": "ecsq2", "slicer_hf_version": "99.0.0"}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data | {"quantum_entanglement": True}))
+    with pytest.raises(
+        ConfigError, match=r"got 'ecsq2' \(this config was saved by slicer_hf 99.0.0, this is .*upgrade"
+    ):
+        SlicerConfig.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data | {"quantizer": "ecsq", "quantum_entanglement": True}))
+    with caplog.at_level(logging.WARNING):
+        SlicerConfig.from_pretrained(tmp_path)
+    assert "saved by slicer_hf 99.0.0" in caplog.text
+    data["slicer_hf_version"] = "0.0.1"  # an older one: the value is simply wrong
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="got 'ecsq2'$"):
+        SlicerConfig.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

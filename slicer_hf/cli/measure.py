@@ -42,8 +42,8 @@ def eval_(
     config: Annotated[
         str | None,
         typer.Option(
-            help="SlicerConfig: preset name, folder or Hub repo (default: for SmolLM2 its preset, as for generate; "
-            "else SlicerConfig's defaults)."
+            help="SlicerConfig: preset name, folder or Hub repo (default, as for generate: the model folder's own "
+            "slicer_config.json; else the SmolLM2 preset for SmolLM2; else SlicerConfig's defaults)."
         ),
     ] = None,
     window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 512,
@@ -117,14 +117,15 @@ def profile(
     on_this_machine(device)
     path = resolve_model(model)
     from ..compat import check_supported
-    from ..loading import model_config
+    from ..loading import model_config, model_loading
 
     check_supported(model_config(model, path))  # no such model, or one that does not split: one line, before work
     windows = None
     if rate_distortion:  # the text's mistakes are found before the weights load
         tokenizer = load_tokenizer(path, "to read the calibration text (--no-rate-distortion profiles costs alone)")
         windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=tokens)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    with model_loading(model):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     result = profile_model(
         lm,
         model,

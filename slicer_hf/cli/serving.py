@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import gc
 import inspect
 import json
 import logging
@@ -302,29 +303,33 @@ def serve(
     except (OSError, ValueError) as exc:  # transformers': no such folder or Hub repo, or a folder with no model
         raise model_error(model, exc) from None
     settle_heap()
-    cert, key = tls or (None, None)
-    running = grpc_serve(
-        server,
-        host,
-        port,
-        token=token,
-        tls_cert=cert,
-        tls_key=key,
-        max_streams=max_streams,
-        metrics_port=metrics_port,
-        admin_token=admin_token,
-    )
-    from ..protocol import host_port
+    try:
+        cert, key = tls or (None, None)
+        running = grpc_serve(
+            server,
+            host,
+            port,
+            token=token,
+            tls_cert=cert,
+            tls_key=key,
+            max_streams=max_streams,
+            metrics_port=metrics_port,
+            admin_token=admin_token,
+        )
+        from ..protocol import host_port
 
-    scheme = "grpcs" if cert else "grpc"
-    if running.metrics_port is not None:
-        print(f"metrics on {'https' if cert else 'http'}://{host_port(host, running.metrics_port)}/metrics", flush=True)
-    print(f"slicer-hf serving {model} on {scheme}://{host_port(host, running.port)}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    _until(stop)
-    running.stop(grace_s=2.0)  # the engine too
+        scheme = "grpcs" if cert else "grpc"
+        if running.metrics_port is not None:
+            metrics = f"{'https' if cert else 'http'}://{host_port(host, running.metrics_port)}/metrics"
+            print(f"metrics on {metrics}", flush=True)
+        print(f"slicer-hf serving {model} on {scheme}://{host_port(host, running.port)}", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        _until(stop)
+        running.stop(grace_s=2.0)  # the engine too
+    finally:  # a frozen heap is never freed at exit: nanobind (Triton's) would report each object as leaked
+        gc.unfreeze()
 
 
 def _until(stop: threading.Event) -> None:

@@ -209,6 +209,7 @@ def calibrate(
 
     from ..data import load_text, load_tokenizer, resolve_model, token_windows
     from ..loading import model_config as model_config_of
+    from ..loading import model_loading
 
     if type(window) is not int or window < 2:
         raise ConfigError(f"the calibration window must be an integer of at least 2 tokens, got {window!r}")
@@ -261,7 +262,8 @@ def calibrate(
             f"calibration needs at least {2 * width} tokens in whole windows of {window}; {text!r} gave "
             f"{windows.numel()}"
         )
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with model_loading(model):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     found = collect(lm, windows, [k, n_layers] if downlink else [k], seed=seed)
     provenance = {"model": model, "text": text, "tokens": str(windows.numel()), "seed": str(seed)}
 
