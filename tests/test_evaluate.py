@@ -10,7 +10,7 @@ import torch
 from live import tiny_smol_dir
 from typer.testing import CliRunner
 
-from slicer_hf import SlicerConfig, build_codec
+from slicer_hf import ConfigError, SlicerConfig, build_codec
 from slicer_hf.bench.concurrency import floors_ms_per_token, rows_by_layer
 from slicer_hf.cli import app
 from slicer_hf.evaluate import evaluate
@@ -30,7 +30,7 @@ def test_a_bad_text_is_named_in_one_line_before_any_weight_loads(tiny_dir, tmp_p
 
     from transformers import AutoModelForCausalLM
 
-    from slicer_hf import ConfigError, MissingDataError
+    from slicer_hf import MissingDataError
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -179,6 +179,12 @@ def test_codec_speed_suite_runs_from_the_cli(tiny_dir, tmp_path):
     assert rows["fp16"]["bits_per_token"] == 8 * (len(build_codec("fp16").envelope((1, 1, 64), torch.float32)) + 128)
 
 
+def test_a_suite_config_whose_split_the_model_lacks_is_a_clear_error(tiny_dir):
+    result = CliRunner().invoke(app, ["bench", "codec-speed", "--model", str(tiny_dir), "--out-json", "/dev/null"])
+    assert isinstance(result.exception, ConfigError)  # the CLI prints it as one line; it had been KeyError: 'h'
+    assert "split layer 24: this model has 4 layers, so it must be 1..3" in str(result.exception)
+
+
 def test_a_suite_config_without_a_split_splits_where_generate_would(tiny_dir, tmp_path):
     from slicer_hf.bench.common import suite_config
 
@@ -275,8 +281,12 @@ def test_server_compute_suite_measures_a_real_server(tiny_dir, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["rows"]
+    measured = json.loads(out.read_text())
+    rows = measured["rows"]
     assert [r["downlink"] for r in rows] == ["hidden", "topk_logits", "logits"]
+    preset = SlicerConfig.from_pretrained(tiny_dir / "preset")  # what was measured is on record
+    assert measured["uplink_codec"] == json.loads(json.dumps({"codec": preset.codec, **preset.codec_params()}))
+    assert rows[0]["uplink_bits_per_decode_token"] % 8 == 0 and rows[0]["uplink_bits_per_decode_token"] > 0
     assert rows[-1]["split_layer"] == 1 and rows[-1]["saving_vs_whole"] == 1.0
     assert all(math.isfinite(r["server_cpu_ms_per_decode_token"]) for r in rows)  # tiny model: noise-level CPU
 

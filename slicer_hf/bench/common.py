@@ -20,6 +20,7 @@ from transformers import AutoConfig
 
 from .. import compat
 from ..config import SlicerConfig, default_config_dir
+from ..errors import ConfigError
 
 
 def environment() -> dict[str, Any]:
@@ -31,6 +32,12 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def codec_record(config: SlicerConfig) -> dict[str, Any]:
+    """What a suite's JSON records of the uplink codec it measured: its name and the parameters `build_codec` takes
+    (`bench summary --check` compares them with the shipped preset's)."""
+    return {"codec": config.codec, **config.codec_params()}
 
 
 def at_least(least: float, kind: type = int, above: bool = False) -> Callable[[str], Any]:
@@ -105,7 +112,13 @@ def suite_config(config: str | SlicerConfig | None, model_path: str) -> SlicerCo
     if not isinstance(config, SlicerConfig):
         config = SlicerConfig.from_pretrained(config or default_config_dir())
     layers = compat.num_layers(AutoConfig.from_pretrained(model_path))
-    return config.replace(split_layer=config.split_layer_for(layers))
+    split = config.split_layer_for(layers)
+    if not 1 <= split < layers:  # the SmolLM2 preset's 24 on a smaller model, say: the suite would find no split
+        raise ConfigError(
+            f"split layer {split}: this model has {layers} layers, so it must be 1..{layers - 1} (give --config "
+            "with a split_layer that fits)"
+        )
+    return config.replace(split_layer=split)
 
 
 def suite_parser(doc: str | None, out_json: str) -> argparse.ArgumentParser:

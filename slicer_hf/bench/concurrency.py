@@ -41,7 +41,16 @@ from ..link import open_request
 from ..modeling import SlicerModelForCausalLM
 from ..server.prepack import PackedLinear, packable
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import at_least, exit_on_sigterm, markdown_table, median_time, suite_config, suite_parser, write_json
+from .common import (
+    at_least,
+    codec_record,
+    exit_on_sigterm,
+    markdown_table,
+    median_time,
+    suite_config,
+    suite_parser,
+    write_json,
+)
 
 
 def mixed_splits(split_layer: int, num_layers: int) -> tuple[int, ...]:
@@ -227,15 +236,15 @@ def floors_ms_per_token(
     return {"linear": 1000 * linear / tokens, "floor": 1000 * floor / tokens}
 
 
-def matmul_gflops(rows: int, d: int = 576, f: int = 1536, packed: bool = False) -> float:
-    """Throughput of a [rows x d] @ [d x f] float32 matmul with one torch thread (`packed`: by oneDNN, the [f x d]
-    weight packed for it)."""
+def matmul_gflops(rows: int, weight: torch.Tensor, packed: bool = False) -> float:
+    """Throughput of a [rows x d] @ [d x f] matmul on `weight` [f x d], in its dtype, with one torch thread (`packed`:
+    by oneDNN, the weight packed for it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, w = torch.randn(rows, d), torch.randn(f, d)
-        product = PackedLinear(w) if packed else functools.partial(torch.nn.functional.linear, weight=w)
-        return 2 * rows * d * f / median_time(lambda: product(a), repeats=25, warmup=5) / 1e9
+        a = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        product = PackedLinear(weight) if packed else functools.partial(torch.nn.functional.linear, weight=weight)
+        return 2 * a.shape[0] * weight.numel() / median_time(lambda: product(a), repeats=25, warmup=5) / 1e9
     finally:
         torch.set_num_threads(threads)
 
@@ -297,6 +306,7 @@ def run(
                 proc.wait(timeout=30)
     lm = SlicerModelForCausalLM.from_pretrained(path, slicer_config=config, dtype=getattr(torch, dtype))  # the floor
     weights = layer_weights(lm, min(splits))
+    widest = max((w for ws in weights.values() for w in ws), key=torch.Tensor.numel)
     for row in rows:
         ks = [row["splits"][i % len(row["splits"])] for i in range(row["clients"])]
         at = rows_by_layer(ks, row["rows_per_forward"], compat.num_layers(hf_config))
@@ -318,8 +328,13 @@ def run(
         "server_threads": 1,
         "server_dtype": dtype,
         "server_prepack": prepack,
-        "matmul_gflops_1_thread": {b: matmul_gflops(b) for b in (1, 8, 32, 128)},
-        "matmul_gflops_1_thread_prepacked": {b: matmul_gflops(b, packed=True) for b in (1, 8, 32, 128)},
+        "uplink_codec": codec_record(config),
+        # the largest weight the server runs, in the server's dtype: what the floor's products are made of
+        "matmul_weight": {"shape": list(widest.shape), "dtype": str(widest.dtype).removeprefix("torch.")},
+        "matmul_gflops_1_thread": {b: matmul_gflops(b, widest) for b in (1, 8, 32, 128)},
+        "matmul_gflops_1_thread_prepacked": {
+            b: matmul_gflops(b, widest, packed=True) for b in (1, 8, 32, 128) if packable(widest.device, widest.dtype)
+        },
         "rows": rows,
     }
     write_json(result, out_json)

@@ -25,7 +25,7 @@ from ..data import resolve_model
 from ..launch import start_server
 from ..link import open_request
 from ..transport.grpc import STATS_METHOD, GrpcTransport
-from .common import at_least, exit_on_sigterm, markdown_table, suite_config, suite_parser, write_json
+from .common import at_least, codec_record, exit_on_sigterm, markdown_table, suite_config, suite_parser, write_json
 from .concurrency import record_packets, run_client
 
 
@@ -58,7 +58,7 @@ def measure_variant(
     return {
         "server_cpu_ms_per_decode_token": statistics.median(per_token),
         "samples_ms": per_token,
-        "uplink_bytes_per_decode_token": sum(map(len, packets[1:])) / max(len(packets) - 1, 1),
+        "uplink_bits_per_decode_token": 8 * sum(map(len, packets[1:])) / max(len(packets) - 1, 1),
     }
 
 
@@ -99,6 +99,7 @@ def run(
         "num_layers": n,
         "prompt_tokens": prompt_tokens,
         "decode_steps": decode_steps,
+        "uplink_codec": codec_record(preset),  # the split rows' (the whole-model row's is lossless)
         "rows": rows,
     }
     write_json(result, out_json)
@@ -107,6 +108,7 @@ def run(
             rows,
             [
                 ("variant", "variant", ""),
+                ("uplink bits / decode token", "uplink_bits_per_decode_token", ",.0f"),
                 ("server CPU ms / decode token", "server_cpu_ms_per_decode_token", ".2f"),
                 ("less server compute than whole model", "saving_vs_whole", ".2f"),
             ],
