@@ -102,6 +102,9 @@ def test_clients_choose_codec_knobs_never_safety_bounds(server, model_dir):
     spec = {**build_codec("identity").spec(), "max_elements": 10**13}
     with pytest.raises(ProtocolError, match="may not set max_elements"):
         raw_open(raw, model_dir, codec=spec)
+    effort = {**build_codec("slicer").spec(), "zstd_level": 22}  # the server's encode CPU for its replies, 3x
+    with pytest.raises(ProtocolError, match="may not set zstd_level"):
+        raw_open(raw, model_dir, downlink="hidden", downlink_codec=effort)
     for bad in ({"downlink_topk": "many"}, {"downlink_topk": 0}, {"downlink_topk": 1 << 20}, {"dtype": "float64"}):
         with pytest.raises(ProtocolError) as info:
             raw_open(raw, model_dir, **bad)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CodecError, ConfigError
-from .base import REGISTRY, SAFETY_PARAMS, Codec, CodecStats
+from .base import LOCAL_PARAMS, REGISTRY, Codec, CodecStats
 from .baselines import Bf16Codec, Fp16Codec, GroupedIntCodec, IdentityCodec, Int8Codec, TopKCodec
 from .slicer import SlicerCodec
 
@@ -56,13 +56,15 @@ def build_codec(config_or_name: SlicerConfig | str, **params: Any) -> Codec:
 def codec_from_spec(spec: dict[str, Any], **bounds: Any) -> Codec:
     """Rebuild a codec from `Codec.spec()` (what a client announces when it opens a session).
 
-    The peer chooses the codec's knobs, never its safety bounds: a spec that names one (`max_elements`) is refused,
-    and the receiver sets them through `bounds`.
+    The peer chooses the codec's knobs, never this side's own settings: a spec that names one (`max_elements`, a
+    safety bound; `zstd_level`, encoding effort) is refused, and the receiver sets them through `bounds`.
     """
     spec = dict(spec)
     name, version = spec.pop("name", None), spec.pop("version", None)
-    if forbidden := sorted(SAFETY_PARAMS & set(spec)):
-        raise CodecError(f"a codec spec may not set {', '.join(forbidden)}: the receiver sets its safety bounds")
+    if forbidden := sorted(LOCAL_PARAMS & set(spec)):
+        raise CodecError(
+            f"a codec spec may not set {', '.join(forbidden)}: the receiver sets its own bounds and effort"
+        )
     if not isinstance(name, str) or name not in REGISTRY:
         raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
     try:  # the class itself: a knob named like one of build_codec's own arguments is just an unknown knob

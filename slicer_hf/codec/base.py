@@ -29,7 +29,9 @@ MAX_OUTLIERS = 64  # exact outliers per row, the most a config asks for (`Slicer
 DEFAULT_MAX_ELEMENTS = 1 << 26
 LOSSY_MAX_ABS = 2.0**50  # squares of a row's entries still sum within float32 (no real hidden state comes close)
 NON_FINITE = "the packet decodes to NaN or infinite values"  # a packet no encoder makes: encode refuses them
-SAFETY_PARAMS = frozenset({"max_elements"})  # set by whoever decodes, never by the peer that sends
+# set by the side that runs the codec, never by its peer: a decoder's safety bound, an encoder's effort (a client
+# naming zstd level 22 for the server's replies had bought 3x the server's encode CPU); neither changes the bytes
+LOCAL_PARAMS = frozenset({"max_elements", "zstd_level"})
 
 REGISTRY: dict[str, type[Codec]] = {}
 
