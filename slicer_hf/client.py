@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,10 +93,15 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):  # a mistake, greedy or not
             raise ConfigError(
                 "sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0, got "
                 f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+            )
+        plain = Sampling.__dataclass_fields__
+        if not self.do_sample and any(getattr(self, k) != plain[k].default for k in ("temperature", "top_p", "top_k")):
+            warnings.warn(
+                "temperature, top_p and top_k apply when sampling (--do-sample): this reply is greedy", stacklevel=2
             )
 
     def generate_kwargs(self) -> dict[str, Any]:

@@ -478,6 +478,21 @@ def test_python_callers_get_the_clear_errors_the_cli_prints(tmp_path):
         compat.check_supported(BertConfig())
 
 
+def test_sampling_options_are_checked_greedy_or_not_and_said_to_be_unused_when_greedy():
+    import warnings
+
+    from slicer_hf.client import Sampling
+
+    with pytest.raises(ConfigError, match="temperature > 0"):  # a mistake either way (it had passed unseen)
+        Sampling(temperature=-3)
+    with pytest.warns(UserWarning, match="apply when sampling"):
+        Sampling(top_k=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampling(do_sample=True, temperature=0.7, top_k=5)
+        Sampling()
+
+
 def test_the_wire_report_of_no_token_has_no_ratio():
     from slicer_hf.client import wire_report
     from slicer_hf.link import WireStats
