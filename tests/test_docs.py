@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +28,15 @@ def test_a_drifted_summary_is_caught(tmp_path):
         summary.main(["--doc", str(doc), "--check"])
     summary.main(["--doc", str(doc)])  # regenerating repairs it
     summary.main(["--doc", str(doc), "--check"])
+
+
+def test_figures_measured_with_another_codec_than_the_shipped_preset_are_refused(tmp_path):
+    shutil.copytree(DOCS / "benchmarks", tmp_path / "benchmarks")
+    stale = json.loads((tmp_path / "benchmarks" / "server_compute.json").read_text())
+    stale["uplink_codec"]["step"] = 0.3  # the preset's step before it was recalibrated
+    (tmp_path / "benchmarks" / "server_compute.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match=r"server_compute.json was measured with another uplink codec .*\(its step"):
+        summary.render(tmp_path / "benchmarks")
 
 
 def test_every_command_and_option_of_the_cli_is_in_its_reference():
