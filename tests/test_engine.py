@@ -45,8 +45,12 @@ def open_session(server: SplitServer, config: SlicerConfig | None = None) -> int
     return protocol.decode_json(reply)["session"]
 
 
-def step(server: SplitServer, session: int, seq: int, start: int = 0, tokens: int = 3, codec=None) -> bytes:
-    hidden = torch.randn(1, tokens, server.hidden_size)
+def step(
+    server: SplitServer, session: int, seq: int, start: int = 0, tokens: int = 3, codec=None, seed: int | None = None
+) -> bytes:
+    """A step of `tokens` random hidden states (seeded by `seed`, if given) of one sequence."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, tokens, server.hidden_size, generator=generator)
     payload = (codec or build_codec("identity")).encode(hidden)
     return server.handle(protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, 0, payload)))
 
@@ -331,12 +335,12 @@ def decode_together(server, blocking, sessions, meanwhile=lambda: None) -> tuple
     assert stuck.wait(10)
     replies = {}
     waiting = [
-        threading.Thread(target=lambda s=s: replies.__setitem__(s, step(server, s, 2, start=3, tokens=1)))
+        threading.Thread(target=lambda s=s: replies.__setitem__(s, step(server, s, 2, start=3, tokens=1, seed=s)))
         for s in sessions
     ]
     for t in waiting:
         t.start()
-    time.sleep(0.2)  # all queued behind the held round
+    assert wait_for(lambda: server.scheduler._queue.qsize() >= len(sessions))  # all queued behind the held round
     meanwhile()
     release.set()
     for t in [blocker, *waiting]:
@@ -344,13 +348,59 @@ def decode_together(server, blocking, sessions, meanwhile=lambda: None) -> tuple
     return replies, rounds
 
 
+def final_rows(reply: bytes) -> torch.Tensor:
+    """The final hidden states a reply of the identity downlink holds."""
+    return build_codec("identity").decode(protocol.decode_reply(reply)[2])
+
+
+def alone(engine, seed: int) -> torch.Tensor:
+    """What a session's decode step (seeded `seed`, after a prefill seeded `-seed`) gets on a server of its own."""
+    server = engine()
+    session = open_session(server)
+    protocol.raise_if_error(step(server, session, 1, seed=-seed))
+    rows = final_rows(step(server, session, 2, start=3, tokens=1, seed=seed))
+    server.shutdown()
+    return rows
+
+
+def test_a_step_past_what_the_session_holds_is_refused_as_state_lost(engine):
+    """The server holds 3 positions; a step at 4 would leave position 3 out of every later attention."""
+    server = engine()
+    session = open_session(server)
+    protocol.raise_if_error(step(server, session, 1, tokens=3))
+    with pytest.raises(ProtocolError, match="starts at position 4 but the session holds 3") as refused:
+        protocol.raise_if_error(step(server, session, 2, start=4, tokens=1))
+    assert refused.value.code == "state_lost" and session not in server.sessions
+    server.shutdown()
+
+
+def test_a_session_with_a_step_in_flight_is_not_idle(engine):
+    """The idle reaper closes sessions quiet for idle_timeout_s; one whose step is running (a long forward, or one
+    queued behind it) has not gone quiet, however long ago its client last sent."""
+    server = engine(batching=True, idle_timeout_s=0.2)
+    session = open_session(server)
+    protocol.raise_if_error(step(server, session, 1))
+    stuck, release, _ = gate_rounds(server)
+    reply = []
+    running = threading.Thread(target=lambda: reply.append(step(server, session, 2, start=3, tokens=1)))
+    running.start()
+    assert stuck.wait(10)
+    time.sleep(0.3)  # past the idle timeout since the step arrived (the thing under test is a duration)
+    server.expire_idle()
+    assert session in server.sessions
+    release.set()
+    running.join(10)
+    protocol.raise_if_error(reply[0])
+    server.shutdown()
+
+
 def test_closing_a_session_mid_batch_leaves_the_others_exact(engine):
     server = engine(batching=True)
     first, second, third = open_session(server), open_session(server), open_session(server)
     for session in (first, second, third):  # prefill each
-        protocol.raise_if_error(step(server, session, 1))
+        protocol.raise_if_error(step(server, session, 1, seed=-session))
     replies, _ = decode_together(server, third, (first, second), meanwhile=lambda: server.close_session(first))
-    protocol.raise_if_error(replies[second])  # the other session's step is unharmed
+    torch.testing.assert_close(final_rows(replies[second]), alone(engine, second))  # its own rows, unharmed
     assert server.kv_bytes_used == server.sessions[second].kv_bytes + server.sessions[third].kv_bytes
     server.shutdown()
 
@@ -363,7 +413,7 @@ def test_a_session_that_fails_in_a_batched_round_fails_alone(engine, monkeypatch
     server = engine(batching=True)
     healthy, broken, blocking = open_session(server), open_session(server), open_session(server)
     for session in (healthy, broken, blocking):
-        protocol.raise_if_error(step(server, session, 1))
+        protocol.raise_if_error(step(server, session, 1, seed=-session))
     plain = getattr(server, where)
 
     def breaks(first, *args):  # forward_rows(chunks) or encode_output(session, final, given)
@@ -377,7 +427,7 @@ def test_a_session_that_fails_in_a_batched_round_fails_alone(engine, monkeypatch
     assert 2 in rounds  # the two steps were in one round
     with pytest.raises(ProtocolError, match=f"{where} broke"):
         protocol.raise_if_error(replies[broken])
-    protocol.raise_if_error(replies[healthy])
+    torch.testing.assert_close(final_rows(replies[healthy]), alone(engine, healthy))  # its own rows
     protocol.raise_if_error(step(server, healthy, 3, start=4, tokens=1))  # its session goes on from position 4
     assert broken not in server.sessions and server.stats_dict()["batch_retries"] == retries
     server.shutdown()

@@ -274,6 +274,21 @@ def test_a_nan_left_in_the_store_by_one_session_never_reaches_another():
     assert bool(torch.isfinite(out).all())
 
 
+def test_a_nan_a_live_row_holds_never_reaches_a_shorter_row_batched_beside_a_longer_one():
+    """The short row's block table is padded to the long row's length: the padding must read the zero block, never
+    a block another row still holds (its NaN would spread through the masked columns)."""
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    d, store = server.hidden_size, server.store
+    poisoned = store.new_row(2)  # keeps its blocks, NaN in them
+    server.layers.store_forward([poisoned], torch.full((1, 5, d), float("nan")), torch.arange(5)[None])
+    short, long = store.new_row(2), store.new_row(2)
+    server.layers.store_forward([short], torch.randn(1, 3, d), torch.arange(3)[None])
+    server.layers.store_forward([long], torch.randn(1, 40, d), torch.arange(40)[None])
+    out = server.layers.store_forward([short, long], torch.randn(2, 1, d), torch.tensor([[3], [40]]))
+    server.shutdown()
+    assert bool(torch.isfinite(out).all())
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_tested_architecture_runs_on_the_store(arch):
     assert SplitServer(tiny_model(arch)).store is not None
