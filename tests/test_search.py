@@ -108,6 +108,25 @@ def test_a_profile_without_a_split_to_measure_is_refused_before_its_timing_run(l
 
 
 @pytest.mark.parametrize(
+    "option, value, refusal",
+    [("--splits", "0,9", r"must be in \[1, 3\]"), ("--steps", "-1", "step"), ("--splits", "a,b", "comma-separated")],
+)
+def test_the_profile_command_refuses_its_bad_choices_before_the_weights_load(
+    option, value, refusal, tmp_path, monkeypatch
+):
+    """They had been refused only after the model's weights loaded."""
+    import transformers
+
+    tiny_model("llama").config.save_pretrained(tmp_path / "m")  # a config is all a refusal needs
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    args = ["profile", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "p.json"), "--no-rate-distortion"]
+    result = CliRunner().invoke(app, [*args, option, value])
+    assert result.exit_code != 0
+    said = result.output + str(result.exception)
+    assert re.search(refusal, said), said
+
+
+@pytest.mark.parametrize(
     "options, refusal",
     [
         ({"prompt_tokens": 60, "decode_tokens": 8}, "timing run's 60 prompt and 8 new tokens exceed the model's 64"),

@@ -107,7 +107,7 @@ def profile(
     from transformers import AutoModelForCausalLM
 
     from ..data import load_text, load_tokenizer, resolve_model, token_windows
-    from ..tuning.profile import DEFAULT_DOWNLINK_STEPS, DEFAULT_STEPS, profile_model
+    from ..tuning.profile import DEFAULT_DOWNLINK_STEPS, DEFAULT_STEPS, check_profile, profile_model
 
     if out.is_file() and out.suffix != ".json":
         raise typer.BadParameter(
@@ -119,24 +119,23 @@ def profile(
     from ..compat import check_supported
     from ..loading import model_config, model_loading
 
-    check_supported(model_config(model, path))  # no such model, or one that does not split: one line, before work
-    windows = None
-    if rate_distortion:  # the text's mistakes are found before the weights load
-        tokenizer = load_tokenizer(path, "to read the calibration text (--no-rate-distortion profiles costs alone)")
-        windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=tokens)
-    with model_loading(model):
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    result = profile_model(
-        lm,
-        model,
-        windows,
-        text,
+    hf_config = model_config(model, path)
+    check_supported(hf_config)  # no such model, or one that does not split: one line, before work
+    choices = check_profile(  # and what its profile would be refused for
+        hf_config,
         _numbers(splits, int),
         _numbers(steps, float) or DEFAULT_STEPS,
         DEFAULT_DOWNLINK_STEPS if downlink_steps is None else _numbers(downlink_steps, float) or (),
         prompt_tokens,
         decode_tokens,
     )
+    windows = None
+    if rate_distortion:  # the text's mistakes are found before the weights load
+        tokenizer = load_tokenizer(path, "to read the calibration text (--no-rate-distortion profiles costs alone)")
+        windows = token_windows(tokenizer, load_text(text), window=window, max_tokens=tokens)
+    with model_loading(model):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    result = profile_model(lm, model, windows, text, *choices, prompt_tokens, decode_tokens)
     written = result.save(out)
     e, n = result.edge, result.num_layers
     print(

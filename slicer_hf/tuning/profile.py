@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..compat import check_window, decoder_layers, kv_bytes_per_position
+from ..compat import num_layers as layer_count
 from ..config import SlicerConfig
 from ..errors import ConfigError
 from ..version import __version__
@@ -455,6 +456,31 @@ def _ecsq_steps(values: Sequence[float], name: str) -> list[float]:
     return sorted(set(values))
 
 
+def check_profile(
+    config: Any,
+    split_layers: Sequence[int] | None,
+    steps: Sequence[float],
+    downlink_steps: Sequence[float],
+    prompt_tokens: int,
+    decode_tokens: int,
+) -> tuple[list[int], list[float], list[float]]:
+    """What a profile of a model of `config` would be refused for, found from its config alone (before its weights
+    load and its timing run, which take minutes); returns the splits and steps it runs."""
+    n = layer_count(config)
+    if n < 2:
+        raise ConfigError(f"a model of {n} decoder layer cannot be split: there is no layer for the server to run")
+    splits = sorted(set(split_layers)) if split_layers is not None else default_splits(n)
+    if bad := [k for k in splits if not 1 <= k < n]:
+        raise ConfigError(f"candidate split layers must be in [1, {n - 1}] for this {n}-layer model, got {bad}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and prompt_tokens + decode_tokens > positions:
+        raise ConfigError(
+            f"the timing run's {prompt_tokens} prompt and {decode_tokens} new tokens exceed the model's {positions} "
+            "positions: give fewer (prompt_tokens, decode_tokens)"
+        )
+    return splits, _ecsq_steps(steps, "steps"), _ecsq_steps(downlink_steps, "downlink_steps")
+
+
 def profile_model(
     model: Any,
     model_id: str,
@@ -482,19 +508,9 @@ def profile_model(
     from .. import protocol
     from .distortion import check_finite
 
-    n = len(decoder_layers(model))
-    if n < 2:
-        raise ConfigError(f"a model of {n} decoder layer cannot be split: there is no layer for the server to run")
-    splits = sorted(set(split_layers)) if split_layers is not None else default_splits(n)
-    if bad := [k for k in splits if not 1 <= k < n]:  # checked before the timing run, which takes minutes
-        raise ConfigError(f"candidate split layers must be in [1, {n - 1}] for this {n}-layer model, got {bad}")
-    steps, downlink_steps = _ecsq_steps(steps, "steps"), _ecsq_steps(downlink_steps, "downlink_steps")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and prompt_tokens + decode_tokens > positions:  # checked before the timing run
-        raise ConfigError(
-            f"the timing run's {prompt_tokens} prompt and {decode_tokens} new tokens exceed the model's {positions} "
-            "positions: give fewer (prompt_tokens, decode_tokens)"
-        )
+    splits, steps, downlink_steps = check_profile(
+        model.config, split_layers, steps, downlink_steps, prompt_tokens, decode_tokens
+    )
     device = next(model.parameters()).device
     if windows is not None:
         check_window(model.config, int(windows.shape[1]))
@@ -513,7 +529,7 @@ def profile_model(
         versions=versions(),
         model={
             "id": model_id,
-            "num_hidden_layers": n,
+            "num_hidden_layers": len(decoder_layers(model)),
             "hidden_size": int(model.config.hidden_size),
             "vocab_size": int(model.config.vocab_size),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
