@@ -334,6 +334,23 @@ LIMITS = [
 ]
 
 
+def test_an_address_serve_cannot_listen_on_is_refused_before_the_model_loads(no_model_loads):
+    """A taken port, or a host this machine does not resolve or hold, had been found after the model loaded."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        for args, said in (
+            (["--port", str(port)], f"port {port} on 127.0.0.1 is taken"),
+            (["--host", "999.1.1.1"], "does not resolve here"),
+            (["--host", "192.0.2.1"], "Cannot assign requested address"),  # TEST-NET-1: on no machine's interface
+        ):
+            result = CliRunner().invoke(app, ["serve", *args], terminal_width=300)
+            assert result.exit_code == 2 and said in result.output, result.output
+
+
 @pytest.mark.parametrize("option, value", LIMITS)
 def test_a_bad_server_limit_is_named_as_the_option_the_user_typed(option, value, no_model_loads):
     result = CliRunner().invoke(app, ["serve", option, value], terminal_width=200)

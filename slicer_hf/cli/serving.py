@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import errno
 import gc
 import inspect
 import json
 import logging
 import re
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -294,6 +296,7 @@ def serve(
     from ..loading import model_error
 
     on_this_machine(device)
+    _check_listen(host, port)  # before the model loads, which takes a while
     try:
         server = load_server(
             model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack=prepack
@@ -330,6 +333,24 @@ def serve(
         running.stop(grace_s=2.0)  # the engine too
     finally:  # a frozen heap is never freed at exit: nanobind (Triton's) would report each object as leaked
         gc.unfreeze()
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse an address this machine cannot listen on now: a host it does not resolve or hold, or a port another
+    process has (gRPC binds as this probe does: SO_REUSEADDR, no SO_REUSEPORT)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise typer.BadParameter(f"{host!r} does not resolve here ({exc.strerror})", param_hint="--host") from None
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            taken = exc.errno == errno.EADDRINUSE
+            message = f"port {port} on {host} is taken: is another server there?" if taken else exc.strerror
+            raise typer.BadParameter(message, param_hint="--port" if taken else "--host") from None
 
 
 def _until(stop: threading.Event) -> None:
