@@ -528,6 +528,10 @@ def test_the_router_forgets_silent_replicas_and_says_why_it_has_none_to_offer():
     # admissions a second with no session opened had kept every replica full
     assert [router.pick(set())["endpoint"] for _ in range(4)] == ["grpc://a:1", "grpc://b:1"] * 2
     assert all(router.pick(set()) is not None for _ in range(128))
+    asyncio.run(router.register({**info, "endpoint": "grpc://b:1", "replica": "b", "draining": True}))
+    assert {router.pick(set())["endpoint"] for _ in range(4)} == {"grpc://a:1"}  # a draining replica takes none
+    assert "1 draining" in router.unavailable({"grpc://a:1"})["error"]
+    asyncio.run(router.register({**info, "endpoint": "grpc://b:1", "replica": "b"}))
     asyncio.run(router.register({**info, "replica": "a", "sessions_active": 1}))  # a reports its session
     assert router.pick({"grpc://b:1"}) is None
     assert router.unavailable({"grpc://b:1"}) == {  # each reason counted: a full one, and one the client left out

@@ -47,6 +47,12 @@ def test_a_predicting_basis_holds_its_predictor_in_its_file_and_digest(bases, tm
     predicting, plain = bases
     assert predicting.predicts and predicting.given_width == D_IN and not plain.predicts
     assert predicting.digest != plain.digest
+    for name in basis_module.PREDICTOR:  # two peers whose predictors differ must not agree on the basis
+        other = {n: getattr(predicting, n) for n in predicting.tensors}
+        changed = other[name].clone()
+        changed[0] = 1 - changed[0] if name == "given_norm" else changed[0] + 1e-3  # given_norm holds 0s and 1s
+        other[name] = changed
+        assert Basis(**other).digest != predicting.digest, name
     monkey_free = basis_module._Registry()
     saved = predicting.save(tmp_path)
     old, basis_module._REGISTRY = basis_module._REGISTRY, monkey_free

@@ -30,6 +30,7 @@ from slicer_hf.tuning.planner import (
     FRAMING_BYTES_DOWN,
     FRAMING_BYTES_UP,
     SEGMENT_BYTES,
+    _on_wire,
     _pareto,
     _step_overhead_bits,
     candidates,
@@ -262,6 +263,15 @@ def test_a_prediction_adds_edge_server_and_link_time():
     extra = (p.uplink_bits / 8 + SLOW.framing_bytes_up) * (1 / 6.25 - 1 / 12_500)  # ms at 0.05 vs 100 Mbit/s
     assert slow.link_ms - p.link_ms == pytest.approx(extra)
     assert p.edge_memory_gb == pytest.approx((2e6 + 4e6 + 2048 * 4 * 1024) / 1e9)
+    # the first token: the whole prompt's prefill through both machines' layers (a quarter of a decode step's time a
+    # token here), its codec, the prompt and the first reply on the link, then the edge's head and step overhead
+    n = Constraints().prompt_tokens
+    prefill = n * (4 * 4.0 / 4 + 4 * 1.0 / 4 + up.encode_ms + up.decode_ms)
+    for link, fast in ((FAST, p), (SLOW, slow)):
+        prompt = _on_wire((n * up.bits_per_token + _step_overhead_bits(EDGE, "slicer")) / 8, link.framing_bytes_up)
+        reply = _on_wire(p.downlink_bits / 8, link.framing_bytes_down)
+        on_link = prompt / (link.uplink_mbps * 125) + reply / (link.downlink_mbps * 125)
+        assert fast.ttft_ms == pytest.approx(prefill + on_link + link.rtt_ms + link.overhead_ms + 0.5 + 1.0)
 
 
 def test_a_compressed_downlink_adds_its_kl_and_shrinks_the_reply():
@@ -275,9 +285,9 @@ def test_the_pareto_set_holds_no_dominated_candidate():
     cands = candidates(EDGE, SERVER, SLOW, Constraints())
     front = _pareto(cands)
     key = lambda c: (c.prediction.token_latency_ms, c.prediction.server_ms, c.prediction.uplink_bits, c.prediction.kl)
-    for c in front:
-        assert not any(all(a <= b for a, b in zip(key(o), key(c))) and key(o) != key(c) for o in cands)
-    assert len(front) < len(cands)
+    dominated = lambda c: any(all(a <= b for a, b in zip(key(o), key(c))) and key(o) != key(c) for o in cands)  # noqa: E731
+    assert {id(c) for c in front} == {id(c) for c in cands if not dominated(c)}  # no more, and no fewer
+    assert 1 < len(front) < len(cands)
 
 
 # ------------------------------------------------------------------------------------------- choosing
