@@ -367,8 +367,9 @@ class SlicerGenerationMixin(SplitModelMixin):
         mask = given.get("attention_mask")
         if mask is not None and (not torch.is_tensor(mask) or mask.ndim != 2):  # a dict of masks, one per layer type
             raise NotImplementedError(
-                "split forward takes a 2D attention_mask [batch, length] (a static cache makes 4D masks: use the "
-                "default dynamic cache)"
+                "split forward takes a 2D attention_mask [batch, length]; a static cache (generate's "
+                "cache_implementation='static', 'sliding_window', 'hybrid_chunked' and the like) makes 4D masks: use "
+                "the default dynamic cache"
             )
         positions = given.get("position_ids")
         if positions is not None and torch.equal(positions.cpu(), (start + torch.arange(t)).expand_as(positions)):

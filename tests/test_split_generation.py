@@ -351,6 +351,13 @@ def test_continuous_batching_is_refused_by_name(model_pair):
         split(model).generate(prompt(2), max_new_tokens=2, do_sample=False, cache_implementation="paged")
 
 
+@pytest.mark.parametrize("kind", ["static", "sliding_window"])
+def test_a_static_cache_is_refused_naming_the_generate_argument_that_asks_for_it(model_pair, kind):
+    _, model = model_pair("llama")
+    with pytest.raises(NotImplementedError, match="cache_implementation='static', 'sliding_window'"):
+        split(model).generate(prompt(2), max_new_tokens=2, do_sample=False, cache_implementation=kind)
+
+
 def test_a_numpy_integer_is_a_split_layer(model_pair):
     ref, model = model_pair("llama")
     ids = prompt()
