@@ -81,16 +81,20 @@ def test_the_decoder_finds_the_encoders_points(wide):
     assert err.abs().max() <= 0.4 * 1.01
 
 
-def test_at_equal_error_the_trellis_spends_fewer_bits_than_rounding():
-    rows, grads = synthetic(6000, seed=0)
-    basis = fit_basis(rows[:4000], grads[:4000])
-    held = rows[4000:].float()
+@pytest.mark.parametrize("width", [D, 100])  # 100: more than three runs of trellises, each of many steps
+def test_at_equal_error_the_trellis_spends_fewer_bits_than_rounding(width, wide):
+    if width == D:
+        rows, grads = synthetic(6000, seed=0)
+        basis, held = fit_basis(rows[:4000], grads[:4000]), rows[4000:].float()
+    else:
+        gen = torch.Generator().manual_seed(7)
+        basis, held = wide, torch.randn(2000, 100, generator=gen) * torch.linspace(0.2, 4.0, 100)
     f = basis.f64
 
     def cost(step: float, trellised: bool) -> tuple[float, float]:
         c = codec(basis, step, trellised)
-        packet = c.encode(held.reshape(1, -1, D))
-        out = c.decode(packet).reshape(-1, D).double()
+        packet = c.encode(held.reshape(1, -1, width))
+        out = c.decode(packet).reshape(-1, width).double()
         rms = basis.row_rms(held.double())[:, None]
         err = (((out - held.double()) / rms) @ f["forward"]).pow(2).sum(1).mean()
         return 8 * len(packet) / len(held), float(err)
