@@ -273,6 +273,15 @@ def test_calibrate_refuses_text_too_short_for_a_basis_before_loading_the_model(t
     assert result.exit_code != 0 and "needs at least 128 tokens in whole windows of 32" in str(result.exception)
 
 
+def test_a_basis_for_a_codec_with_exact_outliers_is_fitted_on_what_they_leave():
+    """The codec sends each row's largest entry exactly and codes the rest: the massive channel (5 in these rows)
+    is then nothing to the basis, neither in its mean nor as a channel the RMS leaves out."""
+    rows, grads = synthetic(4000)
+    plain, with_outlier = fit_basis(rows, grads), fit_basis(rows, grads, outliers=1)
+    assert plain.mean[5] > 10 and plain.norm_weight[5] == 0  # the massive channel, as the rows hold it
+    assert with_outlier.mean[5] == 0 and with_outlier.norm_weight[5] == 1
+
+
 def test_calibrate_keeps_the_outliers_of_the_config_it_starts_from_unless_told(tmp_path):
     base = tmp_path / "base"
     SlicerConfig(quantizer="ecsq", outliers=2, split_layer=2).save_pretrained(base)

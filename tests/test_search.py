@@ -256,6 +256,9 @@ def test_a_prediction_adds_edge_server_and_link_time():
     p = predict(EDGE, SERVER, 4, up, None, FAST, Constraints())
     assert p.edge_ms == pytest.approx(0.1 + 4 * 4.0 + 0.5 + 1.0 + up.encode_ms)
     assert p.server_ms == pytest.approx(4 * 1.0 + up.decode_ms)
+    sent = _on_wire(p.uplink_bits / 8, FAST.framing_bytes_up) / (FAST.uplink_mbps * 125)  # ms: no burst allowance
+    got = _on_wire(p.downlink_bits / 8, FAST.framing_bytes_down) / (FAST.downlink_mbps * 125)
+    assert p.link_ms == pytest.approx(FAST.rtt_ms + FAST.overhead_ms + sent + got)
     assert p.token_latency_ms == pytest.approx(p.edge_ms + p.server_ms + p.link_ms)
     assert p.uplink_bits == pytest.approx(up.bits_per_token + _step_overhead_bits(EDGE, "slicer"))
     assert p.downlink_bits > 32 * D  # the exact float32 reply
