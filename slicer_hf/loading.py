@@ -74,10 +74,8 @@ def model_loading(model: str) -> Iterator[None]:
 def model_config(model: str, path: str | os.PathLike[str]) -> Any:
     """The transformers config of `model` (at `path`, as `data.resolve_model` found it), or a one-line
     `ConfigError`: no such folder, no Hub repo reachable, or a folder that holds no model."""
-    try:
+    with model_loading(model):
         return AutoConfig.from_pretrained(expand_home(path))
-    except (OSError, ValueError) as exc:
-        raise model_error(model, exc) from None
 
 
 def expand_home(model: str | os.PathLike[str]) -> str | os.PathLike[str]:

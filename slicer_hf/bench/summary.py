@@ -21,9 +21,10 @@ def render(bench_dir: Path) -> str:
     """The summary table from eval_preset_test.json, server_compute.json and concurrency.json."""
     load = lambda name: json.loads((bench_dir / name).read_text())  # noqa: E731
     preset, compute, concurrency = load("eval_preset_test.json"), load("server_compute.json"), load("concurrency.json")
-    check_codec("eval_preset_test.json", codec_record(SlicerConfig.from_dict(preset["config"])))
-    check_codec("server_compute.json", compute.get("uplink_codec"))
-    check_codec("concurrency.json", concurrency.get("uplink_codec"))
+    shipped = codec_record(SlicerConfig.from_pretrained(default_config_dir()))
+    check_codec("eval_preset_test.json", codec_record(SlicerConfig.from_dict(preset["config"])), shipped)
+    check_codec("server_compute.json", compute.get("uplink_codec"), shipped)
+    check_codec("concurrency.json", concurrency.get("uplink_codec"), shipped)
     change = 100 * (preset["ppl"] / preset["ppl_ref"] - 1)
     ratio = preset["fp16_bits_per_token"] / preset["bits_per_token"]
     savings = {row["downlink"]: row["saving_vs_whole"] for row in compute["rows"] if row["split_layer"] > 1}
@@ -46,13 +47,10 @@ def render(bench_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def check_codec(name: str, measured: dict[str, Any] | None) -> None:
-    """Refuse a suite's JSON measured with another uplink codec than the shipped preset's: its figures would stand for
-    a codec nobody gets."""
-    shipped, measured = (
-        json.loads(json.dumps(record))
-        for record in (codec_record(SlicerConfig.from_pretrained(default_config_dir())), measured or {})
-    )
+def check_codec(name: str, measured: dict[str, Any] | None, shipped: dict[str, Any]) -> None:
+    """Refuse a suite's JSON measured with another uplink codec than the shipped preset's (`shipped`): its figures
+    would stand for a codec nobody gets."""
+    shipped, measured = (json.loads(json.dumps(record)) for record in (shipped, measured or {}))
     differ = sorted(k for k in shipped.keys() | measured.keys() if measured.get(k) != shipped.get(k))
     if differ:
         raise SystemExit(

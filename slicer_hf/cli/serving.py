@@ -292,19 +292,14 @@ def serve(
             )
         _serve_fleet({**locals(), "autoscale": scale}, limits, tls)
         return
-    from ..errors import SlicerError
-    from ..loading import model_error
+    from ..loading import model_loading
 
     on_this_machine(device)
     _check_listen(host, port)  # before the model loads, which takes a while
-    try:
+    with model_loading(model):  # transformers' errors: no such folder or Hub repo, or a folder with no model
         server = load_server(
             model, min_split_layer, dtype, device, limits, batching, kv_store, basis or (), prepack=prepack
         )
-    except SlicerError:  # says what it is already (a ConfigError is a ValueError too)
-        raise
-    except (OSError, ValueError) as exc:  # transformers': no such folder or Hub repo, or a folder with no model
-        raise model_error(model, exc) from None
     settle_heap()
     try:
         cert, key = tls or (None, None)

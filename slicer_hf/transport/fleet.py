@@ -155,9 +155,8 @@ class FleetTransport(Transport):
         """The stream to this session's replica (the router is asked for one first, where there is none)."""
         if self._replica is None:
             endpoint = self.admit()["endpoint"]
-            roots = (
-                self.root_certificates if endpoint.startswith("grpcs://") else None
-            )  # they may be the router's alone
+            # the CA given may be the router's alone (TLS at Serve's proxy, plain gRPC replicas)
+            roots = self.root_certificates if endpoint.startswith("grpcs://") else None
             self._replica = GrpcTransport([endpoint], self.token, self.timeout_s, roots, others=True)
         return self._replica
 
