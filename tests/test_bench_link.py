@@ -216,7 +216,6 @@ def test_a_suite_stopped_by_sigterm_runs_its_cleanup(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     marker = tmp_path / "cleaned"
     script = (
@@ -231,9 +230,8 @@ def test_a_suite_stopped_by_sigterm_runs_its_cleanup(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM and time.monotonic() - started < 30
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM  # not the 60 s sleep's end
     assert marker.exists()
 
 

@@ -1306,15 +1306,13 @@ def test_a_server_that_has_shut_down_refuses_every_request_at_once(engine):
     server = engine()
     session = open_session(server)
     server.shutdown()
-    started = time.monotonic()
     for message in (
         protocol.encode_json(protocol.OPEN, {"split_layer": 2}),
         protocol.encode_step(protocol.Step(session, 1, 0, 1, 3, 0, identity_rows(server, 3))),
     ):
         with pytest.raises(ProtocolError, match="shutting down") as info:
             protocol.raise_if_error(server.handle(message))
-        assert info.value.code == "shutdown"
-    assert time.monotonic() - started < 5  # not the step's timeout
+        assert info.value.code == "shutdown"  # not "timeout": nothing waited for a compute slot
 
 
 def test_the_compute_thread_survives_a_bug_outside_every_steps_guard(engine, monkeypatch):
