@@ -122,7 +122,8 @@ class KVStore:
 
     def slots(self, blocks: torch.Tensor) -> torch.Tensor:
         """The pool positions `[..., n * block_size]` of block ids `[..., n]`, in order."""
-        return (blocks.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).flatten(-2)
+        offsets = torch.arange(self.block_size, device=blocks.device)
+        return (blocks.unsqueeze(-1) * self.block_size + offsets).flatten(-2)
 
     def _zero(self, layer: int, ids: list[int]) -> None:
         slots = self.slots(torch.tensor(ids))
@@ -308,10 +309,12 @@ class StoreBatch:
         blocks = torch.full((len(rows), store.num_layers, width), NULL_BLOCK, dtype=torch.long)  # [R, layers, width]
         for i, row in enumerate(rows):
             blocks[i, :, : row.num_blocks] = row.blocks[:, : row.num_blocks]
-        slots = store.slots(blocks)[:, :, : self.longest]  # [R, layers, longest]
         query_pos = starts.unsqueeze(1) + torch.arange(tokens)  # [R, t] cache index of each new position
-        self.read = slots.to(device)
-        self.write = slots.gather(2, query_pos.unsqueeze(1).expand(-1, slots.shape[1], -1)).to(device)  # [R, layers, t]
+        # the block tables go to the device as they are; `update` expands a layer's into the positions it reads (a
+        # table of every layer's, [R, layers, longest], cost more than the forward at long contexts)
+        self.blocks = blocks.to(device)
+        at = (query_pos // store.block_size).unsqueeze(1).expand(-1, store.num_layers, -1)
+        self.write = (blocks.gather(2, at) * store.block_size + (query_pos % store.block_size).unsqueeze(1)).to(device)
         key_pos = torch.arange(self.longest)
         allowed = key_pos <= query_pos.unsqueeze(-1)  # [R, t, longest]: causal
         if valid is not None:
@@ -348,7 +351,7 @@ class StoreBatch:
         """Write the new K/V [n, heads, t, dim] of the first n rows; return their K/V up to the longest row."""
         n = key.shape[0]
         write = self.write[:n, layer_idx].reshape(-1)  # [n * t]
-        read = self.read[:n, layer_idx].reshape(-1)  # [n * longest]
+        read = self.store.slots(self.blocks[:n, layer_idx])[:, : self.longest].reshape(-1)  # [n * longest]
         out = []
         for which, new in (("k", key), ("v", value)):
             pool = self.store.pool(layer_idx, which, new)
