@@ -135,22 +135,25 @@ class StepLimits:
             opened.get("whole_steps") is True,
         )
 
-    def values(self) -> int | None:
-        """The values one step may carry: the server's count, and what its messages hold at 4 bytes a value (a
-        float32 packet's, about the most a codec sends a value)."""
-        bounds = [self.elements, self._room() // 4 if self.message_bytes else None]
-        return min((b for b in bounds if b), default=None)
-
     def _room(self) -> int:
         """Bytes of a message past its headers and envelope."""
         assert self.message_bytes is not None
         return self.message_bytes - min(self.HEADROOM, self.message_bytes // 8)
 
-    def positions(self, batch: int, width: int, wanted: int) -> int:
-        """The positions (at most `wanted`, at least 1) a step of `batch` rows of `width` values may carry."""
-        values = self.values()
-        bounds = [wanted, self.tokens or wanted, values // (batch * width) if values else wanted]
-        return max(1, min(bounds))
+    def _fitting(self, size: int, width: int, fixed_bytes: int) -> int | None:
+        """How many of a step's units of `size` positions of `width` values (a position or a row) the server's
+        values and bytes allow: a position's bytes counted at 4 a value (a float32 packet's, about the most a codec
+        sends), its int32 position id and its mask bit, besides the step's `fixed_bytes` (an earlier mask)."""
+        bounds = [self.elements // (size * width) if self.elements else None]
+        if self.message_bytes:
+            bounds.append((self._room() - fixed_bytes) // (size * (4 * width + 5)))
+        return min((b for b in bounds if b is not None), default=None)
+
+    def positions(self, batch: int, width: int, wanted: int, fixed_bytes: int = 0) -> int:
+        """The positions (at most `wanted`, at least 1) a step of `batch` rows of `width` values may carry, besides
+        `fixed_bytes` of the step's own (the mask of earlier positions it sends)."""
+        fitting = self._fitting(batch, width, fixed_bytes)
+        return max(1, min(wanted, self.tokens or wanted, wanted if fitting is None else fitting))
 
     def fits(self, step: protocol.Step, width: int) -> bool:
         """Whether the server takes `step` (of rows `width` wide) as it was cut: its positions, values and bytes."""
@@ -162,9 +165,8 @@ class StepLimits:
     def rows(self, tokens: int, width: int, wanted: int) -> int:
         """The rows (at most `wanted` and the server's batch, at least 1) a step of `tokens` positions of `width` values
         may carry."""
-        values = self.values()
-        bounds = [wanted, self.batch or wanted, values // (tokens * width) if values else wanted]
-        return max(1, min(bounds))
+        fitting = self._fitting(tokens, width, 0)
+        return max(1, min(wanted, self.batch or wanted, wanted if fitting is None else fitting))
 
     def replies(self, each_bytes: int, wanted: int) -> int:
         """How many outputs of at most `each_bytes` (at most `wanted`) one reply may hold; a `ProtocolError` where not

@@ -394,7 +394,9 @@ class SlicerGenerationMixin(SplitModelMixin):
             outputs = []
             limits = link.step_limits()
             whole = t > 1 and limits.whole  # the server must run these positions in one forward
-            chunk = limits.positions(b, hidden.shape[-1], t if whole else self.slicer_config.prefill_chunk_tokens)
+            history_bytes = b * (start + t) // 8 + 1 if whole_mask else 0  # the most a step's `history` takes
+            wanted = t if whole else self.slicer_config.prefill_chunk_tokens
+            chunk = limits.positions(b, hidden.shape[-1], wanted, history_bytes)
             answered = limits.replies(b * link.reply_bytes(hidden.shape[-1]), t)  # outputs one reply may hold
             if whole and (chunk < t or answered < keep):
                 raise NotImplementedError(

@@ -70,6 +70,27 @@ def test_a_prompt_goes_up_in_steps_that_fit_the_limits_the_server_named(referenc
     assert transport.steps == [(3, 4), (3, 4)]  # the prompt's last position and the decode steps go as NEXT
 
 
+@pytest.mark.parametrize("earlier", [0, 4000])
+def test_a_step_cut_to_the_servers_message_size_fits_it_with_its_position_ids_and_masks(earlier):
+    """A step is sized by its values at 4 bytes each; a left-padded batch also sends int32 position ids, mask bits
+    and, where the server's mask of the `earlier` positions differs, that mask: 64 rows of 250 positions carry 64 KB
+    of position ids, past the room a message keeps for its headers."""
+    from slicer_hf.link import StepLimits
+
+    limits = StepLimits(message_bytes=4_096_000 + 65_536)
+    rows, width = 64, 64
+    history = rows * (earlier + 250) // 8 + 1 if earlier else 0  # what modeling passes: the most it may send
+    chunk = limits.positions(rows, width, wanted=250, fixed_bytes=history)
+    mask = torch.ones(rows, earlier + chunk, dtype=torch.bool)
+    mask[::2, :5] = False  # left padding
+    step = protocol.Step(
+        1, 1, earlier, rows, chunk, 0, build_codec("identity").encode(torch.randn(rows, chunk, width)),
+        mask=mask[:, earlier:], positions=torch.arange(chunk).expand(rows, chunk) + 7,
+        history=mask[:, :earlier] if earlier else None,
+    )  # fmt: skip
+    assert limits.fits(step, width) and chunk >= 240  # and not cut far below what fits
+
+
 def test_outputs_go_up_in_steps_whose_replies_fit_the_servers_message_size(reference_models):
     ref = reference_models["llama"]
     ids, mask = left_padded(ref.config.pad_token_id)  # 3 x 9: the logits of four positions of three rows fit a reply
