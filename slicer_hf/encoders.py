@@ -102,7 +102,8 @@ class SlicerEncoderMixin(SplitModelMixin):
                 reply = (b, None, out_width)
             limits = link.step_limits()  # a large batch goes in parts: the step and its reply must fit
             positions = compat.reply_positions(self.config, k, hidden.shape[1], grid)  # a map shrinks on the way
-            rows = limits.replies(positions * link.reply_bytes(out_width), limits.rows(*hidden.shape[1:], b))
+            fitting = limits.rows(*hidden.shape[1:], b, extra_bits=0 if mask is None else 1)
+            rows = limits.replies(positions * link.reply_bytes(out_width), fitting)
             finals = []
             for a in range(0, b, rows):
                 part = slice(a, min(a + rows, b))

@@ -140,19 +140,20 @@ class StepLimits:
         assert self.message_bytes is not None
         return self.message_bytes - min(self.HEADROOM, self.message_bytes // 8)
 
-    def _fitting(self, size: int, width: int, fixed_bytes: int) -> int | None:
+    def _fitting(self, size: int, width: int, extra_bits: int, fixed_bytes: int) -> int | None:
         """How many of a step's units of `size` positions of `width` values (a position or a row) the server's
         values and bytes allow: a position's bytes counted at 4 a value (a float32 packet's, about the most a codec
-        sends), its int32 position id and its mask bit, besides the step's `fixed_bytes` (an earlier mask)."""
+        sends) and its `extra_bits` (position id, mask bit), besides the step's `fixed_bytes` (an earlier mask)."""
         bounds = [self.elements // (size * width) if self.elements else None]
         if self.message_bytes:
-            bounds.append((self._room() - fixed_bytes) // (size * (4 * width + 5)))
+            bounds.append(8 * (self._room() - fixed_bytes) // (size * (32 * width + extra_bits)))
         return min((b for b in bounds if b is not None), default=None)
 
-    def positions(self, batch: int, width: int, wanted: int, fixed_bytes: int = 0) -> int:
-        """The positions (at most `wanted`, at least 1) a step of `batch` rows of `width` values may carry, besides
-        `fixed_bytes` of the step's own (the mask of earlier positions it sends)."""
-        fitting = self._fitting(batch, width, fixed_bytes)
+    def positions(self, batch: int, width: int, wanted: int, extra_bits: int = 0, fixed_bytes: int = 0) -> int:
+        """The positions (at most `wanted`, at least 1) a step of `batch` rows of `width` values may carry, each
+        with `extra_bits` besides its values (32 for an int32 position id, 1 for a mask bit), and `fixed_bytes` of the
+        step's own (the mask of earlier positions it sends)."""
+        fitting = self._fitting(batch, width, extra_bits, fixed_bytes)
         return max(1, min(wanted, self.tokens or wanted, wanted if fitting is None else fitting))
 
     def fits(self, step: protocol.Step, width: int) -> bool:
@@ -162,10 +163,10 @@ class StepLimits:
         bytes_fit = self.message_bytes is None or len(protocol.encode_step(step)) <= self.message_bytes
         return tokens_fit and values_fit and bytes_fit
 
-    def rows(self, tokens: int, width: int, wanted: int) -> int:
+    def rows(self, tokens: int, width: int, wanted: int, extra_bits: int = 0) -> int:
         """The rows (at most `wanted` and the server's batch, at least 1) a step of `tokens` positions of `width` values
-        may carry."""
-        fitting = self._fitting(tokens, width, 0)
+        (and `extra_bits` each, see `positions`) may carry."""
+        fitting = self._fitting(tokens, width, extra_bits, 0)
         return max(1, min(wanted, self.batch or wanted, wanted if fitting is None else fitting))
 
     def replies(self, each_bytes: int, wanted: int) -> int:

@@ -394,9 +394,10 @@ class SlicerGenerationMixin(SplitModelMixin):
             outputs = []
             limits = link.step_limits()
             whole = t > 1 and limits.whole  # the server must run these positions in one forward
+            extra_bits = (32 if positions is not None else 0) + (1 if mask is not None else 0)  # an id, a mask bit
             history_bytes = b * (start + t) // 8 + 1 if whole_mask else 0  # the most a step's `history` takes
             wanted = t if whole else self.slicer_config.prefill_chunk_tokens
-            chunk = limits.positions(b, hidden.shape[-1], wanted, history_bytes)
+            chunk = limits.positions(b, hidden.shape[-1], wanted, extra_bits, history_bytes)
             answered = limits.replies(b * link.reply_bytes(hidden.shape[-1]), t)  # outputs one reply may hold
             if whole and (chunk < t or answered < keep):
                 raise NotImplementedError(

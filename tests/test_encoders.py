@@ -126,9 +126,15 @@ def two_rows_of_values(model, tokens: int) -> ServerLimits:
 
 def two_rows_of_reply(model, tokens: int) -> ServerLimits:
     """Limits under which a step carries two rows: by the bytes of its reply (the smallest message size that holds two
-    rows' outputs, float32 rows of the final width)."""
+    rows' outputs, float32 rows of the final width, and whose steps carry two rows of values and mask bits: a text
+    encoder's are as wide as its outputs)."""
     row = tokens * 4 * compat.final_width(model.config)
-    fits = (m for m in range(2 * row, 64 * row) if StepLimits(message_bytes=m).replies(row, 5) == 2)
+    width, mask_bit = compat.split_width(model.config, 2), int(model.config.model_type == "bert")  # text is masked
+
+    def two_rows(limits):
+        return limits.replies(row, 5) == 2 <= limits.rows(tokens, width, 5, mask_bit)
+
+    fits = (m for m in range(2 * row, 64 * row) if two_rows(StepLimits(message_bytes=m)))
     return ServerLimits(max_message_bytes=next(fits))
 
 

@@ -80,7 +80,7 @@ def test_a_step_cut_to_the_servers_message_size_fits_it_with_its_position_ids_an
     limits = StepLimits(message_bytes=4_096_000 + 65_536)
     rows, width = 64, 64
     history = rows * (earlier + 250) // 8 + 1 if earlier else 0  # what modeling passes: the most it may send
-    chunk = limits.positions(rows, width, wanted=250, fixed_bytes=history)
+    chunk = limits.positions(rows, width, wanted=250, extra_bits=33, fixed_bytes=history)
     mask = torch.ones(rows, earlier + chunk, dtype=torch.bool)
     mask[::2, :5] = False  # left padding
     step = protocol.Step(
