@@ -86,3 +86,12 @@ def test_sixteen_bit_groups_of_small_values_keep_their_precision():
     codec = build_codec("grouped", bits=16, group_size=32)
     err = (codec.decode(codec.encode(rows)) - rows).norm() / rows.norm()
     assert err < 4e-5
+
+
+def test_int8_keeps_each_rows_largest_value_and_rounds_the_rest_to_half_a_step():
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    codec = build_codec("int8")
+    y = codec.decode(codec.encode(x))
+    peak = x.abs().amax(1)
+    torch.testing.assert_close(y.abs().amax(1), peak, rtol=1e-6, atol=0)
+    assert ((y - x).abs() <= peak[:, None] / 254 * (1 + 1e-5)).all()

@@ -327,3 +327,10 @@ def test_a_link_that_flips_between_fast_and_slow_keeps_the_controller_on_its_lad
     rates = ([2000.0] * 6 + [40.0] * 3) * 40  # up-probes, misses and drops interleaved
     _, steps = simulate(rates, controller, seed=3)
     assert set(steps) <= set(STEPS) and 0 <= controller.level < len(LADDER)
+
+
+def test_a_miss_goes_straight_to_the_finest_rung_predicted_under_90_percent_of_the_target():
+    controller = BitrateController([(0.1, 1000.0), (0.2, 420.0), (0.3, 300.0), (0.4, 100.0)], target_ms=100)
+    controller.observe(50, 1000)  # 50 ms at 1000 bits
+    controller.observe(150, 1000)  # a miss: about 0.1 ms a bit; rung 1 is predicted at 92% of the target, rung 2 at 80%
+    assert controller.level == 2

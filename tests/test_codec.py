@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slicer_hf import CodecError, ConfigError, SlicerConfig, build_codec
-from slicer_hf.codec import available_codecs, codec_from_spec
+from slicer_hf.codec import available_codecs, codec_from_spec, indices
 from slicer_hf.codec.bits import BitReader, BitWriter
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -837,3 +837,15 @@ def test_a_grouped_code_one_past_its_range_is_refused_not_decoded_to_another_val
     packet[-1] |= 0xF0  # the last 4-bit code: 15, where codes run to 7
     with pytest.raises(CodecError, match="code out of range"):
         codec.decode(bytes(packet))
+
+
+@pytest.mark.parametrize("mode", ["rice", "bitmap"])
+def test_positions_of_more_rows_than_one_chunk_holds_round_trip(monkeypatch, mode):
+    """Rows are read a chunk of bits at a time: every chunk's rows come back, not the first chunk's alone."""
+    monkeypatch.setattr(indices, "CHUNK_BITS", 64)  # 4 rows of 16 positions a chunk
+    rng = np.random.default_rng(0)
+    rows, kept, width = 11, 5, 16
+    positions = np.sort(np.stack([rng.choice(width, kept, replace=False) for _ in range(rows)]), axis=1)
+    writer = BitWriter()
+    indices.write_positions(writer, positions, width, mode)
+    np.testing.assert_array_equal(indices.read_positions(BitReader(writer.getvalue()), rows, kept, width), positions)

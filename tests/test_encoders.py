@@ -666,6 +666,15 @@ def test_requests_of_several_clients_share_one_forward_and_stay_exact(family):
     assert stats["batches"] == 2 and stats["batched_rows"] == sum(r[next(iter(r))].shape[0] for r in requests)
 
 
+def test_feature_maps_of_as_many_pixels_in_another_grid_run_in_forwards_of_their_own():
+    """32 x 64 and 64 x 32 images leave the same number of rows at the split in transposed grids: batched together, the
+    second client had been sent a map of the first one's shape."""
+    gen = torch.Generator().manual_seed(5)
+    requests = [{"pixel_values": torch.randn(1, 3, h, w, generator=gen)} for h, w in [(32, 64), (32, 64), (64, 32)]]
+    rounds, stats = one_round(build("resnet"), requests)  # each output checked against the unsplit model's
+    assert rounds[:2] == [1, 2] and stats["batches"] == 3
+
+
 def test_a_long_text_runs_in_a_forward_of_its_own_not_padding_the_short_ones_to_its_length():
     gen = torch.Generator().manual_seed(3)
     requests = [{"input_ids": torch.randint(3, VOCAB, (1, n), generator=gen)} for n in (6, 6, 7, 8, 300)]
@@ -886,3 +895,8 @@ def test_a_split_encoder_runs_in_its_tasks_pipeline_as_the_model_does(task, auto
         got = transformers.pipeline(task, model=split, tokenizer=tokenizer)(texts)
     assert str(got) == str(want)
     assert not complaints
+
+
+def test_mean_pool_averages_the_unmasked_positions_alone_and_normalizes():
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [100.0, 0.0]]])  # the third position is padding
+    torch.testing.assert_close(mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2**-0.5, 2**-0.5]]))

@@ -70,6 +70,25 @@ def test_a_prompt_goes_up_in_steps_that_fit_the_limits_the_server_named(referenc
     assert transport.steps == [(3, 4), (3, 4)]  # the prompt's last position and the decode steps go as NEXT
 
 
+def test_plain_positions_are_left_for_the_server_to_derive(reference_models, monkeypatch):
+    """No step of an unpadded generation carries position ids (4 bytes a position): the server counts them from the
+    step's start, the decode steps' too."""
+    from slicer_hf.link import SuffixLink
+
+    sent, step = [], SuffixLink.step
+
+    def spy(self, hidden, start, mask, positions, *args, **kwargs):
+        sent.append((start, positions))
+        return step(self, hidden, start, mask, positions, *args, **kwargs)
+
+    monkeypatch.setattr(SuffixLink, "step", spy)
+    model = split(copy.deepcopy(reference_models["llama"]))
+    ids = prompt()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, split_layer=1)
+    assert [start for start, _ in sent] == [0, *range(ids.shape[1], ids.shape[1] + 3)]
+    assert all(positions is None for _, positions in sent)
+
+
 @pytest.mark.parametrize("earlier", [0, 4000])
 def test_a_step_cut_to_the_servers_message_size_fits_it_with_its_position_ids_and_masks(earlier):
     """A step is sized by its values at 4 bytes each; a left-padded batch also sends int32 position ids, mask bits
