@@ -675,6 +675,42 @@ def test_feature_maps_of_as_many_pixels_in_another_grid_run_in_forwards_of_their
     assert rounds[:2] == [1, 2] and stats["batches"] == 3
 
 
+def test_a_request_whose_rows_overflow_fails_alone_and_its_forward_is_not_run_again():
+    """Finite rows of 3e38 decode, then overflow in the blocks: that request's reply cannot be encoded. It had failed
+    the whole forward, and every request in it ran again one by one."""
+    model = build("bert")
+    server = SplitServer(copy.deepcopy(model), batching=True)
+    stuck, release, rounds = gate_rounds(server)
+    codec, request = build_codec("identity"), open_request(LOSSLESS, model.config, "tiny", 2, build_codec("identity"))
+
+    def send(rows):
+        session = protocol.decode_json(server.handle(protocol.encode_json(protocol.OPEN, request)))["session"]
+        step = protocol.Step(session, 1, 0, *rows.shape[:2], 0, codec.encode(rows))
+        return server.handle(protocol.encode_step(step))
+
+    gen = torch.Generator().manual_seed(6)
+    rows = [torch.randn(1, 5, compat.split_width(model.config, 2), generator=gen) for _ in range(5)]
+    rows[3][0, 1] = 3e38
+    replies = [None] * 5
+    first = threading.Thread(target=send, args=(rows[0],))
+    first.start()
+    assert stuck.wait(10)
+    others = [threading.Thread(target=lambda i=i: replies.__setitem__(i, send(rows[i]))) for i in range(1, 5)]
+    for thread in others:
+        thread.start()
+    while server.scheduler._queue.qsize() < len(others) and not release.wait(0.01):
+        pass
+    release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+    with pytest.raises(ProtocolError, match="NaN or Inf"):
+        protocol.raise_if_error(replies[3])
+    assert all(protocol.message_type(replies[i]) != protocol.ERROR for i in (1, 2, 4))
+    stats = server.stats_dict()
+    assert rounds[:2] == [1, 4] and stats.get("batch_retries", 0) == 0 and stats["batches"] == 2
+    server.shutdown()
+
+
 def test_a_long_text_runs_in_a_forward_of_its_own_not_padding_the_short_ones_to_its_length():
     gen = torch.Generator().manual_seed(3)
     requests = [{"input_ids": torch.randint(3, VOCAB, (1, n), generator=gen)} for n in (6, 6, 7, 8, 300)]

@@ -29,9 +29,10 @@ def batch_key(server: SplitServer, work: Work) -> tuple[Any, ...]:
 
 
 @torch.inference_mode()
-def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[bytes, int]]:
+def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[bytes, int] | Exception]:
     """Blocks `k..L-1` for every request in `works` (one split layer, one key), in one forward; each request's
-    reply is the last block's output: `[b, t, d]` rows, or a CNN's map channels-last `[b, H', W', C']`."""
+    reply is the last block's output: `[b, t, d]` rows, or a CNN's map channels-last `[b, H', W', C']`. Once the
+    forward has run, a reply that cannot be encoded (rows that overflowed to inf) is its request's error alone."""
     model, kind = server.model, server.encoder_kind
     split_layer, grid = works[0].session.split_layer, works[0].step.grid
     longest = max(w.step.tokens for w in works)
@@ -65,7 +66,10 @@ def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[byte
         if kind == "text":
             out = out[:, : work.step.tokens]
         r0 += work.rows
-        replies.append(server.encode_output(work.session, out))
+        try:
+            replies.append(server.encode_output(work.session, out))
+        except Exception as exc:  # not the forward's: the others' replies stand
+            replies.append(exc)
     return replies
 
 
