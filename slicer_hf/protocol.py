@@ -146,9 +146,12 @@ STAGE_KEYS = ("hidden_sizes", "depths", "embed_dim", "embedding_size")  # vision
 
 
 def model_fingerprint(config: Any) -> str:
-    """Identity of an architecture and its sizes: edge and server must agree on it."""
+    """Identity of an architecture and its sizes: edge and server must agree on it. An encoder configured as a decoder
+    (`is_decoder=True`: its blocks attend causally) is another model than the same weights run bidirectionally."""
     ident = {key: getattr(config, key, None) for key in FINGERPRINT_KEYS}
     ident |= {key: value for key in STAGE_KEYS if (value := getattr(config, key, None)) is not None}
+    if getattr(config, "is_decoder", False) is True:  # only then: every other model's fingerprint stays as it was
+        ident["is_decoder"] = True
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

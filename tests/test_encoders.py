@@ -420,6 +420,12 @@ def test_a_decoder_configured_bert_runs_whole_sequences_and_refuses_to_continue_
         assert torch.equal(split.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False), want)
         with pytest.raises(NotImplementedError, match="keeps no cache"):
             split.generate(ids, max_new_tokens=5, do_sample=False)
+    # a server of the same sizes configured as an encoder would attend bidirectionally: another model
+    bidirectional = SplitServer(AutoModel.from_config(BertConfig(**TEXT)).eval())
+    edge = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2), LocalTransport(bidirectional))
+    with pytest.raises(ProtocolError, match="model mismatch"), torch.no_grad():
+        edge(ids)
+    bidirectional.shutdown()
 
 
 def test_an_in_process_server_takes_a_text_as_long_as_the_model_does():
