@@ -21,7 +21,8 @@ from .loading import model_loading
 
 
 def wire_report(stats: WireStats, hidden_size: int) -> str:
-    """What crossed the wire, all protocol bytes (headers included), against fp16 hidden states."""
+    """What crossed the wire: slicer_hf's messages, their headers included (not gRPC's and HTTP/2's framing around
+    them: 5 bytes a message and more a frame), against fp16 hidden states."""
     fp16_bits = 16 * hidden_size
 
     def against_fp16(bits: float, rows: int) -> str:  # no row, no ratio
@@ -32,7 +33,7 @@ def wire_report(stats: WireStats, hidden_size: int) -> str:
         return f" ({than} than fp16 hidden states, {fp16_bits} bits)"
 
     return (
-        "what crossed the wire (all protocol bytes, headers included):\n"
+        "what crossed the wire (slicer_hf's messages, headers included; gRPC's and HTTP/2's framing not counted):\n"
         f"  uplink   {stats.uplink_bytes:>9,d} B in {stats.uplink_messages} messages, {stats.tokens} token "
         f"positions: {stats.uplink_bits_per_token:,.0f} bits/token"
         f"{against_fp16(stats.uplink_bits_per_token, stats.tokens)}\n"

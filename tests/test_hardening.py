@@ -346,7 +346,8 @@ def test_a_server_at_its_stream_limit_is_not_said_to_be_missing(server, model_di
 
 
 def test_a_plain_stream_closed_after_replies_is_not_put_down_to_tls():
-    """ "Is it grpcs://?" fits a first call a TLS server cut off, not a server that answered and then went away."""
+    """ "Is it grpcs://?" fits a first call a TLS server cut off, not a server that answered and then went away; either
+    way something listened, so the link never asks whether a server runs there."""
     from slicer_hf.transport.grpc import _as_transport_error
 
     class Closed(grpc.RpcError):
@@ -357,9 +358,23 @@ def test_a_plain_stream_closed_after_replies_is_not_put_down_to_tls():
             return "Socket closed"
 
     first = _as_transport_error(Closed(), "grpc://h:1")
-    assert "is it grpcs://" in str(first) and first.unreachable
+    assert "is it grpcs://" in str(first) and not first.unreachable
     later = _as_transport_error(Closed(), "grpc://h:1", answered=True)
     assert "is it grpcs://" not in str(later) and not later.unreachable
+
+
+def test_tls_asked_of_a_plain_server_says_so_at_once():
+    from slicer_hf.transport.grpc import _as_transport_error
+
+    class Plain(grpc.RpcError):  # what grpc says where the server answers a TLS hello in plain HTTP/2
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "failed to connect to all addresses; ... SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER"
+
+    error = _as_transport_error(Plain(), "grpcs://h:1")
+    assert "is it grpc://?" in str(error) and not error.retryable
 
 
 def test_a_server_that_is_not_there_is_one_warning_and_a_hint(caplog):

@@ -17,7 +17,7 @@ from live import LOSSLESS, CallbackStreamer, client, prompt, raw_open, self_sign
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from slicer_hf import ConfigError, ProtocolError, TransportError, protocol
+from slicer_hf import ConfigError, ProtocolError, TransportError, build_codec, protocol
 from slicer_hf.cli import app
 from slicer_hf.transport.grpc import METRICS_METHOD, GrpcTransport
 
@@ -341,6 +341,14 @@ def test_tls(server, model_dir, tmp_path, reference):
     plain = GrpcTransport([srv.url.replace("grpcs://", "grpc://")], timeout_s=30)
     with pytest.raises(TransportError, match="is it grpcs://"):
         plain.request(protocol.encode_json(protocol.CLOSE, {"session": 0}))
+    plain.close()
+    from slicer_hf.link import SuffixLink
+
+    plain = GrpcTransport([srv.url.replace("grpcs://", "grpc://")], timeout_s=30)
+    link = SuffixLink(plain, {"downlink": "hidden"}, build_codec("identity"), max_attempts=2, backoff_s=0)
+    with pytest.raises(TransportError, match="gave up after 2 attempts") as refused:
+        link.step_limits()  # the server ran: the link does not ask whether one runs there
+    assert "is it grpcs://" in str(refused.value) and "is a slicer-hf server running" not in str(refused.value)
     plain.close()
 
 

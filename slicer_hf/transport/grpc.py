@@ -268,14 +268,17 @@ def _as_transport_error(exc: grpc.RpcError, name: str, answered: bool = False) -
     if "hostname verification" in lowered:
         hint = "the server's TLS certificate does not name the host in the URL: connect by a name it holds"
         return TransportError(f"{message} ({hint})", retryable=False)
-    if name.startswith("grpc://") and "socket closed" in lowered and not answered:
+    if name.startswith("grpc://") and "socket closed" in lowered and not answered:  # something listens: not unreachable
         message += " (a server that speaks TLS closes plain connections: is it grpcs://?)"
+        return TransportError(message, retryable=True)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "received message larger than max" in lowered:
         limit = re.search(r"vs\.? ?(\d+)\)", details)  # "(size vs. limit)": whose limit it is tells the side
         edge = limit is not None and int(limit.group(1)) == MAX_REPLY_BYTES
         whose = "this edge takes replies" if edge else "the server takes messages"
         return TransportError(f"{message} ({whose} up to its max_message_bytes)", retryable=False)
-    if "invalid metadata" in lowered or "wrong_version_number" in lowered:  # the token, or TLS against plain text
+    if "wrong_version_number" in lowered:  # TLS asked of a server that speaks plain gRPC
+        return TransportError(f"{message} (the server speaks plain gRPC: is it grpc://?)", retryable=False)
+    if "invalid metadata" in lowered:  # a token no header can carry
         return TransportError(message, retryable=False)
     unreachable = code == grpc.StatusCode.UNAVAILABLE and not answered
     return TransportError(message, retryable=code not in permanent, unreachable=unreachable)
