@@ -742,6 +742,25 @@ def kept_window_sizes(model: nn.Module) -> Iterator[None]:
             layer.window_size, layer.shift_size = window, shift
 
 
+@contextlib.contextmanager
+def outside_blocks_in_eval(model: nn.Module) -> Iterator[None]:
+    """The modules outside the blocks (an embedder, a pooler) in eval mode through a server's forward of stand-in
+    inputs: in train mode, a shared in-process model's embedder had updated its BatchNorm statistics with the stand-in
+    zeros, and its dropout had drawn random numbers the edge's forward then lacked."""
+    if not model.training:
+        yield
+        return
+    blocks = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    switched = [m for m in model.modules() if m.training and id(m) not in blocks]
+    for module in switched:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.training = True
+
+
 def encoder_inputs(
     model: PreTrainedModel, batch: int, tokens: int, split_layer: int, grid: tuple[int, int] | None, mask: Any
 ) -> dict[str, Any]:

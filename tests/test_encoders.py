@@ -439,6 +439,22 @@ def test_an_in_process_server_takes_a_text_as_long_as_the_model_does():
         assert torch.equal(split(ids).last_hidden_state, want)
 
 
+def test_a_split_cnn_in_train_mode_updates_its_batchnorm_statistics_as_the_plain_model_does():
+    """The in-process server shares the edge's modules: its stand-in input through the embedder had updated the
+    embedder's BatchNorm statistics a second time, with zeros, and every later output was off."""
+    model = build("resnet")
+    split = SlicerModel.from_model(copy.deepcopy(model), LOSSLESS.replace(split_layer=2))
+    images = inputs_for("resnet")["pixel_values"]
+    model.train(), split.train()
+    with torch.no_grad():
+        assert torch.equal(output_of(split(pixel_values=images)), output_of(model(pixel_values=images)))
+    assert all(torch.equal(a, b) for a, b in zip(split.buffers(), model.buffers(), strict=True))
+    assert all(m.training for m in split.modules())  # the server's forward left every module in train mode
+    model.eval(), split.eval()
+    with torch.no_grad():
+        assert torch.equal(output_of(split(pixel_values=images)), output_of(model(pixel_values=images)))
+
+
 def test_a_split_encoder_under_autocast_is_refused():
     """Its server's blocks run outside the caller's autocast: the output had differed from the plain model's."""
     split = SlicerModel.from_model(build("bert"), LOSSLESS.replace(split_layer=2))

@@ -47,7 +47,8 @@ def run_encoder_batch(server: SplitServer, works: list[Work]) -> list[tuple[byte
     plan = SplitPlan("server", split_layer, inject=hidden)  # decoded on the server's device, in its dtype
     base = model.base_model
     try:
-        with split_plan(plan), compat.kept_window_sizes(model):  # the base model's own forward (not the split one)
+        # the base model's own forward (not the split one)
+        with split_plan(plan), compat.kept_window_sizes(model), compat.outside_blocks_in_eval(model):
             getattr(type(base), "_slicer_base", type(base)).forward(base, **inputs)
     except (RuntimeError, ValueError, IndexError) as exc:
         if len(works) > 1 or isinstance(exc, MACHINE_ERRORS):  # alone again, or the server's own fault
