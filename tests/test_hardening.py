@@ -345,35 +345,36 @@ def test_a_server_at_its_stream_limit_is_not_said_to_be_missing(server, model_di
     held.close()
 
 
+def unavailable(details: str) -> grpc.RpcError:
+    """A call that failed UNAVAILABLE with these `details`, as grpc raises it."""
+
+    class Failed(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return details
+
+    return Failed()
+
+
 def test_a_plain_stream_closed_after_replies_is_not_put_down_to_tls():
     """ "Is it grpcs://?" fits a first call a TLS server cut off, not a server that answered and then went away; either
     way something listened, so the link never asks whether a server runs there."""
     from slicer_hf.transport.grpc import _as_transport_error
 
-    class Closed(grpc.RpcError):
-        def code(self):
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self):
-            return "Socket closed"
-
-    first = _as_transport_error(Closed(), "grpc://h:1")
+    first = _as_transport_error(unavailable("Socket closed"), "grpc://h:1")
     assert "is it grpcs://" in str(first) and not first.unreachable
-    later = _as_transport_error(Closed(), "grpc://h:1", answered=True)
+    later = _as_transport_error(unavailable("Socket closed"), "grpc://h:1", answered=True)
     assert "is it grpcs://" not in str(later) and not later.unreachable
 
 
 def test_tls_asked_of_a_plain_server_says_so_at_once():
     from slicer_hf.transport.grpc import _as_transport_error
 
-    class Plain(grpc.RpcError):  # what grpc says where the server answers a TLS hello in plain HTTP/2
-        def code(self):
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self):
-            return "failed to connect to all addresses; ... SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER"
-
-    error = _as_transport_error(Plain(), "grpcs://h:1")
+    # what grpc says where the server answers a TLS hello in plain HTTP/2
+    plain = unavailable("failed to connect to all addresses; ... SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER")
+    error = _as_transport_error(plain, "grpcs://h:1")
     assert "is it grpc://?" in str(error) and not error.retryable
 
 
