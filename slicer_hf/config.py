@@ -576,7 +576,7 @@ def upload_with_card(
 def at_least(value: float, digits: int = 4) -> str:
     """`value` to `digits` significant digits, rounded up: a limit (or a step) set to what is printed admits it."""
     text = f"{value:.{digits}g}"
-    if value <= 0:
+    if value <= 0 or not math.isfinite(value):
         return text
     unit = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
     while float(text) < value:  # one unit of the last digit up, until the printed value admits it

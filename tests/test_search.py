@@ -120,7 +120,7 @@ def test_the_profile_command_refuses_its_bad_choices_before_the_weights_load(
 
     tiny_model("llama").config.save_pretrained(tmp_path / "m")  # a config is all a refusal needs
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
-    args = ["profile", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "p.json"), "--no-rate-distortion"]
+    args = ["profile", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "p.json")]  # refused before the text
     result = CliRunner().invoke(app, [*args, option, value])
     assert result.exit_code != 0
     said = result.output + str(result.exception)
@@ -584,6 +584,29 @@ def test_a_search_whose_upload_fails_says_so_in_one_line_and_keeps_its_choice(tm
     assert SlicerConfig.from_pretrained(tmp_path / "choice").split_layer is not None
 
 
+def test_profile_options_that_choose_rate_distortion_points_are_refused_with_no_rate_distortion():
+    """They had been accepted, and ignored."""
+    args = ["profile", "--model", "nowhere", "--out", "p.json", "--no-rate-distortion", "--window", "7", "--steps", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--window, --steps choose the rate-distortion points" in result.output
+
+
+def test_an_empty_list_of_splits_is_refused_before_the_timing_run(monkeypatch):
+    """It had passed the check, timed the model, and written a profile the search refuses."""
+    import slicer_hf.tuning.profile as profiling
+
+    monkeypatch.setattr(profiling, "measure_timing", lambda *a, **k: pytest.fail("timed a profile it then refused"))
+    with pytest.raises(ConfigError, match="no split layers to profile"):
+        profile_model(tiny_model("llama").eval(), "tiny", None, split_layers=[])
+
+
+def test_a_profile_of_a_model_named_by_a_path_saves(tmp_path):
+    """A folder given as a Path had been stored as it was, and the profile failed to save after its timing run."""
+    model = tiny_model("llama").eval()
+    profile = profile_model(model, tmp_path / "m", None, prompt_tokens=4, decode_tokens=2, repeats=1)
+    assert Profile.load(profile.save(tmp_path / "p.json")).model["id"] == str(tmp_path / "m")
+
+
 def test_the_profile_command_measures_a_model_folder(tmp_path):
     from live import tiny_smol_dir
 
@@ -714,6 +737,30 @@ def test_each_machines_codec_time_comes_from_its_own_profile():
     slow, quick = (predict(EDGE, s, 4, up, down, FAST, Constraints()) for s in (SERVER, quick_server))
     assert slow.server_ms - quick.server_ms == pytest.approx(0.99 * (up.decode_ms + down.encode_ms))
     assert slow.edge_ms == quick.edge_ms
+    prompt = Constraints().prompt_tokens  # the prompt's packets are decoded on the server too
+    assert slow.ttft_ms - quick.ttft_ms == pytest.approx(prompt * 0.99 * up.decode_ms)
+
+
+def test_the_servers_points_count_where_the_edge_did_not_measure_them():
+    """An edge profiled at fewer splits (a slow device) and without downlink points: the server's splits and downlink
+    steps had been dropped whenever the edge held any point at all."""
+    edge = dataclasses.replace(EDGE, rate_distortion=[p for p in EDGE.rate_distortion if p.split_layer == 2])
+    found = {(c.split_layer, c.downlink_step) for c in candidates(edge, SERVER, FAST, Constraints())}
+    assert {k for k, _ in found} == {2, 4, 6} and {s for _, s in found} == {None, 0.1, 0.2}
+    assert search(edge, SERVER, FAST, splits=[6]).chosen.split_layer == 6
+    mine = next(p for p in EDGE.rate_distortion if p.split_layer == 2 and p.step == 0.4)
+    theirs = dataclasses.replace(mine, kl=9.0)  # the server's measure of a point the edge measured too
+    server = dataclasses.replace(SERVER, rate_distortion=[theirs])
+    found = candidates(edge, server, FAST, Constraints())
+    [candidate] = [c for c in found if (c.split_layer, c.step, c.downlink_step) == (2, 0.4, None)]
+    assert candidate.prediction.kl == mine.kl  # the edge's own measure
+
+
+def test_a_link_whose_figures_overflow_a_prediction_is_refused_not_written_as_infinity():
+    with pytest.raises(ConfigError, match="overflow"):
+        search(EDGE, SERVER, LinkSpec(1e-310, 100.0))
+    with pytest.raises(ConfigError, match="overflow"):
+        search(EDGE, SERVER, LinkSpec(100.0, 100.0, rtt_ms=1.7e308, overhead_ms=1.7e308))
 
 
 def test_an_exact_reply_is_predicted_in_the_dtype_the_server_computes_in():

@@ -73,6 +73,7 @@ def eval_(
 
 
 def profile(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder (gets profile.json) or a .json file.")],
     model: ModelOpt = "smollm2",
     text: Annotated[
@@ -113,6 +114,11 @@ def profile(
         raise typer.BadParameter(
             f"{out} is a file: give a folder (it gets profile.json) or a .json file", param_hint="--out"
         )
+    if not rate_distortion:  # (typer's own click: its ParameterSource, by name)
+        points = ("text", "tokens", "window", "splits", "steps", "downlink_steps")  # what choose the points
+        if given := [n for n in points if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]:
+            options = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise typer.BadParameter(f"{options} choose the rate-distortion points, which --no-rate-distortion skips")
     _writable(out)
     on_this_machine(device)
     path = resolve_model(model)

@@ -231,7 +231,7 @@ class SearchResult:
         """Write the chosen `slicer_config.json` and `search.json` (the predictions) into `folder`."""
         path = Path(folder)
         self.config.save_pretrained(path)
-        (path / SEARCH_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (path / SEARCH_NAME).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         return path
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
@@ -350,8 +350,8 @@ def predict(
     prefill_ms = p * (
         sum(layer.prefill_ms_per_token for layer in edge_layers)
         + sum(layer.prefill_ms_per_token for layer in server.layers[k:])
-        + up.encode_ms
-        + up.decode_ms
+        + _on(edge, up).encode_ms
+        + _on(server, up).decode_ms
     )
     prompt_bytes = _on_wire((p * up.bits_per_token + overhead) / 8, link.framing_bytes_up)
     prefill_link_ms = (
@@ -363,6 +363,8 @@ def predict(
     weights = e["embed_bytes"] + e["head_bytes"] + e.get("other_bytes", 0.0)
     weights += sum(layer.weight_bytes for layer in edge_layers)
     kv = constraints.context_tokens * sum(layer.kv_bytes_per_token for layer in edge_layers)
+    if not (math.isfinite(latency_ms) and math.isfinite(ttft_ms)):
+        raise ConfigError(f"the link's figures make a token's predicted time overflow: {link}")
     return Prediction(
         token_latency_ms=latency_ms,
         edge_ms=edge_ms,
@@ -385,8 +387,11 @@ def candidates(
     splits: Sequence[int] | None = None,
     compress_downlink: bool = True,
 ) -> list[Candidate]:
-    """Every (split, uplink point, downlink) the profiles measured, predicted."""
-    rd = edge if edge.rate_distortion else server
+    """Every (split, uplink point, downlink) the profiles measured, predicted: the edge's points, and the server's
+    where the edge did not measure that setting."""
+    own = {(p.split_layer, p.codec, p.step) for p in edge.rate_distortion}
+    borrowed = [p for p in server.rate_distortion if (p.split_layer, p.codec, p.step) not in own]
+    rd = dataclasses.replace(edge, rate_distortion=[*edge.rate_distortion, *borrowed])
     if not rd.rate_distortion:
         raise ConfigError("neither profile holds rate-distortion points: profile one with calibration text")
     n = edge.num_layers

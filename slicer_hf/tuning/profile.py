@@ -469,6 +469,8 @@ def check_profile(
     n = layer_count(config)
     if n < 2:
         raise ConfigError(f"a model of {n} decoder layer cannot be split: there is no layer for the server to run")
+    if split_layers is not None and not split_layers:
+        raise ConfigError("no split layers to profile (split_layers is empty): give some, or None for the default")
     splits = sorted(set(split_layers)) if split_layers is not None else default_splits(n)
     if bad := [k for k in splits if not 1 <= k < n]:
         raise ConfigError(f"candidate split layers must be in [1, {n - 1}] for this {n}-layer model, got {bad}")
@@ -483,7 +485,7 @@ def check_profile(
 
 def profile_model(
     model: Any,
-    model_id: str,
+    model_id: str | os.PathLike[str],
     windows: torch.Tensor | None,
     text: str | None = None,
     split_layers: Sequence[int] | None = None,
@@ -523,12 +525,17 @@ def profile_model(
     calibration: dict[str, Any] = {}
     if windows is not None:
         base_ppl, points = measure_rate_distortion(model, windows.to(device), splits, steps, downlink_steps)
-        calibration = {"text": text, "tokens": int(windows.numel()), "window": int(windows.shape[1]), "ppl": base_ppl}
+        calibration = {
+            "text": None if text is None else str(text),  # a file given as a Path too
+            "tokens": int(windows.numel()),
+            "window": int(windows.shape[1]),
+            "ppl": base_ppl,
+        }
     return Profile(
         machine=machine_info(device),
         versions=versions(),
         model={
-            "id": model_id,
+            "id": str(model_id),  # a folder given as a Path too
             "num_hidden_layers": len(decoder_layers(model)),
             "hidden_size": int(model.config.hidden_size),
             "vocab_size": int(model.config.vocab_size),
