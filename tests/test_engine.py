@@ -1606,3 +1606,28 @@ def test_idle_metrics_connections_from_one_address_keep_no_other_address_from_sc
         for sock in idle:
             sock.close()
         running.stop()
+
+
+def test_a_session_late_for_the_batch_wait_is_not_waited_for_in_its_next_rounds(engine):
+    """A client that paused just past `batch_wait_s` after each step made every round wait for it (three such
+    sessions took another client's decode from 3 to 31 ms a token). Late once, a session is not waited for in its
+    next round; each late step in a row doubles that."""
+    server = engine(batching=True, batch_wait_s=0.05)
+    a, b = open_session(server), open_session(server)
+    for session in (a, b):
+        protocol.raise_if_error(step(server, session, 1))  # prefills of 3 positions
+    late = server.sessions[b]
+    scheduler = server.scheduler
+
+    def a_decodes_after_a_round_with_b(seq):  # b decoded beside a last round, and sends nothing now
+        scheduler._decoded_last = {server.sessions[a], late}
+        protocol.raise_if_error(step(server, a, seq, start=seq + 1, tokens=1))
+        return server.stats_dict()["late_steps"]
+
+    assert a_decodes_after_a_round_with_b(2) == 1  # waited for in vain
+    assert (late.wait_skips, late.wait_backoff) == (1, 2)
+    assert a_decodes_after_a_round_with_b(3) == 1  # not waited for
+    assert a_decodes_after_a_round_with_b(4) == 2  # waited for again, late again: skipped twice now
+    assert (late.wait_skips, late.wait_backoff) == (2, 4)
+    assert [a_decodes_after_a_round_with_b(seq) for seq in (5, 6, 7)] == [2, 2, 3]
+    server.shutdown()

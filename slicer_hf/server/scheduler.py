@@ -10,7 +10,9 @@ threads, which would only fight this one over the GIL), then runs:
   make every other session's step cost its length; sessions join and leave between any two rounds, at any split
   layer. Before a
   round it waits up to `batch_wait_s` for the sessions that decoded in the last one, so that clients answered
-  together stay together rather than splitting into two alternating half batches;
+  together stay together rather than splitting into two alternating half batches; a session whose step came too
+  late for that wait is not waited for in its next rounds (1, then 2, 4 ... 64 after each late step in a row), so a
+  client that pauses just past the wait cannot make every round wait for it;
 - prefill in chunks of at most `prefill_chunk_tokens` positions, from the oldest waiting prefill on, while the
   round's `max_batch_tokens` allow, so a long prompt cannot stall decoding; however many rows decode, the oldest
   prefill runs at least `prefill_chunk_tokens // 8` positions per round, so decoding cannot stall it either.
@@ -242,7 +244,13 @@ class Scheduler:
         if not self.batching:
             return
         present = {w.session for w in pending} | {i.session for i in items if isinstance(i, Work)}
-        missing = {s for s in self._decoded_last if not s.closed} - present
+        missing = set()
+        for session in {s for s in self._decoded_last if not s.closed} - present:
+            if session.wait_skips > 0:  # late when last waited for: not waited for this round
+                session.wait_skips -= 1
+            else:
+                missing.add(session)
+        awaited = set(missing)
         deadline = time.monotonic() + self.server.limits.batch_wait_s
         while missing and (left := deadline - time.monotonic()) > 0:
             try:
@@ -251,9 +259,15 @@ class Scheduler:
                 break
             items.append(item)
             if item is _STOP:
-                break
+                return
             if isinstance(item, Work):
                 missing.discard(item.session)
+        for session in awaited - missing:  # in time
+            session.wait_backoff = max(1, session.wait_backoff // 2)
+        for session in missing:  # too late: not waited for in its next rounds, longer each time in a row
+            session.wait_skips, session.wait_backoff = session.wait_backoff, min(64, 2 * session.wait_backoff)
+        if missing:
+            self.server.stats.add(late_steps=len(missing))
 
     def _round(self, pending: list[Work]) -> list[Work]:
         server = self.server

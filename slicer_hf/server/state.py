@@ -144,6 +144,8 @@ class Session:
     bare_replies: bool = False  # its replies through `downlink_codec` leave out what the edge already knows
     last_rows: torch.Tensor | None = None  # [B, d]: a chained codec's decoded rows at position length - 1
     codec_key: str = ""  # sessions with equal keys decode their packets together
+    wait_skips: int = 0  # rounds the scheduler will not wait for its next step (it came too late when waited for)
+    wait_backoff: int = 1  # how many rounds it skips after its next late step (doubles with each, halves when in time)
 
 
 @dataclass
@@ -166,6 +168,7 @@ class ServerStats:
     batches: int = 0  # decode forwards
     batched_rows: int = 0  # rows in them
     batch_retries: int = 0  # batched forwards that failed and ran again one step at a time
+    late_steps: int = 0  # decode steps a round waited for in vain (`batch_wait_s`)
     errors: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
