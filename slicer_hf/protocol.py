@@ -240,6 +240,8 @@ def encode_step(step: Step) -> bytes:
             flags = MASK_BITS
             extra += _bits(step.mask)
     if step.history is not None:
+        if step.mask is None:  # a step without a mask sends no mask at all: every position visible
+            raise ValueError("a step's history mask goes with its own mask columns")
         if tuple(step.history.shape) != (step.batch, step.start):
             raise ValueError(f"a step's history mask is [B, start], got {tuple(step.history.shape)}")
         flags |= HISTORY
@@ -354,6 +356,8 @@ def _read_columns(r: Reader, step: Step, flags: int) -> None:
     elif flags & 3 == MASK_BITS:
         step.mask = _read_bits(r, batch, tokens)
     if flags & HISTORY:
+        if flags & 3 == MASK_NONE:  # it would be dropped with the mask the step leaves off
+            raise ProtocolError("a step's history mask came without its mask columns", code="malformed")
         step.history = _read_bits(r, batch, step.start)
     if flags & POSITIONS:
         positions = r.array(np.int32, batch * tokens).astype(np.int64)

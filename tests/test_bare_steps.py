@@ -106,6 +106,15 @@ def test_a_step_carries_the_mask_of_its_earlier_positions_only_whole_and_never_a
     cut = protocol.encode_step(protocol.Step(7, 9, 3, 2, 1, 0, b"", mask, history=history))[:-1]
     with pytest.raises(ProtocolError, match="malformed"):  # its bits missing: refused, not read past the end
         protocol.decode_step(cut, check=lambda s: None)
+    # a history with no mask columns: the server had dropped it with the mask the step left off, and answered
+    with pytest.raises(ValueError, match="goes with its own mask columns"):
+        protocol.encode_step(protocol.Step(7, 9, 3, 2, 1, 0, b"xy", history=history))
+    message = bytearray(protocol.encode_step(protocol.Step(7, 9, 3, 2, 1, 0, b"xy", mask, history=history)))
+    assert message[7] == protocol.MASK_ONES | protocol.HISTORY  # the flags, after five one-byte varints
+    message[7] = protocol.HISTORY
+    with pytest.raises(ProtocolError, match="history mask came without its mask columns") as refused:
+        protocol.decode_step(bytes(message), check=lambda s: None)
+    assert refused.value.code == "malformed"
 
 
 def decode_step_message(session: int, seq: int, start: int, packet: bytes, next_: bool) -> bytes:
