@@ -600,10 +600,18 @@ def make_split(
     transport the blocks from the split on are released."""
     n = compat.num_layers(model.config)
     config = slicer_config or SlicerConfig()
+    width = getattr(model.config, "hidden_size", None)
+    if (config.num_hidden_layers, config.hidden_size) not in ((n, width), (None, None)):
+        logger.warning(
+            "this SlicerConfig was made for %s (%s layers, hidden size %s), and this model has %d layers of %s: its "
+            "split layer and codec settings were chosen for that model",
+            config.model_id or "another model", config.num_hidden_layers, config.hidden_size, n, width,
+        )  # fmt: skip
     config = config.replace(
         split_layer=config.split_layer_for(n),
         num_hidden_layers=n,
-        hidden_size=getattr(model.config, "hidden_size", None),
+        hidden_size=width,
+        model_id=config.model_id_for(getattr(model.config, "_name_or_path", None) or None, width, n),
     )
     local = isinstance(transport, str) and transport == "local"
     runs = range(n) if local else range(config.split_layer)  # the in-process server runs the rest here too

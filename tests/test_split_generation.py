@@ -1207,3 +1207,19 @@ def test_wire_stats_are_a_snapshot_and_a_forward_needs_its_inputs():
     assert model.wire_stats().uplink_bytes > before.uplink_bytes  # the snapshot stayed as it was
     with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
         model(attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_a_config_made_for_another_model_is_said_so_and_does_not_lend_its_model_id(reference_models, caplog):
+    """A preset of another model (all-MiniLM's, given to a causal LM) had been taken without a word, its model_id
+    kept on the split model's config."""
+    ref = reference_models["llama"]
+    foreign = SlicerConfig.from_pretrained("minilm-l6-split4").replace(split_layer=2, codec="identity")
+    with caplog.at_level("WARNING", logger="slicer_hf.modeling"):
+        model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), foreign)
+    assert "made for sentence-transformers/all-MiniLM-L6-v2 (6 layers, hidden size 384)" in caplog.text
+    assert model.slicer_config.model_id != foreign.model_id and model.slicer_config.num_hidden_layers == 4
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slicer_hf.modeling"):  # a config of no model, or of this one: no word
+        SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2))
+        SlicerModelForCausalLM.from_model(copy.deepcopy(ref), model.slicer_config)
+    assert "made for" not in caplog.text
