@@ -82,6 +82,9 @@ def default_model_path() -> Path:
     try:
         tmp.chmod(0o755)  # readable like any folder (mkdtemp makes it its owner's alone): a shared cache works
         _convert_gguf(gguf, tmp)
+        readable = 0o666 & ~_umask()  # and its files, as this process makes files (safetensors writes them 0600)
+        for made in tmp.iterdir():
+            made.chmod(readable)
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}  # checked at every later use
         marker = {**source, "files": files}
         (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -250,6 +253,12 @@ def _converted(folder: Path, source: dict[str, Any]) -> bool:
         return marker == source and all((folder / name).stat().st_size == size for name, size in files.items())
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:

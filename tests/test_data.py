@@ -214,7 +214,13 @@ def test_a_killed_conversions_leftovers_go_and_the_folder_is_readable_by_all(mon
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setattr(data, "smollm2_gguf", lambda: gguf)
-    monkeypatch.setattr(data, "_convert_gguf", lambda source, out: (out / "config.json").write_text("{}"))
+
+    def convert(source, out):  # as safetensors writes its file: its owner's alone
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"w")
+        (out / "model.safetensors").chmod(0o600)
+
+    monkeypatch.setattr(data, "_convert_gguf", convert)
     monkeypatch.setenv("SLICER_HF_CACHE", str(tmp_path / "cache"))
     killed, running = (tmp_path / "cache" / f".{data.MODEL_DIR_NAME}.tmp-{name}" for name in ("killed", "running"))
     for left in (killed, running):
@@ -224,6 +230,8 @@ def test_a_killed_conversions_leftovers_go_and_the_folder_is_readable_by_all(mon
     path = data.default_model_path()
     assert not killed.exists() and running.exists()
     assert path.stat().st_mode & 0o777 == 0o755
+    readable = 0o666 & ~data._umask()  # what this process makes a file (0644 under the usual umask)
+    assert all(f.stat().st_mode & 0o777 == readable for f in path.iterdir() if f.name != data.MARKER_NAME)
 
 
 @pytest.mark.slow
