@@ -428,3 +428,25 @@ def test_serve_refuses_an_empty_token_half_a_tls_pair_and_names_a_bad_certificat
             serve(engine, port=0, **half)
     with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:0: .* TLS certificate/key invalid"):
         serve(engine, port=0, tls_cert=b"not a certificate", tls_key=b"not a key")
+
+
+def test_serve_logs_its_own_lines_once_and_another_librarys_once():
+    """A library with a handler of its own (huggingface_hub's retries) had each line printed twice: through it, and
+    through the root logger serve configured."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from slicer_hf.cli.serving import _setup_logging\n"
+        "_setup_logging('info')\n"
+        "library = logging.getLogger('a_library')\n"
+        "library.addHandler(logging.StreamHandler())\n"
+        "library.warning('retrying in 8s')\n"
+        "logging.getLogger('slicer_hf.server.engine').info('serving')\n"
+        "logging.getLogger('slicer_hf.server.engine').debug('below the level')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("retrying in 8s") == 1
+    assert done.stderr.count("INFO slicer_hf.server.engine: serving") == 1 and "below the level" not in done.stderr

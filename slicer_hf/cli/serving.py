@@ -35,9 +35,14 @@ class LogLevel(str, enum.Enum):
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    """slicer_hf's loggers to stderr at `level`. The root logger is left alone: a library with a handler of its own
+    (huggingface_hub's retries) had printed each line twice, once through it and once through the root's."""
+    ours = logging.getLogger("slicer_hf")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(level.upper())
 
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
