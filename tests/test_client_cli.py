@@ -821,3 +821,13 @@ def test_the_summary_suite_outside_a_checkout_says_where_to_run_it(tmp_path, mon
     with pytest.raises(SystemExit) as usage:
         summary.main(["--check"])
     assert usage.value.code == 2 and "run it from a slicer_hf checkout, or give --doc" in capsys.readouterr().err
+
+
+def test_the_cli_prints_its_version():
+    from typer.testing import CliRunner
+
+    from slicer_hf import __version__
+    from slicer_hf.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"slicer-hf {__version__}"

@@ -1631,3 +1631,13 @@ def test_a_session_late_for_the_batch_wait_is_not_waited_for_in_its_next_rounds(
     assert (late.wait_skips, late.wait_backoff) == (2, 4)
     assert [a_decodes_after_a_round_with_b(seq) for seq in (5, 6, 7)] == [2, 2, 3]
     server.shutdown()
+
+
+def test_draining_is_logged_when_it_changes_not_at_every_call(engine, caplog):
+    server = engine()
+    with caplog.at_level("INFO", logger="slicer_hf.server.engine"):
+        server.drain(False)  # what serve's start does
+        server.drain(True)
+        server.drain(True)
+    assert [r.getMessage() for r in caplog.records if "draining" in r.getMessage()] == ["draining: True"]
+    server.shutdown()

@@ -99,6 +99,8 @@ def test_fleet_urls_make_a_fleet_transport_and_bad_ones_are_refused():
     for bad in (["slicer+http://a:1", "slicer+http://b:1"], "http://router:8000", ["grpc://a:1", "slicer+http://b:1"]):
         with pytest.raises(TransportError, match="fleet router URL"):
             make_transport(bad)
+    with pytest.raises(TransportError, match=r"got '127.0.0.1:50061' \(a server at 127.0.0.1:50061: grpc://127"):
+        make_transport("127.0.0.1:50061")  # the scheme left out
 
 
 @pytest.mark.network

@@ -14,6 +14,23 @@ import typer
 from . import generation, measure, serving
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SLICER split inference for Hugging Face LMs.")
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from ..version import __version__
+
+        print(f"slicer-hf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """SLICER split inference for Hugging Face LMs."""
+
+
 for command in (serving.serve, serving.stats, serving.drain, generation.demo, generation.generate, generation.chat):
     app.command()(command)
 app.command("eval")(measure.eval_)

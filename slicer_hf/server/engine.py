@@ -543,8 +543,9 @@ class SplitServer:
 
     def drain(self, on: bool = True) -> None:
         """Stop (or resume) taking new sessions; open sessions carry on."""
+        if on != self.draining:  # a change, not every call (serve's start sets it off)
+            logger.info("draining: %s", on)
         self.draining = on
-        logger.info("draining: %s", on)
 
     # ---------------------------------------------------------------- compute
     def _work(self, session: Session, step: protocol.Step) -> Work:

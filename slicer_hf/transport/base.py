@@ -119,9 +119,11 @@ def make_transport(spec: str | Sequence[str] | Transport, **options: Any) -> Tra
     targets = {SCHEMES.get(u.partition("://")[0]) if isinstance(u, str) and "://" in u else None for u in urls}
     target = targets.pop() if len(targets) == 1 else None
     if not urls or target is None or (target[0] == "fleet" and len(urls) > 1):
+        bare = next((u for u in urls if isinstance(u, str) and "://" not in u and ":" in u), None)
+        hint = f" (a server at {bare}: grpc://{bare})" if bare else ""
         raise TransportError(
             "transport must be 'local', a grpc:// or grpcs:// URL (or a list of them), or one slicer+http:// or "
-            f"slicer+https:// fleet router URL, got {spec!r}"
+            f"slicer+https:// fleet router URL, got {spec!r}{hint}"
         )
     module, name = target
     cls = getattr(importlib.import_module(f"{__package__}.{module}"), name)
