@@ -122,6 +122,7 @@ class Client:
         token: the servers' auth token.
         root_certificates: PEM CA certificates for `grpcs://` servers with a private CA (None: the system's).
         timeout_s: how long one request waits for its reply (None: the transport's default, 60 s).
+        split_layer: the config's split layer overridden (None: the config's).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class Client:
         token: str | None = None,
         root_certificates: bytes | None = None,
         timeout_s: float | None = None,
+        split_layer: int | None = None,
     ) -> None:
         from .data import resolve_model
         from .modeling import SlicerModelForCausalLM
@@ -140,6 +142,8 @@ class Client:
         path = resolve_model(model)
         config = default_config(model) if config is None else config
         self.config = config if isinstance(config, SlicerConfig) else SlicerConfig.from_pretrained(config)
+        if split_layer is not None:
+            self.config = self.config.replace(split_layer=split_layer)
         options = {"token": token, "root_certificates": root_certificates, "timeout_s": timeout_s}
         options = {key: value for key, value in options.items() if value is not None} or None
         with model_loading(model):  # no such folder or Hub repo, or a folder without its tokenizer or weights

@@ -57,6 +57,9 @@ def test_generate_streams_an_exact_reply_and_reports_the_wire(tiny_dir, server_u
     assert result.output.startswith(expected)
     assert "tokens in" in result.output and "split at layer 2 of 4" in result.output
     assert "uplink" in result.output and "bits/token" in result.output and "downlink" in result.output
+    deeper = CliRunner().invoke(app, [*args, "--prompt", "Hello there", "--max-new-tokens", "8", "--split-layer", "3"])
+    assert deeper.exit_code == 0, deeper.output  # the config's split overridden from the command line
+    assert deeper.output.startswith(expected) and "split at layer 3 of 4" in deeper.output
 
 
 def test_generate_samples_with_a_seed(tiny_dir, server_url):

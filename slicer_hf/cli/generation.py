@@ -45,6 +45,9 @@ ConfigOpt = Annotated[
         "else the SmolLM2 preset for SmolLM2, by alias, Hub id or converted folder; else SlicerConfig's defaults)."
     ),
 ]
+SplitLayerOpt = Annotated[
+    int | None, typer.Option(help="Override the config's split layer (at least the server's --min-split-layer).")
+]
 DoSampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy", help="Sample instead of greedy.")]
 TemperatureOpt = Annotated[float, typer.Option(help="Sampling temperature.")]
 TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
@@ -68,6 +71,7 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask.")],
     model: ModelOpt = "smollm2",
     config: ConfigOpt = None,
+    split_layer: SplitLayerOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", min=1)] = 128,
     do_sample: DoSampleOpt = False,
     temperature: TemperatureOpt = 1.0,
@@ -82,7 +86,7 @@ def generate(
     from ..client import Client
 
     sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
-    client = Client(server, model, config, token, read_root_cert(root_cert), timeout_s)
+    client = Client(server, model, config, token, read_root_cert(root_cert), timeout_s, split_layer)
     _, elapsed, new = client.reply([{"role": "user", "content": prompt}], sampling)
     print("\n" + client.summary(elapsed, new))
     client.close()
@@ -92,6 +96,7 @@ def chat(
     server: ServerOpt,
     model: ModelOpt = "smollm2",
     config: ConfigOpt = None,
+    split_layer: SplitLayerOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.", min=1)] = 256,
     do_sample: DoSampleOpt = False,
     temperature: TemperatureOpt = 1.0,
@@ -110,7 +115,7 @@ def chat(
     from ..errors import ConfigError, ProtocolError, TransportError
 
     sampling = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
-    client = Client(server, model, config, token, read_root_cert(root_cert), timeout_s)
+    client = Client(server, model, config, token, read_root_cert(root_cert), timeout_s, split_layer)
     messages: list[dict[str, str]] = []
     total_s, total_new = 0.0, 0
     print("chat with the split model (/exit to leave; Ctrl-C stops a reply)", flush=True)
