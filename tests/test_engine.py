@@ -1641,3 +1641,108 @@ def test_draining_is_logged_when_it_changes_not_at_every_call(engine, caplog):
         server.drain(True)
     assert [r.getMessage() for r in caplog.records if "draining" in r.getMessage()] == ["draining: True"]
     server.shutdown()
+
+
+def _message(server, session, seq, start, rows, tokens):
+    payload = build_codec("identity").encode(torch.randn(rows, tokens, server.hidden_size))
+    return protocol.encode_step(protocol.Step(session, seq, start, rows, tokens, tokens - 1, payload))
+
+
+def test_a_rounds_decode_rows_count_against_max_batch_tokens():
+    """A round holding decode steps leaves the prefills max_batch_tokens less those rows, not the whole budget."""
+    server = SplitServer(
+        tiny_model("llama"),
+        batching=True,
+        limits=ServerLimits(prefill_chunk_tokens=64, max_batch_tokens=64, batch_wait_s=0, idle_timeout_s=float("inf")),
+    )
+    blocker, decoder, prompt = open_session(server), open_session(server), open_session(server)
+    protocol.raise_if_error(server.handle(_message(server, decoder, 1, 0, 3, 4)))  # 3 sequences, 4 positions
+    rounds, current = [], []
+    plain_round, plain_run = server.scheduler._round, server.scheduler._run
+    server.scheduler._run = lambda run, prefill: (
+        current.append(sum(c.work.rows * c.hidden.shape[1] for c in run)) or plain_run(run, prefill)
+    )
+
+    def counted_round(pending):
+        current.clear()
+        left = plain_round(pending)
+        rounds.append(sum(current))
+        return left
+
+    server.scheduler._round = counted_round
+    held, gate = threading.Event(), threading.Event()
+    decode = server.decode_packets
+    server.decode_packets = lambda works: (held.set(), gate.wait(10) if not gate.is_set() else None, decode(works))[2]
+    replies = [server.submit(_message(server, blocker, 1, 0, 1, 1))]
+    assert held.wait(10)
+    replies.append(server.submit(_message(server, decoder, 2, 4, 3, 1)))  # a decode step of 3 rows
+    replies.append(server.submit(_message(server, prompt, 1, 0, 1, 100)))  # a prefill that would fill a round
+    gate.set()
+    for reply in replies:
+        protocol.raise_if_error(reply.result(timeout=60))
+    server.shutdown()
+    assert sum(rounds) == 1 + 3 + 100 and max(rounds) <= 64, rounds
+    assert rounds[:2] == [1, 64], rounds  # 3 decode rows + 61 prefill positions
+
+
+def test_a_forward_takes_up_to_max_batch_rows_rows_inclusive():
+    """max_batch_rows is the most rows of one forward: a group that reaches it exactly is not cut."""
+    from types import SimpleNamespace
+
+    from slicer_hf.server.scheduler import _by_rows
+
+    works = [SimpleNamespace(rows=r) for r in (1, 1, 1, 1)]
+    assert [len(g) for g in _by_rows(works, 4)] == [4]
+    works = [SimpleNamespace(rows=r) for r in (2, 2, 1)]
+    assert [[w.rows for w in g] for g in _by_rows(works, 4)] == [[2, 2], [1]]
+    assert [len(g) for g in _by_rows([SimpleNamespace(rows=1)] * 3, 1)] == [1, 1, 1]
+
+
+def _step(server, session, seq, start, tokens):
+    payload = build_codec("identity").encode(torch.randn(1, tokens, server.hidden_size))
+    return server.handle(protocol.encode_step(protocol.Step(session, seq, start, 1, tokens, tokens - 1, payload)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_max_context_tokens_bounds_a_sessions_context_with_or_without_a_larger_position_table(family):
+    """max_context_tokens bounds the context, prompt and decode alike, on a rotary model and below a learned
+    position table (GPT-2's 256) alike."""
+    server = SplitServer(tiny_model(family), limits=ServerLimits(max_context_tokens=32, idle_timeout_s=float("inf")))
+    assert server.max_positions == 32
+    with pytest.raises(ProtocolError, match="context of 33 tokens exceeds 32$") as refused:
+        protocol.raise_if_error(_step(server, open_session(server), 1, 0, 33))
+    assert refused.value.code == "too_large"
+    session = open_session(server)
+    protocol.raise_if_error(_step(server, session, 1, 0, 32))  # the whole context, to the last position
+    with pytest.raises(ProtocolError, match="context of 33 tokens exceeds 32$"):
+        protocol.raise_if_error(_step(server, session, 2, 32, 1))
+    server.shutdown()
+
+
+def test_extend_mask_after_going_back_keeps_only_the_positions_before_the_step():
+    held = torch.tensor([[True, False, True, True]])
+    assert protocol.extend_mask(held, torch.tensor([[True]]), 2) is not None
+    assert protocol.extend_mask(held, torch.tensor([[True]]), 2).tolist() == [[True, False, True]]
+    assert protocol.extend_mask(held, torch.ones(1, 3, dtype=torch.bool), 1) is None  # nothing hidden any more
+
+
+def test_a_step_going_back_over_a_masked_position_no_longer_hides_it():
+    """The server's mask after a rewind is the one before `start` and the step's own columns: a position the earlier
+    step hid, now rewritten, is visible (as on a fresh session given the same rows)."""
+    server = SplitServer(tiny_model("llama"), limits=ServerLimits(idle_timeout_s=float("inf")))
+    codec = build_codec("identity")
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 4, server.hidden_size), torch.randn(1, 3, server.hidden_size)
+
+    def send(session, seq, start, rows, mask):
+        step = protocol.Step(session, seq, start, 1, rows.shape[1], rows.shape[1] - 1, codec.encode(rows), mask=mask)
+        reply = server.handle(protocol.encode_step(step))
+        protocol.raise_if_error(reply)
+        return codec.decode(protocol.decode_reply(reply)[2], expect_shape=(1, 1, server.hidden_size))
+
+    rewound = open_session(server)
+    send(rewound, 1, 0, x, torch.tensor([[True, False, True, True]]))
+    got = send(rewound, 2, 1, y, torch.ones(1, 3, dtype=torch.bool))
+    fresh = send(open_session(server), 1, 0, torch.cat([x[:, :1], y], 1), torch.ones(1, 4, dtype=torch.bool))
+    server.shutdown()
+    torch.testing.assert_close(got, fresh, rtol=1e-4, atol=1e-5)

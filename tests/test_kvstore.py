@@ -5,9 +5,11 @@ between decode rounds."""
 from __future__ import annotations
 
 import copy
+import gc
 import random
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -743,3 +745,18 @@ def test_an_idle_server_gives_the_c_heap_back_again_while_it_stays_idle(monkeypa
         assert wait_for(lambda: len(trims) >= 3, timeout_s=30)
     finally:
         server.shutdown()
+
+
+def test_a_released_row_is_not_kept_alive_by_the_store():
+    """A row given back holds no blocks: the store must not keep it (a long-running server would keep every row of
+    every sequence it ever served, and each compaction would walk them all)."""
+    store = KVStore(num_layers=3, device=torch.device("cpu"), dtype=torch.float32, block_size=4)
+    rows = [store.new_row(1) for _ in range(3)]
+    for row in rows:
+        store.reserve(row, 9)
+    refs = [weakref.ref(row) for row in rows]
+    store.release(rows[0])
+    store.truncate(rows[1], 0)
+    del rows, row
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None

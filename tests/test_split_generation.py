@@ -13,6 +13,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from slicer_hf import ConfigError, ProtocolError, SlicerConfig, SlicerModelForCausalLM, build_codec, protocol
+from slicer_hf.link import StepLimits
 from slicer_hf.server import ServerLimits, SplitServer
 from slicer_hf.transport import LocalTransport
 
@@ -94,8 +95,6 @@ def test_a_step_cut_to_the_servers_message_size_fits_it_with_its_position_ids_an
     """A step is sized by its values at 4 bytes each; a left-padded batch also sends int32 position ids, mask bits
     and, where the server's mask of the `earlier` positions differs, that mask: 64 rows of 250 positions carry 64 KB
     of position ids, past the room a message keeps for its headers."""
-    from slicer_hf.link import StepLimits
-
     limits = StepLimits(message_bytes=4_096_000 + 65_536)
     rows, width = 64, 64
     history = rows * (earlier + 250) // 8 + 1 if earlier else 0  # what modeling passes: the most it may send
@@ -1223,3 +1222,47 @@ def test_a_config_made_for_another_model_is_said_so_and_does_not_lend_its_model_
         SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2))
         SlicerModelForCausalLM.from_model(copy.deepcopy(ref), model.slicer_config)
     assert "made for" not in caplog.text
+
+
+def test_rows_never_exceed_the_servers_session_batch():
+    limits = StepLimits(batch=4)
+    assert limits.rows(1, 8, wanted=10) == 4 and limits.rows(1, 8, wanted=3) == 3
+    assert StepLimits(batch=4, elements=2 * 8).rows(1, 8, wanted=10) == 2  # the tighter bound wins
+
+
+def test_a_step_of_exactly_the_servers_limits_fits():
+    step = protocol.Step(0, 1, 0, 2, 8, 7, b"\0" * 10)
+    assert StepLimits(tokens=8, elements=2 * 8 * 4).fits(step, 4)
+    assert not StepLimits(tokens=7).fits(step, 4) and not StepLimits(elements=2 * 8 * 4 - 1).fits(step, 4)
+    assert StepLimits(message_bytes=len(protocol.encode_step(step))).fits(step, 4)
+
+
+class RecordingReplays(Switching):
+    def __init__(self, first, second):
+        super().__init__(first, second)
+        self.replayed: list[bytes] = []
+
+    def pipeline(self, messages):
+        self.replayed += messages
+        return super().pipeline(messages)
+
+
+def test_a_replay_asks_the_new_server_for_no_outputs(reference_models):
+    """Replayed steps rebuild the cache only: each asks for no outputs (need_from = tokens), so the new server
+    computes and sends no logits or hidden states for them."""
+    ref = reference_models["llama"]
+    transport = RecordingReplays(SplitServer(copy.deepcopy(ref)), SplitServer(copy.deepcopy(ref)))
+    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport)
+    ids = prompt(1, 7)
+
+    def first_dies_after_six_steps(*_: object) -> bool:
+        transport.dead = transport.dead or model.wire_stats().uplink_messages == 7
+        return False
+
+    out = model.generate(ids, max_new_tokens=9, do_sample=False, stopping_criteria=[first_dies_after_six_steps])
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=9, do_sample=False))
+    assert len(transport.replayed) == 6
+    for message in transport.replayed:
+        assert protocol.message_type(message) == protocol.STEP  # a NEXT step wants every output
+        step = protocol.decode_step(message, check=lambda s: None)
+        assert step.need_from == step.tokens, (step.start, step.tokens, step.need_from)
