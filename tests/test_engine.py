@@ -1643,48 +1643,6 @@ def test_draining_is_logged_when_it_changes_not_at_every_call(engine, caplog):
     server.shutdown()
 
 
-def _message(server, session, seq, start, rows, tokens):
-    payload = build_codec("identity").encode(torch.randn(rows, tokens, server.hidden_size))
-    return protocol.encode_step(protocol.Step(session, seq, start, rows, tokens, tokens - 1, payload))
-
-
-def test_a_rounds_decode_rows_count_against_max_batch_tokens():
-    """A round holding decode steps leaves the prefills max_batch_tokens less those rows, not the whole budget."""
-    server = SplitServer(
-        tiny_model("llama"),
-        batching=True,
-        limits=ServerLimits(prefill_chunk_tokens=64, max_batch_tokens=64, batch_wait_s=0, idle_timeout_s=float("inf")),
-    )
-    blocker, decoder, prompt = open_session(server), open_session(server), open_session(server)
-    protocol.raise_if_error(server.handle(_message(server, decoder, 1, 0, 3, 4)))  # 3 sequences, 4 positions
-    rounds, current = [], []
-    plain_round, plain_run = server.scheduler._round, server.scheduler._run
-    server.scheduler._run = lambda run, prefill: (
-        current.append(sum(c.work.rows * c.hidden.shape[1] for c in run)) or plain_run(run, prefill)
-    )
-
-    def counted_round(pending):
-        current.clear()
-        left = plain_round(pending)
-        rounds.append(sum(current))
-        return left
-
-    server.scheduler._round = counted_round
-    held, gate = threading.Event(), threading.Event()
-    decode = server.decode_packets
-    server.decode_packets = lambda works: (held.set(), gate.wait(10) if not gate.is_set() else None, decode(works))[2]
-    replies = [server.submit(_message(server, blocker, 1, 0, 1, 1))]
-    assert held.wait(10)
-    replies.append(server.submit(_message(server, decoder, 2, 4, 3, 1)))  # a decode step of 3 rows
-    replies.append(server.submit(_message(server, prompt, 1, 0, 1, 100)))  # a prefill that would fill a round
-    gate.set()
-    for reply in replies:
-        protocol.raise_if_error(reply.result(timeout=60))
-    server.shutdown()
-    assert sum(rounds) == 1 + 3 + 100 and max(rounds) <= 64, rounds
-    assert rounds[:2] == [1, 64], rounds  # 3 decode rows + 61 prefill positions
-
-
 def test_a_forward_takes_up_to_max_batch_rows_rows_inclusive():
     """max_batch_rows is the most rows of one forward: a group that reaches it exactly is not cut."""
     from types import SimpleNamespace

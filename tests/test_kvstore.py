@@ -477,16 +477,12 @@ def test_decode_rows_filling_the_round_still_leave_the_oldest_prefill_an_eighth_
     assert chunks == [2] * 20  # not 40 rounds of one position
 
 
-def test_a_round_runs_no_more_positions_than_max_batch_tokens_but_the_oldest_prefills_floor():
-    """The floor is the oldest prefill's alone, and counts positions of all its sequences; what is left goes to the
-    prefills that fit in it."""
-    server = SplitServer(
-        tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=64, max_batch_tokens=64)
-    )
+def positions_per_round(server: SplitServer) -> list[int]:
+    """The positions (of every sequence) each of the scheduler's rounds runs from now on, filled in as they run."""
     rounds, current = [], []
     plain_round, plain_run = server.scheduler._round, server.scheduler._run
     server.scheduler._run = lambda run, prefill: (
-        current.append(sum(c.work.rows * c.hidden.shape[1] for c in run)) or (plain_run(run, prefill))
+        current.append(sum(c.work.rows * c.hidden.shape[1] for c in run)) or plain_run(run, prefill)
     )
 
     def counted_round(pending):
@@ -496,25 +492,62 @@ def test_a_round_runs_no_more_positions_than_max_batch_tokens_but_the_oldest_pre
         return left
 
     server.scheduler._round = counted_round
-    blocker, one, many, few = (_open(server, 2) for _ in range(4))
-    held, gate = threading.Event(), threading.Event()  # a first step holds the compute thread: the prefills queue
+    return rounds
+
+
+def queued_behind_a_first_step(server: SplitServer, first: bytes, *then: bytes) -> None:
+    """Submit `first`, hold the compute thread while it is decoded, so that `then` queue for the next round; wait for
+    every reply."""
+    held, gate = threading.Event(), threading.Event()
     decode = server.decode_packets
     server.decode_packets = lambda works: (held.set(), gate.wait(10) if not gate.is_set() else None, decode(works))[2]
-    d = server.hidden_size
-
-    def submit(session, rows, tokens):
-        payload = build_codec("identity").encode(torch.randn(rows, tokens, d))
-        return server.submit(protocol.encode_step(protocol.Step(session, 0, 0, rows, tokens, tokens - 1, payload)))
-
-    replies = [submit(blocker, 1, 1)]
+    replies = [server.submit(first)]
     assert held.wait(10)
-    replies += [submit(session, rows, tokens) for session, rows, tokens in ((one, 1, 60), (many, 16, 20), (few, 1, 10))]
+    replies += [server.submit(message) for message in then]
     gate.set()
     for reply in replies:
         protocol.raise_if_error(reply.result(timeout=60))
+
+
+def rows_message(server: SplitServer, session: int, seq: int, start: int, rows: int, tokens: int) -> bytes:
+    """A step of `rows` sequences of `tokens` random positions from `start`, the last one's output wanted."""
+    payload = build_codec("identity").encode(torch.randn(rows, tokens, server.hidden_size))
+    return protocol.encode_step(protocol.Step(session, seq, start, rows, tokens, tokens - 1, payload))
+
+
+def test_a_round_runs_no_more_positions_than_max_batch_tokens_but_the_oldest_prefills_floor():
+    """The floor is the oldest prefill's alone, and counts positions of all its sequences; what is left goes to the
+    prefills that fit in it."""
+    server = SplitServer(
+        tiny_model("llama"), batching=True, limits=ServerLimits(prefill_chunk_tokens=64, max_batch_tokens=64)
+    )
+    rounds = positions_per_round(server)
+    blocker, one, many, few = (_open(server, 2) for _ in range(4))
+    prefills = [
+        rows_message(server, s, 0, 0, rows, tokens) for s, rows, tokens in ((one, 1, 60), (many, 16, 20), (few, 1, 10))
+    ]
+    queued_behind_a_first_step(server, rows_message(server, blocker, 0, 0, 1, 1), *prefills)
     server.shutdown()
     assert sum(rounds) == 1 + 60 + 16 * 20 + 10 and max(rounds) <= 64, rounds
     assert rounds[:2] == [1, 64]  # the 16 sequences fit in none of the 4 positions left; the single one took them
+
+
+def test_a_rounds_decode_rows_count_against_max_batch_tokens():
+    """A round holding decode steps leaves the prefills max_batch_tokens less those rows, not the whole budget."""
+    limits = ServerLimits(prefill_chunk_tokens=64, max_batch_tokens=64, batch_wait_s=0)
+    server = SplitServer(tiny_model("llama"), batching=True, limits=limits)
+    blocker, decoder, prompt = (_open(server, 2) for _ in range(3))
+    protocol.raise_if_error(server.handle(rows_message(server, decoder, 1, 0, 3, 4)))  # 3 sequences, 4 positions
+    rounds = positions_per_round(server)
+    queued_behind_a_first_step(
+        server,
+        rows_message(server, blocker, 1, 0, 1, 1),
+        rows_message(server, decoder, 2, 4, 3, 1),  # a decode step of 3 rows
+        rows_message(server, prompt, 1, 0, 1, 100),  # a prefill that would fill a round
+    )
+    server.shutdown()
+    assert sum(rounds) == 1 + 3 + 100 and max(rounds) <= 64, rounds
+    assert rounds[:2] == [1, 64], rounds  # 3 decode rows + 61 prefill positions
 
 
 def test_a_compaction_that_runs_out_of_memory_never_leaves_a_row_on_a_free_block(monkeypatch):

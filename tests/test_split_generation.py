@@ -871,18 +871,25 @@ class ShuttingDown(LocalTransport):
         return True
 
 
-def test_a_step_refused_by_a_server_shutting_down_moves_on_and_stays_exact(reference_models):
-    ref = reference_models["llama"]
-    transport = ShuttingDown(SplitServer(copy.deepcopy(ref)))
+def exact_with_an_event(ref, transport, after_messages: int, event, max_new_tokens: int):
+    """A greedy split generation over `transport` that calls `event()` once `after_messages` steps went up, checked
+    equal to plain `generate()`; returns the split model."""
     model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport)
     ids = prompt(1, 7)
 
-    def arm_at_the_third_token(*_: object) -> bool:
-        transport.armed = transport.armed or model.wire_stats().uplink_messages == 3
+    def watch(*_: object) -> bool:
+        if model.wire_stats().uplink_messages == after_messages:
+            event()
         return False
 
-    out = model.generate(ids, max_new_tokens=5, do_sample=False, stopping_criteria=[arm_at_the_third_token])
-    assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[watch])
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=max_new_tokens, do_sample=False))
+    return model
+
+
+def test_a_step_refused_by_a_server_shutting_down_moves_on_and_stays_exact(reference_models):
+    transport = ShuttingDown(SplitServer(copy.deepcopy(reference_models["llama"])))
+    model = exact_with_an_event(reference_models["llama"], transport, 3, lambda: setattr(transport, "armed", True), 5)
     assert model.wire_stats().failovers == 1
 
 
@@ -1252,15 +1259,7 @@ def test_a_replay_asks_the_new_server_for_no_outputs(reference_models):
     computes and sends no logits or hidden states for them."""
     ref = reference_models["llama"]
     transport = RecordingReplays(SplitServer(copy.deepcopy(ref)), SplitServer(copy.deepcopy(ref)))
-    model = SlicerModelForCausalLM.from_model(copy.deepcopy(ref), LOSSLESS.replace(split_layer=2), transport)
-    ids = prompt(1, 7)
-
-    def first_dies_after_six_steps(*_: object) -> bool:
-        transport.dead = transport.dead or model.wire_stats().uplink_messages == 7
-        return False
-
-    out = model.generate(ids, max_new_tokens=9, do_sample=False, stopping_criteria=[first_dies_after_six_steps])
-    assert torch.equal(out, ref.generate(ids, max_new_tokens=9, do_sample=False))
+    exact_with_an_event(ref, transport, 7, lambda: setattr(transport, "dead", True), 9)  # the first server dies
     assert len(transport.replayed) == 6
     for message in transport.replayed:
         assert protocol.message_type(message) == protocol.STEP  # a NEXT step wants every output
