@@ -239,3 +239,14 @@ def transformers_log(containing: str):
         library.removeHandler(seen)
         library.setLevel(level)
         logged += [r.getMessage() for r in seen.buffer if containing in r.getMessage()]
+
+
+@pytest.fixture(autouse=True)
+def _slicer_hf_logging_as_it_was():
+    """A command run in-process (`serve` through typer's runner) gives slicer_hf's loggers a level and a handler on
+    the runner's stderr, closed once it returns: put them back, so later tests log as before."""
+    logger = logging.getLogger("slicer_hf")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
