@@ -402,11 +402,14 @@ class SlicerConfig:
             return self.split_layer
         return max(1, min(num_layers - 1, round(0.75 * num_layers)))
 
-    def model_id_for(self, fallback: str | None, hidden_size: int, num_hidden_layers: int) -> str | None:
+    def made_for(self, hidden_size: int | None, num_hidden_layers: int) -> bool:
+        """Whether this config was made for a model of this shape (or names no shape)."""
+        return (self.hidden_size, self.num_hidden_layers) in ((hidden_size, num_hidden_layers), (None, None))
+
+    def model_id_for(self, fallback: str | None, hidden_size: int | None, num_hidden_layers: int) -> str | None:
         """The model a config made from this one for a model of this shape names: this config's `model_id` where it
-        names a model of that shape (or gives no shape), else `fallback`."""
-        same = (self.hidden_size, self.num_hidden_layers) in ((hidden_size, num_hidden_layers), (None, None))
-        return self.model_id if self.model_id and same else fallback
+        was made for that shape (`made_for`), else `fallback`."""
+        return self.model_id if self.model_id and self.made_for(hidden_size, num_hidden_layers) else fallback
 
     def replace(self, **changes: Any) -> SlicerConfig:
         """A validated copy with some fields changed."""

@@ -601,7 +601,7 @@ def make_split(
     n = compat.num_layers(model.config)
     config = slicer_config or SlicerConfig()
     width = getattr(model.config, "hidden_size", None)
-    if (config.num_hidden_layers, config.hidden_size) not in ((n, width), (None, None)):
+    if not config.made_for(width, n):
         logger.warning(
             "this SlicerConfig was made for %s (%s layers, hidden size %s), and this model has %d layers of %s: its "
             "split layer and codec settings were chosen for that model",

@@ -302,8 +302,7 @@ def _bare_savings(width: int, dtype_name: str, codec: str) -> int:
 
 def _on(profile: Profile, point: RatePoint) -> RatePoint:
     """`point` as `profile`'s machine measured it, where it profiled the same setting; else `point` itself."""
-    same = (point.split_layer, point.codec, point.step)
-    return next((p for p in profile.rate_distortion if (p.split_layer, p.codec, p.step) == same), point)
+    return next((p for p in profile.rate_distortion if p.setting == point.setting), point)
 
 
 def _exact_downlink_bits(profile: Profile) -> float:
@@ -389,8 +388,8 @@ def candidates(
 ) -> list[Candidate]:
     """Every (split, uplink point, downlink) the profiles measured, predicted: the edge's points, and the server's
     where the edge did not measure that setting."""
-    own = {(p.split_layer, p.codec, p.step) for p in edge.rate_distortion}
-    borrowed = [p for p in server.rate_distortion if (p.split_layer, p.codec, p.step) not in own]
+    own = {p.setting for p in edge.rate_distortion}
+    borrowed = [p for p in server.rate_distortion if p.setting not in own]
     rd = dataclasses.replace(edge, rate_distortion=[*edge.rate_distortion, *borrowed])
     if not rd.rate_distortion:
         raise ConfigError("neither profile holds rate-distortion points: profile one with calibration text")

@@ -74,6 +74,11 @@ class RatePoint:
     encode_ms: float
     decode_ms: float
 
+    @property
+    def setting(self) -> tuple[int, str, float | None]:
+        """What the point measured (split, codec, step), on whichever machine."""
+        return self.split_layer, self.codec, self.step
+
 
 EDGE_COSTS = ("embed_decode_ms", "head_decode_ms", "step_overhead_ms", "embed_bytes", "head_bytes")  # search reads
 
